@@ -1,0 +1,253 @@
+//! The start and stop of every edge daemon, so that `storaged`, `fabricd` and `noded`
+//! behave alike under init: the same flags, config errors that name the file and key,
+//! logs on stderr (init adds the timestamps), readiness through `NOTIFY_FD`, and a clean
+//! stop on SIGTERM.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// Flags every daemon takes.
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read config {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad config {path}: {message}")]
+    ParseConfig { path: PathBuf, message: String },
+    #[error("bad config {path}: key `{key}`: {message}")]
+    InvalidConfig {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("bad log level `{0}`: expected error, warn, info, debug or trace")]
+    LogLevel(String),
+    #[error("NOTIFY_FD is `{0}`, not a file descriptor number")]
+    NotifyFd(String),
+    #[error("failed to report readiness on NOTIFY_FD: {0}")]
+    Notify(std::io::Error),
+    #[error("failed to prepare directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A config type says which of its values are out of range; `key` names the TOML key.
+pub trait Validate {
+    fn validate(&self) -> Result<(), (String, String)> {
+        Ok(())
+    }
+}
+
+/// Reads and validates a daemon's TOML config. Unknown keys are errors (a typo must not
+/// silently fall back to a default); the message names the file, line and key.
+pub fn load_config<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+        path: path.to_owned(),
+        source,
+    })?;
+    let config: T = toml::from_str(&text).map_err(|e| Error::ParseConfig {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    config
+        .validate()
+        .map_err(|(key, message)| Error::InvalidConfig {
+            path: path.to_owned(),
+            key,
+            message,
+        })?;
+    Ok(config)
+}
+
+/// Logs go to stderr without timestamps: init stamps every line it captures.
+pub fn init_logging(level: &str) -> Result<(), Error> {
+    let level: tracing::Level = level.parse().map_err(|_| Error::LogLevel(level.into()))?;
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .init();
+    Ok(())
+}
+
+/// Tells the supervisor the daemon serves. Without `NOTIFY_FD` (started by hand) this
+/// does nothing.
+pub fn notify_ready() -> Result<(), Error> {
+    let Ok(value) = std::env::var("NOTIFY_FD") else {
+        return Ok(());
+    };
+    let fd: i32 = value.parse().map_err(|_| Error::NotifyFd(value.clone()))?;
+    if fd < 3 {
+        return Err(Error::NotifyFd(value));
+    }
+    // SAFETY: init passes this descriptor for our sole use and we take it exactly once
+    // (the variable is removed below).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    std::env::remove_var("NOTIFY_FD");
+    let mut file = std::fs::File::from(owned);
+    file.write_all(b"READY=1\n").map_err(Error::Notify)
+}
+
+/// Creates a daemon's state directory (on the data partition in the appliance).
+pub fn ensure_dir(path: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(path).map_err(|source| Error::Dir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Resolves when the daemon is asked to stop (SIGTERM from init, or SIGINT by hand).
+pub async fn stop_requested() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the default action (terminate) still stops us.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Conf {
+        dir: PathBuf,
+        #[serde(default)]
+        limit: u32,
+    }
+    impl Validate for Conf {
+        fn validate(&self) -> Result<(), (String, String)> {
+            if self.limit > 10 {
+                return Err(("limit".into(), format!("{} is more than 10", self.limit)));
+            }
+            Ok(())
+        }
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn config_loads_typed_values() {
+        let f = write("dir = \"/var/lib/x\"\nlimit = 3\n");
+        let c: Conf = load_config(f.path()).unwrap();
+        assert_eq!(c.dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(c.limit, 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let f = write("dir = \"/x\"\nlimt = 3\n");
+        let e = load_config::<Conf>(f.path()).unwrap_err().to_string();
+        assert!(e.contains(&f.path().display().to_string()), "{e}");
+        assert!(e.contains("limt"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_the_key() {
+        let f = write("dir = \"/x\"\nlimit = 30\n");
+        let e = load_config::<Conf>(f.path()).unwrap_err().to_string();
+        assert!(e.contains("key `limit`"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = load_config::<Conf>(Path::new("/nonexistent/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/x.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_log_level_is_refused() {
+        assert!(matches!(init_logging("loud"), Err(Error::LogLevel(_))));
+    }
+}
+
+/// The life of a daemon: parse the common flags, load the config, start logging, run
+/// `serve` on a tokio runtime until it ends or a stop is requested. `serve` calls
+/// [`notify_ready`] once it is serving. Errors are printed and give exit status 1, so
+/// init's restart policy sees a failure.
+pub fn run<C, F, Fut>(name: &'static str, serve: F) -> std::process::ExitCode
+where
+    C: DeserializeOwned + Validate,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+    let cli = Cli::parse();
+    let started = (|| {
+        init_logging(&cli.common.log_level)?;
+        load_config::<C>(&cli.common.config)
+    })();
+    let config = match started {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: failed to start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = serve(config) => r,
+            sig = stop_requested() => {
+                tracing::info!(signal = sig, "stopping");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

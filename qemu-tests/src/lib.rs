@@ -1,0 +1,1 @@
+//! The harness: one disposable virtual machine per test.
