@@ -2,10 +2,15 @@
 //! verified root and the data partition, switch into them) and `/sbin/init` on the root
 //! (stage 2: supervise the system for its whole life).
 
+mod cmdline;
+mod console;
+mod stage1;
+mod stage2;
+
 fn main() {
     if std::path::Path::new("/etc/initrd-release").exists() {
-        eprintln!("edgeos: stage 1 not implemented yet");
+        stage1::run()
     } else {
-        eprintln!("edgeos: stage 2 not implemented yet");
+        stage2::run()
     }
 }
