@@ -30,7 +30,7 @@ pub fn parse(cmdline: &str) -> Result<BootParams, Error> {
             extra.insert(k.to_owned(), v.to_owned());
         }
     }
-    let mut take = |key: &'static str| extra.get(key).cloned().ok_or(Error::Missing(key));
+    let take = |key: &'static str| extra.get(key).cloned().ok_or(Error::Missing(key));
     let slot = take("slot")?;
     let version = take("version")?;
     let roothash = take("roothash")?;
