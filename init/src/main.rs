@@ -4,8 +4,14 @@
 
 mod cmdline;
 mod console;
+mod disk;
+mod dm;
+mod ext4;
+mod modules;
+mod mounts;
 mod stage1;
 mod stage2;
+mod verity;
 
 fn main() {
     if std::path::Path::new("/etc/initrd-release").exists() {

@@ -1,0 +1,88 @@
+//! Kernel module loading from an ordered list (`/etc/edge/modules`): the initramfs and the
+//! root both ship one, already in dependency order, so there is no modules.dep to read here.
+
+use std::path::{Path, PathBuf};
+
+/// The module paths named in a list file: one per line, relative to the modules directory.
+/// Blank lines and `#` comments are skipped so the image builder may annotate the list.
+pub fn parse_list(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| PathBuf::from(l.trim_start_matches('/')))
+        .collect()
+}
+
+/// `/lib/modules/<uname -r>`: where the running kernel's modules live.
+pub fn running_kernel_dir() -> PathBuf {
+    let uts = rustix::system::uname();
+    let release = uts.release().to_string_lossy().into_owned();
+    Path::new("/lib/modules").join(release)
+}
+
+/// Loads one module file. A module that is already loaded (or built in and so present)
+/// counts as loaded.
+pub fn load(path: &Path) -> Result<(), String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+    match rustix::system::finit_module(&file, c"", 0) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(format!(
+            "failed to load module {}: {}",
+            path.display(),
+            std::io::Error::from(e)
+        )),
+    }
+}
+
+/// Loads every module in `list_file` (paths relative to `modules_dir`), in order. One
+/// failure does not stop the rest: the device it drives may be built into the kernel, or
+/// the module may be a CPU-specific variant (crc32c-intel) with a generic twin in the list.
+/// Returns one message per failure; an unreadable list is one failure.
+pub fn load_list(list_file: &Path, modules_dir: &Path) -> Vec<String> {
+    let text = match std::fs::read_to_string(list_file) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("failed to read {}: {e}", list_file.display())],
+    };
+    parse_list(&text)
+        .iter()
+        .filter_map(|rel| load(&modules_dir.join(rel)).err())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_keeps_order_and_skips_comments_and_blanks() {
+        let list = "# storage\nkernel/drivers/nvme/host/nvme-core.ko\n\n  kernel/drivers/nvme/host/nvme.ko  \n/kernel/fs/erofs/erofs.ko\n";
+        assert_eq!(
+            parse_list(list),
+            vec![
+                PathBuf::from("kernel/drivers/nvme/host/nvme-core.ko"),
+                PathBuf::from("kernel/drivers/nvme/host/nvme.ko"),
+                PathBuf::from("kernel/fs/erofs/erofs.ko"),
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_files_are_reported_by_name_and_the_rest_still_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("modules");
+        std::fs::write(&list, "a/missing.ko\nb/also-missing.ko\n").unwrap();
+        let errors = load_list(&list, dir.path());
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].contains("a/missing.ko"), "{}", errors[0]);
+        assert!(errors[1].contains("b/also-missing.ko"), "{}", errors[1]);
+    }
+
+    #[test]
+    fn unreadable_list_is_one_named_error() {
+        let errors = load_list(Path::new("/nonexistent/edge/modules"), Path::new("/"));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("/nonexistent/edge/modules"));
+    }
+}
