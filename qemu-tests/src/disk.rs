@@ -1,0 +1,101 @@
+//! Disks for test machines: disposable copy-on-write overlays of the shared image, and
+//! byte-level access to them for corruption tests. The shared image is never written.
+
+use crate::gpt::{self, Partition};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Image format as `qemu-img` names it, from the file name.
+pub fn format_of(image: &Path) -> &'static str {
+    match image.extension().and_then(|e| e.to_str()) {
+        Some("qcow2") => "qcow2",
+        _ => "raw",
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Creates `overlay` (qcow2) on top of `image`; writes go to the overlay only.
+pub fn create_overlay(image: &Path, overlay: &Path) -> Result<()> {
+    let image = image
+        .canonicalize()
+        .with_context(|| format!("image {} not found", image.display()))?;
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(&image)
+        .args(["-F", format_of(&image)])
+        .arg(overlay))
+    .with_context(|| format!("failed to create overlay of {}", image.display()))?;
+    Ok(())
+}
+
+/// Reads `len` bytes at `offset` (both multiples of 512) through QEMU's block layer, so
+/// raw images and qcow2 overlays read alike.
+pub fn read(disk: &Path, offset: u64, len: u64, scratch: &Path) -> Result<Vec<u8>> {
+    const BS: u64 = 512;
+    if !offset.is_multiple_of(BS) || !len.is_multiple_of(BS) {
+        bail!("unaligned read {offset}+{len} of {}", disk.display());
+    }
+    let _ = std::fs::remove_file(scratch);
+    run(Command::new("qemu-img")
+        .args(["dd", "-f", format_of(disk), "-O", "raw", "bs=512"])
+        .arg(format!("if={}", disk.display()))
+        .arg(format!("of={}", scratch.display()))
+        .arg(format!("skip={}", offset / BS))
+        // qemu-img dd counts `count` from the start of the input, not from `skip`.
+        .arg(format!("count={}", (offset + len) / BS)))?;
+    let data =
+        std::fs::read(scratch).with_context(|| format!("failed to read {}", scratch.display()))?;
+    if data.len() as u64 != len {
+        bail!(
+            "read {} bytes at {offset} of {}, wanted {len}",
+            data.len(),
+            disk.display()
+        );
+    }
+    Ok(data)
+}
+
+/// The partition table of a disk image.
+pub fn partitions(disk: &Path, scratch: &Path) -> Result<Vec<Partition>> {
+    let head = read(disk, 0, gpt::TABLE_BYTES as u64, scratch)?;
+    gpt::parse(&head).with_context(|| format!("failed to read the GPT of {}", disk.display()))
+}
+
+/// Inverts every bit of the byte at `offset` of a qcow2 overlay. Returns (old, new).
+pub fn flip_byte(overlay: &Path, offset: u64, scratch: &Path) -> Result<(u8, u8)> {
+    let sector = offset / 512 * 512;
+    let old = read(overlay, sector, 512, scratch)?[(offset - sector) as usize];
+    let new = !old;
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P {new:#04x} {offset} 1"))
+        .arg(overlay))
+    .with_context(|| format!("failed to write byte {offset} of {}", overlay.display()))?;
+    let now = read(overlay, sector, 512, scratch)?[(offset - sector) as usize];
+    if now != new {
+        bail!(
+            "byte {offset} of {} reads {now:#04x} after writing {new:#04x}",
+            overlay.display()
+        );
+    }
+    Ok((old, new))
+}
+
+/// A scratch file name inside `dir`.
+pub fn scratch_in(dir: &Path) -> PathBuf {
+    dir.join("scratch.bin")
+}
