@@ -14,4 +14,6 @@ pub mod machine;
 pub mod process;
 pub mod qmp;
 
-pub use machine::{image_from_env, parse_ready, ConsoleMode, Machine, Options, Ready};
+pub use machine::{
+    all_ready, image_from_env, parse_ready, service, ConsoleMode, Machine, Options, Ready,
+};

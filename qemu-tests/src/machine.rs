@@ -439,6 +439,29 @@ impl Machine {
             .ok_or_else(|| anyhow!("status reply without \"status\": {reply}"))
     }
 
+    /// Polls the status until `pred` holds for it; returns that status.
+    pub fn wait_status(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status()?;
+            if pred(&st) {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: {what} not reached within {timeout:?}; last status: {st}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Every event seen on the control port, over all boots of this machine.
     pub fn events(&self) -> Vec<Value> {
         self.events.lock().expect("events lock").clone()
@@ -564,9 +587,40 @@ fn wait_for_path(path: &Path, child: &mut Group, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The entry for service `name` in a status object.
+pub fn service<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status
+        .get("services")?
+        .as_array()?
+        .iter()
+        .find(|s| s.get("name").and_then(Value::as_str) == Some(name))
+}
+
+/// Whether every service in a status object is `ready`.
+pub fn all_ready(status: &Value) -> bool {
+    status
+        .get("services")
+        .and_then(Value::as_array)
+        .is_some_and(|svcs| !svcs.is_empty() && svcs.iter().all(|s| s["state"] == "ready"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_services_and_readiness_in_status() {
+        let st = serde_json::json!({"services":[
+            {"name":"containerd","state":"ready","pid":5},
+            {"name":"noded","state":"backoff","pid":null}]});
+        assert_eq!(service(&st, "containerd").unwrap()["pid"], 5);
+        assert!(service(&st, "fabricd").is_none());
+        assert!(!all_ready(&st));
+        assert!(all_ready(
+            &serde_json::json!({"services":[{"name":"a","state":"ready"}]})
+        ));
+        assert!(!all_ready(&serde_json::json!({"services":[]})));
+    }
 
     #[test]
     fn parses_the_ready_line() {

@@ -1,0 +1,72 @@
+//! Booting: the appliance reaches ready with every service up, keeps its data partition
+//! across a power cycle, and an ACPI power-off is a clean shutdown.
+//!
+//! Two boots of one machine (each boot under TCG costs ~30 s, so they are combined).
+
+use qemu_tests::{all_ready, Machine};
+use std::time::Duration;
+
+const SERVICES: [&str; 4] = ["containerd", "storaged", "fabricd", "noded"];
+
+#[test]
+fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<()> {
+    let mut m = Machine::new("boot")?;
+
+    // First boot of a fresh disk: data is formatted, every service comes up.
+    m.boot()?;
+    let ready = m.wait_ready()?;
+    assert_eq!(ready.slot, "a", "a fresh disk boots slot A");
+    assert!(!ready.version.is_empty());
+    assert!(ready.uptime_ms > 0);
+    let st = m.status()?;
+    assert_eq!(st["ready"], true, "status: {st}");
+    assert_eq!(st["version"], ready.version.as_str());
+    assert_eq!(st["slot"], "a");
+    for name in SERVICES {
+        let s = qemu_tests::service(&st, name)
+            .unwrap_or_else(|| panic!("{name} missing from status {st}"));
+        assert_eq!(s["state"], "ready", "{name}: {s}");
+        assert!(s["pid"].as_u64().is_some_and(|p| p > 1), "{name}: {s}");
+    }
+    assert!(all_ready(&st), "{st}");
+    assert_eq!(
+        st["data"]["formatted"], true,
+        "first boot formats data: {st}"
+    );
+    assert!(
+        m.events().iter().any(|e| e["event"] == "ready"
+            && e["slot"] == "a"
+            && e["version"] == ready.version.as_str()),
+        "no ready event: {:?}",
+        m.events()
+    );
+
+    // ACPI power button: init shuts down cleanly and QEMU exits.
+    let from = m.events().len();
+    m.powerdown()?;
+    m.wait_exit(Duration::from_secs(90))?;
+    assert!(
+        m.events()[from..]
+            .iter()
+            .any(|e| e["event"] == "shutdown" && e["action"] == "poweroff"),
+        "no shutdown event after the power button: {:?}",
+        &m.events()[from..]
+    );
+
+    // Second boot, same disk, vars and TPM: data is reused and was unmounted cleanly.
+    m.reboot_same_disk()?;
+    let again = m.wait_ready()?;
+    assert_eq!(again.slot, "a");
+    let st = m.status()?;
+    assert_eq!(
+        st["data"]["formatted"], false,
+        "data reformatted on reboot: {st}"
+    );
+    assert_eq!(
+        st["data"]["clean"], true,
+        "power-off left data unclean: {st}"
+    );
+    assert!(all_ready(&st), "{st}");
+    m.finish();
+    Ok(())
+}
