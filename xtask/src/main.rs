@@ -2,6 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod host;
+mod image;
+mod run;
+mod test;
+
 #[derive(Parser)]
 #[command(about = "Build, run, test and benchmark the edge appliance image")]
 struct Cli {
@@ -12,23 +18,44 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the bootable disk image; prints its absolute path last.
-    Image,
+    Image {
+        /// Rebuild even if the image is up to date.
+        #[arg(long)]
+        force: bool,
+        /// Build the root twice from scratch and fail unless both are byte-identical.
+        #[arg(long)]
+        check_reproducible: bool,
+    },
     /// Build the image if stale and boot it in QEMU with the serial console here.
     Run,
     /// fmt check, clippy, unit tests, then the QEMU system tests.
-    Test,
+    Test {
+        /// Only the system tests whose name contains this (passed to the test harness).
+        filter: Option<String>,
+    },
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
         /// Which benchmark: boot
         which: String,
+        /// How many boots to take the median of.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Image | Cmd::Run | Cmd::Test | Cmd::Bench { .. } => {
-            anyhow::bail!("not implemented yet")
+        Cmd::Image { force, check_reproducible } => {
+            if check_reproducible {
+                image::check_reproducible()?;
+            }
+            let out = image::build(&image::BuildOptions { force })?;
+            println!("{}", out.raw.display());
+            Ok(())
         }
+        Cmd::Run => run::run(),
+        Cmd::Test { filter } => test::run(filter),
+        Cmd::Bench { which, runs } => bench::run(&which, runs),
     }
 }
