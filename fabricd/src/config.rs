@@ -1,0 +1,287 @@
+//! fabricd's configuration: identity, where the log lives, its quota and topic classes,
+//! the produce listeners and the (optional) core. Validated at load so that a bad value
+//! is reported with the file and key by `edge_common`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::record::check_topic;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Site (data center) name: a token of every subject.
+    pub site: String,
+    /// Machine name within the site.
+    pub machine: String,
+    /// Where the local log's segments live (on the data partition).
+    pub log_dir: PathBuf,
+    /// Bytes all classes together may hold on disk.
+    #[serde(default = "default_quota")]
+    pub quota_bytes: u64,
+    /// A segment is sealed and a new one started past this size.
+    #[serde(default = "default_segment")]
+    pub segment_bytes: u64,
+    /// Largest record (topic, key, headers and value together) a producer may send.
+    #[serde(default = "default_max_record")]
+    pub max_record_bytes: usize,
+    /// Unix socket for the framed produce protocol.
+    pub unix_socket: Option<PathBuf>,
+    /// TCP address for the framed produce protocol (the pod network).
+    pub tcp_listen: Option<SocketAddr>,
+    /// TCP address for `POST /topics/<topic>`.
+    pub http_listen: Option<SocketAddr>,
+    /// TCP address for Prometheus `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Topic classes, matched in order; a topic no class matches is refused.
+    #[serde(rename = "class", default = "default_classes")]
+    pub classes: Vec<ClassConfig>,
+    /// The core's JetStream; without it records are kept locally only.
+    pub core: Option<CoreConfig>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    pub name: String,
+    /// Topic patterns: dot-separated tokens, `*` matches one token, a final `>` the rest.
+    pub topics: Vec<String>,
+    /// When the quota is reached, classes of lower priority give up space first.
+    #[serde(default)]
+    pub priority: u8,
+    /// Oldest segments beyond this size are deleted.
+    pub max_bytes: Option<u64>,
+    /// Segments older than this are deleted.
+    pub max_age_secs: Option<u64>,
+    /// What a producer of this class sees when the quota is full.
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// The producer is answered "full" and keeps its record.
+    #[default]
+    Backpressure,
+    /// The class's oldest records are deleted (and counted) to make room.
+    DropOldest,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreConfig {
+    /// NATS URL(s) of the core, e.g. `tls://core.example:4222`.
+    pub servers: Vec<String>,
+    /// First token of every subject.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// CA that signed the core's certificate (PEM).
+    pub ca: PathBuf,
+    /// Our client certificate and key (PEM); the core requires them.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Publishes awaiting the core's ack at once, per class.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_ms: u64,
+    /// Longest pause between reconnect attempts.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_quota() -> u64 {
+    1 << 30
+}
+fn default_segment() -> u64 {
+    64 << 20
+}
+fn default_max_record() -> usize {
+    1 << 20
+}
+fn default_prefix() -> String {
+    "edge".into()
+}
+fn default_window() -> usize {
+    512
+}
+fn default_ack_timeout() -> u64 {
+    30_000
+}
+fn default_backoff_max() -> u64 {
+    30_000
+}
+fn default_classes() -> Vec<ClassConfig> {
+    vec![ClassConfig {
+        name: "default".into(),
+        topics: vec![">".into()],
+        priority: 0,
+        max_bytes: None,
+        max_age_secs: None,
+        when_full: WhenFull::Backpressure,
+    }]
+}
+
+impl CoreConfig {
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Does `topic` match `pattern` (`*` one token, final `>` one or more tokens)?
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    let mut t = topic.split('.');
+    for p in pattern.split('.') {
+        if p == ">" {
+            return t.next().is_some();
+        }
+        match t.next() {
+            Some(tok) if p == "*" || p == tok => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
+fn check_pattern(p: &str) -> Result<(), String> {
+    let tokens: Vec<&str> = p.split('.').collect();
+    for (i, tok) in tokens.iter().enumerate() {
+        let ok = *tok == "*" || (*tok == ">" && i == tokens.len() - 1) || is_token(tok);
+        if !ok {
+            return Err(format!(
+                "pattern `{p}`: tokens are letters, digits, '-', '_', '*' or a final '>'"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Index of the class that takes `topic`.
+    pub fn class_of(&self, topic: &str) -> Option<usize> {
+        self.classes
+            .iter()
+            .position(|c| c.topics.iter().any(|p| topic_matches(p, topic)))
+    }
+}
+
+impl edge_common::Validate for Config {
+    fn validate(&self) -> Result<(), (String, String)> {
+        for (key, token) in [("site", &self.site), ("machine", &self.machine)] {
+            if !is_token(token) {
+                return Err((
+                    key.into(),
+                    format!("`{token}` must be non-empty letters, digits, '-' or '_' (it becomes a subject token)"),
+                ));
+            }
+        }
+        if !self.log_dir.is_absolute() {
+            return Err((
+                "log_dir".into(),
+                format!("{} is not an absolute path", self.log_dir.display()),
+            ));
+        }
+        if self.segment_bytes < 4096 {
+            return Err(("segment_bytes".into(), "must be at least 4096".into()));
+        }
+        if self.quota_bytes < 2 * self.segment_bytes {
+            return Err((
+                "quota_bytes".into(),
+                format!(
+                    "{} is less than two segments ({} bytes)",
+                    self.quota_bytes,
+                    2 * self.segment_bytes
+                ),
+            ));
+        }
+        if self.max_record_bytes == 0 || self.max_record_bytes as u64 > self.segment_bytes / 2 {
+            return Err((
+                "max_record_bytes".into(),
+                "must be between 1 and half of segment_bytes".into(),
+            ));
+        }
+        if self.classes.is_empty() {
+            return Err(("class".into(), "at least one class is needed".into()));
+        }
+        for (i, c) in self.classes.iter().enumerate() {
+            let key = |k: &str| format!("class[{i}].{k}");
+            if !is_token(&c.name) {
+                return Err((
+                    key("name"),
+                    format!("`{}` must be letters, digits, '-' or '_'", c.name),
+                ));
+            }
+            if self.classes[..i].iter().any(|o| o.name == c.name) {
+                return Err((key("name"), format!("`{}` is used twice", c.name)));
+            }
+            if c.topics.is_empty() {
+                return Err((key("topics"), "at least one pattern is needed".into()));
+            }
+            for p in &c.topics {
+                check_pattern(p).map_err(|m| (key("topics"), m))?;
+            }
+            if c.max_bytes.is_some_and(|b| b < self.segment_bytes) {
+                return Err((key("max_bytes"), "must be at least segment_bytes".into()));
+            }
+        }
+        if let Some(core) = &self.core {
+            if core.servers.is_empty() {
+                return Err(("core.servers".into(), "at least one URL is needed".into()));
+            }
+            if check_topic(&core.prefix).is_err() {
+                return Err((
+                    "core.prefix".into(),
+                    format!("`{}` must be dot-separated subject tokens", core.prefix),
+                ));
+            }
+            if core.window == 0 || core.window > 65536 {
+                return Err(("core.window".into(), "must be between 1 and 65536".into()));
+            }
+            for (k, p) in [
+                ("core.ca", &core.ca),
+                ("core.cert", &core.cert),
+                ("core.key", &core.key),
+            ] {
+                if !p.is_absolute() {
+                    return Err((k.into(), format!("{} is not an absolute path", p.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_like_nats_subjects() {
+        assert!(topic_matches(">", "a"));
+        assert!(topic_matches(">", "a.b"));
+        assert!(topic_matches("alarms.>", "alarms.door"));
+        assert!(!topic_matches("alarms.>", "alarms"));
+        assert!(topic_matches("temp.*", "temp.rack1"));
+        assert!(!topic_matches("temp.*", "temp.rack1.x"));
+        assert!(!topic_matches("temp", "temperature"));
+    }
+
+    #[test]
+    fn appliance_config_is_valid() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../image/overlay/etc/edge/fabricd.toml"
+        );
+        let c: Config = edge_common::load_config(std::path::Path::new(path)).unwrap();
+        assert!(c.core.is_none(), "the image has no core yet");
+        assert!(c.class_of("anything.at.all").is_some());
+    }
+}
