@@ -1,0 +1,118 @@
+//! `cargo xtask test`: every check in order (format, lints, unit tests, image build,
+//! reproducibility, system tests under QEMU), ending with `N passed, N failed`.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds the image (the builder skips the work when nothing changed) and returns the
+/// raw disk the system tests boot.
+pub fn build_image() -> Result<PathBuf> {
+    let out = crate::image::build(&crate::image::BuildOptions::default())
+        .context("failed to build the image")?;
+    Ok(out.raw)
+}
+
+fn status(mut cmd: Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+struct Outcome {
+    name: &'static str,
+    result: Result<()>,
+    secs: f64,
+}
+
+pub fn run(filter: Option<String>) -> Result<()> {
+    let mut done: Vec<Outcome> = Vec::new();
+    let mut step = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| {
+        println!("==> {name}");
+        let t = Instant::now();
+        let result = f();
+        match &result {
+            Ok(()) => println!("==> {name}: ok"),
+            Err(e) => println!("==> {name}: FAILED: {e:#}"),
+        }
+        let ok = result.is_ok();
+        done.push(Outcome {
+            name,
+            result,
+            secs: t.elapsed().as_secs_f64(),
+        });
+        ok
+    };
+
+    let mut packages: Vec<&str> = crate::run::VM_PACKAGES.to_vec();
+    packages.push("fdisk"); // sfdisk, for the harness self-test
+    step("host packages", &mut || {
+        crate::host::ensure_packages(&packages)
+    });
+    step("cargo fmt --check", &mut || {
+        let mut c = cargo();
+        c.args(["fmt", "--all", "--", "--check"]);
+        status(c)
+    });
+    step("cargo clippy", &mut || {
+        let mut c = cargo();
+        c.args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        status(c)
+    });
+    step("unit tests", &mut || {
+        let mut c = cargo();
+        c.args(["test", "--workspace", "--exclude", "qemu-tests"]);
+        status(c)
+    });
+    let mut image = None;
+    let built = step("image", &mut || {
+        image = Some(build_image()?);
+        Ok(())
+    });
+    step("image reproducible", &mut || {
+        if !built {
+            bail!("skipped: the image did not build");
+        }
+        crate::image::check_reproducible()
+    });
+    step("system tests (QEMU)", &mut || {
+        let Some(image) = &image else {
+            bail!("skipped: the image did not build");
+        };
+        let mut c = cargo();
+        c.args(["test", "-p", "qemu-tests"])
+            .env("EDGEOS_IMAGE", image);
+        if let Some(f) = &filter {
+            c.args(["--", f]);
+        }
+        status(c)
+    });
+
+    println!();
+    for o in &done {
+        let mark = if o.result.is_ok() { "ok    " } else { "FAILED" };
+        println!("{mark} {:<24} {:>7.1}s", o.name, o.secs);
+    }
+    let failed = done.iter().filter(|o| o.result.is_err()).count();
+    println!("{} passed, {} failed", done.len() - failed, failed);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
