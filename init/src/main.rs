@@ -2,16 +2,26 @@
 //! verified root and the data partition, switch into them) and `/sbin/init` on the root
 //! (stage 2: supervise the system for its whole life).
 
+mod cgroups;
 mod cmdline;
+mod config;
 mod console;
+mod control;
 mod disk;
 mod dm;
 mod ext4;
+mod logs;
 mod modules;
 mod mounts;
+mod net;
+mod power;
+mod services;
 mod stage1;
 mod stage2;
+mod status;
+mod supervisor;
 mod verity;
+mod watchdog;
 
 fn main() {
     if std::path::Path::new("/etc/initrd-release").exists() {

@@ -1,0 +1,69 @@
+//! The numbers in the `status` reply: memory from /proc/meminfo, resident set sizes from
+//! /proc/<pid>/status, and the assembly of the status object (docs/contracts.md).
+
+use serde_json::{json, Value};
+
+/// `(MemTotal, MemAvailable)` in KiB.
+pub fn meminfo() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    (
+        field_kib(&text, "MemTotal:").unwrap_or(0),
+        field_kib(&text, "MemAvailable:").unwrap_or(0),
+    )
+}
+
+/// A `Key:   123 kB` field of a /proc file, in KiB.
+pub fn field_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// VmRSS of a process; `None` for a process that is gone (or a kernel thread).
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    field_kib(&text, "VmRSS:")
+}
+
+/// What the status object says about the boot and the data partition.
+#[derive(Debug, Clone, Default)]
+pub struct Boot {
+    pub version: String,
+    pub slot: String,
+    pub data_formatted: bool,
+    pub data_clean: bool,
+}
+
+pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) -> Value {
+    let (total, available) = meminfo();
+    json!({
+        "version": boot.version,
+        "slot": boot.slot,
+        "uptime_ms": crate::logs::uptime().as_millis() as u64,
+        "ready": ready,
+        "mem_total_kib": total,
+        "mem_available_kib": available,
+        "init_rss_kib": rss_kib(std::process::id() as i32),
+        "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full},
+        "services": services,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_fields_parse() {
+        let text = "MemTotal:        2014880 kB\nMemFree:  1 kB\nMemAvailable:    1800000 kB\n";
+        assert_eq!(field_kib(text, "MemTotal:"), Some(2014880));
+        assert_eq!(field_kib(text, "MemAvailable:"), Some(1800000));
+        assert_eq!(field_kib(text, "Cached:"), None);
+    }
+
+    #[test]
+    fn own_rss_is_reported() {
+        assert!(rss_kib(std::process::id() as i32).is_some_and(|k| k > 0));
+    }
+}
