@@ -72,9 +72,6 @@ pub fn run() -> ! {
     scan_buttons(&mut buttons);
 
     let table = crate::services::load(Path::new(SERVICES_TOML));
-    for p in &table.problems {
-        say!("service table: {p}");
-    }
     let log_dir = system.logs.dir.clone();
     let logs_ok = std::fs::create_dir_all(&log_dir).is_ok();
     if !logs_ok {
