@@ -107,13 +107,11 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     )?;
     mount_root(&root_node, &root_label)?;
 
-    // Move the API file systems into the new root now: mke2fs runs chrooted there and
-    // needs /dev and /proc, and everything after this works under /sysroot anyway.
+    let (data_formatted, data_clean) = open_data(data_part, dev_dir)?;
     for fs in ["/proc", "/sys", "/dev", "/run"] {
         mounts::move_mount(Path::new(fs), &Path::new(SYSROOT).join(&fs[1..]))
             .map_err(step("moving mounts into the new root"))?;
     }
-    let (data_formatted, data_clean) = open_data(data_part)?;
 
     let info = BootInfo {
         slot: &params.slot,
@@ -207,8 +205,8 @@ fn mount_root(node: &Path, label: &str) -> Result<(), Fatal> {
 
 /// Formats `data` if it is not ext4 yet, mounts it on /sysroot/var and reports
 /// (formatted now, last shutdown clean).
-fn open_data(part: &disk::BlockDev) -> Result<(bool, bool), Fatal> {
-    let node = part.node(&Path::new(SYSROOT).join("dev"));
+fn open_data(part: &disk::BlockDev, dev_dir: &Path) -> Result<(bool, bool), Fatal> {
+    let node = part.node(dev_dir);
     let before = ext4::read(&node).map_err(step("reading the data partition"))?;
     let (formatted, clean) = match before {
         None => {
@@ -246,15 +244,49 @@ fn open_data(part: &disk::BlockDev) -> Result<(bool, bool), Fatal> {
     Ok((formatted, clean))
 }
 
-/// Runs mke2fs from the new root (the initramfs carries no e2fsprogs).
+/// Runs mke2fs from the new root (the initramfs carries no e2fsprogs), with /dev and
+/// /proc bound into it for the time it runs: it opens the node and checks /proc/mounts.
+/// The binds go away again so that the real mounts can be moved there afterwards.
 fn format_data(devname: &str) -> Result<(), Fatal> {
-    use std::os::unix::process::CommandExt;
     let dev = format!("/dev/{devname}");
     say!("data: {dev} holds no ext4; formatting");
+    let mut bound = Vec::new();
+    let mut result = Ok(());
+    for fs in ["/dev", "/proc"] {
+        let target = Path::new(SYSROOT).join(&fs[1..]);
+        match rustix::mount::mount_bind(fs, &target) {
+            Ok(()) => bound.push(target),
+            Err(e) => {
+                result = Err(step("formatting the data partition")(format!(
+                    "failed to bind {fs} into {}: {}",
+                    target.display(),
+                    std::io::Error::from(e)
+                )));
+                break;
+            }
+        }
+    }
+    if result.is_ok() {
+        result = run_mke2fs(&dev);
+    }
+    for target in bound.iter().rev() {
+        if let Err(e) = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH) {
+            say!(
+                "data: failed to unmount {}: {}",
+                target.display(),
+                std::io::Error::from(e)
+            );
+        }
+    }
+    result
+}
+
+fn run_mke2fs(dev: &str) -> Result<(), Fatal> {
+    use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(MKE2FS);
     cmd.args(["-t", "ext4", "-q", "-L", "data", "-E"])
         .arg("lazy_itable_init=1,lazy_journal_init=1")
-        .arg(&dev);
+        .arg(dev);
     // SAFETY: chroot and chdir are async-signal-safe syscalls; nothing is allocated.
     unsafe {
         cmd.pre_exec(|| {
