@@ -1,0 +1,240 @@
+//! `POST /topics/<topic>` for the simplest sensors (curl, a shell loop, a PLC gateway):
+//! the body is the record's value. A deliberately small HTTP/1.1 server: one route,
+//! `Content-Length` bodies only, keep-alive. Optional request headers: `Fabric-Key`,
+//! `Fabric-Timestamp` (ms since the epoch), and `Fabric-Header-<name>` per record header.
+//! Answers: 200 `{"offset":N}` once durable, 400, 404, 405, 411, 413, 422 (no class for
+//! the topic), 507 (quota full), 500.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::produce::{check_header_name, Ingest, Refusal, FULL, NO_CLASS, TOO_LARGE};
+use crate::record::{check_topic, Record};
+
+const MAX_HEAD: usize = 16 * 1024;
+
+struct Response {
+    status: u16,
+    reason: &'static str,
+    body: String,
+    close: bool,
+}
+
+fn error(status: u16, reason: &'static str, message: impl std::fmt::Display) -> Response {
+    Response {
+        status,
+        reason,
+        body: format!("{{\"error\":{:?}}}", message.to_string()),
+        close: true,
+    }
+}
+
+fn refusal(r: Refusal) -> Response {
+    let fatal = r.fatal();
+    let mut resp = match r.status {
+        FULL => error(507, "Insufficient Storage", r.message),
+        NO_CLASS => error(422, "Unprocessable Entity", r.message),
+        TOO_LARGE => error(413, "Payload Too Large", r.message),
+        crate::produce::BAD_REQUEST => error(400, "Bad Request", r.message),
+        _ => error(500, "Internal Server Error", r.message),
+    };
+    // Refusals that leave the stream in step keep the connection.
+    resp.close = fatal;
+    resp
+}
+
+/// Serves one HTTP connection until it closes or a request is malformed.
+pub async fn serve_conn(ingest: Arc<Ingest>, stream: TcpStream, peer: String) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    loop {
+        let resp = match handle(&ingest, &mut rd).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(r) => r,
+        };
+        if resp.status >= 400 {
+            tracing::warn!(%peer, status = resp.status, "refused an HTTP produce request: {}", resp.body);
+        }
+        let text =
+            format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{}",
+            resp.status,
+            resp.reason,
+            resp.body.len(),
+            if resp.close { "Connection: close\r\n" } else { "" },
+            resp.body
+        );
+        if wr.write_all(text.as_bytes()).await.is_err() || resp.close {
+            let _ = wr.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Reads one request; `Ok(None)` when the peer closed between requests.
+async fn handle(
+    ingest: &Ingest,
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+) -> Result<Option<Response>, Response> {
+    let mut head = Vec::new();
+    loop {
+        let before = head.len();
+        let n = (&mut *rd)
+            .take((MAX_HEAD + 1 - head.len()) as u64)
+            .read_until(b'\n', &mut head)
+            .await
+            .map_err(|e| error(400, "Bad Request", e))?;
+        if n == 0 {
+            if head.is_empty() {
+                return Ok(None);
+            }
+            return Err(error(
+                400,
+                "Bad Request",
+                "connection closed inside the request head",
+            ));
+        }
+        if head.len() > MAX_HEAD {
+            return Err(error(400, "Bad Request", "request head over 16 KiB"));
+        }
+        let line = &head[before..];
+        if line == b"\r\n" || line == b"\n" {
+            if before == 0 {
+                // Blank lines before a request are tolerated (RFC 9112 2.2).
+                head.clear();
+                continue;
+            }
+            break;
+        }
+    }
+    let text = std::str::from_utf8(&head)
+        .map_err(|_| error(400, "Bad Request", "request head is not UTF-8"))?;
+    let mut lines = text.lines();
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(t), Some(v), None) if v.starts_with("HTTP/1.") => (m, t, v),
+        _ => {
+            return Err(error(
+                400,
+                "Bad Request",
+                format!("bad request line `{}`", request_line.escape_debug()),
+            ))
+        }
+    };
+    let mut length = None;
+    let mut close = version == "HTTP/1.0";
+    let mut key = None;
+    let mut timestamp_ms = 0i64;
+    let mut headers = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(error(
+                400,
+                "Bad Request",
+                format!("bad header line `{}`", line.escape_debug()),
+            ));
+        };
+        let value = value.trim();
+        let lower = name.to_ascii_lowercase();
+        match lower.as_str() {
+            "content-length" => {
+                length = Some(
+                    value
+                        .parse::<usize>()
+                        .map_err(|_| error(400, "Bad Request", "bad Content-Length"))?,
+                )
+            }
+            "transfer-encoding" => {
+                return Err(error(
+                    411,
+                    "Length Required",
+                    "chunked bodies are not taken; send Content-Length",
+                ))
+            }
+            "connection" => close = value.eq_ignore_ascii_case("close"),
+            "fabric-key" => key = Some(value.as_bytes().to_vec()),
+            "fabric-timestamp" => {
+                timestamp_ms = value.parse().map_err(|_| {
+                    error(
+                        400,
+                        "Bad Request",
+                        "Fabric-Timestamp is not a number of milliseconds",
+                    )
+                })?
+            }
+            _ => {
+                if let Some(h) = lower.strip_prefix("fabric-header-") {
+                    let h = &name[name.len() - h.len()..];
+                    check_header_name(h).map_err(|m| error(400, "Bad Request", m))?;
+                    headers.push((h.to_owned(), value.as_bytes().to_vec()));
+                }
+            }
+        }
+    }
+    let Some(topic) = target.strip_prefix("/topics/") else {
+        return Err(error(
+            404,
+            "Not Found",
+            format!("no route `{target}`: POST /topics/<topic>"),
+        ));
+    };
+    if method != "POST" {
+        return Err(error(
+            405,
+            "Method Not Allowed",
+            "only POST /topics/<topic>",
+        ));
+    }
+    check_topic(topic).map_err(|m| error(400, "Bad Request", m))?;
+    let Some(length) = length else {
+        return Err(error(411, "Length Required", "Content-Length is required"));
+    };
+    if length > ingest.config.max_record_bytes {
+        return Err(error(
+            413,
+            "Payload Too Large",
+            format!(
+                "body of {length} bytes is over max_record_bytes ({})",
+                ingest.config.max_record_bytes
+            ),
+        ));
+    }
+    let mut value = vec![0u8; length];
+    rd.read_exact(&mut value).await.map_err(|e| {
+        error(
+            400,
+            "Bad Request",
+            format!("body shorter than Content-Length: {e}"),
+        )
+    })?;
+    let rec = Record {
+        topic: topic.to_owned(),
+        key,
+        headers,
+        timestamp_ms: if timestamp_ms == 0 {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        } else {
+            timestamp_ms
+        },
+        value,
+    };
+    let rx = ingest.submit(&rec).await.map_err(refusal)?;
+    let mut resp = match rx.await {
+        Ok(Ok(offset)) => Response {
+            status: 200,
+            reason: "OK",
+            body: format!("{{\"offset\":{offset}}}"),
+            close: false,
+        },
+        Ok(Err(e)) => refusal(crate::produce::append_refusal(e)),
+        Err(_) => error(500, "Internal Server Error", "the log is shut down"),
+    };
+    resp.close |= close;
+    Ok(Some(resp))
+}

@@ -1,0 +1,123 @@
+//! fabricd: the durable edge log, its produce API, and its mirror to the core.
+//! The binary (`main.rs`) is `serve` under the shared daemon kit; tests and the bench use
+//! the modules directly.
+
+pub mod config;
+pub mod http;
+pub mod log;
+pub mod produce;
+pub mod record;
+
+use std::sync::Arc;
+
+use config::Config;
+use produce::Ingest;
+
+/// Opens the log, starts the listeners and reports ready. Returns only on a fatal error.
+pub async fn serve(config: Config) -> Result<(), String> {
+    let config = Arc::new(config);
+    edge_common::ensure_dir(&config.log_dir).map_err(|e| e.to_string())?;
+    let limits = log::Limits {
+        quota_bytes: config.quota_bytes,
+        segment_bytes: config.segment_bytes,
+    };
+    let log =
+        log::Log::open(&config.log_dir, &config.classes, limits).map_err(|e| e.to_string())?;
+    let ingest = Arc::new(Ingest {
+        log: log.clone(),
+        config: config.clone(),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = &config.unix_socket {
+        if let Some(parent) = path.parent() {
+            edge_common::ensure_dir(parent).map_err(|e| e.to_string())?;
+        }
+        // A socket left by a previous run (we were killed) would make bind fail.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(format!(
+                    "failed to remove stale socket {}: {e}",
+                    path.display()
+                ))
+            }
+        }
+        let listener = tokio::net::UnixListener::bind(path)
+            .map_err(|e| format!("failed to listen on {}: {e}", path.display()))?;
+        tracing::info!(socket = %path.display(), "produce socket listening");
+        let ingest = ingest.clone();
+        tasks.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(produce::serve_conn(ingest.clone(), stream, "unix".into()));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept on the produce socket failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    if let Some(addr) = config.tcp_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "produce TCP listening");
+        let ingest = ingest.clone();
+        tasks.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(produce::serve_conn(
+                            ingest.clone(),
+                            stream,
+                            peer.to_string(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept on {addr} failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    if let Some(addr) = config.http_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "produce HTTP listening");
+        let ingest = ingest.clone();
+        tasks.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(http::serve_conn(ingest.clone(), stream, peer.to_string()));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept on {addr} failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    // Listen for SIGTERM before reporting ready: the kit installs its handler only once
+    // `serve` first yields, and a stop sent right after READY must not kill us mid-write.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("failed to handle SIGTERM: {e}"))?;
+    tracing::info!(site = %config.site, machine = %config.machine, log_dir = %config.log_dir.display(), "serving");
+    edge_common::notify_ready().map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {
+            tracing::info!(signal = "SIGTERM", "stopping");
+            Ok(())
+        }
+        _ = async { while tasks.join_next().await.is_some() {} std::future::pending::<()>().await } => Ok(()),
+    }
+}

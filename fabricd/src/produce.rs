@@ -1,0 +1,327 @@
+//! The framed produce protocol, spoken on the unix socket and the TCP listener.
+//! Every integer is big-endian. A request is `[u32 len][len bytes]`:
+//! `[u8 op = 1][i64 timestamp_ms, 0 = now][u16 topic_len][topic]
+//!  [u32 key_len, 0xFFFFFFFF = no key][key][u16 header_count]
+//!  {[u16 name_len][name][u32 value_len][value]}[value: the rest of the frame]`.
+//! Each request gets one reply, in order (clients may pipeline):
+//! `[u32 len][u8 status][payload]`, status 0 = durable with payload `[u64 offset]`;
+//! otherwise the payload is a UTF-8 message: 1 full, 2 bad request, 3 too large,
+//! 4 no class for the topic, 5 storage error. After 2 and 3 the connection is closed
+//! (the stream can no longer be trusted to be in step); the daemon goes on.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::log::{AppendError, Log};
+use crate::record::{check_topic, Record};
+
+pub const OP_PRODUCE: u8 = 1;
+pub const OK: u8 = 0;
+pub const FULL: u8 = 1;
+pub const BAD_REQUEST: u8 = 2;
+pub const TOO_LARGE: u8 = 3;
+pub const NO_CLASS: u8 = 4;
+pub const STORAGE: u8 = 5;
+
+/// Bytes a request may carry beyond the record's own (op, timestamp and lengths).
+const REQUEST_OVERHEAD: usize = 1 + 8 + 2 + 4 + 2;
+
+/// What the produce listeners need: the log and how to place and bound records.
+pub struct Ingest {
+    pub log: Log,
+    pub config: Arc<Config>,
+}
+
+/// Why a request was refused, with the status it is answered with.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u8,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: u8, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+    /// Whether the connection is closed after answering.
+    pub fn fatal(&self) -> bool {
+        matches!(self.status, BAD_REQUEST | TOO_LARGE)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], Refusal> {
+        if self.0.len() < n {
+            return Err(Refusal::new(
+                BAD_REQUEST,
+                format!("frame ends inside its {what}"),
+            ));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn be<const N: usize>(&mut self, what: &str) -> Result<[u8; N], Refusal> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+}
+
+/// Parses one request body into a record.
+pub fn parse_request(frame: &[u8]) -> Result<Record, Refusal> {
+    let mut c = Cursor(frame);
+    let [op] = c.be::<1>("op")?;
+    if op != OP_PRODUCE {
+        return Err(Refusal::new(BAD_REQUEST, format!("unknown op {op}")));
+    }
+    let ts = i64::from_be_bytes(c.be("timestamp")?);
+    let tlen = u16::from_be_bytes(c.be("topic length")?) as usize;
+    let topic = std::str::from_utf8(c.take(tlen, "topic")?)
+        .map_err(|_| Refusal::new(BAD_REQUEST, "topic is not UTF-8"))?
+        .to_owned();
+    check_topic(&topic).map_err(|m| Refusal::new(BAD_REQUEST, m))?;
+    let klen = u32::from_be_bytes(c.be("key length")?);
+    let key = if klen == u32::MAX {
+        None
+    } else {
+        Some(c.take(klen as usize, "key")?.to_vec())
+    };
+    let n = u16::from_be_bytes(c.be("header count")?);
+    let mut headers = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let nlen = u16::from_be_bytes(c.be("header name length")?) as usize;
+        let name = std::str::from_utf8(c.take(nlen, "header name")?)
+            .map_err(|_| Refusal::new(BAD_REQUEST, "header name is not UTF-8"))?;
+        check_header_name(name).map_err(|m| Refusal::new(BAD_REQUEST, m))?;
+        let vlen = u32::from_be_bytes(c.be("header value length")?) as usize;
+        headers.push((name.to_owned(), c.take(vlen, "header value")?.to_vec()));
+    }
+    Ok(Record {
+        topic,
+        key,
+        headers,
+        timestamp_ms: if ts == 0 { now_ms() } else { ts },
+        value: c.0.to_vec(),
+    })
+}
+
+/// Header names travel as NATS header names: visible ASCII without ':'.
+pub fn check_header_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "header name `{}` must be visible ASCII without ':'",
+            name.escape_debug()
+        ))
+    }
+}
+
+/// Encodes a produce request frame (used by tests and the bench; the format is the
+/// documentation's).
+pub fn encode_request(rec: &Record) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + REQUEST_OVERHEAD + rec.encoded_len());
+    b.extend_from_slice(&[0; 4]);
+    b.push(OP_PRODUCE);
+    b.extend_from_slice(&rec.timestamp_ms.to_be_bytes());
+    b.extend_from_slice(&(rec.topic.len() as u16).to_be_bytes());
+    b.extend_from_slice(rec.topic.as_bytes());
+    match &rec.key {
+        Some(k) => {
+            b.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            b.extend_from_slice(k);
+        }
+        None => b.extend_from_slice(&u32::MAX.to_be_bytes()),
+    }
+    b.extend_from_slice(&(rec.headers.len() as u16).to_be_bytes());
+    for (n, v) in &rec.headers {
+        b.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        b.extend_from_slice(n.as_bytes());
+        b.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        b.extend_from_slice(v);
+    }
+    b.extend_from_slice(&rec.value);
+    let len = (b.len() - 4) as u32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+impl Ingest {
+    /// Largest request frame accepted.
+    pub fn max_frame(&self) -> usize {
+        self.config.max_record_bytes + REQUEST_OVERHEAD
+    }
+
+    /// Checks a record against the limits and classes and queues it; the receiver
+    /// resolves once it is durable.
+    pub async fn submit(
+        &self,
+        rec: &Record,
+    ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, Refusal> {
+        let size = rec.encoded_len() - 16;
+        if size > self.config.max_record_bytes {
+            return Err(Refusal::new(
+                TOO_LARGE,
+                format!(
+                    "record of {size} bytes is over max_record_bytes ({})",
+                    self.config.max_record_bytes
+                ),
+            ));
+        }
+        let class = self.config.class_of(&rec.topic).ok_or_else(|| {
+            Refusal::new(NO_CLASS, format!("no class takes topic `{}`", rec.topic))
+        })?;
+        self.log
+            .submit(class, rec.encode_body())
+            .await
+            .map_err(append_refusal)
+    }
+}
+
+pub fn append_refusal(e: AppendError) -> Refusal {
+    match e {
+        AppendError::Full(_) => Refusal::new(FULL, e.to_string()),
+        _ => Refusal::new(STORAGE, e.to_string()),
+    }
+}
+
+enum Reply {
+    Pending(oneshot::Receiver<Result<u64, AppendError>>),
+    Refused(Refusal),
+}
+
+/// Serves one produce connection until the peer closes it or sends garbage.
+pub async fn serve_conn<S>(ingest: Arc<Ingest>, stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    // Bounded so that a producer that pipelines without reading replies is slowed down.
+    let (tx, mut rx) = mpsc::channel::<Reply>(4096);
+    let writer = tokio::spawn(async move {
+        let mut wr = BufWriter::new(wr);
+        while let Some(reply) = rx.recv().await {
+            let (status, payload, close) = match reply {
+                Reply::Pending(rx) => match rx.await {
+                    Ok(Ok(offset)) => (OK, offset.to_be_bytes().to_vec(), false),
+                    Ok(Err(e)) => {
+                        let r = append_refusal(e);
+                        (r.status, r.message.into_bytes(), false)
+                    }
+                    Err(_) => (STORAGE, b"the log is shut down".to_vec(), true),
+                },
+                Reply::Refused(r) => (r.status, r.message.clone().into_bytes(), r.fatal()),
+            };
+            let mut frame = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+            frame.push(status);
+            frame.extend_from_slice(&payload);
+            if wr.write_all(&frame).await.is_err() {
+                return;
+            }
+            if (rx.is_empty() || close) && wr.flush().await.is_err() {
+                return;
+            }
+            if close {
+                let _ = wr.shutdown().await;
+                return;
+            }
+        }
+        let _ = wr.flush().await;
+    });
+    let max = ingest.max_frame();
+    let mut buf = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        match rd.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => {
+                tracing::debug!(%peer, "produce connection read failed: {e}");
+                break;
+            }
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        let reply = if len > max {
+            Reply::Refused(Refusal::new(
+                TOO_LARGE,
+                format!("frame of {len} bytes is over the limit of {max}"),
+            ))
+        } else {
+            buf.resize(len, 0);
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                tracing::debug!(%peer, "produce connection ended inside a frame: {e}");
+                break;
+            }
+            match parse_request(&buf) {
+                Ok(rec) => match ingest.submit(&rec).await {
+                    Ok(rx) => Reply::Pending(rx),
+                    Err(r) => Reply::Refused(r),
+                },
+                Err(r) => Reply::Refused(r),
+            }
+        };
+        let fatal = matches!(&reply, Reply::Refused(r) if r.fatal());
+        if let Reply::Refused(r) = &reply {
+            tracing::warn!(%peer, status = r.status, "refused a produce request: {}", r.message);
+        }
+        if tx.send(reply).await.is_err() || fatal {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips() {
+        let rec = Record {
+            topic: "temp.rack1".into(),
+            key: Some(b"k".to_vec()),
+            headers: vec![("unit".into(), b"C".to_vec())],
+            timestamp_ms: 77,
+            value: b"21.5".to_vec(),
+        };
+        let frame = encode_request(&rec);
+        assert_eq!(
+            u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+            frame.len() - 4
+        );
+        assert_eq!(parse_request(&frame[4..]).unwrap(), rec);
+    }
+
+    #[test]
+    fn garbage_is_a_bad_request() {
+        for garbage in [
+            &b""[..],
+            b"\x07",
+            b"\x01\x00\x00",
+            b"\x01\0\0\0\0\0\0\0\0\x00\x05ab",
+        ] {
+            let r = parse_request(garbage).unwrap_err();
+            assert_eq!(r.status, BAD_REQUEST, "{garbage:?}");
+            assert!(r.fatal());
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The produce API of the real daemon: framed protocol on the unix socket and TCP, and
+//! HTTP POST; records are durable when acked; bad input drops the connection, not the
+//! daemon.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+
+use common::*;
+use fabricd::log::{Cursor, Limits, Log};
+use fabricd::produce;
+
+fn read_back(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<(u64, String, Vec<u8>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let log = Log::open(
+        &f.dir.join("log"),
+        classes,
+        Limits {
+            quota_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+        },
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for class in 0..classes.len() {
+        let mut cur = Cursor::new(class, 0);
+        loop {
+            let got = log.read(&mut cur, 1 << 20).unwrap();
+            if got.is_empty() {
+                break;
+            }
+            out.extend(
+                got.into_iter()
+                    .map(|s| (s.offset, s.record.topic, s.record.value)),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+fn default_class() -> Vec<fabricd::config::ClassConfig> {
+    vec![fabricd::config::ClassConfig {
+        name: "default".into(),
+        topics: vec![">".into()],
+        priority: 0,
+        max_bytes: None,
+        max_age_secs: None,
+        when_full: Default::default(),
+    }]
+}
+
+#[test]
+fn acked_records_from_socket_tcp_and_http_survive_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(tmp.path(), "");
+    f.start();
+    let mut unix = UnixStream::connect(&f.socket).unwrap();
+    let mut acked = Vec::new();
+    // Pipelined: many requests in flight, replies in order.
+    let mut batch = Vec::new();
+    for i in 0..500u32 {
+        batch.extend(produce::encode_request(&record("unix.t", &i.to_be_bytes())));
+    }
+    unix.write_all(&batch).unwrap();
+    for i in 0..500u32 {
+        let (status, payload) = read_reply(&mut unix).unwrap();
+        assert_eq!(status, produce::OK);
+        acked.push((
+            u64::from_be_bytes(payload[..8].try_into().unwrap()),
+            "unix.t".to_string(),
+            i.to_be_bytes().to_vec(),
+        ));
+    }
+    let mut t = tcp(f.tcp);
+    for i in 0..100u32 {
+        let mut rec = record("tcp.t", &i.to_be_bytes());
+        rec.key = Some(b"k".to_vec());
+        rec.headers = vec![("h".into(), b"v".to_vec())];
+        let off = produce(&mut t, &rec).unwrap();
+        acked.push((off, "tcp.t".into(), i.to_be_bytes().to_vec()));
+    }
+    let (status, body) = http(f.http, b"POST /topics/http.t HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    acked.push((
+        v["offset"].as_u64().unwrap(),
+        "http.t".into(),
+        b"hello".to_vec(),
+    ));
+    let offsets: Vec<u64> = acked.iter().map(|a| a.0).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "offsets grow in ack order"
+    );
+    f.kill9();
+    acked.sort();
+    assert_eq!(read_back(&f, &default_class()), acked);
+}
+
+#[test]
+fn garbage_frames_drop_the_connection_not_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(tmp.path(), "max_record_bytes = 1000");
+    f.start();
+    // A length far over the limit.
+    let mut s = tcp(f.tcp);
+    s.write_all(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3]).unwrap();
+    let (status, msg) = read_reply(&mut s).unwrap();
+    assert_eq!(
+        status,
+        produce::TOO_LARGE,
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
+    assert!(
+        read_reply(&mut s).is_none(),
+        "connection closed after garbage"
+    );
+    // A well-sized frame of garbage.
+    let mut s = UnixStream::connect(&f.socket).unwrap();
+    s.write_all(&[0, 0, 0, 6, 9, 9, 9, 9, 9, 9]).unwrap();
+    let (status, msg) = read_reply(&mut s).unwrap();
+    assert_eq!(status, produce::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&msg).contains("unknown op"));
+    assert!(read_reply(&mut s).is_none());
+    // A bad topic.
+    let mut s = tcp(f.tcp);
+    let err = produce(&mut s, &record("a b", b"x")).unwrap_err();
+    assert_eq!(err.0, produce::BAD_REQUEST, "{}", err.1);
+    // An oversized value inside a frame that fits.
+    let mut s = tcp(f.tcp);
+    let err = produce(&mut s, &record("big", &[7u8; 1001])).unwrap_err();
+    assert_eq!(err.0, produce::TOO_LARGE, "{}", err.1);
+    // The daemon still serves.
+    assert!(f.is_running());
+    let mut s = tcp(f.tcp);
+    produce(&mut s, &record("ok", b"fine")).unwrap();
+    assert!(f.log_contains("refused a produce request"));
+}
+
+#[test]
+fn unknown_topic_class_is_refused_and_the_connection_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(
+        tmp.path(),
+        "[[class]]\nname = \"alarms\"\ntopics = [\"alarms.>\"]\n",
+    );
+    f.start();
+    let mut s = tcp(f.tcp);
+    let err = produce(&mut s, &record("telemetry.x", b"1")).unwrap_err();
+    assert_eq!(err.0, produce::NO_CLASS);
+    assert!(err.1.contains("telemetry.x"), "{}", err.1);
+    produce(&mut s, &record("alarms.door", b"open")).unwrap();
+}
+
+#[test]
+fn full_quota_answers_full_to_producers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(
+        tmp.path(),
+        "quota_bytes = 16384\nsegment_bytes = 4096\nmax_record_bytes = 1024\n",
+    );
+    f.start();
+    let mut s = tcp(f.tcp);
+    let mut n = 0;
+    let err = loop {
+        match produce(&mut s, &record("t", &[1u8; 500])) {
+            Ok(_) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n < 100, "quota never reached");
+    };
+    assert_eq!(err.0, produce::FULL, "{}", err.1);
+    let mut req = b"POST /topics/t HTTP/1.1\r\nContent-Length: 500\r\nConnection: close\r\n\r\n".to_vec();
+    req.extend_from_slice(&[b'a'; 500]);
+    let (status, body) = http(f.http, &req);
+    assert_eq!(status, 507, "{body}");
+}
+
+#[test]
+fn http_refuses_what_it_cannot_take() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(tmp.path(), "max_record_bytes = 100");
+    f.start();
+    let cases: [(&[u8], u16); 6] = [
+        (b"GET /topics/t HTTP/1.1\r\n\r\n", 405),
+        (b"POST /other HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 404),
+        (b"POST /topics/t HTTP/1.1\r\n\r\n", 411),
+        (
+            b"POST /topics/t HTTP/1.1\r\nContent-Length: 101\r\n\r\n",
+            413,
+        ),
+        (
+            b"POST /topics/a..b HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            400,
+        ),
+        (b"\x00\x01garbage\r\n\r\n", 400),
+    ];
+    for (req, want) in cases {
+        let (status, body) = http(f.http, req);
+        assert_eq!(status, want, "{} -> {body}", String::from_utf8_lossy(req));
+    }
+    // Keep-alive: two requests on one connection.
+    let mut s = tcp(f.http);
+    s.write_all(b"POST /topics/t HTTP/1.1\r\nContent-Length: 1\r\nFabric-Key: k1\r\nFabric-Header-unit: C\r\n\r\nxPOST /topics/t HTTP/1.1\r\nContent-Length: 1\r\nConnection: close\r\n\r\ny").unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(f.is_running());
+}
+
+#[test]
+fn starts_ready_without_a_core_and_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(tmp.path(), "");
+    f.start();
+    assert!(f.is_running());
+    let status = f.terminate();
+    assert!(status.success(), "{status}");
+    assert!(f.log_contains("stopped"), "{}", f.log_text());
+}
