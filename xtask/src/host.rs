@@ -12,10 +12,17 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn candidate(pkg: &str) -> Option<String> {
-    let out = Command::new("apt-cache").args(["policy", pkg]).output().ok()?;
+    let out = Command::new("apt-cache")
+        .args(["policy", pkg])
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate:").map(|c| c.trim().to_string()))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Candidate:")
+                .map(|c| c.trim().to_string())
+        })
         .filter(|c| c != "(none)")
 }
 
@@ -23,9 +30,14 @@ fn candidate(pkg: &str) -> Option<String> {
 /// qemu-system-x86's version: a newer backported qemu-utils conflicts with bookworm's
 /// qemu-system-x86, and apt would otherwise refuse or keep the mismatch.
 fn install_args(missing: &[&str], qemu_system_version: Option<&str>) -> Vec<String> {
-    let mut args: Vec<String> =
-        ["install", "-y", "--no-install-recommends"].iter().map(|s| s.to_string()).collect();
-    let pin = missing.contains(&"qemu-utils").then_some(qemu_system_version).flatten();
+    let mut args: Vec<String> = ["install", "-y", "--no-install-recommends"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let pin = missing
+        .contains(&"qemu-utils")
+        .then_some(qemu_system_version)
+        .flatten();
     if pin.is_some() {
         args.push("--allow-downgrades".into());
     }
@@ -47,10 +59,17 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
     let qemu_pairs = missing.contains(&"qemu-utils")
         && (pkgs.contains(&"qemu-system-x86") || installed("qemu-system-x86"));
     // `id -u` rather than geteuid(): keeps xtask free of a libc dependency.
-    let uid = Command::new("id").arg("-u").output().context("failed to run id -u")?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("failed to run id -u")?;
     let is_root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
     if !is_root {
-        let qv = if qemu_pairs { candidate("qemu-system-x86") } else { None };
+        let qv = if qemu_pairs {
+            candidate("qemu-system-x86")
+        } else {
+            None
+        };
         bail!(
             "missing host packages {}; install them with:\n  sudo apt-get update && sudo apt-get {}",
             missing.join(" "),
@@ -58,12 +77,19 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
         );
     }
     println!("host: installing {}", missing.join(" "));
-    let st = Command::new("apt-get").arg("update").status().context("failed to run apt-get update")?;
+    let st = Command::new("apt-get")
+        .arg("update")
+        .status()
+        .context("failed to run apt-get update")?;
     if !st.success() {
         bail!("apt-get update failed ({st})");
     }
     // The candidate is only meaningful after the update.
-    let qv = if qemu_pairs { candidate("qemu-system-x86") } else { None };
+    let qv = if qemu_pairs {
+        candidate("qemu-system-x86")
+    } else {
+        None
+    };
     let args = install_args(&missing, qv.as_deref());
     let st = Command::new("apt-get")
         .args(&args)
@@ -91,7 +117,10 @@ mod tests {
     #[test]
     fn plain_packages_are_not_pinned() {
         let args = install_args(&["mtools", "cpio"], None);
-        assert_eq!(args, ["install", "-y", "--no-install-recommends", "mtools", "cpio"]);
+        assert_eq!(
+            args,
+            ["install", "-y", "--no-install-recommends", "mtools", "cpio"]
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Image { force, check_reproducible } => {
+        Cmd::Image {
+            force,
+            check_reproducible,
+        } => {
             if check_reproducible {
                 image::check_reproducible()?;
             }

@@ -16,7 +16,9 @@ fn describe(cmd: &Command) -> String {
 /// Runs `cmd`, capturing its output; fails with its stderr when it exits non-zero.
 pub fn output(cmd: &mut Command) -> Result<Output> {
     let what = describe(cmd);
-    let out = cmd.output().with_context(|| format!("failed to start `{what}`"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start `{what}`"))?;
     if !out.status.success() {
         bail!(
             "`{what}` failed ({}):\n{}{}",
@@ -36,7 +38,9 @@ pub fn stdout(cmd: &mut Command) -> Result<String> {
 /// Runs `cmd` with its output passed through (for long steps such as cargo).
 pub fn status(cmd: &mut Command) -> Result<()> {
     let what = describe(cmd);
-    let st = cmd.status().with_context(|| format!("failed to start `{what}`"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("failed to start `{what}`"))?;
     if !st.success() {
         bail!("`{what}` failed ({st})");
     }

@@ -14,7 +14,11 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W) -> Self {
-        Writer { out, ino: 0, written: 0 }
+        Writer {
+            out,
+            ino: 0,
+            written: 0,
+        }
     }
 
     pub fn dir(&mut self, name: &str, perm: u32) -> Result<()> {
@@ -49,7 +53,9 @@ impl<W: Write> Writer<W> {
     }
 
     fn put(&mut self, b: &[u8]) -> Result<()> {
-        self.out.write_all(b).context("failed to write the cpio archive")?;
+        self.out
+            .write_all(b)
+            .context("failed to write the cpio archive")?;
         self.written += b.len() as u64;
         Ok(())
     }
@@ -84,10 +90,14 @@ pub fn archive_tree<W: Write>(root: &Path, w: &mut Writer<W>) -> Result<()> {
             } else if ft.is_file() {
                 use std::os::unix::fs::PermissionsExt;
                 let perm = e.metadata()?.permissions().mode() & 0o777;
-                let data = std::fs::read(&path).with_context(|| format!("failed to read {}", path.display()))?;
+                let data = std::fs::read(&path)
+                    .with_context(|| format!("failed to read {}", path.display()))?;
                 w.file(&name, perm, &data)?;
             } else {
-                anyhow::bail!("{}: only directories and regular files go into the initramfs", path.display());
+                anyhow::bail!(
+                    "{}: only directories and regular files go into the initramfs",
+                    path.display()
+                );
             }
         }
         Ok(())
@@ -108,10 +118,16 @@ mod tests {
         // Every header starts 4-byte aligned with the newc magic.
         assert!(out.starts_with(b"070701"));
         let hdr = &out[..110];
-        let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&hdr[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
+        let field = |i: usize| {
+            u32::from_str_radix(
+                std::str::from_utf8(&hdr[6 + i * 8..14 + i * 8]).unwrap(),
+                16,
+            )
+            .unwrap()
+        };
         assert_eq!(field(1), 0o040755); // mode
         assert_eq!(field(11), 4); // "etc\0"
-        // 110 + 4 = 114, padded to 116.
+                                  // 110 + 4 = 114, padded to 116.
         assert_eq!(&out[116..122], b"070701");
         let second = &out[116..];
         assert_eq!(&second[110..116], b"etc/x\0");
@@ -139,6 +155,8 @@ mod tests {
         // Sorted, parents first: "a" then "b", "b/c", "b/c/f".
         let text = String::from_utf8_lossy(&one);
         let pos = |s: &str| text.find(s).unwrap();
-        assert!(pos("a\0") < pos("b\0") && pos("b\0") < pos("b/c\0") && pos("b/c\0") < pos("b/c/f\0"));
+        assert!(
+            pos("a\0") < pos("b\0") && pos("b\0") < pos("b/c\0") && pos("b/c\0") < pos("b/c/f\0")
+        );
     }
 }

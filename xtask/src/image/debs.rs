@@ -24,7 +24,11 @@ pub fn cache_dir() -> Result<PathBuf> {
 
 /// The file name apt-get gives a download: the epoch's ':' is escaped as `%3a`.
 fn deb_file_name(pin: &Pin, arch: &str) -> String {
-    format!("{}_{}_{arch}.deb", pin.name, pin.version.replace(':', "%3a"))
+    format!(
+        "{}_{}_{arch}.deb",
+        pin.name,
+        pin.version.replace(':', "%3a")
+    )
 }
 
 /// Makes sure every pinned package is in the cache; returns their paths in `pins` order.
@@ -86,16 +90,24 @@ fn download(dir: &Path, pin: &Pin) -> Result<PathBuf> {
         );
     }
     find_cached(dir, pin)?.with_context(|| {
-        format!("apt-get download {spec} succeeded but left no .deb in {}", dir.display())
+        format!(
+            "apt-get download {spec} succeeded but left no .deb in {}",
+            dir.display()
+        )
     })
 }
 
 /// apt's candidate version of `name`, for error messages.
 fn candidate(name: &str) -> Option<String> {
-    let out = Command::new("apt-cache").args(["policy", name]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate:").map(|c| c.trim().to_string()))
+    let out = Command::new("apt-cache")
+        .args(["policy", name])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("Candidate:")
+            .map(|c| c.trim().to_string())
+    })
 }
 
 /// Unpacks `deb` into `dest` (created fresh).
@@ -104,7 +116,8 @@ pub fn extract(deb: &Path, dest: &Path) -> Result<()> {
         std::fs::remove_dir_all(dest)
             .with_context(|| format!("failed to remove {}", dest.display()))?;
     }
-    std::fs::create_dir_all(dest).with_context(|| format!("failed to create {}", dest.display()))?;
+    std::fs::create_dir_all(dest)
+        .with_context(|| format!("failed to create {}", dest.display()))?;
     cmd::output(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest))?;
     Ok(())
 }
@@ -115,7 +128,13 @@ mod tests {
 
     #[test]
     fn epoch_is_escaped_like_apt_does() {
-        let pin = Pin { name: "qemu-utils".into(), version: "1:7.2+dfsg-7".into() };
-        assert_eq!(deb_file_name(&pin, "amd64"), "qemu-utils_1%3a7.2+dfsg-7_amd64.deb");
+        let pin = Pin {
+            name: "qemu-utils".into(),
+            version: "1:7.2+dfsg-7".into(),
+        };
+        assert_eq!(
+            deb_file_name(&pin, "amd64"),
+            "qemu-utils_1%3a7.2+dfsg-7_amd64.deb"
+        );
     }
 }

@@ -122,7 +122,9 @@ impl Definition {
         if !(1..=9).contains(&self.boot.tries) {
             bail!("boot.tries: {} is out of range 1..=9", self.boot.tries);
         }
-        if self.boot.default_entry.is_empty() || self.boot.default_entry.contains(char::is_whitespace) {
+        if self.boot.default_entry.is_empty()
+            || self.boot.default_entry.contains(char::is_whitespace)
+        {
             bail!("boot.default_entry: must be a non-empty glob without spaces");
         }
         let p = &self.partitions;
@@ -142,9 +144,15 @@ impl Definition {
         }
         for (i, pkg) in self.packages.iter().enumerate() {
             check_deb_name(&format!("package[{i}].name"), &pkg.name)?;
-            check_deb_version(&format!("package[{i}].version ({})", pkg.name), &pkg.version)?;
+            check_deb_version(
+                &format!("package[{i}].version ({})", pkg.name),
+                &pkg.version,
+            )?;
             if pkg.files.is_empty() {
-                bail!("package[{i}].files ({}): empty; list the files to take", pkg.name);
+                bail!(
+                    "package[{i}].files ({}): empty; list the files to take",
+                    pkg.name
+                );
             }
             for f in &pkg.files {
                 check_rel_path(&format!("package[{i}].files ({})", pkg.name), f)?;
@@ -159,14 +167,19 @@ impl Definition {
     /// Every package the build fetches: the kernel, systemd-boot and the root's packages.
     pub fn pins(&self) -> Vec<Pin> {
         let mut pins = vec![
-            Pin { name: self.kernel.package.clone(), version: self.kernel.version.clone() },
-            Pin { name: self.boot.package.clone(), version: self.boot.version.clone() },
+            Pin {
+                name: self.kernel.package.clone(),
+                version: self.kernel.version.clone(),
+            },
+            Pin {
+                name: self.boot.package.clone(),
+                version: self.boot.version.clone(),
+            },
         ];
-        pins.extend(
-            self.packages
-                .iter()
-                .map(|p| Pin { name: p.name.clone(), version: p.version.clone() }),
-        );
+        pins.extend(self.packages.iter().map(|p| Pin {
+            name: p.name.clone(),
+            version: p.version.clone(),
+        }));
         pins
     }
 }
@@ -174,7 +187,9 @@ impl Definition {
 fn check_semver(key: &str, v: &str) -> Result<()> {
     let parts: Vec<&str> = v.split('.').collect();
     let ok = parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if !ok {
         bail!("{key}: {v:?} is not a version of the form MAJOR.MINOR.PATCH");
     }
@@ -183,7 +198,8 @@ fn check_semver(key: &str, v: &str) -> Result<()> {
 
 fn check_word(key: &str, v: &str) -> Result<()> {
     let ok = !v.is_empty()
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
     if !ok {
         bail!("{key}: {v:?} must be non-empty and use only letters, digits, '-', '_', '.', '+'");
     }
@@ -194,7 +210,8 @@ fn check_word(key: &str, v: &str) -> Result<()> {
 fn check_deb_name(key: &str, v: &str) -> Result<()> {
     let ok = v.len() >= 2
         && v.as_bytes()[0].is_ascii_alphanumeric()
-        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
     if !ok {
         bail!("{key}: {v:?} is not a Debian package name");
     }
@@ -211,7 +228,9 @@ fn check_deb_version(key: &str, v: &str) -> Result<()> {
         }
     });
     let ok = upstream.as_bytes().first().is_some_and(u8::is_ascii_digit)
-        && upstream.bytes().all(|b| b.is_ascii_alphanumeric() || b".+-~".contains(&b));
+        && upstream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".+-~".contains(&b));
     if !ok {
         bail!("{key}: {v:?} is not an exact Debian version (like 1.2.3-1+deb12u1)");
     }
@@ -229,7 +248,11 @@ fn check_rel_path(key: &str, v: &str) -> Result<()> {
 pub fn glob_match(pattern: &str, path: &str) -> bool {
     let pc: Vec<&str> = pattern.split('/').collect();
     let fc: Vec<&str> = path.split('/').collect();
-    pc.len() == fc.len() && pc.iter().zip(&fc).all(|(p, f)| component_match(p.as_bytes(), f.as_bytes()))
+    pc.len() == fc.len()
+        && pc
+            .iter()
+            .zip(&fc)
+            .all(|(p, f)| component_match(p.as_bytes(), f.as_bytes()))
 }
 
 fn component_match(p: &[u8], s: &[u8]) -> bool {
@@ -255,7 +278,10 @@ mod tests {
         let def = Definition::parse(&shipped()).unwrap();
         assert_eq!(def.image.version, "0.1.0");
         assert_eq!(def.kernel.release, "6.1.0-56-amd64");
-        assert!(def.pins().iter().any(|p| p.name == "linux-image-6.1.0-56-amd64"));
+        assert!(def
+            .pins()
+            .iter()
+            .any(|p| p.name == "linux-image-6.1.0-56-amd64"));
     }
 
     #[test]
@@ -277,9 +303,17 @@ mod tests {
         let cases = [
             ("version = \"0.1.0\"", "version = \"0.1\"", "image.version"),
             ("esp_mib = 64", "esp_mib = 2", "partitions.esp_mib"),
-            ("version = \"6.1.192-2\"", "version = \"latest\"", "kernel.version"),
+            (
+                "version = \"6.1.192-2\"",
+                "version = \"latest\"",
+                "kernel.version",
+            ),
             ("tries = 3", "tries = 0", "boot.tries"),
-            ("\"usr/sbin/runc\"", "\"/usr/sbin/runc\"", "package[3].files (runc)"),
+            (
+                "\"usr/sbin/runc\"",
+                "\"/usr/sbin/runc\"",
+                "package[3].files (runc)",
+            ),
         ];
         for (from, to, key) in cases {
             let text = shipped().replacen(from, to, 1);
@@ -300,7 +334,10 @@ mod tests {
 
     #[test]
     fn globs_stay_in_one_component() {
-        assert!(glob_match("usr/lib/x/libuuid.so.1*", "usr/lib/x/libuuid.so.1.3.0"));
+        assert!(glob_match(
+            "usr/lib/x/libuuid.so.1*",
+            "usr/lib/x/libuuid.so.1.3.0"
+        ));
         assert!(glob_match("usr/lib/cni/*", "usr/lib/cni/bridge"));
         assert!(!glob_match("usr/lib/*", "usr/lib/cni/bridge"));
         assert!(glob_match("a/b?c", "a/bxc"));

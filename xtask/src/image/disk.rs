@@ -13,20 +13,44 @@ use super::cmd;
 const MIB: u64 = 1 << 20;
 
 /// Files to place on the ESP: (path on the ESP, host file).
-pub fn make_esp(out: &Path, size_mib: u64, volume_id: &str, files: &[(String, PathBuf)]) -> Result<()> {
+pub fn make_esp(
+    out: &Path,
+    size_mib: u64,
+    volume_id: &str,
+    files: &[(String, PathBuf)],
+) -> Result<()> {
     if out.exists() {
         std::fs::remove_file(out)?;
     }
     cmd::output(
         Command::new("mkfs.vfat")
-            .args(["-F", "32", "-S", "512", "-s", "1", "-n", "ESP", "--invariant", "-i", volume_id, "-C"])
+            .args([
+                "-F",
+                "32",
+                "-S",
+                "512",
+                "-s",
+                "1",
+                "-n",
+                "ESP",
+                "--invariant",
+                "-i",
+                volume_id,
+                "-C",
+            ])
             .arg(out)
             .arg((size_mib * 1024).to_string()),
     )?;
     let mut dirs: Vec<String> = Vec::new();
     for (dst, _) in files {
         let mut acc = String::new();
-        for comp in dst.trim_start_matches('/').split('/').collect::<Vec<_>>().split_last().map_or(&[][..], |(_, d)| d) {
+        for comp in dst
+            .trim_start_matches('/')
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, d)| d)
+        {
             acc.push('/');
             acc.push_str(comp);
             if !dirs.contains(&acc) {
@@ -38,15 +62,24 @@ pub fn make_esp(out: &Path, size_mib: u64, volume_id: &str, files: &[(String, Pa
         cmd::output(mtools("mmd").arg("-i").arg(out).arg(format!("::{d}")))?;
     }
     for (dst, src) in files {
-        cmd::output(mtools("mcopy").arg("-m").arg("-i").arg(out).arg(src).arg(format!("::{dst}")))?;
+        cmd::output(
+            mtools("mcopy")
+                .arg("-m")
+                .arg("-i")
+                .arg(out)
+                .arg(src)
+                .arg(format!("::{dst}")),
+        )?;
     }
     Ok(())
 }
 
 fn mtools(tool: &str) -> Command {
     let mut c = Command::new(tool);
-    // Fixed times on the FAT entries; mcopy -m takes them from the source files.
-    c.env("MTOOLS_SKIP_CHECK", "1").env("SOURCE_DATE_EPOCH", "0");
+    // FAT time starts in 1980; directory entries get this fixed time (mcopy -m keeps
+    // the source files' own times for files).
+    c.env("MTOOLS_SKIP_CHECK", "1")
+        .env("SOURCE_DATE_EPOCH", "315532800");
     c
 }
 
@@ -101,7 +134,11 @@ pub fn make_disk(out: &Path, disk_uuid: &str, parts: &[Part]) -> Result<()> {
         .write_all(sfdisk_script(disk_uuid, parts).as_bytes())?;
     let res = child.wait_with_output()?;
     if !res.status.success() {
-        bail!("sfdisk {} failed: {}", out.display(), String::from_utf8_lossy(&res.stderr));
+        bail!(
+            "sfdisk {} failed: {}",
+            out.display(),
+            String::from_utf8_lossy(&res.stderr)
+        );
     }
     let mut disk = std::fs::OpenOptions::new().write(true).open(out)?;
     let mut offset = MIB;
@@ -109,9 +146,16 @@ pub fn make_disk(out: &Path, disk_uuid: &str, parts: &[Part]) -> Result<()> {
         if let Some(src) = &p.contents {
             let len = std::fs::metadata(src)?.len();
             if len > p.size_mib * MIB {
-                bail!("{} ({len} bytes) does not fit partition {} ({} MiB)", src.display(), p.label, p.size_mib);
+                bail!(
+                    "{} ({len} bytes) does not fit partition {} ({} MiB)",
+                    src.display(),
+                    p.label,
+                    p.size_mib
+                );
             }
-            copy_sparse(src, &mut disk, offset).with_context(|| format!("failed to copy {} into {}", src.display(), out.display()))?;
+            copy_sparse(src, &mut disk, offset).with_context(|| {
+                format!("failed to copy {} into {}", src.display(), out.display())
+            })?;
         }
         offset += p.size_mib * MIB;
     }
@@ -156,7 +200,12 @@ pub fn make_qcow2(raw: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         std::fs::remove_file(out)?;
     }
-    cmd::output(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(out))?;
+    cmd::output(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(raw)
+            .arg(out),
+    )?;
     Ok(())
 }
 
@@ -167,8 +216,20 @@ mod tests {
     #[test]
     fn partitions_follow_each_other_from_one_mib() {
         let parts = [
-            Part { label: "esp", type_guid: "T1", uuid: "U1".into(), size_mib: 64, contents: None },
-            Part { label: "root-a", type_guid: "T2", uuid: "U2".into(), size_mib: 256, contents: None },
+            Part {
+                label: "esp",
+                type_guid: "T1",
+                uuid: "U1".into(),
+                size_mib: 64,
+                contents: None,
+            },
+            Part {
+                label: "root-a",
+                type_guid: "T2",
+                uuid: "U2".into(),
+                size_mib: 256,
+                contents: None,
+            },
         ];
         let s = sfdisk_script("D", &parts);
         assert!(s.starts_with("label: gpt\nlabel-id: D\n"));

@@ -9,8 +9,12 @@ use anyhow::{bail, Context, Result};
 
 /// glibc's built-in search path on Debian amd64 when there is no ld.so.cache
 /// (`ld.so --help` lists these as the "system search path").
-pub const LOADER_DIRS: [&str; 4] =
-    ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib", "/usr/lib"];
+pub const LOADER_DIRS: [&str; 4] = [
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib",
+    "/usr/lib",
+];
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Dynamic {
@@ -98,7 +102,9 @@ pub fn parse(bytes: &[u8]) -> Result<Dynamic> {
         .map(|p| strtab_vaddr - p.2 + p.1)
         .context("DT_STRTAB is outside every PT_LOAD segment")?;
     for n in needed_offs {
-        dynamic.needed.push(cstr_at(bytes, (strtab_off + n) as usize).ok_or_else(short)?);
+        dynamic
+            .needed
+            .push(cstr_at(bytes, (strtab_off + n) as usize).ok_or_else(short)?);
     }
     Ok(dynamic)
 }
@@ -106,8 +112,11 @@ pub fn parse(bytes: &[u8]) -> Result<Dynamic> {
 /// Resolves `path` (absolute, as seen from inside the root) to a host path under `root`,
 /// following symlinks as if `root` were `/`. None when it does not exist.
 pub fn resolve_in_root(root: &Path, path: &str) -> Option<PathBuf> {
-    let mut pending: VecDeque<String> =
-        path.split('/').filter(|c| !c.is_empty()).map(String::from).collect();
+    let mut pending: VecDeque<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect();
     let mut parts: Vec<String> = Vec::new();
     let mut hops = 0;
     while let Some(c) = pending.pop_front() {
@@ -153,12 +162,14 @@ pub fn check_closure(root: &Path) -> Result<usize> {
     let mut checked = 0;
     for rel in files {
         let host = root.join(&rel);
-        let bytes = std::fs::read(&host).with_context(|| format!("failed to read {}", host.display()))?;
+        let bytes =
+            std::fs::read(&host).with_context(|| format!("failed to read {}", host.display()))?;
         if !is_elf(&bytes) || rel.starts_with("lib/modules") || rel.starts_with("usr/lib/modules") {
             continue;
         }
         let shown = format!("/{}", rel.display());
-        let dynamic = parse(&bytes).with_context(|| format!("{shown}: cannot read its ELF headers"))?;
+        let dynamic =
+            parse(&bytes).with_context(|| format!("{shown}: cannot read its ELF headers"))?;
         if let Some(interp) = &dynamic.interp {
             if resolve_in_root(root, interp).is_none() {
                 bail!("{shown}: its interpreter {interp} is not in the root");
@@ -174,11 +185,15 @@ pub fn check_closure(root: &Path) -> Result<usize> {
                 .iter()
                 .find_map(|d| resolve_in_root(root, &format!("{d}/{lib}")));
             let Some(found) = found else {
-                bail!("{shown}: needs {lib}, which is not in the root's library directories ({})", LOADER_DIRS.join(", "));
+                bail!(
+                    "{shown}: needs {lib}, which is not in the root's library directories ({})",
+                    LOADER_DIRS.join(", ")
+                );
             };
             let lib_bytes = std::fs::read(&found)
                 .with_context(|| format!("failed to read {}", found.display()))?;
-            let lib_dyn = parse(&lib_bytes).with_context(|| format!("{}: bad ELF", found.display()))?;
+            let lib_dyn =
+                parse(&lib_bytes).with_context(|| format!("{}: bad ELF", found.display()))?;
             queue.extend(lib_dyn.needed);
         }
         checked += 1;
@@ -211,7 +226,9 @@ mod tests {
 
     #[test]
     fn reads_needed_and_interp_of_a_host_binary() {
-        let Some(bytes) = host_elf("/usr/bin/cp") else { return };
+        let Some(bytes) = host_elf("/usr/bin/cp") else {
+            return;
+        };
         let d = parse(&bytes).unwrap();
         assert_eq!(d.interp.as_deref(), Some("/lib64/ld-linux-x86-64.so.2"));
         assert!(d.needed.iter().any(|n| n == "libc.so.6"), "{:?}", d.needed);
@@ -228,20 +245,36 @@ mod tests {
         let r = dir.path();
         std::fs::create_dir_all(r.join("usr/lib/x86_64-linux-gnu")).unwrap();
         std::fs::write(r.join("usr/lib/x86_64-linux-gnu/libfoo.so.1.2"), b"x").unwrap();
-        symlink("libfoo.so.1.2", r.join("usr/lib/x86_64-linux-gnu/libfoo.so.1")).unwrap();
+        symlink(
+            "libfoo.so.1.2",
+            r.join("usr/lib/x86_64-linux-gnu/libfoo.so.1"),
+        )
+        .unwrap();
         symlink("usr/lib", r.join("lib")).unwrap();
         std::fs::create_dir_all(r.join("usr/lib64")).unwrap();
         symlink("usr/lib64", r.join("lib64")).unwrap();
-        symlink("/lib/x86_64-linux-gnu/libfoo.so.1", r.join("usr/lib64/ld.so")).unwrap();
+        symlink(
+            "/lib/x86_64-linux-gnu/libfoo.so.1",
+            r.join("usr/lib64/ld.so"),
+        )
+        .unwrap();
         let want = r.join("usr/lib/x86_64-linux-gnu/libfoo.so.1.2");
-        assert_eq!(resolve_in_root(r, "/lib/x86_64-linux-gnu/libfoo.so.1"), Some(want.clone()));
+        assert_eq!(
+            resolve_in_root(r, "/lib/x86_64-linux-gnu/libfoo.so.1"),
+            Some(want.clone())
+        );
         assert_eq!(resolve_in_root(r, "/lib64/ld.so"), Some(want));
-        assert_eq!(resolve_in_root(r, "/lib/x86_64-linux-gnu/libbar.so.1"), None);
+        assert_eq!(
+            resolve_in_root(r, "/lib/x86_64-linux-gnu/libbar.so.1"),
+            None
+        );
     }
 
     #[test]
     fn missing_library_names_binary_and_library() {
-        let Some(bytes) = host_elf("/usr/bin/cp") else { return };
+        let Some(bytes) = host_elf("/usr/bin/cp") else {
+            return;
+        };
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
         std::fs::create_dir_all(r.join("usr/bin")).unwrap();

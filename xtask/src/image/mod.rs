@@ -4,8 +4,8 @@
 
 mod cmd;
 mod cpio;
-pub mod definition;
 mod debs;
+pub mod definition;
 mod disk;
 mod elf;
 mod modules;
@@ -127,7 +127,10 @@ fn out_paths(dir: &Path, def: &Definition) -> ImageOutputs {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// 32 bytes of hex derived from the version and a purpose, for salts.
@@ -144,7 +147,14 @@ pub fn derive_uuid(version: &str, purpose: &str) -> String {
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 fn step(msg: &str) {
@@ -152,8 +162,15 @@ fn step(msg: &str) {
 }
 
 fn size_line(path: &Path) -> Result<u64> {
-    let len = std::fs::metadata(path).with_context(|| format!("failed to stat {}", path.display()))?.len();
-    println!("image:   {} {} bytes ({:.1} MiB)", path.display(), len, len as f64 / 1048576.0);
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("failed to stat {}", path.display()))?
+        .len();
+    println!(
+        "image:   {} {} bytes ({:.1} MiB)",
+        path.display(),
+        len,
+        len as f64 / 1048576.0
+    );
     Ok(len)
 }
 
@@ -162,11 +179,15 @@ fn build_binaries(inputs: &Inputs) -> Result<()> {
     step("building init, storaged, fabricd, noded (static, release)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut c = Command::new(cargo);
-    c.current_dir(&inputs.repo).args(["build", "--release", "--target", TARGET]);
+    c.current_dir(&inputs.repo)
+        .args(["build", "--release", "--target", TARGET]);
     for b in OUR_BINARIES {
         c.args(["-p", b]);
     }
-    c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static");
+    c.env(
+        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+        "-C target-feature=+crt-static",
+    );
     cmd::status(&mut c)?;
     for b in OUR_BINARIES {
         let p = inputs.binary(b);
@@ -174,7 +195,12 @@ fn build_binaries(inputs: &Inputs) -> Result<()> {
         let d = elf::parse(&bytes).with_context(|| format!("{}: bad ELF", p.display()))?;
         // The initramfs has no libc, and the daemons must not depend on the root's.
         if d.interp.is_some() || !d.needed.is_empty() {
-            bail!("{} is not static (interpreter {:?}, needs {:?})", p.display(), d.interp, d.needed);
+            bail!(
+                "{} is not static (interpreter {:?}, needs {:?})",
+                p.display(),
+                d.interp,
+                d.needed
+            );
         }
     }
     Ok(())
@@ -188,11 +214,19 @@ fn stamp(inputs: &Inputs, debs: &[PathBuf]) -> Result<String> {
         h.update((data.len() as u64).to_le_bytes());
         h.update(data);
     };
-    let read = |p: &Path| std::fs::read(p).with_context(|| format!("failed to read {}", p.display()));
+    let read =
+        |p: &Path| std::fs::read(p).with_context(|| format!("failed to read {}", p.display()));
     add("definition", &read(&inputs.definition)?);
     for rel in rootfs::list_tree(&inputs.overlay)? {
         let p = inputs.overlay.join(&rel);
-        let data = if p.is_symlink() { std::fs::read_link(&p)?.to_string_lossy().into_owned().into_bytes() } else { read(&p)? };
+        let data = if p.is_symlink() {
+            std::fs::read_link(&p)?
+                .to_string_lossy()
+                .into_owned()
+                .into_bytes()
+        } else {
+            read(&p)?
+        };
         add(&format!("overlay/{rel}"), &data);
     }
     for b in OUR_BINARIES {
@@ -216,7 +250,12 @@ fn prepare() -> Result<Prepared> {
     crate::host::ensure_packages(&HOST_TOOLS)?;
     let inputs = Inputs::locate()?;
     let def = Definition::load(&inputs.definition)?;
-    step(&format!("definition {} ({} {})", inputs.definition.display(), def.image.name, def.image.version));
+    step(&format!(
+        "definition {} ({} {})",
+        inputs.definition.display(),
+        def.image.name,
+        def.image.version
+    ));
     let debs = debs::fetch_all(&def.pins())?;
     build_binaries(&inputs)?;
     Ok(Prepared { def, inputs, debs })
@@ -244,7 +283,11 @@ fn build_root(p: &Prepared, work: &Path) -> Result<RootBuild> {
     let initramfs_modules = table.load_order(&def.kernel.initramfs_modules, &BTreeSet::new())?;
     let already: BTreeSet<String> = initramfs_modules.iter().cloned().collect();
     let root_modules = table.load_order(&def.kernel.root_modules, &already)?;
-    step(&format!("{} initramfs modules, {} root modules", initramfs_modules.len(), root_modules.len()));
+    step(&format!(
+        "{} initramfs modules, {} root modules",
+        initramfs_modules.len(),
+        root_modules.len()
+    ));
 
     step("assembling the root tree");
     let root = work.join("root");
@@ -253,12 +296,24 @@ fn build_root(p: &Prepared, work: &Path) -> Result<RootBuild> {
     step(&format!("checked the libraries of {n} ELF files"));
     step("making root.erofs and its dm-verity tree");
     let image = rootfs::make_images(def, &root, work)?;
-    Ok(RootBuild { extracted, initramfs_modules, image })
+    Ok(RootBuild {
+        extracted,
+        initramfs_modules,
+        image,
+    })
 }
 
-fn make_initramfs(def: &Definition, p: &Prepared, rb: &RootBuild, work: &Path, out: &Path) -> Result<()> {
+fn make_initramfs(
+    def: &Definition,
+    p: &Prepared,
+    rb: &RootBuild,
+    work: &Path,
+    out: &Path,
+) -> Result<()> {
     let kroot = &rb.extracted[&def.kernel.package];
-    let config_path = kroot.join("boot").join(format!("config-{}", def.kernel.release));
+    let config_path = kroot
+        .join("boot")
+        .join(format!("config-{}", def.kernel.release));
     let config = std::fs::read_to_string(&config_path)
         .with_context(|| format!("failed to read {}", config_path.display()))?;
     let needs = match def.kernel.initramfs_compression {
@@ -268,7 +323,11 @@ fn make_initramfs(def: &Definition, p: &Prepared, rb: &RootBuild, work: &Path, o
     };
     if let Some(opt) = needs {
         if !config.lines().any(|l| l == opt) {
-            bail!("{}: kernel.initramfs_compression needs {opt}, which {} lacks", p.inputs.definition.display(), config_path.display());
+            bail!(
+                "{}: kernel.initramfs_compression needs {opt}, which {} lacks",
+                p.inputs.definition.display(),
+                config_path.display()
+            );
         }
     }
     let tree = work.join("initramfs-tree");
@@ -280,7 +339,10 @@ fn make_initramfs(def: &Definition, p: &Prepared, rb: &RootBuild, work: &Path, o
     }
     rootfs::copy_entry(&p.inputs.binary("init"), &tree.join("init"))?;
     rootfs::write(&tree.join("etc/initrd-release"), &rootfs::os_release(def))?;
-    rootfs::write(&tree.join("etc/edge/modules"), &rootfs::lines(&rb.initramfs_modules))?;
+    rootfs::write(
+        &tree.join("etc/edge/modules"),
+        &rootfs::lines(&rb.initramfs_modules),
+    )?;
     let kmods = Path::new("lib/modules").join(&def.kernel.release);
     for m in &rb.initramfs_modules {
         rootfs::copy_entry(&kroot.join(&kmods).join(m), &tree.join(&kmods).join(m))?;
@@ -295,7 +357,13 @@ fn make_initramfs(def: &Definition, p: &Prepared, rb: &RootBuild, work: &Path, o
     }
     match def.kernel.initramfs_compression {
         // Level 19 keeps the window at 8 MiB, which the kernel's decompressor handles.
-        Compression::Zstd => cmd::output(Command::new("zstd").args(["-q", "-19", "-o"]).arg(out).arg(&plain)).map(drop)?,
+        Compression::Zstd => cmd::output(
+            Command::new("zstd")
+                .args(["-q", "-19", "-o"])
+                .arg(out)
+                .arg(&plain),
+        )
+        .map(drop)?,
         Compression::Gzip => {
             let gz = cmd::output(Command::new("gzip").args(["-9", "-n", "-c"]).arg(&plain))?;
             std::fs::write(out, gz.stdout)?;
@@ -312,15 +380,20 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     let p = prepare()?;
     let def = &p.def;
     let out_dir = target_dir(&p.inputs.repo).join("image");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("failed to create {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("failed to create {}", out_dir.display()))?;
     let mut outs = out_paths(&out_dir, def);
     let stamp_path = out_dir.join("stamp");
     let stamp = stamp(&p.inputs, &p.debs)?;
     let fresh = !opts.force
         && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s.trim() == stamp)
-        && [&outs.raw, &outs.qcow2, &outs.roothash_file, &outs.manifest].iter().all(|f| f.exists());
+        && [&outs.raw, &outs.qcow2, &outs.roothash_file, &outs.manifest]
+            .iter()
+            .all(|f| f.exists());
     if fresh {
-        outs.roothash = std::fs::read_to_string(&outs.roothash_file)?.trim().to_string();
+        outs.roothash = std::fs::read_to_string(&outs.roothash_file)?
+            .trim()
+            .to_string();
         step("up to date");
         return Ok(outs);
     }
@@ -328,7 +401,8 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
 
     let work = out_dir.join("work");
     if work.exists() {
-        std::fs::remove_dir_all(&work).with_context(|| format!("failed to remove {}", work.display()))?;
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("failed to remove {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
     let rb = build_root(&p, &work)?;
@@ -338,10 +412,16 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     std::fs::write(&outs.roothash_file, format!("{}\n", outs.roothash))?;
     step(&format!("root hash {}", outs.roothash));
     let p_ = &p.def.partitions;
-    for (f, mib, what) in [(&outs.root_erofs, p_.root_mib, "partitions.root_mib"), (&outs.root_verity, p_.verity_mib, "partitions.verity_mib")] {
+    for (f, mib, what) in [
+        (&outs.root_erofs, p_.root_mib, "partitions.root_mib"),
+        (&outs.root_verity, p_.verity_mib, "partitions.verity_mib"),
+    ] {
         let len = size_line(f)?;
         if len > mib << 20 {
-            bail!("{} is {len} bytes, more than {what} = {mib} MiB", f.display());
+            bail!(
+                "{} is {len} bytes, more than {what} = {mib} MiB",
+                f.display()
+            );
         }
     }
 
@@ -354,24 +434,55 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     let boot = &rb.extracted[&def.boot.package];
     let osrel = work.join("osrel");
     rootfs::write(&osrel, &rootfs::os_release(def))?;
-    let vmlinuz = kroot.join("boot").join(format!("vmlinuz-{}", def.kernel.release));
+    let vmlinuz = kroot
+        .join("boot")
+        .join(format!("vmlinuz-{}", def.kernel.release));
     let mut esp_files = vec![
-        ("/EFI/BOOT/BOOTX64.EFI".to_string(), boot.join(&def.boot.loader)),
-        ("/EFI/systemd/systemd-bootx64.efi".to_string(), boot.join(&def.boot.loader)),
+        (
+            "/EFI/BOOT/BOOTX64.EFI".to_string(),
+            boot.join(&def.boot.loader),
+        ),
+        (
+            "/EFI/systemd/systemd-bootx64.efi".to_string(),
+            boot.join(&def.boot.loader),
+        ),
     ];
     for (slot, uki_path) in [('a', &outs.uki_a), ('b', &outs.uki_b)] {
         let cmdline_file = work.join(format!("cmdline-{slot}"));
-        let line = uki::cmdline(&def.kernel.cmdline, slot, &def.image.version, &outs.roothash);
+        let line = uki::cmdline(
+            &def.kernel.cmdline,
+            slot,
+            &def.image.version,
+            &outs.roothash,
+        );
         std::fs::write(&cmdline_file, &line)?;
         uki::assemble(
-            &uki::UkiParts { stub: &boot.join(&def.boot.stub), osrel: &osrel, cmdline: &cmdline_file, initrd: &outs.initramfs, linux: &vmlinuz },
+            &uki::UkiParts {
+                stub: &boot.join(&def.boot.stub),
+                osrel: &osrel,
+                cmdline: &cmdline_file,
+                initrd: &outs.initramfs,
+                linux: &vmlinuz,
+            },
             uki_path,
         )?;
         size_line(uki_path)?;
-        esp_files.push((format!("/EFI/Linux/{}-{}-{slot}+{}.efi", def.image.name, def.image.version, def.boot.tries), uki_path.to_path_buf()));
+        esp_files.push((
+            format!(
+                "/EFI/Linux/{}-{}-{slot}+{}.efi",
+                def.image.name, def.image.version, def.boot.tries
+            ),
+            uki_path.to_path_buf(),
+        ));
     }
     let loader_conf = work.join("loader.conf");
-    rootfs::write(&loader_conf, &format!("timeout {}\ndefault {}\n", def.boot.timeout, def.boot.default_entry))?;
+    rootfs::write(
+        &loader_conf,
+        &format!(
+            "timeout {}\ndefault {}\n",
+            def.boot.timeout, def.boot.default_entry
+        ),
+    )?;
     esp_files.push(("/loader/loader.conf".to_string(), loader_conf));
 
     step("making the ESP");
@@ -382,7 +493,10 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     step("writing the GPT disk");
     let v = &def.image.version;
     let pt = &def.partitions;
-    let part = |label: &'static str, type_guid: &'static str, size_mib: u64, contents: Option<PathBuf>| disk::Part {
+    let part = |label: &'static str,
+                type_guid: &'static str,
+                size_mib: u64,
+                contents: Option<PathBuf>| disk::Part {
         label,
         type_guid,
         uuid: derive_uuid(v, &format!("part-{label}")),
@@ -391,10 +505,30 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     };
     let parts = [
         part("esp", ESP_TYPE, pt.esp_mib, Some(outs.esp.clone())),
-        part("root-a", ROOT_TYPE, pt.root_mib, Some(outs.root_erofs.clone())),
-        part("root-a-verity", VERITY_TYPE, pt.verity_mib, Some(outs.root_verity.clone())),
-        part("root-b", ROOT_TYPE, pt.root_mib, Some(outs.root_erofs.clone())),
-        part("root-b-verity", VERITY_TYPE, pt.verity_mib, Some(outs.root_verity.clone())),
+        part(
+            "root-a",
+            ROOT_TYPE,
+            pt.root_mib,
+            Some(outs.root_erofs.clone()),
+        ),
+        part(
+            "root-a-verity",
+            VERITY_TYPE,
+            pt.verity_mib,
+            Some(outs.root_verity.clone()),
+        ),
+        part(
+            "root-b",
+            ROOT_TYPE,
+            pt.root_mib,
+            Some(outs.root_erofs.clone()),
+        ),
+        part(
+            "root-b-verity",
+            VERITY_TYPE,
+            pt.verity_mib,
+            Some(outs.root_verity.clone()),
+        ),
         part("data", DATA_TYPE, pt.data_mib, None),
     ];
     disk::make_disk(&outs.raw, &derive_uuid(v, "disk"), &parts)?;
@@ -404,7 +538,8 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     size_line(&outs.qcow2)?;
 
     write_manifest(&outs, def)?;
-    std::fs::remove_dir_all(&work).with_context(|| format!("failed to remove {}", work.display()))?;
+    std::fs::remove_dir_all(&work)
+        .with_context(|| format!("failed to remove {}", work.display()))?;
     std::fs::write(&stamp_path, format!("{stamp}\n"))?;
     Ok(outs)
 }
@@ -430,8 +565,11 @@ fn write_manifest(outs: &ImageOutputs, def: &Definition) -> Result<()> {
         "kernel": { "release": def.kernel.release, "package": def.kernel.package, "version": def.kernel.version },
         "sizes": sizes,
     });
-    std::fs::write(&outs.manifest, serde_json::to_string_pretty(&manifest)? + "\n")
-        .with_context(|| format!("failed to write {}", outs.manifest.display()))
+    std::fs::write(
+        &outs.manifest,
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )
+    .with_context(|| format!("failed to write {}", outs.manifest.display()))
 }
 
 /// Builds the root twice from scratch in separate directories and fails unless the erofs
@@ -443,23 +581,37 @@ pub fn check_reproducible() -> Result<()> {
     for run in ["1", "2"] {
         let work = base.join(run);
         if work.exists() {
-            std::fs::remove_dir_all(&work).with_context(|| format!("failed to remove {}", work.display()))?;
+            std::fs::remove_dir_all(&work)
+                .with_context(|| format!("failed to remove {}", work.display()))?;
         }
         std::fs::create_dir_all(&work)?;
-        step(&format!("reproducibility build {run} in {}", work.display()));
+        step(&format!(
+            "reproducibility build {run} in {}",
+            work.display()
+        ));
         let rb = build_root(&p, &work)?;
         let digest = sha256_hex(&std::fs::read(&rb.image.erofs)?);
         results.push((rb.image.roothash, digest, rb.image.erofs));
     }
     let (a, b) = (&results[0], &results[1]);
     if a.1 != b.1 {
-        bail!("root.erofs differs between builds: {} ({}) vs {} ({})", a.2.display(), a.1, b.2.display(), b.1);
+        bail!(
+            "root.erofs differs between builds: {} ({}) vs {} ({})",
+            a.2.display(),
+            a.1,
+            b.2.display(),
+            b.1
+        );
     }
     if a.0 != b.0 {
         bail!("root hashes differ between builds: {} vs {}", a.0, b.0);
     }
-    std::fs::remove_dir_all(&base).with_context(|| format!("failed to remove {}", base.display()))?;
-    step(&format!("reproducible: root.erofs sha256 {}, root hash {}", a.1, a.0));
+    std::fs::remove_dir_all(&base)
+        .with_context(|| format!("failed to remove {}", base.display()))?;
+    step(&format!(
+        "reproducible: root.erofs sha256 {}, root hash {}",
+        a.1, a.0
+    ));
     Ok(())
 }
 

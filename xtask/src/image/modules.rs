@@ -35,7 +35,10 @@ impl DepTable {
                 .split_once(':')
                 .with_context(|| format!("modules.dep line {}: no ':'", n + 1))?;
             t.by_name.insert(module_name(module), module.to_string());
-            t.deps.insert(module.to_string(), deps.split_whitespace().map(String::from).collect());
+            t.deps.insert(
+                module.to_string(),
+                deps.split_whitespace().map(String::from).collect(),
+            );
         }
         t.builtin = modules_builtin.lines().map(module_name).collect();
         Ok(t)
@@ -57,14 +60,23 @@ impl DepTable {
         Ok(out)
     }
 
-    fn visit(&self, path: &str, done: &mut BTreeSet<String>, out: &mut Vec<String>, depth: usize) -> Result<()> {
+    fn visit(
+        &self,
+        path: &str,
+        done: &mut BTreeSet<String>,
+        out: &mut Vec<String>,
+        depth: usize,
+    ) -> Result<()> {
         if done.contains(path) {
             return Ok(());
         }
         if depth > 64 {
             bail!("modules.dep: dependency cycle through {path}");
         }
-        let deps = self.deps.get(path).with_context(|| format!("modules.dep: {path} is not listed"))?;
+        let deps = self
+            .deps
+            .get(path)
+            .with_context(|| format!("modules.dep: {path} is not listed"))?;
         for d in deps {
             self.visit(d, done, out, depth + 1)?;
         }
@@ -83,7 +95,8 @@ pub fn depmod(kernel_root: &Path, release: &str) -> Result<DepTable> {
     cmd::output(Command::new(depmod).arg("-b").arg(kernel_root).arg(release))?;
     let dir = kernel_root.join("lib/modules").join(release);
     let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f)).with_context(|| format!("failed to read {}/{f}", dir.display()))
+        std::fs::read_to_string(dir.join(f))
+            .with_context(|| format!("failed to read {}/{f}", dir.display()))
     };
     DepTable::parse(&read("modules.dep")?, &read("modules.builtin")?)
 }
@@ -109,7 +122,10 @@ kernel/drivers/md/dm-mod.ko:
     #[test]
     fn dependencies_come_first_and_once() {
         let order = table()
-            .load_order(&["dm_verity".into(), "dm-mod".into(), "ext4".into()], &BTreeSet::new())
+            .load_order(
+                &["dm_verity".into(), "dm-mod".into(), "ext4".into()],
+                &BTreeSet::new(),
+            )
             .unwrap();
         assert_eq!(
             order,
@@ -128,13 +144,17 @@ kernel/drivers/md/dm-mod.ko:
     #[test]
     fn skipped_and_builtin_modules_are_left_out() {
         let skip: BTreeSet<String> = ["kernel/drivers/md/dm-mod.ko".to_string()].into();
-        let order = table().load_order(&["dm_bufio".into(), "sha256_generic".into()], &skip).unwrap();
+        let order = table()
+            .load_order(&["dm_bufio".into(), "sha256_generic".into()], &skip)
+            .unwrap();
         assert_eq!(order, ["kernel/drivers/md/dm-bufio.ko"]);
     }
 
     #[test]
     fn unknown_module_is_an_error_naming_it() {
-        let err = table().load_order(&["nvme".into()], &BTreeSet::new()).unwrap_err();
+        let err = table()
+            .load_order(&["nvme".into()], &BTreeSet::new())
+            .unwrap_err();
         assert!(err.to_string().contains("nvme"));
     }
 }

@@ -12,8 +12,12 @@ use super::definition::{glob_match, Definition};
 use super::{cmd, derive_uuid, Inputs};
 
 /// Debian's merged-/usr: these top-level names are symlinks into /usr.
-const MERGED: [(&str, &str); 4] =
-    [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")];
+const MERGED: [(&str, &str); 4] = [
+    ("bin", "usr/bin"),
+    ("sbin", "usr/sbin"),
+    ("lib", "usr/lib"),
+    ("lib64", "usr/lib64"),
+];
 
 const MOUNT_POINTS: [&str; 7] = ["proc", "sys", "dev", "run", "tmp", "var", "efi"];
 
@@ -45,17 +49,24 @@ pub fn copy_entry(src: &Path, dst: &Path) -> Result<()> {
     if let Some(parent) = dst.parent() {
         mkdirs(parent)?;
     }
-    let meta = std::fs::symlink_metadata(src).with_context(|| format!("failed to stat {}", src.display()))?;
+    let meta = std::fs::symlink_metadata(src)
+        .with_context(|| format!("failed to stat {}", src.display()))?;
     if dst.symlink_metadata().is_ok() {
-        std::fs::remove_file(dst).with_context(|| format!("failed to replace {}", dst.display()))?;
+        std::fs::remove_file(dst)
+            .with_context(|| format!("failed to replace {}", dst.display()))?;
     }
     if meta.file_type().is_symlink() {
         let target = std::fs::read_link(src)?;
-        symlink(&target, dst).with_context(|| format!("failed to create symlink {}", dst.display()))?;
+        symlink(&target, dst)
+            .with_context(|| format!("failed to create symlink {}", dst.display()))?;
     } else if meta.is_file() {
         std::fs::copy(src, dst)
             .with_context(|| format!("failed to copy {} to {}", src.display(), dst.display()))?;
-        let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
+        let mode = if meta.permissions().mode() & 0o111 != 0 {
+            0o755
+        } else {
+            0o644
+        };
         std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))?;
     } else {
         bail!("{}: not a file or symlink", src.display());
@@ -66,7 +77,8 @@ pub fn copy_entry(src: &Path, dst: &Path) -> Result<()> {
 /// All files and symlinks under `dir`, as sorted paths relative to it.
 pub fn list_tree(dir: &Path) -> Result<Vec<String>> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-        let rd = std::fs::read_dir(dir).with_context(|| format!("failed to read {}", dir.display()))?;
+        let rd =
+            std::fs::read_dir(dir).with_context(|| format!("failed to read {}", dir.display()))?;
         for e in rd {
             let e = e?;
             let ft = e.file_type()?;
@@ -94,9 +106,16 @@ pub fn assemble(
     root: &Path,
 ) -> Result<()> {
     if root.exists() {
-        std::fs::remove_dir_all(root).with_context(|| format!("failed to remove {}", root.display()))?;
+        std::fs::remove_dir_all(root)
+            .with_context(|| format!("failed to remove {}", root.display()))?;
     }
-    for d in ["usr/bin", "usr/sbin", "usr/lib/x86_64-linux-gnu", "usr/lib64", "etc/edge"] {
+    for d in [
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib64",
+        "etc/edge",
+    ] {
         mkdirs(&root.join(d))?;
     }
     for (top, usr) in MERGED {
@@ -112,7 +131,11 @@ pub fn assemble(
         for pattern in &pkg.files {
             let hits: Vec<&String> = entries.iter().filter(|e| glob_match(pattern, e)).collect();
             if hits.is_empty() {
-                bail!("package {} {}: no file matches {pattern:?}", pkg.name, pkg.version);
+                bail!(
+                    "package {} {}: no file matches {pattern:?}",
+                    pkg.name,
+                    pkg.version
+                );
             }
             for h in hits {
                 copy_entry(&dir.join(h), &root.join(merged_path(h)))?;
@@ -122,7 +145,8 @@ pub fn assemble(
     // The loader path every binary names; Debian's libc6 ships the same link.
     let ld = root.join("usr/lib64/ld-linux-x86-64.so.2");
     if !ld.exists() {
-        symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", &ld).context("failed to link the ELF loader")?;
+        symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", &ld)
+            .context("failed to link the ELF loader")?;
     }
 
     copy_entry(&inputs.binary("init"), &root.join("usr/sbin/init"))?;
@@ -220,7 +244,11 @@ pub fn make_images(def: &Definition, root: &Path, out_dir: &Path) -> Result<Root
     if roothash.len() != 64 || !roothash.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("veritysetup printed an odd root hash {roothash:?}");
     }
-    Ok(RootImage { erofs, verity, roothash })
+    Ok(RootImage {
+        erofs,
+        verity,
+        roothash,
+    })
 }
 
 #[cfg(test)]
@@ -230,7 +258,10 @@ mod tests {
     #[test]
     fn package_paths_land_under_usr() {
         assert_eq!(merged_path("sbin/mke2fs"), "usr/sbin/mke2fs");
-        assert_eq!(merged_path("lib/x86_64-linux-gnu/libc.so.6"), "usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(
+            merged_path("lib/x86_64-linux-gnu/libc.so.6"),
+            "usr/lib/x86_64-linux-gnu/libc.so.6"
+        );
         assert_eq!(merged_path("usr/bin/containerd"), "usr/bin/containerd");
         assert_eq!(merged_path("etc/mke2fs.conf"), "etc/mke2fs.conf");
         assert_eq!(merged_path("libexec/x"), "libexec/x");

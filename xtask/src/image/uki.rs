@@ -78,14 +78,21 @@ pub fn assemble(parts: &UkiParts, out: &Path) -> Result<()> {
     ];
     let mut sizes = Vec::new();
     for (_, p) in &new {
-        sizes.push(std::fs::metadata(p).with_context(|| format!("failed to stat {}", p.display()))?.len());
+        sizes.push(
+            std::fs::metadata(p)
+                .with_context(|| format!("failed to stat {}", p.display()))?
+                .len(),
+        );
     }
     let vmas = plan_vmas(&existing, &sizes);
     let mut c = Command::new("objcopy");
     for ((name, path), vma) in new.iter().zip(&vmas) {
-        c.arg("--add-section").arg(format!("{name}={}", path.display()));
-        c.arg("--set-section-flags").arg(format!("{name}=data,readonly"));
-        c.arg("--change-section-vma").arg(format!("{name}=0x{vma:x}"));
+        c.arg("--add-section")
+            .arg(format!("{name}={}", path.display()));
+        c.arg("--set-section-flags")
+            .arg(format!("{name}=data,readonly"));
+        c.arg("--change-section-vma")
+            .arg(format!("{name}=0x{vma:x}"));
     }
     c.arg(parts.stub).arg(out);
     cmd::output(&mut c)?;
@@ -94,7 +101,10 @@ pub fn assemble(parts: &UkiParts, out: &Path) -> Result<()> {
     for ((name, _), vma) in new.iter().zip(&vmas) {
         match check.iter().find(|s| &s.name == name) {
             Some(s) if s.vma == *vma => {}
-            other => bail!("{}: section {name} is {other:?}, wanted VMA 0x{vma:x}", out.display()),
+            other => bail!(
+                "{}: section {name} is {other:?}, wanted VMA 0x{vma:x}",
+                out.display()
+            ),
         }
     }
     Ok(())
@@ -107,7 +117,12 @@ mod tests {
     #[test]
     fn cmdline_appends_slot_version_and_hash() {
         assert_eq!(
-            cmdline("console=ttyS0,115200  quiet panic=10\n", 'b', "0.1.0", "abcd"),
+            cmdline(
+                "console=ttyS0,115200  quiet panic=10\n",
+                'b',
+                "0.1.0",
+                "abcd"
+            ),
             "console=ttyS0,115200 quiet panic=10 edge.slot=b edge.version=0.1.0 edge.roothash=abcd"
         );
     }
@@ -128,7 +143,14 @@ Idx Name          Size      VMA               LMA               File off  Algn
     fn parses_objdump_sections() {
         let s = parse_objdump_sections(OBJDUMP);
         assert_eq!(s.len(), 3);
-        assert_eq!(s[2], Section { name: ".sdmagic".into(), size: 0x34, vma: 0x19100 });
+        assert_eq!(
+            s[2],
+            Section {
+                name: ".sdmagic".into(),
+                size: 0x34,
+                vma: 0x19100
+            }
+        );
     }
 
     #[test]
