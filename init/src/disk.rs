@@ -105,7 +105,7 @@ pub fn wait_for_labels(
                 })
                 .collect();
             return Err(format!(
-                "partitions {} not found after {} s; block devices: {}",
+                "missing partition(s) {} after {} s; block devices: {}",
                 missing.join(", "),
                 timeout.as_secs(),
                 if present.is_empty() {
@@ -231,7 +231,7 @@ mod tests {
             Duration::from_millis(5),
         )
         .unwrap_err();
-        assert!(err.contains("root-a-verity, data not found"), "{err}");
+        assert!(err.contains("missing partition(s) root-a-verity, data after"), "{err}");
         assert!(err.contains("sda, sda1 (root-a)"), "{err}");
     }
 }

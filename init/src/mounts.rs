@@ -8,8 +8,14 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-fn errno_text(e: rustix::io::Errno) -> String {
-    std::io::Error::from(e).to_string()
+/// The error's description without std's " (os error N)" suffix, which reads as noise in
+/// a console line that already names what failed.
+pub fn errno_text(e: rustix::io::Errno) -> String {
+    let mut text = std::io::Error::from(e).to_string();
+    if let Some(i) = text.find(" (os error ") {
+        text.truncate(i);
+    }
+    text
 }
 
 /// Mounts `fstype` from `source` on `target`, creating the directory if needed.
@@ -191,6 +197,11 @@ mod tests {
         // Pretend the tree is on another device: nothing may be touched.
         delete_tree(dir.path(), u64::MAX, &mut failures);
         assert!(dir.path().join("keep").exists());
+    }
+
+    #[test]
+    fn errno_text_is_the_plain_description() {
+        assert_eq!(errno_text(rustix::io::Errno::IO), "Input/output error");
     }
 
     #[test]
