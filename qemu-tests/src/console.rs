@@ -35,6 +35,20 @@ impl ConsoleLog {
         Some(line)
     }
 
+    /// Like [`take_line`](Self::take_line) for several patterns: the earliest line
+    /// matching any of them, and the index of the pattern it matched.
+    pub fn take_first(&mut self, patterns: &[&str]) -> Option<(usize, String)> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        let rest = &bytes[self.cursor.min(bytes.len())..];
+        let (i, line, end) = patterns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| find_line(rest, p).map(|(l, e)| (i, l, e)))
+            .min_by_key(|(_, _, e)| *e)?;
+        self.cursor += end;
+        Some((i, line))
+    }
+
     /// Skips everything logged so far (before starting a new boot, for example).
     pub fn skip_to_end(&mut self) {
         self.cursor = std::fs::metadata(&self.path)
@@ -94,5 +108,16 @@ mod tests {
         );
         std::fs::write(&path, "edgeos: ready slot=a\nother\nedgeos: ready slot=b\n").unwrap();
         assert_eq!(c.take_line("ready").unwrap(), "edgeos: ready slot=b");
+    }
+
+    #[test]
+    fn the_earliest_of_several_patterns_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "edgeos: stage 1 failed: x\nedgeos: ready slot=a\n").unwrap();
+        let mut c = ConsoleLog::new(&path);
+        let (i, line) = c.take_first(&["edgeos: ready", "stage 1 failed"]).unwrap();
+        assert_eq!((i, line.as_str()), (1, "edgeos: stage 1 failed: x"));
+        assert_eq!(c.take_first(&["edgeos: ready"]).unwrap().0, 0);
     }
 }

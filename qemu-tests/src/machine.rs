@@ -18,6 +18,12 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// How long a boot may take to reach the ready line under TCG (observed: well under a
 /// minute; the margin is for a loaded 2-core host running two machines).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// Console lines that mean this boot will not reach ready.
+pub const BOOT_FAILURES: &[&str] = &[
+    "edgeos: stage 1 failed",
+    "edgeos: stage 2 failed",
+    "Kernel panic",
+];
 /// How long the guest may take to answer one control request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long starting swtpm or QEMU may take before their sockets exist.
@@ -385,16 +391,33 @@ impl Machine {
     /// Waits for a console line containing `pattern` that came after the previous match
     /// (or after the boot started); returns the line.
     pub fn wait_for_console(&mut self, pattern: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_console_unless(pattern, &[], timeout)
+    }
+
+    /// Like [`wait_for_console`](Self::wait_for_console), but fails as soon as a line
+    /// containing one of `fatal` shows up (a boot that already failed need not time out).
+    pub fn wait_for_console_unless(
+        &mut self,
+        pattern: &str,
+        fatal: &[&str],
+        timeout: Duration,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
+        let mut patterns = vec![pattern];
+        patterns.extend_from_slice(fatal);
         loop {
-            if let Some(line) = self.console.take_line(pattern) {
-                return Ok(line);
+            let exited = !self.is_running();
+            // Looked at after the exit check: a line written just before exiting counts.
+            match self.console.take_first(&patterns) {
+                Some((0, line)) => return Ok(line),
+                Some((_, line)) => bail!(
+                    "{}: console showed {line:?} while waiting for {pattern:?}; last lines:\n{}",
+                    self.name,
+                    self.console.tail(30)
+                ),
+                None => {}
             }
-            if !self.is_running() {
-                // One last look: the line may have been written just before exiting.
-                if let Some(line) = self.console.take_line(pattern) {
-                    return Ok(line);
-                }
+            if exited {
                 bail!(
                     "{}: QEMU exited before the console showed {pattern:?}; last lines:\n{}",
                     self.name,
@@ -414,7 +437,7 @@ impl Machine {
 
     /// Waits for the ready line and parses it.
     pub fn wait_ready(&mut self) -> Result<Ready> {
-        let line = self.wait_for_console("edgeos: ready", BOOT_TIMEOUT)?;
+        let line = self.wait_for_console_unless("edgeos: ready", BOOT_FAILURES, BOOT_TIMEOUT)?;
         parse_ready(&line)
     }
 
