@@ -231,7 +231,10 @@ mod tests {
             Duration::from_millis(5),
         )
         .unwrap_err();
-        assert!(err.contains("missing partition(s) root-a-verity, data after"), "{err}");
+        assert!(
+            err.contains("missing partition(s) root-a-verity, data after"),
+            "{err}"
+        );
         assert!(err.contains("sda, sda1 (root-a)"), "{err}");
     }
 }
