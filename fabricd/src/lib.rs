@@ -7,6 +7,7 @@ pub mod http;
 pub mod log;
 pub mod produce;
 pub mod record;
+pub mod uplink;
 
 use std::sync::Arc;
 
@@ -105,6 +106,12 @@ pub async fn serve(config: Config) -> Result<(), String> {
                 }
             }
         });
+    }
+    let status = Arc::new(uplink::Status::default());
+    if config.core.is_some() {
+        tasks.spawn(uplink::run(log.clone(), config.clone(), status.clone()));
+    } else {
+        tracing::info!("no core configured: records are kept locally only");
     }
     // Listen for SIGTERM before reporting ready: the kit installs its handler only once
     // `serve` first yields, and a stop sent right after READY must not kill us mid-write.

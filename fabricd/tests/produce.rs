@@ -177,7 +177,8 @@ fn full_quota_answers_full_to_producers() {
         assert!(n < 100, "quota never reached");
     };
     assert_eq!(err.0, produce::FULL, "{}", err.1);
-    let mut req = b"POST /topics/t HTTP/1.1\r\nContent-Length: 500\r\nConnection: close\r\n\r\n".to_vec();
+    let mut req =
+        b"POST /topics/t HTTP/1.1\r\nContent-Length: 500\r\nConnection: close\r\n\r\n".to_vec();
     req.extend_from_slice(&[b'a'; 500]);
     let (status, body) = http(f.http, &req);
     assert_eq!(status, 507, "{body}");

@@ -209,3 +209,295 @@ pub fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
 }
+
+/// Test CA, server and client certificates made with the host's `openssl`.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    pub fn generate(dir: &Path) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
+             [server]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n\
+             [client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        for ca in ["ca", "foreign-ca"] {
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN={ca}"),
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            );
+        }
+        for (name, ca, ext) in [
+            ("server", "ca", "server"),
+            ("client", "ca", "client"),
+            ("foreign-client", "foreign-ca", "client"),
+        ] {
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    &format!("{ca}.pem"),
+                    "-CAkey",
+                    &format!("{ca}.key"),
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "ext.cnf",
+                    "-extensions",
+                    ext,
+                ],
+            );
+        }
+        Pki {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The `[core]` table for fabricd, with the client certificate `client`.
+    pub fn core_toml(&self, url: &str, client: &str) -> String {
+        format!(
+            "[core]\nservers = [\"{url}\"]\nprefix = \"edge\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nbackoff_max_ms = 1000\nack_timeout_ms = 10000\n",
+            self.path("ca.pem").display(),
+            self.path(&format!("{client}.pem")).display(),
+            self.path(&format!("{client}.key")).display()
+        )
+    }
+}
+
+/// A real nats-server on loopback: JetStream on, TLS with client certificates required.
+pub struct Nats {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub fn start(dir: &Path, pki: &Pki) -> Nats {
+        let mut n = Nats {
+            port: free_port(),
+            dir: dir.to_owned(),
+            child: None,
+        };
+        std::fs::create_dir_all(dir.join("store")).unwrap();
+        std::fs::write(
+            dir.join("nats.conf"),
+            format!(
+                "listen: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\ntls {{\n cert_file: \"{}\"\n key_file: \"{}\"\n ca_file: \"{}\"\n verify: true\n timeout: 5\n}}\n",
+                n.port,
+                dir.join("store").display(),
+                pki.path("server.pem").display(),
+                pki.path("server.key").display(),
+                pki.path("ca.pem").display()
+            ),
+        )
+        .unwrap();
+        n.restart();
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("nats.log"))
+            .unwrap();
+        let child = Command::new("/usr/sbin/nats-server")
+            .arg("-c")
+            .arg(self.dir.join("nats.conf"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("nats-server to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The operator's side of the core: connects with the good client certificate.
+pub async fn core_client(pki: &Pki, url: &str) -> async_nats::Client {
+    let mut tries = 0;
+    loop {
+        let r = async_nats::ConnectOptions::new()
+            .add_root_certificates(pki.path("ca.pem"))
+            .add_client_certificate(pki.path("client.pem"), pki.path("client.key"))
+            .require_tls(true)
+            .connect(url)
+            .await;
+        match r {
+            Ok(c) => return c,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("operator cannot connect to {url}: {e}"),
+        }
+    }
+}
+
+/// Creates the core stream the way an operator would (the edge never does).
+pub async fn create_stream(js: &async_nats::jetstream::Context) {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "EDGE".into(),
+        subjects: vec!["edge.>".into()],
+        duplicate_window: Duration::from_secs(600),
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .expect("create stream EDGE");
+}
+
+/// One message as the core holds it.
+#[derive(Debug, Clone)]
+pub struct AtCore {
+    pub subject: String,
+    pub msg_id: String,
+    pub payload: Vec<u8>,
+}
+
+pub async fn stream_count(js: &async_nats::jetstream::Context) -> u64 {
+    match js.get_stream("EDGE").await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until the stream holds at least `n` messages, then reads them all in order.
+pub async fn read_core(
+    js: &async_nats::jetstream::Context,
+    n: u64,
+    timeout: Duration,
+) -> Vec<AtCore> {
+    use futures_util::StreamExt;
+    let start = Instant::now();
+    loop {
+        let c = stream_count(js).await;
+        if c >= n {
+            break;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "core holds {c} of {n} messages after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let stragglers (duplicates would show here) arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = stream_count(js).await;
+    let stream = js.get_stream("EDGE").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut out = Vec::with_capacity(total as usize);
+    let mut msgs = consumer.messages().await.unwrap();
+    while (out.len() as u64) < total {
+        let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
+            .await
+            .expect("reading the stream stalled")
+            .unwrap()
+            .unwrap();
+        let msg_id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        out.push(AtCore {
+            subject: m.subject.to_string(),
+            msg_id,
+            payload: m.payload.to_vec(),
+        });
+    }
+    out
+}

@@ -1,0 +1,412 @@
+//! The uplink against a real nats-server with TLS and client certificates: every acked
+//! record reaches the core exactly once and in order per topic, through core restarts,
+//! link cuts and kill -9 of fabricd; a foreign client certificate is refused.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fabricd::produce;
+
+const SLOW: Duration = Duration::from_secs(120);
+
+/// (producer, sequence number) of an acked record, and the offset it was acked with.
+type Acked = Arc<Mutex<HashMap<(u32, u64), u64>>>;
+
+fn payload(producer: u32, seq: u64, size: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(size.max(12));
+    v.extend_from_slice(&producer.to_be_bytes());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.resize(size.max(12), b'.');
+    v
+}
+
+/// Produces `count` records on `p<producer>.data` over the unix socket, pipelined
+/// `chunk` at a time, recording each ack. Stops early (without panicking) when the
+/// daemon goes away or `stop` is set; reconnects when `retry` is set.
+fn producer(
+    socket: &Path,
+    producer: u32,
+    count: u64,
+    chunk: u64,
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+    retry: bool,
+) -> u64 {
+    let topic = format!("p{producer}.data");
+    let mut seq = 0u64;
+    while seq < count && !stop.load(Ordering::Relaxed) {
+        let Ok(mut s) = UnixStream::connect(socket) else {
+            if !retry {
+                return seq;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        while seq < count && !stop.load(Ordering::Relaxed) {
+            let n = chunk.min(count - seq);
+            let mut buf = Vec::new();
+            for i in 0..n {
+                buf.extend(produce::encode_request(&record(
+                    &topic,
+                    &payload(producer, seq + i, 24),
+                )));
+            }
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+            let mut ok = 0;
+            for i in 0..n {
+                match read_reply(&mut s) {
+                    Some((produce::OK, off)) => {
+                        let off = u64::from_be_bytes(off[..8].try_into().unwrap());
+                        acked.lock().unwrap().insert((producer, seq + i), off);
+                        ok += 1;
+                    }
+                    Some((status, msg)) => panic!(
+                        "producer {producer}: status {status}: {}",
+                        String::from_utf8_lossy(&msg)
+                    ),
+                    None => break,
+                }
+            }
+            // Unacked records of a broken connection are sent again and get new
+            // offsets; the first copy may have been durable all the same (the producer
+            // never learned), so the core may hold both: `check` counts acked offsets.
+            seq += ok;
+            if ok < n {
+                break;
+            }
+        }
+        if !retry {
+            break;
+        }
+    }
+    seq
+}
+
+/// Exactly once and in order: no message id twice, every acked offset at the core once
+/// with its record, and per topic the acked records in producing order. (Copies of a
+/// record the producer resent after losing its ack carry other offsets; they are the
+/// producer's retries, not the fabric's duplicates.)
+fn check(at_core: &[AtCore], acked: &HashMap<(u32, u64), u64>) {
+    let mut ids = HashSet::new();
+    for m in at_core {
+        assert!(m.msg_id.starts_with("s1/m1/"), "message id {}", m.msg_id);
+        assert!(
+            ids.insert(m.msg_id.clone()),
+            "message id {} is at the core twice",
+            m.msg_id
+        );
+    }
+    let by_offset: HashMap<u64, (u32, u64)> = acked.iter().map(|(k, o)| (*o, *k)).collect();
+    let mut found = 0usize;
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for m in at_core {
+        let p = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+        let seq = u64::from_be_bytes(m.payload[4..12].try_into().unwrap());
+        assert_eq!(m.subject, format!("edge.s1.m1.p{p}.data"));
+        let offset: u64 = m.msg_id.rsplit('/').next().unwrap().parse().unwrap();
+        if let Some(&(ap, aseq)) = by_offset.get(&offset) {
+            assert_eq!(
+                (ap, aseq),
+                (p, seq),
+                "offset {offset} carries another record"
+            );
+            found += 1;
+            if let Some(prev) = last.get(&m.subject) {
+                assert!(seq > *prev, "{}: {seq} after {prev}", m.subject);
+            }
+            last.insert(m.subject.clone(), seq);
+        }
+    }
+    if found != acked.len() {
+        let missing: Vec<_> = by_offset
+            .keys()
+            .filter(|o| !ids.contains(&format!("s1/m1/{o}")))
+            .take(5)
+            .collect();
+        panic!(
+            "{} of {} acked records missing at the core, e.g. offsets {missing:?}",
+            acked.len() - found,
+            acked.len()
+        );
+    }
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    pki: Pki,
+    nats: Nats,
+    rt: tokio::runtime::Runtime,
+    js: async_nats::jetstream::Context,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&tmp.path().join("pki"));
+    let nats = Nats::start(&tmp.path().join("nats"), &pki);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let js = rt.block_on(async {
+        let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
+        create_stream(&js).await;
+        js
+    });
+    Setup {
+        _tmp: tmp,
+        pki,
+        nats,
+        rt,
+        js,
+    }
+}
+
+fn fabricd_for(s: &Setup, url: &str, name: &str, extra: &str) -> Fabricd {
+    let dir = s._tmp.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    Fabricd::configure(
+        &dir,
+        &format!("{extra}\n{}", s.pki.core_toml(url, "client")),
+    )
+}
+
+fn run_producers(
+    socket: &Path,
+    producers: u32,
+    count: u64,
+    acked: &Acked,
+    stop: &Arc<AtomicBool>,
+    retry: bool,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..producers)
+        .map(|p| {
+            let (socket, acked, stop) = (socket.to_owned(), acked.clone(), stop.clone());
+            std::thread::spawn(move || producer(&socket, p, count, 256, acked, stop, retry))
+        })
+        .collect()
+}
+
+#[test]
+fn records_from_four_producers_arrive_exactly_once_in_order() {
+    let per: u64 = std::env::var("FABRICD_TEST_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(250_000)
+        / 4;
+    let s = setup();
+    let mut f = fabricd_for(&s, &s.nats.url(), "edge", "");
+    f.start();
+    let acked: Acked = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    for h in run_producers(&f.socket, 4, per, &acked, &stop, false) {
+        assert_eq!(h.join().unwrap(), per);
+    }
+    let ingest = start.elapsed();
+    let at_core = s.rt.block_on(read_core(&s.js, 4 * per, SLOW));
+    eprintln!(
+        "{} records: ingest {ingest:?}, at the core after {:?}",
+        4 * per,
+        start.elapsed()
+    );
+    assert_eq!(at_core.len() as u64, 4 * per);
+    check(&at_core, &acked.lock().unwrap());
+}
+
+#[test]
+fn core_stopped_mid_stream_then_restarted_loses_and_duplicates_nothing() {
+    let mut s = setup();
+    let mut f = fabricd_for(&s, &s.nats.url(), "edge", "");
+    f.start();
+    let acked: Acked = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers = run_producers(&f.socket, 2, u64::MAX, &acked, &stop, false);
+    s.rt.block_on(async {
+        while stream_count(&s.js).await < 5_000 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    s.nats.stop();
+    // Producers keep going while the core is away: the edge log takes it.
+    let during = acked.lock().unwrap().len();
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        acked.lock().unwrap().len() > during,
+        "producers are acked while the core is down"
+    );
+    s.nats.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for h in producers {
+        h.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let js = s
+        .rt
+        .block_on(async { async_nats::jetstream::new(core_client(&s.pki, &s.nats.url()).await) });
+    let at_core = s.rt.block_on(read_core(&js, acked.len() as u64, SLOW));
+    assert_eq!(at_core.len(), acked.len());
+    check(&at_core, &acked);
+    assert!(
+        f.log_contains("connection to the core lost")
+            || f.log_contains("cannot connect to the core"),
+        "{}",
+        f.log_text()
+    );
+}
+
+/// A TCP proxy between fabricd and the core whose link the test can cut.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let (c2, k2) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { break };
+                if c2.load(Ordering::Relaxed) {
+                    drop(down);
+                    continue;
+                }
+                let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                k2.lock()
+                    .unwrap()
+                    .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
+                for (mut a, mut b) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+        if cut {
+            for c in self.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[test]
+fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
+    let s = setup();
+    let proxy = Proxy::start(s.nats.port);
+    let mut f = fabricd_for(&s, &format!("tls://127.0.0.1:{}", proxy.port), "edge", "");
+    f.start();
+    let acked: Acked = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers = run_producers(&f.socket, 2, u64::MAX, &acked, &stop, false);
+    for round in 0..3 {
+        let target = 3_000 * (round + 1);
+        s.rt.block_on(async {
+            while stream_count(&s.js).await < target {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        proxy.set_cut(true);
+        std::thread::sleep(Duration::from_secs(2));
+        proxy.set_cut(false);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for h in producers {
+        h.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let at_core = s.rt.block_on(read_core(&s.js, acked.len() as u64, SLOW));
+    assert_eq!(at_core.len(), acked.len());
+    check(&at_core, &acked);
+}
+
+#[test]
+fn kill_9_of_fabricd_at_random_moments_loses_and_duplicates_no_acked_record() {
+    let trials: u32 = std::env::var("FABRICD_KILL_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let s = setup();
+    let mut f = fabricd_for(&s, &s.nats.url(), "edge", "");
+    let acked: Acked = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    f.start();
+    let producers = run_producers(&f.socket, 2, u64::MAX, &acked, &stop, true);
+    // A fixed-seed xorshift: random moments, reproducible runs.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for _ in 0..trials {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(100 + x % 700));
+        f.kill9();
+        f.start();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for h in producers {
+        h.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 1000, "only {} records acked", acked.len());
+    let at_core = s.rt.block_on(read_core(&s.js, acked.len() as u64, SLOW));
+    check(&at_core, &acked);
+}
+
+#[test]
+fn foreign_client_certificate_is_refused_and_the_edge_says_why() {
+    let s = setup();
+    let dir = s._tmp.path().join("edge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = Fabricd::configure(&dir, &s.pki.core_toml(&s.nats.url(), "foreign-client"));
+    f.start();
+    let mut t = tcp(f.tcp);
+    produce(&mut t, &record("p0.data", &payload(0, 0, 12))).unwrap();
+    wait_for(
+        "fabricd to report the refusal",
+        Duration::from_secs(30),
+        || f.log_contains("cannot connect to the core").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        s.rt.block_on(stream_count(&s.js)),
+        0,
+        "nothing reaches the core"
+    );
+    let text = f.log_text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("cannot connect to the core"))
+        .unwrap();
+    eprintln!("fabricd says: {line}");
+    assert!(f.is_running(), "the daemon stays up");
+}
