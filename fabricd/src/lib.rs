@@ -5,6 +5,7 @@
 pub mod config;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod produce;
 pub mod record;
 pub mod uplink;
@@ -112,6 +113,19 @@ pub async fn serve(config: Config) -> Result<(), String> {
         tasks.spawn(uplink::run(log.clone(), config.clone(), status.clone()));
     } else {
         tracing::info!("no core configured: records are kept locally only");
+    }
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "metrics listening");
+        let m = Arc::new(metrics::Metrics {
+            log: log.clone(),
+            status: status.clone(),
+            quota_bytes: config.quota_bytes,
+            core_configured: config.core.is_some(),
+        });
+        tasks.spawn(metrics::serve(listener, m));
     }
     // Listen for SIGTERM before reporting ready: the kit installs its handler only once
     // `serve` first yields, and a stop sent right after READY must not kill us mid-write.

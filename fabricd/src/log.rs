@@ -474,6 +474,60 @@ impl Log {
         }
     }
 
+    /// Records and bytes of `class` the core has not acknowledged yet (durable ones).
+    pub fn lag(&self, class: usize) -> io::Result<(u64, u64)> {
+        let (segs, acked, dir) = {
+            let meta = self.meta();
+            let c = &meta.classes[class];
+            (
+                c.segments.iter().cloned().collect::<Vec<_>>(),
+                c.acked,
+                self.class_dir(&c.name),
+            )
+        };
+        let (mut records, mut bytes) = (0, 0);
+        for seg in segs {
+            match (acked, seg.last) {
+                (_, None) => {}
+                (Some(a), Some(last)) if last <= a => {}
+                (Some(a), Some(_)) if seg.base <= a => {
+                    // The acked record is inside: find it by binary search in the index.
+                    let ip = seg_path(&dir, seg.base, "idx");
+                    let f = File::open(&ip).map_err(|e| io_err("open index", &ip, e))?;
+                    let n = seg.records;
+                    let entry = |i: u64| -> io::Result<(u64, u64)> {
+                        let mut b = [0u8; 8];
+                        f.read_exact_at(&mut b, i * INDEX_ENTRY)
+                            .map_err(|e| io_err("read index", &ip, e))?;
+                        Ok((
+                            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64,
+                            u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as u64,
+                        ))
+                    };
+                    // First entry with an offset beyond the ack.
+                    let (mut lo, mut hi) = (0, n);
+                    while lo < hi {
+                        let mid = (lo + hi) / 2;
+                        if seg.base + entry(mid)?.0 <= a {
+                            lo = mid + 1;
+                        } else {
+                            hi = mid;
+                        }
+                    }
+                    if lo < n {
+                        records += n - lo;
+                        bytes += seg.len.saturating_sub(entry(lo)?.1);
+                    }
+                }
+                _ => {
+                    records += seg.records;
+                    bytes += seg.len;
+                }
+            }
+        }
+        Ok((records, bytes))
+    }
+
     pub fn class_dir(&self, class: &str) -> PathBuf {
         self.shared.dir.join(class)
     }
@@ -1122,6 +1176,9 @@ mod tests {
         let st = log.meta().classes[0].stats.clone();
         assert!(st.retired_records > retired, "a segment was deleted");
         assert_eq!(st.dropped_records, before);
+        assert_eq!(log.lag(0).unwrap().0, 10, "records after the ack");
+        log.set_acked(0, 105);
+        assert_eq!(log.lag(0).unwrap().0, 4);
         drop(log);
         let log = Log::open(tmp.path(), &classes, limits(8192, 4096)).unwrap();
         assert_eq!(log.append(0, body("bulk.x", 0, 200)).await.unwrap(), 110);

@@ -147,10 +147,13 @@ async fn connect(
         .require_tls(true)
         .connection_timeout(Duration::from_secs(5))
         .ping_interval(Duration::from_secs(10))
-        // The session, not the client, reconnects (see the module comment).
+        // The session, not the client, reconnects (see the module comment). A client
+        // whose connection broke parks its reconnect forever (tokio caps the sleep):
+        // were it to reconnect later, it would send its stale queue, perhaps after the
+        // core's duplicate window. The parked task costs what was queued on it.
         .reconnect_delay_callback(move |_| {
             if once.load(Ordering::Relaxed) {
-                Duration::from_secs(24 * 3600)
+                Duration::MAX
             } else {
                 Duration::ZERO
             }

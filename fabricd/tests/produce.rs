@@ -93,6 +93,16 @@ fn acked_records_from_socket_tcp_and_http_survive_kill_9() {
         "http.t".into(),
         b"hello".to_vec(),
     ));
+    assert_eq!(
+        metric(&f, "fabricd_records_in_total{class=\"default\"}"),
+        Some(601)
+    );
+    assert_eq!(
+        metric(&f, "fabricd_lag_records{class=\"default\"}"),
+        Some(601),
+        "no core: everything is behind"
+    );
+    assert_eq!(metric(&f, "fabricd_uplink_configured"), Some(0));
     let offsets: Vec<u64> = acked.iter().map(|a| a.0).collect();
     assert!(
         offsets.windows(2).all(|w| w[0] < w[1]),
@@ -182,6 +192,10 @@ fn full_quota_answers_full_to_producers() {
     req.extend_from_slice(&[b'a'; 500]);
     let (status, body) = http(f.http, &req);
     assert_eq!(status, 507, "{body}");
+    assert_eq!(
+        metric(&f, "fabricd_refused_full_total{class=\"default\"}"),
+        Some(2)
+    );
 }
 
 #[test]

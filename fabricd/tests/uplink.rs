@@ -223,6 +223,16 @@ fn records_from_four_producers_arrive_exactly_once_in_order() {
     );
     assert_eq!(at_core.len() as u64, 4 * per);
     check(&at_core, &acked.lock().unwrap());
+    // The status agrees: everything out, nothing behind.
+    wait_for("lag 0 in /metrics", Duration::from_secs(10), || {
+        (metric(&f, "fabricd_lag_records{class=\"default\"}") == Some(0)).then_some(())
+    });
+    assert_eq!(
+        metric(&f, "fabricd_records_in_total{class=\"default\"}"),
+        Some(4 * per)
+    );
+    assert!(metric(&f, "fabricd_records_out_total").unwrap() >= 4 * per);
+    assert_eq!(metric(&f, "fabricd_uplink_connected"), Some(1));
 }
 
 #[test]
@@ -246,6 +256,8 @@ fn core_stopped_mid_stream_then_restarted_loses_and_duplicates_nothing() {
         acked.lock().unwrap().len() > during,
         "producers are acked while the core is down"
     );
+    assert_eq!(metric(&f, "fabricd_uplink_connected"), Some(0));
+    assert!(metric(&f, "fabricd_lag_records{class=\"default\"}").unwrap() > 0);
     s.nats.restart();
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);

@@ -58,7 +58,7 @@ impl Fabricd {
         let socket = dir.join("produce.sock");
         let config = dir.join("fabricd.toml");
         let text = format!(
-            "site = \"s1\"\nmachine = \"m1\"\nlog_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"{tcp}\"\nhttp_listen = \"{http}\"\n{extra}\n",
+            "site = \"s1\"\nmachine = \"m1\"\nlog_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"{tcp}\"\nhttp_listen = \"{http}\"\nmetrics_listen = \"{metrics}\"\n{extra}\n",
             dir.join("log").display(),
             socket.display()
         );
@@ -193,6 +193,17 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s
+}
+
+/// The value of one metric line (`name{labels}` exactly) from `/metrics`.
+pub fn metric(f: &Fabricd, series: &str) -> Option<u64> {
+    let (status, body) = http(f.metrics, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 200, "{body}");
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|v| v.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    })
 }
 
 /// One plain HTTP/1.1 request on a fresh connection: (status, body).
