@@ -20,7 +20,10 @@ impl edge_common::Validate for Config {
             ("manifests_dir", &self.manifests_dir),
         ] {
             if !path.is_absolute() {
-                return Err((key.into(), format!("{} is not an absolute path", path.display())));
+                return Err((
+                    key.into(),
+                    format!("{} is not an absolute path", path.display()),
+                ));
             }
         }
         Ok(())
@@ -36,7 +39,7 @@ async fn serve(config: Config) -> Result<(), String> {
         match tokio::net::UnixStream::connect(&config.containerd_socket).await {
             Ok(_) => break,
             Err(e) => {
-                if waited.as_secs() % 10 == 0 {
+                if waited.as_secs().is_multiple_of(10) {
                     tracing::info!(socket = %config.containerd_socket.display(), "waiting for containerd: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

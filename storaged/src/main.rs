@@ -15,9 +15,15 @@ struct Config {
 
 impl edge_common::Validate for Config {
     fn validate(&self) -> Result<(), (String, String)> {
-        for (key, path) in [("state_dir", &self.state_dir), ("csi_socket", &self.csi_socket)] {
+        for (key, path) in [
+            ("state_dir", &self.state_dir),
+            ("csi_socket", &self.csi_socket),
+        ] {
             if !path.is_absolute() {
-                return Err((key.into(), format!("{} is not an absolute path", path.display())));
+                return Err((
+                    key.into(),
+                    format!("{} is not an absolute path", path.display()),
+                ));
             }
         }
         Ok(())
