@@ -130,6 +130,65 @@ pub async fn stop_requested() -> &'static str {
     }
 }
 
+/// The life of a daemon: parse the common flags, load the config, start logging, run
+/// `serve` on a tokio runtime until it ends or a stop is requested. `serve` calls
+/// [`notify_ready`] once it is serving. Errors are printed and give exit status 1, so
+/// init's restart policy sees a failure.
+pub fn run<C, F, Fut>(name: &'static str, serve: F) -> std::process::ExitCode
+where
+    C: DeserializeOwned + Validate,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+    let cli = Cli::parse();
+    let started = (|| {
+        init_logging(&cli.common.log_level)?;
+        load_config::<C>(&cli.common.config)
+    })();
+    let config = match started {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: failed to start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = serve(config) => r,
+            sig = stop_requested() => {
+                tracing::info!(signal = sig, "stopping");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,64 +249,5 @@ mod tests {
     #[test]
     fn bad_log_level_is_refused() {
         assert!(matches!(init_logging("loud"), Err(Error::LogLevel(_))));
-    }
-}
-
-/// The life of a daemon: parse the common flags, load the config, start logging, run
-/// `serve` on a tokio runtime until it ends or a stop is requested. `serve` calls
-/// [`notify_ready`] once it is serving. Errors are printed and give exit status 1, so
-/// init's restart policy sees a failure.
-pub fn run<C, F, Fut>(name: &'static str, serve: F) -> std::process::ExitCode
-where
-    C: DeserializeOwned + Validate,
-    F: FnOnce(C) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    use clap::Parser;
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        common: CommonArgs,
-    }
-    let cli = Cli::parse();
-    let started = (|| {
-        init_logging(&cli.common.log_level)?;
-        load_config::<C>(&cli.common.config)
-    })();
-    let config = match started {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{name}: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{name}: failed to start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        tokio::select! {
-            r = serve(config) => r,
-            sig = stop_requested() => {
-                tracing::info!(signal = sig, "stopping");
-                Ok(())
-            }
-        }
-    });
-    match result {
-        Ok(()) => {
-            tracing::info!("stopped");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            std::process::ExitCode::FAILURE
-        }
     }
 }
