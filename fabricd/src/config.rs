@@ -39,6 +39,30 @@ pub struct Config {
     pub classes: Vec<ClassConfig>,
     /// The core's JetStream; without it records are kept locally only.
     pub core: Option<CoreConfig>,
+    /// What the core sends to this edge (needs `[core]`).
+    pub downlink: Option<DownlinkConfig>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkConfig {
+    /// The core's ed25519 public key (64 hex digits), shipped with the image.
+    pub public_key: PathBuf,
+    /// Verified items go to `<dir>/<kind>/<name>`.
+    pub dir: PathBuf,
+    /// KV bucket holding manifests and small items.
+    #[serde(default = "default_bucket")]
+    pub bucket: String,
+    /// Object store holding large items.
+    #[serde(default = "default_objects")]
+    pub objects: String,
+}
+
+fn default_bucket() -> String {
+    "edge-config".into()
+}
+fn default_objects() -> String {
+    "edge-objects".into()
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -249,6 +273,19 @@ impl edge_common::Validate for Config {
                 ("core.ca", &core.ca),
                 ("core.cert", &core.cert),
                 ("core.key", &core.key),
+            ] {
+                if !p.is_absolute() {
+                    return Err((k.into(), format!("{} is not an absolute path", p.display())));
+                }
+            }
+        }
+        if let Some(d) = &self.downlink {
+            if self.core.is_none() {
+                return Err(("downlink".into(), "needs a [core] to download from".into()));
+            }
+            for (k, p) in [
+                ("downlink.public_key", &d.public_key),
+                ("downlink.dir", &d.dir),
             ] {
                 if !p.is_absolute() {
                     return Err((k.into(), format!("{} is not an absolute path", p.display())));

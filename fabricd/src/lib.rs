@@ -3,6 +3,7 @@
 //! the modules directly.
 
 pub mod config;
+pub mod downlink;
 pub mod http;
 pub mod log;
 pub mod metrics;
@@ -113,6 +114,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
         tasks.spawn(uplink::run(log.clone(), config.clone(), status.clone()));
     } else {
         tracing::info!("no core configured: records are kept locally only");
+    }
+    if config.downlink.is_some() {
+        tasks.spawn(downlink::run(config.clone()));
     }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)

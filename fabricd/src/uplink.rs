@@ -134,7 +134,8 @@ pub async fn run(log: Log, config: Arc<Config>, status: Arc<Status>) {
     }
 }
 
-async fn connect(
+/// One TLS connection to the core that never reconnects by itself (see the module comment).
+pub async fn connect(
     core: &CoreConfig,
     lost: mpsc::UnboundedSender<String>,
 ) -> Result<async_nats::Client, String> {
