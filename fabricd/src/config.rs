@@ -213,8 +213,11 @@ impl edge_common::Validate for Config {
                 format!("{} is not an absolute path", self.log_dir.display()),
             ));
         }
-        if self.segment_bytes < 4096 {
-            return Err(("segment_bytes".into(), "must be at least 4096".into()));
+        if self.segment_bytes < 4096 || self.segment_bytes > u32::MAX as u64 {
+            return Err((
+                "segment_bytes".into(),
+                "must be between 4096 and 4294967295 (index positions are 32-bit)".into(),
+            ));
         }
         if self.quota_bytes < 2 * self.segment_bytes {
             return Err((

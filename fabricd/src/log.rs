@@ -709,7 +709,10 @@ impl Writer {
             }
             let size = (FRAME_HEADER + body.len()) as u64;
             let a = &self.active[class];
-            if a.len > 0 && a.len + size > self.limits.segment_bytes {
+            // Index entries hold the offset relative to the segment's base in 32 bits;
+            // offsets are global, so a quiet class among busy ones can outrun that.
+            let rel_overflow = self.next_offset - a.base > u32::MAX as u64;
+            if a.len > 0 && (a.len + size > self.limits.segment_bytes || rel_overflow) {
                 if let Err(e) = self.roll(class) {
                     tracing::error!("{e}");
                     failed = Some(e.to_string());
@@ -932,6 +935,23 @@ impl Writer {
             self.last_age_check = Instant::now();
         }
         for class in 0..self.classes.len() {
+            // A quiet class's only segment would never be sealed and so never age out:
+            // seal it once its newest record is older than the limit.
+            let stale_active = check_age
+                && self.active[class].len > 0
+                && self.classes[class].max_age_secs.is_some_and(|age| {
+                    let meta = self.meta_mut();
+                    meta.classes[class].segments.back().is_some_and(|s| {
+                        s.modified
+                            .elapsed()
+                            .is_ok_and(|e| e > Duration::from_secs(age))
+                    })
+                });
+            if stale_active {
+                if let Err(e) = self.roll(class) {
+                    tracing::error!("{e}");
+                }
+            }
             loop {
                 let over_size = self.classes[class]
                     .max_bytes
@@ -1157,6 +1177,33 @@ mod tests {
         let m = log.meta();
         assert!(m.classes[0].stats.dropped_records > 0);
         assert_eq!(m.classes[1].stats.dropped_records, 0);
+    }
+
+    #[tokio::test]
+    async fn records_older_than_max_age_go_even_from_a_quiet_class() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = class("events", 0, WhenFull::Backpressure);
+        c.max_age_secs = Some(1);
+        let log = Log::open(tmp.path(), &[c], limits(1 << 30, 1 << 20)).unwrap();
+        for n in 0..5 {
+            log.append(0, body("events.x", n, 10)).await.unwrap();
+        }
+        // The ticker drives retention while nobody writes.
+        let start = Instant::now();
+        while log.meta().classes[0].stats.retired_records < 5 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "old records were kept"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(read_all(&log, 0).is_empty());
+        assert_eq!(
+            log.meta().classes[0].stats.dropped_records,
+            5,
+            "never sent: counted"
+        );
+        assert_eq!(log.append(0, body("events.x", 9, 10)).await.unwrap(), 5);
     }
 
     #[tokio::test]
