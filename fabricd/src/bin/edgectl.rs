@@ -1,0 +1,369 @@
+//! edgectl: the operator's tool on the core side. Sets up the stream, KV bucket and
+//! object store the edges mirror into and download from, makes the manifest signing
+//! key, publishes objects and signed manifests to one site or one machine, shows each
+//! site's last contact, and tails a site's topics.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use ring::signature::KeyPair;
+
+#[derive(Parser)]
+#[command(
+    name = "edgectl",
+    about = "Operate the core side of the edge data fabric"
+)]
+struct Cli {
+    /// NATS URL of the core.
+    #[arg(long, default_value = "tls://127.0.0.1:4222")]
+    server: String,
+    /// CA of the core's certificate, and the operator's client certificate and key.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// First subject token of edge records.
+    #[arg(long, default_value = "edge")]
+    prefix: String,
+    #[arg(long, default_value = "EDGE")]
+    stream: String,
+    #[arg(long, default_value = "edge-config")]
+    bucket: String,
+    #[arg(long, default_value = "edge-objects")]
+    objects: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the stream (with its duplicate window), KV bucket and object store.
+    Setup {
+        /// Must outlast the longest the edges may hold unacked records in flight.
+        #[arg(long, default_value_t = 600)]
+        dupe_window_secs: u64,
+    },
+    /// Make an ed25519 signing key (`<out>/manifest.key`, PKCS#8) and the public key for
+    /// the image (`<out>/manifest.pub`, hex).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a file into the object store.
+    PutObject {
+        #[arg(long)]
+        name: String,
+        file: PathBuf,
+    },
+    /// Put a file's bytes under a KV key.
+    PutKv {
+        #[arg(long, name = "kv-key")]
+        kv_key: String,
+        file: PathBuf,
+    },
+    /// Sign a manifest (JSON) and publish it to a site, or one machine of it.
+    Publish {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        machine: Option<String>,
+        #[arg(long)]
+        signing_key: PathBuf,
+        manifest: PathBuf,
+    },
+    /// Each site and machine: records held, last offset and last contact.
+    Status,
+    /// Print a site's records as they arrive (`--all` from the start).
+    Tail {
+        #[arg(long)]
+        site: String,
+        #[arg(long, default_value = "*")]
+        machine: String,
+        #[arg(long, default_value = ">")]
+        topic: String,
+        #[arg(long)]
+        all: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgectl: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgectl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<async_nats::Client, String> {
+    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+    if let Some(ca) = &cli.ca {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    opts.connect(cli.server.as_str())
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", cli.server))
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+    if let Cmd::Keygen { out } = &cli.cmd {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| "failed to generate a key".to_string())?;
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+            .map_err(|_| "failed to use the generated key".to_string())?;
+        std::fs::create_dir_all(out)
+            .map_err(|e| format!("failed to create {}: {e}", out.display()))?;
+        let hex: String = kp
+            .public_key()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        for (name, data) in [
+            ("manifest.key", pkcs8.as_ref().to_vec()),
+            ("manifest.pub", format!("{hex}\n").into_bytes()),
+        ] {
+            let p = out.join(name);
+            std::fs::write(&p, data)
+                .map_err(|e| format!("failed to write {}: {e}", p.display()))?;
+        }
+        println!(
+            "public key {hex} (ship {} in the image)",
+            out.join("manifest.pub").display()
+        );
+        return Ok(());
+    }
+    let client = connect(&cli).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    match &cli.cmd {
+        Cmd::Keygen { .. } => unreachable!("handled above"),
+        Cmd::Setup { dupe_window_secs } => {
+            // The KV and object store layouts are made as plain streams: the client's
+            // create_key_value needs account info newer servers send (nats-server 2.9
+            // does not), and the layout is what the bucket API reads either way.
+            let streams = [
+                Config {
+                    name: cli.stream.clone(),
+                    subjects: vec![format!("{}.>", cli.prefix)],
+                    duplicate_window: Duration::from_secs(*dupe_window_secs),
+                    storage: StorageType::File,
+                    ..Default::default()
+                },
+                Config {
+                    name: format!("KV_{}", cli.bucket),
+                    subjects: vec![format!("$KV.{}.>", cli.bucket)],
+                    max_messages_per_subject: 1,
+                    discard: DiscardPolicy::New,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    storage: StorageType::File,
+                    ..Default::default()
+                },
+                Config {
+                    name: format!("OBJ_{}", cli.objects),
+                    subjects: vec![
+                        format!("$O.{}.C.>", cli.objects),
+                        format!("$O.{}.M.>", cli.objects),
+                    ],
+                    discard: DiscardPolicy::New,
+                    allow_rollup: true,
+                    allow_direct: true,
+                    storage: StorageType::File,
+                    ..Default::default()
+                },
+            ];
+            for config in streams {
+                let name = config.name.clone();
+                js.get_or_create_stream(config)
+                    .await
+                    .map_err(|e| format!("failed to create stream {name}: {e}"))?;
+                println!("stream {name} ready");
+            }
+        }
+        Cmd::PutObject { name, file } => {
+            let store = js
+                .get_object_store(&cli.objects)
+                .await
+                .map_err(|e| format!("no object store {}: {e}", cli.objects))?;
+            let mut f = tokio::fs::File::open(file)
+                .await
+                .map_err(|e| format!("failed to open {}: {e}", file.display()))?;
+            store
+                .put(name.as_str(), &mut f)
+                .await
+                .map_err(|e| format!("failed to put object {name}: {e}"))?;
+            let digest = ring::digest::digest(&ring::digest::SHA256, &read(file)?);
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            println!("object {name} sha256 {hex}");
+        }
+        Cmd::PutKv { kv_key, file } => {
+            let kv = js
+                .get_key_value(&cli.bucket)
+                .await
+                .map_err(|e| format!("no KV bucket {}: {e}", cli.bucket))?;
+            let data = read(file)?;
+            let digest = ring::digest::digest(&ring::digest::SHA256, &data);
+            kv.put(kv_key, data.into())
+                .await
+                .map_err(|e| format!("failed to put {kv_key}: {e}"))?;
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            println!("kv {kv_key} sha256 {hex}");
+        }
+        Cmd::Publish {
+            site,
+            machine,
+            signing_key,
+            manifest,
+        } => {
+            let body = read(manifest)?;
+            // Refuse to sign what the edges would refuse to read.
+            let parsed: fabricd::downlink::Manifest = serde_json::from_slice(&body)
+                .map_err(|e| format!("{} is not a manifest: {e}", manifest.display()))?;
+            let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&read(signing_key)?)
+                .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", signing_key.display()))?;
+            let mut signed = kp.sign(&body).as_ref().to_vec();
+            signed.extend_from_slice(&body);
+            fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())?;
+            let key = match machine {
+                Some(m) => format!("{site}.{m}.manifest"),
+                None => format!("{site}.manifest"),
+            };
+            let kv = js
+                .get_key_value(&cli.bucket)
+                .await
+                .map_err(|e| format!("no KV bucket {}: {e}", cli.bucket))?;
+            kv.put(&key, signed.into())
+                .await
+                .map_err(|e| format!("failed to put {key}: {e}"))?;
+            println!(
+                "manifest version {} with {} items published to {key}",
+                parsed.version,
+                parsed.items.len()
+            );
+        }
+        Cmd::Status => {
+            let stream = js
+                .get_stream(&cli.stream)
+                .await
+                .map_err(|e| format!("no stream {}: {e}", cli.stream))?;
+            let mut subjects = stream
+                .info_with_subjects(format!("{}.>", cli.prefix))
+                .await
+                .map_err(|e| format!("failed to list subjects: {e}"))?;
+            // site.machine -> (records, last message of any topic)
+            let mut machines: std::collections::BTreeMap<String, (usize, u64, i64)> =
+                Default::default();
+            while let Some(item) = subjects.next().await {
+                let (subject, count) = item.map_err(|e| format!("failed to list subjects: {e}"))?;
+                let tokens: Vec<&str> = subject.splitn(4, '.').collect();
+                if tokens.len() < 4 || tokens[3].starts_with("_downlink") {
+                    continue;
+                }
+                let last = stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .map_err(|e| format!("failed to read the last of {subject}: {e}"))?;
+                let offset = last
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .and_then(|v| v.as_str().rsplit('/').next().and_then(|o| o.parse().ok()))
+                    .unwrap_or(0);
+                let e = machines
+                    .entry(format!("{}.{}", tokens[1], tokens[2]))
+                    .or_default();
+                e.0 += count;
+                e.1 = e.1.max(offset);
+                e.2 = e.2.max(last.time.unix_timestamp());
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            println!(
+                "{:<32} {:>12} {:>14} {:>18}",
+                "site.machine", "records", "last offset", "last contact"
+            );
+            for (m, (count, offset, t)) in machines {
+                println!("{m:<32} {count:>12} {offset:>14} {:>16}s ago", now - t);
+            }
+        }
+        Cmd::Tail {
+            site,
+            machine,
+            topic,
+            all,
+            count,
+        } => {
+            use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+            let stream = js
+                .get_stream(&cli.stream)
+                .await
+                .map_err(|e| format!("no stream {}: {e}", cli.stream))?;
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    filter_subject: format!("{}.{site}.{machine}.{topic}", cli.prefix),
+                    ack_policy: AckPolicy::None,
+                    deliver_policy: if *all {
+                        DeliverPolicy::All
+                    } else {
+                        DeliverPolicy::New
+                    },
+                    inactive_threshold: Duration::from_secs(60),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("failed to create a consumer: {e}"))?;
+            let mut msgs = consumer
+                .messages()
+                .await
+                .map_err(|e| format!("failed to read: {e}"))?;
+            let mut n = 0;
+            while count.is_none_or(|c| n < c) {
+                let Some(m) = msgs.next().await else { break };
+                let m = m.map_err(|e| format!("failed to read: {e}"))?;
+                let id = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Msg-Id"))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                println!(
+                    "{} {id} {}",
+                    m.subject,
+                    String::from_utf8_lossy(&m.payload).escape_debug()
+                );
+                n += 1;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The operator's tool against a real nats-server: set up the core, sign and publish a
+//! manifest that an edge applies, see the edge in `status`, and tail its records.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn edgectl(pki: &Pki, url: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgectl"))
+        .arg("--server")
+        .arg(url)
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path("client.pem"))
+        .arg("--key")
+        .arg(pki.path("client.key"))
+        .args(args)
+        .output()
+        .expect("run edgectl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "edgectl {args:?}: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn operator_sets_up_the_core_publishes_to_a_site_and_sees_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&tmp.path().join("pki"));
+    let nats = Nats::start(&tmp.path().join("nats"), &pki);
+    let url = nats.url();
+    let keys = tmp.path().join("keys");
+    edgectl(&pki, &url, &["setup"]);
+    // Setting up twice is harmless.
+    edgectl(&pki, &url, &["setup"]);
+    edgectl(&pki, &url, &["keygen", "--out", keys.to_str().unwrap()]);
+    let model = tmp.path().join("model.bin");
+    std::fs::write(&model, vec![42u8; 200_000]).unwrap();
+    let out = edgectl(
+        &pki,
+        &url,
+        &["put-object", "--name", "model-v1", model.to_str().unwrap()],
+    );
+    let sha = out.split_whitespace().last().unwrap().to_owned();
+    let manifest = tmp.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        format!(r#"{{"version":1,"items":[{{"kind":"models","name":"model.bin","store":"object","key":"model-v1","sha256":"{sha}"}}]}}"#),
+    )
+    .unwrap();
+    edgectl(
+        &pki,
+        &url,
+        &[
+            "publish",
+            "--site",
+            "s1",
+            "--signing-key",
+            keys.join("manifest.key").to_str().unwrap(),
+            manifest.to_str().unwrap(),
+        ],
+    );
+
+    let dir = tmp.path().join("edge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let down = tmp.path().join("downlink");
+    let mut f = Fabricd::configure(
+        &dir,
+        &format!(
+            "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n",
+            pki.core_toml(&url, "client"),
+            keys.join("manifest.pub").display(),
+            down.display()
+        ),
+    );
+    f.start();
+    wait_for("the model to be written", Duration::from_secs(30), || {
+        (std::fs::read(down.join("models/model.bin")).ok()?.len() == 200_000).then_some(())
+    });
+    let mut s = tcp(f.tcp);
+    for i in 0..3 {
+        produce(
+            &mut s,
+            &record("temp.rack1", format!("reading {i}").as_bytes()),
+        )
+        .unwrap();
+    }
+    // Three records and the downlink report of the manifest.
+    let tail = edgectl(
+        &pki,
+        &url,
+        &["tail", "--site", "s1", "--all", "--count", "4"],
+    );
+    assert!(
+        tail.contains("edge.s1.m1.temp.rack1 s1/m1/2 reading 2"),
+        "{tail}"
+    );
+    let status = edgectl(&pki, &url, &["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("s1.m1"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(line.split_whitespace().nth(1), Some("3"), "{status}");
+}
