@@ -111,7 +111,17 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
     let status = Arc::new(uplink::Status::default());
     if config.core.is_some() {
-        tasks.spawn(uplink::run(log.clone(), config.clone(), status.clone()));
+        // Its own thread and runtime: mirroring then uses the second core instead of
+        // taking turns with the producers' connections.
+        let (log, config, status) = (log.clone(), config.clone(), status.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("failed to start the uplink runtime: {e}"))?;
+        std::thread::Builder::new()
+            .name("fabricd-uplink".into())
+            .spawn(move || runtime.block_on(uplink::run(log, config, status)))
+            .map_err(|e| format!("failed to start the uplink thread: {e}"))?;
     } else {
         tracing::info!("no core configured: records are kept locally only");
     }
