@@ -12,6 +12,19 @@ pub fn meminfo() -> (u64, u64) {
     )
 }
 
+/// Every `Key: N kB` line of /proc/meminfo, in KiB: with no shell on the box, this is
+/// how an operator sees where the memory went.
+pub fn meminfo_all() -> serde_json::Map<String, Value> {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (key, rest) = l.split_once(':')?;
+            let n: u64 = rest.split_whitespace().next()?.parse().ok()?;
+            Some((key.to_owned(), Value::from(n)))
+        })
+        .collect()
+}
+
 /// A `Key:   123 kB` field of a /proc file, in KiB.
 pub fn field_kib(text: &str, key: &str) -> Option<u64> {
     text.lines()
@@ -44,6 +57,7 @@ pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) ->
         "ready": ready,
         "mem_total_kib": total,
         "mem_available_kib": available,
+        "meminfo_kib": meminfo_all(),
         "init_rss_kib": rss_kib(std::process::id() as i32),
         "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full},
         "services": services,

@@ -12,7 +12,21 @@ struct Sample {
     uptime_s: f64,
     mem_used_kib: u64,
     rss_kib: Map<String, Value>,
+    /// Where the used memory sits, from the guest's /proc/meminfo.
+    breakdown: String,
 }
+
+/// The /proc/meminfo fields that account for most of "used" on this appliance.
+const BREAKDOWN: [&str; 8] = [
+    "AnonPages",
+    "Shmem",
+    "Slab",
+    "SUnreclaim",
+    "KernelStack",
+    "PageTables",
+    "Percpu",
+    "Unevictable",
+];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -50,8 +64,19 @@ fn boot_once(image: &Path, run: u32) -> Result<Sample> {
         let name = s.get("name").and_then(Value::as_str).unwrap_or("?");
         rss_kib.insert(name.to_string(), json!(u64_field(s, "rss_kib")?));
     }
+    let breakdown = BREAKDOWN
+        .iter()
+        .map(|k| {
+            let v = st
+                .pointer(&format!("/meminfo_kib/{k}"))
+                .and_then(Value::as_u64);
+            format!("{k} {}", v.map_or("?".into(), |v| v.to_string()))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     m.finish();
     Ok(Sample {
+        breakdown,
         ready_s,
         uptime_s: ready.uptime_ms as f64 / 1000.0,
         mem_used_kib,
@@ -59,7 +84,8 @@ fn boot_once(image: &Path, run: u32) -> Result<Sample> {
     })
 }
 
-/// Sizes as shipped, from the builder's manifest.
+/// Sizes as shipped, from the builder's manifest: the ESP's files (loader and both
+/// UKIs), one root and its verity tree.
 fn sizes(manifest: &Path) -> Result<(u64, u64, u64)> {
     let text = std::fs::read_to_string(manifest)
         .with_context(|| format!("failed to read {}", manifest.display()))?;
@@ -70,7 +96,7 @@ fn sizes(manifest: &Path) -> Result<(u64, u64, u64)> {
             .and_then(Value::as_u64)
             .ok_or_else(|| anyhow!("{} has no number at {k}", manifest.display()))
     };
-    let esp = get("/sizes/esp.img")?;
+    let esp = get("/sizes/esp_content")?;
     let root = get("/sizes/root.erofs")?;
     let verity = get("/sizes/root.verity")?;
     let uki = get("/sizes/uki-a.efi")?;
@@ -95,6 +121,7 @@ pub fn run(which: &str, runs: u32) -> Result<()> {
             "boot {i}/{runs}: ready after {:.1} s (guest uptime {:.1} s), memory used {} KiB",
             s.ready_s, s.uptime_s, s.mem_used_kib
         );
+        println!("  used memory (KiB): {}", s.breakdown);
         samples.push(s);
     }
     let mut rss = Map::new();

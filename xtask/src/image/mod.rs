@@ -537,15 +537,24 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     disk::make_qcow2(&outs.raw, &outs.qcow2)?;
     size_line(&outs.qcow2)?;
 
-    write_manifest(&outs, def)?;
+    let mut esp_content = 0;
+    for (_, path) in &esp_files {
+        esp_content += std::fs::metadata(path)
+            .with_context(|| format!("failed to stat {}", path.display()))?
+            .len();
+    }
+    write_manifest(&outs, def, esp_content)?;
     std::fs::remove_dir_all(&work)
         .with_context(|| format!("failed to remove {}", work.display()))?;
     std::fs::write(&stamp_path, format!("{stamp}\n"))?;
     Ok(outs)
 }
 
-fn write_manifest(outs: &ImageOutputs, def: &Definition) -> Result<()> {
+/// `esp_content`: the bytes of the files on the ESP (boot loader, its config, the UKIs),
+/// which is what the ESP ships, rather than the mostly empty FAT image around them.
+fn write_manifest(outs: &ImageOutputs, def: &Definition, esp_content: u64) -> Result<()> {
     let mut sizes = serde_json::Map::new();
+    sizes.insert("esp_content".into(), esp_content.into());
     for (name, path) in [
         ("edgeos.raw", &outs.raw),
         ("edgeos.qcow2", &outs.qcow2),
