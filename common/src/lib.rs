@@ -114,25 +114,26 @@ pub fn ensure_dir(path: &Path) -> Result<(), Error> {
     })
 }
 
-/// Resolves when the daemon is asked to stop (SIGTERM from init, or SIGINT by hand).
-pub async fn stop_requested() -> &'static str {
+/// Installs the stop signals (SIGTERM from init, SIGINT by hand) at once, so a stop that
+/// arrives right after readiness is seen, and returns a future that resolves when one
+/// comes. Must be called inside a tokio runtime.
+pub fn stop_signals() -> Result<impl std::future::Future<Output = &'static str>, String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the default action (terminate) still stops us.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("failed to handle SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("failed to handle SIGINT: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 /// The life of a daemon: parse the common flags, load the config, start logging, run
 /// `serve` on a tokio runtime until it ends or a stop is requested. `serve` calls
-/// [`notify_ready`] once it is serving. Errors are printed and give exit status 1, so
+/// [`notify_ready`] once it is serving; SIGTERM is handled from before its first poll. Errors are printed and give exit status 1, so
 /// init's restart policy sees a failure.
 pub fn run<C, F, Fut>(name: &'static str, serve: F) -> std::process::ExitCode
 where
@@ -169,9 +170,14 @@ where
         }
     };
     let result = runtime.block_on(async {
+        // Before `serve` runs: it reports ready, and init may stop us the moment after.
+        let stop = match stop_signals() {
+            Ok(s) => s,
+            Err(e) => return Err(e),
+        };
         tokio::select! {
             r = serve(config) => r,
-            sig = stop_requested() => {
+            sig = stop => {
                 tracing::info!(signal = sig, "stopping");
                 Ok(())
             }

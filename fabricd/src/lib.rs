@@ -141,18 +141,9 @@ pub async fn serve(config: Config) -> Result<(), String> {
         });
         tasks.spawn(metrics::serve(listener, m));
     }
-    // Listen for SIGTERM before reporting ready: the kit installs its handler only once
-    // `serve` first yields, and a stop sent right after READY must not kill us mid-write.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("failed to handle SIGTERM: {e}"))?;
     tracing::info!(site = %config.site, machine = %config.machine, log_dir = %config.log_dir.display(), "serving");
+    // The kit has handled SIGTERM since before `serve` began, and stops us through it.
     edge_common::notify_ready().map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => {
-            tracing::info!(signal = "SIGTERM", "stopping");
-            Ok(())
-        }
-        _ = async { while tasks.join_next().await.is_some() {} std::future::pending::<()>().await } => Ok(()),
-    }
+    while tasks.join_next().await.is_some() {}
+    std::future::pending().await
 }
