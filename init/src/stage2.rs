@@ -24,67 +24,270 @@ const PORT_NAME: &str = "org.edgeos.control";
 const DATA: &str = "/var";
 const RESOLV: &str = "/run/resolv.conf";
 
+/// The life of PID 1 on the root: set the system up, then serve it until it is powered
+/// off or rebooted.
 pub fn run() -> ! {
-    let signals = block_signals();
-    mount_basics();
-    let boot = boot_info();
-    say!("stage 2: version {} slot {}", boot.version, boot.slot);
-    let (system, problem) = crate::config::load(Path::new(SYSTEM_TOML));
+    let mut system = System::start();
+    loop {
+        system.tick();
+    }
+}
+
+/// Everything PID 1 keeps between two turns of its loop.
+struct System {
+    boot: Boot,
+    config: crate::config::System,
+    signals: Option<OwnedFd>,
+    watchdog: Option<Watchdog>,
+    ctl: Control,
+    buttons: Buttons,
+    sup: Supervisor,
+    ready: bool,
+    data_full: bool,
+    shutdown: Option<Action>,
+    last_space_check: Option<Instant>,
+    last_device_scan: Instant,
+}
+
+impl System {
+    /// Mounts, identity, modules, network, watchdog, control, then the services.
+    fn start() -> System {
+        let signals = block_signals();
+        mount_basics();
+        let boot = boot_info();
+        say!("stage 2: version {} slot {}", boot.version, boot.slot);
+        let config = load_config();
+        load_modules();
+        for line in crate::net::setup(&config.network, Path::new(RESOLV)) {
+            say!("{line}");
+        }
+        let watchdog = arm_watchdog(&config.watchdog);
+        let mut ctl = Control::new();
+        if let Err(e) = ctl.listen(Path::new(CONTROL_SOCKET)) {
+            say!("warning: {e}");
+        }
+        open_port(&mut ctl);
+        let mut buttons = Buttons::default();
+        scan_buttons(&mut buttons);
+        let sup = start_services(&config.logs);
+        System {
+            boot,
+            config,
+            signals,
+            watchdog,
+            ctl,
+            buttons,
+            sup,
+            ready: false,
+            data_full: false,
+            shutdown: None,
+            last_space_check: None,
+            last_device_scan: Instant::now(),
+        }
+    }
+
+    /// One turn: wait for input or a timer, pet the watchdog, move the services on,
+    /// answer requests, and either go on toward shutdown or look after the running system.
+    fn tick(&mut self) {
+        wait(&self.signals, &self.sup, &self.ctl, &self.buttons);
+        if let Some(w) = &mut self.watchdog {
+            w.tick();
+        }
+        let mut requested = read_signals(&self.signals);
+        if self.buttons.pressed() {
+            say!("power button pressed");
+            requested = requested.or(Some(Action::Poweroff));
+        }
+        if self.shutdown.is_none() {
+            self.sup.step();
+        }
+        deliver(&mut self.sup, &mut self.ctl);
+        let asked = self.answer_requests();
+        deliver(&mut self.sup, &mut self.ctl);
+
+        if let Some(action) = self.shutdown.or(requested.or(asked)) {
+            self.shut_down(action);
+            return;
+        }
+        self.check_data_space();
+        self.rescan_devices();
+        if !self.ready && self.sup.settled() {
+            self.announce_ready();
+        }
+    }
+
+    /// Control requests are answered against the current state; a power request is
+    /// returned to the loop.
+    fn answer_requests(&mut self) -> Option<Action> {
+        let mut asked = None;
+        let (boot, ready, data_full, sup) = (&self.boot, self.ready, self.data_full, &mut self.sup);
+        self.ctl.step(&mut |req| {
+            let name = req.name();
+            let done = |r: Result<(), String>| match r {
+                Ok(()) => control::ok_reply(name),
+                Err(e) => control::error_reply(name, &e),
+            };
+            match req {
+                Request::Status => {
+                    let st = crate::status::build(boot, ready, data_full, sup.status());
+                    json!({"reply": "status", "ok": true, "status": st})
+                }
+                Request::Kill { service, signal } => done(sup.kill(&service, signal)),
+                Request::Restart { service } => done(sup.restart(&service)),
+                Request::Poweroff | Request::Reboot => {
+                    asked = Some(if matches!(req, Request::Poweroff) {
+                        Action::Poweroff
+                    } else {
+                        Action::Reboot
+                    });
+                    control::ok_reply(name)
+                }
+            }
+        });
+        asked
+    }
+
+    /// Stops the services in reverse order over several turns, then syncs, unmounts and
+    /// powers off or reboots. The watchdog is petted to the end, so a hung stop is reset.
+    fn shut_down(&mut self, action: Action) {
+        if self.shutdown.is_none() {
+            say!("shutdown requested: {}", action.as_str());
+            self.ctl
+                .event(&json!({"event": "shutdown", "action": action.as_str()}));
+            self.sup.begin_shutdown();
+            self.shutdown = Some(action);
+        }
+        if self.sup.shutdown_step() {
+            deliver(&mut self.sup, &mut self.ctl);
+            // Logs live on /var, which is about to be unmounted.
+            self.sup.logs.close_all();
+            let watchdog = &mut self.watchdog;
+            let mut pet = || {
+                if let Some(w) = watchdog {
+                    w.pet();
+                }
+            };
+            power::finish(action, &mut pet);
+        }
+        deliver(&mut self.sup, &mut self.ctl);
+    }
+
+    /// Every 10 s: is the data partition (nearly) full? Reported once each way; the
+    /// services keep running and their log lines are dropped and counted meanwhile.
+    fn check_data_space(&mut self) {
+        if self
+            .last_space_check
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.last_space_check = Some(Instant::now());
+        let min_free_mib = self.config.logs.min_free_mib;
+        let Some(full) =
+            crate::logs::is_full(Path::new(DATA), min_free_mib.saturating_mul(1 << 20))
+        else {
+            return;
+        };
+        if full && !self.data_full {
+            self.sup.warn(format!(
+                "data partition full: less than {min_free_mib} MiB free on {DATA}"
+            ));
+        } else if !full && self.data_full {
+            self.sup.logs.clear_full();
+            say!("data partition has free space again");
+        }
+        self.data_full = full;
+    }
+
+    /// The control port and the power button may appear after start (module load order).
+    fn rescan_devices(&mut self) {
+        if self.last_device_scan.elapsed() < Duration::from_secs(2) {
+            return;
+        }
+        self.last_device_scan = Instant::now();
+        if !self.ctl.has_port() {
+            open_port(&mut self.ctl);
+        }
+        if self.buttons.is_empty() {
+            scan_buttons(&mut self.buttons);
+        }
+    }
+
+    /// The one `ready` line, then the blessing of this boot unless a service failed.
+    fn announce_ready(&mut self) {
+        self.ready = true;
+        let ms = crate::logs::uptime().as_millis() as u64;
+        let (version, slot) = (&self.boot.version, &self.boot.slot);
+        say!("ready version={version} slot={slot} uptime_ms={ms}");
+        self.ctl
+            .event(&json!({"event": "ready", "version": version, "slot": slot, "uptime_ms": ms}));
+        let failed = self.sup.failed();
+        if failed.is_empty() {
+            if let Err(e) = bless(&self.boot) {
+                self.sup.warn(format!("failed to bless the boot: {e}"));
+            }
+        } else {
+            self.sup.warn(format!(
+                "boot not blessed: failed services: {}",
+                failed.join(", ")
+            ));
+        }
+        deliver(&mut self.sup, &mut self.ctl);
+    }
+}
+
+/// init's own configuration; a problem is reported and the defaults stand in.
+fn load_config() -> crate::config::System {
+    let (config, problem) = crate::config::load(Path::new(SYSTEM_TOML));
     if let Some(p) = problem {
         say!("warning: {p}");
     }
-    if let Err(e) = rustix::system::sethostname(system.hostname.as_bytes()) {
+    if let Err(e) = rustix::system::sethostname(config.hostname.as_bytes()) {
         say!(
             "failed to set hostname {}: {}",
-            system.hostname,
+            config.hostname,
             std::io::Error::from(e)
         );
     }
-    load_modules();
-    for line in crate::net::setup(&system.network, Path::new(RESOLV)) {
-        say!("{line}");
-    }
-    let mut watchdog = match Watchdog::open(&system.watchdog.device, system.watchdog.timeout_s) {
+    config
+}
+
+fn arm_watchdog(cfg: &crate::config::Watchdog) -> Option<Watchdog> {
+    match Watchdog::open(&cfg.device, cfg.timeout_s) {
         Ok(Some(w)) => {
             say!(
                 "watchdog armed: {} s ({})",
                 w.timeout_s,
-                system.watchdog.device.display()
+                cfg.device.display()
             );
             Some(w)
         }
         Ok(None) => {
-            say!("no watchdog at {}", system.watchdog.device.display());
+            say!("no watchdog at {}", cfg.device.display());
             None
         }
         Err(e) => {
             say!("warning: {e}");
             None
         }
-    };
-
-    let mut ctl = Control::new();
-    if let Err(e) = ctl.listen(Path::new(CONTROL_SOCKET)) {
-        say!("warning: {e}");
     }
-    open_port(&mut ctl);
-    let mut buttons = Buttons::default();
-    scan_buttons(&mut buttons);
+}
 
+/// The service table, started under the supervisor; bad entries are reported and skipped.
+fn start_services(logs: &crate::config::Logs) -> Supervisor {
     let table = crate::services::load(Path::new(SERVICES_TOML));
-    let log_dir = system.logs.dir.clone();
-    let logs_ok = std::fs::create_dir_all(&log_dir).is_ok();
+    let logs_ok = std::fs::create_dir_all(&logs.dir).is_ok();
     if !logs_ok {
         say!(
             "warning: cannot create {}; service logs go nowhere",
-            log_dir.display()
+            logs.dir.display()
         );
     }
     let mut sup = Supervisor::new(
         table.services,
         Options {
-            log_dir: logs_ok.then_some(log_dir),
-            log_max_bytes: system.logs.max_bytes,
+            log_dir: logs_ok.then(|| logs.dir.clone()),
+            log_max_bytes: logs.max_bytes,
             cgroup_root: Path::new(CGROUP_ROOT)
                 .join("cgroup.controllers")
                 .exists()
@@ -95,137 +298,7 @@ pub fn run() -> ! {
     for p in &table.problems {
         sup.warn(format!("service table: {p}"));
     }
-
-    let mut data_full = false;
-    let mut last_space_check: Option<Instant> = None;
-    let mut last_port_scan = Instant::now();
-    let mut ready = false;
-    let mut shutdown: Option<Action> = None;
-    let min_free = system.logs.min_free_mib.saturating_mul(1 << 20);
-
-    loop {
-        wait(&signals, &sup, &ctl, &buttons);
-        if let Some(w) = &mut watchdog {
-            w.tick();
-        }
-        let mut requested = read_signals(&signals);
-        if buttons.pressed() {
-            say!("power button pressed");
-            requested = requested.or(Some(Action::Poweroff));
-        }
-
-        if shutdown.is_none() {
-            sup.step();
-        }
-        deliver(&mut sup, &mut ctl);
-
-        // Control requests are answered against the current state.
-        let mut asked: Option<Action> = None;
-        ctl.step(&mut |req| {
-            let name = req.name();
-            match req {
-                Request::Status => {
-                    let st = crate::status::build(&boot, ready, data_full, sup.status());
-                    json!({"reply": "status", "ok": true, "status": st})
-                }
-                Request::Kill { service, signal } => match sup.kill(&service, signal) {
-                    Ok(()) => control::ok_reply(name),
-                    Err(e) => control::error_reply(name, &e),
-                },
-                Request::Restart { service } => match sup.restart(&service) {
-                    Ok(()) => control::ok_reply(name),
-                    Err(e) => control::error_reply(name, &e),
-                },
-                Request::Poweroff => {
-                    asked = Some(Action::Poweroff);
-                    control::ok_reply(name)
-                }
-                Request::Reboot => {
-                    asked = Some(Action::Reboot);
-                    control::ok_reply(name)
-                }
-            }
-        });
-        deliver(&mut sup, &mut ctl);
-        let requested = requested.or(asked);
-
-        if shutdown.is_none() {
-            if let Some(action) = requested {
-                say!("shutdown requested: {}", action.as_str());
-                ctl.event(&json!({"event": "shutdown", "action": action.as_str()}));
-                sup.begin_shutdown();
-                shutdown = Some(action);
-            }
-        }
-
-        if let Some(action) = shutdown {
-            if sup.shutdown_step() {
-                deliver(&mut sup, &mut ctl);
-                // Logs live on /var, which is about to be unmounted.
-                sup.logs.close_all();
-                let mut pet = || {
-                    if let Some(w) = &mut watchdog {
-                        w.pet();
-                    }
-                };
-                power::finish(action, &mut pet);
-            }
-            deliver(&mut sup, &mut ctl);
-            continue;
-        }
-
-        if last_space_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            last_space_check = Some(Instant::now());
-            if let Some(full) = crate::logs::is_full(Path::new(DATA), min_free) {
-                if full && !data_full {
-                    sup.warn(format!(
-                        "data partition full: less than {} MiB free on {DATA}",
-                        system.logs.min_free_mib
-                    ));
-                } else if !full && data_full {
-                    sup.logs.clear_full();
-                    say!("data partition has free space again");
-                }
-                data_full = full;
-            }
-        }
-
-        if last_port_scan.elapsed() >= Duration::from_secs(2) {
-            last_port_scan = Instant::now();
-            if !ctl.has_port() {
-                open_port(&mut ctl);
-            }
-            if buttons.is_empty() {
-                scan_buttons(&mut buttons);
-            }
-        }
-
-        if !ready && sup.settled() {
-            ready = true;
-            let ms = crate::logs::uptime().as_millis() as u64;
-            say!(
-                "ready version={} slot={} uptime_ms={ms}",
-                boot.version,
-                boot.slot
-            );
-            ctl.event(
-                &json!({"event": "ready", "version": boot.version, "slot": boot.slot,
-                              "uptime_ms": ms}),
-            );
-            let failed = sup.failed();
-            if failed.is_empty() {
-                if let Err(e) = bless(&boot) {
-                    sup.warn(format!("failed to bless the boot: {e}"));
-                }
-            } else {
-                sup.warn(format!(
-                    "boot not blessed: failed services: {}",
-                    failed.join(", ")
-                ));
-            }
-            deliver(&mut sup, &mut ctl);
-        }
-    }
+    sup
 }
 
 /// Sends the supervisor's lines to the console and its events to the port.
@@ -289,10 +362,11 @@ fn read_signals(fd: &Option<OwnedFd>) -> Option<Action> {
             break;
         }
         let sig = info.ssi_signo as i32;
-        // busybox's convention: SIGTERM and ctrl-alt-del reboot, SIGPWR/SIGUSR2 power off.
+        // SIGTERM stops the box like the power button does; ctrl-alt-del (SIGINT)
+        // reboots it.
         let a = match sig {
-            libc::SIGTERM | libc::SIGINT => Some(Action::Reboot),
-            libc::SIGPWR | libc::SIGUSR2 => Some(Action::Poweroff),
+            libc::SIGINT => Some(Action::Reboot),
+            libc::SIGTERM | libc::SIGPWR | libc::SIGUSR2 => Some(Action::Poweroff),
             _ => None,
         };
         if let Some(a) = a {
