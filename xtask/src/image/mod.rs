@@ -467,10 +467,14 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             uki_path,
         )?;
         size_line(uki_path)?;
+        // Slot A gets the tries; slot B, identical on a fresh disk, is the standby with
+        // none (`+0`): systemd-boot sorts entries without tries last, so B boots only
+        // once A has used up its tries, and init's blessing then makes B the good one.
+        let tries = if slot == 'a' { def.boot.tries } else { 0 };
         esp_files.push((
             format!(
-                "/EFI/Linux/{}-{}-{slot}+{}.efi",
-                def.image.name, def.image.version, def.boot.tries
+                "/EFI/Linux/{}-{}-{slot}+{tries}.efi",
+                def.image.name, def.image.version
             ),
             uki_path.to_path_buf(),
         ));
