@@ -835,8 +835,19 @@ impl Writer {
         };
         let new = Active::open(&dir, &info)?;
         sync_dir(&dir)?;
-        self.active[class] = new;
-        self.meta_mut().classes[class].segments.push_back(info);
+        let old = std::mem::replace(&mut self.active[class], new);
+        let mut meta = self.meta_mut();
+        let segs = &mut meta.classes[class].segments;
+        // `publish` only updates the class's newest segment: the appends of this group
+        // that went into the sealed one (synced by the flush above) must be made
+        // visible here, or readers, seeing a newer segment, skip past them.
+        if let Some(seg) = segs.iter_mut().rev().find(|s| s.base == old.base) {
+            seg.len = old.len;
+            seg.records = old.records;
+            seg.last = old.last;
+            seg.modified = SystemTime::now();
+        }
+        segs.push_back(info);
         Ok(())
     }
 
@@ -1068,6 +1079,39 @@ mod tests {
         // A cursor in the middle starts exactly there.
         let mut cur = Cursor::new(0, 57);
         assert_eq!(log.read(&mut cur, 1 << 20).unwrap()[0].offset, 57);
+    }
+
+    /// A group of appends that rolls the segment part-way: the records written to the
+    /// old segment in that group must stay visible to readers (the uplink), or the
+    /// reader jumps to the new segment and the core never gets them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_sees_every_record_of_a_group_that_rolls_the_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let classes = [class("a", 0, WhenFull::Backpressure)];
+        let log = Log::open(tmp.path(), &classes, limits(1 << 30, 4096)).unwrap();
+        let mut follower = Cursor::new(0, 0);
+        let mut followed = Vec::new();
+        for round in 0..8u64 {
+            let mut appends = tokio::task::JoinSet::new();
+            for i in 0..60 {
+                let log = log.clone();
+                appends.spawn(async move { log.append(0, body("a.x", round * 60 + i, 100)).await });
+            }
+            while let Some(r) = appends.join_next().await {
+                r.unwrap().unwrap();
+            }
+            loop {
+                let got = log.read(&mut follower, 1 << 20).unwrap();
+                if got.is_empty() {
+                    break;
+                }
+                followed.extend(got.into_iter().map(|s| s.offset));
+            }
+        }
+        assert!(log.meta().classes[0].segments.len() > 8, "segments roll");
+        assert_eq!(followed, (0..480).collect::<Vec<_>>(), "a live reader");
+        let all: Vec<u64> = read_all(&log, 0).iter().map(|s| s.offset).collect();
+        assert_eq!(all, (0..480).collect::<Vec<_>>(), "a reader from the start");
     }
 
     #[tokio::test]

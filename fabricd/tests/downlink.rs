@@ -113,10 +113,10 @@ fn signed_items_are_written_and_tampered_ones_refused() {
     wait_for("the model to be written", Duration::from_secs(30), || {
         (std::fs::read(down.join("models/model.bin")).ok()? == model).then_some(())
     });
-    assert_eq!(
-        std::fs::read(down.join("config/app.toml")).unwrap(),
-        b"threshold = 3\n"
-    );
+    // Items are applied one after the other: the config may follow the model.
+    wait_for("the config to be written", Duration::from_secs(30), || {
+        (std::fs::read(down.join("config/app.toml")).ok()? == b"threshold = 3\n").then_some(())
+    });
     let report = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), reports.next())
             .await

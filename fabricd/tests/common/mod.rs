@@ -396,8 +396,17 @@ impl Nats {
         });
     }
 
+    /// Stops the core the way an operator does (SIGTERM). Not SIGKILL: nats-server 2.9
+    /// acks a JetStream publish before its file store has written it (a flusher
+    /// goroutine does that moments later), so a killed core loses records it had
+    /// acknowledged, which no edge can detect.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -473,10 +482,11 @@ pub async fn read_core(
         if c >= n {
             break;
         }
-        assert!(
-            start.elapsed() < timeout,
-            "core holds {c} of {n} messages after {timeout:?}"
-        );
+        if start.elapsed() > timeout {
+            // The caller's check names what is missing.
+            eprintln!("core holds {c} of {n} messages after {timeout:?}");
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Let stragglers (duplicates would show here) arrive.
