@@ -43,6 +43,8 @@ struct System {
     buttons: Buttons,
     sup: Supervisor,
     ready: bool,
+    /// Settled with a service given up: said once, and the boot is not blessed.
+    degraded: bool,
     data_full: bool,
     shutdown: Option<Action>,
     last_space_check: Option<Instant>,
@@ -79,6 +81,7 @@ impl System {
             buttons,
             sup,
             ready: false,
+            degraded: false,
             data_full: false,
             shutdown: None,
             last_space_check: None,
@@ -112,7 +115,7 @@ impl System {
         self.check_data_space();
         self.rescan_devices();
         if !self.ready && self.sup.settled() {
-            self.announce_ready();
+            self.settle();
         }
     }
 
@@ -213,24 +216,35 @@ impl System {
         }
     }
 
-    /// The one `ready` line, then the blessing of this boot unless a service failed.
-    fn announce_ready(&mut self) {
-        self.ready = true;
-        let ms = crate::logs::uptime().as_millis() as u64;
-        let (version, slot) = (&self.boot.version, &self.boot.slot);
-        say!("ready version={version} slot={slot} uptime_ms={ms}");
-        self.ctl
-            .event(&json!({"event": "ready", "version": version, "slot": slot, "uptime_ms": ms}));
+    /// Every service has settled. All ready: the one `ready` line and the blessing of this
+    /// boot. Some given up: the one `degraded` line naming them, and no blessing, so that
+    /// boot counting can fall back to the other slot; should they be restarted and come
+    /// up, the box is ready then.
+    fn settle(&mut self) {
         let failed = self.sup.failed();
+        let (version, slot) = (&self.boot.version, &self.boot.slot);
+        let ms = crate::logs::uptime().as_millis() as u64;
         if failed.is_empty() {
+            self.ready = true;
+            say!("ready version={version} slot={slot} uptime_ms={ms}");
+            self.ctl.event(
+                &json!({"event": "ready", "version": version, "slot": slot, "uptime_ms": ms}),
+            );
             if let Err(e) = bless(&self.boot) {
                 self.sup.warn(format!("failed to bless the boot: {e}"));
             }
-        } else {
-            self.sup.warn(format!(
-                "boot not blessed: failed services: {}",
-                failed.join(", ")
-            ));
+        } else if !self.degraded {
+            self.degraded = true;
+            say!(
+                "degraded version={version} slot={slot} uptime_ms={ms} failed={}",
+                failed.join(",")
+            );
+            self.ctl.event(
+                &json!({"event": "degraded", "version": version, "slot": slot,
+                                   "uptime_ms": ms, "failed": failed}),
+            );
+            self.sup
+                .warn("boot not blessed: a service was given up".to_string());
         }
         deliver(&mut self.sup, &mut self.ctl);
     }

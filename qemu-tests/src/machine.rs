@@ -20,6 +20,7 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// Console lines that mean this boot will not reach ready.
 pub const BOOT_FAILURES: &[&str] = &[
+    "edgeos: degraded",
     "edgeos: stage 1 failed",
     "edgeos: stage 2 failed",
     "Kernel panic",
