@@ -1,7 +1,9 @@
 //! The device-mapper control interface (`/dev/mapper/control`), spoken directly: the
 //! `struct dm_ioctl` header and `struct dm_target_spec` from linux/dm-ioctl.h (interface
-//! version 4), packed by hand into a byte buffer. Only what stage 1 needs: create a device,
-//! load a one-target table, resume, read the target status, remove.
+//! version 4), packed by hand into a byte buffer. What init's dm-verity root and storaged's
+//! thin pool need: create a device, load a one-target table, suspend and resume, read the
+//! target status (and parse the thin-pool and thin forms), send target messages, remove.
+//! Facts come from linux/dm-ioctl.h and the kernel's thin-provisioning documentation.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -24,6 +26,8 @@ const OFF_DEV: usize = 40;
 const OFF_NAME: usize = 48;
 
 pub const READONLY_FLAG: u32 = 1 << 0;
+/// With DM_DEV_SUSPEND: suspend (without it the same command resumes).
+pub const SUSPEND_FLAG: u32 = 1 << 1;
 const BUFFER_FULL_FLAG: u32 = 1 << 8;
 
 /// Command numbers (`DM_*_CMD`), the low byte of the ioctl request.
@@ -33,8 +37,10 @@ pub enum Cmd {
     DevCreate = 3,
     DevRemove = 4,
     DevSuspend = 6,
+    DevStatus = 7,
     TableLoad = 9,
     TableStatus = 12,
+    TargetMsg = 14,
 }
 
 /// `_IOWR(DM_IOCTL = 0xfd, cmd, struct dm_ioctl)`: direction read|write (3) in bits 30-31,
@@ -109,6 +115,20 @@ impl Buffer {
         bytes[p..p + params.len()].copy_from_slice(params.as_bytes());
         bytes[p + params.len()] = 0;
         put_u32(bytes, OFF_TARGET_COUNT, 1);
+        Ok(())
+    }
+
+    /// Puts a `struct dm_target_msg` (sector u64, then the NUL-terminated message) after
+    /// the header: the message goes to the target that covers `sector`.
+    pub fn set_message(&mut self, sector: u64, message: &str) -> Result<(), String> {
+        let needed = HEADER_SIZE + 8 + message.len() + 1;
+        if needed > self.bytes().len() {
+            return Err(format!("device-mapper message {message:?} too long"));
+        }
+        let bytes = self.bytes_mut();
+        put_u64(bytes, HEADER_SIZE, sector);
+        bytes[HEADER_SIZE + 8..HEADER_SIZE + 8 + message.len()].copy_from_slice(message.as_bytes());
+        bytes[HEADER_SIZE + 8 + message.len()] = 0;
         Ok(())
     }
 
@@ -260,6 +280,46 @@ impl Control {
             .map_err(|e| format!("{e} (resume of device {name})"))
     }
 
+    /// DM_DEV_SUSPEND with DM_SUSPEND_FLAG: queues new I/O and flushes what is in flight,
+    /// so a snapshot of the device sees a consistent image.
+    pub fn suspend(&self, name: &str) -> Result<(), String> {
+        let mut b = Buffer::new(name, SUSPEND_FLAG, HEADER_SIZE)?;
+        self.ioctl(Cmd::DevSuspend, &mut b)
+            .map_err(|e| format!("{e} (suspend of device {name})"))
+    }
+
+    /// DM_DEV_STATUS: the (major, minor) of an existing device, `None` if there is no
+    /// device of that name (ENXIO).
+    pub fn info(&self, name: &str) -> Result<Option<(u32, u32)>, String> {
+        let mut b = Buffer::new(name, 0, HEADER_SIZE)?;
+        // SAFETY: as in `ioctl`; done inline to tell ENXIO apart from other failures.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                request(Cmd::DevStatus) as _,
+                b.words.as_mut_ptr(),
+            )
+        };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(format!(
+                "device-mapper DevStatus failed: {err} (device {name})"
+            ));
+        }
+        Ok(Some(b.dev()))
+    }
+
+    /// DM_TARGET_MSG to the target at sector 0, e.g. `create_thin 1` to a thin pool.
+    pub fn message(&self, name: &str, message: &str) -> Result<(), String> {
+        let mut b = Buffer::new(name, 0, HEADER_SIZE + 8 + message.len() + 1)?;
+        b.set_message(0, message)?;
+        self.ioctl(Cmd::TargetMsg, &mut b)
+            .map_err(|e| format!("{e} (message {message:?} to device {name})"))
+    }
+
     /// DM_TABLE_STATUS (info form): one status string per target, e.g. `V` or `C` for
     /// verity.
     pub fn status(&self, name: &str) -> Result<Vec<String>, String> {
@@ -286,6 +346,84 @@ impl Control {
     }
 }
 
+/// Parameters of a `linear` target: `<device> <offset in sectors>`.
+pub fn linear_params(major: u32, minor: u32, offset_sectors: u64) -> String {
+    format!("{major}:{minor} {offset_sectors}")
+}
+
+/// The status line of a `thin-pool` target, from the kernel's thin-provisioning
+/// documentation: `<transaction id> <used metadata blocks>/<total metadata blocks>
+/// <used data blocks>/<total data blocks> <held metadata root> ro|rw|out_of_data_space
+/// ...`, or `Fail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinPoolStatus {
+    pub transaction_id: u64,
+    pub used_meta_blocks: u64,
+    pub total_meta_blocks: u64,
+    pub used_data_blocks: u64,
+    pub total_data_blocks: u64,
+    /// `rw`, `ro` or `out_of_data_space`.
+    pub mode: String,
+    /// The kernel asks for a metadata check before the pool may be used read-write.
+    pub needs_check: bool,
+}
+
+impl ThinPoolStatus {
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let bad = || format!("unexpected thin-pool status {line:?}");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&"Fail") {
+            return Err("thin pool has failed (status Fail)".to_owned());
+        }
+        if f.len() < 3 {
+            return Err(bad());
+        }
+        let ratio = |s: &str| -> Result<(u64, u64), String> {
+            let (a, b) = s.split_once('/').ok_or_else(bad)?;
+            Ok((a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
+        };
+        let (used_meta_blocks, total_meta_blocks) = ratio(f[1])?;
+        let (used_data_blocks, total_data_blocks) = ratio(f[2])?;
+        Ok(ThinPoolStatus {
+            transaction_id: f[0].parse().map_err(|_| bad())?,
+            used_meta_blocks,
+            total_meta_blocks,
+            used_data_blocks,
+            total_data_blocks,
+            mode: f.get(4).unwrap_or(&"rw").to_string(),
+            needs_check: f.contains(&"needs_check"),
+        })
+    }
+}
+
+/// The status line of a `thin` target: `<nr mapped sectors> <highest mapped sector>`
+/// (`-` when nothing is mapped), or `Fail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinStatus {
+    pub mapped_sectors: u64,
+    pub highest_mapped_sector: Option<u64>,
+}
+
+impl ThinStatus {
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let bad = || format!("unexpected thin status {line:?}");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&"Fail") {
+            return Err("thin device has failed (status Fail)".to_owned());
+        }
+        if f.len() < 2 {
+            return Err(bad());
+        }
+        Ok(ThinStatus {
+            mapped_sectors: f[0].parse().map_err(|_| bad())?,
+            highest_mapped_sector: match f[1] {
+                "-" => None,
+                n => Some(n.parse().map_err(|_| bad())?),
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +436,60 @@ mod tests {
         assert_eq!(request(Cmd::DevSuspend), 0xc138_fd06);
         assert_eq!(request(Cmd::TableLoad), 0xc138_fd09);
         assert_eq!(request(Cmd::TableStatus), 0xc138_fd0c);
+        assert_eq!(request(Cmd::DevStatus), 0xc138_fd07);
+        assert_eq!(request(Cmd::TargetMsg), 0xc138_fd0e);
+    }
+
+    #[test]
+    fn message_follows_the_header_after_its_sector() {
+        let mut b = Buffer::new("pool", 0, 312 + 8 + 14).unwrap();
+        b.set_message(0, "create_thin 7").unwrap();
+        let bytes = b.bytes();
+        assert_eq!(u64::from_ne_bytes(bytes[312..320].try_into().unwrap()), 0);
+        assert_eq!(&bytes[320..334], b"create_thin 7\0");
+        assert!(b.set_message(0, &"x".repeat(20)).is_err());
+    }
+
+    #[test]
+    fn thin_pool_status_is_parsed() {
+        let s = ThinPoolStatus::parse(
+            "3 141/1024 80/2000 - rw discard_passdown queue_if_no_space - 1024",
+        )
+        .unwrap();
+        assert_eq!(s.transaction_id, 3);
+        assert_eq!((s.used_meta_blocks, s.total_meta_blocks), (141, 1024));
+        assert_eq!((s.used_data_blocks, s.total_data_blocks), (80, 2000));
+        assert_eq!(s.mode, "rw");
+        assert!(!s.needs_check);
+        let full = ThinPoolStatus::parse(
+            "0 10/10 5/5 - out_of_data_space discard_passdown error_if_no_space needs_check 4",
+        )
+        .unwrap();
+        assert_eq!(full.mode, "out_of_data_space");
+        assert!(full.needs_check);
+        assert!(ThinPoolStatus::parse("Fail").is_err());
+        assert!(ThinPoolStatus::parse("1 2 3").is_err());
+    }
+
+    #[test]
+    fn thin_status_is_parsed() {
+        assert_eq!(
+            ThinStatus::parse("2048 4095").unwrap(),
+            ThinStatus {
+                mapped_sectors: 2048,
+                highest_mapped_sector: Some(4095)
+            }
+        );
+        assert_eq!(
+            ThinStatus::parse("0 -").unwrap().highest_mapped_sector,
+            None
+        );
+        assert!(ThinStatus::parse("Fail").is_err());
+    }
+
+    #[test]
+    fn linear_params_name_device_and_offset() {
+        assert_eq!(linear_params(259, 1, 8192), "259:1 8192");
     }
 
     #[test]

@@ -8,7 +8,6 @@ mod config;
 mod console;
 mod control;
 mod disk;
-mod dm;
 mod ext4;
 mod logs;
 mod modules;
@@ -22,6 +21,8 @@ mod status;
 mod supervisor;
 mod verity;
 mod watchdog;
+
+use edge_dm as dm;
 
 fn main() {
     if std::path::Path::new("/etc/initrd-release").exists() {
