@@ -1,38 +1,89 @@
-//! storaged: volumes from the NVMe pool, served through CSI. For now it loads its config,
-//! prepares its catalog directory on the data partition and reports ready; the pool and
-//! CSI are issue #5.
+//! storaged: volumes from the NVMe pool, served through CSI. Today it claims the
+//! configured pool device (or says there is none), activates the thin pool, rediscovers
+//! the catalog's volumes and reports ready; CSI comes next (issue #5).
 
 use std::path::PathBuf;
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    /// Where the volume catalog lives (on the data partition).
+    /// Where storaged keeps node-local state (on the data partition).
     state_dir: PathBuf,
     /// The CSI endpoint (unix socket) it will serve.
     csi_socket: PathBuf,
+    /// The device the pool lives on, e.g. `/dev/nvme1n1`. Absent: no pool on this box.
+    #[serde(default)]
+    pool_device: Option<PathBuf>,
+    /// Overwrite whatever the pool device holds (a partition table, a filesystem,
+    /// another pool). Never set this in a shipped config.
+    #[serde(default)]
+    pool_force: bool,
+    /// Volumes may promise this percentage of the pool's data area in total.
+    #[serde(default = "default_overcommit")]
+    overcommit_percent: u32,
+}
+
+fn default_overcommit() -> u32 {
+    200
 }
 
 impl edge_common::Validate for Config {
     fn validate(&self) -> Result<(), (String, String)> {
-        for (key, path) in [
-            ("state_dir", &self.state_dir),
-            ("csi_socket", &self.csi_socket),
-        ] {
-            if !path.is_absolute() {
+        let paths = [
+            ("state_dir", Some(&self.state_dir)),
+            ("csi_socket", Some(&self.csi_socket)),
+            ("pool_device", self.pool_device.as_ref()),
+        ];
+        for (key, path) in paths {
+            if let Some(path) = path.filter(|p| !p.is_absolute()) {
                 return Err((
                     key.into(),
                     format!("{} is not an absolute path", path.display()),
                 ));
             }
         }
+        if !(100..=1000).contains(&self.overcommit_percent) {
+            return Err((
+                "overcommit_percent".into(),
+                format!("{} is not within 100..=1000", self.overcommit_percent),
+            ));
+        }
         Ok(())
     }
 }
 
+fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
+    let Some(device) = &config.pool_device else {
+        tracing::warn!("no pool device configured (pool_device): serving no volumes");
+        return Ok(None);
+    };
+    if !device.exists() {
+        tracing::warn!(device = %device.display(), "no pool device: it does not exist; serving no volumes");
+        return Ok(None);
+    }
+    let opts = storaged::Options {
+        force: config.pool_force,
+        overcommit_percent: config.overcommit_percent,
+        ..Default::default()
+    };
+    let pool = storaged::Pool::open(device, opts).map_err(|e| e.to_string())?;
+    let st = pool.status().map_err(|e| e.to_string())?;
+    tracing::info!(
+        device = %device.display(),
+        volumes = pool.volumes().len(),
+        data_used = st.used_data_blocks,
+        data_total = st.total_data_blocks,
+        meta_used = st.used_meta_blocks,
+        meta_total = st.total_meta_blocks,
+        "pool ready"
+    );
+    Ok(Some(pool))
+}
+
 async fn serve(config: Config) -> Result<(), String> {
     edge_common::ensure_dir(&config.state_dir).map_err(|e| e.to_string())?;
-    tracing::info!(state_dir = %config.state_dir.display(), "catalog directory ready");
+    // Held for the life of the daemon; CSI will serve from it.
+    let _pool = claim(&config)?;
     edge_common::notify_ready().map_err(|e| e.to_string())?;
     std::future::pending().await
 }
