@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_fabric;
 mod host;
 mod image;
 mod run;
@@ -35,7 +36,7 @@ enum Cmd {
     },
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
-        /// Which benchmark: boot
+        /// Which benchmark: boot or fabric
         which: String,
         /// How many boots to take the median of.
         #[arg(long, default_value_t = 3)]
@@ -59,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Run => run::run(),
         Cmd::Test { filter } => test::run(filter),
+        Cmd::Bench { which, .. } if which == "fabric" => bench_fabric::run(),
         Cmd::Bench { which, runs } => bench::run(&which, runs),
     }
 }

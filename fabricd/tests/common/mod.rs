@@ -396,10 +396,9 @@ impl Nats {
         });
     }
 
-    /// Stops the core the way an operator does (SIGTERM). Not SIGKILL: nats-server 2.9
-    /// acks a JetStream publish before its file store has written it (a flusher
-    /// goroutine does that moments later), so a killed core loses records it had
-    /// acknowledged, which no edge can detect.
+    /// Stops the core the way an operator does (SIGTERM). Not SIGKILL: that would test
+    /// the core's own durability (nats-server's file store syncs lazily, so a killed
+    /// core may forget publishes it acked), which no edge can make up for.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
