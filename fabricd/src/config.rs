@@ -39,6 +39,9 @@ pub struct Config {
     pub classes: Vec<ClassConfig>,
     /// The core's JetStream; without it records are kept locally only.
     pub core: Option<CoreConfig>,
+    /// A file holding the `[core]` table, read at start if it exists: the core's
+    /// address and this box's TLS identity are site provisioning, not image content.
+    pub core_file: Option<PathBuf>,
     /// What the core sends to this edge (needs `[core]`).
     pub downlink: Option<DownlinkConfig>,
 }
@@ -197,6 +200,54 @@ impl Config {
     }
 }
 
+fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
+    if core.servers.is_empty() {
+        return Err(("core.servers".into(), "at least one URL is needed".into()));
+    }
+    if check_topic(&core.prefix).is_err() {
+        return Err((
+            "core.prefix".into(),
+            format!("`{}` must be dot-separated subject tokens", core.prefix),
+        ));
+    }
+    if core.window == 0 || core.window > 65536 {
+        return Err(("core.window".into(), "must be between 1 and 65536".into()));
+    }
+    for (k, p) in [
+        ("core.ca", &core.ca),
+        ("core.cert", &core.cert),
+        ("core.key", &core.key),
+    ] {
+        if !p.is_absolute() {
+            return Err((k.into(), format!("{} is not an absolute path", p.display())));
+        }
+    }
+    Ok(())
+}
+
+/// The provisioned core file: just the `[core]` table.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoreFile {
+    core: CoreConfig,
+}
+
+impl edge_common::Validate for CoreFile {
+    fn validate(&self) -> Result<(), (String, String)> {
+        check_core(&self.core)
+    }
+}
+
+/// Reads the provisioned `[core]` from `path`: None when the box has none (no file).
+pub fn load_core_file(path: &std::path::Path) -> Result<Option<CoreConfig>, String> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    edge_common::load_config::<CoreFile>(path)
+        .map(|f| Some(f.core))
+        .map_err(|e| e.to_string())
+}
+
 impl edge_common::Validate for Config {
     fn validate(&self) -> Result<(), (String, String)> {
         for (key, token) in [("site", &self.site), ("machine", &self.machine)] {
@@ -260,31 +311,25 @@ impl edge_common::Validate for Config {
             }
         }
         if let Some(core) = &self.core {
-            if core.servers.is_empty() {
-                return Err(("core.servers".into(), "at least one URL is needed".into()));
+            check_core(core)?;
+        }
+        if let Some(f) = &self.core_file {
+            if self.core.is_some() {
+                return Err(("core_file".into(), "give either [core] or core_file".into()));
             }
-            if check_topic(&core.prefix).is_err() {
+            if !f.is_absolute() {
                 return Err((
-                    "core.prefix".into(),
-                    format!("`{}` must be dot-separated subject tokens", core.prefix),
+                    "core_file".into(),
+                    format!("{} is not an absolute path", f.display()),
                 ));
-            }
-            if core.window == 0 || core.window > 65536 {
-                return Err(("core.window".into(), "must be between 1 and 65536".into()));
-            }
-            for (k, p) in [
-                ("core.ca", &core.ca),
-                ("core.cert", &core.cert),
-                ("core.key", &core.key),
-            ] {
-                if !p.is_absolute() {
-                    return Err((k.into(), format!("{} is not an absolute path", p.display())));
-                }
             }
         }
         if let Some(d) = &self.downlink {
-            if self.core.is_none() {
-                return Err(("downlink".into(), "needs a [core] to download from".into()));
+            if self.core.is_none() && self.core_file.is_none() {
+                return Err((
+                    "downlink".into(),
+                    "needs a [core] (or core_file) to download from".into(),
+                ));
             }
             for (k, p) in [
                 ("downlink.public_key", &d.public_key),

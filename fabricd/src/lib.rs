@@ -17,7 +17,21 @@ use config::Config;
 use produce::Ingest;
 
 /// Opens the log, starts the listeners and reports ready. Returns only on a fatal error.
-pub async fn serve(config: Config) -> Result<(), String> {
+pub async fn serve(mut config: Config) -> Result<(), String> {
+    if let Some(path) = &config.core_file {
+        // A bad provisioning file must not stop the log taking records: say why, and
+        // keep them locally (as with no core) until it is fixed and fabricd restarted.
+        match config::load_core_file(path) {
+            Ok(Some(core)) => {
+                tracing::info!(file = %path.display(), servers = ?core.servers, "core provisioned");
+                config.core = Some(core);
+            }
+            Ok(None) => {
+                tracing::info!(file = %path.display(), "no core provisioned; records stay local")
+            }
+            Err(e) => tracing::error!("{e}; records stay local"),
+        }
+    }
     let config = Arc::new(config);
     edge_common::ensure_dir(&config.log_dir).map_err(|e| e.to_string())?;
     let limits = log::Limits {

@@ -14,6 +14,7 @@ mod modules;
 mod mounts;
 mod net;
 mod power;
+mod provision;
 mod services;
 mod stage1;
 mod stage2;

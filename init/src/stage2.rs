@@ -60,6 +60,12 @@ impl System {
         say!("stage 2: version {} slot {}", boot.version, boot.slot);
         let config = load_config();
         load_modules();
+        for line in crate::provision::apply(
+            Path::new(crate::provision::FW_CFG_ITEM),
+            Path::new(crate::provision::DIR),
+        ) {
+            say!("{line}");
+        }
         for line in crate::net::setup(&config.network, Path::new(RESOLV)) {
             say!("{line}");
         }

@@ -49,6 +49,14 @@ pub struct Options {
     pub kvm: bool,
     /// Attach a TPM (swtpm). The harness's own firmware-only check turns it off.
     pub tpm: bool,
+    /// User-net port forwards from the host's loopback into the guest:
+    /// (host port, guest port), `hostfwd=tcp:127.0.0.1:<host>-:<guest>`.
+    pub hostfwd: Vec<(u16, u16)>,
+    /// User-net guest forwards, each the text after `guestfwd=`, e.g.
+    /// `tcp:10.0.2.100:4222-cmd:socat - TCP:127.0.0.1:4222` (no commas).
+    pub guestfwd: Vec<String>,
+    /// fw_cfg items: (name, host file), e.g. `opt/org.edgeos/provision`.
+    pub fw_cfg: Vec<(String, PathBuf)>,
 }
 
 impl Options {
@@ -61,6 +69,9 @@ impl Options {
             console: ConsoleMode::File,
             kvm: std::env::var("EDGEOS_KVM").as_deref() == Ok("1"),
             tpm: true,
+            hostfwd: Vec::new(),
+            guestfwd: Vec::new(),
+            fw_cfg: Vec::new(),
         }
     }
 }
@@ -277,6 +288,18 @@ impl Machine {
             .with_context(|| format!("failed to open {}", p.display()))
     }
 
+    /// User networking, restricted (no route out), plus the forwards the test asked for.
+    fn nic(&self) -> String {
+        let mut nic = String::from("user,model=virtio-net-pci,restrict=on");
+        for (host, guest) in &self.opts.hostfwd {
+            nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        for g in &self.opts.guestfwd {
+            nic.push_str(&format!(",guestfwd={g}"));
+        }
+        nic
+    }
+
     /// The QEMU command line shared by tests, benchmarks and `cargo xtask run`.
     pub fn qemu_command(&self) -> Command {
         let d = &self.path;
@@ -305,7 +328,8 @@ impl Machine {
             .args(["-device", "nvme,drive=boot,serial=edgeos-boot"])
             .args(["-device", "i6300esb", "-action", "watchdog=reset"])
             .args(["-device", "virtio-rng-pci"])
-            .args(["-nic", "user,model=virtio-net-pci,restrict=on"])
+            .arg("-nic")
+            .arg(self.nic())
             .args(["-device", "virtio-serial-pci"])
             .arg("-chardev")
             .arg(format!(
@@ -321,6 +345,10 @@ impl Machine {
                 "unix:{},server=on,wait=off",
                 d.join("qmp.sock").display()
             ));
+        for (name, file) in &self.opts.fw_cfg {
+            cmd.arg("-fw_cfg")
+                .arg(format!("name={name},file={}", file.display()));
+        }
         if self.opts.tpm {
             cmd.arg("-chardev")
                 .arg(format!(

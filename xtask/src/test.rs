@@ -55,6 +55,7 @@ pub fn run(filter: Option<String>) -> Result<()> {
 
     let mut packages: Vec<&str> = crate::run::VM_PACKAGES.to_vec();
     packages.push("fdisk"); // sfdisk, for the harness self-test
+    packages.push("socat"); // the fabric scenario's relay from the guest to the core
     step("host packages", &mut || {
         crate::host::ensure_packages(&packages)
     });

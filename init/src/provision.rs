@@ -1,0 +1,143 @@
+//! Site provisioning: the core's address and this box's TLS identity are not image
+//! content (the root is byte-reproducible and holds no private keys), so they come
+//! from outside. In QEMU that is the fw_cfg item `opt/org.edgeos/provision`: a TOML
+//! table of `"relative/path" = "file contents"`, unpacked into
+//! `/var/lib/edge/provision/` (directories 0700, files 0600, each written atomically).
+//! No item, nothing happens; a bad one is reported and skipped, never fatal.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+pub const FW_CFG_ITEM: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.edgeos/provision/raw";
+pub const DIR: &str = "/var/lib/edge/provision";
+
+/// Unpacks the bundle at `source` (if present) into `dir`; returns console lines.
+pub fn apply(source: &Path, dir: &Path) -> Vec<String> {
+    let text = match fs::read(source) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => return vec![format!("warning: failed to read {}: {e}", source.display())],
+    };
+    let table: toml::Table = match std::str::from_utf8(&text)
+        .map_err(|e| e.to_string())
+        .and_then(|t| toml::from_str(t).map_err(|e| e.to_string()))
+    {
+        Ok(t) => t,
+        Err(e) => {
+            return vec![format!(
+                "warning: provisioning {} is not a TOML table of files: {}",
+                source.display(),
+                e.trim_end().replace('\n', " ")
+            )]
+        }
+    };
+    if let Err(e) = make_dir(dir) {
+        return vec![format!("warning: failed to create {}: {e}", dir.display())];
+    }
+    let mut lines = Vec::new();
+    let mut written = 0;
+    for (name, value) in &table {
+        let result = match value.as_str() {
+            None => Err("the value is not a string".to_string()),
+            Some(contents) => target(dir, name).and_then(|path| {
+                write_file(dir, &path, contents.as_bytes())
+                    .map_err(|e| format!("failed to write {}: {e}", path.display()))
+            }),
+        };
+        match result {
+            Ok(()) => written += 1,
+            Err(e) => lines.push(format!("warning: provisioning `{name}` skipped: {e}")),
+        }
+    }
+    lines.push(format!(
+        "provisioning: {written} file(s) from {} into {}",
+        source.display(),
+        dir.display()
+    ));
+    lines
+}
+
+/// `name` under `dir`, refusing anything that could leave it.
+fn target(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let rel = Path::new(name);
+    if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err("the path must be relative, without `..` or `.`".into());
+    }
+    Ok(dir.join(rel))
+}
+
+fn make_dir(dir: &Path) -> std::io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    // An existing directory keeps its mode on create: make sure.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Writes a temp file beside `path`, syncs it and renames it over `path`.
+fn write_file(dir: &Path, path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let parent = path.parent().unwrap_or(dir);
+    if parent != dir {
+        make_dir(parent)?;
+    }
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = parent.join(format!(".{file_name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    fs::File::open(parent)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_unpacked_private_and_escapes_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("raw");
+        fs::write(
+            &src,
+            "\"fabricd-core.toml\" = \"[core]\\n\"\n\"tls/client.key\" = \"KEY\"\n\
+             \"../evil\" = \"x\"\n\"/etc/evil\" = \"x\"\n\"n\" = 3\n",
+        )
+        .unwrap();
+        let dir = tmp.path().join("var/lib/edge/provision");
+        let lines = apply(&src, &dir);
+        assert_eq!(
+            fs::read(dir.join("fabricd-core.toml")).unwrap(),
+            b"[core]\n"
+        );
+        assert_eq!(fs::read(dir.join("tls/client.key")).unwrap(), b"KEY");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("tls")), 0o700);
+        assert_eq!(mode(&dir.join("tls/client.key")), 0o600);
+        assert!(!tmp.path().join("var/lib/edge/evil").exists());
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("skipped")).count(),
+            3,
+            "{lines:?}"
+        );
+        assert!(lines.last().unwrap().contains("2 file(s)"), "{lines:?}");
+    }
+
+    #[test]
+    fn no_item_does_nothing_and_garbage_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("p");
+        assert!(apply(&tmp.path().join("absent"), &dir).is_empty());
+        assert!(!dir.exists());
+        let src = tmp.path().join("raw");
+        fs::write(&src, "not = toml = at all").unwrap();
+        let lines = apply(&src, &dir);
+        assert!(lines[0].contains("not a TOML table"), "{lines:?}");
+        assert!(!dir.exists());
+    }
+}
