@@ -10,6 +10,7 @@ pub mod control;
 pub mod disk;
 pub mod gpt;
 pub mod interactive;
+pub mod lightvm;
 pub mod machine;
 pub mod process;
 pub mod qmp;

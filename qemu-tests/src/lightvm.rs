@@ -1,0 +1,406 @@
+//! The light VM: Debian's kernel booted directly (no firmware, no image) with a generated
+//! initramfs whose /init is a static test program, plus raw NVMe disks. For subsystems
+//! the host kernel lacks (device-mapper): a boot takes seconds under TCG.
+//!
+//! The kernel and its modules come from the same pinned package the image uses
+//! (`image/image.toml` [kernel]), from the image builder's .deb cache. The test program
+//! prints `TEST <name> ok` or `TEST <name> FAILED: <why>` on the console and powers off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace root (qemu-tests' parent).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The unpacked kernel package: vmlinuz and its module tree with modules.dep.
+pub struct Kernel {
+    pub vmlinuz: PathBuf,
+    pub modules_dir: PathBuf,
+    pub release: String,
+    deps: BTreeMap<String, Vec<String>>,
+    by_name: BTreeMap<String, String>,
+}
+
+fn kernel_pin(image_toml: &str) -> Result<(String, String, String)> {
+    let mut in_kernel = false;
+    let mut found: BTreeMap<String, String> = BTreeMap::new();
+    for line in image_toml.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_kernel = line == "[kernel]";
+            continue;
+        }
+        if let (true, Some((k, v))) = (in_kernel, line.split_once('=')) {
+            let k = k.trim();
+            if ["package", "version", "release"].contains(&k) {
+                found.insert(k.to_owned(), v.trim().trim_matches('"').to_owned());
+            }
+        }
+    }
+    match (
+        found.get("package"),
+        found.get("version"),
+        found.get("release"),
+    ) {
+        (Some(p), Some(v), Some(r)) => Ok((p.clone(), v.clone(), r.clone())),
+        _ => bail!("image/image.toml: [kernel] needs package, version and release"),
+    }
+}
+
+fn deb_cache() -> Result<PathBuf> {
+    let base = match std::env::var_os("EDGEOS_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/edgeos"),
+    };
+    Ok(base.join("debs"))
+}
+
+fn module_name(path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.split(".ko").next().unwrap_or(base).replace('-', "_")
+}
+
+impl Kernel {
+    /// Unpacks the pinned kernel package once into `target/lightvm/` (fetching the .deb
+    /// into the image builder's cache if it is not there) and runs depmod on it.
+    pub fn get() -> Result<Kernel> {
+        let root = workspace_root();
+        let toml_path = root.join("image/image.toml");
+        let text = std::fs::read_to_string(&toml_path)
+            .with_context(|| format!("failed to read {}", toml_path.display()))?;
+        let (package, version, release) = kernel_pin(&text)?;
+        let cache = deb_cache()?;
+        let deb = cache.join(format!(
+            "{package}_{}_amd64.deb",
+            version.replace(':', "%3a")
+        ));
+        if !deb.is_file() {
+            std::fs::create_dir_all(&cache)?;
+            let st = Command::new("apt-get")
+                .args(["download", &format!("{package}={version}")])
+                .current_dir(&cache)
+                .status()
+                .context("failed to run apt-get download")?;
+            if !st.success() || !deb.is_file() {
+                bail!(
+                    "could not fetch {package}={version} into {}",
+                    cache.display()
+                );
+            }
+        }
+        let dir = root
+            .join("target/lightvm")
+            .join(format!("kernel-{version}"));
+        let modules_dir = dir.join("lib/modules").join(&release);
+        let done = dir.join(".unpacked");
+        if !done.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let st = Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(&dir)
+                .status()?;
+            if !st.success() {
+                bail!("dpkg-deb -x {} failed", deb.display());
+            }
+            let depmod = ["/usr/sbin/depmod", "/sbin/depmod"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .unwrap_or("depmod");
+            let st = Command::new(depmod)
+                .arg("-b")
+                .arg(&dir)
+                .arg(&release)
+                .status()?;
+            if !st.success() {
+                bail!("depmod on {} failed", dir.display());
+            }
+            std::fs::write(&done, "")?;
+        }
+        let dep_path = modules_dir.join("modules.dep");
+        let dep = std::fs::read_to_string(&dep_path)
+            .with_context(|| format!("failed to read {}", dep_path.display()))?;
+        let mut deps = BTreeMap::new();
+        let mut by_name = BTreeMap::new();
+        for line in dep.lines() {
+            if let Some((m, d)) = line.split_once(':') {
+                by_name.insert(module_name(m), m.to_owned());
+                deps.insert(
+                    m.to_owned(),
+                    d.split_whitespace().map(String::from).collect(),
+                );
+            }
+        }
+        Ok(Kernel {
+            vmlinuz: dir.join("boot").join(format!("vmlinuz-{release}")),
+            modules_dir,
+            release,
+            deps,
+            by_name,
+        })
+    }
+
+    /// Module paths (relative to the module directory) for `wanted`, dependencies
+    /// first, each once. Names not in modules.dep are taken as built in.
+    pub fn load_order(&self, wanted: &[&str]) -> Result<Vec<String>> {
+        fn visit(
+            k: &Kernel,
+            p: &str,
+            seen: &mut BTreeSet<String>,
+            out: &mut Vec<String>,
+        ) -> Result<()> {
+            if !seen.insert(p.to_owned()) {
+                return Ok(());
+            }
+            let deps = k
+                .deps
+                .get(p)
+                .with_context(|| format!("modules.dep lacks {p}"))?;
+            for d in deps {
+                visit(k, d, seen, out)?;
+            }
+            out.push(p.to_owned());
+            Ok(())
+        }
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for w in wanted {
+            if let Some(p) = self.by_name.get(&w.replace('-', "_")) {
+                visit(self, p, &mut seen, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A minimal newc cpio writer (owners root, times zero).
+struct Cpio<W: Write> {
+    out: W,
+    ino: u32,
+    len: usize,
+}
+
+impl<W: Write> Cpio<W> {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> Result<()> {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        let mut h = String::from("070701");
+        for f in fields {
+            h.push_str(&format!("{f:08X}"));
+        }
+        self.put(h.as_bytes())?;
+        self.put(name.as_bytes())?;
+        self.put(&[0])?;
+        self.pad()?;
+        self.put(data)?;
+        self.pad()
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.out.write_all(b)?;
+        self.len += b.len();
+        Ok(())
+    }
+
+    fn pad(&mut self) -> Result<()> {
+        let n = (4 - self.len % 4) % 4;
+        self.put(&[0; 3][..n])
+    }
+}
+
+/// Writes an initramfs: `init` as /init, the modules for `wanted` under
+/// /lib/modules/<release>/ and their load order in /modules.order.
+pub fn initramfs(kernel: &Kernel, init: &Path, wanted: &[&str], out: &Path) -> Result<()> {
+    let order = kernel.load_order(wanted)?;
+    let file = std::fs::File::create(out)
+        .with_context(|| format!("failed to create {}", out.display()))?;
+    let mut c = Cpio {
+        out: std::io::BufWriter::new(file),
+        ino: 0,
+        len: 0,
+    };
+    let bin = std::fs::read(init).with_context(|| format!("failed to read {}", init.display()))?;
+    c.entry("init", 0o100755, &bin)?;
+    let mut dirs = BTreeSet::new();
+    let mut list = String::new();
+    for m in &order {
+        let full = format!("lib/modules/{}/{m}", kernel.release);
+        let mut prefix = String::new();
+        for part in full
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map(|x| x.1)
+            .unwrap_or(&[])
+        {
+            prefix = if prefix.is_empty() {
+                (*part).to_owned()
+            } else {
+                format!("{prefix}/{part}")
+            };
+            if dirs.insert(prefix.clone()) {
+                c.entry(&prefix, 0o040755, &[])?;
+            }
+        }
+        let data = std::fs::read(kernel.modules_dir.join(m))
+            .with_context(|| format!("failed to read module {m}"))?;
+        c.entry(&full, 0o100644, &data)?;
+        list.push_str(&format!("/{full}\n"));
+    }
+    c.entry("modules.order", 0o100644, list.as_bytes())?;
+    c.entry("TRAILER!!!", 0, &[])?;
+    c.out.flush()?;
+    Ok(())
+}
+
+/// One result line of the test program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestLine {
+    pub name: String,
+    /// `None` if it passed, else why it failed.
+    pub failure: Option<String>,
+}
+
+/// The `TEST <name> ok` / `TEST <name> FAILED: <why>` lines of a console log.
+pub fn parse_tests(console: &str) -> Vec<TestLine> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim_end_matches('\r').split_once("TEST ")?.1;
+            let (name, verdict) = rest.split_once(' ')?;
+            let failure = match verdict {
+                "ok" => None,
+                v => Some(v.strip_prefix("FAILED: ").unwrap_or(v).to_owned()),
+            };
+            Some(TestLine {
+                name: name.to_owned(),
+                failure,
+            })
+        })
+        .collect()
+}
+
+pub struct Boot<'a> {
+    pub kernel: &'a Kernel,
+    pub initramfs: &'a Path,
+    /// Raw disks and the serial number each NVMe controller reports.
+    pub disks: Vec<(PathBuf, String)>,
+    /// Appended to the kernel command line (e.g. `vmtest.phase=second`).
+    pub append: String,
+    pub console: PathBuf,
+    pub timeout: Duration,
+}
+
+/// Boots, waits for power-off (or the timeout, which kills QEMU and is an error), and
+/// returns the console log.
+pub fn boot(b: &Boot) -> Result<String> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel", "tcg", "-m", "1024", "-smp", "1", "-display", "none",
+    ])
+    .args(["-no-reboot", "-nic", "none", "-monitor", "none"])
+    .arg("-serial")
+    .arg(format!("file:{}", b.console.display()))
+    .arg("-kernel")
+    .arg(&b.kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(b.initramfs)
+    .arg("-append")
+    .arg(format!("console=ttyS0 quiet panic=-1 {}", b.append));
+    for (i, (path, serial)) in b.disks.iter().enumerate() {
+        cmd.arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=d{i},format=raw",
+                path.display()
+            ))
+            .arg("-device")
+            .arg(format!("nvme,drive=d{i},serial={serial}"));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("failed to start qemu-system-x86_64")?;
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            let console = std::fs::read_to_string(&b.console).unwrap_or_default();
+            if !st.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                bail!("qemu exited with {st}: {err}\nconsole:\n{console}");
+            }
+            return Ok(console);
+        }
+        if start.elapsed() > b.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let console = std::fs::read_to_string(&b.console).unwrap_or_default();
+            bail!(
+                "light VM did not power off within {:?}; console:\n{console}",
+                b.timeout
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_lines_are_parsed() {
+        let log = "[ 1.0] boot\nTEST a ok\r\nTEST b FAILED: volume x: gone\nnoise TEST\n";
+        assert_eq!(
+            parse_tests(log),
+            vec![
+                TestLine {
+                    name: "a".into(),
+                    failure: None
+                },
+                TestLine {
+                    name: "b".into(),
+                    failure: Some("volume x: gone".into())
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_pin_is_read_from_the_kernel_section() {
+        let t = "[image]\nversion = \"9\"\n[kernel]\npackage = \"linux-image-x\"\nversion = \"1.2\"\nrelease = \"6.1.0-x\"\n";
+        assert_eq!(
+            kernel_pin(t).unwrap(),
+            ("linux-image-x".into(), "1.2".into(), "6.1.0-x".into())
+        );
+        assert!(kernel_pin("[image]\nversion = \"1\"\n").is_err());
+    }
+}

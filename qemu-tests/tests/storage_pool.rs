@@ -1,0 +1,150 @@
+//! storaged's pool on a real kernel device-mapper, in the light VM (the host kernel has
+//! none): foreign data is refused and left byte-identical; volumes, snapshots, delete,
+//! expand; the catalog and data survive a reboot; a full pool fails writes and keeps
+//! what was written before. The guest side is `storaged-vmtest`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use qemu_tests::lightvm::{self, Boot, Kernel};
+
+const MODULES: &[&str] = &["crc32c_generic", "nvme", "dm_thin_pool"];
+
+/// Builds the static test program the way the image builder builds its binaries.
+fn vmtest_binary() -> PathBuf {
+    let root = lightvm::workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
+        .args(["-p", "storaged", "--bin", "storaged-vmtest"])
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .status()
+        .expect("failed to run cargo build");
+    assert!(st.success(), "building storaged-vmtest failed");
+    root.join("target/x86_64-unknown-linux-gnu/release/storaged-vmtest")
+}
+
+fn raw_disk(path: &Path, bytes: u64) {
+    let f = std::fs::File::create(path).expect("create disk");
+    f.set_len(bytes).expect("size disk");
+}
+
+/// A disk that starts with an MBR partition table and some data after it.
+fn foreign_disk(path: &Path) -> Vec<u8> {
+    let mut head = vec![0u8; 1 << 20];
+    // One partition entry (type 0x83, from LBA 2048) and the boot signature.
+    head[446 + 4] = 0x83;
+    head[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    head[446 + 12..446 + 16].copy_from_slice(&100_000u32.to_le_bytes());
+    head[510] = 0x55;
+    head[511] = 0xaa;
+    for (i, b) in head[4096..].iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    raw_disk(path, 64 << 20);
+    std::fs::write(path, &head).expect("write foreign disk");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("size foreign disk");
+    std::fs::read(path).expect("read foreign disk")
+}
+
+fn run(
+    kernel: &Kernel,
+    initrd: &Path,
+    dir: &Path,
+    phase: &str,
+    disks: Vec<(PathBuf, String)>,
+) -> String {
+    let console = lightvm::boot(&Boot {
+        kernel,
+        initramfs: initrd,
+        disks,
+        append: format!("vmtest.phase={phase}"),
+        console: dir.join(format!("console-{phase}.log")),
+        timeout: Duration::from_secs(300),
+    })
+    .unwrap_or_else(|e| panic!("{phase} boot: {e:#}"));
+    assert!(
+        console.contains("VMTEST DONE"),
+        "{phase} boot did not finish:\n{console}"
+    );
+    console
+}
+
+fn assert_passed(console: &str, phase: &str, expected: &[&str]) {
+    let lines = lightvm::parse_tests(console);
+    let failed: Vec<_> = lines.iter().filter(|l| l.failure.is_some()).collect();
+    assert!(
+        failed.is_empty(),
+        "{phase}: {failed:#?}\nconsole:\n{console}"
+    );
+    for name in expected {
+        assert!(
+            lines.iter().any(|l| l.name == *name),
+            "{phase}: test {name} did not run\nconsole:\n{console}"
+        );
+    }
+}
+
+#[test]
+fn pool_volumes_snapshots_reboot_and_full_pool() {
+    let bin = vmtest_binary();
+    let kernel = Kernel::get().expect("kernel");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let initrd = dir.path().join("initrd.cpio");
+    lightvm::initramfs(&kernel, &bin, MODULES, &initrd).expect("initramfs");
+    let pool = dir.path().join("pool0.raw");
+    raw_disk(&pool, 128 << 20);
+    let foreign = dir.path().join("foreign0.raw");
+    let original = foreign_disk(&foreign);
+
+    let first = run(
+        &kernel,
+        &initrd,
+        dir.path(),
+        "first",
+        vec![
+            (pool.clone(), "pool0".into()),
+            (foreign.clone(), "foreign0".into()),
+        ],
+    );
+    assert_passed(
+        &first,
+        "first",
+        &[
+            "foreign_data_refused",
+            "create_pool",
+            "two_volumes_write_and_read",
+            "snapshot_keeps_old_data",
+            "delete_returns_space",
+            "expand_keeps_data",
+            "bad_requests_are_named_errors",
+            "close",
+        ],
+    );
+    assert!(
+        std::fs::read(&foreign).expect("read foreign disk") == original,
+        "the foreign disk changed"
+    );
+
+    let second = run(
+        &kernel,
+        &initrd,
+        dir.path(),
+        "second",
+        vec![(pool, "pool0".into())],
+    );
+    assert_passed(
+        &second,
+        "second",
+        &["data_survives_reboot", "full_pool_errors_and_keeps_data"],
+    );
+}
