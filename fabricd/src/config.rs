@@ -366,7 +366,38 @@ mod tests {
             "/../image/overlay/etc/edge/fabricd.toml"
         );
         let c: Config = edge_common::load_config(std::path::Path::new(path)).unwrap();
-        assert!(c.core.is_none(), "the image has no core yet");
+        assert!(c.core.is_none(), "the image holds no site's core");
+        assert_eq!(
+            c.core_file.as_deref(),
+            Some(std::path::Path::new(
+                "/var/lib/edge/provision/fabricd-core.toml"
+            ))
+        );
         assert!(c.class_of("anything.at.all").is_some());
+    }
+
+    #[test]
+    fn provisioned_core_file_is_read_when_present_and_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("fabricd-core.toml");
+        assert!(load_core_file(&f).unwrap().is_none(), "no file, no core");
+        std::fs::write(
+            &f,
+            "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"/p/ca.pem\"\ncert = \"/p/c.pem\"\nkey = \"/p/c.key\"\n",
+        )
+        .unwrap();
+        let core = load_core_file(&f).unwrap().unwrap();
+        assert_eq!(core.servers, ["tls://10.0.2.100:4222"]);
+        assert_eq!(core.prefix, "edge");
+        std::fs::write(
+            &f,
+            "[core]\nservers = []\nca = \"/p/ca.pem\"\ncert = \"/p/c.pem\"\nkey = \"/p/c.key\"\n",
+        )
+        .unwrap();
+        let e = load_core_file(&f).unwrap_err();
+        assert!(
+            e.contains("core.servers") && e.contains("fabricd-core.toml"),
+            "{e}"
+        );
     }
 }

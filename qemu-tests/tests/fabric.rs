@@ -1,0 +1,441 @@
+//! The data fabric from inside the appliance: fabricd in the guest mirrors records to a
+//! real nats-server on the host (TLS with client certificates, JetStream), exactly once
+//! and in order, and catches up by itself after the link is cut.
+//!
+//! The box's core address and TLS identity reach it as site provisioning (fw_cfg item
+//! `opt/org.edgeos/provision`, unpacked by init into /var/lib/edge/provision). The
+//! guest reaches the core at 10.0.2.100:4222 (a user-net guest forward whose relay,
+//! socat, connects to a proxy this test owns, so the test can cut the link); the test
+//! posts records to fabricd's HTTP listener through a host forward.
+
+use anyhow::{bail, Context, Result};
+use qemu_tests::{all_ready, Machine, Options};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOPIC: &str = "sensors.temp";
+const SUBJECT: &str = "edge.site0.edge0.sensors.temp";
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// CA, the core's server certificate (valid for 127.0.0.1 and for 10.0.2.100, the
+/// address the guest dials) and a client certificate, made with openssl.
+fn make_pki(dir: &Path) -> Result<()> {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "[server]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.0.2.100\n\
+         [client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=clientAuth\n",
+    )?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"])
+        .args(["-subj", "/CN=test core CA"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]))?;
+    for name in ["server", "client"] {
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .arg("req")
+            .args(ec)
+            .args(["-keyout", &format!("{name}.key")])
+            .args(["-out", &format!("{name}.csr")])
+            .args(["-subj", &format!("/CN={name}")]))?;
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .args(["x509", "-req", "-in", &format!("{name}.csr")])
+            .args(["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"])
+            .args(["-out", &format!("{name}.pem"), "-days", "2"])
+            .args(["-extfile", "ext.cnf", "-extensions", name]))?;
+    }
+    Ok(())
+}
+
+/// The core: nats-server on loopback, JetStream on, client certificates required.
+struct Core {
+    port: u16,
+    child: Child,
+}
+
+impl Core {
+    fn start(dir: &Path) -> Result<Core> {
+        let port = free_port()?;
+        std::fs::create_dir_all(dir.join("store"))?;
+        std::fs::write(
+            dir.join("nats.conf"),
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n\
+                 tls {{\n cert_file: \"{}\"\n key_file: \"{}\"\n ca_file: \"{}\"\n verify: true\n timeout: 5\n}}\n",
+                dir.join("store").display(),
+                dir.join("server.pem").display(),
+                dir.join("server.key").display(),
+                dir.join("ca.pem").display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("nats.log"))?;
+        let child = Command::new("/usr/sbin/nats-server")
+            .arg("-c")
+            .arg(dir.join("nats.conf"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("failed to start /usr/sbin/nats-server")?;
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("nats-server did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Core { port, child })
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The link between the guest's relay and the core: a TCP proxy the test can cut
+/// (open connections shut, new ones refused) and restore.
+struct Link {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Link {
+    fn start(target: u16) -> Result<Link> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Default::default();
+        let (c2, k2) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { break };
+                if c2.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let (Ok(d2), Ok(u2)) = (down.try_clone(), up.try_clone()) else {
+                    continue;
+                };
+                if let (Ok(d3), Ok(u3)) = (down.try_clone(), up.try_clone()) {
+                    k2.lock().unwrap().extend([d3, u3]);
+                }
+                for (mut a, mut b) in [(d2, u2), (up, down)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Ok(Link { port, cut, conns })
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+        if cut {
+            for c in self.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// The operator's tool (fabricd's `edgectl`): `EDGECTL`, else beside this test's
+/// binary (built by `cargo test --workspace`), else built now.
+fn edgectl() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("EDGECTL") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("edgectl"))
+        .context("test binary has no parent directory")?;
+    if !beside.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        run(Command::new(cargo).args(["build", "-p", "fabricd", "--bin", "edgectl"]))?;
+    }
+    Ok(beside)
+}
+
+struct Operator {
+    edgectl: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Operator {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.edgectl);
+        c.arg("--server")
+            .arg(format!("tls://127.0.0.1:{}", self.port))
+            .arg("--ca")
+            .arg(self.dir.join("ca.pem"))
+            .arg("--cert")
+            .arg(self.dir.join("client.pem"))
+            .arg("--key")
+            .arg(self.dir.join("client.key"));
+        c
+    }
+
+    /// Records the core holds from this box (`edgectl status`).
+    fn records(&self) -> Result<u64> {
+        let out = run(self.cmd().arg("status"))?;
+        Ok(out
+            .lines()
+            .find(|l| l.starts_with("site0.edge0"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn wait_records(&self, n: u64, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let have = self.records()?;
+            if have >= n {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!("the core holds {have} of {n} records after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Every record at the core, in stream order: (subject, message id, value).
+    fn all(&self, n: u64) -> Result<Vec<(String, String, String)>> {
+        let out = run(self
+            .cmd()
+            .args(["tail", "--site", "site0", "--all", "--count"])
+            .arg(n.to_string()))?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, ' ');
+                Some((f.next()?.into(), f.next()?.into(), f.next()?.into()))
+            })
+            .collect())
+    }
+}
+
+/// One keep-alive HTTP connection to fabricd in the guest.
+struct Producer {
+    reader: BufReader<TcpStream>,
+    stream: TcpStream,
+}
+
+impl Producer {
+    fn connect(port: u16, timeout: Duration) -> Result<Producer> {
+        let start = Instant::now();
+        loop {
+            // The forward accepts before fabricd does; a first request proves it.
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
+                stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut p = Producer {
+                    reader: BufReader::new(stream.try_clone()?),
+                    stream,
+                };
+                if p.post("probe.hello").is_ok() {
+                    return Ok(p);
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("fabricd's HTTP listener not reachable through 127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// POSTs `value` to TOPIC (the probe goes to its own topic); returns the offset.
+    fn post(&mut self, value: &str) -> Result<u64> {
+        let topic = if value.starts_with("probe.") {
+            "probe"
+        } else {
+            TOPIC
+        };
+        write!(
+            self.stream,
+            "POST /topics/{topic} HTTP/1.1\r\nHost: edge\r\nContent-Length: {}\r\n\r\n{value}",
+            value.len()
+        )?;
+        let mut status = String::new();
+        self.reader.read_line(&mut status)?;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if self.reader.read_line(&mut h)? == 0 {
+                bail!("connection closed inside a response");
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse()?;
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body)?;
+        let body = String::from_utf8_lossy(&body);
+        if !status.contains(" 200 ") {
+            bail!("POST {value}: {} {body}", status.trim_end());
+        }
+        body.trim()
+            .strip_prefix("{\"offset\":")
+            .and_then(|b| b.strip_suffix('}'))
+            .and_then(|o| o.parse().ok())
+            .with_context(|| format!("POST {value}: unexpected body {body}"))
+    }
+}
+
+/// Each record of `range` at the core once, in order, with its subject and a message
+/// id of this box; nothing else on the topic.
+fn check(at_core: &[(String, String, String)], count: usize) {
+    let ours: Vec<_> = at_core.iter().filter(|(s, _, _)| s == SUBJECT).collect();
+    let values: Vec<&str> = ours.iter().map(|(_, _, v)| v.as_str()).collect();
+    let want: Vec<String> = (0..count).map(|i| format!("reading-{i:05}")).collect();
+    assert_eq!(values, want, "the core holds each record once, in order");
+    let mut ids: Vec<&str> = ours.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert!(
+        ids.iter().all(|id| id.starts_with("site0/edge0/")),
+        "{ids:?}"
+    );
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), count, "message ids are unique");
+}
+
+#[test]
+fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    make_pki(dir)?;
+    let core = Core::start(dir)?;
+    let link = Link::start(core.port)?;
+    let op = Operator {
+        edgectl: edgectl()?,
+        dir: dir.to_owned(),
+        port: core.port,
+    };
+    run(op.cmd().arg("setup"))?;
+
+    // Site provisioning for this box, as the operator's tooling would make it.
+    let pem = |n: &str| std::fs::read_to_string(dir.join(n));
+    let p = "/var/lib/edge/provision";
+    let core_toml = format!(
+        "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
+         cert = \"{p}/client.pem\"\nkey = \"{p}/client.key\"\nbackoff_max_ms = 2000\n"
+    );
+    let mut bundle = toml_string("fabricd-core.toml", &core_toml);
+    for f in ["ca.pem", "client.pem", "client.key"] {
+        bundle.push_str(&toml_string(f, &pem(f)?));
+    }
+    let bundle_path = dir.join("provision.toml");
+    std::fs::write(&bundle_path, bundle)?;
+
+    let http_port = free_port()?;
+    let mut opts = Options::new(&qemu_tests::image_from_env()?);
+    opts.hostfwd.push((http_port, 7401));
+    opts.guestfwd.push(format!(
+        "tcp:10.0.2.100:4222-cmd:socat - TCP:127.0.0.1:{}",
+        link.port
+    ));
+    opts.fw_cfg
+        .push(("opt/org.edgeos/provision".into(), bundle_path.clone()));
+    let mut m = Machine::with_options("fabric", opts)?;
+    m.boot()?;
+    let line = m.wait_for_console("provisioning", Duration::from_secs(120))?;
+    assert!(line.contains("provisioning: 4 file(s)"), "{line}");
+    m.wait_ready()?;
+    m.wait_status(Duration::from_secs(60), "all services ready", all_ready)?;
+
+    // Records posted in the guest reach the core exactly once, in order.
+    let mut prod = Producer::connect(http_port, Duration::from_secs(60))?;
+    let first = 500;
+    let t = Instant::now();
+    for i in 0..first {
+        prod.post(&format!("reading-{i:05}"))?;
+    }
+    eprintln!("{first} records posted in {:?}", t.elapsed());
+    op.wait_records(first as u64 + 1, Duration::from_secs(60))?;
+    check(&op.all(first as u64 + 1)?, first);
+
+    // The link is cut: fabricd keeps taking records; once restored they all arrive,
+    // the earlier ones still once.
+    link.set_cut(true);
+    let total = 1000;
+    for i in first..total {
+        prod.post(&format!("reading-{i:05}"))?;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        op.records()?,
+        first as u64 + 1,
+        "nothing crosses a cut link"
+    );
+    link.set_cut(false);
+    op.wait_records(total as u64 + 1, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        op.records()?,
+        total as u64 + 1,
+        "no record twice at the core"
+    );
+    check(&op.all(total as u64 + 1)?, total);
+    m.finish();
+    drop(core);
+    Ok(())
+}
+
+/// `"name" = '''contents'''` unless the contents hold `'''`; PEM and TOML here never do.
+fn toml_string(name: &str, contents: &str) -> String {
+    assert!(
+        !contents.contains("'''"),
+        "{name} cannot be a literal string"
+    );
+    format!("\"{name}\" = '''\n{contents}'''\n")
+}
