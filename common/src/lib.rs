@@ -55,6 +55,21 @@ pub trait Validate {
     }
 }
 
+/// For [`Validate`]: every path given (keyed by its TOML key) must be absolute, since a
+/// daemon started by init has no meaningful working directory. `None` is a key left out.
+pub fn require_absolute(paths: &[(&str, Option<&Path>)]) -> Result<(), (String, String)> {
+    match paths
+        .iter()
+        .find_map(|(key, p)| p.filter(|p| !p.is_absolute()).map(|p| (key, p)))
+    {
+        Some((key, p)) => Err((
+            key.to_string(),
+            format!("{} is not an absolute path", p.display()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Reads and validates a daemon's TOML config. Unknown keys are errors (a typo must not
 /// silently fall back to a default); the message names the file, line and key.
 pub fn load_config<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, Error> {
@@ -250,6 +265,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/x.toml"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_named_by_key() {
+        let ok = require_absolute(&[("a", Some(Path::new("/x"))), ("b", None)]);
+        assert_eq!(ok, Ok(()));
+        let bad = require_absolute(&[("a", Some(Path::new("/x"))), ("b", Some(Path::new("y")))]);
+        assert_eq!(
+            bad,
+            Err(("b".to_string(), "y is not an absolute path".to_string()))
+        );
     }
 
     #[test]

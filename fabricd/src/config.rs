@@ -213,16 +213,11 @@ fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
     if core.window == 0 || core.window > 65536 {
         return Err(("core.window".into(), "must be between 1 and 65536".into()));
     }
-    for (k, p) in [
-        ("core.ca", &core.ca),
-        ("core.cert", &core.cert),
-        ("core.key", &core.key),
-    ] {
-        if !p.is_absolute() {
-            return Err((k.into(), format!("{} is not an absolute path", p.display())));
-        }
-    }
-    Ok(())
+    edge_common::require_absolute(&[
+        ("core.ca", Some(&core.ca)),
+        ("core.cert", Some(&core.cert)),
+        ("core.key", Some(&core.key)),
+    ])
 }
 
 /// The provisioned core file: just the `[core]` table.
@@ -258,12 +253,7 @@ impl edge_common::Validate for Config {
                 ));
             }
         }
-        if !self.log_dir.is_absolute() {
-            return Err((
-                "log_dir".into(),
-                format!("{} is not an absolute path", self.log_dir.display()),
-            ));
-        }
+        edge_common::require_absolute(&[("log_dir", Some(&self.log_dir))])?;
         if self.segment_bytes < 4096 || self.segment_bytes > u32::MAX as u64 {
             return Err((
                 "segment_bytes".into(),
@@ -317,12 +307,7 @@ impl edge_common::Validate for Config {
             if self.core.is_some() {
                 return Err(("core_file".into(), "give either [core] or core_file".into()));
             }
-            if !f.is_absolute() {
-                return Err((
-                    "core_file".into(),
-                    format!("{} is not an absolute path", f.display()),
-                ));
-            }
+            edge_common::require_absolute(&[("core_file", Some(f))])?;
         }
         if let Some(d) = &self.downlink {
             if self.core.is_none() && self.core_file.is_none() {
@@ -331,14 +316,10 @@ impl edge_common::Validate for Config {
                     "needs a [core] (or core_file) to download from".into(),
                 ));
             }
-            for (k, p) in [
-                ("downlink.public_key", &d.public_key),
-                ("downlink.dir", &d.dir),
-            ] {
-                if !p.is_absolute() {
-                    return Err((k.into(), format!("{} is not an absolute path", p.display())));
-                }
-            }
+            edge_common::require_absolute(&[
+                ("downlink.public_key", Some(&d.public_key)),
+                ("downlink.dir", Some(&d.dir)),
+            ])?;
         }
         Ok(())
     }

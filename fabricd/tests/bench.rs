@@ -10,16 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use fabricd::produce;
 
-/// 4 producers over the unix socket, 256 requests in flight each; returns records/s.
-fn ingest(value_size: usize, total: u64) -> f64 {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut f = Fabricd::configure(
-        tmp.path(),
-        "quota_bytes = 4294967296\nsegment_bytes = 67108864\n",
-    );
-    f.start();
-    let per = total / 4;
-    let start = Instant::now();
+/// 4 producers over the unix socket, each sending `per` records of `value_size` bytes
+/// with 256 requests in flight, every one acked OK; returns when all are acked.
+fn produce_pipelined(f: &Fabricd, value_size: usize, per: u64) {
     let handles: Vec<_> = (0..4)
         .map(|p| {
             let socket = f.socket.clone();
@@ -52,6 +45,19 @@ fn ingest(value_size: usize, total: u64) -> f64 {
     for h in handles {
         h.join().unwrap();
     }
+}
+
+/// 4 producers over the unix socket, 256 requests in flight each; returns records/s.
+fn ingest(value_size: usize, total: u64) -> f64 {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(
+        tmp.path(),
+        "quota_bytes = 4294967296\nsegment_bytes = 67108864\n",
+    );
+    f.start();
+    let per = total / 4;
+    let start = Instant::now();
+    produce_pipelined(&f, value_size, per);
     let secs = start.elapsed().as_secs_f64();
     total as f64 / secs
 }
@@ -63,11 +69,7 @@ fn e2e_and_direct(value_size: usize, total: u64) -> (f64, f64) {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&tmp.path().join("pki"));
     let nats = Nats::start(&tmp.path().join("nats"), &pki);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = core_runtime();
     let js = rt.block_on(async {
         let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
         create_stream(&js).await;
@@ -108,36 +110,7 @@ fn e2e_and_direct(value_size: usize, total: u64) -> (f64, f64) {
     f.start();
     let start = Instant::now();
     let per = total / 4;
-    let handles: Vec<_> = (0..4)
-        .map(|p| {
-            let socket = f.socket.clone();
-            std::thread::spawn(move || {
-                let mut s = UnixStream::connect(&socket).unwrap();
-                let frame = produce::encode_request(&record(
-                    &format!("bench.p{p}"),
-                    &vec![b'x'; value_size],
-                ));
-                let batch: Vec<u8> = frame
-                    .iter()
-                    .copied()
-                    .cycle()
-                    .take(frame.len() * 256)
-                    .collect();
-                let mut reader = std::io::BufReader::with_capacity(1 << 16, s.try_clone().unwrap());
-                let mut sent = 0;
-                while sent < per {
-                    s.write_all(&batch).unwrap();
-                    for _ in 0..256 {
-                        assert_eq!(read_reply(&mut reader).unwrap().0, produce::OK);
-                    }
-                    sent += 256;
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    produce_pipelined(&f, value_size, per);
     rt.block_on(async {
         while stream_count(&js).await < total {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -231,11 +204,7 @@ fn fabric_bench() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&tmp.path().join("pki"));
     let mut nats = Nats::start(&tmp.path().join("nats"), &pki);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = core_runtime();
     let js = rt.block_on(async {
         let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
         create_stream(&js).await;

@@ -35,11 +35,7 @@ fn signed_items_are_written_and_tampered_ones_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&tmp.path().join("pki"));
     let nats = Nats::start(&tmp.path().join("nats"), &pki);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = core_runtime();
     let kp = keypair();
     let key_file = tmp.path().join("core.pub");
     std::fs::write(

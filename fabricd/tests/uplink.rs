@@ -157,11 +157,7 @@ fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::generate(&tmp.path().join("pki"));
     let nats = Nats::start(&tmp.path().join("nats"), &pki);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = core_runtime();
     let js = rt.block_on(async {
         let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
         create_stream(&js).await;

@@ -15,17 +15,10 @@ struct Config {
 
 impl edge_common::Validate for Config {
     fn validate(&self) -> Result<(), (String, String)> {
-        for (key, path) in [
-            ("containerd_socket", &self.containerd_socket),
-            ("manifests_dir", &self.manifests_dir),
-        ] {
-            if !path.is_absolute() {
-                return Err((
-                    key.into(),
-                    format!("{} is not an absolute path", path.display()),
-                ));
-            }
-        }
+        edge_common::require_absolute(&[
+            ("containerd_socket", Some(&self.containerd_socket)),
+            ("manifests_dir", Some(&self.manifests_dir)),
+        ])?;
         Ok(())
     }
 }

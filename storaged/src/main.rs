@@ -29,19 +29,11 @@ fn default_overcommit() -> u32 {
 
 impl edge_common::Validate for Config {
     fn validate(&self) -> Result<(), (String, String)> {
-        let paths = [
+        edge_common::require_absolute(&[
             ("state_dir", Some(&self.state_dir)),
             ("csi_socket", Some(&self.csi_socket)),
-            ("pool_device", self.pool_device.as_ref()),
-        ];
-        for (key, path) in paths {
-            if let Some(path) = path.filter(|p| !p.is_absolute()) {
-                return Err((
-                    key.into(),
-                    format!("{} is not an absolute path", path.display()),
-                ));
-            }
-        }
+            ("pool_device", self.pool_device.as_deref()),
+        ])?;
         if !(100..=1000).contains(&self.overcommit_percent) {
             return Err((
                 "overcommit_percent".into(),

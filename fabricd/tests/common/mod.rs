@@ -419,6 +419,15 @@ impl Drop for Nats {
 }
 
 /// The operator's side of the core: connects with the good client certificate.
+/// The runtime the tests' own core client (the operator's side) runs on.
+pub fn core_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub async fn core_client(pki: &Pki, url: &str) -> async_nats::Client {
     let mut tries = 0;
     loop {
