@@ -22,6 +22,17 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Cargo's target directory for this workspace: CARGO_TARGET_DIR (relative paths are
+/// taken from the workspace root, as cargo does) or `target/`. CI keeps it outside the
+/// clone, so nothing may assume `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    let root = workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    }
+}
+
 /// The unpacked kernel package: vmlinuz and its module tree with modules.dep.
 pub struct Kernel {
     pub vmlinuz: PathBuf,
@@ -99,8 +110,8 @@ impl Kernel {
                 );
             }
         }
-        let dir = root
-            .join("target/lightvm")
+        let dir = target_dir()
+            .join("lightvm")
             .join(format!("kernel-{version}"));
         let modules_dir = dir.join("lib/modules").join(&release);
         let done = dir.join(".unpacked");

@@ -26,7 +26,7 @@ fn vmtest_binary() -> PathBuf {
         .status()
         .expect("failed to run cargo build");
     assert!(st.success(), "building storaged-vmtest failed");
-    root.join("target/x86_64-unknown-linux-gnu/release/storaged-vmtest")
+    lightvm::target_dir().join("x86_64-unknown-linux-gnu/release/storaged-vmtest")
 }
 
 fn raw_disk(path: &Path, bytes: u64) {

@@ -97,7 +97,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
             bail!("skipped: the image did not build");
         };
         let mut c = cargo();
-        c.args(["test", "-p", "qemu-tests"])
+        // Every scenario runs and reports, even after one has failed.
+        c.args(["test", "-p", "qemu-tests", "--no-fail-fast"])
             .env("EDGEOS_IMAGE", image);
         if let Some(f) = &filter {
             c.args(["--", f]);
