@@ -9,14 +9,16 @@ use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+/// The core side of the fabric as the tests and the bench run it: a real nats-server,
+/// and openssl for the CA and the certificates of mutual TLS.
+pub const CORE_PACKAGES: &[&str] = &["nats-server", "openssl"];
+
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
 pub fn run() -> Result<()> {
-    if !std::path::Path::new("/usr/sbin/nats-server").exists() {
-        bail!("/usr/sbin/nats-server is missing (apt-get install nats-server)");
-    }
+    crate::host::ensure_packages(CORE_PACKAGES)?;
     let st = cargo()
         .args(["build", "--release", "-p", "fabricd"])
         .status()

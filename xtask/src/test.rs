@@ -56,6 +56,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
     let mut packages: Vec<&str> = crate::run::VM_PACKAGES.to_vec();
     packages.push("fdisk"); // sfdisk, for the harness self-test
     packages.push("socat"); // the fabric scenario's relay from the guest to the core
+                            // fabricd's tests and the fabric scenario run a real core and make its certificates.
+    packages.extend(crate::bench_fabric::CORE_PACKAGES);
     step("host packages", &mut || {
         crate::host::ensure_packages(&packages)
     });
