@@ -62,88 +62,6 @@ fn ingest(value_size: usize, total: u64) -> f64 {
     total as f64 / secs
 }
 
-/// Records/s from 4 producers through fabricd to the core (every record counted at the
-/// core), and the same number of records published straight to JetStream by one
-/// async-nats client with the same window.
-fn e2e_and_direct(value_size: usize, total: u64) -> (f64, f64) {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&tmp.path().join("pki"));
-    let nats = Nats::start(&tmp.path().join("nats"), &pki);
-    let rt = core_runtime();
-    let js = rt.block_on(async {
-        let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
-        create_stream(&js).await;
-        js
-    });
-    // Direct first, on its own subjects, then purge so that counting e2e starts at 0.
-    let direct = rt.block_on(async {
-        let start = Instant::now();
-        let mut acks = std::collections::VecDeque::new();
-        let value = bytes::Bytes::from(vec![b'x'; value_size]);
-        for i in 0..total {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", format!("direct/{i}").as_str());
-            acks.push_back(
-                js.publish_with_headers(format!("edge.direct.p{}", i % 4), h, value.clone())
-                    .await
-                    .unwrap(),
-            );
-            if acks.len() >= 512 {
-                acks.pop_front().unwrap().await.unwrap();
-            }
-        }
-        for a in acks {
-            a.await.unwrap();
-        }
-        total as f64 / start.elapsed().as_secs_f64()
-    });
-    rt.block_on(async { js.get_stream("EDGE").await.unwrap().purge().await.unwrap() });
-    let dir = tmp.path().join("edge");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut f = Fabricd::configure(
-        &dir,
-        &format!(
-            "quota_bytes = 4294967296\n{}",
-            pki.core_toml(&nats.url(), "client")
-        ),
-    );
-    f.start();
-    let start = Instant::now();
-    let per = total / 4;
-    produce_pipelined(&f, value_size, per);
-    rt.block_on(async {
-        while stream_count(&js).await < total {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    let e2e = total as f64 / start.elapsed().as_secs_f64();
-    (e2e, direct)
-}
-
-#[test]
-#[ignore]
-fn end_to_end_against_direct() {
-    let (e2e, direct) = e2e_and_direct(100, 262_144);
-    eprintln!(
-        "100 B values: e2e {e2e:.0} records/s, direct {direct:.0} records/s, e2e/direct {:.2}",
-        e2e / direct
-    );
-}
-
-#[test]
-#[ignore]
-fn ingest_rates() {
-    let r1k = ingest(1024, 262_144);
-    eprintln!(
-        "ingest 1 KiB values: {:.0} records/s = {:.1} MiB/s (values)",
-        r1k,
-        r1k * 1024.0 / (1 << 20) as f64
-    );
-    let r100 = ingest(100, 1_048_576);
-    eprintln!("ingest 100 B values: {:.0} records/s", r100);
-}
-
-/// Producer `p`'s record `seq`: the value starts with both, so the core can count.
 fn seq_record(p: u32, seq: u64, size: usize) -> Vec<u8> {
     produce::encode_request(&record(&format!("bench.p{p}"), &seq_value(p, seq, size)))
 }
@@ -201,15 +119,13 @@ fn fabric_bench() {
     let r100 = ingest(100, 4 * total);
     eprintln!("durable ingest, 100 B values, 4 producers: {r100:.0} records/s");
 
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&tmp.path().join("pki"));
-    let mut nats = Nats::start(&tmp.path().join("nats"), &pki);
-    let rt = core_runtime();
-    let js = rt.block_on(async {
-        let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
-        create_stream(&js).await;
-        js
-    });
+    let Core {
+        tmp,
+        pki,
+        mut nats,
+        rt,
+        js,
+    } = Core::start();
 
     // Direct: the same client library and window straight to JetStream, same payloads.
     let direct = rt.block_on(async {

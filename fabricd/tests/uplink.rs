@@ -145,35 +145,8 @@ fn check(at_core: &[AtCore], acked: &HashMap<(u32, u64), u64>) {
     }
 }
 
-struct Setup {
-    _tmp: tempfile::TempDir,
-    pki: Pki,
-    nats: Nats,
-    rt: tokio::runtime::Runtime,
-    js: async_nats::jetstream::Context,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(&tmp.path().join("pki"));
-    let nats = Nats::start(&tmp.path().join("nats"), &pki);
-    let rt = core_runtime();
-    let js = rt.block_on(async {
-        let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
-        create_stream(&js).await;
-        js
-    });
-    Setup {
-        _tmp: tmp,
-        pki,
-        nats,
-        rt,
-        js,
-    }
-}
-
-fn fabricd_for(s: &Setup, url: &str, name: &str, extra: &str) -> Fabricd {
-    let dir = s._tmp.path().join(name);
+fn fabricd_for(s: &Core, url: &str, name: &str, extra: &str) -> Fabricd {
+    let dir = s.tmp.path().join(name);
     std::fs::create_dir_all(&dir).unwrap();
     Fabricd::configure(
         &dir,
@@ -205,7 +178,7 @@ fn records_from_four_producers_arrive_exactly_once_in_order() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000)
         / 4;
-    let s = setup();
+    let s = Core::start();
     let mut f = fabricd_for(&s, &s.nats.url(), "edge", "");
     f.start();
     let acked: Acked = Default::default();
@@ -237,7 +210,7 @@ fn records_from_four_producers_arrive_exactly_once_in_order() {
 
 #[test]
 fn core_stopped_mid_stream_then_restarted_loses_and_duplicates_nothing() {
-    let mut s = setup();
+    let mut s = Core::start();
     let mut f = fabricd_for(&s, &s.nats.url(), "edge", "");
     f.start();
     let acked: Acked = Default::default();
@@ -353,7 +326,7 @@ impl Proxy {
 
 #[test]
 fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
-    let s = setup();
+    let s = Core::start();
     let proxy = Proxy::start(s.nats.port);
     let mut f = fabricd_for(&s, &format!("tls://127.0.0.1:{}", proxy.port), "edge", "");
     f.start();
@@ -388,7 +361,7 @@ fn kill_9_of_fabricd_at_random_moments_loses_and_duplicates_no_acked_record() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let s = setup();
+    let s = Core::start();
     let mut f = fabricd_for(&s, &s.nats.url(), "edge", "");
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -417,8 +390,8 @@ fn kill_9_of_fabricd_at_random_moments_loses_and_duplicates_no_acked_record() {
 
 #[test]
 fn foreign_client_certificate_is_refused_and_the_edge_says_why() {
-    let s = setup();
-    let dir = s._tmp.path().join("edge");
+    let s = Core::start();
+    let dir = s.tmp.path().join("edge");
     std::fs::create_dir_all(&dir).unwrap();
     let mut f = Fabricd::configure(&dir, &s.pki.core_toml(&s.nats.url(), "foreign-client"));
     f.start();

@@ -419,6 +419,37 @@ impl Drop for Nats {
 }
 
 /// The operator's side of the core: connects with the good client certificate.
+/// A core as the operator runs it: its own CA and certificates, a TLS nats-server with
+/// JetStream, and the `EDGE` stream created, with the client the tests read it through.
+pub struct Core {
+    pub tmp: tempfile::TempDir,
+    pub pki: Pki,
+    pub nats: Nats,
+    pub rt: tokio::runtime::Runtime,
+    pub js: async_nats::jetstream::Context,
+}
+
+impl Core {
+    pub fn start() -> Core {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(&tmp.path().join("pki"));
+        let nats = Nats::start(&tmp.path().join("nats"), &pki);
+        let rt = core_runtime();
+        let js = rt.block_on(async {
+            let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
+            create_stream(&js).await;
+            js
+        });
+        Core {
+            tmp,
+            pki,
+            nats,
+            rt,
+            js,
+        }
+    }
+}
+
 /// The runtime the tests' own core client (the operator's side) runs on.
 pub fn core_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
