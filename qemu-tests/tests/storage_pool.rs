@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use qemu_tests::lightvm::{self, Boot, Kernel};
 
-const MODULES: &[&str] = &["crc32c_generic", "nvme", "dm_thin_pool"];
+/// The disks are virtio, not NVMe: QEMU 7.2's NVMe model (Debian 12's) stalls under the
+/// thin pool's write load with Linux 6.1 (I/O timeouts on a whole queue, about one run in
+/// two here), while virtio-blk never did in the same trials.
+const MODULES: &[&str] = &["crc32c_generic", "virtio_pci", "virtio_blk", "dm_thin_pool"];
 
 /// Builds the static test program the way the image builder builds its binaries.
 fn vmtest_binary() -> PathBuf {

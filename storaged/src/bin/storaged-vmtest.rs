@@ -1,5 +1,5 @@
 //! The light-VM test program: PID 1 of a Debian kernel booted by qemu-tests' `lightvm`
-//! with raw NVMe disks. It loads the modules listed in /modules.order, finds the disks by
+//! with raw virtio disks. It loads the modules listed in /modules.order, finds the disks by
 //! serial number, runs the pool scenarios of `vmtest.phase=` on the real kernel
 //! device-mapper, prints `TEST <name> ok|FAILED: <why>` and powers off.
 
@@ -81,7 +81,7 @@ fn setup() {
     }
 }
 
-/// The /dev node of the NVMe namespace whose controller reports `serial`.
+/// The /dev node of the virtio disk that reports `serial`.
 fn disk(serial: &str) -> Result<PathBuf, String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -90,14 +90,14 @@ fn disk(serial: &str) -> Result<PathBuf, String> {
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
-            let s = std::fs::read_to_string(e.path().join("device/serial")).unwrap_or_default();
+            let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
             let node = Path::new("/dev").join(&name);
             if s.trim() == serial && node.exists() {
                 return Ok(node);
             }
         }
         if Instant::now() > deadline {
-            return Err(format!("no NVMe disk with serial {serial}"));
+            return Err(format!("no disk with serial {serial}"));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
