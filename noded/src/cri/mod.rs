@@ -1,0 +1,224 @@
+//! A typed CRI v1 client (runtime and image services) over containerd's unix socket.
+//! The messages are in `api`; this module owns the connection and turns gRPC
+//! failures into errors that carry the method, the gRPC code and the runtime's message.
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub mod api;
+
+use api::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to the CRI socket {socket}: {message}")]
+    Connect { socket: PathBuf, message: String },
+    #[error("CRI {method} failed: {code:?}: {message}")]
+    Call {
+        method: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+}
+
+impl Error {
+    /// The gRPC code of a failed call (`Unavailable` for a connection failure).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Error::Connect { .. } => tonic::Code::Unavailable,
+            Error::Call { code, .. } => *code,
+        }
+    }
+}
+
+/// A connection to a CRI runtime. Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct Client {
+    grpc: tonic::client::Grpc<Channel>,
+}
+
+macro_rules! rpc {
+    ($(#[$doc:meta])* $fn:ident, $service:literal, $method:literal, $req:ty, $resp:ty) => {
+        $(#[$doc])*
+        pub async fn $fn(&self, req: $req) -> Result<$resp, Error> {
+            self.unary(concat!("/runtime.v1.", $service, "/", $method), req).await
+        }
+    };
+}
+
+impl Client {
+    /// Connects to the runtime's socket (containerd's `grpc.address`).
+    pub async fn connect(socket: &Path) -> Result<Self, Error> {
+        let path = socket.to_path_buf();
+        // The URI is required by the API but unused: every connection goes to `path`.
+        let channel = Endpoint::from_static("http://[::]:0")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(&path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|e| Error::Connect {
+                socket: socket.to_path_buf(),
+                message: error_chain(&e),
+            })?;
+        Ok(Client {
+            grpc: tonic::client::Grpc::new(channel),
+        })
+    }
+
+    async fn unary<Req, Resp>(&self, method: &'static str, req: Req) -> Result<Resp, Error>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        let mut grpc = self.grpc.clone();
+        let fail = |code, message| Error::Call {
+            method,
+            code,
+            message,
+        };
+        grpc.ready()
+            .await
+            .map_err(|e| fail(tonic::Code::Unavailable, error_chain(&e)))?;
+        let codec = tonic::codec::ProstCodec::<Req, Resp>::default();
+        grpc.unary(
+            tonic::Request::new(req),
+            PathAndQuery::from_static(method),
+            codec,
+        )
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| fail(s.code(), s.message().to_string()))
+    }
+
+    rpc!(
+        version,
+        "RuntimeService",
+        "Version",
+        VersionRequest,
+        VersionResponse
+    );
+    rpc!(
+        run_pod_sandbox,
+        "RuntimeService",
+        "RunPodSandbox",
+        RunPodSandboxRequest,
+        RunPodSandboxResponse
+    );
+    rpc!(
+        stop_pod_sandbox,
+        "RuntimeService",
+        "StopPodSandbox",
+        StopPodSandboxRequest,
+        StopPodSandboxResponse
+    );
+    rpc!(
+        remove_pod_sandbox,
+        "RuntimeService",
+        "RemovePodSandbox",
+        RemovePodSandboxRequest,
+        RemovePodSandboxResponse
+    );
+    rpc!(
+        pod_sandbox_status,
+        "RuntimeService",
+        "PodSandboxStatus",
+        PodSandboxStatusRequest,
+        PodSandboxStatusResponse
+    );
+    rpc!(
+        list_pod_sandbox,
+        "RuntimeService",
+        "ListPodSandbox",
+        ListPodSandboxRequest,
+        ListPodSandboxResponse
+    );
+    rpc!(
+        create_container,
+        "RuntimeService",
+        "CreateContainer",
+        CreateContainerRequest,
+        CreateContainerResponse
+    );
+    rpc!(
+        start_container,
+        "RuntimeService",
+        "StartContainer",
+        StartContainerRequest,
+        StartContainerResponse
+    );
+    rpc!(
+        stop_container,
+        "RuntimeService",
+        "StopContainer",
+        StopContainerRequest,
+        StopContainerResponse
+    );
+    rpc!(
+        remove_container,
+        "RuntimeService",
+        "RemoveContainer",
+        RemoveContainerRequest,
+        RemoveContainerResponse
+    );
+    rpc!(
+        list_containers,
+        "RuntimeService",
+        "ListContainers",
+        ListContainersRequest,
+        ListContainersResponse
+    );
+    rpc!(
+        container_status,
+        "RuntimeService",
+        "ContainerStatus",
+        ContainerStatusRequest,
+        ContainerStatusResponse
+    );
+    rpc!(
+        pull_image,
+        "ImageService",
+        "PullImage",
+        PullImageRequest,
+        PullImageResponse
+    );
+    rpc!(
+        image_status,
+        "ImageService",
+        "ImageStatus",
+        ImageStatusRequest,
+        ImageStatusResponse
+    );
+    rpc!(
+        list_images,
+        "ImageService",
+        "ListImages",
+        ListImagesRequest,
+        ListImagesResponse
+    );
+    rpc!(
+        remove_image,
+        "ImageService",
+        "RemoveImage",
+        RemoveImageRequest,
+        RemoveImageResponse
+    );
+}
+
+/// `e` and its sources, joined: transport errors hide the useful part in the chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
