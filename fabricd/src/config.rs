@@ -117,6 +117,13 @@ pub struct CoreConfig {
     /// Longest pause between reconnect attempts.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
+    /// Values at least this long are sent zstd-compressed when that saves an eighth or
+    /// more; 0 sends every value as it is.
+    #[serde(default = "default_compress_min")]
+    pub compress_min_bytes: usize,
+    /// How often the box reports its lag to the core (`<prefix>.<site>.<machine>._status`).
+    #[serde(default = "default_status_interval")]
+    pub status_interval_secs: u64,
 }
 
 fn default_quota() -> u64 {
@@ -139,6 +146,12 @@ fn default_ack_timeout() -> u64 {
 }
 fn default_backoff_max() -> u64 {
     30_000
+}
+fn default_compress_min() -> usize {
+    512
+}
+fn default_status_interval() -> u64 {
+    10
 }
 fn default_classes() -> Vec<ClassConfig> {
     vec![ClassConfig {

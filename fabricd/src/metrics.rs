@@ -114,6 +114,18 @@ impl Metrics {
             one(s.published_bytes.load(Ordering::Relaxed)),
         );
         family(
+            "fabricd_uplink_wire_bytes_total",
+            "counter",
+            "Payload bytes the core acked as sent on the wire (after compression).",
+            one(s.wire_bytes.load(Ordering::Relaxed)),
+        );
+        family(
+            "fabricd_uplink_compressed_records_total",
+            "counter",
+            "Records sent zstd-compressed.",
+            one(s.compressed_records.load(Ordering::Relaxed)),
+        );
+        family(
             "fabricd_uplink_duplicates_total",
             "counter",
             "Resent records the core already had.",

@@ -32,6 +32,10 @@ pub struct Status {
     pub reconnects: AtomicU64,
     pub published_records: AtomicU64,
     pub published_bytes: AtomicU64,
+    /// Payload bytes that went on the wire for the acked records (after compression).
+    pub wire_bytes: AtomicU64,
+    /// Records sent zstd-compressed.
+    pub compressed_records: AtomicU64,
     /// Acks the core marked duplicate (resends it already had).
     pub duplicates: AtomicU64,
     pub last_error: Mutex<Option<String>>,
@@ -198,6 +202,13 @@ async fn session(
         .backpressure_on_inflight(true)
         .build(client.clone());
     let mut pumps = tokio::task::JoinSet::new();
+    pumps.spawn(report_status(
+        log.clone(),
+        config.classes.iter().map(|c| c.name.clone()).collect(),
+        js.clone(),
+        format!("{}_status", config.subject_prefix(core)),
+        Duration::from_secs(core.status_interval_secs.max(1)),
+    ));
     for (class, c) in config.classes.iter().enumerate() {
         let path = acked_path(log, &c.name);
         // This process may know of acks newer than the file (written every 200 ms).
@@ -208,8 +219,11 @@ async fn session(
         pumps.spawn(pump(
             log.clone(),
             js.clone(),
-            config.subject_prefix(core),
-            config.msg_id_prefix(),
+            Naming {
+                subject_prefix: config.subject_prefix(core),
+                id_prefix: config.msg_id_prefix(),
+                compress_min: core.compress_min_bytes,
+            },
             core.window,
             class,
             path,
@@ -269,6 +283,127 @@ fn headers_of(s: &Stored, id_prefix: &str) -> HeaderMap {
     h
 }
 
+/// A value as it goes on the wire: zstd-compressed (with `Fabric-Encoding: zstd`) when it
+/// is at least `min` bytes and compressing saves an eighth or more; telemetry JSON usually
+/// does, already-compressed media does not and is sent as it is.
+pub fn encode(value: Vec<u8>, min: usize) -> (Vec<u8>, bool) {
+    if min == 0 || value.len() < min {
+        return (value, false);
+    }
+    match zstd::bulk::compress(&value, 3) {
+        Ok(c) if c.len() <= value.len() - value.len() / 8 => (c, true),
+        _ => (value, false),
+    }
+}
+
+/// The inverse of [`encode`], for the core's readers (`edgectl tail`); `limit` bounds the
+/// decompressed size so a hostile frame cannot exhaust memory.
+pub fn decode(payload: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>, String> {
+    match encoding {
+        None => Ok(payload.to_vec()),
+        Some("zstd") => {
+            zstd::bulk::decompress(payload, limit).map_err(|e| format!("bad zstd payload: {e}"))
+        }
+        Some(other) => Err(format!("unknown Fabric-Encoding `{other}`")),
+    }
+}
+
+/// What the box tells the core about itself, on `<prefix>.<site>.<machine>._status`
+/// (`edgectl status` shows it as the site's lag). Sent with `Nats-Rollup: sub`, so the
+/// core's stream keeps only the latest per box.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct BoxStatus {
+    pub time_ms: u64,
+    pub version: String,
+    pub classes: Vec<ClassStatus>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ClassStatus {
+    pub class: String,
+    /// The newest record's offset in the class (offsets are shared by all classes).
+    pub last_offset: Option<u64>,
+    /// The highest offset the core has acked.
+    pub acked: Option<u64>,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    pub dropped_records: u64,
+}
+
+fn box_status(log: &Log, names: &[String]) -> BoxStatus {
+    let (next, dropped): (Vec<_>, Vec<_>) = {
+        let meta = log.meta();
+        meta.classes
+            .iter()
+            .map(|c| {
+                let last = c.segments.iter().rev().find_map(|s| s.last);
+                ((last, c.acked), c.stats.dropped_records)
+            })
+            .unzip()
+    };
+    BoxStatus {
+        time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        version: env!("CARGO_PKG_VERSION").into(),
+        classes: names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let (lag_records, lag_bytes) = log.lag(i).unwrap_or((0, 0));
+                ClassStatus {
+                    class: name.clone(),
+                    last_offset: next[i].0,
+                    acked: next[i].1,
+                    lag_records,
+                    lag_bytes,
+                    dropped_records: dropped[i],
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Reports the box's lag every `every`, for as long as the session lasts. A report the
+/// core refuses (a stream without rollups, say) is logged, not fatal: records matter more.
+async fn report_status(
+    log: Log,
+    names: Vec<String>,
+    js: jetstream::Context,
+    subject: String,
+    every: Duration,
+) -> Result<(), String> {
+    let mut warned = false;
+    loop {
+        let body = serde_json::to_vec(&box_status(&log, &names)).unwrap_or_default();
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Rollup", "sub");
+        let sent = match js
+            .publish_with_headers(subject.clone(), h, body.into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| chain(&e)),
+            Err(e) => Err(chain(&e)),
+        };
+        match sent {
+            Ok(()) => warned = false,
+            Err(e) if !warned => {
+                tracing::warn!(%subject, "the core did not take the status report: {e}");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Where one class's records go and how they are sent.
+struct Naming {
+    subject_prefix: String,
+    id_prefix: String,
+    compress_min: usize,
+}
+
 type AckFuture = std::pin::Pin<
     Box<
         dyn std::future::Future<
@@ -283,15 +418,14 @@ type AckFuture = std::pin::Pin<
 async fn pump(
     log: Log,
     js: jetstream::Context,
-    subject_prefix: String,
-    id_prefix: String,
+    naming: Naming,
     window: usize,
     class: usize,
     acked_file: PathBuf,
     acked: Option<u64>,
     status: Arc<Status>,
 ) -> Result<(), String> {
-    let (tx, mut rx) = mpsc::channel::<(u64, usize, AckFuture)>(window);
+    let (tx, mut rx) = mpsc::channel::<(u64, usize, usize, AckFuture)>(window);
     let acker_log = log.clone();
     let acker_status = status.clone();
     let acker = async move {
@@ -311,7 +445,7 @@ async fn pump(
             } else {
                 rx.recv().await
             };
-            let Some((offset, bytes, fut)) = next else {
+            let Some((offset, bytes, wire, fut)) = next else {
                 return Ok::<(), String>(());
             };
             let ack = fut
@@ -326,6 +460,9 @@ async fn pump(
             acker_status
                 .published_bytes
                 .fetch_add(bytes as u64, Ordering::Relaxed);
+            acker_status
+                .wire_bytes
+                .fetch_add(wire as u64, Ordering::Relaxed);
             current = Some(offset);
             acker_log.set_acked(class, offset);
             if last_store.elapsed() > Duration::from_millis(200) {
@@ -352,16 +489,23 @@ async fn pump(
                 let _ = committed.changed().await;
                 continue;
             }
-            for s in batch {
-                let subject = format!("{subject_prefix}{}", s.record.topic);
-                let headers = headers_of(&s, &id_prefix);
+            for mut s in batch {
+                let subject = format!("{}{}", naming.subject_prefix, s.record.topic);
+                let mut headers = headers_of(&s, &naming.id_prefix);
                 let bytes = s.record.value.len();
+                let (payload, compressed) =
+                    encode(std::mem::take(&mut s.record.value), naming.compress_min);
+                if compressed {
+                    headers.insert("Fabric-Encoding", "zstd");
+                    status.compressed_records.fetch_add(1, Ordering::Relaxed);
+                }
+                let wire = payload.len();
                 let fut = js
-                    .publish_with_headers(subject, headers, bytes::Bytes::from(s.record.value))
+                    .publish_with_headers(subject, headers, bytes::Bytes::from(payload))
                     .await
                     .map_err(|e| format!("failed to publish record {}: {}", s.offset, chain(&e)))?;
                 let fut: AckFuture = Box::pin(std::future::IntoFuture::into_future(fut));
-                if tx.send((s.offset, bytes, fut)).await.is_err() {
+                if tx.send((s.offset, bytes, wire, fut)).await.is_err() {
                     return Ok(());
                 }
             }
@@ -385,4 +529,44 @@ fn persist(
     *stored = current;
     *last = Instant::now();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_compressed_only_where_it_pays() {
+        let small = b"21.5".to_vec();
+        assert_eq!(encode(small.clone(), 512), (small, false));
+        let json = br#"{"sensor":"temp","value":21.5}"#.repeat(40);
+        let (wire, compressed) = encode(json.clone(), 512);
+        assert!(compressed && wire.len() < json.len() / 4, "{}", wire.len());
+        assert_eq!(decode(&wire, Some("zstd"), 1 << 20).unwrap(), json);
+        // Bytes that do not compress (here a xorshift sequence) go as they are.
+        let mut x = 1u32;
+        let noise: Vec<u8> = (0..2048)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        assert_eq!(encode(noise.clone(), 512), (noise, false));
+        assert_eq!(encode(json.clone(), 0), (json, false));
+    }
+
+    #[test]
+    fn bad_payloads_are_named_errors() {
+        assert!(decode(b"not zstd", Some("zstd"), 1 << 20)
+            .unwrap_err()
+            .contains("bad zstd payload"));
+        assert!(decode(b"x", Some("lz4"), 1 << 20)
+            .unwrap_err()
+            .contains("unknown Fabric-Encoding `lz4`"));
+        // A small frame that would expand past the limit is refused, not allocated.
+        let (bomb, _) = encode(vec![0u8; 1 << 20], 512);
+        assert!(decode(&bomb, Some("zstd"), 4096).is_err());
+    }
 }

@@ -75,7 +75,7 @@ fn operator_sets_up_the_core_publishes_to_a_site_and_sees_it() {
         &dir,
         &format!(
             "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n",
-            pki.core_toml(&url, "client"),
+            pki.core_toml(&url, "client") + "status_interval_secs = 1\n",
             keys.join("manifest.pub").display(),
             down.display()
         ),
@@ -92,20 +92,67 @@ fn operator_sets_up_the_core_publishes_to_a_site_and_sees_it() {
         )
         .unwrap();
     }
-    // Three records and the downlink report of the manifest.
+    // Telemetry JSON goes compressed; bytes that do not compress go as they are.
+    let json = r#"{"sensor":"temp","rack":1,"value":21.5,"unit":"C"}"#.repeat(80);
+    produce(&mut s, &record("temp.rack1", json.as_bytes())).unwrap();
+    let mut x = 0x9e37_79b9_u32;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    produce(&mut s, &record("cam.rack1", &noise)).unwrap();
+    // Five records and the downlink report of the manifest; status reports are not shown.
     let tail = edgectl(
         &pki,
         &url,
-        &["tail", "--site", "s1", "--all", "--count", "4"],
+        &["tail", "--site", "s1", "--all", "--count", "6"],
     );
     assert!(
         tail.contains("edge.s1.m1.temp.rack1 s1/m1/2 reading 2"),
         "{tail}"
     );
-    let status = edgectl(&pki, &url, &["status"]);
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("s1.m1"))
-        .unwrap_or_else(|| panic!("{status}"));
-    assert_eq!(line.split_whitespace().nth(1), Some("3"), "{status}");
+    assert!(
+        tail.contains(&format!(
+            "edge.s1.m1.temp.rack1 s1/m1/3 {}",
+            json.escape_debug()
+        )),
+        "the compressed record does not read back as sent:\n{tail}"
+    );
+    assert!(!tail.contains("_status"), "{tail}");
+    wait_for("all five records acked", Duration::from_secs(20), || {
+        (metric(&f, "fabricd_records_out_total")? == 5).then_some(())
+    });
+    assert_eq!(
+        metric(&f, "fabricd_uplink_compressed_records_total"),
+        Some(1)
+    );
+    let out = metric(&f, "fabricd_bytes_out_total").unwrap();
+    let wire = metric(&f, "fabricd_uplink_wire_bytes_total").unwrap();
+    assert!(
+        wire < out - json.len() as u64 / 2,
+        "compression saved too little: {wire} bytes on the wire for {out}"
+    );
+
+    // The box reports what the core acked and its lag: none once the core has everything.
+    let (text, cols) = wait_for(
+        "a status report after the acks",
+        Duration::from_secs(20),
+        || {
+            let status = edgectl(&pki, &url, &["status"]);
+            let line = status.lines().find(|l| l.starts_with("s1.m1"))?;
+            let cols: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+            (cols[3] == "4").then_some((status, cols))
+        },
+    );
+    assert_eq!(cols[1], "5", "records at the core:\n{text}");
+    assert_eq!(cols[2], "4", "last offset:\n{text}");
+    assert_eq!(cols[4], "0", "lag records:\n{text}");
+    assert_eq!(cols[5], "0", "lag bytes:\n{text}");
+    assert_eq!(cols[6], "0", "dropped:\n{text}");
+    let contact: u64 = cols[7].trim_end_matches('s').parse().unwrap();
+    assert!(contact <= 5, "last contact {contact}s ago:\n{text}");
 }

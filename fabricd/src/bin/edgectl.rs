@@ -115,6 +115,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// One box as `status` shows it: what the core holds of it, and what it last said.
+#[derive(Default)]
+struct MachineRow {
+    records: usize,
+    last_offset: u64,
+    /// Newest message of any subject from the box (unix seconds).
+    contact: i64,
+    status: Option<fabricd::uplink::BoxStatus>,
+}
+
 async fn connect(cli: &Cli) -> Result<async_nats::Client, String> {
     let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
     if let Some(ca) = &cli.ca {
@@ -175,6 +185,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                     name: cli.stream.clone(),
                     subjects: vec![format!("{}.>", cli.prefix)],
                     duplicate_window: Duration::from_secs(*dupe_window_secs),
+                    // Each box's `_status` report replaces its previous one.
+                    allow_rollup: true,
                     storage: StorageType::File,
                     ..Default::default()
                 },
@@ -204,9 +216,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             ];
             for config in streams {
                 let name = config.name.clone();
-                js.get_or_create_stream(config)
+                js.get_or_create_stream(config.clone())
                     .await
                     .map_err(|e| format!("failed to create stream {name}: {e}"))?;
+                // A stream made by an older edgectl gets today's settings.
+                js.update_stream(config)
+                    .await
+                    .map_err(|e| format!("failed to update stream {name}: {e}"))?;
                 println!("stream {name} ready");
             }
         }
@@ -280,9 +296,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .info_with_subjects(format!("{}.>", cli.prefix))
                 .await
                 .map_err(|e| format!("failed to list subjects: {e}"))?;
-            // site.machine -> (records, last message of any topic)
-            let mut machines: std::collections::BTreeMap<String, (usize, u64, i64)> =
-                Default::default();
+            let mut machines: std::collections::BTreeMap<String, MachineRow> = Default::default();
             while let Some(item) = subjects.next().await {
                 let (subject, count) = item.map_err(|e| format!("failed to list subjects: {e}"))?;
                 let tokens: Vec<&str> = subject.splitn(4, '.').collect();
@@ -293,27 +307,65 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .get_last_raw_message_by_subject(&subject)
                     .await
                     .map_err(|e| format!("failed to read the last of {subject}: {e}"))?;
+                let row = machines
+                    .entry(format!("{}.{}", tokens[1], tokens[2]))
+                    .or_default();
+                row.contact = row.contact.max(last.time.unix_timestamp());
+                if tokens[3] == "_status" {
+                    match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&last.payload) {
+                        Ok(s) => row.status = Some(s),
+                        Err(e) => eprintln!("{subject}: unreadable status report: {e}"),
+                    }
+                    continue;
+                }
                 let offset = last
                     .headers
                     .get("Nats-Msg-Id")
                     .and_then(|v| v.as_str().rsplit('/').next().and_then(|o| o.parse().ok()))
                     .unwrap_or(0);
-                let e = machines
-                    .entry(format!("{}.{}", tokens[1], tokens[2]))
-                    .or_default();
-                e.0 += count;
-                e.1 = e.1.max(offset);
-                e.2 = e.2.max(last.time.unix_timestamp());
+                row.records += count;
+                row.last_offset = row.last_offset.max(offset);
             }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
+            // `box acked` and the lag are what the box last reported (`?`: no report yet).
             println!(
-                "{:<32} {:>12} {:>14} {:>18}",
-                "site.machine", "records", "last offset", "last contact"
+                "{:<28} {:>10} {:>12} {:>10} {:>12} {:>12} {:>8} {:>14}",
+                "site.machine",
+                "records",
+                "last offset",
+                "box acked",
+                "lag records",
+                "lag bytes",
+                "dropped",
+                "last contact"
             );
-            for (m, (count, offset, t)) in machines {
-                println!("{m:<32} {count:>12} {offset:>14} {:>16}s ago", now - t);
+            for (m, row) in machines {
+                let [acked, lag, lag_bytes, dropped] = match &row.status {
+                    Some(s) => {
+                        let sum = |f: fn(&fabricd::uplink::ClassStatus) -> u64| {
+                            s.classes.iter().map(f).sum::<u64>().to_string()
+                        };
+                        [
+                            s.classes
+                                .iter()
+                                .filter_map(|c| c.acked)
+                                .max()
+                                .map_or("-".into(), |a| a.to_string()),
+                            sum(|c| c.lag_records),
+                            sum(|c| c.lag_bytes),
+                            sum(|c| c.dropped_records),
+                        ]
+                    }
+                    None => ["?", "?", "?", "?"].map(String::from),
+                };
+                println!(
+                    "{m:<28} {:>10} {:>12} {acked:>10} {lag:>12} {lag_bytes:>12} {dropped:>8} {:>12}s ago",
+                    row.records,
+                    row.last_offset,
+                    now - row.contact
+                );
             }
         }
         Cmd::Tail {
@@ -350,16 +402,27 @@ async fn run(cli: Cli) -> Result<(), String> {
             while count.is_none_or(|c| n < c) {
                 let Some(m) = msgs.next().await else { break };
                 let m = m.map_err(|e| format!("failed to read: {e}"))?;
+                // The boxes' status reports are for `status`, not records.
+                if m.subject.ends_with("._status") && !topic.starts_with('_') {
+                    continue;
+                }
                 let id = m
                     .headers
                     .as_ref()
                     .and_then(|h| h.get("Nats-Msg-Id"))
                     .map(|v| v.as_str().to_owned())
                     .unwrap_or_default();
+                let encoding = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Fabric-Encoding"))
+                    .map(|v| v.as_str().to_owned());
+                let value = fabricd::uplink::decode(&m.payload, encoding.as_deref(), 64 << 20)
+                    .map_err(|e| format!("{} {id}: {e}", m.subject))?;
                 println!(
                     "{} {id} {}",
                     m.subject,
-                    String::from_utf8_lossy(&m.payload).escape_debug()
+                    String::from_utf8_lossy(&value).escape_debug()
                 );
                 n += 1;
             }
