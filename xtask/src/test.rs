@@ -58,6 +58,7 @@ pub fn run(filter: Option<String>) -> Result<()> {
     packages.push("socat"); // the fabric scenario's relay from the guest to the core
                             // fabricd's tests and the fabric scenario run a real core and make its certificates.
     packages.extend(crate::bench_fabric::CORE_PACKAGES);
+    packages.extend(["containerd", "runc"]); // noded's tests run a real containerd
     step("host packages", &mut || {
         crate::host::ensure_packages(&packages)
     });
