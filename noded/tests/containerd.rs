@@ -94,8 +94,8 @@ fn ensure_containerd() {
 
 /// Builds one of our test programs as a static executable: the images hold nothing
 /// else, so there is no libc in them to link against.
-fn build_static(name: &str, out: &Path) -> Vec<u8> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("src/bin/{name}.rs"));
+fn build_static(name: &str, path: &str, out: &Path) -> Vec<u8> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
     let exe = out.join(name);
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let status = Command::new(rustc)
@@ -248,8 +248,18 @@ async fn containerd_pulls_our_images_from_the_local_registry_and_runs_a_pod() {
         .unwrap();
     let dir = tmp.path().to_path_buf();
 
-    let pause = archive("pause:1", "pause", build_static("pause", &dir), &[]);
-    let hello = archive("hello:1", "hello", build_static("hello", &dir), &[GREETING]);
+    let pause = archive(
+        "pause:1",
+        "pause",
+        build_static("pause", "src/bin/pause.rs", &dir),
+        &[],
+    );
+    let hello = archive(
+        "hello:1",
+        "hello",
+        build_static("hello", "tests/programs/hello.rs", &dir),
+        &[GREETING],
+    );
     let pause_image = edge_oci::read_archive(&pause).unwrap().images.remove(0);
     let mut registry = Registry::default();
     registry
