@@ -2,4 +2,5 @@
 //! daemon runs: the CRI client and the local registry containerd pulls images from.
 
 pub mod cri;
+pub mod manifest;
 pub mod registry;

@@ -1,0 +1,279 @@
+use super::*;
+
+const GOOD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cam
+  namespace: edge
+  labels: {app: cam}
+spec:
+  hostNetwork: true
+  restartPolicy: OnFailure
+  terminationGracePeriodSeconds: 5
+  volumes:
+    - name: scratch
+      emptyDir: {}
+    - name: models
+      hostPath: {path: /var/lib/models, type: DirectoryOrCreate}
+  initContainers:
+    - name: fetch
+      image: edge.local/fetch:1
+      command: [/fetch]
+  containers:
+    - name: cam
+      image: edge.local/cam:2
+      command: [/cam]
+      args: ["--fps", "5"]
+      env:
+        - {name: SITE, value: north}
+        - {name: EMPTY}
+      resources:
+        limits: {cpu: 500m, memory: 64Mi}
+        requests: {cpu: 100m}
+      ports:
+        - {containerPort: 8080, hostPort: 18080}
+        - {containerPort: 9000, protocol: UDP}
+      volumeMounts:
+        - {name: scratch, mountPath: /tmp}
+        - {name: models, mountPath: /models, readOnly: true}
+"#;
+
+fn err(text: &str) -> String {
+    parse("pods/cam.yaml", text).unwrap_err()
+}
+
+/// GOOD with one line replaced: bad manifests differ from a good one in one place.
+fn with(from: &str, to: &str) -> String {
+    assert!(GOOD.contains(from), "{from}");
+    GOOD.replacen(from, to, 1)
+}
+
+#[test]
+fn a_full_manifest_is_read_into_typed_fields() {
+    let pod = parse("pods/cam.yaml", GOOD).unwrap();
+    assert_eq!(pod.name, "cam");
+    assert_eq!(pod.namespace, "edge");
+    assert_eq!(pod.labels.get("app").map(String::as_str), Some("cam"));
+    assert!(pod.host_network);
+    assert_eq!(pod.restart_policy, RestartPolicy::OnFailure);
+    assert_eq!(pod.termination_grace_period_seconds, 5);
+    assert_eq!(pod.init_containers.len(), 1);
+    assert_eq!(pod.init_containers[0].command, ["/fetch"]);
+    let c = &pod.containers[0];
+    assert_eq!(c.image, "edge.local/cam:2");
+    assert_eq!(c.args, ["--fps", "5"]);
+    assert_eq!(
+        c.env,
+        [
+            ("SITE".into(), "north".into()),
+            ("EMPTY".into(), String::new())
+        ]
+    );
+    assert_eq!(c.cpu_limit_millis, Some(500));
+    assert_eq!(c.memory_limit_bytes, Some(64 << 20));
+    assert_eq!(
+        c.ports,
+        [
+            Port {
+                container_port: 8080,
+                host_port: Some(18080),
+                protocol: Protocol::Tcp
+            },
+            Port {
+                container_port: 9000,
+                host_port: None,
+                protocol: Protocol::Udp
+            }
+        ]
+    );
+    assert_eq!(c.volume_mounts[1].mount_path, "/models");
+    assert!(c.volume_mounts[1].read_only);
+    assert!(!c.volume_mounts[0].read_only);
+    assert_eq!(pod.volumes[0].source, VolumeSource::EmptyDir);
+    assert_eq!(
+        pod.volumes[1].source,
+        VolumeSource::HostPath {
+            path: "/var/lib/models".into(),
+            create: true
+        }
+    );
+}
+
+#[test]
+fn defaults_are_kubernetes_defaults() {
+    let pod = parse(
+        "p.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: a, image: edge.local/a:1}]\n",
+    )
+    .unwrap();
+    assert_eq!(pod.namespace, "default");
+    assert_eq!(pod.restart_policy, RestartPolicy::Always);
+    assert_eq!(pod.termination_grace_period_seconds, 30);
+    assert!(!pod.host_network);
+}
+
+#[test]
+fn unsupported_fields_are_named_by_path_and_file() {
+    assert_eq!(
+        err(&with(
+            "      command: [/cam]\n",
+            "      command: [/cam]\n      livenessProbe: {exec: {command: [x]}}\n"
+        )),
+        "pods/cam.yaml: spec.containers[0].livenessProbe is not supported yet"
+    );
+    assert_eq!(
+        err(&with(
+            "      emptyDir: {}\n",
+            "      persistentVolumeClaim: {claimName: x}\n"
+        )),
+        "pods/cam.yaml: spec.volumes[0].persistentVolumeClaim is not supported yet"
+    );
+    assert_eq!(
+        err(&with(
+            "      command: [/fetch]\n",
+            "      command: [/fetch]\n      securityContext: {privileged: true}\n"
+        )),
+        "pods/cam.yaml: spec.initContainers[0].securityContext is not supported yet"
+    );
+    assert_eq!(
+        err(&with(
+            "  hostNetwork: true\n",
+            "  hostNetwork: true\n  nodeSelector: {a: b}\n"
+        )),
+        "pods/cam.yaml: spec.nodeSelector is not supported yet"
+    );
+    assert!(
+        err(&with("{name: EMPTY}", "{name: EMPTY, valueFrom: {x: y}}"))
+            .ends_with("spec.containers[0].env[1].valueFrom is not supported yet")
+    );
+    assert!(
+        err(&with("memory: 64Mi}", "memory: 64Mi, nvidia.com/gpu: 1}"))
+            .ends_with("spec.containers[0].resources.limits.nvidia.com/gpu is not supported yet")
+    );
+}
+
+#[test]
+fn bad_values_are_named_by_path() {
+    let cases = [
+        (
+            "cpu: 500m",
+            "cpu: lots",
+            "spec.containers[0].resources.limits.cpu",
+        ),
+        (
+            "memory: 64Mi",
+            "memory: 64Q",
+            "spec.containers[0].resources.limits.memory",
+        ),
+        (
+            "restartPolicy: OnFailure",
+            "restartPolicy: Sometimes",
+            "spec.restartPolicy",
+        ),
+        (
+            "hostNetwork: true",
+            "hostNetwork: yes please",
+            "spec.hostNetwork",
+        ),
+        (
+            "hostPort: 18080",
+            "hostPort: 70000",
+            "spec.containers[0].ports[0].hostPort",
+        ),
+        (
+            "protocol: UDP",
+            "protocol: QUIC",
+            "spec.containers[0].ports[1].protocol",
+        ),
+        (
+            "{name: models, mountPath",
+            "{name: nope, mountPath",
+            "spec.containers[0].volumeMounts[1].name",
+        ),
+        (
+            "image: edge.local/cam:2",
+            "image: \"\"",
+            "spec.containers[0].image",
+        ),
+        (
+            "name: cam\n  namespace",
+            "name: Cam_1\n  namespace",
+            "metadata.name",
+        ),
+        (
+            "value: north",
+            "value: 3",
+            "spec.containers[0].env[0].value",
+        ),
+        ("kind: Pod", "kind: Deployment", "kind"),
+        (
+            "path: /var/lib/models",
+            "path: models",
+            "spec.volumes[1].hostPath.path",
+        ),
+    ];
+    for (from, to, field) in cases {
+        let e = err(&with(from, to));
+        assert!(
+            e.starts_with(&format!("pods/cam.yaml: {field} ")),
+            "{from} -> {to}: {e}"
+        );
+    }
+}
+
+#[test]
+fn structural_mistakes_are_reported() {
+    assert!(err("a: [").contains("not valid YAML"));
+    assert!(err("- 1\n").contains("manifest must be a mapping"));
+    let no_containers = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: []}\n";
+    assert!(err(no_containers).contains("spec.containers must list at least one"));
+    let twice = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  initContainers: [{name: a, image: i}]\n  containers: [{name: a, image: i}]\n";
+    assert!(err(twice).contains("names container \"a\" twice"));
+}
+
+#[test]
+fn cpu_quantities() {
+    assert_eq!(parse_cpu("500m"), Ok(500));
+    assert_eq!(parse_cpu("2"), Ok(2000));
+    assert_eq!(parse_cpu("0.5"), Ok(500));
+    assert_eq!(parse_cpu("1.25"), Ok(1250));
+    assert!(parse_cpu("0").is_err());
+    assert!(parse_cpu("1.0001").is_err());
+    assert!(parse_cpu("m").is_err());
+    assert!(parse_cpu("-1").is_err());
+    assert!(parse_cpu("2 cores").is_err());
+}
+
+#[test]
+fn memory_quantities() {
+    assert_eq!(parse_memory("64Mi"), Ok(64 << 20));
+    assert_eq!(parse_memory("1G"), Ok(1_000_000_000));
+    assert_eq!(parse_memory("1Gi"), Ok(1 << 30));
+    assert_eq!(parse_memory("128974848"), Ok(128_974_848));
+    assert_eq!(parse_memory("129e6"), Ok(129_000_000));
+    assert_eq!(parse_memory("5k"), Ok(5000));
+    assert!(parse_memory("64MB").is_err());
+    assert!(parse_memory("Mi").is_err());
+    assert!(parse_memory("0").is_err());
+    assert!(parse_memory("99999999999Ti").is_err());
+}
+
+#[test]
+fn numbers_are_accepted_as_quantities() {
+    let pod = parse(
+        "p.yaml",
+        &with("cpu: 500m, memory: 64Mi", "cpu: 2, memory: 1048576"),
+    )
+    .unwrap();
+    assert_eq!(pod.containers[0].cpu_limit_millis, Some(2000));
+    assert_eq!(pod.containers[0].memory_limit_bytes, Some(1 << 20));
+}
+
+#[test]
+fn restart_policy_decides_by_exit_code() {
+    assert!(RestartPolicy::Always.restarts(0));
+    assert!(RestartPolicy::OnFailure.restarts(1));
+    assert!(!RestartPolicy::OnFailure.restarts(0));
+    assert!(!RestartPolicy::Never.restarts(137));
+}
