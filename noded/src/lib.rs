@@ -1,6 +1,9 @@
 //! noded's parts, as a library so the integration tests drive the same code the
-//! daemon runs: the CRI client and the local registry containerd pulls images from.
+//! daemon runs: the CRI client, the local registry containerd pulls images from, pod
+//! manifests, the reconciler that runs them and the control socket that reports them.
 
+pub mod control;
 pub mod cri;
 pub mod manifest;
+pub mod pods;
 pub mod registry;

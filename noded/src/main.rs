@@ -1,8 +1,19 @@
-//! noded: the Kubernetes node. For now it loads its config, waits until containerd's
-//! socket answers and reports ready; pods through CRI are issue #4.
+//! noded: the Kubernetes node. It serves the bundled OCI archives to containerd through
+//! the local registry, waits until containerd answers, reports ready, then runs the
+//! static pods of the manifests directory and reports them on its control socket.
+//! `noded pods` asks a running noded for its pods.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use noded::cri::Client;
+use noded::pods::{Reconciler, Settings};
+use noded::registry::Registry;
+
+/// How often the manifests are rescanned and the containers polled.
+const TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -11,6 +22,43 @@ struct Config {
     containerd_socket: PathBuf,
     /// Where static pod manifests are kept (on the data partition).
     manifests_dir: PathBuf,
+    /// OCI archives (`*.tar`) served to containerd as `edge.local/<name>:<tag>`.
+    #[serde(default = "default_images_dir")]
+    images_dir: PathBuf,
+    /// Where the registry listens; containerd's hosts.toml for edge.local points here.
+    #[serde(default = "default_registry_listen")]
+    registry_listen: SocketAddr,
+    /// Containers' CRI logs, one directory per pod.
+    #[serde(default = "default_log_dir")]
+    log_dir: PathBuf,
+    /// noded's own state (emptyDir volumes).
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    /// First restart delay of a crashing container; doubles per restart up to 5 min.
+    #[serde(default = "default_backoff_ms")]
+    restart_backoff_base_ms: u64,
+    /// Answers `{"op":"pods"}`.
+    #[serde(default = "default_control_socket")]
+    control_socket: PathBuf,
+}
+
+fn default_images_dir() -> PathBuf {
+    "/usr/share/edge/images".into()
+}
+fn default_registry_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5000))
+}
+fn default_log_dir() -> PathBuf {
+    "/var/log/pods".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/edge/noded".into()
+}
+fn default_backoff_ms() -> u64 {
+    10_000
+}
+fn default_control_socket() -> PathBuf {
+    "/run/noded/noded.sock".into()
 }
 
 impl edge_common::Validate for Config {
@@ -18,33 +66,188 @@ impl edge_common::Validate for Config {
         edge_common::require_absolute(&[
             ("containerd_socket", Some(&self.containerd_socket)),
             ("manifests_dir", Some(&self.manifests_dir)),
+            ("images_dir", Some(&self.images_dir)),
+            ("log_dir", Some(&self.log_dir)),
+            ("state_dir", Some(&self.state_dir)),
+            ("control_socket", Some(&self.control_socket)),
         ])?;
+        if self.restart_backoff_base_ms == 0 {
+            return Err((
+                "restart_backoff_base_ms".into(),
+                "must be more than 0 (a crashing container would restart in a tight loop)".into(),
+            ));
+        }
         Ok(())
     }
 }
 
 async fn serve(config: Config) -> Result<(), String> {
-    edge_common::ensure_dir(&config.manifests_dir).map_err(|e| e.to_string())?;
-    // The node is of no use until the runtime answers; init orders us after containerd,
-    // but containerd may restart under us, so wait rather than fail.
+    for dir in [&config.manifests_dir, &config.log_dir, &config.state_dir] {
+        edge_common::ensure_dir(dir).map_err(|e| e.to_string())?;
+    }
+    let _registry = start_registry(&config.images_dir, config.registry_listen).await?;
+    wait_for_containerd(&config.containerd_socket).await;
+    let cri = Client::connect(&config.containerd_socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = Arc::new(Mutex::new(Vec::new()));
+    let _control = noded::control::spawn(&config.control_socket, status.clone())?;
+    edge_common::notify_ready().map_err(|e| e.to_string())?;
+    let settings = Settings {
+        manifests_dir: config.manifests_dir,
+        log_dir: config.log_dir,
+        state_dir: config.state_dir,
+        backoff_base: Duration::from_millis(config.restart_backoff_base_ms),
+    };
+    Reconciler::new(cri, settings, status).run(TICK).await;
+    Ok(())
+}
+
+/// Serves the archives of `dir`. A missing directory is an image with no bundled
+/// workloads; a bad archive is left out and named, the others are served.
+async fn start_registry(
+    dir: &Path,
+    listen: SocketAddr,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let registry = if dir.is_dir() {
+        let (registry, rejected) = Registry::load_dir(dir)?;
+        for r in rejected {
+            tracing::error!("image archive {} rejected: {}", r.path.display(), r.reason);
+        }
+        registry
+    } else {
+        tracing::info!("no image directory {}: serving no images", dir.display());
+        Registry::default()
+    };
+    let (addr, task) = registry
+        .spawn(listen)
+        .await
+        .map_err(|e| format!("failed to start the image registry on {listen}: {e}"))?;
+    tracing::info!(%addr, images = %dir.display(), "image registry serving");
+    Ok(task)
+}
+
+/// The node is of no use until the runtime answers; init orders us after containerd,
+/// but containerd may restart under us, so wait rather than fail.
+async fn wait_for_containerd(socket: &Path) {
     let mut waited = Duration::ZERO;
     loop {
-        match tokio::net::UnixStream::connect(&config.containerd_socket).await {
+        match tokio::net::UnixStream::connect(socket).await {
             Ok(_) => break,
             Err(e) => {
-                if waited.as_secs().is_multiple_of(10) {
-                    tracing::info!(socket = %config.containerd_socket.display(), "waiting for containerd: {e}");
+                if waited.as_secs().is_multiple_of(10) && waited.subsec_millis() == 0 {
+                    tracing::info!(socket = %socket.display(), "waiting for containerd: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 waited += Duration::from_millis(200);
             }
         }
     }
-    tracing::info!(socket = %config.containerd_socket.display(), "containerd answers");
-    edge_common::notify_ready().map_err(|e| e.to_string())?;
-    std::future::pending().await
+    tracing::info!(socket = %socket.display(), "containerd answers");
+}
+
+#[derive(clap::Parser)]
+#[command(name = "noded pods", about = "Print the pods of a running noded")]
+struct PodsCli {
+    /// noded's control socket.
+    #[arg(long, default_value = "/run/noded/noded.sock", value_name = "PATH")]
+    socket: PathBuf,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+fn pods_command(args: Vec<String>) -> std::process::ExitCode {
+    use clap::Parser;
+    let cli = PodsCli::parse_from(args);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("noded pods: failed to start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let pods = match runtime.block_on(noded::control::pods(&cli.socket)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("noded pods: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string(&pods).unwrap_or_default());
+        return std::process::ExitCode::SUCCESS;
+    }
+    for p in pods {
+        let name = if p.name.is_empty() {
+            p.file.clone()
+        } else {
+            format!("{}/{}", p.namespace, p.name)
+        };
+        println!("{name}  {}  ({})", p.state, p.file);
+        if let Some(e) = &p.error {
+            println!("  error: {e}");
+        }
+        for c in p.containers {
+            let exit = c
+                .exit_code
+                .map(|x| format!(" exit={x}"))
+                .unwrap_or_default();
+            let kind = if c.init { " (init)" } else { "" };
+            println!(
+                "  {}{kind}  {}  restarts={}{exit}{}",
+                c.name,
+                c.state,
+                c.restarts,
+                c.last_error
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    std::process::ExitCode::SUCCESS
 }
 
 fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("pods") {
+        return pods_command(args[1..].to_vec());
+    }
     edge_common::run("noded", serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_image_config_loads_with_defaults_for_the_new_keys() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/overlay/etc/edge/noded.toml");
+        let c: Config = edge_common::load_config(&path).unwrap();
+        assert_eq!(c.images_dir, Path::new("/usr/share/edge/images"));
+        assert_eq!(c.registry_listen, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(c.log_dir, Path::new("/var/log/pods"));
+        assert_eq!(c.state_dir, Path::new("/var/lib/edge/noded"));
+        assert_eq!(c.restart_backoff_base_ms, 10_000);
+        assert_eq!(c.control_socket, Path::new("/run/noded/noded.sock"));
+    }
+
+    #[test]
+    fn a_zero_backoff_is_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("noded.toml");
+        std::fs::write(
+            &path,
+            "containerd_socket = \"/c.sock\"\nmanifests_dir = \"/m\"\nrestart_backoff_base_ms = 0\n",
+        )
+        .unwrap();
+        let e = edge_common::load_config::<Config>(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `restart_backoff_base_ms`"), "{e}");
+    }
 }

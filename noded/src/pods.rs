@@ -1,0 +1,940 @@
+//! The static-pod reconciler: makes containerd run exactly the pods whose manifests are in
+//! the manifests directory. It owns each pod's life through CRI (images pulled, sandbox,
+//! init containers in order, app containers restarted per policy with back-off, graceful
+//! stop when the manifest goes), the pods' emptyDir directories, and the status report
+//! the control socket serves.
+//!
+//! Pods survive a noded restart: each sandbox carries the manifest file and a hash of
+//! it as labels, and a new noded adopts a running sandbox whose hash still matches
+//! instead of recreating it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::cri::{api::*, Client};
+use crate::manifest::{self, Container, Pod, VolumeSource};
+
+const LABEL_MANAGED: &str = "io.edgeos.managed-by";
+const LABEL_FILE: &str = "io.edgeos.pod-file";
+const LABEL_HASH: &str = "io.edgeos.pod-hash";
+const MANAGER: &str = "noded";
+
+/// Kubelet's ceiling for the crash-loop back-off.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The delay before the next start of a container that has been restarted `restarts`
+/// times: `base`, doubling per restart, at most [`BACKOFF_MAX`] (kubelet: 10 s … 5 min).
+pub fn backoff(base: Duration, restarts: u32) -> Duration {
+    let factor = 1u32.checked_shl(restarts.min(31)).unwrap_or(u32::MAX);
+    base.checked_mul(factor)
+        .unwrap_or(BACKOFF_MAX)
+        .min(BACKOFF_MAX)
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub manifests_dir: PathBuf,
+    /// Pod log directories are `<log_dir>/<namespace>_<name>_<uid>/`.
+    pub log_dir: PathBuf,
+    /// emptyDir volumes live under `<state_dir>/pods/<uid>/volumes/`.
+    pub state_dir: PathBuf,
+    pub backoff_base: Duration,
+}
+
+/// What `{"op":"pods"}` answers, one per manifest file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PodReport {
+    pub file: String,
+    pub name: String,
+    pub namespace: String,
+    /// pending, initializing, running, succeeded, failed, invalid
+    pub state: String,
+    pub error: Option<String>,
+    pub containers: Vec<ContainerReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerReport {
+    pub name: String,
+    pub init: bool,
+    /// waiting, running, back-off, exited, completed
+    pub state: String,
+    pub restarts: u32,
+    pub exit_code: Option<i32>,
+    pub last_error: Option<String>,
+}
+
+pub type Status = Arc<Mutex<Vec<PodReport>>>;
+
+pub struct Reconciler {
+    cri: Client,
+    settings: Settings,
+    pods: BTreeMap<String, PodRun>,
+    /// file → (hash, error) of manifests that did not parse; logged once per version.
+    invalid: BTreeMap<String, (String, String)>,
+    status: Status,
+    adopted: bool,
+}
+
+struct PodRun {
+    file: String,
+    hash: String,
+    pod: Pod,
+    sandbox: Option<String>,
+    error: Option<String>,
+    failures: u32,
+    retry_at: Instant,
+    containers: Vec<Ctr>,
+    failed: bool,
+}
+
+struct Ctr {
+    spec: Container,
+    init: bool,
+    id: Option<String>,
+    /// The exited container a restart replaces.
+    dead: Option<String>,
+    /// CRI attempt number of the next container created; unique per sandbox.
+    attempt: u32,
+    restarts: u32,
+    state: &'static str,
+    exit_code: Option<i32>,
+    last_error: Option<String>,
+    next_start: Instant,
+    done: bool,
+}
+
+impl Reconciler {
+    pub fn new(cri: Client, settings: Settings, status: Status) -> Self {
+        Reconciler {
+            cri,
+            settings,
+            pods: BTreeMap::new(),
+            invalid: BTreeMap::new(),
+            status,
+            adopted: false,
+        }
+    }
+
+    /// Reconciles every `period` forever.
+    pub async fn run(mut self, period: Duration) {
+        loop {
+            self.tick().await;
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    /// One pass: rescan the manifests, adopt (first pass), start, poll, restart, stop.
+    pub async fn tick(&mut self) {
+        let scanned = self.scan();
+        if !self.adopted {
+            match self.adopt(&scanned).await {
+                Ok(()) => self.adopted = true,
+                Err(e) => tracing::warn!("could not list pods to adopt: {e}"),
+            }
+        }
+        // Pods whose manifest went away or changed stop first.
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(file, run)| scanned.get(*file).is_none_or(|(h, _)| *h != run.hash))
+            .map(|(f, _)| f.clone())
+            .collect();
+        for file in gone {
+            if let Some(run) = self.pods.remove(&file) {
+                tracing::info!(pod = %run.pod.name, file = %file, "manifest removed or changed: stopping the pod");
+                let cri = self.cri.clone();
+                let settings = self.settings.clone();
+                tokio::spawn(async move { teardown(&cri, &settings, run).await });
+            }
+        }
+        self.invalid.retain(|f, _| scanned.contains_key(f));
+        for (file, (hash, text)) in &scanned {
+            if self.pods.contains_key(file) {
+                continue;
+            }
+            if self.invalid.get(file).is_some_and(|(h, _)| h == hash) {
+                continue;
+            }
+            let source = self.settings.manifests_dir.join(file).display().to_string();
+            let parsed = manifest::parse(&source, text).and_then(|pod| {
+                match self
+                    .pods
+                    .values()
+                    .find(|r| r.pod.name == pod.name && r.pod.namespace == pod.namespace)
+                {
+                    Some(other) => Err(format!(
+                        "{source}: metadata.name: pod {}/{} is already defined by {}",
+                        pod.namespace, pod.name, other.file
+                    )),
+                    None => Ok(pod),
+                }
+            });
+            match parsed {
+                Ok(pod) => {
+                    self.invalid.remove(file);
+                    tracing::info!(pod = %pod.name, file = %file, "new pod");
+                    self.pods
+                        .insert(file.clone(), PodRun::new(file.clone(), hash.clone(), pod));
+                }
+                Err(e) => {
+                    tracing::error!("rejected pod manifest: {e}");
+                    self.invalid.insert(file.clone(), (hash.clone(), e));
+                }
+            }
+        }
+        let files: Vec<String> = self.pods.keys().cloned().collect();
+        for file in files {
+            if let Some(mut run) = self.pods.remove(&file) {
+                self.step(&mut run).await;
+                self.pods.insert(file, run);
+            }
+        }
+        self.publish();
+    }
+
+    /// Manifest files by name, with their hash and text. Unreadable files are logged
+    /// and left out (their pod, if any, keeps its last state until they read again).
+    fn scan(&self) -> BTreeMap<String, (String, String)> {
+        let dir = &self.settings.manifests_dir;
+        let mut out = BTreeMap::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("failed to read manifests directory {}: {e}", dir.display());
+                return out;
+            }
+        };
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !(name.ends_with(".yaml") || name.ends_with(".yml")) || name.starts_with('.') {
+                continue;
+            }
+            match std::fs::read_to_string(entry.path()) {
+                Ok(text) => {
+                    let hash = manifest_hash(&name, &text);
+                    out.insert(name, (hash, text));
+                }
+                Err(e) => {
+                    tracing::warn!("failed to read {}: {e}", entry.path().display());
+                    if let Some(run) = self.pods.get(&name) {
+                        out.insert(name, (run.hash.clone(), String::new()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Takes over the sandboxes an earlier noded left running. One whose manifest is
+    /// unchanged keeps running with its containers; the rest are stopped and removed.
+    async fn adopt(&mut self, scanned: &BTreeMap<String, (String, String)>) -> Result<(), String> {
+        let listed = self
+            .cri
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: [(LABEL_MANAGED.to_string(), MANAGER.to_string())].into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        for sb in listed.items {
+            let file = sb.labels.get(LABEL_FILE).cloned().unwrap_or_default();
+            let hash = sb.labels.get(LABEL_HASH).cloned().unwrap_or_default();
+            let ready = sb.state == PodSandboxState::SandboxReady as i32;
+            let matching = scanned
+                .get(&file)
+                .filter(|(h, _)| *h == hash && ready && !self.pods.contains_key(&file));
+            let pod = matching.and_then(|(_, text)| manifest::parse(&file, text).ok());
+            let Some(pod) = pod else {
+                tracing::info!(sandbox = %sb.id, file = %file, "removing a pod left by an earlier noded whose manifest is gone or changed");
+                stop_sandbox(&self.cri, &sb.id, &[], 0).await;
+                continue;
+            };
+            let mut run = PodRun::new(file.clone(), hash, pod);
+            run.sandbox = Some(sb.id.clone());
+            let containers = self
+                .cri
+                .list_containers(ListContainersRequest {
+                    filter: Some(ContainerFilter {
+                        pod_sandbox_id: sb.id.clone(),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .containers;
+            let app_started = containers.iter().any(|c| {
+                let name = c.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("");
+                run.containers
+                    .iter()
+                    .any(|r| !r.init && r.spec.name == name)
+            });
+            for ctr in &mut run.containers {
+                let latest = containers
+                    .iter()
+                    .filter_map(|c| c.metadata.as_ref().map(|m| (m, c)))
+                    .filter(|(m, _)| m.name == ctr.spec.name)
+                    .max_by_key(|(m, _)| m.attempt);
+                if ctr.init && app_started {
+                    ctr.done = true;
+                    ctr.state = "completed";
+                    ctr.exit_code = Some(0);
+                }
+                if let Some((m, c)) = latest {
+                    ctr.attempt = m.attempt + 1;
+                    ctr.restarts = m.attempt;
+                    if !ctr.done {
+                        ctr.id = Some(c.id.clone());
+                    }
+                }
+            }
+            tracing::info!(pod = %run.pod.name, file = %file, sandbox = %sb.id, "adopted a running pod");
+            self.pods.insert(file, run);
+        }
+        Ok(())
+    }
+
+    async fn step(&self, run: &mut PodRun) {
+        if run.failed {
+            return;
+        }
+        let now = Instant::now();
+        let sandbox = match &run.sandbox {
+            Some(id) => {
+                // A sandbox that died under us (containerd restarted, pause killed) is
+                // recreated with all its containers, as kubelet does.
+                match self
+                    .cri
+                    .pod_sandbox_status(PodSandboxStatusRequest {
+                        pod_sandbox_id: id.clone(),
+                        verbose: false,
+                    })
+                    .await
+                {
+                    Ok(s)
+                        if s.status
+                            .as_ref()
+                            .is_some_and(|s| s.state == PodSandboxState::SandboxReady as i32) =>
+                    {
+                        id.clone()
+                    }
+                    // containerd itself is away: wait for it rather than duplicate the pod.
+                    Err(e) if e.code() != tonic::Code::NotFound => {
+                        tracing::warn!(pod = %run.pod.name, "{e}");
+                        return;
+                    }
+                    _ => {
+                        tracing::warn!(pod = %run.pod.name, sandbox = %id, "pod sandbox is gone or not ready: recreating it");
+                        stop_sandbox(&self.cri, id, &[], 0).await;
+                        run.reset();
+                        run.retry_at = now + backoff(self.settings.backoff_base, run.failures);
+                        run.failures += 1;
+                        return;
+                    }
+                }
+            }
+            None => {
+                if now < run.retry_at {
+                    return;
+                }
+                match self.start_sandbox(run).await {
+                    Ok(id) => {
+                        tracing::info!(pod = %run.pod.name, sandbox = %id, "pod sandbox running");
+                        run.sandbox = Some(id.clone());
+                        run.error = None;
+                        run.failures = 0;
+                        id
+                    }
+                    Err(e) => {
+                        tracing::error!(pod = %run.pod.name, file = %run.file, "pod failed to start: {e}");
+                        run.error = Some(e);
+                        run.retry_at = now + backoff(self.settings.backoff_base, run.failures);
+                        run.failures += 1;
+                        return;
+                    }
+                }
+            }
+        };
+        let config = self.sandbox_config(run);
+        let policy = run.pod.restart_policy;
+        for i in 0..run.containers.len() {
+            let init = run.containers[i].init;
+            // Init containers run one at a time, in order, each to success.
+            if !init && run.containers[..i].iter().any(|c| c.init && !c.done) {
+                break;
+            }
+            let ctr = &mut run.containers[i];
+            if ctr.done {
+                continue;
+            }
+            self.drive(&run.pod, &sandbox, &config, ctr, policy).await;
+            if ctr.init && ctr.done && ctr.exit_code != Some(0) {
+                run.failed = true;
+                run.error = Some(format!(
+                    "init container {} failed with exit code {:?}",
+                    ctr.spec.name, ctr.exit_code
+                ));
+                tracing::error!(pod = %run.pod.name, "{}", run.error.as_deref().unwrap_or(""));
+                return;
+            }
+            if init && !run.containers[i].done {
+                break;
+            }
+        }
+    }
+
+    /// Starts, polls or restarts one container.
+    async fn drive(
+        &self,
+        pod: &Pod,
+        sandbox: &str,
+        config: &PodSandboxConfig,
+        ctr: &mut Ctr,
+        policy: manifest::RestartPolicy,
+    ) {
+        let now = Instant::now();
+        let Some(id) = ctr.id.clone() else {
+            if now < ctr.next_start {
+                ctr.state = "back-off";
+                return;
+            }
+            match self.start_container(pod, sandbox, config, ctr).await {
+                Ok(id) => {
+                    tracing::info!(pod = %pod.name, container = %ctr.spec.name, attempt = ctr.attempt, "container started");
+                    ctr.id = Some(id);
+                    ctr.state = "running";
+                    if let Some(dead) = ctr.dead.take() {
+                        if let Err(e) = self
+                            .cri
+                            .remove_container(RemoveContainerRequest { container_id: dead })
+                            .await
+                        {
+                            tracing::warn!(pod = %pod.name, container = %ctr.spec.name, "{e}");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(pod = %pod.name, container = %ctr.spec.name, "container failed to start: {e}");
+                    ctr.last_error = Some(e);
+                    ctr.state = "back-off";
+                    ctr.next_start = now + backoff(self.settings.backoff_base, ctr.restarts);
+                    ctr.restarts += 1;
+                }
+            }
+            ctr.attempt += 1;
+            return;
+        };
+        let status = self
+            .cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await;
+        let (exit_code, reason) = match status {
+            Ok(r) => match r.status {
+                Some(s) if s.state == ContainerState::ContainerExited as i32 => {
+                    let why = [s.reason, s.message]
+                        .into_iter()
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(": ");
+                    (s.exit_code, why)
+                }
+                Some(s) if s.state == ContainerState::ContainerUnknown as i32 => {
+                    (-1, "container state unknown".to_string())
+                }
+                _ => {
+                    ctr.state = "running";
+                    return;
+                }
+            },
+            Err(e) if e.code() == tonic::Code::NotFound => (-1, format!("container vanished: {e}")),
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, container = %ctr.spec.name, "{e}");
+                return;
+            }
+        };
+        ctr.exit_code = Some(exit_code);
+        if exit_code != 0 {
+            ctr.last_error = Some(if reason.is_empty() {
+                format!("exited with code {exit_code}")
+            } else {
+                format!("exited with code {exit_code} ({reason})")
+            });
+        }
+        let again = if ctr.init {
+            exit_code != 0 && policy != manifest::RestartPolicy::Never
+        } else {
+            policy.restarts(exit_code)
+        };
+        if !again {
+            tracing::info!(pod = %pod.name, container = %ctr.spec.name, exit_code, "container exited; not restarted (restartPolicy)");
+            ctr.done = true;
+            ctr.state = if exit_code == 0 {
+                "completed"
+            } else {
+                "exited"
+            };
+            return;
+        }
+        let delay = backoff(self.settings.backoff_base, ctr.restarts);
+        tracing::info!(pod = %pod.name, container = %ctr.spec.name, exit_code, restarts = ctr.restarts + 1, "container exited; restarting in {delay:?}");
+        // The exited container stays until its successor starts: its attempt number
+        // is what a restarted noded counts restarts from.
+        ctr.dead = Some(id);
+        ctr.id = None;
+        ctr.restarts += 1;
+        ctr.next_start = now + delay;
+        ctr.state = "back-off";
+    }
+
+    async fn start_sandbox(&self, run: &PodRun) -> Result<String, String> {
+        let uid = &run.hash;
+        let log_dir = self.log_dir(run);
+        std::fs::create_dir_all(&log_dir)
+            .map_err(|e| format!("failed to create {}: {e}", log_dir.display()))?;
+        for v in &run.pod.volumes {
+            match &v.source {
+                VolumeSource::EmptyDir => {
+                    let d = self.empty_dir(uid, &v.name);
+                    std::fs::create_dir_all(&d).map_err(|e| {
+                        format!("volume {}: failed to create {}: {e}", v.name, d.display())
+                    })?;
+                }
+                VolumeSource::HostPath { path, create: true } => {
+                    std::fs::create_dir_all(path).map_err(|e| {
+                        format!(
+                            "volume {}: failed to create {}: {e}",
+                            v.name,
+                            path.display()
+                        )
+                    })?;
+                }
+                VolumeSource::HostPath { .. } => {}
+            }
+        }
+        let mut images: Vec<&str> = run
+            .pod
+            .init_containers
+            .iter()
+            .chain(&run.pod.containers)
+            .map(|c| c.image.as_str())
+            .collect();
+        images.sort();
+        images.dedup();
+        for image in images {
+            self.cri
+                .pull_image(PullImageRequest {
+                    image: Some(ImageSpec {
+                        image: image.to_string(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("image {image}: {e}"))?;
+        }
+        let config = self.sandbox_config(run);
+        self.cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.pod_sandbox_id)
+            .map_err(|e| e.to_string())
+    }
+
+    fn log_dir(&self, run: &PodRun) -> PathBuf {
+        pod_log_dir(&self.settings.log_dir, &run.pod, &run.hash)
+    }
+
+    fn empty_dir(&self, uid: &str, volume: &str) -> PathBuf {
+        pod_state_dir(&self.settings.state_dir, uid)
+            .join("volumes")
+            .join(volume)
+    }
+
+    fn sandbox_config(&self, run: &PodRun) -> PodSandboxConfig {
+        let pod = &run.pod;
+        let mut labels: HashMap<String, String> = pod.labels.clone().into_iter().collect();
+        labels.insert(LABEL_MANAGED.into(), MANAGER.into());
+        labels.insert(LABEL_FILE.into(), run.file.clone());
+        labels.insert(LABEL_HASH.into(), run.hash.clone());
+        let network = if pod.host_network {
+            NamespaceMode::Node
+        } else {
+            NamespaceMode::Pod
+        };
+        let port_mappings = pod
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .map(|p| PortMapping {
+                protocol: match p.protocol {
+                    manifest::Protocol::Tcp => Protocol::Tcp,
+                    manifest::Protocol::Udp => Protocol::Udp,
+                    manifest::Protocol::Sctp => Protocol::Sctp,
+                } as i32,
+                container_port: p.container_port,
+                host_port: p.host_port.unwrap_or(0),
+                host_ip: String::new(),
+            })
+            .collect();
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: pod.name.clone(),
+                uid: run.hash.clone(),
+                namespace: pod.namespace.clone(),
+                attempt: 0,
+            }),
+            // In the host's UTS namespace runc may not set a hostname; CRI allows it
+            // empty in exactly that case.
+            hostname: if pod.host_network {
+                String::new()
+            } else {
+                pod.name.clone()
+            },
+            log_directory: self.log_dir(run).display().to_string(),
+            port_mappings,
+            labels,
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: network as i32,
+                        pid: NamespaceMode::Container as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn start_container(
+        &self,
+        pod: &Pod,
+        sandbox: &str,
+        sandbox_config: &PodSandboxConfig,
+        ctr: &Ctr,
+    ) -> Result<String, String> {
+        let c = &ctr.spec;
+        let uid = sandbox_config
+            .metadata
+            .as_ref()
+            .map(|m| m.uid.clone())
+            .unwrap_or_default();
+        let mounts = c
+            .volume_mounts
+            .iter()
+            .filter_map(|m| {
+                let v = pod.volumes.iter().find(|v| v.name == m.name)?;
+                let host = match &v.source {
+                    VolumeSource::EmptyDir => self.empty_dir(&uid, &v.name),
+                    VolumeSource::HostPath { path, .. } => path.clone(),
+                };
+                Some(Mount {
+                    container_path: m.mount_path.clone(),
+                    host_path: host.display().to_string(),
+                    readonly: m.read_only,
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let config = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: c.name.clone(),
+                attempt: ctr.attempt,
+            }),
+            image: Some(ImageSpec {
+                image: c.image.clone(),
+                ..Default::default()
+            }),
+            command: c.command.clone(),
+            args: c.args.clone(),
+            envs: c
+                .env
+                .iter()
+                .map(|(k, v)| KeyValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            mounts,
+            log_path: format!("{}/{}.log", c.name, ctr.attempt),
+            linux: Some(LinuxContainerConfig {
+                resources: Some(resources(c)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = self
+            .cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.to_string(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .container_id;
+        if let Err(e) = self
+            .cri
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+        {
+            let _ = self
+                .cri
+                .remove_container(RemoveContainerRequest { container_id: id })
+                .await;
+            return Err(e.to_string());
+        }
+        Ok(id)
+    }
+
+    fn publish(&self) {
+        let mut reports: Vec<PodReport> = self.pods.values().map(PodRun::report).collect();
+        reports.extend(self.invalid.iter().map(|(file, (_, error))| PodReport {
+            file: file.clone(),
+            name: String::new(),
+            namespace: String::new(),
+            state: "invalid".into(),
+            error: Some(error.clone()),
+            containers: Vec::new(),
+        }));
+        reports.sort_by(|a, b| a.file.cmp(&b.file));
+        if let Ok(mut s) = self.status.lock() {
+            *s = reports;
+        }
+    }
+}
+
+/// CPU limit → CFS quota per 100 ms period; memory limit → the cgroup's memory.max.
+fn resources(c: &Container) -> LinuxContainerResources {
+    const PERIOD: i64 = 100_000;
+    let mut r = LinuxContainerResources::default();
+    if let Some(m) = c.cpu_limit_millis {
+        r.cpu_period = PERIOD;
+        // Kubelet's floor: the kernel refuses quotas under 1 ms.
+        r.cpu_quota = (m * PERIOD / 1000).max(1000);
+    }
+    if let Some(b) = c.memory_limit_bytes {
+        r.memory_limit_in_bytes = b;
+    }
+    r
+}
+
+fn manifest_hash(file: &str, text: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(file.as_bytes());
+    h.update([0]);
+    h.update(text.as_bytes());
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn pod_log_dir(log_dir: &Path, pod: &Pod, uid: &str) -> PathBuf {
+    log_dir.join(format!("{}_{}_{}", pod.namespace, pod.name, uid))
+}
+
+fn pod_state_dir(state_dir: &Path, uid: &str) -> PathBuf {
+    state_dir.join("pods").join(uid)
+}
+
+/// Stops a pod: its containers get `grace` seconds after SIGTERM (all at once, as
+/// kubelet does), then the sandbox is stopped and removed.
+async fn stop_sandbox(cri: &Client, sandbox: &str, containers: &[String], grace: i64) {
+    let stops: Vec<_> = containers
+        .iter()
+        .map(|id| {
+            let cri = cri.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                cri.stop_container(StopContainerRequest {
+                    container_id: id,
+                    timeout: grace,
+                })
+                .await
+            })
+        })
+        .collect();
+    for s in stops {
+        if let Ok(Err(e)) = s.await {
+            tracing::warn!(sandbox = %sandbox, "{e}");
+        }
+    }
+    let id = sandbox.to_string();
+    if let Err(e) = cri
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+    {
+        tracing::warn!(sandbox = %sandbox, "{e}");
+    }
+    if let Err(e) = cri
+        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await
+    {
+        tracing::warn!(sandbox = %sandbox, "{e}");
+    }
+}
+
+async fn teardown(cri: &Client, settings: &Settings, run: PodRun) {
+    if let Some(sb) = &run.sandbox {
+        let ids: Vec<String> = run.containers.iter().filter_map(|c| c.id.clone()).collect();
+        stop_sandbox(cri, sb, &ids, run.pod.termination_grace_period_seconds).await;
+    }
+    for dir in [
+        pod_state_dir(&settings.state_dir, &run.hash),
+        pod_log_dir(&settings.log_dir, &run.pod, &run.hash),
+    ] {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("failed to remove {}: {e}", dir.display());
+            }
+        }
+    }
+    tracing::info!(pod = %run.pod.name, file = %run.file, "pod stopped and removed");
+}
+
+impl PodRun {
+    fn new(file: String, hash: String, pod: Pod) -> Self {
+        let now = Instant::now();
+        let containers = pod
+            .init_containers
+            .iter()
+            .map(|c| (c, true))
+            .chain(pod.containers.iter().map(|c| (c, false)))
+            .map(|(c, init)| Ctr {
+                spec: c.clone(),
+                init,
+                id: None,
+                dead: None,
+                attempt: 0,
+                restarts: 0,
+                state: "waiting",
+                exit_code: None,
+                last_error: None,
+                next_start: now,
+                done: false,
+            })
+            .collect();
+        PodRun {
+            file,
+            hash,
+            pod,
+            sandbox: None,
+            error: None,
+            failures: 0,
+            retry_at: now,
+            containers,
+            failed: false,
+        }
+    }
+
+    /// Back to "not started", keeping restart counts (the sandbox is gone).
+    fn reset(&mut self) {
+        self.sandbox = None;
+        for c in &mut self.containers {
+            c.id = None;
+            c.dead = None;
+            c.done = false;
+            c.state = "waiting";
+            c.attempt = 0;
+        }
+    }
+
+    fn report(&self) -> PodReport {
+        let state = if self.failed {
+            "failed"
+        } else if self.sandbox.is_none() {
+            "pending"
+        } else if self.containers.iter().any(|c| c.init && !c.done) {
+            "initializing"
+        } else if self.containers.iter().all(|c| c.init || c.done) {
+            "succeeded"
+        } else {
+            "running"
+        };
+        PodReport {
+            file: self.file.clone(),
+            name: self.pod.name.clone(),
+            namespace: self.pod.namespace.clone(),
+            state: state.into(),
+            error: self.error.clone(),
+            containers: self
+                .containers
+                .iter()
+                .map(|c| ContainerReport {
+                    name: c.spec.name.clone(),
+                    init: c.init,
+                    state: c.state.into(),
+                    restarts: c.restarts,
+                    exit_code: c.exit_code,
+                    last_error: c.last_error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_base_up_to_five_minutes() {
+        let base = Duration::from_secs(10);
+        let delays: Vec<u64> = (0..7).map(|n| backoff(base, n).as_secs()).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(backoff(base, 1000), BACKOFF_MAX);
+        assert_eq!(
+            backoff(Duration::from_millis(100), 3),
+            Duration::from_millis(800)
+        );
+    }
+
+    #[test]
+    fn cpu_limit_becomes_a_cfs_quota_and_memory_a_byte_limit() {
+        let pod = manifest::parse(
+            "p.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers:\n  - name: a\n    image: i\n    resources: {limits: {cpu: 250m, memory: 1Gi}}\n",
+        )
+        .unwrap();
+        let r = resources(&pod.containers[0]);
+        assert_eq!((r.cpu_period, r.cpu_quota), (100_000, 25_000));
+        assert_eq!(r.memory_limit_in_bytes, 1 << 30);
+        let none = resources(&Container {
+            cpu_limit_millis: None,
+            memory_limit_bytes: None,
+            ..pod.containers[0].clone()
+        });
+        assert_eq!(none, LinuxContainerResources::default());
+    }
+
+    #[test]
+    fn the_hash_changes_with_the_manifest_and_its_file() {
+        let a = manifest_hash("a.yaml", "x");
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, manifest_hash("a.yaml", "x"));
+        assert_ne!(a, manifest_hash("a.yaml", "y"));
+        assert_ne!(a, manifest_hash("b.yaml", "x"));
+    }
+}

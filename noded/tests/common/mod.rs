@@ -1,0 +1,231 @@
+//! The host containerd harness shared by the integration tests: a private containerd
+//! with a temp config (killed with its shims and mounts on drop), our static test
+//! programs and OCI archives of them.
+#![allow(dead_code)] // each test file uses a part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use noded::cri::api::*;
+use noded::cri::Client;
+
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+pub const GREETING: &str = "hello from an edge container";
+
+/// containerd, the shims it starts and the mounts they leave, all gone on drop, so a
+/// failing assertion leaves nothing running.
+pub struct Containerd {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Shims outlive containerd by design; ours are the ones whose command line
+        // names our private socket directory.
+        for pid in pids_mentioning(&self.dir) {
+            // SAFETY: plain kill(2) on a pid we just found.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for pid in pids_mentioning(&self.dir) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Rootfs and shm mounts under our directory, deepest first.
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| Path::new(m).starts_with(&self.dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: c is a valid NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+pub fn pids_mentioning(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+pub fn ensure_containerd() {
+    if Path::new(CONTAINERD).exists() {
+        return;
+    }
+    // xtask's host package list installs these; this is the fallback for a bare
+    // `cargo test`.
+    let ok = Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "containerd",
+            "runc",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok && Path::new(CONTAINERD).exists(),
+        "containerd is not installed and apt-get could not install it"
+    );
+}
+
+/// Builds one of our test programs as a static executable: the images hold nothing
+/// else, so there is no libc in them to link against.
+pub fn build_static(name: &str, path: &str, out: &Path) -> Vec<u8> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let exe = out.join(name);
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = Command::new(rustc)
+        .args([
+            "--edition",
+            "2021",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "opt-level=s",
+        ])
+        .args(["-C", "panic=abort", "-C", "strip=symbols", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("failed to run rustc");
+    assert!(status.success(), "rustc failed to build {}", src.display());
+    std::fs::read(&exe).unwrap()
+}
+
+pub fn archive(name: &str, exe: &str, bytes: Vec<u8>, cmd: &[&str]) -> Vec<u8> {
+    edge_oci::write_image(&edge_oci::ImageSpec {
+        name: name.into(),
+        entrypoint: vec![format!("/{exe}")],
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/".into()],
+        files: vec![edge_oci::File {
+            path: exe.into(),
+            data: bytes,
+            mode: 0o755,
+        }],
+    })
+    .unwrap()
+}
+
+pub fn overlay_works() -> bool {
+    std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("overlay"))
+}
+
+pub fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+pub fn start_containerd(dir: &Path, registry_port: u16) -> Containerd {
+    // The registry is configured as the host for edge.local through hosts.toml
+    // (config_path): unlike the older `registry.mirrors` table, it does not fall back
+    // to https://edge.local after the mirror answers 404, so a missing image is
+    // reported as missing rather than as a DNS failure.
+    let certs = dir.join("certs.d/edge.local");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(
+        certs.join("hosts.toml"),
+        format!(
+            "server = \"http://127.0.0.1:{registry_port}\"\n\n\
+             [host.\"http://127.0.0.1:{registry_port}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    let snapshotter = if overlay_works() {
+        "overlayfs"
+    } else {
+        "native"
+    };
+    // CRI gives the sandbox oom_score_adj -998; lowering it needs CAP_SYS_RESOURCE,
+    // which some CI sandboxes withhold even from root (runc then fails with "failed
+    // to update /proc/self/oom_score_adj: Permission denied"). There, containerd is
+    // told to clamp to its own score; the appliance keeps the real setting.
+    let restrict_oom = !has_cap_sys_resource();
+    let d = dir.display();
+    let config = format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "edge.local/pause:1"
+  restrict_oom_score_adj = {restrict_oom}
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{snapshotter}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+"#
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    let child = Command::new(CONTAINERD)
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("failed to start containerd");
+    Containerd {
+        child,
+        dir: dir.to_path_buf(),
+    }
+}
+
+pub async fn connect(socket: &Path, dir: &Path) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(c) = Client::connect(socket).await {
+            if c.version(VersionRequest::default()).await.is_ok() {
+                return c;
+            }
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+            panic!("containerd's CRI did not answer within 20 s; its log:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

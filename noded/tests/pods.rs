@@ -1,0 +1,354 @@
+//! Static pods through the real daemon: noded runs as a process with a temp config
+//! against a private containerd, and a manifest dropped into its directory becomes a
+//! running pod whose log has the container's line; a container that exits is restarted
+//! per policy; a malformed manifest beside it is reported by file and field while the
+//! good pod runs; a restarted noded adopts the pod instead of recreating it; removing
+//! the manifest stops and removes the pod.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use noded::cri::api::*;
+use noded::pods::PodReport;
+
+mod common;
+use common::*;
+
+/// noded, killed on drop so a failing assertion leaves nothing running.
+struct Noded(Child);
+
+impl Drop for Noded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_noded(config: &Path, log: &Path) -> Noded {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_noded"))
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("failed to start noded");
+    Noded(child)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: hello
+  labels: {app: hello}
+spec:
+  hostNetwork: true
+  restartPolicy: Always
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - name: scratch
+      emptyDir: {}
+  initContainers:
+    - name: prepare
+      image: edge.local/hello:1
+      args: ["init done"]
+      env: [{name: HELLO_EXIT, value: "0"}]
+  containers:
+    - name: steady
+      image: edge.local/hello:1
+      args: ["steady line"]
+      resources:
+        limits: {cpu: 500m, memory: 64Mi}
+      volumeMounts:
+        - {name: scratch, mountPath: /data}
+    - name: blinker
+      image: edge.local/hello:1
+      args: ["blink"]
+      env: [{name: HELLO_EXIT, value: "0"}]
+"#;
+
+const BROKEN: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: broken}
+spec:
+  containers:
+    - name: b
+      image: edge.local/hello:1
+      livenessProbe: {tcpSocket: {port: 80}}
+"#;
+
+struct Env {
+    dir: PathBuf,
+    socket: PathBuf,
+    noded_log: PathBuf,
+}
+
+impl Env {
+    fn noded_log(&self) -> String {
+        std::fs::read_to_string(&self.noded_log).unwrap_or_default()
+    }
+
+    /// Polls the control socket until `ok` holds for the pods, or fails with both logs.
+    async fn wait_for(&self, what: &str, ok: impl Fn(&[PodReport]) -> bool) -> Vec<PodReport> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = Vec::new();
+        loop {
+            if let Ok(p) = noded::control::pods(&self.socket).await {
+                if ok(&p) {
+                    return p;
+                }
+                last = p;
+            }
+            if Instant::now() > deadline {
+                let containerd =
+                    std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+                let errors: Vec<&str> = containerd
+                    .lines()
+                    .filter(|l| l.contains("level=error"))
+                    .collect();
+                panic!(
+                    "{what}: not within 30 s; pods: {last:#?}\nnoded's log:\n{}\ncontainerd's errors:\n{}",
+                    self.noded_log(),
+                    errors.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn pod<'a>(pods: &'a [PodReport], file: &str) -> Option<&'a PodReport> {
+    pods.iter().find(|p| p.file == file)
+}
+
+fn container<'a>(pods: &'a [PodReport], name: &str) -> Option<&'a noded::pods::ContainerReport> {
+    pod(pods, "hello.yaml")?
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+}
+
+fn pod_log_dir(logs: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(logs)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("default_hello_"))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_pods_run_restart_are_reported_adopted_and_removed() {
+    let started = Instant::now();
+    ensure_containerd();
+    let tmp = tempfile::Builder::new()
+        .prefix("noded-pods-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
+
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let pause = build_static("pause", "src/bin/pause.rs", &dir);
+    let hello = build_static("hello", "tests/programs/hello.rs", &dir);
+    std::fs::write(
+        images.join("pause.tar"),
+        archive("pause:1", "pause", pause, &[]),
+    )
+    .unwrap();
+    std::fs::write(
+        images.join("hello.tar"),
+        archive("hello:1", "hello", hello, &[]),
+    )
+    .unwrap();
+    std::fs::write(images.join("torn.tar"), b"not an archive").unwrap();
+
+    let port = free_port();
+    let _containerd = start_containerd(&dir, port);
+    let cri = connect(&dir.join("containerd.sock"), &dir).await;
+
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let env = Env {
+        dir: dir.clone(),
+        socket: dir.join("run/noded.sock"),
+        noded_log: dir.join("noded.log"),
+    };
+    let config = dir.join("noded.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "containerd_socket = \"{d}/containerd.sock\"\n\
+             manifests_dir = \"{d}/manifests\"\n\
+             images_dir = \"{d}/images\"\n\
+             registry_listen = \"127.0.0.1:{port}\"\n\
+             log_dir = \"{d}/logs\"\n\
+             state_dir = \"{d}/state\"\n\
+             restart_backoff_base_ms = 300\n\
+             control_socket = \"{d}/run/noded.sock\"\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut noded = start_noded(&config, &env.noded_log);
+
+    std::fs::write(manifests.join("broken.yaml"), BROKEN).unwrap();
+    std::fs::write(manifests.join("hello.yaml"), POD).unwrap();
+
+    // The good pod runs: init container first, then both app containers.
+    let pods = env
+        .wait_for("hello pod running", |p| {
+            container(p, "steady").is_some_and(|c| c.state == "running")
+        })
+        .await;
+    let prepare = container(&pods, "prepare").unwrap();
+    assert_eq!(
+        (prepare.state.as_str(), prepare.exit_code),
+        ("completed", Some(0))
+    );
+    assert_eq!(pod(&pods, "hello.yaml").unwrap().state, "running");
+
+    // Its output is in the CRI log under the configured log directory.
+    let logs = dir.join("logs");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = pod_log_dir(&logs)
+            .and_then(|d| std::fs::read_to_string(d.join("steady/0.log")).ok())
+            .unwrap_or_default();
+        if text.lines().any(|l| l.ends_with(" stdout F steady line")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line in steady/0.log: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pod_logs = pod_log_dir(&logs).unwrap();
+    let init_log = std::fs::read_to_string(pod_logs.join("prepare/0.log")).unwrap();
+    assert!(init_log.contains("stdout F init done"), "{init_log:?}");
+
+    // The malformed manifest is named with its field, in the status and in the log.
+    let broken = pod(&pods, "broken.yaml").expect("broken.yaml is not reported");
+    assert_eq!(broken.state, "invalid");
+    let why = broken.error.as_deref().unwrap_or("");
+    assert!(
+        why.ends_with("broken.yaml: spec.containers[0].livenessProbe is not supported yet"),
+        "{why}"
+    );
+    let log = env.noded_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("broken.yaml: spec.containers[0].livenessProbe")),
+        "{log}"
+    );
+    // So is the archive that is not one, while the others are served.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("torn.tar") && l.contains("rejected")),
+        "{log}"
+    );
+
+    // The container that exits is restarted (restartPolicy Always), with a new attempt.
+    let pods = env
+        .wait_for("blinker restarted", |p| {
+            container(p, "blinker").is_some_and(|c| c.restarts >= 2)
+        })
+        .await;
+    let blinker = container(&pods, "blinker").unwrap();
+    assert_eq!(blinker.exit_code, Some(0));
+    assert!(pod_logs.join("blinker/1.log").exists());
+    assert_eq!(container(&pods, "steady").unwrap().restarts, 0);
+
+    // A new noded adopts the running pod: same sandbox, same steady container.
+    let before = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(before.len(), 1, "{before:?}");
+    let steady_before = running_steady(&cri).await;
+    drop(noded);
+    noded = start_noded(&config, &env.noded_log);
+    let blinks = blinker.restarts;
+    // Restart counts carry over: they come from containerd's attempt numbers.
+    env.wait_for("pod adopted", |p| {
+        container(p, "steady").is_some_and(|c| c.state == "running")
+            && container(p, "blinker").is_some_and(|c| c.restarts > blinks)
+    })
+    .await;
+    let after = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].id, before[0].id);
+    assert_eq!(running_steady(&cri).await, steady_before);
+    assert!(env.noded_log().contains("adopted a running pod"));
+
+    // Removing the manifest stops and removes the pod, its emptyDir and its logs.
+    std::fs::remove_file(manifests.join("hello.yaml")).unwrap();
+    env.wait_for("hello pod gone from status", |p| {
+        pod(p, "hello.yaml").is_none()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = cri
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .items;
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pod not removed: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod_log_dir(&logs).is_some()
+        || dir
+            .join("state/pods")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some())
+    {
+        assert!(Instant::now() < deadline, "pod directories left behind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(noded);
+    eprintln!("noded's log:\n{}", env.noded_log());
+    eprintln!("took {:?}", started.elapsed());
+}
+
+async fn running_steady(cri: &noded::cri::Client) -> String {
+    let listed = cri
+        .list_containers(ListContainersRequest::default())
+        .await
+        .unwrap()
+        .containers;
+    let steady: Vec<&Container> = listed
+        .iter()
+        .filter(|c| c.metadata.as_ref().is_some_and(|m| m.name == "steady"))
+        .collect();
+    assert_eq!(steady.len(), 1, "{listed:?}");
+    assert_eq!(steady[0].state, ContainerState::ContainerRunning as i32);
+    steady[0].id.clone()
+}
