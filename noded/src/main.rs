@@ -147,7 +147,11 @@ async fn wait_for_containerd(socket: &Path) {
 }
 
 #[derive(clap::Parser)]
-#[command(name = "noded pods", about = "Print the pods of a running noded")]
+#[command(
+    name = "noded pods",
+    bin_name = "noded pods",
+    about = "Print the pods of a running noded"
+)]
 struct PodsCli {
     /// noded's control socket.
     #[arg(long, default_value = "/run/noded/noded.sock", value_name = "PATH")]

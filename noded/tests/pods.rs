@@ -259,6 +259,20 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
             .any(|l| l.contains("broken.yaml: spec.containers[0].livenessProbe")),
         "{log}"
     );
+    // `noded pods` prints the same.
+    let out = Command::new(env!("CARGO_BIN_EXE_noded"))
+        .args(["pods", "--socket"])
+        .arg(&env.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("default/hello  running  (hello.yaml)"),
+        "{text}"
+    );
+    assert!(text.contains("broken.yaml  invalid"), "{text}");
+
     // So is the archive that is not one, while the others are served.
     assert!(
         log.lines()
