@@ -59,6 +59,9 @@ pub struct DownlinkConfig {
     /// Object store holding large items.
     #[serde(default = "default_objects")]
     pub objects: String,
+    /// Caps object downloads (KiB/s) so a model or bundle does not starve the uplink on
+    /// a thin link; none by default.
+    pub max_kib_per_sec: Option<u64>,
 }
 
 fn default_bucket() -> String {
@@ -121,9 +124,12 @@ pub struct CoreConfig {
     /// more; 0 sends every value as it is.
     #[serde(default = "default_compress_min")]
     pub compress_min_bytes: usize,
-    /// How often the box reports its lag to the core (`<prefix>.<site>.<machine>._status`).
+    /// How often the box puts its status (lag, acked offset) into the core's KV bucket
+    /// `status_bucket` under `<site>.<machine>`; 0 sends no reports.
     #[serde(default = "default_status_interval")]
     pub status_interval_secs: u64,
+    #[serde(default = "default_status_bucket")]
+    pub status_bucket: String,
 }
 
 fn default_quota() -> u64 {
@@ -152,6 +158,9 @@ fn default_compress_min() -> usize {
 }
 fn default_status_interval() -> u64 {
     10
+}
+fn default_status_bucket() -> String {
+    "edge-status".into()
 }
 fn default_classes() -> Vec<ClassConfig> {
     vec![ClassConfig {

@@ -9,13 +9,18 @@
 //! manifest whose signature does not verify with the image's public key, is refused,
 //! reported on `<prefix>.<site>.<machine>._downlink` and never written. A verified item
 //! is written to `<dir>/<kind>/<name>` atomically (temp file, fsync, rename).
+//!
+//! Objects come chunk by chunk; every few chunks the partial file is synced and its
+//! progress (object nuid, bytes, next chunk's stream sequence) saved beside it, so a
+//! download cut by a lost link, a restart or a crash resumes where it stopped instead of
+//! starting again over a thin link.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{Config, CoreConfig, DownlinkConfig};
 
@@ -123,13 +128,57 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Downlink counters for `/metrics`.
+#[derive(Default)]
+pub struct Status {
+    pub applied: AtomicU64,
+    pub refused: AtomicU64,
+    /// Object and KV bytes fetched from the core.
+    pub fetched_bytes: AtomicU64,
+    /// Bytes not fetched again because an interrupted download resumed after them.
+    pub resumed_bytes: AtomicU64,
+}
+
+/// Where objects come from: the store (for their info) and its stream (for the chunks,
+/// from any sequence).
+struct Objects {
+    store: async_nats::jetstream::object_store::ObjectStore,
+    stream: async_nats::jetstream::stream::Stream,
+    client: async_nats::Client,
+    bucket: String,
+    max_bytes_per_sec: Option<u64>,
+}
+
+/// Progress of an interrupted object download, saved beside its partial file.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+struct Progress {
+    nuid: String,
+    bytes: u64,
+    next_seq: u64,
+}
+
+fn save_progress(path: &Path, p: &Progress) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(p).unwrap_or_default())?;
+    std::fs::File::open(&tmp)?.sync_data()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Why a fetch failed: a transfer that can be resumed later, or bytes that must go.
+enum Failure {
+    Interrupted(String),
+    Refused(String),
+}
+
 /// Streams one item into a temp file beside its destination while hashing it; renames
-/// it into place only when the hash matches.
+/// it into place only when the hash matches. An interrupted object download keeps its
+/// partial file and progress for the next attempt; a refused item leaves nothing.
 async fn fetch_item(
     item: &Item,
     kv: &async_nats::jetstream::kv::Store,
-    objects: &async_nats::jetstream::object_store::ObjectStore,
+    objects: &Objects,
     dir: &Path,
+    status: &Status,
 ) -> Result<bool, String> {
     let kind_dir = dir.join(&item.kind);
     tokio::fs::create_dir_all(&kind_dir)
@@ -140,67 +189,195 @@ async fn fetch_item(
         return Ok(false);
     }
     let tmp = kind_dir.join(format!(".{}.partial", item.name));
-    let mut file = tokio::fs::File::create(&tmp)
-        .await
-        .map_err(|e| format!("failed to create {}: {e}", tmp.display()))?;
+    let progress = kind_dir.join(format!(".{}.progress", item.name));
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let result: Result<(), String> = async {
-        if item.store == "kv" {
-            let value = kv
-                .get(&item.key)
-                .await
-                .map_err(|e| format!("failed to get KV key {}: {e}", item.key))?
-                .ok_or_else(|| format!("KV key {} does not exist", item.key))?;
-            ctx.update(&value);
-            file.write_all(&value).await.map_err(|e| e.to_string())?;
-        } else {
-            let mut obj = objects
-                .get(&item.key)
-                .await
-                .map_err(|e| format!("failed to get object {}: {e}", item.key))?;
-            let mut buf = vec![0u8; 128 * 1024];
-            loop {
-                let n = obj
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| format!("failed to read object {}: {e}", item.key))?;
-                if n == 0 {
-                    break;
-                }
-                ctx.update(&buf[..n]);
-                file.write_all(&buf[..n])
-                    .await
-                    .map_err(|e| format!("failed to write {}: {e}", tmp.display()))?;
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let fetched = if item.store == "kv" {
+        fetch_kv(item, kv, &tmp, &mut ctx, status).await
+    } else {
+        fetch_object(item, objects, &tmp, &progress, &mut ctx, status).await
+    };
     let digest = hex(ctx.finish().as_ref());
-    let verdict = result.and_then(|()| {
+    let verdict = fetched.and_then(|()| {
         if digest.eq_ignore_ascii_case(&item.sha256) {
             Ok(())
         } else {
-            Err(format!(
+            Err(Failure::Refused(format!(
                 "item `{}` ({} {}): sha256 is {digest}, the manifest says {}",
                 item.name, item.store, item.key, item.sha256
-            ))
+            )))
         }
     });
-    if let Err(e) = verdict {
-        drop(file);
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
+    match verdict {
+        Ok(()) => {}
+        Err(Failure::Interrupted(e)) => return Err(e),
+        Err(Failure::Refused(e)) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            let _ = tokio::fs::remove_file(&progress).await;
+            return Err(e);
+        }
     }
-    file.sync_all()
-        .await
-        .map_err(|e| format!("failed to sync {}: {e}", tmp.display()))?;
-    drop(file);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("failed to sync {}: {e}", tmp.display()));
+    file?;
     tokio::fs::rename(&tmp, &dest)
         .await
         .map_err(|e| format!("failed to rename {} into place: {e}", tmp.display()))?;
+    let _ = tokio::fs::remove_file(&progress).await;
     sync_dir(&kind_dir).map_err(|e| format!("failed to sync {}: {e}", kind_dir.display()))?;
     Ok(true)
+}
+
+async fn fetch_kv(
+    item: &Item,
+    kv: &async_nats::jetstream::kv::Store,
+    tmp: &Path,
+    ctx: &mut ring::digest::Context,
+    status: &Status,
+) -> Result<(), Failure> {
+    let value = kv
+        .get(&item.key)
+        .await
+        .map_err(|e| Failure::Interrupted(format!("failed to get KV key {}: {e}", item.key)))?
+        .ok_or_else(|| Failure::Refused(format!("KV key {} does not exist", item.key)))?;
+    status
+        .fetched_bytes
+        .fetch_add(value.len() as u64, Ordering::Relaxed);
+    ctx.update(&value);
+    tokio::fs::write(tmp, &value)
+        .await
+        .map_err(|e| Failure::Interrupted(format!("failed to write {}: {e}", tmp.display())))
+}
+
+/// Reads the object's chunks from its stream, from the start or from where an earlier
+/// attempt stopped.
+async fn fetch_object(
+    item: &Item,
+    objects: &Objects,
+    tmp: &Path,
+    progress_file: &Path,
+    ctx: &mut ring::digest::Context,
+    status: &Status,
+) -> Result<(), Failure> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy};
+    let interrupted = |what: &str, e: &dyn std::fmt::Display| {
+        Failure::Interrupted(format!("{what} object {}: {e}", item.key))
+    };
+    let info = objects
+        .store
+        .info(&item.key)
+        .await
+        .map_err(|e| interrupted("failed to get", &e))?;
+    let size = info.size as u64;
+    let saved: Option<Progress> = std::fs::read(progress_file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(tmp)
+        .map_err(|e| interrupted(&format!("failed to open {} for", tmp.display()), &e))?;
+    let have = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // Resume only the same object (the nuid changes when it is put again), and only up
+    // to what was synced before the progress was saved.
+    let (mut bytes, deliver) = match saved {
+        Some(p) if p.nuid == info.nuid && p.bytes <= have && p.bytes <= size && p.bytes > 0 => {
+            tracing::info!(object = %item.key, at = p.bytes, of = size, "resuming the download");
+            status.resumed_bytes.fetch_add(p.bytes, Ordering::Relaxed);
+            (
+                p.bytes,
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: p.next_seq,
+                },
+            )
+        }
+        _ => (0, DeliverPolicy::All),
+    };
+    let write_err =
+        |e: std::io::Error| Failure::Interrupted(format!("failed to write {}: {e}", tmp.display()));
+    file.set_len(bytes).map_err(write_err)?;
+    {
+        // The bytes kept are hashed again from the disk: cheaper than fetching them.
+        use std::io::Read;
+        let mut kept = (&file).take(bytes);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = kept.read(&mut buf).map_err(write_err)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+    }
+    if bytes == size {
+        return Ok(());
+    }
+    let mut chunks = objects
+        .stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: objects.client.new_inbox(),
+            filter_subject: format!("$O.{}.C.{}", objects.bucket, info.nuid),
+            deliver_policy: deliver,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| interrupted("failed to read", &e))?
+        .messages()
+        .await
+        .map_err(|e| interrupted("failed to read", &e))?;
+    let started = Instant::now();
+    let mut this_session = 0u64;
+    let mut last_save = Instant::now();
+    while bytes < size {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), chunks.next())
+            .await
+            .map_err(|_| interrupted("no chunk for 30 s from", &"timed out"))?
+            .ok_or_else(|| interrupted("the chunks ended early for", &"end of stream"))?
+            .map_err(|e| interrupted("failed to read", &e))?;
+        let seq = chunk
+            .info()
+            .map_err(|e| interrupted("bad chunk of", &e))?
+            .stream_sequence;
+        if bytes + chunk.payload.len() as u64 > size {
+            return Err(Failure::Refused(format!(
+                "object {} has more bytes than its info says ({size})",
+                item.key
+            )));
+        }
+        {
+            use std::io::Write;
+            file.write_all(&chunk.payload).map_err(write_err)?;
+        }
+        ctx.update(&chunk.payload);
+        bytes += chunk.payload.len() as u64;
+        this_session += chunk.payload.len() as u64;
+        status
+            .fetched_bytes
+            .fetch_add(chunk.payload.len() as u64, Ordering::Relaxed);
+        if last_save.elapsed() > Duration::from_millis(500) || bytes == size {
+            file.sync_data().map_err(write_err)?;
+            let p = Progress {
+                nuid: info.nuid.clone(),
+                bytes,
+                next_seq: seq + 1,
+            };
+            save_progress(progress_file, &p).map_err(|e| {
+                Failure::Interrupted(format!("failed to write {}: {e}", progress_file.display()))
+            })?;
+            last_save = Instant::now();
+        }
+        if let Some(rate) = objects.max_bytes_per_sec {
+            let due = Duration::from_secs_f64(this_session as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(serde::Serialize)]
@@ -213,13 +390,13 @@ struct Report<'a> {
 }
 
 /// Runs forever: watch the manifests for this site and machine and apply them.
-pub async fn run(config: Arc<Config>) {
+pub async fn run(config: Arc<Config>, status: Arc<Status>) {
     let (Some(core), Some(down)) = (config.core.clone(), config.downlink.clone()) else {
         return;
     };
     let mut backoff = Duration::from_millis(200);
     loop {
-        if let Err(e) = session(&config, &core, &down).await {
+        if let Err(e) = session(&config, &core, &down, &status).await {
             tracing::warn!("downlink: {e}; retrying in {backoff:?}");
         }
         tokio::time::sleep(backoff).await;
@@ -231,7 +408,12 @@ fn version_file(dir: &Path) -> PathBuf {
     dir.join(".manifest-version")
 }
 
-async fn session(config: &Config, core: &CoreConfig, down: &DownlinkConfig) -> Result<(), String> {
+async fn session(
+    config: &Config,
+    core: &CoreConfig,
+    down: &DownlinkConfig,
+    status: &Status,
+) -> Result<(), String> {
     let public_key = load_public_key(&down.public_key)?;
     let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel();
     let client = crate::uplink::connect(core, lost_tx).await?;
@@ -240,10 +422,19 @@ async fn session(config: &Config, core: &CoreConfig, down: &DownlinkConfig) -> R
         .get_key_value(&down.bucket)
         .await
         .map_err(|e| format!("no KV bucket `{}` at the core: {e}", down.bucket))?;
-    let objects = js
-        .get_object_store(&down.objects)
-        .await
-        .map_err(|e| format!("no object store `{}` at the core: {e}", down.objects))?;
+    let objects = Objects {
+        store: js
+            .get_object_store(&down.objects)
+            .await
+            .map_err(|e| format!("no object store `{}` at the core: {e}", down.objects))?,
+        stream: js
+            .get_stream(format!("OBJ_{}", down.objects))
+            .await
+            .map_err(|e| format!("no object store `{}` at the core: {e}", down.objects))?,
+        client: client.clone(),
+        bucket: down.objects.clone(),
+        max_bytes_per_sec: down.max_kib_per_sec.map(|k| k.max(1) * 1024),
+    };
     let site_key = format!("{}.manifest", config.site);
     let machine_key = format!("{}.{}.manifest", config.site, config.machine);
     let mut watch = kv
@@ -283,6 +474,7 @@ async fn session(config: &Config, core: &CoreConfig, down: &DownlinkConfig) -> R
             &objects,
             &down.dir,
             &mut report,
+            status,
         )
         .await;
         if !report.refused.is_empty() {
@@ -297,14 +489,16 @@ async fn session(config: &Config, core: &CoreConfig, down: &DownlinkConfig) -> R
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     key: &str,
     signed: &[u8],
     public_key: &[u8],
     kv: &async_nats::jetstream::kv::Store,
-    objects: &async_nats::jetstream::object_store::ObjectStore,
+    objects: &Objects,
     dir: &Path,
     report: &mut Report<'_>,
+    status: &Status,
 ) {
     let manifest = match verify_manifest(signed, public_key) {
         Ok(m) => m,
@@ -329,15 +523,19 @@ async fn apply(
         return;
     }
     for item in &manifest.items {
-        match fetch_item(item, kv, objects, dir).await {
+        match fetch_item(item, kv, objects, dir, status).await {
             Ok(true) => {
+                status.applied.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(kind = %item.kind, name = %item.name, "downlink item verified and written");
                 report.applied.push(format!("{}/{}", item.kind, item.name));
             }
             Ok(false) => {}
-            Err(e) => report
-                .refused
-                .push((format!("{}/{}", item.kind, item.name), e)),
+            Err(e) => {
+                status.refused.fetch_add(1, Ordering::Relaxed);
+                report
+                    .refused
+                    .push((format!("{}/{}", item.kind, item.name), e))
+            }
         }
     }
     if report.refused.is_empty() {

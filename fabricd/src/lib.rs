@@ -139,8 +139,9 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     } else {
         tracing::info!("no core configured: records are kept locally only");
     }
+    let down_status = Arc::new(downlink::Status::default());
     if config.downlink.is_some() {
-        tasks.spawn(downlink::run(config.clone()));
+        tasks.spawn(downlink::run(config.clone(), down_status.clone()));
     }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -150,6 +151,7 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
         let m = Arc::new(metrics::Metrics {
             log: log.clone(),
             status: status.clone(),
+            downlink: down_status.clone(),
             quota_bytes: config.quota_bytes,
             core_configured: config.core.is_some(),
         });

@@ -14,6 +14,7 @@ use crate::uplink::Status;
 pub struct Metrics {
     pub log: Log,
     pub status: Arc<Status>,
+    pub downlink: Arc<crate::downlink::Status>,
     pub quota_bytes: u64,
     pub core_configured: bool,
 }
@@ -148,6 +149,34 @@ impl Metrics {
             "gauge",
             "1 when a core is configured.",
             one(self.core_configured as u64),
+        );
+        let d = &self.downlink;
+        family(
+            "fabricd_downlink_items_total",
+            "counter",
+            "Downlink items verified and written, or refused.",
+            vec![
+                (
+                    "{result=\"applied\"}".into(),
+                    d.applied.load(Ordering::Relaxed),
+                ),
+                (
+                    "{result=\"refused\"}".into(),
+                    d.refused.load(Ordering::Relaxed),
+                ),
+            ],
+        );
+        family(
+            "fabricd_downlink_bytes_total",
+            "counter",
+            "Item bytes fetched from the core.",
+            one(d.fetched_bytes.load(Ordering::Relaxed)),
+        );
+        family(
+            "fabricd_downlink_resumed_bytes_total",
+            "counter",
+            "Bytes an interrupted download did not fetch again.",
+            one(d.resumed_bytes.load(Ordering::Relaxed)),
         );
         out
     }

@@ -202,13 +202,18 @@ async fn session(
         .backpressure_on_inflight(true)
         .build(client.clone());
     let mut pumps = tokio::task::JoinSet::new();
-    pumps.spawn(report_status(
-        log.clone(),
-        config.classes.iter().map(|c| c.name.clone()).collect(),
-        js.clone(),
-        format!("{}_status", config.subject_prefix(core)),
-        Duration::from_secs(core.status_interval_secs.max(1)),
-    ));
+    if core.status_interval_secs > 0 {
+        pumps.spawn(report_status(
+            log.clone(),
+            config.classes.iter().map(|c| c.name.clone()).collect(),
+            js.clone(),
+            format!(
+                "$KV.{}.{}.{}",
+                core.status_bucket, config.site, config.machine
+            ),
+            Duration::from_secs(core.status_interval_secs),
+        ));
+    }
     for (class, c) in config.classes.iter().enumerate() {
         let path = acked_path(log, &c.name);
         // This process may know of acks newer than the file (written every 200 ms).
@@ -308,9 +313,10 @@ pub fn decode(payload: &[u8], encoding: Option<&str>, limit: usize) -> Result<Ve
     }
 }
 
-/// What the box tells the core about itself, on `<prefix>.<site>.<machine>._status`
-/// (`edgectl status` shows it as the site's lag). Sent with `Nats-Rollup: sub`, so the
-/// core's stream keeps only the latest per box.
+/// What the box tells the core about itself: put into the KV bucket `status_bucket`
+/// under `<site>.<machine>`, so the core keeps the latest per box (`edgectl status` shows
+/// it as the site's lag). A KV bucket rather than a rollup in the records' stream: a
+/// subject purge there costs the server a scan of the whole stream.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct BoxStatus {
     pub time_ms: u64,
@@ -365,7 +371,7 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
 }
 
 /// Reports the box's lag every `every`, for as long as the session lasts. A report the
-/// core refuses (a stream without rollups, say) is logged, not fatal: records matter more.
+/// core refuses (no status bucket, say) is logged, not fatal: records matter more.
 async fn report_status(
     log: Log,
     names: Vec<String>,
@@ -376,12 +382,7 @@ async fn report_status(
     let mut warned = false;
     loop {
         let body = serde_json::to_vec(&box_status(&log, &names)).unwrap_or_default();
-        let mut h = HeaderMap::new();
-        h.insert("Nats-Rollup", "sub");
-        let sent = match js
-            .publish_with_headers(subject.clone(), h, body.into())
-            .await
-        {
+        let sent = match js.publish(subject.clone(), body.into()).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| chain(&e)),
             Err(e) => Err(chain(&e)),
         };

@@ -30,6 +30,52 @@ fn signed(kp: &Ed25519KeyPair, manifest: &serde_json::Value) -> bytes::Bytes {
     v.into()
 }
 
+/// The KV bucket and object store as `edgectl setup` makes them.
+async fn buckets(
+    client: &async_nats::Client,
+) -> (
+    async_nats::jetstream::kv::Store,
+    async_nats::jetstream::object_store::ObjectStore,
+) {
+    let js = async_nats::jetstream::new(client.clone());
+    // create_key_value asks for account info in a shape nats-server 2.9 does not
+    // send, so the operator side makes the bucket's stream as the KV layout says.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "KV_edge-config".into(),
+        subjects: vec!["$KV.edge-config.>".into()],
+        max_messages_per_subject: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kv = js.get_key_value("edge-config").await.unwrap();
+    let objects = js
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "edge-objects".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (kv, objects)
+}
+
+fn write_public_key(path: &std::path::Path, kp: &Ed25519KeyPair) {
+    std::fs::write(
+        path,
+        kp.public_key()
+            .as_ref()
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>(),
+    )
+    .unwrap();
+}
+
 #[test]
 fn signed_items_are_written_and_tampered_ones_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -38,42 +84,11 @@ fn signed_items_are_written_and_tampered_ones_refused() {
     let rt = core_runtime();
     let kp = keypair();
     let key_file = tmp.path().join("core.pub");
-    std::fs::write(
-        &key_file,
-        kp.public_key()
-            .as_ref()
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    write_public_key(&key_file, &kp);
     let model: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (client, kv, objects) = rt.block_on(async {
         let client = core_client(&pki, &nats.url()).await;
-        let js = async_nats::jetstream::new(client.clone());
-        // create_key_value asks for account info in a shape nats-server 2.9 does not
-        // send, so the operator side makes the bucket's stream as the KV layout says.
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "KV_edge-config".into(),
-            subjects: vec!["$KV.edge-config.>".into()],
-            max_messages_per_subject: 1,
-            discard: async_nats::jetstream::stream::DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let kv = js.get_key_value("edge-config").await.unwrap();
-        let objects = js
-            .create_object_store(async_nats::jetstream::object_store::Config {
-                bucket: "edge-objects".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (kv, objects) = buckets(&client).await;
         objects
             .put("model-v1", &mut model.as_slice())
             .await
@@ -166,4 +181,86 @@ fn signed_items_are_written_and_tampered_ones_refused() {
     assert_eq!(std::fs::read(down.join("models/model.bin")).unwrap(), model);
     assert!(f.log_contains("downlink refused"));
     assert!(f.is_running());
+}
+
+#[test]
+fn an_interrupted_object_download_resumes_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&tmp.path().join("pki"));
+    let nats = Nats::start(&tmp.path().join("nats"), &pki);
+    let rt = core_runtime();
+    let kp = keypair();
+    let key_file = tmp.path().join("core.pub");
+    write_public_key(&key_file, &kp);
+    // 6 MiB that do not compress, in the object store's 128 KiB chunks.
+    let mut x = 0x2545_f491_u32;
+    let bundle: Vec<u8> = (0..6 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    rt.block_on(async {
+        let client = core_client(&pki, &nats.url()).await;
+        let (kv, objects) = buckets(&client).await;
+        objects
+            .put("bundle-v1", &mut bundle.as_slice())
+            .await
+            .unwrap();
+        let manifest = serde_json::json!({"version": 1, "items": [
+            {"kind": "updates", "name": "os.bundle", "store": "object", "key": "bundle-v1", "sha256": sha(&bundle)},
+        ]});
+        kv.put("s1.manifest", signed(&kp, &manifest)).await.unwrap();
+    });
+
+    let dir = tmp.path().join("edge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let down = tmp.path().join("downlink");
+    let config = |limit: &str| {
+        format!(
+            "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n{limit}",
+            pki.core_toml(&nats.url(), "client"),
+            key_file.display(),
+            down.display()
+        )
+    };
+    // A thin link: 1 MiB/s, so the download takes six seconds.
+    let mut f = Fabricd::configure(&dir, &config("max_kib_per_sec = 1024\n"));
+    f.start();
+    let partial = down.join("updates/.os.bundle.partial");
+    let progress = down.join("updates/.os.bundle.progress");
+    wait_for("two MiB downloaded", Duration::from_secs(30), || {
+        let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&progress).ok()?).ok()?;
+        (p["bytes"].as_u64()? >= 2 << 20).then_some(())
+    });
+    f.kill9();
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&progress).unwrap()).unwrap();
+    let kept = kept["bytes"].as_u64().unwrap();
+    assert!(kept < bundle.len() as u64, "the download was not cut");
+    assert!(std::fs::metadata(&partial).unwrap().len() >= kept);
+    assert!(!down.join("updates/os.bundle").exists());
+
+    // Restarted (now without the limit), it fetches only the rest.
+    let mut f = Fabricd::configure(&dir, &config(""));
+    f.start();
+    wait_for("the bundle to be written", Duration::from_secs(60), || {
+        (std::fs::read(down.join("updates/os.bundle")).ok()? == bundle).then_some(())
+    });
+    assert!(f.log_contains("resuming the download"), "{}", f.log_text());
+    assert_eq!(
+        metric(&f, "fabricd_downlink_resumed_bytes_total"),
+        Some(kept)
+    );
+    assert_eq!(
+        metric(&f, "fabricd_downlink_bytes_total"),
+        Some(bundle.len() as u64 - kept)
+    );
+    assert_eq!(
+        metric(&f, "fabricd_downlink_items_total{result=\"applied\"}"),
+        Some(1)
+    );
+    assert!(!partial.exists() && !progress.exists());
 }

@@ -36,6 +36,9 @@ struct Cli {
     bucket: String,
     #[arg(long, default_value = "edge-objects")]
     objects: String,
+    /// KV bucket where each box keeps its latest status report.
+    #[arg(long, default_value = "edge-status")]
+    status_bucket: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -76,8 +79,13 @@ enum Cmd {
         signing_key: PathBuf,
         manifest: PathBuf,
     },
-    /// Each site and machine: records held, last offset and last contact.
-    Status,
+    /// Each site and machine: records held, last offset, the box's acked offset and lag,
+    /// drops and last contact.
+    Status {
+        /// Count only these topics (a NATS pattern, e.g. `sensors.>`).
+        #[arg(long, default_value = ">")]
+        topic: String,
+    },
     /// Print a site's records as they arrive (`--all` from the start).
     Tail {
         #[arg(long)]
@@ -180,27 +188,27 @@ async fn run(cli: Cli) -> Result<(), String> {
             // The KV and object store layouts are made as plain streams: the client's
             // create_key_value needs account info newer servers send (nats-server 2.9
             // does not), and the layout is what the bucket API reads either way.
+            let kv_layout = |bucket: &str| Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                discard: DiscardPolicy::New,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                storage: StorageType::File,
+                ..Default::default()
+            };
             let streams = [
                 Config {
                     name: cli.stream.clone(),
                     subjects: vec![format!("{}.>", cli.prefix)],
                     duplicate_window: Duration::from_secs(*dupe_window_secs),
-                    // Each box's `_status` report replaces its previous one.
-                    allow_rollup: true,
                     storage: StorageType::File,
                     ..Default::default()
                 },
-                Config {
-                    name: format!("KV_{}", cli.bucket),
-                    subjects: vec![format!("$KV.{}.>", cli.bucket)],
-                    max_messages_per_subject: 1,
-                    discard: DiscardPolicy::New,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    storage: StorageType::File,
-                    ..Default::default()
-                },
+                kv_layout(&cli.bucket),
+                kv_layout(&cli.status_bucket),
                 Config {
                     name: format!("OBJ_{}", cli.objects),
                     subjects: vec![
@@ -287,13 +295,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                 parsed.items.len()
             );
         }
-        Cmd::Status => {
+        Cmd::Status { topic } => {
             let stream = js
                 .get_stream(&cli.stream)
                 .await
                 .map_err(|e| format!("no stream {}: {e}", cli.stream))?;
             let mut subjects = stream
-                .info_with_subjects(format!("{}.>", cli.prefix))
+                .info_with_subjects(format!("{}.*.*.{topic}", cli.prefix))
                 .await
                 .map_err(|e| format!("failed to list subjects: {e}"))?;
             let mut machines: std::collections::BTreeMap<String, MachineRow> = Default::default();
@@ -311,13 +319,6 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .entry(format!("{}.{}", tokens[1], tokens[2]))
                     .or_default();
                 row.contact = row.contact.max(last.time.unix_timestamp());
-                if tokens[3] == "_status" {
-                    match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&last.payload) {
-                        Ok(s) => row.status = Some(s),
-                        Err(e) => eprintln!("{subject}: unreadable status report: {e}"),
-                    }
-                    continue;
-                }
                 let offset = last
                     .headers
                     .get("Nats-Msg-Id")
@@ -325,6 +326,27 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .unwrap_or(0);
                 row.records += count;
                 row.last_offset = row.last_offset.max(offset);
+            }
+            // Each box's latest report, keyed `<site>.<machine>`.
+            let reports = js
+                .get_key_value(&cli.status_bucket)
+                .await
+                .map_err(|e| format!("no KV bucket {}: {e}", cli.status_bucket))?;
+            let mut keys = reports
+                .keys()
+                .await
+                .map_err(|e| format!("failed to list {}: {e}", cli.status_bucket))?;
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(|e| format!("failed to list {}: {e}", cli.status_bucket))?;
+                let Ok(Some(entry)) = reports.entry(&key).await else {
+                    continue;
+                };
+                let row = machines.entry(key.clone()).or_default();
+                row.contact = row.contact.max(entry.created.unix_timestamp());
+                match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&entry.value) {
+                    Ok(s) => row.status = Some(s),
+                    Err(e) => eprintln!("{key}: unreadable status report: {e}"),
+                }
             }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -402,10 +424,6 @@ async fn run(cli: Cli) -> Result<(), String> {
             while count.is_none_or(|c| n < c) {
                 let Some(m) = msgs.next().await else { break };
                 let m = m.map_err(|e| format!("failed to read: {e}"))?;
-                // The boxes' status reports are for `status`, not records.
-                if m.subject.ends_with("._status") && !topic.starts_with('_') {
-                    continue;
-                }
                 let id = m
                     .headers
                     .as_ref()

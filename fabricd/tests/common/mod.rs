@@ -329,10 +329,11 @@ impl Pki {
         self.dir.join(name)
     }
 
-    /// The `[core]` table for fabricd, with the client certificate `client`.
+    /// The `[core]` table for fabricd, with the client certificate `client`. Status
+    /// reports are off (these cores have no status bucket).
     pub fn core_toml(&self, url: &str, client: &str) -> String {
         format!(
-            "[core]\nservers = [\"{url}\"]\nprefix = \"edge\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nbackoff_max_ms = 1000\nack_timeout_ms = 10000\n",
+            "[core]\nservers = [\"{url}\"]\nprefix = \"edge\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nbackoff_max_ms = 1000\nack_timeout_ms = 10000\nstatus_interval_secs = 0\n",
             self.path("ca.pem").display(),
             self.path(&format!("{client}.pem")).display(),
             self.path(&format!("{client}.key")).display()
@@ -486,8 +487,6 @@ pub async fn create_stream(js: &async_nats::jetstream::Context) {
         name: "EDGE".into(),
         subjects: vec!["edge.>".into()],
         duplicate_window: Duration::from_secs(600),
-        // As `edgectl setup` makes it: each box's `_status` report replaces the last.
-        allow_rollup: true,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     })
@@ -503,24 +502,11 @@ pub struct AtCore {
     pub payload: Vec<u8>,
 }
 
-/// Records the core holds: the stream's messages but the boxes' `_status` reports.
 pub async fn stream_count(js: &async_nats::jetstream::Context) -> u64 {
-    use futures_util::StreamExt;
-    let Ok(mut s) = js.get_stream("EDGE").await else {
-        return 0;
-    };
-    let all = s.info().await.map(|i| i.state.messages).unwrap_or(0);
-    let mut reports = 0;
-    if let Ok(mut subjects) = s.info_with_subjects("edge.*.*._status").await {
-        while let Some(Ok((_, n))) = subjects.next().await {
-            reports += n as u64;
-        }
+    match js.get_stream("EDGE").await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
     }
-    all.saturating_sub(reports)
-}
-
-fn is_status_report(subject: &str) -> bool {
-    subject.ends_with("._status")
 }
 
 /// Waits until the stream holds at least `n` messages, then reads them all in order.
@@ -547,8 +533,6 @@ pub async fn read_core(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let total = stream_count(js).await;
     let stream = js.get_stream("EDGE").await.unwrap();
-    // Records only: one consumer per subject filter is not possible on nats-server 2.9,
-    // so status reports are skipped as they come.
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
@@ -564,9 +548,6 @@ pub async fn read_core(
             .expect("reading the stream stalled")
             .unwrap()
             .unwrap();
-        if is_status_report(&m.subject) {
-            continue;
-        }
         let msg_id = m
             .headers
             .as_ref()
