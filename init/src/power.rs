@@ -141,7 +141,13 @@ pub fn finish(action: Action, pet: &mut dyn FnMut()) -> ! {
     reap_all();
     rustix::fs::sync();
     pet();
-    for m in mounts_under("/efi").into_iter().chain(mounts_under("/var")) {
+    // Containers' root file systems and shm mounts live under /run, and their overlay
+    // layers on /var: they go first, or /var stays busy and is left unclean.
+    let run_mounts = mounts_under("/run").into_iter().filter(|m| m != "/run");
+    for m in run_mounts
+        .chain(mounts_under("/efi"))
+        .chain(mounts_under("/var"))
+    {
         if let Err(e) = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::empty()) {
             crate::say!(
                 "failed to unmount {m}: {}; remounting read-only",
