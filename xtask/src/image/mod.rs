@@ -38,6 +38,12 @@ const HOST_TOOLS: [&str; 11] = [
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const OUR_BINARIES: [&str; 4] = ["init", "storaged", "fabricd", "noded"];
+/// Programs that go into the image as OCI archives, not as files of the root:
+/// (binary, package, image name and tag). `pause` is every pod sandbox's process.
+pub const WORKLOAD_IMAGES: [(&str, &str, &str); 2] = [
+    ("pause", "noded", "pause:1"),
+    ("sensor", "workloads", "sensor:1"),
+];
 
 // UAPI Discoverable Partitions Specification type GUIDs (docs/contracts.md).
 const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
@@ -176,7 +182,7 @@ fn size_line(path: &Path) -> Result<u64> {
 
 /// Builds our four binaries statically for the image.
 fn build_binaries(inputs: &Inputs) -> Result<()> {
-    step("building init, storaged, fabricd, noded (static, release)");
+    step("building init, storaged, fabricd, noded and the workloads (static, release)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut c = Command::new(cargo);
     c.current_dir(&inputs.repo)
@@ -184,12 +190,16 @@ fn build_binaries(inputs: &Inputs) -> Result<()> {
     for b in OUR_BINARIES {
         c.args(["-p", b]);
     }
+    c.args(["-p", "workloads"]);
     c.env(
         "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
         "-C target-feature=+crt-static",
     );
     cmd::status(&mut c)?;
-    for b in OUR_BINARIES {
+    for b in OUR_BINARIES
+        .into_iter()
+        .chain(WORKLOAD_IMAGES.map(|(b, _, _)| b))
+    {
         let p = inputs.binary(b);
         let bytes = std::fs::read(&p).with_context(|| format!("failed to read {}", p.display()))?;
         let d = elf::parse(&bytes).with_context(|| format!("{}: bad ELF", p.display()))?;
@@ -229,7 +239,10 @@ fn stamp(inputs: &Inputs, debs: &[PathBuf]) -> Result<String> {
         };
         add(&format!("overlay/{rel}"), &data);
     }
-    for b in OUR_BINARIES {
+    for b in OUR_BINARIES
+        .into_iter()
+        .chain(WORKLOAD_IMAGES.map(|(b, _, _)| b))
+    {
         add(b, &read(&inputs.binary(b))?);
     }
     for d in debs {

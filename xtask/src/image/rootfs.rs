@@ -153,6 +153,27 @@ pub fn assemble(
     for b in ["storaged", "fabricd", "noded"] {
         copy_entry(&inputs.binary(b), &root.join("usr/bin").join(b))?;
     }
+    // The bundled workloads as OCI archives, which noded serves to containerd.
+    for (bin, _, name) in super::WORKLOAD_IMAGES {
+        let data = std::fs::read(inputs.binary(bin))
+            .with_context(|| format!("failed to read {}", inputs.binary(bin).display()))?;
+        let archive = edge_oci::write_image(&edge_oci::ImageSpec {
+            name: name.into(),
+            entrypoint: vec![format!("/{bin}")],
+            files: vec![edge_oci::File {
+                path: bin.into(),
+                data,
+                mode: 0o755,
+            }],
+            ..Default::default()
+        })
+        .with_context(|| format!("failed to build the OCI archive {name}"))?;
+        let file = name.split(':').next().unwrap_or(name);
+        write_bytes(
+            &root.join(format!("usr/share/edge/images/{file}.tar")),
+            &archive,
+        )?;
+    }
 
     let kroot = &extracted[&def.kernel.package];
     let kver = &def.kernel.release;
@@ -178,10 +199,14 @@ pub fn lines(items: &[String]) -> String {
 }
 
 pub fn write(path: &Path, text: &str) -> Result<()> {
+    write_bytes(path, text.as_bytes())
+}
+
+pub fn write_bytes(path: &Path, data: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
         mkdirs(parent)?;
     }
-    std::fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))?;
+    std::fs::write(path, data).with_context(|| format!("failed to write {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
     Ok(())
 }
