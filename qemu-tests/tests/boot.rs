@@ -1,5 +1,6 @@
-//! Booting: the appliance reaches ready with every service up, keeps its data partition
-//! across a power cycle, and an ACPI power-off is a clean shutdown.
+//! Booting: the appliance reaches ready with every service up, runs its static sensor
+//! pod, keeps its data partition across a power cycle (the pod comes back), and an ACPI
+//! power-off is a clean shutdown.
 //!
 //! Two boots of one machine (each boot under TCG costs ~30 s, so they are combined).
 
@@ -40,6 +41,14 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         "no ready event: {:?}",
         m.events()
     );
+    // The image's static sensor pod: its image is served by noded's loopback registry,
+    // pulled through CRI, and the container runs under containerd and runc.
+    let line = m.wait_for_console_unless(
+        "container started pod=sensor",
+        &["pod failed to start", "rejected pod manifest"],
+        Duration::from_secs(180),
+    )?;
+    assert!(line.contains("container=sensor"), "{line}");
 
     // ACPI power button: init shuts down cleanly and QEMU exits.
     let from = m.events().len();
@@ -67,6 +76,12 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         "power-off left data unclean: {st}"
     );
     assert!(all_ready(&st), "{st}");
+    // The pod comes back after the reboot with no control plane anywhere.
+    m.wait_for_console_unless(
+        "container started pod=sensor",
+        &["pod failed to start"],
+        Duration::from_secs(180),
+    )?;
     m.finish();
     Ok(())
 }
