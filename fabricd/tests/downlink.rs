@@ -193,15 +193,7 @@ fn an_interrupted_object_download_resumes_where_it_stopped() {
     let key_file = tmp.path().join("core.pub");
     write_public_key(&key_file, &kp);
     // 6 MiB that do not compress, in the object store's 128 KiB chunks.
-    let mut x = 0x2545_f491_u32;
-    let bundle: Vec<u8> = (0..6 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect();
+    let bundle = noise(6 << 20, 0x2545_f491);
     rt.block_on(async {
         let client = core_client(&pki, &nats.url()).await;
         let (kv, objects) = buckets(&client).await;

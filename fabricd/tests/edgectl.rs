@@ -96,15 +96,7 @@ fn operator_sets_up_the_core_publishes_to_a_site_and_sees_it() {
     // Telemetry JSON goes compressed; bytes that do not compress go as they are.
     let json = r#"{"sensor":"temp","rack":1,"value":21.5,"unit":"C"}"#.repeat(80);
     produce(&mut s, &record("temp.rack1", json.as_bytes())).unwrap();
-    let mut x = 0x9e37_79b9_u32;
-    let noise: Vec<u8> = (0..4096)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect();
+    let noise = noise(4096, 0x9e37_79b9);
     produce(&mut s, &record("cam.rack1", &noise)).unwrap();
     // Five records and the downlink report of the manifest.
     let tail = edgectl(

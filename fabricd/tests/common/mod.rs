@@ -195,6 +195,19 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// `len` bytes that do not compress (xorshift from `seed`, which must not be 0).
+pub fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 /// The value of one metric line (`name{labels}` exactly) from `/metrics`.
 pub fn metric(f: &Fabricd, series: &str) -> Option<u64> {
     let (status, body) = http(f.metrics, b"GET /metrics HTTP/1.1\r\n\r\n");
