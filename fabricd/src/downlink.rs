@@ -157,11 +157,11 @@ struct Progress {
     next_seq: u64,
 }
 
-fn save_progress(path: &Path, p: &Progress) -> std::io::Result<()> {
+async fn save_progress(path: &Path, p: &Progress) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(p).unwrap_or_default())?;
-    std::fs::File::open(&tmp)?.sync_data()?;
-    std::fs::rename(&tmp, path)
+    tokio::fs::write(&tmp, serde_json::to_vec(p).unwrap_or_default()).await?;
+    tokio::fs::File::open(&tmp).await?.sync_data().await?;
+    tokio::fs::rename(&tmp, path).await
 }
 
 /// Why a fetch failed: a transfer that can be resumed later, or bytes that must go.
@@ -216,12 +216,13 @@ async fn fetch_item(
             return Err(e);
         }
     }
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| format!("failed to sync {}: {e}", tmp.display()));
-    file?;
+    // The daemon's runtime is single-threaded: file I/O goes through tokio::fs so a
+    // sync does not stall the producers.
+    let synced = match tokio::fs::OpenOptions::new().write(true).open(&tmp).await {
+        Ok(f) => f.sync_all().await,
+        Err(e) => Err(e),
+    };
+    synced.map_err(|e| format!("failed to sync {}: {e}", tmp.display()))?;
     tokio::fs::rename(&tmp, &dest)
         .await
         .map_err(|e| format!("failed to rename {} into place: {e}", tmp.display()))?;
@@ -274,14 +275,15 @@ async fn fetch_object(
     let saved: Option<Progress> = std::fs::read(progress_file)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = tokio::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
         .open(tmp)
+        .await
         .map_err(|e| interrupted(&format!("failed to open {} for", tmp.display()), &e))?;
-    let have = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let have = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     // Resume only the same object (the nuid changes when it is put again), and only up
     // to what was synced before the progress was saved.
     let (mut bytes, deliver) = match saved {
@@ -299,14 +301,14 @@ async fn fetch_object(
     };
     let write_err =
         |e: std::io::Error| Failure::Interrupted(format!("failed to write {}: {e}", tmp.display()));
-    file.set_len(bytes).map_err(write_err)?;
+    file.set_len(bytes).await.map_err(write_err)?;
     {
         // The bytes kept are hashed again from the disk: cheaper than fetching them.
-        use std::io::Read;
-        let mut kept = (&file).take(bytes);
+        use tokio::io::AsyncReadExt;
+        let mut kept = (&mut file).take(bytes);
         let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = kept.read(&mut buf).map_err(write_err)?;
+            let n = kept.read(&mut buf).await.map_err(write_err)?;
             if n == 0 {
                 break;
             }
@@ -349,8 +351,8 @@ async fn fetch_object(
             )));
         }
         {
-            use std::io::Write;
-            file.write_all(&chunk.payload).map_err(write_err)?;
+            use tokio::io::AsyncWriteExt;
+            file.write_all(&chunk.payload).await.map_err(write_err)?;
         }
         ctx.update(&chunk.payload);
         bytes += chunk.payload.len() as u64;
@@ -359,13 +361,17 @@ async fn fetch_object(
             .fetched_bytes
             .fetch_add(chunk.payload.len() as u64, Ordering::Relaxed);
         if last_save.elapsed() > Duration::from_millis(500) || bytes == size {
-            file.sync_data().map_err(write_err)?;
+            {
+                use tokio::io::AsyncWriteExt;
+                file.flush().await.map_err(write_err)?;
+            }
+            file.sync_data().await.map_err(write_err)?;
             let p = Progress {
                 nuid: info.nuid.clone(),
                 bytes,
                 next_seq: seq + 1,
             };
-            save_progress(progress_file, &p).map_err(|e| {
+            save_progress(progress_file, &p).await.map_err(|e| {
                 Failure::Interrupted(format!("failed to write {}: {e}", progress_file.display()))
             })?;
             last_save = Instant::now();
