@@ -117,11 +117,19 @@ pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
         .collect())
 }
 
-fn sha256_file(path: &Path) -> Option<String> {
-    let data = std::fs::read(path).ok()?;
-    Some(hex(
-        ring::digest::digest(&ring::digest::SHA256, &data).as_ref()
-    ))
+/// The sha256 of a file already in place, read in chunks (an update bundle can be
+/// larger than the memory to spare); None when it cannot be read.
+async fn sha256_file(path: &Path) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await.ok()?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match file.read(&mut buf).await.ok()? {
+            0 => return Some(hex(ctx.finish().as_ref())),
+            n => ctx.update(&buf[..n]),
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -185,7 +193,7 @@ async fn fetch_item(
         .await
         .map_err(|e| format!("failed to create {}: {e}", kind_dir.display()))?;
     let dest = kind_dir.join(&item.name);
-    if sha256_file(&dest).as_deref() == Some(item.sha256.to_ascii_lowercase().as_str()) {
+    if sha256_file(&dest).await.as_deref() == Some(item.sha256.to_ascii_lowercase().as_str()) {
         return Ok(false);
     }
     let tmp = kind_dir.join(format!(".{}.partial", item.name));

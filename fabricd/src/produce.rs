@@ -219,21 +219,29 @@ where
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::new(wr);
         while let Some(reply) = rx.recv().await {
-            let (status, payload, close) = match reply {
+            let offset;
+            let refusal;
+            let (status, payload, close): (u8, &[u8], bool) = match reply {
                 Reply::Pending(rx) => match rx.await {
-                    Ok(Ok(offset)) => (OK, offset.to_be_bytes().to_vec(), false),
-                    Ok(Err(e)) => {
-                        let r = append_refusal(e);
-                        (r.status, r.message.into_bytes(), false)
+                    Ok(Ok(o)) => {
+                        offset = o.to_be_bytes();
+                        (OK, &offset, false)
                     }
-                    Err(_) => (STORAGE, b"the log is shut down".to_vec(), true),
+                    Ok(Err(e)) => {
+                        refusal = append_refusal(e);
+                        (refusal.status, refusal.message.as_bytes(), false)
+                    }
+                    Err(_) => (STORAGE, b"the log is shut down", true),
                 },
-                Reply::Refused(r) => (r.status, r.message.clone().into_bytes(), r.fatal()),
+                Reply::Refused(r) => {
+                    refusal = r;
+                    (refusal.status, refusal.message.as_bytes(), refusal.fatal())
+                }
             };
-            let mut frame = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
-            frame.push(status);
-            frame.extend_from_slice(&payload);
-            if wr.write_all(&frame).await.is_err() {
+            let mut head = [0u8; 5];
+            head[..4].copy_from_slice(&((payload.len() + 1) as u32).to_be_bytes());
+            head[4] = status;
+            if wr.write_all(&head).await.is_err() || wr.write_all(payload).await.is_err() {
                 return;
             }
             if (rx.is_empty() || close) && wr.flush().await.is_err() {
