@@ -23,6 +23,22 @@ pub enum State {
     Deleting,
 }
 
+/// What a thin device is to its users: a volume to stage and publish, or a snapshot that
+/// only serves as the source of new volumes (CSI keeps the two apart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    #[default]
+    Volume,
+    Snapshot,
+}
+
+impl Kind {
+    fn is_volume(&self) -> bool {
+        *self == Kind::Volume
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
     pub name: String,
@@ -33,6 +49,16 @@ pub struct Volume {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
     pub state: State,
+    /// Absent in records written before snapshots were told apart: those were volumes.
+    #[serde(default, skip_serializing_if = "Kind::is_volume")]
+    pub kind: Kind,
+    /// Seconds since the epoch when it was created (0: not recorded).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub created: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +144,8 @@ mod tests {
                 size_bytes: 1 << 30,
                 origin: None,
                 state: State::Ready,
+                kind: Kind::Volume,
+                created: 0,
             }],
         }
     }
@@ -147,6 +175,14 @@ mod tests {
     fn record_of_another_pool_is_ignored() {
         let rec = encode(&[1; 16], 7, &sample(), 1 << 20).unwrap();
         assert!(newest(&[2; 16], [&rec, &[0u8; 4096][..]]).is_none());
+    }
+
+    #[test]
+    fn records_without_kind_are_volumes() {
+        let old = r#"{"next_thin_id":3,"volumes":[{"name":"db","thin_id":1,"size_bytes":1073741824,"state":"ready"}]}"#;
+        let c: Catalog = serde_json::from_str(old).unwrap();
+        assert_eq!(c, sample());
+        assert_eq!(serde_json::to_string(&sample()).unwrap(), old);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum Error {
     DeviceMapper { path: PathBuf, detail: String },
     #[error("volume {name}: {detail}")]
     BadRequest { name: String, detail: String },
+    #[error("volume {name} is in use: {detail}")]
+    Busy { name: String, detail: String },
     #[error("volume {0} already exists")]
     VolumeExists(String),
     #[error("volume {0} does not exist")]

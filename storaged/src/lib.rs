@@ -1,9 +1,11 @@
-//! storaged's library: the pool on the claimed device, its catalog and its thin
-//! volumes. The daemon (`main.rs`) and the light-VM test program (`bin/storaged-vmtest.rs`)
-//! both use it.
+//! storaged's library: the pool on the claimed device, its catalog, its thin volumes,
+//! their mounts on the node and the CSI endpoint that serves them. The daemon
+//! (`main.rs`) and the light-VM test program (`bin/storaged-vmtest.rs`) both use it.
 
 pub mod catalog;
+pub mod csi;
 pub mod error;
+pub mod mounts;
 pub mod pool;
 pub mod superblock;
 pub mod volumes;

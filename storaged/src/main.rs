@@ -1,6 +1,6 @@
-//! storaged: volumes from the NVMe pool, served through CSI. Today it claims the
-//! configured pool device (or says there is none), activates the thin pool, rediscovers
-//! the catalog's volumes and reports ready; CSI comes next (issue #5).
+//! storaged: volumes from the NVMe pool, served through CSI. It claims the configured
+//! pool device (or says there is none), activates the thin pool, rediscovers the
+//! catalog's volumes, binds the CSI socket, reports ready and serves CSI.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 struct Config {
     /// Where storaged keeps node-local state (on the data partition).
     state_dir: PathBuf,
-    /// The CSI endpoint (unix socket) it will serve.
+    /// The CSI endpoint (unix socket) it serves.
     csi_socket: PathBuf,
     /// The device the pool lives on, e.g. `/dev/nvme1n1`. Absent: no pool on this box.
     #[serde(default)]
@@ -74,10 +74,12 @@ fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
 
 async fn serve(config: Config) -> Result<(), String> {
     edge_common::ensure_dir(&config.state_dir).map_err(|e| e.to_string())?;
-    // Held for the life of the daemon; CSI will serve from it.
-    let _pool = claim(&config)?;
+    let pool = claim(&config)?;
+    let listener = storaged::csi::bind(&config.csi_socket)?;
+    tracing::info!(socket = %config.csi_socket.display(), "CSI endpoint serving");
     edge_common::notify_ready().map_err(|e| e.to_string())?;
-    std::future::pending().await
+    let driver = storaged::csi::Driver::new(pool, storaged::csi::Driver::hostname());
+    storaged::csi::serve_on(listener, driver).await
 }
 
 fn main() -> std::process::ExitCode {

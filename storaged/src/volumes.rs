@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use edge_dm::ThinStatus;
 
-use crate::catalog::{State, Volume};
+use crate::catalog::{Kind, State, Volume};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
 
@@ -107,7 +107,13 @@ impl Pool {
         self.save(done)
     }
 
-    fn new_volume(&self, name: &str, size_bytes: u64, origin: Option<String>) -> Result<Volume> {
+    fn new_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        origin: Option<String>,
+        kind: Kind,
+    ) -> Result<Volume> {
         if self.catalog.get(name).is_some() {
             return Err(Error::VolumeExists(name.to_owned()));
         }
@@ -124,6 +130,11 @@ impl Pool {
             size_bytes,
             origin,
             state: State::Creating,
+            kind,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
         })
     }
 
@@ -131,7 +142,7 @@ impl Pool {
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<&Volume> {
         check_name(name)?;
         let size = check_size(name, size_bytes)?;
-        let volume = self.new_volume(name, size, None)?;
+        let volume = self.new_volume(name, size, None, Kind::Volume)?;
         self.check_room(name, size)?;
         let msg = format!("create_thin {}", volume.thin_id);
         self.create_with(volume, |p| {
@@ -144,9 +155,19 @@ impl Pool {
     /// Snapshots `origin` as `name`: the snapshot keeps the origin's data as it is now.
     /// An active origin is suspended around the message so in-flight writes land first.
     pub fn snapshot(&mut self, origin: &str, name: &str) -> Result<&Volume> {
+        self.thin_snapshot(origin, name, Kind::Snapshot)
+    }
+
+    /// A new volume `name` holding `source`'s data as it is now (a volume or a snapshot);
+    /// it shares blocks with the source until either is written.
+    pub fn clone_volume(&mut self, source: &str, name: &str) -> Result<&Volume> {
+        self.thin_snapshot(source, name, Kind::Volume)
+    }
+
+    fn thin_snapshot(&mut self, origin: &str, name: &str, kind: Kind) -> Result<&Volume> {
         check_name(name)?;
         let o = self.volume(origin)?.clone();
-        let volume = self.new_volume(name, o.size_bytes, Some(origin.to_owned()))?;
+        let volume = self.new_volume(name, o.size_bytes, Some(origin.to_owned()), kind)?;
         self.check_room(name, o.size_bytes)?;
         let msg = format!("create_snap {} {}", volume.thin_id, o.thin_id);
         let origin_dm = self.volume_dm_name(origin);
@@ -164,7 +185,7 @@ impl Pool {
             };
             sent.and(resumed).map_err(p.dm_err())
         })?;
-        tracing::info!(volume = name, origin, "snapshot created");
+        tracing::info!(volume = name, origin, ?kind, "snapshot created");
         self.volume(name)
     }
 
@@ -183,7 +204,7 @@ impl Pool {
     pub fn deactivate(&self, name: &str) -> Result<()> {
         let dm = self.volume_dm_name(name);
         if self.ctl.info(&dm).map_err(self.dm_err())?.is_some() {
-            self.ctl.remove(&dm).map_err(|e| Error::BadRequest {
+            self.ctl.remove(&dm).map_err(|e| Error::Busy {
                 name: name.to_owned(),
                 detail: e,
             })?;
@@ -240,6 +261,21 @@ impl Pool {
         }
         tracing::info!(volume = name, size, "volume expanded");
         Ok(())
+    }
+
+    /// The (major, minor) of a volume's device, if it is active.
+    pub fn device_number(&self, name: &str) -> Result<Option<(u32, u32)>> {
+        self.ctl
+            .info(&self.volume_dm_name(name))
+            .map_err(self.dm_err())
+    }
+
+    /// The device node a volume has when active (whether or not it is now).
+    pub fn device_node(&self, name: &str) -> PathBuf {
+        self.opts
+            .dev_dir
+            .join("mapper")
+            .join(self.volume_dm_name(name))
     }
 
     /// Mapped sectors of an active volume.

@@ -1,0 +1,135 @@
+//! The CSI endpoint: gRPC services `csi.v1.Identity`, `csi.v1.Controller` and
+//! `csi.v1.Node` on a unix socket, routed by hand (one tower service over tonic's
+//! `server::Grpc` codec, no generated code) to the driver in `driver.rs`. The messages
+//! are in `api.rs`.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::body::Body;
+use tonic::codec::ProstCodec;
+use tonic::codegen::http;
+use tonic::Status;
+
+pub mod api;
+pub mod client;
+mod driver;
+
+pub use client::Client;
+pub use driver::Driver;
+
+type Handler<Req, Resp> =
+    fn(Arc<Driver>, Req) -> Pin<Box<dyn Future<Output = Result<Resp, Status>> + Send>>;
+
+/// Decodes one request, runs `handler` on it and encodes the reply or the status.
+async fn unary<Req, Resp>(
+    driver: Arc<Driver>,
+    req: http::Request<Body>,
+    handler: Handler<Req, Resp>,
+) -> http::Response<Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+{
+    let mut grpc = tonic::server::Grpc::new(ProstCodec::<Resp, Req>::default());
+    let svc = tower::service_fn(move |r: tonic::Request<Req>| {
+        let fut = handler(driver.clone(), r.into_inner());
+        async move { fut.await.map(tonic::Response::new) }
+    });
+    grpc.unary(svc, req).await
+}
+
+/// The three CSI services behind one tower service.
+#[derive(Clone)]
+pub struct Server {
+    driver: Arc<Driver>,
+}
+
+macro_rules! routes {
+    ($path:expr, $driver:expr, $req:expr, { $($svc:literal / $method:literal => $fn:ident),* $(,)? }) => {
+        match $path {
+            $(concat!("/csi.v1.", $svc, "/", $method) => {
+                unary($driver, $req, |d, r| Box::pin(async move { d.$fn(r).await })).await
+            })*
+            other => Status::unimplemented(format!("storaged does not implement {other}")).into_http(),
+        }
+    };
+}
+
+impl tower::Service<http::Request<Body>> for Server {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let driver = self.driver.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_owned();
+            let resp = routes!(path.as_str(), driver, req, {
+                "Identity" / "GetPluginInfo" => get_plugin_info,
+                "Identity" / "GetPluginCapabilities" => get_plugin_capabilities,
+                "Identity" / "Probe" => probe,
+                "Controller" / "CreateVolume" => create_volume,
+                "Controller" / "DeleteVolume" => delete_volume,
+                "Controller" / "ValidateVolumeCapabilities" => validate_volume_capabilities,
+                "Controller" / "ListVolumes" => list_volumes,
+                "Controller" / "GetCapacity" => get_capacity,
+                "Controller" / "ControllerGetCapabilities" => controller_get_capabilities,
+                "Controller" / "CreateSnapshot" => create_snapshot,
+                "Controller" / "DeleteSnapshot" => delete_snapshot,
+                "Controller" / "ControllerExpandVolume" => controller_expand_volume,
+                "Node" / "NodeStageVolume" => node_stage_volume,
+                "Node" / "NodeUnstageVolume" => node_unstage_volume,
+                "Node" / "NodePublishVolume" => node_publish_volume,
+                "Node" / "NodeUnpublishVolume" => node_unpublish_volume,
+                "Node" / "NodeGetVolumeStats" => node_get_volume_stats,
+                "Node" / "NodeExpandVolume" => node_expand_volume,
+                "Node" / "NodeGetCapabilities" => node_get_capabilities,
+                "Node" / "NodeGetInfo" => node_get_info,
+            });
+            Ok(resp)
+        })
+    }
+}
+
+/// Binds the CSI socket, so the caller can report readiness once it accepts
+/// connections. A stale socket file (from a previous run) is replaced; the socket is
+/// 0600 (only root's kubelet or noded talk to it).
+pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, String> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("failed to remove stale {}: {e}", socket.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(socket)
+        .map_err(|e| format!("failed to bind the CSI socket {}: {e}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("failed to chmod {}: {e}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Serves CSI on `listener` until the server fails.
+pub async fn serve_on(listener: tokio::net::UnixListener, driver: Driver) -> Result<(), String> {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .serve_with_incoming(
+            Server {
+                driver: Arc::new(driver),
+            },
+            incoming,
+        )
+        .await
+        .map_err(|e| format!("CSI server failed: {e}"))
+}
