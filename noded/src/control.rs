@@ -1,29 +1,65 @@
-//! noded's control socket: one JSON request per line (`{"op":"pods"}`), one JSON answer
-//! per line, so `noded pods` and tests read the pods' state without going through
-//! containerd.
+//! noded's control socket: one JSON request per line, one JSON answer per line, so
+//! `noded pods` and `noded logs` read the pods' state and their containers' logs
+//! without going through containerd. Requests: `{"op":"pods"}`, and
+//! `{"op":"logs","pod":"[<ns>/]<name>","container":"<c>","previous":false,"tail":N}`
+//! (container, previous and tail optional).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::pods::{PodReport, Status};
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, serde::Serialize)]
 struct Request {
     op: String,
+    #[serde(flatten)]
+    logs: LogsRequest,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+/// Which logs `noded logs` wants.
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
+pub struct LogsRequest {
+    /// `<name>` or `<namespace>/<name>`.
+    #[serde(default)]
+    pub pod: String,
+    /// May be left out when the pod has one app container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The attempt before the current one.
+    #[serde(default)]
+    pub previous: bool,
+    /// Only the last N lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<usize>,
+}
+
+/// The answer to a logs request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogsAnswer {
+    pub lines: Vec<String>,
+    /// Lines not in the CRI log format, left out.
+    pub malformed: usize,
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Answer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pods: Option<Vec<PodReport>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    logs: Option<LogsAnswer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
 /// Binds `path` (replacing a stale socket from an earlier run) and serves in a task.
-pub fn spawn(path: &Path, status: Status) -> Result<tokio::task::JoinHandle<()>, String> {
+/// Logs are read from `log_dir`, the reconciler's.
+pub fn spawn(
+    path: &Path,
+    status: Status,
+    log_dir: PathBuf,
+) -> Result<tokio::task::JoinHandle<()>, String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
@@ -39,7 +75,7 @@ pub fn spawn(path: &Path, status: Status) -> Result<tokio::task::JoinHandle<()>,
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, status.clone()));
+                    tokio::spawn(answer(stream, status.clone(), log_dir.clone()));
                 }
                 Err(e) => {
                     tracing::warn!("control socket: accept failed: {e}");
@@ -50,22 +86,40 @@ pub fn spawn(path: &Path, status: Status) -> Result<tokio::task::JoinHandle<()>,
     }))
 }
 
-async fn answer(stream: UnixStream, status: Status) {
+async fn answer(stream: UnixStream, status: Status, log_dir: PathBuf) {
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        let pods = || status.lock().map(|s| s.clone()).unwrap_or_default();
         let answer = match serde_json::from_str::<Request>(&line) {
             Ok(r) if r.op == "pods" => Answer {
-                pods: Some(status.lock().map(|s| s.clone()).unwrap_or_default()),
-                error: None,
+                pods: Some(pods()),
+                ..Default::default()
             },
+            Ok(r) if r.op == "logs" => {
+                let (pods, dir) = (pods(), log_dir.clone());
+                // Logs may be tens of MiB: read them off the async threads.
+                let read = tokio::task::spawn_blocking(move || read_logs(&pods, &dir, &r.logs))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("log reader failed: {e}")));
+                match read {
+                    Ok(l) => Answer {
+                        logs: Some(l),
+                        ..Default::default()
+                    },
+                    Err(e) => Answer {
+                        error: Some(e),
+                        ..Default::default()
+                    },
+                }
+            }
             Ok(r) => Answer {
-                pods: None,
                 error: Some(format!("unknown op {:?}", r.op)),
+                ..Default::default()
             },
             Err(e) => Answer {
-                pods: None,
                 error: Some(format!("bad request: {e}")),
+                ..Default::default()
             },
         };
         let Ok(mut out) = serde_json::to_vec(&answer) else {
@@ -78,13 +132,150 @@ async fn answer(stream: UnixStream, status: Status) {
     }
 }
 
+/// Finds the pod and container a logs request names, and reads that attempt's logs.
+pub fn read_logs(
+    pods: &[PodReport],
+    log_dir: &Path,
+    req: &LogsRequest,
+) -> Result<LogsAnswer, String> {
+    let (ns, name) = match req.pod.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, req.pod.as_str()),
+    };
+    let found: Vec<&PodReport> = pods
+        .iter()
+        .filter(|p| !p.name.is_empty() && p.name == name && ns.is_none_or(|ns| p.namespace == ns))
+        .collect();
+    let pod = match found.as_slice() {
+        [p] => *p,
+        [] => {
+            let known: Vec<String> = pods
+                .iter()
+                .filter(|p| !p.name.is_empty())
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            return Err(format!(
+                "no pod named {:?} (pods: {})",
+                req.pod,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+        many => {
+            let names: Vec<String> = many
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            return Err(format!(
+                "pod name {:?} is ambiguous ({}): give <namespace>/<name>",
+                req.pod,
+                names.join(", ")
+            ));
+        }
+    };
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    let container = match &req.container {
+        Some(c) if names.contains(&c.as_str()) => c.clone(),
+        Some(c) => {
+            return Err(format!(
+                "pod {}/{} has no container {c:?} (containers: {})",
+                pod.namespace,
+                pod.name,
+                names.join(", ")
+            ))
+        }
+        None => {
+            let apps: Vec<&str> = pod
+                .containers
+                .iter()
+                .filter(|c| !c.init)
+                .map(|c| c.name.as_str())
+                .collect();
+            match apps.as_slice() {
+                [one] => one.to_string(),
+                _ => {
+                    return Err(format!(
+                        "pod {}/{} has several containers ({}): name one",
+                        pod.namespace,
+                        pod.name,
+                        names.join(", ")
+                    ))
+                }
+            }
+        }
+    };
+    let dir =
+        crate::pods::pod_log_dir_of(log_dir, &pod.namespace, &pod.name, &pod.uid).join(&container);
+    let attempts = match crate::logs::attempts(&dir) {
+        Ok(a) => a,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("failed to list {}: {e}", dir.display())),
+    };
+    let what = format!(
+        "container {container:?} of pod {}/{}",
+        pod.namespace, pod.name
+    );
+    let attempt = match (attempts.as_slice(), req.previous) {
+        ([], _) => return Err(format!("{what} has no logs yet")),
+        ([.., last], false) => *last,
+        ([.., prev, _], true) => *prev,
+        ([_], true) => return Err(format!("{what} has no previous attempt")),
+    };
+    let read = crate::logs::read(&dir, attempt)
+        .map_err(|e| format!("failed to read the logs of {what}: {e}"))?;
+    let mut lines = read.lines;
+    if let Some(n) = req.tail {
+        lines.drain(..lines.len().saturating_sub(n));
+    }
+    Ok(LogsAnswer {
+        lines,
+        malformed: read.malformed,
+    })
+}
+
 /// Asks a running noded for its pods.
 pub async fn pods(path: &Path) -> Result<Vec<PodReport>, String> {
+    let answer = ask(
+        path,
+        &Request {
+            op: "pods".into(),
+            logs: LogsRequest::default(),
+        },
+    )
+    .await?;
+    match (answer.pods, answer.error) {
+        (Some(p), _) => Ok(p),
+        (None, e) => Err(e.unwrap_or_else(|| "empty answer".into())),
+    }
+}
+
+/// Asks a running noded for a container's logs.
+pub async fn logs(path: &Path, req: LogsRequest) -> Result<LogsAnswer, String> {
+    let answer = ask(
+        path,
+        &Request {
+            op: "logs".into(),
+            logs: req,
+        },
+    )
+    .await?;
+    match (answer.logs, answer.error) {
+        (Some(l), _) => Ok(l),
+        (None, e) => Err(e.unwrap_or_else(|| "empty answer".into())),
+    }
+}
+
+async fn ask(path: &Path, req: &Request) -> Result<Answer, String> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|e| format!("failed to connect to {}: {e}", path.display()))?;
     let (rd, mut wr) = stream.into_split();
-    wr.write_all(b"{\"op\":\"pods\"}\n")
+    let mut line = serde_json::to_vec(req).map_err(|e| format!("bad request: {e}"))?;
+    line.push(b'\n');
+    wr.write_all(&line)
         .await
         .map_err(|e| format!("failed to write to {}: {e}", path.display()))?;
     let line = BufReader::new(rd)
@@ -93,12 +284,7 @@ pub async fn pods(path: &Path) -> Result<Vec<PodReport>, String> {
         .await
         .map_err(|e| format!("failed to read from {}: {e}", path.display()))?
         .ok_or_else(|| format!("{} closed without an answer", path.display()))?;
-    let answer: Answer = serde_json::from_str(&line)
-        .map_err(|e| format!("bad answer from {}: {e}", path.display()))?;
-    match (answer.pods, answer.error) {
-        (Some(p), _) => Ok(p),
-        (None, e) => Err(e.unwrap_or_else(|| "empty answer".into())),
-    }
+    serde_json::from_str(&line).map_err(|e| format!("bad answer from {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -114,6 +300,7 @@ mod tests {
             file: "a.yaml".into(),
             name: "a".into(),
             namespace: "default".into(),
+            uid: "u1".into(),
             state: "running".into(),
             error: None,
             containers: vec![ContainerReport {
@@ -126,7 +313,7 @@ mod tests {
             }],
         };
         let status: Status = std::sync::Arc::new(std::sync::Mutex::new(vec![report.clone()]));
-        let task = spawn(&path, status).unwrap();
+        let task = spawn(&path, status, dir.path().join("logs")).unwrap();
         assert_eq!(pods(&path).await.unwrap(), vec![report]);
 
         let stream = UnixStream::connect(&path).await.unwrap();
@@ -139,6 +326,93 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(line.contains("unknown op \\\"reboot\\\""), "{line}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn logs_are_read_by_pod_and_container_with_previous_and_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let ctr = |name: &str, init| ContainerReport {
+            name: name.into(),
+            init,
+            state: "running".into(),
+            restarts: 0,
+            exit_code: None,
+            last_error: None,
+        };
+        let pod = PodReport {
+            file: "cam.yaml".into(),
+            name: "cam".into(),
+            namespace: "edge".into(),
+            uid: "u1".into(),
+            state: "running".into(),
+            error: None,
+            containers: vec![ctr("fetch", true), ctr("cam", false)],
+        };
+        let cdir = logs.join("edge_cam_u1/cam");
+        std::fs::create_dir_all(&cdir).unwrap();
+        let ts = "2026-11-21T21:30:51.000000001Z";
+        std::fs::write(cdir.join("0.log"), format!("{ts} stdout F first run\n")).unwrap();
+        std::fs::write(
+            cdir.join("1.log.1"),
+            format!("{ts} stdout F a\n{ts} stdout P b\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            cdir.join("1.log"),
+            format!("{ts} stdout F c\ntorn line\n{ts} stderr F d\n"),
+        )
+        .unwrap();
+        let status: Status = std::sync::Arc::new(std::sync::Mutex::new(vec![pod]));
+        let path = dir.path().join("noded.sock");
+        let task = spawn(&path, status, logs).unwrap();
+        let req = |pod: &str, c: Option<&str>| LogsRequest {
+            pod: pod.into(),
+            container: c.map(str::to_string),
+            ..Default::default()
+        };
+
+        // One app container: it is the default; rotated files come first.
+        let l = super::logs(&path, req("cam", None)).await.unwrap();
+        assert_eq!(l.lines, ["a", "bc", "d"]);
+        assert_eq!(l.malformed, 1);
+        let l = super::logs(
+            &path,
+            LogsRequest {
+                previous: true,
+                ..req("edge/cam", Some("cam"))
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(l.lines, ["first run"]);
+        let l = super::logs(
+            &path,
+            LogsRequest {
+                tail: Some(1),
+                ..req("cam", None)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(l.lines, ["d"]);
+
+        let e = super::logs(&path, req("nope", None)).await.unwrap_err();
+        assert_eq!(e, "no pod named \"nope\" (pods: edge/cam)");
+        let e = super::logs(&path, req("cam", Some("x"))).await.unwrap_err();
+        assert_eq!(
+            e,
+            "pod edge/cam has no container \"x\" (containers: fetch, cam)"
+        );
+        let e = super::logs(&path, req("cam", Some("fetch")))
+            .await
+            .unwrap_err();
+        assert_eq!(e, "container \"fetch\" of pod edge/cam has no logs yet");
+        let e = super::logs(&path, req("other/cam", None))
+            .await
+            .unwrap_err();
+        assert!(e.starts_with("no pod named \"other/cam\""), "{e}");
         task.abort();
     }
 }

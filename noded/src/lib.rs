@@ -1,9 +1,11 @@
 //! noded's parts, as a library so the integration tests drive the same code the
 //! daemon runs: the CRI client, the local registry containerd pulls images from, pod
-//! manifests, the reconciler that runs them and the control socket that reports them.
+//! manifests, the reconciler that runs them, their logs and the control socket that
+//! reports them.
 
 pub mod control;
 pub mod cri;
+pub mod logs;
 pub mod manifest;
 pub mod pods;
 pub mod registry;

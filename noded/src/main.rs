@@ -37,9 +37,15 @@ struct Config {
     /// First restart delay of a crashing container; doubles per restart up to 5 min.
     #[serde(default = "default_backoff_ms")]
     restart_backoff_base_ms: u64,
-    /// Answers `{"op":"pods"}`.
+    /// Answers `{"op":"pods"}` and `{"op":"logs",...}`.
     #[serde(default = "default_control_socket")]
     control_socket: PathBuf,
+    /// A container's live log is rotated past this size.
+    #[serde(default = "default_log_max_bytes")]
+    log_max_bytes: u64,
+    /// Log files kept per container attempt, the live one included.
+    #[serde(default = "default_log_max_files")]
+    log_max_files: usize,
 }
 
 fn default_images_dir() -> PathBuf {
@@ -60,6 +66,12 @@ fn default_backoff_ms() -> u64 {
 fn default_control_socket() -> PathBuf {
     "/run/noded/noded.sock".into()
 }
+fn default_log_max_bytes() -> u64 {
+    10 << 20
+}
+fn default_log_max_files() -> usize {
+    3
+}
 
 impl edge_common::Validate for Config {
     fn validate(&self) -> Result<(), (String, String)> {
@@ -77,6 +89,15 @@ impl edge_common::Validate for Config {
                 "must be more than 0 (a crashing container would restart in a tight loop)".into(),
             ));
         }
+        if self.log_max_bytes == 0 {
+            return Err(("log_max_bytes".into(), "must be more than 0".into()));
+        }
+        if self.log_max_files < 2 {
+            return Err((
+                "log_max_files".into(),
+                "must be at least 2 (the live file and one rotated)".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -91,13 +112,19 @@ async fn serve(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let status = Arc::new(Mutex::new(Vec::new()));
-    let _control = noded::control::spawn(&config.control_socket, status.clone())?;
+    let _control = noded::control::spawn(
+        &config.control_socket,
+        status.clone(),
+        config.log_dir.clone(),
+    )?;
     edge_common::notify_ready().map_err(|e| e.to_string())?;
     let settings = Settings {
         manifests_dir: config.manifests_dir,
         log_dir: config.log_dir,
         state_dir: config.state_dir,
         backoff_base: Duration::from_millis(config.restart_backoff_base_ms),
+        log_max_bytes: config.log_max_bytes,
+        log_max_files: config.log_max_files,
     };
     Reconciler::new(cri, settings, status).run(TICK).await;
     Ok(())
@@ -161,20 +188,84 @@ struct PodsCli {
     json: bool,
 }
 
-fn pods_command(args: Vec<String>) -> std::process::ExitCode {
-    use clap::Parser;
-    let cli = PodsCli::parse_from(args);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+#[derive(clap::Parser)]
+#[command(
+    name = "noded logs",
+    bin_name = "noded logs",
+    about = "Print a container's logs from a running noded"
+)]
+struct LogsCli {
+    /// The pod: `<name>` or `<namespace>/<name>`.
+    pod: String,
+    /// The container; may be left out when the pod has one app container.
+    container: Option<String>,
+    /// The logs of the attempt before the current one.
+    #[arg(long)]
+    previous: bool,
+    /// Only the last N lines.
+    #[arg(long, value_name = "N")]
+    tail: Option<usize>,
+    /// noded's control socket.
+    #[arg(long, default_value = "/run/noded/noded.sock", value_name = "PATH")]
+    socket: PathBuf,
+}
+
+fn block_on<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
+        .map(|r| r.block_on(f))
+        .map_err(|e| format!("noded {what}: failed to start the async runtime: {e}"))
+}
+
+fn logs_command(args: Vec<String>) -> std::process::ExitCode {
+    use clap::Parser;
+    use std::io::Write;
+    let cli = LogsCli::parse_from(args);
+    let req = noded::control::LogsRequest {
+        pod: cli.pod,
+        container: cli.container,
+        previous: cli.previous,
+        tail: cli.tail,
+    };
+    let logs = match block_on("logs", noded::control::logs(&cli.socket, req)) {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            eprintln!("noded logs: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
         Err(e) => {
-            eprintln!("noded pods: failed to start the async runtime: {e}");
+            eprintln!("{e}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    let pods = match runtime.block_on(noded::control::pods(&cli.socket)) {
+    let mut out = std::io::stdout().lock();
+    for l in &logs.lines {
+        // A closed pipe (`| head`) ends the listing quietly.
+        if writeln!(out, "{l}").is_err() {
+            return std::process::ExitCode::SUCCESS;
+        }
+    }
+    if logs.malformed > 0 {
+        eprintln!(
+            "noded logs: skipped {} line(s) not in the CRI log format",
+            logs.malformed
+        );
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+fn pods_command(args: Vec<String>) -> std::process::ExitCode {
+    use clap::Parser;
+    let cli = PodsCli::parse_from(args);
+    let pods = match block_on("pods", noded::control::pods(&cli.socket)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let pods = match pods {
         Ok(p) => p,
         Err(e) => {
             eprintln!("noded pods: {e}");
@@ -217,8 +308,10 @@ fn pods_command(args: Vec<String>) -> std::process::ExitCode {
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("pods") {
-        return pods_command(args[1..].to_vec());
+    match args.get(1).map(String::as_str) {
+        Some("pods") => return pods_command(args[1..].to_vec()),
+        Some("logs") => return logs_command(args[1..].to_vec()),
+        _ => {}
     }
     edge_common::run("noded", serve)
 }
@@ -238,6 +331,7 @@ mod tests {
         assert_eq!(c.state_dir, Path::new("/var/lib/edge/noded"));
         assert_eq!(c.restart_backoff_base_ms, 10_000);
         assert_eq!(c.control_socket, Path::new("/run/noded/noded.sock"));
+        assert_eq!((c.log_max_bytes, c.log_max_files), (10 << 20, 3));
     }
 
     #[test]

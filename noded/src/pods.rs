@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::cri::{api::*, Client};
+use crate::logs;
 use crate::manifest::{self, Container, Pod, VolumeSource};
 
 const LABEL_MANAGED: &str = "io.edgeos.managed-by";
@@ -43,6 +44,10 @@ pub struct Settings {
     /// emptyDir volumes live under `<state_dir>/pods/<uid>/volumes/`.
     pub state_dir: PathBuf,
     pub backoff_base: Duration,
+    /// A container's live log is rotated when it grows past this.
+    pub log_max_bytes: u64,
+    /// Log files kept per container attempt, the live one included (at least 2).
+    pub log_max_files: usize,
 }
 
 /// What `{"op":"pods"}` answers, one per manifest file.
@@ -51,6 +56,9 @@ pub struct PodReport {
     pub file: String,
     pub name: String,
     pub namespace: String,
+    /// The pod's uid (its manifest hash): names its log directory.
+    #[serde(default)]
+    pub uid: String,
     /// pending, initializing, running, succeeded, failed, invalid
     pub state: String,
     pub error: Option<String>,
@@ -191,6 +199,7 @@ impl Reconciler {
         for file in files {
             if let Some(mut run) = self.pods.remove(&file) {
                 self.step(&mut run).await;
+                self.rotate_logs(&run).await;
                 self.pods.insert(file, run);
             }
         }
@@ -497,6 +506,56 @@ impl Reconciler {
         ctr.state = "back-off";
     }
 
+    /// Rotates the live logs of the pod's running containers that grew past the limit.
+    async fn rotate_logs(&self, run: &PodRun) {
+        let dir = self.log_dir(run);
+        for ctr in &run.containers {
+            let Some(id) = &ctr.id else { continue };
+            let current = ctr.attempt.saturating_sub(1);
+            let cdir = dir.join(&ctr.spec.name);
+            if current >= 2 {
+                if let Err(e) = logs::remove_attempts_before(&cdir, current - 1) {
+                    tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "failed to delete old attempts' logs in {}: {e}", cdir.display());
+                }
+            }
+            let live = cdir.join(format!("{current}.log"));
+            let rotated = match logs::rotate_if_over(&live, self.settings.log_max_bytes) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "failed to rotate {}: {e}", live.display());
+                    continue;
+                }
+            };
+            if let Err(e) = self
+                .cri
+                .reopen_container_log(ReopenContainerLogRequest {
+                    container_id: id.clone(),
+                })
+                .await
+            {
+                // The runtime still writes to the renamed file: put it back, so the
+                // live path and the lines stay together.
+                tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "log not rotated: {e}");
+                if let Err(e) = logs::unrotate(&rotated, &live) {
+                    tracing::warn!("failed to rename {} back: {e}", rotated.display());
+                }
+                continue;
+            }
+            tracing::debug!(pod = %run.pod.name, container = %ctr.spec.name, to = %rotated.display(), "log rotated");
+            match logs::prune(&live, self.settings.log_max_files.saturating_sub(1)) {
+                Ok(removed) => {
+                    for r in removed {
+                        tracing::debug!(pod = %run.pod.name, "old log {} deleted", r.display());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "failed to delete old logs of {}: {e}", live.display())
+                }
+            }
+        }
+    }
+
     async fn start_sandbox(&self, run: &PodRun) -> Result<String, String> {
         let uid = &run.hash;
         let log_dir = self.log_dir(run);
@@ -712,6 +771,7 @@ impl Reconciler {
             file: file.clone(),
             name: String::new(),
             namespace: String::new(),
+            uid: String::new(),
             state: "invalid".into(),
             error: Some(error.clone()),
             containers: Vec::new(),
@@ -749,8 +809,12 @@ fn manifest_hash(file: &str, text: &str) -> String {
         .collect()
 }
 
+pub fn pod_log_dir_of(log_dir: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
+    log_dir.join(format!("{namespace}_{name}_{uid}"))
+}
+
 fn pod_log_dir(log_dir: &Path, pod: &Pod, uid: &str) -> PathBuf {
-    log_dir.join(format!("{}_{}_{}", pod.namespace, pod.name, uid))
+    pod_log_dir_of(log_dir, &pod.namespace, &pod.name, uid)
 }
 
 fn pod_state_dir(state_dir: &Path, uid: &str) -> PathBuf {
@@ -877,6 +941,7 @@ impl PodRun {
             file: self.file.clone(),
             name: self.pod.name.clone(),
             namespace: self.pod.namespace.clone(),
+            uid: self.hash.clone(),
             state: state.into(),
             error: self.error.clone(),
             containers: self

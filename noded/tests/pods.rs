@@ -6,7 +6,7 @@
 //! the manifest stops and removes the pod.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use noded::cri::api::*;
@@ -14,41 +14,6 @@ use noded::pods::PodReport;
 
 mod common;
 use common::*;
-
-/// noded, killed on drop so a failing assertion leaves nothing running.
-struct Noded(Child);
-
-impl Drop for Noded {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_noded(config: &Path, log: &Path) -> Noded {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_noded"))
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("failed to start noded");
-    Noded(child)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 const POD: &str = r#"apiVersion: v1
 kind: Pod
@@ -90,46 +55,6 @@ spec:
       image: edge.local/hello:1
       livenessProbe: {tcpSocket: {port: 80}}
 "#;
-
-struct Env {
-    dir: PathBuf,
-    socket: PathBuf,
-    noded_log: PathBuf,
-}
-
-impl Env {
-    fn noded_log(&self) -> String {
-        std::fs::read_to_string(&self.noded_log).unwrap_or_default()
-    }
-
-    /// Polls the control socket until `ok` holds for the pods, or fails with both logs.
-    async fn wait_for(&self, what: &str, ok: impl Fn(&[PodReport]) -> bool) -> Vec<PodReport> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last = Vec::new();
-        loop {
-            if let Ok(p) = noded::control::pods(&self.socket).await {
-                if ok(&p) {
-                    return p;
-                }
-                last = p;
-            }
-            if Instant::now() > deadline {
-                let containerd =
-                    std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
-                let errors: Vec<&str> = containerd
-                    .lines()
-                    .filter(|l| l.contains("level=error"))
-                    .collect();
-                panic!(
-                    "{what}: not within 30 s; pods: {last:#?}\nnoded's log:\n{}\ncontainerd's errors:\n{}",
-                    self.noded_log(),
-                    errors.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
 
 fn pod<'a>(pods: &'a [PodReport], file: &str) -> Option<&'a PodReport> {
     pods.iter().find(|p| p.file == file)

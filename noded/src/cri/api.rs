@@ -651,6 +651,36 @@ pub struct RemoveImageRequest {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RemoveImageResponse {}
 
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReopenContainerLogRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReopenContainerLogResponse {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecSyncRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(string, repeated, tag = "2")]
+    pub cmd: Vec<String>,
+    /// Seconds; 0 is no timeout.
+    #[prost(int64, tag = "3")]
+    pub timeout: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecSyncResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    pub stdout: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub stderr: Vec<u8>,
+    #[prost(int32, tag = "3")]
+    pub exit_code: i32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,5 +735,27 @@ mod tests {
         assert_eq!(image.id, "i");
         assert_eq!(image.repo_digests, ["d"]);
         assert_eq!(image.size, 3);
+    }
+
+    #[test]
+    fn exec_and_reopen_fields_land_on_their_proto_numbers() {
+        let e = ExecSyncRequest {
+            container_id: "c".into(),
+            cmd: vec!["x".into()],
+            timeout: 2,
+        };
+        // 1:"c" -> 0x0a, 2:"x" -> 0x12, 3:2 -> 0x18
+        assert_eq!(e.encode_to_vec(), [0x0a, 1, b'c', 0x12, 1, b'x', 0x18, 2]);
+        let r = ReopenContainerLogRequest {
+            container_id: "c".into(),
+        };
+        assert_eq!(r.encode_to_vec(), [0x0a, 1, b'c']);
+        // ExecSyncResponse{stdout:"o", stderr:"e", exit_code: 1}
+        let wire = [0x0a, 1, b'o', 0x12, 1, b'e', 0x18, 1];
+        let resp = ExecSyncResponse::decode(&wire[..]).unwrap();
+        assert_eq!(
+            (resp.stdout, resp.stderr, resp.exit_code),
+            (b"o".to_vec(), b"e".to_vec(), 1)
+        );
     }
 }

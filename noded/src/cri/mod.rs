@@ -182,6 +182,22 @@ impl Client {
         ContainerStatusResponse
     );
     rpc!(
+        /// Asks the runtime to reopen a container's log file (after it was renamed by
+        /// rotation), so the lines that follow go to a fresh file at the same path.
+        reopen_container_log,
+        "RuntimeService",
+        "ReopenContainerLog",
+        ReopenContainerLogRequest,
+        ReopenContainerLogResponse
+    );
+    rpc!(
+        exec_sync,
+        "RuntimeService",
+        "ExecSync",
+        ExecSyncRequest,
+        ExecSyncResponse
+    );
+    rpc!(
         pull_image,
         "ImageService",
         "PullImage",

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use noded::cri::api::*;
 use noded::cri::Client;
+use noded::pods::PodReport;
 
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const GREETING: &str = "hello from an edge container";
@@ -227,5 +228,174 @@ pub async fn connect(socket: &Path, dir: &Path) -> Client {
             panic!("containerd's CRI did not answer within 20 s; its log:\n{log}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// noded, killed on drop so a failing assertion leaves nothing running.
+pub struct Noded(pub Child);
+
+impl Drop for Noded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn start_noded(config: &Path, log: &Path) -> Noded {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_noded"))
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("failed to start noded");
+    Noded(child)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Env {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub noded_log: PathBuf,
+}
+
+impl Env {
+    pub fn noded_log(&self) -> String {
+        std::fs::read_to_string(&self.noded_log).unwrap_or_default()
+    }
+
+    /// Polls the control socket until `ok` holds for the pods, or fails with both logs.
+    pub async fn wait_for(&self, what: &str, ok: impl Fn(&[PodReport]) -> bool) -> Vec<PodReport> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = Vec::new();
+        loop {
+            if let Ok(p) = noded::control::pods(&self.socket).await {
+                if ok(&p) {
+                    return p;
+                }
+                last = p;
+            }
+            if Instant::now() > deadline {
+                let containerd =
+                    std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+                let errors: Vec<&str> = containerd
+                    .lines()
+                    .filter(|l| l.contains("level=error"))
+                    .collect();
+                panic!(
+                    "{what}: not within 30 s; pods: {last:#?}\nnoded's log:\n{}\ncontainerd's errors:\n{}",
+                    self.noded_log(),
+                    errors.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs `noded <args> --socket <ours>`; returns success, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_noded"))
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// A private containerd serving pause and hello, and a noded configured against it
+/// with `extra` config lines; manifests go into `<dir>/manifests`.
+pub struct Node {
+    pub env: Env,
+    pub manifests: PathBuf,
+    pub cri: Client,
+    pub noded: Option<Noded>,
+    // Dropped last, in this order: noded before containerd before the directory.
+    pub containerd: Containerd,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Node {
+    pub async fn start(prefix: &str, extra: &str) -> Node {
+        ensure_containerd();
+        let tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/tmp")
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let pause = build_static("pause", "src/bin/pause.rs", &dir);
+        let hello = build_static("hello", "tests/programs/hello.rs", &dir);
+        std::fs::write(
+            images.join("pause.tar"),
+            archive("pause:1", "pause", pause, &[]),
+        )
+        .unwrap();
+        std::fs::write(
+            images.join("hello.tar"),
+            archive("hello:1", "hello", hello, &[]),
+        )
+        .unwrap();
+        let port = free_port();
+        let containerd = start_containerd(&dir, port);
+        let cri = connect(&dir.join("containerd.sock"), &dir).await;
+        let manifests = dir.join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        let config = dir.join("noded.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "containerd_socket = \"{d}/containerd.sock\"\n\
+                 manifests_dir = \"{d}/manifests\"\n\
+                 images_dir = \"{d}/images\"\n\
+                 registry_listen = \"127.0.0.1:{port}\"\n\
+                 log_dir = \"{d}/logs\"\n\
+                 state_dir = \"{d}/state\"\n\
+                 restart_backoff_base_ms = 300\n\
+                 control_socket = \"{d}/run/noded.sock\"\n{extra}\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let env = Env {
+            dir: dir.clone(),
+            socket: dir.join("run/noded.sock"),
+            noded_log: dir.join("noded.log"),
+        };
+        let noded = Some(start_noded(&config, &env.noded_log));
+        Node {
+            env,
+            manifests,
+            cri,
+            noded,
+            containerd,
+            tmp,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.noded.take();
+        eprintln!("noded's log:\n{}", self.env.noded_log());
     }
 }
