@@ -310,6 +310,7 @@ mod tests {
                 restarts: 2,
                 exit_code: Some(0),
                 last_error: None,
+                ready: true,
             }],
         };
         let status: Status = std::sync::Arc::new(std::sync::Mutex::new(vec![report.clone()]));
@@ -340,6 +341,7 @@ mod tests {
             restarts: 0,
             exit_code: None,
             last_error: None,
+            ready: false,
         };
         let pod = PodReport {
             file: "cam.yaml".into(),

@@ -1,6 +1,6 @@
 //! noded's parts, as a library so the integration tests drive the same code the
 //! daemon runs: the CRI client, the local registry containerd pulls images from, pod
-//! manifests, the reconciler that runs them, their logs and the control socket that
+//! manifests, the reconciler that runs them, their probes and logs and the control socket that
 //! reports them.
 
 pub mod control;
@@ -8,4 +8,5 @@ pub mod cri;
 pub mod logs;
 pub mod manifest;
 pub mod pods;
+pub mod probes;
 pub mod registry;

@@ -335,13 +335,13 @@ mod tests {
         assert_eq!(removed, [d.join("0.log.1"), d.join("0.log.2")]);
         assert_eq!(read(d, 0).unwrap().lines, ["line 2", "line 3", "line 4"]);
         assert_eq!(attempts(d).unwrap(), [0, 1]);
-        assert_eq!(remove_attempts_before(d, 1).unwrap(), 2);
-        assert_eq!(attempts(d).unwrap(), [1]);
-        std::fs::write(&live, format!("{TS} stdout F line 4\n")).unwrap();
         // Numbers keep counting up after a prune, so the newest is always the highest.
         let to = rotate_if_over(&live, 10).unwrap().unwrap();
         assert_eq!(to, d.join("0.log.5"));
         unrotate(&to, &live).unwrap();
         assert!(live.exists());
+        // A new attempt: the files of the ones before it go, rotated ones included.
+        assert_eq!(remove_attempts_before(d, 1).unwrap(), 3);
+        assert_eq!(attempts(d).unwrap(), [1]);
     }
 }

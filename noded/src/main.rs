@@ -292,8 +292,13 @@ fn pods_command(args: Vec<String>) -> std::process::ExitCode {
                 .map(|x| format!(" exit={x}"))
                 .unwrap_or_default();
             let kind = if c.init { " (init)" } else { "" };
+            let ready = match (c.init, c.ready) {
+                (true, _) => "",
+                (false, true) => "  ready",
+                (false, false) => "  not-ready",
+            };
             println!(
-                "  {}{kind}  {}  restarts={}{exit}{}",
+                "  {}{kind}  {}{ready}  restarts={}{exit}{}",
                 c.name,
                 c.state,
                 c.restarts,

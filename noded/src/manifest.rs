@@ -55,6 +55,36 @@ pub struct Container {
     pub memory_limit_bytes: Option<i64>,
     pub ports: Vec<Port>,
     pub volume_mounts: Vec<VolumeMount>,
+    pub liveness_probe: Option<Probe>,
+    pub readiness_probe: Option<Probe>,
+    pub startup_probe: Option<Probe>,
+}
+
+/// A container probe with Kubernetes' timing fields (defaults as Kubernetes documents
+/// them: no initial delay, every 10 s, 1 s timeout, 1 success, 3 failures).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub action: ProbeAction,
+    pub initial_delay_seconds: u32,
+    pub period_seconds: u32,
+    pub timeout_seconds: u32,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAction {
+    /// Run in the container (CRI ExecSync); exit code 0 is success.
+    Exec { command: Vec<String> },
+    /// GET over plain HTTP; 200-399 is success. `host` defaults to the pod's IP.
+    HttpGet {
+        host: Option<String>,
+        port: u16,
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    /// A TCP connection that opens is success.
+    TcpSocket { host: Option<String>, port: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -365,6 +395,9 @@ impl Walker<'_> {
             "resources",
             "ports",
             "volumeMounts",
+            "livenessProbe",
+            "readinessProbe",
+            "startupProbe",
         ];
         let m = self.map(v, path, known)?;
         let name = self.required(m, path, "name")?;
@@ -415,6 +448,7 @@ impl Walker<'_> {
         }
 
         let mut ports = Vec::new();
+        let mut port_names = Vec::new();
         let port_list = self.list(m, path, "ports")?;
         if init && !port_list.is_empty() {
             return Err(self.err(&join(path, "ports"), "is not allowed on an init container"));
@@ -444,6 +478,9 @@ impl Walker<'_> {
                     ))
                 }
             };
+            if let Some(name) = self.string(pm, &pp, "name")? {
+                port_names.push((name, port_range(container_port, "containerPort")?));
+            }
             ports.push(Port {
                 container_port: port_range(container_port, "containerPort")?,
                 host_port: host_port.map(|h| port_range(h, "hostPort")).transpose()?,
@@ -473,7 +510,27 @@ impl Walker<'_> {
             });
         }
 
+        let mut probes = [None, None, None];
+        for (slot, key) in
+            probes
+                .iter_mut()
+                .zip(["livenessProbe", "readinessProbe", "startupProbe"])
+        {
+            let Some(v) = m.get(key) else { continue };
+            let pp = join(path, key);
+            if init {
+                return Err(self.err(&pp, "is not allowed on an init container"));
+            }
+            // Kubernetes: liveness and startup probes must succeed once to count.
+            let single_success = key != "readinessProbe";
+            *slot = Some(self.probe(v, &pp, single_success, &port_names)?);
+        }
+        let [liveness_probe, readiness_probe, startup_probe] = probes;
+
         Ok(Container {
+            liveness_probe,
+            readiness_probe,
+            startup_probe,
             name,
             image,
             command,
@@ -484,6 +541,157 @@ impl Walker<'_> {
             ports,
             volume_mounts,
         })
+    }
+}
+
+impl Walker<'_> {
+    fn probe(
+        &self,
+        v: &Value,
+        path: &str,
+        single_success: bool,
+        port_names: &[(String, i32)],
+    ) -> R<Probe> {
+        let m = self.map(
+            v,
+            path,
+            &[
+                "exec",
+                "httpGet",
+                "tcpSocket",
+                "initialDelaySeconds",
+                "periodSeconds",
+                "timeoutSeconds",
+                "successThreshold",
+                "failureThreshold",
+            ],
+        )?;
+        let seconds = |key: &str, default: u32, min: i64| -> R<u32> {
+            match self.int(m, path, key)? {
+                None => Ok(default),
+                Some(n) if n >= min && n <= i64::from(u32::MAX) => Ok(n as u32),
+                Some(_) => Err(self.err(&join(path, key), &format!("must be at least {min}"))),
+            }
+        };
+        let success_threshold = seconds("successThreshold", 1, 1)?;
+        if single_success && success_threshold != 1 {
+            return Err(self.err(&join(path, "successThreshold"), "must be 1"));
+        }
+        let handlers: Vec<&str> = ["exec", "httpGet", "tcpSocket"]
+            .into_iter()
+            .filter(|k| m.contains_key(*k))
+            .collect();
+        let action = match handlers.as_slice() {
+            ["exec"] => {
+                let ep = join(path, "exec");
+                let em = self.map(&m["exec"], &ep, &["command"])?;
+                let command = self.strings(em, &ep, "command")?;
+                if command.is_empty() {
+                    return Err(self.err(&join(&ep, "command"), "is required"));
+                }
+                ProbeAction::Exec { command }
+            }
+            ["httpGet"] => {
+                let hp = join(path, "httpGet");
+                let hm = self.map(
+                    &m["httpGet"],
+                    &hp,
+                    &["path", "port", "host", "scheme", "httpHeaders"],
+                )?;
+                match self.string(hm, &hp, "scheme")?.as_deref() {
+                    None | Some("HTTP") => {}
+                    Some(other) => {
+                        return Err(self.err(
+                            &join(&hp, "scheme"),
+                            &format!("{other:?} is not supported yet (only HTTP)"),
+                        ))
+                    }
+                }
+                let probe_path = self.string(hm, &hp, "path")?.unwrap_or_else(|| "/".into());
+                if !probe_path.starts_with('/') || probe_path.contains(|c: char| c.is_whitespace())
+                {
+                    return Err(
+                        self.err(&join(&hp, "path"), "must start with / and have no spaces")
+                    );
+                }
+                let mut headers = Vec::new();
+                for (i, h) in self.list(hm, &hp, "httpHeaders")?.iter().enumerate() {
+                    let p = format!("{hp}.httpHeaders[{i}]");
+                    let hm = self.map(h, &p, &["name", "value"])?;
+                    let name = self.required(hm, &p, "name")?;
+                    let value = self.string(hm, &p, "value")?.unwrap_or_default();
+                    if name.contains(|c: char| c == ':' || c.is_control() || c.is_whitespace())
+                        || value.contains(|c: char| c.is_control())
+                    {
+                        return Err(self.err(&p, "is not a valid HTTP header"));
+                    }
+                    headers.push((name, value));
+                }
+                ProbeAction::HttpGet {
+                    host: self.probe_host(hm, &hp)?,
+                    port: self.probe_port(hm, &hp, port_names)?,
+                    path: probe_path,
+                    headers,
+                }
+            }
+            ["tcpSocket"] => {
+                let tp = join(path, "tcpSocket");
+                let tm = self.map(&m["tcpSocket"], &tp, &["port", "host"])?;
+                ProbeAction::TcpSocket {
+                    host: self.probe_host(tm, &tp)?,
+                    port: self.probe_port(tm, &tp, port_names)?,
+                }
+            }
+            [] => return Err(self.err(path, "must have one of exec, httpGet or tcpSocket")),
+            _ => {
+                return Err(self.err(
+                    path,
+                    &format!("must have only one of {}", handlers.join(", ")),
+                ))
+            }
+        };
+        Ok(Probe {
+            action,
+            initial_delay_seconds: seconds("initialDelaySeconds", 0, 0)?,
+            period_seconds: seconds("periodSeconds", 10, 1)?,
+            timeout_seconds: seconds("timeoutSeconds", 1, 1)?,
+            success_threshold,
+            failure_threshold: seconds("failureThreshold", 3, 1)?,
+        })
+    }
+
+    fn probe_host(&self, m: &Mapping, path: &str) -> R<Option<String>> {
+        match self.string(m, path, "host")? {
+            Some(h) if h.is_empty() => Ok(None),
+            Some(h) if h.contains(|c: char| c.is_whitespace() || c == '/') => {
+                Err(self.err(&join(path, "host"), "is not a host name or address"))
+            }
+            h => Ok(h),
+        }
+    }
+
+    /// A port number, or the name of one of the container's ports.
+    fn probe_port(&self, m: &Mapping, path: &str, names: &[(String, i32)]) -> R<u16> {
+        let p = join(path, "port");
+        match m.get("port") {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .filter(|n| (1..=65535).contains(n))
+                .map(|n| n as u16)
+                .ok_or_else(|| self.err(&p, "must be between 1 and 65535")),
+            Some(Value::String(name)) => names
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, port)| *port as u16)
+                .ok_or_else(|| {
+                    self.err(
+                        &p,
+                        &format!("names port {name:?}, which the container's ports do not list"),
+                    )
+                }),
+            None | Some(Value::Null) => Err(self.err(&p, "is required")),
+            Some(_) => Err(self.err(&p, "must be a port number or name")),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::cri::{api::*, Client};
 use crate::logs;
 use crate::manifest::{self, Container, Pod, VolumeSource};
+use crate::probes::{self, Prober};
 
 const LABEL_MANAGED: &str = "io.edgeos.managed-by";
 const LABEL_FILE: &str = "io.edgeos.pod-file";
@@ -74,6 +75,9 @@ pub struct ContainerReport {
     pub restarts: u32,
     pub exit_code: Option<i32>,
     pub last_error: Option<String>,
+    /// Running and, if it has a readiness probe, passing it (after its startup probe).
+    #[serde(default)]
+    pub ready: bool,
 }
 
 pub type Status = Arc<Mutex<Vec<PodReport>>>;
@@ -98,6 +102,8 @@ struct PodRun {
     retry_at: Instant,
     containers: Vec<Ctr>,
     failed: bool,
+    /// Where HTTP and TCP probes go: the sandbox's IP, 127.0.0.1 on the host network.
+    ip: Option<String>,
 }
 
 struct Ctr {
@@ -114,6 +120,10 @@ struct Ctr {
     last_error: Option<String>,
     next_start: Instant,
     done: bool,
+    /// The running container's probes, if it has any.
+    prober: Option<Prober>,
+    /// Why the running container is being stopped by us (a failed probe).
+    killing: Option<String>,
 }
 
 impl Reconciler {
@@ -333,6 +343,9 @@ impl Reconciler {
                             .as_ref()
                             .is_some_and(|s| s.state == PodSandboxState::SandboxReady as i32) =>
                     {
+                        if run.ip.is_none() {
+                            run.ip = pod_ip(&run.pod, s.status.as_ref());
+                        }
                         id.clone()
                     }
                     // containerd itself is away: wait for it rather than duplicate the pod.
@@ -357,6 +370,17 @@ impl Reconciler {
                 match self.start_sandbox(run).await {
                     Ok(id) => {
                         tracing::info!(pod = %run.pod.name, sandbox = %id, "pod sandbox running");
+                        run.ip = match self
+                            .cri
+                            .pod_sandbox_status(PodSandboxStatusRequest {
+                                pod_sandbox_id: id.clone(),
+                                verbose: false,
+                            })
+                            .await
+                        {
+                            Ok(s) => pod_ip(&run.pod, s.status.as_ref()),
+                            Err(_) => pod_ip(&run.pod, None),
+                        };
                         run.sandbox = Some(id.clone());
                         run.error = None;
                         run.failures = 0;
@@ -384,7 +408,8 @@ impl Reconciler {
             if ctr.done {
                 continue;
             }
-            self.drive(&run.pod, &sandbox, &config, ctr, policy).await;
+            self.drive(&run.pod, &sandbox, &config, ctr, policy, run.ip.as_deref())
+                .await;
             if ctr.init && ctr.done && ctr.exit_code != Some(0) {
                 run.failed = true;
                 run.error = Some(format!(
@@ -408,6 +433,7 @@ impl Reconciler {
         config: &PodSandboxConfig,
         ctr: &mut Ctr,
         policy: manifest::RestartPolicy,
+        ip: Option<&str>,
     ) {
         let now = Instant::now();
         let Some(id) = ctr.id.clone() else {
@@ -418,6 +444,7 @@ impl Reconciler {
             match self.start_container(pod, sandbox, config, ctr).await {
                 Ok(id) => {
                     tracing::info!(pod = %pod.name, container = %ctr.spec.name, attempt = ctr.attempt, "container started");
+                    ctr.prober = self.prober(pod, ctr, &id, ip, now);
                     ctr.id = Some(id);
                     ctr.state = "running";
                     if let Some(dead) = ctr.dead.take() {
@@ -463,6 +490,7 @@ impl Reconciler {
                 }
                 _ => {
                     ctr.state = "running";
+                    self.watch_probes(pod, ctr, &id, ip, now);
                     return;
                 }
             },
@@ -473,7 +501,10 @@ impl Reconciler {
             }
         };
         ctr.exit_code = Some(exit_code);
-        if exit_code != 0 {
+        ctr.prober = None;
+        if let Some(why) = ctr.killing.take() {
+            ctr.last_error = Some(format!("{why} (stopped, exit code {exit_code})"));
+        } else if exit_code != 0 {
             ctr.last_error = Some(if reason.is_empty() {
                 format!("exited with code {exit_code}")
             } else {
@@ -504,6 +535,61 @@ impl Reconciler {
         ctr.restarts += 1;
         ctr.next_start = now + delay;
         ctr.state = "back-off";
+    }
+
+    /// The probes of a container just started (or adopted), if it has any.
+    fn prober(
+        &self,
+        pod: &Pod,
+        ctr: &Ctr,
+        id: &str,
+        ip: Option<&str>,
+        started: Instant,
+    ) -> Option<Prober> {
+        if !probes::has_probes(&ctr.spec) {
+            return None;
+        }
+        let target = probes::Target {
+            cri: self.cri.clone(),
+            container_id: id.to_string(),
+            ip: ip.unwrap_or("127.0.0.1").to_string(),
+            pod: pod.name.clone(),
+            container: ctr.spec.name.clone(),
+        };
+        Some(Prober::start(target, &ctr.spec, started))
+    }
+
+    /// A running container whose startup or liveness probe failed is stopped with the
+    /// pod's grace period; its exit then takes the restart path like any other.
+    fn watch_probes(&self, pod: &Pod, ctr: &mut Ctr, id: &str, ip: Option<&str>, now: Instant) {
+        if ctr.prober.is_none() && ctr.killing.is_none() {
+            // Adopted from an earlier noded: probing starts over.
+            ctr.prober = self.prober(pod, ctr, id, ip, now);
+        }
+        let Some(failed) = ctr.prober.as_ref().and_then(|p| p.health().failed) else {
+            return;
+        };
+        if ctr.killing.is_some() {
+            return;
+        }
+        let grace = pod.termination_grace_period_seconds;
+        tracing::warn!(pod = %pod.name, container = %ctr.spec.name, "{failed}: stopping the container (grace period {grace} s)");
+        ctr.last_error = Some(failed.clone());
+        ctr.killing = Some(failed);
+        let cri = self.cri.clone();
+        let (id, pod_name, name) = (id.to_string(), pod.name.clone(), ctr.spec.name.clone());
+        // A grace period of up to minutes must not hold up the other pods.
+        tokio::spawn(async move {
+            if let Err(e) = cri
+                .stop_container(StopContainerRequest {
+                    container_id: id,
+                    timeout: grace,
+                })
+                .await
+            {
+                tracing::warn!(pod = %pod_name, container = %name, "{e}");
+            }
+        });
     }
 
     /// Rotates the live logs of the pod's running containers that grew past the limit.
@@ -809,6 +895,17 @@ fn manifest_hash(file: &str, text: &str) -> String {
         .collect()
 }
 
+/// Where a pod's HTTP and TCP probes go by default.
+fn pod_ip(pod: &Pod, status: Option<&PodSandboxStatus>) -> Option<String> {
+    if pod.host_network {
+        return Some("127.0.0.1".into());
+    }
+    status
+        .and_then(|s| s.network.as_ref())
+        .map(|n| n.ip.clone())
+        .filter(|ip| !ip.is_empty())
+}
+
 pub fn pod_log_dir_of(log_dir: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
     log_dir.join(format!("{namespace}_{name}_{uid}"))
 }
@@ -898,6 +995,8 @@ impl PodRun {
                 last_error: None,
                 next_start: now,
                 done: false,
+                prober: None,
+                killing: None,
             })
             .collect();
         PodRun {
@@ -910,13 +1009,17 @@ impl PodRun {
             retry_at: now,
             containers,
             failed: false,
+            ip: None,
         }
     }
 
     /// Back to "not started", keeping restart counts (the sandbox is gone).
     fn reset(&mut self) {
         self.sandbox = None;
+        self.ip = None;
         for c in &mut self.containers {
+            c.prober = None;
+            c.killing = None;
             c.id = None;
             c.dead = None;
             c.done = false;
@@ -954,6 +1057,10 @@ impl PodRun {
                     restarts: c.restarts,
                     exit_code: c.exit_code,
                     last_error: c.last_error.clone(),
+                    ready: c.id.is_some()
+                        && c.state == "running"
+                        && c.killing.is_none()
+                        && c.prober.as_ref().is_none_or(|p| p.health().ready),
                 })
                 .collect(),
         }

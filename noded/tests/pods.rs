@@ -53,7 +53,7 @@ spec:
   containers:
     - name: b
       image: edge.local/hello:1
-      livenessProbe: {tcpSocket: {port: 80}}
+      livenessProbe: {grpc: {port: 80}}
 "#;
 
 fn pod<'a>(pods: &'a [PodReport], file: &str) -> Option<&'a PodReport> {
@@ -175,13 +175,13 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     assert_eq!(broken.state, "invalid");
     let why = broken.error.as_deref().unwrap_or("");
     assert!(
-        why.ends_with("broken.yaml: spec.containers[0].livenessProbe is not supported yet"),
+        why.ends_with("broken.yaml: spec.containers[0].livenessProbe.grpc is not supported yet"),
         "{why}"
     );
     let log = env.noded_log();
     assert!(
         log.lines()
-            .any(|l| l.contains("broken.yaml: spec.containers[0].livenessProbe")),
+            .any(|l| l.contains("broken.yaml: spec.containers[0].livenessProbe.grpc")),
         "{log}"
     );
     // `noded pods` prints the same.

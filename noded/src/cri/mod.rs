@@ -72,6 +72,24 @@ impl Client {
         })
     }
 
+    /// A client that connects at its first call (and again after the runtime went
+    /// away): for callers that must not wait for the runtime here.
+    pub fn lazy(socket: &Path) -> Self {
+        let path = socket.to_path_buf();
+        let channel = Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(
+            tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(&path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }),
+        );
+        Client {
+            grpc: tonic::client::Grpc::new(channel),
+        }
+    }
+
     async fn unary<Req, Resp>(&self, method: &'static str, req: Req) -> Result<Resp, Error>
     where
         Req: prost::Message + Send + Sync + 'static,

@@ -118,9 +118,9 @@ fn unsupported_fields_are_named_by_path_and_file() {
     assert_eq!(
         err(&with(
             "      command: [/cam]\n",
-            "      command: [/cam]\n      livenessProbe: {exec: {command: [x]}}\n"
+            "      command: [/cam]\n      livenessProbe: {grpc: {port: 9000}}\n"
         )),
-        "pods/cam.yaml: spec.containers[0].livenessProbe is not supported yet"
+        "pods/cam.yaml: spec.containers[0].livenessProbe.grpc is not supported yet"
     );
     assert_eq!(
         err(&with(
@@ -276,4 +276,86 @@ fn restart_policy_decides_by_exit_code() {
     assert!(RestartPolicy::OnFailure.restarts(1));
     assert!(!RestartPolicy::OnFailure.restarts(0));
     assert!(!RestartPolicy::Never.restarts(137));
+}
+
+#[test]
+fn probes_are_read_with_kubernetes_defaults_and_named_ports() {
+    let text = with(
+        "      command: [/cam]\n",
+        "      command: [/cam]\n      livenessProbe: {exec: {command: [/ok, -v]}, initialDelaySeconds: 2, failureThreshold: 1}\n      readinessProbe: {httpGet: {path: /ready, port: web, httpHeaders: [{name: X-A, value: b}]}, periodSeconds: 2, successThreshold: 2}\n      startupProbe: {tcpSocket: {port: 9000, host: 10.0.0.1}, timeoutSeconds: 3}\n",
+    )
+    .replace("- {containerPort: 8080, hostPort: 18080}", "- {containerPort: 8080, hostPort: 18080, name: web}");
+    let pod = parse("pods/cam.yaml", &text).unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.liveness_probe,
+        Some(Probe {
+            action: ProbeAction::Exec {
+                command: vec!["/ok".into(), "-v".into()]
+            },
+            initial_delay_seconds: 2,
+            period_seconds: 10,
+            timeout_seconds: 1,
+            success_threshold: 1,
+            failure_threshold: 1,
+        })
+    );
+    let r = c.readiness_probe.as_ref().unwrap();
+    assert_eq!(
+        r.action,
+        ProbeAction::HttpGet {
+            host: None,
+            port: 8080,
+            path: "/ready".into(),
+            headers: vec![("X-A".into(), "b".into())]
+        }
+    );
+    assert_eq!(
+        (r.period_seconds, r.success_threshold, r.failure_threshold),
+        (2, 2, 3)
+    );
+    let s = c.startup_probe.as_ref().unwrap();
+    assert_eq!(
+        s.action,
+        ProbeAction::TcpSocket {
+            host: Some("10.0.0.1".into()),
+            port: 9000
+        }
+    );
+    assert_eq!(s.timeout_seconds, 3);
+    assert_eq!(pod.init_containers[0].liveness_probe, None);
+}
+
+#[test]
+fn bad_probes_are_named_by_path() {
+    let probe = |p: &str| {
+        err(&with(
+            "      command: [/cam]\n",
+            &format!("      command: [/cam]\n      {p}\n"),
+        ))
+    };
+    let cases = [
+        ("livenessProbe: {grpc: {port: 1}}", "spec.containers[0].livenessProbe.grpc is not supported yet"),
+        ("livenessProbe: {periodSeconds: 1}", "spec.containers[0].livenessProbe must have one of exec, httpGet or tcpSocket"),
+        ("livenessProbe: {exec: {command: [a]}, tcpSocket: {port: 1}}", "spec.containers[0].livenessProbe must have only one of exec, tcpSocket"),
+        ("livenessProbe: {exec: {command: [a]}, successThreshold: 2}", "spec.containers[0].livenessProbe.successThreshold must be 1"),
+        ("startupProbe: {exec: {command: [a]}, successThreshold: 3}", "spec.containers[0].startupProbe.successThreshold must be 1"),
+        ("readinessProbe: {exec: {command: [a]}, periodSeconds: 0}", "spec.containers[0].readinessProbe.periodSeconds must be at least 1"),
+        ("readinessProbe: {exec: {command: []}}", "spec.containers[0].readinessProbe.exec.command is required"),
+        ("readinessProbe: {httpGet: {port: 1, scheme: HTTPS}}", "spec.containers[0].readinessProbe.httpGet.scheme \"HTTPS\" is not supported yet (only HTTP)"),
+        ("readinessProbe: {httpGet: {port: metrics}}", "spec.containers[0].readinessProbe.httpGet.port names port \"metrics\", which the container's ports do not list"),
+        ("readinessProbe: {tcpSocket: {port: 70000}}", "spec.containers[0].readinessProbe.tcpSocket.port must be between 1 and 65535"),
+        ("readinessProbe: {tcpSocket: {host: a}}", "spec.containers[0].readinessProbe.tcpSocket.port is required"),
+        ("readinessProbe: {tcpSocket: {port: 1}, terminationGracePeriodSeconds: 3}", "spec.containers[0].readinessProbe.terminationGracePeriodSeconds is not supported yet"),
+    ];
+    for (p, want) in cases {
+        assert_eq!(probe(p), format!("pods/cam.yaml: {want}"), "{p}");
+    }
+    assert_eq!(
+        err(&with(
+            "      command: [/fetch]\n",
+            "      command: [/fetch]\n      livenessProbe: {exec: {command: [a]}}\n"
+        )),
+        "pods/cam.yaml: spec.initContainers[0].livenessProbe is not allowed on an init container"
+    );
 }
