@@ -1,6 +1,6 @@
-//! Booting: the appliance reaches ready with every service up, runs its static sensor
-//! pod, keeps its data partition across a power cycle (the pod comes back), and an ACPI
-//! power-off is a clean shutdown.
+//! Booting: the appliance reaches ready with every service up, runs its static pods
+//! (sensor and inference), keeps its data partition across a power cycle (the pods come
+//! back), and an ACPI power-off is a clean shutdown.
 //!
 //! Two boots of one machine (each boot under TCG costs ~30 s, so they are combined).
 
@@ -41,14 +41,10 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         "no ready event: {:?}",
         m.events()
     );
-    // The image's static sensor pod: its image is served by noded's loopback registry,
-    // pulled through CRI, and the container runs under containerd and runc.
-    let line = m.wait_for_console_unless(
-        "container started pod=sensor",
-        &["pod failed to start", "rejected pod manifest"],
-        Duration::from_secs(180),
-    )?;
-    assert!(line.contains("container=sensor"), "{line}");
+    // The image's static pods (sensor and inference): their images are served by
+    // noded's loopback registry, pulled through CRI, and the containers run under
+    // containerd and runc.
+    wait_pods_started(&mut m, &["sensor", "inference"])?;
 
     // ACPI power button: init shuts down cleanly and QEMU exits.
     let from = m.events().len();
@@ -77,11 +73,24 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
     );
     assert!(all_ready(&st), "{st}");
     // The pod comes back after the reboot with no control plane anywhere.
-    m.wait_for_console_unless(
-        "container started pod=sensor",
-        &["pod failed to start"],
-        Duration::from_secs(180),
-    )?;
+    wait_pods_started(&mut m, &["sensor", "inference"])?;
     m.finish();
+    Ok(())
+}
+
+/// Waits until noded said `container started` for each pod of `pods` (in any order),
+/// failing at once on a pod that failed to start or a rejected manifest.
+fn wait_pods_started(m: &mut Machine, pods: &[&str]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = pods.to_vec();
+    while !missing.is_empty() {
+        let line = m.wait_for_console_unless(
+            "container started pod=",
+            &["pod failed to start", "rejected pod manifest"],
+            Duration::from_secs(180),
+        )?;
+        missing.retain(|p| {
+            !(line.contains(&format!("pod={p} ")) && line.contains(&format!("container={p}")))
+        });
+    }
     Ok(())
 }

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "sensors.temp";
+/// What the image's sensor pod posts to (image/overlay/etc/edge/pods/sensor.yaml).
+const SENSOR_TOPIC: &str = "pods.sensor.temp0";
 const SUBJECT: &str = "edge.site0.edge0.sensors.temp";
 
 fn free_port() -> Result<u16> {
@@ -247,12 +249,18 @@ impl Operator {
         }
     }
 
-    /// Every record at the core, in stream order: (subject, message id, value).
+    /// Every record of the test's topic at the core, in stream order: (subject,
+    /// message id, value).
     fn all(&self, n: u64) -> Result<Vec<(String, String, String)>> {
+        self.tail(TOPIC, n)
+    }
+
+    /// The first `n` records of `topic` at the core, in stream order.
+    fn tail(&self, topic: &str, n: u64) -> Result<Vec<(String, String, String)>> {
         let out = run(self
             .cmd()
             .args([
-                "tail", "--site", "site0", "--topic", TOPIC, "--all", "--count",
+                "tail", "--site", "site0", "--topic", topic, "--all", "--count",
             ])
             .arg(n.to_string()))?;
         Ok(out
@@ -424,14 +432,29 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     assert_eq!(op.records()?, total as u64, "no record twice at the core");
     check(&op.all(total as u64)?, total);
 
-    // The image's static sensor pod posts its readings to fabricd: they reach the core.
+    // The image's static sensor pod scores each reading with the inference pod's model
+    // and posts it to fabricd: scored readings reach the core.
     let start = Instant::now();
-    while op.records_of("pods.sensor.temp0")? == 0 {
+    loop {
+        let n = op.records_of(SENSOR_TOPIC)?;
+        let readings = if n > 0 {
+            op.tail(SENSOR_TOPIC, n)?
+        } else {
+            vec![]
+        };
+        if readings.iter().any(|(_, _, v)| {
+            v.contains(r#""sensor":"temp0""#)
+                && v.contains(r#""score":"#)
+                && v.contains(r#""anomaly":"#)
+        }) {
+            break;
+        }
         assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no reading of the sensor pod reached the core"
+            start.elapsed() < Duration::from_secs(150),
+            "no scored reading of the sensor pod reached the core ({n} readings: {:?})",
+            readings.last()
         );
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_secs(2));
     }
     m.finish();
     drop(core);

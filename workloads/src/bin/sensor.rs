@@ -3,50 +3,46 @@
 //! and prints it as one JSON line on stdout, which the container runtime keeps as the
 //! container's log. With `FABRIC_URL` set (e.g. `http://127.0.0.1:7401/topics/sensors.temp`)
 //! it also POSTs each reading there, so fabricd mirrors it to the core; a failed POST is
-//! reported on stderr and the next reading tried, never fatal.
+//! reported on stderr and the next reading tried, never fatal. With `INFERENCE_URL` set
+//! (the bundled `inference` service's `/infer`) each reading is first scored there and
+//! carries the model's `score` and `anomaly`; a reading the service cannot score goes
+//! out without them.
 //!
 //! Only the standard library: the program goes into a scratch image as one static file.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use workloads::{parse_url, post};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-/// `http://host:port/path` split into (`host:port`, `/path`).
-fn parse_url(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("FABRIC_URL `{url}` must start with http://"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
-        return Err(format!("FABRIC_URL `{url}` names no host"));
-    }
-    Ok((authority.to_owned(), path.to_owned()))
+/// The URL in `name`, split; None (said once on stderr) when unset or malformed.
+fn target(name: &str) -> Option<(String, String)> {
+    let url = std::env::var(name).ok()?;
+    parse_url(name, &url)
+        .map_err(|e| eprintln!("sensor: {e}; ignoring it"))
+        .ok()
 }
 
-fn post(authority: &str, path: &str, body: &str) -> Result<(), String> {
-    let mut s = TcpStream::connect(authority).map_err(|e| format!("connect {authority}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("send to {authority}: {e}"))?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)
-        .map_err(|e| format!("reply from {authority}: {e}"))?;
-    let status = reply.lines().next().unwrap_or("");
-    if status.split_whitespace().nth(1) == Some("200") {
-        Ok(())
-    } else {
-        Err(format!("POST {path}: {status}"))
+/// The reading with the model's verdict from the inference service added
+/// (`"score"` and `"anomaly"` copied from its answer), or unchanged when it has none.
+fn scored(reading: &str, authority: &str, path: &str) -> Result<String, String> {
+    let (status, body) = post(authority, path, reading)?;
+    if status != 200 {
+        return Err(format!("inference answered {status}: {}", body.trim()));
+    }
+    let answer = workloads::parse_flat_object(body.trim())?;
+    let field = |k: &str| answer.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    match (field("score"), field("anomaly")) {
+        (Some(workloads::Value::Number(s)), Some(workloads::Value::Bool(a))) => Ok(format!(
+            r#"{},"score":{s:.4},"anomaly":{a}}}"#,
+            reading.trim_end_matches('}')
+        )),
+        _ => Err(format!(
+            "inference answered without score and anomaly: {}",
+            body.trim()
+        )),
     }
 }
 
@@ -63,26 +59,28 @@ fn main() {
         .unwrap_or(1000)
         .max(10);
     let name = env_or("SENSOR_NAME", "temp0");
-    let target = match std::env::var("FABRIC_URL") {
-        Ok(url) => match parse_url(&url) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("sensor: {e}; readings go to stdout only");
-                None
-            }
-        },
-        Err(_) => None,
-    };
+    let fabric = target("FABRIC_URL");
+    let inference = target("INFERENCE_URL");
     let mut seq = 0u64;
     loop {
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let line = reading(seq, t, &name);
+        let mut line = reading(seq, t, &name);
+        if let Some((authority, path)) = &inference {
+            match scored(&line, authority, path) {
+                Ok(l) => line = l,
+                Err(e) => eprintln!("sensor: reading {seq} not scored: {e}"),
+            }
+        }
         println!("{line}");
-        if let Some((authority, path)) = &target {
-            if let Err(e) = post(authority, path, &line) {
-                eprintln!("sensor: reading {seq} not sent: {e}");
+        if let Some((authority, path)) = &fabric {
+            match post(authority, path, &line) {
+                Ok((200, _)) => {}
+                Ok((status, body)) => {
+                    eprintln!("sensor: reading {seq} not sent: {status} {}", body.trim())
+                }
+                Err(e) => eprintln!("sensor: reading {seq} not sent: {e}"),
             }
         }
         seq += 1;
@@ -95,13 +93,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_split_or_refused_by_name() {
+    fn readings_carry_the_inference_verdict() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for (i, s) in listener.incoming().enumerate() {
+                let mut s = s.unwrap();
+                let _ = s.read(&mut [0u8; 4096]);
+                let body = if i == 0 {
+                    r#"{"model":"m","score":0.25,"anomaly":false}"#
+                } else {
+                    r#"{"error":"feature `celsius` is missing"}"#
+                };
+                let status = if i == 0 { "200 OK" } else { "400 Bad Request" };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let r = reading(1, 0, "t");
         assert_eq!(
-            parse_url("http://127.0.0.1:7401/topics/sensors.temp").unwrap(),
-            ("127.0.0.1:7401".into(), "/topics/sensors.temp".into())
+            scored(&r, &addr, "/infer").unwrap(),
+            format!(r#"{},"score":0.2500,"anomaly":false}}"#, &r[..r.len() - 1])
         );
-        assert!(parse_url("https://x/y").unwrap_err().contains("http://"));
-        assert!(parse_url("http:///y").unwrap_err().contains("no host"));
+        assert!(scored(&r, &addr, "/infer")
+            .unwrap_err()
+            .contains("answered 400"));
     }
 
     #[test]

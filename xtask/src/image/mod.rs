@@ -40,9 +40,10 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 const OUR_BINARIES: [&str; 4] = ["init", "storaged", "fabricd", "noded"];
 /// Programs that go into the image as OCI archives, not as files of the root:
 /// (binary, package, image name and tag). `pause` is every pod sandbox's process.
-pub const WORKLOAD_IMAGES: [(&str, &str, &str); 2] = [
+pub const WORKLOAD_IMAGES: [(&str, &str, &str); 3] = [
     ("pause", "noded", "pause:1"),
     ("sensor", "workloads", "sensor:1"),
+    ("inference", "workloads", "inference:1"),
 ];
 
 // UAPI Discoverable Partitions Specification type GUIDs (docs/contracts.md).
