@@ -1,7 +1,7 @@
 //! noded: the Kubernetes node. It serves the bundled OCI archives to containerd through
 //! the local registry, waits until containerd answers, reports ready, then runs the
-//! static pods of the manifests directory and reports them on its control socket.
-//! `noded pods` asks a running noded for its pods.
+//! pods of the manifests directory and of the core's downlink directory, and reports
+//! them on its control socket. `noded pods` and `noded logs` ask a running noded.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,9 @@ struct Config {
     containerd_socket: PathBuf,
     /// Where static pod manifests are kept (on the data partition).
     manifests_dir: PathBuf,
+    /// Pod manifests the core delivers: fabricd's `<downlink.dir>/pods`. Optional.
+    #[serde(default)]
+    downlink_manifests_dir: Option<PathBuf>,
     /// OCI archives (`*.tar`) served to containerd as `edge.local/<name>:<tag>`.
     #[serde(default = "default_images_dir")]
     images_dir: PathBuf,
@@ -78,6 +81,10 @@ impl edge_common::Validate for Config {
         edge_common::require_absolute(&[
             ("containerd_socket", Some(&self.containerd_socket)),
             ("manifests_dir", Some(&self.manifests_dir)),
+            (
+                "downlink_manifests_dir",
+                self.downlink_manifests_dir.as_deref(),
+            ),
             ("images_dir", Some(&self.images_dir)),
             ("log_dir", Some(&self.log_dir)),
             ("state_dir", Some(&self.state_dir)),
@@ -120,6 +127,7 @@ async fn serve(config: Config) -> Result<(), String> {
     edge_common::notify_ready().map_err(|e| e.to_string())?;
     let settings = Settings {
         manifests_dir: config.manifests_dir,
+        downlink_manifests_dir: config.downlink_manifests_dir,
         log_dir: config.log_dir,
         state_dir: config.state_dir,
         backoff_base: Duration::from_millis(config.restart_backoff_base_ms),

@@ -40,6 +40,9 @@ pub fn backoff(base: Duration, restarts: u32) -> Duration {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub manifests_dir: PathBuf,
+    /// Pod manifests the core delivers (fabricd's `<downlink dir>/pods`), reconciled
+    /// like `manifests_dir`; their files are known as `downlink/<name>`.
+    pub downlink_manifests_dir: Option<PathBuf>,
     /// Pod log directories are `<log_dir>/<namespace>_<name>_<uid>/`.
     pub log_dir: PathBuf,
     /// emptyDir volumes live under `<state_dir>/pods/<uid>/volumes/`.
@@ -86,14 +89,35 @@ pub struct Reconciler {
     cri: Client,
     settings: Settings,
     pods: BTreeMap<String, PodRun>,
-    /// file → (hash, error) of manifests that did not parse; logged once per version.
-    invalid: BTreeMap<String, (String, String)>,
+    /// file → what is wrong with a manifest that was not taken; logged once per version.
+    invalid: BTreeMap<String, Invalid>,
     status: Status,
     adopted: bool,
 }
 
+struct Invalid {
+    hash: String,
+    error: String,
+    /// Refused because another file defines the same pod: looked at again each pass,
+    /// since that may change while this file does not.
+    duplicate: bool,
+}
+
+/// A manifest file found by a scan.
+struct Scanned {
+    /// The file's path, for messages.
+    path: String,
+    hash: String,
+    text: String,
+}
+
+/// The key under which files of the downlink directory are known (status, labels).
+const DOWNLINK_PREFIX: &str = "downlink/";
+
 struct PodRun {
     file: String,
+    /// The manifest's path, for messages.
+    source: String,
     hash: String,
     pod: Pod,
     sandbox: Option<String>,
@@ -159,7 +183,7 @@ impl Reconciler {
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(file, run)| scanned.get(*file).is_none_or(|(h, _)| *h != run.hash))
+            .filter(|(file, run)| scanned.get(*file).is_none_or(|f| f.hash != run.hash))
             .map(|(f, _)| f.clone())
             .collect();
         for file in gone {
@@ -171,24 +195,40 @@ impl Reconciler {
             }
         }
         self.invalid.retain(|f, _| scanned.contains_key(f));
-        for (file, (hash, text)) in &scanned {
+        // Static manifests first: when both sources define a pod in the same pass, the
+        // image's own one runs and the delivered one is refused. A pod already running
+        // always keeps running.
+        let ordered = scanned
+            .iter()
+            .filter(|(f, _)| !f.starts_with(DOWNLINK_PREFIX))
+            .chain(
+                scanned
+                    .iter()
+                    .filter(|(f, _)| f.starts_with(DOWNLINK_PREFIX)),
+            );
+        for (file, found) in ordered {
             if self.pods.contains_key(file) {
                 continue;
             }
-            if self.invalid.get(file).is_some_and(|(h, _)| h == hash) {
+            let known = self.invalid.get(file).filter(|i| i.hash == found.hash);
+            if known.is_some_and(|i| !i.duplicate) {
                 continue;
             }
-            let source = self.settings.manifests_dir.join(file).display().to_string();
-            let parsed = manifest::parse(&source, text).and_then(|pod| {
+            let source = &found.path;
+            let mut duplicate = false;
+            let parsed = manifest::parse(source, &found.text).and_then(|pod| {
                 match self
                     .pods
                     .values()
                     .find(|r| r.pod.name == pod.name && r.pod.namespace == pod.namespace)
                 {
-                    Some(other) => Err(format!(
-                        "{source}: metadata.name: pod {}/{} is already defined by {}",
-                        pod.namespace, pod.name, other.file
-                    )),
+                    Some(other) => {
+                        duplicate = true;
+                        Err(format!(
+                            "{source}: metadata.name: pod {}/{} is already defined by {}",
+                            pod.namespace, pod.name, other.source
+                        ))
+                    }
                     None => Ok(pod),
                 }
             });
@@ -196,12 +236,23 @@ impl Reconciler {
                 Ok(pod) => {
                     self.invalid.remove(file);
                     tracing::info!(pod = %pod.name, file = %file, "new pod");
-                    self.pods
-                        .insert(file.clone(), PodRun::new(file.clone(), hash.clone(), pod));
+                    self.pods.insert(
+                        file.clone(),
+                        PodRun::new(file.clone(), source.clone(), found.hash.clone(), pod),
+                    );
                 }
                 Err(e) => {
-                    tracing::error!("rejected pod manifest: {e}");
-                    self.invalid.insert(file.clone(), (hash.clone(), e));
+                    if known.is_none_or(|i| i.error != e) {
+                        tracing::error!("rejected pod manifest: {e}");
+                    }
+                    self.invalid.insert(
+                        file.clone(),
+                        Invalid {
+                            hash: found.hash.clone(),
+                            error: e,
+                            duplicate,
+                        },
+                    );
                 }
             }
         }
@@ -216,44 +267,70 @@ impl Reconciler {
         self.publish();
     }
 
-    /// Manifest files by name, with their hash and text. Unreadable files are logged
-    /// and left out (their pod, if any, keeps its last state until they read again).
-    fn scan(&self) -> BTreeMap<String, (String, String)> {
-        let dir = &self.settings.manifests_dir;
+    /// Manifest files of both sources by key (the file name, `downlink/<name>` for the
+    /// downlink's), with their hash and text. Unreadable files and directories are
+    /// logged and their pods, if any, keep their last state until they read again; a
+    /// downlink directory that does not exist (yet) has no pods.
+    fn scan(&self) -> BTreeMap<String, Scanned> {
         let mut out = BTreeMap::new();
+        self.scan_dir(&self.settings.manifests_dir, "", &mut out);
+        if let Some(dir) = &self.settings.downlink_manifests_dir {
+            self.scan_dir(dir, DOWNLINK_PREFIX, &mut out);
+        }
+        out
+    }
+
+    fn scan_dir(&self, dir: &Path, prefix: &str, out: &mut BTreeMap<String, Scanned>) {
+        let ours = |key: &String| prefix.is_empty() != key.starts_with(DOWNLINK_PREFIX);
+        let keep = |out: &mut BTreeMap<String, Scanned>, key: &String, run: &PodRun| {
+            out.insert(
+                key.clone(),
+                Scanned {
+                    path: run.source.clone(),
+                    hash: run.hash.clone(),
+                    text: String::new(),
+                },
+            );
+        };
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !prefix.is_empty() => return,
             Err(e) => {
                 tracing::warn!("failed to read manifests directory {}: {e}", dir.display());
-                return out;
+                for (key, run) in self.pods.iter().filter(|(k, _)| ours(k)) {
+                    keep(out, key, run);
+                }
+                return;
             }
         };
         for entry in entries.flatten() {
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
+            // Dot files are fabricd's partial downloads (and editors' temp files).
             if !(name.ends_with(".yaml") || name.ends_with(".yml")) || name.starts_with('.') {
                 continue;
             }
+            let key = format!("{prefix}{name}");
             match std::fs::read_to_string(entry.path()) {
                 Ok(text) => {
-                    let hash = manifest_hash(&name, &text);
-                    out.insert(name, (hash, text));
+                    let hash = manifest_hash(&key, &text);
+                    let path = entry.path().display().to_string();
+                    out.insert(key, Scanned { path, hash, text });
                 }
                 Err(e) => {
                     tracing::warn!("failed to read {}: {e}", entry.path().display());
-                    if let Some(run) = self.pods.get(&name) {
-                        out.insert(name, (run.hash.clone(), String::new()));
+                    if let Some(run) = self.pods.get(&key) {
+                        keep(out, &key, run);
                     }
                 }
             }
         }
-        out
     }
 
     /// Takes over the sandboxes an earlier noded left running. One whose manifest is
     /// unchanged keeps running with its containers; the rest are stopped and removed.
-    async fn adopt(&mut self, scanned: &BTreeMap<String, (String, String)>) -> Result<(), String> {
+    async fn adopt(&mut self, scanned: &BTreeMap<String, Scanned>) -> Result<(), String> {
         let listed = self
             .cri
             .list_pod_sandbox(ListPodSandboxRequest {
@@ -270,14 +347,23 @@ impl Reconciler {
             let ready = sb.state == PodSandboxState::SandboxReady as i32;
             let matching = scanned
                 .get(&file)
-                .filter(|(h, _)| *h == hash && ready && !self.pods.contains_key(&file));
-            let pod = matching.and_then(|(_, text)| manifest::parse(&file, text).ok());
+                .filter(|f| f.hash == hash && ready && !self.pods.contains_key(&file));
+            let pod = matching.and_then(|f| {
+                let pod = manifest::parse(&f.path, &f.text).ok()?;
+                // Two files of one pod: only the first adopted keeps its sandbox.
+                let taken = self
+                    .pods
+                    .values()
+                    .any(|r| r.pod.name == pod.name && r.pod.namespace == pod.namespace);
+                (!taken).then_some(pod)
+            });
             let Some(pod) = pod else {
                 tracing::info!(sandbox = %sb.id, file = %file, "removing a pod left by an earlier noded whose manifest is gone or changed");
                 stop_sandbox(&self.cri, &sb.id, &[], 0).await;
                 continue;
             };
-            let mut run = PodRun::new(file.clone(), hash, pod);
+            let source = matching.map(|f| f.path.clone()).unwrap_or_default();
+            let mut run = PodRun::new(file.clone(), source, hash, pod);
             run.sandbox = Some(sb.id.clone());
             let containers = self
                 .cri
@@ -853,13 +939,13 @@ impl Reconciler {
 
     fn publish(&self) {
         let mut reports: Vec<PodReport> = self.pods.values().map(PodRun::report).collect();
-        reports.extend(self.invalid.iter().map(|(file, (_, error))| PodReport {
+        reports.extend(self.invalid.iter().map(|(file, i)| PodReport {
             file: file.clone(),
             name: String::new(),
             namespace: String::new(),
             uid: String::new(),
             state: "invalid".into(),
-            error: Some(error.clone()),
+            error: Some(i.error.clone()),
             containers: Vec::new(),
         }));
         reports.sort_by(|a, b| a.file.cmp(&b.file));
@@ -976,7 +1062,7 @@ async fn teardown(cri: &Client, settings: &Settings, run: PodRun) {
 }
 
 impl PodRun {
-    fn new(file: String, hash: String, pod: Pod) -> Self {
+    fn new(file: String, source: String, hash: String, pod: Pod) -> Self {
         let now = Instant::now();
         let containers = pod
             .init_containers
@@ -1001,6 +1087,7 @@ impl PodRun {
             .collect();
         PodRun {
             file,
+            source,
             hash,
             pod,
             sandbox: None,

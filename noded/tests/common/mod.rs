@@ -372,7 +372,8 @@ impl Node {
                  state_dir = \"{d}/state\"\n\
                  restart_backoff_base_ms = 300\n\
                  control_socket = \"{d}/run/noded.sock\"\n{extra}\n",
-                d = dir.display()
+                d = dir.display(),
+                extra = extra.replace("{dir}", &dir.display().to_string())
             ),
         )
         .unwrap();
