@@ -249,6 +249,18 @@ impl<W: Write> Cpio<W> {
 /// Writes an initramfs: `init` as /init, the modules for `wanted` under
 /// /lib/modules/<release>/ and their load order in /modules.order.
 pub fn initramfs(kernel: &Kernel, init: &Path, wanted: &[&str], out: &Path) -> Result<()> {
+    initramfs_with_files(kernel, init, wanted, &[], out)
+}
+
+/// Like [`initramfs`], plus host files: each (host path, path in the archive without
+/// the leading `/`), e.g. a program and the shared libraries it needs.
+pub fn initramfs_with_files(
+    kernel: &Kernel,
+    init: &Path,
+    wanted: &[&str],
+    files: &[(PathBuf, String)],
+    out: &Path,
+) -> Result<()> {
     let order = kernel.load_order(wanted)?;
     let file = std::fs::File::create(out)
         .with_context(|| format!("failed to create {}", out.display()))?;
@@ -261,6 +273,16 @@ pub fn initramfs(kernel: &Kernel, init: &Path, wanted: &[&str], out: &Path) -> R
     c.entry("init", 0o100755, &bin)?;
     let mut dirs = BTreeSet::new();
     let mut list = String::new();
+    for (host, inside) in files {
+        for (i, _) in inside.match_indices('/') {
+            if dirs.insert(inside[..i].to_owned()) {
+                c.entry(&inside[..i], 0o040755, &[])?;
+            }
+        }
+        let data =
+            std::fs::read(host).with_context(|| format!("failed to read {}", host.display()))?;
+        c.entry(inside, 0o100755, &data)?;
+    }
     for m in &order {
         let full = format!("lib/modules/{}/{m}", kernel.release);
         let mut prefix = String::new();

@@ -3,39 +3,17 @@
 //! expand; the catalog and data survive a reboot; a full pool fails writes and keeps
 //! what was written before. The guest side is `storaged-vmtest`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::path::Path;
 
-use qemu_tests::lightvm::{self, Boot, Kernel};
+use qemu_tests::lightvm::{self, Kernel};
+
+mod storaged_vm;
+use storaged_vm::{assert_passed, raw_disk, run, vmtest_binary};
 
 /// The disks are virtio, not NVMe: QEMU 7.2's NVMe model (Debian 12's) stalls under the
 /// thin pool's write load with Linux 6.1 (I/O timeouts on a whole queue, about one run in
 /// two here), while virtio-blk never did in the same trials.
 const MODULES: &[&str] = &["crc32c_generic", "virtio_pci", "virtio_blk", "dm_thin_pool"];
-
-/// Builds the static test program the way the image builder builds its binaries.
-fn vmtest_binary() -> PathBuf {
-    let root = lightvm::workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(&root)
-        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
-        .args(["-p", "storaged", "--bin", "storaged-vmtest"])
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .status()
-        .expect("failed to run cargo build");
-    assert!(st.success(), "building storaged-vmtest failed");
-    lightvm::target_dir().join("x86_64-unknown-linux-gnu/release/storaged-vmtest")
-}
-
-fn raw_disk(path: &Path, bytes: u64) {
-    let f = std::fs::File::create(path).expect("create disk");
-    f.set_len(bytes).expect("size disk");
-}
 
 /// A disk that starts with an MBR partition table and some data after it.
 fn foreign_disk(path: &Path) -> Vec<u8> {
@@ -57,44 +35,6 @@ fn foreign_disk(path: &Path) -> Vec<u8> {
         .and_then(|f| f.set_len(64 << 20))
         .expect("size foreign disk");
     std::fs::read(path).expect("read foreign disk")
-}
-
-fn run(
-    kernel: &Kernel,
-    initrd: &Path,
-    dir: &Path,
-    phase: &str,
-    disks: Vec<(PathBuf, String)>,
-) -> String {
-    let console = lightvm::boot(&Boot {
-        kernel,
-        initramfs: initrd,
-        disks,
-        append: format!("vmtest.phase={phase}"),
-        console: dir.join(format!("console-{phase}.log")),
-        timeout: Duration::from_secs(300),
-    })
-    .unwrap_or_else(|e| panic!("{phase} boot: {e:#}"));
-    assert!(
-        console.contains("VMTEST DONE"),
-        "{phase} boot did not finish:\n{console}"
-    );
-    console
-}
-
-fn assert_passed(console: &str, phase: &str, expected: &[&str]) {
-    let lines = lightvm::parse_tests(console);
-    let failed: Vec<_> = lines.iter().filter(|l| l.failure.is_some()).collect();
-    assert!(
-        failed.is_empty(),
-        "{phase}: {failed:#?}\nconsole:\n{console}"
-    );
-    for name in expected {
-        assert!(
-            lines.iter().any(|l| l.name == *name),
-            "{phase}: test {name} did not run\nconsole:\n{console}"
-        );
-    }
 }
 
 #[test]

@@ -1,0 +1,71 @@
+//! What the storaged light-VM tests share: building the static guest program
+//! (`storaged-vmtest`), raw disks, booting a phase and checking its TEST lines.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use qemu_tests::lightvm::{self, Boot, Kernel};
+
+/// Builds the static test program the way the image builder builds its binaries.
+pub fn vmtest_binary() -> PathBuf {
+    let root = lightvm::workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
+        .args(["-p", "storaged", "--bin", "storaged-vmtest"])
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .status()
+        .expect("failed to run cargo build");
+    assert!(st.success(), "building storaged-vmtest failed");
+    lightvm::target_dir().join("x86_64-unknown-linux-gnu/release/storaged-vmtest")
+}
+
+pub fn raw_disk(path: &Path, bytes: u64) {
+    let f = std::fs::File::create(path).expect("create disk");
+    f.set_len(bytes).expect("size disk");
+}
+
+/// Boots `phase` and returns its console, which must end with the program's DONE line.
+pub fn run(
+    kernel: &Kernel,
+    initrd: &Path,
+    dir: &Path,
+    phase: &str,
+    disks: Vec<(PathBuf, String)>,
+) -> String {
+    let console = lightvm::boot(&Boot {
+        kernel,
+        initramfs: initrd,
+        disks,
+        append: format!("vmtest.phase={phase}"),
+        console: dir.join(format!("console-{phase}.log")),
+        timeout: Duration::from_secs(300),
+    })
+    .unwrap_or_else(|e| panic!("{phase} boot: {e:#}"));
+    assert!(
+        console.contains("VMTEST DONE"),
+        "{phase} boot did not finish:\n{console}"
+    );
+    console
+}
+
+/// No TEST line failed and each of `expected` ran.
+pub fn assert_passed(console: &str, phase: &str, expected: &[&str]) {
+    let lines = lightvm::parse_tests(console);
+    let failed: Vec<_> = lines.iter().filter(|l| l.failure.is_some()).collect();
+    assert!(
+        failed.is_empty(),
+        "{phase}: {failed:#?}\nconsole:\n{console}"
+    );
+    for name in expected {
+        assert!(
+            lines.iter().any(|l| l.name == *name),
+            "{phase}: test {name} did not run\nconsole:\n{console}"
+        );
+    }
+}
