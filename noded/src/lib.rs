@@ -1,6 +1,6 @@
 //! noded's parts, as a library so the integration tests drive the same code the
-//! daemon runs: the CRI client, the local registry containerd pulls images from, pod
-//! manifests, the reconciler that runs them, their probes and logs and the control socket that
+//! daemon runs: the CRI client, the local registry containerd pulls images from, the image
+//! allowlist, pod manifests, the reconciler that runs them, their probes and logs and the control socket that
 //! reports them.
 
 pub mod control;
@@ -8,5 +8,6 @@ pub mod cri;
 pub mod logs;
 pub mod manifest;
 pub mod pods;
+pub mod policy;
 pub mod probes;
 pub mod registry;

@@ -49,6 +49,16 @@ struct Config {
     /// Log files kept per container attempt, the live one included.
     #[serde(default = "default_log_max_files")]
     log_max_files: usize,
+    /// The signed image allowlist shipped in the image. With this or the next key set,
+    /// a pod's images must be on the allowlist in force.
+    #[serde(default)]
+    image_allowlist: Option<PathBuf>,
+    /// A signed image allowlist the core delivers (fabricd's `<downlink.dir>/config/...`).
+    #[serde(default)]
+    downlink_image_allowlist: Option<PathBuf>,
+    /// The ed25519 key the allowlists are signed with: 64 hex digits.
+    #[serde(default)]
+    image_allowlist_public_key: Option<PathBuf>,
 }
 
 fn default_images_dir() -> PathBuf {
@@ -89,7 +99,24 @@ impl edge_common::Validate for Config {
             ("log_dir", Some(&self.log_dir)),
             ("state_dir", Some(&self.state_dir)),
             ("control_socket", Some(&self.control_socket)),
+            ("image_allowlist", self.image_allowlist.as_deref()),
+            (
+                "downlink_image_allowlist",
+                self.downlink_image_allowlist.as_deref(),
+            ),
+            (
+                "image_allowlist_public_key",
+                self.image_allowlist_public_key.as_deref(),
+            ),
         ])?;
+        if (self.image_allowlist.is_some() || self.downlink_image_allowlist.is_some())
+            && self.image_allowlist_public_key.is_none()
+        {
+            return Err((
+                "image_allowlist_public_key".into(),
+                "is required when an image allowlist is configured".into(),
+            ));
+        }
         if self.restart_backoff_base_ms == 0 {
             return Err((
                 "restart_backoff_base_ms".into(),
@@ -118,6 +145,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let cri = Client::connect(&config.containerd_socket)
         .await
         .map_err(|e| e.to_string())?;
+    let image_policy = image_policy(&config)?;
     let status = Arc::new(Mutex::new(Vec::new()));
     let _control = noded::control::spawn(
         &config.control_socket,
@@ -133,9 +161,41 @@ async fn serve(config: Config) -> Result<(), String> {
         backoff_base: Duration::from_millis(config.restart_backoff_base_ms),
         log_max_bytes: config.log_max_bytes,
         log_max_files: config.log_max_files,
+        image_policy,
     };
     Reconciler::new(cri, settings, status).run(TICK).await;
     Ok(())
+}
+
+/// The allowlists and their key; none configured means every image may run.
+fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>, String> {
+    let files: Vec<PathBuf> = [&config.image_allowlist, &config.downlink_image_allowlist]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let Some(key) = &config.image_allowlist_public_key else {
+        tracing::warn!("no image allowlist configured: every image may run");
+        return Ok(None);
+    };
+    if files.is_empty() {
+        tracing::warn!("no image allowlist configured: every image may run");
+        return Ok(None);
+    }
+    let policy = noded::policy::Policy {
+        public_key: noded::policy::load_public_key(key)?,
+        files,
+    };
+    match policy.current() {
+        (Some(l), _) => {
+            tracing::info!(source = %l.source, version = l.version, digests = l.digests.len(), "image allowlist in force")
+        }
+        (None, problems) => tracing::error!(
+            "no valid image allowlist: no image may run ({})",
+            problems.join("; ")
+        ),
+    }
+    Ok(Some(policy))
 }
 
 /// Serves the archives of `dir`. A missing directory is an image with no bundled
@@ -360,5 +420,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key `restart_backoff_base_ms`"), "{e}");
+    }
+
+    #[test]
+    fn an_allowlist_without_its_key_and_a_single_log_file_are_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("noded.toml");
+        let base = "containerd_socket = \"/c.sock\"\nmanifests_dir = \"/m\"\n";
+        for (extra, key) in [
+            ("image_allowlist = \"/a\"\n", "image_allowlist_public_key"),
+            (
+                "downlink_image_allowlist = \"/a\"\n",
+                "image_allowlist_public_key",
+            ),
+            ("log_max_files = 1\n", "log_max_files"),
+            (
+                "downlink_manifests_dir = \"pods\"\n",
+                "downlink_manifests_dir",
+            ),
+        ] {
+            std::fs::write(&path, format!("{base}{extra}")).unwrap();
+            let e = edge_common::load_config::<Config>(&path)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{extra}: {e}");
+        }
     }
 }

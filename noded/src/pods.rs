@@ -52,6 +52,8 @@ pub struct Settings {
     pub log_max_bytes: u64,
     /// Log files kept per container attempt, the live one included (at least 2).
     pub log_max_files: usize,
+    /// When set, a pod starts only if each of its images is on the allowlist.
+    pub image_policy: Option<crate::policy::Policy>,
 }
 
 /// What `{"op":"pods"}` answers, one per manifest file.
@@ -773,6 +775,26 @@ impl Reconciler {
                 })
                 .await
                 .map_err(|e| format!("image {image}: {e}"))?;
+            if let Some(policy) = &self.settings.image_policy {
+                let status = self
+                    .cri
+                    .image_status(ImageStatusRequest {
+                        image: Some(ImageSpec {
+                            image: image.to_string(),
+                            ..Default::default()
+                        }),
+                        verbose: false,
+                    })
+                    .await
+                    .map_err(|e| format!("image {image}: {e}"))?;
+                let found = status.image.ok_or_else(|| {
+                    format!("image {image}: the runtime does not know it after the pull")
+                })?;
+                policy.check(
+                    image,
+                    &crate::policy::image_digests(&found.repo_digests, &found.id),
+                )?;
+            }
         }
         let config = self.sandbox_config(run);
         self.cri

@@ -335,6 +335,11 @@ pub struct Node {
 
 impl Node {
     pub async fn start(prefix: &str, extra: &str) -> Node {
+        Self::start_with(prefix, extra, |_| {}).await
+    }
+
+    /// As [`Node::start`], with `prepare` run on the directory before noded starts.
+    pub async fn start_with(prefix: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Node {
         ensure_containerd();
         let tmp = tempfile::Builder::new()
             .prefix(prefix)
@@ -348,6 +353,12 @@ impl Node {
         std::fs::write(
             images.join("pause.tar"),
             archive("pause:1", "pause", pause, &[]),
+        )
+        .unwrap();
+        // The same program under another name and command: an image with its own digest.
+        std::fs::write(
+            images.join("other.tar"),
+            archive("other:1", "hello", hello.clone(), &["other"]),
         )
         .unwrap();
         std::fs::write(
@@ -382,6 +393,7 @@ impl Node {
             socket: dir.join("run/noded.sock"),
             noded_log: dir.join("noded.log"),
         };
+        prepare(&dir);
         let noded = Some(start_noded(&config, &env.noded_log));
         Node {
             env,

@@ -1,0 +1,283 @@
+//! The image policy: which images may run, as a signed allowlist of image digests.
+//!
+//! An allowlist file is a 64-byte ed25519 signature followed by the JSON it signs,
+//! `{"version": N, "digests": ["sha256:<64 hex>", ...]}` (the same framing as fabricd's
+//! downlink manifests, checked with a key in the same format: a file of 64 hex
+//! digits). One list ships in the image; the core may deliver another. The valid one
+//! with the highest version is in force, so the core can both add and revoke digests;
+//! a file that is missing, unsigned or malformed is left out and named. With no valid
+//! list at all, nothing is allowed.
+//!
+//! A digest matches an image by its manifest digest (the `@sha256:...` of its repo
+//! digests, what the registry and `edge-oci` name it by) or its image id.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The list in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowlist {
+    pub version: u64,
+    pub digests: BTreeSet<String>,
+    /// The file it came from.
+    pub source: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    version: u64,
+    digests: Vec<String>,
+}
+
+/// Splits and verifies one signed allowlist; `source` names it in errors.
+pub fn verify(signed: &[u8], public_key: &[u8], source: &str) -> Result<Allowlist, String> {
+    if signed.len() < 64 {
+        return Err(format!("{source}: shorter than its signature"));
+    }
+    let (sig, body) = signed.split_at(64);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
+        .verify(body, sig)
+        .map_err(|_| format!("{source}: signature does not verify with the image's public key"))?;
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| format!("{source}: signed allowlist is not valid: {e}"))?;
+    for d in &b.digests {
+        let ok = d.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        });
+        if !ok {
+            return Err(format!(
+                "{source}: digest {d:?} is not sha256:<64 lowercase hex digits>"
+            ));
+        }
+    }
+    Ok(Allowlist {
+        version: b.version,
+        digests: b.digests.into_iter().collect(),
+        source: source.to_string(),
+    })
+}
+
+/// Reads a public key file: 64 hex digits (whitespace around is fine).
+pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "failed to read the image policy key {}: {e}",
+            path.display()
+        )
+    })?;
+    let t = text.trim();
+    if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "the image policy key {} must hold 64 hex digits (an ed25519 public key)",
+            path.display()
+        ));
+    }
+    (0..32)
+        .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the image policy key {}: {e}", path.display()))
+}
+
+/// The allowlist files and the key they are signed with. The files are read again at
+/// each check, so a list the core delivers applies to the next pod that starts.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub public_key: Vec<u8>,
+    /// The image's list first, then the core's; either may be missing.
+    pub files: Vec<PathBuf>,
+}
+
+impl Policy {
+    /// The list in force, and what is wrong with the files that were left out.
+    pub fn current(&self) -> (Option<Allowlist>, Vec<String>) {
+        let mut best: Option<Allowlist> = None;
+        let mut problems = Vec::new();
+        for f in &self.files {
+            let source = f.display().to_string();
+            let list = match std::fs::read(f) {
+                Ok(b) => verify(&b, &self.public_key, &source),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => Err(format!("failed to read {source}: {e}")),
+            };
+            match list {
+                Ok(l) if best.as_ref().is_none_or(|b| l.version > b.version) => best = Some(l),
+                Ok(_) => {}
+                Err(e) => problems.push(e),
+            }
+        }
+        (best, problems)
+    }
+
+    /// Whether an image with these digests (its repo digests and id) may run; the
+    /// error says why not, naming the image and the list.
+    pub fn check(&self, image: &str, digests: &[String]) -> Result<(), String> {
+        let (list, problems) = self.current();
+        for p in &problems {
+            tracing::error!("image allowlist left out: {p}");
+        }
+        let shown = digests.first().map(String::as_str).unwrap_or("no digest");
+        let Some(list) = list else {
+            return Err(format!(
+                "image {image} ({shown}) is not allowed: there is no valid image allowlist"
+            ));
+        };
+        if digests.iter().any(|d| list.digests.contains(d)) {
+            return Ok(());
+        }
+        Err(format!(
+            "image {image} ({shown}) is not allowed by the image allowlist ({} version {})",
+            list.source, list.version
+        ))
+    }
+}
+
+/// The digests an image is known by: the `sha256:...` after the `@` of each repo digest,
+/// then its id.
+pub fn image_digests(repo_digests: &[String], id: &str) -> Vec<String> {
+    let mut out: Vec<String> = repo_digests
+        .iter()
+        .filter_map(|r| r.rsplit_once('@').map(|(_, d)| d.to_string()))
+        .collect();
+    if !id.is_empty() {
+        out.push(id.to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::KeyPair;
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn key() -> ring::signature::Ed25519KeyPair {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+    }
+
+    fn signed(kp: &ring::signature::Ed25519KeyPair, body: &str) -> Vec<u8> {
+        let mut out = kp.sign(body.as_bytes()).as_ref().to_vec();
+        out.extend_from_slice(body.as_bytes());
+        out
+    }
+
+    #[test]
+    fn the_newest_valid_list_is_in_force_and_bad_ones_are_named() {
+        let kp = key();
+        let dir = tempfile::tempdir().unwrap();
+        let (image, core) = (dir.path().join("image.list"), dir.path().join("core.list"));
+        let policy = Policy {
+            public_key: kp.public_key().as_ref().to_vec(),
+            files: vec![image.clone(), core.clone()],
+        };
+        let e = policy.check("edge.local/a:1", &[D1.into()]).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "image edge.local/a:1 ({D1}) is not allowed: there is no valid image allowlist"
+            )
+        );
+
+        std::fs::write(
+            &image,
+            signed(&kp, &format!(r#"{{"version":1,"digests":["{D1}"]}}"#)),
+        )
+        .unwrap();
+        assert_eq!(policy.check("a", &[D2.into(), D1.into()]), Ok(()));
+        let e = policy.check("edge.local/b:1", &[D2.into()]).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "image edge.local/b:1 ({D2}) is not allowed by the image allowlist ({} version 1)",
+                image.display()
+            )
+        );
+
+        // The core's newer list replaces it: D2 added, D1 revoked.
+        std::fs::write(
+            &core,
+            signed(&kp, &format!(r#"{{"version":2,"digests":["{D2}"]}}"#)),
+        )
+        .unwrap();
+        assert_eq!(policy.check("b", &[D2.into()]), Ok(()));
+        assert!(policy.check("a", &[D1.into()]).is_err());
+
+        // A tampered delivery is left out, named; the image's list applies again.
+        let mut bad = signed(&kp, &format!(r#"{{"version":3,"digests":["{D2}"]}}"#));
+        let last = bad.len() - 3;
+        bad[last] ^= 1;
+        std::fs::write(&core, bad).unwrap();
+        let (list, problems) = policy.current();
+        assert_eq!(list.unwrap().version, 1);
+        assert_eq!(
+            problems,
+            [format!(
+                "{}: signature does not verify with the image's public key",
+                core.display()
+            )]
+        );
+        // Signed by someone else.
+        std::fs::write(
+            &core,
+            signed(&key(), &format!(r#"{{"version":3,"digests":["{D2}"]}}"#)),
+        )
+        .unwrap();
+        assert_eq!(policy.current().0.unwrap().version, 1);
+    }
+
+    #[test]
+    fn malformed_lists_are_refused() {
+        let kp = key();
+        let pk = kp.public_key().as_ref().to_vec();
+        assert!(verify(b"short", &pk, "l")
+            .unwrap_err()
+            .contains("shorter than its signature"));
+        let e = verify(
+            &signed(&kp, r#"{"version":1,"digests":["sha256:ABC"]}"#),
+            &pk,
+            "l",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "l: digest \"sha256:ABC\" is not sha256:<64 lowercase hex digits>"
+        );
+        let e = verify(
+            &signed(&kp, r#"{"version":1,"digests":[],"extra":1}"#),
+            &pk,
+            "l",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("l: signed allowlist is not valid: unknown field `extra`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn images_are_known_by_manifest_digest_and_id() {
+        assert_eq!(
+            image_digests(&["edge.local/a@sha256:ab".into()], "sha256:cd"),
+            ["sha256:ab", "sha256:cd"]
+        );
+        assert!(image_digests(&[], "").is_empty());
+    }
+
+    #[test]
+    fn keys_are_64_hex_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        std::fs::write(&p, format!("{}\n", "ab".repeat(32))).unwrap();
+        assert_eq!(load_public_key(&p).unwrap(), vec![0xab; 32]);
+        std::fs::write(&p, "abc").unwrap();
+        assert!(load_public_key(&p)
+            .unwrap_err()
+            .contains("must hold 64 hex digits"));
+    }
+}
