@@ -4,7 +4,9 @@
 //! sizes beyond the pool, block RWX refused, one RWX filesystem volume published to two
 //! pods that see each other's writes, a read-only publish, stats, snapshot and restore,
 //! online expansion, bad requests with the spec's codes, a block volume whose data a
-//! filesystem stage refuses to format over, idempotent teardown.
+//! filesystem stage refuses to format over, idempotent teardown; then a reboot of the
+//! same pool disk: the kept volume is listed, stages without a new format and holds its
+//! file, and its snapshot is still a snapshot.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,7 +55,7 @@ fn e2fsprogs() -> Vec<(PathBuf, String)> {
 }
 
 #[test]
-fn csi_volumes_rwx_snapshots_expand_and_spec_codes() {
+fn csi_volumes_rwx_snapshots_expand_spec_codes_and_reboot() {
     let bin = vmtest_binary();
     let kernel = Kernel::get().expect("kernel");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -67,7 +69,7 @@ fn csi_volumes_rwx_snapshots_expand_and_spec_codes() {
         &initrd,
         dir.path(),
         "csi",
-        vec![(pool, "pool0".into())],
+        vec![(pool.clone(), "pool0".into())],
     );
     // Shown with --nocapture: the TEST lines and the driver's log.
     println!("{console}");
@@ -87,6 +89,21 @@ fn csi_volumes_rwx_snapshots_expand_and_spec_codes() {
             "csi_bad_requests_get_spec_codes",
             "csi_block_volume_and_no_format_over_data",
             "csi_teardown_is_idempotent",
+            "csi_keep_a_volume",
         ],
+    );
+
+    let console = run(
+        &kernel,
+        &initrd,
+        dir.path(),
+        "csi-reboot",
+        vec![(pool, "pool0".into())],
+    );
+    println!("{console}");
+    assert_passed(
+        &console,
+        "csi-reboot",
+        &["csi_volume_survives_reboot", "csi_snapshot_survives_reboot"],
     );
 }

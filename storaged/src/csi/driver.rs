@@ -357,8 +357,7 @@ impl Driver {
         let volume = self
             .with_pool(move |pool| {
                 if let Some(v) = pool.catalog().get(&name).cloned() {
-                    let same_source = source_id.as_ref().map(|s| &s.0) == v.origin.as_ref()
-                        || source_id.is_none() && v.origin.is_none();
+                    let same_source = source_id.as_ref().map(|s| &s.0) == v.origin.as_ref();
                     if v.state == State::Ready
                         && v.kind == Kind::Volume
                         && fits(&v, range.as_ref())
@@ -390,7 +389,12 @@ impl Driver {
                         Status::not_found(format!("{kind:?} {src} does not exist").to_lowercase())
                     })?
                     .clone();
-                if size < s.size_bytes && range.as_ref().is_some_and(|r| r.required_bytes > 0) {
+                // No size asked for: the source's. A size is never less than the source's.
+                let no_size = range
+                    .as_ref()
+                    .is_none_or(|r| r.required_bytes <= 0 && r.limit_bytes <= 0);
+                let size = if no_size { s.size_bytes } else { size };
+                if size < s.size_bytes {
                     return Err(Status::out_of_range(format!(
                         "volume {name}: {size} bytes is smaller than its source {src} ({} bytes)",
                         s.size_bytes

@@ -37,7 +37,13 @@ where
     let mut grpc = tonic::server::Grpc::new(ProstCodec::<Resp, Req>::default());
     let svc = tower::service_fn(move |r: tonic::Request<Req>| {
         let fut = handler(driver.clone(), r.into_inner());
-        async move { fut.await.map(tonic::Response::new) }
+        async move {
+            let reply = fut.await;
+            if let Err(s) = &reply {
+                tracing::info!(code = ?s.code(), message = s.message(), "CSI call refused");
+            }
+            reply.map(tonic::Response::new)
+        }
     });
     grpc.unary(svc, req).await
 }
@@ -70,32 +76,36 @@ impl tower::Service<http::Request<Body>> for Server {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let driver = self.driver.clone();
-        Box::pin(async move {
-            let path = req.uri().path().to_owned();
-            let resp = routes!(path.as_str(), driver, req, {
-                "Identity" / "GetPluginInfo" => get_plugin_info,
-                "Identity" / "GetPluginCapabilities" => get_plugin_capabilities,
-                "Identity" / "Probe" => probe,
-                "Controller" / "CreateVolume" => create_volume,
-                "Controller" / "DeleteVolume" => delete_volume,
-                "Controller" / "ValidateVolumeCapabilities" => validate_volume_capabilities,
-                "Controller" / "ListVolumes" => list_volumes,
-                "Controller" / "GetCapacity" => get_capacity,
-                "Controller" / "ControllerGetCapabilities" => controller_get_capabilities,
-                "Controller" / "CreateSnapshot" => create_snapshot,
-                "Controller" / "DeleteSnapshot" => delete_snapshot,
-                "Controller" / "ControllerExpandVolume" => controller_expand_volume,
-                "Node" / "NodeStageVolume" => node_stage_volume,
-                "Node" / "NodeUnstageVolume" => node_unstage_volume,
-                "Node" / "NodePublishVolume" => node_publish_volume,
-                "Node" / "NodeUnpublishVolume" => node_unpublish_volume,
-                "Node" / "NodeGetVolumeStats" => node_get_volume_stats,
-                "Node" / "NodeExpandVolume" => node_expand_volume,
-                "Node" / "NodeGetCapabilities" => node_get_capabilities,
-                "Node" / "NodeGetInfo" => node_get_info,
-            });
-            Ok(resp)
-        })
+        let path = req.uri().path().to_owned();
+        let span = tracing::info_span!("csi", method = %path);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let resp = routes!(path.as_str(), driver, req, {
+                    "Identity" / "GetPluginInfo" => get_plugin_info,
+                    "Identity" / "GetPluginCapabilities" => get_plugin_capabilities,
+                    "Identity" / "Probe" => probe,
+                    "Controller" / "CreateVolume" => create_volume,
+                    "Controller" / "DeleteVolume" => delete_volume,
+                    "Controller" / "ValidateVolumeCapabilities" => validate_volume_capabilities,
+                    "Controller" / "ListVolumes" => list_volumes,
+                    "Controller" / "GetCapacity" => get_capacity,
+                    "Controller" / "ControllerGetCapabilities" => controller_get_capabilities,
+                    "Controller" / "CreateSnapshot" => create_snapshot,
+                    "Controller" / "DeleteSnapshot" => delete_snapshot,
+                    "Controller" / "ControllerExpandVolume" => controller_expand_volume,
+                    "Node" / "NodeStageVolume" => node_stage_volume,
+                    "Node" / "NodeUnstageVolume" => node_unstage_volume,
+                    "Node" / "NodePublishVolume" => node_publish_volume,
+                    "Node" / "NodeUnpublishVolume" => node_unpublish_volume,
+                    "Node" / "NodeGetVolumeStats" => node_get_volume_stats,
+                    "Node" / "NodeExpandVolume" => node_expand_volume,
+                    "Node" / "NodeGetCapabilities" => node_get_capabilities,
+                    "Node" / "NodeGetInfo" => node_get_info,
+                });
+                Ok(resp)
+            },
+            span,
+        ))
     }
 }
 

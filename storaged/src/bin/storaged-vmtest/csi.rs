@@ -139,7 +139,9 @@ const POD_A: &str = "/pods/a/model";
 const POD_B: &str = "/pods/b/model";
 const POD_C: &str = "/pods/c/model";
 
-pub fn run() {
+/// The scenarios on a fresh pool, leaving volume `keep` with data and a snapshot; or,
+/// `after_reboot`, what the next boot of the same pool disk finds.
+pub fn run(after_reboot: bool) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -163,10 +165,135 @@ pub fn run() {
             Driver::new(Some(pool), "vm".into()),
         ));
         match Client::connect(Path::new(SOCKET)).await {
-            Ok(c) => scenarios(&c).await,
+            Ok(c) if after_reboot => reboot_scenarios(&c).await,
+            Ok(c) => {
+                scenarios(&c).await;
+                report("csi_keep_a_volume", keep(&c).await);
+            }
             Err(e) => report("csi_server", Err(e)),
         }
     });
+}
+
+const KEEP_STAGE: &str = "/csi/staging/keep";
+const KEEP_POD: &str = "/pods/k/vol";
+
+fn rwo() -> VolumeCapability {
+    cap(false, Mode::SingleNodeWriter)
+}
+
+async fn stage_and_publish(
+    c: &Client,
+    id: &str,
+    staging: &str,
+    target: &str,
+) -> Result<(), String> {
+    let _: NodeStageVolumeResponse =
+        call(c, "/csi.v1.Node/NodeStageVolume", stage(id, staging, rwo())).await?;
+    let _: NodePublishVolumeResponse = call(
+        c,
+        "/csi.v1.Node/NodePublishVolume",
+        publish(id, staging, target, rwo(), false),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn unpublish_and_unstage(
+    c: &Client,
+    id: &str,
+    staging: &str,
+    target: &str,
+) -> Result<(), String> {
+    let _: NodeUnpublishVolumeResponse =
+        call(c, "/csi.v1.Node/NodeUnpublishVolume", unpublish(id, target)).await?;
+    let _: NodeUnstageVolumeResponse =
+        call(c, "/csi.v1.Node/NodeUnstageVolume", unstage(id, staging)).await?;
+    Ok(())
+}
+
+/// An RWO volume with a file and a snapshot of it, left for the next boot.
+async fn keep(c: &Client) -> Result<(), String> {
+    let _: CreateVolumeResponse = call(
+        c,
+        "/csi.v1.Controller/CreateVolume",
+        create("keep", 32 * MIB, rwo()),
+    )
+    .await?;
+    stage_and_publish(c, "keep", KEEP_STAGE, KEEP_POD).await?;
+    write_file(&Path::new(KEEP_POD).join("db"), &content(5, 2))?;
+    let _: CreateSnapshotResponse = call(
+        c,
+        "/csi.v1.Controller/CreateSnapshot",
+        CreateSnapshotRequest {
+            source_volume_id: "keep".into(),
+            name: "keep-snap".into(),
+            parameters: HashMap::new(),
+        },
+    )
+    .await?;
+    unpublish_and_unstage(c, "keep", KEEP_STAGE, KEEP_POD).await
+}
+
+async fn reboot_scenarios(c: &Client) {
+    report(
+        "csi_volume_survives_reboot",
+        async {
+            let list: ListVolumesResponse = call(
+                c,
+                "/csi.v1.Controller/ListVolumes",
+                ListVolumesRequest {
+                    max_entries: 0,
+                    starting_token: String::new(),
+                },
+            )
+            .await?;
+            let ids: Vec<&str> = list
+                .entries
+                .iter()
+                .filter_map(|e| e.volume.as_ref().map(|v| v.volume_id.as_str()))
+                .collect();
+            if ids != ["keep"] {
+                return Err(format!("volumes after reboot: {ids:?}"));
+            }
+            // Staged again: mounted as it is, never formatted again.
+            stage_and_publish(c, "keep", KEEP_STAGE, KEEP_POD).await?;
+            let db = read_file(&Path::new(KEEP_POD).join("db"))?;
+            unpublish_and_unstage(c, "keep", KEEP_STAGE, KEEP_POD).await?;
+            if db != content(5, 2) {
+                return Err("the file changed across the reboot".into());
+            }
+            Ok(())
+        }
+        .await,
+    );
+    report(
+        "csi_snapshot_survives_reboot",
+        async {
+            let again: CreateSnapshotResponse = call(
+                c,
+                "/csi.v1.Controller/CreateSnapshot",
+                CreateSnapshotRequest {
+                    source_volume_id: "keep".into(),
+                    name: "keep-snap".into(),
+                    parameters: HashMap::new(),
+                },
+            )
+            .await?;
+            refused::<_, CreateVolumeResponse>(
+                c,
+                "/csi.v1.Controller/CreateVolume",
+                create("keep-snap", 32 * MIB, rwo()),
+                Code::AlreadyExists,
+            )
+            .await?;
+            match again.snapshot {
+                Some(s) if s.source_volume_id == "keep" && s.size_bytes == 32 * MIB => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+        .await,
+    );
 }
 
 async fn scenarios(c: &Client) {
@@ -396,7 +523,6 @@ async fn scenarios(c: &Client) {
                 )),
             });
             let _: CreateVolumeResponse = call(c, "/csi.v1.Controller/CreateVolume", req).await?;
-            let rwo = || cap(false, Mode::SingleNodeWriter);
             let _: NodeStageVolumeResponse = call(
                 c,
                 "/csi.v1.Node/NodeStageVolume",
@@ -562,23 +688,23 @@ async fn scenarios(c: &Client) {
     report(
         "csi_block_volume_and_no_format_over_data",
         async {
-            let rwo = || cap(true, Mode::SingleNodeWriter);
+            let blk = || cap(true, Mode::SingleNodeWriter);
             let _: CreateVolumeResponse = call(
                 c,
                 "/csi.v1.Controller/CreateVolume",
-                create("raw", 16 * MIB, rwo()),
+                create("raw", 16 * MIB, blk()),
             )
             .await?;
             let _: NodeStageVolumeResponse = call(
                 c,
                 "/csi.v1.Node/NodeStageVolume",
-                stage("raw", "/csi/staging/raw", rwo()),
+                stage("raw", "/csi/staging/raw", blk()),
             )
             .await?;
             let _: NodePublishVolumeResponse = call(
                 c,
                 "/csi.v1.Node/NodePublishVolume",
-                publish("raw", "/csi/staging/raw", "/pods/d/dev", rwo(), false),
+                publish("raw", "/csi/staging/raw", "/pods/d/dev", blk(), false),
             )
             .await?;
             // Data past the first 64 KiB only: the start still reads as zeros.

@@ -1,7 +1,8 @@
 //! The light-VM test program: PID 1 of a Debian kernel booted by qemu-tests' `lightvm`
 //! with raw virtio disks. It loads the modules listed in /modules.order, finds the disks by
 //! serial number, runs the scenarios of `vmtest.phase=` on the real kernel
-//! device-mapper (`first`, `second`: the pool; `csi`: the CSI endpoint, in `csi.rs`),
+//! device-mapper (`first`, `second`: the pool; `csi`, `csi-reboot`: the CSI endpoint, in
+//! `csi.rs`),
 //! prints `TEST <name> ok|FAILED: <why>` and powers off.
 
 // Each scenario is a closure called in place, so `?` reports its first failure.
@@ -28,7 +29,8 @@ fn main() {
     match phase.as_str() {
         "first" => first(),
         "second" => second(),
-        "csi" => csi::run(),
+        "csi" => csi::run(false),
+        "csi-reboot" => csi::run(true),
         other => report("phase", Err(format!("unknown vmtest.phase {other:?}"))),
     }
     println!("VMTEST DONE");
