@@ -276,7 +276,10 @@ impl Driver {
         F: FnOnce(&mut Pool) -> Result<T, Status> + Send + 'static,
     {
         let pool = self.pool.clone();
+        // The call's span follows it onto the blocking thread.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
+            let _in_call = span.enter();
             let mut guard = pool.lock().unwrap_or_else(|p| p.into_inner());
             match guard.as_mut() {
                 Some(p) => f(p),
@@ -783,8 +786,11 @@ impl Driver {
                 let all = read_mounts()?;
                 match mounts::mount_at(&all, &staging) {
                     Some(m) if is_ours(pool, &id, m)? => {
-                        mounts::unmount(&staging)
+                        let gone = mounts::unmount(&staging)
                             .map_err(|e| io_status("failed to unmount", &staging, e))?;
+                        if !gone {
+                            break;
+                        }
                     }
                     _ => break,
                 }

@@ -142,6 +142,9 @@ const POD_C: &str = "/pods/c/model";
 /// The scenarios on a fresh pool, leaving volume `keep` with data and a snapshot; or,
 /// `after_reboot`, what the next boot of the same pool disk finds.
 pub fn run(after_reboot: bool) {
+    // The driver's log on the console, as the daemon's would be: what was formatted,
+    // staged, published, and every refused call with its code.
+    let _ = edge_common::init_logging("info");
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
