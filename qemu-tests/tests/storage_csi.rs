@@ -85,6 +85,8 @@ fn csi_volumes_rwx_snapshots_expand_spec_codes_and_reboot() {
             "csi_readonly_publish_refuses_writes",
             "csi_volume_stats",
             "csi_snapshot_and_restore",
+            "csi_clone_of_a_volume",
+            "csi_capacity_validate_and_list",
             "csi_expand_grows_the_filesystem",
             "csi_bad_requests_get_spec_codes",
             "csi_block_volume_and_no_format_over_data",

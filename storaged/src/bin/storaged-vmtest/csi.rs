@@ -573,6 +573,128 @@ async fn scenarios(c: &Client) {
         .await,
     );
     report(
+        "csi_clone_of_a_volume",
+        async {
+            let mut req = create("copy", 64 * MIB, rwo());
+            req.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(volume_content_source::Type::Volume(
+                    volume_content_source::VolumeSource {
+                        volume_id: "model".into(),
+                    },
+                )),
+            });
+            let _: CreateVolumeResponse = call(c, "/csi.v1.Controller/CreateVolume", req).await?;
+            stage_and_publish(c, "copy", "/csi/staging/copy", "/pods/copy/vol").await?;
+            let got = read_file(Path::new("/pods/copy/vol/weights.bin"))?;
+            // The clone is its own volume: writing it leaves the model alone.
+            write_file(Path::new("/pods/copy/vol/weights.bin"), b"changed")?;
+            let model = read_file(&Path::new(POD_A).join("weights.bin"))?;
+            unpublish_and_unstage(c, "copy", "/csi/staging/copy", "/pods/copy/vol").await?;
+            let _: DeleteVolumeResponse = call(
+                c,
+                "/csi.v1.Controller/DeleteVolume",
+                DeleteVolumeRequest {
+                    volume_id: "copy".into(),
+                },
+            )
+            .await?;
+            if got != content(2, 4) || model != content(2, 4) {
+                return Err(
+                    "the clone does not hold the model's data, or writing it changed the model"
+                        .into(),
+                );
+            }
+            Ok(())
+        }
+        .await,
+    );
+    report(
+        "csi_capacity_validate_and_list",
+        async {
+            let cap_now: GetCapacityResponse = call(
+                c,
+                "/csi.v1.Controller/GetCapacity",
+                GetCapacityRequest {
+                    volume_capabilities: vec![rwx()],
+                    parameters: HashMap::new(),
+                },
+            )
+            .await?;
+            // 120 MiB of data at 300 %, minus model (64 MiB) and its snapshot (64 MiB).
+            let limit = (120 * MIB) / 100 * 300;
+            if cap_now.available_capacity != limit - 128 * MIB {
+                return Err(format!("GetCapacity: {cap_now:?}"));
+            }
+            let ok: ValidateVolumeCapabilitiesResponse = call(
+                c,
+                "/csi.v1.Controller/ValidateVolumeCapabilities",
+                ValidateVolumeCapabilitiesRequest {
+                    volume_id: "model".into(),
+                    volume_context: HashMap::new(),
+                    volume_capabilities: vec![rwx()],
+                    parameters: HashMap::new(),
+                },
+            )
+            .await?;
+            let no: ValidateVolumeCapabilitiesResponse = call(
+                c,
+                "/csi.v1.Controller/ValidateVolumeCapabilities",
+                ValidateVolumeCapabilitiesRequest {
+                    volume_id: "model".into(),
+                    volume_context: HashMap::new(),
+                    volume_capabilities: vec![cap(true, Mode::MultiNodeMultiWriter)],
+                    parameters: HashMap::new(),
+                },
+            )
+            .await?;
+            if ok.confirmed.is_none() || no.confirmed.is_some() || no.message.is_empty() {
+                return Err(format!("validate: {ok:?} / {no:?}"));
+            }
+            let _: CreateVolumeResponse = call(
+                c,
+                "/csi.v1.Controller/CreateVolume",
+                create("second", MIB, rwo()),
+            )
+            .await?;
+            let page1: ListVolumesResponse = call(
+                c,
+                "/csi.v1.Controller/ListVolumes",
+                ListVolumesRequest {
+                    max_entries: 1,
+                    starting_token: String::new(),
+                },
+            )
+            .await?;
+            let page2: ListVolumesResponse = call(
+                c,
+                "/csi.v1.Controller/ListVolumes",
+                ListVolumesRequest {
+                    max_entries: 1,
+                    starting_token: page1.next_token.clone(),
+                },
+            )
+            .await?;
+            let _: DeleteVolumeResponse = call(
+                c,
+                "/csi.v1.Controller/DeleteVolume",
+                DeleteVolumeRequest {
+                    volume_id: "second".into(),
+                },
+            )
+            .await?;
+            let ids: Vec<String> = [&page1, &page2]
+                .iter()
+                .flat_map(|p| p.entries.iter())
+                .filter_map(|e| e.volume.as_ref().map(|v| v.volume_id.clone()))
+                .collect();
+            if ids != ["model", "second"] || !page2.next_token.is_empty() {
+                return Err(format!("pages: {page1:?} / {page2:?}"));
+            }
+            Ok(())
+        }
+        .await,
+    );
+    report(
         "csi_expand_grows_the_filesystem",
         async {
             let r: ControllerExpandVolumeResponse = call(
