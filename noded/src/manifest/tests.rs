@@ -359,3 +359,21 @@ fn bad_probes_are_named_by_path() {
         "pods/cam.yaml: spec.initContainers[0].livenessProbe is not allowed on an init container"
     );
 }
+
+/// The pods the image ships must be accepted as they are, or the appliance boots
+/// without them.
+#[test]
+fn the_images_static_pods_parse() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/overlay/etc/edge/pods");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let pod = parse(&path.display().to_string(), &text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        names.push(pod.name);
+    }
+    names.sort();
+    assert_eq!(names, ["inference", "sensor"]);
+}
