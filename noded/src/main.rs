@@ -25,6 +25,10 @@ struct Config {
     /// Pod manifests the core delivers: fabricd's `<downlink.dir>/pods`. Optional.
     #[serde(default)]
     downlink_manifests_dir: Option<PathBuf>,
+    /// Pod manifests provisioned for the site (init unpacks the bundle's `pods/` into
+    /// `/var/lib/edge/provision/pods`). Optional; absent until a bundle brings pods.
+    #[serde(default)]
+    site_manifests_dir: Option<PathBuf>,
     /// OCI archives (`*.tar`) served to containerd as `edge.local/<name>:<tag>`.
     #[serde(default = "default_images_dir")]
     images_dir: PathBuf,
@@ -95,6 +99,7 @@ impl edge_common::Validate for Config {
                 "downlink_manifests_dir",
                 self.downlink_manifests_dir.as_deref(),
             ),
+            ("site_manifests_dir", self.site_manifests_dir.as_deref()),
             ("images_dir", Some(&self.images_dir)),
             ("log_dir", Some(&self.log_dir)),
             ("state_dir", Some(&self.state_dir)),
@@ -156,6 +161,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let settings = Settings {
         manifests_dir: config.manifests_dir,
         downlink_manifests_dir: config.downlink_manifests_dir,
+        site_manifests_dir: config.site_manifests_dir,
         log_dir: config.log_dir,
         state_dir: config.state_dir,
         backoff_base: Duration::from_millis(config.restart_backoff_base_ms),

@@ -43,6 +43,9 @@ pub struct Settings {
     /// Pod manifests the core delivers (fabricd's `<downlink dir>/pods`), reconciled
     /// like `manifests_dir`; their files are known as `downlink/<name>`.
     pub downlink_manifests_dir: Option<PathBuf>,
+    /// Pod manifests provisioned for the site (init unpacks the bundle's `pods/` there),
+    /// reconciled the same way; their files are known as `site/<name>`.
+    pub site_manifests_dir: Option<PathBuf>,
     /// Pod log directories are `<log_dir>/<namespace>_<name>_<uid>/`.
     pub log_dir: PathBuf,
     /// emptyDir volumes live under `<state_dir>/pods/<uid>/volumes/`.
@@ -115,6 +118,20 @@ struct Scanned {
 
 /// The key under which files of the downlink directory are known (status, labels).
 const DOWNLINK_PREFIX: &str = "downlink/";
+/// The key under which files of the site's provisioned directory are known.
+const SITE_PREFIX: &str = "site/";
+
+/// Which source wins when two define a pod in the same pass: the image's, then the
+/// site's, then the core's.
+fn source_rank(key: &str) -> u8 {
+    if key.starts_with(DOWNLINK_PREFIX) {
+        2
+    } else if key.starts_with(SITE_PREFIX) {
+        1
+    } else {
+        0
+    }
+}
 
 struct PodRun {
     file: String,
@@ -197,17 +214,11 @@ impl Reconciler {
             }
         }
         self.invalid.retain(|f, _| scanned.contains_key(f));
-        // Static manifests first: when both sources define a pod in the same pass, the
-        // image's own one runs and the delivered one is refused. A pod already running
+        // Static manifests first, then the site's, then the core's: when two sources
+        // define a pod in the same pass, the earlier one runs and the later is refused. A pod already running
         // always keeps running.
-        let ordered = scanned
-            .iter()
-            .filter(|(f, _)| !f.starts_with(DOWNLINK_PREFIX))
-            .chain(
-                scanned
-                    .iter()
-                    .filter(|(f, _)| f.starts_with(DOWNLINK_PREFIX)),
-            );
+        let mut ordered: Vec<(&String, &Scanned)> = scanned.iter().collect();
+        ordered.sort_by_key(|(f, _)| source_rank(f));
         for (file, found) in ordered {
             if self.pods.contains_key(file) {
                 continue;
@@ -269,13 +280,17 @@ impl Reconciler {
         self.publish();
     }
 
-    /// Manifest files of both sources by key (the file name, `downlink/<name>` for the
-    /// downlink's), with their hash and text. Unreadable files and directories are
-    /// logged and their pods, if any, keep their last state until they read again; a
-    /// downlink directory that does not exist (yet) has no pods.
+    /// Manifest files of all sources by key (the file name; `site/<name>` and
+    /// `downlink/<name>` for those directories'), with their hash and text. Unreadable
+    /// files and directories are logged and their pods, if any, keep their last state
+    /// until they read again; a site or downlink directory that does not exist (yet)
+    /// has no pods.
     fn scan(&self) -> BTreeMap<String, Scanned> {
         let mut out = BTreeMap::new();
         self.scan_dir(&self.settings.manifests_dir, "", &mut out);
+        if let Some(dir) = &self.settings.site_manifests_dir {
+            self.scan_dir(dir, SITE_PREFIX, &mut out);
+        }
         if let Some(dir) = &self.settings.downlink_manifests_dir {
             self.scan_dir(dir, DOWNLINK_PREFIX, &mut out);
         }
@@ -283,7 +298,11 @@ impl Reconciler {
     }
 
     fn scan_dir(&self, dir: &Path, prefix: &str, out: &mut BTreeMap<String, Scanned>) {
-        let ours = |key: &String| prefix.is_empty() != key.starts_with(DOWNLINK_PREFIX);
+        // File names have no '/': only the other sources' keys do.
+        let ours = |key: &String| match prefix {
+            "" => !key.contains('/'),
+            p => key.starts_with(p),
+        };
         let keep = |out: &mut BTreeMap<String, Scanned>, key: &String, run: &PodRun| {
             out.insert(
                 key.clone(),

@@ -2,7 +2,7 @@
 //! beside its static manifests. A manifest written there (atomically, as fabricd does)
 //! starts a pod and removing it stops the pod; a pod defined in both places is refused
 //! with both files named while the others run, and runs from the delivered file once
-//! the static one goes.
+//! the static one goes. The site's provisioned directory is reconciled the same way.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -63,7 +63,8 @@ async fn delivered_manifests_start_and_stop_pods_beside_static_ones() {
     // fabricd creates the directory when it writes its first item.
     let node = Node::start(
         "noded-downlink-",
-        "downlink_manifests_dir = \"{dir}/downlink/pods\"",
+        "downlink_manifests_dir = \"{dir}/downlink/pods\"\n\
+         site_manifests_dir = \"{dir}/provision/pods\"",
     )
     .await;
     let env = &node.env;
@@ -79,6 +80,18 @@ async fn delivered_manifests_start_and_stop_pods_beside_static_ones() {
 
     deliver(&downlink, "beta.yaml", &manifest("beta"));
     env.wait_for("beta running", |p| running(p, "downlink/beta.yaml", "beta"))
+        .await;
+
+    // The site's provisioned pods are a third source, known as `site/<file>`.
+    deliver(
+        &env.dir.join("provision/pods"),
+        "g.yaml",
+        &manifest("gamma"),
+    );
+    env.wait_for("gamma running", |p| running(p, "site/g.yaml", "gamma"))
+        .await;
+    std::fs::remove_file(env.dir.join("provision/pods/g.yaml")).unwrap();
+    env.wait_for("gamma gone", |p| !p.iter().any(|p| p.name == "gamma"))
         .await;
 
     // The same pod from the core: refused, naming both files; the others run on.
