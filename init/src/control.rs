@@ -1,13 +1,16 @@
 //! The control protocol (docs/contracts.md): JSON lines on the unix socket
 //! `/run/edge/init.sock` and on the virtio-serial port `org.edgeos.control`. Requests are
 //! parsed here and answered by the caller; events go to the serial port only. All I/O is
-//! non-blocking: a slow or absent reader never holds up PID 1.
+//! non-blocking: a slow or absent reader never holds up PID 1. `pods` and `logs` are
+//! noded's to answer: they are relayed to its socket from a short-lived thread, so a
+//! noded that hangs delays only that connection's reply, never PID 1's loop.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -69,6 +72,209 @@ pub fn parse_request(line: &str) -> Result<Request, Value> {
     }
 }
 
+/// noded's control socket (noded/README.md), where `pods` and `logs` are relayed.
+pub const NODED_SOCKET: &str = "/run/noded/noded.sock";
+/// How long a relayed request may take, connect to last byte.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Log lines returned when the request names no `tail`, and the most it may ask for.
+const LOGS_TAIL_DEFAULT: u64 = 100;
+const LOGS_TAIL_MAX: u64 = 1000;
+/// The most read from noded for one answer, and the most relayed: log lines are dropped
+/// oldest first until the reply fits (long lines can make even 1000 large).
+const RELAY_READ_MAX: u64 = 4 << 20;
+const RELAY_REPLY_MAX: usize = 128 * 1024;
+/// Relays in flight at once; more are refused rather than piling up threads in PID 1.
+const RELAYS_MAX: usize = 4;
+
+/// A request for noded, relayed to its socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relay {
+    Pods,
+    Logs {
+        pod: String,
+        container: Option<String>,
+        previous: bool,
+        tail: u64,
+    },
+}
+
+impl Relay {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Relay::Pods => "pods",
+            Relay::Logs { .. } => "logs",
+        }
+    }
+
+    /// The request line in noded's protocol (`op` where init says `cmd`).
+    fn noded_request(&self) -> Value {
+        match self {
+            Relay::Pods => json!({"op": "pods"}),
+            Relay::Logs {
+                pod,
+                container,
+                previous,
+                tail,
+            } => {
+                let mut r = json!({"op": "logs", "pod": pod, "previous": previous, "tail": tail});
+                if let Some(c) = container {
+                    r["container"] = json!(c);
+                }
+                r
+            }
+        }
+    }
+}
+
+/// `Some` when the line is a `pods` or `logs` request (the error is the complete
+/// reply); `None` leaves the line to [`parse_request`].
+pub fn parse_relay(line: &str) -> Option<Result<Relay, Value>> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let cmd = v.get("cmd").and_then(Value::as_str)?;
+    let err = |m: &str| Some(Err(error_reply(cmd, m)));
+    match cmd {
+        "pods" => Some(Ok(Relay::Pods)),
+        "logs" => {
+            let Some(pod) = v
+                .get("pod")
+                .and_then(Value::as_str)
+                .filter(|p| !p.is_empty())
+            else {
+                return err("missing \"pod\"");
+            };
+            let container = match v.get("container") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(c)) => Some(c.clone()),
+                Some(_) => return err("\"container\" must be a string"),
+            };
+            let previous = match v.get("previous") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return err("\"previous\" must be true or false"),
+            };
+            let tail = match v.get("tail") {
+                None => LOGS_TAIL_DEFAULT,
+                Some(t) => match t.as_u64() {
+                    Some(n) if (1..=LOGS_TAIL_MAX).contains(&n) => n,
+                    _ => {
+                        return err(&format!(
+                            "\"tail\" must be a number from 1 to {LOGS_TAIL_MAX}"
+                        ))
+                    }
+                },
+            };
+            Some(Ok(Relay::Logs {
+                pod: pod.to_owned(),
+                container,
+                previous,
+                tail,
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Asks noded at `socket` and turns its answer into init's reply: noded's `pods` or
+/// `logs` value unchanged under the same key, or `ok:false` naming the socket.
+pub fn relay(socket: &Path, req: &Relay) -> Value {
+    let cmd = req.name();
+    match ask_noded(socket, &req.noded_request()) {
+        Err(e) => error_reply(cmd, &e),
+        Ok(answer) => match answer.get(cmd) {
+            Some(v) => {
+                let mut reply = json!({"reply": cmd, "ok": true});
+                reply[cmd] = v.clone();
+                fit_reply(reply)
+            }
+            None => {
+                let e = answer
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("an answer without it");
+                error_reply(cmd, &format!("noded ({}): {e}", socket.display()))
+            }
+        },
+    }
+}
+
+fn ask_noded(socket: &Path, req: &Value) -> Result<Value, String> {
+    use std::io::BufRead;
+    let deadline = Instant::now() + RELAY_TIMEOUT;
+    let what = socket.display();
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("failed to connect to noded at {what}: {e}"))?;
+    s.set_write_timeout(Some(RELAY_TIMEOUT))
+        .and_then(|()| s.set_read_timeout(Some(RELAY_TIMEOUT)))
+        .map_err(|e| format!("failed to configure the connection to {what}: {e}"))?;
+    let mut line = req.to_string().into_bytes();
+    line.push(b'\n');
+    s.write_all(&line)
+        .map_err(|e| format!("failed to write to noded at {what}: {e}"))?;
+    let mut r = std::io::BufReader::new((&s).take(RELAY_READ_MAX));
+    let mut answer = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "noded did not answer on {what} within {RELAY_TIMEOUT:?}"
+            ));
+        }
+        let _ = s.set_read_timeout(Some(left));
+        match r.read_until(b'\n', &mut answer) {
+            Ok(_) if answer.ends_with(b"\n") => break,
+            Ok(0) if answer.len() as u64 >= RELAY_READ_MAX => {
+                return Err(format!(
+                    "noded's answer on {what} is over {RELAY_READ_MAX} bytes: ask for a smaller \"tail\""
+                ))
+            }
+            Ok(0) => return Err(format!("noded closed {what} without an answer")),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!("noded did not answer on {what} within {RELAY_TIMEOUT:?}"))
+            }
+            Err(e) => return Err(format!("failed to read from noded at {what}: {e}")),
+        }
+    }
+    serde_json::from_slice(&answer).map_err(|e| format!("bad answer from noded at {what}: {e}"))
+}
+
+/// Drops the oldest log lines until the reply fits [`RELAY_REPLY_MAX`], saying so with
+/// `"truncated": true`; a serial port is slow and a reply is one line.
+fn fit_reply(mut reply: Value) -> Value {
+    let size = |v: &Value| v.to_string().len();
+    if size(&reply) <= RELAY_REPLY_MAX {
+        return reply;
+    }
+    if let Some(lines) = reply
+        .get_mut("logs")
+        .and_then(|l| l.get_mut("lines"))
+        .and_then(Value::as_array_mut)
+    {
+        let mut total: usize = lines.iter().map(|l| size(l) + 1).sum();
+        let mut cut = 0;
+        while cut < lines.len() && total > RELAY_REPLY_MAX / 2 {
+            total -= size(&lines[cut]) + 1;
+            cut += 1;
+        }
+        lines.drain(..cut);
+        reply["truncated"] = json!(true);
+        if size(&reply) <= RELAY_REPLY_MAX {
+            return reply;
+        }
+    }
+    let cmd = reply["reply"].as_str().unwrap_or("").to_owned();
+    error_reply(
+        &cmd,
+        &format!("noded's answer is over {RELAY_REPLY_MAX} bytes even trimmed"),
+    )
+}
+
 pub fn error_reply(cmd: &str, error: &str) -> Value {
     json!({"reply": cmd, "ok": false, "error": error})
 }
@@ -88,9 +294,13 @@ enum Io {
 
 struct Conn {
     io: Io,
+    /// Identifies the connection to a relay's answer across index shifts.
+    id: u64,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     closed: bool,
+    /// A relayed request is out: later lines wait, so replies keep the requests' order.
+    waiting: bool,
 }
 
 impl Conn {
@@ -166,6 +376,10 @@ pub struct Control {
     /// A port without a host reports hangup on every poll; it is left out of the poll
     /// set until then so the loop does not spin.
     port_quiet_until: Option<Instant>,
+    noded_socket: PathBuf,
+    next_id: u64,
+    /// Relays in flight: the connection's id and where its reply will arrive.
+    relays: Vec<(u64, mpsc::Receiver<Value>)>,
 }
 
 impl Control {
@@ -175,7 +389,47 @@ impl Control {
             conns: Vec::new(),
             port: None,
             port_quiet_until: None,
+            noded_socket: PathBuf::from(NODED_SOCKET),
+            next_id: 0,
+            relays: Vec::new(),
         }
+    }
+
+    /// Where `pods` and `logs` go instead of [`NODED_SOCKET`].
+    #[cfg(test)]
+    pub fn relay_to(&mut self, socket: &Path) {
+        self.noded_socket = socket.to_path_buf();
+    }
+
+    fn conn(next_id: &mut u64, io: Io) -> Conn {
+        *next_id += 1;
+        Conn {
+            io,
+            id: *next_id,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            closed: false,
+            waiting: false,
+        }
+    }
+
+    /// Queues the answers of finished relays on their connections.
+    fn collect_relays(&mut self) {
+        let conns = &mut self.conns;
+        self.relays.retain(|(id, rx)| {
+            let reply = match rx.try_recv() {
+                Ok(v) => v,
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    error_reply("invalid", "the relay to noded ended without a reply")
+                }
+            };
+            if let Some(c) = conns.iter_mut().find(|c| c.id == *id) {
+                c.queue(&reply);
+                c.waiting = false;
+            }
+            false
+        });
     }
 
     /// Listens on the unix socket (replacing a stale file from an earlier run).
@@ -201,12 +455,8 @@ impl Control {
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(|e| format!("failed to open control port {}: {e}", path.display()))?;
-        self.conns.push(Conn {
-            io: Io::Port(f),
-            inbuf: Vec::new(),
-            out: Vec::new(),
-            closed: false,
-        });
+        let c = Self::conn(&mut self.next_id, Io::Port(f));
+        self.conns.push(c);
         self.port = Some(self.conns.len() - 1);
         Ok(())
     }
@@ -244,15 +494,12 @@ impl Control {
         if let Some(l) = &self.listener {
             while let Ok((s, _)) = l.accept() {
                 if s.set_nonblocking(true).is_ok() && self.conns.len() < 64 {
-                    self.conns.push(Conn {
-                        io: Io::Sock(s),
-                        inbuf: Vec::new(),
-                        out: Vec::new(),
-                        closed: false,
-                    });
+                    let c = Self::conn(&mut self.next_id, Io::Sock(s));
+                    self.conns.push(c);
                 }
             }
         }
+        self.collect_relays();
         let now = Instant::now();
         let mut buf = [0u8; 4096];
         for i in 0..self.conns.len() {
@@ -292,15 +539,46 @@ impl Control {
                 }
             }
             while let Some(pos) = c.inbuf.iter().position(|&b| b == b'\n') {
+                if c.waiting {
+                    break;
+                }
                 let line: Vec<u8> = c.inbuf.drain(..=pos).collect();
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim();
                 if text.is_empty() {
                     continue;
                 }
-                let reply = match parse_request(text) {
-                    Ok(req) => handle(req),
-                    Err(reply) => reply,
+                let reply = match parse_relay(text) {
+                    Some(Ok(req)) if self.relays.len() >= RELAYS_MAX => error_reply(
+                        req.name(),
+                        &format!("{RELAYS_MAX} requests to noded are already waiting: retry"),
+                    ),
+                    Some(Ok(req)) => {
+                        let name = req.name();
+                        let (tx, rx) = mpsc::channel();
+                        let socket = self.noded_socket.clone();
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("relay".into())
+                                .spawn(move || {
+                                    let _ = tx.send(relay(&socket, &req));
+                                });
+                        match spawned {
+                            Ok(_) => {
+                                self.relays.push((c.id, rx));
+                                c.waiting = true;
+                                continue;
+                            }
+                            Err(e) => {
+                                error_reply(name, &format!("failed to start a relay to noded: {e}"))
+                            }
+                        }
+                    }
+                    Some(Err(reply)) => reply,
+                    None => match parse_request(text) {
+                        Ok(req) => handle(req),
+                        Err(reply) => reply,
+                    },
                 };
                 c.queue(&reply);
             }
@@ -340,6 +618,205 @@ mod tests {
         let e = parse_request(r#"{"cmd":"dance"}"#).unwrap_err();
         assert!(e["error"].as_str().unwrap().contains("dance"));
         assert_eq!(parse_request("nonsense").unwrap_err()["ok"], false);
+    }
+
+    #[test]
+    fn pods_and_logs_requests_parse_with_bounded_tail() {
+        assert_eq!(parse_relay(r#"{"cmd":"pods"}"#), Some(Ok(Relay::Pods)));
+        assert_eq!(
+            parse_relay(r#"{"cmd":"logs","pod":"edge/cam"}"#),
+            Some(Ok(Relay::Logs {
+                pod: "edge/cam".into(),
+                container: None,
+                previous: false,
+                tail: LOGS_TAIL_DEFAULT
+            }))
+        );
+        let logs =
+            parse_relay(r#"{"cmd":"logs","pod":"cam","container":"c","previous":true,"tail":5}"#);
+        assert_eq!(
+            logs,
+            Some(Ok(Relay::Logs {
+                pod: "cam".into(),
+                container: Some("c".into()),
+                previous: true,
+                tail: 5
+            }))
+        );
+        // noded's own protocol, field for field.
+        let Some(Ok(r)) = logs else { unreachable!() };
+        assert_eq!(
+            r.noded_request(),
+            json!({"op":"logs","pod":"cam","container":"c","previous":true,"tail":5})
+        );
+        for (bad, why) in [
+            (r#"{"cmd":"logs"}"#, "missing \"pod\""),
+            (r#"{"cmd":"logs","pod":"a","tail":0}"#, "\"tail\" must be"),
+            (
+                r#"{"cmd":"logs","pod":"a","tail":100000}"#,
+                "from 1 to 1000",
+            ),
+            (
+                r#"{"cmd":"logs","pod":"a","previous":"yes"}"#,
+                "\"previous\"",
+            ),
+            (r#"{"cmd":"logs","pod":"a","container":3}"#, "\"container\""),
+        ] {
+            let e = parse_relay(bad).unwrap().unwrap_err();
+            assert_eq!(e["reply"], "logs", "{bad}");
+            assert!(e["error"].as_str().unwrap().contains(why), "{bad}: {e}");
+        }
+        assert_eq!(parse_relay(r#"{"cmd":"status"}"#), None);
+        assert_eq!(parse_relay("nonsense"), None);
+    }
+
+    /// Sends `lines` on one connection to `ctl` and returns the replies, stepping the
+    /// control loop meanwhile as PID 1 does.
+    fn exchange(ctl: &mut Control, path: &Path, lines: &str, n: usize) -> Vec<Value> {
+        let client = std::thread::spawn({
+            let (path, lines) = (path.to_path_buf(), lines.to_owned());
+            move || {
+                use std::io::{BufRead, BufReader};
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.write_all(lines.as_bytes()).unwrap();
+                let mut r = BufReader::new(s);
+                (0..n)
+                    .map(|_| {
+                        let mut l = String::new();
+                        r.read_line(&mut l).unwrap();
+                        serde_json::from_str::<Value>(&l).unwrap()
+                    })
+                    .collect::<Vec<Value>>()
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !client.is_finished() {
+            assert!(Instant::now() < deadline, "no replies");
+            ctl.step(&mut |req| ok_reply(req.name()));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        client.join().unwrap()
+    }
+
+    #[test]
+    fn pods_and_logs_are_relayed_to_noded_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, noded) = (dir.path().join("init.sock"), dir.path().join("noded.sock"));
+        let mut ctl = Control::new();
+        ctl.listen(&ours).unwrap();
+        ctl.relay_to(&noded);
+
+        // No noded: the error names its socket; other requests are still answered.
+        let r = exchange(
+            &mut ctl,
+            &ours,
+            "{\"cmd\":\"pods\"}\n{\"cmd\":\"status\"}\n",
+            2,
+        );
+        assert_eq!(r[0]["reply"], "pods");
+        assert_eq!(r[0]["ok"], false);
+        let e = r[0]["error"].as_str().unwrap();
+        assert!(e.contains(&noded.display().to_string()), "{e}");
+        assert_eq!(r[1]["reply"], "status");
+
+        // A fake noded: answers pods, and logs with more than a reply may carry.
+        let listener = UnixListener::bind(&noded).unwrap();
+        let fake = std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader};
+            let mut asked = Vec::new();
+            for _ in 0..3 {
+                let (s, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).unwrap();
+                let req: Value = serde_json::from_str(&line).unwrap();
+                let answer = match req["op"].as_str().unwrap() {
+                    "pods" => json!({"pods": [{"name": "cam", "state": "running"}]}),
+                    _ if req["pod"] == "big" => {
+                        let lines: Vec<String> = (0..1000)
+                            .map(|i| format!("{i:04} {}", "x".repeat(400)))
+                            .collect();
+                        json!({"logs": {"lines": lines, "malformed": 0}})
+                    }
+                    _ => json!({"error": "no pod named \"nope\""}),
+                };
+                (&s).write_all(format!("{answer}\n").as_bytes()).unwrap();
+                asked.push(req);
+            }
+            asked
+        });
+        let r = exchange(
+            &mut ctl,
+            &ours,
+            concat!(
+                "{\"cmd\":\"pods\"}\n{\"cmd\":\"status\"}\n",
+                "{\"cmd\":\"logs\",\"pod\":\"big\",\"tail\":1000}\n",
+                "{\"cmd\":\"logs\",\"pod\":\"nope\"}\n"
+            ),
+            4,
+        );
+        assert_eq!(
+            r[0],
+            json!({"reply":"pods","ok":true,"pods":[{"name":"cam","state":"running"}]})
+        );
+        assert_eq!(r[1]["reply"], "status", "replies keep the requests' order");
+        assert_eq!(r[2]["ok"], true);
+        assert_eq!(r[2]["truncated"], true);
+        let lines = r[2]["logs"]["lines"].as_array().unwrap();
+        assert!(lines.len() > 10 && lines.len() < 1000, "{}", lines.len());
+        assert!(lines.last().unwrap().as_str().unwrap().starts_with("0999 "));
+        assert!(r[2].to_string().len() <= RELAY_REPLY_MAX);
+        assert_eq!(r[3]["ok"], false);
+        assert!(
+            r[3]["error"].as_str().unwrap().contains("no pod named"),
+            "{}",
+            r[3]
+        );
+        let asked = fake.join().unwrap();
+        assert_eq!(asked[1]["tail"], 1000);
+        assert_eq!(asked[2]["tail"], LOGS_TAIL_DEFAULT);
+    }
+
+    #[test]
+    fn a_noded_that_does_not_answer_times_out_without_holding_the_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, noded) = (dir.path().join("init.sock"), dir.path().join("noded.sock"));
+        let _silent = UnixListener::bind(&noded).unwrap();
+        let mut ctl = Control::new();
+        ctl.listen(&ours).unwrap();
+        ctl.relay_to(&noded);
+        let started = Instant::now();
+        let client = std::thread::spawn({
+            let ours = ours.clone();
+            move || {
+                use std::io::{BufRead, BufReader};
+                let mut s = UnixStream::connect(&ours).unwrap();
+                s.write_all(b"{\"cmd\":\"pods\"}\n").unwrap();
+                let mut l = String::new();
+                BufReader::new(s).read_line(&mut l).unwrap();
+                serde_json::from_str::<Value>(&l).unwrap()
+            }
+        });
+        let mut longest_step = Duration::ZERO;
+        while !client.is_finished() {
+            assert!(started.elapsed() < Duration::from_secs(20), "no reply");
+            let t = Instant::now();
+            ctl.step(&mut |req| ok_reply(req.name()));
+            longest_step = longest_step.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = client.join().unwrap();
+        assert_eq!(r["ok"], false);
+        let e = r["error"].as_str().unwrap();
+        assert!(
+            e.contains("did not answer") && e.contains("noded.sock"),
+            "{e}"
+        );
+        assert!(started.elapsed() >= RELAY_TIMEOUT);
+        assert!(
+            longest_step < Duration::from_millis(500),
+            "{longest_step:?}"
+        );
     }
 
     #[test]
