@@ -1,7 +1,7 @@
 //! noded's parts, as a library so the integration tests drive the same code the
-//! daemon runs: the CRI client, the local registry containerd pulls images from, the image
-//! allowlist, pod manifests, the reconciler that runs them, their probes and logs and the control socket that
-//! reports them.
+//! daemon runs: the CRI client, the local registry containerd pulls images from, the
+//! image allowlist, pod manifests, the reconciler that runs them, their CSI volumes
+//! from storaged, their probes and logs and the control socket that reports them.
 
 pub mod control;
 pub mod cri;
@@ -11,3 +11,4 @@ pub mod pods;
 pub mod policy;
 pub mod probes;
 pub mod registry;
+pub mod volumes;

@@ -63,6 +63,9 @@ struct Config {
     /// The ed25519 key the allowlists are signed with: 64 hex digits.
     #[serde(default)]
     image_allowlist_public_key: Option<PathBuf>,
+    /// storaged's CSI socket, for pods' `csi` volumes. Unset: such pods are refused.
+    #[serde(default)]
+    csi_socket: Option<PathBuf>,
 }
 
 fn default_images_dir() -> PathBuf {
@@ -113,6 +116,7 @@ impl edge_common::Validate for Config {
                 "image_allowlist_public_key",
                 self.image_allowlist_public_key.as_deref(),
             ),
+            ("csi_socket", self.csi_socket.as_deref()),
         ])?;
         if (self.image_allowlist.is_some() || self.downlink_image_allowlist.is_some())
             && self.image_allowlist_public_key.is_none()
@@ -168,6 +172,7 @@ async fn serve(config: Config) -> Result<(), String> {
         log_max_bytes: config.log_max_bytes,
         log_max_files: config.log_max_files,
         image_policy,
+        csi_socket: config.csi_socket,
     };
     Reconciler::new(cri, settings, status).run(TICK).await;
     Ok(())

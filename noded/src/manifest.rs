@@ -117,7 +117,38 @@ pub struct Volume {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeSource {
     EmptyDir,
-    HostPath { path: PathBuf, create: bool },
+    HostPath {
+        path: PathBuf,
+        create: bool,
+    },
+    /// A storaged volume (Kubernetes' CSI inline volume shape). Unlike Kubernetes'
+    /// ephemeral inline volumes it is persistent and named: the pod creates it if it
+    /// does not exist, and deleting the pod never deletes it.
+    Csi(CsiVolume),
+}
+
+/// The one CSI driver noded talks to.
+pub const CSI_DRIVER: &str = "storaged.edgeos";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsiVolume {
+    /// storaged's volume id (its name), shared by every pod that names it.
+    pub volume: String,
+    /// The size it is created with; an existing volume must be at least this big.
+    pub size_bytes: i64,
+    pub access_mode: AccessMode,
+    /// `volumeMode: Block`: a raw device, which containers cannot mount.
+    pub block: bool,
+    /// Published read-only into this pod (the kernel enforces it).
+    pub read_only: bool,
+}
+
+/// Kubernetes' access modes, as storaged's CSI modes on this single node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadWriteMany,
+    ReadOnlyMany,
 }
 
 /// Kubernetes' default grace period.
@@ -344,9 +375,23 @@ impl Walker<'_> {
     }
 
     fn volume(&self, v: &Value, path: &str) -> R<Volume> {
-        let m = self.map(v, path, &["name", "emptyDir", "hostPath"])?;
+        let m = self.map(v, path, &["name", "emptyDir", "hostPath", "csi"])?;
         let name = self.required(m, path, "name")?;
         check_dns_label(&name).map_err(|e| self.err(&join(path, "name"), &e))?;
+        let sources: Vec<&str> = ["emptyDir", "hostPath", "csi"]
+            .into_iter()
+            .filter(|k| m.contains_key(*k))
+            .collect();
+        if sources.len() > 1 {
+            return Err(self.err(
+                path,
+                &format!("must have only one of {}", sources.join(", ")),
+            ));
+        }
+        if let Some(c) = m.get("csi") {
+            let source = VolumeSource::Csi(self.csi(c, &join(path, "csi"))?);
+            return Ok(Volume { name, source });
+        }
         let source = match (m.get("emptyDir"), m.get("hostPath")) {
             (Some(e), None) => {
                 // `emptyDir: {}` only: medium and sizeLimit are not honoured.
@@ -380,9 +425,86 @@ impl Walker<'_> {
             (Some(_), Some(_)) => {
                 return Err(self.err(path, "must have one of emptyDir or hostPath, not both"))
             }
-            (None, None) => return Err(self.err(path, "must have emptyDir or hostPath")),
+            (None, None) => return Err(self.err(path, "must have emptyDir, hostPath or csi")),
         };
         Ok(Volume { name, source })
+    }
+
+    fn csi(&self, v: &Value, path: &str) -> R<CsiVolume> {
+        let m = self.map(
+            v,
+            path,
+            &["driver", "fsType", "readOnly", "volumeAttributes"],
+        )?;
+        let driver = self.required(m, path, "driver")?;
+        if driver != CSI_DRIVER {
+            return Err(self.err(
+                &join(path, "driver"),
+                &format!("{driver:?} is not a driver of this node (only {CSI_DRIVER})"),
+            ));
+        }
+        let ap = join(path, "volumeAttributes");
+        let a = m
+            .get("volumeAttributes")
+            .ok_or_else(|| self.err(&ap, "is required"))?;
+        let am = self.map(a, &ap, &["volume", "size", "accessMode", "volumeMode"])?;
+        let volume = self.required(am, &ap, "volume")?;
+        check_volume_id(&volume).map_err(|e| self.err(&join(&ap, "volume"), &e))?;
+        let size_bytes = match am.get("size") {
+            None | Some(Value::Null) => return Err(self.err(&join(&ap, "size"), "is required")),
+            Some(q) => {
+                let s = quantity_text(q)
+                    .ok_or_else(|| self.err(&join(&ap, "size"), "must be a quantity"))?;
+                parse_memory(&s).map_err(|e| self.err(&join(&ap, "size"), &e))?
+            }
+        };
+        let access_mode = match self.string(am, &ap, "accessMode")?.as_deref() {
+            None | Some("ReadWriteOnce") => AccessMode::ReadWriteOnce,
+            Some("ReadWriteMany") => AccessMode::ReadWriteMany,
+            Some("ReadOnlyMany") => AccessMode::ReadOnlyMany,
+            Some(other) => {
+                return Err(self.err(
+                    &join(&ap, "accessMode"),
+                    &format!("is {other:?}, not ReadWriteOnce, ReadWriteMany or ReadOnlyMany"),
+                ))
+            }
+        };
+        let block = match self.string(am, &ap, "volumeMode")?.as_deref() {
+            None | Some("Filesystem") => false,
+            Some("Block") => true,
+            Some(other) => {
+                return Err(self.err(
+                    &join(&ap, "volumeMode"),
+                    &format!("is {other:?}, not Filesystem or Block"),
+                ))
+            }
+        };
+        match self.string(m, path, "fsType")?.as_deref() {
+            None | Some("") => {}
+            Some(_) if block => {
+                return Err(self.err(&join(path, "fsType"), "must not be set for a Block volume"))
+            }
+            Some("ext4") => {}
+            Some(other) => {
+                return Err(self.err(
+                    &join(path, "fsType"),
+                    &format!("{other:?} is not supported (only ext4)"),
+                ))
+            }
+        }
+        if block && access_mode != AccessMode::ReadWriteOnce {
+            return Err(self.err(
+                &join(&ap, "accessMode"),
+                "must be ReadWriteOnce for a Block volume (only filesystems are shared)",
+            ));
+        }
+        Ok(CsiVolume {
+            volume,
+            size_bytes,
+            access_mode,
+            block,
+            read_only: self.boolean(m, path, "readOnly")?,
+        })
     }
 
     fn container(&self, v: &Value, path: &str, init: bool, volumes: &[Volume]) -> R<Container> {
@@ -497,11 +619,22 @@ impl Walker<'_> {
                 return Err(self.err(&join(&p, "mountPath"), "must be an absolute path"));
             }
             let name = self.required(mm, &p, "name")?;
-            if !volumes.iter().any(|v| v.name == name) {
-                return Err(self.err(
-                    &join(&p, "name"),
-                    &format!("names volume {name:?}, which spec.volumes does not list"),
-                ));
+            match volumes.iter().find(|v| v.name == name).map(|v| &v.source) {
+                None => {
+                    return Err(self.err(
+                        &join(&p, "name"),
+                        &format!("names volume {name:?}, which spec.volumes does not list"),
+                    ))
+                }
+                Some(VolumeSource::Csi(c)) if c.block => {
+                    return Err(self.err(
+                        &join(&p, "name"),
+                        &format!(
+                        "names volume {name:?}, a Block volume, which has no filesystem to mount"
+                    ),
+                    ))
+                }
+                Some(_) => {}
             }
             volume_mounts.push(VolumeMount {
                 name,
@@ -725,6 +858,24 @@ fn check_dns_label(s: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "{s:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// storaged's rule for volume ids (its catalog names); the id also names noded's
+/// staging directory, so it can never be `..` or hold a `/`.
+fn check_volume_id(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+        && !s.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} must be 1-64 of a-z, 0-9, '.', '_' or '-', not starting with '.' or '-'"
         ))
     }
 }

@@ -19,6 +19,7 @@ use crate::cri::{api::*, Client};
 use crate::logs;
 use crate::manifest::{self, Container, Pod, VolumeSource};
 use crate::probes::{self, Prober};
+use crate::volumes::Volumes;
 
 const LABEL_MANAGED: &str = "io.edgeos.managed-by";
 const LABEL_FILE: &str = "io.edgeos.pod-file";
@@ -57,6 +58,8 @@ pub struct Settings {
     pub log_max_files: usize,
     /// When set, a pod starts only if each of its images is on the allowlist.
     pub image_policy: Option<crate::policy::Policy>,
+    /// storaged's CSI socket, for pods' `csi` volumes; without it they are refused.
+    pub csi_socket: Option<PathBuf>,
 }
 
 /// What `{"op":"pods"}` answers, one per manifest file.
@@ -98,6 +101,7 @@ pub struct Reconciler {
     invalid: BTreeMap<String, Invalid>,
     status: Status,
     adopted: bool,
+    volumes: Arc<Volumes>,
 }
 
 struct Invalid {
@@ -171,8 +175,13 @@ struct Ctr {
 
 impl Reconciler {
     pub fn new(cri: Client, settings: Settings, status: Status) -> Self {
+        let volumes = Arc::new(Volumes::new(
+            settings.csi_socket.clone(),
+            settings.state_dir.clone(),
+        ));
         Reconciler {
             cri,
+            volumes,
             settings,
             pods: BTreeMap::new(),
             invalid: BTreeMap::new(),
@@ -210,7 +219,8 @@ impl Reconciler {
                 tracing::info!(pod = %run.pod.name, file = %file, "manifest removed or changed: stopping the pod");
                 let cri = self.cri.clone();
                 let settings = self.settings.clone();
-                tokio::spawn(async move { teardown(&cri, &settings, run).await });
+                let volumes = self.volumes.clone();
+                tokio::spawn(async move { teardown(&cri, &settings, &volumes, run).await });
             }
         }
         self.invalid.retain(|f, _| scanned.contains_key(f));
@@ -422,6 +432,7 @@ impl Reconciler {
                     }
                 }
             }
+            self.volumes.adopt(&run.hash, &run.pod).await;
             tracing::info!(pod = %run.pod.name, file = %file, sandbox = %sb.id, "adopted a running pod");
             self.pods.insert(file, run);
         }
@@ -771,7 +782,7 @@ impl Reconciler {
                         )
                     })?;
                 }
-                VolumeSource::HostPath { .. } => {}
+                VolumeSource::HostPath { .. } | VolumeSource::Csi(_) => {}
             }
         }
         let mut images: Vec<&str> = run
@@ -815,6 +826,8 @@ impl Reconciler {
                 )?;
             }
         }
+        // After the image checks: a pod refused for its images provisions nothing.
+        self.volumes.attach(uid, &run.pod).await?;
         let config = self.sandbox_config(run);
         self.cri
             .run_pod_sandbox(RunPodSandboxRequest {
@@ -913,14 +926,18 @@ impl Reconciler {
             .iter()
             .filter_map(|m| {
                 let v = pod.volumes.iter().find(|v| v.name == m.name)?;
-                let host = match &v.source {
-                    VolumeSource::EmptyDir => self.empty_dir(&uid, &v.name),
-                    VolumeSource::HostPath { path, .. } => path.clone(),
+                let (host, read_only) = match &v.source {
+                    VolumeSource::EmptyDir => (self.empty_dir(&uid, &v.name), false),
+                    VolumeSource::HostPath { path, .. } => (path.clone(), false),
+                    VolumeSource::Csi(c) => (
+                        self.volumes.target(&uid, &v.name),
+                        c.read_only || c.access_mode == manifest::AccessMode::ReadOnlyMany,
+                    ),
                 };
                 Some(Mount {
                     container_path: m.mount_path.clone(),
                     host_path: host.display().to_string(),
-                    readonly: m.read_only,
+                    readonly: m.read_only || read_only,
                     ..Default::default()
                 })
             })
@@ -1084,11 +1101,15 @@ async fn stop_sandbox(cri: &Client, sandbox: &str, containers: &[String], grace:
     }
 }
 
-async fn teardown(cri: &Client, settings: &Settings, run: PodRun) {
+async fn teardown(cri: &Client, settings: &Settings, volumes: &Volumes, run: PodRun) {
     if let Some(sb) = &run.sandbox {
         let ids: Vec<String> = run.containers.iter().filter_map(|c| c.id.clone()).collect();
         stop_sandbox(cri, sb, &ids, run.pod.termination_grace_period_seconds).await;
     }
+    // Unpublished only once no container of the pod can write to them any more.
+    volumes
+        .detach_retrying(&run.hash, &run.pod, settings.backoff_base, BACKOFF_MAX)
+        .await;
     for dir in [
         pod_state_dir(&settings.state_dir, &run.hash),
         pod_log_dir(&settings.log_dir, &run.pod, &run.hash),

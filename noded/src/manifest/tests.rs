@@ -377,3 +377,126 @@ fn the_images_static_pods_parse() {
     names.sort();
     assert_eq!(names, ["inference", "sensor"]);
 }
+
+/// GOOD with the hostPath volume replaced by a storaged volume with `csi` as its source.
+fn with_csi(csi: &str) -> String {
+    with(
+        "hostPath: {path: /var/lib/models, type: DirectoryOrCreate}",
+        &format!("csi: {csi}"),
+    )
+}
+
+const CSI: &str = "{driver: storaged.edgeos, fsType: ext4, readOnly: true, volumeAttributes: {volume: model-v1, size: 2Gi, accessMode: ReadWriteMany, volumeMode: Filesystem}}";
+
+#[test]
+fn csi_volumes_are_read_in_kubernetes_inline_shape() {
+    let pod = parse("cam.yaml", &with_csi(CSI)).unwrap();
+    assert_eq!(
+        pod.volumes[1].source,
+        VolumeSource::Csi(CsiVolume {
+            volume: "model-v1".into(),
+            size_bytes: 2 << 30,
+            access_mode: AccessMode::ReadWriteMany,
+            block: false,
+            read_only: true,
+        })
+    );
+    // Defaults: ReadWriteOnce, Filesystem, read-write; sizes may be YAML numbers.
+    let pod = parse(
+        "cam.yaml",
+        &with_csi("{driver: storaged.edgeos, volumeAttributes: {volume: db, size: 1048576}}"),
+    )
+    .unwrap();
+    assert_eq!(
+        pod.volumes[1].source,
+        VolumeSource::Csi(CsiVolume {
+            volume: "db".into(),
+            size_bytes: 1 << 20,
+            access_mode: AccessMode::ReadWriteOnce,
+            block: false,
+            read_only: false,
+        })
+    );
+}
+
+#[test]
+fn bad_csi_volumes_are_named_by_path() {
+    let attrs = |a: &str| {
+        with_csi(&format!(
+            "{{driver: storaged.edgeos, volumeAttributes: {a}}}"
+        ))
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (
+            with_csi("{driver: ebs.csi.aws.com, volumeAttributes: {volume: a, size: 1Gi}}"),
+            "spec.volumes[1].csi.driver \"ebs.csi.aws.com\" is not a driver of this node",
+        ),
+        (
+            with_csi("{driver: storaged.edgeos}"),
+            "spec.volumes[1].csi.volumeAttributes is required",
+        ),
+        (
+            attrs("{volume: a}"),
+            "spec.volumes[1].csi.volumeAttributes.size is required",
+        ),
+        (
+            attrs("{volume: a, size: lots}"),
+            "spec.volumes[1].csi.volumeAttributes.size \"lots\" is not a memory quantity",
+        ),
+        (
+            attrs("{volume: a, size: 0}"),
+            "spec.volumes[1].csi.volumeAttributes.size \"0\" must be more than zero",
+        ),
+        (
+            attrs("{volume: a, size: 1Gi, storageClass: fast}"),
+            "spec.volumes[1].csi.volumeAttributes.storageClass is not supported yet",
+        ),
+        (
+            attrs("{size: 1Gi}"),
+            "spec.volumes[1].csi.volumeAttributes.volume is required",
+        ),
+        (
+            attrs("{volume: ../etc, size: 1Gi}"),
+            "spec.volumes[1].csi.volumeAttributes.volume \"../etc\" must be 1-64 of a-z",
+        ),
+        (
+            attrs("{volume: a, size: 1Gi, accessMode: ReadWriteOncePod}"),
+            "spec.volumes[1].csi.volumeAttributes.accessMode is \"ReadWriteOncePod\"",
+        ),
+        (
+            attrs("{volume: a, size: 1Gi, volumeMode: Raw}"),
+            "spec.volumes[1].csi.volumeAttributes.volumeMode is \"Raw\"",
+        ),
+        (
+            with_csi("{driver: storaged.edgeos, fsType: xfs, volumeAttributes: {volume: a, size: 1Gi}}"),
+            "spec.volumes[1].csi.fsType \"xfs\" is not supported (only ext4)",
+        ),
+        (
+            with_csi("{driver: storaged.edgeos, nodePublishSecretRef: {name: s}, volumeAttributes: {volume: a, size: 1Gi}}"),
+            "spec.volumes[1].csi.nodePublishSecretRef is not supported yet",
+        ),
+        (
+            with(
+                "hostPath: {path: /var/lib/models, type: DirectoryOrCreate}",
+                "hostPath: {path: /m}\n      csi: {driver: storaged.edgeos}",
+            ),
+            "spec.volumes[1] must have only one of hostPath, csi",
+        ),
+        (
+            attrs("{volume: a, size: 1Gi, volumeMode: Block, accessMode: ReadWriteMany}"),
+            "spec.volumes[1].csi.volumeAttributes.accessMode must be ReadWriteOnce for a Block volume",
+        ),
+        (
+            // GOOD mounts the `models` volume into the container: a Block one cannot be.
+            attrs("{volume: a, size: 1Gi, volumeMode: Block}"),
+            "spec.containers[0].volumeMounts[1].name names volume \"models\", a Block volume",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = err(&text);
+        assert!(
+            e.starts_with(&format!("pods/cam.yaml: {want}")),
+            "want {want:?}, got {e:?}"
+        );
+    }
+}

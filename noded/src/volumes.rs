@@ -1,0 +1,387 @@
+//! Pods' CSI volumes from storaged: owns the CSI calls that provision, stage and
+//! publish a pod's `csi` volumes before its sandbox starts, and unpublish and unstage
+//! them after it is gone, and the directories they are mounted on:
+//! `<state_dir>/csi/staging/<volume>` (one per volume on the node) and
+//! `<state_dir>/csi/pods/<uid>/<volume name>` (one per pod that uses it).
+//!
+//! Volumes are persistent and named: nothing here ever deletes one.
+//!
+//! Which pods use which volume is kept here, behind one lock that every stage,
+//! publish, unpublish and unstage goes through, so a pod starting while another that
+//! shares its volume is torn down never finds the staging mount gone under it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use storaged::csi::api::{
+    volume_capability, CapacityRange, CreateVolumeRequest, CreateVolumeResponse,
+    NodePublishVolumeRequest, NodePublishVolumeResponse, NodeStageVolumeRequest,
+    NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
+    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, VolumeCapability,
+};
+use storaged::csi::Client;
+
+use crate::manifest::{AccessMode, CsiVolume, Pod, VolumeSource};
+
+pub struct Volumes {
+    socket: Option<PathBuf>,
+    state_dir: PathBuf,
+    /// volume id → the (pod uid, pod volume name) pairs that may have it published:
+    /// entered before the first stage call, so a failed attempt is cleaned up too.
+    users: tokio::sync::Mutex<BTreeMap<String, BTreeSet<(String, String)>>>,
+}
+
+impl Volumes {
+    /// `socket`: storaged's CSI socket; without one, pods with csi volumes are refused.
+    pub fn new(socket: Option<PathBuf>, state_dir: PathBuf) -> Self {
+        Volumes {
+            socket,
+            state_dir,
+            users: Default::default(),
+        }
+    }
+
+    /// Where a pod's volume is published, and what its containers mount.
+    pub fn target(&self, uid: &str, name: &str) -> PathBuf {
+        self.pod_dir(uid).join(name)
+    }
+
+    fn pod_dir(&self, uid: &str) -> PathBuf {
+        self.state_dir.join("csi/pods").join(uid)
+    }
+
+    fn staging(&self, volume: &str) -> PathBuf {
+        self.state_dir.join("csi/staging").join(volume)
+    }
+
+    /// Creates (if new), stages and publishes each csi volume of the pod. The error
+    /// names the volume, the CSI call and its code; calling again retries (every
+    /// step is idempotent).
+    pub async fn attach(&self, uid: &str, pod: &Pod) -> Result<(), String> {
+        let wanted: Vec<(&str, &CsiVolume)> = csi_volumes(pod).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let Some(socket) = &self.socket else {
+            return Err(format!(
+                "volume {}: csi volumes need storaged, and noded's csi_socket is not set",
+                wanted[0].0
+            ));
+        };
+        let mut users = self.users.lock().await;
+        for (name, v) in wanted {
+            let why = |e: String| format!("volume {name} (storaged volume {}): {e}", v.volume);
+            let client = connect(socket).await.map_err(why)?;
+            let why = |s: tonic::Status| why(s.message().to_string());
+            let cap = capability(v);
+            let _: CreateVolumeResponse = call(
+                &client,
+                "/csi.v1.Controller/CreateVolume",
+                CreateVolumeRequest {
+                    name: v.volume.clone(),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: v.size_bytes,
+                        limit_bytes: 0,
+                    }),
+                    volume_capabilities: vec![cap.clone()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(why)?;
+            users
+                .entry(v.volume.clone())
+                .or_default()
+                .insert((uid.to_string(), name.to_string()));
+            let staging = self.staging(&v.volume);
+            let _: NodeStageVolumeResponse = call(
+                &client,
+                "/csi.v1.Node/NodeStageVolume",
+                NodeStageVolumeRequest {
+                    volume_id: v.volume.clone(),
+                    staging_target_path: path_string(&staging),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(why)?;
+            let target = self.target(uid, name);
+            let _: NodePublishVolumeResponse = call(
+                &client,
+                "/csi.v1.Node/NodePublishVolume",
+                NodePublishVolumeRequest {
+                    volume_id: v.volume.clone(),
+                    staging_target_path: path_string(&staging),
+                    target_path: path_string(&target),
+                    volume_capability: Some(cap),
+                    readonly: v.read_only,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(why)?;
+            tracing::info!(pod = %pod.name, volume = %name, id = %v.volume, target = %target.display(), "csi volume published");
+        }
+        Ok(())
+    }
+
+    /// Records that an adopted pod (left running by an earlier noded) has its
+    /// volumes published, so unstaging waits for it too.
+    pub async fn adopt(&self, uid: &str, pod: &Pod) {
+        let mut users = self.users.lock().await;
+        for (name, v) in csi_volumes(pod) {
+            users
+                .entry(v.volume.clone())
+                .or_default()
+                .insert((uid.to_string(), name.to_string()));
+        }
+    }
+
+    /// Unpublishes the pod's volumes, and unstages each that no other pod on the
+    /// node still uses. What fails stays recorded, so calling again retries it.
+    pub async fn detach(&self, uid: &str, pod: &Pod) -> Result<(), String> {
+        let mut users = self.users.lock().await;
+        let mine: Vec<(String, String)> = users
+            .iter()
+            .flat_map(|(id, us)| {
+                us.iter()
+                    .filter(|(u, _)| u == uid)
+                    .map(move |(_, name)| (id.clone(), name.clone()))
+            })
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let Some(socket) = &self.socket else {
+            return Ok(());
+        };
+        let client = connect(socket)
+            .await
+            .map_err(|e| format!("pod {}: volumes stay published: {e}", pod.name))?;
+        for (id, name) in mine {
+            let why =
+                |s: tonic::Status| format!("volume {name} (storaged volume {id}): {}", s.message());
+            let target = self.target(uid, &name);
+            let r: Result<NodeUnpublishVolumeResponse, _> = call(
+                &client,
+                "/csi.v1.Node/NodeUnpublishVolume",
+                NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: path_string(&target),
+                },
+            )
+            .await;
+            // NOT_FOUND: the volume is gone from storaged, so nothing of it is mounted.
+            match r {
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => return Err(why(e)),
+            }
+            let left = users.get_mut(&id).map(|us| {
+                us.remove(&(uid.to_string(), name.clone()));
+                us.len()
+            });
+            tracing::info!(pod = %pod.name, volume = %name, id = %id, "csi volume unpublished");
+            if left == Some(0) {
+                let staging = self.staging(&id);
+                let r: Result<NodeUnstageVolumeResponse, _> = call(
+                    &client,
+                    "/csi.v1.Node/NodeUnstageVolume",
+                    NodeUnstageVolumeRequest {
+                        volume_id: id.clone(),
+                        staging_target_path: path_string(&staging),
+                    },
+                )
+                .await;
+                match r {
+                    Ok(_) => {}
+                    Err(e) if e.code() == tonic::Code::NotFound => {}
+                    Err(e) => {
+                        // Still staged: the retry must come back here, so the volume
+                        // keeps a user until then.
+                        users
+                            .entry(id.clone())
+                            .or_default()
+                            .insert((uid.to_string(), name.clone()));
+                        return Err(why(e));
+                    }
+                }
+                users.remove(&id);
+                tracing::info!(id = %id, "csi volume unstaged: no pod on the node uses it");
+            }
+        }
+        // Only empty directories are removed: never a mount that is still there.
+        let dir = self.pod_dir(uid);
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("failed to remove {}: {e}", dir.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches until it succeeds, waiting `base` doubling up to `max` between tries:
+    /// a pod's data must not stay mounted because storaged was away for a while.
+    pub async fn detach_retrying(&self, uid: &str, pod: &Pod, base: Duration, max: Duration) {
+        let mut delay = base;
+        loop {
+            match self.detach(uid, pod).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(pod = %pod.name, "{e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(max);
+                }
+            }
+        }
+    }
+}
+
+fn csi_volumes(pod: &Pod) -> impl Iterator<Item = (&str, &CsiVolume)> {
+    pod.volumes.iter().filter_map(|v| match &v.source {
+        VolumeSource::Csi(c) => Some((v.name.as_str(), c)),
+        _ => None,
+    })
+}
+
+/// Kubernetes' access modes as CSI's: everything runs on this one node, so the
+/// shared modes are the single-node ones storaged advertises.
+fn capability(v: &CsiVolume) -> VolumeCapability {
+    use volume_capability::{AccessType, BlockVolume, Mode, MountVolume};
+    let mode = match v.access_mode {
+        AccessMode::ReadWriteOnce => Mode::SingleNodeWriter,
+        AccessMode::ReadWriteMany => Mode::SingleNodeMultiWriter,
+        AccessMode::ReadOnlyMany => Mode::SingleNodeReaderOnly,
+    };
+    VolumeCapability {
+        access_type: Some(if v.block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: "ext4".into(),
+                ..Default::default()
+            })
+        }),
+        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+async fn connect(socket: &Path) -> Result<Client, String> {
+    Client::connect(socket)
+        .await
+        .map_err(|e| format!("storaged is not reachable (UNAVAILABLE): {e}"))
+}
+
+/// How long one CSI call may take: staging a new volume formats it, which storaged
+/// keeps short (a fresh thin volume reads zeros, so mke2fs writes little).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One CSI call; its error as a status whose message reads
+/// `<Call>: <CODE>: <storaged's message>`.
+async fn call<Req, Resp>(
+    client: &Client,
+    method: &'static str,
+    req: Req,
+) -> Result<Resp, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let short = method.rsplit('/').next().unwrap_or(method);
+    let status = match tokio::time::timeout(CALL_TIMEOUT, client.call(method, req)).await {
+        Ok(Ok(resp)) => return Ok(resp),
+        Ok(Err(s)) => s,
+        Err(_) => tonic::Status::deadline_exceeded(format!(
+            "no answer from storaged within {CALL_TIMEOUT:?}"
+        )),
+    };
+    Err(tonic::Status::new(
+        status.code(),
+        format!(
+            "{short}: {}: {}",
+            code_name(status.code()),
+            status.message()
+        ),
+    ))
+}
+
+/// gRPC's own spelling of a status code, as the CSI specification names them.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn path_string(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(mode: AccessMode, block: bool) -> CsiVolume {
+        CsiVolume {
+            volume: "v".into(),
+            size_bytes: 1,
+            access_mode: mode,
+            block,
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn access_modes_become_storageds_single_node_modes() {
+        use volume_capability::{AccessType, Mode};
+        let mode = |m| capability(&volume(m, false)).access_mode.unwrap().mode;
+        assert_eq!(
+            mode(AccessMode::ReadWriteOnce),
+            Mode::SingleNodeWriter as i32
+        );
+        assert_eq!(
+            mode(AccessMode::ReadWriteMany),
+            Mode::SingleNodeMultiWriter as i32
+        );
+        assert_eq!(
+            mode(AccessMode::ReadOnlyMany),
+            Mode::SingleNodeReaderOnly as i32
+        );
+        let fs = capability(&volume(AccessMode::ReadWriteOnce, false));
+        assert!(matches!(fs.access_type, Some(AccessType::Mount(m)) if m.fs_type == "ext4"));
+        let block = capability(&volume(AccessMode::ReadWriteOnce, true));
+        assert!(matches!(block.access_type, Some(AccessType::Block(_))));
+    }
+
+    #[tokio::test]
+    async fn without_a_socket_csi_volumes_are_refused_by_name() {
+        let pod = crate::manifest::parse(
+            "p.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  volumes:\n  - name: data\n    csi: {driver: storaged.edgeos, volumeAttributes: {volume: db, size: 1Gi}}\n  containers:\n  - name: a\n    image: i\n",
+        )
+        .unwrap();
+        let v = Volumes::new(None, "/nonexistent".into());
+        let e = v.attach("uid", &pod).await.unwrap_err();
+        assert!(e.contains("volume data") && e.contains("csi_socket"), "{e}");
+        // Nothing was attached, so there is nothing to detach.
+        v.detach("uid", &pod).await.unwrap();
+    }
+}
