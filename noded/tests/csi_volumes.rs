@@ -1,0 +1,574 @@
+//! Pods' csi volumes through the real daemon and a real containerd: noded creates,
+//! stages and publishes a storaged volume before the pod's container starts, the
+//! container writes into it, a second pod shares it read-only, removing a pod
+//! unpublishes its mount and unstages the volume only when no pod uses it any more,
+//! the data stays, and a CSI error (RESOURCE_EXHAUSTED) is the pod's error naming the
+//! volume, retried, while the other pods run.
+//!
+//! The CSI server here is a test double, not storaged: storaged's volumes are
+//! device-mapper thin devices and the host kernel has no device-mapper (storaged runs
+//! in the QEMU tests). The double speaks the same wire format (storaged's own
+//! `csi::api` messages over gRPC on a unix socket), records every call, and stands in
+//! for a volume with a directory: stage bind-mounts it on the staging path, publish
+//! bind-mounts the staging path on the target (read-only when asked), as storaged does
+//! with the ext4 mount.
+
+// The handlers answer with gRPC statuses, as tonic's own services do.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use storaged::csi::api::*;
+use tonic::body::Body;
+use tonic::codec::ProstCodec;
+use tonic::codegen::http;
+use tonic::{Code, Status};
+
+mod common;
+use common::*;
+
+/// One CSI call as the double saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Call {
+    method: &'static str,
+    volume: String,
+    /// The staging path (stage, unstage) or target path (publish, unpublish).
+    path: String,
+    read_only: bool,
+    /// CreateVolume's size and every call's access mode, where given.
+    size: i64,
+    mode: i32,
+}
+
+#[derive(Default)]
+struct State {
+    calls: Vec<Call>,
+    /// CreateVolume of these names fails with this code.
+    refuse: BTreeMap<String, (Code, String)>,
+}
+
+/// The CSI double: its volumes are directories under `root`.
+#[derive(Clone)]
+struct Double {
+    root: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+fn mode_of(cap: &Option<VolumeCapability>) -> i32 {
+    cap.as_ref()
+        .and_then(|c| c.access_mode.as_ref())
+        .map_or(0, |m| m.mode)
+}
+
+fn mounted(path: &Path) -> bool {
+    let p = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), Status> {
+    let (s, d) = (cstr(src), cstr(dst));
+    // SAFETY: valid NUL-terminated paths; null fstype and data are allowed for binds.
+    let mut rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 && read_only {
+        // The kernel ignores MS_RDONLY on the bind itself.
+        rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                d.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        };
+    }
+    if rc != 0 {
+        return Err(Status::internal(format!(
+            "bind {} on {}: {}",
+            src.display(),
+            dst.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+fn unmount(path: &Path) {
+    let p = cstr(path);
+    while mounted(path) {
+        // SAFETY: valid NUL-terminated path.
+        if unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) } != 0 {
+            break;
+        }
+    }
+}
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+impl Double {
+    fn record(&self, call: Call) {
+        self.state.lock().unwrap().calls.push(call);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    fn backing(&self, volume: &str) -> PathBuf {
+        self.root.join(volume)
+    }
+
+    fn create(&self, r: CreateVolumeRequest) -> Result<CreateVolumeResponse, Status> {
+        let size = r.capacity_range.as_ref().map_or(0, |c| c.required_bytes);
+        self.record(Call {
+            method: "CreateVolume",
+            volume: r.name.clone(),
+            path: String::new(),
+            read_only: false,
+            size,
+            mode: mode_of(&r.volume_capabilities.first().cloned()),
+        });
+        if let Some((code, msg)) = self.state.lock().unwrap().refuse.get(&r.name) {
+            return Err(Status::new(*code, msg.clone()));
+        }
+        std::fs::create_dir_all(self.backing(&r.name))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(CreateVolumeResponse {
+            volume: Some(Volume {
+                capacity_bytes: size,
+                volume_id: r.name,
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, Status> {
+        self.record(Call {
+            method: "NodeStageVolume",
+            volume: r.volume_id.clone(),
+            path: r.staging_target_path.clone(),
+            read_only: false,
+            size: 0,
+            mode: mode_of(&r.volume_capability),
+        });
+        let staging = PathBuf::from(&r.staging_target_path);
+        if !self.backing(&r.volume_id).is_dir() {
+            return Err(Status::not_found(format!(
+                "volume {} does not exist",
+                r.volume_id
+            )));
+        }
+        if !mounted(&staging) {
+            std::fs::create_dir_all(&staging).map_err(|e| Status::internal(e.to_string()))?;
+            bind(&self.backing(&r.volume_id), &staging, false)?;
+        }
+        Ok(NodeStageVolumeResponse {})
+    }
+
+    fn publish(&self, r: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, Status> {
+        self.record(Call {
+            method: "NodePublishVolume",
+            volume: r.volume_id.clone(),
+            path: r.target_path.clone(),
+            read_only: r.readonly,
+            size: 0,
+            mode: mode_of(&r.volume_capability),
+        });
+        let (staging, target) = (
+            PathBuf::from(&r.staging_target_path),
+            PathBuf::from(&r.target_path),
+        );
+        if !mounted(&staging) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is not staged at {}",
+                r.volume_id, r.staging_target_path
+            )));
+        }
+        if !mounted(&target) {
+            std::fs::create_dir_all(&target).map_err(|e| Status::internal(e.to_string()))?;
+            bind(&staging, &target, r.readonly)?;
+        }
+        Ok(NodePublishVolumeResponse {})
+    }
+
+    fn unpublish(
+        &self,
+        r: NodeUnpublishVolumeRequest,
+    ) -> Result<NodeUnpublishVolumeResponse, Status> {
+        self.record(Call {
+            method: "NodeUnpublishVolume",
+            volume: r.volume_id.clone(),
+            path: r.target_path.clone(),
+            read_only: false,
+            size: 0,
+            mode: 0,
+        });
+        let target = PathBuf::from(&r.target_path);
+        unmount(&target);
+        let _ = std::fs::remove_dir(&target);
+        Ok(NodeUnpublishVolumeResponse {})
+    }
+
+    fn unstage(&self, r: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse, Status> {
+        self.record(Call {
+            method: "NodeUnstageVolume",
+            volume: r.volume_id.clone(),
+            path: r.staging_target_path.clone(),
+            read_only: false,
+            size: 0,
+            mode: 0,
+        });
+        unmount(Path::new(&r.staging_target_path));
+        Ok(NodeUnstageVolumeResponse {})
+    }
+}
+
+/// Decodes one request, answers it with `f` and encodes the reply.
+async fn unary<Req, Resp>(
+    req: http::Request<Body>,
+    f: impl Fn(Req) -> Result<Resp, Status> + Clone + Send + Sync + 'static,
+) -> http::Response<Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+{
+    let mut grpc = tonic::server::Grpc::new(ProstCodec::<Resp, Req>::default());
+    let svc = tower::service_fn(move |r: tonic::Request<Req>| {
+        let f = f.clone();
+        async move { f(r.into_inner()).map(tonic::Response::new) }
+    });
+    grpc.unary(svc, req).await
+}
+
+impl tower::Service<http::Request<Body>> for Double {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let d = self.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            Ok(match path.as_str() {
+                "/csi.v1.Controller/CreateVolume" => unary(req, move |r| d.create(r)).await,
+                "/csi.v1.Node/NodeStageVolume" => unary(req, move |r| d.stage(r)).await,
+                "/csi.v1.Node/NodePublishVolume" => unary(req, move |r| d.publish(r)).await,
+                "/csi.v1.Node/NodeUnpublishVolume" => unary(req, move |r| d.unpublish(r)).await,
+                "/csi.v1.Node/NodeUnstageVolume" => unary(req, move |r| d.unstage(r)).await,
+                other => {
+                    Status::unimplemented(format!("the double does not serve {other}")).into_http()
+                }
+            })
+        })
+    }
+}
+
+fn serve(socket: &Path, root: &Path) -> Double {
+    std::fs::create_dir_all(root).unwrap();
+    let double = Double {
+        root: root.to_path_buf(),
+        state: Default::default(),
+    };
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    let svc = double.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .serve_with_incoming(
+                svc,
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+            )
+            .await
+    });
+    double
+}
+
+const WRITER: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: writer}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - name: data
+      csi:
+        driver: storaged.edgeos
+        fsType: ext4
+        volumeAttributes: {volume: shared, size: 64Mi, accessMode: ReadWriteMany}
+  containers:
+    - name: w
+      image: edge.local/writer:1
+      args: [/data/from-writer, "written in a container"]
+      volumeMounts:
+        - {name: data, mountPath: /data}
+"#;
+
+/// The same volume, published read-only into a second pod.
+const READER: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: reader}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - name: model
+      csi:
+        driver: storaged.edgeos
+        readOnly: true
+        volumeAttributes: {volume: shared, size: 64Mi, accessMode: ReadWriteMany}
+  containers:
+    - name: w
+      image: edge.local/writer:1
+      args: [/model/from-reader, "must not land"]
+      volumeMounts:
+        - {name: model, mountPath: /model}
+"#;
+
+/// A volume the double's pool has no room for.
+const FULL: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: full}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - name: big
+      csi:
+        driver: storaged.edgeos
+        volumeAttributes: {volume: huge, size: 1Ti}
+  containers:
+    - name: w
+      image: edge.local/writer:1
+      args: [/big/x, "y"]
+      volumeMounts:
+        - {name: big, mountPath: /big}
+"#;
+
+/// The container's first log file of a pod, once it has `needle`.
+async fn wait_log(logs: &Path, pod: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_dir(logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&format!("default_{pod}_")))
+            })
+            .and_then(|e| std::fs::read_to_string(e.path().join("w/0.log")).ok())
+            .unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod {pod}: no {needle:?} in its log within 30 s: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_calls(double: &Double, what: &str, ok: impl Fn(&[Call]) -> bool) -> Vec<Call> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls = double.calls();
+        if ok(&calls) {
+            return calls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 30 s; calls: {calls:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn position(calls: &[Call], method: &str, path_has: &str) -> Option<usize> {
+    calls
+        .iter()
+        .position(|c| c.method == method && c.path.contains(path_has))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_volumes_are_published_before_the_container_and_released_after_the_pod() {
+    let node = Node::start_with("noded-csi-", "csi_socket = \"{dir}/csi.sock\"", |dir| {
+        let writer = build_static("writer", "tests/programs/writer.rs", dir);
+        std::fs::write(
+            dir.join("images/writer.tar"),
+            archive("writer:1", "writer", writer, &[]),
+        )
+        .unwrap();
+    })
+    .await;
+    let dir = node.env.dir.clone();
+    let double = serve(&dir.join("csi.sock"), &dir.join("double-volumes"));
+    double.state.lock().unwrap().refuse.insert(
+        "huge".into(),
+        (
+            Code::ResourceExhausted,
+            "volume huge: 1099511627776 bytes is more than the overcommit limit leaves".into(),
+        ),
+    );
+    let state = dir.join("state");
+    let staging = state.join("csi/staging/shared");
+
+    std::fs::write(node.manifests.join("writer.yaml"), WRITER).unwrap();
+    std::fs::write(node.manifests.join("full.yaml"), FULL).unwrap();
+
+    // The pool's refusal is the pod's error, naming the pod's volume, storaged's
+    // volume and the CSI code; the other pod runs regardless.
+    let pods = node
+        .env
+        .wait_for("writer running, full refused", |p| {
+            let writer = p.iter().find(|p| p.file == "writer.yaml");
+            let full = p.iter().find(|p| p.file == "full.yaml");
+            writer.is_some_and(|w| w.state == "running") && full.is_some_and(|f| f.error.is_some())
+        })
+        .await;
+    let full = pods.iter().find(|p| p.file == "full.yaml").unwrap();
+    let err = full.error.as_deref().unwrap();
+    assert_eq!(full.state, "pending");
+    assert!(
+        err.contains("volume big")
+            && err.contains("huge")
+            && err.contains("CreateVolume: RESOURCE_EXHAUSTED")
+            && err.contains("overcommit limit"),
+        "{err}"
+    );
+
+    // What the container wrote is in the volume: the publish was in place before the
+    // container started (else the write would have landed in the bare target
+    // directory, not in the volume).
+    wait_log(
+        &node.env.dir.join("logs"),
+        "writer",
+        "wrote /data/from-writer",
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(double.backing("shared").join("from-writer")).unwrap(),
+        "written in a container"
+    );
+    let calls = double.calls();
+    let shared: Vec<&Call> = calls.iter().filter(|c| c.volume == "shared").collect();
+    let methods: Vec<&str> = shared.iter().map(|c| c.method).collect();
+    assert_eq!(
+        methods,
+        ["CreateVolume", "NodeStageVolume", "NodePublishVolume"],
+        "{calls:#?}"
+    );
+    let rwx = volume_capability::Mode::SingleNodeMultiWriter as i32;
+    assert_eq!((shared[0].size, shared[0].mode), (64 << 20, rwx));
+    assert_eq!(shared[1].path, staging.display().to_string());
+    let writer_target = PathBuf::from(&shared[2].path);
+    assert!(
+        writer_target.starts_with(state.join("csi/pods")) && writer_target.ends_with("data"),
+        "{writer_target:?}"
+    );
+    assert!(!shared[2].read_only);
+
+    // Back-off retries of the refused volume; it was never staged.
+    wait_calls(&double, "a second CreateVolume of huge", |c| {
+        c.iter().filter(|c| c.volume == "huge").count() >= 2
+    })
+    .await;
+    assert!(double
+        .calls()
+        .iter()
+        .all(|c| c.volume != "huge" || c.method == "CreateVolume"));
+
+    // A second pod shares the volume read-only: one staging, its own publish, and the
+    // kernel refuses its write.
+    std::fs::write(node.manifests.join("reader.yaml"), READER).unwrap();
+    let log = wait_log(&node.env.dir.join("logs"), "reader", "/model/from-reader").await;
+    assert!(log.contains("write to /model/from-reader failed"), "{log}");
+    assert!(!double.backing("shared").join("from-reader").exists());
+    let calls = double.calls();
+    let reader_publish = calls
+        .iter()
+        .find(|c| c.method == "NodePublishVolume" && c.path.ends_with("/model"))
+        .expect("the reader's publish");
+    assert!(reader_publish.read_only);
+    let reader_target = PathBuf::from(&reader_publish.path);
+
+    // The writer goes: its publish is released, but the volume stays staged for the
+    // reader.
+    std::fs::remove_file(node.manifests.join("writer.yaml")).unwrap();
+    wait_calls(&double, "the writer's unpublish", |c| {
+        position(
+            c,
+            "NodeUnpublishVolume",
+            &writer_target.display().to_string(),
+        )
+        .is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        position(&double.calls(), "NodeUnstageVolume", "").is_none(),
+        "unstaged while the reader still uses it: {:#?}",
+        double.calls()
+    );
+    assert!(mounted(&staging) && mounted(&reader_target) && !mounted(&writer_target));
+
+    // The last user goes: unpublish, then unstage; the data stays.
+    std::fs::remove_file(node.manifests.join("reader.yaml")).unwrap();
+    let calls = wait_calls(&double, "the volume's unstage", |c| {
+        position(c, "NodeUnstageVolume", "").is_some()
+    })
+    .await;
+    let unpublish = position(
+        &calls,
+        "NodeUnpublishVolume",
+        &reader_target.display().to_string(),
+    )
+    .expect("the reader's unpublish");
+    let unstage = position(&calls, "NodeUnstageVolume", "").unwrap();
+    assert!(unpublish < unstage, "{calls:#?}");
+    assert_eq!(calls[unstage].path, staging.display().to_string());
+    assert!(!mounted(&staging) && !mounted(&reader_target));
+    assert_eq!(
+        std::fs::read_to_string(double.backing("shared").join("from-writer")).unwrap(),
+        "written in a container"
+    );
+    // Pods gone, their per-pod directories with them; nothing ever deleted a volume.
+    assert!(!writer_target.parent().unwrap().exists());
+    assert!(!reader_target.parent().unwrap().exists());
+
+    // The refused pod goes without a CSI call for a volume it never had.
+    let before = double.calls().len();
+    std::fs::remove_file(node.manifests.join("full.yaml")).unwrap();
+    node.env
+        .wait_for("full removed", |p| p.iter().all(|p| p.file != "full.yaml"))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after: Vec<Call> = double.calls()[before..].to_vec();
+    assert!(
+        after.iter().all(|c| c.method == "CreateVolume"),
+        "{after:#?}"
+    );
+}
