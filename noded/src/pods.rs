@@ -8,7 +8,7 @@
 //! it as labels, and a new noded adopts a running sandbox whose hash still matches
 //! instead of recreating it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -435,6 +435,18 @@ impl Reconciler {
             self.volumes.adopt(&run.hash, &run.pod).await;
             tracing::info!(pod = %run.pod.name, file = %file, sandbox = %sb.id, "adopted a running pod");
             self.pods.insert(file, run);
+        }
+        // Volumes still published for pods that went while no noded watched (their
+        // sandboxes were just removed, or a reboot took them): released in the
+        // background, like any other pod's after its teardown.
+        let live: BTreeSet<String> = scanned.values().map(|f| f.hash.clone()).collect();
+        for (uid, pod) in self.volumes.orphans(&live).await {
+            tracing::info!(pod = %pod, uid = %uid, "releasing the csi volumes of a pod that is gone");
+            let volumes = self.volumes.clone();
+            let base = self.settings.backoff_base;
+            tokio::spawn(
+                async move { volumes.detach_retrying(&uid, &pod, base, BACKOFF_MAX).await },
+            );
         }
         Ok(())
     }
@@ -1108,7 +1120,12 @@ async fn teardown(cri: &Client, settings: &Settings, volumes: &Volumes, run: Pod
     }
     // Unpublished only once no container of the pod can write to them any more.
     volumes
-        .detach_retrying(&run.hash, &run.pod, settings.backoff_base, BACKOFF_MAX)
+        .detach_retrying(
+            &run.hash,
+            &format!("{}/{}", run.pod.namespace, run.pod.name),
+            settings.backoff_base,
+            BACKOFF_MAX,
+        )
         .await;
     for dir in [
         pod_state_dir(&settings.state_dir, &run.hash),

@@ -8,7 +8,10 @@
 //!
 //! Which pods use which volume is kept here, behind one lock that every stage,
 //! publish, unpublish and unstage goes through, so a pod starting while another that
-//! shares its volume is torn down never finds the staging mount gone under it.
+//! shares its volume is torn down never finds the staging mount gone under it. Each
+//! pod's volumes are also recorded in `<state_dir>/csi/pods/<uid>.json` until they are
+//! released, so a noded that starts after a pod went (noded down, or a reboot) still
+//! unpublishes and unstages what that pod held.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -55,6 +58,10 @@ impl Volumes {
         self.state_dir.join("csi/staging").join(volume)
     }
 
+    fn record_path(&self, uid: &str) -> PathBuf {
+        self.state_dir.join("csi/pods").join(format!("{uid}.json"))
+    }
+
     /// Creates (if new), stages and publishes each csi volume of the pod. The error
     /// names the volume, the CSI call and its code; calling again retries (every
     /// step is idempotent).
@@ -70,6 +77,14 @@ impl Volumes {
             ));
         };
         let mut users = self.users.lock().await;
+        let record = Record {
+            pod: format!("{}/{}", pod.namespace, pod.name),
+            volumes: wanted
+                .iter()
+                .map(|(name, v)| (name.to_string(), v.volume.clone()))
+                .collect(),
+        };
+        self.write_record(uid, &record)?;
         for (name, v) in wanted {
             let why = |e: String| format!("volume {name} (storaged volume {}): {e}", v.volume);
             let client = connect(socket).await.map_err(why)?;
@@ -141,7 +156,7 @@ impl Volumes {
 
     /// Unpublishes the pod's volumes, and unstages each that no other pod on the
     /// node still uses. What fails stays recorded, so calling again retries it.
-    pub async fn detach(&self, uid: &str, pod: &Pod) -> Result<(), String> {
+    pub async fn detach(&self, uid: &str, pod: &str) -> Result<(), String> {
         let mut users = self.users.lock().await;
         let mine: Vec<(String, String)> = users
             .iter()
@@ -152,6 +167,7 @@ impl Volumes {
             })
             .collect();
         if mine.is_empty() {
+            self.remove_record(uid);
             return Ok(());
         }
         let Some(socket) = &self.socket else {
@@ -159,7 +175,7 @@ impl Volumes {
         };
         let client = connect(socket)
             .await
-            .map_err(|e| format!("pod {}: volumes stay published: {e}", pod.name))?;
+            .map_err(|e| format!("pod {pod}: volumes stay published: {e}"))?;
         for (id, name) in mine {
             let why =
                 |s: tonic::Status| format!("volume {name} (storaged volume {id}): {}", s.message());
@@ -183,7 +199,7 @@ impl Volumes {
                 us.remove(&(uid.to_string(), name.clone()));
                 us.len()
             });
-            tracing::info!(pod = %pod.name, volume = %name, id = %id, "csi volume unpublished");
+            tracing::info!(pod = %pod, volume = %name, id = %id, "csi volume unpublished");
             if left == Some(0) {
                 let staging = self.staging(&id);
                 let r: Result<NodeUnstageVolumeResponse, _> = call(
@@ -212,6 +228,7 @@ impl Volumes {
                 tracing::info!(id = %id, "csi volume unstaged: no pod on the node uses it");
             }
         }
+        self.remove_record(uid);
         // Only empty directories are removed: never a mount that is still there.
         let dir = self.pod_dir(uid);
         if let Err(e) = std::fs::remove_dir(&dir) {
@@ -224,19 +241,91 @@ impl Volumes {
 
     /// Detaches until it succeeds, waiting `base` doubling up to `max` between tries:
     /// a pod's data must not stay mounted because storaged was away for a while.
-    pub async fn detach_retrying(&self, uid: &str, pod: &Pod, base: Duration, max: Duration) {
+    pub async fn detach_retrying(&self, uid: &str, pod: &str, base: Duration, max: Duration) {
         let mut delay = base;
         loop {
             match self.detach(uid, pod).await {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(pod = %pod.name, "{e}; retrying in {delay:?}");
+                    tracing::warn!(pod = %pod, "{e}; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(max);
                 }
             }
         }
     }
+
+    /// Pods an earlier noded published volumes for that are not among `live` (the
+    /// uids of the pods this noded runs or will run): their volumes become theirs
+    /// again here, for [`Volumes::detach`]. Returns (uid, pod) of each.
+    pub async fn orphans(&self, live: &BTreeSet<String>) -> Vec<(String, String)> {
+        let dir = self.state_dir.join("csi/pods");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                tracing::warn!("failed to read {}: {e}", dir.display());
+                return Vec::new();
+            }
+        };
+        let mut users = self.users.lock().await;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(uid) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|u| !u.starts_with('.') && !live.contains(*u))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let record: Record = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("ignoring {}: {e}", path.display());
+                    continue;
+                }
+            };
+            for (name, id) in record.volumes {
+                users.entry(id).or_default().insert((uid.clone(), name));
+            }
+            out.push((uid, record.pod));
+        }
+        out
+    }
+
+    fn write_record(&self, uid: &str, record: &Record) -> Result<(), String> {
+        let path = self.record_path(uid);
+        let tmp = path.with_file_name(format!(".{uid}.json.tmp"));
+        let text = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+        let dir = self.state_dir.join("csi/pods");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    }
+
+    fn remove_record(&self, uid: &str) {
+        let path = self.record_path(uid);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("failed to remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// What `<uid>.json` holds: the pod (namespace/name, for messages) and its csi
+/// volumes as (pod volume name, storaged volume id).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    pod: String,
+    volumes: Vec<(String, String)>,
 }
 
 fn csi_volumes(pod: &Pod) -> impl Iterator<Item = (&str, &CsiVolume)> {
@@ -382,6 +471,6 @@ mod tests {
         let e = v.attach("uid", &pod).await.unwrap_err();
         assert!(e.contains("volume data") && e.contains("csi_socket"), "{e}");
         // Nothing was attached, so there is nothing to detach.
-        v.detach("uid", &pod).await.unwrap();
+        v.detach("uid", "default/a").await.unwrap();
     }
 }

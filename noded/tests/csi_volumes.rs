@@ -415,7 +415,7 @@ fn position(calls: &[Call], method: &str, path_has: &str) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_volumes_are_published_before_the_container_and_released_after_the_pod() {
-    let node = Node::start_with("noded-csi-", "csi_socket = \"{dir}/csi.sock\"", |dir| {
+    let mut node = Node::start_with("noded-csi-", "csi_socket = \"{dir}/csi.sock\"", |dir| {
         let writer = build_static("writer", "tests/programs/writer.rs", dir);
         std::fs::write(
             dir.join("images/writer.tar"),
@@ -571,4 +571,43 @@ async fn csi_volumes_are_published_before_the_container_and_released_after_the_p
         after.iter().all(|c| c.method == "CreateVolume"),
         "{after:#?}"
     );
+
+    // A pod that goes while noded is down: the next noded removes its sandbox and
+    // releases the volume it held (from noded's record of it).
+    std::fs::write(node.manifests.join("writer.yaml"), WRITER).unwrap();
+    let calls = wait_calls(&double, "the writer's second publish", |c| {
+        c.iter()
+            .filter(|c| c.method == "NodePublishVolume" && c.path.ends_with("/data"))
+            .count()
+            == 2
+    })
+    .await;
+    let target = PathBuf::from(&calls.last().unwrap().path);
+    node.env
+        .wait_for("writer running again", |p| {
+            p.iter()
+                .any(|p| p.file == "writer.yaml" && p.state == "running")
+        })
+        .await;
+    let records = || -> Vec<PathBuf> {
+        std::fs::read_dir(state.join("csi/pods"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect()
+    };
+    assert_eq!(records().len(), 1, "{:?}", records());
+    node.noded.take();
+    std::fs::remove_file(node.manifests.join("writer.yaml")).unwrap();
+    node.noded = Some(start_noded(&dir.join("noded.toml"), &node.env.noded_log));
+    let calls = wait_calls(&double, "the second unstage", |c| {
+        c.iter().filter(|c| c.method == "NodeUnstageVolume").count() == 2
+    })
+    .await;
+    let unpublish = position(&calls, "NodeUnpublishVolume", &target.display().to_string())
+        .expect("the gone pod's unpublish");
+    assert!(unpublish < calls.len() - 1, "{calls:#?}");
+    assert!(!mounted(&target) && !mounted(&staging));
+    assert!(records().is_empty(), "{:?}", records());
 }
