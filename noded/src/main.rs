@@ -416,6 +416,10 @@ mod tests {
         assert_eq!(c.restart_backoff_base_ms, 10_000);
         assert_eq!(c.control_socket, Path::new("/run/noded/noded.sock"));
         assert_eq!((c.log_max_bytes, c.log_max_files), (10 << 20, 3));
+        assert_eq!(
+            c.csi_socket.as_deref(),
+            Some(Path::new("/run/storaged/csi.sock"))
+        );
     }
 
     #[test]
