@@ -116,7 +116,7 @@ impl Volumes {
                 NodeStageVolumeRequest {
                     volume_id: v.volume.clone(),
                     staging_target_path: path_string(&staging),
-                    volume_capability: Some(cap.clone()),
+                    volume_capability: Some(staging_capability(v)),
                     ..Default::default()
                 },
             )
@@ -131,7 +131,7 @@ impl Volumes {
                     staging_target_path: path_string(&staging),
                     target_path: path_string(&target),
                     volume_capability: Some(cap),
-                    readonly: v.read_only,
+                    readonly: v.read_only || v.access_mode == AccessMode::ReadOnlyMany,
                     ..Default::default()
                 },
             )
@@ -338,12 +338,31 @@ fn csi_volumes(pod: &Pod) -> impl Iterator<Item = (&str, &CsiVolume)> {
 /// Kubernetes' access modes as CSI's: everything runs on this one node, so the
 /// shared modes are the single-node ones storaged advertises.
 fn capability(v: &CsiVolume) -> VolumeCapability {
-    use volume_capability::{AccessType, BlockVolume, Mode, MountVolume};
-    let mode = match v.access_mode {
-        AccessMode::ReadWriteOnce => Mode::SingleNodeWriter,
-        AccessMode::ReadWriteMany => Mode::SingleNodeMultiWriter,
-        AccessMode::ReadOnlyMany => Mode::SingleNodeReaderOnly,
-    };
+    use volume_capability::Mode;
+    with_mode(
+        v,
+        match v.access_mode {
+            AccessMode::ReadWriteOnce => Mode::SingleNodeWriter,
+            AccessMode::ReadWriteMany => Mode::SingleNodeMultiWriter,
+            AccessMode::ReadOnlyMany => Mode::SingleNodeReaderOnly,
+        },
+    )
+}
+
+/// The capability a volume is staged with. The staging mount is shared by every pod
+/// on the node that uses the volume, and storaged mounts it read-only for a reader
+/// mode: a ReadOnlyMany pod staging first would leave the volume read-only for the
+/// writers that come after it. So it is staged as shared-writable, and its readers'
+/// publishes are read-only instead (the kernel still refuses their writes).
+fn staging_capability(v: &CsiVolume) -> VolumeCapability {
+    match v.access_mode {
+        AccessMode::ReadOnlyMany => with_mode(v, volume_capability::Mode::SingleNodeMultiWriter),
+        _ => capability(v),
+    }
+}
+
+fn with_mode(v: &CsiVolume, mode: volume_capability::Mode) -> VolumeCapability {
+    use volume_capability::{AccessType, BlockVolume, MountVolume};
     VolumeCapability {
         access_type: Some(if v.block {
             AccessType::Block(BlockVolume {})
@@ -358,9 +377,15 @@ fn capability(v: &CsiVolume) -> VolumeCapability {
 }
 
 async fn connect(socket: &Path) -> Result<Client, String> {
-    Client::connect(socket)
-        .await
-        .map_err(|e| format!("storaged is not reachable (UNAVAILABLE): {e}"))
+    // A socket whose server hangs would otherwise hold up every pod's reconciling.
+    match tokio::time::timeout(Duration::from_secs(10), Client::connect(socket)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("storaged is not reachable (UNAVAILABLE): {e}")),
+        Err(_) => Err(format!(
+            "storaged is not reachable (UNAVAILABLE): no connection on {} within 10 s",
+            socket.display()
+        )),
+    }
 }
 
 /// How long one CSI call may take: staging a new volume formats it, which storaged
@@ -458,6 +483,29 @@ mod tests {
         assert!(matches!(fs.access_type, Some(AccessType::Mount(m)) if m.fs_type == "ext4"));
         let block = capability(&volume(AccessMode::ReadWriteOnce, true));
         assert!(matches!(block.access_type, Some(AccessType::Block(_))));
+    }
+
+    #[test]
+    fn readers_stage_shared_writable_so_later_writers_can_write() {
+        use volume_capability::Mode;
+        let staged = |m| {
+            staging_capability(&volume(m, false))
+                .access_mode
+                .unwrap()
+                .mode
+        };
+        assert_eq!(
+            staged(AccessMode::ReadOnlyMany),
+            Mode::SingleNodeMultiWriter as i32
+        );
+        assert_eq!(
+            staged(AccessMode::ReadWriteOnce),
+            Mode::SingleNodeWriter as i32
+        );
+        assert_eq!(
+            staged(AccessMode::ReadWriteMany),
+            Mode::SingleNodeMultiWriter as i32
+        );
     }
 
     #[tokio::test]
