@@ -8,6 +8,7 @@ mod debs;
 pub mod definition;
 mod disk;
 mod elf;
+pub mod keys;
 mod modules;
 mod rootfs;
 mod uki;
@@ -84,6 +85,8 @@ pub struct Inputs {
     pub definition: PathBuf,
     pub overlay: PathBuf,
     pub bin_dir: PathBuf,
+    /// The operator's signing key (`keys.rs`): its public half goes into the image.
+    pub key: keys::SigningKey,
 }
 
 impl Inputs {
@@ -97,6 +100,7 @@ impl Inputs {
             definition: repo.join("image/image.toml"),
             overlay: repo.join("image/overlay"),
             bin_dir: target.join(TARGET).join("release"),
+            key: keys::operator_key(&keys::key_dir()?)?,
             repo,
         })
     }
@@ -228,6 +232,7 @@ fn stamp(inputs: &Inputs, debs: &[PathBuf]) -> Result<String> {
     let read =
         |p: &Path| std::fs::read(p).with_context(|| format!("failed to read {}", p.display()));
     add("definition", &read(&inputs.definition)?);
+    add("key", inputs.key.public_hex.as_bytes());
     for rel in rootfs::list_tree(&inputs.overlay)? {
         let p = inputs.overlay.join(&rel);
         let data = if p.is_symlink() {

@@ -153,7 +153,10 @@ pub fn assemble(
     for b in ["storaged", "fabricd", "noded"] {
         copy_entry(&inputs.binary(b), &root.join("usr/bin").join(b))?;
     }
-    // The bundled workloads as OCI archives, which noded serves to containerd.
+    // The bundled workloads as OCI archives, which noded serves to containerd, and the
+    // image allowlist of their manifest digests, signed with the operator's key, which
+    // the image trusts (`/etc/edge/core-ed25519.pub`; noded and fabricd check with it).
+    let mut allowed = Vec::new();
     for (bin, _, name) in super::WORKLOAD_IMAGES {
         let data = std::fs::read(inputs.binary(bin))
             .with_context(|| format!("failed to read {}", inputs.binary(bin).display()))?;
@@ -173,7 +176,20 @@ pub fn assemble(
             &root.join(format!("usr/share/edge/images/{file}.tar")),
             &archive,
         )?;
+        let read = edge_oci::read_archive(&archive)
+            .with_context(|| format!("the OCI archive {name} does not read back"))?;
+        allowed.extend(read.images.iter().map(|i| i.manifest.digest.clone()));
     }
+    // Version 1: a list the core delivers supersedes it with any higher version.
+    let list = serde_json::to_vec(&serde_json::json!({"version": 1, "digests": allowed}))?;
+    write_bytes(
+        &root.join("usr/share/edge/images/allowlist"),
+        &inputs.key.sign_framed(&list),
+    )?;
+    write(
+        &root.join("etc/edge/core-ed25519.pub"),
+        &format!("{}\n", inputs.key.public_hex),
+    )?;
 
     let kroot = &extracted[&def.kernel.package];
     let kver = &def.kernel.release;
