@@ -104,8 +104,11 @@ fn sizes(manifest: &Path) -> Result<(u64, u64, u64)> {
 }
 
 pub fn run(which: &str, runs: u32) -> Result<()> {
+    if which == "storage" {
+        return crate::bench_storage::run();
+    }
     if which != "boot" {
-        bail!("unknown benchmark {which:?} (known: boot)");
+        bail!("unknown benchmark {which:?} (known: boot, fabric, storage)");
     }
     if runs == 0 {
         bail!("--runs must be at least 1");

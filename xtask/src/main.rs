@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_fabric;
+mod bench_storage;
 mod host;
 mod image;
 mod run;
@@ -36,7 +37,7 @@ enum Cmd {
     },
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
-        /// Which benchmark: boot or fabric
+        /// Which benchmark: boot, fabric or storage
         which: String,
         /// How many boots to take the median of.
         #[arg(long, default_value_t = 3)]

@@ -1,0 +1,348 @@
+//! The storage bench's guest program: PID 1 of the light VM that `cargo xtask bench
+//! storage` boots (Debian's kernel, raw virtio disks `pool0` and `raw0`, Debian's fio and
+//! mke2fs copied into the initramfs). It builds storaged's pool on `pool0` with the
+//! library, runs the same fio jobs on the raw disk and on an RWO thin volume of the same
+//! size, then reads one file of an ext4 volume through one bind mount (RWO) and through
+//! four bind mounts of the same staging mount at once (RWX, as the CSI node service
+//! publishes it), and prints `VMBENCH RESULT <json>` (or `VMBENCH FAILED: <why>`), then
+//! `VMBENCH DONE`, and powers off.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use storaged::{mounts, Options, Pool};
+
+const MIB: u64 = 1 << 20;
+/// The size of the raw disk and of the RWO volume: the whole device is the test area.
+const DEVICE_BYTES: u64 = 1 << 30;
+const FS_VOLUME_BYTES: u64 = 512 * MIB;
+/// The file every reader reads (one model, many inference pods).
+const MODEL_MIB: u64 = 256;
+const READERS: usize = 4;
+const FIO: &str = "/usr/bin/fio";
+/// Each measured job runs 10 s after a 2 s ramp that is not measured.
+const RUNTIME: &str = "--runtime=10";
+const RAMP: &str = "--ramp_time=2";
+const STAGING: &str = "/var/lib/edge/staging/model";
+
+fn main() {
+    setup();
+    match bench() {
+        Ok(v) => println!("VMBENCH RESULT {v}"),
+        Err(e) => println!("VMBENCH FAILED: {}", e.replace('\n', " ")),
+    }
+    println!("VMBENCH DONE");
+    // SAFETY: plain syscalls; powering off is the point.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+}
+
+fn bench() -> Result<Value, String> {
+    let raw = disk("raw0")?;
+    let pool_disk = disk("pool0")?;
+    let raw_figures = block_jobs("raw", &raw)?;
+
+    let opts = Options {
+        // The disk is the bench's own fresh sparse file; force says so explicitly.
+        force: true,
+        ..Default::default()
+    };
+    let mut pool = Pool::open(&pool_disk, opts).map_err(|e| e.to_string())?;
+    pool.create_volume("rwo", DEVICE_BYTES)
+        .map_err(|e| e.to_string())?;
+    let rwo = pool.activate("rwo").map_err(|e| e.to_string())?;
+    let mut rwo_figures = block_jobs("rwo", &rwo)?;
+
+    pool.create_volume("model", FS_VOLUME_BYTES)
+        .map_err(|e| e.to_string())?;
+    let model = pool.activate("model").map_err(|e| e.to_string())?;
+    let (one, many) = fs_jobs(&model)?;
+    rwo_figures["fs_read_mib_s"] = json!(one);
+    let total: f64 = many.iter().sum();
+    Ok(json!({
+        "raw": raw_figures,
+        "rwo": rwo_figures,
+        "rwx": {
+            "read_mib_s": total,
+            "readers": READERS,
+            "per_reader_mib_s": many,
+        },
+    }))
+}
+
+/// Random 4 KiB reads and writes and 1 MiB sequential mixed reads and writes on a whole
+/// block device, after writing all of it once so that reads hit written (on a thin
+/// volume: provisioned) blocks, as they would on a volume in use.
+fn block_jobs(label: &str, dev: &Path) -> Result<Value, String> {
+    let dev = dev.to_string_lossy();
+    let file = format!("--filename={dev}");
+    let fill = fio(&[&file, "--name=fill", "--rw=write", "--bs=1M", "--iodepth=8"])?;
+    println!(
+        "bench {label}: filled {dev} at {:.1} MiB/s",
+        mib_s(&fill, "write")?
+    );
+    let timed = timed();
+    let common = [&[file.as_str()], &timed[..]].concat();
+    let rr = fio(&[
+        &common[..],
+        &["--name=randread", "--rw=randread", "--bs=4k"],
+    ]
+    .concat())?;
+    let randread = get(&rr, "read", "iops")?;
+    let rw = fio(&[
+        &common[..],
+        &["--name=randwrite", "--rw=randwrite", "--bs=4k"],
+    ]
+    .concat())?;
+    let randwrite = get(&rw, "write", "iops")?;
+    let seq = fio(&[
+        &common[..],
+        &["--name=seq", "--rw=rw", "--bs=1M", "--iodepth=8"],
+    ]
+    .concat())?;
+    let (seq_read, seq_write) = (mib_s(&seq, "read")?, mib_s(&seq, "write")?);
+    println!(
+        "bench {label}: randread {randread:.0} IOPS, randwrite {randwrite:.0} IOPS, \
+         seq {:.1} MiB/s (read {seq_read:.1} + write {seq_write:.1})",
+        seq_read + seq_write
+    );
+    // Not part of the result: sequential reads and writes each alone, to tell which
+    // direction a gap in the mixed figure comes from.
+    let alone = |rw: &str, dir: &str| -> Result<f64, String> {
+        let job = [format!("--name=seq{rw}"), format!("--rw={rw}")];
+        let extra = [job[0].as_str(), &job[1], "--bs=1M", "--iodepth=8"];
+        mib_s(&fio(&[&common[..], &extra[..]].concat())?, dir)
+    };
+    println!(
+        "bench {label}: seq read alone {:.1} MiB/s, seq write alone {:.1} MiB/s",
+        alone("read", "read")?,
+        alone("write", "write")?
+    );
+    Ok(json!({
+        "randread_iops": randread,
+        "randwrite_iops": randwrite,
+        "seq_mib_s": seq_read + seq_write,
+    }))
+}
+
+/// The filesystem path of a volume: formatted and mounted once at its staging path, bind
+/// mounted into each pod. Returns the 1 MiB sequential read throughput of one reader
+/// through the only bind (RWO) and that of each of `READERS` readers through their own
+/// binds at the same time (RWX).
+fn fs_jobs(dev: &Path) -> Result<(f64, Vec<f64>), String> {
+    mounts::mkfs_ext4(dev)?;
+    let staging = Path::new(STAGING);
+    std::fs::create_dir_all(staging).map_err(|e| format!("mkdir {STAGING}: {e}"))?;
+    mounts::mount_fs(dev, staging, "ext4", 0, "")
+        .map_err(|e| format!("mount {} on {STAGING}: {e}", dev.display()))?;
+    let pods: Vec<PathBuf> = (1..=READERS)
+        .map(|i| PathBuf::from(format!("/var/lib/edge/pods/p{i}/model")))
+        .collect();
+    // The first pod writes the model; the others get it read-only, as inference pods do.
+    publish(staging, &pods[0], false)?;
+    let model_in = |pod: &Path| pod.join("model.bin").to_string_lossy().into_owned();
+    let size = format!("--size={MODEL_MIB}M");
+    let first = format!("--filename={}", model_in(&pods[0]));
+    let w = fio(&[&first, &size, "--name=model", "--rw=write", "--bs=1M"])?;
+    println!(
+        "bench fs: wrote the model at {:.1} MiB/s",
+        mib_s(&w, "write")?
+    );
+    let timed = timed();
+    let read = [
+        &["--rw=read", "--bs=1M", "--iodepth=8", "--readonly"],
+        &timed[..],
+    ]
+    .concat();
+    let one = fio(&[&read[..], &[&size, &first, "--name=reader1"]].concat())?;
+    let one = mib_s(&one, "read")?;
+    println!("bench rwo fs: 1 reader {one:.1} MiB/s");
+
+    for pod in &pods[1..] {
+        publish(staging, pod, true)?;
+    }
+    // Options before the first --name are global; each job reads through its own pod.
+    let mut args: Vec<String> = read.iter().map(|s| s.to_string()).collect();
+    args.push(size.clone());
+    for (i, pod) in pods.iter().enumerate() {
+        args.push(format!("--name=reader{}", i + 1));
+        args.push(format!("--filename={}", model_in(pod)));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let many = fio_jobs(&args)?;
+    let many = many
+        .iter()
+        .map(|j| mib_s(j, "read"))
+        .collect::<Result<Vec<f64>, String>>()?;
+    if many.len() != READERS {
+        return Err(format!(
+            "fio reported {} readers, not {READERS}",
+            many.len()
+        ));
+    }
+    println!(
+        "bench rwx fs: {READERS} readers {:.1} MiB/s in all ({})",
+        many.iter().sum::<f64>(),
+        many.iter()
+            .map(|m| format!("{m:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Not part of the result: the same readers through one mount, to tell a cost of
+    // the bind mounts from that of four readers sharing the device and the one vCPU.
+    let same = fio(&[&read[..], &[&size, &first, "--name=same", "--numjobs=4"]].concat())?;
+    println!(
+        "bench rwx fs: {READERS} readers through one mount {:.1} MiB/s in all",
+        mib_s(&same, "read")?
+    );
+    Ok((one, many))
+}
+
+fn publish(staging: &Path, pod: &Path, read_only: bool) -> Result<(), String> {
+    std::fs::create_dir_all(pod).map_err(|e| format!("mkdir {}: {e}", pod.display()))?;
+    mounts::bind(staging, pod, read_only)
+        .map_err(|e| format!("bind {} on {}: {e}", staging.display(), pod.display()))
+}
+
+/// One fio run of the given job options, reported as one group.
+fn fio(args: &[&str]) -> Result<Value, String> {
+    let mut all = args.to_vec();
+    all.push("--group_reporting");
+    let mut jobs = fio_jobs(&all)?;
+    if jobs.len() != 1 {
+        return Err(format!("fio reported {} job groups, not 1", jobs.len()));
+    }
+    Ok(jobs.remove(0))
+}
+
+/// The options of a measured job: it runs for a fixed time after an unmeasured ramp
+/// (fills and the model's write run to their size instead).
+fn timed() -> [&'static str; 3] {
+    ["--time_based", RUNTIME, RAMP]
+}
+
+/// Runs fio with the bench's common options (direct I/O through libaio, queue depth 32
+/// unless a job says otherwise) and returns its JSON `jobs`.
+fn fio_jobs(args: &[&str]) -> Result<Vec<Value>, String> {
+    let common = [
+        "--output-format=json",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--iodepth=32",
+    ];
+    let out = Command::new(FIO)
+        .args(common)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("failed to run {FIO}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "fio {} failed ({}): {} {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            stdout.trim()
+        ));
+    }
+    // fio may print notes before the JSON document.
+    let doc = stdout
+        .find('{')
+        .map(|i| &stdout[i..])
+        .ok_or_else(|| format!("fio {} printed no JSON: {stdout}", args.join(" ")))?;
+    let v: Value = serde_json::from_str(doc)
+        .map_err(|e| format!("fio {} printed bad JSON: {e}", args.join(" ")))?;
+    let jobs = v
+        .get("jobs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("fio {} reported no jobs", args.join(" ")))?;
+    for j in jobs {
+        if let Some(err) = j.get("error").and_then(Value::as_i64).filter(|e| *e != 0) {
+            return Err(format!("fio {} job error {err}", args.join(" ")));
+        }
+    }
+    Ok(jobs.clone())
+}
+
+fn get(job: &Value, dir: &str, key: &str) -> Result<f64, String> {
+    job.get(dir)
+        .and_then(|d| d.get(key))
+        .and_then(Value::as_f64)
+        .ok_or_else(|| format!("fio job has no {dir}.{key}"))
+}
+
+/// fio's `bw` is KiB/s.
+fn mib_s(job: &Value, dir: &str) -> Result<f64, String> {
+    Ok(get(job, dir, "bw")? / 1024.0)
+}
+
+fn mount(src: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let (s, t, f) = (c(src), c(target), c(fstype));
+    // SAFETY: NUL-terminated strings, no data argument.
+    unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+}
+
+/// /proc, /sys, /dev, the console as stdout, quiet kernel messages (so they do not cut
+/// the result line) and the modules of /modules.order.
+fn setup() {
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("tmpfs", "/tmp", "tmpfs");
+    if let Ok(console) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: duplicating a valid descriptor onto stdout and stderr.
+        unsafe {
+            libc::dup2(console.as_raw_fd(), 1);
+            libc::dup2(console.as_raw_fd(), 2);
+        }
+    }
+    let _ = std::fs::write("/proc/sys/kernel/printk", "1");
+    let order = std::fs::read_to_string("/modules.order").unwrap_or_default();
+    for m in order.lines().filter(|l| !l.is_empty()) {
+        let r = File::open(m).map_err(|e| e.to_string()).and_then(|f| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid fd and an empty NUL-terminated parameter string.
+            let rc =
+                unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
+            let err = std::io::Error::last_os_error();
+            if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
+                return Err(err.to_string());
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            println!("module {m}: {e}");
+        }
+    }
+}
+
+/// The /dev node of the virtio disk that reports `serial`.
+fn disk(serial: &str) -> Result<PathBuf, String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        for e in std::fs::read_dir("/sys/block")
+            .map_err(|e| format!("/sys/block: {e}"))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+            let node = Path::new("/dev").join(&name);
+            if s.trim() == serial && node.exists() {
+                return Ok(node);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no disk with serial {serial}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
