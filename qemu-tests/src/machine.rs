@@ -482,6 +482,73 @@ impl Machine {
             .with_context(|| format!("{name}: control request failed"))
     }
 
+    /// Like [`request`](Self::request), but an `"ok": false` reply is returned as is.
+    pub fn request_any(&mut self, req: Value) -> Result<Value> {
+        let name = self.name.clone();
+        let c = self
+            .control
+            .as_mut()
+            .ok_or_else(|| anyhow!("{name}: not booted, no control port"))?;
+        c.request_any(&req, REQUEST_TIMEOUT)
+            .with_context(|| format!("{name}: control request failed"))
+    }
+
+    /// noded's pods, through init's `{"cmd":"pods"}` (one object per manifest file).
+    pub fn pods(&mut self) -> Result<Vec<Value>> {
+        let reply = self.request(serde_json::json!({"cmd":"pods"}))?;
+        match reply.get("pods").and_then(Value::as_array) {
+            Some(p) => Ok(p.clone()),
+            None => bail!("pods reply without a \"pods\" list: {reply}"),
+        }
+    }
+
+    /// The last `tail` log lines of `pod`'s only app container (`previous`: the attempt
+    /// before the current one), through init's `{"cmd":"logs"}`.
+    pub fn logs(&mut self, pod: &str, previous: bool, tail: u32) -> Result<Vec<String>> {
+        let reply = self.request(serde_json::json!({
+            "cmd": "logs", "pod": pod, "previous": previous, "tail": tail
+        }))?;
+        let lines = reply["logs"]["lines"]
+            .as_array()
+            .ok_or_else(|| anyhow!("logs reply without \"logs.lines\": {reply}"))?;
+        Ok(lines
+            .iter()
+            .map(|l| l.as_str().unwrap_or_default().to_string())
+            .collect())
+    }
+
+    /// Polls `pods` until `pred` holds for them; returns those pods.
+    pub fn wait_pods(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // noded is not up yet early in a boot: that is an answer, not a failure.
+            let pods = match self.pods() {
+                Ok(p) => p,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e.context(format!("{}: {what}", self.name))),
+            };
+            if pred(&pods) {
+                return Ok(pods);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: {what} not reached within {timeout:?}; last pods: {}",
+                    self.name,
+                    Value::from(pods)
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     /// The status object of `{"cmd":"status"}`.
     pub fn status(&mut self) -> Result<Value> {
         let reply = self.request(serde_json::json!({"cmd":"status"}))?;

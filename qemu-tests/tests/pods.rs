@@ -1,0 +1,319 @@
+//! Pods seen from outside the box: site-provisioned pod manifests (the provisioning
+//! bundle's `pods/`, run by noded as `site/<name>`) start beside the image's static ones;
+//! init's control port answers `pods` and `logs` from noded; a malformed manifest is
+//! reported by file and field while the other pods run; a container that exits at once
+//! is restarted with a growing back-off; after a power cycle every pod comes back with
+//! no control plane anywhere.
+//!
+//! One machine, two boots (each boot under TCG costs ~30-60 s).
+
+use qemu_tests::{Machine, Options};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// Everything noded needs to start a pod: images pulled, containers created, under TCG
+/// on a loaded host.
+const PODS_UP: Duration = Duration::from_secs(300);
+
+/// A sensor with no fabric and no inference: readings go to stdout only, five a second.
+const ECHO: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: echo
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: echo
+      image: edge.local/sensor:1
+      env:
+        - name: SENSOR_NAME
+          value: echo0
+        - name: SENSOR_INTERVAL_MS
+          value: "200"
+      resources:
+        limits:
+          memory: 32Mi
+"#;
+
+/// A second model server, on its own port.
+const SCORER: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: scorer
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: scorer
+      image: edge.local/inference:1
+      env:
+        - name: MODEL_PATH
+          value: /models/temp-anomaly.txt
+        - name: LISTEN
+          value: 127.0.0.1:8081
+      volumeMounts:
+        - name: models
+          mountPath: /models
+          readOnly: true
+      resources:
+        limits:
+          memory: 32Mi
+  volumes:
+    - name: models
+      hostPath:
+        path: /usr/share/edge/models
+        type: Directory
+"#;
+
+/// The model server exits with status 1 at once when it cannot listen: a crash loop.
+const CRASHER: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: crasher
+spec:
+  hostNetwork: true
+  restartPolicy: Always
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: crasher
+      image: edge.local/inference:1
+      env:
+        - name: LISTEN
+          value: not-an-address
+"#;
+
+/// `affinity` is not something noded runs.
+const BROKEN: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: broken
+spec:
+  affinity: {}
+  containers:
+    - name: broken
+      image: edge.local/sensor:1
+"#;
+
+const PROVISION: &str = "/var/lib/edge/provision";
+
+#[test]
+fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() -> anyhow::Result<()>
+{
+    let started = Instant::now();
+    let mut opts = Options::new(&qemu_tests::image_from_env()?);
+    let bundle_dir = tempfile::tempdir()?;
+    let bundle = bundle_dir.path().join("provision.toml");
+    let mut text = String::new();
+    for (file, yaml) in [
+        ("echo.yaml", ECHO),
+        ("scorer.yaml", SCORER),
+        ("crasher.yaml", CRASHER),
+        ("broken.yaml", BROKEN),
+    ] {
+        text.push_str(&format!("\"pods/{file}\" = '''\n{yaml}'''\n"));
+    }
+    std::fs::write(&bundle, text)?;
+    opts.fw_cfg
+        .push(("opt/org.edgeos/provision".into(), bundle.clone()));
+    let mut m = Machine::with_options("pods", opts)?;
+
+    m.boot()?;
+    let line = m.wait_for_console("provisioning", Duration::from_secs(180))?;
+    assert!(line.contains("provisioning: 4 file(s)"), "{line}");
+    m.wait_ready()?;
+    eprintln!("ready after {:?}", started.elapsed());
+
+    // Static and provisioned pods run; the malformed one is reported, by file and field.
+    let pods = m.wait_pods(PODS_UP, "every pod running", |p| {
+        [
+            "sensor.yaml",
+            "inference.yaml",
+            "site/echo.yaml",
+            "site/scorer.yaml",
+        ]
+        .iter()
+        .all(|f| running(p, f))
+            && pod(p, "site/broken.yaml").is_some()
+    })?;
+    eprintln!("pods running after {:?}", started.elapsed());
+    let broken = pod(&pods, "site/broken.yaml").unwrap();
+    assert_eq!(broken["state"], "invalid", "{broken}");
+    assert_eq!(
+        broken["error"],
+        format!("{PROVISION}/pods/broken.yaml: spec.affinity is not supported yet").as_str(),
+        "{broken}"
+    );
+    let echo = pod(&pods, "site/echo.yaml").unwrap();
+    assert_eq!(echo["name"], "echo");
+    assert_eq!(echo["namespace"], "default");
+    assert_eq!(echo["containers"][0]["restarts"], 0, "{echo}");
+
+    // Logs: the provisioned sensor's readings, JSON lines, newest last.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let lines = loop {
+        let lines = m.logs("echo", false, 5)?;
+        if lines.len() == 5 || Instant::now() >= deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(lines.len(), 5, "tail 5 of echo: {lines:?}");
+    let seqs: Vec<u64> = lines
+        .iter()
+        .map(|l| {
+            let r: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+            assert_eq!(r["sensor"], "echo0", "{l}");
+            assert!(r["celsius"].as_f64().is_some(), "{l}");
+            r["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {l}"))
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // The image's sensor, named as `<namespace>/<name>`: its readings too.
+    let lines = m.logs("default/sensor", false, 3)?;
+    assert!(!lines.is_empty(), "the static sensor logged nothing");
+    for l in lines.iter().filter(|l| l.starts_with('{')) {
+        let r: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+        assert_eq!(r["sensor"], "temp0", "{l}");
+    }
+    assert!(lines.iter().any(|l| l.contains("\"celsius\"")), "{lines:?}");
+    // Refusals name what is wrong.
+    let r = m.request_any(serde_json::json!({"cmd":"logs","pod":"nope"}))?;
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(e.contains("no pod named \"nope\""), "{e}");
+    let r = m.request_any(serde_json::json!({"cmd":"logs"}))?;
+    assert_eq!(r["ok"], false, "{r}");
+
+    // The crashing container: restarted per restartPolicy after a back-off that grows
+    // (the image's base is 10 s, doubling), never a tight loop.
+    let mut seen: Vec<(u64, Instant)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let last = loop {
+        let pods = m.pods()?;
+        let c = pod(&pods, "site/crasher.yaml")
+            .map(|p| p["containers"][0].clone())
+            .unwrap_or(Value::Null);
+        let n = c["restarts"].as_u64().unwrap_or(0);
+        if seen.last().is_none_or(|(r, _)| *r != n) {
+            eprintln!("crasher: restarts {n} after {:?}: {c}", started.elapsed());
+            seen.push((n, Instant::now()));
+        }
+        if n >= 2 || Instant::now() >= deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let restarts = last["restarts"].as_u64().unwrap_or(0);
+    assert!(
+        (2..=3).contains(&restarts),
+        "crasher restarted {restarts} times: {last}"
+    );
+    assert_eq!(last["exit_code"], 1, "{last}");
+    assert!(
+        last["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("exited with code 1")),
+        "the last error says how it ended: {last}"
+    );
+    let at = |n: u64| seen.iter().find(|(r, _)| *r == n).map(|(_, t)| *t);
+    let (Some(t1), Some(t2)) = (at(1), at(2)) else {
+        panic!("restart counts skipped a step: {seen:?}");
+    };
+    // Between the first and second exit: the 10 s back-off, the start, the exit.
+    assert!(
+        t2 - t1 >= Duration::from_secs(9),
+        "restarted after {:?}: the back-off was not kept",
+        t2 - t1
+    );
+    // noded says each delay on the console: it doubles.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let delays = loop {
+        let console = std::fs::read_to_string(m.console_log())?;
+        let delays: Vec<String> = console
+            .lines()
+            .filter(|l| l.contains("container exited; restarting in") && l.contains("pod=crasher"))
+            .filter_map(|l| l.split("restarting in ").nth(1)?.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        if delays.len() >= 2 || Instant::now() >= deadline {
+            break delays;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        delays.get(..2),
+        Some(&["10s".to_string(), "20s".to_string()][..]),
+        "{delays:?}"
+    );
+    // Its output, of this attempt and of the one before.
+    for previous in [false, true] {
+        let lines = m.logs("crasher", previous, 10)?;
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("cannot listen on not-an-address")),
+            "previous={previous}: {lines:?}"
+        );
+    }
+    // The others were not disturbed.
+    let pods = m.pods()?;
+    for f in [
+        "sensor.yaml",
+        "inference.yaml",
+        "site/echo.yaml",
+        "site/scorer.yaml",
+    ] {
+        assert!(
+            running(&pods, f),
+            "{f} not running: {}",
+            Value::from(pods.clone())
+        );
+        let p = pod(&pods, f).unwrap();
+        assert_eq!(p["containers"][0]["restarts"], 0, "{p}");
+    }
+
+    // Power cycle: same disk, no control plane anywhere; every pod comes back.
+    m.powerdown()?;
+    m.wait_exit(Duration::from_secs(120))?;
+    let down = Instant::now();
+    m.reboot_same_disk()?;
+    m.wait_ready()?;
+    let pods = m.wait_pods(PODS_UP, "every pod running again", |p| {
+        [
+            "sensor.yaml",
+            "inference.yaml",
+            "site/echo.yaml",
+            "site/scorer.yaml",
+        ]
+        .iter()
+        .all(|f| running(p, f))
+    })?;
+    eprintln!("pods back {:?} after the power cycle", down.elapsed());
+    assert_eq!(
+        pod(&pods, "site/broken.yaml").map(|p| p["state"].clone()),
+        Some("invalid".into())
+    );
+    let lines = m.logs("echo", false, 1)?;
+    assert!(
+        lines.iter().any(|l| l.contains("\"sensor\":\"echo0\"")),
+        "{lines:?}"
+    );
+    m.finish();
+    eprintln!("took {:?}", started.elapsed());
+    Ok(())
+}
+
+fn pod<'a>(pods: &'a [Value], file: &str) -> Option<&'a Value> {
+    pods.iter().find(|p| p["file"] == file)
+}
+
+/// The pod of `file` is running with all its containers running.
+fn running(pods: &[Value], file: &str) -> bool {
+    pod(pods, file).is_some_and(|p| {
+        p["state"] == "running"
+            && p["containers"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "running"))
+    })
+}
