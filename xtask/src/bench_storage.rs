@@ -241,7 +241,7 @@ pub fn run() -> Result<()> {
     let raw = work.0.join("raw0.raw");
     sparse_disk(&pool, 2 * GIB)?;
     sparse_disk(&raw, GIB)?;
-    println!("bench storage: booting the light VM (TCG; about 3 minutes)");
+    println!("bench storage: booting the light VM (TCG; about 4 minutes)");
     let console = lightvm::boot(&Boot {
         kernel: &kernel,
         initramfs: &initrd,
@@ -268,7 +268,7 @@ pub fn run() -> Result<()> {
         ratio(f.rwo.seq_mib_s, f.raw.seq_mib_s)
     );
     println!(
-        "ext4 volume, 1 MiB sequential reads: 1 reader (RWO) {:.1} MiB/s; {} readers on bind mounts (RWX) {:.1} MiB/s in all ({})",
+        "ext4 volume, 1 MiB sequential reads: 1 reader (RWO, mean of before and after) {:.1} MiB/s; {} readers on bind mounts (RWX) {:.1} MiB/s in all ({})",
         f.rwo_fs_read_mib_s,
         f.readers,
         f.rwx_read_mib_s,
