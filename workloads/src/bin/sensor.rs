@@ -6,7 +6,9 @@
 //! reported on stderr and the next reading tried, never fatal. With `INFERENCE_URL` set
 //! (the bundled `inference` service's `/infer`) each reading is first scored there and
 //! carries the model's `score` and `anomaly`; a reading the service cannot score goes
-//! out without them.
+//! out without them. With `SENSOR_FILE` set (a file on a volume) each reading is also
+//! appended there and synced, and a restarted sensor continues the sequence after the
+//! last reading the file holds, so readings survive restarts and reboots on the box.
 //!
 //! Only the standard library: the program goes into a scratch image as one static file.
 
@@ -46,6 +48,46 @@ fn scored(reading: &str, authority: &str, path: &str) -> Result<String, String> 
     }
 }
 
+/// The `seq` of the file's last complete reading; None for a missing or empty file. A
+/// torn last line (a crash mid-append) is skipped.
+fn last_seq(path: &std::path::Path) -> Result<Option<u64>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    Ok(text
+        .lines()
+        .rev()
+        .filter_map(|l| workloads::parse_flat_object(l).ok())
+        .find_map(|fields| {
+            fields.into_iter().find_map(|(k, v)| match (k.as_str(), v) {
+                ("seq", workloads::Value::Number(n)) if n >= 0.0 => Some(n as u64),
+                _ => None,
+            })
+        }))
+}
+
+/// Ends a torn last line, so the next reading starts a line of its own.
+fn end_torn_line(path: &std::path::Path) {
+    let torn = std::fs::read(path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
+    if torn {
+        let _ = append(path, "");
+    }
+}
+
+fn append(path: &std::path::Path, line: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    f.write_all(format!("{line}\n").as_bytes())
+        .and_then(|_| f.sync_data())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// The reading at `t_ms`: 21 °C with a slow 2 °C swing.
 fn reading(seq: u64, t_ms: u64, name: &str) -> String {
     let phase = (t_ms % 600_000) as f64 / 600_000.0 * std::f64::consts::TAU;
@@ -61,7 +103,26 @@ fn main() {
     let name = env_or("SENSOR_NAME", "temp0");
     let fabric = target("FABRIC_URL");
     let inference = target("INFERENCE_URL");
-    let mut seq = 0u64;
+    let mut store = std::env::var_os("SENSOR_FILE").map(std::path::PathBuf::from);
+    let mut seq = match &store {
+        Some(path) => match last_seq(path) {
+            Ok(Some(last)) => {
+                eprintln!("sensor: resuming after seq {last} from {}", path.display());
+                end_torn_line(path);
+                last + 1
+            }
+            Ok(None) => {
+                eprintln!("sensor: starting a new file {}", path.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("sensor: {e}; readings are not stored");
+                store = None;
+                0
+            }
+        },
+        None => 0,
+    };
     loop {
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -74,6 +135,11 @@ fn main() {
             }
         }
         println!("{line}");
+        if let Some(path) = &store {
+            if let Err(e) = append(path, &line) {
+                eprintln!("sensor: reading {seq} not stored: {e}");
+            }
+        }
         if let Some((authority, path)) = &fabric {
             match post(authority, path, &line) {
                 Ok((200, _)) => {}
@@ -122,6 +188,27 @@ mod tests {
         assert!(scored(&r, &addr, "/infer")
             .unwrap_err()
             .contains("answered 400"));
+    }
+
+    #[test]
+    fn stored_readings_resume_after_the_last_whole_line() {
+        let tmp = std::env::temp_dir().join(format!("sensor-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        assert_eq!(last_seq(&tmp).unwrap(), None);
+        append(&tmp, &reading(0, 0, "t")).unwrap();
+        append(&tmp, &reading(1, 0, "t")).unwrap();
+        assert_eq!(last_seq(&tmp).unwrap(), Some(1));
+        // A crash in the middle of an append leaves a torn line: the whole one before counts.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, br#"{"sensor":"t","seq":2,"ti"#))
+            .unwrap();
+        assert_eq!(last_seq(&tmp).unwrap(), Some(1));
+        end_torn_line(&tmp);
+        append(&tmp, &reading(2, 0, "t")).unwrap();
+        assert_eq!(last_seq(&tmp).unwrap(), Some(2));
+        std::fs::remove_file(&tmp).unwrap();
     }
 
     #[test]
