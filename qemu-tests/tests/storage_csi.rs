@@ -1,7 +1,7 @@
 //! storaged's CSI endpoint on a real kernel device-mapper, in the light VM: the
 //! daemon's CSI server code serves the pool disk on a unix socket and a CSI client in
 //! the guest (`storaged-vmtest`, phase `csi`) drives it: identity, idempotent create,
-//! sizes beyond the pool, block RWX refused, one RWX filesystem volume published to two
+//! `/metrics` figures following a create, a write and a delete, sizes beyond the pool, block RWX refused, one RWX filesystem volume published to two
 //! pods that see each other's writes, a read-only publish, stats, snapshot and restore,
 //! online expansion, bad requests with the spec's codes, a block volume whose data a
 //! filesystem stage refuses to format over, idempotent teardown; then a reboot of the
@@ -77,6 +77,7 @@ fn csi_volumes_rwx_snapshots_expand_spec_codes_and_reboot() {
         &console,
         "csi",
         &[
+            "csi_metrics_move",
             "csi_identity_probe",
             "csi_create_is_idempotent",
             "csi_create_beyond_the_pool",

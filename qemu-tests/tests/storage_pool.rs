@@ -1,7 +1,8 @@
 //! storaged's pool on a real kernel device-mapper, in the light VM (the host kernel has
 //! none): foreign data is refused and left byte-identical; volumes, snapshots, delete,
 //! expand; the catalog and data survive a reboot; a full pool fails writes and keeps
-//! what was written before. The guest side is `storaged-vmtest`.
+//! what was written before, and filling it logs each near-full threshold once. The
+//! guest side is `storaged-vmtest`.
 
 use std::path::Path;
 
@@ -88,6 +89,29 @@ fn pool_volumes_snapshots_reboot_and_full_pool() {
     assert_passed(
         &second,
         "second",
-        &["data_survives_reboot", "full_pool_errors_and_keeps_data"],
+        &[
+            "data_survives_reboot",
+            "full_pool_errors_and_keeps_data",
+            "near_full_warnings",
+        ],
+    );
+    // Filling MiB by MiB crosses each threshold once: one WARN each, naming the pool and
+    // the resource; freeing the filler gives one INFO.
+    for t in ["80", "90", "95"] {
+        let warned: Vec<&str> = second
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(&format!("past {t}%")))
+            .collect();
+        assert!(
+            warned.len() == 1
+                && warned[0].contains("pool edgepool on /dev/")
+                && warned[0].contains("data space"),
+            "warnings for {t}%: {warned:?}\nconsole:\n{second}"
+        );
+    }
+    assert_eq!(
+        second.matches("back below 80%").count(),
+        1,
+        "console:\n{second}"
     );
 }

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod csi;
 pub mod error;
+pub mod metrics;
 pub mod mounts;
 pub mod pool;
 pub mod superblock;

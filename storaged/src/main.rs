@@ -21,7 +21,14 @@ struct Config {
     /// Volumes may promise this percentage of the pool's data area in total.
     #[serde(default = "default_overcommit")]
     overcommit_percent: u32,
+    /// Serves Prometheus text at `GET /metrics` on this TCP address (e.g.
+    /// `127.0.0.1:9402`). Absent: no metrics endpoint.
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
+
+/// How often the pool's use is looked at for the near-full warnings.
+const FULLNESS_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn default_overcommit() -> u32 {
     200
@@ -39,6 +46,14 @@ impl edge_common::Validate for Config {
                 "overcommit_percent".into(),
                 format!("{} is not within 100..=1000", self.overcommit_percent),
             ));
+        }
+        if let Some(addr) = &self.metrics_listen {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                (
+                    "metrics_listen".to_string(),
+                    format!("{addr:?} is not an address:port ({e})"),
+                )
+            })?;
         }
         Ok(())
     }
@@ -77,8 +92,15 @@ async fn serve(config: Config) -> Result<(), String> {
     let pool = claim(&config)?;
     let listener = storaged::csi::bind(&config.csi_socket)?;
     tracing::info!(socket = %config.csi_socket.display(), "CSI endpoint serving");
-    edge_common::notify_ready().map_err(|e| e.to_string())?;
     let driver = storaged::csi::Driver::new(pool, storaged::csi::Driver::hostname());
+    let shared = driver.shared_pool();
+    if let Some(addr) = &config.metrics_listen {
+        let metrics = storaged::metrics::bind(addr).await?;
+        tracing::info!(address = %addr, "metrics endpoint serving");
+        tokio::spawn(storaged::metrics::serve(metrics, shared.clone()));
+    }
+    tokio::spawn(storaged::metrics::watch(shared, FULLNESS_PERIOD));
+    edge_common::notify_ready().map_err(|e| e.to_string())?;
     storaged::csi::serve_on(listener, driver).await
 }
 

@@ -49,6 +49,8 @@ pub struct Pool {
     pub(crate) pool_dev: (u32, u32),
     /// Whether `open` formatted the device (it was empty, or forced).
     pub formatted: bool,
+    /// The near-full thresholds data and metadata use have crossed.
+    pub(crate) near_full: crate::metrics::NearFull,
 }
 
 impl Pool {
@@ -121,9 +123,14 @@ impl Pool {
             opts,
             pool_dev: (0, 0),
             formatted,
+            near_full: Default::default(),
         };
         pool.activate_pool()?;
         pool.recover()?;
+        // A pool already past a threshold is worth a warning at every start.
+        if let Err(e) = pool.check_fullness() {
+            tracing::warn!("pool use check: {e}");
+        }
         Ok(pool)
     }
 
@@ -158,6 +165,20 @@ impl Pool {
             detail: "thin pool has no target".into(),
         })?;
         ThinPoolStatus::parse(line).map_err(self.dm_err())
+    }
+
+    /// Reads the pool's use and logs a warning for each near-full threshold (80, 90,
+    /// 95%) data or metadata use crossed since the last look, or that it is back below.
+    pub fn check_fullness(&mut self) -> Result<ThinPoolStatus> {
+        let st = self.status()?;
+        let name = format!("{} on {}", self.pool_name(), self.path.display());
+        self.near_full.observe(&name, &st);
+        Ok(st)
+    }
+
+    /// The highest near-full thresholds crossed at the last look.
+    pub fn near_full(&self) -> crate::metrics::NearFull {
+        self.near_full
     }
 
     /// Bytes the volumes may promise in total.
@@ -240,8 +261,22 @@ impl Pool {
         Ok(dev)
     }
 
-    /// Undoes creates and finishes deletes that a crash interrupted.
+    /// Undoes creates and finishes deletes that a crash interrupted, and resumes volume
+    /// devices a crash left suspended (a snapshot suspends its active origin around
+    /// `create_snap`; a suspended device blocks every reader and writer).
     fn recover(&mut self) -> Result<()> {
+        for v in self
+            .catalog
+            .volumes
+            .iter()
+            .filter(|v| v.state == catalog::State::Ready)
+        {
+            let dm = self.volume_dm_name(&v.name);
+            if self.ctl.info(&dm).map_err(self.dm_err())?.is_some() {
+                // Without a new table this only resumes a suspended device.
+                self.ctl.resume(&dm).map_err(self.dm_err())?;
+            }
+        }
         let mut catalog = self.catalog.clone();
         let before = catalog.volumes.len();
         let pool = self.pool_name();
@@ -281,6 +316,22 @@ impl Pool {
 
     pub(crate) fn volume_dm_name(&self, volume: &str) -> String {
         format!("{}-v-{volume}", self.opts.dm_prefix)
+    }
+}
+
+/// The catalog a pool device holds now, read without claiming the device or touching
+/// device-mapper (for tools and tests that look while storaged runs).
+pub fn read_catalog_of(path: &Path) -> Result<(u64, Catalog)> {
+    let file = File::open(path).map_err(Error::io("failed to open pool device", path))?;
+    let mut head = vec![0u8; superblock::PROBE_BYTES];
+    file.read_exact_at(&mut head, 0)
+        .map_err(Error::io("failed to read pool device", path))?;
+    match superblock::probe(&head) {
+        Probe::Pool(Ok(sb)) => read_catalog(&file, path, &sb),
+        _ => Err(Error::BadPool {
+            path: path.to_owned(),
+            detail: "no valid pool superblock".into(),
+        }),
     }
 }
 

@@ -104,7 +104,10 @@ impl Pool {
         if let Some(v) = done.get_mut(&name) {
             v.state = State::Ready;
         }
-        self.save(done)
+        self.save(done)?;
+        // Creating takes metadata blocks; one status ioctl. The volume exists either way.
+        let _ = self.check_fullness();
+        Ok(())
     }
 
     fn new_volume(
@@ -260,6 +263,7 @@ impl Pool {
                 .map_err(self.dm_err())?;
         }
         tracing::info!(volume = name, size, "volume expanded");
+        let _ = self.check_fullness();
         Ok(())
     }
 

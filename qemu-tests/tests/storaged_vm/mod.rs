@@ -7,14 +7,32 @@ use std::time::Duration;
 
 use qemu_tests::lightvm::{self, Boot, Kernel};
 
-/// Builds the static test program the way the image builder builds its binaries.
+/// The workspace this test runs from. Cargo sets CARGO_MANIFEST_DIR when it runs a test;
+/// the compile-time value baked into `lightvm::workspace_root` can name another clone
+/// that shares the target directory (its build of the same path looks fresh to cargo).
+fn workspace() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .and_then(|d| d.parent().map(Path::to_path_buf))
+        .unwrap_or_else(lightvm::workspace_root)
+}
+
+/// Builds the static test program and the daemon the way the image builder builds its
+/// binaries; returns the test program.
 pub fn vmtest_binary() -> PathBuf {
-    let root = lightvm::workspace_root();
+    let root = workspace();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(cargo)
         .current_dir(&root)
         .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
-        .args(["-p", "storaged", "--bin", "storaged-vmtest"])
+        .args([
+            "-p",
+            "storaged",
+            "--bin",
+            "storaged-vmtest",
+            "--bin",
+            "storaged",
+        ])
         .env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
             "-C target-feature=+crt-static",
@@ -25,12 +43,19 @@ pub fn vmtest_binary() -> PathBuf {
     lightvm::target_dir().join("x86_64-unknown-linux-gnu/release/storaged-vmtest")
 }
 
+/// The static daemon `vmtest_binary` built alongside the test program.
+#[allow(dead_code)] // only the kill test runs the daemon itself
+pub fn daemon_binary() -> PathBuf {
+    lightvm::target_dir().join("x86_64-unknown-linux-gnu/release/storaged")
+}
+
 pub fn raw_disk(path: &Path, bytes: u64) {
     let f = std::fs::File::create(path).expect("create disk");
     f.set_len(bytes).expect("size disk");
 }
 
 /// Boots `phase` and returns its console, which must end with the program's DONE line.
+#[allow(dead_code)] // the kill test boots with a seed
 pub fn run(
     kernel: &Kernel,
     initrd: &Path,
@@ -38,11 +63,25 @@ pub fn run(
     phase: &str,
     disks: Vec<(PathBuf, String)>,
 ) -> String {
+    run_with(kernel, initrd, dir, phase, "", disks)
+}
+
+/// `run` with more kernel command line words (e.g. `vmtest.seed=N`).
+pub fn run_with(
+    kernel: &Kernel,
+    initrd: &Path,
+    dir: &Path,
+    phase: &str,
+    extra: &str,
+    disks: Vec<(PathBuf, String)>,
+) -> String {
     let console = lightvm::boot(&Boot {
         kernel,
         initramfs: initrd,
         disks,
-        append: format!("vmtest.phase={phase}"),
+        append: format!("vmtest.phase={phase} {extra}")
+            .trim_end()
+            .to_owned(),
         console: dir.join(format!("console-{phase}.log")),
         timeout: Duration::from_secs(300),
     })

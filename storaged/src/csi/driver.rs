@@ -260,6 +260,11 @@ impl Driver {
         }
     }
 
+    /// The pool as this driver holds it, for the metrics endpoint and the use timer.
+    pub fn shared_pool(&self) -> crate::metrics::SharedPool {
+        self.pool.clone()
+    }
+
     /// The host name, the usual CSI node id.
     pub fn hostname() -> String {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -282,7 +287,13 @@ impl Driver {
             let _in_call = span.enter();
             let mut guard = pool.lock().unwrap_or_else(|p| p.into_inner());
             match guard.as_mut() {
-                Some(p) => f(p),
+                Some(p) => {
+                    let r = f(p);
+                    // Staging formats and writes; one status ioctl tells whether that
+                    // crossed a near-full threshold.
+                    let _ = p.check_fullness();
+                    r
+                }
                 None => Err(Status::failed_precondition(
                     "no pool device: this node has no storage pool",
                 )),
@@ -378,13 +389,17 @@ impl Driver {
                     )));
                 }
                 let limit = pool.overcommit_limit();
-                if size > limit {
-                    return Err(Status::out_of_range(format!(
-                        "volume {name}: {size} bytes is more than this pool can ever provide \
-                         ({limit} bytes with overcommit)"
-                    )));
-                }
+                let within = |size: u64| {
+                    if size > limit {
+                        return Err(Status::out_of_range(format!(
+                            "volume {name}: {size} bytes is more than this pool can ever \
+                             provide ({limit} bytes with overcommit)"
+                        )));
+                    }
+                    Ok(())
+                };
                 let Some((src, kind)) = source_id else {
+                    within(size)?;
                     return pool.create_volume(&name, size).cloned().map_err(status);
                 };
                 let s = entry(pool, &src, kind)
@@ -396,7 +411,9 @@ impl Driver {
                 let no_size = range
                     .as_ref()
                     .is_none_or(|r| r.required_bytes <= 0 && r.limit_bytes <= 0);
+                // Checked only now: with no size asked for, the default is not the size.
                 let size = if no_size { s.size_bytes } else { size };
+                within(size)?;
                 if size < s.size_bytes {
                     return Err(Status::out_of_range(format!(
                         "volume {name}: {size} bytes is smaller than its source {src} ({} bytes)",

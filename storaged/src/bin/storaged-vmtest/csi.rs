@@ -17,7 +17,7 @@ use super::{disk, opts, pattern, report};
 const SOCKET: &str = "/run/storaged/csi.sock";
 const MIB: i64 = 1 << 20;
 
-fn cap(block: bool, mode: Mode) -> VolumeCapability {
+pub(crate) fn cap(block: bool, mode: Mode) -> VolumeCapability {
     VolumeCapability {
         access_type: Some(if block {
             AccessType::Block(BlockVolume {})
@@ -31,7 +31,7 @@ fn cap(block: bool, mode: Mode) -> VolumeCapability {
     }
 }
 
-fn create(name: &str, bytes: i64, c: VolumeCapability) -> CreateVolumeRequest {
+pub(crate) fn create(name: &str, bytes: i64, c: VolumeCapability) -> CreateVolumeRequest {
     CreateVolumeRequest {
         name: name.into(),
         capacity_range: Some(CapacityRange {
@@ -44,7 +44,7 @@ fn create(name: &str, bytes: i64, c: VolumeCapability) -> CreateVolumeRequest {
     }
 }
 
-fn stage(id: &str, staging: &str, c: VolumeCapability) -> NodeStageVolumeRequest {
+pub(crate) fn stage(id: &str, staging: &str, c: VolumeCapability) -> NodeStageVolumeRequest {
     NodeStageVolumeRequest {
         volume_id: id.into(),
         publish_context: HashMap::new(),
@@ -79,7 +79,7 @@ fn unpublish(id: &str, target: &str) -> NodeUnpublishVolumeRequest {
     }
 }
 
-fn unstage(id: &str, staging: &str) -> NodeUnstageVolumeRequest {
+pub(crate) fn unstage(id: &str, staging: &str) -> NodeUnstageVolumeRequest {
     NodeUnstageVolumeRequest {
         volume_id: id.into(),
         staging_target_path: staging.into(),
@@ -87,7 +87,11 @@ fn unstage(id: &str, staging: &str) -> NodeUnstageVolumeRequest {
 }
 
 /// One call; a failure reads "<method>: <code>: <message>".
-async fn call<Req, Resp>(c: &Client, method: &'static str, req: Req) -> Result<Resp, String>
+pub(crate) async fn call<Req, Resp>(
+    c: &Client,
+    method: &'static str,
+    req: Req,
+) -> Result<Resp, String>
 where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
@@ -163,13 +167,23 @@ pub fn run(after_reboot: bool) {
             Ok(l) => l,
             Err(e) => return report("csi_server", Err(e)),
         };
-        tokio::spawn(storaged::csi::serve_on(
-            listener,
-            Driver::new(Some(pool), "vm".into()),
-        ));
+        let driver = Driver::new(Some(pool), "vm".into());
+        // The metrics endpoint as main.rs serves it, over the same pool.
+        let metrics = match super::metrics::loopback_up() {
+            Ok(()) => storaged::metrics::bind(super::metrics::ADDR).await,
+            Err(e) => Err(e),
+        };
+        match metrics {
+            Ok(l) => {
+                tokio::spawn(storaged::metrics::serve(l, driver.shared_pool()));
+            }
+            Err(e) => report("csi_metrics", Err(e)),
+        }
+        tokio::spawn(storaged::csi::serve_on(listener, driver));
         match Client::connect(Path::new(SOCKET)).await {
             Ok(c) if after_reboot => reboot_scenarios(&c).await,
             Ok(c) => {
+                report("csi_metrics_move", super::metrics::metrics_move(&c).await);
                 scenarios(&c).await;
                 report("csi_keep_a_volume", keep(&c).await);
             }

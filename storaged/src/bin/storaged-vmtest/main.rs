@@ -2,7 +2,7 @@
 //! with raw virtio disks. It loads the modules listed in /modules.order, finds the disks by
 //! serial number, runs the scenarios of `vmtest.phase=` on the real kernel
 //! device-mapper (`first`, `second`: the pool; `csi`, `csi-reboot`: the CSI endpoint, in
-//! `csi.rs`),
+//! `csi.rs`; `kill`: the daemon killed during CSI calls, in `kill.rs`),
 //! prints `TEST <name> ok|FAILED: <why>` and powers off.
 
 // Each scenario is a closure called in place, so `?` reports its first failure.
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use storaged::{Error, Options, Pool};
 
 mod csi;
+mod kill;
+mod metrics;
 
 const MIB: u64 = 1 << 20;
 
@@ -31,6 +33,7 @@ fn main() {
         "second" => second(),
         "csi" => csi::run(false),
         "csi-reboot" => csi::run(true),
+        "kill" => kill::run(),
         other => report("phase", Err(format!("unknown vmtest.phase {other:?}"))),
     }
     println!("VMTEST DONE");
@@ -279,6 +282,8 @@ fn first() {
 }
 
 fn second() {
+    // The near-full warnings are log lines: on the console for the host to check.
+    let _ = edge_common::init_logging("info");
     let mut pool = match disk("pool0").and_then(|d| Pool::open(&d, opts()).map_err(e2s)) {
         Ok(p) if !p.formatted => p,
         Ok(_) => {
@@ -336,6 +341,9 @@ fn second() {
                     failed = Some(e);
                     break;
                 }
+                // What the daemon's timer does, once per MiB: each threshold crossed
+                // is logged once.
+                pool.check_fullness().map_err(e2s)?;
             }
             let Some(err) = failed else {
                 return Err("160 MiB fit a pool of about 120 MiB with 24 MiB used".into());
@@ -353,6 +361,27 @@ fn second() {
                 other => return Err(format!("create on a full pool: {other:?}")),
             }
             check(&pool)
+        })(),
+    );
+    report(
+        "near_full_warnings",
+        (|| {
+            let n = pool.near_full();
+            if n.data != 95 {
+                return Err(format!("full pool: near-full levels {n:?}"));
+            }
+            // Freeing the filler brings the pool back below 80%: one INFO line.
+            pool.delete("big").map_err(e2s)?;
+            let st = pool.check_fullness().map_err(e2s)?;
+            let n = pool.near_full();
+            if n.data != 0 {
+                return Err(format!("after freeing: {n:?} at {st:?}"));
+            }
+            let text = storaged::metrics::render(Some(&pool));
+            if !text.contains("storaged_pool_near_full{resource=\"data\"} 0\n") {
+                return Err(format!("metrics after freeing:\n{text}"));
+            }
+            Ok(())
         })(),
     );
 }

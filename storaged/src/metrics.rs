@@ -1,0 +1,435 @@
+//! Prometheus `/metrics` on a local TCP port (config `metrics_listen`) and the pool's
+//! near-full warnings: the thin pool's data and metadata use, what the volumes were
+//! promised, and per volume its size, mapped bytes and block I/O counters.
+//!
+//! The near-full state lives in the `Pool` (`Pool::check_fullness`): it is updated on a
+//! timer, when the pool is opened and after each create, snapshot, expand or CSI call,
+//! and it logs once per threshold crossed rather than on every look.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::catalog::{Kind, State};
+use crate::Pool;
+
+/// The pool as the CSI driver and the metrics endpoint share it (None: no pool device).
+pub type SharedPool = Arc<Mutex<Option<Pool>>>;
+
+/// Use percentages that raise a warning when crossed upwards.
+pub const THRESHOLDS: [u64; 3] = [80, 90, 95];
+/// Below this again, storaged says the pool has room.
+const CLEAR: u64 = 80;
+/// Metadata blocks of a thin pool are 4 KiB (kernel documentation).
+const META_BLOCK_BYTES: u64 = 4096;
+
+/// The highest threshold each resource has crossed (0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NearFull {
+    pub data: u64,
+    pub metadata: u64,
+}
+
+/// The highest threshold `used` of `total` has reached.
+fn level(used: u64, total: u64) -> u64 {
+    THRESHOLDS
+        .iter()
+        .rev()
+        .copied()
+        .find(|t| total > 0 && u128::from(used) * 100 >= u128::from(*t) * u128::from(total))
+        .unwrap_or(0)
+}
+
+/// What changed for one resource: Some(level) when a warning (level > 0) or the all
+/// clear (0) is due.
+fn crossing(old: u64, used: u64, total: u64) -> (u64, Option<u64>) {
+    let new = level(used, total);
+    let event = if new > old {
+        Some(new)
+    } else if new < CLEAR && old >= CLEAR {
+        Some(0)
+    } else {
+        None
+    };
+    (new, event)
+}
+
+impl NearFull {
+    /// Records the pool's use and logs each crossing; returns the crossings as
+    /// (resource, threshold or 0 for back below 80%).
+    pub fn observe(
+        &mut self,
+        pool: &str,
+        st: &edge_dm::ThinPoolStatus,
+    ) -> Vec<(&'static str, u64)> {
+        let mut events = Vec::new();
+        for (resource, slot, used, total) in [
+            (
+                "data",
+                &mut self.data,
+                st.used_data_blocks,
+                st.total_data_blocks,
+            ),
+            (
+                "metadata",
+                &mut self.metadata,
+                st.used_meta_blocks,
+                st.total_meta_blocks,
+            ),
+        ] {
+            let (new, event) = crossing(*slot, used, total);
+            *slot = new;
+            let pct = if total == 0 {
+                0.0
+            } else {
+                used as f64 * 100.0 / total as f64
+            };
+            match event {
+                Some(0) => tracing::info!(
+                    "pool {pool}: {resource} space {pct:.1}% used ({used}/{total} blocks), \
+                     back below {CLEAR}%"
+                ),
+                Some(t) => tracing::warn!(
+                    "pool {pool}: {resource} space {pct:.1}% used ({used}/{total} blocks), \
+                     past {t}%"
+                ),
+                None => continue,
+            }
+            events.extend(event.map(|t| (resource, t)));
+        }
+        events
+    }
+}
+
+/// Block I/O counters of a device-mapper device from `/sys/block/dm-<minor>/stat`:
+/// (reads completed, sectors read, writes completed, sectors written).
+fn io_stats(minor: u32) -> Option<[u64; 4]> {
+    let text = std::fs::read_to_string(format!("/sys/block/dm-{minor}/stat")).ok()?;
+    let f: Vec<u64> = text
+        .split_whitespace()
+        .map(|s| s.parse().unwrap_or(0))
+        .collect();
+    Some([*f.first()?, *f.get(2)?, *f.get(4)?, *f.get(6)?])
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn family(&mut self, name: &str, kind: &str, help: &str, values: &[(String, u64)]) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in values {
+            let _ = writeln!(self.out, "{name}{labels} {v}");
+        }
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, v: u64) {
+        self.family(name, kind, help, &[(String::new(), v)]);
+    }
+}
+
+/// The text exposition format (version 0.0.4). Volume names need no escaping: the
+/// catalog allows only `a-z 0-9 . _ -`.
+pub fn render(pool: Option<&Pool>) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    f.one(
+        "storaged_pool_present",
+        "gauge",
+        "1 when a pool device is claimed and its thin pool active.",
+        pool.is_some() as u64,
+    );
+    let Some(pool) = pool else {
+        return out;
+    };
+    match pool.status() {
+        Ok(st) => {
+            f.one(
+                "storaged_pool_data_blocks",
+                "gauge",
+                "Data blocks in the thin pool.",
+                st.total_data_blocks,
+            );
+            f.one(
+                "storaged_pool_data_used_blocks",
+                "gauge",
+                "Data blocks in use (mapped by some volume or snapshot).",
+                st.used_data_blocks,
+            );
+            f.one(
+                "storaged_pool_metadata_blocks",
+                "gauge",
+                "Metadata blocks of the thin pool.",
+                st.total_meta_blocks,
+            );
+            f.one(
+                "storaged_pool_metadata_used_blocks",
+                "gauge",
+                "Metadata blocks in use.",
+                st.used_meta_blocks,
+            );
+        }
+        Err(e) => tracing::warn!("metrics: {e}"),
+    }
+    f.one(
+        "storaged_pool_data_block_bytes",
+        "gauge",
+        "Bytes per data block.",
+        u64::from(pool.superblock().data_block_sectors) * 512,
+    );
+    f.one(
+        "storaged_pool_metadata_block_bytes",
+        "gauge",
+        "Bytes per metadata block.",
+        META_BLOCK_BYTES,
+    );
+    let near = pool.near_full();
+    f.family(
+        "storaged_pool_near_full",
+        "gauge",
+        "Highest use threshold (80, 90, 95 percent) crossed, 0 if none.",
+        &[
+            ("{resource=\"data\"}".into(), near.data),
+            ("{resource=\"metadata\"}".into(), near.metadata),
+        ],
+    );
+    f.one(
+        "storaged_pool_overcommit_limit_bytes",
+        "gauge",
+        "Bytes all volumes may be promised in total.",
+        pool.overcommit_limit(),
+    );
+    f.one(
+        "storaged_pool_provisioned_bytes",
+        "gauge",
+        "Bytes promised to volumes and snapshots (their sizes).",
+        pool.catalog().provisioned_bytes(),
+    );
+    let ready: Vec<_> = pool
+        .volumes()
+        .iter()
+        .filter(|v| v.state == State::Ready)
+        .collect();
+    let count = |k: Kind| ready.iter().filter(|v| v.kind == k).count() as u64;
+    f.family(
+        "storaged_volumes",
+        "gauge",
+        "Volumes and snapshots in the catalog.",
+        &[
+            ("{kind=\"volume\"}".into(), count(Kind::Volume)),
+            ("{kind=\"snapshot\"}".into(), count(Kind::Snapshot)),
+        ],
+    );
+    let label = |n: &str| format!("{{volume=\"{n}\"}}");
+    let mut size = Vec::new();
+    let mut active = Vec::new();
+    let mut mapped = Vec::new();
+    let mut io: [Vec<(String, u64)>; 4] = Default::default();
+    for v in &ready {
+        size.push((label(&v.name), v.size_bytes));
+        let dev = pool.device_number(&v.name).ok().flatten();
+        active.push((label(&v.name), dev.is_some() as u64));
+        let Some((_, minor)) = dev else { continue };
+        if let Ok(u) = pool.usage(&v.name) {
+            mapped.push((label(&v.name), u.mapped_sectors * 512));
+        }
+        if let Some(s) = io_stats(minor) {
+            for (i, n) in s.iter().enumerate() {
+                // Sectors are 512 bytes in this file whatever the device's block size.
+                let n = if i % 2 == 1 { n * 512 } else { *n };
+                io[i].push((label(&v.name), n));
+            }
+        }
+    }
+    f.family(
+        "storaged_volume_size_bytes",
+        "gauge",
+        "Size of each volume and snapshot.",
+        &size,
+    );
+    f.family(
+        "storaged_volume_active",
+        "gauge",
+        "1 while the volume's thin device exists (staged or being used).",
+        &active,
+    );
+    f.family(
+        "storaged_volume_mapped_bytes",
+        "gauge",
+        "Bytes of an active volume backed by pool blocks (shared ones included).",
+        &mapped,
+    );
+    let [reads, read_bytes, writes, written_bytes] = io;
+    f.family(
+        "storaged_volume_reads_completed_total",
+        "counter",
+        "Reads completed on an active volume since it was activated.",
+        &reads,
+    );
+    f.family(
+        "storaged_volume_read_bytes_total",
+        "counter",
+        "Bytes read from an active volume since it was activated.",
+        &read_bytes,
+    );
+    f.family(
+        "storaged_volume_writes_completed_total",
+        "counter",
+        "Writes completed on an active volume since it was activated.",
+        &writes,
+    );
+    f.family(
+        "storaged_volume_written_bytes_total",
+        "counter",
+        "Bytes written to an active volume since it was activated.",
+        &written_bytes,
+    );
+    out
+}
+
+/// Binds the metrics port (`metrics_listen`, e.g. `127.0.0.1:9402`).
+pub async fn bind(addr: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("failed to bind the metrics port {addr}: {e}"))
+}
+
+async fn with_pool<T: Send + 'static>(
+    pool: &SharedPool,
+    f: impl FnOnce(Option<&mut Pool>) -> T + Send + 'static,
+) -> Option<T> {
+    let pool = pool.clone();
+    // Status ioctls block; the CSI driver may hold the pool through a long mkfs.
+    tokio::task::spawn_blocking(move || {
+        let mut guard = pool.lock().unwrap_or_else(|p| p.into_inner());
+        f(guard.as_mut())
+    })
+    .await
+    .ok()
+}
+
+/// Serves `GET /metrics`; anything else is 404. One request per connection.
+pub async fn serve(listener: TcpListener, pool: SharedPool) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let _ = answer(stream, &pool).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, pool: &SharedPool) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let ok = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?");
+    let (status, body) = if ok {
+        let body = with_pool(pool, |p| render(p.map(|p| &*p)))
+            .await
+            .unwrap_or_default();
+        ("200 OK", body)
+    } else {
+        ("404 Not Found", "GET /metrics\n".to_string())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Looks at the pool's use every `period`, so filling by writes alone (no storaged
+/// call) still raises the near-full warnings.
+pub async fn watch(pool: SharedPool, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        with_pool(&pool, |p| {
+            if let Some(p) = p {
+                if let Err(e) = p.check_fullness() {
+                    tracing::warn!("pool use check: {e}");
+                }
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(data: (u64, u64), meta: (u64, u64)) -> edge_dm::ThinPoolStatus {
+        edge_dm::ThinPoolStatus {
+            transaction_id: 0,
+            used_meta_blocks: meta.0,
+            total_meta_blocks: meta.1,
+            used_data_blocks: data.0,
+            total_data_blocks: data.1,
+            mode: "rw".into(),
+            needs_check: false,
+        }
+    }
+
+    #[test]
+    fn levels_are_the_highest_threshold_reached() {
+        assert_eq!(level(79, 100), 0);
+        assert_eq!(level(80, 100), 80);
+        assert_eq!(level(94, 100), 90);
+        assert_eq!(level(100, 100), 95);
+        assert_eq!(level(5, 0), 0);
+    }
+
+    #[test]
+    fn each_crossing_is_reported_once() {
+        let mut n = NearFull::default();
+        assert!(n.observe("p", &st((10, 100), (1, 100))).is_empty());
+        assert_eq!(n.observe("p", &st((81, 100), (1, 100))), [("data", 80)]);
+        assert!(n.observe("p", &st((85, 100), (1, 100))).is_empty());
+        // Straight past two thresholds: one warning, at the higher.
+        assert_eq!(n.observe("p", &st((96, 100), (1, 100))), [("data", 95)]);
+        assert_eq!(
+            n,
+            NearFull {
+                data: 95,
+                metadata: 0
+            }
+        );
+        // Down to 91% and up again: a new crossing of 95%.
+        assert!(n.observe("p", &st((91, 100), (1, 100))).is_empty());
+        assert_eq!(n.observe("p", &st((95, 100), (1, 100))), [("data", 95)]);
+        assert_eq!(
+            n.observe("p", &st((50, 100), (90, 100))),
+            [("data", 0), ("metadata", 90)]
+        );
+        assert_eq!(
+            n,
+            NearFull {
+                data: 0,
+                metadata: 90
+            }
+        );
+    }
+
+    #[test]
+    fn no_pool_renders_present_0() {
+        let text = render(None);
+        assert!(text.contains("\nstoraged_pool_present 0\n"), "{text}");
+    }
+}
