@@ -42,6 +42,16 @@ pub fn create_overlay(image: &Path, overlay: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates an empty qcow2 disk of `mib` MiB (it reads as zeros until written).
+pub fn create_empty(path: &Path, mib: u64) -> Result<()> {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(format!("{mib}M")))
+    .with_context(|| format!("failed to create the empty disk {}", path.display()))?;
+    Ok(())
+}
+
 /// Reads `len` bytes at `offset` (both multiples of 512) through QEMU's block layer, so
 /// raw images and qcow2 overlays read alike.
 pub fn read(disk: &Path, offset: u64, len: u64, scratch: &Path) -> Result<Vec<u8>> {

@@ -57,6 +57,9 @@ pub struct Options {
     pub guestfwd: Vec<String>,
     /// fw_cfg items: (name, host file), e.g. `opt/org.edgeos/provision`.
     pub fw_cfg: Vec<(String, PathBuf)>,
+    /// A second, empty NVMe disk of this many MiB (the guest's `nvme1n1`): storaged's
+    /// pool. It lives as long as the machine, across reboots.
+    pub pool_disk_mib: Option<u64>,
 }
 
 impl Options {
@@ -72,6 +75,7 @@ impl Options {
             hostfwd: Vec::new(),
             guestfwd: Vec::new(),
             fw_cfg: Vec::new(),
+            pool_disk_mib: None,
         }
     }
 }
@@ -155,6 +159,9 @@ impl Machine {
         let path = dir.path().to_path_buf();
         let disk_path = path.join("disk.qcow2");
         disk::create_overlay(&opts.image, &disk_path)?;
+        if let Some(mib) = opts.pool_disk_mib {
+            disk::create_empty(&path.join("pool.qcow2"), mib)?;
+        }
         std::fs::copy(OVMF_VARS, path.join("OVMF_VARS.fd"))
             .with_context(|| format!("failed to copy {OVMF_VARS} (is ovmf installed?)"))?;
         std::fs::create_dir(path.join("tpm")).context("failed to create tpm state dir")?;
@@ -345,6 +352,14 @@ impl Machine {
                 "unix:{},server=on,wait=off",
                 d.join("qmp.sock").display()
             ));
+        if self.opts.pool_disk_mib.is_some() {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "if=none,id=pool,format=qcow2,file={}",
+                    d.join("pool.qcow2").display()
+                ))
+                .args(["-device", "nvme,drive=pool,serial=edgeos-pool"]);
+        }
         for (name, file) in &self.opts.fw_cfg {
             cmd.arg("-fw_cfg")
                 .arg(format!("name={name},file={}", file.display()));

@@ -2,8 +2,10 @@
 //! bundle's `pods/`, run by noded as `site/<name>`) start beside the image's static ones;
 //! init's control port answers `pods` and `logs` from noded; a malformed manifest is
 //! reported by file and field while the other pods run; a container that exits at once
-//! is restarted with a growing back-off; a noded that does not answer is reported; after a power cycle every pod comes back with
-//! no control plane anywhere.
+//! is restarted with a growing back-off; a noded that does not answer is reported; a pod
+//! writes into a volume storaged made on the box's second NVMe disk (through CSI) and a
+//! pod asking for more than the pool holds is told so; after a power cycle every pod
+//! comes back with no control plane anywhere, and the volume still holds what was written.
 //!
 //! One machine, two boots (each boot under TCG costs ~30-60 s).
 
@@ -83,6 +85,59 @@ spec:
           value: not-an-address
 "#;
 
+/// A sensor keeping its readings on a storaged volume (ext4 on the pool, through CSI):
+/// restarted, it continues after the last reading the volume holds.
+const LOGGER: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: logger
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: logger
+      image: edge.local/sensor:1
+      env:
+        - name: SENSOR_NAME
+          value: logger0
+        - name: SENSOR_INTERVAL_MS
+          value: "500"
+        - name: SENSOR_FILE
+          value: /data/readings.jsonl
+      volumeMounts:
+        - name: data
+          mountPath: /data
+  volumes:
+    - name: data
+      csi:
+        driver: storaged.edgeos
+        volumeAttributes:
+          volume: readings
+          size: 64Mi
+"#;
+
+/// More than the 1 GiB pool could ever hold.
+const GREEDY: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: greedy
+spec:
+  hostNetwork: true
+  containers:
+    - name: greedy
+      image: edge.local/sensor:1
+      volumeMounts:
+        - name: data
+          mountPath: /data
+  volumes:
+    - name: data
+      csi:
+        driver: storaged.edgeos
+        volumeAttributes:
+          volume: huge
+          size: 100Ti
+"#;
+
 /// `affinity` is not something noded runs.
 const BROKEN: &str = r#"apiVersion: v1
 kind: Pod
@@ -110,17 +165,21 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         ("scorer.yaml", SCORER),
         ("crasher.yaml", CRASHER),
         ("broken.yaml", BROKEN),
+        ("logger.yaml", LOGGER),
+        ("greedy.yaml", GREEDY),
     ] {
         text.push_str(&format!("\"pods/{file}\" = '''\n{yaml}'''\n"));
     }
     std::fs::write(&bundle, text)?;
     opts.fw_cfg
         .push(("opt/org.edgeos/provision".into(), bundle.clone()));
+    // storaged's pool: an empty second NVMe disk (`pool_device = "auto"` in the image).
+    opts.pool_disk_mib = Some(1024);
     let mut m = Machine::with_options("pods", opts)?;
 
     m.boot()?;
     let line = m.wait_for_console("provisioning", Duration::from_secs(180))?;
-    assert!(line.contains("provisioning: 4 file(s)"), "{line}");
+    assert!(line.contains("provisioning: 6 file(s)"), "{line}");
     m.wait_ready()?;
     eprintln!("ready after {:?}", started.elapsed());
 
@@ -131,10 +190,12 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             "inference.yaml",
             "site/echo.yaml",
             "site/scorer.yaml",
+            "site/logger.yaml",
         ]
         .iter()
         .all(|f| running(p, f))
             && pod(p, "site/broken.yaml").is_some()
+            && pod(p, "site/greedy.yaml").is_some_and(|g| !g["error"].is_null())
     })?;
     eprintln!("pods running after {:?}", started.elapsed());
     let broken = pod(&pods, "site/broken.yaml").unwrap();
@@ -143,6 +204,22 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         broken["error"],
         format!("{PROVISION}/pods/broken.yaml: spec.affinity is not supported yet").as_str(),
         "{broken}"
+    );
+    // A volume beyond the pool: the pod says which volume and what storaged answered.
+    let greedy = pod(&pods, "site/greedy.yaml").unwrap();
+    let e = greedy["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("volume data") && e.contains("CreateVolume") && e.contains("OUT_OF_RANGE"),
+        "{greedy}"
+    );
+    assert_ne!(greedy["state"], "running", "{greedy}");
+    // The logger's volume is new: formatted once, empty.
+    let lines = m.logs("logger", false, 1000)?;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("starting a new file /data/readings.jsonl")),
+        "{lines:?}"
     );
     let echo = pod(&pods, "site/echo.yaml").unwrap();
     assert_eq!(echo["name"], "echo");
@@ -309,6 +386,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             "inference.yaml",
             "site/echo.yaml",
             "site/scorer.yaml",
+            "site/logger.yaml",
         ]
         .iter()
         .all(|f| running(p, f))
@@ -323,6 +401,24 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         lines.iter().any(|l| l.contains("\"sensor\":\"echo0\"")),
         "{lines:?}"
     );
+    // The logger's readings survived on its volume: it continues after them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let resumed = loop {
+        let lines = m.logs("logger", false, 1000)?;
+        let found = lines.iter().find_map(|l| {
+            l.split("resuming after seq ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+        if found.is_some() || Instant::now() >= deadline {
+            break found.ok_or_else(|| anyhow::anyhow!("logger did not resume: {lines:?}"))?;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(resumed > 0, "resumed after seq {resumed}");
     m.finish();
     eprintln!("took {:?}", started.elapsed());
     Ok(())

@@ -2,7 +2,10 @@
 //! pool device (or says there is none), activates the thin pool, rediscovers the
 //! catalog's volumes, binds the CSI socket, reports ready and serves CSI.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// `pool_device = "auto"`.
+const AUTO: &str = "auto";
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -11,9 +14,15 @@ struct Config {
     state_dir: PathBuf,
     /// The CSI endpoint (unix socket) it serves.
     csi_socket: PathBuf,
-    /// The device the pool lives on, e.g. `/dev/nvme1n1`. Absent: no pool on this box.
+    /// The device the pool lives on, e.g. `/dev/nvme1n1`, or `auto`: the NVMe disk
+    /// that is not the system's (below). Absent: no pool on this box.
     #[serde(default)]
     pool_device: Option<PathBuf>,
+    /// Or the pool's disk by the serial number it reports (NVMe controller or virtio
+    /// disk): stable where names are not (NVMe controllers probe in parallel, so
+    /// `nvme0`/`nvme1` can swap between boots).
+    #[serde(default)]
+    pool_serial: Option<String>,
     /// Overwrite whatever the pool device holds (a partition table, a filesystem,
     /// another pool). Never set this in a shipped config.
     #[serde(default)]
@@ -39,8 +48,19 @@ impl edge_common::Validate for Config {
         edge_common::require_absolute(&[
             ("state_dir", Some(&self.state_dir)),
             ("csi_socket", Some(&self.csi_socket)),
-            ("pool_device", self.pool_device.as_deref()),
+            (
+                "pool_device",
+                self.pool_device
+                    .as_deref()
+                    .filter(|d| *d != Path::new(AUTO)),
+            ),
         ])?;
+        if self.pool_device.is_some() && self.pool_serial.is_some() {
+            return Err((
+                "pool_serial".into(),
+                "give either pool_device or pool_serial, not both".into(),
+            ));
+        }
         if !(100..=1000).contains(&self.overcommit_percent) {
             return Err((
                 "overcommit_percent".into(),
@@ -59,11 +79,98 @@ impl edge_common::Validate for Config {
     }
 }
 
-fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
-    let Some(device) = &config.pool_device else {
-        tracing::warn!("no pool device configured (pool_device): serving no volumes");
-        return Ok(None);
+/// The whole-disk block device whose disk reports `serial`: `/sys/block/<dev>/serial`
+/// (virtio) or `/sys/block/<dev>/device/serial` (the NVMe controller).
+fn device_by_serial(serial: &str) -> Option<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/sys/block").ok()?.flatten() {
+        let dev = entry.path();
+        let reported = ["serial", "device/serial"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(dev.join(f)).ok());
+        if reported.is_some_and(|r| r.trim() == serial) {
+            found.push(PathBuf::from("/dev").join(entry.file_name()));
+        }
+    }
+    found.sort();
+    // An NVMe controller with several namespaces: the first one.
+    found.into_iter().next()
+}
+
+/// `pool_device = "auto"`: among the NVMe disks with no partitions (the system disk
+/// has its GPT partitions; a disk with someone's partition table is never a candidate),
+/// the one holding our pool, else the first that is all zeros. Names alone would not do:
+/// NVMe controllers probe in parallel, so `nvme0`/`nvme1` can swap between boots.
+fn auto_device() -> Option<PathBuf> {
+    let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("nvme"))
+        .filter(|n| {
+            // Partitions show as subdirectories named after the disk.
+            std::fs::read_dir(Path::new("/sys/block").join(n))
+                .map(|d| {
+                    !d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with(n.as_str()))
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    disks.sort();
+    let head = |n: &str| -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut buf = vec![0u8; storaged::superblock::PROBE_BYTES];
+        std::fs::File::open(Path::new("/dev").join(n))
+            .and_then(|mut f| f.read_exact(&mut buf))
+            .ok()?;
+        Some(buf)
     };
+    let probes: Vec<(String, storaged::superblock::Probe)> = disks
+        .into_iter()
+        .filter_map(|n| head(&n).map(|h| (n, storaged::superblock::probe(&h))))
+        .collect();
+    let pick = probes
+        .iter()
+        .find(|(_, p)| matches!(p, storaged::superblock::Probe::Pool(_)))
+        .or_else(|| {
+            probes
+                .iter()
+                .find(|(_, p)| matches!(p, storaged::superblock::Probe::Empty))
+        });
+    for (n, p) in &probes {
+        if let storaged::superblock::Probe::Foreign(what) = p {
+            tracing::info!(disk = %n, "not a pool candidate: it holds {what}");
+        }
+    }
+    pick.map(|(n, _)| Path::new("/dev").join(n))
+}
+
+fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
+    let device = match (&config.pool_device, &config.pool_serial) {
+        (Some(d), _) if d == Path::new(AUTO) => match auto_device() {
+            Some(d) => d,
+            None => {
+                tracing::warn!("no pool device: no NVMe disk without partitions holds our pool or zeros; serving no volumes");
+                return Ok(None);
+            }
+        },
+        (Some(d), _) => d.clone(),
+        (None, Some(serial)) => match device_by_serial(serial) {
+            Some(d) => d,
+            None => {
+                tracing::warn!(serial = %serial, "no pool device: no disk reports that serial; serving no volumes");
+                return Ok(None);
+            }
+        },
+        (None, None) => {
+            tracing::warn!(
+                "no pool device configured (pool_device or pool_serial): serving no volumes"
+            );
+            return Ok(None);
+        }
+    };
+    let device = &device;
     if !device.exists() {
         tracing::warn!(device = %device.display(), "no pool device: it does not exist; serving no volumes");
         return Ok(None);
@@ -89,7 +196,13 @@ fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
 
 async fn serve(config: Config) -> Result<(), String> {
     edge_common::ensure_dir(&config.state_dir).map_err(|e| e.to_string())?;
-    let pool = claim(&config)?;
+    // A pool device that cannot be claimed (foreign data, a damaged superblock) needs
+    // an operator, not a restart loop or a rolled-back update: storaged says why and
+    // serves without a pool, and CSI calls for volumes get FAILED_PRECONDITION.
+    let pool = claim(&config).unwrap_or_else(|e| {
+        tracing::error!("the pool is not in use: {e}");
+        None
+    });
     let listener = storaged::csi::bind(&config.csi_socket)?;
     tracing::info!(socket = %config.csi_socket.display(), "CSI endpoint serving");
     let driver = storaged::csi::Driver::new(pool, storaged::csi::Driver::hostname());
