@@ -54,8 +54,8 @@ pub fn operator_key(dir: &Path) -> Result<SigningKey> {
         }
         make(dir, &key_path, &pub_path)?;
     }
-    let pkcs8 =
-        std::fs::read(&key_path).with_context(|| format!("failed to read {}", key_path.display()))?;
+    let pkcs8 = std::fs::read(&key_path)
+        .with_context(|| format!("failed to read {}", key_path.display()))?;
     let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| {
         anyhow::anyhow!(
             "{} is not an ed25519 PKCS#8 key ({e}); edgectl keygen makes one",
