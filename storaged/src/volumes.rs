@@ -158,20 +158,55 @@ impl Pool {
     /// Snapshots `origin` as `name`: the snapshot keeps the origin's data as it is now.
     /// An active origin is suspended around the message so in-flight writes land first.
     pub fn snapshot(&mut self, origin: &str, name: &str) -> Result<&Volume> {
-        self.thin_snapshot(origin, name, Kind::Snapshot)
+        self.thin_snapshot(origin, name, Kind::Snapshot, None)
     }
 
     /// A new volume `name` holding `source`'s data as it is now (a volume or a snapshot);
     /// it shares blocks with the source until either is written.
     pub fn clone_volume(&mut self, source: &str, name: &str) -> Result<&Volume> {
-        self.thin_snapshot(source, name, Kind::Volume)
+        self.thin_snapshot(source, name, Kind::Volume, None)
     }
 
-    fn thin_snapshot(&mut self, origin: &str, name: &str, kind: Kind) -> Result<&Volume> {
+    /// `clone_volume` at `size_bytes` (at least the source's size). One step: a thin
+    /// device's length is only its table's, so the clone is recorded at its final size
+    /// and reads zeros past the source's end; no expand follows that a crash could cut
+    /// off.
+    pub fn clone_volume_sized(
+        &mut self,
+        source: &str,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<&Volume> {
+        self.thin_snapshot(source, name, Kind::Volume, Some(size_bytes))
+    }
+
+    fn thin_snapshot(
+        &mut self,
+        origin: &str,
+        name: &str,
+        kind: Kind,
+        size_bytes: Option<u64>,
+    ) -> Result<&Volume> {
         check_name(name)?;
         let o = self.volume(origin)?.clone();
-        let volume = self.new_volume(name, o.size_bytes, Some(origin.to_owned()), kind)?;
-        self.check_room(name, o.size_bytes)?;
+        let size = match size_bytes {
+            None => o.size_bytes,
+            Some(s) => {
+                let s = check_size(name, s)?;
+                if s < o.size_bytes {
+                    return Err(Error::BadRequest {
+                        name: name.to_owned(),
+                        detail: format!(
+                            "{s} bytes is smaller than its source {origin} ({} bytes)",
+                            o.size_bytes
+                        ),
+                    });
+                }
+                s
+            }
+        };
+        let volume = self.new_volume(name, size, Some(origin.to_owned()), kind)?;
+        self.check_room(name, size)?;
         let msg = format!("create_snap {} {}", volume.thin_id, o.thin_id);
         let origin_dm = self.volume_dm_name(origin);
         self.create_with(volume, |p| {

@@ -420,15 +420,12 @@ impl Driver {
                         s.size_bytes
                     )));
                 }
-                pool.clone_volume(&src, &name).map_err(status)?;
-                if size > s.size_bytes {
-                    if let Err(e) = pool.expand(&name, size) {
-                        // No half-made volume under a name the CO will retry with.
-                        let _ = pool.delete(&name);
-                        return Err(status(e));
-                    }
-                }
-                pool.volume(&name).cloned().map_err(status)
+                // At its final size in one catalog step: a crash leaves the whole volume
+                // or none, never a clone of the source's size that a retry asking for
+                // more would find incompatible.
+                pool.clone_volume_sized(&src, &name, size)
+                    .cloned()
+                    .map_err(status)
             })
             .await?;
         tracing::info!(volume = %volume.name, size = volume.size_bytes, "CSI volume ready");

@@ -28,6 +28,8 @@ const DAEMON: &str = "/sbin/storaged";
 const TRIALS: usize = 20;
 const MIB: i64 = 1 << 20;
 const VOLUME_BYTES: i64 = 8 * MIB;
+/// A restore that asks for more than the snapshot holds.
+const RESTORED_BYTES: i64 = 12 * MIB;
 /// Marker blocks (4 KiB each) written at the start of every volume: one 64 KiB pool block.
 const MARK_BLOCKS: u64 = 16;
 
@@ -62,7 +64,8 @@ fn seed() -> u64 {
 #[derive(Debug, Clone)]
 enum Op {
     Create(String),
-    Restore(String, String),
+    /// From a snapshot, larger than it (12 MiB) or at its size.
+    Restore(String, String, bool),
     Delete(String),
     Snapshot(String, String),
     DeleteSnapshot(String),
@@ -72,7 +75,7 @@ impl Op {
     /// The catalog entry the operation makes or removes.
     fn name(&self) -> &str {
         match self {
-            Op::Create(n) | Op::Restore(n, _) | Op::Delete(n) | Op::Snapshot(n, _) => n,
+            Op::Create(n) | Op::Restore(n, ..) | Op::Delete(n) | Op::Snapshot(n, _) => n,
             Op::DeleteSnapshot(n) => n,
         }
     }
@@ -84,7 +87,8 @@ impl Op {
     fn kind(&self) -> &'static str {
         match self {
             Op::Create(_) => "CreateVolume",
-            Op::Restore(..) => "CreateVolume(snapshot)",
+            Op::Restore(_, _, false) => "CreateVolume(snapshot)",
+            Op::Restore(_, _, true) => "CreateVolume(snapshot, larger)",
             Op::Delete(_) => "DeleteVolume",
             Op::Snapshot(..) => "CreateSnapshot",
             Op::DeleteSnapshot(_) => "DeleteSnapshot",
@@ -103,10 +107,12 @@ async fn send(c: &Client, op: &Op) -> Result<(), String> {
             )
             .await?;
         }
-        Op::Restore(n, snap) => {
-            let mut req = create(n, 0, block());
-            // The snapshot's size: no expansion step after the clone.
-            req.capacity_range = None;
+        Op::Restore(n, snap, larger) => {
+            let mut req = create(n, RESTORED_BYTES, block());
+            if !larger {
+                // No size asked for: the snapshot's.
+                req.capacity_range = None;
+            }
             req.volume_content_source = Some(VolumeContentSource {
                 r#type: Some(volume_content_source::Type::Snapshot(
                     volume_content_source::SnapshotSource {
@@ -333,7 +339,8 @@ fn choose(rng: &mut Rng, model: &Model, i: usize) -> Op {
         return Op::Create(format!("v{i}"));
     }
     if r < 45 && !model.snapshots.is_empty() && model.volumes.len() < 6 {
-        return Op::Restore(format!("r{i}"), pick(rng, &model.snapshots));
+        let larger = rng.below(2) == 0;
+        return Op::Restore(format!("r{i}"), pick(rng, &model.snapshots), larger);
     }
     if r < 70 || model.volumes.len() >= 6 {
         return Op::Delete(pick(rng, &model.volumes));
@@ -452,11 +459,12 @@ async fn trials() -> Result<(), String> {
         // Present means whole: a created volume activates (below, with its marker).
         if found && op.creates() {
             let v = cat.get(op.name()).map(|v| (v.kind, v.size_bytes));
-            let want_kind = match op {
-                Op::Snapshot(..) => Kind::Snapshot,
-                _ => Kind::Volume,
+            let want = match op {
+                Op::Snapshot(..) => (Kind::Snapshot, VOLUME_BYTES),
+                Op::Restore(_, _, true) => (Kind::Volume, RESTORED_BYTES),
+                _ => (Kind::Volume, VOLUME_BYTES),
             };
-            if v != Some((want_kind, VOLUME_BYTES as u64)) {
+            if v != Some((want.0, want.1 as u64)) {
                 return Err(format!("trial {i}: {op:?} left {v:?}"));
             }
         }
@@ -470,7 +478,7 @@ async fn trials() -> Result<(), String> {
                 write_marker(&d.client, n, s).await?;
                 model.volumes.insert(n.clone(), s);
             }
-            Op::Restore(n, snap) => {
+            Op::Restore(n, snap, _) => {
                 model.volumes.insert(n.clone(), model.snapshots[snap]);
             }
             Op::Delete(n) => {
