@@ -108,7 +108,7 @@ pub fn run(which: &str, runs: u32) -> Result<()> {
         return crate::bench_storage::run();
     }
     if which != "boot" {
-        bail!("unknown benchmark {which:?} (known: boot, fabric, storage)");
+        bail!("unknown benchmark {which:?} (known: boot, fabric, storage, pods)");
     }
     if runs == 0 {
         bail!("--runs must be at least 1");

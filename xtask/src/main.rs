@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_fabric;
+mod bench_pods;
 mod bench_storage;
 mod host;
 mod image;
@@ -37,11 +38,14 @@ enum Cmd {
     },
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
-        /// Which benchmark: boot, fabric or storage
+        /// Which benchmark: boot, fabric, storage or pods
         which: String,
-        /// How many boots to take the median of.
+        /// How many boots to take the median of (boot).
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        /// How many pods to apply (pods).
+        #[arg(long, default_value_t = 10)]
+        pods: u32,
     },
 }
 
@@ -62,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run => run::run(),
         Cmd::Test { filter } => test::run(filter),
         Cmd::Bench { which, .. } if which == "fabric" => bench_fabric::run(),
-        Cmd::Bench { which, runs } => bench::run(&which, runs),
+        Cmd::Bench { which, pods, .. } if which == "pods" => bench_pods::run(pods),
+        Cmd::Bench { which, runs, .. } => bench::run(&which, runs),
     }
 }
