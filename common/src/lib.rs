@@ -210,6 +210,54 @@ where
     }
 }
 
+/// Serves Prometheus text: `GET /metrics` answers what `render` returns, anything else
+/// is 404. One request per connection, each on its own task; a failed accept is retried.
+pub async fn serve_metrics<F, Fut>(listener: tokio::net::TcpListener, render: F)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = String> + Send,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let _ = answer_metrics(stream, render).await;
+        });
+    }
+}
+
+async fn answer_metrics<F, Fut>(mut stream: tokio::net::TcpStream, render: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let ok = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?");
+    let (status, body) = if ok {
+        ("200 OK", render().await)
+    } else {
+        ("404 Not Found", "GET /metrics\n".to_string())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

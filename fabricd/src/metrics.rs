@@ -5,8 +5,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::log::Log;
 use crate::uplink::Status;
@@ -182,40 +181,11 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics`; anything else is 404. One request per connection.
+/// Serves `GET /metrics` (edge-common's responder).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
+    edge_common::serve_metrics(listener, move || {
         let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _ = answer(stream, &metrics).await;
-        });
-    }
-}
-
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let ok = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?");
-    let (status, body) = if ok {
-        ("200 OK", metrics.render())
-    } else {
-        ("404 Not Found", "GET /metrics\n".to_string())
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
+        async move { metrics.render() }
+    })
+    .await
 }

@@ -10,8 +10,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::catalog::{Kind, State};
 use crate::Pool;
@@ -312,45 +311,17 @@ async fn with_pool<T: Send + 'static>(
     .ok()
 }
 
-/// Serves `GET /metrics`; anything else is 404. One request per connection.
+/// Serves `GET /metrics` (edge-common's responder).
 pub async fn serve(listener: TcpListener, pool: SharedPool) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
+    edge_common::serve_metrics(listener, move || {
         let pool = pool.clone();
-        tokio::spawn(async move {
-            let _ = answer(stream, &pool).await;
-        });
-    }
-}
-
-async fn answer(mut stream: TcpStream, pool: &SharedPool) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
+        async move {
+            with_pool(&pool, |p| render(p.map(|p| &*p)))
+                .await
+                .unwrap_or_default()
         }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let ok = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?");
-    let (status, body) = if ok {
-        let body = with_pool(pool, |p| render(p.map(|p| &*p)))
-            .await
-            .unwrap_or_default();
-        ("200 OK", body)
-    } else {
-        ("404 Not Found", "GET /metrics\n".to_string())
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
+    })
+    .await
 }
 
 /// Looks at the pool's use every `period`, so filling by writes alone (no storaged
