@@ -1,8 +1,10 @@
 //! noded's parts, as a library so the integration tests drive the same code the
 //! daemon runs: the CRI client, the local registry containerd pulls images from, the
 //! image allowlist, pod manifests, the reconciler that runs them, their CSI volumes
-//! from storaged, their probes and logs and the control socket that reports them.
+//! from storaged, their probes and logs and the control socket that reports them, and
+//! the optional Kubernetes API server path.
 
+pub mod apiserver;
 pub mod control;
 pub mod cri;
 pub mod logs;

@@ -66,6 +66,10 @@ struct Config {
     /// storaged's CSI socket, for pods' `csi` volumes. Unset: such pods are refused.
     #[serde(default)]
     csi_socket: Option<PathBuf>,
+    /// A Kubernetes API server (control plane) to register with and take pods from.
+    /// Absent: none; the pods come from the manifest directories only.
+    #[serde(default)]
+    apiserver: Option<noded::apiserver::Config>,
 }
 
 fn default_images_dir() -> PathBuf {
@@ -135,6 +139,9 @@ impl edge_common::Validate for Config {
         if self.log_max_bytes == 0 {
             return Err(("log_max_bytes".into(), "must be more than 0".into()));
         }
+        if let Some(a) = &self.apiserver {
+            a.validate()?;
+        }
         if self.log_max_files < 2 {
             return Err((
                 "log_max_files".into(),
@@ -161,11 +168,20 @@ async fn serve(config: Config) -> Result<(), String> {
         status.clone(),
         config.log_dir.clone(),
     )?;
+    let api_settings = match &config.apiserver {
+        Some(a) => Some(a.settings(&config.state_dir, runtime_version(&cri).await)?),
+        None => None,
+    };
+    let _apiserver = match api_settings.clone() {
+        Some(s) => Some(noded::apiserver::start(s, status.clone()).await?),
+        None => None,
+    };
     edge_common::notify_ready().map_err(|e| e.to_string())?;
     let settings = Settings {
         manifests_dir: config.manifests_dir,
         downlink_manifests_dir: config.downlink_manifests_dir,
         site_manifests_dir: config.site_manifests_dir,
+        api_manifests_dir: api_settings.map(|s| s.cache_dir),
         log_dir: config.log_dir,
         state_dir: config.state_dir,
         backoff_base: Duration::from_millis(config.restart_backoff_base_ms),
@@ -176,6 +192,17 @@ async fn serve(config: Config) -> Result<(), String> {
     };
     Reconciler::new(cri, settings, status).run(TICK).await;
     Ok(())
+}
+
+/// `containerd://1.6.20`, as kubelet reports the runtime; just the name if CRI will not say.
+async fn runtime_version(cri: &Client) -> String {
+    let req = noded::cri::api::VersionRequest {
+        version: "v1".into(),
+    };
+    match cri.version(req).await {
+        Ok(v) => format!("{}://{}", v.runtime_name, v.runtime_version),
+        Err(_) => "containerd".into(),
+    }
 }
 
 /// The allowlists and their key; none configured means every image may run.

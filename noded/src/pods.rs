@@ -47,6 +47,9 @@ pub struct Settings {
     /// Pod manifests provisioned for the site (init unpacks the bundle's `pods/` there),
     /// reconciled the same way; their files are known as `site/<name>`.
     pub site_manifests_dir: Option<PathBuf>,
+    /// The pods bound to this node on the Kubernetes API server, as the apiserver module
+    /// mirrors them; their files are known as `api/<namespace>_<name>.yaml`.
+    pub api_manifests_dir: Option<PathBuf>,
     /// Pod log directories are `<log_dir>/<namespace>_<name>_<uid>/`.
     pub log_dir: PathBuf,
     /// emptyDir volumes live under `<state_dir>/pods/<uid>/volumes/`.
@@ -124,11 +127,15 @@ struct Scanned {
 const DOWNLINK_PREFIX: &str = "downlink/";
 /// The key under which files of the site's provisioned directory are known.
 const SITE_PREFIX: &str = "site/";
+/// The key under which the Kubernetes API server's pods (its cache directory) are known.
+pub const API_PREFIX: &str = "api/";
 
 /// Which source wins when two define a pod in the same pass: the image's, then the
-/// site's, then the core's.
+/// site's, then the core's, then the API server's.
 fn source_rank(key: &str) -> u8 {
-    if key.starts_with(DOWNLINK_PREFIX) {
+    if key.starts_with(API_PREFIX) {
+        3
+    } else if key.starts_with(DOWNLINK_PREFIX) {
         2
     } else if key.starts_with(SITE_PREFIX) {
         1
@@ -303,6 +310,9 @@ impl Reconciler {
         }
         if let Some(dir) = &self.settings.downlink_manifests_dir {
             self.scan_dir(dir, DOWNLINK_PREFIX, &mut out);
+        }
+        if let Some(dir) = &self.settings.api_manifests_dir {
+            self.scan_dir(dir, API_PREFIX, &mut out);
         }
         out
     }
