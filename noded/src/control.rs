@@ -312,6 +312,7 @@ mod tests {
                 last_error: None,
                 ready: true,
             }],
+            image_refused: false,
         };
         let status: Status = std::sync::Arc::new(std::sync::Mutex::new(vec![report.clone()]));
         let task = spawn(&path, status, dir.path().join("logs")).unwrap();
@@ -351,6 +352,7 @@ mod tests {
             state: "running".into(),
             error: None,
             containers: vec![ctr("fetch", true), ctr("cam", false)],
+            image_refused: false,
         };
         let cdir = logs.join("edge_cam_u1/cam");
         std::fs::create_dir_all(&cdir).unwrap();

@@ -9,6 +9,7 @@ pub mod control;
 pub mod cri;
 pub mod logs;
 pub mod manifest;
+pub mod metrics;
 pub mod pods;
 pub mod policy;
 pub mod probes;

@@ -66,6 +66,9 @@ struct Config {
     /// storaged's CSI socket, for pods' `csi` volumes. Unset: such pods are refused.
     #[serde(default)]
     csi_socket: Option<PathBuf>,
+    /// Serves Prometheus text at `GET /metrics` on this address. Absent: no endpoint.
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
     /// A Kubernetes API server (control plane) to register with and take pods from.
     /// Absent: none; the pods come from the manifest directories only.
     #[serde(default)]
@@ -168,6 +171,10 @@ async fn serve(config: Config) -> Result<(), String> {
         status.clone(),
         config.log_dir.clone(),
     )?;
+    let _metrics = match config.metrics_listen {
+        Some(addr) => Some(noded::metrics::spawn(addr, status.clone()).await?),
+        None => None,
+    };
     let api_settings = match &config.apiserver {
         Some(a) => Some(a.settings(&config.state_dir, runtime_version(&cri).await)?),
         None => None,
@@ -447,6 +454,7 @@ mod tests {
             c.csi_socket.as_deref(),
             Some(Path::new("/run/storaged/csi.sock"))
         );
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9403".parse().unwrap()));
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Container {
     pub memory_limit_bytes: Option<i64>,
     pub ports: Vec<Port>,
     pub volume_mounts: Vec<VolumeMount>,
+    /// Block csi volumes given to the container as device nodes.
+    pub volume_devices: Vec<VolumeDevice>,
     pub liveness_probe: Option<Probe>,
     pub readiness_probe: Option<Probe>,
     pub startup_probe: Option<Probe>,
@@ -106,6 +108,14 @@ pub struct VolumeMount {
     pub name: String,
     pub mount_path: String,
     pub read_only: bool,
+}
+
+/// A container's `volumeDevices` entry: a Block csi volume as a device node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDevice {
+    pub name: String,
+    /// Where the device node appears in the container.
+    pub device_path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -517,6 +527,7 @@ impl Walker<'_> {
             "resources",
             "ports",
             "volumeMounts",
+            "volumeDevices",
             "livenessProbe",
             "readinessProbe",
             "startupProbe",
@@ -643,6 +654,44 @@ impl Walker<'_> {
             });
         }
 
+        let mut volume_devices: Vec<VolumeDevice> = Vec::new();
+        for (i, vd) in self.list(m, path, "volumeDevices")?.iter().enumerate() {
+            let p = format!("{path}.volumeDevices[{i}]");
+            let dm = self.map(vd, &p, &["name", "devicePath"])?;
+            let device_path = self.required(dm, &p, "devicePath")?;
+            if !device_path.starts_with('/') {
+                return Err(self.err(&join(&p, "devicePath"), "must be an absolute path"));
+            }
+            if volume_devices.iter().any(|d| d.device_path == device_path)
+                || volume_mounts.iter().any(|m| m.mount_path == device_path)
+            {
+                return Err(self.err(
+                    &join(&p, "devicePath"),
+                    &format!("{device_path:?} is already used by another volume of the container"),
+                ));
+            }
+            let name = self.required(dm, &p, "name")?;
+            match volumes.iter().find(|v| v.name == name).map(|v| &v.source) {
+                None => {
+                    return Err(self.err(
+                        &join(&p, "name"),
+                        &format!("names volume {name:?}, which spec.volumes does not list"),
+                    ))
+                }
+                Some(VolumeSource::Csi(c)) if c.block => {}
+                Some(_) => {
+                    return Err(self.err(
+                        &join(&p, "name"),
+                        &format!(
+                            "names volume {name:?}, which is not a Block csi volume \
+                             (volumeAttributes.volumeMode: Block); mount it with volumeMounts"
+                        ),
+                    ))
+                }
+            }
+            volume_devices.push(VolumeDevice { name, device_path });
+        }
+
         let mut probes = [None, None, None];
         for (slot, key) in
             probes
@@ -673,6 +722,7 @@ impl Walker<'_> {
             memory_limit_bytes,
             ports,
             volume_mounts,
+            volume_devices,
         })
     }
 }

@@ -78,6 +78,10 @@ pub struct PodReport {
     pub state: String,
     pub error: Option<String>,
     pub containers: Vec<ContainerReport>,
+    /// Its last start was refused because an image is not on the allowlist (for the
+    /// metrics; `error` says which).
+    #[serde(skip)]
+    pub image_refused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -97,15 +101,26 @@ pub struct ContainerReport {
 pub type Status = Arc<Mutex<Vec<PodReport>>>;
 
 pub struct Reconciler {
-    cri: Client,
-    settings: Settings,
+    ctx: Ctx,
+    settings: Arc<Settings>,
     pods: BTreeMap<String, PodRun>,
     /// file → what is wrong with a manifest that was not taken; logged once per version.
     invalid: BTreeMap<String, Invalid>,
     status: Status,
     adopted: bool,
+}
+
+/// What stepping a pod needs, shared by the tasks that step pods at the same time.
+#[derive(Clone)]
+struct Ctx {
+    cri: Client,
+    settings: Arc<Settings>,
     volumes: Arc<Volumes>,
 }
+
+/// How many pods are stepped at once: starting one is mostly waiting for containerd
+/// and storaged, but each start also costs them CPU, which the appliance has little of.
+const STEPS_AT_ONCE: usize = 4;
 
 struct Invalid {
     hash: String,
@@ -158,6 +173,8 @@ struct PodRun {
     failed: bool,
     /// Where HTTP and TCP probes go: the sandbox's IP, 127.0.0.1 on the host network.
     ip: Option<String>,
+    /// The last start failed on the image allowlist.
+    image_refused: bool,
 }
 
 struct Ctr {
@@ -186,9 +203,13 @@ impl Reconciler {
             settings.csi_socket.clone(),
             settings.state_dir.clone(),
         ));
+        let settings = Arc::new(settings);
         Reconciler {
-            cri,
-            volumes,
+            ctx: Ctx {
+                cri,
+                settings: settings.clone(),
+                volumes,
+            },
             settings,
             pods: BTreeMap::new(),
             invalid: BTreeMap::new(),
@@ -207,6 +228,7 @@ impl Reconciler {
 
     /// One pass: rescan the manifests, adopt (first pass), start, poll, restart, stop.
     pub async fn tick(&mut self) {
+        let started = Instant::now();
         let scanned = self.scan();
         if !self.adopted {
             match self.adopt(&scanned).await {
@@ -224,9 +246,9 @@ impl Reconciler {
         for file in gone {
             if let Some(run) = self.pods.remove(&file) {
                 tracing::info!(pod = %run.pod.name, file = %file, "manifest removed or changed: stopping the pod");
-                let cri = self.cri.clone();
+                let cri = self.ctx.cri.clone();
                 let settings = self.settings.clone();
-                let volumes = self.volumes.clone();
+                let volumes = self.ctx.volumes.clone();
                 tokio::spawn(async move { teardown(&cri, &settings, &volumes, run).await });
             }
         }
@@ -286,15 +308,36 @@ impl Reconciler {
                 }
             }
         }
-        let files: Vec<String> = self.pods.keys().cloned().collect();
-        for file in files {
-            if let Some(mut run) = self.pods.remove(&file) {
-                self.step(&mut run).await;
-                self.rotate_logs(&run).await;
-                self.pods.insert(file, run);
+        // New pods show as pending now, not once the pass is over.
+        self.publish();
+        // Pods are stepped concurrently, each by one task (never twice at once), and
+        // each pod's report is updated as soon as its step is done: one pod whose image
+        // pull or volume takes long holds up neither the others nor the status.
+        let limit = Arc::new(tokio::sync::Semaphore::new(STEPS_AT_ONCE));
+        let mut steps = tokio::task::JoinSet::new();
+        for (file, mut run) in std::mem::take(&mut self.pods) {
+            let (ctx, status, limit) = (self.ctx.clone(), self.status.clone(), limit.clone());
+            steps.spawn(async move {
+                let _turn = limit.acquire_owned().await;
+                ctx.step(&mut run).await;
+                ctx.rotate_logs(&run).await;
+                update_report(&status, run.report());
+                (file, run)
+            });
+        }
+        while let Some(done) = steps.join_next().await {
+            match done {
+                Ok((file, run)) => {
+                    self.pods.insert(file, run);
+                }
+                // A step that panicked lost its pod's state: carry on as a panic in the
+                // pass did before, rather than forget a pod whose sandbox may run.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => tracing::error!("a pod's step was cancelled: {e}"),
             }
         }
         self.publish();
+        crate::metrics::pass_took(started.elapsed());
     }
 
     /// Manifest files of all sources by key (the file name; `site/<name>` and
@@ -373,6 +416,7 @@ impl Reconciler {
     /// unchanged keeps running with its containers; the rest are stopped and removed.
     async fn adopt(&mut self, scanned: &BTreeMap<String, Scanned>) -> Result<(), String> {
         let listed = self
+            .ctx
             .cri
             .list_pod_sandbox(ListPodSandboxRequest {
                 filter: Some(PodSandboxFilter {
@@ -400,13 +444,14 @@ impl Reconciler {
             });
             let Some(pod) = pod else {
                 tracing::info!(sandbox = %sb.id, file = %file, "removing a pod left by an earlier noded whose manifest is gone or changed");
-                stop_sandbox(&self.cri, &sb.id, &[], 0).await;
+                stop_sandbox(&self.ctx.cri, &sb.id, &[], 0).await;
                 continue;
             };
             let source = matching.map(|f| f.path.clone()).unwrap_or_default();
             let mut run = PodRun::new(file.clone(), source, hash, pod);
             run.sandbox = Some(sb.id.clone());
             let containers = self
+                .ctx
                 .cri
                 .list_containers(ListContainersRequest {
                     filter: Some(ContainerFilter {
@@ -442,7 +487,7 @@ impl Reconciler {
                     }
                 }
             }
-            self.volumes.adopt(&run.hash, &run.pod).await;
+            self.ctx.volumes.adopt(&run.hash, &run.pod).await;
             tracing::info!(pod = %run.pod.name, file = %file, sandbox = %sb.id, "adopted a running pod");
             self.pods.insert(file, run);
         }
@@ -450,9 +495,9 @@ impl Reconciler {
         // sandboxes were just removed, or a reboot took them): released in the
         // background, like any other pod's after its teardown.
         let live: BTreeSet<String> = scanned.values().map(|f| f.hash.clone()).collect();
-        for (uid, pod) in self.volumes.orphans(&live).await {
+        for (uid, pod) in self.ctx.volumes.orphans(&live).await {
             tracing::info!(pod = %pod, uid = %uid, "releasing the csi volumes of a pod that is gone");
-            let volumes = self.volumes.clone();
+            let volumes = self.ctx.volumes.clone();
             let base = self.settings.backoff_base;
             tokio::spawn(
                 async move { volumes.detach_retrying(&uid, &pod, base, BACKOFF_MAX).await },
@@ -460,7 +505,9 @@ impl Reconciler {
         }
         Ok(())
     }
+}
 
+impl Ctx {
     async fn step(&self, run: &mut PodRun) {
         if run.failed {
             return;
@@ -523,12 +570,17 @@ impl Reconciler {
                         };
                         run.sandbox = Some(id.clone());
                         run.error = None;
+                        run.image_refused = false;
                         run.failures = 0;
                         id
                     }
-                    Err(e) => {
+                    Err(StartError {
+                        message: e,
+                        image_refused,
+                    }) => {
                         tracing::error!(pod = %run.pod.name, file = %run.file, "pod failed to start: {e}");
                         run.error = Some(e);
+                        run.image_refused = image_refused;
                         run.retry_at = now + backoff(self.settings.backoff_base, run.failures);
                         run.failures += 1;
                         return;
@@ -782,7 +834,7 @@ impl Reconciler {
         }
     }
 
-    async fn start_sandbox(&self, run: &PodRun) -> Result<String, String> {
+    async fn start_sandbox(&self, run: &PodRun) -> Result<String, StartError> {
         let uid = &run.hash;
         let log_dir = self.log_dir(run);
         std::fs::create_dir_all(&log_dir)
@@ -842,23 +894,29 @@ impl Reconciler {
                 let found = status.image.ok_or_else(|| {
                     format!("image {image}: the runtime does not know it after the pull")
                 })?;
-                policy.check(
-                    image,
-                    &crate::policy::image_digests(&found.repo_digests, &found.id),
-                )?;
+                policy
+                    .check(
+                        image,
+                        &crate::policy::image_digests(&found.repo_digests, &found.id),
+                    )
+                    .map_err(|message| StartError {
+                        message,
+                        image_refused: true,
+                    })?;
             }
         }
         // After the image checks: a pod refused for its images provisions nothing.
         self.volumes.attach(uid, &run.pod).await?;
         let config = self.sandbox_config(run);
-        self.cri
+        Ok(self
+            .cri
             .run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config),
                 ..Default::default()
             })
             .await
             .map(|r| r.pod_sandbox_id)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?)
     }
 
     fn log_dir(&self, run: &PodRun) -> PathBuf {
@@ -965,6 +1023,7 @@ impl Reconciler {
             })
             .collect();
         let config = ContainerConfig {
+            devices: devices(pod, c, |name| self.volumes.target(&uid, name)),
             metadata: Some(ContainerMetadata {
                 name: c.name.clone(),
                 attempt: ctr.attempt,
@@ -1016,7 +1075,9 @@ impl Reconciler {
         }
         Ok(id)
     }
+}
 
+impl Reconciler {
     fn publish(&self) {
         let mut reports: Vec<PodReport> = self.pods.values().map(PodRun::report).collect();
         reports.extend(self.invalid.iter().map(|(file, i)| PodReport {
@@ -1027,12 +1088,63 @@ impl Reconciler {
             state: "invalid".into(),
             error: Some(i.error.clone()),
             containers: Vec::new(),
+            image_refused: false,
         }));
         reports.sort_by(|a, b| a.file.cmp(&b.file));
         if let Ok(mut s) = self.status.lock() {
             *s = reports;
         }
     }
+}
+
+/// Why a pod's sandbox did not start.
+struct StartError {
+    message: String,
+    /// An image is not on the allowlist.
+    image_refused: bool,
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError {
+            message,
+            image_refused: false,
+        }
+    }
+}
+
+/// Replaces the report of one pod (same file and uid) in the published status; a pod
+/// no longer there (its manifest went during the step) is not brought back.
+fn update_report(status: &Status, report: PodReport) {
+    let Ok(mut reports) = status.lock() else {
+        return;
+    };
+    if let Some(r) = reports
+        .iter_mut()
+        .find(|r| r.file == report.file && r.uid == report.uid)
+    {
+        *r = report;
+    }
+}
+
+/// The container's block volumes as CRI devices: each publish target is the volume's
+/// device node (bind-mounted there by the CSI driver), which the runtime creates at
+/// `devicePath` and allows in the device cgroup, read-only for a read-only volume.
+fn devices(pod: &Pod, c: &Container, target: impl Fn(&str) -> PathBuf) -> Vec<Device> {
+    c.volume_devices
+        .iter()
+        .filter_map(|d| {
+            let v = pod.volumes.iter().find(|v| v.name == d.name)?;
+            let VolumeSource::Csi(csi) = &v.source else {
+                return None;
+            };
+            Some(Device {
+                container_path: d.device_path.clone(),
+                host_path: target(&v.name).display().to_string(),
+                permissions: if csi.read_only { "r" } else { "rw" }.into(),
+            })
+        })
+        .collect()
 }
 
 /// CPU limit → CFS quota per 100 ms period; memory limit → the cgroup's memory.max.
@@ -1186,6 +1298,7 @@ impl PodRun {
             containers,
             failed: false,
             ip: None,
+            image_refused: false,
         }
     }
 
@@ -1239,6 +1352,7 @@ impl PodRun {
                         && c.prober.as_ref().is_none_or(|p| p.health().ready),
                 })
                 .collect(),
+            image_refused: self.image_refused,
         }
     }
 }
@@ -1275,6 +1389,42 @@ mod tests {
             ..pod.containers[0].clone()
         });
         assert_eq!(none, LinuxContainerResources::default());
+    }
+
+    #[test]
+    fn block_volumes_become_devices_read_only_when_the_volume_is() {
+        let pod = manifest::parse(
+            "p.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  volumes:\n  - name: raw\n    csi: {driver: storaged.edgeos, volumeAttributes: {volume: r1, size: 1Gi, volumeMode: Block}}\n  - name: ro\n    csi: {driver: storaged.edgeos, readOnly: true, volumeAttributes: {volume: r2, size: 1Gi, volumeMode: Block}}\n  - name: fs\n    emptyDir: {}\n  containers:\n  - name: a\n    image: i\n    volumeMounts: [{name: fs, mountPath: /fs}]\n    volumeDevices: [{name: raw, devicePath: /dev/xvda}, {name: ro, devicePath: /dev/xvdb}]\n",
+        )
+        .unwrap();
+        let got = devices(&pod, &pod.containers[0], |name| {
+            PathBuf::from(format!("/state/csi/pods/u/{name}"))
+        });
+        let dev = |c: &str, h: &str, p: &str| Device {
+            container_path: c.into(),
+            host_path: h.into(),
+            permissions: p.into(),
+        };
+        assert_eq!(
+            got,
+            [
+                dev("/dev/xvda", "/state/csi/pods/u/raw", "rw"),
+                dev("/dev/xvdb", "/state/csi/pods/u/ro", "r"),
+            ]
+        );
+        // On the wire: ContainerConfig.devices is field 8, Device's fields 1-3.
+        let bytes = prost::Message::encode_to_vec(&ContainerConfig {
+            devices: got[..1].to_vec(),
+            ..Default::default()
+        });
+        let mut want = vec![8 << 3 | 2, 38, 10, 9];
+        want.extend_from_slice(b"/dev/xvda");
+        want.extend_from_slice(&[18, 21]);
+        want.extend_from_slice(b"/state/csi/pods/u/raw");
+        want.extend_from_slice(&[26, 2]);
+        want.extend_from_slice(b"rw");
+        assert_eq!(bytes, want);
     }
 
     #[test]

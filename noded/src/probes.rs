@@ -145,6 +145,11 @@ async fn until_threshold(
             Ok(()) => failures = 0,
             Err(why) => {
                 failures += 1;
+                crate::metrics::probe_failed(if until_success {
+                    crate::metrics::ProbeKind::Startup
+                } else {
+                    crate::metrics::ProbeKind::Liveness
+                });
                 tracing::debug!(pod = %t.pod, container = %t.container, failures, "probe failed: {why}");
                 if failures >= p.failure_threshold {
                     return Err(why);
@@ -171,6 +176,7 @@ async fn readiness_loop(t: &Target, p: &Probe, t0: Instant, health: &Mutex<Healt
                 }
             }
             Err(why) => {
+                crate::metrics::probe_failed(crate::metrics::ProbeKind::Readiness);
                 successes = 0;
                 failures = failures.saturating_add(1);
                 if was && failures >= p.failure_threshold {

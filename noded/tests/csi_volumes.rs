@@ -52,6 +52,31 @@ struct State {
     calls: Vec<Call>,
     /// CreateVolume of these names fails with this code.
     refuse: BTreeMap<String, (Code, String)>,
+    /// NodePublishVolume calls wait while this is set: a volume that is slow to come.
+    hold_publish: bool,
+    /// Block volumes: volume → the loop device backed by `<root>/<volume>.img`.
+    loops: BTreeMap<String, String>,
+}
+
+/// Detaches the double's loop devices, also when an assertion fails.
+struct Loops(Arc<Mutex<State>>);
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        let loops = std::mem::take(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()).loops);
+        for dev in loops.values() {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", dev])
+                .status();
+        }
+    }
+}
+
+fn is_block(cap: &Option<VolumeCapability>) -> bool {
+    matches!(
+        cap.as_ref().and_then(|c| c.access_type.as_ref()),
+        Some(volume_capability::AccessType::Block(_))
+    )
 }
 
 /// The CSI double: its volumes are directories under `root`.
@@ -150,8 +175,12 @@ impl Double {
         if let Some((code, msg)) = self.state.lock().unwrap().refuse.get(&r.name) {
             return Err(Status::new(*code, msg.clone()));
         }
-        std::fs::create_dir_all(self.backing(&r.name))
-            .map_err(|e| Status::internal(e.to_string()))?;
+        if is_block(&r.volume_capabilities.first().cloned()) {
+            self.create_block(&r.name, size)?;
+        } else {
+            std::fs::create_dir_all(self.backing(&r.name))
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
         Ok(CreateVolumeResponse {
             volume: Some(Volume {
                 capacity_bytes: size,
@@ -159,6 +188,42 @@ impl Double {
                 ..Default::default()
             }),
         })
+    }
+
+    /// A block volume: a file of `size` bytes behind a loop device, as storaged's thin
+    /// device is a block device.
+    fn create_block(&self, name: &str, size: i64) -> Result<(), Status> {
+        if self.state.lock().unwrap().loops.contains_key(name) {
+            return Ok(());
+        }
+        let file = self.root.join(format!("{name}.img"));
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size as u64))
+            .map_err(|e| Status::internal(format!("{}: {e}", file.display())))?;
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .map_err(|e| Status::internal(format!("losetup: {e}")))?;
+        if !out.status.success() {
+            return Err(Status::internal(format!(
+                "losetup {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        self.state.lock().unwrap().loops.insert(name.into(), dev);
+        Ok(())
+    }
+
+    fn loop_device(&self, volume: &str) -> Option<PathBuf> {
+        self.state
+            .lock()
+            .unwrap()
+            .loops
+            .get(volume)
+            .map(PathBuf::from)
     }
 
     fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, Status> {
@@ -171,6 +236,16 @@ impl Double {
             mode: mode_of(&r.volume_capability),
         });
         let staging = PathBuf::from(&r.staging_target_path);
+        if is_block(&r.volume_capability) {
+            // As storaged: nothing to mount, publish binds the device node itself.
+            return match self.loop_device(&r.volume_id) {
+                Some(_) => Ok(NodeStageVolumeResponse {}),
+                None => Err(Status::not_found(format!(
+                    "block volume {} does not exist",
+                    r.volume_id
+                ))),
+            };
+        }
         if !self.backing(&r.volume_id).is_dir() {
             return Err(Status::not_found(format!(
                 "volume {} does not exist",
@@ -197,6 +272,18 @@ impl Double {
             PathBuf::from(&r.staging_target_path),
             PathBuf::from(&r.target_path),
         );
+        if is_block(&r.volume_capability) {
+            let dev = self.loop_device(&r.volume_id).ok_or_else(|| {
+                Status::not_found(format!("block volume {} does not exist", r.volume_id))
+            })?;
+            if !mounted(&target) {
+                std::fs::create_dir_all(target.parent().unwrap())
+                    .and_then(|()| std::fs::File::create(&target).map(drop))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                bind(&dev, &target, r.readonly)?;
+            }
+            return Ok(NodePublishVolumeResponse {});
+        }
         if !mounted(&staging) {
             return Err(Status::failed_precondition(format!(
                 "volume {} is not staged at {}",
@@ -224,7 +311,7 @@ impl Double {
         });
         let target = PathBuf::from(&r.target_path);
         unmount(&target);
-        let _ = std::fs::remove_dir(&target);
+        let _ = std::fs::remove_dir(&target).or_else(|_| std::fs::remove_file(&target));
         Ok(NodeUnpublishVolumeResponse {})
     }
 
@@ -272,6 +359,11 @@ impl tower::Service<http::Request<Body>> for Double {
         let d = self.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
+            if path == "/csi.v1.Node/NodePublishVolume" {
+                while d.state.lock().unwrap().hold_publish {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
             Ok(match path.as_str() {
                 "/csi.v1.Controller/CreateVolume" => unary(req, move |r| d.create(r)).await,
                 "/csi.v1.Node/NodeStageVolume" => unary(req, move |r| d.stage(r)).await,
@@ -413,9 +505,9 @@ fn position(calls: &[Call], method: &str, path_has: &str) -> Option<usize> {
         .position(|c| c.method == method && c.path.contains(path_has))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn csi_volumes_are_published_before_the_container_and_released_after_the_pod() {
-    let mut node = Node::start_with("noded-csi-", "csi_socket = \"{dir}/csi.sock\"", |dir| {
+/// A node whose noded has a CSI socket and the writer image.
+async fn start_node(prefix: &str) -> Node {
+    Node::start_with(prefix, "csi_socket = \"{dir}/csi.sock\"", |dir| {
         let writer = build_static("writer", "tests/programs/writer.rs", dir);
         std::fs::write(
             dir.join("images/writer.tar"),
@@ -423,7 +515,12 @@ async fn csi_volumes_are_published_before_the_container_and_released_after_the_p
         )
         .unwrap();
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_volumes_are_published_before_the_container_and_released_after_the_pod() {
+    let mut node = start_node("noded-csi-").await;
     let dir = node.env.dir.clone();
     let double = serve(&dir.join("csi.sock"), &dir.join("double-volumes"));
     double.state.lock().unwrap().refuse.insert(
@@ -610,4 +707,194 @@ async fn csi_volumes_are_published_before_the_container_and_released_after_the_p
     assert!(unpublish < calls.len() - 1, "{calls:#?}");
     assert!(!mounted(&target) && !mounted(&staging));
     assert!(records().is_empty(), "{:?}", records());
+}
+
+fn hello_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  hostNetwork: true\n  \
+         terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: edge.local/hello:1\n"
+    )
+}
+
+/// A pod whose volume is slow to come (its publish held by the double) neither holds
+/// up the pods beside it nor the status: while it waits, `pods` answers with it
+/// pending and the others running. (Stepped one after another, as noded once did,
+/// the others would wait for it and the status would stay empty until all ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_slow_to_start_holds_up_neither_the_others_nor_the_status() {
+    let node = start_node("noded-slow-").await;
+    let dir = node.env.dir.clone();
+    let double = serve(&dir.join("csi.sock"), &dir.join("double-volumes"));
+    double.state.lock().unwrap().hold_publish = true;
+    // The slow pod's file sorts first: it is the first pod a pass comes to.
+    std::fs::write(node.manifests.join("a-slow.yaml"), WRITER).unwrap();
+    for name in ["b", "c", "d"] {
+        std::fs::write(node.manifests.join(format!("{name}.yaml")), hello_pod(name)).unwrap();
+    }
+    // Staged: its publish is next, and held.
+    wait_calls(&double, "the slow pod's stage", |c| {
+        position(c, "NodeStageVolume", "").is_some()
+    })
+    .await;
+    let pods = node
+        .env
+        .wait_for("the other pods running while the slow one waits", |p| {
+            ["b.yaml", "c.yaml", "d.yaml"]
+                .iter()
+                .all(|f| p.iter().any(|p| p.file == *f && p.state == "running"))
+        })
+        .await;
+    let slow = pods.iter().find(|p| p.file == "a-slow.yaml");
+    assert_eq!(slow.map(|p| p.state.as_str()), Some("pending"), "{pods:#?}");
+    // Its publish is still held: it was mid-start all along.
+    assert!(position(&double.calls(), "NodePublishVolume", "").is_none());
+    // Once its volume comes, it runs too.
+    double.state.lock().unwrap().hold_publish = false;
+    node.env
+        .wait_for("the slow pod running", |p| {
+            p.iter()
+                .any(|p| p.file == "a-slow.yaml" && p.state == "running")
+        })
+        .await;
+    wait_log(&dir.join("logs"), "writer", "wrote /data/from-writer").await;
+}
+
+/// A raw device for a container, and the same volume read-only in a second one.
+const RAW: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: raw}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - name: disk
+      csi:
+        driver: storaged.edgeos
+        volumeAttributes: {volume: rawdisk, size: 8Mi, volumeMode: Block}
+  containers:
+    - name: w
+      image: edge.local/writer:1
+      args: [/dev/xvdb, "written to a raw device"]
+      volumeDevices:
+        - {name: disk, devicePath: /dev/xvdb}
+"#;
+
+const RAW_READER: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: rawro}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - name: disk
+      csi:
+        driver: storaged.edgeos
+        readOnly: true
+        volumeAttributes: {volume: rawdisk, size: 8Mi, volumeMode: Block}
+  containers:
+    - name: w
+      image: edge.local/writer:1
+      args: [/dev/xvdc, "must not land"]
+      volumeDevices:
+        - {name: disk, devicePath: /dev/xvdc}
+"#;
+
+/// A Block volume reaches the container as a device node at `devicePath`: noded
+/// publishes it through CSI with a block capability (the double binds a loop device
+/// onto the target file), passes the target to containerd as a CRI device, and what
+/// the container writes to the device lands in the volume's backing file. Read-only
+/// it can be read but not written. Manifests that mix up the two modes are refused
+/// naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_volumes_are_devices_in_containers() {
+    if !Path::new("/dev/loop-control").exists() {
+        eprintln!("no loop devices on this host: skipped");
+        return;
+    }
+    let node = start_node("noded-block-").await;
+    let dir = node.env.dir.clone();
+    let double = serve(&dir.join("csi.sock"), &dir.join("double-volumes"));
+    let _loops = Loops(double.state.clone());
+
+    std::fs::write(node.manifests.join("raw.yaml"), RAW).unwrap();
+    wait_log(&dir.join("logs"), "raw", "wrote /dev/xvdb").await;
+    let image = double.root.join("rawdisk.img");
+    let data = std::fs::read(&image).unwrap();
+    assert!(
+        data.starts_with(b"written to a raw device"),
+        "{:?}",
+        String::from_utf8_lossy(&data[..64])
+    );
+    let calls = double.calls();
+    let methods: Vec<&str> = calls.iter().map(|c| c.method).collect();
+    assert_eq!(
+        methods,
+        ["CreateVolume", "NodeStageVolume", "NodePublishVolume"],
+        "{calls:#?}"
+    );
+    let target = PathBuf::from(&calls[2].path);
+    assert!(
+        target.ends_with("disk") && !calls[2].read_only,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        calls[0].mode,
+        volume_capability::Mode::SingleNodeWriter as i32
+    );
+
+    std::fs::write(node.manifests.join("rawro.yaml"), RAW_READER).unwrap();
+    let log = wait_log(&dir.join("logs"), "rawro", "/dev/xvdc").await;
+    assert!(log.contains("write to /dev/xvdc failed"), "{log}");
+    assert!(std::fs::read(&image)
+        .unwrap()
+        .starts_with(b"written to a raw device"));
+    assert!(double
+        .calls()
+        .iter()
+        .any(|c| c.method == "NodePublishVolume" && c.read_only));
+
+    // The pod goes: its device's publish is released, the target file with it.
+    std::fs::remove_file(node.manifests.join("raw.yaml")).unwrap();
+    wait_calls(&double, "the raw pod's unpublish", |c| {
+        position(c, "NodeUnpublishVolume", &target.display().to_string()).is_some()
+    })
+    .await;
+    assert!(!mounted(&target));
+
+    // Mixed-up modes and missing volumes are refused naming the field.
+    for (file, text, want) in [
+        (
+            "fs-as-device.yaml",
+            WRITER.replace(
+                "volumeMounts:\n        - {name: data, mountPath: /data}",
+                "volumeDevices:\n        - {name: data, devicePath: /dev/xvdb}",
+            ),
+            "spec.containers[0].volumeDevices[0].name names volume \"data\", which is not a Block csi volume",
+        ),
+        (
+            "block-as-mount.yaml",
+            RAW.replace(
+                "volumeDevices:\n        - {name: disk, devicePath: /dev/xvdb}",
+                "volumeMounts:\n        - {name: disk, mountPath: /data}",
+            ),
+            "spec.containers[0].volumeMounts[0].name names volume \"disk\", a Block volume",
+        ),
+        (
+            "no-volume.yaml",
+            RAW.replace("{name: disk, devicePath", "{name: nothing, devicePath"),
+            "spec.containers[0].volumeDevices[0].name names volume \"nothing\", which spec.volumes does not list",
+        ),
+    ] {
+        assert_ne!(text, RAW);
+        assert_ne!(text, WRITER);
+        std::fs::write(node.manifests.join(file), text).unwrap();
+        let pods = node
+            .env
+            .wait_for(file, |p| p.iter().any(|p| p.file == file))
+            .await;
+        let pod = pods.iter().find(|p| p.file == file).unwrap();
+        let err = pod.error.as_deref().unwrap_or("");
+        assert_eq!(pod.state, "invalid", "{err}");
+        assert!(err.contains(&format!("{file}: {want}")), "{err}");
+    }
 }

@@ -78,6 +78,18 @@ pub struct Mount {
     pub propagation: i32,
 }
 
+/// A host device node made available in the container.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Device {
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    /// The device cgroup's access: some of `r`, `w`, `m` (mknod).
+    #[prost(string, tag = "3")]
+    pub permissions: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
 pub enum NamespaceMode {
@@ -382,6 +394,8 @@ pub struct ContainerConfig {
     pub envs: Vec<KeyValue>,
     #[prost(message, repeated, tag = "7")]
     pub mounts: Vec<Mount>,
+    #[prost(message, repeated, tag = "8")]
+    pub devices: Vec<Device>,
     #[prost(map = "string, string", tag = "9")]
     pub labels: Labels,
     #[prost(map = "string, string", tag = "10")]

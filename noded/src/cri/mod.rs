@@ -101,18 +101,24 @@ impl Client {
             code,
             message,
         };
-        grpc.ready()
-            .await
-            .map_err(|e| fail(tonic::Code::Unavailable, error_chain(&e)))?;
-        let codec = tonic::codec::ProstCodec::<Req, Resp>::default();
-        grpc.unary(
-            tonic::Request::new(req),
-            PathAndQuery::from_static(method),
-            codec,
-        )
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| fail(s.code(), s.message().to_string()))
+        let result = match grpc.ready().await {
+            Ok(()) => {
+                let codec = tonic::codec::ProstCodec::<Req, Resp>::default();
+                grpc.unary(
+                    tonic::Request::new(req),
+                    PathAndQuery::from_static(method),
+                    codec,
+                )
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| fail(s.code(), s.message().to_string()))
+            }
+            Err(e) => Err(fail(tonic::Code::Unavailable, error_chain(&e))),
+        };
+        if let Err(e) = &result {
+            crate::metrics::cri_failed(method, e.code());
+        }
+        result
     }
 
     rpc!(

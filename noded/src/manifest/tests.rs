@@ -500,3 +500,82 @@ fn bad_csi_volumes_are_named_by_path() {
         );
     }
 }
+
+/// GOOD with `models` a Block volume given to the container as a device.
+fn with_block_device(device: &str) -> String {
+    with_csi("{driver: storaged.edgeos, readOnly: true, volumeAttributes: {volume: raw, size: 1Gi, volumeMode: Block}}")
+        .replacen(
+            "        - {name: models, mountPath: /models, readOnly: true}\n",
+            &format!("      volumeDevices:\n        - {device}\n"),
+            1,
+        )
+}
+
+#[test]
+fn block_volumes_are_given_to_containers_as_devices() {
+    let pod = parse(
+        "cam.yaml",
+        &with_block_device("{name: models, devicePath: /dev/xvda}"),
+    )
+    .unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.volume_devices,
+        [VolumeDevice {
+            name: "models".into(),
+            device_path: "/dev/xvda".into()
+        }]
+    );
+    assert_eq!(c.volume_mounts.len(), 1);
+    assert!(GOOD.contains("volumeMounts") && !GOOD.contains("volumeDevices"));
+    assert!(parse("cam.yaml", GOOD).unwrap().containers[0]
+        .volume_devices
+        .is_empty());
+}
+
+#[test]
+fn bad_volume_devices_are_named_by_path() {
+    let dev = "spec.containers[0].volumeDevices[0]";
+    let cases: Vec<(String, String)> = vec![
+        (
+            with_block_device("{name: nothing, devicePath: /dev/xvda}"),
+            format!("{dev}.name names volume \"nothing\", which spec.volumes does not list"),
+        ),
+        (
+            with_block_device("{name: scratch, devicePath: /dev/xvda}"),
+            format!("{dev}.name names volume \"scratch\", which is not a Block csi volume"),
+        ),
+        (
+            with_block_device("{name: models, devicePath: dev/xvda}"),
+            format!("{dev}.devicePath must be an absolute path"),
+        ),
+        (
+            with_block_device("{name: models, devicePath: /tmp}"),
+            format!("{dev}.devicePath \"/tmp\" is already used by another volume"),
+        ),
+        (
+            with_block_device("{name: models}"),
+            format!("{dev}.devicePath is required"),
+        ),
+        (
+            with_block_device("{name: models, devicePath: /dev/xvda, readOnly: true}"),
+            format!("{dev}.readOnly is not supported yet"),
+        ),
+        (
+            // A filesystem csi volume is mounted, not given as a device.
+            with_csi(CSI).replacen(
+                "        - {name: models, mountPath: /models, readOnly: true}\n",
+                "      volumeDevices:\n        - {name: models, devicePath: /dev/xvda}\n",
+                1,
+            ),
+            format!("{dev}.name names volume \"models\", which is not a Block csi volume"),
+        ),
+    ];
+    for (text, want) in cases {
+        let e = err(&text);
+        assert!(
+            e.starts_with(&format!("pods/cam.yaml: {want}")),
+            "want {want:?}, got {e:?}"
+        );
+    }
+}
