@@ -199,7 +199,7 @@ struct Shared {
     settings: Settings,
     /// cache file name (`<namespace>_<name>.yaml`) → pod.
     known: Mutex<BTreeMap<String, Known>>,
-    /// Bumped on every relist: the server may have lost what was reported before.
+    /// Bumped when a relist starts: the server may have lost what was reported before.
     relists: AtomicU64,
     host_ip: Option<Ipv4Addr>,
     started: String,
@@ -455,7 +455,12 @@ async fn watch_pods(shared: Arc<Shared>) {
         };
         log.ok();
         match event {
-            watcher::Event::Init => listed = Some(BTreeSet::new()),
+            watcher::Event::Init => {
+                listed = Some(BTreeSet::new());
+                // A (re)list: the server may have lost the status reported before; what
+                // is reported from now on reaches the server that lists.
+                shared.relists.fetch_add(1, Ordering::Relaxed);
+            }
             watcher::Event::InitApply(pod) => {
                 if let (Some(key), Some(l)) = (apply(&shared, &pod), listed.as_mut()) {
                     l.insert(key);
@@ -465,7 +470,6 @@ async fn watch_pods(shared: Arc<Shared>) {
                 if let Some(l) = listed.take() {
                     prune(&shared, &l);
                 }
-                shared.relists.fetch_add(1, Ordering::Relaxed);
             }
             watcher::Event::Apply(pod) => {
                 apply(&shared, &pod);
@@ -1199,15 +1203,12 @@ mod tests {
     use super::*;
 
     fn report(state: &str, containers: Vec<ContainerReport>, error: Option<&str>) -> PodReport {
-        PodReport {
-            file: "api/default_web.yaml".into(),
-            name: "web".into(),
-            namespace: "default".into(),
-            uid: "u".into(),
-            state: state.into(),
-            error: error.map(str::to_string),
-            containers,
-        }
+        // Through serde: fields the reconciler adds for others default.
+        serde_json::from_value(json!({
+            "file": "api/default_web.yaml", "name": "web", "namespace": "default",
+            "uid": "u", "state": state, "error": error, "containers": containers,
+        }))
+        .unwrap()
     }
 
     fn ctr(name: &str, init: bool, state: &str, ready: bool) -> ContainerReport {

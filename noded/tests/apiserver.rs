@@ -1,0 +1,535 @@
+//! noded's Kubernetes API server path against a test double of kube-apiserver (none can
+//! run on this machine; `fake_apiserver` checks what the real server checks for the
+//! calls noded makes). The apiserver module runs with a hand-fed pod status and a temp
+//! cache directory: the Node is registered with its zone and Ready, the Lease renewed;
+//! the pods bound to this node are mirrored as manifests noded's parser takes, with
+//! what the server adds stripped and unsupported fields kept for the parser to name;
+//! status is patched only when it changes; an outage keeps the cached pods and the
+//! relist after it resyncs them. Bad `[apiserver]` config is refused by key. One test
+//! runs the whole path through noded and a real containerd.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use noded::apiserver::{self, Settings};
+use noded::pods::{PodReport, Status};
+use serde_json::{json, Value};
+
+mod fake_apiserver;
+use fake_apiserver::FakeApiServer;
+
+const NODE: &str = "edge-a";
+
+struct Setup {
+    server: FakeApiServer,
+    status: Status,
+    cache: PathBuf,
+    agent: Option<apiserver::Agent>,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let server = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+    let cache = dir.path().join("cache");
+    let labels = [
+        ("kubernetes.io/hostname", NODE),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/arch", "amd64"),
+        (apiserver::ZONE_LABEL, "site-7"),
+        ("example.com/role", "sensor"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let settings = Settings {
+        kubeconfig,
+        node_name: NODE.into(),
+        labels,
+        cache_dir: cache.clone(),
+        lease_duration: Duration::from_secs(4),
+        renew_every: Duration::from_millis(300),
+        node_status_every: Duration::from_millis(500),
+        pod_status_every: Duration::from_millis(100),
+        retry_max: Duration::from_millis(500),
+        runtime_version: "containerd://1.6.20".into(),
+    };
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let agent = apiserver::start(settings, status.clone()).await.unwrap();
+    Setup {
+        server,
+        status,
+        cache,
+        agent: Some(agent),
+        _dir: dir,
+    }
+}
+
+async fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 15 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn spec(extra: Value) -> Value {
+    let mut s = json!({
+        "hostNetwork": true,
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "main", "image": "edge.local/hello:1", "args": ["hi"],
+                        "ports": [{"containerPort": 8080, "protocol": "TCP"}]}],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        s[k] = v.clone();
+    }
+    s
+}
+
+fn cached(dir: &Path, file: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(file)).ok()
+}
+
+fn running_report(file: &str, name: &str, restarts: u32) -> PodReport {
+    // Through serde: fields the reconciler adds for others default.
+    serde_json::from_value(json!({
+        "file": format!("api/{file}"), "name": name, "namespace": "default", "uid": "h",
+        "state": "running", "error": null,
+        "containers": [{"name": "main", "init": false, "state": "running",
+                        "restarts": restarts, "exit_code": null, "last_error": null,
+                        "ready": true}],
+    }))
+    .unwrap()
+}
+
+fn status_patches(server: &FakeApiServer, name: &str) -> usize {
+    let path = format!("/api/v1/namespaces/default/pods/{name}/status");
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == path && r.status == 200)
+        .count()
+}
+
+fn renew_time(server: &FakeApiServer) -> Option<String> {
+    server
+        .lease("kube-node-lease", NODE)
+        .and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_is_registered_with_its_zone_and_its_lease_renewed() {
+    let s = setup().await;
+    let node = wait_until("node registered", || s.server.node(NODE)).await;
+    let labels = &node["metadata"]["labels"];
+    assert_eq!(labels["topology.kubernetes.io/zone"], "site-7");
+    assert_eq!(labels["kubernetes.io/hostname"], NODE);
+    assert_eq!(labels["kubernetes.io/os"], "linux");
+    assert_eq!(labels["example.com/role"], "sensor");
+    let st = &node["status"];
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(st["capacity"]["cpu"], cpus.to_string());
+    assert_eq!(st["capacity"]["pods"], "110");
+    assert!(
+        st["capacity"]["memory"].as_str().unwrap().ends_with("Ki"),
+        "{st}"
+    );
+    assert_eq!(st["allocatable"], st["capacity"]);
+    let addresses = st["addresses"].as_array().unwrap();
+    assert!(
+        addresses.contains(&json!({"type": "Hostname", "address": NODE})),
+        "{st}"
+    );
+    for a in addresses.iter().filter(|a| a["type"] == "InternalIP") {
+        let ip: std::net::Ipv4Addr = a["address"].as_str().unwrap().parse().unwrap();
+        assert!(!ip.is_loopback(), "{a}");
+    }
+    let ready = &st["conditions"][0];
+    assert_eq!(
+        (ready["type"].as_str(), ready["status"].as_str()),
+        (Some("Ready"), Some("True"))
+    );
+    assert!(st["nodeInfo"]["kubeletVersion"]
+        .as_str()
+        .unwrap()
+        .starts_with("noded/"));
+    assert_eq!(
+        st["nodeInfo"]["containerRuntimeVersion"],
+        "containerd://1.6.20"
+    );
+
+    let lease = wait_until("lease created", || s.server.lease("kube-node-lease", NODE)).await;
+    assert_eq!(lease["spec"]["holderIdentity"], NODE);
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 4);
+    assert_eq!(lease["metadata"]["ownerReferences"][0]["kind"], "Node");
+    assert_eq!(
+        lease["metadata"]["ownerReferences"][0]["uid"],
+        node["metadata"]["uid"]
+    );
+    let first = renew_time(&s.server).unwrap();
+    let second = wait_until("lease renewed", || {
+        renew_time(&s.server).filter(|t| *t != first)
+    })
+    .await;
+    assert!(second > first, "{second} after {first}");
+    let heartbeat = |n: &Value| n["status"]["conditions"][0]["lastHeartbeatTime"].clone();
+    let hb = heartbeat(&node);
+    wait_until("node status heartbeat", || {
+        s.server.node(NODE).filter(|n| heartbeat(n) != hb)
+    })
+    .await;
+    // Every call was one the test double serves, with the content type it requires.
+    let bad: Vec<_> = s
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.status >= 400 && r.status != 404 && r.status != 409)
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_bound_to_this_node_are_cached_as_manifests_noded_runs() {
+    let mut s = setup().await;
+    s.server.add_pod("default", "web", NODE, spec(json!({})));
+    s.server
+        .add_pod("default", "elsewhere", "edge-b", spec(json!({})));
+    s.server.add_pod(
+        "site",
+        "placed",
+        NODE,
+        spec(json!({"affinity": {"nodeAffinity": {}}})),
+    );
+    let text = wait_until("web cached", || cached(&s.cache, "default_web.yaml")).await;
+    let path = s.cache.join("default_web.yaml").display().to_string();
+    let pod = noded::manifest::parse(&path, &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(
+        (pod.namespace.as_str(), pod.name.as_str()),
+        ("default", "web")
+    );
+    assert_eq!(pod.containers[0].image, "edge.local/hello:1");
+    assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
+    assert!(
+        pod.volumes.is_empty() && pod.containers[0].volume_mounts.is_empty(),
+        "{text}"
+    );
+    for gone in [
+        "kube-api-access",
+        "nodeName",
+        "tolerations",
+        "status",
+        "resourceVersion",
+        "managedFields",
+        "imagePullPolicy",
+        "terminationMessagePath",
+        "serviceAccount",
+        "schedulerName",
+        "dnsPolicy",
+        "priority",
+        "enableServiceLinks",
+        "securityContext",
+    ] {
+        assert!(!text.contains(gone), "{gone} left in:\n{text}");
+    }
+    let refused = wait_until("placed cached", || cached(&s.cache, "site_placed.yaml")).await;
+    let e = noded::manifest::parse("site_placed.yaml", &refused).unwrap_err();
+    assert!(e.contains("spec.affinity"), "{e}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(cached(&s.cache, "default_elsewhere.yaml").is_none());
+
+    // A graceful delete: the manifest goes (the reconciler stops the pod), and once
+    // the pod is no longer reported noded finishes the deletion as kubelet does.
+    *s.status.lock().unwrap() = vec![running_report("default_web.yaml", "web", 0)];
+    s.server.delete_pod("default", "web", true);
+    wait_until("web uncached", || {
+        cached(&s.cache, "default_web.yaml").is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        s.server.pod("default", "web").is_some(),
+        "deleted while still reported"
+    );
+    s.status.lock().unwrap().clear();
+    wait_until("web deleted on the server", || {
+        s.server.pod("default", "web").is_none().then_some(())
+    })
+    .await;
+    let del = s
+        .server
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "DELETE")
+        .unwrap();
+    assert_eq!(del.body["gracePeriodSeconds"], 0, "{del:?}");
+    assert!(del.body["preconditions"]["uid"].is_string(), "{del:?}");
+
+    // A forced delete removes it at once.
+    s.server.delete_pod("site", "placed", false);
+    wait_until("placed uncached", || {
+        cached(&s.cache, "site_placed.yaml").is_none().then_some(())
+    })
+    .await;
+    s.agent.take();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_status_is_patched_when_it_changes_only() {
+    let s = setup().await;
+    s.server.add_pod("default", "web", NODE, spec(json!({})));
+    s.server
+        .add_pod("default", "bad", NODE, spec(json!({"affinity": {}})));
+    wait_until("cached", || cached(&s.cache, "default_web.yaml")).await;
+    *s.status.lock().unwrap() = vec![
+        running_report("default_web.yaml", "web", 0),
+        serde_json::from_value(json!({
+            "file": "api/default_bad.yaml", "name": "", "namespace": "", "state": "invalid",
+            "error": format!("{}: spec.affinity is not supported yet",
+                             s.cache.join("default_bad.yaml").display()),
+            "containers": [],
+        }))
+        .unwrap(),
+    ];
+    let pod = wait_until("web Running on the server", || {
+        s.server
+            .pod("default", "web")
+            .filter(|p| p["status"]["phase"] == "Running")
+    })
+    .await;
+    let st = &pod["status"];
+    let cs = &st["containerStatuses"][0];
+    assert_eq!(cs["name"], "main");
+    assert_eq!(cs["ready"], true);
+    assert_eq!(cs["restartCount"], 0);
+    assert_eq!(cs["image"], "edge.local/hello:1");
+    assert_eq!(cs["state"], json!({"running": {}}));
+    let cond = |p: &Value, t: &str| {
+        p["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == t)
+            .unwrap()["status"]
+            .clone()
+    };
+    for t in ["Ready", "ContainersReady", "Initialized", "PodScheduled"] {
+        assert_eq!(cond(&pod, t), "True", "{t}: {st}");
+    }
+    let bad = wait_until("bad reported", || {
+        s.server
+            .pod("default", "bad")
+            .filter(|p| p["status"]["message"].is_string())
+    })
+    .await;
+    assert_eq!(bad["status"]["phase"], "Pending");
+    assert_eq!(
+        bad["status"]["message"],
+        "spec.affinity is not supported yet"
+    );
+    assert_eq!(cond(&bad, "Ready"), "False");
+
+    // Unchanged: not patched again.
+    let patches = status_patches(&s.server, "web");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let web: Vec<_> = s
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.path.contains("/web") || r.query.contains_key("watch") || r.path == "/api/v1/pods"
+        })
+        .map(|r| (r.method, r.path, r.query, r.body))
+        .collect();
+    assert_eq!(status_patches(&s.server, "web"), patches, "{web:#?}");
+    // A restart is a change.
+    *s.status.lock().unwrap() = vec![running_report("default_web.yaml", "web", 1)];
+    wait_until("restartCount 1", || {
+        s.server
+            .pod("default", "web")
+            .filter(|p| p["status"]["containerStatuses"][0]["restartCount"] == 1)
+    })
+    .await;
+    assert_eq!(status_patches(&s.server, "web"), patches + 1);
+    let patch = s
+        .server
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path.ends_with("/web/status"))
+        .unwrap();
+    assert_eq!(patch.content_type, "application/merge-patch+json");
+    assert!(
+        patch.body["metadata"]["uid"].is_string(),
+        "uid precondition: {:?}",
+        patch.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_keeps_cached_pods_and_the_relist_after_it_resyncs() {
+    let mut s = setup().await;
+    s.server.add_pod("default", "a", NODE, spec(json!({})));
+    s.server.add_pod("default", "b", NODE, spec(json!({})));
+    wait_until("cached", || {
+        cached(&s.cache, "default_a.yaml").and(cached(&s.cache, "default_b.yaml"))
+    })
+    .await;
+    wait_until("lease", || renew_time(&s.server)).await;
+
+    s.server.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cached(&s.cache, "default_a.yaml").is_some(),
+        "an outage removed a cached pod"
+    );
+    assert!(
+        cached(&s.cache, "default_b.yaml").is_some(),
+        "an outage removed a cached pod"
+    );
+    // Meanwhile, on the control plane: b deleted, c bound here, the Node object lost.
+    s.server.delete_pod_silently("default", "b");
+    s.server.add_pod("default", "c", NODE, spec(json!({})));
+    s.server.delete_node(NODE);
+    let before = renew_time(&s.server).unwrap();
+
+    s.server.restart().await;
+    wait_until("b removed after the relist", || {
+        cached(&s.cache, "default_b.yaml").is_none().then_some(())
+    })
+    .await;
+    wait_until("c cached", || cached(&s.cache, "default_c.yaml")).await;
+    assert!(cached(&s.cache, "default_a.yaml").is_some());
+    wait_until("lease renewed after the outage", || {
+        renew_time(&s.server).filter(|t| *t > before)
+    })
+    .await;
+    let node = wait_until("node registered again", || s.server.node(NODE)).await;
+    assert_eq!(
+        node["metadata"]["labels"]["topology.kubernetes.io/zone"],
+        "site-7"
+    );
+    let watched_again = s
+        .server
+        .requests()
+        .iter()
+        .any(|r| r.path == "/api/v1/pods" && !r.query.contains_key("watch") && r.status == 200);
+    assert!(watched_again);
+}
+
+/// noded itself refuses a bad `[apiserver]` table at start, naming the key and file.
+#[test]
+fn bad_apiserver_config_is_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let config = dir.path().join("noded.toml");
+    let base = format!("containerd_socket = \"{d}/c.sock\"\nmanifests_dir = \"{d}/m\"\n");
+    let good = dir.path().join("kubeconfig");
+    std::fs::write(&good, "apiVersion: v1\nkind: Config\n").unwrap();
+    for (table, key, needle) in [
+        ("kubeconfig = \"kube/config\"\nzone = \"s\"", "apiserver.kubeconfig", "kube/config"),
+        (&format!("kubeconfig = \"{d}/missing\"\nzone = \"s\""), "apiserver.kubeconfig", "missing"),
+        (&format!("kubeconfig = \"{}\"\nzone = \"bad zone\"", good.display()), "apiserver.zone", "bad zone"),
+        (&format!("kubeconfig = \"{}\"\nzone = \"s\"\nlease_seconds = 1", good.display()), "apiserver.lease_seconds", "4"),
+        (&format!("kubeconfig = \"{}\"\nzone = \"s\"\nnode_name = \"Edge_A\"", good.display()), "apiserver.node_name", "Edge_A"),
+        (&format!("kubeconfig = \"{}\"\nzone = \"s\"\nlabels = {{ \"topology.kubernetes.io/zone\" = \"x\" }}", good.display()), "apiserver.labels", "set by noded"),
+    ] {
+        std::fs::write(&config, format!("{base}[apiserver]\n{table}\n")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_noded"))
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{table}: accepted");
+        assert!(err.contains(&format!("key `{key}`")) && err.contains(needle), "{table}: {err}");
+    }
+    // An unknown key in the table is refused too (deny_unknown_fields).
+    std::fs::write(
+        &config,
+        format!(
+            "{base}[apiserver]\nkubeconfig = \"{}\"\nzone = \"s\"\nserver = \"x\"\n",
+            good.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_noded"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("server"), "{err}");
+}
+
+mod common;
+
+/// The whole path: noded with an `[apiserver]` table and a real containerd. A pod
+/// created on the server runs, its status reaches the server as Running, and a
+/// graceful delete on the server stops it and is finished by noded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_from_the_api_server_runs_in_containerd_and_is_reported_running() {
+    let server = FakeApiServer::start().await;
+    let kubeconfig = server.kubeconfig();
+    let node = common::Node::start_with(
+        "noded-apiserver-",
+        "[apiserver]\nkubeconfig = \"{dir}/kubeconfig\"\nnode_name = \"edge-a\"\nzone = \"site-7\"\nlease_seconds = 8\n",
+        |dir| std::fs::write(dir.join("kubeconfig"), &kubeconfig).unwrap(),
+    )
+    .await;
+    server.add_pod("default", "hello", NODE, spec(json!({})));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = |p: &Value| {
+        p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["ready"] == true
+    };
+    while !server.pod("default", "hello").is_some_and(|p| running(&p)) {
+        assert!(
+            Instant::now() < deadline,
+            "not Running on the server within 60 s: {:#?}\nnoded's log:\n{}",
+            server.pod("default", "hello"),
+            node.env.noded_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pods = node
+        .env
+        .wait_for("hello running from the cache", |p| {
+            p.iter()
+                .any(|p| p.file == "api/default_hello.yaml" && p.state == "running")
+        })
+        .await;
+    assert!(pods.iter().any(|p| p.name == "hello"), "{pods:#?}");
+    let registered = server.node(NODE).expect("node registered");
+    assert_eq!(
+        registered["status"]["nodeInfo"]["containerRuntimeVersion"]
+            .as_str()
+            .map(|v| v.starts_with("containerd://")),
+        Some(true),
+        "{registered}"
+    );
+    assert!(node
+        .env
+        .dir
+        .join("state/apiserver/pods/default_hello.yaml")
+        .exists());
+
+    server.delete_pod("default", "hello", true);
+    node.env
+        .wait_for("hello stopped", |p| {
+            !p.iter().any(|p| p.file.starts_with("api/"))
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.pod("default", "hello").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "deletion not finished within 30 s\nnoded's log:\n{}",
+            node.env.noded_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
