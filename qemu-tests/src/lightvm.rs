@@ -15,9 +15,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// The workspace root (qemu-tests' parent).
+/// The workspace root (qemu-tests' parent). Cargo sets CARGO_MANIFEST_DIR when it runs
+/// a test, and that is preferred: the compile-time value can name another clone that
+/// shares the target directory (its build of the same path looks fresh to cargo).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))

@@ -8,13 +8,10 @@
 //! same pool disk: the kept volume is listed, stages without a new format and holds its
 //! file, and its snapshot is still a snapshot.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use qemu_tests::lightvm::{self, Kernel};
 
 mod storaged_vm;
-use storaged_vm::{assert_passed, raw_disk, run, vmtest_binary};
+use storaged_vm::{assert_passed, host_programs, raw_disk, run, vmtest_binary};
 
 const MODULES: &[&str] = &[
     "crc32c_generic",
@@ -24,44 +21,20 @@ const MODULES: &[&str] = &[
     "ext4",
 ];
 
-/// The host's e2fsprogs programs (Debian's, as in the image) for `sbin/` in the
-/// initramfs, and the shared libraries and loader `ldd` names for them.
-fn e2fsprogs() -> Vec<(PathBuf, String)> {
-    let mut files = Vec::new();
-    for prog in ["mke2fs", "resize2fs"] {
-        let host = ["/usr/sbin", "/sbin"]
-            .iter()
-            .map(|d| Path::new(d).join(prog))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("{prog} is not installed on the host (e2fsprogs)"));
-        let out = Command::new("ldd").arg(&host).output().expect("run ldd");
-        assert!(out.status.success(), "ldd {}", host.display());
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            // "libx.so.2 => /lib/.../libx.so.2 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-            let path = match line.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next(),
-                None => line.split_whitespace().next(),
-            };
-            if let Some(p) = path.filter(|p| p.starts_with('/')) {
-                let inside = p.trim_start_matches('/').to_owned();
-                if !files.iter().any(|(_, i)| *i == inside) {
-                    files.push((PathBuf::from(p), inside));
-                }
-            }
-        }
-        files.push((host, format!("sbin/{prog}")));
-    }
-    files
-}
-
 #[test]
 fn csi_volumes_rwx_snapshots_expand_spec_codes_and_reboot() {
     let bin = vmtest_binary();
     let kernel = Kernel::get().expect("kernel");
     let dir = tempfile::tempdir().expect("tempdir");
     let initrd = dir.path().join("initrd.cpio");
-    lightvm::initramfs_with_files(&kernel, &bin, MODULES, &e2fsprogs(), &initrd)
-        .expect("initramfs");
+    lightvm::initramfs_with_files(
+        &kernel,
+        &bin,
+        MODULES,
+        &host_programs(&["mke2fs", "resize2fs"]),
+        &initrd,
+    )
+    .expect("initramfs");
     let pool = dir.path().join("pool0.raw");
     raw_disk(&pool, 128 << 20);
     let console = run(

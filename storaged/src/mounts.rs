@@ -1,6 +1,6 @@
 //! The node side of volumes: what is mounted where (from /proc/self/mountinfo), mounting
-//! and bind-mounting, probing a device for a filesystem before formatting it, ext4
-//! format and online grow (e2fsprogs), and statvfs usage.
+//! and bind-mounting, probing a device for a filesystem before formatting it, ext4 and
+//! XFS format and online grow (e2fsprogs, xfsprogs), and statvfs usage.
 
 use std::ffi::CString;
 use std::os::unix::fs::FileExt;
@@ -143,12 +143,61 @@ pub fn unmount(target: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// The filesystems a volume may be formatted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fs {
+    Ext4,
+    Xfs,
+}
+
+impl Fs {
+    /// The CSI `fs_type` (and mount(2) type) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fs::Ext4 => "ext4",
+            Fs::Xfs => "xfs",
+        }
+    }
+
+    /// `fs_type` as CSI gives it: empty is "no preference" (None).
+    pub fn parse(fs_type: &str) -> Result<Option<Fs>, String> {
+        match fs_type {
+            "" => Ok(None),
+            "ext4" => Ok(Some(Fs::Ext4)),
+            "xfs" => Ok(Some(Fs::Xfs)),
+            other => Err(format!("fs_type {other:?} is not supported (ext4 or xfs)")),
+        }
+    }
+
+    /// The smallest volume this filesystem can be made on. xfsprogs 5.19 and later
+    /// refuse data devices under 300 MiB (the size below which XFS's log and AG
+    /// geometry stop being tested upstream).
+    pub fn min_bytes(self) -> u64 {
+        match self {
+            Fs::Ext4 => 0,
+            Fs::Xfs => 300 << 20,
+        }
+    }
+
+    /// Options every mount of this filesystem gets. XFS refuses a second mount of a
+    /// filesystem whose UUID is already mounted, and a snapshot or clone of a volume
+    /// carries its origin's UUID: `nouuid` lets both be mounted side by side. Giving
+    /// the clone a new UUID instead (xfs_admin -U) needs a clean log, which a snapshot
+    /// of a mounted volume does not have until it is mounted once.
+    pub fn mount_options(self) -> &'static str {
+        match self {
+            Fs::Ext4 => "",
+            Fs::Xfs => "nouuid",
+        }
+    }
+}
+
 /// What the start of a volume holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
     /// Zeros (a fresh thin volume): may be formatted.
     Empty,
-    Ext4,
+    Fs(Fs),
     /// Anything else: never formatted over.
     Other(String),
 }
@@ -156,11 +205,20 @@ pub enum Content {
 /// The ext2/3/4 superblock is at byte 1024; its magic 0xEF53 at offset 56 in it.
 const EXT_MAGIC_AT: usize = 1024 + 56;
 
-/// Reads the first 64 KiB of `device` and says what it holds.
+/// Reads the start of `device` (as much as the pool's probe looks at) and says what
+/// it holds.
 pub fn probe(device: &Path) -> std::io::Result<Content> {
     let f = std::fs::File::open(device)?;
-    let mut head = vec![0u8; 64 * 1024];
-    f.read_exact_at(&mut head, 0)?;
+    let mut head = vec![0u8; crate::superblock::PROBE_BYTES];
+    // A volume smaller than the probe is read as far as it goes.
+    let mut got = 0;
+    while got < head.len() {
+        match f.read_at(&mut head[got..], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    head.truncate(got);
     Ok(classify(&head))
 }
 
@@ -169,7 +227,10 @@ fn classify(head: &[u8]) -> Content {
         return Content::Empty;
     }
     if head.get(EXT_MAGIC_AT..EXT_MAGIC_AT + 2) == Some(&[0x53, 0xef]) {
-        return Content::Ext4;
+        return Content::Fs(Fs::Ext4);
+    }
+    if head.get(..4) == Some(b"XFSB") {
+        return Content::Fs(Fs::Xfs);
     }
     match crate::superblock::probe(head) {
         crate::superblock::Probe::Foreign(what) => Content::Other(what),
@@ -177,7 +238,7 @@ fn classify(head: &[u8]) -> Content {
     }
 }
 
-/// An e2fsprogs program from the usual places (daemons may run with no PATH).
+/// A filesystem program from the usual places (daemons may run with no PATH).
 fn tool(name: &str) -> PathBuf {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
@@ -204,6 +265,14 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
     ))
 }
 
+/// Formats an empty volume as `fs`.
+pub fn mkfs(fs: Fs, device: &Path) -> Result<(), String> {
+    match fs {
+        Fs::Ext4 => mkfs_ext4(device),
+        Fs::Xfs => mkfs_xfs(device),
+    }
+}
+
 /// Formats an empty volume as ext4. `nodiscard` and `assume_storage_prezeroed`: a new
 /// thin volume reads as zeros already, so mke2fs neither discards nor writes inode
 /// tables, and the volume takes pool space only for what the filesystem really writes.
@@ -222,6 +291,25 @@ pub fn mkfs_ext4(device: &Path) -> Result<(), String> {
             device.as_os_str(),
         ],
     )
+}
+
+/// Formats an empty volume as XFS. `-K`: no discard, a new thin volume has nothing
+/// mapped to discard. (mkfs.xfs still writes its whole log, 64 MiB on small volumes;
+/// it has no "storage is zeroed" option.)
+pub fn mkfs_xfs(device: &Path) -> Result<(), String> {
+    run(
+        "mkfs.xfs",
+        &["-q".as_ref(), "-K".as_ref(), device.as_os_str()],
+    )
+}
+
+/// Grows a mounted filesystem online to its device's size: resize2fs takes the device,
+/// xfs_growfs the mount point.
+pub fn grow(fs: Fs, device: &Path, mount_point: &Path) -> Result<(), String> {
+    match fs {
+        Fs::Ext4 => grow_ext4(device),
+        Fs::Xfs => run("xfs_growfs", &["-d".as_ref(), mount_point.as_os_str()]),
+    }
 }
 
 /// Grows the ext4 filesystem on `device` (mounted: online) to the device's size.
@@ -281,9 +369,23 @@ mod tests {
         assert_eq!(classify(&head), Content::Empty);
         head[EXT_MAGIC_AT] = 0x53;
         head[EXT_MAGIC_AT + 1] = 0xef;
-        assert_eq!(classify(&head), Content::Ext4);
+        assert_eq!(classify(&head), Content::Fs(Fs::Ext4));
+        let mut xfs = vec![0u8; 64 * 1024];
+        xfs[..4].copy_from_slice(b"XFSB");
+        assert_eq!(classify(&xfs), Content::Fs(Fs::Xfs));
         let mut data = vec![0u8; 64 * 1024];
         data[40_000] = 1;
         assert!(matches!(classify(&data), Content::Other(_)));
+        let mut swap = vec![0u8; 64 * 1024];
+        swap[4086..4096].copy_from_slice(b"SWAPSPACE2");
+        assert_eq!(classify(&swap), Content::Other("a swap area".into()));
+    }
+
+    #[test]
+    fn fs_types() {
+        assert_eq!(Fs::parse(""), Ok(None));
+        assert_eq!(Fs::parse("xfs"), Ok(Some(Fs::Xfs)));
+        let e = Fs::parse("btrfs").unwrap_err();
+        assert!(e.contains("\"btrfs\"") && e.contains("ext4 or xfs"), "{e}");
     }
 }

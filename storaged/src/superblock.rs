@@ -153,8 +153,9 @@ pub enum Probe {
     Foreign(String),
 }
 
-/// Bytes to read from the start of the device for [`probe`].
-pub const PROBE_BYTES: usize = 64 * 1024;
+/// Bytes to read from the start of the device for [`probe`]: 64 KiB and the 4 KiB
+/// after, where btrfs keeps its first superblock (its first 64 KiB may be all zeros).
+pub const PROBE_BYTES: usize = 68 * 1024;
 
 /// Looks at the first [`PROBE_BYTES`] of a device. Known signatures are named; any other
 /// non-zero byte is "unrecognized data", because a pool must never overwrite something
@@ -170,6 +171,18 @@ pub fn probe(head: &[u8]) -> Probe {
         Some("an XFS filesystem")
     } else if at(1024 + 56, &[0x53, 0xef]) {
         Some("an ext2/3/4 filesystem")
+    } else if at(65536 + 64, b"_BHRfS_M") {
+        Some("a btrfs filesystem")
+    } else if at(1024, &0xe0f5_e1e2u32.to_le_bytes()) {
+        Some("an erofs filesystem")
+    } else if at(0, b"hsqs") {
+        Some("a squashfs filesystem")
+    } else if at(512, b"LABELONE") {
+        Some("an LVM physical volume")
+    } else if at(4086, b"SWAPSPACE2") {
+        Some("a swap area")
+    } else if at(0, b"verity\0\0") {
+        Some("a dm-verity hash tree")
     } else if at(512, b"EFI PART") {
         Some("a GPT partition table")
     } else if at(510, &[0x55, 0xaa]) {
@@ -236,6 +249,9 @@ mod tests {
         let mut xfs = vec![0u8; PROBE_BYTES];
         xfs[..4].copy_from_slice(b"XFSB");
         assert_eq!(probe(&xfs), Probe::Foreign("an XFS filesystem".into()));
+        let mut btrfs = vec![0u8; PROBE_BYTES];
+        btrfs[65536 + 64..65536 + 72].copy_from_slice(b"_BHRfS_M");
+        assert_eq!(probe(&btrfs), Probe::Foreign("a btrfs filesystem".into()));
         let mut other = vec![0u8; PROBE_BYTES];
         other[40000] = 1;
         assert_eq!(probe(&other), Probe::Foreign("unrecognized data".into()));

@@ -55,6 +55,7 @@ pub fn run(filter: Option<String>) -> Result<()> {
 
     let mut packages: Vec<&str> = crate::run::VM_PACKAGES.to_vec();
     packages.push("fdisk"); // sfdisk, for the harness self-test
+    packages.push("xfsprogs"); // mkfs.xfs, xfs_growfs for the storage_xfs light VM
     packages.push("socat"); // the fabric scenario's relay from the guest to the core
                             // fabricd's tests and the fabric scenario run a real core and make its certificates.
     packages.extend(crate::bench_fabric::CORE_PACKAGES);

@@ -49,6 +49,37 @@ pub fn daemon_binary() -> PathBuf {
     lightvm::target_dir().join("x86_64-unknown-linux-gnu/release/storaged")
 }
 
+/// The host's programs (Debian's, as in the image) for `sbin/` in the initramfs, and
+/// the shared libraries and loader `ldd` names for them.
+#[allow(dead_code)] // not every storage test formats filesystems
+pub fn host_programs(programs: &[&str]) -> Vec<(PathBuf, String)> {
+    let mut files: Vec<(PathBuf, String)> = Vec::new();
+    for prog in programs {
+        let host = ["/usr/sbin", "/sbin"]
+            .iter()
+            .map(|d| Path::new(d).join(prog))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{prog} is not installed on the host (e2fsprogs, xfsprogs)"));
+        let out = Command::new("ldd").arg(&host).output().expect("run ldd");
+        assert!(out.status.success(), "ldd {}", host.display());
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libx.so.2 => /lib/.../libx.so.2 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            if let Some(p) = path.filter(|p| p.starts_with('/')) {
+                let inside = p.trim_start_matches('/').to_owned();
+                if !files.iter().any(|(_, i)| *i == inside) {
+                    files.push((PathBuf::from(p), inside));
+                }
+            }
+        }
+        files.push((host, format!("sbin/{prog}")));
+    }
+    files
+}
+
 pub fn raw_disk(path: &Path, bytes: u64) {
     let f = std::fs::File::create(path).expect("create disk");
     f.set_len(bytes).expect("size disk");

@@ -16,7 +16,7 @@ use tonic::Status;
 
 use super::api::*;
 use crate::catalog::{Kind, State, Volume as CatalogVolume};
-use crate::mounts::{self, Content, MountEntry};
+use crate::mounts::{self, Content, Fs, MountEntry};
 use crate::{Error, Pool};
 use volume_capability::{AccessType, Mode};
 
@@ -57,6 +57,8 @@ fn required(value: &str, what: &str, call: &str) -> Result<(), Status> {
 #[derive(Debug, Clone)]
 struct Cap {
     block: bool,
+    /// The filesystem asked for; None: what the volume holds, ext4 if it is new.
+    fs: Option<Fs>,
     mount_flags: Vec<String>,
     mode: Mode,
 }
@@ -96,6 +98,7 @@ fn check_cap(c: &VolumeCapability) -> Result<Cap, Status> {
         Some(AccessType::Block(_)) => match mode {
             Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter => Ok(Cap {
                 block: true,
+                fs: None,
                 mount_flags: vec![],
                 mode,
             }),
@@ -108,12 +111,7 @@ fn check_cap(c: &VolumeCapability) -> Result<Cap, Status> {
             ))),
         },
         Some(AccessType::Mount(m)) => {
-            if !(m.fs_type.is_empty() || m.fs_type == "ext4") {
-                return Err(Status::invalid_argument(format!(
-                    "fs_type {:?} is not supported (ext4 only)",
-                    m.fs_type
-                )));
-            }
+            let fs = Fs::parse(&m.fs_type).map_err(Status::invalid_argument)?;
             if !m.volume_mount_group.is_empty() {
                 return Err(Status::invalid_argument(
                     "volume_mount_group is not supported",
@@ -121,6 +119,7 @@ fn check_cap(c: &VolumeCapability) -> Result<Cap, Status> {
             }
             Ok(Cap {
                 block: false,
+                fs,
                 mount_flags: m.mount_flags.clone(),
                 mode,
             })
@@ -141,6 +140,20 @@ fn the_cap(c: Option<&VolumeCapability>, call: &str) -> Result<Cap, Status> {
     check_cap(c.ok_or_else(|| {
         Status::invalid_argument(format!("{call}: volume_capability is required"))
     })?)
+}
+
+/// A volume of `size` bytes is too small for a filesystem one of `caps` asks for.
+fn check_fs_size(caps: &[Cap], name: &str, size: u64) -> Result<(), Status> {
+    for fs in caps.iter().filter_map(|c| c.fs) {
+        if size < fs.min_bytes() {
+            return Err(Status::out_of_range(format!(
+                "volume {name}: {size} bytes is too small for {} (at least {} MiB)",
+                fs.name(),
+                fs.min_bytes() >> 20
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The size a capacity range asks for: (size to create, limit or 0).
@@ -352,7 +365,7 @@ impl Driver {
         req: CreateVolumeRequest,
     ) -> Result<CreateVolumeResponse, Status> {
         required(&req.name, "name", "CreateVolume")?;
-        check_caps(&req.volume_capabilities, "CreateVolume")?;
+        let caps = check_caps(&req.volume_capabilities, "CreateVolume")?;
         let (size, _) = wanted_size(req.capacity_range.as_ref())?;
         let source = req.volume_content_source.clone();
         let source_id = match source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -400,6 +413,7 @@ impl Driver {
                 };
                 let Some((src, kind)) = source_id else {
                     within(size)?;
+                    check_fs_size(&caps, &name, size)?;
                     return pool.create_volume(&name, size).cloned().map_err(status);
                 };
                 let s = entry(pool, &src, kind)
@@ -414,6 +428,7 @@ impl Driver {
                 // Checked only now: with no size asked for, the default is not the size.
                 let size = if no_size { s.size_bytes } else { size };
                 within(size)?;
+                check_fs_size(&caps, &name, size)?;
                 if size < s.size_bytes {
                     return Err(Status::out_of_range(format!(
                         "volume {name}: {size} bytes is smaller than its source {src} ({} bytes)",
@@ -736,8 +751,19 @@ impl Driver {
                     staging.display()
                 )));
             }
-            match mounts::probe(&device).map_err(|e| io_status("failed to read", &device, e))? {
-                Content::Ext4 => {}
+            let fs = match mounts::probe(&device)
+                .map_err(|e| io_status("failed to read", &device, e))?
+            {
+                Content::Fs(found) => match cap.fs {
+                    Some(asked) if asked != found => {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {id} holds {}, not the {} asked for; refusing to format it",
+                            found.name(),
+                            asked.name()
+                        )))
+                    }
+                    _ => found,
+                },
                 Content::Empty => {
                     // Zeros at the start are not enough: a block-mode volume may hold
                     // data further in. Only a volume with no block ever written is new.
@@ -747,22 +773,34 @@ impl Driver {
                             "volume {id} holds data but no filesystem; refusing to format it"
                         )));
                     }
-                    mounts::mkfs_ext4(&device).map_err(Status::internal)?;
-                    tracing::info!(volume = %id, "formatted ext4");
+                    let fs = cap.fs.unwrap_or(Fs::Ext4);
+                    let size = volume_of(pool, &id)?.size_bytes;
+                    check_fs_size(std::slice::from_ref(&cap), &id, size)?;
+                    mounts::mkfs(fs, &device).map_err(Status::internal)?;
+                    tracing::info!(volume = %id, fs = fs.name(), "formatted");
+                    fs
                 }
                 Content::Other(what) => {
                     return Err(Status::failed_precondition(format!(
-                        "volume {id} holds {what}, not ext4; refusing to format it"
+                        "volume {id} holds {what}, not a filesystem; refusing to format it"
                     )))
                 }
-            }
+            };
             std::fs::create_dir_all(&staging)
                 .map_err(|e| io_status("failed to create", &staging, e))?;
-            let (mut flags, data) = split_flags(&cap.mount_flags);
+            let (mut flags, mut data) = split_flags(&cap.mount_flags);
             if cap.read_only() {
                 flags |= libc::MS_RDONLY;
             }
-            mounts::mount_fs(&device, &staging, "ext4", flags, &data).map_err(|e| {
+            let always = fs.mount_options();
+            if !always.is_empty() && !data.split(',').any(|o| o == always) {
+                data = if data.is_empty() {
+                    always.to_owned()
+                } else {
+                    format!("{data},{always}")
+                };
+            }
+            mounts::mount_fs(&device, &staging, fs.name(), flags, &data).map_err(|e| {
                 let msg = format!(
                     "failed to mount {} on {} (flags {:?}): {e}",
                     device.display(),
@@ -1009,17 +1047,26 @@ impl Driver {
                     return Ok(v.size_bytes);
                 }
                 let all = read_mounts()?;
-                match mounts::mount_at(&all, &path) {
-                    Some(m) if is_ours(pool, &id, m)? => {}
+                let fs = match mounts::mount_at(&all, &path) {
+                    Some(m) if is_ours(pool, &id, m)? => match m.fs_type.as_str() {
+                        "ext4" => Fs::Ext4,
+                        "xfs" => Fs::Xfs,
+                        other => {
+                            return Err(Status::failed_precondition(format!(
+                                "volume {id} at {} is {other}, which storaged cannot grow",
+                                path.display()
+                            )))
+                        }
+                    },
                     _ => {
                         return Err(Status::failed_precondition(format!(
                             "volume {id} is not mounted at {}",
                             path.display()
                         )))
                     }
-                }
-                mounts::grow_ext4(&pool.device_node(&id)).map_err(Status::internal)?;
-                tracing::info!(volume = %id, size = v.size_bytes, "filesystem grown");
+                };
+                mounts::grow(fs, &pool.device_node(&id), &path).map_err(Status::internal)?;
+                tracing::info!(volume = %id, size = v.size_bytes, fs = fs.name(), "filesystem grown");
                 Ok(v.size_bytes)
             })
             .await?;
@@ -1094,6 +1141,30 @@ mod tests {
             "MULTI_NODE_MULTI_WRITER"
         );
         assert!(check_cap(&cap(false, Mode::Unknown)).is_err());
+    }
+
+    #[test]
+    fn fs_types_ext4_and_xfs_only() {
+        let with = |fs: &str| VolumeCapability {
+            access_type: Some(AccessType::Mount(volume_capability::MountVolume {
+                fs_type: fs.into(),
+                ..Default::default()
+            })),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        };
+        assert_eq!(check_cap(&with("")).unwrap().fs, None);
+        assert_eq!(check_cap(&with("ext4")).unwrap().fs, Some(Fs::Ext4));
+        let xfs = check_cap(&with("xfs")).unwrap();
+        assert_eq!(xfs.fs, Some(Fs::Xfs));
+        let e = check_cap(&with("btrfs")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("btrfs"), "{}", e.message());
+        let small = check_fs_size(std::slice::from_ref(&xfs), "v", 100 << 20).unwrap_err();
+        assert_eq!(small.code(), tonic::Code::OutOfRange);
+        assert!(small.message().contains("xfs"), "{}", small.message());
+        assert!(check_fs_size(&[xfs], "v", 300 << 20).is_ok());
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub(crate) fn stage(id: &str, staging: &str, c: VolumeCapability) -> NodeStageVo
     }
 }
 
-fn publish(
+pub(crate) fn publish(
     id: &str,
     staging: &str,
     target: &str,
@@ -72,7 +72,7 @@ fn publish(
     }
 }
 
-fn unpublish(id: &str, target: &str) -> NodeUnpublishVolumeRequest {
+pub(crate) fn unpublish(id: &str, target: &str) -> NodeUnpublishVolumeRequest {
     NodeUnpublishVolumeRequest {
         volume_id: id.into(),
         target_path: target.into(),
@@ -102,7 +102,7 @@ where
 }
 
 /// A call that must fail with `code`; returns its message.
-async fn refused<Req, Resp>(
+pub(crate) async fn refused<Req, Resp>(
     c: &Client,
     method: &'static str,
     req: Req,
@@ -123,18 +123,18 @@ where
     }
 }
 
-fn write_file(path: &Path, data: &[u8]) -> Result<(), String> {
+pub(crate) fn write_file(path: &Path, data: &[u8]) -> Result<(), String> {
     let f = std::fs::File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
     f.write_all_at(data, 0)
         .and_then(|()| f.sync_all())
         .map_err(|e| format!("write {}: {e}", path.display()))
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))
 }
 
-fn content(seed: u64, mib: u64) -> Vec<u8> {
+pub(crate) fn content(seed: u64, mib: u64) -> Vec<u8> {
     (0..mib * 256).flat_map(|b| pattern(seed, b)).collect()
 }
 

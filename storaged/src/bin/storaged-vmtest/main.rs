@@ -2,7 +2,8 @@
 //! with raw virtio disks. It loads the modules listed in /modules.order, finds the disks by
 //! serial number, runs the scenarios of `vmtest.phase=` on the real kernel
 //! device-mapper (`first`, `second`: the pool; `csi`, `csi-reboot`: the CSI endpoint, in
-//! `csi.rs`; `kill`: the daemon killed during CSI calls, in `kill.rs`),
+//! `csi.rs`; `kill`: the daemon killed during CSI calls, in `kill.rs`; `xfs`,
+//! `xfs-reboot`: XFS volumes, in `xfs.rs`),
 //! prints `TEST <name> ok|FAILED: <why>` and powers off.
 
 // Each scenario is a closure called in place, so `?` reports its first failure.
@@ -18,6 +19,7 @@ use storaged::{Error, Options, Pool};
 mod csi;
 mod kill;
 mod metrics;
+mod xfs;
 
 const MIB: u64 = 1 << 20;
 
@@ -34,6 +36,8 @@ fn main() {
         "csi" => csi::run(false),
         "csi-reboot" => csi::run(true),
         "kill" => kill::run(),
+        "xfs" => xfs::run(false),
+        "xfs-reboot" => xfs::run(true),
         other => report("phase", Err(format!("unknown vmtest.phase {other:?}"))),
     }
     println!("VMTEST DONE");
