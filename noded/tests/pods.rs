@@ -106,6 +106,7 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     std::fs::write(images.join("torn.tar"), b"not an archive").unwrap();
 
     let port = free_port();
+    let metrics_port = free_port();
     let _containerd = start_containerd(&dir, port);
     let cri = connect(&dir.join("containerd.sock"), &dir).await;
 
@@ -127,7 +128,8 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
              log_dir = \"{d}/logs\"\n\
              state_dir = \"{d}/state\"\n\
              restart_backoff_base_ms = 300\n\
-             control_socket = \"{d}/run/noded.sock\"\n",
+             control_socket = \"{d}/run/noded.sock\"\n\
+             metrics_listen = \"127.0.0.1:{metrics_port}\"\n",
             d = dir.display()
         ),
     )
@@ -197,6 +199,29 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
         "{text}"
     );
     assert!(text.contains("broken.yaml  invalid"), "{text}");
+
+    // The metrics endpoint counts the running pod and the refused manifest.
+    let metrics = get_metrics(metrics_port).await;
+    for line in [
+        "noded_pods{state=\"running\"} 1",
+        "noded_pods_refused{reason=\"invalid_manifest\"} 1",
+        "noded_containers{state=\"completed\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "noded_container_restarts_total{namespace=\"default\",pod=\"hello\",container=\"steady\"} "
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nnoded_reconcile_pass_seconds "),
+        "{metrics}"
+    );
 
     // So is the archive that is not one, while the others are served.
     assert!(
@@ -290,4 +315,21 @@ async fn running_steady(cri: &noded::cri::Client) -> String {
     assert_eq!(steady.len(), 1, "{listed:?}");
     assert_eq!(steady[0].state, ContainerState::ContainerRunning as i32);
     steady[0].id.clone()
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:`port`.
+async fn get_metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("the metrics port does not answer");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    body.to_string()
 }
