@@ -154,6 +154,46 @@ pub fn resolve_in_root(root: &Path, path: &str) -> Option<PathBuf> {
     host.exists().then_some(host)
 }
 
+/// Directories the running system mounts over: links into them (e.g. `/etc/mtab` to
+/// `/proc/self/mounts`) resolve only at run time.
+const RUNTIME_DIRS: [&str; 6] = ["proc", "sys", "dev", "run", "tmp", "var"];
+
+/// Checks that every symlink under `root` resolves inside it (or points into a directory
+/// mounted at run time). A package's link whose target was not picked into the image
+/// (iptables' `libxt_DNAT.so` is a link to `libxt_NAT.so`) otherwise fails only when
+/// the appliance first uses it. Returns how many links it checked.
+pub fn check_links(root: &Path) -> Result<usize> {
+    let mut dangling = Vec::new();
+    let mut n = 0;
+    for rel in super::rootfs::list_tree(root)? {
+        let host = root.join(&rel);
+        let Ok(meta) = std::fs::symlink_metadata(&host) else {
+            continue;
+        };
+        if !meta.file_type().is_symlink() {
+            continue;
+        }
+        n += 1;
+        let target = std::fs::read_link(&host)
+            .with_context(|| format!("failed to read the link {}", host.display()))?;
+        let text = target.to_string_lossy();
+        let runtime = text
+            .strip_prefix('/')
+            .and_then(|t| t.split('/').next())
+            .is_some_and(|top| RUNTIME_DIRS.contains(&top));
+        if !runtime && resolve_in_root(root, &format!("/{rel}")).is_none() {
+            dangling.push(format!("/{rel} -> {text}"));
+        }
+    }
+    if !dangling.is_empty() {
+        bail!(
+            "the root has links to nothing (add their targets to the package's files): {}",
+            dangling.join(", ")
+        );
+    }
+    Ok(n)
+}
+
 /// Checks every regular ELF file under `root`: its interpreter and the transitive closure
 /// of its DT_NEEDED libraries must resolve inside the root. Returns how many it checked.
 pub fn check_closure(root: &Path) -> Result<usize> {
@@ -267,6 +307,24 @@ mod tests {
         assert_eq!(
             resolve_in_root(r, "/lib/x86_64-linux-gnu/libbar.so.1"),
             None
+        );
+    }
+
+    #[test]
+    fn a_link_to_nothing_is_named_and_runtime_links_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir_all(r.join("usr/lib/xt")).unwrap();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::write(r.join("usr/lib/xt/libxt_NAT.so"), b"x").unwrap();
+        symlink("libxt_NAT.so", r.join("usr/lib/xt/libxt_DNAT.so")).unwrap();
+        symlink("/proc/self/mounts", r.join("etc/mtab")).unwrap();
+        assert_eq!(check_links(r).unwrap(), 2);
+        std::fs::remove_file(r.join("usr/lib/xt/libxt_NAT.so")).unwrap();
+        let err = format!("{:#}", check_links(r).unwrap_err());
+        assert!(
+            err.contains("/usr/lib/xt/libxt_DNAT.so -> libxt_NAT.so"),
+            "{err}"
         );
     }
 

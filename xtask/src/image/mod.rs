@@ -313,6 +313,8 @@ fn build_root(p: &Prepared, work: &Path) -> Result<RootBuild> {
     rootfs::assemble(def, &p.inputs, &extracted, &root_modules, &root)?;
     let n = elf::check_closure(&root)?;
     step(&format!("checked the libraries of {n} ELF files"));
+    let n = elf::check_links(&root)?;
+    step(&format!("checked the targets of {n} links"));
     step("making root.erofs and its dm-verity tree");
     let image = rootfs::make_images(def, &root, work)?;
     Ok(RootBuild {
