@@ -229,7 +229,7 @@ pub fn render(pods: &[PodReport], counts: &Counts) -> String {
             &mut out,
             "noded_reconcile_pass_seconds",
             "gauge",
-            "How long the last reconcile pass took (rescan, then every pod stepped).",
+            "How long the last reconcile pass took: from its rescan until the last pod step it began ended.",
             &[(String::new(), format!("{s:.6}"))],
         );
     }

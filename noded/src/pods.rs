@@ -103,11 +103,42 @@ pub type Status = Arc<Mutex<Vec<PodReport>>>;
 pub struct Reconciler {
     ctx: Ctx,
     settings: Arc<Settings>,
+    /// The pods no step is running for.
     pods: BTreeMap<String, PodRun>,
+    /// The pods a step is running for (their `PodRun` is in that step's task).
+    busy: BTreeMap<String, Busy>,
+    /// Serials of busy pods whose manifest went or changed: torn down when their step
+    /// returns.
+    doomed: BTreeSet<u64>,
+    /// One task per busy pod, returning it when its step is done.
+    steps: tokio::task::JoinSet<(String, PodRun)>,
+    /// Permits for steps: at most [`STEPS_AT_ONCE`] run, the rest wait their turn.
+    turns: Arc<tokio::sync::Semaphore>,
     /// file → what is wrong with a manifest that was not taken; logged once per version.
     invalid: BTreeMap<String, Invalid>,
     status: Status,
     adopted: bool,
+}
+
+/// What the reconciler knows of a pod while its step runs.
+struct Busy {
+    serial: u64,
+    source: String,
+    hash: String,
+    name: String,
+    namespace: String,
+    /// Its report when the step began, until the step publishes a newer one.
+    report: PodReport,
+}
+
+/// Set when a pass begins; when the last step that pass started has ended, the pass's
+/// duration goes to the metrics.
+struct Pass(Instant);
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        crate::metrics::pass_took(self.0.elapsed());
+    }
 }
 
 /// What stepping a pod needs, shared by the tasks that step pods at the same time.
@@ -160,6 +191,8 @@ fn source_rank(key: &str) -> u8 {
 }
 
 struct PodRun {
+    /// Unique in this process: tells this run from a later one of the same manifest.
+    serial: u64,
     file: String,
     /// The manifest's path, for messages.
     source: String,
@@ -212,6 +245,10 @@ impl Reconciler {
             },
             settings,
             pods: BTreeMap::new(),
+            busy: BTreeMap::new(),
+            doomed: BTreeSet::new(),
+            steps: tokio::task::JoinSet::new(),
+            turns: Arc::new(tokio::sync::Semaphore::new(STEPS_AT_ONCE)),
             invalid: BTreeMap::new(),
             status,
             adopted: false,
@@ -228,7 +265,8 @@ impl Reconciler {
 
     /// One pass: rescan the manifests, adopt (first pass), start, poll, restart, stop.
     pub async fn tick(&mut self) {
-        let started = Instant::now();
+        let pass = Arc::new(Pass(Instant::now()));
+        self.collect();
         let scanned = self.scan();
         if !self.adopted {
             match self.adopt(&scanned).await {
@@ -246,10 +284,21 @@ impl Reconciler {
         for file in gone {
             if let Some(run) = self.pods.remove(&file) {
                 tracing::info!(pod = %run.pod.name, file = %file, "manifest removed or changed: stopping the pod");
-                let cri = self.ctx.cri.clone();
-                let settings = self.settings.clone();
-                let volumes = self.ctx.volumes.clone();
-                tokio::spawn(async move { teardown(&cri, &settings, &volumes, run).await });
+                self.stop(run);
+            }
+        }
+        // A pod in the middle of a step is stopped when the step returns: its sandbox
+        // may be being made right now.
+        let gone: Vec<String> = self
+            .busy
+            .iter()
+            .filter(|(file, b)| scanned.get(*file).is_none_or(|f| f.hash != b.hash))
+            .map(|(f, _)| f.clone())
+            .collect();
+        for file in gone {
+            if let Some(b) = self.busy.remove(&file) {
+                tracing::info!(pod = %b.name, file = %file, "manifest removed or changed: stopping the pod when its current step ends");
+                self.doomed.insert(b.serial);
             }
         }
         self.invalid.retain(|f, _| scanned.contains_key(f));
@@ -259,7 +308,7 @@ impl Reconciler {
         let mut ordered: Vec<(&String, &Scanned)> = scanned.iter().collect();
         ordered.sort_by_key(|(f, _)| source_rank(f));
         for (file, found) in ordered {
-            if self.pods.contains_key(file) {
+            if self.pods.contains_key(file) || self.busy.contains_key(file) {
                 continue;
             }
             let known = self.invalid.get(file).filter(|i| i.hash == found.hash);
@@ -269,16 +318,22 @@ impl Reconciler {
             let source = &found.path;
             let mut duplicate = false;
             let parsed = manifest::parse(source, &found.text).and_then(|pod| {
-                match self
+                let idle = self
                     .pods
                     .values()
                     .find(|r| r.pod.name == pod.name && r.pod.namespace == pod.namespace)
-                {
+                    .map(|r| &r.source);
+                let busy = self
+                    .busy
+                    .values()
+                    .find(|b| b.name == pod.name && b.namespace == pod.namespace)
+                    .map(|b| &b.source);
+                match idle.or(busy) {
                     Some(other) => {
                         duplicate = true;
                         Err(format!(
-                            "{source}: metadata.name: pod {}/{} is already defined by {}",
-                            pod.namespace, pod.name, other.source
+                            "{source}: metadata.name: pod {}/{} is already defined by {other}",
+                            pod.namespace, pod.name
                         ))
                     }
                     None => Ok(pod),
@@ -308,36 +363,65 @@ impl Reconciler {
                 }
             }
         }
-        // New pods show as pending now, not once the pass is over.
+        // New pods show as pending now, not once they have started.
         self.publish();
-        // Pods are stepped concurrently, each by one task (never twice at once), and
-        // each pod's report is updated as soon as its step is done: one pod whose image
-        // pull or volume takes long holds up neither the others nor the status.
-        let limit = Arc::new(tokio::sync::Semaphore::new(STEPS_AT_ONCE));
-        let mut steps = tokio::task::JoinSet::new();
+        // Every pod not in a step gets one, in its own task (so never two at once); at
+        // most STEPS_AT_ONCE run, the rest wait for a turn. Each step publishes its
+        // pod's report as it ends, and the pass does not wait for them: a pod whose
+        // image pull or volume takes long holds up neither the others (their next
+        // steps come a pass later as usual) nor the status.
         for (file, mut run) in std::mem::take(&mut self.pods) {
-            let (ctx, status, limit) = (self.ctx.clone(), self.status.clone(), limit.clone());
-            steps.spawn(async move {
-                let _turn = limit.acquire_owned().await;
+            self.busy.insert(
+                file.clone(),
+                Busy {
+                    serial: run.serial,
+                    source: run.source.clone(),
+                    hash: run.hash.clone(),
+                    name: run.pod.name.clone(),
+                    namespace: run.pod.namespace.clone(),
+                    report: run.report(),
+                },
+            );
+            let (ctx, status) = (self.ctx.clone(), self.status.clone());
+            let (turns, pass) = (self.turns.clone(), pass.clone());
+            self.steps.spawn(async move {
+                let _turn = turns.acquire_owned().await;
                 ctx.step(&mut run).await;
                 ctx.rotate_logs(&run).await;
                 update_report(&status, run.report());
+                drop(pass);
                 (file, run)
             });
         }
-        while let Some(done) = steps.join_next().await {
+    }
+
+    /// Takes back the pods whose step has ended; those whose manifest went meanwhile
+    /// are stopped now.
+    fn collect(&mut self) {
+        while let Some(done) = self.steps.try_join_next() {
             match done {
                 Ok((file, run)) => {
-                    self.pods.insert(file, run);
+                    if self.doomed.remove(&run.serial) {
+                        self.stop(run);
+                    } else {
+                        self.busy.remove(&file);
+                        self.pods.insert(file, run);
+                    }
                 }
-                // A step that panicked lost its pod's state: carry on as a panic in the
-                // pass did before, rather than forget a pod whose sandbox may run.
+                // A step that panicked lost its pod's state: panic as a pass that
+                // panicked did before, rather than forget a pod whose sandbox may run.
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(e) => tracing::error!("a pod's step was cancelled: {e}"),
             }
         }
-        self.publish();
-        crate::metrics::pass_took(started.elapsed());
+    }
+
+    /// Stops and removes a pod in the background.
+    fn stop(&self, run: PodRun) {
+        let cri = self.ctx.cri.clone();
+        let settings = self.settings.clone();
+        let volumes = self.ctx.volumes.clone();
+        tokio::spawn(async move { teardown(&cri, &settings, &volumes, run).await });
     }
 
     /// Manifest files of all sources by key (the file name; `site/<name>` and
@@ -366,12 +450,12 @@ impl Reconciler {
             "" => !key.contains('/'),
             p => key.starts_with(p),
         };
-        let keep = |out: &mut BTreeMap<String, Scanned>, key: &String, run: &PodRun| {
+        let keep = |out: &mut BTreeMap<String, Scanned>, key: &String, source: &str, hash: &str| {
             out.insert(
                 key.clone(),
                 Scanned {
-                    path: run.source.clone(),
-                    hash: run.hash.clone(),
+                    path: source.to_string(),
+                    hash: hash.to_string(),
                     text: String::new(),
                 },
             );
@@ -382,7 +466,10 @@ impl Reconciler {
             Err(e) => {
                 tracing::warn!("failed to read manifests directory {}: {e}", dir.display());
                 for (key, run) in self.pods.iter().filter(|(k, _)| ours(k)) {
-                    keep(out, key, run);
+                    keep(out, key, &run.source, &run.hash);
+                }
+                for (key, b) in self.busy.iter().filter(|(k, _)| ours(k)) {
+                    keep(out, key, &b.source, &b.hash);
                 }
                 return;
             }
@@ -405,7 +492,9 @@ impl Reconciler {
                 Err(e) => {
                     tracing::warn!("failed to read {}: {e}", entry.path().display());
                     if let Some(run) = self.pods.get(&key) {
-                        keep(out, &key, run);
+                        keep(out, &key, &run.source, &run.hash);
+                    } else if let Some(b) = self.busy.get(&key) {
+                        keep(out, &key, &b.source, &b.hash);
                     }
                 }
             }
@@ -1079,7 +1168,16 @@ impl Ctx {
 
 impl Reconciler {
     fn publish(&self) {
+        let current = self.status.lock().map(|s| s.clone()).unwrap_or_default();
         let mut reports: Vec<PodReport> = self.pods.values().map(PodRun::report).collect();
+        // A busy pod's latest report is the one its step published, if it did.
+        reports.extend(self.busy.iter().map(|(file, b)| {
+            current
+                .iter()
+                .find(|r| r.file == *file && r.uid == b.hash)
+                .cloned()
+                .unwrap_or_else(|| b.report.clone())
+        }));
         reports.extend(self.invalid.iter().map(|(file, i)| PodReport {
             file: file.clone(),
             name: String::new(),
@@ -1286,7 +1384,9 @@ impl PodRun {
                 killing: None,
             })
             .collect();
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         PodRun {
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             file,
             source,
             hash,

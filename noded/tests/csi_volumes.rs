@@ -718,8 +718,11 @@ fn hello_pod(name: &str) -> String {
 
 /// A pod whose volume is slow to come (its publish held by the double) neither holds
 /// up the pods beside it nor the status: while it waits, `pods` answers with it
-/// pending and the others running. (Stepped one after another, as noded once did,
-/// the others would wait for it and the status would stay empty until all ran.)
+/// pending and the others running, and a container beside it that exits is restarted
+/// again and again meanwhile. (Stepped one after another, as noded once did, the
+/// others would wait for it and the status would stay empty until all ran; stepped
+/// together but a pass at a time, nothing would be restarted while it waits.) A pod
+/// whose manifest goes while it is mid-start is stopped once the start returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_slow_to_start_holds_up_neither_the_others_nor_the_status() {
     let node = start_node("noded-slow-").await;
@@ -731,6 +734,8 @@ async fn a_pod_slow_to_start_holds_up_neither_the_others_nor_the_status() {
     for name in ["b", "c", "d"] {
         std::fs::write(node.manifests.join(format!("{name}.yaml")), hello_pod(name)).unwrap();
     }
+    let blinker = hello_pod("e") + "    env: [{name: HELLO_EXIT, value: \"0\"}]\n";
+    std::fs::write(node.manifests.join("e.yaml"), blinker).unwrap();
     // Staged: its publish is next, and held.
     wait_calls(&double, "the slow pod's stage", |c| {
         position(c, "NodeStageVolume", "").is_some()
@@ -742,6 +747,9 @@ async fn a_pod_slow_to_start_holds_up_neither_the_others_nor_the_status() {
             ["b.yaml", "c.yaml", "d.yaml"]
                 .iter()
                 .all(|f| p.iter().any(|p| p.file == *f && p.state == "running"))
+                && p.iter().any(|p| {
+                    p.file == "e.yaml" && p.containers.first().is_some_and(|c| c.restarts >= 3)
+                })
         })
         .await;
     let slow = pods.iter().find(|p| p.file == "a-slow.yaml");
@@ -757,6 +765,72 @@ async fn a_pod_slow_to_start_holds_up_neither_the_others_nor_the_status() {
         })
         .await;
     wait_log(&dir.join("logs"), "writer", "wrote /data/from-writer").await;
+    let first_target = double
+        .calls()
+        .iter()
+        .find(|c| c.method == "NodePublishVolume")
+        .map(|c| c.path.clone())
+        .unwrap();
+
+    // Another slow one, whose manifest goes while its publish is held: it leaves the
+    // status at once, and is stopped and its volume released when its start returns.
+    double.state.lock().unwrap().hold_publish = true;
+    std::fs::write(
+        node.manifests.join("z-late.yaml"),
+        WRITER.replace("name: writer", "name: late"),
+    )
+    .unwrap();
+    wait_calls(&double, "the late pod's stage", |c| {
+        c.iter().filter(|c| c.method == "NodeStageVolume").count() == 2
+    })
+    .await;
+    node.env
+        .wait_for("the late pod pending", |p| {
+            p.iter()
+                .any(|p| p.file == "z-late.yaml" && p.state == "pending")
+        })
+        .await;
+    std::fs::remove_file(node.manifests.join("z-late.yaml")).unwrap();
+    node.env
+        .wait_for("the late pod gone from the status", |p| {
+            p.iter().all(|p| p.file != "z-late.yaml")
+        })
+        .await;
+    double.state.lock().unwrap().hold_publish = false;
+    let calls = wait_calls(&double, "the late pod's unpublish", |c| {
+        c.iter().any(|c| c.method == "NodeUnpublishVolume")
+    })
+    .await;
+    let unpublished: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.method == "NodeUnpublishVolume")
+        .collect();
+    assert_eq!(unpublished.len(), 1, "{calls:#?}");
+    assert_ne!(unpublished[0].path, first_target);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let sandboxes = node
+            .cri
+            .list_pod_sandbox(noded::cri::api::ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .items;
+        let names: Vec<String> = sandboxes
+            .iter()
+            .filter_map(|s| s.metadata.as_ref().map(|m| m.name.clone()))
+            .collect();
+        if !names.iter().any(|n| n == "late") {
+            assert!(names.iter().any(|n| n == "writer"), "{names:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late pod still runs: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The first slow pod was not disturbed.
+    assert!(mounted(Path::new(&first_target)));
 }
 
 /// A raw device for a container, and the same volume read-only in a second one.
