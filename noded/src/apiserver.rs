@@ -24,9 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions,
+    TypeMeta,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
@@ -240,10 +240,18 @@ pub async fn start(settings: Settings, status: Status) -> Result<Agent, String> 
 
 async fn node_and_lease(shared: Arc<Shared>) {
     let s = &shared.settings;
-    let nodes: Api<Node> = Api::all(shared.client.clone());
-    let leases: Api<Lease> = Api::namespaced(shared.client.clone(), LEASE_NAMESPACE);
+    // Objects go through DynamicObject (JSON) rather than k8s-openapi's structs: their
+    // generated (de)serializers would add megabytes to the binary for the few fields
+    // noded reads.
+    let nodes: Api<DynamicObject> =
+        Api::all_with(shared.client.clone(), &ApiResource::erase::<Node>(&()));
+    let leases: Api<DynamicObject> = Api::namespaced_with(
+        shared.client.clone(),
+        LEASE_NAMESPACE,
+        &ApiResource::erase::<Lease>(&()),
+    );
     let mut node_uid: Option<String> = None;
-    let mut lease: Option<Lease> = None;
+    let mut lease: Option<DynamicObject> = None;
     let mut next_status = Instant::now();
     let (mut node_log, mut lease_log) = (
         Limited::new("registering the node"),
@@ -309,9 +317,9 @@ async fn node_and_lease(shared: Arc<Shared>) {
 }
 
 /// Creates the Node, or brings an existing one's labels up to date; returns its uid.
-async fn register(shared: &Shared, nodes: &Api<Node>) -> Result<String, kube::Error> {
+async fn register(shared: &Shared, nodes: &Api<DynamicObject>) -> Result<String, kube::Error> {
     let s = &shared.settings;
-    let node: Node = serde_json::from_value(json!({
+    let node: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": { "name": s.node_name, "labels": s.labels },
@@ -388,8 +396,8 @@ fn node_status(shared: &Shared) -> Value {
 /// Renews (or creates) the node's Lease, as kubelet does: holder, duration, renewTime.
 async fn renew(
     shared: &Shared,
-    leases: &Api<Lease>,
-    cached: &mut Option<Lease>,
+    leases: &Api<DynamicObject>,
+    cached: &mut Option<DynamicObject>,
     node_uid: Option<&str>,
 ) -> Result<(), kube::Error> {
     let s = &shared.settings;
@@ -405,7 +413,7 @@ async fn renew(
                         "apiVersion": "v1", "kind": "Node", "name": s.node_name, "uid": uid,
                     }]);
                 }
-                let lease: Lease = serde_json::from_value(json!({
+                let lease: DynamicObject = serde_json::from_value(json!({
                     "apiVersion": "coordination.k8s.io/v1",
                     "kind": "Lease",
                     "metadata": meta,
@@ -421,10 +429,17 @@ async fn renew(
             }
         },
     };
-    let spec = lease.spec.get_or_insert_with(Default::default);
-    spec.holder_identity = Some(s.node_name.clone());
-    spec.lease_duration_seconds = Some(duration);
-    spec.renew_time = serde_json::from_value::<MicroTime>(micro_now()).ok();
+    lease.types = Some(TypeMeta {
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+    });
+    let spec = &mut lease.data["spec"];
+    if !spec.is_object() {
+        *spec = json!({});
+    }
+    spec["holderIdentity"] = s.node_name.clone().into();
+    spec["leaseDurationSeconds"] = duration.into();
+    spec["renewTime"] = micro_now();
     *cached = Some(
         leases
             .replace(&s.node_name, &PostParams::default(), &lease)
@@ -711,7 +726,11 @@ async fn report_pods(shared: Arc<Shared>, status: Status) {
         sent.retain(|k, _| known.contains_key(k));
         let mut failed = false;
         for (key, pod) in &known {
-            let api: Api<Pod> = Api::namespaced(shared.client.clone(), &pod.namespace);
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                shared.client.clone(),
+                &pod.namespace,
+                &ApiResource::erase::<Pod>(&()),
+            );
             // `sent` holds Null for a pod whose deletion has been finished.
             if pod.deleting {
                 if reports.contains_key(key) || sent.get(key) == Some(&Value::Null) {
@@ -1061,14 +1080,19 @@ fn time_now() -> String {
         .unwrap_or_default()
 }
 
-/// Now as a MicroTime's JSON (microseconds, as the Lease's renewTime carries).
+/// Now as a MicroTime (`2026-11-22T00:35:00.123456Z`, as the Lease's renewTime carries).
 fn micro_now() -> Value {
-    let micros = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    let t = k8s_openapi::jiff::Timestamp::from_microsecond(i64::try_from(micros).unwrap_or(0))
         .unwrap_or_default();
-    serde_json::to_value(MicroTime(t)).unwrap_or(Value::Null)
+    let secs = i64::try_from(now.as_secs()).unwrap_or(0);
+    let whole = k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    match whole.strip_suffix('Z') {
+        Some(w) => format!("{w}.{:06}Z", now.subsec_micros()).into(),
+        None => Value::Null,
+    }
 }
 
 fn hostname() -> Result<String, String> {
@@ -1320,6 +1344,16 @@ mod tests {
             "then"
         );
         assert_eq!(first["startTime"], t.stamp("k", &b)["startTime"]);
+    }
+
+    #[test]
+    fn times_are_in_kubernetes_formats() {
+        let t = time_now();
+        assert_eq!((t.len(), &t[10..11], &t[19..]), (20, "T", "Z"), "{t}");
+        let m = micro_now();
+        let m = m.as_str().unwrap();
+        assert_eq!((m.len(), &m[19..20], &m[26..]), (27, ".", "Z"), "{m}");
+        assert!(m[20..26].bytes().all(|b| b.is_ascii_digit()), "{m}");
     }
 
     #[test]

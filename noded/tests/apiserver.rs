@@ -26,6 +26,7 @@ struct Setup {
     status: Status,
     cache: PathBuf,
     agent: Option<apiserver::Agent>,
+    settings: Settings,
     _dir: tempfile::TempDir,
 }
 
@@ -58,12 +59,15 @@ async fn setup() -> Setup {
         runtime_version: "containerd://1.6.20".into(),
     };
     let status: Status = Arc::new(Mutex::new(Vec::new()));
-    let agent = apiserver::start(settings, status.clone()).await.unwrap();
+    let agent = apiserver::start(settings.clone(), status.clone())
+        .await
+        .unwrap();
     Setup {
         server,
         status,
         cache,
         agent: Some(agent),
+        settings,
         _dir: dir,
     }
 }
@@ -419,6 +423,37 @@ async fn an_outage_keeps_cached_pods_and_the_relist_after_it_resyncs() {
         .iter()
         .any(|r| r.path == "/api/v1/pods" && !r.query.contains_key("watch") && r.status == 200);
     assert!(watched_again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_with_no_api_server_the_cached_pods_stay() {
+    let mut s = setup().await;
+    s.server.add_pod("default", "a", NODE, spec(json!({})));
+    wait_until("cached", || cached(&s.cache, "default_a.yaml")).await;
+    // A reboot with the control plane unreachable: noded starts with only its cache.
+    s.agent.take();
+    s.server.stop();
+    s.agent = Some(
+        apiserver::start(s.settings.clone(), s.status.clone())
+            .await
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cached(&s.cache, "default_a.yaml").is_some(),
+        "the cache was emptied"
+    );
+    *s.status.lock().unwrap() = vec![running_report("default_a.yaml", "a", 0)];
+    // The control plane comes back: the pod is still bound here, so it stays, and its
+    // status reaches the server.
+    s.server.restart().await;
+    wait_until("a Running on the server", || {
+        s.server
+            .pod("default", "a")
+            .filter(|p| p["status"]["phase"] == "Running")
+    })
+    .await;
+    assert!(cached(&s.cache, "default_a.yaml").is_some());
 }
 
 /// noded itself refuses a bad `[apiserver]` table at start, naming the key and file.
