@@ -263,7 +263,9 @@ impl Reconciler {
         }
     }
 
-    /// One pass: rescan the manifests, adopt (first pass), start, poll, restart, stop.
+    /// One pass: take back the pods whose step ended, rescan the manifests, adopt (first
+    /// pass), stop what went, take in what is new, and begin a step (start, poll,
+    /// restart) for every pod not in one. Returns without waiting for the steps.
     pub async fn tick(&mut self) {
         let pass = Arc::new(Pass(Instant::now()));
         self.collect();
