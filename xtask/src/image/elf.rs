@@ -177,10 +177,24 @@ pub fn check_links(root: &Path) -> Result<usize> {
         let target = std::fs::read_link(&host)
             .with_context(|| format!("failed to read the link {}", host.display()))?;
         let text = target.to_string_lossy();
-        let runtime = text
-            .strip_prefix('/')
-            .and_then(|t| t.split('/').next())
-            .is_some_and(|top| RUNTIME_DIRS.contains(&top));
+        // Where the target lies, as seen from inside the root (lexically: `..` of a
+        // relative target counts from the link's directory).
+        let mut at: Vec<&str> = if text.starts_with('/') {
+            Vec::new()
+        } else {
+            rel.split('/')
+                .collect::<Vec<_>>()
+                .split_last()
+                .map_or(Vec::new(), |x| x.1.to_vec())
+        };
+        for c in text.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if c == ".." {
+                at.pop();
+            } else {
+                at.push(c);
+            }
+        }
+        let runtime = at.first().is_some_and(|top| RUNTIME_DIRS.contains(top));
         if !runtime && resolve_in_root(root, &format!("/{rel}")).is_none() {
             dangling.push(format!("/{rel} -> {text}"));
         }
@@ -319,7 +333,8 @@ mod tests {
         std::fs::write(r.join("usr/lib/xt/libxt_NAT.so"), b"x").unwrap();
         symlink("libxt_NAT.so", r.join("usr/lib/xt/libxt_DNAT.so")).unwrap();
         symlink("/proc/self/mounts", r.join("etc/mtab")).unwrap();
-        assert_eq!(check_links(r).unwrap(), 2);
+        symlink("../run/resolv.conf", r.join("etc/resolv.conf")).unwrap();
+        assert_eq!(check_links(r).unwrap(), 3);
         std::fs::remove_file(r.join("usr/lib/xt/libxt_NAT.so")).unwrap();
         let err = format!("{:#}", check_links(r).unwrap_err());
         assert!(
