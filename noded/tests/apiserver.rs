@@ -36,28 +36,7 @@ async fn setup() -> Setup {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
     let cache = dir.path().join("cache");
-    let labels = [
-        ("kubernetes.io/hostname", NODE),
-        ("kubernetes.io/os", "linux"),
-        ("kubernetes.io/arch", "amd64"),
-        (apiserver::ZONE_LABEL, "site-7"),
-        ("example.com/role", "sensor"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let settings = Settings {
-        kubeconfig,
-        node_name: NODE.into(),
-        labels,
-        cache_dir: cache.clone(),
-        lease_duration: Duration::from_secs(4),
-        renew_every: Duration::from_millis(300),
-        node_status_every: Duration::from_millis(500),
-        pod_status_every: Duration::from_millis(100),
-        retry_max: Duration::from_millis(500),
-        runtime_version: "containerd://1.6.20".into(),
-    };
+    let settings = settings(kubeconfig, cache.clone());
     let status: Status = Arc::new(Mutex::new(Vec::new()));
     let agent = apiserver::start(settings.clone(), status.clone())
         .await
@@ -69,6 +48,32 @@ async fn setup() -> Setup {
         agent: Some(agent),
         settings,
         _dir: dir,
+    }
+}
+
+/// What `[apiserver]` with node_name edge-a and zone site-7 gives, with short intervals.
+fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
+    let labels = [
+        ("kubernetes.io/hostname", NODE),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/arch", "amd64"),
+        (apiserver::ZONE_LABEL, "site-7"),
+        ("example.com/role", "sensor"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    Settings {
+        kubeconfig,
+        node_name: NODE.into(),
+        labels,
+        cache_dir: cache,
+        lease_duration: Duration::from_secs(4),
+        renew_every: Duration::from_millis(300),
+        node_status_every: Duration::from_millis(500),
+        pod_status_every: Duration::from_millis(100),
+        retry_max: Duration::from_millis(500),
+        runtime_version: "containerd://1.6.20".into(),
     }
 }
 
@@ -454,6 +459,129 @@ async fn after_a_restart_with_no_api_server_the_cached_pods_stay() {
     })
     .await;
     assert!(cached(&s.cache, "default_a.yaml").is_some());
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 it signed, made with the host's openssl:
+/// (ca.crt, server.crt, server.key) in `dir`.
+fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = [
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    ]
+    .concat();
+    openssl(dir, &ca);
+    let csr = [
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ],
+    ]
+    .concat();
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+/// A real API server is reached over HTTPS: noded trusts the kubeconfig's CA and no
+/// other (TLS through kube's rustls with ring).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_is_reached_over_tls_trusting_the_kubeconfigs_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(&dir.path().join("pki"));
+    let (other_ca, _, _) = pki(&dir.path().join("other"));
+    let server = FakeApiServer::start_tls(&cert, &key).await;
+    server.add_pod("default", "web", NODE, spec(json!({})));
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+
+    let wrong = dir.path().join("wrong-kubeconfig");
+    std::fs::write(&wrong, server.kubeconfig_with_ca(Some(&other_ca))).unwrap();
+    let agent = apiserver::start(settings(wrong, dir.path().join("cache")), status.clone())
+        .await
+        .unwrap();
+    wait_until("noded refusing the certificate", || {
+        (server.refused_handshakes() > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(agent);
+    assert!(
+        server.requests().is_empty() && server.node(NODE).is_none(),
+        "a server whose certificate the kubeconfig's CA did not sign was used"
+    );
+
+    let right = dir.path().join("kubeconfig");
+    std::fs::write(&right, server.kubeconfig_with_ca(Some(&ca))).unwrap();
+    let cache = dir.path().join("cache");
+    let _agent = apiserver::start(settings(right, cache.clone()), status)
+        .await
+        .unwrap();
+    wait_until("node registered over TLS", || server.node(NODE)).await;
+    wait_until("pod cached over TLS", || cached(&cache, "default_web.yaml")).await;
 }
 
 /// noded itself refuses a bad `[apiserver]` table at start, naming the key and file.

@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use tokio_rustls::rustls;
 
 pub const TOKEN: &str = "noded-test-token";
 
@@ -72,16 +73,46 @@ pub struct FakeApiServer {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<(u64, String, Value)>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// HTTPS with this certificate chain and key (PEM files) when set.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS connections whose handshake failed (the client refused the certificate).
+    refused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeApiServer {
     pub async fn start() -> FakeApiServer {
+        Self::start_with(None).await
+    }
+
+    /// Serves HTTPS with the PEM certificate chain and key.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> FakeApiServer {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeApiServer {
         let (events, _) = broadcast::channel(1024);
         let mut s = FakeApiServer {
             addr: "127.0.0.1:0".parse().unwrap(),
             state: Arc::new(Mutex::new(State::default())),
             events,
             tasks: Arc::new(Mutex::new(Vec::new())),
+            tls,
+            refused: Arc::default(),
         };
         s.listen().await;
         s
@@ -91,14 +122,29 @@ impl FakeApiServer {
         let listener = TcpListener::bind(self.addr).await.unwrap();
         self.addr = listener.local_addr().unwrap();
         let (state, events, tasks) = (self.state.clone(), self.events.clone(), self.tasks.clone());
+        let (tls, refused) = (self.tls.clone(), self.refused.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((conn, _)) = listener.accept().await else {
                     continue;
                 };
-                let (state, events) = (state.clone(), events.clone());
+                let (state, events, tls, refused) =
+                    (state.clone(), events.clone(), tls.clone(), refused.clone());
                 let t = tokio::spawn(async move {
-                    let _ = serve(conn, state, events).await;
+                    match tls {
+                        // A client that does not trust the certificate fails here.
+                        Some(tls) => match tls.accept(conn).await {
+                            Ok(conn) => {
+                                let _ = serve(conn, state, events).await;
+                            }
+                            Err(_) => {
+                                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        },
+                        None => {
+                            let _ = serve(conn, state, events).await;
+                        }
+                    }
                 });
                 tasks.lock().unwrap().push(t);
             }
@@ -131,8 +177,21 @@ impl FakeApiServer {
     }
 
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_with_ca(None)
+    }
+
+    /// A kubeconfig for this server; over HTTPS, trusting the CA file `ca`.
+    pub fn kubeconfig_with_ca(&self, ca: Option<&std::path::Path>) -> String {
+        let (scheme, ca) = match (&self.tls, ca) {
+            (Some(_), Some(ca)) => (
+                "https",
+                format!("    certificate-authority: {}\n", ca.display()),
+            ),
+            (Some(_), None) => ("https", String::new()),
+            (None, _) => ("http", String::new()),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {scheme}://{}\n{ca}\
              users:\n- name: noded\n  user:\n    token: {TOKEN}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: noded\n\
              current-context: fake\n",
             self.addr
@@ -253,6 +312,10 @@ impl FakeApiServer {
             .cloned()
     }
 
+    pub fn refused_handshakes(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -327,7 +390,7 @@ struct Http {
     body: Vec<u8>,
 }
 
-async fn read_request(conn: &mut TcpStream) -> Option<Http> {
+async fn read_request<S: AsyncRead + Unpin>(conn: &mut S) -> Option<Http> {
     let mut buf = Vec::new();
     let head_end = loop {
         let mut chunk = [0u8; 4096];
@@ -400,7 +463,7 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn respond(conn: &mut TcpStream, code: u16, body: &Value) {
+async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, code: u16, body: &Value) {
     let text = body.to_string();
     let head = format!(
         "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -411,8 +474,8 @@ async fn respond(conn: &mut TcpStream, code: u16, body: &Value) {
     let _ = conn.shutdown().await;
 }
 
-async fn serve(
-    mut conn: TcpStream,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: S,
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<(u64, String, Value)>,
 ) -> Option<()> {
@@ -476,8 +539,8 @@ fn on_node(pod: &Value, node: &Option<String>) -> bool {
         .is_none_or(|n| pod["spec"]["nodeName"].as_str() == Some(n.as_str()))
 }
 
-async fn watch(
-    conn: &mut TcpStream,
+async fn watch<S: AsyncWrite + Unpin>(
+    conn: &mut S,
     req: &Http,
     state: &Mutex<State>,
     events: &broadcast::Sender<(u64, String, Value)>,
