@@ -7,6 +7,7 @@ pub mod csi;
 pub mod error;
 pub mod metrics;
 pub mod mounts;
+pub mod partition;
 pub mod pool;
 pub mod superblock;
 pub mod volumes;

@@ -150,10 +150,22 @@ fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
     let device = match (&config.pool_device, &config.pool_serial) {
         (Some(d), _) if d == Path::new(AUTO) => match auto_device() {
             Some(d) => d,
-            None => {
-                tracing::warn!("no pool device: no NVMe disk without partitions holds our pool or zeros; serving no volumes");
-                return Ok(None);
-            }
+            // No spare NVMe disk: a partition labelled `pool` on the system disk, made
+            // in its free space when there is none (docs/storage.md).
+            None => match storaged::partition::pool_partition(
+                Path::new("/sys"),
+                Path::new("/dev"),
+                storaged::superblock::MIN_DEVICE_BYTES,
+            )? {
+                Some(p) => {
+                    tracing::info!(device = %p.display(), "no spare NVMe disk: the pool is the pool partition");
+                    p
+                }
+                None => {
+                    tracing::warn!("no pool device: no NVMe disk without partitions holds our pool or zeros, and no disk has a data partition to put a pool partition beside; serving no volumes");
+                    return Ok(None);
+                }
+            },
         },
         (Some(d), _) => d.clone(),
         (None, Some(serial)) => match device_by_serial(serial) {

@@ -3,7 +3,8 @@
 //! serial number, runs the scenarios of `vmtest.phase=` on the real kernel
 //! device-mapper (`first`, `second`: the pool; `csi`, `csi-reboot`: the CSI endpoint, in
 //! `csi.rs`; `kill`: the daemon killed during CSI calls, in `kill.rs`; `xfs`,
-//! `xfs-reboot`: XFS volumes, in `xfs.rs`),
+//! `xfs-reboot`: XFS volumes, in `xfs.rs`; `part`, `part-reboot`, `part-refused`: the
+//! pool partition on the system disk, in `part.rs`),
 //! prints `TEST <name> ok|FAILED: <why>` and powers off.
 
 // Each scenario is a closure called in place, so `?` reports its first failure.
@@ -19,6 +20,7 @@ use storaged::{Error, Options, Pool};
 mod csi;
 mod kill;
 mod metrics;
+mod part;
 mod xfs;
 
 const MIB: u64 = 1 << 20;
@@ -36,6 +38,9 @@ fn main() {
         "csi" => csi::run(false),
         "csi-reboot" => csi::run(true),
         "kill" => kill::run(),
+        "part" => part::first(),
+        "part-reboot" => part::reboot(),
+        "part-refused" => part::refused(),
         "xfs" => xfs::run(false),
         "xfs-reboot" => xfs::run(true),
         other => report("phase", Err(format!("unknown vmtest.phase {other:?}"))),
