@@ -6,6 +6,9 @@
 //! writes into a volume storaged made on the box's second NVMe disk (through CSI) and a
 //! pod asking for more than the pool holds is told so; after a power cycle every pod
 //! comes back with no control plane anywhere, and the volume still holds what was written.
+//! A pod on the pod network (CNI bridge) is reached from outside the box through its
+//! hostPort (portmap's DNAT), its readiness probe going to the pod's own address; a
+//! container failing its liveness probe is restarted and finds its emptyDir as it left it.
 //!
 //! One machine, two boots (each boot under TCG costs ~30-60 s).
 
@@ -116,6 +119,77 @@ spec:
           size: 64Mi
 "#;
 
+/// A model server on the pod network: its own address from the CNI bridge, reached on
+/// the node's port 18080 (hostPort), ready once `/healthz` answers at the pod's address.
+const WEB: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: web
+      image: edge.local/inference:1
+      env:
+        - name: MODEL_PATH
+          value: /models/temp-anomaly.txt
+        - name: LISTEN
+          value: 0.0.0.0:8080
+      ports:
+        - containerPort: 8080
+          hostPort: 18080
+      readinessProbe:
+        httpGet:
+          path: /healthz
+          port: 8080
+        periodSeconds: 2
+      volumeMounts:
+        - name: models
+          mountPath: /models
+          readOnly: true
+  volumes:
+    - name: models
+      hostPath:
+        path: /usr/share/edge/models
+        type: Directory
+"#;
+
+/// A sensor whose liveness probe can never pass (nothing listens on port 9): stopped and
+/// restarted, it resumes after the readings it kept in its emptyDir.
+const LIVELY: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: lively
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: lively
+      image: edge.local/sensor:1
+      env:
+        - name: SENSOR_NAME
+          value: lively0
+        - name: SENSOR_INTERVAL_MS
+          value: "200"
+        - name: SENSOR_FILE
+          value: /scratch/readings.jsonl
+      livenessProbe:
+        tcpSocket:
+          port: 9
+        initialDelaySeconds: 4
+        periodSeconds: 2
+        failureThreshold: 2
+      volumeMounts:
+        - name: scratch
+          mountPath: /scratch
+  volumes:
+    - name: scratch
+      emptyDir: {}
+"#;
+
+/// The node port WEB's hostPort maps.
+const WEB_HOST_PORT: u16 = 18080;
+
 /// More than the 1 GiB pool could ever hold.
 const GREEDY: &str = r#"apiVersion: v1
 kind: Pod
@@ -167,6 +241,8 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         ("broken.yaml", BROKEN),
         ("logger.yaml", LOGGER),
         ("greedy.yaml", GREEDY),
+        ("web.yaml", WEB),
+        ("lively.yaml", LIVELY),
     ] {
         text.push_str(&format!("\"pods/{file}\" = '''\n{yaml}'''\n"));
     }
@@ -175,11 +251,15 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         .push(("opt/org.edgeos/provision".into(), bundle.clone()));
     // storaged's pool: an empty second NVMe disk (`pool_device = "auto"` in the image).
     opts.pool_disk_mib = Some(1024);
+    // The host side reaches the node's hostPort through the guest's eth0, as a machine
+    // on the site network would.
+    let web_port = free_port()?;
+    opts.hostfwd.push((web_port, WEB_HOST_PORT));
     let mut m = Machine::with_options("pods", opts)?;
 
     m.boot()?;
     let line = m.wait_for_console("provisioning", Duration::from_secs(180))?;
-    assert!(line.contains("provisioning: 6 file(s)"), "{line}");
+    assert!(line.contains("provisioning: 8 file(s)"), "{line}");
     m.wait_ready()?;
     eprintln!("ready after {:?}", started.elapsed());
 
@@ -191,6 +271,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             "site/echo.yaml",
             "site/scorer.yaml",
             "site/logger.yaml",
+            "site/web.yaml",
         ]
         .iter()
         .all(|f| running(p, f))
@@ -352,6 +433,54 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         assert_eq!(p["containers"][0]["restarts"], 0, "{p}");
     }
 
+    // The pod network: the model server in its own network namespace answers from
+    // outside the box through the node's hostPort, and its readiness probe (sent to the
+    // pod's address) passes.
+    let pods = m.wait_pods(Duration::from_secs(60), "web ready", |p| {
+        pod(p, "site/web.yaml").is_some_and(|w| w["containers"][0]["ready"] == true)
+    })?;
+    let web = pod(&pods, "site/web.yaml").unwrap();
+    assert_eq!(web["state"], "running", "{web}");
+    let answer = infer(web_port, r#"{"celsius":30.0}"#)?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("\"model\":\"temp-anomaly\"") && answer.contains("\"anomaly\":true"),
+        "{answer}"
+    );
+
+    // A failing liveness probe: the container is stopped and restarted (after the
+    // back-off), and it finds the readings it kept in its emptyDir.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let resumed = loop {
+        let lines = m.logs("lively", false, 1000)?;
+        let found = lines.iter().find_map(|l| {
+            l.split("resuming after seq ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+        if found.is_some() || Instant::now() >= deadline {
+            break found.ok_or_else(|| anyhow::anyhow!("lively did not resume: {lines:?}"))?;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(resumed > 0, "resumed after seq {resumed}");
+    let pods = m.pods()?;
+    let lively = pod(&pods, "site/lively.yaml").unwrap();
+    assert!(
+        lively["containers"][0]["restarts"].as_u64() >= Some(1),
+        "{lively}"
+    );
+    let console = std::fs::read_to_string(m.console_log())?;
+    assert!(
+        console.lines().any(|l| l.contains("pod=lively")
+            && l.contains("liveness probe failed")
+            && l.contains("stopping the container")),
+        "no liveness stop of lively on the console"
+    );
+
     // noded not answering (stopped): init says so within its timeout, naming noded's
     // socket, and relays again once noded runs.
     const SIGSTOP: i32 = 19;
@@ -387,6 +516,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             "site/echo.yaml",
             "site/scorer.yaml",
             "site/logger.yaml",
+            "site/web.yaml",
         ]
         .iter()
         .all(|f| running(p, f))
@@ -422,6 +552,42 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
     m.finish();
     eprintln!("took {:?}", started.elapsed());
     Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// POSTs `body` to `/infer` on the host's forward of the node's hostPort; the whole
+/// HTTP answer. Retried for a while: the forward answers before the guest's port does.
+fn infer(port: u16, body: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                s,
+                "POST /infer HTTP/1.1\r\nHost: web\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match attempt {
+            Ok(a) if !a.is_empty() => return Ok(a),
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_secs(1))
+            }
+            Ok(_) => anyhow::bail!("POST /infer on 127.0.0.1:{port}: empty answer"),
+            Err(e) => anyhow::bail!("POST /infer on 127.0.0.1:{port}: {e}"),
+        }
+    }
 }
 
 fn pod<'a>(pods: &'a [Value], file: &str) -> Option<&'a Value> {
