@@ -196,6 +196,9 @@ struct Known {
 
 struct Shared {
     client: kube::Client,
+    /// containerd, to see that a deleted pod's sandbox is gone before the deletion is
+    /// finished on the server; without it, the reconciler dropping the pod is enough.
+    cri: Option<crate::cri::Client>,
     settings: Settings,
     /// cache file name (`<namespace>_<name>.yaml`) → pod.
     known: Mutex<BTreeMap<String, Known>>,
@@ -207,7 +210,11 @@ struct Shared {
 
 /// Reads the kubeconfig, creates the cache directory and starts the Node, Lease, pod
 /// watch and pod status loops.
-pub async fn start(settings: Settings, status: Status) -> Result<Agent, String> {
+pub async fn start(
+    settings: Settings,
+    status: Status,
+    cri: Option<crate::cri::Client>,
+) -> Result<Agent, String> {
     let path = settings.kubeconfig.display().to_string();
     let kubeconfig =
         Kubeconfig::read_from(&settings.kubeconfig).map_err(|e| format!("{path}: {e}"))?;
@@ -220,6 +227,7 @@ pub async fn start(settings: Settings, status: Status) -> Result<Agent, String> 
     tracing::info!(node = %settings.node_name, server = %path, cache = %settings.cache_dir.display(), "API server configured");
     let shared = Arc::new(Shared {
         client,
+        cri,
         settings,
         known: Mutex::new(BTreeMap::new()),
         relists: AtomicU64::new(0),
@@ -736,6 +744,12 @@ async fn report_pods(shared: Arc<Shared>, status: Status) {
                 if reports.contains_key(key) || sent.get(key) == Some(&Value::Null) {
                     continue;
                 }
+                // As kubelet: finished only once its containers are gone.
+                if let Some(cri) = &shared.cri {
+                    if sandbox_left(cri, key).await {
+                        continue;
+                    }
+                }
                 // The reconciler has stopped it: finish the deletion, as kubelet does.
                 let dp = DeleteParams {
                     grace_period_seconds: Some(0),
@@ -797,6 +811,27 @@ async fn report_pods(shared: Arc<Shared>, status: Status) {
             s.pod_status_every
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Whether the pod of cache file `key` still has a sandbox (the reconciler's teardown
+/// removes it last); an unanswered question counts as yes.
+async fn sandbox_left(cri: &crate::cri::Client, key: &str) -> bool {
+    use crate::cri::api::{ListPodSandboxRequest, PodSandboxFilter};
+    // pods.rs labels each sandbox with its manifest's key under this name.
+    let label = (
+        "io.edgeos.pod-file".to_string(),
+        format!("{API_PREFIX}{key}"),
+    );
+    let req = ListPodSandboxRequest {
+        filter: Some(PodSandboxFilter {
+            label_selector: [label].into(),
+            ..Default::default()
+        }),
+    };
+    match tokio::time::timeout(CALL_TIMEOUT, cri.list_pod_sandbox(req)).await {
+        Ok(Ok(r)) => !r.items.is_empty(),
+        _ => true,
     }
 }
 

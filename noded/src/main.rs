@@ -180,7 +180,7 @@ async fn serve(config: Config) -> Result<(), String> {
         None => None,
     };
     let _apiserver = match api_settings.clone() {
-        Some(s) => Some(noded::apiserver::start(s, status.clone()).await?),
+        Some(s) => Some(noded::apiserver::start(s, status.clone(), Some(cri.clone())).await?),
         None => None,
     };
     edge_common::notify_ready().map_err(|e| e.to_string())?;

@@ -38,7 +38,7 @@ async fn setup() -> Setup {
     let cache = dir.path().join("cache");
     let settings = settings(kubeconfig, cache.clone());
     let status: Status = Arc::new(Mutex::new(Vec::new()));
-    let agent = apiserver::start(settings.clone(), status.clone())
+    let agent = apiserver::start(settings.clone(), status.clone(), None)
         .await
         .unwrap();
     Setup {
@@ -439,7 +439,7 @@ async fn after_a_restart_with_no_api_server_the_cached_pods_stay() {
     s.agent.take();
     s.server.stop();
     s.agent = Some(
-        apiserver::start(s.settings.clone(), s.status.clone())
+        apiserver::start(s.settings.clone(), s.status.clone(), None)
             .await
             .unwrap(),
     );
@@ -560,9 +560,13 @@ async fn the_api_server_is_reached_over_tls_trusting_the_kubeconfigs_ca() {
 
     let wrong = dir.path().join("wrong-kubeconfig");
     std::fs::write(&wrong, server.kubeconfig_with_ca(Some(&other_ca))).unwrap();
-    let agent = apiserver::start(settings(wrong, dir.path().join("cache")), status.clone())
-        .await
-        .unwrap();
+    let agent = apiserver::start(
+        settings(wrong, dir.path().join("cache")),
+        status.clone(),
+        None,
+    )
+    .await
+    .unwrap();
     wait_until("noded refusing the certificate", || {
         (server.refused_handshakes() > 0).then_some(())
     })
@@ -577,7 +581,7 @@ async fn the_api_server_is_reached_over_tls_trusting_the_kubeconfigs_ca() {
     let right = dir.path().join("kubeconfig");
     std::fs::write(&right, server.kubeconfig_with_ca(Some(&ca))).unwrap();
     let cache = dir.path().join("cache");
-    let _agent = apiserver::start(settings(right, cache.clone()), status)
+    let _agent = apiserver::start(settings(right, cache.clone()), status, None)
         .await
         .unwrap();
     wait_until("node registered over TLS", || server.node(NODE)).await;
@@ -644,7 +648,14 @@ async fn a_pod_from_the_api_server_runs_in_containerd_and_is_reported_running() 
         |dir| std::fs::write(dir.join("kubeconfig"), &kubeconfig).unwrap(),
     )
     .await;
-    server.add_pod("default", "hello", NODE, spec(json!({})));
+    // hello ignores SIGTERM (it is its container's pid 1): stopping it takes the grace
+    // period, which the deletion must wait out.
+    server.add_pod(
+        "default",
+        "hello",
+        NODE,
+        spec(json!({"terminationGracePeriodSeconds": 4})),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let running = |p: &Value| {
         p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["ready"] == true
@@ -681,11 +692,6 @@ async fn a_pod_from_the_api_server_runs_in_containerd_and_is_reported_running() 
         .exists());
 
     server.delete_pod("default", "hello", true);
-    node.env
-        .wait_for("hello stopped", |p| {
-            !p.iter().any(|p| p.file.starts_with("api/"))
-        })
-        .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while server.pod("default", "hello").is_some() {
         assert!(
@@ -693,6 +699,19 @@ async fn a_pod_from_the_api_server_runs_in_containerd_and_is_reported_running() 
             "deletion not finished within 30 s\nnoded's log:\n{}",
             node.env.noded_log()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // noded finished the deletion only once the pod's sandbox was gone.
+    let left = node
+        .cri
+        .list_pod_sandbox(noded::cri::api::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .items;
+    assert!(left.is_empty(), "{left:#?}");
+    let pods = noded::control::pods(&node.env.socket).await.unwrap();
+    assert!(
+        !pods.iter().any(|p| p.file.starts_with("api/")),
+        "{pods:#?}"
+    );
 }
