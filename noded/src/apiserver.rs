@@ -192,6 +192,8 @@ struct Known {
     /// The server has set deletionTimestamp: the cached manifest is gone and, once the
     /// reconciler no longer reports the pod, the deletion is finished with grace 0.
     deleting: bool,
+    /// `spec.hostNetwork`: its IP is the node's.
+    host_network: bool,
 }
 
 struct Shared {
@@ -544,6 +546,7 @@ fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         images,
         deleting,
+        host_network: full["spec"]["hostNetwork"] == true,
     };
     let previous = lock(&shared.known).insert(key.clone(), known);
     if deleting {
@@ -919,6 +922,13 @@ fn pod_status(report: &PodReport, pod: &Known, host_ip: Option<Ipv4Addr>) -> Val
     });
     if let Some(ip) = host_ip {
         status["hostIP"] = ip.to_string().into();
+        status["hostIPs"] = json!([{ "ip": ip.to_string() }]);
+        // A pod on the host network has the node's address, as kubelet reports it; a
+        // pod's own (CNI) address is not in the reconciler's report yet.
+        if pod.host_network {
+            status["podIP"] = ip.to_string().into();
+            status["podIPs"] = json!([{ "ip": ip.to_string() }]);
+        }
     }
     if let Some(e) = error.filter(|_| invalid) {
         status["reason"] = "ManifestRefused".into();
@@ -1289,6 +1299,7 @@ mod tests {
             uid: "1234".into(),
             images: [("main".to_string(), "edge.local/hello:1".to_string())].into(),
             deleting: false,
+            host_network: true,
         }
     }
 
@@ -1316,6 +1327,17 @@ mod tests {
             s["initContainerStatuses"][0]["state"]["terminated"]["exitCode"],
             0
         );
+        let ip = Ipv4Addr::new(192, 0, 2, 7);
+        let s = pod_status(&r, &known(), Some(ip));
+        assert_eq!(
+            (s["hostIP"].as_str(), s["podIP"].as_str()),
+            (Some("192.0.2.7"), Some("192.0.2.7"))
+        );
+        let own_network = Known {
+            host_network: false,
+            ..known()
+        };
+        assert!(pod_status(&r, &own_network, Some(ip))["podIP"].is_null());
     }
 
     #[test]
