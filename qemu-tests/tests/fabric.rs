@@ -7,6 +7,10 @@
 //! guest reaches the core at 10.0.2.100:4222 (a user-net guest forward whose relay,
 //! socat, connects to a proxy this test owns, so the test can cut the link); the test
 //! posts records to fabricd's HTTP listener through a host forward.
+//!
+//! The other direction: the operator publishes a signed downlink manifest delivering a
+//! pod, which noded runs; then a newer image allowlist, after which a pod whose image it
+//! leaves out is refused while the running one carries on.
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::{all_ready, Machine, Options};
@@ -22,6 +26,53 @@ const TOPIC: &str = "sensors.temp";
 /// What the image's sensor pod posts to (image/overlay/etc/edge/pods/sensor.yaml).
 const SENSOR_TOPIC: &str = "pods.sensor.temp0";
 const SUBJECT: &str = "edge.site0.edge0.sensors.temp";
+
+/// A pod the core delivers: a sensor printing to its log only.
+const RELAY: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: relay
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: relay
+      image: edge.local/sensor:1
+      env:
+        - name: SENSOR_NAME
+          value: relay0
+"#;
+
+/// The same image under another pod, delivered after an allowlist that leaves it out.
+const STRANGER: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: stranger
+spec:
+  hostNetwork: true
+  containers:
+    - name: stranger
+      image: edge.local/sensor:1
+"#;
+
+/// The manifest signing key the image under test trusts: the operator's key that
+/// `cargo xtask image` signed the image's allowlist with and whose public half it ships.
+fn operator_key() -> Result<PathBuf> {
+    let dir = match std::env::var_os("EDGEOS_KEY_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".config/edgeos/keys"),
+    };
+    let key = dir.join("manifest.key");
+    if !key.is_file() {
+        bail!(
+            "{} does not exist: the operator key the image was built with is needed to \
+             publish to it (set EDGEOS_KEY_DIR as for `cargo xtask image`)",
+            key.display()
+        );
+    }
+    Ok(key)
+}
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -228,6 +279,35 @@ impl Operator {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|n| n.parse().ok())
             .unwrap_or(0))
+    }
+
+    /// Puts `contents` under a KV key (written to `name` in the test's directory first);
+    /// its sha256 as `edgectl put-kv` prints it.
+    fn put_kv(&self, kv_key: &str, name: &str, contents: &str) -> Result<String> {
+        let file = self.dir.join(name);
+        std::fs::write(&file, contents)?;
+        self.put_kv_file(kv_key, &file)
+    }
+
+    fn put_kv_file(&self, kv_key: &str, file: &Path) -> Result<String> {
+        let out = run(self.cmd().args(["put-kv", "--kv-key", kv_key]).arg(file))?;
+        out.split_whitespace()
+            .last()
+            .filter(|h| h.len() == 64)
+            .map(str::to_string)
+            .with_context(|| format!("no sha256 in {out:?}"))
+    }
+
+    /// Signs `manifest` and publishes it to site0.
+    fn publish(&self, key: &Path, manifest: &serde_json::Value) -> Result<()> {
+        let file = self.dir.join("manifest.json");
+        std::fs::write(&file, manifest.to_string())?;
+        run(self
+            .cmd()
+            .args(["publish", "--site", "site0", "--signing-key"])
+            .arg(key)
+            .arg(&file))?;
+        Ok(())
     }
 
     /// The test's own records (the box's sensor pod posts beside them).
@@ -456,9 +536,72 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         );
         std::thread::sleep(Duration::from_secs(2));
     }
+
+    // Pods from the core: a signed manifest brings a pod file to the downlink's pods/.
+    let key = operator_key()?;
+    let relay_sha = op.put_kv("site0.pods.relay", "relay.yaml", RELAY)?;
+    let relay = serde_json::json!({"kind": "pods", "name": "relay.yaml", "store": "kv",
+        "key": "site0.pods.relay", "sha256": relay_sha});
+    op.publish(&key, &serde_json::json!({"version": 1, "items": [relay]}))?;
+    let pods = m.wait_pods(Duration::from_secs(300), "the delivered pod running", |p| {
+        running(p, "downlink/relay.yaml")
+    })?;
+    let p = pod(&pods, "downlink/relay.yaml").unwrap();
+    assert_eq!(p["name"], "relay", "{p}");
+
+    // A newer allowlist from the core that leaves the sensor image out: a pod delivered
+    // after it is refused, naming the image and the list; the running one carries on.
+    let list = dir.join("allowlist");
+    run(op
+        .cmd()
+        .args(["allowlist", "--version", "2", "--signing-key"])
+        .arg(&key)
+        .arg("--out")
+        .arg(&list)
+        .arg(format!("sha256:{}", "0".repeat(64))))?;
+    let list_sha = op.put_kv_file("site0.config.allowlist", &list)?;
+    let stranger_sha = op.put_kv("site0.pods.stranger", "stranger.yaml", STRANGER)?;
+    // Items are applied in order: the list is in place before the pod arrives.
+    op.publish(
+        &key,
+        &serde_json::json!({"version": 2, "items": [
+            {"kind": "config", "name": "image-allowlist", "store": "kv",
+             "key": "site0.config.allowlist", "sha256": list_sha},
+            relay,
+            {"kind": "pods", "name": "stranger.yaml", "store": "kv",
+             "key": "site0.pods.stranger", "sha256": stranger_sha},
+        ]}),
+    )?;
+    let pods = m.wait_pods(Duration::from_secs(180), "the stranger refused", |p| {
+        pod(p, "downlink/stranger.yaml").is_some_and(|s| !s["error"].is_null())
+    })?;
+    let stranger = pod(&pods, "downlink/stranger.yaml").unwrap();
+    let e = stranger["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("image edge.local/sensor:1")
+            && e.contains("is not allowed by the image allowlist")
+            && e.contains("/var/lib/edge/downlink/config/image-allowlist version 2"),
+        "{stranger}"
+    );
+    assert_ne!(stranger["state"], "running", "{stranger}");
+    assert!(running(&pods, "downlink/relay.yaml"), "{pods:?}");
     m.finish();
     drop(core);
     Ok(())
+}
+
+fn pod<'a>(pods: &'a [serde_json::Value], file: &str) -> Option<&'a serde_json::Value> {
+    pods.iter().find(|p| p["file"] == file)
+}
+
+/// The pod of `file` is running with all its containers running.
+fn running(pods: &[serde_json::Value], file: &str) -> bool {
+    pod(pods, file).is_some_and(|p| {
+        p["state"] == "running"
+            && p["containers"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "running"))
+    })
 }
 
 /// `"name" = '''contents'''` unless the contents hold `'''`; PEM and TOML here never do.

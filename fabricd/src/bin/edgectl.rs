@@ -57,6 +57,20 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a signed image allowlist (noded's format: the signature, then
+    /// `{"version","digests"}`), to deliver as the downlink config item `image-allowlist`.
+    /// A box takes it when its version is higher than the list it has.
+    Allowlist {
+        #[arg(long)]
+        signing_key: PathBuf,
+        #[arg(long)]
+        version: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// Image manifest digests, `sha256:<64 hex>`.
+        #[arg(required = true)]
+        digests: Vec<String>,
+    },
     /// Put a file into the object store.
     PutObject {
         #[arg(long)]
@@ -150,8 +164,49 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))
 }
 
+/// The signed allowlist of `digests`, refusing anything noded would not run.
+fn allowlist(key: &[u8], version: u64, digests: &[String]) -> Result<Vec<u8>, String> {
+    for d in digests {
+        let hex = d.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "digest {d:?} is not sha256:<64 lowercase hex digits>"
+            ));
+        }
+    }
+    let kp = ring::signature::Ed25519KeyPair::from_pkcs8(key)
+        .map_err(|_| "the signing key is not an ed25519 PKCS#8 key".to_string())?;
+    let body = serde_json::to_vec(&serde_json::json!({"version": version, "digests": digests}))
+        .map_err(|e| format!("failed to encode the allowlist: {e}"))?;
+    let mut signed = kp.sign(&body).as_ref().to_vec();
+    signed.extend_from_slice(&body);
+    Ok(signed)
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+    if let Cmd::Allowlist {
+        signing_key,
+        version,
+        out,
+        digests,
+    } = &cli.cmd
+    {
+        let signed = allowlist(&read(signing_key)?, *version, digests)
+            .map_err(|e| format!("{}: {e}", signing_key.display()))?;
+        std::fs::write(out, signed)
+            .map_err(|e| format!("failed to write {}: {e}", out.display()))?;
+        println!(
+            "allowlist version {version} with {} digest(s) written to {}",
+            digests.len(),
+            out.display()
+        );
+        return Ok(());
+    }
     if let Cmd::Keygen { out } = &cli.cmd {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
@@ -183,7 +238,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let client = connect(&cli).await?;
     let js = async_nats::jetstream::new(client.clone());
     match &cli.cmd {
-        Cmd::Keygen { .. } => unreachable!("handled above"),
+        Cmd::Keygen { .. } | Cmd::Allowlist { .. } => unreachable!("handled above"),
         Cmd::Setup { dupe_window_secs } => {
             // The KV and object store layouts are made as plain streams: the client's
             // create_key_value needs account info newer servers send (nats-server 2.9
@@ -447,4 +502,36 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::{UnparsedPublicKey, ED25519};
+
+    #[test]
+    fn an_allowlist_is_signed_json_and_bad_digests_are_named() {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let signed = allowlist(pkcs8.as_ref(), 7, std::slice::from_ref(&d)).unwrap();
+        let (sig, body) = signed.split_at(64);
+        UnparsedPublicKey::new(&ED25519, kp.public_key().as_ref())
+            .verify(body, sig)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v, serde_json::json!({"version": 7, "digests": [d]}));
+        for bad in [
+            "sha256:AB",
+            "md5:00",
+            &format!("sha256:{}", "AB".repeat(32)),
+        ] {
+            let e = allowlist(pkcs8.as_ref(), 1, &[bad.to_string()]).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+        assert!(allowlist(b"not a key", 1, &[d])
+            .unwrap_err()
+            .contains("PKCS#8"));
+    }
 }
