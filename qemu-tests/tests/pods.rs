@@ -187,6 +187,39 @@ spec:
       emptyDir: {}
 "#;
 
+/// A sensor keeping its newest readings in a ring on a raw block volume (a storaged thin
+/// volume in Block mode, handed to the container as a device): restarted, it resumes
+/// after the newest.
+const RECORDER: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: recorder
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: recorder
+      image: edge.local/sensor:1
+      env:
+        - name: SENSOR_NAME
+          value: recorder0
+        - name: SENSOR_INTERVAL_MS
+          value: "500"
+        - name: SENSOR_DEVICE
+          value: /dev/xvdb
+      volumeDevices:
+        - name: raw
+          devicePath: /dev/xvdb
+  volumes:
+    - name: raw
+      csi:
+        driver: storaged.edgeos
+        volumeAttributes:
+          volume: recorder-raw
+          size: 16Mi
+          volumeMode: Block
+"#;
+
 /// The node port WEB's hostPort maps.
 const WEB_HOST_PORT: u16 = 18080;
 
@@ -243,6 +276,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         ("greedy.yaml", GREEDY),
         ("web.yaml", WEB),
         ("lively.yaml", LIVELY),
+        ("recorder.yaml", RECORDER),
     ] {
         text.push_str(&format!("\"pods/{file}\" = '''\n{yaml}'''\n"));
     }
@@ -259,7 +293,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
 
     m.boot()?;
     let line = m.wait_for_console("provisioning", Duration::from_secs(180))?;
-    assert!(line.contains("provisioning: 8 file(s)"), "{line}");
+    assert!(line.contains("provisioning: 9 file(s)"), "{line}");
     m.wait_ready()?;
     eprintln!("ready after {:?}", started.elapsed());
 
@@ -272,6 +306,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             "site/scorer.yaml",
             "site/logger.yaml",
             "site/web.yaml",
+            "site/recorder.yaml",
         ]
         .iter()
         .all(|f| running(p, f))
@@ -300,6 +335,14 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         lines
             .iter()
             .any(|l| l.contains("starting a new file /data/readings.jsonl")),
+        "{lines:?}"
+    );
+    // The recorder's block volume is new: its ring is blank.
+    let lines = m.logs("recorder", false, 1000)?;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("starting on the blank device /dev/xvdb")),
         "{lines:?}"
     );
     let echo = pod(&pods, "site/echo.yaml").unwrap();
@@ -517,6 +560,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             "site/scorer.yaml",
             "site/logger.yaml",
             "site/web.yaml",
+            "site/recorder.yaml",
         ]
         .iter()
         .all(|f| running(p, f))
@@ -549,6 +593,24 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         std::thread::sleep(Duration::from_secs(1));
     };
     assert!(resumed > 0, "resumed after seq {resumed}");
+    // And the recorder's readings survived on its raw block volume.
+    let lines = m.logs("recorder", false, 1000)?;
+    let resumed = lines
+        .iter()
+        .find_map(|l| {
+            l.split("resuming after seq ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("recorder did not resume: {lines:?}"))?;
+    assert!(resumed > 0, "recorder resumed after seq {resumed}");
+    assert!(
+        lines.iter().any(|l| l.contains("from device /dev/xvdb")),
+        "{lines:?}"
+    );
     m.finish();
     eprintln!("took {:?}", started.elapsed());
     Ok(())

@@ -9,6 +9,9 @@
 //! out without them. With `SENSOR_FILE` set (a file on a volume) each reading is also
 //! appended there and synced, and a restarted sensor continues the sequence after the
 //! last reading the file holds, so readings survive restarts and reboots on the box.
+//! With `SENSOR_DEVICE` set (a raw block device, a pod's `volumeDevices`) the newest
+//! readings are kept in a ring of 512-byte records at the start of the device, the way a
+//! database writes its own blocks, and a restarted sensor resumes after the newest.
 //!
 //! Only the standard library: the program goes into a scratch image as one static file.
 
@@ -88,6 +91,54 @@ fn append(path: &std::path::Path, line: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// Records in the device ring: the newest `RING` readings are kept.
+const RING: u64 = 64;
+const RECORD: usize = 512;
+
+/// The highest `seq` among the ring's records; None for a blank (zeroed) device.
+fn device_last_seq(path: &std::path::Path) -> Result<Option<u64>, String> {
+    use std::io::Read;
+    let mut ring = vec![0u8; RING as usize * RECORD];
+    let mut f =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    f.read_exact(&mut ring)
+        .map_err(|e| format!("cannot read the ring of {}: {e}", path.display()))?;
+    Ok(ring
+        .chunks(RECORD)
+        .filter_map(|r| {
+            let line = std::str::from_utf8(r.split(|&b| b == b'\n').next()?).ok()?;
+            workloads::parse_flat_object(line).ok()
+        })
+        .filter_map(|fields| {
+            fields.into_iter().find_map(|(k, v)| match (k.as_str(), v) {
+                ("seq", workloads::Value::Number(n)) if n >= 0.0 => Some(n as u64),
+                _ => None,
+            })
+        })
+        .max())
+}
+
+/// Writes the reading into its ring record (`seq % RING`) and syncs it.
+fn device_write(path: &std::path::Path, seq: u64, line: &str) -> Result<(), String> {
+    use std::io::{Seek, SeekFrom, Write};
+    if line.len() >= RECORD {
+        return Err(format!(
+            "reading {seq} is longer than a {RECORD}-byte record"
+        ));
+    }
+    let mut record = vec![0u8; RECORD];
+    record[..line.len()].copy_from_slice(line.as_bytes());
+    record[line.len()] = b'\n';
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    f.seek(SeekFrom::Start((seq % RING) * RECORD as u64))
+        .and_then(|_| f.write_all(&record))
+        .and_then(|_| f.sync_data())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// The reading at `t_ms`: 21 °C with a slow 2 °C swing.
 fn reading(seq: u64, t_ms: u64, name: &str) -> String {
     let phase = (t_ms % 600_000) as f64 / 600_000.0 * std::f64::consts::TAU;
@@ -123,6 +174,23 @@ fn main() {
         },
         None => 0,
     };
+    let mut device = std::env::var_os("SENSOR_DEVICE").map(std::path::PathBuf::from);
+    if let Some(path) = &device {
+        match device_last_seq(path) {
+            Ok(Some(last)) => {
+                eprintln!(
+                    "sensor: resuming after seq {last} from device {}",
+                    path.display()
+                );
+                seq = seq.max(last + 1);
+            }
+            Ok(None) => eprintln!("sensor: starting on the blank device {}", path.display()),
+            Err(e) => {
+                eprintln!("sensor: {e}; readings are not kept on the device");
+                device = None;
+            }
+        }
+    }
     loop {
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -138,6 +206,11 @@ fn main() {
         if let Some(path) = &store {
             if let Err(e) = append(path, &line) {
                 eprintln!("sensor: reading {seq} not stored: {e}");
+            }
+        }
+        if let Some(path) = &device {
+            if let Err(e) = device_write(path, seq, &line) {
+                eprintln!("sensor: reading {seq} not kept on the device: {e}");
             }
         }
         if let Some((authority, path)) = &fabric {
@@ -209,6 +282,34 @@ mod tests {
         append(&tmp, &reading(2, 0, "t")).unwrap();
         assert_eq!(last_seq(&tmp).unwrap(), Some(2));
         std::fs::remove_file(&tmp).unwrap();
+    }
+
+    #[test]
+    fn the_device_ring_resumes_after_the_newest_reading() {
+        let dir = std::env::temp_dir().join(format!("sensor-ring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = dir.join("dev");
+        // A blank device: all zeroes, as a new thin volume reads.
+        std::fs::write(&dev, vec![0u8; 64 * 1024]).unwrap();
+        assert_eq!(device_last_seq(&dev).unwrap(), None);
+        // More readings than the ring holds: the newest wins, not the last slot.
+        for seq in 0..(RING + 5) {
+            device_write(&dev, seq, &reading(seq, 1000 + seq, "d")).unwrap();
+        }
+        assert_eq!(device_last_seq(&dev).unwrap(), Some(RING + 4));
+        assert_eq!(
+            std::fs::metadata(&dev).unwrap().len(),
+            64 * 1024,
+            "nothing appended"
+        );
+        // Smaller than the ring: named, not a panic.
+        std::fs::write(&dev, [0u8; 100]).unwrap();
+        let e = device_last_seq(&dev).unwrap_err();
+        assert!(
+            e.contains("cannot read the ring of") && e.contains("dev"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
