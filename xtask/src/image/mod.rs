@@ -91,7 +91,13 @@ pub struct Inputs {
 
 impl Inputs {
     fn locate() -> Result<Inputs> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        // `cargo run` sets CARGO_MANIFEST_DIR: preferred to the compile-time value, which
+        // can name another clone or worktree sharing the target directory.
+        let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.join("Cargo.toml").is_file())
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        let repo = manifest
             .parent()
             .context("xtask has no parent directory")?
             .to_path_buf();
