@@ -97,75 +97,88 @@ fn device_by_serial(serial: &str) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-/// `pool_device = "auto"`: among the NVMe disks with no partitions (the system disk
-/// has its GPT partitions; a disk with someone's partition table is never a candidate),
-/// the one holding our pool, else the first that is all zeros. Names alone would not do:
-/// NVMe controllers probe in parallel, so `nvme0`/`nvme1` can swap between boots.
-fn auto_device() -> Option<PathBuf> {
+/// The first bytes of `dev` as the pool's probe reads them.
+fn probe(dev: &Path) -> Option<storaged::superblock::Probe> {
+    use std::io::Read;
+    let mut buf = vec![0u8; storaged::superblock::PROBE_BYTES];
+    std::fs::File::open(dev)
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .ok()?;
+    Some(storaged::superblock::probe(&buf))
+}
+
+/// Among the NVMe disks with no partitions (the system disk has its GPT partitions; a
+/// disk with someone's partition table is never a candidate): the one holding our pool,
+/// and the first that is all zeros.
+fn nvme_candidates() -> (Option<PathBuf>, Option<PathBuf>) {
     let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with("nvme"))
-        .filter(|n| {
-            // Partitions show as subdirectories named after the disk.
-            std::fs::read_dir(Path::new("/sys/block").join(n))
-                .map(|d| {
-                    !d.flatten()
-                        .any(|e| e.file_name().to_string_lossy().starts_with(n.as_str()))
-                })
-                .unwrap_or(false)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("nvme"))
+                .collect()
         })
-        .collect();
+        .unwrap_or_default();
+    // Partitions show as subdirectories named after the disk.
+    disks.retain(|n| {
+        std::fs::read_dir(Path::new("/sys/block").join(n))
+            .map(|d| {
+                !d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(n.as_str()))
+            })
+            .unwrap_or(false)
+    });
     disks.sort();
-    let head = |n: &str| -> Option<Vec<u8>> {
-        use std::io::Read;
-        let mut buf = vec![0u8; storaged::superblock::PROBE_BYTES];
-        std::fs::File::open(Path::new("/dev").join(n))
-            .and_then(|mut f| f.read_exact(&mut buf))
-            .ok()?;
-        Some(buf)
-    };
-    let probes: Vec<(String, storaged::superblock::Probe)> = disks
-        .into_iter()
-        .filter_map(|n| head(&n).map(|h| (n, storaged::superblock::probe(&h))))
-        .collect();
-    let pick = probes
-        .iter()
-        .find(|(_, p)| matches!(p, storaged::superblock::Probe::Pool(_)))
-        .or_else(|| {
-            probes
-                .iter()
-                .find(|(_, p)| matches!(p, storaged::superblock::Probe::Empty))
-        });
-    for (n, p) in &probes {
-        if let storaged::superblock::Probe::Foreign(what) = p {
-            tracing::info!(disk = %n, "not a pool candidate: it holds {what}");
+    let (mut ours, mut empty) = (None, None);
+    for n in disks {
+        let dev = Path::new("/dev").join(&n);
+        match probe(&dev) {
+            Some(storaged::superblock::Probe::Pool(_)) if ours.is_none() => ours = Some(dev),
+            Some(storaged::superblock::Probe::Empty) if empty.is_none() => empty = Some(dev),
+            Some(storaged::superblock::Probe::Foreign(what)) => {
+                tracing::info!(disk = %n, "not a pool candidate: it holds {what}");
+            }
+            _ => {}
         }
     }
-    pick.map(|(n, _)| Path::new("/dev").join(n))
+    (ours, empty)
+}
+
+/// `pool_device = "auto"`. Where a pool already is wins over where one could go: an
+/// NVMe disk holding our pool, else the partition labelled `pool` holding it, else the
+/// first all-zero NVMe disk, else the `pool` partition on the system disk (found, or
+/// made in its free space: `partition.rs`). Names alone would not do: NVMe controllers
+/// probe in parallel, so `nvme0`/`nvme1` can swap between boots.
+fn auto_device() -> Result<Option<PathBuf>, String> {
+    let (sys, dev) = (Path::new("/sys"), Path::new("/dev"));
+    let (ours, empty) = nvme_candidates();
+    if ours.is_some() {
+        return Ok(ours);
+    }
+    let part = storaged::partition::labelled_pool(sys, dev);
+    if let Some(p) = part.filter(|p| matches!(probe(p), Some(storaged::superblock::Probe::Pool(_))))
+    {
+        return Ok(Some(p));
+    }
+    if empty.is_some() {
+        return Ok(empty);
+    }
+    let made =
+        storaged::partition::pool_partition(sys, dev, storaged::superblock::MIN_DEVICE_BYTES)?;
+    if let Some(p) = &made {
+        tracing::info!(device = %p.display(), "no spare NVMe disk: the pool is the pool partition");
+    }
+    Ok(made)
 }
 
 fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
     let device = match (&config.pool_device, &config.pool_serial) {
-        (Some(d), _) if d == Path::new(AUTO) => match auto_device() {
+        (Some(d), _) if d == Path::new(AUTO) => match auto_device()? {
             Some(d) => d,
-            // No spare NVMe disk: a partition labelled `pool` on the system disk, made
-            // in its free space when there is none (docs/storage.md).
-            None => match storaged::partition::pool_partition(
-                Path::new("/sys"),
-                Path::new("/dev"),
-                storaged::superblock::MIN_DEVICE_BYTES,
-            )? {
-                Some(p) => {
-                    tracing::info!(device = %p.display(), "no spare NVMe disk: the pool is the pool partition");
-                    p
-                }
-                None => {
-                    tracing::warn!("no pool device: no NVMe disk without partitions holds our pool or zeros, and no disk has a data partition to put a pool partition beside; serving no volumes");
-                    return Ok(None);
-                }
-            },
+            None => {
+                tracing::warn!("no pool device: no NVMe disk without partitions holds our pool or zeros, and no disk has a data partition to put a pool partition beside; serving no volumes");
+                return Ok(None);
+            }
         },
         (Some(d), _) => d.clone(),
         (None, Some(serial)) => match device_by_serial(serial) {

@@ -476,6 +476,11 @@ pub fn pool_partition_on(
     Ok(node)
 }
 
+/// The partition the kernel knows as `pool` (on any disk), without making one.
+pub fn labelled_pool(sys: &Path, dev: &Path) -> Option<PathBuf> {
+    labelled(sys, LABEL).map(|(name, _)| dev.join(name))
+}
+
 /// The pool partition: one the kernel knows as `pool` (any disk), else the `pool` entry
 /// of the system disk's GPT, made in its free space if there is none. `Ok(None)`: no
 /// system disk (no partition labelled `data`), so nowhere to make one.
