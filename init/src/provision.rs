@@ -129,6 +129,35 @@ mod tests {
     }
 
     #[test]
+    fn a_registry_mirror_lands_where_containerd_looks() {
+        // containerd's config_path names <dir>/registry; a host's hosts.toml is two
+        // levels below it, and a host name with a port (`:`) is one path component.
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("raw");
+        fs::write(
+            &src,
+            "\"registry/registry.site.example/hosts.toml\" = \"server = 1\"\n\
+             \"registry/mirror:5000/hosts.toml\" = \"server = 2\"\n\
+             \"registry/../../evil/hosts.toml\" = \"x\"\n",
+        )
+        .unwrap();
+        let dir = tmp.path().join("p");
+        let lines = apply(&src, &dir);
+        assert_eq!(
+            fs::read(dir.join("registry/registry.site.example/hosts.toml")).unwrap(),
+            b"server = 1"
+        );
+        assert_eq!(
+            fs::read(dir.join("registry/mirror:5000/hosts.toml")).unwrap(),
+            b"server = 2"
+        );
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("registry")), 0o700);
+        assert!(!tmp.path().join("evil").exists());
+        assert!(lines.last().unwrap().contains("2 file(s)"), "{lines:?}");
+    }
+
+    #[test]
     fn no_item_does_nothing_and_garbage_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("p");
