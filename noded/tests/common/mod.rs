@@ -151,6 +151,17 @@ pub fn has_cap_sys_resource() -> bool {
 }
 
 pub fn start_containerd(dir: &Path, registry_port: u16) -> Containerd {
+    let certs = dir.join("certs.d").display().to_string();
+    start_containerd_with_config_path(dir, registry_port, &certs)
+}
+
+/// As [`start_containerd`], with CRI's registry `config_path` given (a `:`-separated
+/// list of directories; `<dir>/certs.d` holds edge.local's hosts.toml).
+pub fn start_containerd_with_config_path(
+    dir: &Path,
+    registry_port: u16,
+    config_path: &str,
+) -> Containerd {
     // The registry is configured as the host for edge.local through hosts.toml
     // (config_path): unlike the older `registry.mirrors` table, it does not fall back
     // to https://edge.local after the mirror answers 404, so a missing image is
@@ -195,7 +206,7 @@ state = "{d}/state"
     bin_dir = "{d}/cni/bin"
     conf_dir = "{d}/cni/conf"
   [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{d}/certs.d"
+    config_path = "{config_path}"
 "#
     );
     let path = dir.join("config.toml");
