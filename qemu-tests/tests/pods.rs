@@ -9,6 +9,9 @@
 //! A pod on the pod network (CNI bridge) is reached from outside the box through its
 //! hostPort (portmap's DNAT), its readiness probe going to the pod's own address; a
 //! container failing its liveness probe is restarted and finds its emptyDir as it left it.
+//! A Block-mode volume reaches a container as a device and keeps what it wrote across the
+//! power cycle; an image named by a registry only the site's mirror configuration
+//! (the bundle's `registry/<host>/hosts.toml`) resolves is pulled and runs.
 //!
 //! One machine, two boots (each boot under TCG costs ~30-60 s).
 
@@ -220,6 +223,31 @@ spec:
           volumeMode: Block
 "#;
 
+/// The site's registry mirror for `registry.site.example`, in containerd's hosts.toml
+/// format. The mirror here is the box's own registry (noded's, serving the bundled
+/// images by name whatever the host), so the pull stays inside the guest.
+const MIRROR_HOSTS: &str = r#"server = "http://127.0.0.1:5000"
+
+[host."http://127.0.0.1:5000"]
+  capabilities = ["pull", "resolve"]
+"#;
+
+/// A sensor pulled by a name only the site's mirror configuration resolves.
+const MIRRORED: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: mirrored
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: mirrored
+      image: registry.site.example/sensor:1
+      env:
+        - name: SENSOR_NAME
+          value: mirrored0
+"#;
+
 /// The node port WEB's hostPort maps.
 const WEB_HOST_PORT: u16 = 18080;
 
@@ -277,9 +305,13 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         ("web.yaml", WEB),
         ("lively.yaml", LIVELY),
         ("recorder.yaml", RECORDER),
+        ("mirrored.yaml", MIRRORED),
     ] {
         text.push_str(&format!("\"pods/{file}\" = '''\n{yaml}'''\n"));
     }
+    text.push_str(&format!(
+        "\"registry/registry.site.example/hosts.toml\" = '''\n{MIRROR_HOSTS}'''\n"
+    ));
     std::fs::write(&bundle, text)?;
     opts.fw_cfg
         .push(("opt/org.edgeos/provision".into(), bundle.clone()));
@@ -293,7 +325,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
 
     m.boot()?;
     let line = m.wait_for_console("provisioning", Duration::from_secs(180))?;
-    assert!(line.contains("provisioning: 9 file(s)"), "{line}");
+    assert!(line.contains("provisioning: 11 file(s)"), "{line}");
     m.wait_ready()?;
     eprintln!("ready after {:?}", started.elapsed());
 
@@ -307,6 +339,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             "site/logger.yaml",
             "site/web.yaml",
             "site/recorder.yaml",
+            "site/mirrored.yaml",
         ]
         .iter()
         .all(|f| running(p, f))
