@@ -422,7 +422,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
     // The crashing container: restarted per restartPolicy after a back-off that grows
     // (the image's base is 10 s, doubling), never a tight loop.
     let mut seen: Vec<(u64, Instant)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(150);
+    let deadline = Instant::now() + Duration::from_secs(200);
     let last = loop {
         let pods = m.pods()?;
         let c = pod(&pods, "site/crasher.yaml")
@@ -433,16 +433,16 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
             eprintln!("crasher: restarts {n} after {:?}: {c}", started.elapsed());
             seen.push((n, Instant::now()));
         }
-        // Two exits seen as they happened (the first look may come late on a slow host).
-        let watched = seen.iter().filter(|(r, _)| *r >= 1).count();
-        if (n >= 2 && watched >= 2) || Instant::now() >= deadline {
+        // Two exits seen as they happened: the first look only tells where the count
+        // was (the crasher may have exited before it, on a fast or a slow host).
+        if (n >= 2 && seen.len() >= 3) || Instant::now() >= deadline {
             break c;
         }
         std::thread::sleep(Duration::from_millis(500));
     };
     let restarts = last["restarts"].as_u64().unwrap_or(0);
     assert!(
-        (2..=4).contains(&restarts),
+        (2..=5).contains(&restarts),
         "crasher restarted {restarts} times: {last}"
     );
     assert_eq!(last["exit_code"], 1, "{last}");
