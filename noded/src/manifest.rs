@@ -149,6 +149,9 @@ pub struct CsiVolume {
     pub access_mode: AccessMode,
     /// `volumeMode: Block`: a raw device, which containers cannot mount.
     pub block: bool,
+    /// The filesystem storaged formats a Filesystem volume with at its first stage:
+    /// `ext4` (the default) or `xfs`; empty for a Block volume.
+    pub fs_type: String,
     /// Published read-only into this pod (the kernel enforces it).
     pub read_only: bool,
 }
@@ -489,19 +492,20 @@ impl Walker<'_> {
                 ))
             }
         };
-        match self.string(m, path, "fsType")?.as_deref() {
-            None | Some("") => {}
+        let fs_type = match self.string(m, path, "fsType")?.as_deref() {
+            None | Some("") if block => String::new(),
+            None | Some("") => "ext4".to_string(),
             Some(_) if block => {
                 return Err(self.err(&join(path, "fsType"), "must not be set for a Block volume"))
             }
-            Some("ext4") => {}
+            Some(fs @ ("ext4" | "xfs")) => fs.to_string(),
             Some(other) => {
                 return Err(self.err(
                     &join(path, "fsType"),
-                    &format!("{other:?} is not supported (only ext4)"),
+                    &format!("{other:?} is not supported (ext4 or xfs)"),
                 ))
             }
-        }
+        };
         if block && access_mode != AccessMode::ReadWriteOnce {
             return Err(self.err(
                 &join(&ap, "accessMode"),
@@ -513,6 +517,7 @@ impl Walker<'_> {
             size_bytes,
             access_mode,
             block,
+            fs_type,
             read_only: self.boolean(m, path, "readOnly")?,
         })
     }

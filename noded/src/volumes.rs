@@ -368,7 +368,7 @@ fn with_mode(v: &CsiVolume, mode: volume_capability::Mode) -> VolumeCapability {
             AccessType::Block(BlockVolume {})
         } else {
             AccessType::Mount(MountVolume {
-                fs_type: "ext4".into(),
+                fs_type: v.fs_type.clone(),
                 ..Default::default()
             })
         }),
@@ -459,6 +459,7 @@ mod tests {
             size_bytes: 1,
             access_mode: mode,
             block,
+            fs_type: if block { String::new() } else { "ext4".into() },
             read_only: false,
         }
     }

@@ -398,6 +398,7 @@ fn csi_volumes_are_read_in_kubernetes_inline_shape() {
             size_bytes: 2 << 30,
             access_mode: AccessMode::ReadWriteMany,
             block: false,
+            fs_type: "ext4".into(),
             read_only: true,
         })
     );
@@ -414,9 +415,19 @@ fn csi_volumes_are_read_in_kubernetes_inline_shape() {
             size_bytes: 1 << 20,
             access_mode: AccessMode::ReadWriteOnce,
             block: false,
+            fs_type: "ext4".into(),
             read_only: false,
         })
     );
+    // XFS on request; a Block volume has no filesystem.
+    let pod = parse(
+        "cam.yaml",
+        &with_csi(
+            "{driver: storaged.edgeos, fsType: xfs, volumeAttributes: {volume: db, size: 1Gi}}",
+        ),
+    )
+    .unwrap();
+    assert!(matches!(&pod.volumes[1].source, VolumeSource::Csi(c) if c.fs_type == "xfs"));
 }
 
 #[test]
@@ -468,8 +479,8 @@ fn bad_csi_volumes_are_named_by_path() {
             "spec.volumes[1].csi.volumeAttributes.volumeMode is \"Raw\"",
         ),
         (
-            with_csi("{driver: storaged.edgeos, fsType: xfs, volumeAttributes: {volume: a, size: 1Gi}}"),
-            "spec.volumes[1].csi.fsType \"xfs\" is not supported (only ext4)",
+            with_csi("{driver: storaged.edgeos, fsType: btrfs, volumeAttributes: {volume: a, size: 1Gi}}"),
+            "spec.volumes[1].csi.fsType \"btrfs\" is not supported (ext4 or xfs)",
         ),
         (
             with_csi("{driver: storaged.edgeos, nodePublishSecretRef: {name: s}, volumeAttributes: {volume: a, size: 1Gi}}"),
