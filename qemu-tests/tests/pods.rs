@@ -11,7 +11,8 @@
 //! container failing its liveness probe is restarted and finds its emptyDir as it left it.
 //! A Block-mode volume reaches a container as a device and keeps what it wrote across the
 //! power cycle; an image named by a registry only the site's mirror configuration
-//! (the bundle's `registry/<host>/hosts.toml`) resolves is pulled and runs.
+//! (the bundle's `registry/<host>/hosts.toml`) resolves is pulled and runs. containerd
+//! killed under noded comes back (init) and no container is started twice.
 //!
 //! One machine, two boots (each boot under TCG costs ~30-60 s).
 
@@ -526,23 +527,8 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
 
     // A failing liveness probe: the container is stopped and restarted (after the
     // back-off), and it finds the readings it kept in its emptyDir.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let resumed = loop {
-        let lines = m.logs("lively", false, 1000)?;
-        let found = lines.iter().find_map(|l| {
-            l.split("resuming after seq ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        });
-        if found.is_some() || Instant::now() >= deadline {
-            break found.ok_or_else(|| anyhow::anyhow!("lively did not resume: {lines:?}"))?;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    assert!(resumed > 0, "resumed after seq {resumed}");
+    let (resumed, _) = wait_resumed(&mut m, "lively", Duration::from_secs(90))?;
+    assert!(resumed > 0, "lively resumed after seq {resumed}");
     let pods = m.pods()?;
     let lively = pod(&pods, "site/lively.yaml").unwrap();
     assert!(
@@ -579,6 +565,64 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
     );
     assert!(running(&m.pods()?, "site/echo.yaml"));
 
+    // containerd killed under noded: init starts it again, the containers run on in
+    // their shims, and noded carries on with them: no container is started twice, and
+    // the echo sensor's readings continue their sequence (a new container would start
+    // again at 0).
+    let console = std::fs::read_to_string(m.console_log())?;
+    let starts_before = container_starts(&console);
+    assert!(
+        starts_before >= 4,
+        "echo, sensor, web and scorer were started: {starts_before}"
+    );
+    let seq_before = last_seq(&m.logs("echo", false, 1)?)?;
+    let pid_before = containerd_pid(&mut m)?;
+    const SIGKILL: i32 = 9;
+    m.request(serde_json::json!({"cmd":"kill","service":"containerd","signal":SIGKILL}))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = m.status()?;
+        let c = qemu_tests::service(&st, "containerd")
+            .cloned()
+            .unwrap_or_default();
+        if c["state"] == "ready" && c["pid"].as_u64().is_some_and(|p| Some(p) != pid_before) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "containerd not back within 120 s: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pods = m.wait_pods(Duration::from_secs(60), "pods after containerd", |p| {
+        [
+            "sensor.yaml",
+            "inference.yaml",
+            "site/echo.yaml",
+            "site/web.yaml",
+        ]
+        .iter()
+        .all(|f| running(p, f))
+    })?;
+    // A few seconds of noded polling the new containerd.
+    std::thread::sleep(Duration::from_secs(5));
+    let lines = m.logs("echo", false, 5)?;
+    let seq_after = last_seq(&lines)?;
+    assert!(
+        seq_after > seq_before,
+        "echo went from seq {seq_before} to {seq_after}: restarted, not carried on: {lines:?}"
+    );
+    let console = std::fs::read_to_string(m.console_log())?;
+    assert_eq!(
+        container_starts(&console),
+        starts_before,
+        "containers started again after containerd's restart"
+    );
+    for f in ["sensor.yaml", "site/echo.yaml", "site/web.yaml"] {
+        let p = pod(&pods, f).unwrap();
+        assert_eq!(p["containers"][0]["restarts"], 0, "{p}");
+    }
+
     // Power cycle: same disk, no control plane anywhere; every pod comes back.
     m.powerdown()?;
     m.wait_exit(Duration::from_secs(120))?;
@@ -609,36 +653,10 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
         "{lines:?}"
     );
     // The logger's readings survived on its volume: it continues after them.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let resumed = loop {
-        let lines = m.logs("logger", false, 1000)?;
-        let found = lines.iter().find_map(|l| {
-            l.split("resuming after seq ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        });
-        if found.is_some() || Instant::now() >= deadline {
-            break found.ok_or_else(|| anyhow::anyhow!("logger did not resume: {lines:?}"))?;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    assert!(resumed > 0, "resumed after seq {resumed}");
+    let (resumed, _) = wait_resumed(&mut m, "logger", Duration::from_secs(60))?;
+    assert!(resumed > 0, "logger resumed after seq {resumed}");
     // And the recorder's readings survived on its raw block volume.
-    let lines = m.logs("recorder", false, 1000)?;
-    let resumed = lines
-        .iter()
-        .find_map(|l| {
-            l.split("resuming after seq ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .ok_or_else(|| anyhow::anyhow!("recorder did not resume: {lines:?}"))?;
+    let (resumed, lines) = wait_resumed(&mut m, "recorder", Duration::from_secs(30))?;
     assert!(resumed > 0, "recorder resumed after seq {resumed}");
     assert!(
         lines.iter().any(|l| l.contains("from device /dev/xvdb")),
@@ -647,6 +665,62 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
     m.finish();
     eprintln!("took {:?}", started.elapsed());
     Ok(())
+}
+
+/// Once the sensor of `pod` said it resumed after a stored reading: that reading's seq
+/// and the log lines.
+fn wait_resumed(
+    m: &mut Machine,
+    pod: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lines = m.logs(pod, false, 1000)?;
+        let found = lines.iter().find_map(|l| {
+            l.split("resuming after seq ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+        match found {
+            Some(seq) => return Ok((seq, lines)),
+            None if Instant::now() >= deadline => {
+                anyhow::bail!("{pod} did not resume within {timeout:?}: {lines:?}")
+            }
+            None => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// noded's `container started` console lines of the pods that never exit on their own.
+fn container_starts(console: &str) -> usize {
+    console
+        .lines()
+        .filter(|l| l.contains("container started"))
+        .filter(|l| {
+            ["pod=echo ", "pod=sensor ", "pod=web ", "pod=scorer "]
+                .iter()
+                .any(|p| l.contains(p))
+        })
+        .count()
+}
+
+/// The `seq` of the last JSON reading among sensor log lines.
+fn last_seq(lines: &[String]) -> anyhow::Result<u64> {
+    lines
+        .iter()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|r| r["seq"].as_u64())
+        .ok_or_else(|| anyhow::anyhow!("no reading in {lines:?}"))
+}
+
+fn containerd_pid(m: &mut Machine) -> anyhow::Result<Option<u64>> {
+    let st = m.status()?;
+    Ok(qemu_tests::service(&st, "containerd").and_then(|c| c["pid"].as_u64()))
 }
 
 fn free_port() -> anyhow::Result<u16> {
