@@ -25,6 +25,8 @@ pub fn run(image: &Path) -> Result<ExitStatus> {
     survive_interrupts();
     let mut opts = Options::new(image);
     opts.console = ConsoleMode::Terminal;
+    // storaged's pool: a second, empty NVMe disk, as on the edge boxes it targets.
+    opts.pool_disk_mib = Some(2048);
     let mut m = Machine::with_options("run", opts)?;
     eprintln!(
         "edgeos: booting {} (TCG; Ctrl-C or Ctrl-A x quits, Ctrl-A c for the QEMU monitor)",
