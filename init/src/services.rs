@@ -65,6 +65,21 @@ struct Entry {
     pids_max: Option<String>,
     #[serde(default = "default_console")]
     console: String,
+    #[serde(default)]
+    kill: KillMode,
+}
+
+/// What a stop or the main process's exit takes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KillMode {
+    /// Everything the service left in its process group and cgroup: a restart starts
+    /// clean.
+    #[default]
+    Group,
+    /// The main process only. For a runtime whose helpers must outlive it: containerd's
+    /// shims keep the containers (and their logs) running while containerd restarts.
+    Main,
 }
 
 fn default_ready() -> Readiness {
@@ -117,6 +132,7 @@ pub struct ServiceSpec {
     pub limits: Vec<(&'static str, String)>,
     /// Lines at or above this level also go to the console; `None` = never.
     pub console: Option<Level>,
+    pub kill: KillMode,
 }
 
 impl ServiceSpec {
@@ -257,6 +273,7 @@ fn convert(e: Entry) -> Result<ServiceSpec, (String, String)> {
         stop_timeout: Duration::from_millis(e.stop_timeout_ms),
         limits,
         console,
+        kill: e.kill,
     })
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::logs::{line_level, Level, LineSplitter, LogStore};
-use crate::services::{Readiness, RestartPolicy, ServiceSpec};
+use crate::services::{KillMode, Readiness, RestartPolicy, ServiceSpec};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -450,13 +450,16 @@ impl Supervisor {
         s.notify = None;
         s.notify_buf.clear();
         s.last_exit = Some(exit);
-        // Helpers the service forked die with it, so a restart starts clean. (pid > 1
-        // always holds for a child; the check keeps -pid from ever meaning "everyone".)
-        if pid > 1 {
-            signal(-pid, libc::SIGKILL);
-        }
-        if let Some(g) = &s.cgroup {
-            crate::cgroups::kill_all(g);
+        // Helpers the service forked die with it, so a restart starts clean (unless the
+        // service's helpers are meant to outlive it: `kill = "main"`). (pid > 1 always
+        // holds for a child; the check keeps -pid from ever meaning "everyone".)
+        if s.spec.kill == KillMode::Group {
+            if pid > 1 {
+                signal(-pid, libc::SIGKILL);
+            }
+            if let Some(g) = &s.cgroup {
+                crate::cgroups::kill_all(g);
+            }
         }
         let name = s.spec.name.clone();
         let was = s.state;
@@ -579,12 +582,14 @@ impl Supervisor {
                             s.spec.name,
                             s.spec.stop_timeout.as_millis()
                         );
-                        if pid > 1 {
-                            signal(-pid, libc::SIGKILL);
-                        }
                         signal(pid, libc::SIGKILL);
-                        if let Some(g) = &s.cgroup {
-                            crate::cgroups::kill_all(g);
+                        if s.spec.kill == KillMode::Group {
+                            if pid > 1 {
+                                signal(-pid, libc::SIGKILL);
+                            }
+                            if let Some(g) = &s.cgroup {
+                                crate::cgroups::kill_all(g);
+                            }
                         }
                         self.say(msg);
                     }
@@ -964,6 +969,58 @@ exec = ["/bin/sleep", "30"]
         );
         shut_down(&mut sup, 10);
         assert_eq!(sup.state("steady"), Some(State::Stopped));
+    }
+
+    #[test]
+    fn helpers_die_with_their_service_unless_kill_is_main() {
+        let dir = tempfile::tempdir().unwrap();
+        let alive = |pid: i32| unsafe { libc::kill(pid, 0) } == 0;
+        for (mode, survives) in [("group", false), ("main", true)] {
+            let pidfile = dir.path().join(format!("{mode}.pid"));
+            // The main process leaves a helper in its process group, then exits.
+            let mut sup = supervisor(
+                &format!(
+                    r#"
+[[service]]
+name = "runtime"
+exec = ["/bin/sh", "-c", "sleep 30 & echo $! > {}; sleep 0.2; exit 0"]
+restart = "never"
+kill = "{mode}"
+"#,
+                    pidfile.display()
+                ),
+                None,
+            );
+            run_until(&mut sup, 10, "the main process to exit", |s| {
+                s.pid("runtime").is_none() && s.state("runtime") != Some(State::Starting)
+            });
+            let helper: i32 = std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            // A killed helper may linger a moment, then as a zombie until a reaper takes
+            // it (kill(pid, 0) succeeds for a zombie): look at its state for a while.
+            let running = || {
+                let state = std::fs::read_to_string(format!("/proc/{helper}/stat"))
+                    .ok()
+                    .and_then(|st| {
+                        let rest = st.rsplit(')').next()?.to_string();
+                        rest.split_whitespace().next().map(str::to_string)
+                    });
+                alive(helper) && state.as_deref().is_some_and(|s| s != "Z" && s != "X")
+            };
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let running = running();
+            assert_eq!(running, survives, "kill = {mode}");
+            if running {
+                unsafe { libc::kill(helper, libc::SIGKILL) };
+            }
+            shut_down(&mut sup, 10);
+        }
     }
 
     #[test]
