@@ -14,28 +14,6 @@ use ring::signature::KeyPair;
 mod common;
 use common::*;
 
-fn manifest(name: &str, image: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: {name}}}
-spec:
-  hostNetwork: true
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: main
-      image: {image}
-"#
-    )
-}
-
-fn signed(kp: &ring::signature::Ed25519KeyPair, version: u64, digests: &[&str]) -> Vec<u8> {
-    let body = serde_json::json!({"version": version, "digests": digests}).to_string();
-    let mut out = kp.sign(body.as_bytes()).as_ref().to_vec();
-    out.extend_from_slice(body.as_bytes());
-    out
-}
-
 fn write_atomic(path: &Path, bytes: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let tmp = path.with_extension("partial");

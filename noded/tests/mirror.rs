@@ -74,28 +74,6 @@ async fn counting_proxy(to: std::net::SocketAddr) -> (u16, Arc<AtomicUsize>) {
     (port, count)
 }
 
-fn manifest(name: &str, image: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: {name}}}
-spec:
-  hostNetwork: true
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: main
-      image: {image}
-"#
-    )
-}
-
-fn signed(kp: &ring::signature::Ed25519KeyPair, digests: &[&str]) -> Vec<u8> {
-    let body = serde_json::json!({"version": 1, "digests": digests}).to_string();
-    let mut out = kp.sign(body.as_bytes()).as_ref().to_vec();
-    out.extend_from_slice(body.as_bytes());
-    out
-}
-
 fn pod<'a>(pods: &'a [PodReport], name: &str) -> Option<&'a PodReport> {
     pods.iter().find(|p| p.name == name)
 }
@@ -172,7 +150,7 @@ async fn pulls_go_to_the_mirror_the_site_configures() {
     let (hello_digest, app_digest) = (manifest_digest(&hello_tar), manifest_digest(&app_tar));
     std::fs::write(
         dir.join("image.allowlist"),
-        signed(&kp, &[&hello_digest, &app_digest]),
+        signed(&kp, 1, &[&hello_digest, &app_digest]),
     )
     .unwrap();
 

@@ -423,3 +423,27 @@ impl Drop for Node {
         eprintln!("noded's log:\n{}", self.env.noded_log());
     }
 }
+
+/// A host-network pod of one container `main` running `image`.
+pub fn manifest(name: &str, image: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: main
+      image: {image}
+"#
+    )
+}
+
+/// A signed image allowlist in noded's format: the signature, then the JSON it signs.
+pub fn signed(kp: &ring::signature::Ed25519KeyPair, version: u64, digests: &[&str]) -> Vec<u8> {
+    let body = serde_json::json!({"version": version, "digests": digests}).to_string();
+    let mut out = kp.sign(body.as_bytes()).as_ref().to_vec();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
