@@ -16,5 +16,6 @@ pub mod process;
 pub mod qmp;
 
 pub use machine::{
-    all_ready, image_from_env, parse_ready, service, ConsoleMode, Machine, Options, Ready,
+    all_ready, image_from_env, parse_ready, pod, pod_running, service, ConsoleMode, Machine,
+    Options, Ready,
 };

@@ -728,6 +728,22 @@ fn wait_for_path(path: &Path, child: &mut Group, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The report of the pod of manifest `file` (`site/<name>`, `downlink/<name>`, ...) in a
+/// `pods` answer.
+pub fn pod<'a>(pods: &'a [Value], file: &str) -> Option<&'a Value> {
+    pods.iter().find(|p| p["file"] == file)
+}
+
+/// The pod of `file` is running with all its containers running.
+pub fn pod_running(pods: &[Value], file: &str) -> bool {
+    pod(pods, file).is_some_and(|p| {
+        p["state"] == "running"
+            && p["containers"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "running"))
+    })
+}
+
 /// The entry for service `name` in a status object.
 pub fn service<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
     status

@@ -13,7 +13,7 @@
 //! leaves out is refused while the running one carries on.
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::{all_ready, Machine, Options};
+use qemu_tests::{all_ready, pod, pod_running as running, Machine, Options};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -588,20 +588,6 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     m.finish();
     drop(core);
     Ok(())
-}
-
-fn pod<'a>(pods: &'a [serde_json::Value], file: &str) -> Option<&'a serde_json::Value> {
-    pods.iter().find(|p| p["file"] == file)
-}
-
-/// The pod of `file` is running with all its containers running.
-fn running(pods: &[serde_json::Value], file: &str) -> bool {
-    pod(pods, file).is_some_and(|p| {
-        p["state"] == "running"
-            && p["containers"]
-                .as_array()
-                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "running"))
-    })
 }
 
 /// `"name" = '''contents'''` unless the contents hold `'''`; PEM and TOML here never do.

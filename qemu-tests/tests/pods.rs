@@ -16,7 +16,7 @@
 //!
 //! One machine, two boots (each boot under TCG costs ~30-60 s).
 
-use qemu_tests::{Machine, Options};
+use qemu_tests::{pod, pod_running as running, Machine, Options};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -766,18 +766,4 @@ fn infer(port: u16, body: &str) -> anyhow::Result<String> {
             Err(e) => anyhow::bail!("POST /infer on 127.0.0.1:{port}: {e}"),
         }
     }
-}
-
-fn pod<'a>(pods: &'a [Value], file: &str) -> Option<&'a Value> {
-    pods.iter().find(|p| p["file"] == file)
-}
-
-/// The pod of `file` is running with all its containers running.
-fn running(pods: &[Value], file: &str) -> bool {
-    pod(pods, file).is_some_and(|p| {
-        p["state"] == "running"
-            && p["containers"]
-                .as_array()
-                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "running"))
-    })
 }
