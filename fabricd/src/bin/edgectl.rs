@@ -182,9 +182,15 @@ fn allowlist(key: &[u8], version: u64, digests: &[String]) -> Result<Vec<u8>, St
         .map_err(|_| "the signing key is not an ed25519 PKCS#8 key".to_string())?;
     let body = serde_json::to_vec(&serde_json::json!({"version": version, "digests": digests}))
         .map_err(|e| format!("failed to encode the allowlist: {e}"))?;
-    let mut signed = kp.sign(&body).as_ref().to_vec();
-    signed.extend_from_slice(&body);
-    Ok(signed)
+    Ok(sign_framed(&kp, &body))
+}
+
+/// The 64-byte ed25519 signature of `body`, then `body`: how manifests and allowlists
+/// travel, so the reader can split at 64 and verify.
+fn sign_framed(kp: &ring::signature::Ed25519KeyPair, body: &[u8]) -> Vec<u8> {
+    let mut signed = kp.sign(body).as_ref().to_vec();
+    signed.extend_from_slice(body);
+    signed
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -330,8 +336,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("{} is not a manifest: {e}", manifest.display()))?;
             let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&read(signing_key)?)
                 .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", signing_key.display()))?;
-            let mut signed = kp.sign(&body).as_ref().to_vec();
-            signed.extend_from_slice(&body);
+            let signed = sign_framed(&kp, &body);
             fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())?;
             let key = match machine {
                 Some(m) => format!("{site}.{m}.manifest"),
