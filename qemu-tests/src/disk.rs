@@ -42,16 +42,6 @@ pub fn create_overlay(image: &Path, overlay: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Makes the qcow2 `disk` `mib` MiB larger; the new space reads as zeros.
-pub fn grow(disk: &Path, mib: u64) -> Result<()> {
-    run(Command::new("qemu-img")
-        .args(["resize", "-q", "-f", "qcow2"])
-        .arg(disk)
-        .arg(format!("+{mib}M")))
-    .with_context(|| format!("failed to grow {} by {mib} MiB", disk.display()))?;
-    Ok(())
-}
-
 /// Creates an empty qcow2 disk of `mib` MiB (it reads as zeros until written).
 pub fn create_empty(path: &Path, mib: u64) -> Result<()> {
     run(Command::new("qemu-img")

@@ -60,9 +60,6 @@ pub struct Options {
     /// A second, empty NVMe disk of this many MiB (the guest's `nvme1n1`): storaged's
     /// pool. It lives as long as the machine, across reboots.
     pub pool_disk_mib: Option<u64>,
-    /// The machine's disk is this many MiB larger than the image, as when the image is
-    /// flashed onto a bigger disk: free space after the last partition.
-    pub disk_grow_mib: Option<u64>,
 }
 
 impl Options {
@@ -79,7 +76,6 @@ impl Options {
             guestfwd: Vec::new(),
             fw_cfg: Vec::new(),
             pool_disk_mib: None,
-            disk_grow_mib: None,
         }
     }
 }
@@ -163,9 +159,6 @@ impl Machine {
         let path = dir.path().to_path_buf();
         let disk_path = path.join("disk.qcow2");
         disk::create_overlay(&opts.image, &disk_path)?;
-        if let Some(mib) = opts.disk_grow_mib {
-            disk::grow(&disk_path, mib)?;
-        }
         if let Some(mib) = opts.pool_disk_mib {
             disk::create_empty(&path.join("pool.qcow2"), mib)?;
         }
