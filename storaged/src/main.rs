@@ -30,6 +30,12 @@ struct Config {
     /// Volumes may promise this percentage of the pool's data area in total.
     #[serde(default = "default_overcommit")]
     overcommit_percent: u32,
+    /// The thin block size a new pool is formatted with, in KiB (a power of two from 64
+    /// to 1048576). Larger blocks split large requests less and need less metadata;
+    /// smaller ones copy less on the first write after a snapshot. An existing pool
+    /// keeps its own.
+    #[serde(default = "default_block_kib")]
+    pool_block_kib: u32,
     /// Serves Prometheus text at `GET /metrics` on this TCP address (e.g.
     /// `127.0.0.1:9402`). Absent: no metrics endpoint.
     #[serde(default)]
@@ -41,6 +47,10 @@ const FULLNESS_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn default_overcommit() -> u32 {
     200
+}
+
+fn default_block_kib() -> u32 {
+    storaged::superblock::DATA_BLOCK_SECTORS / 2
 }
 
 impl edge_common::Validate for Config {
@@ -65,6 +75,15 @@ impl edge_common::Validate for Config {
             return Err((
                 "overcommit_percent".into(),
                 format!("{} is not within 100..=1000", self.overcommit_percent),
+            ));
+        }
+        if !storaged::superblock::valid_block_sectors(self.pool_block_kib.saturating_mul(2)) {
+            return Err((
+                "pool_block_kib".into(),
+                format!(
+                    "{} is not a power of two from 64 to 1048576",
+                    self.pool_block_kib
+                ),
             ));
         }
         if let Some(addr) = &self.metrics_listen {
@@ -203,6 +222,7 @@ fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
     let opts = storaged::Options {
         force: config.pool_force,
         overcommit_percent: config.overcommit_percent,
+        block_sectors: config.pool_block_kib * 2,
         ..Default::default()
     };
     let pool = storaged::Pool::open(device, opts).map_err(|e| e.to_string())?;
@@ -244,4 +264,37 @@ async fn serve(config: Config) -> Result<(), String> {
 
 fn main() -> std::process::ExitCode {
     edge_common::run("storaged", serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(extra: &str) -> Result<Config, edge_common::Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("storaged.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"/var/lib/storaged\"\ncsi_socket = \"/run/storaged/csi.sock\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        edge_common::load_config(&path)
+    }
+
+    #[test]
+    fn the_pool_block_size_defaults_to_512_kib_and_bad_sizes_are_named() {
+        assert_eq!(load("").unwrap().pool_block_kib, 512);
+        assert_eq!(load("pool_block_kib = 64").unwrap().pool_block_kib, 64);
+        for bad in [0, 32, 96, 2097152] {
+            let err = load(&format!("pool_block_kib = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("pool_block_kib") && err.contains(&format!("{bad} is not")),
+                "{err}"
+            );
+        }
+    }
 }

@@ -24,6 +24,9 @@ pub struct Options {
     pub overcommit_percent: u32,
     /// Prefix of the device-mapper names (`<prefix>`, `<prefix>-meta`, `<prefix>-v-<volume>`).
     pub dm_prefix: String,
+    /// The thin block size in sectors a new pool is formatted with (a power of two from
+    /// 64 KiB to 1 GiB); an existing pool keeps the one it was made with.
+    pub block_sectors: u32,
 }
 
 impl Default for Options {
@@ -33,6 +36,7 @@ impl Default for Options {
             force: false,
             overcommit_percent: 200,
             dm_prefix: "edgepool".into(),
+            block_sectors: superblock::DATA_BLOCK_SECTORS,
         }
     }
 }
@@ -101,7 +105,7 @@ impl Pool {
                 (sb, generation, catalog)
             }
             None => {
-                let sb = format(&file, path, bytes)?;
+                let sb = format(&file, path, bytes, opts.block_sectors)?;
                 (sb, 1, Catalog::default())
             }
         };
@@ -356,8 +360,16 @@ fn random_uuid() -> [u8; 16] {
 
 /// Formats the device. The superblock is written last, so a crash before it leaves a
 /// device whose start is zero: the next claim formats again.
-fn format(file: &File, path: &Path, bytes: u64) -> Result<Superblock> {
-    let sb = Superblock::layout(random_uuid(), bytes).ok_or(Error::TooSmall {
+fn format(file: &File, path: &Path, bytes: u64, block_sectors: u32) -> Result<Superblock> {
+    if !superblock::valid_block_sectors(block_sectors) {
+        return Err(Error::BadPool {
+            path: path.to_owned(),
+            detail: format!(
+                "a thin block of {block_sectors} sectors: the kernel takes a power of two from 64 KiB to 1 GiB"
+            ),
+        });
+    }
+    let sb = Superblock::layout(random_uuid(), bytes, block_sectors).ok_or(Error::TooSmall {
         path: path.to_owned(),
         bytes,
         min: superblock::MIN_DEVICE_BYTES,

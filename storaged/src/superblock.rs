@@ -11,9 +11,21 @@ pub const MAGIC: &[u8; 8] = b"EDGEPOOL";
 pub const VERSION: u32 = 1;
 pub const SIZE: usize = 4096;
 const MIB: u64 = 1 << 20;
-/// 64 KiB thin blocks: the kernel documentation's suggested minimum for general use;
-/// smaller blocks make snapshots cheaper but metadata bigger.
-pub const DATA_BLOCK_SECTORS: u32 = 128;
+/// 512 KiB thin blocks by default, the size the kernel's thin-provisioning documentation
+/// suggests for thin provisioning (64 KiB for heavy snapshotting): the kernel splits
+/// every request at block boundaries, so small blocks cut large sequential requests into
+/// many (`cargo xtask bench storage` measures each size; docs/decisions.md).
+pub const DATA_BLOCK_SECTORS: u32 = 1024;
+/// The smallest (64 KiB) and largest (1 GiB) thin blocks the kernel takes.
+pub const MIN_DATA_BLOCK_SECTORS: u32 = 128;
+pub const MAX_DATA_BLOCK_SECTORS: u32 = 1 << 21;
+
+/// Whether the kernel's thin-pool takes blocks of `sectors` and they map with a shift: a
+/// power of two from 64 KiB to 1 GiB.
+pub fn valid_block_sectors(sectors: u32) -> bool {
+    sectors.is_power_of_two()
+        && (MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&sectors)
+}
 /// Each catalog slot; two alternate.
 pub const CATALOG_SLOT_BYTES: u64 = MIB;
 /// The smallest device worth a pool: the fixed areas plus some data.
@@ -35,12 +47,13 @@ pub struct Superblock {
 impl Superblock {
     /// Lays out a device of `device_bytes`: superblock and padding in the first MiB, the
     /// two catalog slots, the thin metadata area (48 bytes per data block as the kernel
-    /// documentation sizes it, at least 4 MiB), and the data area, all MiB-aligned.
-    pub fn layout(uuid: [u8; 16], device_bytes: u64) -> Option<Superblock> {
-        if device_bytes < MIN_DEVICE_BYTES {
+    /// documentation sizes it, at least 4 MiB), and the data area of whole thin blocks of
+    /// `block_sectors`, all MiB-aligned.
+    pub fn layout(uuid: [u8; 16], device_bytes: u64, block_sectors: u32) -> Option<Superblock> {
+        if device_bytes < MIN_DEVICE_BYTES || !valid_block_sectors(block_sectors) {
             return None;
         }
-        let block_bytes = u64::from(DATA_BLOCK_SECTORS) * 512;
+        let block_bytes = u64::from(block_sectors) * 512;
         let catalog_offset = MIB;
         let meta_offset = catalog_offset + 2 * CATALOG_SLOT_BYTES + MIB;
         let meta_bytes = (48 * (device_bytes / block_bytes))
@@ -61,7 +74,7 @@ impl Superblock {
             meta_bytes,
             data_offset,
             data_bytes,
-            data_block_sectors: DATA_BLOCK_SECTORS,
+            data_block_sectors: block_sectors,
         })
     }
 
@@ -121,7 +134,7 @@ impl Superblock {
         let ends_ok = sb.catalog_offset + 2 * sb.catalog_slot_bytes <= sb.meta_offset
             && sb.meta_offset + sb.meta_bytes <= sb.data_offset
             && sb.data_offset + sb.data_bytes <= sb.device_bytes
-            && sb.data_block_sectors >= 128
+            && valid_block_sectors(sb.data_block_sectors)
             && sb.data_bytes.is_multiple_of(512);
         if !ends_ok {
             return Err("pool superblock has an impossible layout".into());
@@ -203,27 +216,47 @@ mod tests {
 
     #[test]
     fn layout_roundtrips_and_areas_do_not_overlap() {
-        let sb = Superblock::layout([7; 16], 256 << 20).unwrap();
+        let sb = Superblock::layout([7; 16], 256 << 20, DATA_BLOCK_SECTORS).unwrap();
         assert_eq!(sb.catalog_offset, 1 << 20);
         assert!(sb.catalog_offset + 2 * sb.catalog_slot_bytes <= sb.meta_offset);
         assert_eq!(sb.meta_bytes, 4 << 20);
         assert_eq!(sb.data_offset, sb.meta_offset + sb.meta_bytes);
         assert!(sb.data_offset + sb.data_bytes <= 256 << 20);
-        assert_eq!(sb.data_bytes % (64 * 1024), 0);
+        assert_eq!(sb.data_bytes % (512 * 1024), 0);
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
         // 1 TiB: metadata grows with the number of blocks.
-        let big = Superblock::layout([0; 16], 1 << 40).unwrap();
-        assert_eq!(big.meta_bytes, 768 << 20);
+        let big = Superblock::layout([0; 16], 1 << 40, DATA_BLOCK_SECTORS).unwrap();
+        assert_eq!(big.meta_bytes, 96 << 20);
+    }
+
+    #[test]
+    fn the_block_size_is_the_formats_choice_and_bad_ones_get_no_layout() {
+        let sb = Superblock::layout([7; 16], 256 << 20, 128).unwrap();
+        assert_eq!(sb.data_block_sectors, 128);
+        assert_eq!(sb.data_bytes % (64 * 1024), 0);
+        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+        for bad in [0, 64, 127, 192, 1000, MAX_DATA_BLOCK_SECTORS * 2] {
+            assert!(
+                Superblock::layout([7; 16], 256 << 20, bad).is_none(),
+                "{bad}"
+            );
+        }
+        // A stored block size the kernel would refuse is a damaged superblock.
+        let mut odd = sb.clone();
+        odd.data_block_sectors = 192;
+        assert!(Superblock::decode(&odd.encode()).is_err());
     }
 
     #[test]
     fn too_small_device_gets_no_layout() {
-        assert!(Superblock::layout([0; 16], 16 << 20).is_none());
+        assert!(Superblock::layout([0; 16], 16 << 20, DATA_BLOCK_SECTORS).is_none());
     }
 
     #[test]
     fn damaged_superblock_is_reported_not_trusted() {
-        let mut b = Superblock::layout([1; 16], 64 << 20).unwrap().encode();
+        let mut b = Superblock::layout([1; 16], 64 << 20, DATA_BLOCK_SECTORS)
+            .unwrap()
+            .encode();
         b[40] ^= 1;
         match probe(&b) {
             Probe::Pool(Err(e)) => assert!(e.contains("checksum")),

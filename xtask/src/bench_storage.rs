@@ -241,11 +241,17 @@ pub fn run() -> Result<()> {
     let raw = work.0.join("raw0.raw");
     sparse_disk(&pool, 2 * GIB)?;
     sparse_disk(&raw, GIB)?;
-    println!("bench storage: booting the light VM (TCG; about 4 minutes)");
+    let mut disks = vec![(pool, "pool0".to_owned()), (raw, "raw0".to_owned())];
+    for i in 1..=3 {
+        let p = work.0.join(format!("pool{i}.raw"));
+        sparse_disk(&p, 2 * GIB)?;
+        disks.push((p, format!("pool{i}")));
+    }
+    println!("bench storage: booting the light VM (TCG; about 8 minutes)");
     let console = lightvm::boot(&Boot {
         kernel: &kernel,
         initramfs: &initrd,
-        disks: vec![(pool, "pool0".into()), (raw, "raw0".into())],
+        disks,
         append: String::new(),
         console: work.0.join("console.log"),
         timeout: Duration::from_secs(600),

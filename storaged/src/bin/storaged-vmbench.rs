@@ -5,7 +5,9 @@
 //! size, then reads one file of an ext4 volume through one bind mount (RWO) and through
 //! four bind mounts of the same staging mount at once (RWX, as the CSI node service
 //! publishes it), and prints `VMBENCH RESULT <json>` (or `VMBENCH FAILED: <why>`), then
-//! `VMBENCH DONE`, and powers off.
+//! `VMBENCH DONE`, and powers off. Between the two it prints figures that are not part
+//! of the result but explain it: the cost of each device-mapper layer with the guest's
+//! CPU use, and the thin volume on pools of other block sizes (disks `pool1`..`pool3`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -54,8 +56,16 @@ fn bench() -> Result<Value, String> {
     pool.create_volume("rwo", DEVICE_BYTES)
         .map_err(|e| e.to_string())?;
     let rwo = pool.activate("rwo").map_err(|e| e.to_string())?;
+    println!(
+        "bench pool: {} KiB thin blocks",
+        pool.superblock().data_block_sectors / 2
+    );
     queue_limits(&[&raw, &rwo]);
     let [raw_figures, mut rwo_figures] = block_jobs([("raw", &raw), ("rwo", &rwo)])?;
+    layers(&raw, &rwo)?;
+    for (i, kib) in [64u32, 256, 1024].into_iter().enumerate() {
+        block_size(&disk(&format!("pool{}", i + 1))?, kib)?;
+    }
 
     pool.create_volume("model", FS_VOLUME_BYTES)
         .map_err(|e| e.to_string())?;
@@ -157,6 +167,150 @@ fn block_jobs(devs: [(&str, &Path); 2]) -> Result<[Value; 2], String> {
         });
     }
     Ok(out)
+}
+
+/// Not part of the result: what each device-mapper layer costs here. 4 KiB random reads
+/// and writes on the raw disk, on one and two `linear` layers over it, and on the thin
+/// volume (a thin layer over the pool's `linear` data device), with the guest's CPU
+/// use during each job.
+fn layers(raw: &Path, rwo: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let ctl = edge_dm::Control::open(Path::new("/dev"))?;
+    let sectors = DEVICE_BYTES / 512;
+    let mut lower = raw.to_path_buf();
+    let mut devs = vec![("raw".to_owned(), raw.to_path_buf())];
+    for name in ["lin1", "lin2"] {
+        let rdev = std::fs::metadata(&lower)
+            .map_err(|e| format!("stat {}: {e}", lower.display()))?
+            .rdev();
+        let params = edge_dm::linear_params(libc::major(rdev), libc::minor(rdev), 0);
+        let (major, minor) = ctl.create(name, 0)?;
+        ctl.load_table(name, 0, sectors, "linear", &params)?;
+        ctl.resume(name)?;
+        let node = PathBuf::from(format!("/dev/bench-{name}"));
+        let c = std::ffi::CString::new(node.to_string_lossy().as_bytes()).unwrap_or_default();
+        // SAFETY: a NUL-terminated path and a block device number.
+        unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                libc::S_IFBLK | 0o600,
+                libc::makedev(major, minor),
+            )
+        };
+        devs.push((name.to_owned(), node.clone()));
+        lower = node;
+    }
+    devs.push(("thin".to_owned(), rwo.to_path_buf()));
+    let timed = timed();
+    for job in [
+        ["--name=randread", "--rw=randread", "--bs=4k"],
+        ["--name=randwrite", "--rw=randwrite", "--bs=4k"],
+    ] {
+        let mut line = format!("bench layers {}:", &job[0][7..]);
+        for (label, dev) in &devs {
+            let file = format!("--filename={}", dev.display());
+            let before = cpu_ticks();
+            let r = fio(&[&[file.as_str()], &timed[..], &job[..]].concat())?;
+            let after = cpu_ticks();
+            let dir = if job[0].contains("read") {
+                "read"
+            } else {
+                "write"
+            };
+            let busy = match (before, after) {
+                (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                    100.0 * (b1 - b0) as f64 / (t1 - t0) as f64
+                }
+                _ => f64::NAN,
+            };
+            line += &format!(
+                " {label} {:.0} IOPS (cpu {busy:.0}%),",
+                get(&r, dir, "iops")?
+            );
+        }
+        println!("{}", line.trim_end_matches(','));
+    }
+    Ok(())
+}
+
+/// Not part of the result: the thin volume's figures on a pool of `kib` KiB blocks, and
+/// the mean request size its disk saw in each job.
+fn block_size(dev: &Path, kib: u32) -> Result<(), String> {
+    let opts = Options {
+        force: true,
+        dm_prefix: format!("bp{kib}"),
+        block_sectors: kib * 2,
+        ..Default::default()
+    };
+    let mut pool = Pool::open(dev, opts).map_err(|e| e.to_string())?;
+    pool.create_volume("v", DEVICE_BYTES)
+        .map_err(|e| e.to_string())?;
+    let vol = pool.activate("v").map_err(|e| e.to_string())?;
+    let file = format!("--filename={}", vol.display());
+    fio(&[&file, "--name=fill", "--rw=write", "--bs=1M", "--iodepth=8"])?;
+    let timed = timed();
+    let mut line = format!("bench block {kib} KiB:");
+    for (name, rw, bs, dir) in [
+        ("randread", "randread", "4k", "read"),
+        ("randwrite", "randwrite", "4k", "write"),
+        ("seqread", "read", "1M", "read"),
+        ("seqwrite", "write", "1M", "write"),
+    ] {
+        let before = disk_stat(dev);
+        let args = [
+            file.as_str(),
+            &format!("--name={name}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            if bs == "4k" {
+                "--iodepth=32"
+            } else {
+                "--iodepth=8"
+            },
+        ];
+        let r = fio(&[&args[..], &timed[..]].concat())?;
+        let after = disk_stat(dev);
+        let figure = if bs == "4k" {
+            format!("{:.0} IOPS", get(&r, dir, "iops")?)
+        } else {
+            format!("{:.1} MiB/s", mib_s(&r, dir)?)
+        };
+        // /sys/block/<disk>/stat: reads, merged, sectors, ticks, writes, merged, sectors.
+        let (ios, sectors) = if dir == "read" { (0, 2) } else { (4, 6) };
+        let req = match (before, after) {
+            (Some(b), Some(a)) if a[ios] > b[ios] => {
+                (a[sectors] - b[sectors]) as f64 / 2.0 / (a[ios] - b[ios]) as f64
+            }
+            _ => f64::NAN,
+        };
+        line += &format!(" {name} {figure} ({req:.0} KiB requests),");
+    }
+    println!("{}", line.trim_end_matches(','));
+    Ok(())
+}
+
+fn disk_stat(dev: &Path) -> Option<Vec<u64>> {
+    let name = dev.file_name()?.to_string_lossy().into_owned();
+    let s = std::fs::read_to_string(format!("/sys/block/{name}/stat")).ok()?;
+    Some(
+        s.split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+    )
+}
+
+/// (busy, total) jiffies of all CPUs from /proc/stat; idle and iowait are not busy.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
 }
 
 /// The filesystem path of a volume: formatted and mounted once at its staging path, bind

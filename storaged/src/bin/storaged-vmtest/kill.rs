@@ -30,7 +30,7 @@ const MIB: i64 = 1 << 20;
 const VOLUME_BYTES: i64 = 8 * MIB;
 /// A restore that asks for more than the snapshot holds.
 const RESTORED_BYTES: i64 = 12 * MIB;
-/// Marker blocks (4 KiB each) written at the start of every volume: one 64 KiB pool block.
+/// Marker blocks (4 KiB each) written at the start of every volume (64 KiB).
 const MARK_BLOCKS: u64 = 16;
 
 /// xorshift64*: reproducible from the printed seed.

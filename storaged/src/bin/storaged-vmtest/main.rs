@@ -247,8 +247,8 @@ fn first() {
             let before = pool.status().map_err(e2s)?.used_data_blocks;
             pool.delete("c").map_err(e2s)?;
             let after = pool.status().map_err(e2s)?.used_data_blocks;
-            // 8 MiB is 128 blocks of 64 KiB.
-            if before < after + 128 {
+            let blocks = 8 * MIB / (u64::from(pool.superblock().data_block_sectors) * 512);
+            if before < after + blocks {
                 return Err(format!("used data blocks went from {before} to {after}"));
             }
             if pool.volume("c").is_ok() {
