@@ -9,6 +9,7 @@ mod console;
 mod control;
 mod disk;
 mod ext4;
+mod journal;
 mod logs;
 mod modules;
 mod mounts;

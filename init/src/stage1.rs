@@ -2,7 +2,7 @@
 //! then switch into them. Every failure ends in one console line naming the step and the
 //! thing, then a reboot after 10 s, so the boot loader's boot counting can fall back.
 
-use crate::{disk, dm, ext4, modules, mounts, say, verity};
+use crate::{disk, dm, ext4, journal, modules, mounts, say, verity};
 use rustix::mount::MountFlags;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -223,14 +223,24 @@ fn open_data(part: &disk::BlockDev, dev_dir: &Path) -> Result<(bool, bool), Fata
             (false, !state.needs_recovery)
         }
     };
+    // nodelalloc: the per-file data journaling of `journal` needs it.
     mounts::mount(
         &node.to_string_lossy(),
         &Path::new(SYSROOT).join("var"),
         "ext4",
         MountFlags::NOSUID,
-        "",
+        "nodelalloc",
     )
     .map_err(step("mounting the data partition"))?;
+    for tree in journal::JOURNALED {
+        let dir = Path::new(SYSROOT).join("var").join(tree);
+        match journal::journal_data(&dir) {
+            Ok(0) => {}
+            Ok(n) => say!("data: /var/{tree} journals file data ({n} inodes changed)"),
+            // The box still boots; a power cut may then cost that tree's newest files.
+            Err(e) => say!("data: /var/{tree} does not journal file data: {e}"),
+        }
+    }
     say!(
         "data: {}",
         if formatted {

@@ -257,6 +257,13 @@ impl Machine {
         Ok(())
     }
 
+    /// Cuts the power: QEMU is killed at once, so whatever the guest had not written to
+    /// its disk is lost (what reached the disk image stays, as on a real disk). Boot
+    /// again with [`Machine::reboot_same_disk`].
+    pub fn power_cut(&mut self) {
+        self.stop_children();
+    }
+
     /// Boots again from the same disk, firmware variables and TPM state, after the
     /// previous boot ended (power-off). What a power cycle of the box does.
     pub fn reboot_same_disk(&mut self) -> Result<()> {
