@@ -70,7 +70,13 @@ fn set_flag(path: &Path) -> Result<bool, String> {
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| format!("failed to open {}: {}", path.display(), std::io::Error::from(e)))?;
+    .map_err(|e| {
+        format!(
+            "failed to open {}: {}",
+            path.display(),
+            std::io::Error::from(e)
+        )
+    })?;
     let flags = rustix::fs::ioctl_getflags(&fd).map_err(|e| {
         format!(
             "failed to read the inode flags of {}: {}",

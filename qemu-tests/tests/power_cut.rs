@@ -20,7 +20,10 @@ fn pods_start_again_after_a_power_cut_right_after_their_first_start() -> anyhow:
     m.reboot_same_disk()?;
     m.wait_ready()?;
     let st = m.status()?;
-    assert_eq!(st["data"]["clean"], false, "a power cut left data clean: {st}");
+    assert_eq!(
+        st["data"]["clean"], false,
+        "a power cut left data clean: {st}"
+    );
     wait_pods_started(&mut m, &["sensor", "inference"])?;
     m.finish();
     Ok(())
@@ -31,7 +34,11 @@ fn wait_pods_started(m: &mut Machine, pods: &[&str]) -> anyhow::Result<()> {
     while !missing.is_empty() {
         let line = m.wait_for_console_unless(
             "container started pod=",
-            &["pod failed to start", "rejected pod manifest", "container failed to start"],
+            &[
+                "pod failed to start",
+                "rejected pod manifest",
+                "container failed to start",
+            ],
             Duration::from_secs(180),
         )?;
         missing.retain(|p| {
