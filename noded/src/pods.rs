@@ -534,7 +534,13 @@ impl Reconciler {
                 (!taken).then_some(pod)
             });
             let Some(pod) = pod else {
-                tracing::info!(sandbox = %sb.id, file = %file, "removing a pod left by an earlier noded whose manifest is gone or changed");
+                if ready {
+                    tracing::info!(sandbox = %sb.id, file = %file, "removing a pod left by an earlier noded whose manifest is gone or changed");
+                } else {
+                    // After a reboot or power cut every sandbox is here, with its
+                    // processes gone; the pod starts again below if its manifest is.
+                    tracing::info!(sandbox = %sb.id, file = %file, "removing a pod sandbox an earlier noded left that is no longer running");
+                }
                 stop_sandbox(&self.ctx.cri, &sb.id, &[], 0).await;
                 continue;
             };
