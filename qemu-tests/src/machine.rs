@@ -571,6 +571,28 @@ impl Machine {
         }
     }
 
+    /// Waits until noded said `container started` for each pod of `pods` (in any order;
+    /// the image's static pods have one container named as the pod), failing at once on
+    /// a pod or container that failed to start or a rejected manifest.
+    pub fn wait_pods_started(&mut self, pods: &[&str]) -> Result<()> {
+        let mut missing: Vec<&str> = pods.to_vec();
+        while !missing.is_empty() {
+            let line = self.wait_for_console_unless(
+                "container started pod=",
+                &[
+                    "pod failed to start",
+                    "container failed to start",
+                    "rejected pod manifest",
+                ],
+                Duration::from_secs(180),
+            )?;
+            missing.retain(|p| {
+                !(line.contains(&format!("pod={p} ")) && line.contains(&format!("container={p}")))
+            });
+        }
+        Ok(())
+    }
+
     /// The status object of `{"cmd":"status"}`.
     pub fn status(&mut self) -> Result<Value> {
         let reply = self.request(serde_json::json!({"cmd":"status"}))?;

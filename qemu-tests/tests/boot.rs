@@ -44,7 +44,7 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
     // The image's static pods (sensor and inference): their images are served by
     // noded's loopback registry, pulled through CRI, and the containers run under
     // containerd and runc.
-    wait_pods_started(&mut m, &["sensor", "inference"])?;
+    m.wait_pods_started(&["sensor", "inference"])?;
 
     // ACPI power button: init shuts down cleanly and QEMU exits.
     let from = m.events().len();
@@ -73,24 +73,7 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
     );
     assert!(all_ready(&st), "{st}");
     // The pod comes back after the reboot with no control plane anywhere.
-    wait_pods_started(&mut m, &["sensor", "inference"])?;
+    m.wait_pods_started(&["sensor", "inference"])?;
     m.finish();
-    Ok(())
-}
-
-/// Waits until noded said `container started` for each pod of `pods` (in any order),
-/// failing at once on a pod that failed to start or a rejected manifest.
-fn wait_pods_started(m: &mut Machine, pods: &[&str]) -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = pods.to_vec();
-    while !missing.is_empty() {
-        let line = m.wait_for_console_unless(
-            "container started pod=",
-            &["pod failed to start", "rejected pod manifest"],
-            Duration::from_secs(180),
-        )?;
-        missing.retain(|p| {
-            !(line.contains(&format!("pod={p} ")) && line.contains(&format!("container={p}")))
-        });
-    }
     Ok(())
 }
