@@ -168,7 +168,7 @@ fn nvme_candidates() -> (Option<PathBuf>, Option<PathBuf>) {
 /// first all-zero NVMe disk, else the `pool` partition on the system disk (found, or
 /// made in its free space: `partition.rs`). Names alone would not do: NVMe controllers
 /// probe in parallel, so `nvme0`/`nvme1` can swap between boots.
-fn auto_device() -> Result<Option<PathBuf>, String> {
+fn auto_device(block_sectors: u32) -> Result<Option<PathBuf>, String> {
     let (sys, dev) = (Path::new("/sys"), Path::new("/dev"));
     let (ours, empty) = nvme_candidates();
     if ours.is_some() {
@@ -182,8 +182,8 @@ fn auto_device() -> Result<Option<PathBuf>, String> {
     if empty.is_some() {
         return Ok(empty);
     }
-    let made =
-        storaged::partition::pool_partition(sys, dev, storaged::superblock::MIN_DEVICE_BYTES)?;
+    let min = storaged::superblock::min_device_bytes(block_sectors);
+    let made = storaged::partition::pool_partition(sys, dev, min)?;
     if let Some(p) = &made {
         tracing::info!(device = %p.display(), "no spare NVMe disk: the pool is the pool partition");
     }
@@ -192,7 +192,7 @@ fn auto_device() -> Result<Option<PathBuf>, String> {
 
 fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
     let device = match (&config.pool_device, &config.pool_serial) {
-        (Some(d), _) if d == Path::new(AUTO) => match auto_device()? {
+        (Some(d), _) if d == Path::new(AUTO) => match auto_device(config.pool_block_kib * 2)? {
             Some(d) => d,
             None => {
                 tracing::warn!("no pool device: no NVMe disk without partitions holds our pool or zeros, and no disk has a data partition to put a pool partition beside; serving no volumes");

@@ -372,7 +372,7 @@ fn format(file: &File, path: &Path, bytes: u64, block_sectors: u32) -> Result<Su
     let sb = Superblock::layout(random_uuid(), bytes, block_sectors).ok_or(Error::TooSmall {
         path: path.to_owned(),
         bytes,
-        min: superblock::MIN_DEVICE_BYTES,
+        min: superblock::min_device_bytes(block_sectors),
     })?;
     let write = |off: u64, b: &[u8]| {
         file.write_all_at(b, off)

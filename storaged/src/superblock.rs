@@ -26,6 +26,13 @@ pub fn valid_block_sectors(sectors: u32) -> bool {
     sectors.is_power_of_two()
         && (MIN_DATA_BLOCK_SECTORS..=MAX_DATA_BLOCK_SECTORS).contains(&sectors)
 }
+/// The smallest device a pool of `block_sectors` blocks fits on: the fixed areas and at
+/// least 8 MiB, and one whole block, of data.
+pub fn min_device_bytes(block_sectors: u32) -> u64 {
+    let block_bytes = u64::from(block_sectors) * 512;
+    MIN_DEVICE_BYTES.max(8 * MIB + block_bytes.max(8 * MIB))
+}
+
 /// Each catalog slot; two alternate.
 pub const CATALOG_SLOT_BYTES: u64 = MIB;
 /// The smallest device worth a pool: the fixed areas plus some data.
@@ -241,6 +248,13 @@ mod tests {
                 "{bad}"
             );
         }
+        // The largest blocks need a device of one block and the fixed areas.
+        let min = min_device_bytes(MAX_DATA_BLOCK_SECTORS);
+        assert_eq!(min, (1 << 30) + (8 << 20));
+        assert!(Superblock::layout([7; 16], min, MAX_DATA_BLOCK_SECTORS).is_some());
+        assert!(Superblock::layout([7; 16], min - (1 << 20), MAX_DATA_BLOCK_SECTORS).is_none());
+        assert_eq!(min_device_bytes(DATA_BLOCK_SECTORS), MIN_DEVICE_BYTES);
+        assert!(Superblock::layout([7; 16], MIN_DEVICE_BYTES, DATA_BLOCK_SECTORS).is_some());
         // A stored block size the kernel would refuse is a damaged superblock.
         let mut odd = sb.clone();
         odd.data_block_sectors = 192;
