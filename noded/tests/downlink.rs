@@ -13,19 +13,11 @@ use noded::pods::PodReport;
 mod common;
 use common::*;
 
+/// The common host-network pod, its container saying its name.
 fn manifest(name: &str) -> String {
     format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: {name}}}
-spec:
-  hostNetwork: true
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: main
-      image: edge.local/hello:1
-      args: ["{name} here"]
-"#
+        "{}      args: [\"{name} here\"]\n",
+        common::manifest(name, "edge.local/hello:1")
     )
 }
 
