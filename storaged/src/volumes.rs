@@ -331,7 +331,7 @@ impl Pool {
 
 /// A block device node for a dm device; replaced if it points elsewhere (minors are
 /// reused after a reboot).
-fn make_node(path: &std::path::Path, major: u32, minor: u32) -> Result<()> {
+pub fn make_node(path: &std::path::Path, major: u32, minor: u32) -> Result<()> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let want = libc::makedev(major, minor);
     if let Ok(m) = std::fs::metadata(path) {

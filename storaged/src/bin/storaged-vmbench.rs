@@ -188,15 +188,7 @@ fn layers(raw: &Path, rwo: &Path) -> Result<(), String> {
         ctl.load_table(name, 0, sectors, "linear", &params)?;
         ctl.resume(name)?;
         let node = PathBuf::from(format!("/dev/bench-{name}"));
-        let c = std::ffi::CString::new(node.to_string_lossy().as_bytes()).unwrap_or_default();
-        // SAFETY: a NUL-terminated path and a block device number.
-        unsafe {
-            libc::mknod(
-                c.as_ptr(),
-                libc::S_IFBLK | 0o600,
-                libc::makedev(major, minor),
-            )
-        };
+        storaged::volumes::make_node(&node, major, minor).map_err(|e| e.to_string())?;
         devs.push((name.to_owned(), node.clone()));
         lower = node;
     }
