@@ -60,6 +60,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
                             // fabricd's tests and the fabric scenario run a real core and make its certificates.
     packages.extend(crate::bench_fabric::CORE_PACKAGES);
     packages.extend(["containerd", "runc"]); // noded's tests run a real containerd
+    // edge-tpm links tpm2-tss (found with pkg-config); its tests reach swtpm over TCP.
+    packages.extend(["libtss2-dev", "pkg-config", "libtss2-tcti-swtpm0", "openssl"]);
     step("host packages", &mut || {
         crate::host::ensure_packages(&packages)
     });

@@ -1,0 +1,236 @@
+//! Sealing and unsealing against a real TPM emulator (swtpm, started here on loopback):
+//! the signed policy unlocks, another PCR 11 or another key does not, and the policy
+//! digests computed in `policy` are the ones the TPM computes.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edge_tpm::policy::{self, PolicyKey, SignedPolicy};
+use edge_tpm::{Error, Tpm};
+
+struct Swtpm {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65535 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn swtpm() -> Swtpm {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pair();
+    let child = Command::new("swtpm")
+        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+        .arg("--tpmstate")
+        .arg(format!("dir={}", dir.path().display()))
+        .args([
+            "--server",
+            &format!("type=tcp,bindaddr=127.0.0.1,port={port}"),
+        ])
+        .args([
+            "--ctrl",
+            &format!("type=tcp,bindaddr=127.0.0.1,port={}", port + 1),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("swtpm must be installed (cargo xtask test installs it)");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "swtpm did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Swtpm {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+impl Swtpm {
+    fn open(&self) -> Tpm {
+        Tpm::open(&format!("swtpm:host=127.0.0.1,port={}", self.port)).unwrap()
+    }
+}
+
+/// An RSA-2048 key pair made by openssl: (private PEM path, public PEM bytes).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
+    let key = dir.join(format!("{name}.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    (key, out.stdout)
+}
+
+/// What `systemd-measure sign` does: RSA PKCS#1 v1.5 over SHA-256(policy digest).
+fn sign(key: &Path, policy_digest: &[u8], fingerprint: &str) -> SignedPolicy {
+    let dir = key.parent().unwrap();
+    let msg = dir.join("policy.bin");
+    std::fs::write(&msg, policy_digest).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg(&msg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    SignedPolicy {
+        pcrs: vec![11],
+        key_fingerprint: fingerprint.to_owned(),
+        policy: policy_digest.to_vec(),
+        signature: out.stdout,
+    }
+}
+
+fn refused(r: Result<Vec<u8>, Error>) -> String {
+    match r {
+        Err(Error::Refused(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_signed_policy_unseals_and_nothing_else_does() {
+    let tpm_a = swtpm();
+    let dir = tempfile::tempdir().unwrap();
+    let (key_a, pub_a) = keypair(dir.path(), "a");
+    let (key_b, pub_b) = keypair(dir.path(), "b");
+    let pk_a: PolicyKey = policy::parse_pcrpkey(&pub_a).unwrap();
+    let pk_b: PolicyKey = policy::parse_pcrpkey(&pub_b).unwrap();
+    assert_ne!(pk_a.fingerprint, pk_b.fingerprint);
+
+    let mut tpm = tpm_a.open();
+    let secret = b"0123456789abcdef0123456789abcdef";
+    let sealed = tpm.seal(secret, &pk_a).unwrap();
+    // The blob is not the secret in another form.
+    let token = serde_json::to_string(&sealed).unwrap();
+    assert!(!token.contains("0123456789abcdef"));
+
+    // The boot reaches the phase the image signed for.
+    tpm.extend_phase("enter-initrd").unwrap();
+    let pcr11 = tpm.read_pcr11().unwrap();
+    let good = sign(&key_a, &policy::policy_pcr(11, &pcr11), &pk_a.fingerprint);
+    assert_eq!(
+        tpm.unseal(&sealed, &pk_a, std::slice::from_ref(&good))
+            .unwrap(),
+        secret
+    );
+    // A second handle on the same TPM (a later boot's process) unseals too.
+    {
+        let mut again = tpm_a.open();
+        assert_eq!(
+            again
+                .unseal(&sealed, &pk_a, std::slice::from_ref(&good))
+                .unwrap(),
+            secret
+        );
+    }
+
+    // A policy for another PCR 11 value (a UKI the build did not sign, or another
+    // command line) names this boot's value and is refused before the TPM is asked.
+    let other = sign(&key_a, &policy::policy_pcr(11, &[7; 32]), &pk_a.fingerprint);
+    let why = refused(tpm.unseal(&sealed, &pk_a, &[other]));
+    assert!(
+        why.contains(&policy::hex(&pcr11)) && why.contains("not the signed one"),
+        "{why}"
+    );
+
+    // A policy for this PCR 11 value signed by another key, presented with key A's
+    // fingerprint: the TPM's signature check fails.
+    let mut forged = sign(&key_b, &policy::policy_pcr(11, &pcr11), &pk_a.fingerprint);
+    forged.key_fingerprint = pk_a.fingerprint.clone();
+    let why = refused(tpm.unseal(&sealed, &pk_a, &[forged]));
+    assert!(why.contains("does not verify"), "{why}");
+
+    // Key B's own valid signature: not the key the data key was sealed to.
+    let by_b = sign(&key_b, &policy::policy_pcr(11, &pcr11), &pk_b.fingerprint);
+    let why = refused(tpm.unseal(&sealed, &pk_b, &[by_b]));
+    assert!(
+        why.contains("not the key the data key was sealed to"),
+        "{why}"
+    );
+
+    // The next phase: this boot can no longer unseal (what stage 1 does right after).
+    tpm.extend_phase("leave-initrd").unwrap();
+    let why = refused(tpm.unseal(&sealed, &pk_a, std::slice::from_ref(&good)));
+    assert!(why.contains("not the signed one"), "{why}");
+
+    // Another TPM (the disk in another machine): the blob does not even load.
+    let tpm_b = swtpm();
+    let mut other_tpm = tpm_b.open();
+    other_tpm.extend_phase("enter-initrd").unwrap();
+    let pcr_b = other_tpm.read_pcr11().unwrap();
+    assert_eq!(
+        pcr_b, pcr11,
+        "fresh TPMs have the same PCR 11 after one phase"
+    );
+    match other_tpm.unseal(&sealed, &pk_a, &[good]) {
+        Err(Error::Tpm { op, .. }) => assert_eq!(op, "load the sealed data key"),
+        other => panic!("another TPM must not load the blob: {other:?}"),
+    }
+}
+
+#[test]
+fn a_damaged_sealed_key_is_named() {
+    let t = swtpm();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "a");
+    let pk = policy::parse_pcrpkey(&public).unwrap();
+    let mut tpm = t.open();
+    let mut sealed = tpm.seal(b"secret", &pk).unwrap();
+    let pcr11 = tpm.read_pcr11().unwrap();
+    let good = sign(&key, &policy::policy_pcr(11, &pcr11), &pk.fingerprint);
+    sealed.public = "!!".into();
+    let e = tpm.unseal(&sealed, &pk, &[good]).unwrap_err().to_string();
+    assert!(
+        e.contains("sealed data key") && e.contains("tpm2-public"),
+        "{e}"
+    );
+}
+
+#[test]
+fn extend_matches_the_pcrphase_formula() {
+    let t = swtpm();
+    let mut tpm = t.open();
+    let before = tpm.read_pcr11().unwrap();
+    let digest = tpm.extend_phase("sysinit").unwrap();
+    use sha2::Digest as _;
+    assert_eq!(digest, <[u8; 32]>::from(sha2::Sha256::digest(b"sysinit")));
+    assert_eq!(tpm.read_pcr11().unwrap(), policy::extend(&before, &digest));
+}
