@@ -9,6 +9,7 @@ pub enum Error {
     #[error("no TPM at {tcti}: {why}")]
     NoTpm { tcti: String, why: String },
     /// A TPM command failed.
+    #[cfg(feature = "tpm")]
     #[error("the TPM failed to {op}: {source}")]
     Tpm {
         op: &'static str,
@@ -21,6 +22,7 @@ pub enum Error {
 }
 
 /// `map_err(tpm_op("load the sealed key"))`.
+#[cfg(feature = "tpm")]
 pub(crate) fn tpm_op(op: &'static str) -> impl FnOnce(tss_esapi::Error) -> Error {
     move |source| Error::Tpm { op, source }
 }

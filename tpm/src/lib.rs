@@ -6,12 +6,18 @@
 
 mod error;
 pub mod eventlog;
+#[cfg(feature = "tpm")]
 pub mod pcr;
 pub mod policy;
+#[cfg(feature = "tpm")]
 pub mod seal;
+#[cfg(feature = "tpm")]
 mod tpm;
+#[cfg(feature = "tpm")]
 pub mod unseal;
 
 pub use error::Error;
+#[cfg(feature = "tpm")]
 pub use seal::Sealed;
+#[cfg(feature = "tpm")]
 pub use tpm::{Tpm, DEVICE};

@@ -9,14 +9,7 @@ use tss_esapi::structures::{Digest, DigestValues, PcrSelectionListBuilder, PcrSl
 use crate::error::{tpm_op, Error};
 use crate::Tpm;
 
-/// The phases, in boot order: stage 1 extends the first on entry and the second right
-/// after it has (or has not) unsealed the data key, so nothing later in the same boot
-/// can unseal again; stage 2 extends `sysinit` when it starts and `ready` once every
-/// service is ready.
-pub const PHASES: [&str; 4] = ["enter-initrd", "leave-initrd", "sysinit", "ready"];
-
-/// The phase the data key is unsealed at, and so the one the image signs a policy for.
-pub const UNSEAL_PHASE: &str = "enter-initrd";
+pub use crate::policy::{PHASES, UNSEAL_PHASE};
 
 impl Tpm {
     /// Extends PCR 11's SHA-256 bank with SHA-256(`word`), as systemd-pcrphase does;

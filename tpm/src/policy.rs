@@ -15,6 +15,15 @@ pub const ALG_SHA256: u16 = 0x000B;
 /// The PCR the UKI, the boot phases and so the signed policy cover.
 pub const PCR_UKI: u32 = 11;
 
+/// The phases, in boot order: stage 1 extends the first on entry and the second right
+/// after it has (or has not) unsealed the data key, so nothing later in the same boot
+/// can unseal again; stage 2 extends `sysinit` when it starts and `ready` once every
+/// service is ready.
+pub const PHASES: [&str; 4] = ["enter-initrd", "leave-initrd", "sysinit", "ready"];
+
+/// The phase the data key is unsealed at, and so the one the image signs a policy for.
+pub const UNSEAL_PHASE: &str = "enter-initrd";
+
 /// TPML_PCR_SELECTION for one PCR of the SHA-256 bank, marshalled.
 pub fn pcr_selection(pcr: u32) -> Vec<u8> {
     let mut select = [0u8; 3];
@@ -66,7 +75,7 @@ pub fn extend(old: &[u8; 32], digest: &[u8; 32]) -> [u8; 32] {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedPolicy {
     pub pcrs: Vec<u32>,
-    /// SHA-256 of the signing key's DER SubjectPublicKeyInfo, hex.
+    /// SHA-256 of the signing key's DER RSAPublicKey, hex.
     pub key_fingerprint: String,
     pub policy: Vec<u8>,
     pub signature: Vec<u8>,
@@ -109,7 +118,8 @@ pub fn parse_pcrsig(json: &[u8]) -> Result<Vec<SignedPolicy>, Error> {
 pub struct PolicyKey {
     pub modulus: Vec<u8>,
     pub exponent: u32,
-    /// SHA-256 of the DER SubjectPublicKeyInfo, hex: `pkfp` in `.pcrsig`.
+    /// SHA-256 of the DER RSAPublicKey (PKCS#1, what OpenSSL's i2d_PublicKey writes),
+    /// hex: `pkfp` in `.pcrsig`.
     pub fingerprint: String,
 }
 
@@ -137,6 +147,7 @@ pub fn parse_pcrpkey(pem: &[u8]) -> Result<PolicyKey, Error> {
         return Err(bad("not an RSA key".into()));
     };
     let rsa = rsa.0;
+    let pkcs1 = picky_asn1_der::to_vec(&rsa).map_err(|e| bad(format!("re-encoding: {e}")))?;
     let strip = |b: &[u8]| {
         let n = b.iter().take_while(|&&x| x == 0).count();
         b[n..].to_vec()
@@ -153,7 +164,7 @@ pub fn parse_pcrpkey(pem: &[u8]) -> Result<PolicyKey, Error> {
     Ok(PolicyKey {
         modulus,
         exponent,
-        fingerprint: hex(&Sha256::digest(&der)),
+        fingerprint: hex(&Sha256::digest(&pkcs1)),
     })
 }
 
@@ -211,6 +222,21 @@ mod tests {
         let want: [u8; 32] = h.finalize().into();
         assert_eq!(policy_pcr(11, &[0; 32]), want);
         assert_ne!(policy_pcr(11, &[1; 32]), want);
+    }
+
+    #[test]
+    fn policy_digest_matches_a_tpm_trial_session() {
+        // `systemd-measure sign` (v252, swtpm trial session) for a PCR 11 value of
+        // 63d46e...1737: its "pol" field.
+        let pcr: [u8; 32] =
+            from_hex("63d46ef672ecdfd9791f11b3b7b5231a335ea9c62c2f8344fc764e3fab511737")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        assert_eq!(
+            hex(&policy_pcr(11, &pcr)),
+            "00baaf33f473c0bbeefa92c18a51c49c7cf30f0e520a745026b2033ce5875eaa"
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct Sealed {
     /// The PCRs the signed policies cover.
     #[serde(rename = "tpm2-pcrs")]
     pub pcrs: Vec<u32>,
-    /// SHA-256 of the PCR-policy key's SubjectPublicKeyInfo, hex (`pkfp` of `.pcrsig`).
+    /// SHA-256 of the PCR-policy key's RSAPublicKey DER, hex (`pkfp` of `.pcrsig`).
     #[serde(rename = "tpm2-policy-key")]
     pub key_fingerprint: String,
 }

@@ -234,3 +234,20 @@ fn extend_matches_the_pcrphase_formula() {
     assert_eq!(digest, <[u8; 32]>::from(sha2::Sha256::digest(b"sysinit")));
     assert_eq!(tpm.read_pcr11().unwrap(), policy::extend(&before, &digest));
 }
+
+#[test]
+fn the_key_fingerprint_is_systemds_pkfp() {
+    // systemd-measure's pkfp: SHA-256 of the PKCS#1 RSAPublicKey DER.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "a");
+    let out = Command::new("openssl")
+        .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
+        .arg(&key)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    use sha2::Digest as _;
+    let want = policy::hex(&sha2::Sha256::digest(&out.stdout));
+    assert_eq!(policy::parse_pcrpkey(&public).unwrap().fingerprint, want);
+}

@@ -59,9 +59,15 @@ pub fn run(filter: Option<String>) -> Result<()> {
     packages.push("socat"); // the fabric scenario's relay from the guest to the core
                             // fabricd's tests and the fabric scenario run a real core and make its certificates.
     packages.extend(crate::bench_fabric::CORE_PACKAGES);
-    packages.extend(["containerd", "runc"]); // noded's tests run a real containerd
+    // noded's tests run a real containerd.
+    packages.extend(["containerd", "runc"]);
     // edge-tpm links tpm2-tss (found with pkg-config); its tests reach swtpm over TCP.
-    packages.extend(["libtss2-dev", "pkg-config", "libtss2-tcti-swtpm0", "openssl"]);
+    packages.extend([
+        "libtss2-dev",
+        "pkg-config",
+        "libtss2-tcti-swtpm0",
+        "openssl",
+    ]);
     step("host packages", &mut || {
         crate::host::ensure_packages(&packages)
     });

@@ -10,6 +10,7 @@ mod disk;
 mod elf;
 pub mod keys;
 mod modules;
+mod pcr;
 mod rootfs;
 mod uki;
 
@@ -72,6 +73,9 @@ pub struct ImageOutputs {
     pub roothash: String,
     pub uki_a: PathBuf,
     pub uki_b: PathBuf,
+    /// PCR 11 (SHA-256) each slot's UKI leads to at enter-initrd:
+    /// `{"a":{"enter-initrd":"<hex>"},"b":{...}}`.
+    pub pcr11: PathBuf,
     pub initramfs: PathBuf,
     pub esp: PathBuf,
     pub manifest: PathBuf,
@@ -87,6 +91,8 @@ pub struct Inputs {
     pub bin_dir: PathBuf,
     /// The operator's signing key (`keys.rs`): its public half goes into the image.
     pub key: keys::SigningKey,
+    /// Signs each UKI's expected PCR 11 (`.pcrsig`); its public half is `.pcrpkey`.
+    pub pcr_key: keys::PcrPolicyKey,
 }
 
 impl Inputs {
@@ -107,6 +113,7 @@ impl Inputs {
             overlay: repo.join("image/overlay"),
             bin_dir: target.join(TARGET).join("release"),
             key: keys::operator_key(&keys::key_dir()?)?,
+            pcr_key: keys::pcr_policy_key(&keys::key_dir()?)?,
             repo,
         })
     }
@@ -135,6 +142,7 @@ fn out_paths(dir: &Path, def: &Definition) -> ImageOutputs {
         roothash: String::new(),
         uki_a: dir.join("uki-a.efi"),
         uki_b: dir.join("uki-b.efi"),
+        pcr11: dir.join("pcr11.json"),
         initramfs: dir.join("initramfs"),
         esp: dir.join("esp.img"),
         manifest: dir.join("manifest.json"),
@@ -239,6 +247,7 @@ fn stamp(inputs: &Inputs, debs: &[PathBuf]) -> Result<String> {
         |p: &Path| std::fs::read(p).with_context(|| format!("failed to read {}", p.display()));
     add("definition", &read(&inputs.definition)?);
     add("key", inputs.key.public_hex.as_bytes());
+    add("pcr-policy-key", &inputs.pcr_key.public_pem()?);
     for rel in rootfs::list_tree(&inputs.overlay)? {
         let p = inputs.overlay.join(&rel);
         let data = if p.is_symlink() {
@@ -412,11 +421,20 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     let mut outs = out_paths(&out_dir, def);
     let stamp_path = out_dir.join("stamp");
     let stamp = stamp(&p.inputs, &p.debs)?;
+    if p.inputs.pcr_key.development {
+        step(&p.inputs.pcr_key.development_warning());
+    }
     let fresh = !opts.force
         && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s.trim() == stamp)
-        && [&outs.raw, &outs.qcow2, &outs.roothash_file, &outs.manifest]
-            .iter()
-            .all(|f| f.exists());
+        && [
+            &outs.raw,
+            &outs.qcow2,
+            &outs.roothash_file,
+            &outs.manifest,
+            &outs.pcr11,
+        ]
+        .iter()
+        .all(|f| f.exists());
     if fresh {
         outs.roothash = std::fs::read_to_string(&outs.roothash_file)?
             .trim()
@@ -474,6 +492,7 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             boot.join(&def.boot.loader),
         ),
     ];
+    let mut pcr11 = serde_json::Map::new();
     for (slot, uki_path) in [('a', &outs.uki_a), ('b', &outs.uki_b)] {
         let cmdline_file = work.join(format!("cmdline-{slot}"));
         let line = uki::cmdline(
@@ -483,17 +502,28 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             &outs.roothash,
         );
         std::fs::write(&cmdline_file, &line)?;
-        uki::assemble(
+        let predicted = uki::assemble(
             &uki::UkiParts {
                 stub: &boot.join(&def.boot.stub),
                 osrel: &osrel,
                 cmdline: &cmdline_file,
                 initrd: &outs.initramfs,
                 linux: &vmlinuz,
+                pcr_key: &p.inputs.pcr_key,
+                pcrsig: &work.join(format!("pcrsig-{slot}.json")),
             },
             uki_path,
         )?;
         size_line(uki_path)?;
+        let at = pcr::hex(&predicted.enter_initrd);
+        step(&format!(
+            "PCR 11 of slot {slot} at {}: {at}",
+            pcr::SIGNED_PHASE
+        ));
+        pcr11.insert(
+            slot.to_string(),
+            serde_json::json!({ (pcr::SIGNED_PHASE): at }),
+        );
         // Slot A gets the tries; slot B, identical on a fresh disk, is the standby with
         // none (`+0`): systemd-boot sorts entries without tries last, so B boots only
         // once A has used up its tries, and init's blessing then makes B the good one.
@@ -506,6 +536,8 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             uki_path.to_path_buf(),
         ));
     }
+    std::fs::write(&outs.pcr11, serde_json::to_string_pretty(&pcr11)? + "\n")
+        .with_context(|| format!("failed to write {}", outs.pcr11.display()))?;
     let loader_conf = work.join("loader.conf");
     rootfs::write(
         &loader_conf,
