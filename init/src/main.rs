@@ -16,6 +16,8 @@ mod mounts;
 mod net;
 mod power;
 mod provision;
+mod rootexec;
+mod sealed_data;
 mod services;
 mod stage1;
 mod stage2;

@@ -2,7 +2,8 @@
 //! then switch into them. Every failure ends in one console line naming the step and the
 //! thing, then a reboot after 10 s, so the boot loader's boot counting can fall back.
 
-use crate::{disk, dm, ext4, journal, modules, mounts, say, verity};
+use crate::sealed_data::{self, Unlock};
+use crate::{disk, dm, ext4, journal, modules, mounts, rootexec, say, verity};
 use rustix::mount::MountFlags;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +13,6 @@ const DM_NAME: &str = "root";
 const PARTITION_TIMEOUT: Duration = Duration::from_secs(30);
 const PARTITION_POLL: Duration = Duration::from_millis(50);
 const REBOOT_DELAY: Duration = Duration::from_secs(10);
-const MKE2FS: &str = "/usr/sbin/mke2fs";
 
 /// Why stage 1 gives up.
 enum Fatal {
@@ -38,7 +38,13 @@ struct BootInfo<'a> {
     version: &'a str,
     data_formatted: bool,
     data_clean: bool,
+    /// Why the data partition stayed closed (the TPM refused its key, ...); stage 2
+    /// then keeps the services down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_locked: Option<String>,
     stage1_ms: u64,
+    /// Time spent on the TPM and on opening (or making) the sealed partition.
+    tpm_ms: u64,
 }
 
 pub fn run() -> ! {
@@ -107,7 +113,7 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     )?;
     mount_root(&root_node, &root_label)?;
 
-    let (data_formatted, data_clean) = open_data(data_part, dev_dir)?;
+    let data = open_data(data_part, dev_dir)?;
     for fs in ["/proc", "/sys", "/dev", "/run"] {
         mounts::move_mount(Path::new(fs), &Path::new(SYSROOT).join(&fs[1..]))
             .map_err(step("moving mounts into the new root"))?;
@@ -116,9 +122,11 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     let info = BootInfo {
         slot: &params.slot,
         version: &params.version,
-        data_formatted,
-        data_clean,
+        data_formatted: data.formatted,
+        data_clean: data.clean,
+        data_locked: data.locked,
         stage1_ms: start.elapsed().as_millis() as u64,
+        tpm_ms: data.tpm.as_millis() as u64,
     };
     write_boot_info(&info).map_err(step("writing /run/edge/boot.json"))?;
     say!(
@@ -203,26 +211,47 @@ fn mount_root(node: &Path, label: &str) -> Result<(), Fatal> {
     }
 }
 
-/// Formats `data` if it is not ext4 yet, mounts it on /sysroot/var and reports
-/// (formatted now, last shutdown clean).
-fn open_data(part: &disk::BlockDev, dev_dir: &Path) -> Result<(bool, bool), Fatal> {
-    let node = part.node(dev_dir);
-    let before = ext4::read(&node).map_err(step("reading the data partition"))?;
-    let (formatted, clean) = match before {
-        None => {
-            format_data(&part.devname)?;
-            (true, false)
-        }
-        Some(state) => {
-            if state.errors {
-                say!(
-                    "data: the kernel recorded file system errors on {}",
-                    part.devname
-                );
-            }
-            (false, !state.needs_recovery)
+/// What became of the data partition.
+struct Data {
+    formatted: bool,
+    clean: bool,
+    locked: Option<String>,
+    tpm: Duration,
+}
+
+/// Opens the sealed data partition (making it on the first boot) and mounts it on
+/// /sysroot/var. A partition the TPM will not open stays closed and unmounted: that is
+/// not fatal, stage 2 reports it.
+fn open_data(part: &disk::BlockDev, dev_dir: &Path) -> Result<Data, Fatal> {
+    let binds =
+        rootexec::Binds::new(Path::new(SYSROOT)).map_err(step("binding /dev /proc /sys /run"))?;
+    let (unlock, tpm) = sealed_data::open(&binds, part, dev_dir);
+    drop(binds);
+    let (node, formatted) = match unlock {
+        Unlock::Opened { node, formatted } => (node, formatted),
+        Unlock::Locked(why) => {
+            say!("data: locked: {why}");
+            say!("data: not mounted, nothing on it touched; the services stay down");
+            return Ok(Data {
+                formatted: false,
+                clean: false,
+                locked: Some(why),
+                tpm,
+            });
         }
     };
+    let state = ext4::read(&node)
+        .map_err(step("reading the data partition"))?
+        .ok_or_else(|| {
+            step("reading the data partition")(format!("{} holds no ext4", node.display()))
+        })?;
+    if state.errors {
+        say!(
+            "data: the kernel recorded file system errors on {}",
+            node.display()
+        );
+    }
+    let clean = !formatted && !state.needs_recovery;
     // nodelalloc: the per-file data journaling of `journal` needs it.
     mounts::mount(
         &node.to_string_lossy(),
@@ -251,69 +280,12 @@ fn open_data(part: &disk::BlockDev, dev_dir: &Path) -> Result<(bool, bool), Fata
             "recovered after unclean shutdown"
         }
     );
-    Ok((formatted, clean))
-}
-
-/// Runs mke2fs from the new root (the initramfs carries no e2fsprogs), with /dev and
-/// /proc bound into it for the time it runs: it opens the node and checks /proc/mounts.
-/// The binds go away again so that the real mounts can be moved there afterwards.
-fn format_data(devname: &str) -> Result<(), Fatal> {
-    let dev = format!("/dev/{devname}");
-    say!("data: {dev} holds no ext4; formatting");
-    let mut bound = Vec::new();
-    let mut result = Ok(());
-    for fs in ["/dev", "/proc"] {
-        let target = Path::new(SYSROOT).join(&fs[1..]);
-        match rustix::mount::mount_bind(fs, &target) {
-            Ok(()) => bound.push(target),
-            Err(e) => {
-                result = Err(step("formatting the data partition")(format!(
-                    "failed to bind {fs} into {}: {}",
-                    target.display(),
-                    std::io::Error::from(e)
-                )));
-                break;
-            }
-        }
-    }
-    if result.is_ok() {
-        result = run_mke2fs(&dev);
-    }
-    for target in bound.iter().rev() {
-        if let Err(e) = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH) {
-            say!(
-                "data: failed to unmount {}: {}",
-                target.display(),
-                std::io::Error::from(e)
-            );
-        }
-    }
-    result
-}
-
-fn run_mke2fs(dev: &str) -> Result<(), Fatal> {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(MKE2FS);
-    cmd.args(["-t", "ext4", "-q", "-L", "data", "-E"])
-        .arg("lazy_itable_init=1,lazy_journal_init=1")
-        .arg(dev);
-    // SAFETY: chroot and chdir are async-signal-safe syscalls; nothing is allocated.
-    unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::chroot(SYSROOT)?;
-            rustix::process::chdir("/")?;
-            Ok(())
-        });
-    }
-    let status = cmd
-        .status()
-        .map_err(|e| step("formatting the data partition")(format!("{MKE2FS} {dev}: {e}")))?;
-    if !status.success() {
-        return Err(step("formatting the data partition")(format!(
-            "{MKE2FS} {dev} failed: {status}"
-        )));
-    }
-    Ok(())
+    Ok(Data {
+        formatted,
+        clean,
+        locked: None,
+        tpm,
+    })
 }
 
 fn write_boot_info(info: &BootInfo) -> Result<(), String> {
@@ -337,11 +309,20 @@ mod tests {
             version: "0.1.0",
             data_formatted: true,
             data_clean: false,
+            data_locked: None,
             stage1_ms: 1234,
+            tpm_ms: 120,
         };
         assert_eq!(
             serde_json::to_string(&info).unwrap(),
-            r#"{"slot":"a","version":"0.1.0","data_formatted":true,"data_clean":false,"stage1_ms":1234}"#
+            r#"{"slot":"a","version":"0.1.0","data_formatted":true,"data_clean":false,"stage1_ms":1234,"tpm_ms":120}"#
         );
+        let locked = BootInfo {
+            data_locked: Some("the TPM refused the data key: ...".into()),
+            ..info
+        };
+        assert!(serde_json::to_string(&locked)
+            .unwrap()
+            .contains(r#""data_locked":"the TPM refused the data key: ...""#));
     }
 }

@@ -58,6 +58,7 @@ impl System {
         mount_basics();
         let boot = boot_info();
         say!("stage 2: version {} slot {}", boot.version, boot.slot);
+        measure_phase("sysinit");
         let config = load_config();
         load_modules();
         for line in crate::provision::apply(
@@ -77,7 +78,16 @@ impl System {
         open_port(&mut ctl);
         let mut buttons = Buttons::default();
         scan_buttons(&mut buttons);
-        let sup = start_services(&config.logs);
+        let sup = match &boot.data_locked {
+            None => start_services(&config.logs),
+            Some(why) => {
+                // Every service keeps its state on /var: none can run without it. The
+                // box stays up to say why, on the console and the control port.
+                say!("locked: the services stay down: {why}");
+                ctl.event(&serde_json::json!({"event": "locked", "reason": why}));
+                locked_supervisor()
+            }
+        };
         System {
             boot,
             config,
@@ -118,9 +128,11 @@ impl System {
             self.shut_down(action);
             return;
         }
-        self.check_data_space();
+        if self.boot.data_locked.is_none() {
+            self.check_data_space();
+        }
         self.rescan_devices();
-        if !self.ready && self.sup.settled() {
+        if !self.ready && self.boot.data_locked.is_none() && self.sup.settled() {
             self.settle();
         }
     }
@@ -233,6 +245,7 @@ impl System {
         if failed.is_empty() {
             self.ready = true;
             say!("ready version={version} slot={slot} uptime_ms={ms}");
+            measure_phase("ready");
             self.ctl.event(
                 &json!({"event": "ready", "version": version, "slot": slot, "uptime_ms": ms}),
             );
@@ -319,6 +332,28 @@ fn start_services(logs: &crate::config::Logs) -> Supervisor {
         sup.warn(format!("service table: {p}"));
     }
     sup
+}
+
+/// A supervisor with no services, for a boot whose data partition stayed closed.
+fn locked_supervisor() -> Supervisor {
+    Supervisor::new(
+        Vec::new(),
+        Options {
+            log_dir: None,
+            log_max_bytes: 0,
+            cgroup_root: None,
+            reap_any: true,
+        },
+    )
+}
+
+/// Extends PCR 11 with a stage-2 boot phase, as systemd-pcrphase would; a box without a
+/// TPM says so and boots on.
+fn measure_phase(word: &str) {
+    match crate::sealed_data::phase(None, word) {
+        Ok(pcr11) => say!("tpm: PCR 11 after {word}: {pcr11}"),
+        Err(e) => say!("tpm: {word} not measured: {e}"),
+    }
 }
 
 /// Sends the supervisor's lines to the console and its events to the port.
@@ -459,6 +494,10 @@ fn boot_info() -> Boot {
                     version: s("version"),
                     data_formatted: b("data_formatted"),
                     data_clean: v.get("data_clean").and_then(Value::as_bool).unwrap_or(true),
+                    data_locked: v
+                        .get("data_locked")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
                 };
             }
         }
@@ -470,6 +509,7 @@ fn boot_info() -> Boot {
             version: p.version,
             data_formatted: false,
             data_clean: true,
+            data_locked: None,
         },
         Err(e) => {
             say!("warning: {e}");
@@ -478,6 +518,7 @@ fn boot_info() -> Boot {
                 version: "?".into(),
                 data_formatted: false,
                 data_clean: true,
+                data_locked: None,
             }
         }
     }

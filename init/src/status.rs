@@ -46,6 +46,8 @@ pub struct Boot {
     pub slot: String,
     pub data_formatted: bool,
     pub data_clean: bool,
+    /// Why the data partition stayed closed (stage 1's `data_locked`).
+    pub data_locked: Option<String>,
 }
 
 pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) -> Value {
@@ -59,7 +61,8 @@ pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) ->
         "mem_available_kib": available,
         "meminfo_kib": meminfo_all(),
         "init_rss_kib": rss_kib(std::process::id() as i32),
-        "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full},
+        "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full,
+                 "locked": boot.data_locked},
         "services": services,
     })
 }

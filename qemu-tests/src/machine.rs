@@ -21,6 +21,7 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// Console lines that mean this boot will not reach ready.
 pub const BOOT_FAILURES: &[&str] = &[
     "edgeos: degraded",
+    "edgeos: data: locked",
     "edgeos: stage 1 failed",
     "edgeos: stage 2 failed",
     "Kernel panic",
@@ -709,9 +710,13 @@ impl Machine {
     /// The test passed: stop everything and delete the directory.
     pub fn finish(mut self) {
         self.stop_children();
-        self.finished = true;
-        if let Some(d) = self.dir.take() {
-            let _ = d.close();
+        // EDGEOS_KEEP=1 keeps a passing machine's directory too (its console shows where
+        // a boot's time went); Drop says where.
+        self.finished = std::env::var_os("EDGEOS_KEEP").is_none();
+        if self.finished {
+            if let Some(d) = self.dir.take() {
+                let _ = d.close();
+            }
         }
     }
 }

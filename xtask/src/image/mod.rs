@@ -24,7 +24,11 @@ use sha2::{Digest, Sha256};
 use definition::{Compression, Definition};
 
 /// Host packages whose tools the build runs.
-const HOST_TOOLS: [&str; 11] = [
+const HOST_TOOLS: [&str; 14] = [
+    // edge-tpm links Debian's tpm2-tss; the PCR-policy key is made with openssl.
+    "libtss2-dev",
+    "pkg-config",
+    "openssl",
     "erofs-utils",
     "cryptsetup-bin",
     "dosfstools",
@@ -40,6 +44,9 @@ const HOST_TOOLS: [&str; 11] = [
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const OUR_BINARIES: [&str; 4] = ["init", "storaged", "fabricd", "noded"];
+/// Ours, but linked against the root's libraries: edge-tpm needs tpm2-tss, which Debian
+/// ships only as shared libraries. Stage 1 runs it from the verified root.
+const DYNAMIC_BINARY: &str = "edge-tpm";
 /// Programs that go into the image as OCI archives, not as files of the root:
 /// (binary, package, image name and tag). `pause` is every pod sandbox's process.
 pub const WORKLOAD_IMAGES: [(&str, &str, &str); 3] = [
@@ -89,6 +96,8 @@ pub struct Inputs {
     pub definition: PathBuf,
     pub overlay: PathBuf,
     pub bin_dir: PathBuf,
+    /// Where `DYNAMIC_BINARY` is built (the host triple, no --target).
+    pub host_bin_dir: PathBuf,
     /// The operator's signing key (`keys.rs`): its public half goes into the image.
     pub key: keys::SigningKey,
     /// Signs each UKI's expected PCR 11 (`.pcrsig`); its public half is `.pcrpkey`.
@@ -112,6 +121,7 @@ impl Inputs {
             definition: repo.join("image/image.toml"),
             overlay: repo.join("image/overlay"),
             bin_dir: target.join(TARGET).join("release"),
+            host_bin_dir: target.join("release"),
             key: keys::operator_key(&keys::key_dir()?)?,
             pcr_key: keys::pcr_policy_key(&keys::key_dir()?)?,
             repo,
@@ -119,6 +129,11 @@ impl Inputs {
     }
 
     pub fn binary(&self, name: &str) -> PathBuf {
+        if name == DYNAMIC_BINARY {
+            // Built for the host triple without --target: its own directory, so the
+            // static builds' flags never force it (or them) to rebuild.
+            return self.host_bin_dir.join(name);
+        }
         self.bin_dir.join(name)
     }
 }
@@ -215,6 +230,11 @@ fn build_binaries(inputs: &Inputs) -> Result<()> {
         "-C target-feature=+crt-static",
     );
     cmd::status(&mut c)?;
+    step("building edge-tpm (release, linked against the root's tpm2-tss)");
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(&inputs.repo)
+        .args(["build", "--release", "-p", DYNAMIC_BINARY]);
+    cmd::status(&mut c)?;
     for b in OUR_BINARIES
         .into_iter()
         .chain(WORKLOAD_IMAGES.map(|(b, _, _)| b))
@@ -262,6 +282,7 @@ fn stamp(inputs: &Inputs, debs: &[PathBuf]) -> Result<String> {
     }
     for b in OUR_BINARIES
         .into_iter()
+        .chain([DYNAMIC_BINARY])
         .chain(WORKLOAD_IMAGES.map(|(b, _, _)| b))
     {
         add(b, &read(&inputs.binary(b))?);

@@ -150,7 +150,7 @@ pub fn assemble(
     }
 
     copy_entry(&inputs.binary("init"), &root.join("usr/sbin/init"))?;
-    for b in ["storaged", "fabricd", "noded"] {
+    for b in ["storaged", "fabricd", "noded", "edge-tpm"] {
         copy_entry(&inputs.binary(b), &root.join("usr/bin").join(b))?;
     }
     // The bundled workloads as OCI archives, which noded serves to containerd, and the

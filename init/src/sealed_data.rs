@@ -1,0 +1,428 @@
+//! The data partition sealed to the TPM. On the first boot it becomes LUKS2 (readable by
+//! `cryptsetup` on any workstation) under a random key that the TPM seals to the image's
+//! signed PCR 11 policy, kept in the LUKS2 header as a token, plus a recovery key printed
+//! once. Later boots unseal the key and open it. A boot whose PCR 11 the policy key has
+//! not signed gets no key: the partition stays closed and untouched, and stage 2 keeps
+//! the services down and says why (docs/security.md).
+//!
+//! The TPM steps run in `edge-tpm` and the LUKS2 steps in Debian's `cryptsetup`, both from
+//! the verified root (`rootexec`); this module owns the order and the decisions.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::disk::{self, BlockDev};
+use crate::rootexec::{self, Binds};
+use crate::say;
+
+const CRYPTSETUP: &str = "/usr/sbin/cryptsetup";
+const MKE2FS: &str = "/usr/sbin/mke2fs";
+const EDGE_TPM: &str = "/usr/bin/edge-tpm";
+/// The device-mapper name of the opened partition.
+pub const MAPPER_NAME: &str = "data";
+/// Where systemd-stub puts the UKI's `.pcrsig` and `.pcrpkey` in the initramfs.
+const STUB_PCRSIG: &str = "/.extra/tpm2-pcr-signature.json";
+const STUB_PCRPKEY: &str = "/.extra/tpm2-pcr-public-key.pem";
+/// Where stage 1 keeps them for edge-tpm (inside the new root's /run once bound).
+const PCRSIG: &str = "/run/edge/tpm/pcrsig.json";
+const PCRPKEY: &str = "/run/edge/tpm/pcrpkey.pem";
+/// The recovery key between its making and luksAddKey: tmpfs, never a disk.
+const RECOVERY_FILE: &str = "/run/edge/tpm/recovery.new";
+/// The LUKS2 token type holding the sealed key.
+pub const TOKEN_TYPE: &str = "edgeos-tpm2";
+/// Bytes looked at to tell a blank partition from a used one.
+pub const HEAD_BYTES: usize = 64 << 10;
+
+/// What the start of the partition holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// All zeros: never used (a fresh image, or a box's first boot).
+    Blank,
+    Luks2,
+    /// A plain ext4 file system, as images before the sealed partition made.
+    Ext4,
+    /// Anything else, described.
+    Other(String),
+}
+
+pub fn classify(head: &[u8]) -> Content {
+    if head.starts_with(b"LUKS\xba\xbe") {
+        return match head.get(6..8) {
+            Some([0, 2]) => Content::Luks2,
+            Some(v) => Content::Other(format!(
+                "a LUKS version {} header, not LUKS2",
+                u16::from_be_bytes([v[0], v[1]])
+            )),
+            None => Content::Other("a truncated LUKS header".into()),
+        };
+    }
+    if head
+        .get(crate::ext4::SUPERBLOCK_OFFSET as usize..)
+        .and_then(crate::ext4::parse)
+        .is_some()
+    {
+        return Content::Ext4;
+    }
+    if head.iter().all(|&b| b == 0) {
+        return Content::Blank;
+    }
+    let shown: String = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Content::Other(format!("neither LUKS2 nor blank (it starts {shown})"))
+}
+
+/// The partition's outcome.
+pub enum Unlock {
+    /// Opened, holding ext4; `formatted` when made on this boot.
+    Opened { node: PathBuf, formatted: bool },
+    /// Not opened, and nothing on it touched: why, in one line.
+    Locked(String),
+}
+
+/// Measures the initrd phases around the unlock, and returns the outcome and the time
+/// spent on the TPM and the unlock.
+pub fn open(binds: &Binds, part: &BlockDev, dev_dir: &Path) -> (Unlock, std::time::Duration) {
+    let start = std::time::Instant::now();
+    let outcome = match phase(Some(binds), "enter-initrd") {
+        Err(e) => Unlock::Locked(format!("no TPM to unseal the data key with: {e}")),
+        Ok(pcr11) => {
+            say!("tpm: PCR 11 (the UKI's sections, measured by systemd-stub, then enter-initrd): {pcr11}");
+            let outcome = unlock_or_create(binds, part, dev_dir);
+            // Right after the unseal: nothing later in this boot can unseal again.
+            if let Err(e) = phase(Some(binds), "leave-initrd") {
+                say!("tpm: {e}");
+            }
+            outcome
+        }
+    };
+    (outcome, start.elapsed())
+}
+
+/// Extends PCR 11 with a boot phase and returns its new value (hex): from stage 1
+/// through `binds`, from stage 2 (`sysinit`, `ready`) with `None`.
+pub fn phase(binds: Option<&Binds>, word: &str) -> Result<String, rootexec::Failed> {
+    let out = rootexec::run(tpm_command(binds, &["phase", word]), b"")?;
+    Ok(String::from_utf8_lossy(&out).trim().to_owned())
+}
+
+fn tpm_command(binds: Option<&Binds>, args: &[&str]) -> std::process::Command {
+    let mut c = match binds {
+        Some(b) => b.command(EDGE_TPM),
+        None => std::process::Command::new(EDGE_TPM),
+    };
+    c.args(args);
+    c
+}
+
+fn cryptsetup(binds: &Binds, args: &[&str], input: &[u8]) -> Result<Vec<u8>, String> {
+    let mut c = binds.command(CRYPTSETUP);
+    c.args(args);
+    rootexec::run(c, input).map_err(|f| f.message)
+}
+
+fn unlock_or_create(binds: &Binds, part: &BlockDev, dev_dir: &Path) -> Unlock {
+    let dev = part.node(dev_dir);
+    let dev_s = dev.to_string_lossy().into_owned();
+    if let Err(e) = keep_policy_files() {
+        return Unlock::Locked(e);
+    }
+    let head = match read_head(&dev) {
+        Ok(h) => h,
+        Err(e) => return Unlock::Locked(e),
+    };
+    let fresh = match classify(&head) {
+        Content::Blank => true,
+        Content::Luks2 => match token(binds, &dev_s) {
+            Ok(Some(_)) => false,
+            // A header without our token: the first boot was cut short before the
+            // token was written, so no key to it was ever given out. Start again.
+            Ok(None) => {
+                say!("data: {dev_s} holds a LUKS2 header without a sealed key (an interrupted first boot); making it again");
+                true
+            }
+            Err(e) => return Unlock::Locked(e),
+        },
+        Content::Ext4 => {
+            return Unlock::Locked(format!(
+                "{dev_s} holds an unencrypted ext4 file system from an older image; it is left as it is (docs/security.md: copy its data off, then blank it)"
+            ))
+        }
+        Content::Other(what) => {
+            return Unlock::Locked(format!(
+                "{dev_s} holds {what}; it is left as it is"
+            ))
+        }
+    };
+    let result = if fresh {
+        create(binds, &dev_s, dev_dir)
+    } else {
+        unlock(binds, &dev_s, dev_dir)
+    };
+    match result {
+        Ok(node) => Unlock::Opened {
+            node,
+            formatted: fresh,
+        },
+        Err(e) => Unlock::Locked(e),
+    }
+}
+
+/// Copies the stub's `.pcrsig` and `.pcrpkey` where edge-tpm (chrooted) reads them.
+fn keep_policy_files() -> Result<(), String> {
+    std::fs::create_dir_all("/run/edge/tpm")
+        .map_err(|e| format!("failed to create /run/edge/tpm: {e}"))?;
+    for (from, to) in [(STUB_PCRSIG, PCRSIG), (STUB_PCRPKEY, PCRPKEY)] {
+        std::fs::copy(from, to).map_err(|e| {
+            format!("the UKI carries no signed PCR policy ({from}: {e}); it was not built by cargo xtask image")
+        })?;
+    }
+    Ok(())
+}
+
+fn read_head(dev: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut head = vec![0u8; HEAD_BYTES];
+    std::fs::File::open(dev)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| format!("failed to read the start of {}: {e}", dev.display()))?;
+    Ok(head)
+}
+
+/// Our token in the header: `Ok(None)` when the header has none.
+fn token(binds: &Binds, dev: &str) -> Result<Option<Value>, String> {
+    let dump = cryptsetup(binds, &["luksDump", "--dump-json-metadata", dev], b"")
+        .map_err(|e| format!("the LUKS2 header of {dev} does not parse: {e}"))?;
+    let meta: Value = serde_json::from_slice(&dump)
+        .map_err(|e| format!("the LUKS2 header of {dev} does not parse: {e}"))?;
+    Ok(meta
+        .get("tokens")
+        .and_then(Value::as_object)
+        .and_then(|t| {
+            t.values()
+                .find(|v| v.get("type").and_then(Value::as_str) == Some(TOKEN_TYPE))
+        })
+        .cloned())
+}
+
+/// The first boot: a fresh LUKS2 with the TPM's key in slot 0 and the recovery key in
+/// slot 1, opened and given its ext4; only then the token that lets later boots unseal,
+/// so that a first boot cut short anywhere is made again on the next.
+fn create(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, String> {
+    say!("data: {dev} is blank; sealing a new key to the TPM and making it LUKS2");
+    let key = random::<32>()?;
+    let recovery = recovery_key(&random::<16>()?);
+    let sealed = rootexec::run(
+        tpm_command(Some(binds), &["seal", "--pcrpkey", PCRPKEY]),
+        &key,
+    )
+    .map_err(|f| format!("failed to seal the data key: {f}"))?;
+    let mut token: Value = serde_json::from_slice(&sealed)
+        .map_err(|e| format!("edge-tpm seal printed no token: {e}"))?;
+    let pbkdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    // The keys are random (256 and 128 bits): a slow key derivation would add nothing
+    // but boot time.
+    let mut format = vec![
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--cipher",
+        "aes-xts-plain64",
+        "--key-size",
+        "512",
+        "--sector-size",
+        "4096",
+        "--hash",
+        "sha256",
+        "--label",
+        "data",
+        "--key-slot",
+        "0",
+        "--key-file",
+        "-",
+    ];
+    format.extend(pbkdf);
+    format.push(dev);
+    cryptsetup(binds, &format, &key).map_err(|e| format!("failed to make {dev} LUKS2: {e}"))?;
+    write_secret(RECOVERY_FILE, recovery.as_bytes())?;
+    let mut add = vec![
+        "luksAddKey",
+        "--batch-mode",
+        "--key-slot",
+        "1",
+        "--key-file",
+        "-",
+    ];
+    add.extend(pbkdf);
+    add.extend([dev, RECOVERY_FILE]);
+    let added = cryptsetup(binds, &add, &key);
+    let _ = std::fs::remove_file(RECOVERY_FILE);
+    added.map_err(|e| format!("failed to add the recovery key to {dev}: {e}"))?;
+    open_with(binds, dev, &key)?;
+    let node = mapped_node(dev_dir)?;
+    mke2fs(binds, &node)?;
+    if let Some(t) = token.as_object_mut() {
+        t.insert("type".into(), TOKEN_TYPE.into());
+        t.insert("keyslots".into(), serde_json::json!(["0"]));
+    }
+    cryptsetup(
+        binds,
+        &[
+            "token",
+            "import",
+            "--token-id",
+            "0",
+            "--json-file",
+            "-",
+            dev,
+        ],
+        token.to_string().as_bytes(),
+    )
+    .map_err(|e| format!("failed to store the sealed key in {dev}'s header: {e}"))?;
+    say!("data: recovery key (shown this once; keep it off the box, it opens {dev} with cryptsetup): {recovery}");
+    say!("data: sealed to the TPM under the signed PCR 11 policy");
+    Ok(node)
+}
+
+/// A later boot: the token's sealed key, unsealed by the TPM for this boot's PCR 11. An
+/// opened partition without ext4 is closed again, not formatted: it may hold data.
+fn unlock(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, String> {
+    let token = token(binds, dev)?.ok_or_else(|| format!("{dev} has no sealed key"))?;
+    let key = rootexec::run(
+        tpm_command(
+            Some(binds),
+            &["unseal", "--pcrpkey", PCRPKEY, "--pcrsig", PCRSIG],
+        ),
+        token.to_string().as_bytes(),
+    )
+    .map_err(|f| {
+        // edge-tpm's own words: "edge-tpm: the TPM refused the data key: ...".
+        let m = f.message;
+        m.split_once("edge-tpm: ")
+            .map(|(_, r)| r.to_owned())
+            .unwrap_or(m)
+    })?;
+    open_with(binds, dev, &key)?;
+    say!("data: unlocked by the TPM");
+    let node = mapped_node(dev_dir)?;
+    match crate::ext4::read(&node) {
+        Ok(Some(_)) => Ok(node),
+        other => {
+            let _ = cryptsetup(binds, &["close", MAPPER_NAME], b"");
+            Err(match other {
+                Err(e) => e,
+                _ => format!("{dev} opened, but holds no ext4 file system; it is left as it is"),
+            })
+        }
+    }
+}
+
+/// The file system inside the new LUKS2 (the root's mke2fs: the initramfs has none).
+fn mke2fs(binds: &Binds, node: &Path) -> Result<(), String> {
+    let node = node.to_string_lossy();
+    let mut c = binds.command(MKE2FS);
+    c.args(["-t", "ext4", "-q", "-L", "data", "-E"])
+        .arg("lazy_itable_init=1,lazy_journal_init=1")
+        .arg(&*node);
+    rootexec::run(c, b"")
+        .map(drop)
+        .map_err(|f| format!("failed to make ext4 on {node}: {f}"))
+}
+
+fn open_with(binds: &Binds, dev: &str, key: &[u8]) -> Result<(), String> {
+    cryptsetup(
+        binds,
+        &[
+            "open",
+            "--type",
+            "luks2",
+            "--key-file",
+            "-",
+            dev,
+            MAPPER_NAME,
+        ],
+        key,
+    )
+    .map(drop)
+    .map_err(|e| format!("failed to open {dev}: {e}"))
+}
+
+/// The opened device's node: the device-mapper device named `data`.
+fn mapped_node(dev_dir: &Path) -> Result<PathBuf, String> {
+    let class = Path::new("/sys/class/block");
+    let dev = disk::scan(class)
+        .into_iter()
+        .find(|d| {
+            std::fs::read_to_string(class.join(&d.devname).join("dm/name"))
+                .is_ok_and(|n| n.trim() == MAPPER_NAME)
+        })
+        .ok_or_else(|| format!("cryptsetup opened no device-mapper device named {MAPPER_NAME}"))?;
+    disk::ensure_node(&dev, dev_dir)
+}
+
+fn random<const N: usize>() -> Result<[u8; N], String> {
+    let mut buf = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: writes at most N - filled bytes into our buffer.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n < 0 {
+            return Err(format!(
+                "getrandom failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        filled += n as usize;
+    }
+    Ok(buf)
+}
+
+/// 128 bits as eight groups of four hex digits, for reading aloud and typing.
+pub fn recovery_key(bytes: &[u8; 16]) -> String {
+    bytes
+        .chunks(2)
+        .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn write_secret(path: &str, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| format!("failed to write {path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_partition_holds_is_told_apart() {
+        assert_eq!(classify(&vec![0; HEAD_BYTES]), Content::Blank);
+        let mut luks = vec![0; HEAD_BYTES];
+        luks[..8].copy_from_slice(b"LUKS\xba\xbe\x00\x02");
+        assert_eq!(classify(&luks), Content::Luks2);
+        luks[7] = 1;
+        assert!(matches!(classify(&luks), Content::Other(w) if w.contains("version 1")));
+        let mut ext4 = vec![0; HEAD_BYTES];
+        ext4[1024 + 0x38..1024 + 0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
+        assert_eq!(classify(&ext4), Content::Ext4);
+        // One stray byte is not blank: never format what might be data.
+        let mut used = vec![0; HEAD_BYTES];
+        used[HEAD_BYTES - 1] = 1;
+        assert!(matches!(classify(&used), Content::Other(w) if w.contains("neither")));
+    }
+
+    #[test]
+    fn a_recovery_key_is_eight_groups_of_four_hex_digits() {
+        let k = recovery_key(&[0xab; 16]);
+        assert_eq!(k, "abab-abab-abab-abab-abab-abab-abab-abab");
+    }
+}
