@@ -18,8 +18,15 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Status,
-    Kill { service: String, signal: i32 },
-    Restart { service: String },
+    /// The boot's measurement logs: ours (PCR 11 phases) and the firmware's.
+    Measurements,
+    Kill {
+        service: String,
+        signal: i32,
+    },
+    Restart {
+        service: String,
+    },
     Poweroff,
     Reboot,
 }
@@ -28,6 +35,7 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Status => "status",
+            Request::Measurements => "measurements",
             Request::Kill { .. } => "kill",
             Request::Restart { .. } => "restart",
             Request::Poweroff => "poweroff",
@@ -49,6 +57,7 @@ pub fn parse_request(line: &str) -> Result<Request, Value> {
     };
     match cmd {
         "status" => Ok(Request::Status),
+        "measurements" => Ok(Request::Measurements),
         "kill" => {
             let signal = match v.get("signal") {
                 None => libc::SIGTERM,

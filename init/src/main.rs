@@ -11,6 +11,7 @@ mod disk;
 mod ext4;
 mod journal;
 mod logs;
+mod measurements;
 mod modules;
 mod mounts;
 mod net;

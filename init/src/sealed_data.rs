@@ -79,23 +79,43 @@ pub enum Unlock {
     Locked(String),
 }
 
-/// Measures the initrd phases around the unlock, and returns the outcome and the time
-/// spent on the TPM and the unlock.
+/// Opens (or on the first boot makes) the partition, measuring the initrd phases around
+/// the unseal; returns the outcome and the time spent on the TPM and the unlock.
 pub fn open(binds: &Binds, part: &BlockDev, dev_dir: &Path) -> (Unlock, std::time::Duration) {
     let start = std::time::Instant::now();
-    let outcome = match phase(Some(binds), "enter-initrd") {
-        Err(e) => Unlock::Locked(format!("no TPM to unseal the data key with: {e}")),
-        Ok(pcr11) => {
-            say!("tpm: PCR 11 (the UKI's sections, measured by systemd-stub, then enter-initrd): {pcr11}");
-            let outcome = unlock_or_create(binds, part, dev_dir);
-            // Right after the unseal: nothing later in this boot can unseal again.
-            if let Err(e) = phase(Some(binds), "leave-initrd") {
-                say!("tpm: {e}");
+    let outcome = match unlock_or_create(binds, part, dev_dir) {
+        Ok((node, formatted)) => Unlock::Opened { node, formatted },
+        Err(Refusal { why, measured }) => {
+            if !measured {
+                // Refused before the TPM was asked: the phases are measured all the same,
+                // so PCR 11 tells a verifier that this boot left the initrd.
+                for word in ["enter-initrd", "leave-initrd"] {
+                    if let Err(e) = phase(Some(binds), word) {
+                        say!("tpm: {word} not measured: {e}");
+                        break;
+                    }
+                }
             }
-            outcome
+            Unlock::Locked(why)
         }
     };
     (outcome, start.elapsed())
+}
+
+/// Why the partition stays closed, and whether edge-tpm ran (and so measured the
+/// initrd phases).
+struct Refusal {
+    why: String,
+    measured: bool,
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Refusal {
+        Refusal {
+            why,
+            measured: false,
+        }
+    }
 }
 
 /// Extends PCR 11 with a boot phase and returns its new value (hex): from stage 1
@@ -103,6 +123,35 @@ pub fn open(binds: &Binds, part: &BlockDev, dev_dir: &Path) -> (Unlock, std::tim
 pub fn phase(binds: Option<&Binds>, word: &str) -> Result<String, rootexec::Failed> {
     let out = rootexec::run(tpm_command(binds, &["phase", word]), b"")?;
     Ok(String::from_utf8_lossy(&out).trim().to_owned())
+}
+
+/// Stage 1's one edge-tpm run (`seal` or `unseal` with `--initrd`): it measures
+/// enter-initrd, does the work, and measures leave-initrd. Returns its JSON output, with
+/// the PCR 11 line said.
+fn tpm_initrd(binds: &Binds, args: &[&str], input: &[u8]) -> Result<Value, Refusal> {
+    let measured = |why: String| Refusal {
+        why,
+        measured: true,
+    };
+    let out = rootexec::run(tpm_command(Some(binds), args), input).map_err(|f| {
+        // edge-tpm's own words: "edge-tpm: the TPM refused the data key: ...". A TPM
+        // that could not be opened measured nothing.
+        let m = f.message;
+        let why = m
+            .split_once("edge-tpm: ")
+            .map(|(_, r)| r.to_owned())
+            .unwrap_or(m);
+        Refusal {
+            measured: !why.starts_with("no TPM"),
+            why,
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&out)
+        .map_err(|e| measured(format!("edge-tpm printed no JSON: {e}")))?;
+    if let Some(pcr11) = v.get("pcr11").and_then(Value::as_str) {
+        say!("tpm: PCR 11 (the UKI's sections, measured by systemd-stub, then enter-initrd): {pcr11}");
+    }
+    Ok(v)
 }
 
 fn tpm_command(binds: Option<&Binds>, args: &[&str]) -> std::process::Command {
@@ -120,51 +169,66 @@ fn cryptsetup(binds: &Binds, args: &[&str], input: &[u8]) -> Result<Vec<u8>, Str
     rootexec::run(c, input).map_err(|f| f.message)
 }
 
-fn unlock_or_create(binds: &Binds, part: &BlockDev, dev_dir: &Path) -> Unlock {
+fn unlock_or_create(
+    binds: &Binds,
+    part: &BlockDev,
+    dev_dir: &Path,
+) -> Result<(PathBuf, bool), Refusal> {
     let dev = part.node(dev_dir);
     let dev_s = dev.to_string_lossy().into_owned();
-    if let Err(e) = keep_policy_files() {
-        return Unlock::Locked(e);
-    }
-    let head = match read_head(&dev) {
-        Ok(h) => h,
-        Err(e) => return Unlock::Locked(e),
-    };
-    let fresh = match classify(&head) {
-        Content::Blank => true,
-        Content::Luks2 => match token(binds, &dev_s) {
-            Ok(Some(_)) => false,
+    keep_policy_files()?;
+    let head = read_head(&dev)?;
+    let token = match classify(&head) {
+        Content::Blank => None,
+        Content::Luks2 => match luks2_token(&head)
+            .map_err(|e| format!("the LUKS2 header of {dev_s} does not parse: {e}"))?
+        {
+            Some(t) => Some(t),
             // A header without our token: the first boot was cut short before the
             // token was written, so no key to it was ever given out. Start again.
-            Ok(None) => {
+            None => {
                 say!("data: {dev_s} holds a LUKS2 header without a sealed key (an interrupted first boot); making it again");
-                true
+                None
             }
-            Err(e) => return Unlock::Locked(e),
         },
         Content::Ext4 => {
-            return Unlock::Locked(format!(
+            return Err(format!(
                 "{dev_s} holds an unencrypted ext4 file system from an older image; it is left as it is (docs/security.md: copy its data off, then blank it)"
-            ))
+            )
+            .into())
         }
-        Content::Other(what) => {
-            return Unlock::Locked(format!(
-                "{dev_s} holds {what}; it is left as it is"
-            ))
-        }
+        Content::Other(what) => return Err(format!("{dev_s} holds {what}; it is left as it is").into()),
     };
-    let result = if fresh {
-        create(binds, &dev_s, dev_dir)
-    } else {
-        unlock(binds, &dev_s, dev_dir)
-    };
-    match result {
-        Ok(node) => Unlock::Opened {
-            node,
-            formatted: fresh,
-        },
-        Err(e) => Unlock::Locked(e),
+    match token {
+        None => create(binds, &dev_s, dev_dir).map(|node| (node, true)),
+        Some(token) => unlock(binds, &dev_s, &token, dev_dir).map(|node| (node, false)),
     }
+}
+
+/// Our token in a LUKS2 header (`head` holds at least the primary header): `Ok(None)`
+/// when there is none. The binary header's `hdr_size` (at byte 8, big-endian) bounds
+/// the JSON area, which starts at 4096 and is padded with NULs. Read here rather than
+/// with `cryptsetup luksDump`: one program less to start on every boot.
+pub fn luks2_token(head: &[u8]) -> Result<Option<Value>, String> {
+    let size = head
+        .get(8..16)
+        .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
+        .ok_or("truncated binary header")?;
+    let json = usize::try_from(size)
+        .ok()
+        .filter(|&n| n > 4096)
+        .and_then(|n| head.get(4096..n))
+        .ok_or_else(|| format!("header size {size} is out of range"))?;
+    let end = json.iter().position(|&b| b == 0).unwrap_or(json.len());
+    let meta: Value = serde_json::from_slice(&json[..end]).map_err(|e| format!("its JSON: {e}"))?;
+    Ok(meta
+        .get("tokens")
+        .and_then(Value::as_object)
+        .and_then(|t| {
+            t.values()
+                .find(|v| v.get("type").and_then(Value::as_str) == Some(TOKEN_TYPE))
+        })
+        .cloned())
 }
 
 /// Copies the stub's `.pcrsig` and `.pcrpkey` where edge-tpm (chrooted) reads them.
@@ -188,36 +252,36 @@ fn read_head(dev: &Path) -> Result<Vec<u8>, String> {
     Ok(head)
 }
 
-/// Our token in the header: `Ok(None)` when the header has none.
-fn token(binds: &Binds, dev: &str) -> Result<Option<Value>, String> {
-    let dump = cryptsetup(binds, &["luksDump", "--dump-json-metadata", dev], b"")
-        .map_err(|e| format!("the LUKS2 header of {dev} does not parse: {e}"))?;
-    let meta: Value = serde_json::from_slice(&dump)
-        .map_err(|e| format!("the LUKS2 header of {dev} does not parse: {e}"))?;
-    Ok(meta
-        .get("tokens")
-        .and_then(Value::as_object)
-        .and_then(|t| {
-            t.values()
-                .find(|v| v.get("type").and_then(Value::as_str) == Some(TOKEN_TYPE))
-        })
-        .cloned())
-}
-
 /// The first boot: a fresh LUKS2 with the TPM's key in slot 0 and the recovery key in
 /// slot 1, opened and given its ext4; only then the token that lets later boots unseal,
 /// so that a first boot cut short anywhere is made again on the next.
-fn create(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, String> {
+fn create(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, Refusal> {
     say!("data: {dev} is blank; sealing a new key to the TPM and making it LUKS2");
-    let key = random::<32>()?;
+    // The passphrase is 256 random bits as hex: text, as LUKS tools expect.
+    let key: String = random::<32>()?.iter().map(|b| format!("{b:02x}")).collect();
+    let key = key.as_bytes();
     let recovery = recovery_key(&random::<16>()?);
-    let sealed = rootexec::run(
-        tpm_command(Some(binds), &["seal", "--pcrpkey", PCRPKEY]),
-        &key,
-    )
-    .map_err(|f| format!("failed to seal the data key: {f}"))?;
-    let mut token: Value = serde_json::from_slice(&sealed)
-        .map_err(|e| format!("edge-tpm seal printed no token: {e}"))?;
+    let out = tpm_initrd(binds, &["seal", "--initrd", "--pcrpkey", PCRPKEY], key)?;
+    let measured = |why: String| Refusal {
+        why,
+        measured: true,
+    };
+    let mut token = out
+        .get("sealed")
+        .cloned()
+        .ok_or_else(|| measured("edge-tpm seal printed no sealed key".into()))?;
+    create_luks(binds, dev, dev_dir, key, &recovery, &mut token).map_err(measured)
+}
+
+/// The LUKS2 steps of the first boot, once the key is sealed.
+fn create_luks(
+    binds: &Binds,
+    dev: &str,
+    dev_dir: &Path,
+    key: &[u8],
+    recovery: &str,
+    token: &mut Value,
+) -> Result<PathBuf, String> {
     let pbkdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
     // The keys are random (256 and 128 bits): a slow key derivation would add nothing
     // but boot time.
@@ -243,7 +307,7 @@ fn create(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, String> {
     ];
     format.extend(pbkdf);
     format.push(dev);
-    cryptsetup(binds, &format, &key).map_err(|e| format!("failed to make {dev} LUKS2: {e}"))?;
+    cryptsetup(binds, &format, key).map_err(|e| format!("failed to make {dev} LUKS2: {e}"))?;
     write_secret(RECOVERY_FILE, recovery.as_bytes())?;
     let mut add = vec![
         "luksAddKey",
@@ -255,10 +319,10 @@ fn create(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, String> {
     ];
     add.extend(pbkdf);
     add.extend([dev, RECOVERY_FILE]);
-    let added = cryptsetup(binds, &add, &key);
+    let added = cryptsetup(binds, &add, key);
     let _ = std::fs::remove_file(RECOVERY_FILE);
     added.map_err(|e| format!("failed to add the recovery key to {dev}: {e}"))?;
-    open_with(binds, dev, &key)?;
+    open_with(binds, dev, key)?;
     let node = mapped_node(dev_dir)?;
     mke2fs(binds, &node)?;
     if let Some(t) = token.as_object_mut() {
@@ -286,33 +350,38 @@ fn create(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, String> {
 
 /// A later boot: the token's sealed key, unsealed by the TPM for this boot's PCR 11. An
 /// opened partition without ext4 is closed again, not formatted: it may hold data.
-fn unlock(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, String> {
-    let token = token(binds, dev)?.ok_or_else(|| format!("{dev} has no sealed key"))?;
-    let key = rootexec::run(
-        tpm_command(
-            Some(binds),
-            &["unseal", "--pcrpkey", PCRPKEY, "--pcrsig", PCRSIG],
-        ),
+fn unlock(binds: &Binds, dev: &str, token: &Value, dev_dir: &Path) -> Result<PathBuf, Refusal> {
+    let out = tpm_initrd(
+        binds,
+        &[
+            "unseal",
+            "--initrd",
+            "--pcrpkey",
+            PCRPKEY,
+            "--pcrsig",
+            PCRSIG,
+        ],
         token.to_string().as_bytes(),
-    )
-    .map_err(|f| {
-        // edge-tpm's own words: "edge-tpm: the TPM refused the data key: ...".
-        let m = f.message;
-        m.split_once("edge-tpm: ")
-            .map(|(_, r)| r.to_owned())
-            .unwrap_or(m)
-    })?;
-    open_with(binds, dev, &key)?;
+    )?;
+    let measured = |why: String| Refusal {
+        why,
+        measured: true,
+    };
+    let key = out
+        .get("secret")
+        .and_then(Value::as_str)
+        .ok_or_else(|| measured("edge-tpm unseal printed no key".into()))?;
+    open_with(binds, dev, key.as_bytes()).map_err(measured)?;
     say!("data: unlocked by the TPM");
-    let node = mapped_node(dev_dir)?;
+    let node = mapped_node(dev_dir).map_err(measured)?;
     match crate::ext4::read(&node) {
         Ok(Some(_)) => Ok(node),
         other => {
             let _ = cryptsetup(binds, &["close", MAPPER_NAME], b"");
-            Err(match other {
+            Err(measured(match other {
                 Err(e) => e,
                 _ => format!("{dev} opened, but holds no ext4 file system; it is left as it is"),
-            })
+            }))
         }
     }
 }
@@ -418,6 +487,64 @@ mod tests {
         let mut used = vec![0; HEAD_BYTES];
         used[HEAD_BYTES - 1] = 1;
         assert!(matches!(classify(&used), Content::Other(w) if w.contains("neither")));
+    }
+
+    /// A LUKS2 header made by the host's cryptsetup (cryptsetup-bin), with `token` imported.
+    fn luks2_head(token: Option<&str>) -> Vec<u8> {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("data.img");
+        std::fs::write(&img, vec![0u8; 20 << 20]).unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "0123").unwrap();
+        let st = Command::new("cryptsetup")
+            .args([
+                "luksFormat",
+                "--batch-mode",
+                "--type",
+                "luks2",
+                "--pbkdf",
+                "pbkdf2",
+            ])
+            .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+            .arg(&key)
+            .arg(&img)
+            .status()
+            .expect("cryptsetup (cryptsetup-bin) must be installed");
+        assert!(st.success());
+        if let Some(t) = token {
+            let mut c = Command::new("cryptsetup")
+                .args(["token", "import", "--json-file", "-"])
+                .arg(&img)
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(t.as_bytes()).unwrap();
+            assert!(c.wait().unwrap().success());
+        }
+        std::fs::read(&img).unwrap()[..HEAD_BYTES].to_vec()
+    }
+
+    #[test]
+    fn our_token_is_read_from_a_real_luks2_header() {
+        let head = luks2_head(Some(
+            r#"{"type":"edgeos-tpm2","keyslots":["0"],"tpm2-policy-key":"ab"}"#,
+        ));
+        assert_eq!(classify(&head), Content::Luks2);
+        let t = luks2_token(&head).unwrap().expect("the token");
+        assert_eq!(t["tpm2-policy-key"], "ab");
+        // Another tool's token is not ours; no token at all is an interrupted first boot.
+        let other = luks2_head(Some(r#"{"type":"another-tool","keyslots":["0"]}"#));
+        assert_eq!(luks2_token(&other).unwrap(), None);
+        let mut damaged = luks2_head(None);
+        assert_eq!(luks2_token(&damaged).unwrap(), None);
+        damaged[4096] = b'#';
+        let e = luks2_token(&damaged).unwrap_err();
+        assert!(e.contains("JSON"), "{e}");
+        damaged[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        let e = luks2_token(&damaged).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
     }
 
     #[test]

@@ -153,6 +153,8 @@ impl System {
                     let st = crate::status::build(boot, ready, data_full, sup.status());
                     json!({"reply": "status", "ok": true, "status": st})
                 }
+                Request::Measurements => json!({"reply": "measurements", "ok": true,
+                    "measurements": crate::measurements::read()}),
                 Request::Kill { service, signal } => done(sup.kill(&service, signal)),
                 Request::Restart { service } => done(sup.restart(&service)),
                 Request::Poweroff | Request::Reboot => {
@@ -480,6 +482,21 @@ fn mount_basics() {
         }
     }
     let _ = std::fs::create_dir_all("/run/edge");
+    // The firmware's TPM event log is read from securityfs (`measurements`).
+    if let Err(e) = rustix::mount::mount(
+        "securityfs",
+        crate::measurements::SECURITYFS,
+        "securityfs",
+        rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NODEV
+            | rustix::mount::MountFlags::NOEXEC,
+        c"",
+    ) {
+        say!(
+            "warning: failed to mount securityfs: {}",
+            std::io::Error::from(e)
+        );
+    }
 }
 
 /// Slot and version from stage 1's /run/edge/boot.json, else from the command line.
@@ -498,6 +515,8 @@ fn boot_info() -> Boot {
                         .get("data_locked")
                         .and_then(Value::as_str)
                         .map(str::to_owned),
+                    stage1_ms: v.get("stage1_ms").and_then(Value::as_u64),
+                    tpm_ms: v.get("tpm_ms").and_then(Value::as_u64),
                 };
             }
         }
@@ -509,7 +528,7 @@ fn boot_info() -> Boot {
             version: p.version,
             data_formatted: false,
             data_clean: true,
-            data_locked: None,
+            ..Boot::default()
         },
         Err(e) => {
             say!("warning: {e}");
@@ -518,7 +537,7 @@ fn boot_info() -> Boot {
                 version: "?".into(),
                 data_formatted: false,
                 data_clean: true,
-                data_locked: None,
+                ..Boot::default()
             }
         }
     }

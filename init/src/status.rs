@@ -48,6 +48,9 @@ pub struct Boot {
     pub data_clean: bool,
     /// Why the data partition stayed closed (stage 1's `data_locked`).
     pub data_locked: Option<String>,
+    /// Stage 1's time, and the part of it spent on the TPM and the unlock.
+    pub stage1_ms: Option<u64>,
+    pub tpm_ms: Option<u64>,
 }
 
 pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) -> Value {
@@ -61,6 +64,8 @@ pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) ->
         "mem_available_kib": available,
         "meminfo_kib": meminfo_all(),
         "init_rss_kib": rss_kib(std::process::id() as i32),
+        "stage1_ms": boot.stage1_ms,
+        "tpm_ms": boot.tpm_ms,
         "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full,
                  "locked": boot.data_locked},
         "services": services,

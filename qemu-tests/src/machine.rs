@@ -187,6 +187,11 @@ impl Machine {
         &self.path
     }
 
+    /// Plugs the TPM in or out for the next boot (its state is kept either way).
+    pub fn set_tpm(&mut self, attached: bool) {
+        self.opts.tpm = attached;
+    }
+
     /// The machine's own disk (a qcow2 overlay of the image).
     pub fn disk(&self) -> &Path {
         &self.disk

@@ -1,4 +1,5 @@
-//! The data partition sealed to the TPM. The first boot makes it LUKS2 under a key the
+//! The data partition sealed to the TPM. A boot without a TPM leaves the blank partition
+//! blank; the first boot with one makes it LUKS2 under a key the
 //! TPM seals to the image's signed PCR 11 policy, and PCR 11 at the unseal is the value
 //! the image builder predicted. A UKI whose command line was changed on the ESP boots
 //! far enough to say, on the console and the control port, that the TPM refused the
@@ -66,15 +67,30 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
     let mut m = Machine::new("sealed_data")?;
     let wait = |m: &mut Machine, pattern: &str| m.wait_for_console(pattern, BOOT_TIMEOUT);
 
-    // First boot: PCR 11 as predicted, a new LUKS2 sealed to it, a recovery key shown.
+    // No TPM on the first boot: nothing can be sealed, so nothing is made.
+    m.set_tpm(false);
     m.boot()?;
+    let line = wait(&mut m, "edgeos: data: locked:")?;
+    assert!(line.contains("no TPM"), "{line}");
+    m.wait_status(Duration::from_secs(60), "data locked in the status", |st| {
+        st["data"]["locked"].is_string()
+    })?;
+    m.powerdown()?;
+    m.wait_exit(Duration::from_secs(90))?;
+    if data_partition(&m)?.iter().any(|&b| b != 0) {
+        bail!("a boot without a TPM wrote to the blank data partition");
+    }
+    m.set_tpm(true);
+
+    // With the TPM: PCR 11 as predicted, a new LUKS2 sealed to it, a recovery key shown.
+    m.boot()?;
+    wait(&mut m, "is blank; sealing a new key to the TPM")?;
     let pcr = wait(&mut m, "edgeos: tpm: PCR 11 (")?;
     let predicted = predicted_pcr11("a")?;
     assert!(
         pcr.trim_end().ends_with(&predicted),
         "measured {pcr:?}, predicted {predicted}"
     );
-    wait(&mut m, "is blank; sealing a new key to the TPM")?;
     let recovery = wait(&mut m, "edgeos: data: recovery key")?;
     let key = recovery.rsplit(' ').next().unwrap_or("").trim();
     assert_eq!(
@@ -131,6 +147,23 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
     let st = m.status()?;
     assert_eq!(st["data"]["formatted"], false, "{st}");
     assert_eq!(st["data"]["clean"], true, "{st}");
+    // The measurement logs on the control port: our phases and the firmware's log.
+    let reply = m.request(serde_json::json!({"cmd": "measurements"}))?;
+    let ms = &reply["measurements"];
+    let phases: Vec<&str> = ms["events"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|r| r["content"]["string"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        phases[..3],
+        ["enter-initrd", "leave-initrd", "sysinit"],
+        "{ms}"
+    );
+    assert!(
+        ms["firmware_log"]["bytes"].as_u64().is_some_and(|n| n > 0),
+        "no firmware event log: {}",
+        ms["firmware_log"]
+    );
     m.finish();
     Ok(())
 }

@@ -63,6 +63,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
     packages.extend(["containerd", "runc"]);
     // edge-tpm links tpm2-tss (found with pkg-config); its tests reach swtpm over TCP.
     packages.extend([
+        // init's tests read LUKS2 headers that cryptsetup made.
+        "cryptsetup-bin",
         "libtss2-dev",
         "pkg-config",
         "libtss2-tcti-swtpm0",

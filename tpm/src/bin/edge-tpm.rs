@@ -3,17 +3,22 @@
 //! on failure: 2 when the TPM refused the data key to this boot, 1 for anything else.
 //!
 //! ```text
-//! edge-tpm phase <word>                           extend PCR 11, log the event
+//! edge-tpm phase <word>                           extend PCR 11, log the event, print it
 //! edge-tpm pcr11                                  print PCR 11 (hex)
-//! edge-tpm seal --pcrpkey <pem>  < secret         print the sealed key (JSON)
-//! edge-tpm unseal --pcrpkey <pem> --pcrsig <json> < sealed   print the secret
+//! edge-tpm seal --pcrpkey <pem> [--initrd] < secret
+//!     {"sealed": {...}}: the sealed key (the LUKS2 token's fields)
+//! edge-tpm unseal --pcrpkey <pem> --pcrsig <json> [--initrd] < sealed
+//!     {"secret": "..."}: the secret, which must be text
 //! ```
+//! `--initrd`: stage 1's one call. Extends `enter-initrd` first (and adds `"pcr11"`, its
+//! value then, to the output), and `leave-initrd` after, whatever the outcome, so that
+//! the phase a key can be unsealed at ends in the same process.
 //! The TPM is `/dev/tpmrm0`, or the TCTI in `EDGE_TPM_TCTI` (tests: `swtpm:port=N`).
 
 use std::io::{Read, Write};
 use std::path::Path;
 
-use edge_tpm::{eventlog, pcr, policy, Error, Sealed, Tpm};
+use edge_tpm::{eventlog, policy, Error, Sealed, Tpm};
 
 fn main() {
     // tpm2-tss logs every TPM error response to stderr itself; the one line below says
@@ -35,7 +40,7 @@ fn usage(why: &str) -> Error {
     Error::Input {
         what: "usage",
         why: format!(
-            "{why}; edge-tpm phase <word> | pcr11 | seal --pcrpkey <pem> | unseal --pcrpkey <pem> --pcrsig <json>"
+            "{why}; edge-tpm phase <word> | pcr11 | seal --pcrpkey <pem> [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd]"
         ),
     }
 }
@@ -76,6 +81,17 @@ fn stdout(bytes: &[u8]) -> Result<(), Error> {
         })
 }
 
+/// Extends PCR 11 with `word` and logs it; the new value, hex.
+fn phase(tpm: &mut Tpm, word: &str) -> Result<String, Error> {
+    let digest = tpm.extend_phase(word)?;
+    let log = std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into());
+    if let Err(e) = eventlog::append(Path::new(&log), policy::PCR_UKI, &digest, word) {
+        // The extend happened; a verifier replaying the log will say what is missing.
+        eprintln!("edge-tpm: failed to log the {word} extend in {log}: {e}");
+    }
+    Ok(policy::hex(&tpm.read_pcr11()?))
+}
+
 fn open() -> Result<Tpm, Error> {
     let tcti = std::env::var("EDGE_TPM_TCTI").unwrap_or_else(|_| edge_tpm::DEVICE.to_owned());
     Tpm::open(&tcti)
@@ -88,51 +104,64 @@ fn run(args: &[String]) -> Result<(), Error> {
     match cmd.as_str() {
         "phase" => {
             let word = args.get(1).ok_or_else(|| usage("phase needs a word"))?;
-            if !pcr::PHASES.contains(&word.as_str()) {
-                return Err(usage(&format!("{word:?} is not one of {:?}", pcr::PHASES)));
+            if !policy::PHASES.contains(&word.as_str()) {
+                return Err(usage(&format!(
+                    "{word:?} is not one of {:?}",
+                    policy::PHASES
+                )));
             }
-            let mut tpm = open()?;
-            let digest = tpm.extend_phase(word)?;
-            let log = std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into());
-            if let Err(e) = eventlog::append(Path::new(&log), policy::PCR_UKI, &digest, word) {
-                // The extend happened; a verifier replaying the log will say what is missing.
-                eprintln!("edge-tpm: failed to log the {word} extend in {log}: {e}");
-            }
-            let value = tpm.read_pcr11()?;
-            stdout(format!("{}\n", policy::hex(&value)).as_bytes())
+            let value = phase(&mut open()?, word)?;
+            stdout(format!("{value}\n").as_bytes())
         }
         "pcr11" => {
             let value = open()?.read_pcr11()?;
             stdout(format!("{}\n", policy::hex(&value)).as_bytes())
         }
-        "seal" => {
+        "seal" | "unseal" => {
             let key = policy::parse_pcrpkey(&read_file(
                 flag(args, "--pcrpkey")?,
                 "the PCR public key (.pcrpkey)",
             )?)?;
-            let secret = stdin()?;
-            let sealed = open()?.seal(&secret, &key)?;
-            let json = serde_json::to_string(&sealed).map_err(|e| Error::Input {
-                what: "the sealed key",
-                why: e.to_string(),
-            })?;
-            stdout(format!("{json}\n").as_bytes())
-        }
-        "unseal" => {
-            let key = policy::parse_pcrpkey(&read_file(
-                flag(args, "--pcrpkey")?,
-                "the PCR public key (.pcrpkey)",
-            )?)?;
-            let signed = policy::parse_pcrsig(&read_file(
-                flag(args, "--pcrsig")?,
-                "the PCR signature (.pcrsig)",
-            )?)?;
-            let sealed: Sealed = serde_json::from_slice(&stdin()?).map_err(|e| Error::Input {
-                what: "the sealed data key",
-                why: e.to_string(),
-            })?;
-            let secret = open()?.unseal(&sealed, &key, &signed)?;
-            stdout(&secret)
+            let signed = match cmd.as_str() {
+                "unseal" => Some(policy::parse_pcrsig(&read_file(
+                    flag(args, "--pcrsig")?,
+                    "the PCR signature (.pcrsig)",
+                )?)?),
+                _ => None,
+            };
+            let input = stdin()?;
+            let initrd = args.iter().any(|a| a == "--initrd");
+            let mut tpm = open()?;
+            let mut out = serde_json::Map::new();
+            if initrd {
+                out.insert(
+                    "pcr11".into(),
+                    phase(&mut tpm, policy::UNSEAL_PHASE)?.into(),
+                );
+            }
+            let result = match &signed {
+                None => tpm.seal(&input, &key).and_then(|sealed| {
+                    serde_json::to_value(&sealed).map_err(|e| Error::Input {
+                        what: "the sealed key",
+                        why: e.to_string(),
+                    })
+                }),
+                Some(signed) => serde_json::from_slice::<Sealed>(&input)
+                    .map_err(|e| Error::Input {
+                        what: "the sealed data key",
+                        why: e.to_string(),
+                    })
+                    .and_then(|sealed| tpm.unseal(&sealed, &key, signed))
+                    .map(|secret| String::from_utf8_lossy(&secret).into_owned().into()),
+            };
+            if initrd {
+                // Whatever the outcome: from here on nothing in this boot can unseal. A
+                // key is not handed out when that step failed.
+                phase(&mut tpm, "leave-initrd")?;
+            }
+            let field = if signed.is_some() { "secret" } else { "sealed" };
+            out.insert(field.into(), result?);
+            stdout(format!("{}\n", serde_json::Value::Object(out)).as_bytes())
         }
         other => Err(usage(&format!("unknown command {other:?}"))),
     }
