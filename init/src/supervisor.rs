@@ -672,9 +672,16 @@ impl Supervisor {
         };
         let procs_fd = procs.as_ref().map_or(-1, |f| f.as_raw_fd());
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (setsid, fcntl, write) on descriptors that exist in the child.
+        // functions (sigprocmask, setsid, fcntl, write) on descriptors that exist in the
+        // child.
         unsafe {
             cmd.pre_exec(move || {
+                // PID 1 blocks the signals it reads from a signalfd, and a child inherits
+                // the mask (std's Command does not reset it): unblocked, or a service that
+                // does not reset it itself (tokio's do not) never sees its SIGTERM.
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 // Own session and process group: a stop signals the service's whole group.
                 libc::setsid();
                 if procs_fd >= 0 {
@@ -1181,6 +1188,36 @@ stop_timeout_ms = 300
         );
         assert!(console(&notes).contains("sending SIGKILL"), "{notes:?}");
         assert_eq!(sup.state("stubborn"), Some(State::Stopped));
+    }
+
+    #[test]
+    fn a_service_starts_with_no_signal_blocked_even_when_init_blocks_them() {
+        // As PID 1 does (stage2::block_signals), on this thread: fork copies its mask.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // grep, not a shell: dash unblocks signals itself, tokio's daemons do not.
+        let mut sup = supervisor(
+            r#"
+[[service]]
+name = "mask"
+exec = ["/bin/grep", "SigBlk", "/proc/self/status"]
+restart = "never"
+"#,
+            Some(dir.path()),
+        );
+        run_until(&mut sup, 10, "mask to exit", |s| {
+            s.state("mask") == Some(State::Stopped)
+        });
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        let log = std::fs::read_to_string(dir.path().join("mask.log")).unwrap();
+        assert!(log.contains("SigBlk:\t0000000000000000"), "{log}");
     }
 
     #[test]
