@@ -51,16 +51,7 @@ fn hex(bytes: &[u8]) -> String {
 pub fn operator_key(dir: &Path) -> Result<SigningKey> {
     let key_path = dir.join("manifest.key");
     let pub_path = dir.join("manifest.pub");
-    if !key_path.exists() {
-        if pub_path.exists() {
-            bail!(
-                "{} exists without its private key {}: restore the key, or move both away to make a new pair",
-                pub_path.display(),
-                key_path.display()
-            );
-        }
-        make(dir, &key_path, &pub_path)?;
-    }
+    ensure_pair(&key_path, &pub_path, || make(dir, &key_path, &pub_path))?;
     let pkcs8 = std::fs::read(&key_path)
         .with_context(|| format!("failed to read {}", key_path.display()))?;
     let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| {
@@ -82,14 +73,26 @@ pub fn operator_key(dir: &Path) -> Result<SigningKey> {
     Ok(SigningKey { pair, public_hex })
 }
 
-fn make(dir: &Path, key_path: &Path, pub_path: &Path) -> Result<()> {
+/// Runs `make` when the private key is missing; a public half alone is refused (making a
+/// new pair would silently orphan every image that trusts the old one).
+fn ensure_pair(key_path: &Path, pub_path: &Path, make: impl FnOnce() -> Result<()>) -> Result<()> {
+    if key_path.exists() {
+        return Ok(());
+    }
+    if pub_path.exists() {
+        bail!(
+            "{} exists without its private key {}: restore the key, or move both away to make a new pair",
+            pub_path.display(),
+            key_path.display()
+        );
+    }
+    make()
+}
+
+/// Writes a private key into a new file made 0600 (never one that exists), synced.
+fn write_private(dir: &Path, key_path: &Path, key: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| anyhow::anyhow!("failed to generate an ed25519 key"))?;
-    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|_| anyhow::anyhow!("failed to use the generated key"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -97,9 +100,18 @@ fn make(dir: &Path, key_path: &Path, pub_path: &Path) -> Result<()> {
         .mode(0o600)
         .open(key_path)
         .with_context(|| format!("failed to create {}", key_path.display()))?;
-    f.write_all(pkcs8.as_ref())
+    f.write_all(key)
         .and_then(|_| f.sync_all())
-        .with_context(|| format!("failed to write {}", key_path.display()))?;
+        .with_context(|| format!("failed to write {}", key_path.display()))
+}
+
+fn make(dir: &Path, key_path: &Path, pub_path: &Path) -> Result<()> {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| anyhow::anyhow!("failed to generate an ed25519 key"))?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+        .map_err(|_| anyhow::anyhow!("failed to use the generated key"))?;
+    write_private(dir, key_path, pkcs8.as_ref())?;
     let public_hex = hex(pair.public_key().as_ref());
     std::fs::write(pub_path, format!("{public_hex}\n"))
         .with_context(|| format!("failed to write {}", pub_path.display()))?;
@@ -180,16 +192,9 @@ pub fn pcr_policy_key(dir: &Path) -> Result<PcrPolicyKey> {
     let key_path = dir.join("pcr-policy.key");
     let pub_path = dir.join("pcr-policy.pub.pem");
     let marker = dir.join("pcr-policy.development");
-    if !key_path.exists() {
-        if pub_path.exists() {
-            bail!(
-                "{} exists without its private key {}: restore the key, or move both away to make a new pair",
-                pub_path.display(),
-                key_path.display()
-            );
-        }
-        make_pcr_policy(dir, &key_path, &pub_path, &marker)?;
-    }
+    ensure_pair(&key_path, &pub_path, || {
+        make_pcr_policy(dir, &key_path, &pub_path, &marker)
+    })?;
     let pkcs8 = pem_body(&key_path, "PRIVATE KEY")?;
     let pair = RsaKeyPair::from_pkcs8(&pkcs8).map_err(|e| {
         anyhow::anyhow!(
@@ -226,7 +231,6 @@ pub fn pcr_policy_key(dir: &Path) -> Result<PcrPolicyKey> {
 
 fn make_pcr_policy(dir: &Path, key_path: &Path, pub_path: &Path, marker: &Path) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     use std::process::{Command, Stdio};
     // Through stdout, so the key is only ever written into a file made 0600.
     let key = super::cmd::output(Command::new("openssl").args([
@@ -259,16 +263,7 @@ fn make_pcr_policy(dir: &Path, key_path: &Path, pub_path: &Path, marker: &Path) 
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(key_path)
-        .with_context(|| format!("failed to create {}", key_path.display()))?;
-    f.write_all(&key)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("failed to write {}", key_path.display()))?;
+    write_private(dir, key_path, &key)?;
     std::fs::write(pub_path, &out.stdout)
         .with_context(|| format!("failed to write {}", pub_path.display()))?;
     std::fs::write(
