@@ -152,7 +152,11 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
     let ms = &reply["measurements"];
     let phases: Vec<&str> = ms["events"]
         .as_array()
-        .map(|e| e.iter().filter_map(|r| r["content"]["string"].as_str()).collect())
+        .map(|e| {
+            e.iter()
+                .filter_map(|r| r["content"]["string"].as_str())
+                .collect()
+        })
         .unwrap_or_default();
     assert_eq!(
         phases[..3],
