@@ -430,7 +430,7 @@ async fn session(
 ) -> Result<(), String> {
     let public_key = load_public_key(&down.public_key)?;
     let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel();
-    let client = crate::uplink::connect(core, lost_tx).await?;
+    let client = crate::uplink::connect(core, &config.site, lost_tx).await?;
     let js = async_nats::jetstream::new(client.clone());
     let kv = js
         .get_key_value(&down.bucket)
@@ -451,8 +451,7 @@ async fn session(
     };
     let site_key = format!("{}.manifest", config.site);
     let machine_key = format!("{}.{}.manifest", config.site, config.machine);
-    let mut watch = kv
-        .watch_with_history(format!("{}.>", config.site))
+    let mut watch = watch_site(&kv, &client, &config.site, &config.machine)
         .await
         .map_err(|e| format!("failed to watch KV bucket `{}`: {e}", down.bucket))?;
     let report_subject = format!("{}{}", config.subject_prefix(core), "_downlink");
@@ -467,10 +466,16 @@ async fn session(
             Some(Err(e)) => return Err(format!("KV watch failed: {e}")),
             None => return Err("KV watch ended".into()),
         };
-        if entry.key != site_key && entry.key != machine_key {
+        let key = entry.subject.strip_prefix(kv.prefix.as_str()).unwrap_or("");
+        if key != site_key && key != machine_key {
             continue;
         }
-        if entry.operation != async_nats::jetstream::kv::Operation::Put {
+        // A delete or purge marker: nothing to apply.
+        if entry
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get("KV-Operation").is_some())
+        {
             continue;
         }
         let mut report = Report {
@@ -481,8 +486,8 @@ async fn session(
             refused: vec![],
         };
         apply(
-            &entry.key,
-            &entry.value,
+            key,
+            &entry.payload,
             &public_key,
             &kv,
             &objects,
@@ -493,7 +498,7 @@ async fn session(
         .await;
         if !report.refused.is_empty() {
             for (what, why) in &report.refused {
-                tracing::error!(manifest = %entry.key, item = %what, "downlink refused: {why}");
+                tracing::error!(manifest = %key, item = %what, "downlink refused: {why}");
             }
         }
         let body = serde_json::to_vec(&report).unwrap_or_default();
@@ -501,6 +506,40 @@ async fn session(
             tracing::warn!("failed to report downlink result to the core: {e}");
         }
     }
+}
+
+/// This site's keys of the config bucket: each key's latest value, then every change.
+/// Not `Store::watch_with_history`: its consumer is created on
+/// `$JS.API.CONSUMER.CREATE.<stream>`, with the filter only in the request, which the
+/// core's permissions cannot confine to a site. A named consumer is created on
+/// `...CREATE.<stream>.<name>.<filter>`, and nats-server refuses a request whose filter
+/// is not the subject's, so the core can allow a site its own keys only (docs/fabric.md,
+/// "Authorization at the core"). The name is new each session: a consumer the core still
+/// holds from a lost session (it expires after 30 s) is not in the way.
+async fn watch_site(
+    kv: &async_nats::jetstream::kv::Store,
+    client: &async_nats::Client,
+    site: &str,
+    machine: &str,
+) -> Result<async_nats::jetstream::consumer::push::Ordered, String> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+    let mut id = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| "no randomness for the watch's name".to_string())?;
+    kv.stream
+        .create_consumer(push::OrderedConfig {
+            name: Some(format!("downlink-{site}-{machine}-{}", hex(&id))),
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}{site}.>", kv.prefix),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            replay_policy: ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[allow(clippy::too_many_arguments)]

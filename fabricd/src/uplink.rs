@@ -138,9 +138,17 @@ pub async fn run(log: Log, config: Arc<Config>, status: Arc<Status>) {
     }
 }
 
+/// The subject prefix of a box's replies and consumer deliveries: per site, so that the
+/// core can let a site's boxes subscribe to their own replies and nobody else's (the
+/// default `_INBOX.` is shared by every client; docs/fabric.md, "Authorization at the core").
+pub fn inbox_prefix(site: &str) -> String {
+    format!("_INBOX_{site}")
+}
+
 /// One TLS connection to the core that never reconnects by itself (see the module comment).
 pub async fn connect(
     core: &CoreConfig,
+    site: &str,
     lost: mpsc::UnboundedSender<String>,
 ) -> Result<async_nats::Client, String> {
     check_tls_files(core)?;
@@ -150,6 +158,7 @@ pub async fn connect(
         .add_root_certificates(core.ca.clone())
         .add_client_certificate(core.cert.clone(), core.key.clone())
         .require_tls(true)
+        .custom_inbox_prefix(inbox_prefix(site))
         .connection_timeout(Duration::from_secs(5))
         .ping_interval(Duration::from_secs(10))
         // The session, not the client, reconnects (see the module comment). A client
@@ -193,7 +202,7 @@ async fn session(
     status: &Arc<Status>,
 ) -> Result<(), String> {
     let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
-    let client = connect(core, lost_tx).await?;
+    let client = connect(core, &config.site, lost_tx).await?;
     tracing::info!(servers = ?core.servers, "uplink connected to the core");
     status.connected.store(true, Ordering::Relaxed);
     let js = jetstream::context::ContextBuilder::new()

@@ -1,7 +1,8 @@
 //! edgectl: the operator's tool on the core side. Sets up the stream, KV bucket and
-//! object store the edges mirror into and download from, makes the manifest signing
-//! key, publishes objects and signed manifests to one site or one machine, shows each
-//! site's last contact, and tails a site's topics.
+//! object store the edges mirror into and download from, writes the core's access
+//! configuration (which certificate may do what), makes the manifest signing key,
+//! publishes objects and signed manifests to one site or one machine, shows each site's
+//! last contact, and tails a site's topics.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,31 @@ enum Cmd {
         /// Must outlast the longest the edges may hold unacked records in flight.
         #[arg(long, default_value_t = 600)]
         dupe_window_secs: u64,
+    },
+    /// Write the core's access configuration for nats-server: its `tls` block (client
+    /// certificates required and mapped to users by subject) and an `authorization` block
+    /// with the operator's users (everything) and one user per site, allowed only that
+    /// site's subjects. Include the file from nats-server.conf and reload.
+    NatsConfig {
+        /// A site the core serves (repeat the flag per site).
+        #[arg(long = "site", required = true)]
+        sites: Vec<String>,
+        /// The certificate subject of a site's boxes; `{site}` becomes the site's name.
+        #[arg(long, default_value = "CN=site-{site}")]
+        site_subject: String,
+        /// The certificate subject of an operator (repeat for more); they may do anything.
+        #[arg(long = "operator", default_value = "CN=edge-operator")]
+        operators: Vec<String>,
+        /// The core's server certificate and key, and the CA that signs client certificates.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        #[arg(long)]
+        tls_key: PathBuf,
+        #[arg(long)]
+        tls_ca: PathBuf,
+        /// Where to write the configuration (standard output without it).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Make an ed25519 signing key (`<out>/manifest.key`, PKCS#8) and the public key for
     /// the image (`<out>/manifest.pub`, hex).
@@ -193,6 +219,189 @@ fn sign_framed(kp: &ring::signature::Ed25519KeyPair, body: &[u8]) -> Vec<u8> {
     signed
 }
 
+/// The names the core's stream, buckets and subjects go by (the global flags).
+struct Names<'a> {
+    prefix: &'a str,
+    bucket: &'a str,
+    objects: &'a str,
+    status_bucket: &'a str,
+}
+
+/// Letters, digits, `-` and `_`: what fabricd takes as a site (a subject token).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// What a box of `site` may publish at the core, each with why fabricd needs it. Read off
+/// fabricd's client calls (src/uplink.rs, src/downlink.rs) and the subjects async-nats
+/// sends them on; a subject missing here shows as a permissions violation that ends the
+/// box's session, which the site_authorization test would catch.
+fn site_publish(n: &Names, site: &str) -> Vec<(String, &'static str)> {
+    let Names {
+        prefix,
+        bucket,
+        objects,
+        status_bucket,
+    } = n;
+    vec![
+        (
+            format!("{prefix}.{site}.>"),
+            "records of every machine of the site, and the downlink reports (<machine>._downlink)",
+        ),
+        (
+            format!("$KV.{status_bucket}.{site}.*"),
+            "each machine's status report, under its key <site>.<machine>",
+        ),
+        (
+            format!("$JS.API.STREAM.INFO.KV_{bucket}"),
+            "opening the config bucket",
+        ),
+        (
+            format!("$JS.API.CONSUMER.CREATE.KV_{bucket}.*.$KV.{bucket}.{site}.>"),
+            "watching the site's keys: a named consumer, whose filter nats-server checks against this subject",
+        ),
+        (
+            format!("$JS.FC.KV_{bucket}.>"),
+            "flow control replies of that watch",
+        ),
+        (
+            format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{site}.>"),
+            "reading the site's kv items (keys under <site>.)",
+        ),
+        (
+            format!("$JS.API.STREAM.INFO.OBJ_{objects}"),
+            "opening the object store and its stream",
+        ),
+        (
+            format!("$JS.API.DIRECT.GET.OBJ_{objects}.$O.{objects}.M.*"),
+            "an object's info (size, chunk id) by name: any object",
+        ),
+        (
+            format!("$JS.API.CONSUMER.CREATE.OBJ_{objects}"),
+            "reading an object's chunks (the filter is only in the request: any object)",
+        ),
+        (
+            format!("$JS.FC.OBJ_{objects}.>"),
+            "flow control replies of those reads",
+        ),
+    ]
+}
+
+/// A site's boxes may read only their site's keys of the config bucket (`<site>.` ...),
+/// so a manifest naming another key could never be applied: refused before it is signed.
+fn kv_items_of_site(manifest: &fabricd::downlink::Manifest, site: &str) -> Result<(), String> {
+    let own = format!("{site}.");
+    match manifest
+        .items
+        .iter()
+        .find(|i| i.store == "kv" && !i.key.starts_with(&own))
+    {
+        Some(i) => Err(format!(
+            "item `{}`: kv key `{}` is not under `{own}`, and the boxes of site {site} may read only their site's keys",
+            i.name, i.key
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The core's access configuration (see `Cmd::NatsConfig`): nats-server's configuration
+/// syntax, with a comment on every site subject saying why the box needs it.
+fn nats_config(
+    n: &Names,
+    sites: &[String],
+    site_subject: &str,
+    operators: &[String],
+    tls: [&std::path::Path; 3],
+) -> Result<String, String> {
+    use std::fmt::Write;
+    if !site_subject.contains("{site}") {
+        return Err(format!(
+            "--site-subject {site_subject:?} must contain {{site}}"
+        ));
+    }
+    let mut users: Vec<(String, Option<&str>)> =
+        operators.iter().map(|o| (o.clone(), None)).collect();
+    for site in sites {
+        if !is_token(site) {
+            return Err(format!(
+                "site {site:?} must be letters, digits, '-' or '_' (it is a subject token)"
+            ));
+        }
+        users.push((site_subject.replace("{site}", site), Some(site.as_str())));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (subject, _) in &users {
+        // Users are matched by the certificate's distinguished name; a value that needs
+        // quoting or escaping is more likely a mistake than a subject the CA issues.
+        if !subject.contains('=')
+            || subject
+                .chars()
+                .any(|c| c == '"' || c == '\\' || c.is_control())
+        {
+            return Err(format!(
+                "certificate subject {subject:?} must be a distinguished name like CN=site-s1,O=example, without quotes or backslashes"
+            ));
+        }
+        if !seen.insert(subject.to_ascii_lowercase()) {
+            return Err(format!(
+                "certificate subject {subject:?} is given to two users"
+            ));
+        }
+    }
+    for (flag, path) in ["--tls-cert", "--tls-key", "--tls-ca"].iter().zip(tls) {
+        let text = path.to_str().unwrap_or_default();
+        if !path.is_absolute() || text.contains(['"', '\\']) || text.is_empty() {
+            return Err(format!(
+                "{flag} {} must be an absolute path (as nats-server sees it), without quotes or backslashes",
+                path.display()
+            ));
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Written by `edgectl nats-config`: who may connect to the core and what each may do.\n\
+         # Sites: {}. Include this file from nats-server.conf, which then has no tls or\n\
+         # authorization block of its own, and reload nats-server (docs/fabric.md).\n\
+         tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  \
+         # A client certificate signed by ca_file is required; its subject names the user.\n  \
+         verify_and_map: true\n  timeout: 5\n}}\n\
+         authorization {{\n  users = [",
+        sites.join(", "),
+        tls[0].display(),
+        tls[1].display(),
+        tls[2].display()
+    );
+    for (subject, site) in &users {
+        let Some(site) = site else {
+            let _ = writeln!(
+                out,
+                "    # An operator: everything.\n    {{ user: \"{subject}\" }}"
+            );
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "    # Site {site}: every box of the site presents a certificate with this subject.\n    \
+             {{\n      user: \"{subject}\"\n      permissions: {{\n        publish: {{\n          allow: ["
+        );
+        for (subject, why) in site_publish(n, site) {
+            let _ = writeln!(out, "            # {why}\n            \"{subject}\"");
+        }
+        let _ = writeln!(
+            out,
+            "          ]\n        }}\n        subscribe: {{\n          allow: [\n            \
+             # replies and consumer deliveries, on the box's own inbox prefix\n            \
+             \"{}.>\"\n          ]\n        }}\n      }}\n    }}",
+            fabricd::uplink::inbox_prefix(site)
+        );
+    }
+    out.push_str("  ]\n}\n");
+    Ok(out)
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
     if let Cmd::Allowlist {
@@ -211,6 +420,44 @@ async fn run(cli: Cli) -> Result<(), String> {
             digests.len(),
             out.display()
         );
+        return Ok(());
+    }
+    if let Cmd::NatsConfig {
+        sites,
+        site_subject,
+        operators,
+        tls_cert,
+        tls_key,
+        tls_ca,
+        out,
+    } = &cli.cmd
+    {
+        let names = Names {
+            prefix: &cli.prefix,
+            bucket: &cli.bucket,
+            objects: &cli.objects,
+            status_bucket: &cli.status_bucket,
+        };
+        let text = nats_config(
+            &names,
+            sites,
+            site_subject,
+            operators,
+            [tls_cert, tls_key, tls_ca].map(PathBuf::as_path),
+        )?;
+        match out {
+            Some(path) => {
+                std::fs::write(path, text)
+                    .map_err(|e| format!("failed to write {}: {e}", path.display()))?;
+                println!(
+                    "access for {} site(s) and {} operator(s) written to {}",
+                    sites.len(),
+                    operators.len(),
+                    path.display()
+                );
+            }
+            None => print!("{text}"),
+        }
         return Ok(());
     }
     if let Cmd::Keygen { out } = &cli.cmd {
@@ -244,7 +491,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     let client = connect(&cli).await?;
     let js = async_nats::jetstream::new(client.clone());
     match &cli.cmd {
-        Cmd::Keygen { .. } | Cmd::Allowlist { .. } => unreachable!("handled above"),
+        Cmd::Keygen { .. } | Cmd::Allowlist { .. } | Cmd::NatsConfig { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Setup { dupe_window_secs } => {
             // The KV and object store layouts are made as plain streams: the client's
             // create_key_value needs account info newer servers send (nats-server 2.9
@@ -334,6 +583,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             // Refuse to sign what the edges would refuse to read.
             let parsed: fabricd::downlink::Manifest = serde_json::from_slice(&body)
                 .map_err(|e| format!("{} is not a manifest: {e}", manifest.display()))?;
+            kv_items_of_site(&parsed, site).map_err(|e| format!("{}: {e}", manifest.display()))?;
             let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&read(signing_key)?)
                 .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", signing_key.display()))?;
             let signed = sign_framed(&kp, &body);
@@ -513,6 +763,94 @@ async fn run(cli: Cli) -> Result<(), String> {
 mod tests {
     use super::*;
     use ring::signature::{UnparsedPublicKey, ED25519};
+
+    const NAMES: Names = Names {
+        prefix: "edge",
+        bucket: "edge-config",
+        objects: "edge-objects",
+        status_bucket: "edge-status",
+    };
+
+    fn config(sites: &[&str], subject: &str, operators: &[&str]) -> Result<String, String> {
+        let sites: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
+        let operators: Vec<String> = operators.iter().map(|s| s.to_string()).collect();
+        let p = std::path::Path::new;
+        nats_config(
+            &NAMES,
+            &sites,
+            subject,
+            &operators,
+            [
+                p("/etc/nats/server.pem"),
+                p("/etc/nats/server.key"),
+                p("/etc/nats/ca.pem"),
+            ],
+        )
+    }
+
+    #[test]
+    fn the_access_configuration_gives_each_site_only_its_own_subjects() {
+        let text = config(&["s1", "s-2"], "CN=box,OU={site},O=acme", &["CN=ops"]).unwrap();
+        assert!(text.contains("verify_and_map: true"), "{text}");
+        assert!(text.contains("ca_file: \"/etc/nats/ca.pem\""), "{text}");
+        assert!(text.contains("{ user: \"CN=ops\" }"), "{text}");
+        let (s1, s2) = text.split_once("user: \"CN=box,OU=s-2,O=acme\"").unwrap();
+        assert!(s1.contains("user: \"CN=box,OU=s1,O=acme\""), "{text}");
+        for (part, own, other) in [(s1, "s1", "s-2"), (s2, "s-2", "s1")] {
+            let part = &part[part.find("permissions").unwrap()..];
+            assert!(part.contains(&format!("\"edge.{own}.>\"")), "{part}");
+            assert!(
+                part.contains(&format!(
+                    "\"$JS.API.DIRECT.GET.KV_edge-config.$KV.edge-config.{own}.>\""
+                )),
+                "{part}"
+            );
+            assert!(part.contains(&format!("\"_INBOX_{own}.>\"")), "{part}");
+            assert!(!part.contains(&format!(".{other}.")), "{part}");
+        }
+    }
+
+    #[test]
+    fn a_manifest_may_name_only_kv_keys_of_its_site() {
+        let manifest = |key: &str| -> fabricd::downlink::Manifest {
+            serde_json::from_value(serde_json::json!({"version": 1, "items": [
+                {"kind": "models", "name": "m", "store": "object", "key": "any", "sha256": "0"},
+                {"kind": "config", "name": "app.toml", "store": "kv", "key": key, "sha256": "0"},
+            ]}))
+            .unwrap()
+        };
+        assert!(kv_items_of_site(&manifest("s1.cfg.app"), "s1").is_ok());
+        for key in ["s2.cfg.app", "s10.cfg", "s1"] {
+            let e = kv_items_of_site(&manifest(key), "s1").unwrap_err();
+            assert!(e.contains(&format!("`{key}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_bad_site_subject_or_path_is_named() {
+        for (sites, subject, operators, needle) in [
+            (&["s.1"][..], "CN=site-{site}", &["CN=ops"][..], "\"s.1\""),
+            (&["s1"], "CN=site", &["CN=ops"], "{site}"),
+            (&["s1"], "site-{site}", &["CN=ops"], "\"site-s1\""),
+            (&["s1"], "CN=site-{site}", &["CN=\"ops\""], "without quotes"),
+            (&["s1"], "CN=ops{site}", &["CN=opss1"], "two users"),
+            (&["s1", "s1"], "CN=site-{site}", &["CN=ops"], "two users"),
+        ] {
+            let e = config(sites, subject, operators).unwrap_err();
+            assert!(e.contains(needle), "{sites:?} {subject}: {e}");
+        }
+        let sites = ["s1".to_string()];
+        let p = std::path::Path::new;
+        let e = nats_config(
+            &NAMES,
+            &sites,
+            "CN=site-{site}",
+            &["CN=ops".into()],
+            [p("server.pem"), p("/k"), p("/c")],
+        )
+        .unwrap_err();
+        assert!(e.contains("--tls-cert server.pem"), "{e}");
+    }
 
     #[test]
     fn an_allowlist_is_signed_json_and_bad_digests_are_named() {

@@ -342,6 +342,50 @@ impl Pki {
         self.dir.join(name)
     }
 
+    /// Issues `<name>.pem` and `<name>.key`: a client certificate with `subject` (openssl's
+    /// `/CN=...` form), signed by the test CA.
+    pub fn issue_client(&self, name: &str, subject: &str) {
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                subject,
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-extensions",
+                "client",
+            ],
+        );
+    }
+
     /// The `[core]` table for fabricd, with the client certificate `client`. Status
     /// reports are off (these cores have no status bucket).
     pub fn core_toml(&self, url: &str, client: &str) -> String {
@@ -363,6 +407,20 @@ pub struct Nats {
 
 impl Nats {
     pub fn start(dir: &Path, pki: &Pki) -> Nats {
+        Nats::start_with(
+            dir,
+            &format!(
+                "tls {{\n cert_file: \"{}\"\n key_file: \"{}\"\n ca_file: \"{}\"\n verify: true\n timeout: 5\n}}\n",
+                pki.path("server.pem").display(),
+                pki.path("server.key").display(),
+                pki.path("ca.pem").display()
+            ),
+        )
+    }
+
+    /// A nats-server whose configuration is `listen`, `jetstream` and then `access` (its
+    /// tls and authorization, e.g. `include "..."`).
+    pub fn start_with(dir: &Path, access: &str) -> Nats {
         let mut n = Nats {
             port: free_port(),
             dir: dir.to_owned(),
@@ -372,17 +430,26 @@ impl Nats {
         std::fs::write(
             dir.join("nats.conf"),
             format!(
-                "listen: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\ntls {{\n cert_file: \"{}\"\n key_file: \"{}\"\n ca_file: \"{}\"\n verify: true\n timeout: 5\n}}\n",
+                "listen: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n{access}\n",
                 n.port,
                 dir.join("store").display(),
-                pki.path("server.pem").display(),
-                pki.path("server.key").display(),
-                pki.path("ca.pem").display()
             ),
         )
         .unwrap();
         n.restart();
         n
+    }
+
+    /// Makes nats-server read its configuration again (SIGHUP), as `nats-server --signal
+    /// reload` does.
+    pub fn reload(&self) {
+        let c = self.child.as_ref().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
+    }
+
+    /// What nats-server has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
