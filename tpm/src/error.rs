@@ -16,6 +16,9 @@ pub enum Error {
         #[source]
         source: tss_esapi::Error,
     },
+    /// Attestation evidence (a quote, a key) that does not prove what it claims.
+    #[error("attestation refused: {0}")]
+    Untrusted(String),
     /// The TPM (or our check ahead of it) refused the sealed key to this boot.
     #[error("the TPM refused the data key: {0}")]
     Refused(String),

@@ -6,6 +6,9 @@
 
 mod error;
 pub mod eventlog;
+pub mod evidence;
+#[cfg(feature = "tpm")]
+pub mod identity;
 #[cfg(feature = "tpm")]
 pub mod pcr;
 pub mod policy;
@@ -17,6 +20,8 @@ mod tpm;
 pub mod unseal;
 
 pub use error::Error;
+#[cfg(feature = "tpm")]
+pub use identity::AttestationKey;
 #[cfg(feature = "tpm")]
 pub use seal::Sealed;
 #[cfg(feature = "tpm")]

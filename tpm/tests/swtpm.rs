@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edge_tpm::policy::{self, PolicyKey, SignedPolicy};
-use edge_tpm::{Error, Tpm};
+use edge_tpm::{evidence, Error, Tpm};
 
 struct Swtpm {
     child: Child,
@@ -250,4 +250,93 @@ fn the_key_fingerprint_is_systemds_pkfp() {
     use sha2::Digest as _;
     let want = policy::hex(&sha2::Sha256::digest(&out.stdout));
     assert_eq!(policy::parse_pcrpkey(&public).unwrap().fingerprint, want);
+}
+
+fn untrusted<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
+    match r {
+        Err(Error::Untrusted(why)) => why,
+        other => panic!("expected the evidence refused, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_credential_opens_only_in_the_tpm_of_its_endorsement_key_for_its_attestation_key() {
+    let (a, b) = (swtpm(), swtpm());
+    let (mut tpm_a, mut tpm_b) = (a.open(), b.open());
+    let ek_a = tpm_a.endorsement_key().unwrap();
+    // The endorsement key is made from the template: the same key every time.
+    assert_eq!(tpm_a.endorsement_key().unwrap(), ek_a);
+    let ek_b = tpm_b.endorsement_key().unwrap();
+    assert_ne!(ek_a, ek_b);
+    let ak_a = tpm_a.create_attestation_key().unwrap();
+    let ak_b = tpm_b.create_attestation_key().unwrap();
+    let name_a = evidence::name(&ak_a.public().unwrap());
+    let name_b = evidence::name(&ak_b.public().unwrap());
+
+    let secret = b"nonce-from-the-core-0123456789ab";
+    let for_a = evidence::make_credential(&ek_a, &name_a, secret).unwrap();
+    assert_eq!(tpm_a.activate_credential(&ak_a, &for_a).unwrap(), secret);
+
+    // Another TPM (its EK and its AK) cannot open A's credential.
+    let why = untrusted(tpm_b.activate_credential(&ak_b, &for_a));
+    assert!(why.contains("cannot open the credential"), "{why}");
+    // A credential for B's EK, naming A's AK, does not open in A.
+    let for_b_ek = evidence::make_credential(&ek_b, &name_a, secret).unwrap();
+    untrusted(tpm_a.activate_credential(&ak_a, &for_b_ek));
+    // A's EK with B's AK named (a box claiming another TPM's AK as its own): B's AK
+    // does not load in A, and A's own AK is not the one named.
+    let naming_b = evidence::make_credential(&ek_a, &name_b, secret).unwrap();
+    assert!(tpm_a.activate_credential(&ak_b, &naming_b).is_err());
+    untrusted(tpm_a.activate_credential(&ak_a, &naming_b));
+
+    // An attestation key's public part is not an endorsement key.
+    let e = evidence::make_credential(&ak_a.public().unwrap(), &name_a, secret).unwrap_err();
+    assert!(e.to_string().contains("endorsement key"), "{e}");
+}
+
+#[test]
+fn a_quote_is_checked_and_a_forged_one_refused() {
+    let (a, b) = (swtpm(), swtpm());
+    let (mut tpm_a, mut tpm_b) = (a.open(), b.open());
+    let ak_a = tpm_a.create_attestation_key().unwrap();
+    let ak_b = tpm_b.create_attestation_key().unwrap();
+    let public_a = ak_a.public().unwrap();
+    tpm_a.extend_phase("enter-initrd").unwrap();
+    let pcr11 = tpm_a.read_pcr11().unwrap();
+
+    let nonce = b"challenge-1";
+    let quote = tpm_a.quote(&ak_a, nonce, &[11, 0, 7]).unwrap();
+    let quoted = evidence::check_quote(&public_a, &quote, nonce).unwrap();
+    let indices: Vec<u32> = quoted.pcrs.iter().map(|p| p.0).collect();
+    assert_eq!(indices, [0, 7, 11]);
+    assert_eq!(quoted.pcrs[2].1, pcr11);
+
+    // Another nonce: an old answer replayed.
+    let why = untrusted(evidence::check_quote(&public_a, &quote, b"challenge-2"));
+    assert!(why.contains("another nonce"), "{why}");
+    // Other PCR values than the TPM quoted.
+    let mut other_values = quote.clone();
+    other_values.pcrs[2].1 = policy::hex(&[7; 32]);
+    let why = untrusted(evidence::check_quote(&public_a, &other_values, nonce));
+    assert!(why.contains("not the ones the TPM quoted"), "{why}");
+    // Fewer PCRs than quoted.
+    let mut fewer = quote.clone();
+    fewer.pcrs.pop();
+    let why = untrusted(evidence::check_quote(&public_a, &fewer, nonce));
+    assert!(why.contains("covers PCRs"), "{why}");
+    // Another TPM's quote presented as A's, and A's quote with one byte changed.
+    let by_b = tpm_b.quote(&ak_b, nonce, &[0, 7, 11]).unwrap();
+    let why = untrusted(evidence::check_quote(&public_a, &by_b, nonce));
+    assert!(why.contains("not the attestation key's"), "{why}");
+    let mut attest = policy::base64_decode(&quote.attest).unwrap();
+    let last = attest.len() - 1;
+    attest[last] ^= 1;
+    let tampered = edge_tpm::evidence::Quote {
+        attest: policy::base64_encode(&attest),
+        ..quote.clone()
+    };
+    untrusted(evidence::check_quote(&public_a, &tampered, nonce));
+    // A key that is not an attestation key (the endorsement key) is not taken.
+    let ek = tpm_a.endorsement_key().unwrap();
+    assert!(evidence::check_quote(&ek, &quote, nonce).is_err());
 }

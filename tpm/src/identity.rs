@@ -1,0 +1,253 @@
+//! The box's half of attestation: its endorsement key (the TCG template's ECC P-256 EK,
+//! the key the manufacturer's certificate names), an attestation key made under it, the
+//! credential only this TPM can open (TPM2_ActivateCredential) and quotes of its PCRs.
+//! The core's half, which needs no TPM, is `evidence`.
+
+use serde::{Deserialize, Serialize};
+use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::AuthHandle;
+use tss_esapi::handles::{KeyHandle, SessionHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    Data, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot, Private, Public,
+    SignatureScheme, SymmetricDefinition,
+};
+use tss_esapi::traits::{Marshall, UnMarshall};
+
+use crate::error::{tpm_op, Error};
+use crate::evidence::{Credential, Quote};
+use crate::policy::{base64_decode, base64_encode, hex};
+use crate::Tpm;
+
+/// An attestation key as the box stores it: blobs only its TPM can load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestationKey {
+    /// TPM2B_PRIVATE contents (wrapped by the endorsement key), base64.
+    pub private: String,
+    /// TPMT_PUBLIC, base64: what the core checks quotes with.
+    pub public: String,
+}
+
+impl AttestationKey {
+    /// The TPMT_PUBLIC.
+    pub fn public(&self) -> Result<Vec<u8>, Error> {
+        base64_decode(&self.public).map_err(|why| Error::Input {
+            what: "the attestation key's public part",
+            why,
+        })
+    }
+}
+
+fn input(what: &'static str) -> impl Fn(String) -> Error {
+    move |why| Error::Input { what, why }
+}
+
+impl Tpm {
+    /// The endorsement key, made again from the TCG template (the same key every time).
+    fn ek(&mut self) -> Result<KeyHandle, Error> {
+        ek::create_ek_object_2(
+            &mut self.ctx,
+            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            None,
+        )
+        .map_err(tpm_op("create the endorsement key"))
+    }
+
+    /// The endorsement key's TPMT_PUBLIC: what the core makes credentials for, and what
+    /// the manufacturer's EK certificate certifies.
+    pub fn endorsement_key(&mut self) -> Result<Vec<u8>, Error> {
+        let handle = self.ek()?;
+        let public = self.ctx.read_public(handle).map(|(p, _, _)| p);
+        let _ = self.ctx.flush_context(handle.into());
+        public
+            .map_err(tpm_op("read the endorsement key"))?
+            .marshall()
+            .map_err(tpm_op("marshal the endorsement key"))
+    }
+
+    /// A new attestation key under the endorsement key: ECDSA P-256 with SHA-256,
+    /// restricted (it signs only what the TPM produced), never leaving this TPM.
+    pub fn create_attestation_key(&mut self) -> Result<AttestationKey, Error> {
+        let ek = self.ek()?;
+        let created = ak::create_ak_2(
+            &mut self.ctx,
+            ek,
+            HashingAlgorithm::Sha256,
+            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            SignatureSchemeAlgorithm::EcDsa,
+            None,
+            None,
+        );
+        let _ = self.ctx.flush_context(ek.into());
+        let created = created.map_err(tpm_op("create the attestation key"))?;
+        Ok(AttestationKey {
+            private: base64_encode(created.out_private.value()),
+            public: base64_encode(
+                &created
+                    .out_public
+                    .marshall()
+                    .map_err(tpm_op("marshal the attestation key"))?,
+            ),
+        })
+    }
+
+    /// Loads the attestation key under a fresh endorsement key; both handles, to flush.
+    fn load_attestation_key(
+        &mut self,
+        key: &AttestationKey,
+    ) -> Result<(KeyHandle, KeyHandle), Error> {
+        let private =
+            base64_decode(&key.private).map_err(input("the attestation key's private part"))?;
+        let private = Private::try_from(private).map_err(|e| Error::Input {
+            what: "the attestation key's private part",
+            why: e.to_string(),
+        })?;
+        let public = Public::unmarshall(&key.public()?).map_err(|e| Error::Input {
+            what: "the attestation key's public part",
+            why: e.to_string(),
+        })?;
+        let ek = self.ek()?;
+        match ak::load_ak(&mut self.ctx, ek, None, private, public) {
+            Ok(handle) => Ok((ek, handle)),
+            Err(e) => {
+                let _ = self.ctx.flush_context(ek.into());
+                Err(tpm_op("load the attestation key (made by another TPM?)")(e))
+            }
+        }
+    }
+
+    /// Opens a credential the core made for this TPM's endorsement key and `key`'s name
+    /// (`evidence::make_credential`). Another TPM, or another key, gets an error.
+    pub fn activate_credential(
+        &mut self,
+        key: &AttestationKey,
+        credential: &Credential,
+    ) -> Result<Vec<u8>, Error> {
+        let id_object = base64_decode(&credential.id_object).map_err(input("the credential"))?;
+        let id_object = IdObject::try_from(id_object).map_err(|e| Error::Input {
+            what: "the credential",
+            why: e.to_string(),
+        })?;
+        let secret = base64_decode(&credential.secret).map_err(input("the credential's secret"))?;
+        let secret = EncryptedSecret::try_from(secret).map_err(|e| Error::Input {
+            what: "the credential's secret",
+            why: e.to_string(),
+        })?;
+        let (ek, ak) = self.load_attestation_key(key)?;
+        let result = self.with_endorsement_policy(|ctx, policy| {
+            ctx.execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
+                c.activate_credential(ak, ek, id_object, secret)
+            })
+        });
+        let _ = self.ctx.flush_context(ak.into());
+        let _ = self.ctx.flush_context(ek.into());
+        let digest = result.map_err(|e| {
+            Error::Untrusted(format!(
+                "this TPM cannot open the credential (made for another TPM's endorsement key or another attestation key): {e}"
+            ))
+        })?;
+        Ok(digest.value().to_vec())
+    }
+
+    /// A policy session satisfying the endorsement key's policy (PolicySecret of the
+    /// endorsement hierarchy, whose auth is empty), for `f`; flushed after.
+    fn with_endorsement_policy<T>(
+        &mut self,
+        f: impl FnOnce(&mut tss_esapi::Context, AuthSession) -> tss_esapi::Result<T>,
+    ) -> tss_esapi::Result<T> {
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )?
+            .ok_or(tss_esapi::Error::WrapperError(
+                tss_esapi::WrapperErrorKind::WrongValueFromTpm,
+            ))?;
+        let result = PolicySession::try_from(session)
+            .and_then(|policy| {
+                self.ctx.execute_with_nullauth_session(|c| {
+                    c.policy_secret(
+                        policy,
+                        AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
+                })
+            })
+            .and_then(|_| f(&mut self.ctx, session));
+        let _ = self.ctx.flush_context(SessionHandle::from(session).into());
+        result
+    }
+
+    /// A quote by `key` over the SHA-256 bank's `pcrs` for `nonce` (at most 64 bytes),
+    /// with the PCRs' values read just before.
+    pub fn quote(
+        &mut self,
+        key: &AttestationKey,
+        nonce: &[u8],
+        pcrs: &[u32],
+    ) -> Result<Quote, Error> {
+        let mut sorted = pcrs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let slots = sorted
+            .iter()
+            .map(|&i| {
+                PcrSlot::try_from(1u32 << i).map_err(|_| Error::Input {
+                    what: "the PCRs to quote",
+                    why: format!("PCR {i} does not exist (0 to 23)"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut values = Vec::new();
+        for (&index, &slot) in sorted.iter().zip(&slots) {
+            let one = PcrSelectionListBuilder::new()
+                .with_selection(HashingAlgorithm::Sha256, &[slot])
+                .build()
+                .map_err(tpm_op("build the PCR selection"))?;
+            let (_, _, digests) = self
+                .ctx
+                .pcr_read(one)
+                .map_err(tpm_op("read the PCRs to quote"))?;
+            let value = digests.value().first().ok_or_else(|| Error::Input {
+                what: "the PCRs to quote",
+                why: format!("the TPM returned no SHA-256 value for PCR {index}"),
+            })?;
+            values.push((index, hex(value.value())));
+        }
+        let selection = PcrSelectionListBuilder::new()
+            .with_selection(HashingAlgorithm::Sha256, &slots)
+            .build()
+            .map_err(tpm_op("build the PCR selection"))?;
+        let data = Data::try_from(nonce.to_vec()).map_err(|e| Error::Input {
+            what: "the quote's nonce",
+            why: e.to_string(),
+        })?;
+        let (ek, ak) = self.load_attestation_key(key)?;
+        let quoted = self
+            .ctx
+            .execute_with_nullauth_session(|c| c.quote(ak, data, SignatureScheme::Null, selection));
+        let _ = self.ctx.flush_context(ak.into());
+        let _ = self.ctx.flush_context(ek.into());
+        let (attest, signature) = quoted.map_err(tpm_op("quote the PCRs"))?;
+        Ok(Quote {
+            attest: base64_encode(&attest.marshall().map_err(tpm_op("marshal the quote"))?),
+            signature: base64_encode(
+                &signature
+                    .marshall()
+                    .map_err(tpm_op("marshal the quote's signature"))?,
+            ),
+            pcrs: values,
+        })
+    }
+}
