@@ -154,7 +154,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    // `status` is a few listings and reads: a core that stops answering mid-way (a key
+    // listing that never ends was seen once) is an error, not a hang. Publishing and
+    // tailing may rightly take as long as they take.
+    let limit = match cli.cmd {
+        Cmd::Status { .. } => Some(std::time::Duration::from_secs(60)),
+        _ => None,
+    };
+    let result = rt.block_on(async {
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, run(cli))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "the core did not finish answering within {} s",
+                        limit.as_secs()
+                    ))
+                }),
+            None => run(cli).await,
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edgectl: {e}");
