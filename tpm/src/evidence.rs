@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::policy::{base64_decode, base64_encode, ALG_SHA256};
 
 const ALG_ECC: u16 = 0x0023;
+const ALG_RSA: u16 = 0x0001;
 const ALG_NULL: u16 = 0x0010;
 const ALG_AES: u16 = 0x0006;
 const ALG_CFB: u16 = 0x0043;
@@ -50,7 +51,8 @@ pub struct Quote {
 pub struct Credential {
     /// TPM2B_ID_OBJECT's contents: the integrity HMAC and the encrypted credential, base64.
     pub id_object: String,
-    /// TPM2B_ENCRYPTED_SECRET's contents: the ephemeral ECDH point, base64.
+    /// TPM2B_ENCRYPTED_SECRET's contents, base64: the seed encrypted to an RSA endorsement
+    /// key, or the ephemeral point of the ECDH with an ECC one.
     pub secret: String,
 }
 
@@ -123,24 +125,31 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// An ECC P-256 key's TPMT_PUBLIC, as far as the checks need it.
-struct EccPublic {
+/// A key's TPMT_PUBLIC, as far as the checks need it.
+pub(crate) struct TpmPublic {
     attributes: u32,
     /// TPMT_SYM_DEF_OBJECT: (algorithm, key bits, mode); ALG_NULL for none.
     symmetric: (u16, u16, u16),
-    /// TPMT_ECC_SCHEME: (scheme, hash); ALG_NULL for none.
+    /// The signing or decryption scheme: (scheme, hash); ALG_NULL for none.
     scheme: (u16, u16),
-    /// The public point, 0x04 || x || y (each 32 bytes).
-    point: [u8; 65],
+    pub(crate) key: PublicKey,
 }
 
-fn parse_ecc_public(what: &'static str, b: &[u8]) -> Result<EccPublic, Error> {
+pub(crate) enum PublicKey {
+    /// RSA: the modulus (big-endian, no leading zeros) and the exponent.
+    Rsa { modulus: Vec<u8>, exponent: u32 },
+    /// ECC NIST P-256: the point, 0x04 || x || y.
+    EccP256([u8; 65]),
+}
+
+/// A TPMT_PUBLIC of an RSA or an ECC P-256 key with a SHA-256 name.
+pub(crate) fn parse_public(what: &'static str, b: &[u8]) -> Result<TpmPublic, Error> {
     let bad = |why: String| Error::Input { what, why };
     let mut r = Reader::new(what, b);
     let kind = r.u16()?;
-    if kind != ALG_ECC {
+    if kind != ALG_ECC && kind != ALG_RSA {
         return Err(bad(format!(
-            "a key of algorithm {kind:#06x}, where an ECC key ({ALG_ECC:#06x}) is needed"
+            "a key of algorithm {kind:#06x}, where an RSA ({ALG_RSA:#06x}) or ECC ({ALG_ECC:#06x}) key is needed"
         )));
     }
     let name_alg = r.u16()?;
@@ -168,30 +177,45 @@ fn parse_ecc_public(what: &'static str, b: &[u8]) -> Result<EccPublic, Error> {
         }
         _ => (scheme_alg, r.u16()?),
     };
-    let curve = r.u16()?;
-    if curve != ECC_NIST_P256 {
-        return Err(bad(format!(
-            "curve {curve:#06x}, where NIST P-256 is needed"
-        )));
-    }
-    if r.u16()? != ALG_NULL {
-        r.u16()?; // the KDF's hash
-    }
-    let x = r.sized()?;
-    let y = r.sized()?;
+    let key = if kind == ALG_RSA {
+        r.u16()?; // keyBits: the modulus says it
+        let exponent = match r.u32()? {
+            0 => 65537,
+            e => e,
+        };
+        let n = r.sized()?;
+        let first = n.iter().position(|&b| b != 0).unwrap_or(n.len());
+        PublicKey::Rsa {
+            modulus: n[first..].to_vec(),
+            exponent,
+        }
+    } else {
+        let curve = r.u16()?;
+        if curve != ECC_NIST_P256 {
+            return Err(bad(format!(
+                "curve {curve:#06x}, where NIST P-256 is needed"
+            )));
+        }
+        if r.u16()? != ALG_NULL {
+            r.u16()?; // the KDF's hash
+        }
+        let x = r.sized()?;
+        let y = r.sized()?;
+        if x.len() > 32 || y.len() > 32 {
+            return Err(bad("a point coordinate longer than 32 bytes".into()));
+        }
+        let mut point = [0u8; 65];
+        point[0] = 4;
+        point[33 - x.len()..33].copy_from_slice(x);
+        point[65 - y.len()..].copy_from_slice(y);
+        PublicKey::EccP256(point)
+    };
     r.end()?;
-    if x.len() > 32 || y.len() > 32 {
-        return Err(bad("a point coordinate longer than 32 bytes".into()));
-    }
-    let mut point = [0u8; 65];
-    point[0] = 4;
-    point[33 - x.len()..33].copy_from_slice(x);
-    point[65 - y.len()..].copy_from_slice(y);
-    Ok(EccPublic {
+    Ok(TpmPublic {
         attributes,
         symmetric,
         scheme,
-        point,
+        key,
     })
 }
 
@@ -205,8 +229,8 @@ pub fn name(public: &[u8]) -> Vec<u8> {
 /// Checks that a TPMT_PUBLIC is an attestation key: an ECDSA/SHA-256 P-256 key that signs
 /// only what the TPM itself produced (restricted), was made inside the TPM and can never
 /// leave it (fixedTPM, fixedParent, sensitiveDataOrigin).
-fn attestation_key(public: &[u8]) -> Result<EccPublic, Error> {
-    let key = parse_ecc_public("the attestation key", public)?;
+fn attestation_key(public: &[u8]) -> Result<[u8; 65], Error> {
+    let key = parse_public("the attestation key", public)?;
     let need = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN;
     if key.attributes & need != need || key.attributes & DECRYPT != 0 {
         return Err(refused(format!(
@@ -220,7 +244,12 @@ fn attestation_key(public: &[u8]) -> Result<EccPublic, Error> {
             key.scheme.0, key.scheme.1
         )));
     }
-    Ok(key)
+    match key.key {
+        PublicKey::EccP256(point) => Ok(point),
+        PublicKey::Rsa { .. } => Err(refused(
+            "the attestation key is an RSA key; an ECC P-256 key is needed".into(),
+        )),
+    }
 }
 
 /// KDFa (Part 1, 11.4.10.2) with HMAC-SHA-256: `bits` of key from `key`, the label (a NUL
@@ -263,6 +292,59 @@ fn kdfe(z: &[u8], label: &str, party_u: &[u8], party_v: &[u8], bits: u32) -> Vec
     out
 }
 
+/// The seed of a credential for an RSA endorsement key: 32 random bytes, and them
+/// encrypted to the key with OAEP (SHA-256, label "IDENTITY").
+fn seed_rsa(modulus: &[u8], exponent: u32) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    use rsa::{BigUint, Oaep, RsaPublicKey};
+    let bad = |why: String| Error::Input {
+        what: "the endorsement key",
+        why,
+    };
+    let key = RsaPublicKey::new(BigUint::from_bytes_be(modulus), BigUint::from(exponent))
+        .map_err(|e| bad(e.to_string()))?;
+    let mut seed = vec![0u8; 32];
+    rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| bad("no randomness for the seed".into()))?;
+    let encrypted = key
+        .encrypt(
+            &mut rsa::rand_core::OsRng,
+            Oaep::new_with_label::<sha2::Sha256, _>("IDENTITY\0"),
+            &seed,
+        )
+        .map_err(|e| bad(format!("failed to encrypt the seed: {e}")))?;
+    Ok((seed, encrypted))
+}
+
+/// The seed of a credential for an ECC P-256 endorsement key: from an ephemeral ECDH
+/// with it (KDFe), and the ephemeral point (TPMS_ECC_POINT) the TPM repeats it with.
+fn seed_ecc(ek: &[u8; 65]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    let failed = |what: &'static str| {
+        move |_| Error::Input {
+            what,
+            why: "the ECDH exchange failed (not a point on P-256?)".into(),
+        }
+    };
+    let rng = rand::SystemRandom::new();
+    let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
+        .map_err(failed("the ephemeral key"))?;
+    let public = ephemeral
+        .compute_public_key()
+        .map_err(failed("the ephemeral key"))?;
+    let (ex, ey) = (&public.as_ref()[1..33], &public.as_ref()[33..65]);
+    let seed = agreement::agree_ephemeral(
+        ephemeral,
+        &agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &ek[..]),
+        |z| kdfe(z, "IDENTITY", ex, &ek[1..33], 256),
+    )
+    .map_err(failed("the endorsement key"))?;
+    let mut secret = Vec::with_capacity(68);
+    for coordinate in [ex, ey] {
+        secret.extend_from_slice(&32u16.to_be_bytes());
+        secret.extend_from_slice(coordinate);
+    }
+    Ok((seed, secret))
+}
+
 /// TPM2_MakeCredential in software (Part 1, 24: credential protection): `credential`
 /// (at most 32 bytes) encrypted so that only the TPM holding the endorsement key
 /// `ek_public` can open it, and only for the object named `ak_name`; the TPM checks the
@@ -272,7 +354,7 @@ pub fn make_credential(
     ak_name: &[u8],
     credential: &[u8],
 ) -> Result<Credential, Error> {
-    let ek = parse_ecc_public("the endorsement key", ek_public)?;
+    let ek = parse_public("the endorsement key", ek_public)?;
     let need = FIXED_TPM | FIXED_PARENT | RESTRICTED | DECRYPT;
     if ek.attributes & need != need || ek.attributes & SIGN != 0 {
         return Err(refused(format!(
@@ -295,25 +377,10 @@ pub fn make_credential(
             why: format!("{} bytes; 1 to 32 are allowed", credential.len()),
         });
     }
-    let rng = rand::SystemRandom::new();
-    let unspecified = |what: &'static str| {
-        move |_| Error::Input {
-            what,
-            why: "the ECDH exchange failed (not a point on P-256?)".into(),
-        }
+    let (seed, secret) = match &ek.key {
+        PublicKey::Rsa { modulus, exponent } => seed_rsa(modulus, *exponent)?,
+        PublicKey::EccP256(point) => seed_ecc(point)?,
     };
-    let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
-        .map_err(unspecified("the ephemeral key"))?;
-    let ephemeral_public = ephemeral
-        .compute_public_key()
-        .map_err(unspecified("the ephemeral key"))?;
-    let (eu, ev) = (&ephemeral_public.as_ref()[1..33], &ek.point[1..33]);
-    let seed = agreement::agree_ephemeral(
-        ephemeral,
-        &agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &ek.point[..]),
-        |z| kdfe(z, "IDENTITY", eu, ev, 256),
-    )
-    .map_err(unspecified("the endorsement key"))?;
 
     // encIdentity: the credential as a TPM2B_DIGEST, AES-128-CFB with a zero IV.
     let sym_key = kdfa(&seed, "STORAGE", ak_name, &[], 128);
@@ -337,11 +404,6 @@ pub fn make_credential(
     let mut id_object = (outer.as_ref().len() as u16).to_be_bytes().to_vec();
     id_object.extend_from_slice(outer.as_ref());
     id_object.extend_from_slice(&enc_identity);
-    let mut secret = Vec::with_capacity(68);
-    for coordinate in [eu, &ephemeral_public.as_ref()[33..65]] {
-        secret.extend_from_slice(&32u16.to_be_bytes());
-        secret.extend_from_slice(coordinate);
-    }
     Ok(Credential {
         id_object: base64_encode(&id_object),
         secret: base64_encode(&secret),
@@ -381,7 +443,7 @@ pub fn check_quote(ak_public: &[u8], quote: &Quote, nonce: &[u8]) -> Result<Quot
     let mut fixed = [0u8; 64];
     fixed[32 - sr.len()..32].copy_from_slice(sr);
     fixed[64 - ss.len()..].copy_from_slice(ss);
-    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &ak.point[..])
+    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &ak[..])
         .verify(&attest, &fixed)
         .map_err(|_| {
             refused(
@@ -494,7 +556,7 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("the attestation key"), "{e}");
         assert!(e.to_string().contains("ends early"), "{e}");
-        let e = make_credential(&[0, 1, 0, 0x0B], b"name", b"secret").unwrap_err();
+        let e = make_credential(&[0, 8, 0, 0x0B], b"name", b"secret").unwrap_err();
         assert!(e.to_string().contains("the endorsement key"), "{e}");
         assert!(e.to_string().contains("ECC"), "{e}");
     }

@@ -10,6 +10,7 @@ use tss_esapi::handles::AuthHandle;
 use tss_esapi::handles::{KeyHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     Data, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot, Private, Public,
@@ -22,9 +23,30 @@ use crate::evidence::{Credential, Quote};
 use crate::policy::{base64_decode, base64_encode, hex};
 use crate::Tpm;
 
+/// Which of the TCG EK Credential Profile's low-range templates the endorsement key is
+/// made from. Real TPMs carry a manufacturer's certificate for the RSA one at least
+/// (NV index 0x01c00002), often for the ECC one too (0x01c0000a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Endorsement {
+    Rsa2048,
+    EccP256,
+}
+
+impl Endorsement {
+    fn selection(self) -> AsymmetricAlgorithmSelection {
+        match self {
+            Endorsement::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            Endorsement::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+        }
+    }
+}
+
 /// An attestation key as the box stores it: blobs only its TPM can load.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttestationKey {
+    /// The endorsement key it was made under (and is loaded under).
+    pub ek: Endorsement,
     /// TPM2B_PRIVATE contents (wrapped by the endorsement key), base64.
     pub private: String,
     /// TPMT_PUBLIC, base64: what the core checks quotes with.
@@ -47,19 +69,23 @@ fn input(what: &'static str) -> impl Fn(String) -> Error {
 
 impl Tpm {
     /// The endorsement key, made again from the TCG template (the same key every time).
-    fn ek(&mut self) -> Result<KeyHandle, Error> {
-        ek::create_ek_object_2(
-            &mut self.ctx,
-            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
-            None,
-        )
-        .map_err(tpm_op("create the endorsement key"))
+    fn ek(&mut self, kind: Endorsement) -> Result<KeyHandle, Error> {
+        ek::create_ek_object_2(&mut self.ctx, kind.selection(), None)
+            .map_err(tpm_op("create the endorsement key"))
+    }
+
+    /// The manufacturer's certificate of the endorsement key (DER), from the TPM's NV
+    /// index for `kind`.
+    pub fn ek_certificate(&mut self, kind: Endorsement) -> Result<Vec<u8>, Error> {
+        ek::retrieve_ek_pubcert(&mut self.ctx, kind.selection()).map_err(tpm_op(
+            "read the endorsement key's certificate (none provisioned?)",
+        ))
     }
 
     /// The endorsement key's TPMT_PUBLIC: what the core makes credentials for, and what
     /// the manufacturer's EK certificate certifies.
-    pub fn endorsement_key(&mut self) -> Result<Vec<u8>, Error> {
-        let handle = self.ek()?;
+    pub fn endorsement_key(&mut self, kind: Endorsement) -> Result<Vec<u8>, Error> {
+        let handle = self.ek(kind)?;
         let public = self.ctx.read_public(handle).map(|(p, _, _)| p);
         let _ = self.ctx.flush_context(handle.into());
         public
@@ -70,8 +96,8 @@ impl Tpm {
 
     /// A new attestation key under the endorsement key: ECDSA P-256 with SHA-256,
     /// restricted (it signs only what the TPM produced), never leaving this TPM.
-    pub fn create_attestation_key(&mut self) -> Result<AttestationKey, Error> {
-        let ek = self.ek()?;
+    pub fn create_attestation_key(&mut self, kind: Endorsement) -> Result<AttestationKey, Error> {
+        let ek = self.ek(kind)?;
         let created = ak::create_ak_2(
             &mut self.ctx,
             ek,
@@ -84,6 +110,7 @@ impl Tpm {
         let _ = self.ctx.flush_context(ek.into());
         let created = created.map_err(tpm_op("create the attestation key"))?;
         Ok(AttestationKey {
+            ek: kind,
             private: base64_encode(created.out_private.value()),
             public: base64_encode(
                 &created
@@ -109,7 +136,7 @@ impl Tpm {
             what: "the attestation key's public part",
             why: e.to_string(),
         })?;
-        let ek = self.ek()?;
+        let ek = self.ek(key.ek)?;
         match ak::load_ak(&mut self.ctx, ek, None, private, public) {
             Ok(handle) => Ok((ek, handle)),
             Err(e) => {

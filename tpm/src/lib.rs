@@ -4,6 +4,7 @@
 //! else does. `policy` computes the digests without a TPM; `seal` and `unseal` are the
 //! two halves of the TPM dance, each readable as the policy it builds or satisfies.
 
+pub mod ek_certificate;
 mod error;
 pub mod eventlog;
 pub mod evidence;
@@ -21,7 +22,7 @@ pub mod unseal;
 
 pub use error::Error;
 #[cfg(feature = "tpm")]
-pub use identity::AttestationKey;
+pub use identity::{AttestationKey, Endorsement};
 #[cfg(feature = "tpm")]
 pub use seal::Sealed;
 #[cfg(feature = "tpm")]

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edge_tpm::policy::{self, PolicyKey, SignedPolicy};
-use edge_tpm::{evidence, Error, Tpm};
+use edge_tpm::{ek_certificate, evidence, Endorsement, Error, Tpm};
 
 struct Swtpm {
     child: Child,
@@ -34,7 +34,49 @@ fn free_port_pair() -> u16 {
 }
 
 fn swtpm() -> Swtpm {
-    let dir = tempfile::tempdir().unwrap();
+    swtpm_on(tempfile::tempdir().unwrap())
+}
+
+/// A TPM "from the factory" of the manufacturer whose CA lives in `ca` (swtpm_localca's
+/// state directory, made on first use): swtpm_setup makes its endorsement keys and writes
+/// their certificates, signed by that CA, into the TPM's NV.
+fn manufactured(ca: &Path) -> Swtpm {
+    let state = tempfile::tempdir().unwrap();
+    let conf = state.path().join("localca.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "statedir = {0}\nsigningkey = {0}/signkey.pem\nissuercert = {0}/issuercert.pem\ncertserial = {0}/certserial\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let setup = state.path().join("setup.conf");
+    std::fs::write(
+        &setup,
+        format!(
+            "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {}\nactive_pcr_banks = sha256\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("swtpm_setup")
+        .args(["--tpm2", "--create-ek-cert", "--overwrite", "--tpmstate"])
+        .arg(state.path())
+        .arg("--config")
+        .arg(&setup)
+        .output()
+        .expect("swtpm_setup must be installed (swtpm-tools; cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "swtpm_setup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    swtpm_on(state)
+}
+
+fn swtpm_on(dir: tempfile::TempDir) -> Swtpm {
     let port = free_port_pair();
     let child = Command::new("swtpm")
         .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
@@ -261,15 +303,21 @@ fn untrusted<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
 
 #[test]
 fn a_credential_opens_only_in_the_tpm_of_its_endorsement_key_for_its_attestation_key() {
+    for kind in [Endorsement::Rsa2048, Endorsement::EccP256] {
+        credential_for(kind);
+    }
+}
+
+fn credential_for(kind: Endorsement) {
     let (a, b) = (swtpm(), swtpm());
     let (mut tpm_a, mut tpm_b) = (a.open(), b.open());
-    let ek_a = tpm_a.endorsement_key().unwrap();
+    let ek_a = tpm_a.endorsement_key(kind).unwrap();
     // The endorsement key is made from the template: the same key every time.
-    assert_eq!(tpm_a.endorsement_key().unwrap(), ek_a);
-    let ek_b = tpm_b.endorsement_key().unwrap();
+    assert_eq!(tpm_a.endorsement_key(kind).unwrap(), ek_a);
+    let ek_b = tpm_b.endorsement_key(kind).unwrap();
     assert_ne!(ek_a, ek_b);
-    let ak_a = tpm_a.create_attestation_key().unwrap();
-    let ak_b = tpm_b.create_attestation_key().unwrap();
+    let ak_a = tpm_a.create_attestation_key(kind).unwrap();
+    let ak_b = tpm_b.create_attestation_key(kind).unwrap();
     let name_a = evidence::name(&ak_a.public().unwrap());
     let name_b = evidence::name(&ak_b.public().unwrap());
 
@@ -298,8 +346,8 @@ fn a_credential_opens_only_in_the_tpm_of_its_endorsement_key_for_its_attestation
 fn a_quote_is_checked_and_a_forged_one_refused() {
     let (a, b) = (swtpm(), swtpm());
     let (mut tpm_a, mut tpm_b) = (a.open(), b.open());
-    let ak_a = tpm_a.create_attestation_key().unwrap();
-    let ak_b = tpm_b.create_attestation_key().unwrap();
+    let ak_a = tpm_a.create_attestation_key(Endorsement::EccP256).unwrap();
+    let ak_b = tpm_b.create_attestation_key(Endorsement::EccP256).unwrap();
     let public_a = ak_a.public().unwrap();
     tpm_a.extend_phase("enter-initrd").unwrap();
     let pcr11 = tpm_a.read_pcr11().unwrap();
@@ -337,6 +385,59 @@ fn a_quote_is_checked_and_a_forged_one_refused() {
     };
     untrusted(evidence::check_quote(&public_a, &tampered, nonce));
     // A key that is not an attestation key (the endorsement key) is not taken.
-    let ek = tpm_a.endorsement_key().unwrap();
+    let ek = tpm_a.endorsement_key(Endorsement::EccP256).unwrap();
     assert!(evidence::check_quote(&ek, &quote, nonce).is_err());
+}
+
+#[test]
+fn an_ek_certificate_is_checked_against_the_manufacturers_ca() {
+    let (ca_a, ca_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (manufactured(ca_a.path()), manufactured(ca_b.path()));
+    let (mut tpm_a, mut tpm_b) = (a.open(), b.open());
+    let kind = Endorsement::Rsa2048;
+    let (ek_a, cert_a) = (
+        tpm_a.endorsement_key(kind).unwrap(),
+        tpm_a.ek_certificate(kind).unwrap(),
+    );
+    let (ek_b, cert_b) = (
+        tpm_b.endorsement_key(kind).unwrap(),
+        tpm_b.ek_certificate(kind).unwrap(),
+    );
+    // The operator trusts manufacturer A: its root and its issuing CA.
+    let trusted_a = ["swtpm-localca-rootca-cert.pem", "issuercert.pem"]
+        .iter()
+        .flat_map(|f| {
+            ek_certificate::pem_certificates(
+                "the CA file",
+                &std::fs::read(ca_a.path().join(f)).unwrap(),
+            )
+            .unwrap()
+        })
+        .collect::<Vec<_>>();
+    let now = ek_certificate::now_utc();
+    let chain = ek_certificate::check(&cert_a, &ek_a, &trusted_a, &now).unwrap();
+    assert_eq!(chain, ["swtpm-localca", "swtpm-localca-rootca"]);
+
+    // A TPM of another manufacturer (another CA).
+    let why = untrusted(ek_certificate::check(&cert_b, &ek_b, &trusted_a, &now));
+    assert!(why.contains("not issued by a CA the core trusts"), "{why}");
+    // A's certificate presented with B's key: a box replaying another TPM's certificate.
+    let why = untrusted(ek_certificate::check(&cert_a, &ek_b, &trusted_a, &now));
+    assert!(why.contains("another key"), "{why}");
+    // The issuing CA alone, without the root it chains to.
+    let why = untrusted(ek_certificate::check(&cert_a, &ek_a, &trusted_a[1..], &now));
+    assert!(why.contains("not issued by a CA the core trusts"), "{why}");
+    // Before the certificate's validity.
+    let why = untrusted(ek_certificate::check(
+        &cert_a,
+        &ek_a,
+        &trusted_a,
+        "20000101000000",
+    ));
+    assert!(why.contains("valid from"), "{why}");
+    // One byte of the signed part changed.
+    let mut forged = cert_a.clone();
+    let at = forged.len() / 2;
+    forged[at] ^= 1;
+    assert!(ek_certificate::check(&forged, &ek_a, &trusted_a, &now).is_err());
 }
