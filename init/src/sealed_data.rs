@@ -81,9 +81,16 @@ pub enum Unlock {
 
 /// Opens (or on the first boot makes) the partition, measuring the initrd phases around
 /// the unseal; returns the outcome and the time spent on the TPM and the unlock.
-pub fn open(binds: &Binds, part: &BlockDev, dev_dir: &Path) -> (Unlock, std::time::Duration) {
+/// `bind_pcrs`: the PCRs a new key is bound to by value as well (`edge.tpm_bind_pcrs=`,
+/// the PCR 7 option), passed to `edge-tpm seal --bind-pcrs`.
+pub fn open(
+    binds: &Binds,
+    part: &BlockDev,
+    dev_dir: &Path,
+    bind_pcrs: Option<&str>,
+) -> (Unlock, std::time::Duration) {
     let start = std::time::Instant::now();
-    let outcome = match unlock_or_create(binds, part, dev_dir) {
+    let outcome = match unlock_or_create(binds, part, dev_dir, bind_pcrs) {
         Ok((node, formatted)) => Unlock::Opened { node, formatted },
         Err(Refusal { why, measured }) => {
             if !measured {
@@ -122,6 +129,13 @@ impl From<String> for Refusal {
 /// through `binds`, from stage 2 (`sysinit`, `ready`) with `None`.
 pub fn phase(binds: Option<&Binds>, word: &str) -> Result<String, rootexec::Failed> {
     let out = rootexec::run(tpm_command(binds, &["phase", word]), b"")?;
+    Ok(String::from_utf8_lossy(&out).trim().to_owned())
+}
+
+/// Measures `data`, the box's provisioning, into our PCR for it (edge-tpm picks which:
+/// tpm/src/policy.rs) and logs `event`; returns `PCR <n> <value>`.
+pub fn measure_provisioning(event: &str, data: &[u8]) -> Result<String, rootexec::Failed> {
+    let out = rootexec::run(tpm_command(None, &["measure", "provisioning", event]), data)?;
     Ok(String::from_utf8_lossy(&out).trim().to_owned())
 }
 
@@ -173,6 +187,7 @@ fn unlock_or_create(
     binds: &Binds,
     part: &BlockDev,
     dev_dir: &Path,
+    bind_pcrs: Option<&str>,
 ) -> Result<(PathBuf, bool), Refusal> {
     let dev = part.node(dev_dir);
     let dev_s = dev.to_string_lossy().into_owned();
@@ -200,7 +215,7 @@ fn unlock_or_create(
         Content::Other(what) => return Err(format!("{dev_s} holds {what}; it is left as it is").into()),
     };
     match token {
-        None => create(binds, &dev_s, dev_dir).map(|node| (node, true)),
+        None => create(binds, &dev_s, dev_dir, bind_pcrs).map(|node| (node, true)),
         Some(token) => unlock(binds, &dev_s, &token, dev_dir).map(|node| (node, false)),
     }
 }
@@ -255,13 +270,23 @@ fn read_head(dev: &Path) -> Result<Vec<u8>, String> {
 /// The first boot: a fresh LUKS2 with the TPM's key in slot 0 and the recovery key in
 /// slot 1, opened and given its ext4; only then the token that lets later boots unseal,
 /// so that a first boot cut short anywhere is made again on the next.
-fn create(binds: &Binds, dev: &str, dev_dir: &Path) -> Result<PathBuf, Refusal> {
+fn create(
+    binds: &Binds,
+    dev: &str,
+    dev_dir: &Path,
+    bind_pcrs: Option<&str>,
+) -> Result<PathBuf, Refusal> {
     say!("data: {dev} is blank; sealing a new key to the TPM and making it LUKS2");
     // The passphrase is 256 random bits as hex: text, as LUKS tools expect.
     let key: String = random::<32>()?.iter().map(|b| format!("{b:02x}")).collect();
     let key = key.as_bytes();
     let recovery = recovery_key(&random::<16>()?);
-    let out = tpm_initrd(binds, &["seal", "--initrd", "--pcrpkey", PCRPKEY], key)?;
+    let mut args = vec!["seal", "--initrd", "--pcrpkey", PCRPKEY];
+    if let Some(pcrs) = bind_pcrs {
+        say!("data: the key is bound to PCR {pcrs} by value as well (edge.tpm_bind_pcrs)");
+        args.extend(["--bind-pcrs", pcrs]);
+    }
+    let out = tpm_initrd(binds, &args, key)?;
     let measured = |why: String| Refusal {
         why,
         measured: true,

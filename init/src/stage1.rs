@@ -113,7 +113,8 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     )?;
     mount_root(&root_node, &root_label)?;
 
-    let data = open_data(data_part, dev_dir)?;
+    let bind_pcrs = params.extra.get("tpm_bind_pcrs").map(String::as_str);
+    let data = open_data(data_part, dev_dir, bind_pcrs)?;
     for fs in ["/proc", "/sys", "/dev", "/run"] {
         mounts::move_mount(Path::new(fs), &Path::new(SYSROOT).join(&fs[1..]))
             .map_err(step("moving mounts into the new root"))?;
@@ -222,10 +223,14 @@ struct Data {
 /// Opens the sealed data partition (making it on the first boot) and mounts it on
 /// /sysroot/var. A partition the TPM will not open stays closed and unmounted: that is
 /// not fatal, stage 2 reports it.
-fn open_data(part: &disk::BlockDev, dev_dir: &Path) -> Result<Data, Fatal> {
+fn open_data(
+    part: &disk::BlockDev,
+    dev_dir: &Path,
+    bind_pcrs: Option<&str>,
+) -> Result<Data, Fatal> {
     let binds =
         rootexec::Binds::new(Path::new(SYSROOT)).map_err(step("binding /dev /proc /sys /run"))?;
-    let (unlock, tpm) = sealed_data::open(&binds, part, dev_dir);
+    let (unlock, tpm) = sealed_data::open(&binds, part, dev_dir, bind_pcrs);
     drop(binds);
     let (node, formatted) = match unlock {
         Unlock::Opened { node, formatted } => (node, formatted),

@@ -61,10 +61,9 @@ impl System {
         measure_phase("sysinit");
         let config = load_config();
         load_modules();
-        for line in crate::provision::apply(
-            Path::new(crate::provision::FW_CFG_ITEM),
-            Path::new(crate::provision::DIR),
-        ) {
+        let provisioning = Path::new(crate::provision::FW_CFG_ITEM);
+        measure_provisioning(provisioning);
+        for line in crate::provision::apply(provisioning, Path::new(crate::provision::DIR)) {
             say!("{line}");
         }
         for line in crate::net::setup(&config.network, Path::new(RESOLV)) {
@@ -355,6 +354,19 @@ fn measure_phase(word: &str) {
     match crate::sealed_data::phase(None, word) {
         Ok(pcr11) => say!("tpm: PCR 11 after {word}: {pcr11}"),
         Err(e) => say!("tpm: {word} not measured: {e}"),
+    }
+}
+
+/// Measures the provisioning item, as it is before anything reads it, into the TPM
+/// (docs/security.md, "What is measured"); nothing when there is none.
+fn measure_provisioning(item: &Path) {
+    let Ok(bytes) = std::fs::read(item) else {
+        return;
+    };
+    let event = format!("edgeos provisioning: {}", item.display());
+    match crate::sealed_data::measure_provisioning(&event, &bytes) {
+        Ok(pcr) => say!("tpm: provisioning ({} bytes) measured: {pcr}", bytes.len()),
+        Err(e) => say!("tpm: provisioning not measured: {e}"),
     }
 }
 

@@ -4,15 +4,18 @@
 //! the image builder predicted. A UKI whose command line was changed on the ESP boots
 //! far enough to say, on the console and the control port, that the TPM refused the
 //! key, and leaves every byte of the partition as it was; put back, the same UKI opens
-//! it again with its data.
+//! it again with its data. The provisioning item is measured into PCR 12 before it is
+//! unpacked, and logged on the control port.
 //!
 //! (The unsealing on a second boot of an untouched disk is `boot`'s power cycle.)
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use qemu_tests::machine::Options;
 use qemu_tests::machine::BOOT_TIMEOUT;
 use qemu_tests::{gpt, Machine};
+use sha2::Digest as _;
 
 /// The PCR 11 value `cargo xtask image` predicted for a slot at the unseal.
 fn predicted_pcr11(slot: &str) -> Result<String> {
@@ -64,7 +67,17 @@ fn data_partition(m: &Machine) -> Result<Vec<u8>> {
 
 #[test]
 fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<()> {
-    let mut m = Machine::new("sealed_data")?;
+    // A provisioning item, which stage 2 measures into PCR 12 before it unpacks it.
+    let scratch = tempfile::tempdir()?;
+    let provisioning = scratch.path().join("provision.toml");
+    std::fs::write(
+        &provisioning,
+        "\"notes/site.txt\" = \"sealed_data test site\"\n",
+    )?;
+    let mut opts = Options::new(&qemu_tests::image_from_env()?);
+    opts.fw_cfg
+        .push(("opt/org.edgeos/provision".into(), provisioning.clone()));
+    let mut m = Machine::with_options("sealed_data", opts)?;
     let wait = |m: &mut Machine, pattern: &str| m.wait_for_console(pattern, BOOT_TIMEOUT);
 
     // No TPM on the first boot: nothing can be sealed, so nothing is made.
@@ -143,6 +156,16 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
     m.corrupt("esp", at)?;
     m.reboot_same_disk()?;
     wait(&mut m, "edgeos: data: unlocked by the TPM")?;
+    // PCR 12 is zeros extended once with the provisioning's SHA-256.
+    let measured = wait(&mut m, "edgeos: tpm: provisioning (")?;
+    let digest: [u8; 32] = sha2::Sha256::digest(std::fs::read(&provisioning)?).into();
+    let want = edge_tpm::policy::hex(&edge_tpm::policy::extend(&[0; 32], &digest));
+    assert!(
+        measured
+            .trim_end()
+            .ends_with(&format!("measured: PCR 12 {want}")),
+        "{measured:?}, want PCR 12 {want}"
+    );
     m.wait_ready()?;
     let st = m.status()?;
     assert_eq!(st["data"]["formatted"], false, "{st}");
@@ -159,8 +182,20 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
         })
         .unwrap_or_default();
     assert_eq!(
-        phases[..3],
-        ["enter-initrd", "leave-initrd", "sysinit"],
+        phases[..4],
+        [
+            "enter-initrd",
+            "leave-initrd",
+            "sysinit",
+            "edgeos provisioning: /sys/firmware/qemu_fw_cfg/by_name/opt/org.edgeos/provision/raw"
+        ],
+        "{ms}"
+    );
+    let provisioning_record = &ms["events"][3];
+    assert_eq!(provisioning_record["pcr"], 12, "{ms}");
+    assert_eq!(
+        provisioning_record["digests"][0]["digest"],
+        edge_tpm::policy::hex(&digest),
         "{ms}"
     );
     assert!(

@@ -230,27 +230,15 @@ impl Tpm {
         let slots = sorted
             .iter()
             .map(|&i| {
-                PcrSlot::try_from(1u32 << i).map_err(|_| Error::Input {
+                PcrSlot::try_from(1u32.checked_shl(i).unwrap_or(0)).map_err(|_| Error::Input {
                     what: "the PCRs to quote",
                     why: format!("PCR {i} does not exist (0 to 23)"),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut values = Vec::new();
-        for (&index, &slot) in sorted.iter().zip(&slots) {
-            let one = PcrSelectionListBuilder::new()
-                .with_selection(HashingAlgorithm::Sha256, &[slot])
-                .build()
-                .map_err(tpm_op("build the PCR selection"))?;
-            let (_, _, digests) = self
-                .ctx
-                .pcr_read(one)
-                .map_err(tpm_op("read the PCRs to quote"))?;
-            let value = digests.value().first().ok_or_else(|| Error::Input {
-                what: "the PCRs to quote",
-                why: format!("the TPM returned no SHA-256 value for PCR {index}"),
-            })?;
-            values.push((index, hex(value.value())));
+        for &index in &sorted {
+            values.push((index, hex(&self.read_pcr(index)?)));
         }
         let selection = PcrSelectionListBuilder::new()
             .with_selection(HashingAlgorithm::Sha256, &slots)

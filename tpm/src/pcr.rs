@@ -16,33 +16,52 @@ impl Tpm {
     /// returns the digest extended.
     pub fn extend_phase(&mut self, word: &str) -> Result<[u8; 32], Error> {
         let digest: [u8; 32] = sha2::Sha256::digest(word.as_bytes()).into();
+        self.extend(crate::policy::PCR_UKI, &digest)?;
+        Ok(digest)
+    }
+
+    /// Extends `pcr`'s SHA-256 bank with `digest`.
+    pub fn extend(&mut self, pcr: u32, digest: &[u8; 32]) -> Result<(), Error> {
+        let handle = PcrHandle::try_from(pcr).map_err(|_| Error::Input {
+            what: "the PCR to extend",
+            why: format!("PCR {pcr} does not exist (0 to 23)"),
+        })?;
         let mut values = DigestValues::new();
         values.set(
             HashingAlgorithm::Sha256,
             Digest::try_from(digest.to_vec()).map_err(tpm_op("build the digest"))?,
         );
         self.ctx
-            .execute_with_nullauth_session(|c| c.pcr_extend(PcrHandle::Pcr11, values))
-            .map_err(tpm_op("extend PCR 11"))?;
-        Ok(digest)
+            .execute_with_nullauth_session(|c| c.pcr_extend(handle, values))
+            .map_err(tpm_op("extend a PCR"))
     }
 
     /// PCR 11 of the SHA-256 bank.
     pub fn read_pcr11(&mut self) -> Result<[u8; 32], Error> {
+        self.read_pcr(crate::policy::PCR_UKI)
+    }
+
+    /// One PCR of the SHA-256 bank.
+    pub fn read_pcr(&mut self, pcr: u32) -> Result<[u8; 32], Error> {
+        let what = "a PCR";
+        let slot =
+            PcrSlot::try_from(1u32.checked_shl(pcr).unwrap_or(0)).map_err(|_| Error::Input {
+                what,
+                why: format!("PCR {pcr} does not exist (0 to 23)"),
+            })?;
         let selection = PcrSelectionListBuilder::new()
-            .with_selection(HashingAlgorithm::Sha256, &[PcrSlot::Slot11])
+            .with_selection(HashingAlgorithm::Sha256, &[slot])
             .build()
             .map_err(tpm_op("build the PCR selection"))?;
-        let (_, _, values) = self
-            .ctx
-            .pcr_read(selection)
-            .map_err(tpm_op("read PCR 11"))?;
+        let (_, _, values) = self.ctx.pcr_read(selection).map_err(tpm_op("read a PCR"))?;
         let value = values.value().first().ok_or_else(|| Error::Input {
-            what: "PCR 11",
-            why: "the TPM returned no SHA-256 bank value (is the bank allocated?)".into(),
+            what,
+            why: format!(
+                "the TPM returned no SHA-256 value for PCR {pcr} (is the bank allocated?)"
+            ),
         })?;
         value.value().try_into().map_err(|_| Error::Input {
-            what: "PCR 11",
+            what,
             why: format!("a SHA-256 value of {} bytes", value.value().len()),
         })
     }

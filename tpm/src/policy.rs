@@ -14,6 +14,12 @@ const CC_POLICY_AUTHORIZE: u32 = 0x0000_016A;
 pub const ALG_SHA256: u16 = 0x000B;
 /// The PCR the UKI, the boot phases and so the signed policy cover.
 pub const PCR_UKI: u32 = 11;
+/// Ours: what the box was provisioned with from outside the image (the site's core
+/// address, CA and identity), measured before any service reads it. 12 is the PCR the
+/// UAPI registry gives to system credentials and configuration; systemd-stub extends it
+/// only for a command line or credentials passed from outside the UKI, which our boot
+/// has none of.
+pub const PCR_PROVISION: u32 = 12;
 
 /// The phases, in boot order: stage 1 extends the first on entry and the second right
 /// after it has (or has not) unsealed the data key, so nothing later in the same boot
@@ -38,8 +44,13 @@ pub fn pcr_selection(pcr: u32) -> Vec<u8> {
 
 /// The policy digest of a fresh session after TPM2_PolicyPCR on `pcr` holding `value`.
 pub fn policy_pcr(pcr: u32, value: &[u8; 32]) -> [u8; 32] {
+    policy_pcr_after(&[0; 32], pcr, value)
+}
+
+/// The policy digest `old` after TPM2_PolicyPCR on `pcr` holding `value`.
+pub fn policy_pcr_after(old: &[u8; 32], pcr: u32, value: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update([0u8; 32]);
+    h.update(old);
     h.update(CC_POLICY_PCR.to_be_bytes());
     h.update(pcr_selection(pcr));
     h.update(Sha256::digest(value));

@@ -38,6 +38,14 @@ pub struct Sealed {
     /// SHA-256 of the PCR-policy key's RSAPublicKey DER, hex (`pkfp` of `.pcrsig`).
     #[serde(rename = "tpm2-policy-key")]
     pub key_fingerprint: String,
+    /// PCRs bound by value besides the signed policy (the PCR 7 option), each with its
+    /// value at sealing, hex: after PolicyAuthorize, the policy asks PolicyPCR of each.
+    #[serde(
+        rename = "edge-literal-pcrs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub literal: Vec<(u32, String)>,
 }
 
 impl Sealed {
@@ -112,11 +120,31 @@ impl Tpm {
         Ok((handle, name))
     }
 
-    /// Seals `secret` (at most 128 bytes) to whatever PCR 11 policy `key` signs.
-    pub fn seal(&mut self, secret: &[u8], key: &PolicyKey) -> Result<Sealed, Error> {
+    /// Seals `secret` (at most 128 bytes) to whatever PCR 11 policy `key` signs, and, if
+    /// `literal` names PCRs, to their values now as well (every later boot must have the
+    /// same values: PCR 7 for the firmware's Secure Boot state and keys).
+    pub fn seal(
+        &mut self,
+        secret: &[u8],
+        key: &PolicyKey,
+        literal: &[u32],
+    ) -> Result<Sealed, Error> {
         let (handle, name) = self.load_policy_key(key)?;
         let _ = self.ctx.flush_context(handle.into());
-        let auth_policy = policy::policy_authorize(name.value());
+        let mut auth_policy = policy::policy_authorize(name.value());
+        let mut bound = Vec::new();
+        for &pcr in literal {
+            if pcr == policy::PCR_UKI {
+                return Err(Error::Input {
+                    what: "the PCRs to bind by value",
+                    why: "PCR 11 is bound by the signed policy; binding its value would undo that"
+                        .into(),
+                });
+            }
+            let value = self.read_pcr(pcr)?;
+            auth_policy = policy::policy_pcr_after(&auth_policy, pcr, &value);
+            bound.push((pcr, policy::hex(&value)));
+        }
         let attributes = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -159,6 +187,7 @@ impl Tpm {
             ),
             pcrs: vec![policy::PCR_UKI],
             key_fingerprint: key.fingerprint.clone(),
+            literal: bound,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Unsealing, as the policy it satisfies: PolicyPCR (PCR 11 as the TPM holds it now) →
 //! the signature over that policy checked by the TPM (VerifySignature) →
-//! PolicyAuthorize (the signed policy stands in for the sealed object's) → Unseal, the
+//! PolicyAuthorize (the signed policy stands in for the sealed object's) → PolicyPCR of
+//! each PCR bound by value, if any (the PCR 7 option) → Unseal, the
 //! key travelling back encrypted. Ahead of the TPM, the same check is made in the open so
 //! that a refusal can say why: which PCR 11 value this boot has, and that no policy was
 //! signed for it.
@@ -44,6 +45,30 @@ impl Tpm {
                 hex(&pcr11)
             )));
         };
+
+        // The PCRs bound by value (the PCR 7 option), checked in the open first too.
+        let mut literal = Vec::new();
+        for (pcr, sealed_value) in &sealed.literal {
+            let now = self.read_pcr(*pcr)?;
+            if hex(&now) != *sealed_value {
+                return Err(Error::Refused(format!(
+                    "PCR {pcr} is {}, and the data key is bound to its value at sealing, {sealed_value}{}",
+                    hex(&now),
+                    if *pcr == 7 {
+                        ": the firmware's Secure Boot state or keys changed"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            let slot = PcrSlot::try_from(1u32.checked_shl(*pcr).unwrap_or(0)).map_err(|_| {
+                Error::Input {
+                    what: "the sealed data key",
+                    why: format!("edge-literal-pcrs: PCR {pcr} does not exist"),
+                }
+            })?;
+            literal.push(slot);
+        }
 
         let (key_handle, key_name) = self.load_policy_key(key)?;
         let approved = Digest::try_from(entry.policy.clone()).map_err(tpm_op("use the policy"))?;
@@ -90,6 +115,15 @@ impl Tpm {
                         "PCR 11 changed under the policy check ({e}): the boot is not the signed one"
                     ))
                 })?;
+            for slot in &literal {
+                let pcrs = PcrSelectionListBuilder::new()
+                    .with_selection(HashingAlgorithm::Sha256, &[*slot])
+                    .build()
+                    .map_err(tpm_op("build the PCR selection"))?;
+                self.ctx
+                    .policy_pcr(policy_session, Digest::default(), pcrs)
+                    .map_err(tpm_op("apply PolicyPCR to a PCR bound by value"))?;
+            }
             self.ctx
                 .execute_with_session(Some(session), |c| c.unseal(object.into()))
                 .map_err(|e| Error::Refused(format!("the TPM would not unseal ({e})")))

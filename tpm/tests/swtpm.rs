@@ -179,7 +179,7 @@ fn the_signed_policy_unseals_and_nothing_else_does() {
 
     let mut tpm = tpm_a.open();
     let secret = b"0123456789abcdef0123456789abcdef";
-    let sealed = tpm.seal(secret, &pk_a).unwrap();
+    let sealed = tpm.seal(secret, &pk_a, &[]).unwrap();
     // The blob is not the secret in another form.
     let token = serde_json::to_string(&sealed).unwrap();
     assert!(!token.contains("0123456789abcdef"));
@@ -255,7 +255,7 @@ fn a_damaged_sealed_key_is_named() {
     let (key, public) = keypair(dir.path(), "a");
     let pk = policy::parse_pcrpkey(&public).unwrap();
     let mut tpm = t.open();
-    let mut sealed = tpm.seal(b"secret", &pk).unwrap();
+    let mut sealed = tpm.seal(b"secret", &pk, &[]).unwrap();
     let pcr11 = tpm.read_pcr11().unwrap();
     let good = sign(&key, &policy::policy_pcr(11, &pcr11), &pk.fingerprint);
     sealed.public = "!!".into();
@@ -275,6 +275,14 @@ fn extend_matches_the_pcrphase_formula() {
     use sha2::Digest as _;
     assert_eq!(digest, <[u8; 32]>::from(sha2::Sha256::digest(b"sysinit")));
     assert_eq!(tpm.read_pcr11().unwrap(), policy::extend(&before, &digest));
+    // Our PCR for the provisioning: starts at zeros, one extend.
+    let provisioning = <[u8; 32]>::from(sha2::Sha256::digest(b"core = \"tls://10.0.2.100:4222\""));
+    tpm.extend(policy::PCR_PROVISION, &provisioning).unwrap();
+    assert_eq!(
+        tpm.read_pcr(policy::PCR_PROVISION).unwrap(),
+        policy::extend(&[0; 32], &provisioning)
+    );
+    assert!(tpm.extend(24, &provisioning).is_err());
 }
 
 #[test]
@@ -440,4 +448,54 @@ fn an_ek_certificate_is_checked_against_the_manufacturers_ca() {
     let at = forged.len() / 2;
     forged[at] ^= 1;
     assert!(ek_certificate::check(&forged, &ek_a, &trusted_a, &now).is_err());
+}
+
+#[test]
+fn with_pcr_7_bound_a_changed_secure_boot_state_gets_no_key_but_an_update_does() {
+    let t = swtpm();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "a");
+    let pk = policy::parse_pcrpkey(&public).unwrap();
+    let mut tpm = t.open();
+    // The firmware has measured its Secure Boot state into PCR 7.
+    tpm.extend(7, &[1; 32]).unwrap();
+    let secret = b"bound to the signed boot and to PCR 7";
+    let sealed = tpm.seal(secret, &pk, &[7]).unwrap();
+    assert_eq!(sealed.literal.len(), 1, "{sealed:?}");
+    let e = tpm.seal(secret, &pk, &[11]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("PCR 11 is bound by the signed policy"),
+        "{e}"
+    );
+
+    // This boot and a signed update (another PCR 11, another signed policy): unsealed.
+    tpm.extend_phase("enter-initrd").unwrap();
+    let pcr11 = tpm.read_pcr11().unwrap();
+    let good = sign(&key, &policy::policy_pcr(11, &pcr11), &pk.fingerprint);
+    assert_eq!(
+        tpm.unseal(&sealed, &pk, std::slice::from_ref(&good))
+            .unwrap(),
+        secret
+    );
+    tpm.extend_phase("leave-initrd").unwrap();
+    let update = tpm.read_pcr11().unwrap();
+    let signed_update = sign(&key, &policy::policy_pcr(11, &update), &pk.fingerprint);
+    assert_eq!(
+        tpm.unseal(&sealed, &pk, std::slice::from_ref(&signed_update))
+            .unwrap(),
+        secret
+    );
+
+    // Secure Boot turned off or its keys changed: PCR 7 differs; refused by name, and by
+    // the TPM itself when the check in the open is skipped.
+    tpm.extend(7, &[2; 32]).unwrap();
+    let why = refused(tpm.unseal(&sealed, &pk, std::slice::from_ref(&signed_update)));
+    assert!(
+        why.contains("PCR 7 is") && why.contains("Secure Boot"),
+        "{why}"
+    );
+    let mut unchecked = sealed.clone();
+    unchecked.literal[0].1 = policy::hex(&tpm.read_pcr(7).unwrap());
+    assert!(tpm.unseal(&unchecked, &pk, &[signed_update]).is_err());
 }

@@ -5,8 +5,12 @@
 //! ```text
 //! edge-tpm phase <word>                           extend PCR 11, log the event, print it
 //! edge-tpm pcr11                                  print PCR 11 (hex)
-//! edge-tpm seal --pcrpkey <pem> [--initrd] < secret
-//!     {"sealed": {...}}: the sealed key (the LUKS2 token's fields)
+//! edge-tpm measure provisioning <event> < data     extend our provisioning PCR (12)
+//!                                                 with SHA-256(data), log <event>,
+//!                                                 print `PCR <n> <value>`
+//! edge-tpm seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] < secret
+//!     {"sealed": {...}}: the sealed key (the LUKS2 token's fields); --bind-pcrs binds
+//!     those PCRs' present values too (the PCR 7 option)
 //! edge-tpm unseal --pcrpkey <pem> --pcrsig <json> [--initrd] < sealed
 //!     {"secret": "..."}: the secret, which must be text
 //! ```
@@ -40,7 +44,7 @@ fn usage(why: &str) -> Error {
     Error::Input {
         what: "usage",
         why: format!(
-            "{why}; edge-tpm phase <word> | pcr11 | seal --pcrpkey <pem> [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd]"
+            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd]"
         ),
     }
 }
@@ -84,12 +88,17 @@ fn stdout(bytes: &[u8]) -> Result<(), Error> {
 /// Extends PCR 11 with `word` and logs it; the new value, hex.
 fn phase(tpm: &mut Tpm, word: &str) -> Result<String, Error> {
     let digest = tpm.extend_phase(word)?;
-    let log = std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into());
-    if let Err(e) = eventlog::append(Path::new(&log), policy::PCR_UKI, &digest, word) {
-        // The extend happened; a verifier replaying the log will say what is missing.
-        eprintln!("edge-tpm: failed to log the {word} extend in {log}: {e}");
-    }
+    log(policy::PCR_UKI, &digest, word);
     Ok(policy::hex(&tpm.read_pcr11()?))
+}
+
+/// Records an extend in our event log.
+fn log(pcr: u32, digest: &[u8; 32], event: &str) {
+    let log = std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into());
+    if let Err(e) = eventlog::append(Path::new(&log), pcr, digest, event) {
+        // The extend happened; a verifier replaying the log will say what is missing.
+        eprintln!("edge-tpm: failed to log the {event} extend in {log}: {e}");
+    }
 }
 
 fn open() -> Result<Tpm, Error> {
@@ -113,6 +122,25 @@ fn run(args: &[String]) -> Result<(), Error> {
             let value = phase(&mut open()?, word)?;
             stdout(format!("{value}\n").as_bytes())
         }
+        "measure" => {
+            // What is measured names the PCR; which PCR that is is ours to keep (policy.rs).
+            let pcr = match args.get(1).map(String::as_str) {
+                Some("provisioning") => policy::PCR_PROVISION,
+                other => {
+                    return Err(usage(&format!(
+                        "measure {other:?}: only `provisioning` is measured"
+                    )))
+                }
+            };
+            let event = args.get(2).ok_or_else(|| usage("measure needs an event"))?;
+            use sha2::Digest as _;
+            let digest: [u8; 32] = sha2::Sha256::digest(stdin()?).into();
+            let mut tpm = open()?;
+            tpm.extend(pcr, &digest)?;
+            log(pcr, &digest, event);
+            let value = policy::hex(&tpm.read_pcr(pcr)?);
+            stdout(format!("PCR {pcr} {value}\n").as_bytes())
+        }
         "pcr11" => {
             let value = open()?.read_pcr11()?;
             stdout(format!("{}\n", policy::hex(&value)).as_bytes())
@@ -129,6 +157,18 @@ fn run(args: &[String]) -> Result<(), Error> {
                 )?)?),
                 _ => None,
             };
+            // PCRs bound by value besides the signed policy (the PCR 7 option): "7", "0,7".
+            let bind = match args.iter().position(|a| a == "--bind-pcrs") {
+                None => Vec::new(),
+                Some(_) => flag(args, "--bind-pcrs")?
+                    .split(',')
+                    .map(|p| {
+                        p.trim()
+                            .parse::<u32>()
+                            .map_err(|_| usage(&format!("--bind-pcrs: {p:?} is not a PCR number")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
             let input = stdin()?;
             let initrd = args.iter().any(|a| a == "--initrd");
             let mut tpm = open()?;
@@ -140,7 +180,7 @@ fn run(args: &[String]) -> Result<(), Error> {
                 );
             }
             let result = match &signed {
-                None => tpm.seal(&input, &key).and_then(|sealed| {
+                None => tpm.seal(&input, &key, &bind).and_then(|sealed| {
                     serde_json::to_value(&sealed).map_err(|e| Error::Input {
                         what: "the sealed key",
                         why: e.to_string(),

@@ -12,6 +12,8 @@ pub struct Definition {
     pub image: ImageMeta,
     pub kernel: Kernel,
     pub boot: Boot,
+    #[serde(default)]
+    pub tpm: TpmOptions,
     pub partitions: Partitions,
     #[serde(rename = "package")]
     pub packages: Vec<Package>,
@@ -23,6 +25,28 @@ pub struct ImageMeta {
     pub name: String,
     pub version: String,
     pub pretty_name: String,
+}
+
+/// `[tpm]`: how the data partition's key is sealed (docs/security.md).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TpmOptions {
+    /// Bind the data key to PCR 7's value at the first boot as well as to the signed
+    /// PCR 11 policy: a change of the firmware's Secure Boot state or keys then locks
+    /// the data until the recovery key is used. Off by default.
+    #[serde(default)]
+    pub bind_pcr7: bool,
+}
+
+impl TpmOptions {
+    /// The `edge.*` parameters these options put on every slot's command line.
+    pub fn cmdline(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.bind_pcr7 {
+            out.push("edge.tpm_bind_pcrs=7".to_string());
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

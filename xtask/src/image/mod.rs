@@ -518,6 +518,7 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
         let cmdline_file = work.join(format!("cmdline-{slot}"));
         let line = uki::cmdline(
             &def.kernel.cmdline,
+            &def.tpm.cmdline(),
             slot,
             &def.image.version,
             &outs.roothash,

@@ -12,9 +12,17 @@ use super::keys::PcrPolicyKey;
 use super::{cmd, pcr};
 
 /// The full kernel command line of one slot (format in docs/contracts.md).
-pub fn cmdline(static_part: &str, slot: char, version: &str, roothash: &str) -> String {
-    let static_part = static_part.split_whitespace().collect::<Vec<_>>().join(" ");
-    format!("{static_part} edge.slot={slot} edge.version={version} edge.roothash={roothash}")
+pub fn cmdline(
+    static_part: &str,
+    options: &[String],
+    slot: char,
+    version: &str,
+    roothash: &str,
+) -> String {
+    let mut words: Vec<&str> = static_part.split_whitespace().collect();
+    words.extend(options.iter().map(String::as_str));
+    let words = words.join(" ");
+    format!("{words} edge.slot={slot} edge.version={version} edge.roothash={roothash}")
 }
 
 /// One section of `objdump -h` output: name, size and VMA.
@@ -278,11 +286,16 @@ mod tests {
         assert_eq!(
             cmdline(
                 "console=ttyS0,115200  quiet panic=10\n",
+                &[],
                 'b',
                 "0.1.0",
                 "abcd"
             ),
             "console=ttyS0,115200 quiet panic=10 edge.slot=b edge.version=0.1.0 edge.roothash=abcd"
+        );
+        assert_eq!(
+            cmdline("quiet", &["edge.tpm_bind_pcrs=7".into()], 'a', "1", "ff"),
+            "quiet edge.tpm_bind_pcrs=7 edge.slot=a edge.version=1 edge.roothash=ff"
         );
     }
 
