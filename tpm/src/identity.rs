@@ -5,18 +5,24 @@
 
 use serde::{Deserialize, Serialize};
 use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
+use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::constants::SessionType;
 use tss_esapi::handles::AuthHandle;
 use tss_esapi::handles::{KeyHandle, SessionHandle};
+use tss_esapi::interface_types::algorithm::{EccSchemeAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, EncryptedSecret, IdObject, PcrSelectionListBuilder, PcrSlot, Private, Public,
-    SignatureScheme, SymmetricDefinition,
+    Data, Digest, EccPoint, EccScheme, EncryptedSecret, HashcheckTicket, IdObject,
+    KeyDerivationFunctionScheme, PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder,
+    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
+    SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 
 use crate::error::{tpm_op, Error};
 use crate::evidence::{Credential, Quote};
@@ -61,6 +67,25 @@ impl AttestationKey {
             why,
         })
     }
+}
+
+/// The site's TLS key as the box stores it: an ECDSA P-256 signing key made inside the
+/// TPM under the storage root key, which cannot leave it (fixedTPM, fixedParent). The
+/// core certifies it through the attestation key (`certify_site_key`) before it issues
+/// the site's certificate for it; the box signs its TLS handshakes with it (`sign`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteKey {
+    /// TPM2B_PRIVATE contents (wrapped by the storage root key), base64.
+    pub private: String,
+    /// TPMT_PUBLIC, base64.
+    pub public: String,
+}
+
+/// TPM2_Certify's output: the TPMS_ATTEST and TPMT_SIGNATURE, base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certified {
+    pub attest: String,
+    pub signature: String,
 }
 
 fn input(what: &'static str) -> impl Fn(String) -> Error {
@@ -177,6 +202,151 @@ impl Tpm {
             ))
         })?;
         Ok(digest.value().to_vec())
+    }
+
+    /// A new site key (see `SiteKey`).
+    pub fn create_site_key(&mut self) -> Result<SiteKey, Error> {
+        let attributes = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_sign_encrypt(true)
+            .build()
+            .map_err(tpm_op("build the site key template"))?;
+        let public = PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::Ecc)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attributes)
+            .with_ecc_parameters(
+                PublicEccParametersBuilder::new()
+                    .with_symmetric(SymmetricDefinitionObject::Null)
+                    .with_ecc_scheme(
+                        EccScheme::create(
+                            EccSchemeAlgorithm::EcDsa,
+                            Some(HashingAlgorithm::Sha256),
+                            None,
+                        )
+                        .map_err(tpm_op("build the site key scheme"))?,
+                    )
+                    .with_curve(EccCurve::NistP256)
+                    .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+                    .with_is_signing_key(true)
+                    .build()
+                    .map_err(tpm_op("build the site key parameters"))?,
+            )
+            .with_ecc_unique_identifier(EccPoint::default())
+            .build()
+            .map_err(tpm_op("build the site key template"))?;
+        let srk = self.srk()?;
+        let created = self
+            .ctx
+            .execute_with_nullauth_session(|c| c.create(srk, public, None, None, None, None))
+            .map_err(tpm_op("create the site key"))?;
+        Ok(SiteKey {
+            private: base64_encode(created.out_private.value()),
+            public: base64_encode(
+                &created
+                    .out_public
+                    .marshall()
+                    .map_err(tpm_op("marshal the site key"))?,
+            ),
+        })
+    }
+
+    fn load_site_key(&mut self, key: &SiteKey) -> Result<KeyHandle, Error> {
+        let what = "the site key";
+        let private = base64_decode(&key.private).map_err(input(what))?;
+        let private = Private::try_from(private).map_err(|e| Error::Input {
+            what,
+            why: e.to_string(),
+        })?;
+        let public = base64_decode(&key.public).map_err(input(what))?;
+        let public = Public::unmarshall(&public).map_err(|e| Error::Input {
+            what,
+            why: e.to_string(),
+        })?;
+        let srk = self.srk()?;
+        self.ctx
+            .execute_with_nullauth_session(|c| c.load(srk, private, public))
+            .map_err(tpm_op("load the site key (made by another TPM?)"))
+    }
+
+    /// TPM2_Certify of the site key by the attestation key, for `nonce`: the TPM's word
+    /// that the key is its own, with the attributes its public part shows.
+    pub fn certify_site_key(
+        &mut self,
+        key: &SiteKey,
+        ak: &AttestationKey,
+        nonce: &[u8],
+    ) -> Result<Certified, Error> {
+        let data = Data::try_from(nonce.to_vec()).map_err(|e| Error::Input {
+            what: "the certification's nonce",
+            why: e.to_string(),
+        })?;
+        // A TPM without a resource manager holds three objects: the endorsement key goes
+        // once the attestation key is loaded, before the storage key and the site key.
+        let (ek, ak) = self.load_attestation_key(ak)?;
+        let _ = self.ctx.flush_context(ek.into());
+        let result = self.load_site_key(key).and_then(|site| {
+            let r = self
+                .ctx
+                .execute_with_sessions(
+                    (
+                        Some(AuthSession::Password),
+                        Some(AuthSession::Password),
+                        None,
+                    ),
+                    |c| c.certify(site.into(), ak, data, SignatureScheme::Null),
+                )
+                .map_err(tpm_op("certify the site key"));
+            let _ = self.ctx.flush_context(site.into());
+            r
+        });
+        let _ = self.ctx.flush_context(ak.into());
+        let (attest, signature) = result?;
+        Ok(Certified {
+            attest: base64_encode(
+                &attest
+                    .marshall()
+                    .map_err(tpm_op("marshal the certification"))?,
+            ),
+            signature: base64_encode(
+                &signature
+                    .marshall()
+                    .map_err(tpm_op("marshal the certification's signature"))?,
+            ),
+        })
+    }
+
+    /// Signs a SHA-256 digest with the site key: ECDSA, as DER (what TLS carries).
+    pub fn sign(&mut self, key: &SiteKey, digest: &[u8; 32]) -> Result<Vec<u8>, Error> {
+        let handle = self.load_site_key(key)?;
+        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(tpm_op("build the null ticket"));
+        let signed = ticket.and_then(|ticket| {
+            let digest = Digest::try_from(digest.to_vec()).map_err(tpm_op("use the digest"))?;
+            self.ctx
+                .execute_with_nullauth_session(|c| {
+                    c.sign(handle, digest, SignatureScheme::Null, ticket)
+                })
+                .map_err(tpm_op("sign with the site key"))
+        });
+        let _ = self.ctx.flush_context(handle.into());
+        match signed? {
+            Signature::EcDsa(sig) => Ok(crate::evidence::ecdsa_der(
+                sig.signature_r().value(),
+                sig.signature_s().value(),
+            )),
+            other => Err(Error::Input {
+                what: "the site key's signature",
+                why: format!("{:?}, not ECDSA", other.algorithm()),
+            }),
+        }
     }
 
     /// A policy session satisfying the endorsement key's policy (PolicySecret of the

@@ -499,3 +499,68 @@ fn with_pcr_7_bound_a_changed_secure_boot_state_gets_no_key_but_an_update_does()
     unchecked.literal[0].1 = policy::hex(&tpm.read_pcr(7).unwrap());
     assert!(tpm.unseal(&unchecked, &pk, &[signed_update]).is_err());
 }
+
+#[test]
+fn the_site_key_is_certified_by_the_attestation_key_and_signs_only_in_its_tpm() {
+    use sha2::Digest as _;
+    let (a, b) = (swtpm(), swtpm());
+    let (mut tpm_a, mut tpm_b) = (a.open(), b.open());
+    let ak_a = tpm_a.create_attestation_key(Endorsement::EccP256).unwrap();
+    let ak_b = tpm_b.create_attestation_key(Endorsement::EccP256).unwrap();
+    let site = tpm_a.create_site_key().unwrap();
+    let site_public = policy::base64_decode(&site.public).unwrap();
+
+    let nonce = b"enrollment-7";
+    let c = tpm_a.certify_site_key(&site, &ak_a, nonce).unwrap();
+    let point = evidence::check_certify(
+        &ak_a.public().unwrap(),
+        &site_public,
+        &c.attest,
+        &c.signature,
+        nonce,
+    )
+    .unwrap();
+
+    // What the key signs verifies with the certified public key (a TLS handshake's
+    // CertificateVerify does exactly this).
+    let message = b"TLS 1.3, client CertificateVerify\0transcript hash";
+    let digest: [u8; 32] = sha2::Sha256::digest(message).into();
+    let sig = tpm_a.sign(&site, &digest).unwrap();
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &point)
+        .verify(message, &sig)
+        .expect("the TPM's signature verifies with the certified key");
+
+    // Another nonce; another key presented for this certification; a certification
+    // checked against another TPM's attestation key.
+    let why = untrusted(evidence::check_certify(
+        &ak_a.public().unwrap(),
+        &site_public,
+        &c.attest,
+        &c.signature,
+        b"enrollment-8",
+    ));
+    assert!(why.contains("another nonce"), "{why}");
+    let other_key = policy::base64_decode(&tpm_a.create_site_key().unwrap().public).unwrap();
+    let why = untrusted(evidence::check_certify(
+        &ak_a.public().unwrap(),
+        &other_key,
+        &c.attest,
+        &c.signature,
+        nonce,
+    ));
+    assert!(why.contains("another key"), "{why}");
+    let why = untrusted(evidence::check_certify(
+        &ak_b.public().unwrap(),
+        &site_public,
+        &c.attest,
+        &c.signature,
+        nonce,
+    ));
+    assert!(why.contains("not the attestation key's"), "{why}");
+
+    // The key's blobs in another TPM (a copied disk): nothing to sign with.
+    match tpm_b.sign(&site, &digest) {
+        Err(Error::Tpm { op, .. }) => assert!(op.contains("load the site key"), "{op}"),
+        other => panic!("another TPM must not load the site key: {other:?}"),
+    }
+}
