@@ -3,7 +3,12 @@
 //! from outside. In QEMU that is the fw_cfg item `opt/org.edgeos/provision`: a TOML
 //! table of `"relative/path" = "file contents"`, unpacked into
 //! `/var/lib/edge/provision/` (directories 0700, files 0600, each written atomically).
-//! No item, nothing happens; a bad one is reported and skipped, never fatal.
+//! On hardware it is the file `edgeos/provision.toml` the user puts on the ESP (the FAT
+//! partition any workstation can write), in the same format: applied once the data
+//! partition is open, then removed from the ESP, so that the site's secrets rest only on
+//! the encrypted partition (stage2.rs, `provision_from_esp`). Each item is measured into
+//! the TPM before it is unpacked. No item, nothing happens; a bad one is reported and
+//! skipped, never fatal.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
@@ -12,13 +17,31 @@ use std::path::{Component, Path, PathBuf};
 
 pub const FW_CFG_ITEM: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.edgeos/provision/raw";
 pub const DIR: &str = "/var/lib/edge/provision";
+/// The provisioning file on the ESP, relative to its root.
+pub const ESP_FILE: &str = "edgeos/provision.toml";
 
-/// Unpacks the bundle at `source` (if present) into `dir`; returns console lines.
-pub fn apply(source: &Path, dir: &Path) -> Vec<String> {
+/// What `apply` did: console lines, and whether every file of the item was written.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub lines: Vec<String>,
+    pub complete: bool,
+}
+
+/// Unpacks the bundle at `source` (if present) into `dir`.
+pub fn apply(source: &Path, dir: &Path) -> Applied {
+    let incomplete = |lines| Applied {
+        lines,
+        complete: false,
+    };
     let text = match fs::read(source) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-        Err(e) => return vec![format!("warning: failed to read {}: {e}", source.display())],
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Applied::default(),
+        Err(e) => {
+            return incomplete(vec![format!(
+                "warning: failed to read {}: {e}",
+                source.display()
+            )])
+        }
     };
     let table: toml::Table = match std::str::from_utf8(&text)
         .map_err(|e| e.to_string())
@@ -26,15 +49,18 @@ pub fn apply(source: &Path, dir: &Path) -> Vec<String> {
     {
         Ok(t) => t,
         Err(e) => {
-            return vec![format!(
+            return incomplete(vec![format!(
                 "warning: provisioning {} is not a TOML table of files: {}",
                 source.display(),
                 e.trim_end().replace('\n', " ")
-            )]
+            )])
         }
     };
     if let Err(e) = make_dir(dir) {
-        return vec![format!("warning: failed to create {}: {e}", dir.display())];
+        return incomplete(vec![format!(
+            "warning: failed to create {}: {e}",
+            dir.display()
+        )]);
     }
     let mut lines = Vec::new();
     let mut written = 0;
@@ -56,7 +82,10 @@ pub fn apply(source: &Path, dir: &Path) -> Vec<String> {
         source.display(),
         dir.display()
     ));
-    lines
+    Applied {
+        complete: written == table.len(),
+        lines,
+    }
 }
 
 /// `name` under `dir`, refusing anything that could leave it.
@@ -109,7 +138,9 @@ mod tests {
         )
         .unwrap();
         let dir = tmp.path().join("var/lib/edge/provision");
-        let lines = apply(&src, &dir);
+        let applied = apply(&src, &dir);
+        assert!(!applied.complete, "three entries were skipped");
+        let lines = applied.lines;
         assert_eq!(
             fs::read(dir.join("fabricd-core.toml")).unwrap(),
             b"[core]\n"
@@ -142,7 +173,7 @@ mod tests {
         )
         .unwrap();
         let dir = tmp.path().join("p");
-        let lines = apply(&src, &dir);
+        let lines = apply(&src, &dir).lines;
         assert_eq!(
             fs::read(dir.join("registry/registry.site.example/hosts.toml")).unwrap(),
             b"server = 1"
@@ -161,12 +192,22 @@ mod tests {
     fn no_item_does_nothing_and_garbage_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("p");
-        assert!(apply(&tmp.path().join("absent"), &dir).is_empty());
+        assert!(apply(&tmp.path().join("absent"), &dir).lines.is_empty());
         assert!(!dir.exists());
         let src = tmp.path().join("raw");
         fs::write(&src, "not = toml = at all").unwrap();
-        let lines = apply(&src, &dir);
-        assert!(lines[0].contains("not a TOML table"), "{lines:?}");
+        let applied = apply(&src, &dir);
+        assert!(!applied.complete);
+        assert!(applied.lines[0].contains("not a TOML table"), "{applied:?}");
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn an_item_whose_files_all_land_is_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("raw");
+        fs::write(&src, "\"a\" = \"1\"\n\"b/c\" = \"2\"\n").unwrap();
+        let applied = apply(&src, &tmp.path().join("p"));
+        assert!(applied.complete, "{applied:?}");
     }
 }

@@ -63,8 +63,11 @@ impl System {
         load_modules();
         let provisioning = Path::new(crate::provision::FW_CFG_ITEM);
         measure_provisioning(provisioning);
-        for line in crate::provision::apply(provisioning, Path::new(crate::provision::DIR)) {
+        for line in crate::provision::apply(provisioning, Path::new(crate::provision::DIR)).lines {
             say!("{line}");
+        }
+        if boot.data_locked.is_none() {
+            provision_from_esp();
         }
         for line in crate::net::setup(&config.network, Path::new(RESOLV)) {
             say!("{line}");
@@ -600,8 +603,74 @@ pub fn blessed_name(file: &str, version: &str, slot: &str) -> Option<String> {
 }
 
 /// Marks this boot good for systemd-boot's boot counting: the booted UKI loses its
-/// `+left-done` counter. The ESP is mounted only for this.
+/// `+left-done` counter.
 fn bless(boot: &Boot) -> Result<(), String> {
+    let line = with_esp(|esp| -> Result<String, String> {
+        let dir = esp.join("EFI/Linux");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| format!("failed to list {}: {e}", dir.display()))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(new) = blessed_name(&name, &boot.version, &boot.slot) {
+                std::fs::rename(dir.join(&name), dir.join(&new))
+                    .map_err(|e| format!("failed to rename {name} to {new}: {e}"))?;
+                return Ok(format!("boot blessed: {name} -> {new}"));
+            }
+        }
+        Ok(format!(
+            "boot already blessed (edgeos-{}-{}.efi)",
+            boot.version, boot.slot
+        ))
+    })??;
+    say!("{line}");
+    Ok(())
+}
+
+/// Site provisioning from the ESP (`provision::ESP_FILE`), for boxes without fw_cfg:
+/// measured, unpacked onto the data partition, then removed from the ESP once every
+/// file of it has landed, so that its secrets do not stay on the unencrypted ESP. Only
+/// with the data partition open: a locked box leaves the file where it is.
+fn provision_from_esp() {
+    let result = with_esp(|esp| {
+        let file = esp.join(crate::provision::ESP_FILE);
+        if !file.exists() {
+            return;
+        }
+        measure_provisioning(&file);
+        let applied = crate::provision::apply(&file, Path::new(crate::provision::DIR));
+        for line in &applied.lines {
+            say!("{line}");
+        }
+        if !applied.complete {
+            say!(
+                "provisioning: {} left on the ESP (not every file of it was written)",
+                crate::provision::ESP_FILE
+            );
+            return;
+        }
+        match std::fs::remove_file(&file) {
+            Ok(()) => {
+                if let Some(dir) = file.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                say!(
+                    "provisioning: {} removed from the ESP; its files live on the encrypted data partition",
+                    crate::provision::ESP_FILE
+                );
+            }
+            Err(e) => say!(
+                "warning: failed to remove {} from the ESP: {e}; its secrets are still there",
+                file.display()
+            ),
+        }
+    });
+    if let Err(e) = result {
+        say!("warning: provisioning from the ESP: {e}");
+    }
+}
+
+/// Mounts the ESP at /efi for `f`, then syncs and unmounts it.
+fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
     let devs = crate::disk::scan(Path::new("/sys/class/block"));
     let esp = crate::disk::find_labels(&devs, &["esp"])
         .remove("esp")
@@ -625,27 +694,7 @@ fn bless(boot: &Boot) -> Result<(), String> {
             std::io::Error::from(e)
         )
     })?;
-    let result = (|| -> Result<String, String> {
-        let dir = Path::new("/efi/EFI/Linux");
-        let entries =
-            std::fs::read_dir(dir).map_err(|e| format!("failed to list {}: {e}", dir.display()))?;
-        let mut done = None;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(new) = blessed_name(&name, &boot.version, &boot.slot) {
-                std::fs::rename(dir.join(&name), dir.join(&new))
-                    .map_err(|e| format!("failed to rename {name} to {new}: {e}"))?;
-                done = Some(format!("boot blessed: {name} -> {new}"));
-                break;
-            }
-        }
-        Ok(done.unwrap_or_else(|| {
-            format!(
-                "boot already blessed (edgeos-{}-{}.efi)",
-                boot.version, boot.slot
-            )
-        }))
-    })();
+    let out = f(Path::new("/efi"));
     rustix::fs::sync();
     if let Err(e) = rustix::mount::unmount("/efi", rustix::mount::UnmountFlags::empty()) {
         say!(
@@ -653,9 +702,7 @@ fn bless(boot: &Boot) -> Result<(), String> {
             std::io::Error::from(e)
         );
     }
-    let line = result?;
-    say!("{line}");
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -111,6 +111,23 @@ pub fn flip_byte(overlay: &Path, offset: u64, scratch: &Path) -> Result<(u8, u8)
     Ok((old, new))
 }
 
+/// Writes `data` at `offset` of a qcow2 overlay (the machine must be off).
+pub fn write(overlay: &Path, offset: u64, data: &[u8], scratch: &Path) -> Result<()> {
+    std::fs::write(scratch, data)
+        .with_context(|| format!("failed to write {}", scratch.display()))?;
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!(
+            "write -q -s {} {offset} {}",
+            scratch.display(),
+            data.len()
+        ))
+        .arg(overlay))
+    .with_context(|| format!("failed to write at {offset} of {}", overlay.display()))?;
+    let _ = std::fs::remove_file(scratch);
+    Ok(())
+}
+
 /// A scratch file name inside `dir`.
 pub fn scratch_in(dir: &Path) -> PathBuf {
     dir.join("scratch.bin")

@@ -14,6 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::{all_ready, pod, pod_running as running, Machine, Options};
+use sha2::Digest as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -481,7 +482,20 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         .push(("opt/org.edgeos/provision".into(), bundle_path.clone()));
     let mut m = Machine::with_options("fabric", opts)?;
     m.boot()?;
-    let line = m.wait_for_console("provisioning", Duration::from_secs(120))?;
+    // The item is measured into PCR 12 before it is unpacked: zeros extended once with
+    // its SHA-256, the value a verifier holding the same item computes.
+    let measured = m.wait_for_console("edgeos: tpm: provisioning (", Duration::from_secs(120))?;
+    let want = edge_tpm::policy::hex(&edge_tpm::policy::extend(
+        &[0; 32],
+        &sha2::Sha256::digest(std::fs::read(&bundle_path)?).into(),
+    ));
+    assert!(
+        measured
+            .trim_end()
+            .ends_with(&format!("measured: PCR 12 {want}")),
+        "{measured:?}, want PCR 12 {want}"
+    );
+    let line = m.wait_for_console("edgeos: provisioning:", Duration::from_secs(120))?;
     assert!(line.contains("provisioning: 4 file(s)"), "{line}");
     m.wait_ready()?;
     m.wait_status(Duration::from_secs(60), "all services ready", all_ready)?;

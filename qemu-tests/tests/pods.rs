@@ -325,7 +325,7 @@ fn provisioned_and_static_pods_run_report_restart_and_survive_a_power_cycle() ->
     let mut m = Machine::with_options("pods", opts)?;
 
     m.boot()?;
-    let line = m.wait_for_console("provisioning", Duration::from_secs(180))?;
+    let line = m.wait_for_console("edgeos: provisioning:", Duration::from_secs(180))?;
     assert!(line.contains("provisioning: 11 file(s)"), "{line}");
     m.wait_ready()?;
     eprintln!("ready after {:?}", started.elapsed());

@@ -4,15 +4,14 @@
 //! the image builder predicted. A UKI whose command line was changed on the ESP boots
 //! far enough to say, on the console and the control port, that the TPM refused the
 //! key, and leaves every byte of the partition as it was; put back, the same UKI opens
-//! it again with its data. The provisioning item is measured into PCR 12 before it is
-//! unpacked, and logged on the control port.
+//! it again with its data. Provisioning put on the ESP is left there while the data is
+//! locked, then measured into PCR 12 (logged on the control port), unpacked and removed.
 //!
 //! (The unsealing on a second boot of an untouched disk is `boot`'s power cycle.)
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::machine::Options;
 use qemu_tests::machine::BOOT_TIMEOUT;
 use qemu_tests::{gpt, Machine};
 use sha2::Digest as _;
@@ -54,6 +53,61 @@ fn slot_a_cmdline_byte(m: &Machine) -> Result<u64> {
     Ok((start + quiet) as u64)
 }
 
+const ESP_PROVISION: &str = "edgeos/provision.toml";
+
+/// The machine's ESP as a file of its own (`esp.img` in its directory), for mtools, and
+/// where it sits on the disk.
+fn esp_image(m: &Machine) -> Result<(std::path::PathBuf, u64)> {
+    let parts = m.partitions()?;
+    let esp = gpt::find(&parts, "esp")?;
+    let scratch = qemu_tests::disk::scratch_in(m.dir());
+    let bytes = qemu_tests::disk::read(m.disk(), esp.offset(), esp.size(), &scratch)?;
+    let image = m.dir().join("esp.img");
+    std::fs::write(&image, bytes)?;
+    Ok((image, esp.offset()))
+}
+
+fn mtools(tool: &str, image: &std::path::Path, args: &[&str]) -> Result<std::process::Output> {
+    std::process::Command::new(tool)
+        .arg("-i")
+        .arg(image)
+        .args(args)
+        .output()
+        .with_context(|| format!("failed to run {tool} (mtools)"))
+}
+
+/// Writes `path` (at most one directory deep) on the machine's ESP, as a user would on
+/// a workstation. The machine must be off.
+fn put_on_esp(m: &Machine, path: &str, contents: &[u8]) -> Result<()> {
+    let (image, offset) = esp_image(m)?;
+    let local = m.dir().join("esp-file");
+    std::fs::write(&local, contents)?;
+    if let Some((dir, _)) = path.split_once('/') {
+        mtools("mmd", &image, &["-D", "s", &format!("::/{dir}")])?;
+    }
+    let out = mtools(
+        "mcopy",
+        &image,
+        &["-o", &local.to_string_lossy(), &format!("::/{path}")],
+    )?;
+    if !out.status.success() {
+        bail!("mcopy: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    qemu_tests::disk::write(
+        m.disk(),
+        offset,
+        &std::fs::read(&image)?,
+        &qemu_tests::disk::scratch_in(m.dir()),
+    )
+}
+
+/// The file at `path` on the machine's ESP, if there is one.
+fn read_from_esp(m: &Machine, path: &str) -> Result<Option<Vec<u8>>> {
+    let (image, _) = esp_image(m)?;
+    let out = mtools("mtype", &image, &[&format!("::/{path}")])?;
+    Ok(out.status.success().then_some(out.stdout))
+}
+
 fn data_partition(m: &Machine) -> Result<Vec<u8>> {
     let parts = m.partitions()?;
     let data = gpt::find(&parts, "data")?;
@@ -67,17 +121,12 @@ fn data_partition(m: &Machine) -> Result<Vec<u8>> {
 
 #[test]
 fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<()> {
-    // A provisioning item, which stage 2 measures into PCR 12 before it unpacks it.
-    let scratch = tempfile::tempdir()?;
-    let provisioning = scratch.path().join("provision.toml");
-    std::fs::write(
-        &provisioning,
-        "\"notes/site.txt\" = \"sealed_data test site\"\n",
-    )?;
-    let mut opts = Options::new(&qemu_tests::image_from_env()?);
-    opts.fw_cfg
-        .push(("opt/org.edgeos/provision".into(), provisioning.clone()));
-    let mut m = Machine::with_options("sealed_data", opts)?;
+    // Provisioning as on hardware: a file the user put on the ESP. Stage 2 takes it only
+    // with the data partition open, measures it into PCR 12, unpacks it onto data and
+    // removes it from the ESP.
+    let mut m = Machine::new("sealed_data")?;
+    let provisioning = "\"notes/site.txt\" = \"sealed_data test site\"\n";
+    put_on_esp(&m, ESP_PROVISION, provisioning.as_bytes())?;
     let wait = |m: &mut Machine, pattern: &str| m.wait_for_console(pattern, BOOT_TIMEOUT);
 
     // No TPM on the first boot: nothing can be sealed, so nothing is made.
@@ -93,6 +142,11 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
     if data_partition(&m)?.iter().any(|&b| b != 0) {
         bail!("a boot without a TPM wrote to the blank data partition");
     }
+    assert_eq!(
+        read_from_esp(&m, ESP_PROVISION)?.as_deref(),
+        Some(provisioning.as_bytes()),
+        "a locked box must leave the provisioning on the ESP"
+    );
     m.set_tpm(true);
 
     // With the TPM: PCR 11 as predicted, a new LUKS2 sealed to it, a recovery key shown.
@@ -111,12 +165,38 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
         39,
         "eight groups of four hex digits: {recovery:?}"
     );
+    // PCR 12 is zeros extended once with the provisioning's SHA-256.
+    let measured = wait(&mut m, "edgeos: tpm: provisioning (")?;
+    let digest: [u8; 32] = sha2::Sha256::digest(provisioning).into();
+    let want = edge_tpm::policy::hex(&edge_tpm::policy::extend(&[0; 32], &digest));
+    assert!(
+        measured
+            .trim_end()
+            .ends_with(&format!("measured: PCR 12 {want}")),
+        "{measured:?}, want PCR 12 {want}"
+    );
+    wait(&mut m, "removed from the ESP")?;
     m.wait_ready()?;
     let st = m.status()?;
     assert_eq!(st["data"]["formatted"], true, "{st}");
     assert!(st["data"]["locked"].is_null(), "{st}");
+    let reply = m.request(serde_json::json!({"cmd": "measurements"}))?;
+    let record = reply["measurements"]["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|r| r["pcr"] == 12).cloned())
+        .with_context(|| format!("no PCR 12 record: {reply}"))?;
+    assert_eq!(
+        record["digests"][0]["digest"],
+        edge_tpm::policy::hex(&digest),
+        "{record}"
+    );
     m.powerdown()?;
     m.wait_exit(Duration::from_secs(90))?;
+    assert_eq!(
+        read_from_esp(&m, ESP_PROVISION)?,
+        None,
+        "the provisioning's secrets stayed on the ESP"
+    );
     let sealed = data_partition(&m)?;
     assert!(
         sealed.starts_with(b"LUKS\xba\xbe\x00\x02"),
@@ -156,16 +236,6 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
     m.corrupt("esp", at)?;
     m.reboot_same_disk()?;
     wait(&mut m, "edgeos: data: unlocked by the TPM")?;
-    // PCR 12 is zeros extended once with the provisioning's SHA-256.
-    let measured = wait(&mut m, "edgeos: tpm: provisioning (")?;
-    let digest: [u8; 32] = sha2::Sha256::digest(std::fs::read(&provisioning)?).into();
-    let want = edge_tpm::policy::hex(&edge_tpm::policy::extend(&[0; 32], &digest));
-    assert!(
-        measured
-            .trim_end()
-            .ends_with(&format!("measured: PCR 12 {want}")),
-        "{measured:?}, want PCR 12 {want}"
-    );
     m.wait_ready()?;
     let st = m.status()?;
     assert_eq!(st["data"]["formatted"], false, "{st}");
@@ -182,21 +252,13 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
         })
         .unwrap_or_default();
     assert_eq!(
-        phases[..4],
-        [
-            "enter-initrd",
-            "leave-initrd",
-            "sysinit",
-            "edgeos provisioning: /sys/firmware/qemu_fw_cfg/by_name/opt/org.edgeos/provision/raw"
-        ],
+        phases[..3],
+        ["enter-initrd", "leave-initrd", "sysinit"],
         "{ms}"
     );
-    let provisioning_record = &ms["events"][3];
-    assert_eq!(provisioning_record["pcr"], 12, "{ms}");
-    assert_eq!(
-        provisioning_record["digests"][0]["digest"],
-        edge_tpm::policy::hex(&digest),
-        "{ms}"
+    assert!(
+        !phases.iter().any(|p| p.contains("provisioning")),
+        "the provisioning was taken once, not at every boot: {ms}"
     );
     assert!(
         ms["firmware_log"]["bytes"].as_u64().is_some_and(|n| n > 0),
