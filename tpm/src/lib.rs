@@ -13,6 +13,7 @@ pub mod identity;
 #[cfg(feature = "tpm")]
 pub mod pcr;
 pub mod policy;
+pub mod replay;
 #[cfg(feature = "tpm")]
 pub mod seal;
 #[cfg(feature = "tpm")]

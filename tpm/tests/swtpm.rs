@@ -564,3 +564,55 @@ fn the_site_key_is_certified_by_the_attestation_key_and_signs_only_in_its_tpm() 
         other => panic!("another TPM must not load the site key: {other:?}"),
     }
 }
+
+#[test]
+fn a_quoted_boot_replays_from_the_event_log_to_an_accepted_release() {
+    use sha2::Digest as _;
+    let t = swtpm();
+    let mut tpm = t.open();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    // The boot as init makes it: enter-initrd (PCR 11 then is the release's value),
+    // leave-initrd, sysinit, the provisioning, ready; each extend logged.
+    let mut release_value = None;
+    for word in policy::PHASES {
+        let d = tpm.extend_phase(word).unwrap();
+        edge_tpm::eventlog::append(&log, 11, &d, word).unwrap();
+        if word == policy::UNSEAL_PHASE {
+            release_value = Some(tpm.read_pcr11().unwrap());
+        }
+        if word == "sysinit" {
+            let d: [u8; 32] = sha2::Sha256::digest(b"provisioning item").into();
+            tpm.extend(policy::PCR_PROVISION, &d).unwrap();
+            edge_tpm::eventlog::append(&log, 12, &d, "edgeos provisioning: test").unwrap();
+        }
+    }
+    let json = format!(
+        "{{\"a\":{{\"enter-initrd\":\"{}\"}}}}",
+        policy::hex(&release_value.unwrap())
+    );
+    let releases = [edge_tpm::replay::release("0.1.0", json.as_bytes()).unwrap()];
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+
+    let ak = tpm.create_attestation_key(Endorsement::EccP256).unwrap();
+    let quote = tpm.quote(&ak, b"n", &[11, 12]).unwrap();
+    let quoted = evidence::check_quote(&ak.public().unwrap(), &quote, b"n").unwrap();
+    assert_eq!(
+        edge_tpm::replay::check_boot(&quoted.pcrs, &events, &releases).unwrap(),
+        ("0.1.0".to_string(), "a".to_string())
+    );
+    // One more extend than the log shows.
+    tpm.extend(11, &[5; 32]).unwrap();
+    let quote = tpm.quote(&ak, b"m", &[11, 12]).unwrap();
+    let quoted = evidence::check_quote(&ak.public().unwrap(), &quote, b"m").unwrap();
+    let why = untrusted(edge_tpm::replay::check_boot(
+        &quoted.pcrs,
+        &events,
+        &releases,
+    ));
+    assert!(why.contains("booted something else"), "{why}");
+}
