@@ -288,54 +288,17 @@ impl Pki {
                 ],
             );
         }
+        let pki = Pki {
+            dir: dir.to_owned(),
+        };
         for (name, ca, ext) in [
             ("server", "ca", "server"),
             ("client", "ca", "client"),
             ("foreign-client", "foreign-ca", "client"),
         ] {
-            openssl(
-                dir,
-                &[
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                    "-subj",
-                    &format!("/CN={name}"),
-                ],
-            );
-            openssl(
-                dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    &format!("{ca}.pem"),
-                    "-CAkey",
-                    &format!("{ca}.key"),
-                    "-CAcreateserial",
-                    "-out",
-                    &format!("{name}.pem"),
-                    "-days",
-                    "2",
-                    "-extfile",
-                    "ext.cnf",
-                    "-extensions",
-                    ext,
-                ],
-            );
+            pki.issue(name, &format!("/CN={name}"), ca, ext);
         }
-        Pki {
-            dir: dir.to_owned(),
-        }
+        pki
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -345,6 +308,12 @@ impl Pki {
     /// Issues `<name>.pem` and `<name>.key`: a client certificate with `subject` (openssl's
     /// `/CN=...` form), signed by the test CA.
     pub fn issue_client(&self, name: &str, subject: &str) {
+        self.issue(name, subject, "ca", "client");
+    }
+
+    /// `<name>.pem` and `<name>.key`, signed by `<ca>.pem` with the `ext` section of
+    /// ext.cnf (server or client).
+    fn issue(&self, name: &str, subject: &str, ca: &str, ext: &str) {
         openssl(
             &self.dir,
             &[
@@ -370,9 +339,9 @@ impl Pki {
                 "-in",
                 &format!("{name}.csr"),
                 "-CA",
-                "ca.pem",
+                &format!("{ca}.pem"),
                 "-CAkey",
-                "ca.key",
+                &format!("{ca}.key"),
                 "-CAcreateserial",
                 "-out",
                 &format!("{name}.pem"),
@@ -381,7 +350,7 @@ impl Pki {
                 "-extfile",
                 "ext.cnf",
                 "-extensions",
-                "client",
+                ext,
             ],
         );
     }
