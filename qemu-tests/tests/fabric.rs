@@ -482,7 +482,7 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         .push(("opt/org.edgeos/provision".into(), bundle_path.clone()));
     let mut m = Machine::with_options("fabric", opts)?;
     m.boot()?;
-    // The item is measured into PCR 12 before it is unpacked: zeros extended once with
+    // The item is measured into PCR 15 before it is unpacked: zeros extended once with
     // its SHA-256, the value a verifier holding the same item computes.
     let measured = m.wait_for_console("edgeos: tpm: provisioning (", Duration::from_secs(120))?;
     let want = edge_tpm::policy::hex(&edge_tpm::policy::extend(
@@ -492,8 +492,8 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     assert!(
         measured
             .trim_end()
-            .ends_with(&format!("measured: PCR 12 {want}")),
-        "{measured:?}, want PCR 12 {want}"
+            .ends_with(&format!("measured: PCR 15 {want}")),
+        "{measured:?}, want PCR 15 {want}"
     );
     let line = m.wait_for_console("edgeos: provisioning:", Duration::from_secs(120))?;
     assert!(line.contains("provisioning: 4 file(s)"), "{line}");

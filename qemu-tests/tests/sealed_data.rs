@@ -5,7 +5,7 @@
 //! far enough to say, on the console and the control port, that the TPM refused the
 //! key, and leaves every byte of the partition as it was; put back, the same UKI opens
 //! it again with its data. Provisioning put on the ESP is left there while the data is
-//! locked, then measured into PCR 12 (logged on the control port), unpacked and removed.
+//! locked, then measured into PCR 15 (logged on the control port), unpacked and removed.
 //!
 //! (The unsealing on a second boot of an untouched disk is `boot`'s power cycle.)
 
@@ -122,7 +122,7 @@ fn data_partition(m: &Machine) -> Result<Vec<u8>> {
 #[test]
 fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<()> {
     // Provisioning as on hardware: a file the user put on the ESP. Stage 2 takes it only
-    // with the data partition open, measures it into PCR 12, unpacks it onto data and
+    // with the data partition open, measures it into PCR 15, unpacks it onto data and
     // removes it from the ESP.
     let mut m = Machine::new("sealed_data")?;
     let provisioning = "\"notes/site.txt\" = \"sealed_data test site\"\n";
@@ -165,15 +165,15 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
         39,
         "eight groups of four hex digits: {recovery:?}"
     );
-    // PCR 12 is zeros extended once with the provisioning's SHA-256.
+    // PCR 15 is zeros extended once with the provisioning's SHA-256.
     let measured = wait(&mut m, "edgeos: tpm: provisioning (")?;
     let digest: [u8; 32] = sha2::Sha256::digest(provisioning).into();
     let want = edge_tpm::policy::hex(&edge_tpm::policy::extend(&[0; 32], &digest));
     assert!(
         measured
             .trim_end()
-            .ends_with(&format!("measured: PCR 12 {want}")),
-        "{measured:?}, want PCR 12 {want}"
+            .ends_with(&format!("measured: PCR 15 {want}")),
+        "{measured:?}, want PCR 15 {want}"
     );
     wait(&mut m, "removed from the ESP")?;
     m.wait_ready()?;
@@ -183,8 +183,8 @@ fn data_is_sealed_to_the_signed_boot_and_a_changed_uki_gets_no_key() -> Result<(
     let reply = m.request(serde_json::json!({"cmd": "measurements"}))?;
     let record = reply["measurements"]["events"]
         .as_array()
-        .and_then(|e| e.iter().find(|r| r["pcr"] == 12).cloned())
-        .with_context(|| format!("no PCR 12 record: {reply}"))?;
+        .and_then(|e| e.iter().find(|r| r["pcr"] == 15).cloned())
+        .with_context(|| format!("no PCR 15 record: {reply}"))?;
     assert_eq!(
         record["digests"][0]["digest"],
         edge_tpm::policy::hex(&digest),

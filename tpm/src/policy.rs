@@ -15,11 +15,11 @@ pub const ALG_SHA256: u16 = 0x000B;
 /// The PCR the UKI, the boot phases and so the signed policy cover.
 pub const PCR_UKI: u32 = 11;
 /// Ours: what the box was provisioned with from outside the image (the site's core
-/// address, CA and identity), measured before any service reads it. 12 is the PCR the
-/// UAPI registry gives to system credentials and configuration; systemd-stub extends it
-/// only for a command line or credentials passed from outside the UKI, which our boot
-/// has none of.
-pub const PCR_PROVISION: u32 = 12;
+/// address, CA and identity), measured before any service reads it. 15 is the PCR the
+/// UAPI registry gives to the system's identity, and nothing else in our boot extends
+/// it (12, for configuration, already holds the command line: systemd-boot hands the
+/// UKI's `.cmdline` to the stub as load options, and they are measured there).
+pub const PCR_PROVISION: u32 = 15;
 
 /// The phases, in boot order: stage 1 extends the first on entry and the second right
 /// after it has (or has not) unsealed the data key, so nothing later in the same boot

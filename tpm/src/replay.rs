@@ -2,7 +2,7 @@
 //! replayed against the quoted PCRs. PCR 11 must be the value an accepted release's UKI
 //! leads to at `enter-initrd` (its `pcr11.json`, written by `cargo xtask image`),
 //! extended with the phase words the log records after it, in the order the boot makes
-//! them; PCR 12 must be zeros extended with the provisioning digests the log records.
+//! them; PCR 15 must be zeros extended with the provisioning digests the log records.
 //! A quote whose PCR 11 no accepted release explains is a box that booted something else.
 
 use serde_json::Value;
@@ -66,7 +66,7 @@ fn record(v: &Value) -> Result<(u32, [u8; 32], &str), String> {
 }
 
 /// The release and slot whose boot, followed by the extends `events` records, gives the
-/// quoted PCR 11 and PCR 12 (`quoted`: PCR and value, as `evidence::check_quote`
+/// quoted PCR 11 and PCR 15 (`quoted`: PCR and value, as `evidence::check_quote`
 /// returns them; both must be quoted). Refused, with the reason, when none does.
 pub fn check_boot(
     quoted: &[(u32, [u8; 32])],
@@ -81,7 +81,7 @@ pub fn check_boot(
             .map(|(_, v)| *v)
             .ok_or_else(|| refused(format!("the quote does not cover PCR {pcr}")))
     };
-    let (pcr11, pcr12) = (value_of(PCR_UKI)?, value_of(PCR_PROVISION)?);
+    let (pcr11, pcr15) = (value_of(PCR_UKI)?, value_of(PCR_PROVISION)?);
 
     let mut phases = Vec::new();
     let mut provisioning = [0u8; 32];
@@ -107,10 +107,10 @@ pub fn check_boot(
             _ => {}
         }
     }
-    if provisioning != pcr12 {
+    if provisioning != pcr15 {
         return Err(refused(format!(
-            "PCR 12 is {}, and the provisioning the event log records gives {}",
-            hex(&pcr12),
+            "PCR {PCR_PROVISION} is {}, and the provisioning the event log records gives {}",
+            hex(&pcr15),
             hex(&provisioning)
         )));
     }
@@ -179,24 +179,24 @@ mod tests {
                 ));
             }
         }
-        let pcr12 = extend(&[0; 32], &provisioning);
-        let quoted = [(11, pcr11), (12, pcr12)];
+        let pcr15 = extend(&[0; 32], &provisioning);
+        let quoted = [(11, pcr11), (15, pcr15)];
         assert_eq!(
             check_boot(&quoted, &events, &releases).unwrap(),
             ("0.2.0".to_string(), "b".to_string())
         );
 
         // Another UKI (no release leads to its PCR 11).
-        let other = [(11, extend(&pcr11, &[1; 32])), (12, pcr12)];
+        let other = [(11, extend(&pcr11, &[1; 32])), (15, pcr15)];
         let e = check_boot(&other, &events, &releases)
             .unwrap_err()
             .to_string();
         assert!(e.contains("booted something else"), "{e}");
         // A provisioning the log does not own up to.
-        let e = check_boot(&[(11, pcr11), (12, [0; 32])], &events, &releases)
+        let e = check_boot(&[(11, pcr11), (15, [0; 32])], &events, &releases)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("PCR 12"), "{e}");
+        assert!(e.contains("PCR 15"), "{e}");
         // A log that hides an extend of PCR 11.
         let mut hidden = events.clone();
         hidden[0] = event(PCR_UKI, &[9; 32], "enter-initrd");
@@ -211,11 +211,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not in the order"), "{e}");
-        // PCR 12 not quoted.
+        // PCR 15 not quoted.
         let e = check_boot(&quoted[..1], &events, &releases)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("PCR 12"), "{e}");
+        assert!(e.contains("PCR 15"), "{e}");
     }
 
     #[test]

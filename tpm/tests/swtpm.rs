@@ -584,7 +584,13 @@ fn a_quoted_boot_replays_from_the_event_log_to_an_accepted_release() {
         if word == "sysinit" {
             let d: [u8; 32] = sha2::Sha256::digest(b"provisioning item").into();
             tpm.extend(policy::PCR_PROVISION, &d).unwrap();
-            edge_tpm::eventlog::append(&log, 12, &d, "edgeos provisioning: test").unwrap();
+            edge_tpm::eventlog::append(
+                &log,
+                policy::PCR_PROVISION,
+                &d,
+                "edgeos provisioning: test",
+            )
+            .unwrap();
         }
     }
     let json = format!(
@@ -599,7 +605,7 @@ fn a_quoted_boot_replays_from_the_event_log_to_an_accepted_release() {
         .collect();
 
     let ak = tpm.create_attestation_key(Endorsement::EccP256).unwrap();
-    let quote = tpm.quote(&ak, b"n", &[11, 12]).unwrap();
+    let quote = tpm.quote(&ak, b"n", &[11, policy::PCR_PROVISION]).unwrap();
     let quoted = evidence::check_quote(&ak.public().unwrap(), &quote, b"n").unwrap();
     assert_eq!(
         edge_tpm::replay::check_boot(&quoted.pcrs, &events, &releases).unwrap(),
@@ -607,7 +613,7 @@ fn a_quoted_boot_replays_from_the_event_log_to_an_accepted_release() {
     );
     // One more extend than the log shows.
     tpm.extend(11, &[5; 32]).unwrap();
-    let quote = tpm.quote(&ak, b"m", &[11, 12]).unwrap();
+    let quote = tpm.quote(&ak, b"m", &[11, policy::PCR_PROVISION]).unwrap();
     let quoted = evidence::check_quote(&ak.public().unwrap(), &quote, b"m").unwrap();
     let why = untrusted(edge_tpm::replay::check_boot(
         &quoted.pcrs,

@@ -5,7 +5,7 @@
 //! ```text
 //! edge-tpm phase <word>                           extend PCR 11, log the event, print it
 //! edge-tpm pcr11                                  print PCR 11 (hex)
-//! edge-tpm measure provisioning <event> < data     extend our provisioning PCR (12)
+//! edge-tpm measure provisioning <event> < data     extend our provisioning PCR (15)
 //!                                                 with SHA-256(data), log <event>,
 //!                                                 print `PCR <n> <value>`
 //! edge-tpm seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] < secret
