@@ -669,7 +669,7 @@ fn provision_from_esp() {
     }
 }
 
-/// Mounts the ESP at /efi for `f`, then syncs and unmounts it.
+/// Mounts the ESP at /efi for `f`, then syncs it and unmounts it.
 fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
     let devs = crate::disk::scan(Path::new("/sys/class/block"));
     let esp = crate::disk::find_labels(&devs, &["esp"])
@@ -695,7 +695,11 @@ fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
         )
     })?;
     let out = f(Path::new("/efi"));
-    rustix::fs::sync();
+    // The ESP's writes only (a global sync would also flush everything else dirty, on
+    // a first boot the new data partition's file system, before the services start).
+    if let Ok(dir) = std::fs::File::open("/efi") {
+        let _ = rustix::fs::syncfs(&dir);
+    }
     if let Err(e) = rustix::mount::unmount("/efi", rustix::mount::UnmountFlags::empty()) {
         say!(
             "warning: failed to unmount /efi: {}",
