@@ -20,6 +20,33 @@ pub const DIR: &str = "/var/lib/edge/provision";
 /// The provisioning file on the ESP, relative to its root.
 pub const ESP_FILE: &str = "edgeos/provision.toml";
 
+/// The largest item taken: a bundle of a few certificates, keys and manifests is tens of
+/// KiB, and PID 1 reads it whole.
+pub const MAX_BYTES: u64 = 1 << 20;
+
+/// The item at `source`: `None` when there is none, an error naming what is wrong with
+/// it (unreadable, too large).
+pub fn read(source: &Path) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    let file = match fs::File::open(source) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("failed to read {}: {e}", source.display())),
+    };
+    // By reading, not by the file's size: sysfs (fw_cfg) reports none.
+    let mut bytes = Vec::new();
+    file.take(MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("failed to read {}: {e}", source.display()))?;
+    if bytes.len() as u64 > MAX_BYTES {
+        return Err(format!(
+            "provisioning {} is larger than {MAX_BYTES} bytes, the most taken",
+            source.display()
+        ));
+    }
+    Ok(Some(bytes))
+}
+
 /// What `apply` did: console lines, and whether every file of the item was written.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -33,15 +60,10 @@ pub fn apply(source: &Path, dir: &Path) -> Applied {
         lines,
         complete: false,
     };
-    let text = match fs::read(source) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Applied::default(),
-        Err(e) => {
-            return incomplete(vec![format!(
-                "warning: failed to read {}: {e}",
-                source.display()
-            )])
-        }
+    let text = match read(source) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Applied::default(),
+        Err(e) => return incomplete(vec![format!("warning: {e}")]),
     };
     let table: toml::Table = match std::str::from_utf8(&text)
         .map_err(|e| e.to_string())
@@ -200,6 +222,17 @@ mod tests {
         assert!(!applied.complete);
         assert!(applied.lines[0].contains("not a TOML table"), "{applied:?}");
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn an_item_too_large_is_refused_by_its_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("raw");
+        fs::write(&src, vec![b' '; MAX_BYTES as usize + 1]).unwrap();
+        let applied = apply(&src, &tmp.path().join("p"));
+        assert!(!applied.complete);
+        assert!(applied.lines[0].contains("larger than"), "{applied:?}");
+        assert!(read(&src).is_err());
     }
 
     #[test]

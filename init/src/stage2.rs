@@ -363,7 +363,8 @@ fn measure_phase(word: &str) {
 /// Measures the provisioning item, as it is before anything reads it, into the TPM
 /// (docs/security.md, "What is measured"); nothing when there is none.
 fn measure_provisioning(item: &Path) {
-    let Ok(bytes) = std::fs::read(item) else {
+    // Unreadable or too large: not measured, and `apply` refuses it with the reason.
+    let Ok(Some(bytes)) = crate::provision::read(item) else {
         return;
     };
     let event = format!("edgeos provisioning: {}", item.display());
