@@ -119,6 +119,9 @@ fn algorithm<'a>(d: Der<'a>) -> Result<(&'a [u8], &'a [u8]), String> {
 fn time(d: Der<'_>) -> Result<String, String> {
     let text = std::str::from_utf8(d.body).map_err(|_| "a time that is not text")?;
     let digits = text.strip_suffix('Z').ok_or("a time not in UTC")?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("a time {text:?} that is not digits"));
+    }
     match (d.tag, digits.len()) {
         (UTC_TIME, 12) => {
             let yy: u32 = digits[..2].parse().map_err(|_| "a bad year")?;
@@ -388,6 +391,14 @@ mod tests {
                 .starts_with("the EK certificate: certificate:"),
             "{e}"
         );
+        let utc = |t: &[u8]| {
+            let mut der = vec![UTC_TIME, t.len() as u8];
+            der.extend_from_slice(t);
+            time(next(&mut &der[..]).unwrap())
+        };
+        assert_eq!(utc(b"491231235959Z").unwrap(), "20491231235959");
+        assert_eq!(utc(b"500101000000Z").unwrap(), "19500101000000");
+        assert!(utc("é0101000000Z".as_bytes()).is_err());
         let e = pem_certificates("the CA file", b"hello").unwrap_err();
         assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
     }
