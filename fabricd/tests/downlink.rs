@@ -179,7 +179,7 @@ fn signed_items_are_written_and_tampered_ones_refused() {
         "{report}"
     );
     assert_eq!(std::fs::read(down.join("models/model.bin")).unwrap(), model);
-    assert!(f.log_contains("downlink refused"));
+    assert!(f.logged("downlink refused"), "{}", f.log_text());
     assert!(f.is_running());
 }
 
@@ -241,7 +241,7 @@ fn an_interrupted_object_download_resumes_where_it_stopped() {
     wait_for("the bundle to be written", Duration::from_secs(60), || {
         (std::fs::read(down.join("updates/os.bundle")).ok()? == bundle).then_some(())
     });
-    assert!(f.log_contains("resuming the download"), "{}", f.log_text());
+    assert!(f.logged("resuming the download"), "{}", f.log_text());
     assert_eq!(
         metric(&f, "fabricd_downlink_resumed_bytes_total"),
         Some(kept)

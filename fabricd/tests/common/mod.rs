@@ -47,6 +47,8 @@ pub struct Fabricd {
     pub metrics: SocketAddr,
     /// Every stderr line of every run of this instance.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The thread copying the running child's stderr into `log`; it ends at the child's EOF.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Fabricd {
@@ -72,6 +74,7 @@ impl Fabricd {
             http,
             metrics,
             log: Arc::new(Mutex::new(Vec::new())),
+            reader: None,
         }
     }
 
@@ -101,7 +104,7 @@ impl Fabricd {
         drop(ready_wr);
         let stderr = child.stderr.take().unwrap();
         let log = self.log.clone();
-        std::thread::spawn(move || {
+        self.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if std::env::var_os("FABRICD_TEST_VERBOSE").is_some() {
@@ -109,7 +112,7 @@ impl Fabricd {
                 }
                 log.lock().unwrap().push(line);
             }
-        });
+        }));
         let mut got = String::new();
         // Read until READY or EOF (the child died).
         let _ = ready_rd.read_to_string(&mut got);
@@ -133,7 +136,13 @@ impl Fabricd {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap()
+        let status = c.wait().unwrap();
+        // The exit does not mean its last lines were read: wait for the reader's EOF so
+        // `log` holds everything the process wrote.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        status
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -142,8 +151,22 @@ impl Fabricd {
             .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
+    /// Whether a line read so far contains `needle`. A line the daemon has just written may
+    /// not be read yet: for a line that should be there, use `logged`.
     pub fn log_contains(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// Whether a line containing `needle` is read within 10 s.
+    pub fn logged(&self, needle: &str) -> bool {
+        let start = Instant::now();
+        while !self.log_contains(needle) {
+            if start.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     pub fn log_text(&self) -> String {
