@@ -331,3 +331,32 @@ mod tests {
         assert!(matches!(init_logging("loud"), Err(Error::LogLevel(_))));
     }
 }
+
+/// Lowercase hex, the form digests and keys take in our files and on the wire.
+pub mod hex {
+    pub fn encode(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Hex digits (either case, even count) to bytes; None for anything else.
+    pub fn decode(s: &str) -> Option<Vec<u8>> {
+        if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trips_and_refuses_what_is_not_hex() {
+            assert_eq!(super::encode(&[0, 0xab, 0x10]), "00ab10");
+            assert_eq!(super::decode("00AB10"), Some(vec![0, 0xab, 0x10]));
+            assert_eq!(super::decode("abc"), None);
+            assert_eq!(super::decode("zz"), None);
+            assert_eq!(super::decode("+1"), None);
+        }
+    }
+}

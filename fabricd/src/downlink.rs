@@ -97,24 +97,17 @@ fn check_item(item: &Item) -> Result<(), String> {
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Reads the public key file: 64 hex digits (whitespace around is fine).
 pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("failed to read downlink.public_key {}: {e}", path.display()))?;
-    let t = text.trim();
-    if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
+    match edge_common::hex::decode(text.trim()) {
+        Some(key) if key.len() == 32 => Ok(key),
+        _ => Err(format!(
             "downlink.public_key {} must hold 64 hex digits (an ed25519 public key)",
             path.display()
-        ));
+        )),
     }
-    Ok((0..32)
-        .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).unwrap_or(0))
-        .collect())
 }
 
 /// The sha256 of a file already in place, read in chunks (an update bundle can be
@@ -126,7 +119,7 @@ async fn sha256_file(path: &Path) -> Option<String> {
     let mut buf = vec![0u8; 1 << 16];
     loop {
         match file.read(&mut buf).await.ok()? {
-            0 => return Some(hex(ctx.finish().as_ref())),
+            0 => return Some(edge_common::hex::encode(ctx.finish().as_ref())),
             n => ctx.update(&buf[..n]),
         }
     }
@@ -204,7 +197,7 @@ async fn fetch_item(
     } else {
         fetch_object(item, objects, &tmp, &progress, &mut ctx, status).await
     };
-    let digest = hex(ctx.finish().as_ref());
+    let digest = edge_common::hex::encode(ctx.finish().as_ref());
     let verdict = fetched.and_then(|()| {
         if digest.eq_ignore_ascii_case(&item.sha256) {
             Ok(())
@@ -528,7 +521,10 @@ async fn watch_site(
         .map_err(|_| "no randomness for the watch's name".to_string())?;
     kv.stream
         .create_consumer(push::OrderedConfig {
-            name: Some(format!("downlink-{site}-{machine}-{}", hex(&id))),
+            name: Some(format!(
+                "downlink-{site}-{machine}-{}",
+                edge_common::hex::encode(&id)
+            )),
             deliver_subject: client.new_inbox(),
             filter_subject: format!("{}{site}.>", kv.prefix),
             deliver_policy: DeliverPolicy::LastPerSubject,
