@@ -542,6 +542,34 @@ pub fn check_certify(
     Ok(point)
 }
 
+/// The site key's public part (TPMT_PUBLIC) as the PEM SubjectPublicKeyInfo a
+/// certificate authority issues a certificate for (`openssl x509 -force_pubkey`).
+pub fn site_key_pem(key_public: &[u8]) -> Result<String, Error> {
+    let key = parse_public("the site key", key_public)?;
+    let PublicKey::EccP256(point) = key.key else {
+        return Err(Error::Input {
+            what: "the site key",
+            why: "not an ECC P-256 key".into(),
+        });
+    };
+    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING (0 unused) point }.
+    const PREFIX: [u8; 26] = [
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    let der = [&PREFIX[..], &point[..]].concat();
+    let b64 = crate::policy::base64_encode(&der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap_or_default())
+        .collect();
+    Ok(format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        lines.join("\n")
+    ))
+}
+
 /// An ECDSA signature (r, s, big-endian) as DER: SEQUENCE { INTEGER r, INTEGER s }.
 pub fn ecdsa_der(r: &[u8], s: &[u8]) -> Vec<u8> {
     let integer = |v: &[u8]| {

@@ -2,40 +2,15 @@
 //! the signed policy unlocks, another PCR 11 or another key does not, and the policy
 //! digests computed in `policy` are the ones the TPM computes.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use edge_tpm::policy::{self, PolicyKey, SignedPolicy};
 use edge_tpm::{ek_certificate, evidence, Endorsement, Error, Tpm};
 
-struct Swtpm {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < 65535 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn swtpm() -> Swtpm {
-    swtpm_on(tempfile::tempdir().unwrap())
-}
+#[path = "common/swtpm.rs"]
+mod swtpm_harness;
+use swtpm_harness::{swtpm, swtpm_on, Swtpm};
 
 /// A TPM "from the factory" of the manufacturer whose CA lives in `ca` (swtpm_localca's
 /// state directory, made on first use): swtpm_setup makes its endorsement keys and writes
@@ -74,38 +49,6 @@ fn manufactured(ca: &Path) -> Swtpm {
         String::from_utf8_lossy(&out.stderr)
     );
     swtpm_on(state)
-}
-
-fn swtpm_on(dir: tempfile::TempDir) -> Swtpm {
-    let port = free_port_pair();
-    let child = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-        .arg("--tpmstate")
-        .arg(format!("dir={}", dir.path().display()))
-        .args([
-            "--server",
-            &format!("type=tcp,bindaddr=127.0.0.1,port={port}"),
-        ])
-        .args([
-            "--ctrl",
-            &format!("type=tcp,bindaddr=127.0.0.1,port={}", port + 1),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("swtpm must be installed (cargo xtask test installs it)");
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "swtpm did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Swtpm {
-        child,
-        port,
-        _dir: dir,
-    }
 }
 
 impl Swtpm {

@@ -13,6 +13,11 @@
 //!     those PCRs' present values too (the PCR 7 option)
 //! edge-tpm unseal --pcrpkey <pem> --pcrsig <json> [--initrd] < sealed
 //!     {"secret": "..."}: the secret, which must be text
+//! edge-tpm site-key create > key.json             a new site key, made in the TPM (its
+//!                                                 blobs: useless without this TPM)
+//! edge-tpm site-key public < key.json             its public key, PEM, for a certificate
+//! edge-tpm site-key sign key.json < digest-hex    ECDSA over a SHA-256 digest, DER as hex
+//!                                                 (fabricd's TLS handshakes)
 //! ```
 //! `--initrd`: stage 1's one call. Extends `enter-initrd` first (and adds `"pcr11"`, its
 //! value then, to the output), and `leave-initrd` after, whatever the outcome, so that
@@ -22,7 +27,8 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use edge_tpm::{eventlog, policy, Error, Sealed, Tpm};
+use edge_tpm::identity::SiteKey;
+use edge_tpm::{eventlog, evidence, policy, Error, Sealed, Tpm};
 
 fn main() {
     // tpm2-tss logs every TPM error response to stderr itself; the one line below says
@@ -44,7 +50,7 @@ fn usage(why: &str) -> Error {
     Error::Input {
         what: "usage",
         why: format!(
-            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd]"
+            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd] | site-key create | site-key public | site-key sign <key.json>"
         ),
     }
 }
@@ -203,6 +209,54 @@ fn run(args: &[String]) -> Result<(), Error> {
             out.insert(field.into(), result?);
             stdout(format!("{}\n", serde_json::Value::Object(out)).as_bytes())
         }
+        "site-key" => site_key(args),
         other => Err(usage(&format!("unknown command {other:?}"))),
+    }
+}
+
+fn parse_site_key(json: &[u8]) -> Result<SiteKey, Error> {
+    serde_json::from_slice(json).map_err(|e| Error::Input {
+        what: "the site key (edge-tpm site-key create's output)",
+        why: e.to_string(),
+    })
+}
+
+fn site_key(args: &[String]) -> Result<(), Error> {
+    match args.get(1).map(String::as_str) {
+        Some("create") => {
+            let key = open()?.create_site_key()?;
+            let json = serde_json::to_string(&key).map_err(|e| Error::Input {
+                what: "the site key",
+                why: e.to_string(),
+            })?;
+            stdout(format!("{json}\n").as_bytes())
+        }
+        Some("public") => {
+            let key = parse_site_key(&stdin()?)?;
+            let public = policy::base64_decode(&key.public).map_err(|why| Error::Input {
+                what: "the site key's public part",
+                why,
+            })?;
+            stdout(evidence::site_key_pem(&public)?.as_bytes())
+        }
+        Some("sign") => {
+            let path = args
+                .get(2)
+                .ok_or_else(|| usage("site-key sign needs the key's file"))?;
+            let key = parse_site_key(&read_file(path, "the site key")?)?;
+            let input = stdin()?;
+            let digest: [u8; 32] = policy::from_hex(String::from_utf8_lossy(&input).trim())
+                .ok()
+                .and_then(|d| d.try_into().ok())
+                .ok_or_else(|| Error::Input {
+                    what: "the digest to sign",
+                    why: "not 64 hex digits (a SHA-256 digest)".into(),
+                })?;
+            let signature = open()?.sign(&key, &digest)?;
+            stdout(format!("{}\n", policy::hex(&signature)).as_bytes())
+        }
+        other => Err(usage(&format!(
+            "site-key {other:?}: create, public or sign"
+        ))),
     }
 }
