@@ -109,9 +109,13 @@ pub struct CoreConfig {
     pub prefix: String,
     /// CA that signed the core's certificate (PEM).
     pub ca: PathBuf,
-    /// Our client certificate and key (PEM); the core requires them.
+    /// Our client certificate (PEM) and key: a PEM file, or a site key made in the TPM
+    /// (`edge-tpm site-key create`'s file); the core requires them.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The program that signs with a TPM key (`edge-tpm`, on the verified root).
+    #[serde(default = "default_tpm_program")]
+    pub tpm_program: PathBuf,
     /// Publishes awaiting the core's ack at once, per class.
     #[serde(default = "default_window")]
     pub window: usize,
@@ -140,6 +144,9 @@ fn default_segment() -> u64 {
 }
 fn default_max_record() -> usize {
     1 << 20
+}
+fn default_tpm_program() -> PathBuf {
+    "/usr/bin/edge-tpm".into()
 }
 fn default_prefix() -> String {
     "edge".into()

@@ -9,6 +9,7 @@ pub mod log;
 pub mod metrics;
 pub mod produce;
 pub mod record;
+pub mod site_identity;
 pub mod uplink;
 
 use std::sync::Arc;

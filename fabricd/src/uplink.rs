@@ -71,26 +71,6 @@ fn store_acked(path: &Path, offset: u64) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Checks the TLS files before each attempt so that a missing or malformed one is
-/// reported by name, not as a handshake failure.
-fn check_tls_files(core: &CoreConfig) -> Result<(), String> {
-    for (key, path) in [
-        ("core.ca", &core.ca),
-        ("core.cert", &core.cert),
-        ("core.key", &core.key),
-    ] {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("bad TLS material: {key} {}: {e}", path.display()))?;
-        if !text.contains("-----BEGIN ") {
-            return Err(format!(
-                "bad TLS material: {key} {} is not PEM",
-                path.display()
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Flattens an error and its sources into one line: the reason is usually at the end
 /// (e.g. the TLS alert the core sent).
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -151,12 +131,11 @@ pub async fn connect(
     site: &str,
     lost: mpsc::UnboundedSender<String>,
 ) -> Result<async_nats::Client, String> {
-    check_tls_files(core)?;
+    let tls = crate::site_identity::client_config(core)?;
     let connected = Arc::new(AtomicBool::new(false));
     let once = connected.clone();
     let opts = async_nats::ConnectOptions::new()
-        .add_root_certificates(core.ca.clone())
-        .add_client_certificate(core.cert.clone(), core.key.clone())
+        .tls_client_config(tls)
         .require_tls(true)
         .custom_inbox_prefix(inbox_prefix(site))
         .connection_timeout(Duration::from_secs(5))

@@ -49,6 +49,8 @@ pub struct Fabricd {
     pub log: Arc<Mutex<Vec<String>>>,
     /// The thread copying the running child's stderr into `log`; it ends at the child's EOF.
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Environment the daemon starts with besides ours (e.g. the TPM it signs with).
+    pub env: Vec<(String, String)>,
 }
 
 impl Fabricd {
@@ -75,6 +77,7 @@ impl Fabricd {
             metrics,
             log: Arc::new(Mutex::new(Vec::new())),
             reader: None,
+            env: Vec::new(),
         }
     }
 
@@ -88,6 +91,7 @@ impl Fabricd {
             .arg("--log-level")
             .arg("info")
             .env("NOTIFY_FD", "3")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -332,6 +336,37 @@ impl Pki {
     /// `/CN=...` form), signed by the test CA.
     pub fn issue_client(&self, name: &str, subject: &str) {
         self.issue(name, subject, "ca", "client");
+    }
+
+    /// Issues `<name>.pem`: a client certificate with `subject` for the public key in
+    /// `public_pem` (a key this directory never holds, e.g. one in a TPM).
+    pub fn issue_client_for(&self, name: &str, subject: &str, public_pem: &Path) {
+        self.issue(name, subject, "ca", "client");
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-force_pubkey",
+                &public_pem.display().to_string(),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-extensions",
+                "client",
+            ],
+        );
+        std::fs::remove_file(self.path(&format!("{name}.key"))).unwrap();
     }
 
     /// `<name>.pem` and `<name>.key`, signed by `<ca>.pem` with the `ext` section of

@@ -1,0 +1,203 @@
+//! The box's TLS identity toward the core: the CA that signed the core's certificate, the
+//! site's client certificate, and the site's key. The key is either a PEM file or a key
+//! made in the TPM (`edge-tpm site-key create` writes its file: the TPM's wrapped blobs,
+//! which no other TPM can load). With a TPM key, each handshake's one signature is made
+//! by `edge-tpm site-key sign`, a short process per connect (fabricd is static and cannot
+//! link the TPM libraries; docs/security.md), so a copied disk in another box cannot
+//! connect as the site.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use async_nats::rustls;
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
+
+use crate::config::CoreConfig;
+
+fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("bad TLS material: {key} {}: {e}", path.display()))
+}
+
+fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad TLS material: {key} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "bad TLS material: {key} {} is not PEM (no CERTIFICATE block)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// Whether the key file is a TPM site key (edge-tpm's JSON), not a PEM key.
+fn is_tpm_key(text: &[u8]) -> Result<bool, String> {
+    if !text.trim_ascii_start().starts_with(b"{") {
+        return Ok(false);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| format!("not a TPM site key: {e}"))?;
+    if v["private"].is_string() && v["public"].is_string() {
+        Ok(true)
+    } else {
+        Err("not a TPM site key (edge-tpm site-key create writes one)".into())
+    }
+}
+
+/// The TLS configuration fabricd connects to the core with. Read before each attempt so
+/// that a missing or malformed file is reported by name, not as a handshake failure.
+pub fn client_config(core: &CoreConfig) -> Result<ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates("core.ca", &core.ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("bad TLS material: core.ca {}: {e}", core.ca.display()))?;
+    }
+    let chain = certificates("core.cert", &core.cert)?;
+    let key_text = read("core.key", &core.key)?;
+    let bad_key = |why: String| format!("bad TLS material: core.key {}: {why}", core.key.display());
+    let key: Arc<dyn SigningKey> = if is_tpm_key(&key_text).map_err(bad_key)? {
+        Arc::new(TpmKey {
+            program: core.tpm_program.clone(),
+            key: core.key.clone(),
+        })
+    } else {
+        let der = PrivateKeyDer::from_pem_slice(&key_text)
+            .map_err(|e| bad_key(format!("is not a PEM private key: {e}")))?;
+        rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| bad_key(e.to_string()))?
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(Identity(Arc::new(CertifiedKey::new(chain, key))))))
+}
+
+/// The one certificate and key, whatever the core asks for.
+#[derive(Debug)]
+struct Identity(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Identity {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The site key in the TPM: ECDSA P-256 with SHA-256, signed by edge-tpm.
+#[derive(Debug, Clone)]
+struct TpmKey {
+    program: PathBuf,
+    key: PathBuf,
+}
+
+impl SigningKey for TpmKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        offered
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Box::new(self.clone()) as Box<dyn Signer>)
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::ECDSA
+    }
+}
+
+impl Signer for TpmKey {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, message);
+        self.sign_digest(digest.as_ref())
+            .map_err(|e| rustls::Error::General(format!("the TPM did not sign: {e}")))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ECDSA_NISTP256_SHA256
+    }
+}
+
+impl TpmKey {
+    /// Runs `edge-tpm site-key sign <key>`: the digest in hex on its stdin, the DER
+    /// signature in hex on its stdout, the reason on its stderr.
+    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, String> {
+        let mut child = Command::new(&self.program)
+            .arg("site-key")
+            .arg("sign")
+            .arg(&self.key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("failed to run {}: {e}", self.program.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(format!("{}\n", edge_common::hex::encode(digest)).as_bytes())
+                .map_err(|e| format!("failed to write to {}: {e}", self.program.display()))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("failed to run {}: {e}", self.program.display()))?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            return Err(why.lines().last().unwrap_or("no reason given").to_owned());
+        }
+        edge_common::hex::decode(String::from_utf8_lossy(&out.stdout).trim())
+            .filter(|sig| !sig.is_empty())
+            .ok_or_else(|| format!("{} printed no signature", self.program.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_is_pem_or_a_tpm_site_key_and_nothing_else() {
+        assert!(!is_tpm_key(b"-----BEGIN PRIVATE KEY-----\n").unwrap());
+        assert!(is_tpm_key(b" {\"private\": \"AAA=\", \"public\": \"AAA=\"}\n").unwrap());
+        let e = is_tpm_key(b"{\"private\": 1}").unwrap_err();
+        assert!(e.contains("TPM site key"), "{e}");
+        let e = is_tpm_key(b"{not json").unwrap_err();
+        assert!(e.contains("TPM site key"), "{e}");
+    }
+
+    #[test]
+    fn a_signer_that_fails_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("edge-tpm");
+        std::fs::write(
+            &program,
+            "#!/bin/sh\necho 'edge-tpm: tpm: load the site key (made by another TPM?)' >&2\nexit 1\n",
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&program).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&program, perms).unwrap();
+        let key = TpmKey {
+            program,
+            key: dir.path().join("key.json"),
+        };
+        let e = key.sign(b"transcript").unwrap_err().to_string();
+        assert!(
+            e.contains("the TPM did not sign") && e.contains("another TPM"),
+            "{e}"
+        );
+        let missing = TpmKey {
+            program: dir.path().join("absent"),
+            key: dir.path().join("key.json"),
+        };
+        let e = missing.sign(b"transcript").unwrap_err().to_string();
+        assert!(e.contains("failed to run"), "{e}");
+    }
+}
