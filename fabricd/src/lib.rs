@@ -126,23 +126,14 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     }
     let status = Arc::new(uplink::Status::default());
     if config.core.is_some() {
-        // Its own thread and runtime: mirroring then uses the second core instead of
-        // taking turns with the producers' connections.
         let (log, config, status) = (log.clone(), config.clone(), status.clone());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("failed to start the uplink runtime: {e}"))?;
-        std::thread::Builder::new()
-            .name("fabricd-uplink".into())
-            .spawn(move || runtime.block_on(uplink::run(log, config, status)))
-            .map_err(|e| format!("failed to start the uplink thread: {e}"))?;
+        on_own_thread("uplink", uplink::run(log, config, status))?;
     } else {
         tracing::info!("no core configured: records are kept locally only");
     }
     let down_status = Arc::new(downlink::Status::default());
     if config.downlink.is_some() {
-        tasks.spawn(downlink::run(config.clone(), down_status.clone()));
+        on_own_thread("downlink", downlink::run(config.clone(), down_status.clone()))?;
     }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -163,4 +154,23 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     edge_common::notify_ready().map_err(|e| e.to_string())?;
     while tasks.join_next().await.is_some() {}
     std::future::pending().await
+}
+
+/// Runs `task` on a thread and runtime of its own. The uplink and the downlink each run
+/// so: mirroring then uses the second core instead of taking turns with the producers'
+/// connections, and a TLS handshake signed by the TPM (a blocking `edge-tpm` run,
+/// site_identity.rs) never stalls the producers.
+fn on_own_thread(
+    name: &str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("failed to start the {name} runtime: {e}"))?;
+    std::thread::Builder::new()
+        .name(format!("fabricd-{name}"))
+        .spawn(move || runtime.block_on(task))
+        .map_err(|e| format!("failed to start the {name} thread: {e}"))?;
+    Ok(())
 }
