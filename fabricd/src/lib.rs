@@ -133,7 +133,10 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     }
     let down_status = Arc::new(downlink::Status::default());
     if config.downlink.is_some() {
-        on_own_thread("downlink", downlink::run(config.clone(), down_status.clone()))?;
+        on_own_thread(
+            "downlink",
+            downlink::run(config.clone(), down_status.clone()),
+        )?;
     }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -341,37 +341,18 @@ impl Pki {
     /// Issues `<name>.pem`: a client certificate with `subject` for the public key in
     /// `public_pem` (a key this directory never holds, e.g. one in a TPM).
     pub fn issue_client_for(&self, name: &str, subject: &str, public_pem: &Path) {
-        self.issue(name, subject, "ca", "client");
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-force_pubkey",
-                &public_pem.display().to_string(),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-                "-extensions",
-                "client",
-            ],
-        );
+        self.issue_for(name, subject, "ca", "client", Some(public_pem));
         std::fs::remove_file(self.path(&format!("{name}.key"))).unwrap();
     }
 
     /// `<name>.pem` and `<name>.key`, signed by `<ca>.pem` with the `ext` section of
     /// ext.cnf (server or client).
     fn issue(&self, name: &str, subject: &str, ca: &str, ext: &str) {
+        self.issue_for(name, subject, ca, ext, None);
+    }
+
+    /// `issue`, the certificate naming `public_pem`'s key instead of the new key's.
+    fn issue_for(&self, name: &str, subject: &str, ca: &str, ext: &str, public_pem: Option<&Path>) {
         openssl(
             &self.dir,
             &[
@@ -389,28 +370,36 @@ impl Pki {
                 subject,
             ],
         );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                &format!("{ca}.pem"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-                "-extensions",
-                ext,
-            ],
+        let (csr, ca_pem, ca_key, out) = (
+            format!("{name}.csr"),
+            format!("{ca}.pem"),
+            format!("{ca}.key"),
+            format!("{name}.pem"),
         );
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &out,
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-extensions",
+            ext,
+        ];
+        let public = public_pem.map(|p| p.display().to_string());
+        if let Some(public) = &public {
+            args.extend(["-force_pubkey", public.as_str()]);
+        }
+        openssl(&self.dir, &args);
     }
 
     /// The `[core]` table for fabricd, with the client certificate `client`. Status
