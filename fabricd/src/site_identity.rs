@@ -62,6 +62,7 @@ pub fn client_config(core: &CoreConfig) -> Result<ClientConfig, String> {
             .map_err(|e| format!("bad TLS material: core.ca {}: {e}", core.ca.display()))?;
     }
     let chain = certificates("core.cert", &core.cert)?;
+    within_validity(&core.cert, &chain[0], &edge_tpm::ek_certificate::now_utc())?;
     let key_text = read("core.key", &core.key)?;
     let bad_key = |why: String| format!("bad TLS material: core.key {}: {why}", core.key.display());
     let key: Arc<dyn SigningKey> = if is_tpm_key(&key_text).map_err(bad_key)? {
@@ -80,6 +81,42 @@ pub fn client_config(core: &CoreConfig) -> Result<ClientConfig, String> {
         .map_err(|e| format!("TLS: {e}"))?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(Identity(Arc::new(CertifiedKey::new(chain, key))))))
+}
+
+/// Our certificate must be valid now: the core would refuse it with no reason the box
+/// hears (nats-server answers a bad certificate alert), so the box says which date is
+/// wrong, or that its clock may be. `now` as YYYYMMDDHHMMSS, UTC.
+fn within_validity(path: &Path, der: &[u8], now: &str) -> Result<(), String> {
+    let (from, to) = edge_tpm::ek_certificate::validity(der)
+        .map_err(|e| format!("bad TLS material: core.cert {}: {e}", path.display()))?;
+    let when = |t: &str| {
+        format!(
+            "{}-{}-{} {}:{}:{} UTC",
+            &t[..4],
+            &t[4..6],
+            &t[6..8],
+            &t[8..10],
+            &t[10..12],
+            &t[12..14]
+        )
+    };
+    if now > to.as_str() {
+        return Err(format!(
+            "core.cert {} expired at {} (the clock says {}): the site needs a new certificate",
+            path.display(),
+            when(&to),
+            when(now)
+        ));
+    }
+    if now < from.as_str() {
+        return Err(format!(
+            "core.cert {} is not valid before {} and the clock says {}: is the box's clock right?",
+            path.display(),
+            when(&from),
+            when(now)
+        ));
+    }
+    Ok(())
 }
 
 /// The one certificate and key, whatever the core asks for.
@@ -170,6 +207,51 @@ mod tests {
         assert!(e.contains("TPM site key"), "{e}");
         let e = is_tpm_key(b"{not json").unwrap_err();
         assert!(e.contains("TPM site key"), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_out_of_its_validity_is_named_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let st = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run openssl");
+            assert!(st.success(), "openssl {args:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "c.key",
+            "-out",
+            "c.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=s1",
+        ]);
+        let path = dir.path().join("c.pem");
+        let der = certificates("core.cert", &path).unwrap().remove(0);
+        let (from, to) = edge_tpm::ek_certificate::validity(&der).unwrap();
+        within_validity(&path, &der, &from).unwrap();
+        within_validity(&path, &der, &to).unwrap();
+        let e = within_validity(&path, &der, "21000101000000").unwrap_err();
+        assert!(
+            e.contains("expired at") && e.contains("2100-01-01 00:00:00 UTC"),
+            "{e}"
+        );
+        let e = within_validity(&path, &der, "19700101000000").unwrap_err();
+        assert!(e.contains("not valid before") && e.contains("clock"), "{e}");
+        let e = within_validity(&path, b"\x30\x03\x02\x01\x01", &from).unwrap_err();
+        assert!(e.contains("bad TLS material: core.cert"), "{e}");
     }
 
     #[test]

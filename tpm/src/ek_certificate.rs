@@ -235,6 +235,12 @@ fn oid_text(oid: &[u8]) -> String {
     parts.join(".")
 }
 
+/// Any X.509 certificate's validity (DER): notBefore and notAfter as YYYYMMDDHHMMSS, UTC,
+/// the form `now_utc` gives (fabricd checks its own client certificate with it).
+pub fn validity(der: &[u8]) -> Result<(String, String), String> {
+    parse(der).map(|c| c.validity)
+}
+
 /// The CERTIFICATE blocks of a PEM text, as DER.
 pub fn pem_certificates(what: &'static str, pem: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
     let bad = |why: String| Error::Input { what, why };
