@@ -4,7 +4,7 @@
 //! The core's half, which needs no TPM, is `evidence`.
 
 use serde::{Deserialize, Serialize};
-use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
+use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection, KeyCustomization};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::constants::SessionType;
@@ -88,6 +88,17 @@ pub struct Certified {
     pub signature: String,
 }
 
+/// Our keys have empty authorizations, which no one can guess wrong: the TPM's
+/// dictionary-attack lockout (set off by something else on the box guessing a password)
+/// must not stop the box from signing, quoting or unsealing.
+struct NoDictionaryAttackLockout;
+
+impl KeyCustomization for NoDictionaryAttackLockout {
+    fn attributes(&self, attributes: ObjectAttributesBuilder) -> ObjectAttributesBuilder {
+        attributes.with_no_da(true)
+    }
+}
+
 fn input(what: &'static str) -> impl Fn(String) -> Error {
     move |why| Error::Input { what, why }
 }
@@ -130,7 +141,7 @@ impl Tpm {
             AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
             SignatureSchemeAlgorithm::EcDsa,
             None,
-            None,
+            NoDictionaryAttackLockout,
         );
         let _ = self.ctx.flush_context(ek.into());
         let created = created.map_err(tpm_op("create the attestation key"))?;
@@ -212,6 +223,7 @@ impl Tpm {
             .with_sensitive_data_origin(true)
             .with_user_with_auth(true)
             .with_sign_encrypt(true)
+            .with_no_da(true)
             .build()
             .map_err(tpm_op("build the site key template"))?;
         let public = PublicBuilder::new()

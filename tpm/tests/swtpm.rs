@@ -565,3 +565,94 @@ fn a_quoted_boot_replays_from_the_event_log_to_an_accepted_release() {
     ));
     assert!(why.contains("booted something else"), "{why}");
 }
+
+/// Puts the TPM into dictionary-attack lockout the way a stranger would: one wrong
+/// password on a DA-protected object, with the TPM allowing one failure (tpm2-tools).
+fn into_lockout(t: &Swtpm) {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .env("TPM2TOOLS_TCTI", format!("swtpm:port={}", t.port))
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .output()
+            .expect("tpm2-tools must be installed (cargo xtask test installs it)")
+    };
+    let ok = |args: &[&str]| assert!(tools(args).status.success(), "{args:?}");
+    ok(&[
+        "tpm2_dictionarylockout",
+        "-s",
+        "-n",
+        "1",
+        "-t",
+        "3600",
+        "-l",
+        "3600",
+    ]);
+    ok(&[
+        "tpm2_createprimary",
+        "-C",
+        "o",
+        "-c",
+        "p.ctx",
+        "-p",
+        "secret",
+        "-Q",
+    ]);
+    let wrong = tools(&[
+        "tpm2_create",
+        "-C",
+        "p.ctx",
+        "-P",
+        "wrong",
+        "-G",
+        "ecc",
+        "-u",
+        "k.pub",
+        "-r",
+        "k.priv",
+    ]);
+    assert!(!wrong.status.success(), "a wrong password is refused");
+    // No resource manager: what tpm2-tools left loaded would hold a transient slot.
+    ok(&["tpm2_flushcontext", "-t"]);
+    let caps = tools(&["tpm2_getcap", "properties-variable"]);
+    let caps = String::from_utf8_lossy(&caps.stdout);
+    assert!(
+        caps.lines()
+            .any(|l| l.contains("inLockout") && l.trim_end().ends_with('1')),
+        "the TPM is in lockout: {caps}"
+    );
+}
+
+#[test]
+fn a_tpm_in_lockout_still_unseals_attests_and_signs() {
+    use sha2::Digest as _;
+    let t = swtpm();
+    into_lockout(&t);
+    let mut tpm = t.open();
+
+    // The data key: sealed and unsealed under the signed policy.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "a");
+    let pk = policy::parse_pcrpkey(&public).unwrap();
+    let sealed = tpm.seal(b"secret", &pk, &[]).unwrap();
+    let pcr11 = tpm.read_pcr11().unwrap();
+    let good = sign(&key, &policy::policy_pcr(11, &pcr11), &pk.fingerprint);
+    assert_eq!(tpm.unseal(&sealed, &pk, &[good]).unwrap(), b"secret");
+
+    // Attestation: the credential opens, a quote is made and checks.
+    let ek = tpm.endorsement_key(Endorsement::EccP256).unwrap();
+    let ak = tpm.create_attestation_key(Endorsement::EccP256).unwrap();
+    let secret = b"nonce-from-the-core-0123456789ab";
+    let credential =
+        evidence::make_credential(&ek, &evidence::name(&ak.public().unwrap()), secret).unwrap();
+    assert_eq!(tpm.activate_credential(&ak, &credential).unwrap(), secret);
+    let quote = tpm.quote(&ak, secret, &[11]).unwrap();
+    evidence::check_quote(&ak.public().unwrap(), &quote, secret).unwrap();
+
+    // The site key signs (fabricd's TLS handshakes).
+    let site = tpm.create_site_key().unwrap();
+    let digest: [u8; 32] = sha2::Sha256::digest(b"handshake").into();
+    tpm.sign(&site, &digest).unwrap();
+}

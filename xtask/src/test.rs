@@ -69,6 +69,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
         "pkg-config",
         "libtss2-tcti-swtpm0",
         "openssl",
+        // edge-tpm's lockout test puts its swtpm into dictionary-attack lockout.
+        "tpm2-tools",
     ]);
     step("host packages", &mut || {
         crate::host::ensure_packages(&packages)
