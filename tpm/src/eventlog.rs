@@ -32,6 +32,21 @@ pub fn append(path: &Path, pcr: u32, digest: &[u8; 32], event: &str) -> std::io:
     writeln!(f, "{line}")
 }
 
+/// The records of the log at `path`, in order (none when there is no log yet).
+pub fn read(path: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("failed to read {}: {e}", path.display())),
+    };
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

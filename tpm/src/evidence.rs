@@ -34,6 +34,23 @@ const RESTRICTED: u32 = 1 << 16;
 const DECRYPT: u32 = 1 << 17;
 const SIGN: u32 = 1 << 18;
 
+/// Which of the TCG EK Credential Profile's low-range templates the endorsement key is
+/// made from. Real TPMs carry a manufacturer's certificate for the RSA one at least
+/// (NV index 0x01c00002), often for the ECC one too (0x01c0000a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Endorsement {
+    Rsa2048,
+    EccP256,
+}
+
+/// TPM2_Certify's output: the TPMS_ATTEST and TPMT_SIGNATURE, base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certified {
+    pub attest: String,
+    pub signature: String,
+}
+
 /// What the box answers a challenge with: TPMS_ATTEST as the TPM signed it, the
 /// TPMT_SIGNATURE, and the values of the PCRs it quotes (which the check recomputes the
 /// quoted digest from).

@@ -25,26 +25,14 @@ use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 
 use crate::error::{tpm_op, Error};
-use crate::evidence::{Credential, Quote};
+use crate::evidence::{Certified, Credential, Endorsement, Quote};
 use crate::policy::{base64_decode, base64_encode, hex};
 use crate::Tpm;
 
-/// Which of the TCG EK Credential Profile's low-range templates the endorsement key is
-/// made from. Real TPMs carry a manufacturer's certificate for the RSA one at least
-/// (NV index 0x01c00002), often for the ECC one too (0x01c0000a).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Endorsement {
-    Rsa2048,
-    EccP256,
-}
-
-impl Endorsement {
-    fn selection(self) -> AsymmetricAlgorithmSelection {
-        match self {
-            Endorsement::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-            Endorsement::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
-        }
+fn selection(kind: Endorsement) -> AsymmetricAlgorithmSelection {
+    match kind {
+        Endorsement::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+        Endorsement::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
     }
 }
 
@@ -81,13 +69,6 @@ pub struct SiteKey {
     pub public: String,
 }
 
-/// TPM2_Certify's output: the TPMS_ATTEST and TPMT_SIGNATURE, base64.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Certified {
-    pub attest: String,
-    pub signature: String,
-}
-
 /// Our keys have empty authorizations, which no one can guess wrong: the TPM's
 /// dictionary-attack lockout (set off by something else on the box guessing a password)
 /// must not stop the box from signing, quoting or unsealing.
@@ -106,14 +87,14 @@ fn input(what: &'static str) -> impl Fn(String) -> Error {
 impl Tpm {
     /// The endorsement key, made again from the TCG template (the same key every time).
     fn ek(&mut self, kind: Endorsement) -> Result<KeyHandle, Error> {
-        ek::create_ek_object_2(&mut self.ctx, kind.selection(), None)
+        ek::create_ek_object_2(&mut self.ctx, selection(kind), None)
             .map_err(tpm_op("create the endorsement key"))
     }
 
     /// The manufacturer's certificate of the endorsement key (DER), from the TPM's NV
     /// index for `kind`.
     pub fn ek_certificate(&mut self, kind: Endorsement) -> Result<Vec<u8>, Error> {
-        ek::retrieve_ek_pubcert(&mut self.ctx, kind.selection()).map_err(tpm_op(
+        ek::retrieve_ek_pubcert(&mut self.ctx, selection(kind)).map_err(tpm_op(
             "read the endorsement key's certificate (none provisioned?)",
         ))
     }

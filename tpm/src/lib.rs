@@ -5,6 +5,7 @@
 //! two halves of the TPM dance, each readable as the policy it builds or satisfies.
 
 pub mod ek_certificate;
+pub mod enrollment;
 mod error;
 pub mod eventlog;
 pub mod evidence;
@@ -22,8 +23,9 @@ mod tpm;
 pub mod unseal;
 
 pub use error::Error;
+pub use evidence::Endorsement;
 #[cfg(feature = "tpm")]
-pub use identity::{AttestationKey, Endorsement};
+pub use identity::AttestationKey;
 #[cfg(feature = "tpm")]
 pub use seal::Sealed;
 #[cfg(feature = "tpm")]

@@ -10,46 +10,7 @@ use edge_tpm::{ek_certificate, evidence, Endorsement, Error, Tpm};
 
 #[path = "common/swtpm.rs"]
 mod swtpm_harness;
-use swtpm_harness::{swtpm, swtpm_on, Swtpm};
-
-/// A TPM "from the factory" of the manufacturer whose CA lives in `ca` (swtpm_localca's
-/// state directory, made on first use): swtpm_setup makes its endorsement keys and writes
-/// their certificates, signed by that CA, into the TPM's NV.
-fn manufactured(ca: &Path) -> Swtpm {
-    let state = tempfile::tempdir().unwrap();
-    let conf = state.path().join("localca.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "statedir = {0}\nsigningkey = {0}/signkey.pem\nissuercert = {0}/issuercert.pem\ncertserial = {0}/certserial\n",
-            ca.display()
-        ),
-    )
-    .unwrap();
-    let setup = state.path().join("setup.conf");
-    std::fs::write(
-        &setup,
-        format!(
-            "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {}\nactive_pcr_banks = sha256\n",
-            conf.display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new("swtpm_setup")
-        .args(["--tpm2", "--create-ek-cert", "--overwrite", "--tpmstate"])
-        .arg(state.path())
-        .arg("--config")
-        .arg(&setup)
-        .output()
-        .expect("swtpm_setup must be installed (swtpm-tools; cargo xtask test installs it)");
-    assert!(
-        out.status.success(),
-        "swtpm_setup: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    swtpm_on(state)
-}
+use swtpm_harness::{manufactured, swtpm, Swtpm};
 
 impl Swtpm {
     fn open(&self) -> Tpm {

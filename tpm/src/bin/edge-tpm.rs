@@ -18,6 +18,12 @@
 //! edge-tpm site-key public < key.json             its public key, PEM, for a certificate
 //! edge-tpm site-key sign key.json < digest-hex    ECDSA over a SHA-256 digest, DER as hex
 //!                                                 (fabricd's TLS handshakes)
+//! edge-tpm enroll request --site S --machine M --ak ak.json
+//!     enrollment's round 1 (edge_tpm::enrollment::Request); makes the attestation key
+//!     into ak.json first if that file does not exist
+//! edge-tpm enroll answer --site S --machine M --ak ak.json --site-key key.json < credential
+//!     round 2 (Answer): opens the core's credential, quotes PCR 11 and 15 and certifies
+//!     the site key with its secret, and adds the event log
 //! ```
 //! `--initrd`: stage 1's one call. Extends `enter-initrd` first (and adds `"pcr11"`, its
 //! value then, to the output), and `leave-initrd` after, whatever the outcome, so that
@@ -28,7 +34,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use edge_tpm::identity::SiteKey;
-use edge_tpm::{eventlog, evidence, policy, Error, Sealed, Tpm};
+use edge_tpm::{
+    enrollment, eventlog, evidence, policy, AttestationKey, Endorsement, Error, Sealed, Tpm,
+};
 
 fn main() {
     // tpm2-tss logs every TPM error response to stderr itself; the one line below says
@@ -50,7 +58,7 @@ fn usage(why: &str) -> Error {
     Error::Input {
         what: "usage",
         why: format!(
-            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd] | site-key create | site-key public | site-key sign <key.json>"
+            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd] | site-key create | site-key public | site-key sign <key.json> | enroll request|answer --site S --machine M --ak <ak.json> [--site-key <key.json>]"
         ),
     }
 }
@@ -210,6 +218,7 @@ fn run(args: &[String]) -> Result<(), Error> {
             stdout(format!("{}\n", serde_json::Value::Object(out)).as_bytes())
         }
         "site-key" => site_key(args),
+        "enroll" => enroll(args),
         other => Err(usage(&format!("unknown command {other:?}"))),
     }
 }
@@ -258,5 +267,105 @@ fn site_key(args: &[String]) -> Result<(), Error> {
         other => Err(usage(&format!(
             "site-key {other:?}: create, public or sign"
         ))),
+    }
+}
+
+fn to_json<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, Error> {
+    let mut text = serde_json::to_vec(value).map_err(|e| Error::Input {
+        what,
+        why: e.to_string(),
+    })?;
+    text.push(b'\n');
+    Ok(text)
+}
+
+/// The attestation key at `path`, made (under the endorsement key that has a
+/// manufacturer's certificate, ECC first) and written there when there is none yet.
+fn attestation_key(tpm: &mut Tpm, path: &Path) -> Result<AttestationKey, Error> {
+    match std::fs::read(path) {
+        Ok(text) => {
+            return serde_json::from_slice(&text).map_err(|e| Error::Input {
+                what: "the attestation key",
+                why: format!("{}: {e}", path.display()),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::Input {
+                what: "the attestation key",
+                why: format!("failed to read {}: {e}", path.display()),
+            })
+        }
+    }
+    let kind = [Endorsement::EccP256, Endorsement::Rsa2048]
+        .into_iter()
+        .find(|&k| tpm.ek_certificate(k).is_ok())
+        .ok_or_else(|| Error::Input {
+            what: "the TPM",
+            why: "it holds no manufacturer's certificate of its endorsement key (NV 0x01c0000a or 0x01c00002), so the core cannot tell who made it".into(),
+        })?;
+    let key = tpm.create_attestation_key(kind)?;
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, to_json("the attestation key", &key)?)
+        .and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| Error::Input {
+        what: "the attestation key",
+        why: format!("failed to write {}: {e}", path.display()),
+    })?;
+    Ok(key)
+}
+
+fn enroll(args: &[String]) -> Result<(), Error> {
+    let site = flag(args, "--site")?.to_owned();
+    let machine = flag(args, "--machine")?.to_owned();
+    let ak_path = Path::new(flag(args, "--ak")?);
+    match args.get(1).map(String::as_str) {
+        Some("request") => {
+            let mut tpm = open()?;
+            let ak = attestation_key(&mut tpm, ak_path)?;
+            let request = enrollment::Request {
+                site,
+                machine,
+                ek: ak.ek,
+                ek_certificate: policy::base64_encode(&tpm.ek_certificate(ak.ek)?),
+                ek_public: policy::base64_encode(&tpm.endorsement_key(ak.ek)?),
+                ak_public: ak.public.clone(),
+            };
+            stdout(&to_json("the request", &request)?)
+        }
+        Some("answer") => {
+            let credential: evidence::Credential =
+                serde_json::from_slice(&stdin()?).map_err(|e| Error::Input {
+                    what: "the core's credential",
+                    why: e.to_string(),
+                })?;
+            let site_key = parse_site_key(&read_file(flag(args, "--site-key")?, "the site key")?)?;
+            let log = std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into());
+            let events = eventlog::read(Path::new(&log)).map_err(|why| Error::Input {
+                what: "the event log",
+                why,
+            })?;
+            let mut tpm = open()?;
+            let ak: AttestationKey =
+                serde_json::from_slice(&read_file(flag(args, "--ak")?, "the attestation key")?)
+                    .map_err(|e| Error::Input {
+                        what: "the attestation key",
+                        why: e.to_string(),
+                    })?;
+            let secret = tpm.activate_credential(&ak, &credential)?;
+            let quote = tpm.quote(&ak, &secret, &enrollment::QUOTED_PCRS)?;
+            let certify = tpm.certify_site_key(&site_key, &ak, &secret)?;
+            let answer = enrollment::Answer {
+                site,
+                machine,
+                ak_public: ak.public.clone(),
+                quote,
+                site_key_public: site_key.public.clone(),
+                certify,
+                events,
+            };
+            stdout(&to_json("the answer", &answer)?)
+        }
+        other => Err(usage(&format!("enroll {other:?}: request or answer"))),
     }
 }

@@ -1,0 +1,341 @@
+//! Enrollment: how a box earns its site certificate. Two rounds over NATS, the box always
+//! asking (the core never dials in), on `edgeos.enroll.<site>`:
+//!
+//! 1. `Request`: the box's endorsement key, its manufacturer's certificate and a new
+//!    attestation key. The core (`Registrar::challenge`) checks the certificate against
+//!    the manufacturer CAs it trusts and answers with a credential only that TPM can
+//!    open, and only for that attestation key (TPM2_MakeCredential in software).
+//! 2. `Answer`: the box opens the credential (TPM2_ActivateCredential) and uses the secret
+//!    inside as the nonce of a quote over PCR 11 and PCR 15 and of TPM2_Certify over its
+//!    site key, and sends both with its event log. The core (`Registrar::admit`) checks
+//!    the quote, replays the log to a release it accepts, checks the certification, and
+//!    only then issues the site's client certificate for that key (`issue_certificate`).
+//!
+//! The box reaches the core for this with an enrollment certificate the operator
+//! provisions (`enroll-<site>`), which may only publish on the enrollment subject: it
+//! proves nothing about the box, the TPM does.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::evidence::{self, Certified, Credential, Endorsement, Quote};
+use crate::policy::{base64_decode, hex};
+use crate::replay::{self, Release};
+use crate::{ek_certificate, policy};
+
+/// The subject a site's boxes send their enrollment messages to.
+pub fn subject(site: &str) -> String {
+    format!("edgeos.enroll.{site}")
+}
+
+/// The inbox prefix of a box's enrollment requests (the core's answers come back under it;
+/// the enrollment certificate may read nothing else).
+pub fn inbox_prefix(site: &str) -> String {
+    format!("_INBOX_enroll_{site}")
+}
+
+/// The PCRs the enrollment quote covers: the UKI and boot phases, and the provisioning.
+pub const QUOTED_PCRS: [u32; 2] = [policy::PCR_UKI, policy::PCR_PROVISION];
+
+/// What the box sends, one message a round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Message {
+    Request(Request),
+    Answer(Answer),
+}
+
+/// Round 1 (see the module comment). Binary fields are base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub site: String,
+    pub machine: String,
+    pub ek: Endorsement,
+    /// The manufacturer's certificate of the endorsement key (DER).
+    pub ek_certificate: String,
+    /// The endorsement key's TPMT_PUBLIC.
+    pub ek_public: String,
+    /// The attestation key's TPMT_PUBLIC.
+    pub ak_public: String,
+}
+
+/// Round 2 (see the module comment).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Answer {
+    pub site: String,
+    pub machine: String,
+    /// The attestation key of the request this answers.
+    pub ak_public: String,
+    /// Over `QUOTED_PCRS`, with the credential's secret as nonce.
+    pub quote: Quote,
+    /// The site key's TPMT_PUBLIC, and its certification with the same nonce.
+    pub site_key_public: String,
+    pub certify: Certified,
+    /// The box's event log (`eventlog`), a record an element.
+    pub events: Vec<Value>,
+}
+
+/// What the core answers each message with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Challenge {
+        credential: Credential,
+    },
+    /// The site's client certificate, PEM.
+    Certificate {
+        pem: String,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// What the core learned about an admitted box.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub machine: String,
+    /// The EK certificate's chain, its issuer first (common names).
+    pub manufacturer: Vec<String>,
+    /// The release and slot the quoted boot replays to.
+    pub release: String,
+    pub slot: String,
+    /// The site key, as the PEM SubjectPublicKeyInfo the certificate is issued for.
+    pub site_key_pem: String,
+}
+
+struct Pending {
+    request: Request,
+    manufacturer: Vec<String>,
+    secret: [u8; 32],
+}
+
+/// The core's half: what it trusts, and the challenges it has sent and not yet seen
+/// answered (each is answered once).
+pub struct Registrar {
+    site: String,
+    manufacturer_cas: Vec<Vec<u8>>,
+    releases: Vec<Release>,
+    pending: Vec<Pending>,
+}
+
+fn b64(what: &'static str, s: &str) -> Result<Vec<u8>, Error> {
+    base64_decode(s).map_err(|why| Error::Input { what, why })
+}
+
+impl Registrar {
+    /// A registrar for `site` that trusts the manufacturers' CA certificates (DER) and
+    /// accepts the boots of `releases`.
+    pub fn new(site: &str, manufacturer_cas: Vec<Vec<u8>>, releases: Vec<Release>) -> Registrar {
+        Registrar {
+            site: site.to_owned(),
+            manufacturer_cas,
+            releases,
+            pending: Vec::new(),
+        }
+    }
+
+    fn own_site(&self, site: &str) -> Result<(), Error> {
+        if site == self.site {
+            Ok(())
+        } else {
+            Err(Error::Untrusted(format!(
+                "the box asks to enroll into site {site:?}, and this enrollment is for {:?}",
+                self.site
+            )))
+        }
+    }
+
+    /// Round 1: checks the EK certificate and makes the credential.
+    pub fn challenge(&mut self, request: &Request) -> Result<Credential, Error> {
+        self.own_site(&request.site)?;
+        let ek_public = b64("the endorsement key", &request.ek_public)?;
+        let ek_cert = b64("the EK certificate", &request.ek_certificate)?;
+        let ak_public = b64("the attestation key", &request.ak_public)?;
+        let manufacturer = ek_certificate::check(
+            &ek_cert,
+            &ek_public,
+            &self.manufacturer_cas,
+            &ek_certificate::now_utc(),
+        )?;
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(
+            |_| Error::Input {
+                what: "the system's random numbers",
+                why: "none could be read".into(),
+            },
+        )?;
+        let credential =
+            evidence::make_credential(&ek_public, &evidence::name(&ak_public), &secret)?;
+        // A box that asks again (it restarted) gets a new challenge; the old one is void.
+        self.pending
+            .retain(|p| p.request.ak_public != request.ak_public);
+        self.pending.push(Pending {
+            request: request.clone(),
+            manufacturer,
+            secret,
+        });
+        Ok(credential)
+    }
+
+    /// Round 2: the quote, the replayed boot and the site key's certification, each
+    /// against the challenge's secret. The challenge is spent whatever the outcome.
+    pub fn admit(&mut self, answer: &Answer) -> Result<Admitted, Error> {
+        self.own_site(&answer.site)?;
+        let i = self
+            .pending
+            .iter()
+            .position(|p| p.request.ak_public == answer.ak_public)
+            .ok_or_else(|| {
+                Error::Untrusted(
+                    "the answer is for no challenge this enrollment sent (another attestation key, or a challenge already answered)".into(),
+                )
+            })?;
+        let pending = self.pending.swap_remove(i);
+        if answer.machine != pending.request.machine {
+            return Err(Error::Untrusted(format!(
+                "the answer comes from machine {:?}, and the request from {:?}",
+                answer.machine, pending.request.machine
+            )));
+        }
+        let ak_public = b64("the attestation key", &answer.ak_public)?;
+        let quoted = evidence::check_quote(&ak_public, &answer.quote, &pending.secret)?;
+        let (release, slot) = replay::check_boot(&quoted.pcrs, &answer.events, &self.releases)?;
+        let site_key = b64("the site key", &answer.site_key_public)?;
+        evidence::check_certify(
+            &ak_public,
+            &site_key,
+            &answer.certify.attest,
+            &answer.certify.signature,
+            &pending.secret,
+        )?;
+        Ok(Admitted {
+            machine: answer.machine.clone(),
+            manufacturer: pending.manufacturer,
+            release,
+            slot,
+            site_key_pem: evidence::site_key_pem(&site_key)?,
+        })
+    }
+}
+
+/// The site's client certificate: `subject` (a distinguished name as nats-server prints
+/// it, `CN=site-s1,O=example`) for the key `site_key_pem`, valid from now for `days`,
+/// for client authentication only, signed by the CA `ca_pem` with its key `ca_key_pem`
+/// (PKCS#8). PEM.
+pub fn issue_certificate(
+    subject: &str,
+    site_key_pem: &str,
+    days: u32,
+    ca_pem: &str,
+    ca_key_pem: &str,
+) -> Result<String, Error> {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SerialNumber, SubjectPublicKeyInfo,
+    };
+    let bad = |what: &'static str| {
+        move |e: rcgen::Error| Error::Input {
+            what,
+            why: e.to_string(),
+        }
+    };
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(bad("the CA's key (PKCS#8 PEM)"))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(ca_pem, ca_key).map_err(bad("the CA's certificate (PEM)"))?;
+    let key = SubjectPublicKeyInfo::from_pem(site_key_pem).map_err(bad("the site key"))?;
+
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    // nats-server prints a subject last attribute first (RFC 2253): the certificate
+    // holds them in the reverse of the text's order.
+    for part in subject.split(',').rev() {
+        let (k, v) = part.trim().split_once('=').ok_or_else(|| Error::Input {
+            what: "the certificate subject",
+            why: format!("{part:?} is not KEY=value"),
+        })?;
+        let kind = match k.trim() {
+            "CN" => DnType::CommonName,
+            "O" => DnType::OrganizationName,
+            "OU" => DnType::OrganizationalUnitName,
+            "C" => DnType::CountryName,
+            "L" => DnType::LocalityName,
+            "ST" => DnType::StateOrProvinceName,
+            other => {
+                return Err(Error::Input {
+                    what: "the certificate subject",
+                    why: format!("{other:?}: only CN, O, OU, C, L and ST are issued"),
+                })
+            }
+        };
+        dn.push(kind, v.trim());
+    }
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let now = ::time::OffsetDateTime::now_utc();
+    // A few minutes back, for a box whose clock is a little behind the core's.
+    params.not_before = now - ::time::Duration::minutes(5);
+    params.not_after = now + ::time::Duration::days(i64::from(days));
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial).map_err(
+        |_| Error::Input {
+            what: "the system's random numbers",
+            why: "none could be read".into(),
+        },
+    )?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(bad("the site certificate"))?;
+    Ok(cert.pem())
+}
+
+/// The fingerprint an operator compares with what the box printed: SHA-256 of the
+/// endorsement key's TPMT_PUBLIC, hex.
+pub fn ek_fingerprint(request: &Request) -> String {
+    use sha2::Digest as _;
+    let ek = base64_decode(&request.ek_public).unwrap_or_default();
+    hex(&sha2::Sha256::digest(ek))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_their_step_and_replies_their_kind() {
+        let r = Reply::Refused { reason: "x".into() };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"reply":"refused","reason":"x"}"#);
+        let bad: Result<Message, _> = serde_json::from_str(r#"{"step":"hello"}"#);
+        assert!(bad.unwrap_err().to_string().contains("unknown variant"));
+    }
+
+    #[test]
+    fn another_sites_request_is_refused() {
+        let mut r = Registrar::new("s1", Vec::new(), Vec::new());
+        let req = Request {
+            site: "s2".into(),
+            machine: "m".into(),
+            ek: Endorsement::EccP256,
+            ek_certificate: String::new(),
+            ek_public: String::new(),
+            ak_public: String::new(),
+        };
+        let why = r.challenge(&req).unwrap_err().to_string();
+        assert!(why.contains("into site \"s2\""), "{why}");
+    }
+
+    #[test]
+    fn an_unreadable_ca_key_is_named() {
+        let why = issue_certificate("CN=site-s1", "", 1, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(why.starts_with("the CA's key"), "{why}");
+    }
+}
