@@ -63,6 +63,10 @@ enum Cmd {
         /// The certificate subject of a site's boxes; `{site}` becomes the site's name.
         #[arg(long, default_value = "CN=site-{site}")]
         site_subject: String,
+        /// The certificate subject of a site's enrollment certificate, which a new box
+        /// is provisioned with to ask `edgectl enroll` for its site certificate.
+        #[arg(long, default_value = "CN=enroll-{site}")]
+        enroll_subject: String,
         /// The certificate subject of an operator (repeat for more); they may do anything.
         #[arg(long = "operator", default_value = "CN=edge-operator")]
         operators: Vec<String>,
@@ -118,6 +122,38 @@ enum Cmd {
         #[arg(long)]
         signing_key: PathBuf,
         manifest: PathBuf,
+    },
+    /// Enroll a site's box: wait for it to ask (it provisions an `enroll-<site>`
+    /// certificate), check its TPM (the EK certificate against the manufacturers' CAs,
+    /// credential activation for its attestation key, a fresh quote replayed against the
+    /// accepted releases, the site key's certification) and only then issue the site's
+    /// client certificate for its TPM key. Any refusal ends edgectl with the reason.
+    Enroll {
+        #[arg(long)]
+        site: String,
+        /// A CA certificate (PEM) of a TPM manufacturer the core trusts (repeat).
+        #[arg(long = "manufacturer-ca", required = true)]
+        manufacturer_cas: Vec<PathBuf>,
+        /// A release the core accepts: NAME=PATH of the pcr11.json `cargo xtask image`
+        /// wrote for it (repeat).
+        #[arg(long = "release", required = true)]
+        releases: Vec<String>,
+        /// The CA that signs client certificates (nats-config's --tls-ca) and its key.
+        #[arg(long)]
+        issuer_cert: PathBuf,
+        #[arg(long)]
+        issuer_key: PathBuf,
+        /// The certificate subject of the site's boxes (nats-config's --site-subject).
+        #[arg(long, default_value = "CN=site-{site}")]
+        site_subject: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Stop after enrolling this many boxes.
+        #[arg(long, default_value_t = 1)]
+        boxes: usize,
+        /// Give up when the boxes have not all enrolled by then.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
     },
     /// Each site and machine: records held, last offset, the box's acked offset and lag,
     /// drops and last contact.
@@ -326,30 +362,192 @@ fn kv_items_of_site(manifest: &fabricd::downlink::Manifest, site: &str) -> Resul
     }
 }
 
+/// The registrar of `Cmd::Enroll`, from its files.
+fn registrar(
+    site: &str,
+    cas: &[PathBuf],
+    releases: &[String],
+) -> Result<edge_tpm::enrollment::Registrar, String> {
+    if !is_token(site) {
+        return Err(format!(
+            "site {site:?} must be letters, digits, '-' or '_' (it is a subject token)"
+        ));
+    }
+    let mut trusted = Vec::new();
+    for path in cas {
+        let certs = edge_tpm::ek_certificate::pem_certificates("a manufacturer CA", &read(path)?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        trusted.extend(certs);
+    }
+    let mut accepted = Vec::new();
+    for r in releases {
+        let (name, path) = r
+            .split_once('=')
+            .ok_or_else(|| format!("--release {r:?} is not NAME=PATH"))?;
+        let release = edge_tpm::replay::release(name, &read(&PathBuf::from(path))?)
+            .map_err(|e| e.to_string())?;
+        accepted.push(release);
+    }
+    Ok(edge_tpm::enrollment::Registrar::new(
+        site, trusted, accepted,
+    ))
+}
+
+/// What `Cmd::Enroll` issues, and with what.
+struct Issuer {
+    subject: String,
+    days: u32,
+    ca: String,
+    key: String,
+}
+
+/// Answers the site's enrollment messages until `boxes` boxes hold a certificate; the
+/// first refusal ends it, after the box has been told why.
+async fn enroll(
+    client: &async_nats::Client,
+    site: &str,
+    mut registrar: edge_tpm::enrollment::Registrar,
+    issuer: &Issuer,
+    boxes: usize,
+) -> Result<(), String> {
+    use edge_tpm::enrollment::{issue_certificate, Message, Reply};
+    let subject = edge_tpm::enrollment::subject(site);
+    let mut sub = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| format!("cannot subscribe to {subject}: {e}"))?;
+    // The subscription must reach the core before a box's request can.
+    client
+        .flush()
+        .await
+        .map_err(|e| format!("the core did not confirm the subscription: {e}"))?;
+    println!("waiting for {boxes} box(es) of site {site} on {subject}");
+    let mut enrolled = 0;
+    while enrolled < boxes {
+        let Some(msg) = sub.next().await else {
+            return Err("the connection to the core ended".into());
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let (reply, outcome) = match serde_json::from_slice::<Message>(&msg.payload) {
+            Err(e) => {
+                let why = format!("a message that is not an enrollment step: {e}");
+                (
+                    Reply::Refused {
+                        reason: why.clone(),
+                    },
+                    Err(why),
+                )
+            }
+            Ok(Message::Request(request)) => match registrar.challenge(&request) {
+                Ok(credential) => {
+                    println!(
+                        "machine {} asks to enroll: endorsement key {} ({:?}); credential sent",
+                        request.machine,
+                        edge_tpm::enrollment::ek_fingerprint(&request),
+                        request.ek
+                    );
+                    (Reply::Challenge { credential }, Ok(false))
+                }
+                Err(e) => {
+                    let why = format!("machine {}: {e}", request.machine);
+                    (
+                        Reply::Refused {
+                            reason: e.to_string(),
+                        },
+                        Err(why),
+                    )
+                }
+            },
+            Ok(Message::Answer(answer)) => match registrar.admit(&answer).and_then(|a| {
+                issue_certificate(
+                    &issuer.subject,
+                    &a.site_key_pem,
+                    issuer.days,
+                    &issuer.ca,
+                    &issuer.key,
+                )
+                .map(|pem| (a, pem))
+            }) {
+                Ok((admitted, pem)) => {
+                    println!(
+                        "enrolled machine {} of site {site}: TPM made by {}, booted release {} slot {}; certificate {} for {} days issued",
+                        admitted.machine,
+                        admitted.manufacturer.join(" <- "),
+                        admitted.release,
+                        admitted.slot,
+                        issuer.subject,
+                        issuer.days
+                    );
+                    (Reply::Certificate { pem }, Ok(true))
+                }
+                Err(e) => {
+                    let why = format!("machine {}: {e}", answer.machine);
+                    (
+                        Reply::Refused {
+                            reason: e.to_string(),
+                        },
+                        Err(why),
+                    )
+                }
+            },
+        };
+        let body = serde_json::to_vec(&reply).map_err(|e| format!("encode the reply: {e}"))?;
+        client
+            .publish(reply_to, body.into())
+            .await
+            .map_err(|e| format!("cannot answer the box: {e}"))?;
+        client
+            .flush()
+            .await
+            .map_err(|e| format!("cannot answer the box: {e}"))?;
+        match outcome {
+            Ok(true) => enrolled += 1,
+            Ok(false) => {}
+            Err(why) => return Err(format!("enrollment refused: {why}")),
+        }
+    }
+    Ok(())
+}
+
+/// Who a certificate subject of the access configuration is.
+enum User<'a> {
+    Operator,
+    Site(&'a str),
+    Enroll(&'a str),
+}
+
 /// The core's access configuration (see `Cmd::NatsConfig`): nats-server's configuration
 /// syntax, with a comment on every site subject saying why the box needs it.
 fn nats_config(
     n: &Names,
     sites: &[String],
-    site_subject: &str,
+    [site_subject, enroll_subject]: [&str; 2],
     operators: &[String],
     tls: [&std::path::Path; 3],
 ) -> Result<String, String> {
     use std::fmt::Write;
-    if !site_subject.contains("{site}") {
-        return Err(format!(
-            "--site-subject {site_subject:?} must contain {{site}}"
-        ));
+    for (flag, subject) in [
+        ("--site-subject", site_subject),
+        ("--enroll-subject", enroll_subject),
+    ] {
+        if !subject.contains("{site}") {
+            return Err(format!("{flag} {subject:?} must contain {{site}}"));
+        }
     }
-    let mut users: Vec<(String, Option<&str>)> =
-        operators.iter().map(|o| (o.clone(), None)).collect();
+    let mut users: Vec<(String, User)> = operators
+        .iter()
+        .map(|o| (o.clone(), User::Operator))
+        .collect();
     for site in sites {
         if !is_token(site) {
             return Err(format!(
                 "site {site:?} must be letters, digits, '-' or '_' (it is a subject token)"
             ));
         }
-        users.push((site_subject.replace("{site}", site), Some(site.as_str())));
+        users.push((site_subject.replace("{site}", site), User::Site(site)));
+        users.push((enroll_subject.replace("{site}", site), User::Enroll(site)));
     }
     let mut seen = std::collections::HashSet::new();
     for (subject, _) in &users {
@@ -394,13 +592,29 @@ fn nats_config(
         tls[1].display(),
         tls[2].display()
     );
-    for (subject, site) in &users {
-        let Some(site) = site else {
-            let _ = writeln!(
-                out,
-                "    # An operator: everything.\n    {{ user: \"{subject}\" }}"
-            );
-            continue;
+    for (subject, user) in &users {
+        let site = match user {
+            User::Operator => {
+                let _ = writeln!(
+                    out,
+                    "    # An operator: everything.\n    {{ user: \"{subject}\" }}"
+                );
+                continue;
+            }
+            User::Enroll(site) => {
+                let _ = writeln!(
+                    out,
+                    "    # Site {site}'s enrollment certificate: it may only ask to be enrolled\n    \
+                     # (edgectl enroll checks the TPM) and read the answers.\n    \
+                     {{\n      user: \"{subject}\"\n      permissions: {{\n        \
+                     publish: {{ allow: [\"{}\"] }}\n        \
+                     subscribe: {{ allow: [\"{}.>\"] }}\n      }}\n    }}",
+                    edge_tpm::enrollment::subject(site),
+                    edge_tpm::enrollment::inbox_prefix(site)
+                );
+                continue;
+            }
+            User::Site(site) => site,
         };
         let _ = writeln!(
             out,
@@ -445,6 +659,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     if let Cmd::NatsConfig {
         sites,
         site_subject,
+        enroll_subject,
         operators,
         tls_cert,
         tls_key,
@@ -461,7 +676,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         let text = nats_config(
             &names,
             sites,
-            site_subject,
+            [site_subject, enroll_subject],
             operators,
             [tls_cert, tls_key, tls_ca].map(PathBuf::as_path),
         )?;
@@ -511,6 +726,35 @@ async fn run(cli: Cli) -> Result<(), String> {
     let client = connect(&cli).await?;
     let js = async_nats::jetstream::new(client.clone());
     match &cli.cmd {
+        Cmd::Enroll {
+            site,
+            manufacturer_cas,
+            releases,
+            issuer_cert,
+            issuer_key,
+            site_subject,
+            days,
+            boxes,
+            timeout_secs,
+        } => {
+            let registrar = registrar(site, manufacturer_cas, releases)?;
+            let issuer = Issuer {
+                subject: site_subject.replace("{site}", site),
+                days: *days,
+                ca: String::from_utf8(read(issuer_cert)?)
+                    .map_err(|_| format!("{} is not PEM text", issuer_cert.display()))?,
+                key: String::from_utf8(read(issuer_key)?)
+                    .map_err(|_| format!("{} is not PEM text", issuer_key.display()))?,
+            };
+            let wait = Duration::from_secs(*timeout_secs);
+            tokio::time::timeout(wait, enroll(&client, site, registrar, &issuer, *boxes))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "no box of site {site} finished enrolling within {timeout_secs} s (is it provisioned with an enroll-{site} certificate, and can it reach the core?)"
+                    ))
+                })?;
+        }
         Cmd::Keygen { .. } | Cmd::Allowlist { .. } | Cmd::NatsConfig { .. } => {
             unreachable!("handled above")
         }
@@ -798,7 +1042,7 @@ mod tests {
         nats_config(
             &NAMES,
             &sites,
-            subject,
+            [subject, "CN=enroll-{site}"],
             &operators,
             [
                 p("/etc/nats/server.pem"),
@@ -828,6 +1072,16 @@ mod tests {
             assert!(part.contains(&format!("\"_INBOX_{own}.>\"")), "{part}");
             assert!(!part.contains(&format!(".{other}.")), "{part}");
         }
+        // A site's enrollment certificate may ask to be enrolled and hear the answer,
+        // and nothing else.
+        let enroll = &text[text.find("user: \"CN=enroll-s1\"").unwrap()..];
+        let enroll = &enroll[..enroll.find("\n    }").unwrap()];
+        assert!(
+            enroll.contains("publish: { allow: [\"edgeos.enroll.s1\"] }")
+                && enroll.contains("subscribe: { allow: [\"_INBOX_enroll_s1.>\"] }")
+                && enroll.matches('"').count() == 6,
+            "{enroll}"
+        );
     }
 
     #[test]
@@ -855,6 +1109,7 @@ mod tests {
             (&["s1"], "CN=site-{site}", &["CN=\"ops\""], "without quotes"),
             (&["s1"], "CN=ops{site}", &["CN=opss1"], "two users"),
             (&["s1", "s1"], "CN=site-{site}", &["CN=ops"], "two users"),
+            (&["s1"], "CN=enroll-{site}", &["CN=ops"], "two users"),
         ] {
             let e = config(sites, subject, operators).unwrap_err();
             assert!(e.contains(needle), "{sites:?} {subject}: {e}");
@@ -864,7 +1119,7 @@ mod tests {
         let e = nats_config(
             &NAMES,
             &sites,
-            "CN=site-{site}",
+            ["CN=site-{site}", "CN=enroll-{site}"],
             &["CN=ops".into()],
             [p("server.pem"), p("/k"), p("/c")],
         )
