@@ -116,6 +116,10 @@ pub struct CoreConfig {
     /// The program that signs with a TPM key (`edge-tpm`, on the verified root).
     #[serde(default = "default_tpm_program")]
     pub tpm_program: PathBuf,
+    /// A box not enrolled yet: while `cert` does not exist, fabricd makes the site key in
+    /// the TPM at `key` and asks the core for its certificate with this enrollment
+    /// certificate (enrollment.rs).
+    pub enroll: Option<EnrollConfig>,
     /// Publishes awaiting the core's ack at once, per class.
     #[serde(default = "default_window")]
     pub window: usize,
@@ -134,6 +138,15 @@ pub struct CoreConfig {
     pub status_interval_secs: u64,
     #[serde(default = "default_status_bucket")]
     pub status_bucket: String,
+}
+
+/// The site's enrollment certificate and its key (PEM), provisioned: it may only ask the
+/// core to enroll the box.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 fn default_quota() -> u64 {
@@ -246,6 +259,14 @@ fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
         ("core.ca", Some(&core.ca)),
         ("core.cert", Some(&core.cert)),
         ("core.key", Some(&core.key)),
+        (
+            "core.enroll.cert",
+            core.enroll.as_ref().map(|e| e.cert.as_path()),
+        ),
+        (
+            "core.enroll.key",
+            core.enroll.as_ref().map(|e| e.key.as_path()),
+        ),
     ])
 }
 

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod downlink;
+pub mod enrollment;
 pub mod http;
 pub mod log;
 pub mod metrics;
@@ -125,18 +126,39 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
         });
     }
     let status = Arc::new(uplink::Status::default());
-    if config.core.is_some() {
-        let (log, config, status) = (log.clone(), config.clone(), status.clone());
-        on_own_thread("uplink", uplink::run(log, config, status))?;
-    } else {
-        tracing::info!("no core configured: records are kept locally only");
-    }
     let down_status = Arc::new(downlink::Status::default());
-    if config.downlink.is_some() {
-        on_own_thread(
-            "downlink",
-            downlink::run(config.clone(), down_status.clone()),
-        )?;
+    let mirror = {
+        let (log, config, status, down_status) = (
+            log.clone(),
+            config.clone(),
+            status.clone(),
+            down_status.clone(),
+        );
+        move || -> Result<(), String> {
+            if config.core.is_some() {
+                let (config, status) = (config.clone(), status.clone());
+                on_own_thread("uplink", uplink::run(log, config, status))?;
+            } else {
+                tracing::info!("no core configured: records are kept locally only");
+            }
+            if config.downlink.is_some() {
+                on_own_thread("downlink", downlink::run(config, down_status))?;
+            }
+            Ok(())
+        }
+    };
+    match config.core.as_ref().filter(|c| enrollment::needed(c)) {
+        // Both directions need the certificate enrollment brings.
+        Some(core) => {
+            let (config, core, status) = (config.clone(), core.clone(), status.clone());
+            on_own_thread("enrollment", async move {
+                enrollment::run(config, core, status).await;
+                if let Err(e) = mirror() {
+                    tracing::error!("{e}");
+                }
+            })?;
+        }
+        None => mirror()?,
     }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
 
-use crate::config::CoreConfig;
+use crate::config::{CoreConfig, EnrollConfig};
 
 fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("bad TLS material: {key} {}: {e}", path.display()))
@@ -55,20 +55,45 @@ fn is_tpm_key(text: &[u8]) -> Result<bool, String> {
 /// The TLS configuration fabricd connects to the core with. Read before each attempt so
 /// that a missing or malformed file is reported by name, not as a handshake failure.
 pub fn client_config(core: &CoreConfig) -> Result<ClientConfig, String> {
+    tls_config(core, ("core.cert", &core.cert), ("core.key", &core.key))
+}
+
+/// The TLS configuration a box that has no site certificate yet asks to be enrolled
+/// with: the site's enrollment certificate (enrollment.rs).
+pub fn enrollment_config(core: &CoreConfig, enroll: &EnrollConfig) -> Result<ClientConfig, String> {
+    tls_config(
+        core,
+        ("core.enroll.cert", &enroll.cert),
+        ("core.enroll.key", &enroll.key),
+    )
+}
+
+/// The core's CA, and the certificate and key of the given config keys.
+fn tls_config(
+    core: &CoreConfig,
+    (cert_name, cert): (&str, &Path),
+    (key_name, key_path): (&str, &Path),
+) -> Result<ClientConfig, String> {
     let mut roots = RootCertStore::empty();
-    for cert in certificates("core.ca", &core.ca)? {
+    for c in certificates("core.ca", &core.ca)? {
         roots
-            .add(cert)
+            .add(c)
             .map_err(|e| format!("bad TLS material: core.ca {}: {e}", core.ca.display()))?;
     }
-    let chain = certificates("core.cert", &core.cert)?;
-    within_validity(&core.cert, &chain[0], &edge_tpm::ek_certificate::now_utc())?;
-    let key_text = read("core.key", &core.key)?;
-    let bad_key = |why: String| format!("bad TLS material: core.key {}: {why}", core.key.display());
+    let chain = certificates(cert_name, cert)?;
+    within_validity(
+        cert_name,
+        cert,
+        &chain[0],
+        &edge_tpm::ek_certificate::now_utc(),
+    )?;
+    let key_text = read(key_name, key_path)?;
+    let bad_key =
+        |why: String| format!("bad TLS material: {key_name} {}: {why}", key_path.display());
     let key: Arc<dyn SigningKey> = if is_tpm_key(&key_text).map_err(bad_key)? {
         Arc::new(TpmKey {
             program: core.tpm_program.clone(),
-            key: core.key.clone(),
+            key: key_path.to_owned(),
         })
     } else {
         let der = PrivateKeyDer::from_pem_slice(&key_text)
@@ -86,9 +111,9 @@ pub fn client_config(core: &CoreConfig) -> Result<ClientConfig, String> {
 /// Our certificate must be valid now: the core would refuse it with no reason the box
 /// hears (nats-server answers a bad certificate alert), so the box says which date is
 /// wrong, or that its clock may be. `now` as YYYYMMDDHHMMSS, UTC.
-fn within_validity(path: &Path, der: &[u8], now: &str) -> Result<(), String> {
+fn within_validity(name: &str, path: &Path, der: &[u8], now: &str) -> Result<(), String> {
     let (from, to) = edge_tpm::ek_certificate::validity(der)
-        .map_err(|e| format!("bad TLS material: core.cert {}: {e}", path.display()))?;
+        .map_err(|e| format!("bad TLS material: {name} {}: {e}", path.display()))?;
     let when = |t: &str| {
         format!(
             "{}-{}-{} {}:{}:{} UTC",
@@ -102,7 +127,7 @@ fn within_validity(path: &Path, der: &[u8], now: &str) -> Result<(), String> {
     };
     if now > to.as_str() {
         return Err(format!(
-            "core.cert {} expired at {} (the clock says {}): the site needs a new certificate",
+            "{name} {} expired at {} (the clock says {}): the site needs a new certificate",
             path.display(),
             when(&to),
             when(now)
@@ -110,7 +135,7 @@ fn within_validity(path: &Path, der: &[u8], now: &str) -> Result<(), String> {
     }
     if now < from.as_str() {
         return Err(format!(
-            "core.cert {} is not valid before {} and the clock says {}: is the box's clock right?",
+            "{name} {} is not valid before {} and the clock says {}: is the box's clock right?",
             path.display(),
             when(&from),
             when(now)
@@ -166,33 +191,43 @@ impl Signer for TpmKey {
 
 impl TpmKey {
     /// Runs `edge-tpm site-key sign <key>`: the digest in hex on its stdin, the DER
-    /// signature in hex on its stdout, the reason on its stderr.
+    /// signature in hex on its stdout.
     fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, String> {
-        let mut child = Command::new(&self.program)
-            .arg("site-key")
-            .arg("sign")
-            .arg(&self.key)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("failed to run {}: {e}", self.program.display()))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(format!("{}\n", edge_common::hex::encode(digest)).as_bytes())
-                .map_err(|e| format!("failed to write to {}: {e}", self.program.display()))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("failed to run {}: {e}", self.program.display()))?;
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            return Err(why.lines().last().unwrap_or("no reason given").to_owned());
-        }
-        edge_common::hex::decode(String::from_utf8_lossy(&out.stdout).trim())
+        let key = self.key.to_string_lossy();
+        let out = edge_tpm(
+            &self.program,
+            &["site-key", "sign", &key],
+            format!("{}\n", edge_common::hex::encode(digest)).as_bytes(),
+        )?;
+        edge_common::hex::decode(String::from_utf8_lossy(&out).trim())
             .filter(|sig| !sig.is_empty())
             .ok_or_else(|| format!("{} printed no signature", self.program.display()))
     }
+}
+
+/// Runs `program` (edge-tpm) with `args` and `input` on its stdin: its stdout, or the
+/// reason it printed last on its stderr.
+pub fn edge_tpm(program: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>, String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("failed to run {}: {e}", program.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input)
+            .map_err(|e| format!("failed to write to {}: {e}", program.display()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("failed to run {}: {e}", program.display()))?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(why.lines().last().unwrap_or("no reason given").to_owned());
+    }
+    Ok(out.stdout)
 }
 
 #[cfg(test)]
@@ -241,16 +276,16 @@ mod tests {
         let path = dir.path().join("c.pem");
         let der = certificates("core.cert", &path).unwrap().remove(0);
         let (from, to) = edge_tpm::ek_certificate::validity(&der).unwrap();
-        within_validity(&path, &der, &from).unwrap();
-        within_validity(&path, &der, &to).unwrap();
-        let e = within_validity(&path, &der, "21000101000000").unwrap_err();
+        within_validity("core.cert", &path, &der, &from).unwrap();
+        within_validity("core.cert", &path, &der, &to).unwrap();
+        let e = within_validity("core.cert", &path, &der, "21000101000000").unwrap_err();
         assert!(
             e.contains("expired at") && e.contains("2100-01-01 00:00:00 UTC"),
             "{e}"
         );
-        let e = within_validity(&path, &der, "19700101000000").unwrap_err();
+        let e = within_validity("core.cert", &path, &der, "19700101000000").unwrap_err();
         assert!(e.contains("not valid before") && e.contains("clock"), "{e}");
-        let e = within_validity(&path, b"\x30\x03\x02\x01\x01", &from).unwrap_err();
+        let e = within_validity("core.cert", &path, b"\x30\x03\x02\x01\x01", &from).unwrap_err();
         assert!(e.contains("bad TLS material: core.cert"), "{e}");
     }
 

@@ -42,7 +42,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn error(&self, e: &str) {
+    pub(crate) fn error(&self, e: &str) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_owned());
     }
 }

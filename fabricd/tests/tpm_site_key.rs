@@ -5,27 +5,11 @@
 
 mod common;
 
-#[path = "../../tpm/tests/common/swtpm.rs"]
-mod swtpm;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-/// edge-tpm, built beside fabricd (another package's binary is not built for this one's
-/// tests by itself).
-fn edge_tpm() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-p", "edge-tpm", "--bin", "edge-tpm"])
-        .status()
-        .expect("run cargo");
-    assert!(st.success(), "cargo build -p edge-tpm failed");
-    let dir = Path::new(env!("CARGO_BIN_EXE_fabricd")).parent().unwrap();
-    dir.join("edge-tpm")
-}
 
 /// Runs `edge-tpm site-key <args>` against `tpm` with `input`; its stdout.
 fn site_key(program: &Path, tpm: &swtpm::Swtpm, args: &[&str], input: &[u8]) -> Vec<u8> {
@@ -46,10 +30,6 @@ fn site_key(program: &Path, tpm: &swtpm::Swtpm, args: &[&str], input: &[u8]) -> 
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
-}
-
-fn tcti(tpm: &swtpm::Swtpm) -> String {
-    format!("swtpm:host=127.0.0.1,port={}", tpm.port)
 }
 
 #[test]

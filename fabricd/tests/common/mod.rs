@@ -11,6 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod site_core;
+#[path = "../../../tpm/tests/common/swtpm.rs"]
+pub mod swtpm;
+
 use fabricd::produce;
 use fabricd::record::Record;
 
@@ -657,4 +661,22 @@ pub async fn read_core(
         });
     }
     out
+}
+
+/// edge-tpm, built beside fabricd (another package's binary is not built for this one's
+/// tests by itself).
+pub fn edge_tpm() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "-p", "edge-tpm", "--bin", "edge-tpm"])
+        .status()
+        .expect("run cargo");
+    assert!(st.success(), "cargo build -p edge-tpm failed");
+    let dir = Path::new(env!("CARGO_BIN_EXE_fabricd")).parent().unwrap();
+    dir.join("edge-tpm")
+}
+
+/// The TCTI edge-tpm reaches `tpm` through (`EDGE_TPM_TCTI`).
+pub fn tcti(tpm: &swtpm::Swtpm) -> String {
+    format!("swtpm:host=127.0.0.1,port={}", tpm.port)
 }

@@ -1,0 +1,163 @@
+//! A new box earns its site certificate before it mirrors anything (docs/security.md,
+//! "Enrollment"). While `core.cert` does not exist and `core.enroll` is provisioned,
+//! fabricd makes the site key in the TPM (at `core.key`) and an attestation key beside
+//! it, and asks the core on `edgeos.enroll.<site>` with the site's enrollment
+//! certificate; `edgectl enroll` at the core checks the TPM and the boot and answers with
+//! the certificate, which fabricd writes to `core.cert`. The TPM steps are `edge-tpm
+//! enroll` (fabricd is static and cannot link the TPM libraries); the protocol is
+//! `edge_tpm::enrollment`. Records keep being taken locally meanwhile, and mirror once
+//! the box is enrolled.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_tpm::enrollment::{self, Message, Reply};
+
+use crate::config::{Config, CoreConfig, EnrollConfig};
+use crate::site_identity::{edge_tpm, enrollment_config};
+use crate::uplink::Status;
+
+/// Whether the box must enroll before it can connect.
+pub fn needed(core: &CoreConfig) -> bool {
+    core.enroll.is_some() && !core.cert.exists()
+}
+
+/// Where the attestation key is kept: beside the site key.
+fn attestation_key_path(core: &CoreConfig) -> PathBuf {
+    core.key.with_file_name("attestation-key.json")
+}
+
+/// Enrolls, retrying with backoff until the core has issued the certificate. Each failed
+/// attempt is logged and shown in the uplink's status.
+pub async fn run(config: Arc<Config>, core: CoreConfig, status: Arc<Status>) {
+    let Some(enroll) = core.enroll.clone() else {
+        return;
+    };
+    let max = Duration::from_millis(core.backoff_max_ms.max(1000));
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match attempt(&config, &core, &enroll).await {
+            Ok(()) => {
+                tracing::info!(cert = %core.cert.display(), "enrolled: the core issued the site certificate");
+                return;
+            }
+            Err(e) => {
+                let e = format!("enrollment: {e}");
+                tracing::warn!("{e}; retrying in {backoff:?}");
+                status.error(&e);
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// Writes `bytes` to `path` whole or not at all.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        edge_common::ensure_dir(dir).map_err(|e| e.to_string())?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("failed to write {}: {e}", path.display()))
+}
+
+/// One `edge-tpm` step on a blocking thread (the TPM takes a while under emulation).
+async fn tpm_step(program: &Path, args: Vec<String>, input: Vec<u8>) -> Result<Vec<u8>, String> {
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        edge_tpm(&program, &args, &input)
+    })
+    .await
+    .map_err(|e| format!("the TPM step did not finish: {e}"))?
+}
+
+async fn ask(client: &async_nats::Client, site: &str, message: &Message) -> Result<Reply, String> {
+    let subject = enrollment::subject(site);
+    let body = serde_json::to_vec(message).map_err(|e| format!("encode: {e}"))?;
+    let reply = client
+        .request(subject.clone(), body.into())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => format!(
+                "no one answers on {subject}: the operator has not started `edgectl enroll --site {site}`"
+            ),
+            _ => format!("no answer on {subject}: {e}"),
+        })?;
+    serde_json::from_slice(&reply.payload)
+        .map_err(|e| format!("the core's answer is not an enrollment reply: {e}"))
+}
+
+async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> Result<(), String> {
+    let program = &core.tpm_program;
+    if !core.key.exists() {
+        let key = tpm_step(
+            program,
+            vec!["site-key".into(), "create".into()],
+            Vec::new(),
+        )
+        .await
+        .map_err(|e| format!("making the site key in the TPM: {e}"))?;
+        write_atomic(&core.key, &key)?;
+        tracing::info!(key = %core.key.display(), "site key made in the TPM");
+    }
+    let ids = |step: &str| -> Vec<String> {
+        vec![
+            "enroll".into(),
+            step.into(),
+            "--site".into(),
+            config.site.clone(),
+            "--machine".into(),
+            config.machine.clone(),
+            "--ak".into(),
+            attestation_key_path(core).to_string_lossy().into_owned(),
+            "--site-key".into(),
+            core.key.to_string_lossy().into_owned(),
+        ]
+    };
+    let request: enrollment::Request =
+        serde_json::from_slice(&tpm_step(program, ids("request"), Vec::new()).await?)
+            .map_err(|e| format!("edge-tpm's request: {e}"))?;
+
+    let tls = enrollment_config(core, enroll)?;
+    let servers: Vec<&str> = core.servers.iter().map(String::as_str).collect();
+    let client = async_nats::ConnectOptions::new()
+        .tls_client_config(tls)
+        .require_tls(true)
+        .custom_inbox_prefix(enrollment::inbox_prefix(&config.site))
+        .connection_timeout(Duration::from_secs(5))
+        // The core answers each step at once; the TPM steps are the box's.
+        .request_timeout(Some(Duration::from_secs(30)))
+        .max_reconnects(Some(1))
+        .connect(servers.as_slice())
+        .await
+        .map_err(|e| format!("cannot connect to the core with the enrollment certificate: {e}"))?;
+    tracing::info!(site = %config.site, "asking the core to enroll this box");
+
+    let credential = match ask(&client, &config.site, &Message::Request(request)).await? {
+        Reply::Challenge { credential } => credential,
+        Reply::Refused { reason } => return Err(format!("the core refused the box: {reason}")),
+        Reply::Certificate { .. } => return Err("the core answered out of turn".into()),
+    };
+    let credential = serde_json::to_vec(&credential).map_err(|e| format!("encode: {e}"))?;
+    let answer: enrollment::Answer =
+        serde_json::from_slice(&tpm_step(program, ids("answer"), credential).await?)
+            .map_err(|e| format!("edge-tpm's answer: {e}"))?;
+    let pem = match ask(&client, &config.site, &Message::Answer(answer)).await? {
+        Reply::Certificate { pem } => pem,
+        Reply::Refused { reason } => return Err(format!("the core refused the box: {reason}")),
+        Reply::Challenge { .. } => return Err("the core answered out of turn".into()),
+    };
+    write_atomic(&core.cert, pem.as_bytes())
+}

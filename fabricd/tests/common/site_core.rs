@@ -1,0 +1,184 @@
+//! A core as an operator runs it: nats-server with the access configuration `edgectl
+//! nats-config` writes, set up by `edgectl setup`, and the operator's edgectl.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::*;
+
+/// A core whose access is written by `edgectl nats-config` for `sites`, with the
+/// certificates of the operator (`operator`), of each site's boxes (`site-<site>`) and of
+/// a stranger the CA signed but no user names (`stranger`), and set up by `edgectl setup`.
+pub struct Core {
+    pub tmp: tempfile::TempDir,
+    pub pki: Pki,
+    pub nats: Nats,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Core {
+    pub fn start(sites: &[&str]) -> Core {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(&tmp.path().join("pki"));
+        pki.issue_client("operator", "/CN=edge-operator");
+        pki.issue_client("stranger", "/CN=site-elsewhere");
+        for site in sites {
+            pki.issue_client(&format!("site-{site}"), &format!("/CN=site-{site}"));
+        }
+        let nats_dir = tmp.path().join("nats");
+        write_access(&pki, &nats_dir, sites);
+        // nats-server resolves an include relative to the including file.
+        let nats = Nats::start_with(&nats_dir, "include \"access.conf\"");
+        let core = Core {
+            tmp,
+            pki,
+            nats,
+            rt: core_runtime(),
+        };
+        core.edgectl(&["setup"]);
+        core
+    }
+
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    /// Runs edgectl as the operator; panics with its output when it fails or takes more
+    /// than 30 s.
+    pub fn edgectl(&self, args: &[&str]) -> String {
+        let (stdout, stderr) = (self.tmp.path().join("out"), self.tmp.path().join("err"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgectl"))
+            .arg("--server")
+            .arg(self.url())
+            .arg("--ca")
+            .arg(self.pki.path("ca.pem"))
+            .arg("--cert")
+            .arg(self.pki.path("operator.pem"))
+            .arg("--key")
+            .arg(self.pki.path("operator.key"))
+            .args(args)
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("run edgectl");
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("edgectl {args:?} did not finish in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = std::fs::read_to_string(&stdout).unwrap();
+        assert!(
+            status.success(),
+            "edgectl {args:?}: {}{stdout}",
+            std::fs::read_to_string(&stderr).unwrap()
+        );
+        stdout
+    }
+
+    /// A client holding certificate `cert`, with replies on `inbox`, and the events it
+    /// gets (the server's errors among them).
+    pub fn connect(&self, cert: &str, inbox: &str) -> Result<Client, String> {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let opts = async_nats::ConnectOptions::new()
+            .add_root_certificates(self.pki.path("ca.pem"))
+            .add_client_certificate(
+                self.pki.path(&format!("{cert}.pem")),
+                self.pki.path(&format!("{cert}.key")),
+            )
+            .require_tls(true)
+            .custom_inbox_prefix(inbox)
+            .max_reconnects(Some(1))
+            .event_callback(move |event| {
+                let sink = sink.clone();
+                async move { sink.lock().unwrap().push(event.to_string()) }
+            });
+        let client = self
+            .rt
+            .block_on(opts.connect(self.url()))
+            .map_err(|e| e.to_string())?;
+        // Short: a refused request is not answered and waits this long.
+        let js = self.rt.block_on(async {
+            async_nats::jetstream::ContextBuilder::new()
+                .timeout(Duration::from_millis(500))
+                .build(client.clone())
+        });
+        Ok(Client { client, js, events })
+    }
+
+    pub fn operator(&self) -> Client {
+        self.connect("operator", "_INBOX").unwrap()
+    }
+
+    /// Subjects of the records stream matching `filter`, with their message counts.
+    pub fn subjects(&self, filter: &str) -> Vec<(String, usize)> {
+        let js = self.operator().js;
+        self.rt.block_on(async {
+            let stream = js.get_stream("EDGE").await.unwrap();
+            let mut subjects = stream.info_with_subjects(filter).await.unwrap();
+            let mut out = Vec::new();
+            while let Some(s) = subjects.next().await {
+                out.push(s.unwrap());
+            }
+            out.sort();
+            out
+        })
+    }
+}
+
+pub fn write_access(pki: &Pki, nats_dir: &Path, sites: &[&str]) {
+    std::fs::create_dir_all(nats_dir).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgectl"));
+    cmd.arg("nats-config");
+    for site in sites {
+        cmd.args(["--site", site]);
+    }
+    let out = cmd
+        .arg("--tls-cert")
+        .arg(pki.path("server.pem"))
+        .arg("--tls-key")
+        .arg(pki.path("server.key"))
+        .arg("--tls-ca")
+        .arg(pki.path("ca.pem"))
+        .arg("--out")
+        .arg(nats_dir.join("access.conf"))
+        .output()
+        .expect("run edgectl nats-config");
+    assert!(
+        out.status.success(),
+        "edgectl nats-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Client {
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub events: Arc<Mutex<Vec<String>>>,
+}
+
+impl Client {
+    /// Waits for the server to report a permissions violation naming `subject`.
+    pub fn refused(&self, what: &str, subject: &str) {
+        let needle = format!("Permissions Violation for {what} to \"{subject}\"");
+        wait_for(&needle, Duration::from_secs(5), || {
+            self.events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.contains(&needle))
+                .then_some(())
+        });
+    }
+}

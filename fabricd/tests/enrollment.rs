@@ -1,0 +1,258 @@
+//! Enrollment end to end on the host: a box (fabricd with a TPM from the factory: swtpm
+//! with a manufacturer's EK certificate) that has only its site's enrollment certificate
+//! asks the core (a real nats-server running `edgectl nats-config`'s access rules) to
+//! enroll it; `edgectl enroll` checks the TPM and the boot and issues the certificate for
+//! the site key in the TPM, and the box's records then reach the core under it. A TPM of
+//! a manufacturer the core does not trust, and a boot no accepted release explains, get
+//! no certificate, and both sides say why.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::site_core::Core;
+use common::swtpm::{manufactured, Swtpm};
+use common::*;
+
+/// Runs edge-tpm against `tpm`, its event log at `log`; its stdout.
+fn tpm_run(program: &Path, tpm: &Swtpm, log: &Path, args: &[&str], input: &[u8]) -> String {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("EDGE_TPM_TCTI", tcti(tpm))
+        .env("EDGE_TPM_EVENTLOG", log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run edge-tpm");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "edge-tpm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Boots `tpm` as init does (the phases and a provisioning measurement, logged in
+/// `log`); PCR 11 at `enter-initrd`, which an accepted release's pcr11.json names.
+fn boot(program: &Path, tpm: &Swtpm, log: &Path) -> String {
+    let enter = tpm_run(program, tpm, log, &["phase", "enter-initrd"], b"");
+    for word in ["leave-initrd", "sysinit"] {
+        tpm_run(program, tpm, log, &["phase", word], b"");
+    }
+    tpm_run(
+        program,
+        tpm,
+        log,
+        &[
+            "measure",
+            "provisioning",
+            "edgeos provisioning: fabricd-core.toml",
+        ],
+        b"[core]\n",
+    );
+    tpm_run(program, tpm, log, &["phase", "ready"], b"");
+    enter.trim().to_owned()
+}
+
+/// A box of site s1 with TPM `tpm`, booted, provisioned with the enrollment certificate
+/// and no site certificate.
+struct NewBox {
+    f: Fabricd,
+    dir: PathBuf,
+    _tpm: Swtpm,
+}
+
+impl NewBox {
+    fn start(core: &Core, program: &Path, tpm: Swtpm, name: &str) -> (NewBox, String) {
+        let dir = core.tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("events.jsonl");
+        let enter_initrd = boot(program, &tpm, &log);
+        let mut f = Fabricd::configure(
+            &dir,
+            &format!(
+                "[core]\nservers = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntpm_program = \"{}\"\nbackoff_max_ms = 1000\nstatus_interval_secs = 0\n[core.enroll]\ncert = \"{}\"\nkey = \"{}\"\n",
+                core.url(),
+                core.pki.path("ca.pem").display(),
+                dir.join("identity/site.pem").display(),
+                dir.join("identity/site-key.json").display(),
+                program.display(),
+                core.pki.path("enroll-s1.pem").display(),
+                core.pki.path("enroll-s1.key").display(),
+            ),
+        );
+        f.env = vec![
+            ("EDGE_TPM_TCTI".into(), tcti(&tpm)),
+            ("EDGE_TPM_EVENTLOG".into(), log.display().to_string()),
+        ];
+        f.start();
+        (NewBox { f, dir, _tpm: tpm }, enter_initrd)
+    }
+
+    fn certificate(&self) -> PathBuf {
+        self.dir.join("identity/site.pem")
+    }
+}
+
+/// `edgectl enroll` for site s1, trusting the manufacturer CA in `manufacturer` and the
+/// release whose PCR 11 at enter-initrd is `enter_initrd`, started in the background.
+fn enroll(core: &Core, manufacturer: &Path, enter_initrd: &str) -> Child {
+    let release = core.tmp.path().join("pcr11.json");
+    std::fs::write(
+        &release,
+        format!("{{\"a\":{{\"enter-initrd\":\"{enter_initrd}\"}}}}"),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_edgectl"))
+        .arg("--server")
+        .arg(core.url())
+        .arg("--ca")
+        .arg(core.pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(core.pki.path("operator.pem"))
+        .arg("--key")
+        .arg(core.pki.path("operator.key"))
+        .args(["enroll", "--site", "s1", "--timeout-secs", "90"])
+        // The manufacturer's root and its issuing CA.
+        .arg("--manufacturer-ca")
+        .arg(manufacturer.join("swtpm-localca-rootca-cert.pem"))
+        .arg("--manufacturer-ca")
+        .arg(manufacturer.join("issuercert.pem"))
+        .arg("--release")
+        .arg(format!("0.1.0={}", release.display()))
+        .arg("--issuer-cert")
+        .arg(core.pki.path("ca.pem"))
+        .arg("--issuer-key")
+        .arg(core.pki.path("ca.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run edgectl enroll")
+}
+
+fn finished(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn start_core() -> Core {
+    let core = Core::start(&["s1"]);
+    core.pki.issue_client("enroll-s1", "/CN=enroll-s1");
+    core
+}
+
+#[test]
+fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
+    let program = edge_tpm();
+    let core = start_core();
+    let manufacturer = tempfile::tempdir().unwrap();
+    let (mut b, enter_initrd) =
+        NewBox::start(&core, &program, manufactured(manufacturer.path()), "edge");
+    // Records taken before the box is enrolled wait in its log.
+    let mut t = tcp(b.f.tcp);
+    produce(&mut t, &record("enroll.data", b"before")).unwrap();
+    wait_for(
+        "the box to find no one answering its enrollment",
+        Duration::from_secs(60),
+        || b.f.log_contains("edgectl enroll --site s1").then_some(()),
+    );
+    assert!(!b.certificate().exists());
+
+    let (ok, out) = finished(enroll(&core, manufacturer.path(), &enter_initrd));
+    assert!(ok, "edgectl enroll: {out}");
+    assert!(
+        out.contains("enrolled machine m1 of site s1")
+            && out.contains("swtpm-localca")
+            && out.contains("release 0.1.0 slot a"),
+        "{out}"
+    );
+    wait_for("the box to be enrolled", Duration::from_secs(30), || {
+        b.f.log_contains("enrolled: the core issued the site certificate")
+            .then_some(())
+    });
+    // The certificate names the site's boxes, and its key is the TPM's.
+    let cert = std::fs::read_to_string(b.certificate()).unwrap();
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-ext", "extendedKeyUsage"])
+        .stdin(std::fs::File::open(b.certificate()).unwrap())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("CN = site-s1") && text.contains("TLS Web Client Authentication"),
+        "{text}\n{cert}"
+    );
+    let key_json = std::fs::read(b.dir.join("identity/site-key.json")).unwrap();
+    let public = tpm_run(
+        &program,
+        &b._tpm,
+        &b.dir.join("events.jsonl"),
+        &["site-key", "public"],
+        &key_json,
+    );
+    let cert_key = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey"])
+        .stdin(std::fs::File::open(b.certificate()).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cert_key.stdout), public);
+
+    // The records flow under the site certificate, the one from before first.
+    produce(&mut t, &record("enroll.data", b"after")).unwrap();
+    let at_core = core
+        .rt
+        .block_on(read_core(&core.operator().js, 2, Duration::from_secs(60)));
+    let payloads: Vec<&[u8]> = at_core.iter().map(|m| m.payload.as_slice()).collect();
+    assert_eq!(payloads, [&b"before"[..], b"after"], "{}", b.f.log_text());
+    assert_eq!(b.f.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_foreign_tpm_or_an_unknown_boot_gets_no_certificate() {
+    let program = edge_tpm();
+    let core = start_core();
+    let (trusted, foreign) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Made first: the trusted manufacturer's CA comes into being with its first TPM.
+    let trusted_tpm = manufactured(trusted.path());
+
+    // A TPM whose maker the core does not trust: refused at the first step.
+    let (b, enter_initrd) = NewBox::start(&core, &program, manufactured(foreign.path()), "foreign");
+    let (ok, out) = finished(enroll(&core, trusted.path(), &enter_initrd));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("machine m1") && out.contains("not issued by a CA the core trusts"),
+        "{out}"
+    );
+    wait_for("the box to hear why", Duration::from_secs(30), || {
+        b.f.log_contains("the core refused the box").then_some(())
+    });
+    assert!(
+        b.f.log_contains("not issued by a CA the core trusts"),
+        "{}",
+        b.f.log_text()
+    );
+    assert!(!b.certificate().exists());
+    drop(b);
+
+    // A trusted TPM that booted something no accepted release explains.
+    let (b, _) = NewBox::start(&core, &program, trusted_tpm, "other-boot");
+    let (ok, out) = finished(enroll(&core, trusted.path(), &"00".repeat(32)));
+    assert!(!ok, "{out}");
+    assert!(out.contains("booted something else"), "{out}");
+    wait_for("the box to hear why", Duration::from_secs(30), || {
+        b.f.log_contains("booted something else").then_some(())
+    });
+    assert!(!b.certificate().exists());
+}
