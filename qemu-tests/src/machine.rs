@@ -6,6 +6,9 @@ use crate::control::{Control, Events};
 use crate::disk;
 use crate::gpt::Partition;
 use crate::process::Group;
+
+#[path = "../../tpm/tests/common/manufacture.rs"]
+mod manufacture;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,10 @@ pub struct Options {
     pub kvm: bool,
     /// Attach a TPM (swtpm). The harness's own firmware-only check turns it off.
     pub tpm: bool,
+    /// The TPM comes from the factory of the manufacturer whose CA (swtpm_localca's
+    /// state) is in this directory: endorsement keys and their certificates are made
+    /// before the first boot, as enrollment needs. Without it, a blank TPM.
+    pub tpm_manufacturer: Option<PathBuf>,
     /// User-net port forwards from the host's loopback into the guest:
     /// (host port, guest port), `hostfwd=tcp:127.0.0.1:<host>-:<guest>`.
     pub hostfwd: Vec<(u16, u16)>,
@@ -73,6 +80,7 @@ impl Options {
             console: ConsoleMode::File,
             kvm: std::env::var("EDGEOS_KVM").as_deref() == Ok("1"),
             tpm: true,
+            tpm_manufacturer: None,
             hostfwd: Vec::new(),
             guestfwd: Vec::new(),
             fw_cfg: Vec::new(),
@@ -277,12 +285,18 @@ impl Machine {
     }
 
     fn start_swtpm(&mut self) -> Result<()> {
+        let state = self.path.join("tpm");
+        if let Some(ca) = &self.opts.tpm_manufacturer {
+            if !state.join("tpm2-00.permall").exists() {
+                manufacture::manufacture(&state, ca).map_err(|e| anyhow!("{}: {e}", self.name))?;
+            }
+        }
         let sock = self.path.join("swtpm.sock");
         let _ = std::fs::remove_file(&sock);
         let mut cmd = Command::new("swtpm");
         cmd.args(["socket", "--tpm2", "--terminate"])
             .arg("--tpmstate")
-            .arg(format!("dir={}", self.path.join("tpm").display()))
+            .arg(format!("dir={}", state.display()))
             .arg("--ctrl")
             .arg(format!("type=unixio,path={}", sock.display()))
             .arg("--log")

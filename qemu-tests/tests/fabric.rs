@@ -2,8 +2,13 @@
 //! real nats-server on the host (TLS with client certificates, JetStream), exactly once
 //! and in order, and catches up by itself after the link is cut.
 //!
-//! The box's core address and TLS identity reach it as site provisioning (fw_cfg item
-//! `opt/org.edgeos/provision`, unpacked by init into /var/lib/edge/provision). The
+//! The box's core address and its site's enrollment certificate reach it as site
+//! provisioning (fw_cfg item `opt/org.edgeos/provision`, unpacked by init into
+//! /var/lib/edge/provision). Its TPM comes from a manufacturer (swtpm_setup with an EK
+//! certificate); the operator enrolls it with `edgectl enroll`, which checks the TPM and
+//! the boot against the image's pcr11.json and issues the site certificate for a key in
+//! the TPM, and everything after flows under that key. The core runs the access
+//! configuration `edgectl nats-config` writes (the box may use only its site's subjects). The
 //! guest reaches the core at 10.0.2.100:4222 (a user-net guest forward whose relay,
 //! socat, connects to a proxy this test owns, so the test can cut the link); the test
 //! posts records to fabricd's HTTP listener through a host forward.
@@ -94,7 +99,8 @@ fn run(cmd: &mut Command) -> Result<String> {
 }
 
 /// CA, the core's server certificate (valid for 127.0.0.1 and for 10.0.2.100, the
-/// address the guest dials) and a client certificate, made with openssl.
+/// address the guest dials), the operator's certificate and site0's enrollment
+/// certificate, made with openssl.
 fn make_pki(dir: &Path) -> Result<()> {
     std::fs::write(
         dir.join("ext.cnf"),
@@ -118,43 +124,53 @@ fn make_pki(dir: &Path) -> Result<()> {
         .args(["-subj", "/CN=test core CA"])
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
         .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]))?;
-    for name in ["server", "client"] {
+    for (name, subject, ext) in [
+        ("server", "server", "server"),
+        ("operator", "edge-operator", "client"),
+        ("enroll", "enroll-site0", "client"),
+    ] {
         run(Command::new("openssl")
             .current_dir(dir)
             .arg("req")
             .args(ec)
             .args(["-keyout", &format!("{name}.key")])
             .args(["-out", &format!("{name}.csr")])
-            .args(["-subj", &format!("/CN={name}")]))?;
+            .args(["-subj", &format!("/CN={subject}")]))?;
         run(Command::new("openssl")
             .current_dir(dir)
             .args(["x509", "-req", "-in", &format!("{name}.csr")])
             .args(["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"])
             .args(["-out", &format!("{name}.pem"), "-days", "2"])
-            .args(["-extfile", "ext.cnf", "-extensions", name]))?;
+            .args(["-extfile", "ext.cnf", "-extensions", ext]))?;
     }
     Ok(())
 }
 
-/// The core: nats-server on loopback, JetStream on, client certificates required.
+/// The core: nats-server on loopback, JetStream on, client certificates required and
+/// mapped to users by the access configuration `edgectl nats-config` writes for site0.
 struct Core {
     port: u16,
     child: Child,
 }
 
 impl Core {
-    fn start(dir: &Path) -> Result<Core> {
+    fn start(dir: &Path, edgectl: &Path) -> Result<Core> {
         let port = free_port()?;
         std::fs::create_dir_all(dir.join("store"))?;
+        run(Command::new(edgectl)
+            .args(["nats-config", "--site", "site0", "--tls-cert"])
+            .arg(dir.join("server.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("server.key"))
+            .arg("--tls-ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--out")
+            .arg(dir.join("access.conf")))?;
         std::fs::write(
             dir.join("nats.conf"),
             format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n\
-                 tls {{\n cert_file: \"{}\"\n key_file: \"{}\"\n ca_file: \"{}\"\n verify: true\n timeout: 5\n}}\n",
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ninclude \"access.conf\"\n",
                 dir.join("store").display(),
-                dir.join("server.pem").display(),
-                dir.join("server.key").display(),
-                dir.join("ca.pem").display()
             ),
         )?;
         let log = std::fs::File::create(dir.join("nats.log"))?;
@@ -265,9 +281,9 @@ impl Operator {
             .arg("--ca")
             .arg(self.dir.join("ca.pem"))
             .arg("--cert")
-            .arg(self.dir.join("client.pem"))
+            .arg(self.dir.join("operator.pem"))
             .arg("--key")
-            .arg(self.dir.join("client.key"));
+            .arg(self.dir.join("operator.key"));
         c
     }
 
@@ -448,24 +464,28 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     make_pki(dir)?;
-    let core = Core::start(dir)?;
+    let edgectl = edgectl()?;
+    let core = Core::start(dir, &edgectl)?;
     let link = Link::start(core.port)?;
     let op = Operator {
-        edgectl: edgectl()?,
+        edgectl,
         dir: dir.to_owned(),
         port: core.port,
     };
     run(op.cmd().arg("setup"))?;
 
-    // Site provisioning for this box, as the operator's tooling would make it.
+    // Site provisioning for this box, as the operator's tooling would make it: the core,
+    // and the site's enrollment certificate. The site key and certificate come later.
     let pem = |n: &str| std::fs::read_to_string(dir.join(n));
     let p = "/var/lib/edge/provision";
+    let id = "/var/lib/edge/identity";
     let core_toml = format!(
         "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
-         cert = \"{p}/client.pem\"\nkey = \"{p}/client.key\"\nbackoff_max_ms = 2000\n"
+         cert = \"{id}/site.pem\"\nkey = \"{id}/site-key.json\"\nbackoff_max_ms = 2000\n\
+         [core.enroll]\ncert = \"{p}/enroll.pem\"\nkey = \"{p}/enroll.key\"\n"
     );
     let mut bundle = toml_string("fabricd-core.toml", &core_toml);
-    for f in ["ca.pem", "client.pem", "client.key"] {
+    for f in ["ca.pem", "enroll.pem", "enroll.key"] {
         bundle.push_str(&toml_string(f, &pem(f)?));
     }
     let bundle_path = dir.join("provision.toml");
@@ -480,6 +500,8 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     ));
     opts.fw_cfg
         .push(("opt/org.edgeos/provision".into(), bundle_path.clone()));
+    let manufacturer = dir.join("tpm-manufacturer");
+    opts.tpm_manufacturer = Some(manufacturer.clone());
     let mut m = Machine::with_options("fabric", opts)?;
     m.boot()?;
     // The item is measured into PCR 15 before it is unpacked: zeros extended once with
@@ -497,8 +519,35 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     );
     let line = m.wait_for_console("edgeos: provisioning:", Duration::from_secs(120))?;
     assert!(line.contains("provisioning: 4 file(s)"), "{line}");
-    m.wait_ready()?;
+    let ready = m.wait_ready()?;
     m.wait_status(Duration::from_secs(60), "all services ready", all_ready)?;
+
+    // The operator enrolls the box: its TPM's maker is trusted, and its boot is the
+    // image's (the pcr11.json the build wrote).
+    let pcr11 = qemu_tests::image_from_env()?.with_file_name("pcr11.json");
+    let t = Instant::now();
+    let enrolled = run(op
+        .cmd()
+        .args(["enroll", "--site", "site0", "--timeout-secs", "300"])
+        .arg("--manufacturer-ca")
+        .arg(manufacturer.join("swtpm-localca-rootca-cert.pem"))
+        .arg("--manufacturer-ca")
+        .arg(manufacturer.join("issuercert.pem"))
+        .arg("--release")
+        .arg(format!("{}={}", ready.version, pcr11.display()))
+        .arg("--issuer-cert")
+        .arg(dir.join("ca.pem"))
+        .arg("--issuer-key")
+        .arg(dir.join("ca.key")))?;
+    assert!(
+        enrolled.contains("enrolled machine edge0 of site site0")
+            && enrolled.contains(&format!(
+                "booted release {} slot {}",
+                ready.version, ready.slot
+            )),
+        "{enrolled}"
+    );
+    eprintln!("enrolled in {:?}: {}", t.elapsed(), enrolled.trim_end());
 
     // Records posted in the guest reach the core exactly once, in order.
     let mut prod = Producer::connect(http_port, Duration::from_secs(60))?;
@@ -599,6 +648,31 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     );
     assert_ne!(stranger["state"], "running", "{stranger}");
     assert!(running(&pods, "downlink/relay.yaml"), "{pods:?}");
+
+    // The same disk in another box, whose TPM (from the same maker) is not this one: it
+    // cannot open the data partition, where the site key's blobs and the certificate
+    // are, so nothing of the site's reaches the core from it.
+    m.powerdown()?;
+    m.wait_exit(Duration::from_secs(90))?;
+    let at_core = op.records()?;
+    let mut copy_opts = Options::new(m.disk());
+    copy_opts.tpm_manufacturer = Some(manufacturer.clone());
+    copy_opts.guestfwd = vec![format!(
+        "tcp:10.0.2.100:4222-cmd:socat - TCP:127.0.0.1:{}",
+        link.port
+    )];
+    let mut copy = Machine::with_options("fabric-copy", copy_opts)?;
+    copy.boot()?;
+    let line = copy.wait_for_console("edgeos: data: locked:", qemu_tests::machine::BOOT_TIMEOUT)?;
+    eprintln!("the copy: {}", line.trim_end());
+    copy.wait_status(
+        Duration::from_secs(120),
+        "data locked in the status",
+        |st| st["data"]["locked"].is_string(),
+    )?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(op.records()?, at_core, "nothing from the copy at the core");
+    copy.finish();
     m.finish();
     drop(core);
     Ok(())

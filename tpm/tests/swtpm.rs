@@ -617,3 +617,90 @@ fn a_tpm_in_lockout_still_unseals_attests_and_signs() {
     let digest: [u8; 32] = sha2::Sha256::digest(b"handshake").into();
     tpm.sign(&site, &digest).unwrap();
 }
+
+/// The registrar's two rounds with a TPM from the factory, the way `edge-tpm enroll`
+/// drives them: admitted once; an answer to an earlier challenge (another nonce), a
+/// challenge answered twice, and an answer with no challenge are refused.
+#[test]
+fn enrollment_admits_one_fresh_answer_per_challenge() {
+    use edge_tpm::enrollment::{Answer, Registrar, Request, QUOTED_PCRS};
+    let maker = tempfile::tempdir().unwrap();
+    let t = manufactured(maker.path());
+    let mut tpm = t.open();
+    let trusted: Vec<Vec<u8>> = ["swtpm-localca-rootca-cert.pem", "issuercert.pem"]
+        .iter()
+        .flat_map(|f| {
+            ek_certificate::pem_certificates("a CA", &std::fs::read(maker.path().join(f)).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    let mut enter = None;
+    for word in policy::PHASES {
+        let d = tpm.extend_phase(word).unwrap();
+        edge_tpm::eventlog::append(&log, 11, &d, word).unwrap();
+        if word == policy::UNSEAL_PHASE {
+            enter = Some(tpm.read_pcr11().unwrap());
+        }
+    }
+    let json = format!(
+        "{{\"a\":{{\"enter-initrd\":\"{}\"}}}}",
+        policy::hex(&enter.unwrap())
+    );
+    let release = edge_tpm::replay::release("0.1.0", json.as_bytes()).unwrap();
+    let mut registrar = Registrar::new("s1", trusted, vec![release]);
+
+    let kind = Endorsement::Rsa2048;
+    let ak = tpm.create_attestation_key(kind).unwrap();
+    let site_key = tpm.create_site_key().unwrap();
+    let request = Request {
+        site: "s1".into(),
+        machine: "m1".into(),
+        ek: kind,
+        ek_certificate: policy::base64_encode(&tpm.ek_certificate(kind).unwrap()),
+        ek_public: policy::base64_encode(&tpm.endorsement_key(kind).unwrap()),
+        ak_public: ak.public.clone(),
+    };
+    let mut answer_to = |credential: &evidence::Credential| {
+        let secret = tpm.activate_credential(&ak, credential).unwrap();
+        Answer {
+            site: "s1".into(),
+            machine: "m1".into(),
+            ak_public: ak.public.clone(),
+            quote: tpm.quote(&ak, &secret, &QUOTED_PCRS).unwrap(),
+            site_key_public: site_key.public.clone(),
+            certify: tpm.certify_site_key(&site_key, &ak, &secret).unwrap(),
+            events: edge_tpm::eventlog::read(&log).unwrap(),
+        }
+    };
+
+    let first = answer_to(&registrar.challenge(&request).unwrap());
+    let second = answer_to(&registrar.challenge(&request).unwrap());
+    // The box asked again: the first challenge is void, its answer another nonce's.
+    let why = untrusted(registrar.admit(&first));
+    assert!(why.contains("another nonce"), "{why}");
+    // That refusal spent the second challenge too: one answer per challenge.
+    let why = untrusted(registrar.admit(&second));
+    assert!(why.contains("no challenge"), "{why}");
+
+    let fresh = answer_to(&registrar.challenge(&request).unwrap());
+    let admitted = registrar.admit(&fresh).unwrap();
+    assert_eq!(
+        (
+            admitted.machine.as_str(),
+            admitted.release.as_str(),
+            admitted.slot.as_str()
+        ),
+        ("m1", "0.1.0", "a")
+    );
+    assert_eq!(
+        admitted.manufacturer,
+        ["swtpm-localca", "swtpm-localca-rootca"]
+    );
+    assert!(admitted
+        .site_key_pem
+        .starts_with("-----BEGIN PUBLIC KEY-----"));
+    let why = untrusted(registrar.admit(&fresh));
+    assert!(why.contains("no challenge"), "{why}");
+}

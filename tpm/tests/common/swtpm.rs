@@ -2,6 +2,9 @@
 //! directory, killed when dropped. Shared by edge-tpm's tests and fabricd's (which
 //! include this file by path).
 
+#[path = "manufacture.rs"]
+mod manufacture;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -66,41 +69,10 @@ pub fn swtpm_on(dir: tempfile::TempDir) -> Swtpm {
     }
 }
 
-/// A TPM "from the factory" of the manufacturer whose CA lives in `ca` (swtpm_localca's
-/// state directory, made on first use): swtpm_setup makes its endorsement keys and writes
-/// their certificates, signed by that CA, into the TPM's NV.
+/// A TPM "from the factory" of the manufacturer whose CA lives in `ca` (see
+/// `manufacture`), started.
 pub fn manufactured(ca: &Path) -> Swtpm {
     let state = tempfile::tempdir().unwrap();
-    let conf = state.path().join("localca.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "statedir = {0}\nsigningkey = {0}/signkey.pem\nissuercert = {0}/issuercert.pem\ncertserial = {0}/certserial\n",
-            ca.display()
-        ),
-    )
-    .unwrap();
-    let setup = state.path().join("setup.conf");
-    std::fs::write(
-        &setup,
-        format!(
-            "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {}\nactive_pcr_banks = sha256\n",
-            conf.display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new("swtpm_setup")
-        .args(["--tpm2", "--create-ek-cert", "--overwrite", "--tpmstate"])
-        .arg(state.path())
-        .arg("--config")
-        .arg(&setup)
-        .output()
-        .expect("swtpm_setup must be installed (swtpm-tools; cargo xtask test installs it)");
-    assert!(
-        out.status.success(),
-        "swtpm_setup: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    manufacture::manufacture(state.path(), ca).unwrap();
     swtpm_on(state)
 }
