@@ -138,6 +138,9 @@ pub struct CoreConfig {
     pub status_interval_secs: u64,
     #[serde(default = "default_status_bucket")]
     pub status_bucket: String,
+    /// How often an enrolled box quotes its boot for its status reports; 0 never does.
+    #[serde(default = "default_quote_interval")]
+    pub quote_interval_secs: u64,
 }
 
 /// The site's enrollment certificate and its key (PEM), provisioned: it may only ask the
@@ -149,6 +152,9 @@ pub struct EnrollConfig {
     pub key: PathBuf,
 }
 
+fn default_quote_interval() -> u64 {
+    300
+}
 fn default_quota() -> u64 {
     1 << 30
 }
@@ -430,5 +436,19 @@ mod tests {
             e.contains("core.servers") && e.contains("fabricd-core.toml"),
             "{e}"
         );
+        // A box to be enrolled: the enrollment certificate, by absolute paths.
+        let enroll = |cert: &str| {
+            format!("[core]\nservers = [\"tls://c:4222\"]\nca = \"/p/ca.pem\"\ncert = \"/i/site.pem\"\nkey = \"/i/site-key.json\"\n[core.enroll]\ncert = \"{cert}\"\nkey = \"/p/enroll.key\"\n")
+        };
+        std::fs::write(&f, enroll("/p/enroll.pem")).unwrap();
+        let core = load_core_file(&f).unwrap().unwrap();
+        assert_eq!(
+            core.enroll.unwrap().cert,
+            std::path::Path::new("/p/enroll.pem")
+        );
+        assert_eq!(core.quote_interval_secs, 300);
+        std::fs::write(&f, enroll("enroll.pem")).unwrap();
+        let e = load_core_file(&f).unwrap_err();
+        assert!(e.contains("core.enroll.cert"), "{e}");
     }
 }

@@ -6,7 +6,8 @@
 //! the certificate, which fabricd writes to `core.cert`. The TPM steps are `edge-tpm
 //! enroll` (fabricd is static and cannot link the TPM libraries); the protocol is
 //! `edge_tpm::enrollment`. Records keep being taken locally meanwhile, and mirror once
-//! the box is enrolled.
+//! the box is enrolled. An enrolled box then quotes its boot every so often into its
+//! status reports (`BootReports`), so the core sees a box that booted something else.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +22,66 @@ use crate::uplink::Status;
 /// Whether the box must enroll before it can connect.
 pub fn needed(core: &CoreConfig) -> bool {
     core.enroll.is_some() && !core.cert.exists()
+}
+
+/// The boot reports of an enrolled box (its attestation key exists): a fresh one every
+/// `core.quote_interval_secs`, the last one in between. A box that is not enrolled
+/// through its TPM has none.
+pub struct BootReports {
+    program: PathBuf,
+    ak: PathBuf,
+    every: Duration,
+    last: Option<(std::time::Instant, enrollment::BootReport)>,
+    warned: bool,
+}
+
+impl BootReports {
+    pub fn new(core: &CoreConfig) -> BootReports {
+        BootReports {
+            program: core.tpm_program.clone(),
+            ak: attestation_key_path(core),
+            every: Duration::from_secs(core.quote_interval_secs),
+            last: None,
+            warned: false,
+        }
+    }
+
+    pub async fn latest(&mut self) -> Option<enrollment::BootReport> {
+        let stale = self
+            .last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= self.every);
+        if self.every.is_zero() || !stale || !self.ak.exists() {
+            return self.last.as_ref().map(|(_, r)| r.clone());
+        }
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let args = vec![
+            "quote".into(),
+            "--ak".into(),
+            self.ak.to_string_lossy().into_owned(),
+            "--time".into(),
+            time.to_string(),
+        ];
+        let made = tpm_step(&self.program, args, Vec::new())
+            .await
+            .and_then(|out| {
+                serde_json::from_slice(&out).map_err(|e| format!("edge-tpm's boot report: {e}"))
+            });
+        match made {
+            Ok(report) => {
+                self.last = Some((std::time::Instant::now(), report));
+                self.warned = false;
+            }
+            Err(e) if !self.warned => {
+                tracing::warn!("the boot could not be quoted for the core: {e}");
+                self.warned = true;
+            }
+            Err(_) => {}
+        }
+        self.last.as_ref().map(|(_, r)| r.clone())
+    }
 }
 
 /// Where the attestation key is kept: beside the site key.

@@ -199,7 +199,7 @@ async fn session(
                 "$KV.{}.{}.{}",
                 core.status_bucket, config.site, config.machine
             ),
-            Duration::from_secs(core.status_interval_secs),
+            core.clone(),
         ));
     }
     for (class, c) in config.classes.iter().enumerate() {
@@ -310,6 +310,9 @@ pub struct BoxStatus {
     pub time_ms: u64,
     pub version: String,
     pub classes: Vec<ClassStatus>,
+    /// An enrolled box's latest quote of its boot (enrollment.rs, `boot_report`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<edge_tpm::enrollment::BootReport>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -340,6 +343,7 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         version: env!("CARGO_PKG_VERSION").into(),
+        boot: None,
         classes: names
             .iter()
             .enumerate()
@@ -358,18 +362,23 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
     }
 }
 
-/// Reports the box's lag every `every`, for as long as the session lasts. A report the
-/// core refuses (no status bucket, say) is logged, not fatal: records matter more.
+/// Reports the box's lag every `core.status_interval_secs`, with its latest boot report
+/// (renewed every `core.quote_interval_secs`) once it is enrolled, for as long as the
+/// session lasts. A report the core refuses (no status bucket, say) is logged, not
+/// fatal: records matter more.
 async fn report_status(
     log: Log,
     names: Vec<String>,
     js: jetstream::Context,
     subject: String,
-    every: Duration,
+    core: CoreConfig,
 ) -> Result<(), String> {
     let mut warned = false;
+    let mut boot = crate::enrollment::BootReports::new(&core);
     loop {
-        let body = serde_json::to_vec(&box_status(&log, &names)).unwrap_or_default();
+        let mut report = box_status(&log, &names);
+        report.boot = boot.latest().await;
+        let body = serde_json::to_vec(&report).unwrap_or_default();
         let sent = match js.publish(subject.clone(), body.into()).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| chain(&e)),
             Err(e) => Err(chain(&e)),
@@ -382,7 +391,7 @@ async fn report_status(
             }
             Err(_) => {}
         }
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(Duration::from_secs(core.status_interval_secs)).await;
     }
 }
 

@@ -76,7 +76,7 @@ impl NewBox {
         let mut f = Fabricd::configure(
             &dir,
             &format!(
-                "[core]\nservers = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntpm_program = \"{}\"\nbackoff_max_ms = 1000\nstatus_interval_secs = 0\n[core.enroll]\ncert = \"{}\"\nkey = \"{}\"\n",
+                "[core]\nservers = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntpm_program = \"{}\"\nbackoff_max_ms = 1000\nstatus_interval_secs = 1\nquote_interval_secs = 1\n[core.enroll]\ncert = \"{}\"\nkey = \"{}\"\n",
                 core.url(),
                 core.pki.path("ca.pem").display(),
                 dir.join("identity/site.pem").display(),
@@ -216,6 +216,38 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
         .block_on(read_core(&core.operator().js, 2, Duration::from_secs(60)));
     let payloads: Vec<&[u8]> = at_core.iter().map(|m| m.payload.as_slice()).collect();
     assert_eq!(payloads, [&b"before"[..], b"after"], "{}", b.f.log_text());
+
+    // The enrolled box quotes its boot into its status reports; the core replays them.
+    let release = format!("0.1.0={}", core.tmp.path().join("pcr11.json").display());
+    let status = || core.edgectl(&["status", "--release", &release]);
+    let row = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("s1.m1 "))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    wait_for(
+        "the box's boot in edgectl status",
+        Duration::from_secs(30),
+        || row(&status()).ends_with(" 0.1.0/a").then_some(()),
+    );
+    // PCR 11 extended with nothing the event log shows: the box now runs something the
+    // release does not explain, and its next report says so.
+    tpm_run(
+        &program,
+        &b._tpm,
+        Path::new("/dev/null"),
+        &["phase", "sysinit"],
+        b"",
+    );
+    let out = wait_for("the changed boot refused", Duration::from_secs(30), || {
+        let out = status();
+        row(&out).ends_with(" REFUSED").then_some(out)
+    });
+    assert!(
+        out.contains("s1.m1: boot report refused") && out.contains("booted something else"),
+        "{out}"
+    );
     assert_eq!(b.f.terminate().code(), Some(0));
 }
 

@@ -649,6 +649,28 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     assert_ne!(stranger["state"], "running", "{stranger}");
     assert!(running(&pods, "downlink/relay.yaml"), "{pods:?}");
 
+    // The box quotes its boot into its status reports; the core replays the last one to
+    // the release it booted.
+    let release = format!("{}={}", ready.version, pcr11.display());
+    let want = format!(" {}/{}", ready.version, ready.slot);
+    let start = Instant::now();
+    loop {
+        let out = run(op.cmd().args(["status", "--release", &release]))?;
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("site0.edge0 "))
+            .unwrap_or_default();
+        if row.ends_with(&want) {
+            eprintln!("edgectl status: {row}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the box's boot is not in edgectl status: {out}"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+
     // The same disk in another box, whose TPM (from the same maker) is not this one: it
     // cannot open the data partition, where the site key's blobs and the certificate
     // are, so nothing of the site's reaches the core from it.

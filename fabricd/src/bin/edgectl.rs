@@ -40,6 +40,10 @@ struct Cli {
     /// KV bucket where each box keeps its latest status report.
     #[arg(long, default_value = "edge-status")]
     status_bucket: String,
+    /// KV bucket where `enroll` records each enrolled box (its attestation key), which
+    /// `status` checks the boxes' boot reports against. The boxes cannot reach it.
+    #[arg(long, default_value = "edge-enrolled")]
+    enrolled_bucket: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -161,6 +165,13 @@ enum Cmd {
         /// Count only these topics (a NATS pattern, e.g. `sensors.>`).
         #[arg(long, default_value = ">")]
         topic: String,
+        /// Releases the core accepts, NAME=PATH of their pcr11.json (repeat): each
+        /// enrolled box's last boot report is replayed against them.
+        #[arg(long = "release")]
+        releases: Vec<String>,
+        /// A boot report older than this (by the box's clock against ours) is refused.
+        #[arg(long, default_value_t = 900)]
+        report_max_age_secs: u64,
     },
     /// Print a site's records as they arrive (`--all` from the start).
     Tail {
@@ -379,18 +390,30 @@ fn registrar(
             .map_err(|e| format!("{}: {e}", path.display()))?;
         trusted.extend(certs);
     }
-    let mut accepted = Vec::new();
-    for r in releases {
-        let (name, path) = r
-            .split_once('=')
-            .ok_or_else(|| format!("--release {r:?} is not NAME=PATH"))?;
-        let release = edge_tpm::replay::release(name, &read(&PathBuf::from(path))?)
-            .map_err(|e| e.to_string())?;
-        accepted.push(release);
-    }
     Ok(edge_tpm::enrollment::Registrar::new(
-        site, trusted, accepted,
+        site,
+        trusted,
+        accepted_releases(releases)?,
     ))
+}
+
+/// The releases of `--release NAME=PATH` flags.
+fn accepted_releases(flags: &[String]) -> Result<Vec<edge_tpm::replay::Release>, String> {
+    flags
+        .iter()
+        .map(|r| {
+            let (name, path) = r
+                .split_once('=')
+                .ok_or_else(|| format!("--release {r:?} is not NAME=PATH"))?;
+            edge_tpm::replay::release(name, &read(&PathBuf::from(path))?).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What `Cmd::Enroll` issues, and with what.
@@ -405,12 +428,15 @@ struct Issuer {
 /// first refusal ends it, after the box has been told why.
 async fn enroll(
     client: &async_nats::Client,
+    enrolled_bucket: &async_nats::jetstream::kv::Store,
     site: &str,
     mut registrar: edge_tpm::enrollment::Registrar,
     issuer: &Issuer,
     boxes: usize,
 ) -> Result<(), String> {
-    use edge_tpm::enrollment::{issue_certificate, Message, Reply};
+    use edge_tpm::enrollment::{issue_certificate, Enrolled, Message, Reply};
+    // Each request's EK fingerprint, for the record of the box it enrolls.
+    let mut fingerprints = std::collections::HashMap::new();
     let subject = edge_tpm::enrollment::subject(site);
     let mut sub = client
         .subscribe(subject.clone())
@@ -442,6 +468,10 @@ async fn enroll(
             }
             Ok(Message::Request(request)) => match registrar.challenge(&request) {
                 Ok(credential) => {
+                    fingerprints.insert(
+                        request.ak_public.clone(),
+                        edge_tpm::enrollment::ek_fingerprint(&request),
+                    );
                     println!(
                         "machine {} asks to enroll: endorsement key {} ({:?}); credential sent",
                         request.machine,
@@ -471,6 +501,22 @@ async fn enroll(
                 .map(|pem| (a, pem))
             }) {
                 Ok((admitted, pem)) => {
+                    // Recorded before the box hears it is enrolled: its boot reports
+                    // are checked against this.
+                    let record = Enrolled {
+                        ak_public: admitted.ak_public.clone(),
+                        ek: fingerprints.remove(&admitted.ak_public).unwrap_or_default(),
+                        release: admitted.release.clone(),
+                        slot: admitted.slot.clone(),
+                        time: unix_now(),
+                    };
+                    let key = format!("{site}.{}", admitted.machine);
+                    let body = serde_json::to_vec(&record)
+                        .map_err(|e| format!("encode the enrollment record: {e}"))?;
+                    enrolled_bucket
+                        .put(&key, body.into())
+                        .await
+                        .map_err(|e| format!("failed to record the enrollment of {key}: {e}"))?;
                     println!(
                         "enrolled machine {} of site {site}: TPM made by {}, booted release {} slot {}; certificate {} for {} days issued",
                         admitted.machine,
@@ -746,8 +792,15 @@ async fn run(cli: Cli) -> Result<(), String> {
                 key: String::from_utf8(read(issuer_key)?)
                     .map_err(|_| format!("{} is not PEM text", issuer_key.display()))?,
             };
+            let enrolled = js.get_key_value(&cli.enrolled_bucket).await.map_err(|e| {
+                format!(
+                    "no KV bucket {} (run edgectl setup): {e}",
+                    cli.enrolled_bucket
+                )
+            })?;
             let wait = Duration::from_secs(*timeout_secs);
-            tokio::time::timeout(wait, enroll(&client, site, registrar, &issuer, *boxes))
+            let enrolling = enroll(&client, &enrolled, site, registrar, &issuer, *boxes);
+            tokio::time::timeout(wait, enrolling)
                 .await
                 .unwrap_or_else(|_| {
                     Err(format!(
@@ -783,6 +836,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 },
                 kv_layout(&cli.bucket),
                 kv_layout(&cli.status_bucket),
+                kv_layout(&cli.enrolled_bucket),
                 Config {
                     name: format!("OBJ_{}", cli.objects),
                     subjects: vec![
@@ -869,7 +923,12 @@ async fn run(cli: Cli) -> Result<(), String> {
                 parsed.items.len()
             );
         }
-        Cmd::Status { topic } => {
+        Cmd::Status {
+            topic,
+            releases,
+            report_max_age_secs,
+        } => {
+            let releases = accepted_releases(releases)?;
             let stream = js
                 .get_stream(&cli.stream)
                 .await
@@ -922,12 +981,31 @@ async fn run(cli: Cli) -> Result<(), String> {
                     Err(e) => eprintln!("{key}: unreadable status report: {e}"),
                 }
             }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
+            // Each enrolled box's record (none before any enrollment, or for boxes given a
+            // certificate by hand).
+            let mut enrolled = std::collections::HashMap::new();
+            if let Ok(bucket) = js.get_key_value(&cli.enrolled_bucket).await {
+                if let Ok(mut keys) = bucket.keys().await {
+                    while let Some(Ok(key)) = keys.next().await {
+                        if let Ok(Some(v)) = bucket.get(&key).await {
+                            match serde_json::from_slice::<edge_tpm::enrollment::Enrolled>(&v) {
+                                Ok(e) => {
+                                    enrolled.insert(key, e);
+                                }
+                                Err(e) => eprintln!("{key}: unreadable enrollment record: {e}"),
+                            }
+                        }
+                    }
+                }
+            }
+            let now = unix_now() as i64;
+            let mut refusals = Vec::new();
             // `box acked` and the lag are what the box last reported (`?`: no report yet).
+            // `boot`: the release and slot its last boot report replays to (`quoted`: its
+            // quote checks, no --release given; `-`: not enrolled or no report;
+            // `REFUSED`: the reason is printed below the table).
             println!(
-                "{:<28} {:>10} {:>12} {:>10} {:>12} {:>12} {:>8} {:>14}",
+                "{:<28} {:>10} {:>12} {:>10} {:>12} {:>12} {:>8} {:>14} {:>14}",
                 "site.machine",
                 "records",
                 "last offset",
@@ -935,7 +1013,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 "lag records",
                 "lag bytes",
                 "dropped",
-                "last contact"
+                "last contact",
+                "boot"
             );
             for (m, row) in machines {
                 let [acked, lag, lag_bytes, dropped] = match &row.status {
@@ -956,12 +1035,35 @@ async fn run(cli: Cli) -> Result<(), String> {
                     }
                     None => ["?", "?", "?", "?"].map(String::from),
                 };
+                let boot = match (
+                    enrolled.get(&m),
+                    row.status.as_ref().and_then(|s| s.boot.as_ref()),
+                ) {
+                    (Some(e), Some(report)) => match edge_tpm::enrollment::check_report(
+                        e,
+                        report,
+                        now as u64,
+                        *report_max_age_secs,
+                        &releases,
+                    ) {
+                        Ok(Some((release, slot))) => format!("{release}/{slot}"),
+                        Ok(None) => "quoted".into(),
+                        Err(e) => {
+                            refusals.push(format!("{m}: boot report refused: {e}"));
+                            "REFUSED".into()
+                        }
+                    },
+                    _ => "-".into(),
+                };
                 println!(
-                    "{m:<28} {:>10} {:>12} {acked:>10} {lag:>12} {lag_bytes:>12} {dropped:>8} {:>12}s ago",
+                    "{m:<28} {:>10} {:>12} {acked:>10} {lag:>12} {lag_bytes:>12} {dropped:>8} {:>12}s ago {boot:>14}",
                     row.records,
                     row.last_offset,
                     now - row.contact
                 );
+            }
+            for r in refusals {
+                println!("{r}");
             }
         }
         Cmd::Tail {

@@ -24,6 +24,9 @@
 //! edge-tpm enroll answer --site S --machine M --ak ak.json --site-key key.json < credential
 //!     round 2 (Answer): opens the core's credential, quotes PCR 11 and 15 and certifies
 //!     the site key with its secret, and adds the event log
+//! edge-tpm quote --ak ak.json --time <unix seconds>
+//!     a boot report (BootReport): PCR 11 and 15 quoted with the time as nonce, and the
+//!     event log
 //! ```
 //! `--initrd`: stage 1's one call. Extends `enter-initrd` first (and adds `"pcr11"`, its
 //! value then, to the output), and `leave-initrd` after, whatever the outcome, so that
@@ -58,7 +61,7 @@ fn usage(why: &str) -> Error {
     Error::Input {
         what: "usage",
         why: format!(
-            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd] | site-key create | site-key public | site-key sign <key.json> | enroll request|answer --site S --machine M --ak <ak.json> [--site-key <key.json>]"
+            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd] | site-key create | site-key public | site-key sign <key.json> | enroll request|answer --site S --machine M --ak <ak.json> [--site-key <key.json>] | quote --ak <ak.json> --time <unix seconds>"
         ),
     }
 }
@@ -108,7 +111,7 @@ fn phase(tpm: &mut Tpm, word: &str) -> Result<String, Error> {
 
 /// Records an extend in our event log.
 fn log(pcr: u32, digest: &[u8; 32], event: &str) {
-    let log = std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into());
+    let log = eventlog_path();
     if let Err(e) = eventlog::append(Path::new(&log), pcr, digest, event) {
         // The extend happened; a verifier replaying the log will say what is missing.
         eprintln!("edge-tpm: failed to log the {event} extend in {log}: {e}");
@@ -219,6 +222,25 @@ fn run(args: &[String]) -> Result<(), Error> {
         }
         "site-key" => site_key(args),
         "enroll" => enroll(args),
+        "quote" => {
+            let ak_path = flag(args, "--ak")?;
+            let time: u64 = flag(args, "--time")?
+                .parse()
+                .map_err(|_| usage("--time must be unix seconds"))?;
+            let ak = read_attestation_key(Path::new(ak_path))?;
+            let events = read_eventlog()?;
+            let quote = open()?.quote(
+                &ak,
+                &enrollment::report_nonce(time),
+                &enrollment::QUOTED_PCRS,
+            )?;
+            let report = enrollment::BootReport {
+                time,
+                quote,
+                events,
+            };
+            stdout(&to_json("the boot report", &report)?)
+        }
         other => Err(usage(&format!("unknown command {other:?}"))),
     }
 }
@@ -315,6 +337,27 @@ fn attestation_key(tpm: &mut Tpm, path: &Path) -> Result<AttestationKey, Error> 
     Ok(key)
 }
 
+fn read_attestation_key(path: &Path) -> Result<AttestationKey, Error> {
+    serde_json::from_slice(&read_file(&path.to_string_lossy(), "the attestation key")?).map_err(
+        |e| Error::Input {
+            what: "the attestation key",
+            why: format!("{}: {e}", path.display()),
+        },
+    )
+}
+
+/// Our event log: `EDGE_TPM_EVENTLOG`, else init's.
+fn eventlog_path() -> String {
+    std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into())
+}
+
+fn read_eventlog() -> Result<Vec<serde_json::Value>, Error> {
+    eventlog::read(Path::new(&eventlog_path())).map_err(|why| Error::Input {
+        what: "the event log",
+        why,
+    })
+}
+
 fn enroll(args: &[String]) -> Result<(), Error> {
     let site = flag(args, "--site")?.to_owned();
     let machine = flag(args, "--machine")?.to_owned();
@@ -340,18 +383,9 @@ fn enroll(args: &[String]) -> Result<(), Error> {
                     why: e.to_string(),
                 })?;
             let site_key = parse_site_key(&read_file(flag(args, "--site-key")?, "the site key")?)?;
-            let log = std::env::var("EDGE_TPM_EVENTLOG").unwrap_or_else(|_| eventlog::PATH.into());
-            let events = eventlog::read(Path::new(&log)).map_err(|why| Error::Input {
-                what: "the event log",
-                why,
-            })?;
+            let events = read_eventlog()?;
             let mut tpm = open()?;
-            let ak: AttestationKey =
-                serde_json::from_slice(&read_file(flag(args, "--ak")?, "the attestation key")?)
-                    .map_err(|e| Error::Input {
-                        what: "the attestation key",
-                        why: e.to_string(),
-                    })?;
+            let ak = read_attestation_key(ak_path)?;
             let secret = tpm.activate_credential(&ak, &credential)?;
             let quote = tpm.quote(&ak, &secret, &enrollment::QUOTED_PCRS)?;
             let certify = tpm.certify_site_key(&site_key, &ak, &secret)?;
