@@ -150,6 +150,10 @@ pub struct CoreConfig {
 pub struct EnrollConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The data partition's recovery key, which init keeps there on the first boot
+    /// (`/var/lib/edge/identity/recovery-key`): sent to the core encrypted to its escrow
+    /// key when it asks for it, then removed.
+    pub recovery_key: Option<PathBuf>,
 }
 
 fn default_quote_interval() -> u64 {
@@ -272,6 +276,10 @@ fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
         (
             "core.enroll.key",
             core.enroll.as_ref().map(|e| e.key.as_path()),
+        ),
+        (
+            "core.enroll.recovery_key",
+            core.enroll.as_ref().and_then(|e| e.recovery_key.as_deref()),
         ),
     ])
 }

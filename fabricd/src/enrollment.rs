@@ -206,19 +206,47 @@ async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> R
         .map_err(|e| format!("cannot connect to the core with the enrollment certificate: {e}"))?;
     tracing::info!(site = %config.site, "asking the core to enroll this box");
 
-    let credential = match ask(&client, &config.site, &Message::Request(request)).await? {
-        Reply::Challenge { credential } => credential,
-        Reply::Refused { reason } => return Err(format!("the core refused the box: {reason}")),
-        Reply::Certificate { .. } => return Err("the core answered out of turn".into()),
-    };
+    let (credential, escrow_key) =
+        match ask(&client, &config.site, &Message::Request(request)).await? {
+            Reply::Challenge {
+                credential,
+                escrow_key,
+            } => (credential, escrow_key),
+            Reply::Refused { reason } => return Err(format!("the core refused the box: {reason}")),
+            Reply::Certificate { .. } => return Err("the core answered out of turn".into()),
+        };
     let credential = serde_json::to_vec(&credential).map_err(|e| format!("encode: {e}"))?;
-    let answer: enrollment::Answer =
+    let mut answer: enrollment::Answer =
         serde_json::from_slice(&tpm_step(program, ids("answer"), credential).await?)
             .map_err(|e| format!("edge-tpm's answer: {e}"))?;
+    // The recovery key goes to the core only encrypted to the operator's escrow key.
+    let recovery = enroll.recovery_key.as_deref().filter(|p| p.exists());
+    if let (Some(path), Some(pem)) = (recovery, &escrow_key) {
+        let key = std::fs::read(path)
+            .map_err(|e| format!("failed to read the recovery key {}: {e}", path.display()))?;
+        answer.recovery = Some(
+            enrollment::escrow(pem, String::from_utf8_lossy(&key).trim().as_bytes())
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let escrowed = answer.recovery.is_some();
     let pem = match ask(&client, &config.site, &Message::Answer(answer)).await? {
         Reply::Certificate { pem } => pem,
         Reply::Refused { reason } => return Err(format!("the core refused the box: {reason}")),
         Reply::Challenge { .. } => return Err("the core answered out of turn".into()),
     };
-    write_atomic(&core.cert, pem.as_bytes())
+    write_atomic(&core.cert, pem.as_bytes())?;
+    if let (true, Some(path)) = (escrowed, recovery) {
+        // The core holds it now; the box does not need to.
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), "the recovery key is escrowed to the core and removed from the box")
+            }
+            Err(e) => tracing::warn!(
+                "the recovery key is escrowed, but {} stays: {e}",
+                path.display()
+            ),
+        }
+    }
+    Ok(())
 }

@@ -73,10 +73,13 @@ impl NewBox {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("events.jsonl");
         let enter_initrd = boot(program, &tpm, &log);
+        // What init keeps on a first boot's data partition for escrow.
+        std::fs::create_dir_all(dir.join("identity")).unwrap();
+        std::fs::write(dir.join("identity/recovery-key"), RECOVERY).unwrap();
         let mut f = Fabricd::configure(
             &dir,
             &format!(
-                "[core]\nservers = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntpm_program = \"{}\"\nbackoff_max_ms = 1000\nstatus_interval_secs = 1\nquote_interval_secs = 1\n[core.enroll]\ncert = \"{}\"\nkey = \"{}\"\n",
+                "[core]\nservers = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ntpm_program = \"{}\"\nbackoff_max_ms = 1000\nstatus_interval_secs = 1\nquote_interval_secs = 1\n[core.enroll]\ncert = \"{}\"\nkey = \"{}\"\nrecovery_key = \"{}\"\n",
                 core.url(),
                 core.pki.path("ca.pem").display(),
                 dir.join("identity/site.pem").display(),
@@ -84,6 +87,7 @@ impl NewBox {
                 program.display(),
                 core.pki.path("enroll-s1.pem").display(),
                 core.pki.path("enroll-s1.key").display(),
+                dir.join("identity/recovery-key").display(),
             ),
         );
         f.env = vec![
@@ -98,6 +102,9 @@ impl NewBox {
         self.dir.join("identity/site.pem")
     }
 }
+
+/// The recovery key the box keeps for escrow.
+const RECOVERY: &str = "0123-4567-89ab-cdef-0123-4567-89ab-cdef\n";
 
 /// `edgectl enroll` for site s1, trusting the manufacturer CA in `manufacturer` and the
 /// release whose PCR 11 at enter-initrd is `enter_initrd`, started in the background.
@@ -129,6 +136,8 @@ fn enroll(core: &Core, manufacturer: &Path, enter_initrd: &str) -> Child {
         .arg(core.pki.path("ca.pem"))
         .arg("--issuer-key")
         .arg(core.pki.path("ca.key"))
+        .arg("--escrow-key")
+        .arg(core.pki.path("escrow.pub"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -147,9 +156,41 @@ fn finished(child: Child) -> (bool, String) {
     )
 }
 
+fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The core, with site s1's enrollment certificate and the operator's escrow key pair.
 fn start_core() -> Core {
     let core = Core::start(&["s1"]);
     core.pki.issue_client("enroll-s1", "/CN=enroll-s1");
+    let pki = core.pki.path("");
+    openssl(
+        &pki,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "escrow.key",
+        ],
+    );
+    openssl(
+        &pki,
+        &["pkey", "-in", "escrow.key", "-pubout", "-out", "escrow.pub"],
+    );
     core
 }
 
@@ -182,6 +223,35 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
         b.f.log_contains("enrolled: the core issued the site certificate")
             .then_some(())
     });
+    // The recovery key went to the core encrypted to the escrow key, and left the box.
+    assert!(!b.dir.join("identity/recovery-key").exists());
+    let sealed = core.pki.path("recovery.sealed");
+    core.edgectl(&[
+        "recovery-key",
+        "--site",
+        "s1",
+        "--machine",
+        "m1",
+        "--out",
+        sealed.to_str().unwrap(),
+    ]);
+    let opened = openssl(
+        &core.pki.path(""),
+        &[
+            "pkeyutl",
+            "-decrypt",
+            "-inkey",
+            "escrow.key",
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            "rsa_oaep_md:sha256",
+            "-in",
+            "recovery.sealed",
+        ],
+    );
+    assert_eq!(String::from_utf8(opened).unwrap(), RECOVERY.trim());
+
     // The certificate names the site's boxes, and its key is the TPM's.
     let cert = std::fs::read_to_string(b.certificate()).unwrap();
     let text = Command::new("openssl")

@@ -73,8 +73,11 @@ pub fn classify(head: &[u8]) -> Content {
 
 /// The partition's outcome.
 pub enum Unlock {
-    /// Opened, holding ext4; `formatted` when made on this boot.
-    Opened { node: PathBuf, formatted: bool },
+    /// Opened, holding ext4; `recovery`: made on this boot, with this recovery key.
+    Opened {
+        node: PathBuf,
+        recovery: Option<String>,
+    },
     /// Not opened, and nothing on it touched: why, in one line.
     Locked(String),
 }
@@ -91,7 +94,7 @@ pub fn open(
 ) -> (Unlock, std::time::Duration) {
     let start = std::time::Instant::now();
     let outcome = match unlock_or_create(binds, part, dev_dir, bind_pcrs) {
-        Ok((node, formatted)) => Unlock::Opened { node, formatted },
+        Ok((node, recovery)) => Unlock::Opened { node, recovery },
         Err(Refusal { why, measured }) => {
             if !measured {
                 // Refused before the TPM was asked: the phases are measured all the same,
@@ -188,7 +191,7 @@ fn unlock_or_create(
     part: &BlockDev,
     dev_dir: &Path,
     bind_pcrs: Option<&str>,
-) -> Result<(PathBuf, bool), Refusal> {
+) -> Result<(PathBuf, Option<String>), Refusal> {
     let dev = part.node(dev_dir);
     let dev_s = dev.to_string_lossy().into_owned();
     keep_policy_files()?;
@@ -215,8 +218,8 @@ fn unlock_or_create(
         Content::Other(what) => return Err(format!("{dev_s} holds {what}; it is left as it is").into()),
     };
     match token {
-        None => create(binds, &dev_s, dev_dir, bind_pcrs).map(|node| (node, true)),
-        Some(token) => unlock(binds, &dev_s, &token, dev_dir).map(|node| (node, false)),
+        None => create(binds, &dev_s, dev_dir, bind_pcrs).map(|(node, r)| (node, Some(r))),
+        Some(token) => unlock(binds, &dev_s, &token, dev_dir).map(|node| (node, None)),
     }
 }
 
@@ -275,7 +278,7 @@ fn create(
     dev: &str,
     dev_dir: &Path,
     bind_pcrs: Option<&str>,
-) -> Result<PathBuf, Refusal> {
+) -> Result<(PathBuf, String), Refusal> {
     say!("data: {dev} is blank; sealing a new key to the TPM and making it LUKS2");
     // The passphrase is 256 random bits as hex: text, as LUKS tools expect.
     let key: String = random::<32>()?.iter().map(|b| format!("{b:02x}")).collect();
@@ -295,7 +298,9 @@ fn create(
         .get("sealed")
         .cloned()
         .ok_or_else(|| measured("edge-tpm seal printed no sealed key".into()))?;
-    create_luks(binds, dev, dev_dir, key, &recovery, &mut token).map_err(measured)
+    create_luks(binds, dev, dev_dir, key, &recovery, &mut token)
+        .map(|node| (node, recovery))
+        .map_err(measured)
 }
 
 /// The LUKS2 steps of the first boot, once the key is sealed.
@@ -486,6 +491,26 @@ pub fn recovery_key(bytes: &[u8; 16]) -> String {
         .join("-")
 }
 
+/// Where the recovery key waits on the data partition (relative to /var) for enrollment
+/// to escrow it to the core, which then removes it (fabricd's `core.enroll.recovery_key`,
+/// docs/security.md). The partition it opens is the one it rests on.
+pub const RECOVERY_FOR_ESCROW: &str = "lib/edge/identity/recovery-key";
+
+/// Keeps the first boot's recovery key on the freshly made data partition, mounted at
+/// `var`, for escrow.
+pub fn keep_for_escrow(var: &Path, recovery: &str) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = var.join(RECOVERY_FOR_ESCROW);
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+    }
+    write_secret(&path.to_string_lossy(), recovery.as_bytes())
+}
+
 fn write_secret(path: &str, data: &[u8]) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -576,6 +601,18 @@ mod tests {
         damaged[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
         let e = luks2_token(&damaged).unwrap_err();
         assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn the_recovery_key_kept_for_escrow_is_readable_by_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let var = tempfile::tempdir().unwrap();
+        keep_for_escrow(var.path(), "0123-4567").unwrap();
+        let path = var.path().join(RECOVERY_FOR_ESCROW);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0123-4567");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
     }
 
     #[test]

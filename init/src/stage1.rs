@@ -232,8 +232,8 @@ fn open_data(
         rootexec::Binds::new(Path::new(SYSROOT)).map_err(step("binding /dev /proc /sys /run"))?;
     let (unlock, tpm) = sealed_data::open(&binds, part, dev_dir, bind_pcrs);
     drop(binds);
-    let (node, formatted) = match unlock {
-        Unlock::Opened { node, formatted } => (node, formatted),
+    let (node, recovery) = match unlock {
+        Unlock::Opened { node, recovery } => (node, recovery),
         Unlock::Locked(why) => {
             say!("data: locked: {why}");
             say!("data: not mounted, nothing on it touched; the services stay down");
@@ -256,6 +256,7 @@ fn open_data(
             node.display()
         );
     }
+    let formatted = recovery.is_some();
     let clean = !formatted && !state.needs_recovery;
     // nodelalloc: the per-file data journaling of `journal` needs it.
     mounts::mount(
@@ -273,6 +274,16 @@ fn open_data(
             Ok(n) => say!("data: /var/{tree} journals file data ({n} inodes changed)"),
             // The box still boots; a power cut may then cost that tree's newest files.
             Err(e) => say!("data: /var/{tree} does not journal file data: {e}"),
+        }
+    }
+    if let Some(recovery) = recovery {
+        match sealed_data::keep_for_escrow(&Path::new(SYSROOT).join("var"), &recovery) {
+            Ok(()) => say!(
+                "data: the recovery key waits in /var/{} for enrollment to escrow it to the core",
+                sealed_data::RECOVERY_FOR_ESCROW
+            ),
+            // The console showed it; only the escrow is lost.
+            Err(e) => say!("data: the recovery key is not kept for escrow: {e}"),
         }
     }
     say!(

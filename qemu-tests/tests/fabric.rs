@@ -143,6 +143,25 @@ fn make_pki(dir: &Path) -> Result<()> {
             .args(["-out", &format!("{name}.pem"), "-days", "2"])
             .args(["-extfile", "ext.cnf", "-extensions", ext]))?;
     }
+    // The operator's escrow key pair, for the boxes' recovery keys.
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .args(["-out", "escrow.key"]))?;
+    run(Command::new("openssl").current_dir(dir).args([
+        "pkey",
+        "-in",
+        "escrow.key",
+        "-pubout",
+        "-out",
+        "escrow.pub",
+    ]))?;
     Ok(())
 }
 
@@ -482,7 +501,8 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     let core_toml = format!(
         "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
          cert = \"{id}/site.pem\"\nkey = \"{id}/site-key.json\"\nbackoff_max_ms = 2000\n\
-         [core.enroll]\ncert = \"{p}/enroll.pem\"\nkey = \"{p}/enroll.key\"\n"
+         [core.enroll]\ncert = \"{p}/enroll.pem\"\nkey = \"{p}/enroll.key\"\n\
+         recovery_key = \"{id}/recovery-key\"\n"
     );
     let mut bundle = toml_string("fabricd-core.toml", &core_toml);
     for f in ["ca.pem", "enroll.pem", "enroll.key"] {
@@ -504,6 +524,15 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     opts.tpm_manufacturer = Some(manufacturer.clone());
     let mut m = Machine::with_options("fabric", opts)?;
     m.boot()?;
+    // The first boot shows the data partition's recovery key once, and keeps it on the
+    // partition for escrow.
+    let shown = m.wait_for_console("edgeos: data: recovery key", Duration::from_secs(120))?;
+    let recovery = shown
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     // The item is measured into PCR 15 before it is unpacked: zeros extended once with
     // its SHA-256, the value a verifier holding the same item computes.
     let measured = m.wait_for_console("edgeos: tpm: provisioning (", Duration::from_secs(120))?;
@@ -538,7 +567,9 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         .arg("--issuer-cert")
         .arg(dir.join("ca.pem"))
         .arg("--issuer-key")
-        .arg(dir.join("ca.key")))?;
+        .arg(dir.join("ca.key"))
+        .arg("--escrow-key")
+        .arg(dir.join("escrow.pub")))?;
     assert!(
         enrolled.contains("enrolled machine edge0 of site site0")
             && enrolled.contains(&format!(
@@ -548,6 +579,38 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         "{enrolled}"
     );
     eprintln!("enrolled in {:?}: {}", t.elapsed(), enrolled.trim_end());
+    // The recovery key the console showed reached the core, encrypted to the escrow key.
+    run(op
+        .cmd()
+        .args([
+            "recovery-key",
+            "--site",
+            "site0",
+            "--machine",
+            "edge0",
+            "--out",
+        ])
+        .arg(dir.join("recovery.sealed")))?;
+    let opened = run(Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "pkeyutl",
+            "-decrypt",
+            "-inkey",
+            "escrow.key",
+            "-in",
+            "recovery.sealed",
+        ])
+        .args([
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            "rsa_oaep_md:sha256",
+        ]))?;
+    assert_eq!(
+        opened, recovery,
+        "the escrowed recovery key is the one shown"
+    );
 
     // Records posted in the guest reach the core exactly once, in order.
     let mut prod = Producer::connect(http_port, Duration::from_secs(60))?;

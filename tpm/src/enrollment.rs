@@ -74,6 +74,10 @@ pub struct Answer {
     pub certify: Certified,
     /// The box's event log (`eventlog`), a record an element.
     pub events: Vec<Value>,
+    /// The data partition's recovery key, encrypted to the core's escrow key when the
+    /// challenge named one (`escrow`), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<String>,
 }
 
 /// What the core answers each message with.
@@ -82,6 +86,10 @@ pub struct Answer {
 pub enum Reply {
     Challenge {
         credential: Credential,
+        /// The operator's escrow key (RSA public key, PEM) the box encrypts its recovery
+        /// key to, if the core keeps recovery keys.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        escrow_key: Option<String>,
     },
     /// The site's client certificate, PEM.
     Certificate {
@@ -254,6 +262,9 @@ pub struct Enrolled {
     pub slot: String,
     /// Unix seconds.
     pub time: u64,
+    /// The box's recovery key as it sent it: encrypted to the escrow key, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<String>,
 }
 
 /// Checks a box's boot report against its enrollment: the quote is its attestation
@@ -283,6 +294,43 @@ pub fn check_report(
         return Ok(None);
     }
     replay::check_boot(&quoted.pcrs, &report.events, releases).map(Some)
+}
+
+/// The operator's escrow key: an RSA public key (PEM, SubjectPublicKeyInfo) of 2048 bits
+/// or more.
+pub fn escrow_key(pem: &str) -> Result<rsa::RsaPublicKey, Error> {
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    let key = rsa::RsaPublicKey::from_public_key_pem(pem).map_err(|e| Error::Input {
+        what: "the escrow key",
+        why: format!("not an RSA public key in PEM: {e}"),
+    })?;
+    if key.size() < 256 {
+        return Err(Error::Input {
+            what: "the escrow key",
+            why: format!("{} bits; 2048 or more are needed", key.size() * 8),
+        });
+    }
+    Ok(key)
+}
+
+/// `secret` encrypted to the escrow key (RSA-OAEP with SHA-256, no label), base64: what
+/// `openssl pkeyutl -decrypt -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256`
+/// opens with the escrow key's private half. Only the operator holds that; nothing of
+/// ours decrypts.
+pub fn escrow(pem: &str, secret: &[u8]) -> Result<String, Error> {
+    let key = escrow_key(pem)?;
+    let encrypted = key
+        .encrypt(
+            &mut rsa::rand_core::OsRng,
+            rsa::Oaep::new::<sha2::Sha256>(),
+            secret,
+        )
+        .map_err(|e| Error::Input {
+            what: "the recovery key",
+            why: format!("failed to encrypt it to the escrow key: {e}"),
+        })?;
+    Ok(crate::policy::base64_encode(&encrypted))
 }
 
 /// The site's client certificate: `subject` (a distinguished name as nats-server prints
@@ -404,6 +452,7 @@ mod tests {
             release: "0.1.0".into(),
             slot: "a".into(),
             time: 0,
+            recovery: None,
         };
         let report = BootReport {
             time: 10_000,
@@ -427,6 +476,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!why.contains("clock"), "{why}");
+    }
+
+    #[test]
+    fn an_escrow_key_must_be_rsa_2048_or_more() {
+        let why = escrow(
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+            b"k",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            why.starts_with("the escrow key: not an RSA public key"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -672,6 +672,7 @@ fn enrollment_admits_one_fresh_answer_per_challenge() {
             site_key_public: site_key.public.clone(),
             certify: tpm.certify_site_key(&site_key, &ak, &secret).unwrap(),
             events: edge_tpm::eventlog::read(&log).unwrap(),
+            recovery: None,
         }
     };
 

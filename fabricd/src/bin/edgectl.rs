@@ -158,6 +158,21 @@ enum Cmd {
         /// Give up when the boxes have not all enrolled by then.
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+        /// The operator's escrow key (RSA public key, PEM, 2048 bits or more): each box
+        /// sends its data partition's recovery key encrypted to it, kept with the box's
+        /// enrollment record (`recovery-key` writes it out).
+        #[arg(long)]
+        escrow_key: Option<PathBuf>,
+    },
+    /// Write a box's escrowed recovery key (still encrypted to the escrow key) to a file,
+    /// and print the openssl command that opens it with the escrow key's private half.
+    RecoveryKey {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Each site and machine: records held, last offset, the box's acked offset and lag,
     /// drops and last contact.
@@ -422,6 +437,8 @@ struct Issuer {
     days: u32,
     ca: String,
     key: String,
+    /// The escrow key (PEM) sent with each challenge.
+    escrow: Option<String>,
 }
 
 /// Answers the site's enrollment messages until `boxes` boxes hold a certificate; the
@@ -478,7 +495,14 @@ async fn enroll(
                         edge_tpm::enrollment::ek_fingerprint(&request),
                         request.ek
                     );
-                    (Reply::Challenge { credential }, Ok(false))
+                    let escrow_key = issuer.escrow.clone();
+                    (
+                        Reply::Challenge {
+                            credential,
+                            escrow_key,
+                        },
+                        Ok(false),
+                    )
                 }
                 Err(e) => {
                     let why = format!("machine {}: {e}", request.machine);
@@ -509,7 +533,14 @@ async fn enroll(
                         release: admitted.release.clone(),
                         slot: admitted.slot.clone(),
                         time: unix_now(),
+                        recovery: answer.recovery.clone(),
                     };
+                    if issuer.escrow.is_some() && record.recovery.is_none() {
+                        println!(
+                            "machine {} sent no recovery key (it keeps none: core.enroll.recovery_key is not set, or it escrowed it before)",
+                            admitted.machine
+                        );
+                    }
                     let key = format!("{site}.{}", admitted.machine);
                     let body = serde_json::to_vec(&record)
                         .map_err(|e| format!("encode the enrollment record: {e}"))?;
@@ -782,8 +813,19 @@ async fn run(cli: Cli) -> Result<(), String> {
             days,
             boxes,
             timeout_secs,
+            escrow_key,
         } => {
             let registrar = registrar(site, manufacturer_cas, releases)?;
+            let escrow = match escrow_key {
+                Some(path) => {
+                    let pem = String::from_utf8(read(path)?)
+                        .map_err(|_| format!("{} is not PEM text", path.display()))?;
+                    edge_tpm::enrollment::escrow_key(&pem)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    Some(pem)
+                }
+                None => None,
+            };
             let issuer = Issuer {
                 subject: site_subject.replace("{site}", site),
                 days: *days,
@@ -791,6 +833,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|_| format!("{} is not PEM text", issuer_cert.display()))?,
                 key: String::from_utf8(read(issuer_key)?)
                     .map_err(|_| format!("{} is not PEM text", issuer_key.display()))?,
+                escrow,
             };
             let enrolled = js.get_key_value(&cli.enrolled_bucket).await.map_err(|e| {
                 format!(
@@ -807,6 +850,32 @@ async fn run(cli: Cli) -> Result<(), String> {
                         "no box of site {site} finished enrolling within {timeout_secs} s (is it provisioned with an enroll-{site} certificate, and can it reach the core?)"
                     ))
                 })?;
+        }
+        Cmd::RecoveryKey { site, machine, out } => {
+            let key = format!("{site}.{machine}");
+            let bucket = js
+                .get_key_value(&cli.enrolled_bucket)
+                .await
+                .map_err(|e| format!("no KV bucket {}: {e}", cli.enrolled_bucket))?;
+            let record = bucket
+                .get(&key)
+                .await
+                .map_err(|e| format!("failed to read {key}: {e}"))?
+                .ok_or_else(|| format!("{key} is not enrolled"))?;
+            let record: edge_tpm::enrollment::Enrolled = serde_json::from_slice(&record)
+                .map_err(|e| format!("{key}: unreadable enrollment record: {e}"))?;
+            let sealed = record
+                .recovery
+                .ok_or_else(|| format!("{key} escrowed no recovery key at enrollment"))?;
+            let sealed = edge_tpm::policy::base64_decode(&sealed)
+                .map_err(|e| format!("{key}: the escrowed recovery key is not base64: {e}"))?;
+            std::fs::write(out, sealed)
+                .map_err(|e| format!("failed to write {}: {e}", out.display()))?;
+            println!(
+                "the recovery key of {key}, encrypted to the escrow key, is in {0}; open it with
+  openssl pkeyutl -decrypt -inkey escrow.key -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 -in {0}",
+                out.display()
+            );
         }
         Cmd::Keygen { .. } | Cmd::Allowlist { .. } | Cmd::NatsConfig { .. } => {
             unreachable!("handled above")

@@ -397,6 +397,7 @@ fn enroll(args: &[String]) -> Result<(), Error> {
                 site_key_public: site_key.public.clone(),
                 certify,
                 events,
+                recovery: None,
             };
             stdout(&to_json("the answer", &answer)?)
         }
