@@ -16,31 +16,15 @@ use common::site_core::Core;
 use common::swtpm::{manufactured, Swtpm};
 use common::*;
 
-/// Runs edge-tpm against `tpm`, its event log at `log`; its stdout.
-fn tpm_run(program: &Path, tpm: &Swtpm, log: &Path, args: &[&str], input: &[u8]) -> String {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("EDGE_TPM_TCTI", tcti(tpm))
-        .env("EDGE_TPM_EVENTLOG", log)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run edge-tpm");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "edge-tpm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+/// `tpm_run`, its output as text.
+fn tpm_text(program: &Path, tpm: &Swtpm, log: &Path, args: &[&str], input: &[u8]) -> String {
+    String::from_utf8(tpm_run(program, tpm, log, args, input)).unwrap()
 }
 
 /// Boots `tpm` as init does (the phases and a provisioning measurement, logged in
 /// `log`); PCR 11 at `enter-initrd`, which an accepted release's pcr11.json names.
 fn boot(program: &Path, tpm: &Swtpm, log: &Path) -> String {
-    let enter = tpm_run(program, tpm, log, &["phase", "enter-initrd"], b"");
+    let enter = tpm_text(program, tpm, log, &["phase", "enter-initrd"], b"");
     for word in ["leave-initrd", "sysinit"] {
         tpm_run(program, tpm, log, &["phase", word], b"");
     }
@@ -156,20 +140,6 @@ fn finished(child: Child) -> (bool, String) {
     )
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// The core, with site s1's enrollment certificate and the operator's escrow key pair.
 fn start_core() -> Core {
     let core = Core::start(&["s1"]);
@@ -265,7 +235,7 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
         "{text}\n{cert}"
     );
     let key_json = std::fs::read(b.dir.join("identity/site-key.json")).unwrap();
-    let public = tpm_run(
+    let public = tpm_text(
         &program,
         &b._tpm,
         &b.dir.join("events.jsonl"),

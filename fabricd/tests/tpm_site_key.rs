@@ -13,23 +13,8 @@ use common::*;
 
 /// Runs `edge-tpm site-key <args>` against `tpm` with `input`; its stdout.
 fn site_key(program: &Path, tpm: &swtpm::Swtpm, args: &[&str], input: &[u8]) -> Vec<u8> {
-    let mut child = Command::new(program)
-        .arg("site-key")
-        .args(args)
-        .env("EDGE_TPM_TCTI", tcti(tpm))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run edge-tpm");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "edge-tpm site-key {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    let args: Vec<&str> = ["site-key"].iter().chain(args).copied().collect();
+    tpm_run(program, tpm, Path::new("/dev/null"), &args, input)
 }
 
 #[test]

@@ -270,7 +270,8 @@ pub struct Pki {
     pub dir: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs openssl in `dir`; its stdout.
+pub fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -281,6 +282,7 @@ fn openssl(dir: &Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 impl Pki {
@@ -674,6 +676,34 @@ pub fn edge_tpm() -> PathBuf {
     assert!(st.success(), "cargo build -p edge-tpm failed");
     let dir = Path::new(env!("CARGO_BIN_EXE_fabricd")).parent().unwrap();
     dir.join("edge-tpm")
+}
+
+/// Runs edge-tpm (`program`) against `tpm`, its event log at `log`, with `input` on its
+/// stdin; its stdout.
+pub fn tpm_run(
+    program: &Path,
+    tpm: &swtpm::Swtpm,
+    log: &Path,
+    args: &[&str],
+    input: &[u8],
+) -> Vec<u8> {
+    let mut child = Command::new(program)
+        .args(args)
+        .env("EDGE_TPM_TCTI", tcti(tpm))
+        .env("EDGE_TPM_EVENTLOG", log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run edge-tpm");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "edge-tpm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// The TCTI edge-tpm reaches `tpm` through (`EDGE_TPM_TCTI`).
