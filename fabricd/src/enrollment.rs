@@ -204,7 +204,8 @@ async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> R
         .connect(servers.as_slice())
         .await
         .map_err(|e| format!("cannot connect to the core with the enrollment certificate: {e}"))?;
-    tracing::info!(site = %config.site, "asking the core to enroll this box");
+    // What the operator may pin with `edgectl enroll --ek-fingerprint`.
+    tracing::info!(site = %config.site, "asking the core to enroll this box: endorsement key {}", enrollment::ek_fingerprint(&request));
 
     let (credential, escrow_key) =
         match ask(&client, &config.site, &Message::Request(request)).await? {

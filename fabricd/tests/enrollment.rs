@@ -91,8 +91,15 @@ impl NewBox {
 const RECOVERY: &str = "0123-4567-89ab-cdef-0123-4567-89ab-cdef\n";
 
 /// `edgectl enroll` for site s1, trusting the manufacturer CA in `manufacturer` and the
-/// release whose PCR 11 at enter-initrd is `enter_initrd`, started in the background.
-fn enroll(core: &Core, manufacturer: &Path, enter_initrd: &str) -> Child {
+/// release whose PCR 11 at enter-initrd is `enter_initrd`, waiting at most `secs` s
+/// (refusals do not end it), started in the background.
+fn enroll(
+    core: &Core,
+    manufacturer: &Path,
+    enter_initrd: &str,
+    secs: u64,
+    extra: &[&str],
+) -> Child {
     let release = core.tmp.path().join("pcr11.json");
     std::fs::write(
         &release,
@@ -108,7 +115,13 @@ fn enroll(core: &Core, manufacturer: &Path, enter_initrd: &str) -> Child {
         .arg(core.pki.path("operator.pem"))
         .arg("--key")
         .arg(core.pki.path("operator.key"))
-        .args(["enroll", "--site", "s1", "--timeout-secs", "90"])
+        .args([
+            "enroll",
+            "--site",
+            "s1",
+            "--timeout-secs",
+            &secs.to_string(),
+        ])
         // The manufacturer's root and its issuing CA.
         .arg("--manufacturer-ca")
         .arg(manufacturer.join("swtpm-localca-rootca-cert.pem"))
@@ -122,6 +135,7 @@ fn enroll(core: &Core, manufacturer: &Path, enter_initrd: &str) -> Child {
         .arg(core.pki.path("ca.key"))
         .arg("--escrow-key")
         .arg(core.pki.path("escrow.pub"))
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -181,7 +195,7 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
     );
     assert!(!b.certificate().exists());
 
-    let (ok, out) = finished(enroll(&core, manufacturer.path(), &enter_initrd));
+    let (ok, out) = finished(enroll(&core, manufacturer.path(), &enter_initrd, 90, &[]));
     assert!(ok, "edgectl enroll: {out}");
     assert!(
         out.contains("enrolled machine m1 of site s1")
@@ -221,6 +235,7 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
         ],
     );
     assert_eq!(String::from_utf8(opened).unwrap(), RECOVERY.trim());
+    let escrowed = std::fs::read(&sealed).unwrap();
 
     // The certificate names the site's boxes, and its key is the TPM's.
     let cert = std::fs::read_to_string(b.certificate()).unwrap();
@@ -256,6 +271,67 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
         .block_on(read_core(&core.operator().js, 2, Duration::from_secs(60)));
     let payloads: Vec<&[u8]> = at_core.iter().map(|m| m.payload.as_slice()).collect();
     assert_eq!(payloads, [&b"before"[..], b"after"], "{}", b.f.log_text());
+
+    assert_eq!(b.f.terminate().code(), Some(0));
+
+    // The box loses its certificate and asks again: an enrolled machine is not enrolled
+    // a second time by mistake, nor with a TPM other than the one pinned; with --replace
+    // and its own endorsement key it is, and its escrowed recovery key stays.
+    std::fs::remove_file(b.certificate()).unwrap();
+    b.f.start();
+    // fabricd logs the fingerprint an operator can pin.
+    let asked = |b: &NewBox| -> Vec<String> {
+        b.f.log_text()
+            .lines()
+            .filter_map(|l| l.split("enroll this box: endorsement key ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next().map(str::to_owned))
+            .collect()
+    };
+    let fingerprint = wait_for("the box to ask again", Duration::from_secs(60), || {
+        asked(&b).get(1).cloned()
+    });
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
+    let (ok, out) = finished(enroll(&core, manufacturer.path(), &enter_initrd, 6, &[]));
+    assert!(!ok && out.contains("is already enrolled"), "{out}");
+    let (ok, out) = finished(enroll(
+        &core,
+        manufacturer.path(),
+        &enter_initrd,
+        6,
+        &["--replace", "--ek-fingerprint", &"ab".repeat(32)],
+    ));
+    assert!(
+        !ok && out.contains("is not one given with --ek-fingerprint"),
+        "{out}"
+    );
+    let (ok, out) = finished(enroll(
+        &core,
+        manufacturer.path(),
+        &enter_initrd,
+        90,
+        &["--replace", "--ek-fingerprint", &fingerprint],
+    ));
+    assert!(ok, "{out}");
+    assert!(out.contains("enrolled machine m1"), "{out}");
+    wait_for(
+        "the box to be enrolled again",
+        Duration::from_secs(30),
+        || b.certificate().exists().then_some(()),
+    );
+    core.edgectl(&[
+        "recovery-key",
+        "--site",
+        "s1",
+        "--machine",
+        "m1",
+        "--out",
+        sealed.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&sealed).unwrap(),
+        escrowed,
+        "the escrowed key is kept"
+    );
 
     // The enrolled box quotes its boot into its status reports; the core replays them.
     let release = format!("0.1.0={}", core.tmp.path().join("pcr11.json").display());
@@ -301,10 +377,11 @@ fn a_foreign_tpm_or_an_unknown_boot_gets_no_certificate() {
 
     // A TPM whose maker the core does not trust: refused at the first step.
     let (b, enter_initrd) = NewBox::start(&core, &program, manufactured(foreign.path()), "foreign");
-    let (ok, out) = finished(enroll(&core, trusted.path(), &enter_initrd));
+    let (ok, out) = finished(enroll(&core, trusted.path(), &enter_initrd, 8, &[]));
     assert!(!ok, "{out}");
     assert!(
-        out.contains("machine m1") && out.contains("not issued by a CA the core trusts"),
+        out.contains("refused machine m1: attestation refused: the EK certificate is not issued by a CA the core trusts")
+            && out.contains("no box of site s1 enrolled within 8 s; the last refused: machine m1"),
         "{out}"
     );
     wait_for("the box to hear why", Duration::from_secs(30), || {
@@ -320,7 +397,7 @@ fn a_foreign_tpm_or_an_unknown_boot_gets_no_certificate() {
 
     // A trusted TPM that booted something no accepted release explains.
     let (b, _) = NewBox::start(&core, &program, trusted_tpm, "other-boot");
-    let (ok, out) = finished(enroll(&core, trusted.path(), &"00".repeat(32)));
+    let (ok, out) = finished(enroll(&core, trusted.path(), &"00".repeat(32), 8, &[]));
     assert!(!ok, "{out}");
     assert!(out.contains("booted something else"), "{out}");
     wait_for("the box to hear why", Duration::from_secs(30), || {

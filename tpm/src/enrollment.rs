@@ -30,10 +30,30 @@ pub fn subject(site: &str) -> String {
 }
 
 /// The inbox prefix of a box's enrollment requests (the core's answers come back under it;
-/// the enrollment certificate may read nothing else).
+/// the enrollment certificate may read nothing else). Not `_INBOX_...`: a site's own
+/// inbox is `_INBOX_<site>`, and a site named `enroll_s1` would share it.
 pub fn inbox_prefix(site: &str) -> String {
-    format!("_INBOX_enroll_{site}")
+    format!("_ENROLL_{site}")
 }
+
+/// Whether `reply` is a subject the core may answer a box of `site` on: under the site's
+/// enrollment inbox. The box names the subject, and the core answers with the
+/// operator's rights, so any other subject (a stream's API, another site's records) is
+/// never answered.
+pub fn is_reply_subject(site: &str, reply: &str) -> bool {
+    reply
+        .strip_prefix(&inbox_prefix(site))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .split('.')
+                    .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ']))
+        })
+}
+
+/// The longest a site certificate may be issued for.
+pub const MAX_DAYS: u32 = 3650;
 
 /// The PCRs the enrollment quote covers: the UKI and boot phases, and the provisioning.
 pub const QUOTED_PCRS: [u32; 2] = [policy::PCR_UKI, policy::PCR_PROVISION];
@@ -354,12 +374,12 @@ pub fn issue_certificate(
             why: e.to_string(),
         }
     };
-    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(bad("the CA's key (PKCS#8 PEM)"))?;
-    let issuer =
-        Issuer::from_ca_cert_pem(ca_pem, ca_key).map_err(bad("the CA's certificate (PEM)"))?;
-    let key = SubjectPublicKeyInfo::from_pem(site_key_pem).map_err(bad("the site key"))?;
-
-    let mut params = CertificateParams::default();
+    if !(1..=MAX_DAYS).contains(&days) {
+        return Err(Error::Input {
+            what: "the certificate's lifetime",
+            why: format!("{days} days; 1 to {MAX_DAYS} are issued"),
+        });
+    }
     let mut dn = DistinguishedName::new();
     // nats-server prints a subject last attribute first (RFC 2253): the certificate
     // holds them in the reverse of the text's order.
@@ -382,8 +402,19 @@ pub fn issue_certificate(
                 })
             }
         };
+        if dn.get(&kind).is_some() {
+            return Err(Error::Input {
+                what: "the certificate subject",
+                why: format!("{subject:?} names {} twice, which is not issued", k.trim()),
+            });
+        }
         dn.push(kind, v.trim());
     }
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(bad("the CA's key (PKCS#8 PEM)"))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(ca_pem, ca_key).map_err(bad("the CA's certificate (PEM)"))?;
+    let key = SubjectPublicKeyInfo::from_pem(site_key_pem).map_err(bad("the site key"))?;
+    let mut params = CertificateParams::default();
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -408,8 +439,8 @@ pub fn issue_certificate(
     Ok(cert.pem())
 }
 
-/// The fingerprint an operator compares with what the box printed: SHA-256 of the
-/// endorsement key's TPMT_PUBLIC, hex.
+/// The endorsement key's fingerprint, which the box logs when it asks and `edgectl
+/// enroll --ek-fingerprint` can pin: SHA-256 of its TPMT_PUBLIC, hex.
 pub fn ek_fingerprint(request: &Request) -> String {
     use sha2::Digest as _;
     let ek = base64_decode(&request.ek_public).unwrap_or_default();
@@ -471,11 +502,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(why.contains("1000 s ahead of"), "{why}");
-        // Within the age, the quote itself is checked (here: none to check).
+        // Within the age, the quote itself is checked: here the (empty) enrolled key.
         let why = check_report(&enrolled, &report, 10_500, 900, &[])
             .unwrap_err()
             .to_string();
-        assert!(!why.contains("clock"), "{why}");
+        assert!(why.starts_with("the attestation key"), "{why}");
     }
 
     #[test]
@@ -490,11 +521,52 @@ mod tests {
             why.starts_with("the escrow key: not an RSA public key"),
             "{why}"
         );
+        let rsa_1024 = "-----BEGIN PUBLIC KEY-----
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQCrCvV6ahbl4NpEIO2E9/vymR+J
+wXULd3yDbFSlNBlgzzO6G7YKIJfperVu3mF4Lpahm6veaLsaP5cZyGHq1GuLY3cC
+eKr5oaug+actdJvCvW6jZdItpQYw+Te3ejqWVTa+NZI/bPzPEJpMULhVnZPMgSo7
+MD7tI3DSxjSfaTY5wwIDAQAB
+-----END PUBLIC KEY-----
+";
+        let why = escrow(rsa_1024, b"k").unwrap_err().to_string();
+        assert!(why.contains("1024 bits; 2048 or more"), "{why}");
     }
 
     #[test]
-    fn an_unreadable_ca_key_is_named() {
-        let why = issue_certificate("CN=site-s1", "", 1, "", "")
+    fn the_core_answers_only_on_the_sites_enrollment_inbox() {
+        assert!(is_reply_subject("s1", "_ENROLL_s1.abc123"));
+        assert!(is_reply_subject("s1", "_ENROLL_s1.abc.1"));
+        for other in [
+            "$KV.edge-enrolled.s1.m1",
+            "edge.s2.m1.temp",
+            "$JS.API.STREAM.PURGE.EDGE",
+            "_ENROLL_s1",
+            "_ENROLL_s1.",
+            "_ENROLL_s10.abc",
+            "_ENROLL_s2.abc",
+            "_ENROLL_s1.>",
+            "_INBOX_s1.abc",
+        ] {
+            assert!(!is_reply_subject("s1", other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_is_issued_for_sane_subjects_and_lifetimes_only() {
+        // Checked before the CA is read (here: none).
+        let why = issue_certificate("CN=a,OU=x,OU=y", "", 1, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("names OU twice"), "{why}");
+        let why = issue_certificate("CN=a", "", 0, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("0 days; 1 to 3650"), "{why}");
+        let why = issue_certificate("CN=a", "", 100_000, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("100000 days"), "{why}");
+        let why = issue_certificate("CN=a", "", 1, "", "")
             .unwrap_err()
             .to_string();
         assert!(why.starts_with("the CA's key"), "{why}");

@@ -131,7 +131,8 @@ enum Cmd {
     /// certificate), check its TPM (the EK certificate against the manufacturers' CAs,
     /// credential activation for its attestation key, a fresh quote replayed against the
     /// accepted releases, the site key's certification) and only then issue the site's
-    /// client certificate for its TPM key. Any refusal ends edgectl with the reason.
+    /// client certificate for its TPM key. A refused box is told why, and edgectl prints
+    /// it and waits on.
     Enroll {
         #[arg(long)]
         site: String,
@@ -163,6 +164,14 @@ enum Cmd {
         /// enrollment record (`recovery-key` writes it out).
         #[arg(long)]
         escrow_key: Option<PathBuf>,
+        /// The endorsement key fingerprint a box must have (repeat), as fabricd logs it
+        /// when it asks ("endorsement key <hex>"); without it, any TPM that checks.
+        #[arg(long = "ek-fingerprint")]
+        ek_fingerprints: Vec<String>,
+        /// Enroll a machine that is already enrolled, replacing its record (its escrowed
+        /// recovery key is kept unless the box sends a new one).
+        #[arg(long)]
+        replace: bool,
     },
     /// Write a box's escrowed recovery key (still encrypted to the escrow key) to a file,
     /// and print the openssl command that opens it with the escrow key's private half.
@@ -431,27 +440,78 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// What `Cmd::Enroll` issues, and with what.
-struct Issuer {
+/// What `Cmd::Enroll` issues, and what it asks of a box beyond the registrar's checks.
+struct Enrollment {
     subject: String,
     days: u32,
     ca: String,
     key: String,
     /// The escrow key (PEM) sent with each challenge.
     escrow: Option<String>,
+    /// Endorsement key fingerprints the operator expects (none: any TPM that checks).
+    ek_pins: Vec<String>,
+    /// Enroll a machine that already has a record (its old one is replaced).
+    replace: bool,
 }
 
-/// Answers the site's enrollment messages until `boxes` boxes hold a certificate; the
-/// first refusal ends it, after the box has been told why.
+/// A box's enrollment record in the enrolled bucket, if it has one.
+async fn enrolled_record(
+    bucket: &async_nats::jetstream::kv::Store,
+    key: &str,
+) -> Result<Option<edge_tpm::enrollment::Enrolled>, String> {
+    match bucket.get(key).await {
+        Ok(Some(v)) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| format!("{key}: unreadable enrollment record: {e}")),
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("failed to read {key}: {e}")),
+    }
+}
+
+/// The checks of a request that are the operator's, not the TPM's: a machine name that
+/// is a subject token, an expected endorsement key, no second enrollment by mistake.
+async fn operator_checks(
+    request: &edge_tpm::enrollment::Request,
+    bucket: &async_nats::jetstream::kv::Store,
+    site: &str,
+    e: &Enrollment,
+) -> Result<(), String> {
+    let machine = &request.machine;
+    if !is_token(machine) {
+        return Err(format!(
+            "machine {machine:?} must be letters, digits, '-' or '_'"
+        ));
+    }
+    let fingerprint = edge_tpm::enrollment::ek_fingerprint(request);
+    if !e.ek_pins.is_empty() && !e.ek_pins.contains(&fingerprint) {
+        return Err(format!(
+            "its endorsement key {fingerprint} is not one given with --ek-fingerprint"
+        ));
+    }
+    if let Some(old) = enrolled_record(bucket, &format!("{site}.{machine}")).await? {
+        if !e.replace {
+            return Err(format!(
+                "machine {machine} of site {site} is already enrolled (endorsement key {}); enroll it again with --replace",
+                old.ek
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Answers the site's enrollment messages until `boxes` boxes hold a certificate. A
+/// refused box is told why, the reason printed and kept in `last_refusal`, and the wait
+/// goes on (one bad message must not stop a site's enrollment).
 async fn enroll(
     client: &async_nats::Client,
-    enrolled_bucket: &async_nats::jetstream::kv::Store,
+    bucket: &async_nats::jetstream::kv::Store,
     site: &str,
     mut registrar: edge_tpm::enrollment::Registrar,
-    issuer: &Issuer,
+    e: &Enrollment,
     boxes: usize,
+    last_refusal: &mut Option<String>,
 ) -> Result<(), String> {
-    use edge_tpm::enrollment::{issue_certificate, Enrolled, Message, Reply};
+    use edge_tpm::enrollment::{is_reply_subject, issue_certificate, Enrolled, Message, Reply};
     // Each request's EK fingerprint, for the record of the box it enrolls.
     let mut fingerprints = std::collections::HashMap::new();
     let subject = edge_tpm::enrollment::subject(site);
@@ -470,120 +530,107 @@ async fn enroll(
         let Some(msg) = sub.next().await else {
             return Err("the connection to the core ended".into());
         };
-        let Some(reply_to) = msg.reply.clone() else {
+        // We answer with the operator's rights on a subject the box names: only ever
+        // under the site's enrollment inbox.
+        let Some(reply_to) = msg.reply.clone().filter(|r| is_reply_subject(site, r)) else {
+            eprintln!(
+                "ignored a message on {subject} whose reply subject {:?} is not under {}.",
+                msg.reply.as_deref().unwrap_or(""),
+                edge_tpm::enrollment::inbox_prefix(site)
+            );
             continue;
         };
-        let (reply, outcome) = match serde_json::from_slice::<Message>(&msg.payload) {
-            Err(e) => {
-                let why = format!("a message that is not an enrollment step: {e}");
-                (
-                    Reply::Refused {
-                        reason: why.clone(),
-                    },
-                    Err(why),
-                )
-            }
-            Ok(Message::Request(request)) => match registrar.challenge(&request) {
-                Ok(credential) => {
-                    fingerprints.insert(
-                        request.ak_public.clone(),
-                        edge_tpm::enrollment::ek_fingerprint(&request),
-                    );
-                    println!(
-                        "machine {} asks to enroll: endorsement key {} ({:?}); credential sent",
-                        request.machine,
-                        edge_tpm::enrollment::ek_fingerprint(&request),
-                        request.ek
-                    );
-                    let escrow_key = issuer.escrow.clone();
-                    (
-                        Reply::Challenge {
-                            credential,
-                            escrow_key,
-                        },
-                        Ok(false),
-                    )
-                }
-                Err(e) => {
-                    let why = format!("machine {}: {e}", request.machine);
-                    (
-                        Reply::Refused {
-                            reason: e.to_string(),
-                        },
-                        Err(why),
-                    )
-                }
-            },
-            Ok(Message::Answer(answer)) => match registrar.admit(&answer).and_then(|a| {
-                issue_certificate(
-                    &issuer.subject,
-                    &a.site_key_pem,
-                    issuer.days,
-                    &issuer.ca,
-                    &issuer.key,
-                )
-                .map(|pem| (a, pem))
-            }) {
-                Ok((admitted, pem)) => {
-                    // Recorded before the box hears it is enrolled: its boot reports
-                    // are checked against this.
-                    let record = Enrolled {
-                        ak_public: admitted.ak_public.clone(),
-                        ek: fingerprints.remove(&admitted.ak_public).unwrap_or_default(),
-                        release: admitted.release.clone(),
-                        slot: admitted.slot.clone(),
-                        time: unix_now(),
-                        recovery: answer.recovery.clone(),
-                    };
-                    if issuer.escrow.is_some() && record.recovery.is_none() {
+        let outcome: Result<Reply, String> = match serde_json::from_slice::<Message>(&msg.payload) {
+            Err(err) => Err(format!("a message that is not an enrollment step: {err}")),
+            Ok(Message::Request(request)) => {
+                let checked = match operator_checks(&request, bucket, site, e).await {
+                    Ok(()) => registrar.challenge(&request).map_err(|err| err.to_string()),
+                    Err(why) => Err(why),
+                };
+                match checked {
+                    Ok(credential) => {
+                        let fingerprint = edge_tpm::enrollment::ek_fingerprint(&request);
                         println!(
-                            "machine {} sent no recovery key (it keeps none: core.enroll.recovery_key is not set, or it escrowed it before)",
-                            admitted.machine
+                            "machine {} asks to enroll: endorsement key {fingerprint} ({:?}); credential sent",
+                            request.machine, request.ek
                         );
+                        fingerprints.insert(request.ak_public.clone(), fingerprint);
+                        Ok(Reply::Challenge {
+                            credential,
+                            escrow_key: e.escrow.clone(),
+                        })
                     }
-                    let key = format!("{site}.{}", admitted.machine);
-                    let body = serde_json::to_vec(&record)
-                        .map_err(|e| format!("encode the enrollment record: {e}"))?;
-                    enrolled_bucket
-                        .put(&key, body.into())
-                        .await
-                        .map_err(|e| format!("failed to record the enrollment of {key}: {e}"))?;
-                    println!(
-                        "enrolled machine {} of site {site}: TPM made by {}, booted release {} slot {}; certificate {} for {} days issued",
-                        admitted.machine,
-                        admitted.manufacturer.join(" <- "),
-                        admitted.release,
-                        admitted.slot,
-                        issuer.subject,
-                        issuer.days
-                    );
-                    (Reply::Certificate { pem }, Ok(true))
+                    Err(why) => Err(format!("machine {}: {why}", request.machine)),
                 }
-                Err(e) => {
-                    let why = format!("machine {}: {e}", answer.machine);
-                    (
-                        Reply::Refused {
-                            reason: e.to_string(),
-                        },
-                        Err(why),
-                    )
+            }
+            Ok(Message::Answer(answer)) => {
+                let admitted = registrar.admit(&answer).and_then(|a| {
+                    issue_certificate(&e.subject, &a.site_key_pem, e.days, &e.ca, &e.key)
+                        .map(|pem| (a, pem))
+                });
+                match admitted {
+                    Ok((admitted, pem)) => {
+                        let key = format!("{site}.{}", admitted.machine);
+                        // A box enrolled again has escrowed its key before: keep that.
+                        let old = enrolled_record(bucket, &key).await?;
+                        let recovery = answer
+                            .recovery
+                            .clone()
+                            .or_else(|| old.and_then(|o| o.recovery));
+                        if e.escrow.is_some() && recovery.is_none() {
+                            println!(
+                                "machine {} sent no recovery key (core.enroll.recovery_key is not set on it)",
+                                admitted.machine
+                            );
+                        }
+                        // Recorded before the box hears it is enrolled: its boot reports
+                        // are checked against this.
+                        let record = Enrolled {
+                            ak_public: admitted.ak_public.clone(),
+                            ek: fingerprints.remove(&admitted.ak_public).unwrap_or_default(),
+                            release: admitted.release.clone(),
+                            slot: admitted.slot.clone(),
+                            time: unix_now(),
+                            recovery,
+                        };
+                        let body = serde_json::to_vec(&record)
+                            .map_err(|err| format!("encode the enrollment record: {err}"))?;
+                        bucket.put(&key, body.into()).await.map_err(|err| {
+                            format!("failed to record the enrollment of {key}: {err}")
+                        })?;
+                        println!(
+                            "enrolled machine {} of site {site}: TPM made by {}, booted release {} slot {}; certificate {} for {} days issued",
+                            admitted.machine,
+                            admitted.manufacturer.join(" <- "),
+                            admitted.release,
+                            admitted.slot,
+                            e.subject,
+                            e.days
+                        );
+                        enrolled += 1;
+                        Ok(Reply::Certificate { pem })
+                    }
+                    Err(err) => Err(format!("machine {}: {err}", answer.machine)),
                 }
-            },
+            }
         };
-        let body = serde_json::to_vec(&reply).map_err(|e| format!("encode the reply: {e}"))?;
+        let reply = match outcome {
+            Ok(reply) => reply,
+            Err(why) => {
+                println!("refused {why}");
+                *last_refusal = Some(why.clone());
+                Reply::Refused { reason: why }
+            }
+        };
+        let body = serde_json::to_vec(&reply).map_err(|err| format!("encode the reply: {err}"))?;
         client
             .publish(reply_to, body.into())
             .await
-            .map_err(|e| format!("cannot answer the box: {e}"))?;
+            .map_err(|err| format!("cannot answer the box: {err}"))?;
         client
             .flush()
             .await
-            .map_err(|e| format!("cannot answer the box: {e}"))?;
-        match outcome {
-            Ok(true) => enrolled += 1,
-            Ok(false) => {}
-            Err(why) => return Err(format!("enrollment refused: {why}")),
-        }
+            .map_err(|err| format!("cannot answer the box: {err}"))?;
     }
     Ok(())
 }
@@ -814,7 +861,15 @@ async fn run(cli: Cli) -> Result<(), String> {
             boxes,
             timeout_secs,
             escrow_key,
+            ek_fingerprints,
+            replace,
         } => {
+            if !(1..=edge_tpm::enrollment::MAX_DAYS).contains(days) {
+                return Err(format!(
+                    "--days {days}: 1 to {} are issued",
+                    edge_tpm::enrollment::MAX_DAYS
+                ));
+            }
             let registrar = registrar(site, manufacturer_cas, releases)?;
             let escrow = match escrow_key {
                 Some(path) => {
@@ -826,7 +881,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 }
                 None => None,
             };
-            let issuer = Issuer {
+            let enrollment = Enrollment {
                 subject: site_subject.replace("{site}", site),
                 days: *days,
                 ca: String::from_utf8(read(issuer_cert)?)
@@ -834,6 +889,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 key: String::from_utf8(read(issuer_key)?)
                     .map_err(|_| format!("{} is not PEM text", issuer_key.display()))?,
                 escrow,
+                ek_pins: ek_fingerprints
+                    .iter()
+                    .map(|f| f.to_ascii_lowercase())
+                    .collect(),
+                replace: *replace,
             };
             let enrolled = js.get_key_value(&cli.enrolled_bucket).await.map_err(|e| {
                 format!(
@@ -842,14 +902,30 @@ async fn run(cli: Cli) -> Result<(), String> {
                 )
             })?;
             let wait = Duration::from_secs(*timeout_secs);
-            let enrolling = enroll(&client, &enrolled, site, registrar, &issuer, *boxes);
-            tokio::time::timeout(wait, enrolling)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(format!(
-                        "no box of site {site} finished enrolling within {timeout_secs} s (is it provisioned with an enroll-{site} certificate, and can it reach the core?)"
-                    ))
-                })?;
+            let mut last_refusal = None;
+            let enrolling = enroll(
+                &client,
+                &enrolled,
+                site,
+                registrar,
+                &enrollment,
+                *boxes,
+                &mut last_refusal,
+            );
+            let finished = tokio::time::timeout(wait, enrolling).await;
+            match finished {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(match last_refusal {
+                        Some(why) => format!(
+                            "no box of site {site} enrolled within {timeout_secs} s; the last refused: {why}"
+                        ),
+                        None => format!(
+                            "no box of site {site} finished enrolling within {timeout_secs} s (is it provisioned with an enroll-{site} certificate, and can it reach the core?)"
+                        ),
+                    })
+                }
+            }
         }
         Cmd::RecoveryKey { site, machine, out } => {
             let key = format!("{site}.{machine}");
@@ -1071,8 +1147,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut refusals = Vec::new();
             // `box acked` and the lag are what the box last reported (`?`: no report yet).
             // `boot`: the release and slot its last boot report replays to (`quoted`: its
-            // quote checks, no --release given; `-`: not enrolled or no report;
-            // `REFUSED`: the reason is printed below the table).
+            // quote checks, no --release given; `-`: not enrolled; `MISSING`: enrolled
+            // but no boot report; `REFUSED`: the reason is printed below the table).
             println!(
                 "{:<28} {:>10} {:>12} {:>10} {:>12} {:>12} {:>8} {:>14} {:>14}",
                 "site.machine",
@@ -1122,7 +1198,15 @@ async fn run(cli: Cli) -> Result<(), String> {
                             "REFUSED".into()
                         }
                     },
-                    _ => "-".into(),
+                    // Enrolled, and no boot in its report: a box that stopped quoting
+                    // (or never reported) is not taken on trust.
+                    (Some(_), None) => {
+                        refusals.push(format!(
+                            "{m}: enrolled, but its last status report has no boot report"
+                        ));
+                        "MISSING".into()
+                    }
+                    (None, _) => "-".into(),
                 };
                 println!(
                     "{m:<28} {:>10} {:>12} {acked:>10} {lag:>12} {lag_bytes:>12} {dropped:>8} {:>12}s ago {boot:>14}",
@@ -1249,7 +1333,7 @@ mod tests {
         let enroll = &enroll[..enroll.find("\n    }").unwrap()];
         assert!(
             enroll.contains("publish: { allow: [\"edgeos.enroll.s1\"] }")
-                && enroll.contains("subscribe: { allow: [\"_INBOX_enroll_s1.>\"] }")
+                && enroll.contains("subscribe: { allow: [\"_ENROLL_s1.>\"] }")
                 && enroll.matches('"').count() == 6,
             "{enroll}"
         );
