@@ -54,9 +54,7 @@ impl BootReports {
         if self.every.is_zero() || !stale || !self.ak.exists() {
             return self.last.as_ref().map(|(_, r)| r.clone());
         }
-        let time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let time = edge_common::unix_ms() / 1000;
         let args = vec![
             "quote".into(),
             "--ak".into(),
@@ -114,22 +112,12 @@ pub async fn run(config: Arc<Config>, core: CoreConfig, status: Arc<Status>) {
     }
 }
 
-/// Writes `bytes` to `path` whole or not at all.
+/// Writes a secret or the certificate whole, readable by root only.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         edge_common::ensure_dir(dir).map_err(|e| e.to_string())?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path))
+    edge_common::write_atomic(path, bytes, 0o600)
         .map_err(|e| format!("failed to write {}: {e}", path.display()))
 }
 

@@ -216,9 +216,7 @@ async fn handle(
         key,
         headers,
         timestamp_ms: if timestamp_ms == 0 {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
+            edge_common::unix_ms() as i64
         } else {
             timestamp_ms
         },

@@ -56,9 +56,7 @@ impl Refusal {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    edge_common::unix_ms() as i64
 }
 
 struct Cursor<'a>(&'a [u8]);

@@ -339,9 +339,7 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
             .unzip()
     };
     BoxStatus {
-        time_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        time_ms: edge_common::unix_ms(),
         version: env!("CARGO_PKG_VERSION").into(),
         boot: None,
         classes: names

@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -571,7 +570,10 @@ fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
     if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
         return Some(key);
     }
-    match write_atomic(&s.cache_dir, &key, &text) {
+    // The reconciler skips dot-named files: the temporary one is never read as a pod.
+    match edge_common::write_atomic(&path, text.as_bytes(), 0o644)
+        .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    {
         Ok(()) => {
             tracing::info!(pod = %key, "pod from the API server cached");
             if !dropped.is_empty() {
@@ -608,21 +610,6 @@ fn remove_cached(s: &Settings, key: &str) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::error!("failed to remove {}: {e}", path.display()),
     }
-}
-
-/// temp file (dot-named: the reconciler skips it), fsync, rename, fsync the directory:
-/// a power cut leaves the old manifest or the new one, never a torn one.
-fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<(), String> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("failed to write {}: {e}", path.display()))
 }
 
 /// The pod as a manifest noded's parser reads: what the server adds that makes no sense

@@ -190,13 +190,7 @@ impl Registrar {
             &self.manufacturer_cas,
             &ek_certificate::now_utc(),
         )?;
-        let mut secret = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(
-            |_| Error::Input {
-                what: "the system's random numbers",
-                why: "none could be read".into(),
-            },
-        )?;
+        let secret = evidence::random::<32>()?;
         let credential =
             evidence::make_credential(&ek_public, &evidence::name(&ak_public), &secret)?;
         // A box that asks again (it restarted) gets a new challenge; the old one is void.
@@ -424,13 +418,8 @@ pub fn issue_certificate(
     // A few minutes back, for a box whose clock is a little behind the core's.
     params.not_before = now - ::time::Duration::minutes(5);
     params.not_after = now + ::time::Duration::days(i64::from(days));
-    let mut serial = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial).map_err(
-        |_| Error::Input {
-            what: "the system's random numbers",
-            why: "none could be read".into(),
-        },
-    )?;
+    let mut serial = evidence::random::<16>()?;
+    // A positive INTEGER.
     serial[0] &= 0x7f;
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     let cert = params

@@ -312,6 +312,16 @@ fn kdfe(z: &[u8], label: &str, party_u: &[u8], party_v: &[u8], bits: u32) -> Vec
 
 /// The seed of a credential for an RSA endorsement key: 32 random bytes, and them
 /// encrypted to the key with OAEP (SHA-256, label "IDENTITY").
+/// `N` bytes from the system's random numbers.
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], Error> {
+    let mut bytes = [0u8; N];
+    rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut bytes).map_err(|_| Error::Input {
+        what: "the system's random numbers",
+        why: "none could be read".into(),
+    })?;
+    Ok(bytes)
+}
+
 fn seed_rsa(modulus: &[u8], exponent: u32) -> Result<(Vec<u8>, Vec<u8>), Error> {
     use rsa::{BigUint, Oaep, RsaPublicKey};
     let bad = |why: String| Error::Input {
@@ -320,9 +330,7 @@ fn seed_rsa(modulus: &[u8], exponent: u32) -> Result<(Vec<u8>, Vec<u8>), Error> 
     };
     let key = RsaPublicKey::new(BigUint::from_bytes_be(modulus), BigUint::from(exponent))
         .map_err(|e| bad(e.to_string()))?;
-    let mut seed = vec![0u8; 32];
-    rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut seed)
-        .map_err(|_| bad("no randomness for the seed".into()))?;
+    let seed = random::<32>()?.to_vec();
     let encrypted = key
         .encrypt(
             &mut rsa::rand_core::OsRng,

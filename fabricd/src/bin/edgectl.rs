@@ -435,9 +435,7 @@ fn accepted_releases(flags: &[String]) -> Result<Vec<edge_tpm::replay::Release>,
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    edge_common::unix_ms() / 1000
 }
 
 /// What `Cmd::Enroll` issues, and what it asks of a box beyond the registrar's checks.
