@@ -154,6 +154,19 @@ fn finished(child: Child) -> (bool, String) {
     )
 }
 
+/// `edgectl recovery-key` for s1.m1 into `out`: the escrowed key, still encrypted.
+fn escrowed_to(core: &Core, out: &Path) {
+    core.edgectl(&[
+        "recovery-key",
+        "--site",
+        "s1",
+        "--machine",
+        "m1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+}
+
 /// The core, with site s1's enrollment certificate and the operator's escrow key pair.
 fn start_core() -> Core {
     let core = Core::start(&["s1"]);
@@ -210,15 +223,7 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
     // The recovery key went to the core encrypted to the escrow key, and left the box.
     assert!(!b.dir.join("identity/recovery-key").exists());
     let sealed = core.pki.path("recovery.sealed");
-    core.edgectl(&[
-        "recovery-key",
-        "--site",
-        "s1",
-        "--machine",
-        "m1",
-        "--out",
-        sealed.to_str().unwrap(),
-    ]);
+    escrowed_to(&core, &sealed);
     let opened = openssl(
         &core.pki.path(""),
         &[
@@ -318,15 +323,7 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
         Duration::from_secs(30),
         || b.certificate().exists().then_some(()),
     );
-    core.edgectl(&[
-        "recovery-key",
-        "--site",
-        "s1",
-        "--machine",
-        "m1",
-        "--out",
-        sealed.to_str().unwrap(),
-    ]);
+    escrowed_to(&core, &sealed);
     assert_eq!(
         std::fs::read(&sealed).unwrap(),
         escrowed,

@@ -129,6 +129,8 @@ pub struct Admitted {
     pub ak_public: String,
     /// The EK certificate's chain, its issuer first (common names).
     pub manufacturer: Vec<String>,
+    /// `ek_fingerprint` of the request the box's challenge answered.
+    pub ek_fingerprint: String,
     /// The release and slot the quoted boot replays to.
     pub release: String,
     pub slot: String,
@@ -238,6 +240,7 @@ impl Registrar {
         Ok(Admitted {
             machine: answer.machine.clone(),
             ak_public: answer.ak_public.clone(),
+            ek_fingerprint: ek_fingerprint(&pending.request),
             manufacturer: pending.manufacturer,
             release,
             slot,

@@ -510,8 +510,6 @@ async fn enroll(
     last_refusal: &mut Option<String>,
 ) -> Result<(), String> {
     use edge_tpm::enrollment::{is_reply_subject, issue_certificate, Enrolled, Message, Reply};
-    // Each request's EK fingerprint, for the record of the box it enrolls.
-    let mut fingerprints = std::collections::HashMap::new();
     let subject = edge_tpm::enrollment::subject(site);
     let mut sub = client
         .subscribe(subject.clone())
@@ -552,7 +550,6 @@ async fn enroll(
                             "machine {} asks to enroll: endorsement key {fingerprint} ({:?}); credential sent",
                             request.machine, request.ek
                         );
-                        fingerprints.insert(request.ak_public.clone(), fingerprint);
                         Ok(Reply::Challenge {
                             credential,
                             escrow_key: e.escrow.clone(),
@@ -585,7 +582,7 @@ async fn enroll(
                         // are checked against this.
                         let record = Enrolled {
                             ak_public: admitted.ak_public.clone(),
-                            ek: fingerprints.remove(&admitted.ak_public).unwrap_or_default(),
+                            ek: admitted.ek_fingerprint.clone(),
                             release: admitted.release.clone(),
                             slot: admitted.slot.clone(),
                             time: unix_now(),
