@@ -90,6 +90,54 @@ impl NewBox {
 /// The recovery key the box keeps for escrow.
 const RECOVERY: &str = "0123-4567-89ab-cdef-0123-4567-89ab-cdef\n";
 
+/// The release as `cargo xtask image` writes it: `dir/pcr11.json`, slot a's PCR 11 at
+/// enter-initrd with the `.pcrsig` entry signing it, by the release key
+/// `dir/release.key` (made on first use); returns the file and the key's public PEM.
+fn signed_release(dir: &Path, enter_initrd: &str) -> (PathBuf, PathBuf) {
+    let (key, public) = (dir.join("release.key"), dir.join("release.pub.pem"));
+    if !key.exists() {
+        openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                "release.key",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "pkey",
+                "-pubout",
+                "-in",
+                "release.key",
+                "-out",
+                "release.pub.pem",
+            ],
+        );
+    }
+    let value: [u8; 32] = edge_tpm::policy::from_hex(enter_initrd)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let pol = edge_tpm::policy::policy_pcr(11, &value);
+    std::fs::write(dir.join("pol.bin"), pol).unwrap();
+    let sig = openssl(dir, &["dgst", "-sha256", "-sign", "release.key", "pol.bin"]);
+    let pk = edge_tpm::policy::parse_pcrpkey(&std::fs::read(&public).unwrap()).unwrap();
+    let json = serde_json::json!({"a": {
+        "enter-initrd": enter_initrd,
+        "pcrsig": {"sha256": [{"pcrs": [11], "pkfp": pk.fingerprint,
+            "pol": edge_tpm::policy::hex(&pol), "sig": edge_tpm::policy::base64_encode(&sig)}]},
+    }});
+    let release = dir.join("pcr11.json");
+    std::fs::write(&release, json.to_string()).unwrap();
+    (release, public)
+}
+
 /// `edgectl enroll` for site s1, trusting the manufacturer CA in `manufacturer` and the
 /// release whose PCR 11 at enter-initrd is `enter_initrd`, waiting at most `secs` s
 /// (refusals do not end it), started in the background.
@@ -100,12 +148,7 @@ fn enroll(
     secs: u64,
     extra: &[&str],
 ) -> Child {
-    let release = core.tmp.path().join("pcr11.json");
-    std::fs::write(
-        &release,
-        format!("{{\"a\":{{\"enter-initrd\":\"{enter_initrd}\"}}}}"),
-    )
-    .unwrap();
+    let (release, release_key) = signed_release(core.tmp.path(), enter_initrd);
     Command::new(env!("CARGO_BIN_EXE_edgectl"))
         .arg("--server")
         .arg(core.url())
@@ -129,6 +172,8 @@ fn enroll(
         .arg(manufacturer.join("issuercert.pem"))
         .arg("--release")
         .arg(format!("0.1.0={}", release.display()))
+        .arg("--release-key")
+        .arg(release_key)
         .arg("--issuer-cert")
         .arg(core.pki.path("ca.pem"))
         .arg("--issuer-key")
@@ -332,7 +377,16 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
 
     // The enrolled box quotes its boot into its status reports; the core replays them.
     let release = format!("0.1.0={}", core.tmp.path().join("pcr11.json").display());
-    let status = || core.edgectl(&["status", "--release", &release]);
+    let key = core.tmp.path().join("release.pub.pem");
+    let status = || {
+        core.edgectl(&[
+            "status",
+            "--release",
+            &release,
+            "--release-key",
+            key.to_str().unwrap(),
+        ])
+    };
     let row = |out: &str| {
         out.lines()
             .find(|l| l.starts_with("s1.m1 "))
@@ -401,4 +455,20 @@ fn a_foreign_tpm_or_an_unknown_boot_gets_no_certificate() {
         b.f.log_contains("booted something else").then_some(())
     });
     assert!(!b.certificate().exists());
+
+    // A release list not signed by the release key is refused before anything else,
+    // naming the file: here the escrow key (RSA 2048 too) stands in for another key.
+    let release = core.tmp.path().join("pcr11.json");
+    let (ok, _, err) = core.edgectl_run(&[
+        "status",
+        "--release",
+        &format!("0.1.0={}", release.display()),
+        "--release-key",
+        core.pki.path("escrow.pub").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(&release.display().to_string()) && err.contains("not by the release key"),
+        "{err}"
+    );
 }

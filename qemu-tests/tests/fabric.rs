@@ -553,7 +553,9 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
 
     // The operator enrolls the box: its TPM's maker is trusted, and its boot is the
     // image's (the pcr11.json the build wrote).
+    // The release is signed by the image's PCR-policy key (the build's copy of it).
     let pcr11 = qemu_tests::image_from_env()?.with_file_name("pcr11.json");
+    let release_key = pcr11.with_file_name("pcr-policy.pub.pem");
     let t = Instant::now();
     let enrolled = run(op
         .cmd()
@@ -564,6 +566,8 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         .arg(manufacturer.join("issuercert.pem"))
         .arg("--release")
         .arg(format!("{}={}", ready.version, pcr11.display()))
+        .arg("--release-key")
+        .arg(&release_key)
         .arg("--issuer-cert")
         .arg(dir.join("ca.pem"))
         .arg("--issuer-key")
@@ -718,7 +722,10 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     let want = format!(" {}/{}", ready.version, ready.slot);
     let start = Instant::now();
     loop {
-        let out = run(op.cmd().args(["status", "--release", &release]))?;
+        let out = run(op
+            .cmd()
+            .args(["status", "--release", &release, "--release-key"])
+            .arg(&release_key))?;
         let row = out
             .lines()
             .find(|l| l.starts_with("site0.edge0 "))

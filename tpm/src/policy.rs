@@ -134,6 +134,25 @@ pub struct PolicyKey {
     pub fingerprint: String,
 }
 
+impl PolicyKey {
+    /// Whether `signature` is this key's RSA PKCS#1 v1.5 SHA-256 signature of `message`
+    /// (how `systemd-measure sign` and `cargo xtask image` sign a policy digest).
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        let e = self.exponent.to_be_bytes();
+        let first = e.iter().take_while(|&&b| b == 0).count();
+        ring::signature::RsaPublicKeyComponents::<&[u8]> {
+            n: &self.modulus,
+            e: &e[first..],
+        }
+        .verify(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            message,
+            signature,
+        )
+        .is_ok()
+    }
+}
+
 pub fn parse_pcrpkey(pem: &[u8]) -> Result<PolicyKey, Error> {
     use picky_asn1_x509::{PublicKey, SubjectPublicKeyInfo};
     let bad = |why: String| Error::Input {

@@ -9,7 +9,10 @@ use serde_json::Value;
 use sha2::Digest as _;
 
 use crate::error::Error;
-use crate::policy::{extend, from_hex, hex, PCR_PROVISION, PCR_UKI, PHASES, UNSEAL_PHASE};
+use crate::policy::{
+    extend, from_hex, hex, parse_pcrsig, policy_pcr, PolicyKey, PCR_PROVISION, PCR_UKI, PHASES,
+    UNSEAL_PHASE,
+};
 
 /// One image version the core accepts: PCR 11 at `enter-initrd` for each of its slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,8 +22,13 @@ pub struct Release {
     pub enter_initrd: Vec<(String, [u8; 32])>,
 }
 
-/// A release from the image builder's `pcr11.json` (`{"a":{"enter-initrd":"<hex>"},...}`).
-pub fn release(name: &str, pcr11_json: &[u8]) -> Result<Release, Error> {
+/// A release from the image builder's `pcr11.json`: per slot, PCR 11 at `enter-initrd`
+/// and the `.pcrsig` entry the slot's UKI carries
+/// (`{"a":{"enter-initrd":"<hex>","pcrsig":{"sha256":[...]}},...}`). Each slot's value
+/// is accepted only when `key` (the release key: the image's PCR-policy key, whose
+/// public half is each UKI's `.pcrpkey`) signed the PolicyPCR digest of it: the list the
+/// core accepts is the one the TPM itself unseals for, signed once at release.
+pub fn release(name: &str, pcr11_json: &[u8], key: &PolicyKey) -> Result<Release, Error> {
     let bad = |why: String| Error::Input {
         what: "a release's pcr11.json",
         why: format!("{name}: {why}"),
@@ -38,6 +46,34 @@ pub fn release(name: &str, pcr11_json: &[u8]) -> Result<Release, Error> {
             .ok()
             .and_then(|v| <[u8; 32]>::try_from(v).ok())
             .ok_or_else(|| bad(format!("slot {slot}: {text:?} is not 32 bytes of hex")))?;
+        let signed = &phases["pcrsig"];
+        if signed.is_null() {
+            return Err(bad(format!(
+                "slot {slot} has no \"pcrsig\": an unsigned release (built before releases were signed, or edited)"
+            )));
+        }
+        let entries = parse_pcrsig(signed.to_string().as_bytes())
+            .map_err(|e| bad(format!("slot {slot}: {e}")))?;
+        let pol = policy_pcr(PCR_UKI, &value);
+        let ours: Vec<_> = entries
+            .iter()
+            .filter(|e| e.key_fingerprint == key.fingerprint)
+            .collect();
+        if ours.is_empty() {
+            let by: Vec<&str> = entries.iter().map(|e| e.key_fingerprint.as_str()).collect();
+            return Err(Error::Untrusted(format!(
+                "release {name}: slot {slot} is signed by key {by:?}, not by the release key {}",
+                key.fingerprint
+            )));
+        }
+        if !ours
+            .iter()
+            .any(|e| e.pcrs == [PCR_UKI] && e.policy == pol && key.verifies(&pol, &e.signature))
+        {
+            return Err(Error::Untrusted(format!(
+                "release {name}: slot {slot}: no signature of the release key over PCR 11 = {text} verifies"
+            )));
+        }
         enter_initrd.push((slot.clone(), value));
     }
     if enter_initrd.is_empty() {
@@ -154,12 +190,10 @@ mod tests {
     #[test]
     fn a_boot_of_an_accepted_release_replays_and_another_does_not() {
         let uki_a = [0xA1; 32];
-        let json = format!(
-            "{{\"a\":{{\"enter-initrd\":\"{}\"}},\"b\":{{\"enter-initrd\":\"{}\"}}}}",
-            hex(&[0xAA; 32]),
-            hex(&uki_a)
-        );
-        let releases = [release("0.2.0", json.as_bytes()).unwrap()];
+        let releases = [Release {
+            name: "0.2.0".into(),
+            enter_initrd: vec![("a".into(), [0xAA; 32]), ("b".into(), uki_a)],
+        }];
         // Slot b's UKI, then enter-initrd (in the release's value), leave-initrd,
         // sysinit, the provisioning, ready.
         let provisioning: [u8; 32] = sha2::Sha256::digest(b"item").into();
@@ -220,9 +254,21 @@ mod tests {
 
     #[test]
     fn a_bad_release_file_is_named() {
-        let e = release("0.3.0", b"{\"a\":{}}").unwrap_err().to_string();
+        let key = PolicyKey {
+            modulus: vec![0xC5; 256],
+            exponent: 65537,
+            fingerprint: hex(&[7; 32]),
+        };
+        let e = release("0.3.0", b"{\"a\":{}}", &key)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("0.3.0") && e.contains("enter-initrd"), "{e}");
-        let e = release("x", b"[]").unwrap_err().to_string();
+        let e = release("x", b"[]", &key).unwrap_err().to_string();
         assert!(e.contains("not a JSON object"), "{e}");
+        let unsigned = format!("{{\"a\":{{\"enter-initrd\":\"{}\"}}}}", hex(&[1; 32]));
+        let e = release("0.4.0", unsigned.as_bytes(), &key)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slot a has no \"pcrsig\""), "{e}");
     }
 }

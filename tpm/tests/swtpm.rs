@@ -64,6 +64,66 @@ fn sign(key: &Path, policy_digest: &[u8], fingerprint: &str) -> SignedPolicy {
     }
 }
 
+/// A release's pcr11.json as `cargo xtask image` writes it: slot a's PCR 11 at
+/// enter-initrd and the `.pcrsig` of its policy digest, signed by `key`.
+fn release_json(key: &Path, pk: &PolicyKey, enter_initrd: &[u8; 32]) -> String {
+    let signed = sign(key, &policy::policy_pcr(11, enter_initrd), &pk.fingerprint);
+    serde_json::json!({"a": {
+        "enter-initrd": policy::hex(enter_initrd),
+        "pcrsig": {"sha256": [{
+            "pcrs": signed.pcrs,
+            "pkfp": signed.key_fingerprint,
+            "pol": policy::hex(&signed.policy),
+            "sig": policy::base64_encode(&signed.signature),
+        }]},
+    }})
+    .to_string()
+}
+
+/// A release the core accepts: signed by the release key, for that key.
+fn accepted(dir: &Path, enter_initrd: &[u8; 32]) -> edge_tpm::replay::Release {
+    let (key, public) = keypair(dir, "release");
+    let pk = policy::parse_pcrpkey(&public).unwrap();
+    let json = release_json(&key, &pk, enter_initrd);
+    edge_tpm::replay::release("0.1.0", json.as_bytes(), &pk).unwrap()
+}
+
+/// The release list is signed by the image's PCR-policy key: a value it signed is
+/// accepted, one another key signed, one whose value was changed after signing, and
+/// one with a signature over another value are refused, each saying why.
+#[test]
+fn a_release_is_accepted_only_as_the_release_key_signed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(dir.path(), "release");
+    let pk = policy::parse_pcrpkey(&public).unwrap();
+    let (other, other_public) = keypair(dir.path(), "other");
+    let other_pk = policy::parse_pcrpkey(&other_public).unwrap();
+    let value = [0x5A; 32];
+
+    let good = release_json(&key, &pk, &value);
+    let r = edge_tpm::replay::release("1.0", good.as_bytes(), &pk).unwrap();
+    assert_eq!(r.enter_initrd, vec![("a".to_string(), value)]);
+
+    let by_other = release_json(&other, &other_pk, &value);
+    let e = edge_tpm::replay::release("1.0", by_other.as_bytes(), &pk)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not by the release key"), "{e}");
+
+    let changed = good.replace(&policy::hex(&value), &policy::hex(&[0x5B; 32]));
+    let e = edge_tpm::replay::release("1.0", changed.as_bytes(), &pk)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no signature of the release key"), "{e}");
+
+    // The fingerprint claimed is the release key's, the signature another key's.
+    let forged = release_json(&other, &pk, &value);
+    let e = edge_tpm::replay::release("1.0", forged.as_bytes(), &pk)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no signature of the release key"), "{e}");
+}
+
 fn refused(r: Result<Vec<u8>, Error>) -> String {
     match r {
         Err(Error::Refused(why)) => why,
@@ -497,11 +557,7 @@ fn a_quoted_boot_replays_from_the_event_log_to_an_accepted_release() {
             .unwrap();
         }
     }
-    let json = format!(
-        "{{\"a\":{{\"enter-initrd\":\"{}\"}}}}",
-        policy::hex(&release_value.unwrap())
-    );
-    let releases = [edge_tpm::replay::release("0.1.0", json.as_bytes()).unwrap()];
+    let releases = [accepted(dir.path(), &release_value.unwrap())];
     let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
@@ -644,11 +700,7 @@ fn enrollment_admits_one_fresh_answer_per_challenge() {
             enter = Some(tpm.read_pcr11().unwrap());
         }
     }
-    let json = format!(
-        "{{\"a\":{{\"enter-initrd\":\"{}\"}}}}",
-        policy::hex(&enter.unwrap())
-    );
-    let release = edge_tpm::replay::release("0.1.0", json.as_bytes()).unwrap();
+    let release = accepted(dir.path(), &enter.unwrap());
     let mut registrar = Registrar::new("s1", trusted, vec![release]);
 
     let kind = Endorsement::Rsa2048;

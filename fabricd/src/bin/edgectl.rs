@@ -4,7 +4,7 @@
 //! publishes objects and signed manifests to one site or one machine, shows each site's
 //! last contact, and tails a site's topics.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -140,9 +140,13 @@ enum Cmd {
         #[arg(long = "manufacturer-ca", required = true)]
         manufacturer_cas: Vec<PathBuf>,
         /// A release the core accepts: NAME=PATH of the pcr11.json `cargo xtask image`
-        /// wrote for it (repeat).
+        /// wrote for it (repeat). Each must be signed by --release-key.
         #[arg(long = "release", required = true)]
         releases: Vec<String>,
+        /// The release key: the image's PCR-policy public key (`pcr-policy.pub.pem` in
+        /// the keys directory the image was built with, the UKI's `.pcrpkey`).
+        #[arg(long)]
+        release_key: PathBuf,
         /// The CA that signs client certificates (nats-config's --tls-ca) and its key.
         #[arg(long)]
         issuer_cert: PathBuf,
@@ -191,8 +195,11 @@ enum Cmd {
         topic: String,
         /// Releases the core accepts, NAME=PATH of their pcr11.json (repeat): each
         /// enrolled box's last boot report is replayed against them.
-        #[arg(long = "release")]
+        #[arg(long = "release", requires = "release_key")]
         releases: Vec<String>,
+        /// The key the releases must be signed by (as for `enroll`).
+        #[arg(long)]
+        release_key: Option<PathBuf>,
         /// A boot report older than this (by the box's clock against ours) is refused.
         #[arg(long, default_value_t = 900)]
         report_max_age_secs: u64,
@@ -277,7 +284,7 @@ async fn connect(cli: &Cli) -> Result<async_nats::Client, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", cli.server))
 }
 
-fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
+fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))
 }
 
@@ -402,6 +409,7 @@ fn registrar(
     site: &str,
     cas: &[PathBuf],
     releases: &[String],
+    release_key: &Path,
 ) -> Result<edge_tpm::enrollment::Registrar, String> {
     if !is_token(site) {
         return Err(format!(
@@ -417,19 +425,28 @@ fn registrar(
     Ok(edge_tpm::enrollment::Registrar::new(
         site,
         trusted,
-        accepted_releases(releases)?,
+        accepted_releases(releases, Some(release_key))?,
     ))
 }
 
-/// The releases of `--release NAME=PATH` flags.
-fn accepted_releases(flags: &[String]) -> Result<Vec<edge_tpm::replay::Release>, String> {
+/// The releases of `--release NAME=PATH` flags, each checked against `--release-key`.
+fn accepted_releases(
+    flags: &[String],
+    key: Option<&Path>,
+) -> Result<Vec<edge_tpm::replay::Release>, String> {
+    let Some(key_path) = key else {
+        return Ok(Vec::new());
+    };
+    let key = edge_tpm::policy::parse_pcrpkey(&read(key_path)?)
+        .map_err(|e| format!("--release-key {}: {e}", key_path.display()))?;
     flags
         .iter()
         .map(|r| {
             let (name, path) = r
                 .split_once('=')
                 .ok_or_else(|| format!("--release {r:?} is not NAME=PATH"))?;
-            edge_tpm::replay::release(name, &read(&PathBuf::from(path))?).map_err(|e| e.to_string())
+            edge_tpm::replay::release(name, &read(&PathBuf::from(path))?, &key)
+                .map_err(|e| format!("{path}: {e}"))
         })
         .collect()
 }
@@ -849,6 +866,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             site,
             manufacturer_cas,
             releases,
+            release_key,
             issuer_cert,
             issuer_key,
             site_subject,
@@ -865,7 +883,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     edge_tpm::enrollment::MAX_DAYS
                 ));
             }
-            let registrar = registrar(site, manufacturer_cas, releases)?;
+            let registrar = registrar(site, manufacturer_cas, releases, release_key)?;
             let escrow = match escrow_key {
                 Some(path) => {
                     let pem = String::from_utf8(read(path)?)
@@ -1066,9 +1084,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Status {
             topic,
             releases,
+            release_key,
             report_max_age_secs,
         } => {
-            let releases = accepted_releases(releases)?;
+            let releases = accepted_releases(releases, release_key.as_deref())?;
             let stream = js
                 .get_stream(&cli.stream)
                 .await

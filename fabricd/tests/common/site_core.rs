@@ -47,9 +47,9 @@ impl Core {
         self.nats.url()
     }
 
-    /// Runs edgectl as the operator; panics with its output when it fails or takes more
-    /// than 30 s.
-    pub fn edgectl(&self, args: &[&str]) -> String {
+    /// Runs edgectl as the operator: whether it succeeded, its stdout and its stderr;
+    /// panics when it takes more than 30 s.
+    pub fn edgectl_run(&self, args: &[&str]) -> (bool, String, String) {
         let (stdout, stderr) = (self.tmp.path().join("out"), self.tmp.path().join("err"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_edgectl"))
             .arg("--server")
@@ -77,12 +77,17 @@ impl Core {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stdout = std::fs::read_to_string(&stdout).unwrap();
-        assert!(
+        (
             status.success(),
-            "edgectl {args:?}: {}{stdout}",
-            std::fs::read_to_string(&stderr).unwrap()
-        );
+            std::fs::read_to_string(&stdout).unwrap(),
+            std::fs::read_to_string(&stderr).unwrap(),
+        )
+    }
+
+    /// `edgectl_run`, which must succeed: its stdout.
+    pub fn edgectl(&self, args: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.edgectl_run(args);
+        assert!(ok, "edgectl {args:?}: {stderr}{stdout}");
         stdout
     }
 

@@ -80,9 +80,12 @@ pub struct ImageOutputs {
     pub roothash: String,
     pub uki_a: PathBuf,
     pub uki_b: PathBuf,
-    /// PCR 11 (SHA-256) each slot's UKI leads to at enter-initrd:
-    /// `{"a":{"enter-initrd":"<hex>"},"b":{...}}`.
+    /// The signed release: PCR 11 (SHA-256) each slot's UKI leads to at enter-initrd
+    /// and the `.pcrsig` that signs it,
+    /// `{"a":{"enter-initrd":"<hex>","pcrsig":{"sha256":[...]}},"b":{...}}`.
     pub pcr11: PathBuf,
+    /// A copy of the PCR-policy public key (`.pcrpkey`): the release key.
+    pub release_key: PathBuf,
     pub initramfs: PathBuf,
     pub esp: PathBuf,
     pub manifest: PathBuf,
@@ -158,6 +161,7 @@ fn out_paths(dir: &Path, def: &Definition) -> ImageOutputs {
         uki_a: dir.join("uki-a.efi"),
         uki_b: dir.join("uki-b.efi"),
         pcr11: dir.join("pcr11.json"),
+        release_key: dir.join("pcr-policy.pub.pem"),
         initramfs: dir.join("initramfs"),
         esp: dir.join("esp.img"),
         manifest: dir.join("manifest.json"),
@@ -453,6 +457,7 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             &outs.roothash_file,
             &outs.manifest,
             &outs.pcr11,
+            &outs.release_key,
         ]
         .iter()
         .all(|f| f.exists());
@@ -542,9 +547,14 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             "PCR 11 of slot {slot} at {}: {at}",
             pcr::SIGNED_PHASE
         ));
+        // The slot's signed release entry: the value and the `.pcrsig` its UKI carries,
+        // which the core checks against the release key (`edgectl enroll --release-key`).
+        let pcrsig_path = work.join(format!("pcrsig-{slot}.json"));
+        let pcrsig: serde_json::Value = serde_json::from_slice(&std::fs::read(&pcrsig_path)?)
+            .with_context(|| format!("{} is not JSON", pcrsig_path.display()))?;
         pcr11.insert(
             slot.to_string(),
-            serde_json::json!({ (pcr::SIGNED_PHASE): at }),
+            serde_json::json!({ (pcr::SIGNED_PHASE): at, "pcrsig": pcrsig }),
         );
         // Slot A gets the tries; slot B, identical on a fresh disk, is the standby with
         // none (`+0`): systemd-boot sorts entries without tries last, so B boots only
@@ -560,6 +570,10 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     }
     std::fs::write(&outs.pcr11, serde_json::to_string_pretty(&pcr11)? + "\n")
         .with_context(|| format!("failed to write {}", outs.pcr11.display()))?;
+    // The release key beside the release it checks, for tests and for an operator's
+    // first look; the core should take it from the keys directory it trusts.
+    std::fs::write(&outs.release_key, p.inputs.pcr_key.public_pem()?)
+        .with_context(|| format!("failed to write {}", outs.release_key.display()))?;
     let loader_conf = work.join("loader.conf");
     rootfs::write(
         &loader_conf,
