@@ -86,6 +86,15 @@ fn boot_once(image: &Path, run: u32) -> Result<Sample> {
     m.reboot_same_disk()?;
     m.wait_ready()?;
     let tpm_ms = u64_field(&m.status()?, "tpm_ms")?;
+    // Where the unlock's time went, as stage 1 tells it (the last such console line).
+    let console = std::fs::read_to_string(m.console_log()).unwrap_or_default();
+    if let Some(line) = console
+        .lines()
+        .rev()
+        .find(|l| l.contains("unlocked by the TPM"))
+    {
+        eprintln!("bench boot: run {run}: {}", line.trim());
+    }
     m.finish();
     Ok(Sample {
         tpm_first_ms,

@@ -188,13 +188,23 @@ fn run(args: &[String]) -> Result<(), Error> {
             };
             let input = stdin()?;
             let initrd = args.iter().any(|a| a == "--initrd");
+            // Where the time goes (stage 1 says it on the console): ms since the last mark.
+            let mut ms = serde_json::Map::new();
+            let mut mark = std::time::Instant::now();
+            let mut lap = |what: &str| {
+                ms.insert(what.into(), (mark.elapsed().as_millis() as u64).into());
+                mark = std::time::Instant::now();
+            };
             let mut tpm = open()?;
+            lap("open");
             let mut out = serde_json::Map::new();
             if initrd {
-                out.insert(
-                    "pcr11".into(),
-                    phase(&mut tpm, policy::UNSEAL_PHASE)?.into(),
-                );
+                let digest = tpm.extend_phase(policy::UNSEAL_PHASE)?;
+                lap(policy::UNSEAL_PHASE);
+                log(policy::PCR_UKI, &digest, policy::UNSEAL_PHASE);
+                lap("log");
+                out.insert("pcr11".into(), policy::hex(&tpm.read_pcr11()?).into());
+                lap("read");
             }
             let result = match &signed {
                 None => tpm.seal(&input, &key, &bind).and_then(|sealed| {
@@ -211,13 +221,18 @@ fn run(args: &[String]) -> Result<(), Error> {
                     .and_then(|sealed| tpm.unseal(&sealed, &key, signed))
                     .map(|secret| String::from_utf8_lossy(&secret).into_owned().into()),
             };
+            lap(cmd);
             if initrd {
                 // Whatever the outcome: from here on nothing in this boot can unseal. A
                 // key is not handed out when that step failed.
-                phase(&mut tpm, "leave-initrd")?;
+                // Its value is not needed: no read, one TPM command less.
+                let digest = tpm.extend_phase("leave-initrd")?;
+                log(policy::PCR_UKI, &digest, "leave-initrd");
+                lap("leave-initrd");
             }
             let field = if signed.is_some() { "secret" } else { "sealed" };
             out.insert(field.into(), result?);
+            out.insert("ms".into(), ms.into());
             stdout(format!("{}\n", serde_json::Value::Object(out)).as_bytes())
         }
         "site-key" => site_key(args),
