@@ -13,12 +13,15 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::disk::{self, BlockDev};
+use crate::dm;
 use crate::rootexec::{self, Binds};
 use crate::say;
 
 const CRYPTSETUP: &str = "/usr/sbin/cryptsetup";
 const MKE2FS: &str = "/usr/sbin/mke2fs";
 const EDGE_TPM: &str = "/usr/bin/edge-tpm";
+/// The TPM as stage 1 opens it: the raw device, no resource manager (`tpm_command`).
+const STAGE1_TCTI: &str = "device:/dev/tpm0";
 /// The device-mapper name of the opened partition.
 pub const MAPPER_NAME: &str = "data";
 /// Where systemd-stub puts the UKI's `.pcrsig` and `.pcrpkey` in the initramfs.
@@ -27,8 +30,12 @@ const STUB_PCRPKEY: &str = "/.extra/tpm2-pcr-public-key.pem";
 /// Where stage 1 keeps them for edge-tpm (inside the new root's /run once bound).
 const PCRSIG: &str = "/run/edge/tpm/pcrsig.json";
 const PCRPKEY: &str = "/run/edge/tpm/pcrpkey.pem";
-/// The recovery key between its making and luksAddKey: tmpfs, never a disk.
-const RECOVERY_FILE: &str = "/run/edge/tpm/recovery.new";
+/// The volume key between its making and luksFormat: tmpfs, never a disk.
+const VOLUME_FILE: &str = "/run/edge/tpm/volume.new";
+/// What our token seals (its field `edgeos-sealed`): the volume key. A token without it
+/// was made by an earlier image and seals keyslot 0's passphrase.
+const SEALED_KIND: &str = "edgeos-sealed";
+const SEALED_VOLUME_KEY: &str = "volume-key";
 /// The LUKS2 token type holding the sealed key.
 pub const TOKEN_TYPE: &str = "edgeos-tpm2";
 /// Bytes looked at to tell a blank partition from a used one.
@@ -173,7 +180,15 @@ fn tpm_initrd(binds: &Binds, args: &[&str], input: &[u8]) -> Result<Value, Refus
 
 fn tpm_command(binds: Option<&Binds>, args: &[&str]) -> std::process::Command {
     let mut c = match binds {
-        Some(b) => b.command(EDGE_TPM),
+        Some(b) => {
+            let mut c = b.command(EDGE_TPM);
+            // Stage 1 is the TPM's only user, so it talks to the TPM itself rather than
+            // through the kernel's resource manager, which saves, flushes and reloads
+            // every object and session around each command: under TCG each of those is
+            // a round trip of tens of ms. edge-tpm flushes what it loaded when it ends.
+            c.env("EDGE_TPM_TCTI", STAGE1_TCTI);
+            c
+        }
         None => std::process::Command::new(EDGE_TPM),
     };
     c.args(args);
@@ -198,7 +213,8 @@ fn unlock_or_create(
     let head = read_head(&dev)?;
     let token = match classify(&head) {
         Content::Blank => None,
-        Content::Luks2 => match luks2_token(&head)
+        Content::Luks2 => match luks2_metadata(&head)
+            .map(|meta| luks2_token(&meta).map(|t| (t, meta)))
             .map_err(|e| format!("the LUKS2 header of {dev_s} does not parse: {e}"))?
         {
             Some(t) => Some(t),
@@ -219,15 +235,15 @@ fn unlock_or_create(
     };
     match token {
         None => create(binds, &dev_s, dev_dir, bind_pcrs).map(|(node, r)| (node, Some(r))),
-        Some(token) => unlock(binds, &dev_s, &token, dev_dir).map(|node| (node, None)),
+        Some((token, meta)) => unlock(binds, part, &token, &meta, dev_dir).map(|node| (node, None)),
     }
 }
 
-/// Our token in a LUKS2 header (`head` holds at least the primary header): `Ok(None)`
-/// when there is none. The binary header's `hdr_size` (at byte 8, big-endian) bounds
-/// the JSON area, which starts at 4096 and is padded with NULs. Read here rather than
-/// with `cryptsetup luksDump`: one program less to start on every boot.
-pub fn luks2_token(head: &[u8]) -> Result<Option<Value>, String> {
+/// The JSON metadata of a LUKS2 header (`head` holds at least the primary header). The
+/// binary header's `hdr_size` (at byte 8, big-endian) bounds the JSON area, which starts
+/// at 4096 and is padded with NULs. Read here rather than with `cryptsetup luksDump`: one
+/// program less to start on every boot.
+pub fn luks2_metadata(head: &[u8]) -> Result<Value, String> {
     let size = head
         .get(8..16)
         .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
@@ -238,15 +254,81 @@ pub fn luks2_token(head: &[u8]) -> Result<Option<Value>, String> {
         .and_then(|n| head.get(4096..n))
         .ok_or_else(|| format!("header size {size} is out of range"))?;
     let end = json.iter().position(|&b| b == 0).unwrap_or(json.len());
-    let meta: Value = serde_json::from_slice(&json[..end]).map_err(|e| format!("its JSON: {e}"))?;
-    Ok(meta
-        .get("tokens")
+    serde_json::from_slice(&json[..end]).map_err(|e| format!("its JSON: {e}"))
+}
+
+/// Our token in a LUKS2 header's metadata: `None` when there is none.
+pub fn luks2_token(meta: &Value) -> Option<Value> {
+    meta.get("tokens")
         .and_then(Value::as_object)
         .and_then(|t| {
             t.values()
                 .find(|v| v.get("type").and_then(Value::as_str) == Some(TOKEN_TYPE))
         })
-        .cloned())
+        .cloned()
+}
+
+/// The dm-crypt table of a LUKS2 header's one data segment, for `volume_key` (hex):
+/// (length in 512-byte sectors, target parameters), as `cryptsetup open` loads it. The
+/// partition `dev` ("major:minor") has `partition_sectors`.
+pub fn crypt_table(
+    meta: &Value,
+    volume_key_hex: &str,
+    dev: &str,
+    partition_sectors: u64,
+) -> Result<(u64, String), String> {
+    let segments = meta
+        .get("segments")
+        .and_then(Value::as_object)
+        .ok_or("no segments")?;
+    if segments.len() != 1 {
+        return Err(format!(
+            "{} segments (a reencryption under way?); one is opened here",
+            segments.len()
+        ));
+    }
+    let seg = segments.values().next().ok_or("no segments")?;
+    let field = |name: &str| {
+        seg.get(name)
+            .ok_or_else(|| format!("the data segment has no {name}"))
+    };
+    let number = |name: &str| -> Result<u64, String> {
+        let v = field(name)?;
+        v.as_u64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            .ok_or_else(|| format!("the data segment's {name} {v} is not a number"))
+    };
+    if field("type")?.as_str() != Some("crypt") {
+        return Err(format!("the data segment is of type {}", field("type")?));
+    }
+    let cipher = field("encryption")?
+        .as_str()
+        .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or("the data segment's encryption is not a cipher name")?;
+    let offset = number("offset")?;
+    let sector_size = number("sector_size")?;
+    let iv_tweak = number("iv_tweak")?;
+    if offset % 512 != 0 || !matches!(sector_size, 512 | 1024 | 2048 | 4096) {
+        return Err(format!(
+            "the data segment's offset {offset} or sector size {sector_size} is not one dm-crypt takes"
+        ));
+    }
+    let offset_sectors = offset / 512;
+    let length = match field("size")?.as_str() {
+        Some("dynamic") => partition_sectors.checked_sub(offset_sectors),
+        _ => Some(number("size")? / 512),
+    }
+    .filter(|&n| n > 0 && offset_sectors + n <= partition_sectors)
+    .ok_or_else(|| {
+        format!("the data segment does not fit the partition ({partition_sectors} sectors)")
+    })?;
+    // The IV counts 512-byte sectors whatever the encryption sector size (LUKS2 never
+    // sets iv_large_sectors); sector_size is an optional parameter only when not 512.
+    let mut params = format!("{cipher} {volume_key_hex} {iv_tweak} {dev} {offset_sectors}");
+    if sector_size != 512 {
+        params.push_str(&format!(" 1 sector_size:{sector_size}"));
+    }
+    Ok((length, params))
 }
 
 /// Copies the stub's `.pcrsig` and `.pcrpkey` where edge-tpm (chrooted) reads them.
@@ -270,9 +352,11 @@ fn read_head(dev: &Path) -> Result<Vec<u8>, String> {
     Ok(head)
 }
 
-/// The first boot: a fresh LUKS2 with the TPM's key in slot 0 and the recovery key in
-/// slot 1, opened and given its ext4; only then the token that lets later boots unseal,
-/// so that a first boot cut short anywhere is made again on the next.
+/// The first boot: a fresh LUKS2 whose volume key the TPM seals (kept in our token) and
+/// whose one keyslot holds the recovery key, opened with the recovery key (so a
+/// partition it cannot open is never handed out) and given its ext4; only then the token
+/// that lets later boots unseal, so that a first boot cut short anywhere is made again on
+/// the next.
 fn create(
     binds: &Binds,
     dev: &str,
@@ -280,16 +364,17 @@ fn create(
     bind_pcrs: Option<&str>,
 ) -> Result<(PathBuf, String), Refusal> {
     say!("data: {dev} is blank; sealing a new key to the TPM and making it LUKS2");
-    // The passphrase is 256 random bits as hex: text, as LUKS tools expect.
-    let key: String = random::<32>()?.iter().map(|b| format!("{b:02x}")).collect();
-    let key = key.as_bytes();
+    // The volume key itself is sealed, as hex (edge-tpm hands secrets out as text; 128
+    // bytes, the most a TPM seals): later boots load dm-crypt with it, no cryptsetup.
+    let volume = random::<64>()?;
+    let volume_hex = crate::verity::hex(&volume);
     let recovery = recovery_key(&random::<16>()?);
     let mut args = vec!["seal", "--initrd", "--pcrpkey", PCRPKEY];
     if let Some(pcrs) = bind_pcrs {
         say!("data: the key is bound to PCR {pcrs} by value as well (edge.tpm_bind_pcrs)");
         args.extend(["--bind-pcrs", pcrs]);
     }
-    let out = tpm_initrd(binds, &args, key)?;
+    let out = tpm_initrd(binds, &args, volume_hex.as_bytes())?;
     let measured = |why: String| Refusal {
         why,
         measured: true,
@@ -298,7 +383,7 @@ fn create(
         .get("sealed")
         .cloned()
         .ok_or_else(|| measured("edge-tpm seal printed no sealed key".into()))?;
-    create_luks(binds, dev, dev_dir, key, &recovery, &mut token)
+    create_luks(binds, dev, dev_dir, &volume, &recovery, &mut token)
         .map(|node| (node, recovery))
         .map_err(measured)
 }
@@ -308,56 +393,55 @@ fn create_luks(
     binds: &Binds,
     dev: &str,
     dev_dir: &Path,
-    key: &[u8],
+    volume: &[u8],
     recovery: &str,
     token: &mut Value,
 ) -> Result<PathBuf, String> {
-    let pbkdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
-    // The keys are random (256 and 128 bits): a slow key derivation would add nothing
-    // but boot time.
-    let mut format = vec![
-        "luksFormat",
-        "--batch-mode",
-        "--type",
-        "luks2",
-        "--cipher",
-        "aes-xts-plain64",
-        "--key-size",
-        "512",
-        "--sector-size",
-        "4096",
-        "--hash",
-        "sha256",
-        "--label",
-        "data",
-        "--key-slot",
-        "0",
-        "--key-file",
-        "-",
-    ];
-    format.extend(pbkdf);
-    format.push(dev);
-    cryptsetup(binds, &format, key).map_err(|e| format!("failed to make {dev} LUKS2: {e}"))?;
-    write_secret(RECOVERY_FILE, recovery.as_bytes())?;
-    let mut add = vec![
-        "luksAddKey",
-        "--batch-mode",
-        "--key-slot",
-        "1",
-        "--key-file",
-        "-",
-    ];
-    add.extend(pbkdf);
-    add.extend([dev, RECOVERY_FILE]);
-    let added = cryptsetup(binds, &add, key);
-    let _ = std::fs::remove_file(RECOVERY_FILE);
-    added.map_err(|e| format!("failed to add the recovery key to {dev}: {e}"))?;
-    open_with(binds, dev, key)?;
+    // The volume key goes to cryptsetup through tmpfs, never a disk, and only for this.
+    write_secret(VOLUME_FILE, volume)?;
+    // The recovery key is random (128 bits): a slow key derivation would add nothing but
+    // boot time.
+    let formatted = cryptsetup(
+        binds,
+        &[
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--cipher",
+            "aes-xts-plain64",
+            "--key-size",
+            "512",
+            "--volume-key-file",
+            VOLUME_FILE,
+            "--sector-size",
+            "4096",
+            "--hash",
+            "sha256",
+            "--label",
+            "data",
+            "--key-slot",
+            "0",
+            "--key-file",
+            "-",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            dev,
+        ],
+        recovery.as_bytes(),
+    );
+    let _ = std::fs::remove_file(VOLUME_FILE);
+    formatted.map_err(|e| format!("failed to make {dev} LUKS2: {e}"))?;
+    open_with(binds, dev, recovery.as_bytes())?;
     let node = mapped_node(dev_dir)?;
     mke2fs(binds, &node)?;
     if let Some(t) = token.as_object_mut() {
         t.insert("type".into(), TOKEN_TYPE.into());
-        t.insert("keyslots".into(), serde_json::json!(["0"]));
+        // The sealed secret is the volume key, for no keyslot.
+        t.insert("keyslots".into(), serde_json::json!([]));
+        t.insert(SEALED_KIND.into(), SEALED_VOLUME_KEY.into());
     }
     cryptsetup(
         binds,
@@ -380,7 +464,14 @@ fn create_luks(
 
 /// A later boot: the token's sealed key, unsealed by the TPM for this boot's PCR 11. An
 /// opened partition without ext4 is closed again, not formatted: it may hold data.
-fn unlock(binds: &Binds, dev: &str, token: &Value, dev_dir: &Path) -> Result<PathBuf, Refusal> {
+fn unlock(
+    binds: &Binds,
+    part: &BlockDev,
+    token: &Value,
+    meta: &Value,
+    dev_dir: &Path,
+) -> Result<PathBuf, Refusal> {
+    let dev = part.node(dev_dir).to_string_lossy().into_owned();
     let t = std::time::Instant::now();
     let out = tpm_initrd(
         binds,
@@ -403,22 +494,73 @@ fn unlock(binds: &Binds, dev: &str, token: &Value, dev_dir: &Path) -> Result<Pat
         .and_then(Value::as_str)
         .ok_or_else(|| measured("edge-tpm unseal printed no key".into()))?;
     let unsealed = t.elapsed();
-    open_with(binds, dev, key.as_bytes()).map_err(measured)?;
+    let how = if token.get(SEALED_KIND).and_then(Value::as_str) == Some(SEALED_VOLUME_KEY) {
+        open_volume(part, meta, key, dev_dir).map_err(measured)?;
+        "dm-crypt"
+    } else {
+        // Made by an image before the volume key was sealed: keyslot 0's passphrase.
+        open_with(binds, &dev, key.as_bytes()).map_err(measured)?;
+        "cryptsetup open"
+    };
     say!(
-        "data: unlocked by the TPM (unseal {} ms, cryptsetup open {} ms)",
+        "data: unlocked by the TPM (unseal {} ms, of which in edge-tpm {}; {how} {} ms)",
         unsealed.as_millis(),
+        out.get("ms").map(Value::to_string).unwrap_or_default(),
         (t.elapsed() - unsealed).as_millis()
     );
     let node = mapped_node(dev_dir).map_err(measured)?;
     match crate::ext4::read(&node) {
         Ok(Some(_)) => Ok(node),
         other => {
-            let _ = cryptsetup(binds, &["close", MAPPER_NAME], b"");
+            close(dev_dir);
             Err(measured(match other {
                 Err(e) => e,
                 _ => format!("{dev} opened, but holds no ext4 file system; it is left as it is"),
             }))
         }
+    }
+}
+
+/// Opens the partition as `data` with its volume key (hex), loading the dm-crypt table
+/// its LUKS2 header describes, as `cryptsetup open` would.
+fn open_volume(part: &BlockDev, meta: &Value, key_hex: &str, dev_dir: &Path) -> Result<(), String> {
+    if key_hex.len() != 128 || !key_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("the unsealed volume key is not 64 bytes of hex".into());
+    }
+    let size = format!("/sys/class/block/{}/size", part.devname);
+    let sectors: u64 = std::fs::read_to_string(&size)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("failed to read {size}"))?;
+    let dev = part.node(dev_dir);
+    let (length, params) = crypt_table(
+        meta,
+        key_hex,
+        &format!("{}:{}", part.major, part.minor),
+        sectors,
+    )
+    .map_err(|e| format!("the LUKS2 header of {}: {e}", dev.display()))?;
+    let ctl = dm::Control::open(dev_dir)?;
+    ctl.create(MAPPER_NAME, 0)?;
+    let loaded = ctl
+        .load_table(MAPPER_NAME, 0, length, "crypt", &params)
+        .and_then(|()| ctl.resume(MAPPER_NAME));
+    if let Err(e) = loaded {
+        let _ = ctl.remove(MAPPER_NAME);
+        // edge-dm's error repeats the table, and with it the key.
+        return Err(format!(
+            "failed to open {} with dm-crypt: {}",
+            dev.display(),
+            e.replace(key_hex, "<volume key>")
+        ));
+    }
+    Ok(())
+}
+
+/// Closes `data` again, however it was opened.
+fn close(dev_dir: &Path) {
+    if let Err(e) = dm::Control::open(dev_dir).and_then(|c| c.remove(MAPPER_NAME)) {
+        say!("data: failed to close {MAPPER_NAME}: {e}");
     }
 }
 
@@ -461,7 +603,7 @@ fn mapped_node(dev_dir: &Path) -> Result<PathBuf, String> {
             std::fs::read_to_string(class.join(&d.devname).join("dm/name"))
                 .is_ok_and(|n| n.trim() == MAPPER_NAME)
         })
-        .ok_or_else(|| format!("cryptsetup opened no device-mapper device named {MAPPER_NAME}"))?;
+        .ok_or_else(|| format!("no device-mapper device named {MAPPER_NAME} was opened"))?;
     disk::ensure_node(&dev, dev_dir)
 }
 
@@ -561,6 +703,8 @@ mod tests {
                 "luks2",
                 "--pbkdf",
                 "pbkdf2",
+                "--sector-size",
+                "4096",
             ])
             .args(["--pbkdf-force-iterations", "1000", "--key-file"])
             .arg(&key)
@@ -585,22 +729,55 @@ mod tests {
     #[test]
     fn our_token_is_read_from_a_real_luks2_header() {
         let head = luks2_head(Some(
-            r#"{"type":"edgeos-tpm2","keyslots":["0"],"tpm2-policy-key":"ab"}"#,
+            r#"{"type":"edgeos-tpm2","keyslots":[],"tpm2-policy-key":"ab"}"#,
         ));
         assert_eq!(classify(&head), Content::Luks2);
-        let t = luks2_token(&head).unwrap().expect("the token");
+        let t = luks2_token(&luks2_metadata(&head).unwrap()).expect("the token");
         assert_eq!(t["tpm2-policy-key"], "ab");
         // Another tool's token is not ours; no token at all is an interrupted first boot.
         let other = luks2_head(Some(r#"{"type":"another-tool","keyslots":["0"]}"#));
-        assert_eq!(luks2_token(&other).unwrap(), None);
+        assert_eq!(luks2_token(&luks2_metadata(&other).unwrap()), None);
         let mut damaged = luks2_head(None);
-        assert_eq!(luks2_token(&damaged).unwrap(), None);
+        assert_eq!(luks2_token(&luks2_metadata(&damaged).unwrap()), None);
         damaged[4096] = b'#';
-        let e = luks2_token(&damaged).unwrap_err();
+        let e = luks2_metadata(&damaged).unwrap_err();
         assert!(e.contains("JSON"), "{e}");
         damaged[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
-        let e = luks2_token(&damaged).unwrap_err();
+        let e = luks2_metadata(&damaged).unwrap_err();
         assert!(e.contains("out of range"), "{e}");
+    }
+
+    /// The table loaded on later boots is the one cryptsetup describes for the header it
+    /// made the first boot with (aes-xts-plain64, 4 KiB sectors, the data after the
+    /// header); a header that does not fit the partition or is not one crypt segment is
+    /// refused, naming what.
+    #[test]
+    fn the_dm_crypt_table_follows_the_luks2_header() {
+        let meta = luks2_metadata(&luks2_head(None)).unwrap();
+        let seg = &meta["segments"]["0"];
+        let offset: u64 = seg["offset"].as_str().unwrap().parse().unwrap();
+        let key = "ab".repeat(64);
+        let (length, params) = crypt_table(&meta, &key, "259:6", 40960).unwrap();
+        assert_eq!(length, 40960 - offset / 512);
+        assert_eq!(
+            params,
+            format!(
+                "{} {key} 0 259:6 {} 1 sector_size:{}",
+                seg["encryption"].as_str().unwrap(),
+                offset / 512,
+                seg["sector_size"]
+            )
+        );
+        let e = crypt_table(&meta, &key, "259:6", offset / 512).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
+        let mut two = meta.clone();
+        two["segments"]["1"] = seg.clone();
+        let e = crypt_table(&two, &key, "259:6", 40960).unwrap_err();
+        assert!(e.contains("2 segments"), "{e}");
+        let mut odd = meta.clone();
+        odd["segments"]["0"]["encryption"] = "aes xts; 1".into();
+        let e = crypt_table(&odd, &key, "259:6", 40960).unwrap_err();
+        assert!(e.contains("not a cipher name"), "{e}");
     }
 
     #[test]
