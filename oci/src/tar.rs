@@ -5,7 +5,8 @@
 
 use crate::Error;
 
-const BLOCK: usize = 512;
+/// Tar's block: headers and data padding come in these.
+pub const BLOCK: usize = 512;
 
 /// One entry to write: a regular file (`data`) or a directory (`dir`).
 pub struct Entry<'a> {
@@ -44,23 +45,36 @@ fn split_path(path: &str) -> Result<(&str, &str), String> {
 }
 
 fn header(e: &Entry) -> Result<[u8; BLOCK], String> {
-    let mut h = [0u8; BLOCK];
     let path = if e.dir && !e.path.ends_with('/') {
         format!("{}/", e.path)
     } else {
         e.path.to_string()
     };
-    let (prefix, name) = split_path(&path)?;
+    let size = if e.dir { 0 } else { e.data.len() as u64 };
+    make_header(&path, size, e.mode, e.dir)
+}
+
+/// The header of a regular file of `size` bytes, for a writer that streams the data
+/// itself (followed by `padding(size)` zero bytes, and the archive by two zero blocks).
+pub fn file_header(path: &str, size: u64, mode: u32) -> Result<[u8; BLOCK], Error> {
+    make_header(path, size, mode, false).map_err(Error::Tar)
+}
+
+/// The zero bytes after `size` bytes of data, up to the next 512-byte block.
+pub fn padding(size: u64) -> usize {
+    ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize
+}
+
+fn make_header(path: &str, size: u64, mode: u32, dir: bool) -> Result<[u8; BLOCK], String> {
+    let mut h = [0u8; BLOCK];
+    let (prefix, name) = split_path(path)?;
     h[..name.len()].copy_from_slice(name.as_bytes());
-    octal(&mut h[100..108], u64::from(e.mode & 0o7777))?;
+    octal(&mut h[100..108], u64::from(mode & 0o7777))?;
     octal(&mut h[108..116], 0)?; // uid
     octal(&mut h[116..124], 0)?; // gid
-    octal(
-        &mut h[124..136],
-        if e.dir { 0 } else { e.data.len() as u64 },
-    )?;
+    octal(&mut h[124..136], size)?;
     octal(&mut h[136..148], 0)?; // mtime: fixed, so builds are reproducible
-    h[156] = if e.dir { b'5' } else { b'0' };
+    h[156] = if dir { b'5' } else { b'0' };
     h[257..263].copy_from_slice(b"ustar\0");
     h[263..265].copy_from_slice(b"00");
     h[345..345 + prefix.len()].copy_from_slice(prefix.as_bytes());
@@ -79,7 +93,7 @@ pub fn write(entries: &[Entry]) -> Result<Vec<u8>, Error> {
         out.extend_from_slice(&h);
         if !e.dir {
             out.extend_from_slice(e.data);
-            let pad = (BLOCK - e.data.len() % BLOCK) % BLOCK;
+            let pad = padding(e.data.len() as u64);
             out.resize(out.len() + pad, 0);
         }
     }
@@ -93,7 +107,7 @@ pub struct File<'a> {
     pub data: &'a [u8],
 }
 
-fn parse_octal(field: &[u8], what: &str, at: usize) -> Result<u64, Error> {
+fn parse_octal(field: &[u8], what: &str, at: u64) -> Result<u64, Error> {
     let text: Vec<u8> = field
         .iter()
         .copied()
@@ -114,6 +128,63 @@ fn cstr(field: &[u8]) -> &[u8] {
     &field[..end]
 }
 
+/// One header, as a reader that streams an archive sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub path: String,
+    /// Bytes of data that follow the header (then `padding(size)`).
+    pub size: u64,
+    /// A regular file (not a directory, link or extended header).
+    pub regular: bool,
+}
+
+/// Parses the 512-byte header at byte `at` of an archive: `None` for a zero block (the
+/// end of the archive). A header whose checksum fails is an error.
+pub fn parse_header(h: &[u8], at: u64) -> Result<Option<Header>, Error> {
+    let h = h
+        .get(..BLOCK)
+        .ok_or_else(|| Error::Truncated(format!("header at byte {at} is cut short")))?;
+    if h.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    let stored = parse_octal(&h[148..156], "checksum", at)?;
+    let sum: u64 = h
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u64::from(b)
+            }
+        })
+        .sum();
+    if stored != sum {
+        return Err(Error::Tar(format!(
+            "header at byte {at}: checksum {stored} does not match {sum}"
+        )));
+    }
+    let size = parse_octal(&h[124..136], "size", at)?;
+    let name = String::from_utf8_lossy(cstr(&h[..100])).into_owned();
+    let prefix = if &h[257..262] == b"ustar" {
+        String::from_utf8_lossy(cstr(&h[345..500])).into_owned()
+    } else {
+        String::new()
+    };
+    let path = if prefix.is_empty() {
+        name
+    } else {
+        format!("{prefix}/{name}")
+    };
+    let regular = matches!(h[156], b'0' | 0) && !path.ends_with('/');
+    let path = path.strip_prefix("./").unwrap_or(&path).to_string();
+    Ok(Some(Header {
+        path,
+        size,
+        regular,
+    }))
+}
+
 /// Reads every regular file of a tar; directories, links and extended headers are
 /// skipped. A header whose checksum fails, or data running past the end, is an error.
 pub fn read(buf: &[u8]) -> Result<Vec<File<'_>>, Error> {
@@ -127,29 +198,15 @@ pub fn read(buf: &[u8]) -> Result<Vec<File<'_>>, Error> {
                 buf.len()
             )));
         };
-        if h.iter().all(|&b| b == 0) {
+        let Some(header) = parse_header(h, at as u64)? else {
             return Ok(files);
-        }
-        let stored = parse_octal(&h[148..156], "checksum", at)?;
-        let sum: u64 = h
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| {
-                if (148..156).contains(&i) {
-                    32
-                } else {
-                    u64::from(b)
-                }
-            })
-            .sum();
-        if stored != sum {
-            return Err(Error::Tar(format!(
-                "header at byte {at}: checksum {stored} does not match {sum}"
-            )));
-        }
-        let size = parse_octal(&h[124..136], "size", at)?;
-        let size = usize::try_from(size)
-            .map_err(|_| Error::Tar(format!("header at byte {at}: size {size} too large")))?;
+        };
+        let size = usize::try_from(header.size).map_err(|_| {
+            Error::Tar(format!(
+                "header at byte {at}: size {} too large",
+                header.size
+            ))
+        })?;
         let data_start = at + BLOCK;
         let data = data_start
             .checked_add(size)
@@ -160,20 +217,11 @@ pub fn read(buf: &[u8]) -> Result<Vec<File<'_>>, Error> {
                     buf.len().saturating_sub(data_start)
                 ))
             })?;
-        let name = String::from_utf8_lossy(cstr(&h[..100])).into_owned();
-        let prefix = if &h[257..262] == b"ustar" {
-            String::from_utf8_lossy(cstr(&h[345..500])).into_owned()
-        } else {
-            String::new()
-        };
-        let path = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
-        };
-        if matches!(h[156], b'0' | 0) && !path.ends_with('/') {
-            let path = path.strip_prefix("./").unwrap_or(&path).to_string();
-            files.push(File { path, data });
+        if header.regular {
+            files.push(File {
+                path: header.path,
+                data,
+            });
         }
         at = data_start + size.div_ceil(BLOCK) * BLOCK;
     }

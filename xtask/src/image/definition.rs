@@ -25,6 +25,14 @@ pub struct ImageMeta {
     pub name: String,
     pub version: String,
     pub pretty_name: String,
+    /// The update bundle's security version (docs/update.md): raise it when boxes must
+    /// no longer accept bundles of older versions. From 1.
+    #[serde(default = "first_security_version")]
+    pub security_version: u64,
+}
+
+fn first_security_version() -> u64 {
+    1
 }
 
 /// `[tpm]`: how the data partition's key is sealed (docs/security.md).
@@ -121,6 +129,9 @@ impl Definition {
 
     fn validate(&self) -> Result<()> {
         check_semver("image.version", &self.image.version)?;
+        if self.image.security_version == 0 {
+            bail!("image.security_version: versions start at 1");
+        }
         check_word("image.name", &self.image.name)?;
         check_deb_name("kernel.package", &self.kernel.package)?;
         check_deb_version("kernel.version", &self.kernel.version)?;

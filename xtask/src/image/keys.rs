@@ -27,9 +27,19 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
+    /// The public key's 32 bytes.
+    pub fn public(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
+    }
+
+    /// The ed25519 signature of `msg`.
+    pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.pair.sign(msg).as_ref().to_vec()
+    }
+
     /// `signature || body`: the framing of fabricd's manifests and noded's allowlists.
     pub fn sign_framed(&self, body: &[u8]) -> Vec<u8> {
-        let mut out = self.pair.sign(body).as_ref().to_vec();
+        let mut out = self.sign(body);
         out.extend_from_slice(body);
         out
     }
@@ -49,9 +59,62 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Loads the key pair from `dir`, making one when the directory has none.
 pub fn operator_key(dir: &Path) -> Result<SigningKey> {
-    let key_path = dir.join("manifest.key");
-    let pub_path = dir.join("manifest.pub");
-    ensure_pair(&key_path, &pub_path, || make(dir, &key_path, &pub_path))?;
+    ed25519_pair(
+        dir,
+        "manifest",
+        "images built from now on trust it: keep it, and sign the core's downlink items with it (edgectl --signing-key)",
+    )
+}
+
+/// The update key: signs each build's update bundle (`edge-update`); the image carries
+/// its public half as `/etc/edge/update-ed25519.pub`. A build without one makes a
+/// development pair, marked `update.development`, and warns on every build.
+pub struct UpdateKey {
+    pub key: SigningKey,
+    pub development: bool,
+    dir: PathBuf,
+}
+
+impl UpdateKey {
+    pub fn development_warning(&self) -> String {
+        format!(
+            "WARNING: the update bundle is signed with a development key made by a build ({}): to sign with your own, put an ed25519 pair there as update.key (PKCS#8) and update.pub (64 hex digits; `edgectl keygen` makes such a pair, named manifest.*) and remove update.development",
+            self.dir.join("update.key").display()
+        )
+    }
+}
+
+pub fn update_key(dir: &Path) -> Result<UpdateKey> {
+    let marker = dir.join("update.development");
+    let made = !dir.join("update.key").exists();
+    let key = ed25519_pair(
+        dir,
+        "update",
+        "a development update key: boxes running images built from now on accept the bundles it signs",
+    )?;
+    if made {
+        std::fs::write(
+            &marker,
+            "made by `cargo xtask image`; remove this file once the pair here is your own
+",
+        )
+        .with_context(|| format!("failed to write {}", marker.display()))?;
+    }
+    Ok(UpdateKey {
+        key,
+        development: marker.exists(),
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// The ed25519 pair `<stem>.key` (PKCS#8) and `<stem>.pub` (hex) in `dir`, made (and
+/// `made` said of it) when there is none.
+fn ed25519_pair(dir: &Path, stem: &str, made: &str) -> Result<SigningKey> {
+    let key_path = dir.join(format!("{stem}.key"));
+    let pub_path = dir.join(format!("{stem}.pub"));
+    ensure_pair(&key_path, &pub_path, || {
+        make(dir, &key_path, &pub_path, made)
+    })?;
     let pkcs8 = std::fs::read(&key_path)
         .with_context(|| format!("failed to read {}", key_path.display()))?;
     let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| {
@@ -105,7 +168,7 @@ fn write_private(dir: &Path, key_path: &Path, key: &[u8]) -> Result<()> {
         .with_context(|| format!("failed to write {}", key_path.display()))
 }
 
-fn make(dir: &Path, key_path: &Path, pub_path: &Path) -> Result<()> {
+fn make(dir: &Path, key_path: &Path, pub_path: &Path, made: &str) -> Result<()> {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
         .map_err(|_| anyhow::anyhow!("failed to generate an ed25519 key"))?;
@@ -116,7 +179,7 @@ fn make(dir: &Path, key_path: &Path, pub_path: &Path) -> Result<()> {
     std::fs::write(pub_path, format!("{public_hex}\n"))
         .with_context(|| format!("failed to write {}", pub_path.display()))?;
     eprintln!(
-        "image: made a new signing key {} (public {public_hex}); images built from now on trust it: keep it, and sign the core's downlink items with it (edgectl --signing-key)",
+        "image: made a new signing key {} (public {public_hex}); {made}",
         key_path.display()
     );
     Ok(())
@@ -305,6 +368,22 @@ mod tests {
         std::fs::remove_file(dir.join("manifest.key")).unwrap();
         let e = operator_key(&dir).err().unwrap().to_string();
         assert!(e.contains("without its private key"), "{e}");
+    }
+
+    #[test]
+    fn a_made_update_key_is_marked_for_development_and_an_operators_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let made = update_key(&dir).unwrap();
+        assert!(made.development);
+        assert!(made.development_warning().contains("update.development"));
+        let again = update_key(&dir).unwrap();
+        assert_eq!(made.key.public_hex, again.key.public_hex);
+        // The operator's own pair: the marker removed, no warning.
+        std::fs::remove_file(dir.join("update.development")).unwrap();
+        assert!(!update_key(&dir).unwrap().development);
+        // It is not the manifest key.
+        assert_ne!(operator_key(&dir).unwrap().public_hex, made.key.public_hex);
     }
 
     fn openssl_key(args: &[&str]) -> Vec<u8> {

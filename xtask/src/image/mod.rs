@@ -86,6 +86,8 @@ pub struct ImageOutputs {
     pub pcr11: PathBuf,
     /// A copy of the PCR-policy public key (`.pcrpkey`): the release key.
     pub release_key: PathBuf,
+    /// The update bundle, `<name>-<version>.bundle` (docs/update.md).
+    pub bundle: PathBuf,
     pub initramfs: PathBuf,
     pub esp: PathBuf,
     pub manifest: PathBuf,
@@ -105,6 +107,8 @@ pub struct Inputs {
     pub key: keys::SigningKey,
     /// Signs each UKI's expected PCR 11 (`.pcrsig`); its public half is `.pcrpkey`.
     pub pcr_key: keys::PcrPolicyKey,
+    /// Signs the update bundle; its public half is `/etc/edge/update-ed25519.pub`.
+    pub update_key: keys::UpdateKey,
 }
 
 impl Inputs {
@@ -127,6 +131,7 @@ impl Inputs {
             host_bin_dir: target.join("release"),
             key: keys::operator_key(&keys::key_dir()?)?,
             pcr_key: keys::pcr_policy_key(&keys::key_dir()?)?,
+            update_key: keys::update_key(&keys::key_dir()?)?,
             repo,
         })
     }
@@ -162,12 +167,50 @@ fn out_paths(dir: &Path, def: &Definition) -> ImageOutputs {
         uki_b: dir.join("uki-b.efi"),
         pcr11: dir.join("pcr11.json"),
         release_key: dir.join("pcr-policy.pub.pem"),
+        bundle: dir.join(format!("{}-{}.bundle", def.image.name, def.image.version)),
         initramfs: dir.join("initramfs"),
         esp: dir.join("esp.img"),
         manifest: dir.join("manifest.json"),
         version: def.image.version.clone(),
         kernel_release: def.kernel.release.clone(),
     }
+}
+
+/// The update bundle of this build (docs/update.md): its parts are the outputs already
+/// made, signed with the update key.
+fn write_bundle(def: &Definition, inputs: &Inputs, outs: &ImageOutputs) -> Result<()> {
+    let files: [(&str, &Path); 5] = [
+        ("pcr11.json", &outs.pcr11),
+        ("uki-a.efi", &outs.uki_a),
+        ("uki-b.efi", &outs.uki_b),
+        ("root.verity", &outs.root_verity),
+        ("root.erofs", &outs.root_erofs),
+    ];
+    let manifest = edge_update::write(
+        &outs.bundle,
+        &edge_update::Identity {
+            name: &def.image.name,
+            version: &def.image.version,
+            security_version: def.image.security_version,
+            kernel_release: &def.kernel.release,
+            roothash: &outs.roothash,
+        },
+        &edge_update::Sources { files: &files },
+        |m| inputs.update_key.key.sign(m),
+    )
+    .with_context(|| format!("failed to write {}", outs.bundle.display()))?;
+    // Read back as a box will, so the writer and the reader never drift apart.
+    edge_update::open(&outs.bundle, &inputs.update_key.key.public())
+        .with_context(|| format!("the bundle just written, {}", outs.bundle.display()))?;
+    size_line(&outs.bundle)?;
+    step(&format!(
+        "update bundle {} {} (security version {}), root index of {} blocks",
+        manifest.name,
+        manifest.version,
+        manifest.security_version,
+        manifest.root_blocks()
+    ));
+    Ok(())
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -272,6 +315,7 @@ fn stamp(inputs: &Inputs, debs: &[PathBuf]) -> Result<String> {
     add("definition", &read(&inputs.definition)?);
     add("key", inputs.key.public_hex.as_bytes());
     add("pcr-policy-key", &inputs.pcr_key.public_pem()?);
+    add("update-key", inputs.update_key.key.public_hex.as_bytes());
     for rel in rootfs::list_tree(&inputs.overlay)? {
         let p = inputs.overlay.join(&rel);
         let data = if p.is_symlink() {
@@ -449,6 +493,9 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     if p.inputs.pcr_key.development {
         step(&p.inputs.pcr_key.development_warning());
     }
+    if p.inputs.update_key.development {
+        step(&p.inputs.update_key.development_warning());
+    }
     let fresh = !opts.force
         && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s.trim() == stamp)
         && [
@@ -458,6 +505,7 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             &outs.manifest,
             &outs.pcr11,
             &outs.release_key,
+            &outs.bundle,
         ]
         .iter()
         .all(|f| f.exists());
@@ -574,6 +622,7 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     // first look; the core should take it from the keys directory it trusts.
     std::fs::write(&outs.release_key, p.inputs.pcr_key.public_pem()?)
         .with_context(|| format!("failed to write {}", outs.release_key.display()))?;
+    write_bundle(def, &p.inputs, &outs)?;
     let loader_conf = work.join("loader.conf");
     rootfs::write(
         &loader_conf,

@@ -190,6 +190,11 @@ pub fn assemble(
         &root.join("etc/edge/core-ed25519.pub"),
         &format!("{}\n", inputs.key.public_hex),
     )?;
+    // The key the box will check update bundles with (edge-update, docs/update.md).
+    write(
+        &root.join("etc/edge/update-ed25519.pub"),
+        &format!("{}\n", inputs.update_key.key.public_hex),
+    )?;
 
     let kroot = &extracted[&def.kernel.package];
     let kver = &def.kernel.release;
