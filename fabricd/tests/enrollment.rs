@@ -16,6 +16,24 @@ use common::site_core::Core;
 use common::swtpm::{manufactured, Swtpm};
 use common::*;
 
+/// An RSA-2048 pair made by openssl in `dir`: the private key in `key`, its public
+/// half (PEM) in `public`.
+fn rsa_pair(dir: &Path, key: &str, public: &str) {
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            key,
+        ],
+    );
+    openssl(dir, &["pkey", "-in", key, "-pubout", "-out", public]);
+}
+
 /// `tpm_run`, its output as text.
 fn tpm_text(program: &Path, tpm: &Swtpm, log: &Path, args: &[&str], input: &[u8]) -> String {
     String::from_utf8(tpm_run(program, tpm, log, args, input)).unwrap()
@@ -96,29 +114,7 @@ const RECOVERY: &str = "0123-4567-89ab-cdef-0123-4567-89ab-cdef\n";
 fn signed_release(dir: &Path, enter_initrd: &str) -> (PathBuf, PathBuf) {
     let (key, public) = (dir.join("release.key"), dir.join("release.pub.pem"));
     if !key.exists() {
-        openssl(
-            dir,
-            &[
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-                "release.key",
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "pkey",
-                "-pubout",
-                "-in",
-                "release.key",
-                "-out",
-                "release.pub.pem",
-            ],
-        );
+        rsa_pair(dir, "release.key", "release.pub.pem");
     }
     let value: [u8; 32] = edge_tpm::policy::from_hex(enter_initrd)
         .unwrap()
@@ -217,22 +213,7 @@ fn start_core() -> Core {
     let core = Core::start(&["s1"]);
     core.pki.issue_client("enroll-s1", "/CN=enroll-s1");
     let pki = core.pki.path("");
-    openssl(
-        &pki,
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "escrow.key",
-        ],
-    );
-    openssl(
-        &pki,
-        &["pkey", "-in", "escrow.key", "-pubout", "-out", "escrow.pub"],
-    );
+    rsa_pair(&pki, "escrow.key", "escrow.pub");
     core
 }
 
