@@ -284,38 +284,52 @@ fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
     ])
 }
 
-/// The provisioned core file: just the `[core]` table.
+/// The provisioned core file: the `[core]` table, and the site's and the machine's
+/// names when the provisioning gives them (the image's `site` and `machine` are only
+/// defaults: one image serves every site).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CoreFile {
-    core: CoreConfig,
+pub struct CoreFile {
+    pub site: Option<String>,
+    pub machine: Option<String>,
+    pub core: CoreConfig,
 }
 
 impl edge_common::Validate for CoreFile {
     fn validate(&self) -> Result<(), (String, String)> {
+        for (key, name) in [("site", &self.site), ("machine", &self.machine)] {
+            if let Some(token) = name {
+                check_token(key, token)?;
+            }
+        }
         check_core(&self.core)
     }
 }
 
-/// Reads the provisioned `[core]` from `path`: None when the box has none (no file).
-pub fn load_core_file(path: &std::path::Path) -> Result<Option<CoreConfig>, String> {
+/// Reads the provisioned core file from `path`: None when the box has none (no file).
+pub fn load_core_file(path: &std::path::Path) -> Result<Option<CoreFile>, String> {
     if !path.exists() {
         return Ok(None);
     }
     edge_common::load_config::<CoreFile>(path)
-        .map(|f| Some(f.core))
+        .map(Some)
         .map_err(|e| e.to_string())
+}
+
+fn check_token(key: &str, token: &str) -> Result<(), (String, String)> {
+    if !is_token(token) {
+        return Err((
+            key.into(),
+            format!("`{token}` must be non-empty letters, digits, '-' or '_' (it becomes a subject token)"),
+        ));
+    }
+    Ok(())
 }
 
 impl edge_common::Validate for Config {
     fn validate(&self) -> Result<(), (String, String)> {
         for (key, token) in [("site", &self.site), ("machine", &self.machine)] {
-            if !is_token(token) {
-                return Err((
-                    key.into(),
-                    format!("`{token}` must be non-empty letters, digits, '-' or '_' (it becomes a subject token)"),
-                ));
-            }
+            check_token(key, token)?;
         }
         edge_common::require_absolute(&[("log_dir", Some(&self.log_dir))])?;
         if self.segment_bytes < 4096 || self.segment_bytes > u32::MAX as u64 {
@@ -431,9 +445,23 @@ mod tests {
             "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"/p/ca.pem\"\ncert = \"/p/c.pem\"\nkey = \"/p/c.key\"\n",
         )
         .unwrap();
-        let core = load_core_file(&f).unwrap().unwrap();
-        assert_eq!(core.servers, ["tls://10.0.2.100:4222"]);
-        assert_eq!(core.prefix, "edge");
+        let file = load_core_file(&f).unwrap().unwrap();
+        assert_eq!(file.core.servers, ["tls://10.0.2.100:4222"]);
+        assert_eq!(file.core.prefix, "edge");
+        assert_eq!((file.site, file.machine), (None, None));
+        // The site's and the machine's names are provisioning too, checked as tokens.
+        let named = |site: &str| {
+            format!("site = \"{site}\"\nmachine = \"m7\"\n[core]\nservers = [\"tls://c:4222\"]\nca = \"/p/ca.pem\"\ncert = \"/p/c.pem\"\nkey = \"/p/c.key\"\n")
+        };
+        std::fs::write(&f, named("s9")).unwrap();
+        let file = load_core_file(&f).unwrap().unwrap();
+        assert_eq!(
+            (file.site.as_deref(), file.machine.as_deref()),
+            (Some("s9"), Some("m7"))
+        );
+        std::fs::write(&f, named("s9.>")).unwrap();
+        let e = load_core_file(&f).unwrap_err();
+        assert!(e.contains("site") && e.contains("s9.>"), "{e}");
         std::fs::write(
             &f,
             "[core]\nservers = []\nca = \"/p/ca.pem\"\ncert = \"/p/c.pem\"\nkey = \"/p/c.key\"\n",
@@ -449,7 +477,7 @@ mod tests {
             format!("[core]\nservers = [\"tls://c:4222\"]\nca = \"/p/ca.pem\"\ncert = \"/i/site.pem\"\nkey = \"/i/site-key.json\"\n[core.enroll]\ncert = \"{cert}\"\nkey = \"/p/enroll.key\"\n")
         };
         std::fs::write(&f, enroll("/p/enroll.pem")).unwrap();
-        let core = load_core_file(&f).unwrap().unwrap();
+        let core = load_core_file(&f).unwrap().unwrap().core;
         assert_eq!(
             core.enroll.unwrap().cert,
             std::path::Path::new("/p/enroll.pem")

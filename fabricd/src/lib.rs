@@ -24,9 +24,11 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
         // A bad provisioning file must not stop the log taking records: say why, and
         // keep them locally (as with no core) until it is fixed and fabricd restarted.
         match config::load_core_file(path) {
-            Ok(Some(core)) => {
-                tracing::info!(file = %path.display(), servers = ?core.servers, "core provisioned");
-                config.core = Some(core);
+            Ok(Some(file)) => {
+                config.site = file.site.unwrap_or(config.site);
+                config.machine = file.machine.unwrap_or(config.machine);
+                tracing::info!(file = %path.display(), servers = ?file.core.servers, site = %config.site, machine = %config.machine, "core provisioned");
+                config.core = Some(file.core);
             }
             Ok(None) => {
                 tracing::info!(file = %path.display(), "no core provisioned; records stay local")

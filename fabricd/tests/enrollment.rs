@@ -388,14 +388,13 @@ fn a_box_enrolled_by_edgectl_mirrors_under_its_tpm_key() {
         &["phase", "sysinit"],
         b"",
     );
+    // (A report made while the extend lands is refused too, its PCR values no longer
+    // the quoted ones; the reports after it are refused for the boot.)
     let out = wait_for("the changed boot refused", Duration::from_secs(30), || {
         let out = status();
-        row(&out).ends_with(" REFUSED").then_some(out)
+        (row(&out).ends_with(" REFUSED") && out.contains("booted something else")).then_some(out)
     });
-    assert!(
-        out.contains("s1.m1: boot report refused") && out.contains("booted something else"),
-        "{out}"
-    );
+    assert!(out.contains("s1.m1: boot report refused"), "{out}");
     assert_eq!(b.f.terminate().code(), Some(0));
 }
 

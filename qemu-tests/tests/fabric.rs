@@ -504,12 +504,15 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
          [core.enroll]\ncert = \"{p}/enroll.pem\"\nkey = \"{p}/enroll.key\"\n\
          recovery_key = \"{id}/recovery-key\"\n"
     );
-    let mut bundle = toml_string("fabricd-core.toml", &core_toml);
-    for f in ["ca.pem", "enroll.pem", "enroll.key"] {
-        bundle.push_str(&toml_string(f, &pem(f)?));
-    }
+    let provision = |core_toml: &str| -> Result<String> {
+        let mut bundle = toml_string("fabricd-core.toml", core_toml);
+        for f in ["ca.pem", "enroll.pem", "enroll.key"] {
+            bundle.push_str(&toml_string(f, &pem(f)?));
+        }
+        Ok(bundle)
+    };
     let bundle_path = dir.join("provision.toml");
-    std::fs::write(&bundle_path, bundle)?;
+    std::fs::write(&bundle_path, provision(&core_toml)?)?;
 
     let http_port = free_port()?;
     let mut opts = Options::new(&qemu_tests::image_from_env()?);
@@ -740,6 +743,33 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         );
         std::thread::sleep(Duration::from_secs(3));
     }
+
+    // Provisioned as another site (site1), the box holds only site0's certificate:
+    // nats-server refuses it site1's subjects, the box says so on its console, and
+    // nothing it takes reaches the core as site1.
+    std::fs::write(
+        &bundle_path,
+        provision(&format!("site = \"site1\"\n{core_toml}"))?,
+    )?;
+    m.powerdown()?;
+    m.wait_exit(Duration::from_secs(90))?;
+    m.reboot_same_disk()?;
+    m.wait_ready()?;
+    let line = m.wait_for_console("the core reported an error", Duration::from_secs(120))?;
+    eprintln!("as site1: {}", line.trim_end());
+    let lower = line.to_lowercase();
+    assert!(
+        lower.contains("fabricd:")
+            && lower.contains("permissions violation")
+            && lower.contains("site1"),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let out = run(op.cmd().args(["status", "--topic", ">"]))?;
+    assert!(
+        !out.lines().any(|l| l.starts_with("site1.")),
+        "records as site1 reached the core: {out}"
+    );
 
     // The same disk in another box, whose TPM (from the same maker) is not this one: it
     // cannot open the data partition, where the site key's blobs and the certificate
