@@ -85,11 +85,23 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Make an ed25519 signing key (`<out>/manifest.key`, PKCS#8) and the public key for
-    /// the image (`<out>/manifest.pub`, hex).
+    /// Make an ed25519 signing key (`<out>/<name>.key`, PKCS#8) and the public key for
+    /// the image (`<out>/<name>.pub`, hex): `manifest` signs what the core sends down,
+    /// `update` signs OS update bundles (docs/update.md).
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, default_value = "manifest", value_parser = ["manifest", "update"])]
+        name: String,
+    },
+    /// Check an OS update bundle as a box will (the archive, the signature by the update
+    /// key, the manifest, every part and every block of the root) and print what it
+    /// holds. Needs no core.
+    VerifyBundle {
+        /// The update key's public half (`update.pub`, 64 hex digits).
+        #[arg(long)]
+        update_key: PathBuf,
+        bundle: PathBuf,
     },
     /// Write a signed image allowlist (noded's format: the signature, then
     /// `{"version","digests"}`), to deliver as the downlink config item `image-allowlist`.
@@ -259,6 +271,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The keys of KV bucket `bucket`, from its stream's subjects. Not the client's `keys()`:
+/// that runs a consumer which, on a bucket the boxes keep writing to (their status every
+/// few seconds), can wait for idle heartbeats before it knows it has seen every key. A
+/// deleted key is still listed (its last entry is the delete).
+async fn kv_keys(js: &async_nats::jetstream::Context, bucket: &str) -> Result<Vec<String>, String> {
+    let failed = |e: &dyn std::fmt::Display| format!("failed to list {bucket}: {e}");
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| failed(&e))?;
+    let prefix = format!("$KV.{bucket}.");
+    let mut subjects = stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| failed(&e))?;
+    let mut keys = Vec::new();
+    while let Some(item) = subjects.next().await {
+        let (subject, _) = item.map_err(|e| failed(&e))?;
+        if let Some(key) = subject.strip_prefix(&prefix) {
+            keys.push(key.to_owned());
+        }
+    }
+    keys.sort();
+    Ok(keys)
 }
 
 /// One box as `status` shows it: what the core holds of it, and what it last said.
@@ -831,7 +869,35 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         return Ok(());
     }
-    if let Cmd::Keygen { out } = &cli.cmd {
+    if let Cmd::VerifyBundle { update_key, bundle } = &cli.cmd {
+        let text = String::from_utf8(read(update_key)?)
+            .map_err(|_| format!("{} is not text", update_key.display()))?;
+        let key = edge_tpm::policy::from_hex(text.trim())
+            .ok()
+            .filter(|k| k.len() == 32)
+            .ok_or_else(|| format!("{} is not 64 hex digits", update_key.display()))?;
+        let b =
+            edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
+        let m = &b.manifest;
+        println!(
+            "{}: {} {} (security version {}, kernel {}), signed by the update key; root hash {}",
+            bundle.display(),
+            m.name,
+            m.version,
+            m.security_version,
+            m.kernel_release,
+            m.roothash
+        );
+        for p in &m.parts {
+            println!("  {:<16} {:>12} bytes  sha256 {}", p.name, p.size, p.sha256);
+        }
+        println!(
+            "every part and all {} blocks of the root check",
+            m.root_blocks()
+        );
+        return Ok(());
+    }
+    if let Cmd::Keygen { out, name } = &cli.cmd {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
             .map_err(|_| "failed to generate a key".to_string())?;
@@ -845,17 +911,17 @@ async fn run(cli: Cli) -> Result<(), String> {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        for (name, data) in [
-            ("manifest.key", pkcs8.as_ref().to_vec()),
-            ("manifest.pub", format!("{hex}\n").into_bytes()),
+        for (file, data) in [
+            (format!("{name}.key"), pkcs8.as_ref().to_vec()),
+            (format!("{name}.pub"), format!("{hex}\n").into_bytes()),
         ] {
-            let p = out.join(name);
+            let p = out.join(file);
             std::fs::write(&p, data)
                 .map_err(|e| format!("failed to write {}: {e}", p.display()))?;
         }
         println!(
             "public key {hex} (ship {} in the image)",
-            out.join("manifest.pub").display()
+            out.join(format!("{name}.pub")).display()
         );
         return Ok(());
     }
@@ -966,7 +1032,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 out.display()
             );
         }
-        Cmd::Keygen { .. } | Cmd::Allowlist { .. } | Cmd::NatsConfig { .. } => {
+        Cmd::Keygen { .. }
+        | Cmd::Allowlist { .. }
+        | Cmd::NatsConfig { .. }
+        | Cmd::VerifyBundle { .. } => {
             unreachable!("handled above")
         }
         Cmd::Setup { dupe_window_secs } => {
@@ -1124,15 +1193,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .get_key_value(&cli.status_bucket)
                 .await
                 .map_err(|e| format!("no KV bucket {}: {e}", cli.status_bucket))?;
-            let mut keys = reports
-                .keys()
-                .await
-                .map_err(|e| format!("failed to list {}: {e}", cli.status_bucket))?;
-            while let Some(key) = keys.next().await {
-                let key = key.map_err(|e| format!("failed to list {}: {e}", cli.status_bucket))?;
+            for key in kv_keys(&js, &cli.status_bucket).await? {
                 let Ok(Some(entry)) = reports.entry(&key).await else {
                     continue;
                 };
+                if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                    continue;
+                }
                 let row = machines.entry(key.clone()).or_default();
                 row.contact = row.contact.max(entry.created.unix_timestamp());
                 match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&entry.value) {
@@ -1144,8 +1211,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             // certificate by hand).
             let mut enrolled = std::collections::HashMap::new();
             if let Ok(bucket) = js.get_key_value(&cli.enrolled_bucket).await {
-                if let Ok(mut keys) = bucket.keys().await {
-                    while let Some(Ok(key)) = keys.next().await {
+                if let Ok(keys) = kv_keys(&js, &cli.enrolled_bucket).await {
+                    for key in keys {
                         if let Ok(Some(v)) = bucket.get(&key).await {
                             match serde_json::from_slice::<edge_tpm::enrollment::Enrolled>(&v) {
                                 Ok(e) => {

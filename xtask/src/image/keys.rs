@@ -78,7 +78,7 @@ pub struct UpdateKey {
 impl UpdateKey {
     pub fn development_warning(&self) -> String {
         format!(
-            "WARNING: the update bundle is signed with a development key made by a build ({}): to sign with your own, put an ed25519 pair there as update.key (PKCS#8) and update.pub (64 hex digits; `edgectl keygen` makes such a pair, named manifest.*) and remove update.development",
+            "WARNING: the update bundle is signed with a development key made by a build ({}): to sign with your own, put an ed25519 pair there as update.key (PKCS#8) and update.pub (64 hex digits; `edgectl keygen --name update --out <dir>` makes one) and remove update.development",
             self.dir.join("update.key").display()
         )
     }
