@@ -269,8 +269,12 @@ impl Control {
             HEADER_SIZE + TARGET_SPEC_SIZE + params.len() + 1,
         )?;
         b.set_single_target(length_sectors, target_type, params)?;
-        self.ioctl(Cmd::TableLoad, &mut b)
-            .map_err(|e| format!("{e} (device {name}, table {target_type} {params})"))
+        self.ioctl(Cmd::TableLoad, &mut b).map_err(|e| {
+            format!(
+                "{e} (device {name}, table {target_type} {})",
+                printable_params(target_type, params)
+            )
+        })
     }
 
     /// DM_DEV_SUSPEND without DM_SUSPEND_FLAG (1 << 1) resumes: makes the loaded table live.
@@ -344,6 +348,20 @@ impl Control {
         self.ioctl(Cmd::DevRemove, &mut b)
             .map_err(|e| format!("{e} (remove of device {name})"))
     }
+}
+
+/// A table's parameters as an error may show them: a crypt target's key (its second
+/// word) is never printed.
+fn printable_params(target_type: &str, params: &str) -> String {
+    if target_type != "crypt" {
+        return params.to_owned();
+    }
+    params
+        .split(' ')
+        .enumerate()
+        .map(|(i, w)| if i == 1 { "<key>" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Parameters of a `linear` target: `<device> <offset in sectors>`.
@@ -427,6 +445,16 @@ impl ThinStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_crypt_tables_key_is_never_shown_in_an_error() {
+        let crypt = "aes-xts-plain64 00112233 0 259:6 32768 1 sector_size:4096";
+        assert_eq!(
+            printable_params("crypt", crypt),
+            "aes-xts-plain64 <key> 0 259:6 32768 1 sector_size:4096"
+        );
+        assert_eq!(printable_params("linear", "259:6 0"), "259:6 0");
+    }
 
     #[test]
     fn ioctl_numbers_match_the_kernel_header() {

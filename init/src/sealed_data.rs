@@ -547,11 +547,9 @@ fn open_volume(part: &BlockDev, meta: &Value, key_hex: &str, dev_dir: &Path) -> 
         .and_then(|()| ctl.resume(MAPPER_NAME));
     if let Err(e) = loaded {
         let _ = ctl.remove(MAPPER_NAME);
-        // edge-dm's error repeats the table, and with it the key.
         return Err(format!(
-            "failed to open {} with dm-crypt: {}",
-            dev.display(),
-            e.replace(key_hex, "<volume key>")
+            "failed to open {} with dm-crypt: {e}",
+            dev.display()
         ));
     }
     Ok(())

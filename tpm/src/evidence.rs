@@ -310,8 +310,6 @@ fn kdfe(z: &[u8], label: &str, party_u: &[u8], party_v: &[u8], bits: u32) -> Vec
     out
 }
 
-/// The seed of a credential for an RSA endorsement key: 32 random bytes, and them
-/// encrypted to the key with OAEP (SHA-256, label "IDENTITY").
 /// `N` bytes from the system's random numbers.
 pub(crate) fn random<const N: usize>() -> Result<[u8; N], Error> {
     let mut bytes = [0u8; N];
@@ -322,6 +320,8 @@ pub(crate) fn random<const N: usize>() -> Result<[u8; N], Error> {
     Ok(bytes)
 }
 
+/// The seed of a credential for an RSA endorsement key: 32 random bytes, and them
+/// encrypted to the key with OAEP (SHA-256, label "IDENTITY").
 fn seed_rsa(modulus: &[u8], exponent: u32) -> Result<(Vec<u8>, Vec<u8>), Error> {
     use rsa::{BigUint, Oaep, RsaPublicKey};
     let bad = |why: String| Error::Input {

@@ -872,8 +872,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     if let Cmd::VerifyBundle { update_key, bundle } = &cli.cmd {
         let text = String::from_utf8(read(update_key)?)
             .map_err(|_| format!("{} is not text", update_key.display()))?;
-        let key = edge_tpm::policy::from_hex(text.trim())
-            .ok()
+        let key = edge_common::hex::decode(text.trim())
             .filter(|k| k.len() == 32)
             .ok_or_else(|| format!("{} is not 64 hex digits", update_key.display()))?;
         let b =
@@ -905,12 +904,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             .map_err(|_| "failed to use the generated key".to_string())?;
         std::fs::create_dir_all(out)
             .map_err(|e| format!("failed to create {}: {e}", out.display()))?;
-        let hex: String = kp
-            .public_key()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = edge_common::hex::encode(kp.public_key().as_ref());
         for (file, data) in [
             (format!("{name}.key"), pkcs8.as_ref().to_vec()),
             (format!("{name}.pub"), format!("{hex}\n").into_bytes()),
@@ -1102,7 +1096,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("failed to put object {name}: {e}"))?;
             let digest = ring::digest::digest(&ring::digest::SHA256, &read(file)?);
-            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let hex = edge_common::hex::encode(digest.as_ref());
             println!("object {name} sha256 {hex}");
         }
         Cmd::PutKv { kv_key, file } => {
@@ -1115,7 +1109,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             kv.put(kv_key, data.into())
                 .await
                 .map_err(|e| format!("failed to put {kv_key}: {e}"))?;
-            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let hex = edge_common::hex::encode(digest.as_ref());
             println!("kv {kv_key} sha256 {hex}");
         }
         Cmd::Publish {
