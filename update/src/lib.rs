@@ -193,7 +193,12 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The block index of a root: SHA-256 of each `BLOCK_SIZE` block, concatenated. The
 /// root must be a whole number of blocks.
-pub fn block_index(mut root: impl Read, size: u64) -> std::io::Result<Vec<u8>> {
+pub fn block_index(root: impl Read, size: u64) -> std::io::Result<Vec<u8>> {
+    Ok(index_and_digest(root, size)?.0)
+}
+
+/// The block index of a root and the SHA-256 of the whole root, in one read.
+fn index_and_digest(mut root: impl Read, size: u64) -> std::io::Result<(Vec<u8>, String)> {
     if !size.is_multiple_of(BLOCK_SIZE) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -201,12 +206,14 @@ pub fn block_index(mut root: impl Read, size: u64) -> std::io::Result<Vec<u8>> {
         ));
     }
     let mut index = Vec::with_capacity((size / BLOCK_SIZE * 32) as usize);
+    let mut whole = Sha256::new();
     let mut block = vec![0u8; BLOCK_SIZE as usize];
     for _ in 0..size / BLOCK_SIZE {
         root.read_exact(&mut block)?;
         index.extend_from_slice(&Sha256::digest(&block));
+        whole.update(&block);
     }
-    Ok(index)
+    Ok((index, hex(&whole.finalize())))
 }
 
 /// What the manifest says of the image, besides its parts.
@@ -246,7 +253,7 @@ pub fn write(
     };
     let root_path = source(ROOT)?;
     let root_size = std::fs::metadata(&root_path).map_err(io(&root_path))?.len();
-    let index = block_index(
+    let (index, root_sha256) = index_and_digest(
         std::fs::File::open(&root_path).map_err(io(&root_path))?,
         root_size,
     )
@@ -265,6 +272,16 @@ pub fn write(
             continue;
         }
         let path = source(name)?;
+        if name == ROOT {
+            // Hashed with its index above.
+            parts.push(Part {
+                name: name.into(),
+                size: root_size,
+                sha256: root_sha256.clone(),
+            });
+            paths.push(Some(path));
+            continue;
+        }
         let mut f = std::fs::File::open(&path).map_err(io(&path))?;
         let mut h = Sha256::new();
         let size = std::io::copy(&mut f, &mut h).map_err(io(&path))?;
