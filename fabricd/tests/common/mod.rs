@@ -19,11 +19,15 @@ use fabricd::produce;
 use fabricd::record::Record;
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free ports: all held at once while they are picked (one after another,
+/// a port just let go can come back as the next).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
 }
 
 /// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
@@ -60,9 +64,8 @@ pub struct Fabricd {
 impl Fabricd {
     /// Writes a config under `dir` (log in `dir/log`) with `extra` TOML appended.
     pub fn configure(dir: &Path, extra: &str) -> Fabricd {
-        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let [tcp, http, metrics]: [SocketAddr; 3] =
+            free_ports().map(|p| format!("127.0.0.1:{p}").parse().unwrap());
         let socket = dir.join("produce.sock");
         let config = dir.join("fabricd.toml");
         let text = format!(
