@@ -373,6 +373,51 @@ impl Bundle {
     pub fn located(&self, name: &str) -> Option<&Located> {
         self.parts.iter().find(|p| p.name == name)
     }
+
+    /// Copies part `name` from the bundle file at `path` (the one [`open`] checked) into
+    /// `out`, hashing it again on the way: a file changed since it was checked is caught
+    /// here, naming the part. Returns the bytes copied.
+    pub fn copy_part(&self, path: &Path, name: &str, out: &mut dyn Write) -> Result<u64, Error> {
+        use std::io::{Seek, SeekFrom};
+        let (at, part) = match (self.located(name), self.manifest.part(name)) {
+            (Some(at), Some(part)) => (at, part),
+            _ => {
+                return Err(Error::Part {
+                    part: name.into(),
+                    why: "not in this bundle".into(),
+                })
+            }
+        };
+        let mut file = std::fs::File::open(path).map_err(io(path))?;
+        file.seek(SeekFrom::Start(at.offset)).map_err(io(path))?;
+        let mut r = std::io::BufReader::with_capacity(1 << 20, file).take(at.size);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut copied = 0u64;
+        loop {
+            let n = r.read(&mut buf).map_err(io(path))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| Error::Io {
+                path: format!("the copy of {name}"),
+                why: e.to_string(),
+            })?;
+            copied += n as u64;
+        }
+        let got = hex(&h.finalize());
+        if copied != at.size || got != part.sha256 {
+            return Err(Error::Part {
+                part: name.into(),
+                why: format!(
+                    "it changed since it was checked ({copied} bytes, SHA-256 {got}; the manifest says {} bytes, {})",
+                    part.size, part.sha256
+                ),
+            });
+        }
+        Ok(copied)
+    }
 }
 
 /// Whether `signature` is `public_key`'s Ed25519 signature of the manifest `bytes`.
@@ -390,15 +435,7 @@ pub fn verify(public_key: &[u8], bytes: &[u8], signature: &[u8]) -> Result<(), E
 /// Reads the bundle at `path` and checks all of it against the update key `public_key`
 /// (32 bytes, Ed25519). Nothing of a part is trusted before the manifest's signature is.
 pub fn open(path: &Path, public_key: &[u8]) -> Result<Bundle, Error> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let mut r = Reader {
-        inner: std::io::BufReader::with_capacity(1 << 20, file),
-        at: 0,
-    };
-    let manifest_bytes = r.small_entry(MANIFEST, MAX_MANIFEST)?;
-    let signature = r.small_entry(SIGNATURE, 64)?;
-    verify(public_key, &manifest_bytes, &signature)?;
-    let manifest = Manifest::parse(&manifest_bytes)?;
+    let (mut r, manifest_bytes, signature, manifest) = read_head(path, public_key)?;
 
     let mut parts = Vec::new();
     let mut index: Vec<u8> = Vec::new();
@@ -457,6 +494,28 @@ pub fn open(path: &Path, public_key: &[u8]) -> Result<Bundle, Error> {
         signature,
         parts,
     })
+}
+
+/// Reads and checks only the bundle's signed manifest (the first two entries): enough to
+/// decide whether the rest is worth reading.
+pub fn head(path: &Path, public_key: &[u8]) -> Result<Manifest, Error> {
+    read_head(path, public_key).map(|(_, _, _, m)| m)
+}
+
+fn read_head(
+    path: &Path,
+    public_key: &[u8],
+) -> Result<(Reader, Vec<u8>, Vec<u8>, Manifest), Error> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let mut r = Reader {
+        inner: std::io::BufReader::with_capacity(1 << 20, file),
+        at: 0,
+    };
+    let manifest_bytes = r.small_entry(MANIFEST, MAX_MANIFEST)?;
+    let signature = r.small_entry(SIGNATURE, 64)?;
+    verify(public_key, &manifest_bytes, &signature)?;
+    let manifest = Manifest::parse(&manifest_bytes)?;
+    Ok((r, manifest_bytes, signature, manifest))
 }
 
 struct Reader {

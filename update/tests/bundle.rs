@@ -129,6 +129,36 @@ fn a_bundle_opens_with_its_key_and_gives_back_every_part() {
 }
 
 #[test]
+fn a_part_is_copied_out_as_checked_and_a_file_changed_since_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key();
+    let path = make(dir.path(), &k);
+    let b = open(&path, &public(&k)).unwrap();
+    let mut out = Vec::new();
+    let n = b.copy_part(&path, "uki-b.efi", &mut out).unwrap();
+    assert_eq!(out, std::fs::read(dir.path().join("uki-b.efi")).unwrap());
+    assert_eq!(n, out.len() as u64);
+    // The file is changed under the reader after its checks: the copy says so.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = b.located("root.erofs").unwrap().offset as usize;
+    bytes[at + 5] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = b
+        .copy_part(&path, "root.erofs", &mut std::io::sink())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("root.erofs: it changed since it was checked"),
+        "{e}"
+    );
+    let e = b
+        .copy_part(&path, "kernel", &mut std::io::sink())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kernel: not in this bundle"), "{e}");
+}
+
+#[test]
 fn another_key_a_changed_byte_or_a_cut_bundle_is_refused_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let k = key();
