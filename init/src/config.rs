@@ -12,6 +12,7 @@ pub struct System {
     pub network: Network,
     pub watchdog: Watchdog,
     pub logs: Logs,
+    pub update: Update,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +45,28 @@ pub struct Logs {
     pub min_free_mib: u64,
 }
 
+/// Over-the-air updates (docs/update.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Update {
+    /// Where fabricd's downlink puts update bundles (its `<dir>/updates`).
+    pub bundles: PathBuf,
+    /// How long a new slot's first boot has to get every service ready.
+    pub health_limit_s: u64,
+    /// The boots systemd-boot gives a new slot before it goes back to the old one.
+    pub tries: u32,
+}
+
+impl Default for Update {
+    fn default() -> Self {
+        Update {
+            bundles: "/var/lib/edge/downlink/updates".into(),
+            health_limit_s: 120,
+            tries: 1,
+        }
+    }
+}
+
 impl Default for System {
     fn default() -> Self {
         System {
@@ -51,6 +74,7 @@ impl Default for System {
             network: Network::default(),
             watchdog: Watchdog::default(),
             logs: Logs::default(),
+            update: Update::default(),
         }
     }
 }
@@ -92,6 +116,14 @@ pub fn parse(text: &str, origin: &str) -> Result<System, String> {
     if sys.watchdog.timeout_s < 3 {
         return Err(format!(
             "{origin}: key `watchdog.timeout_s`: must be at least 3"
+        ));
+    }
+    if !(1..=3).contains(&sys.update.tries) {
+        return Err(format!("{origin}: key `update.tries`: must be 1 to 3"));
+    }
+    if sys.update.health_limit_s < 10 {
+        return Err(format!(
+            "{origin}: key `update.health_limit_s`: must be at least 10"
         ));
     }
     if !sys.network.address.is_empty() && crate::net::parse_cidr(&sys.network.address).is_none() {

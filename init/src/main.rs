@@ -24,6 +24,7 @@ mod stage1;
 mod stage2;
 mod status;
 mod supervisor;
+mod update;
 mod verity;
 mod watchdog;
 

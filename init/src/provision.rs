@@ -131,13 +131,20 @@ fn write_file(dir: &Path, path: &Path, contents: &[u8]) -> std::io::Result<()> {
     if parent != dir {
         make_dir(parent)?;
     }
+    write_atomic(path, contents, 0o600)
+}
+
+/// Writes `contents` to `path` whole or not at all, across a power cut too: a dot-named
+/// temp file beside it (made with `mode`), fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = parent.join(format!(".{file_name}.tmp"));
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;

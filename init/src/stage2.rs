@@ -49,6 +49,8 @@ struct System {
     shutdown: Option<Action>,
     last_space_check: Option<Instant>,
     last_device_scan: Instant,
+    /// Updates: the trial of a new slot, and installs (none while /var is locked).
+    updater: Option<crate::update::Updater>,
 }
 
 impl System {
@@ -90,7 +92,17 @@ impl System {
                 locked_supervisor()
             }
         };
+        let updater = boot.data_locked.is_none().then(|| {
+            crate::update::Updater::start(
+                config.update.clone(),
+                crate::update::Running {
+                    version: boot.version.clone(),
+                    slot: boot.slot.clone(),
+                },
+            )
+        });
         System {
+            updater,
             boot,
             config,
             signals,
@@ -137,6 +149,17 @@ impl System {
         if !self.ready && self.boot.data_locked.is_none() && self.sup.settled() {
             self.settle();
         }
+        if let Some(updater) = &mut self.updater {
+            let given_up = if self.degraded {
+                self.sup.failed()
+            } else {
+                Vec::new()
+            };
+            if let Some(action) = updater.step(self.ready, &given_up) {
+                deliver(&mut self.sup, &mut self.ctl);
+                self.shut_down(action);
+            }
+        }
     }
 
     /// Control requests are answered against the current state; a power request is
@@ -144,6 +167,7 @@ impl System {
     fn answer_requests(&mut self) -> Option<Action> {
         let mut asked = None;
         let (boot, ready, data_full, sup) = (&self.boot, self.ready, self.data_full, &mut self.sup);
+        let updater = &self.updater;
         self.ctl.step(&mut |req| {
             let name = req.name();
             let done = |r: Result<(), String>| match r {
@@ -152,7 +176,10 @@ impl System {
             };
             match req {
                 Request::Status => {
-                    let st = crate::status::build(boot, ready, data_full, sup.status());
+                    let mut st = crate::status::build(boot, ready, data_full, sup.status());
+                    if let (Some(u), Some(obj)) = (updater, st.as_object_mut()) {
+                        obj.insert("update".into(), u.status());
+                    }
                     json!({"reply": "status", "ok": true, "status": st})
                 }
                 Request::Measurements => json!({"reply": "measurements", "ok": true,
@@ -671,7 +698,7 @@ fn provision_from_esp() {
 }
 
 /// Mounts the ESP at /efi for `f`, then syncs it and unmounts it.
-fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
+pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
     let devs = crate::disk::scan(Path::new("/sys/class/block"));
     let esp = crate::disk::find_labels(&devs, &["esp"])
         .remove("esp")

@@ -1,0 +1,968 @@
+//! Over-the-air updates on the box (docs/update.md): installing a bundle into the
+//! inactive slot, trying it once, and blessing it or falling back. The slot logic lives
+//! here and nowhere else; fabricd only downloads bundles (its downlink, kind `updates`)
+//! into [`crate::config::Update::bundles`].
+//!
+//! The order keeps a bootable default at every moment: the inactive slot's boot entries
+//! go first (so nothing boots a half-written slot), then its root and verity partitions
+//! are written from a bundle that passed every check (and are hashed again as they are
+//! copied), then its UKI lands under a temporary name and is renamed to
+//! `edgeos-<version>-<slot>+<tries>.efi`. The running slot is never written. systemd-boot
+//! sorts the new, newer entry first while it has tries; the trial boot is blessed once
+//! every service is ready within the health limit, or it reboots, and with no tries left
+//! the old slot's entry comes first again. What happened is kept in [`STATE`] on the data
+//! partition, which fabricd reports to the core.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::say;
+
+/// The image's name: the UKIs are `<NAME>-<version>-<slot>...efi`.
+pub const NAME: &str = "edgeos";
+/// The update key's public half, from the image (64 hex digits, Ed25519).
+pub const UPDATE_KEY: &str = "/etc/edge/update-ed25519.pub";
+/// What the box knows about updates, on the data partition.
+pub const STATE: &str = "/var/lib/edge/update/state.json";
+
+/// Where an update stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// The inactive slot is being written (a boot that finds this was cut off).
+    Installing,
+    /// Written; the next boot tries it.
+    Installed,
+    /// This boot (or the last) is the new slot's trial.
+    Trying,
+    /// The trial passed: the new slot is the default.
+    Blessed,
+    /// The trial failed and the box is back on the old slot.
+    RolledBack,
+    /// The bundle was refused before the slot was touched, or its install failed.
+    Refused,
+}
+
+/// One update, from the bundle seen to its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub phase: Phase,
+    /// The bundle's file name and what identifies this copy of it (size, mtime).
+    pub bundle: String,
+    pub bundle_id: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub security_version: u64,
+    #[serde(default)]
+    pub slot: String,
+    pub from_version: String,
+    pub from_slot: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub time_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// The lowest security version this box installs: raised when an update is blessed,
+    /// never lowered.
+    #[serde(default)]
+    pub security_floor: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<Attempt>,
+    /// Bundles whose attempt ended (`<file>:<copy id>`, the latest few): not looked at
+    /// again while that copy is there, so a version that rolled back is not retried
+    /// until the core sends it anew.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ended: Vec<String>,
+}
+
+/// How many ended bundles the state remembers.
+const ENDED_KEPT: usize = 32;
+
+impl State {
+    /// Marks the current attempt's bundle as ended.
+    pub fn end(&mut self) {
+        if let Some(u) = &self.update {
+            let id = format!("{}:{}", u.bundle, u.bundle_id);
+            if !self.ended.contains(&id) {
+                self.ended.push(id);
+            }
+            let over = self.ended.len().saturating_sub(ENDED_KEPT);
+            self.ended.drain(..over);
+        }
+    }
+
+    pub fn load(path: &Path) -> State {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Written whole (temp file, fsync, rename, directory fsync): a power cut leaves the
+    /// old state or the new one.
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        let body = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+        }
+        crate::provision::write_atomic(path, &body, 0o644)
+            .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    }
+}
+
+/// The slot that is not `running`.
+pub fn other_slot(running: &str) -> &'static str {
+    if running == "a" {
+        "b"
+    } else {
+        "a"
+    }
+}
+
+/// Compares versions part by part on `.`, `-` and `+`, numerically where both parts are
+/// numbers (`0.10.0` is newer than `0.9.1`).
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let split = |s: &str| -> Vec<String> {
+        s.split(['.', '-', '+'])
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (pa, pb) = (split(a), split(b));
+    for (x, y) in pa.iter().zip(&pb) {
+        let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => x.cmp(y),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// The running system, as far as updates care.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub version: String,
+    pub slot: String,
+}
+
+/// What an install left behind, for the line and the reboot.
+#[derive(Debug)]
+pub struct Installed {
+    pub version: String,
+    pub slot: String,
+    pub entry: String,
+}
+
+/// Identifies one copy of a bundle file: a new download (the core published it again)
+/// is a new copy.
+pub fn bundle_id(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!("{}:{}:{}", m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// The next bundle worth a look in `dir`: a `*.bundle` file whose copy has not already
+/// ended (refused, rolled back or blessed). An install cut off by a power loss is
+/// looked at again.
+pub fn next_bundle(dir: &Path, state: &State) -> Option<(PathBuf, String)> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bundle") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names.into_iter().find_map(|name| {
+        let path = dir.join(&name);
+        let id = bundle_id(&path)?;
+        let ended = state.ended.contains(&format!("{name}:{id}"))
+            || state.update.as_ref().is_some_and(|u| {
+                u.bundle == name
+                    && u.bundle_id == id
+                    && matches!(u.phase, Phase::Refused | Phase::RolledBack | Phase::Blessed)
+            });
+        (!ended).then_some((path, id))
+    })
+}
+
+/// Reads the update key (64 hex digits).
+pub fn load_key(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("failed to read the update key {}: {e}", path.display()))?;
+    let t = text.trim();
+    let key: Option<Vec<u8>> = (t.len() == 64)
+        .then(|| {
+            (0..32)
+                .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).ok())
+                .collect()
+        })
+        .flatten();
+    key.ok_or_else(|| format!("the update key {} is not 64 hex digits", path.display()))
+}
+
+/// The checks made on the signed manifest alone, before the rest of the bundle is read:
+/// the product, the version against the running one, the security version against the
+/// floor. `Ok(false)`: the bundle is the running version (nothing to do).
+pub fn admit(m: &edge_update::Manifest, running: &Running, floor: u64) -> Result<bool, String> {
+    if m.name != NAME {
+        return Err(format!("it updates {:?}, and this box runs {NAME}", m.name));
+    }
+    if m.security_version < floor {
+        return Err(format!(
+            "its security version {} is below the lowest this box accepts ({floor})",
+            m.security_version
+        ));
+    }
+    match version_cmp(&m.version, &running.version) {
+        std::cmp::Ordering::Equal => Ok(false),
+        std::cmp::Ordering::Less => Err(format!(
+            "version {} is older than the running {}",
+            m.version, running.version
+        )),
+        std::cmp::Ordering::Greater => Ok(true),
+    }
+}
+
+/// Where the inactive slot's parts go.
+pub struct Target<'a> {
+    pub root: &'a Path,
+    pub verity: &'a Path,
+    /// The mounted ESP's `EFI/Linux`.
+    pub entries: &'a Path,
+    pub tries: u32,
+}
+
+/// The boot entries of `slot` (any version, any counter) in `EFI/Linux`.
+pub fn slot_entries(entries: &Path, slot: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(entries) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| entry_slot(n).as_deref() == Some(slot))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The slot of `edgeos-<version>-<slot>[+counter].efi`.
+pub fn entry_slot(name: &str) -> Option<String> {
+    let stem = name
+        .strip_prefix(NAME)?
+        .strip_prefix('-')?
+        .strip_suffix(".efi")?;
+    let stem = stem.split_once('+').map_or(stem, |(s, _)| s);
+    let (_, slot) = stem.rsplit_once('-')?;
+    (slot == "a" || slot == "b").then(|| slot.to_owned())
+}
+
+fn size_of(path: &Path) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    std::fs::File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|e| format!("failed to size {}: {e}", path.display()))
+}
+
+/// Writes the checked `bundle` into the inactive slot described by `target`. Its entries
+/// go first, the UKI last; every step that fails says what, and leaves the running
+/// slot and its entry as they were.
+pub fn install(
+    path: &Path,
+    bundle: &edge_update::Bundle,
+    slot: &str,
+    target: &Target,
+) -> Result<Installed, String> {
+    let m = &bundle.manifest;
+    let part_size = |name: &str| m.part(name).map_or(0, |p| p.size);
+    for (part, dev) in [("root.erofs", target.root), ("root.verity", target.verity)] {
+        let have = size_of(dev)?;
+        if part_size(part) > have {
+            return Err(format!(
+                "its {part} is {} bytes and slot {slot}'s partition {} holds {have}",
+                part_size(part),
+                dev.display()
+            ));
+        }
+    }
+    for name in slot_entries(target.entries, slot) {
+        std::fs::remove_file(target.entries.join(&name))
+            .map_err(|e| format!("failed to remove slot {slot}'s entry {name}: {e}"))?;
+    }
+    sync_dir(target.entries)?;
+    for (part, dev) in [("root.erofs", target.root), ("root.verity", target.verity)] {
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dev)
+            .map_err(|e| format!("failed to open {} for writing: {e}", dev.display()))?;
+        bundle
+            .copy_part(path, part, &mut out)
+            .map_err(|e| format!("writing {}: {e}", dev.display()))?;
+        out.sync_all()
+            .map_err(|e| format!("failed to sync {}: {e}", dev.display()))?;
+    }
+    let uki = format!("uki-{slot}.efi");
+    let tmp = target
+        .entries
+        .join(format!(".{NAME}-{}-{slot}.tmp", m.version));
+    let entry = format!("{NAME}-{}-{slot}+{}.efi", m.version, target.tries);
+    let written = (|| -> Result<(), String> {
+        let mut out = std::fs::File::create(&tmp)
+            .map_err(|e| format!("failed to create {}: {e}", tmp.display()))?;
+        bundle
+            .copy_part(path, &uki, &mut out)
+            .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        out.sync_all()
+            .map_err(|e| format!("failed to sync {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, target.entries.join(&entry))
+            .map_err(|e| format!("failed to rename {} to {entry}: {e}", tmp.display()))?;
+        sync_dir(target.entries)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Installed {
+        version: m.version.clone(),
+        slot: slot.to_owned(),
+        entry,
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("failed to sync {}: {e}", dir.display()))
+}
+
+/// What this boot is to an update, decided once /var is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootRole {
+    /// No update is in flight.
+    Normal,
+    /// The trial of a new slot: it must be ready by the deadline.
+    Trial { version: String, slot: String },
+    /// Back on the old slot after a failed trial (the reason is in the state).
+    RolledBack { version: String, reason: String },
+    /// An install was cut off; the bundle is looked at again.
+    Interrupted { version: String },
+}
+
+/// Moves the state on for this boot: an installed update booted is now trying; one that
+/// was installed or trying while another slot booted has rolled back.
+pub fn on_boot(state: &mut State, running: &Running, now_ms: u64) -> BootRole {
+    let Some(u) = state.update.as_mut() else {
+        return BootRole::Normal;
+    };
+    let this_one = u.version == running.version && u.slot == running.slot;
+    match u.phase {
+        Phase::Installed | Phase::Trying if this_one => {
+            u.phase = Phase::Trying;
+            u.time_ms = now_ms;
+            BootRole::Trial {
+                version: u.version.clone(),
+                slot: u.slot.clone(),
+            }
+        }
+        Phase::Installed | Phase::Trying => {
+            let reason = u.reason.clone().unwrap_or_else(|| {
+                format!(
+                    "slot {} ({}) did not come up; boot counting went back to slot {}",
+                    u.slot, u.version, running.slot
+                )
+            });
+            u.phase = Phase::RolledBack;
+            u.reason = Some(reason.clone());
+            u.time_ms = now_ms;
+            let version = u.version.clone();
+            state.end();
+            BootRole::RolledBack { version, reason }
+        }
+        Phase::Installing => BootRole::Interrupted {
+            version: u.version.clone(),
+        },
+        Phase::Blessed | Phase::RolledBack | Phase::Refused => BootRole::Normal,
+    }
+}
+
+/// The trial's verdict, each turn: `Some(Ok)` blessed, `Some(Err(reason))` failed.
+pub fn judge(
+    ready: bool,
+    degraded: &[String],
+    started: Instant,
+    limit: Duration,
+) -> Option<Result<(), String>> {
+    if ready {
+        Some(Ok(()))
+    } else if !degraded.is_empty() {
+        Some(Err(format!("given up: {}", degraded.join(", "))))
+    } else if started.elapsed() >= limit {
+        Some(Err(format!(
+            "not every service was ready within {} s",
+            limit.as_secs()
+        )))
+    } else {
+        None
+    }
+}
+
+/// An install's end: the state to keep, and what it did (`None`: the running version).
+type Outcome = (State, Result<Option<Installed>, String>);
+
+/// The updates' part of PID 1's loop: the trial's verdict, and installs, one at a time
+/// on a thread of their own (a bundle is checked and copied in full: seconds).
+pub struct Updater {
+    config: crate::config::Update,
+    running: Running,
+    state_file: PathBuf,
+    role: BootRole,
+    started: Instant,
+    judged: bool,
+    last_look: Option<Instant>,
+    job: Option<std::sync::mpsc::Receiver<Outcome>>,
+    /// Bundles of the running version, seen once: not opened again.
+    skipped: Vec<String>,
+}
+
+impl Updater {
+    /// Moves the state on for this boot and says what this boot is to an update.
+    pub fn start(config: crate::config::Update, running: Running) -> Updater {
+        let state_file = PathBuf::from(STATE);
+        let mut state = State::load(&state_file);
+        let role = on_boot(&mut state, &running, unix_ms());
+        match &role {
+            BootRole::Normal => {}
+            BootRole::Trial { version, slot } => say!(
+                "update: trying {version} in slot {slot}: every service must be ready within {} s",
+                config.health_limit_s
+            ),
+            BootRole::RolledBack { version, reason } => say!(
+                "update: rolled back from {version} to {} in slot {}: {reason}",
+                running.version,
+                running.slot
+            ),
+            BootRole::Interrupted { version } => {
+                say!("update: the install of {version} was cut off; it starts again")
+            }
+        }
+        if role != BootRole::Normal {
+            if let Err(e) = state.save(&state_file) {
+                say!("warning: update: {e}");
+            }
+        }
+        Updater {
+            config,
+            running,
+            state_file,
+            role,
+            started: Instant::now(),
+            judged: false,
+            last_look: None,
+            job: None,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// The state as the box reports it (control `status`, and through fabricd the core).
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::to_value(State::load(&self.state_file)).unwrap_or_default()
+    }
+
+    /// One turn: judge a trial, collect a finished install, or look for a bundle. A
+    /// reboot to ask for is returned.
+    pub fn step(&mut self, ready: bool, given_up: &[String]) -> Option<crate::power::Action> {
+        if let BootRole::Trial { version, slot } = &self.role {
+            if !self.judged {
+                let limit = Duration::from_secs(self.config.health_limit_s);
+                let verdict = judge(ready, given_up, self.started, limit)?;
+                self.judged = true;
+                let mut state = State::load(&self.state_file);
+                let back = state
+                    .update
+                    .as_ref()
+                    .map_or("the other slot".to_owned(), |u| {
+                        format!("slot {}", u.from_slot)
+                    });
+                if let Some(u) = state.update.as_mut() {
+                    u.time_ms = unix_ms();
+                    match &verdict {
+                        Ok(()) => {
+                            u.phase = Phase::Blessed;
+                            u.reason = None;
+                            state.security_floor = state.security_floor.max(u.security_version);
+                        }
+                        Err(reason) => u.reason = Some(format!("the trial failed: {reason}")),
+                    }
+                }
+                if verdict.is_ok() {
+                    state.end();
+                }
+                if let Err(e) = state.save(&self.state_file) {
+                    say!("warning: update: {e}");
+                }
+                return match verdict {
+                    Ok(()) => {
+                        say!(
+                            "update: {version} in slot {slot} blessed (security floor {})",
+                            state.security_floor
+                        );
+                        None
+                    }
+                    Err(reason) => {
+                        say!("update: {version} in slot {slot} failed its trial: {reason}; rebooting to go back to {back}");
+                        Some(crate::power::Action::Reboot)
+                    }
+                };
+            }
+        }
+        if let Some(job) = &self.job {
+            let (mut state, result) = match job.try_recv() {
+                Ok(done) => done,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => (
+                    State::load(&self.state_file),
+                    Err("the install thread ended without a word".into()),
+                ),
+            };
+            self.job = None;
+            if let Ok(None) = result {
+                return None;
+            }
+            if let Some(u) = state.update.as_mut() {
+                u.time_ms = unix_ms();
+                match &result {
+                    Ok(_) => u.phase = Phase::Installed,
+                    Err(e) => {
+                        u.phase = Phase::Refused;
+                        u.reason = Some(e.clone());
+                    }
+                }
+            }
+            if result.is_err() {
+                state.end();
+            }
+            if let Err(e) = state.save(&self.state_file) {
+                say!("warning: update: {e}");
+            }
+            return match result {
+                Ok(Some(i)) => {
+                    say!(
+                        "update: {} installed in slot {} ({}); rebooting to try it",
+                        i.version,
+                        i.slot,
+                        i.entry
+                    );
+                    Some(crate::power::Action::Reboot)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    let bundle = state.update.as_ref().map_or("", |u| u.bundle.as_str());
+                    say!("update: refused {bundle}: {e}");
+                    None
+                }
+            };
+        }
+        // Only a healthy boot installs, and not while its own trial is undecided.
+        if !ready
+            || self
+                .last_look
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return None;
+        }
+        self.last_look = Some(Instant::now());
+        let state = State::load(&self.state_file);
+        let (path, id) = next_bundle(&self.config.bundles, &state)?;
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        if self.skipped.contains(&format!("{name}:{id}")) {
+            return None;
+        }
+        self.skipped.push(format!("{name}:{id}"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (running, tries) = (self.running.clone(), self.config.tries);
+        let state_file = self.state_file.clone();
+        let spawned = std::thread::Builder::new()
+            .name("update".into())
+            .spawn(move || {
+                let _ = tx.send(attempt(
+                    &path,
+                    &name,
+                    &id,
+                    &running,
+                    state,
+                    &state_file,
+                    tries,
+                ));
+            });
+        match spawned {
+            Ok(_) => self.job = Some(rx),
+            Err(e) => say!("warning: update: failed to start the install: {e}"),
+        }
+        None
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One bundle, from its manifest to an installed slot: `Ok(None)` when it is the running
+/// version. The state says `installing` before anything is touched.
+fn attempt(
+    path: &Path,
+    name: &str,
+    id: &str,
+    running: &Running,
+    mut state: State,
+    state_file: &Path,
+    tries: u32,
+) -> Outcome {
+    let mut record = Attempt {
+        phase: Phase::Refused,
+        bundle: name.to_owned(),
+        bundle_id: id.to_owned(),
+        version: String::new(),
+        security_version: 0,
+        slot: other_slot(&running.slot).to_owned(),
+        from_version: running.version.clone(),
+        from_slot: running.slot.clone(),
+        reason: None,
+        time_ms: unix_ms(),
+    };
+    let result = (|| -> Result<Option<Installed>, String> {
+        let key = load_key(Path::new(UPDATE_KEY))?;
+        let m = edge_update::head(path, &key).map_err(|e| e.to_string())?;
+        record.version = m.version.clone();
+        record.security_version = m.security_version;
+        if !admit(&m, running, state.security_floor)? {
+            return Ok(None);
+        }
+        say!(
+            "update: checking {name} ({} for slot {})",
+            m.version,
+            record.slot
+        );
+        let bundle = edge_update::open(path, &key).map_err(|e| e.to_string())?;
+        let slot = record.slot.clone();
+        let devs = crate::disk::scan(Path::new("/sys/class/block"));
+        let (root_label, verity_label) = (format!("root-{slot}"), format!("root-{slot}-verity"));
+        let found = crate::disk::find_labels(&devs, &[&root_label, &verity_label]);
+        let node = |label: &str| -> Result<PathBuf, String> {
+            let dev = found
+                .get(label)
+                .ok_or_else(|| format!("no partition labelled {label}"))?;
+            crate::disk::ensure_node(dev, Path::new("/dev"))
+        };
+        let (root, verity) = (node(&root_label)?, node(&verity_label)?);
+        record.phase = Phase::Installing;
+        state.update = Some(record.clone());
+        state.save(state_file)?;
+        say!("update: writing {} into slot {slot}", m.version);
+        crate::stage2::with_esp(|esp| {
+            install(
+                path,
+                &bundle,
+                &slot,
+                &Target {
+                    root: &root,
+                    verity: &verity,
+                    entries: &esp.join("EFI/Linux"),
+                    tries,
+                },
+            )
+        })?
+        .map(Some)
+    })();
+    // The running version's bundle leaves the state as it was.
+    if !result.as_ref().is_ok_and(Option::is_none) {
+        state.update = Some(record);
+    }
+    (state, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn versions_compare_by_their_numbers() {
+        assert_eq!(version_cmp("0.10.0", "0.9.1"), Greater);
+        assert_eq!(version_cmp("0.2.0", "0.2.0"), Equal);
+        assert_eq!(version_cmp("0.1.0", "0.2.0"), Less);
+        assert_eq!(version_cmp("1.0", "1.0.1"), Less);
+    }
+
+    fn manifest(version: &str, sv: u64) -> edge_update::Manifest {
+        edge_update::Manifest {
+            format: 1,
+            name: NAME.into(),
+            version: version.into(),
+            security_version: sv,
+            kernel_release: "6.1".into(),
+            roothash: "0".repeat(64),
+            block_size: 4096,
+            parts: vec![],
+        }
+    }
+
+    #[test]
+    fn older_versions_other_products_and_low_security_versions_are_refused_naming_both() {
+        let running = Running {
+            version: "0.2.0".into(),
+            slot: "a".into(),
+        };
+        assert_eq!(admit(&manifest("0.3.0", 2), &running, 2), Ok(true));
+        assert_eq!(admit(&manifest("0.2.0", 2), &running, 2), Ok(false));
+        assert_eq!(
+            admit(&manifest("0.1.0", 2), &running, 1),
+            Err("version 0.1.0 is older than the running 0.2.0".into())
+        );
+        assert_eq!(
+            admit(&manifest("0.3.0", 1), &running, 2),
+            Err("its security version 1 is below the lowest this box accepts (2)".into())
+        );
+        let mut other = manifest("0.3.0", 2);
+        other.name = "otheros".into();
+        assert!(admit(&other, &running, 1)
+            .unwrap_err()
+            .contains("\"otheros\""));
+    }
+
+    #[test]
+    fn entries_are_known_by_their_slot_whatever_their_counter() {
+        assert_eq!(entry_slot("edgeos-0.1.0-a+3.efi").as_deref(), Some("a"));
+        assert_eq!(entry_slot("edgeos-0.1.0-b+0-3.efi").as_deref(), Some("b"));
+        assert_eq!(entry_slot("edgeos-0.2.0-rc1-b.efi").as_deref(), Some("b"));
+        assert_eq!(entry_slot("edgeos-0.1.0-c.efi"), None);
+        assert_eq!(entry_slot("other-0.1.0-a.efi"), None);
+        assert_eq!(entry_slot(".edgeos-0.1.0-a.tmp"), None);
+    }
+
+    fn attempt(phase: Phase) -> State {
+        State {
+            ended: Vec::new(),
+            security_floor: 1,
+            update: Some(Attempt {
+                phase,
+                bundle: "edgeos-0.2.0.bundle".into(),
+                bundle_id: "1:2:3".into(),
+                version: "0.2.0".into(),
+                security_version: 1,
+                slot: "b".into(),
+                from_version: "0.1.0".into(),
+                from_slot: "a".into(),
+                reason: None,
+                time_ms: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_boot_of_the_new_slot_is_its_trial_and_a_boot_of_the_old_one_a_rollback() {
+        let new = Running {
+            version: "0.2.0".into(),
+            slot: "b".into(),
+        };
+        let old = Running {
+            version: "0.1.0".into(),
+            slot: "a".into(),
+        };
+        let mut s = attempt(Phase::Installed);
+        assert!(matches!(on_boot(&mut s, &new, 5), BootRole::Trial { .. }));
+        assert_eq!(s.update.as_ref().unwrap().phase, Phase::Trying);
+
+        let mut s = attempt(Phase::Trying);
+        s.update.as_mut().unwrap().reason = Some("given up: noded".into());
+        match on_boot(&mut s, &old, 5) {
+            BootRole::RolledBack { reason, .. } => assert_eq!(reason, "given up: noded"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.update.as_ref().unwrap().phase, Phase::RolledBack);
+
+        // A trial that never reached a verdict (a hang the watchdog reset, a power cut).
+        let mut s = attempt(Phase::Installed);
+        match on_boot(&mut s, &old, 5) {
+            BootRole::RolledBack { reason, .. } => {
+                assert!(
+                    reason.contains("slot b (0.2.0) did not come up"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut s = attempt(Phase::Installing);
+        assert!(matches!(
+            on_boot(&mut s, &old, 5),
+            BootRole::Interrupted { .. }
+        ));
+        let mut s = attempt(Phase::Blessed);
+        assert_eq!(on_boot(&mut s, &new, 5), BootRole::Normal);
+    }
+
+    #[test]
+    fn a_bundle_whose_copy_has_ended_is_not_looked_at_again_and_a_new_copy_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgeos-0.2.0.bundle");
+        std::fs::write(&path, b"x").unwrap();
+        std::fs::write(dir.path().join(".edgeos-0.2.0.bundle.partial"), b"x").unwrap();
+        let mut s = attempt(Phase::RolledBack);
+        assert_eq!(
+            next_bundle(dir.path(), &s).map(|(p, _)| p),
+            Some(path.clone())
+        );
+        s.update.as_mut().unwrap().bundle_id = bundle_id(&path).unwrap();
+        assert_eq!(next_bundle(dir.path(), &s), None);
+        s.update.as_mut().unwrap().phase = Phase::Installing;
+        assert!(next_bundle(dir.path(), &s).is_some());
+        // Ended, then another attempt took the record: still not looked at again.
+        s.update.as_mut().unwrap().phase = Phase::RolledBack;
+        s.end();
+        s.update.as_mut().unwrap().bundle = "edgeos-0.3.0.bundle".into();
+        assert_eq!(next_bundle(dir.path(), &s), None);
+        for i in 0..40 {
+            s.update.as_mut().unwrap().bundle_id = i.to_string();
+            s.end();
+        }
+        assert_eq!(s.ended.len(), ENDED_KEPT);
+        assert!(
+            next_bundle(dir.path(), &s).is_some(),
+            "the oldest are forgotten"
+        );
+    }
+
+    /// A signed bundle of `version` in `dir` (root: three blocks), opened.
+    fn bundle(dir: &Path, version: &str) -> (PathBuf, edge_update::Bundle) {
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let mut files = Vec::new();
+        for name in edge_update::PARTS {
+            if name == "root.blockhash" {
+                continue;
+            }
+            let data: Vec<u8> = match name {
+                "root.erofs" => (0..3 * 4096).map(|i| (i % 253) as u8).collect(),
+                other => format!("{other} of {version}").into_bytes(),
+            };
+            let path = dir.join(name);
+            std::fs::write(&path, data).unwrap();
+            files.push((name, path));
+        }
+        let files: Vec<(&str, &Path)> = files.iter().map(|(n, p)| (*n, p.as_path())).collect();
+        let out = dir.join(format!("edgeos-{version}.bundle"));
+        edge_update::write(
+            &out,
+            &edge_update::Identity {
+                name: NAME,
+                version,
+                security_version: 2,
+                kernel_release: "6.1",
+                roothash: &"ab".repeat(32),
+            },
+            &edge_update::Sources { files: &files },
+            |m| key.sign(m).as_ref().to_vec(),
+        )
+        .unwrap();
+        let b = edge_update::open(&out, key.public_key().as_ref()).unwrap();
+        (out, b)
+    }
+
+    #[test]
+    fn an_install_replaces_only_the_inactive_slot_and_ends_with_its_counted_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (path, b) = bundle(d, "0.2.0");
+        let entries = d.join("EFI/Linux");
+        std::fs::create_dir_all(&entries).unwrap();
+        for e in [
+            "edgeos-0.1.0-a.efi",
+            "edgeos-0.1.0-b+0.efi",
+            "edgeos-0.0.9-b+0-3.efi",
+        ] {
+            std::fs::write(entries.join(e), e).unwrap();
+        }
+        let (root, verity) = (d.join("root-b"), d.join("root-b-verity"));
+        std::fs::write(&root, vec![0xee; 5 * 4096]).unwrap();
+        std::fs::write(&verity, vec![0xee; 4096]).unwrap();
+        let target = Target {
+            root: &root,
+            verity: &verity,
+            entries: &entries,
+            tries: 1,
+        };
+        let done = install(&path, &b, "b", &target).unwrap();
+        assert_eq!(done.entry, "edgeos-0.2.0-b+1.efi");
+        let mut left: Vec<String> = std::fs::read_dir(&entries)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["edgeos-0.1.0-a.efi", "edgeos-0.2.0-b+1.efi"]);
+        assert_eq!(
+            std::fs::read(entries.join("edgeos-0.2.0-b+1.efi")).unwrap(),
+            b"uki-b.efi of 0.2.0"
+        );
+        // The root is at the start of its partition; the rest of it is as it was.
+        let written = std::fs::read(&root).unwrap();
+        assert_eq!(
+            &written[..3 * 4096],
+            &std::fs::read(d.join("root.erofs")).unwrap()[..]
+        );
+        assert!(written[3 * 4096..].iter().all(|&x| x == 0xee));
+        assert!(std::fs::read(&verity)
+            .unwrap()
+            .starts_with(b"root.verity of 0.2.0"));
+    }
+
+    #[test]
+    fn a_slot_too_small_is_refused_before_anything_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (path, b) = bundle(d, "0.2.0");
+        let entries = d.join("EFI/Linux");
+        std::fs::create_dir_all(&entries).unwrap();
+        std::fs::write(entries.join("edgeos-0.1.0-b+0.efi"), b"standby").unwrap();
+        let (root, verity) = (d.join("root-b"), d.join("root-b-verity"));
+        std::fs::write(&root, vec![0xee; 2 * 4096]).unwrap();
+        std::fs::write(&verity, vec![0xee; 4096]).unwrap();
+        let target = Target {
+            root: &root,
+            verity: &verity,
+            entries: &entries,
+            tries: 1,
+        };
+        let e = install(&path, &b, "b", &target).unwrap_err();
+        assert!(
+            e.contains("its root.erofs is 12288 bytes and slot b's partition")
+                && e.contains("holds 8192"),
+            "{e}"
+        );
+        assert!(entries.join("edgeos-0.1.0-b+0.efi").exists());
+        assert!(std::fs::read(&root).unwrap().iter().all(|&x| x == 0xee));
+    }
+
+    #[test]
+    fn the_trial_passes_when_ready_and_fails_when_given_up_or_late() {
+        let t = Instant::now();
+        let limit = Duration::from_secs(120);
+        assert_eq!(judge(true, &[], t, limit), Some(Ok(())));
+        assert_eq!(judge(false, &[], t, limit), None);
+        assert_eq!(
+            judge(false, &["noded".into()], t, limit),
+            Some(Err("given up: noded".into()))
+        );
+        assert!(judge(false, &[], t, Duration::ZERO).unwrap().is_err());
+    }
+}
