@@ -44,6 +44,19 @@ pub struct Config {
     pub core_file: Option<PathBuf>,
     /// What the core sends to this edge (needs `[core]`).
     pub downlink: Option<DownlinkConfig>,
+    /// init's record of this boot (`version`, `slot`), reported to the core as `os`.
+    #[serde(default = "default_boot_file")]
+    pub boot_file: PathBuf,
+    /// init's update state (docs/update.md), reported to the core as `update`.
+    #[serde(default = "default_update_state")]
+    pub update_state: PathBuf,
+}
+
+fn default_boot_file() -> PathBuf {
+    "/run/edge/boot.json".into()
+}
+fn default_update_state() -> PathBuf {
+    "/var/lib/edge/update/state.json".into()
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -209,7 +222,8 @@ impl CoreConfig {
     }
 }
 
-fn is_token(s: &str) -> bool {
+/// Letters, digits, `-` and `_`: a subject token (a site or machine name).
+pub fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')

@@ -200,6 +200,10 @@ async fn session(
                 core.status_bucket, config.site, config.machine
             ),
             core.clone(),
+            OsFiles {
+                boot: config.boot_file.clone(),
+                update: config.update_state.clone(),
+            },
         ));
     }
     for (class, c) in config.classes.iter().enumerate() {
@@ -313,6 +317,38 @@ pub struct BoxStatus {
     /// An enrolled box's latest quote of its boot (enrollment.rs, `boot_report`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<edge_tpm::enrollment::BootReport>,
+    /// The OS running: `{"version":..,"slot":..}` from init's boot record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsStatus>,
+    /// init's update state as it keeps it (docs/update.md): the security floor and the
+    /// latest update's phase, versions, slots and reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OsStatus {
+    pub version: String,
+    pub slot: String,
+}
+
+/// The files init keeps that the box reports; a missing or unreadable one is left out.
+#[derive(Debug, Clone)]
+pub struct OsFiles {
+    pub boot: PathBuf,
+    pub update: PathBuf,
+}
+
+impl OsFiles {
+    fn read(&self) -> (Option<OsStatus>, Option<serde_json::Value>) {
+        // Both are small files init writes; anything larger is not theirs.
+        let json = |p: &Path| -> Option<serde_json::Value> {
+            let bytes = std::fs::read(p).ok().filter(|b| b.len() <= 64 << 10)?;
+            serde_json::from_slice(&bytes).ok()
+        };
+        let os = json(&self.boot).and_then(|v| serde_json::from_value(v).ok());
+        (os, json(&self.update))
+    }
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -342,6 +378,8 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
         time_ms: edge_common::unix_ms(),
         version: env!("CARGO_PKG_VERSION").into(),
         boot: None,
+        os: None,
+        update: None,
         classes: names
             .iter()
             .enumerate()
@@ -370,12 +408,14 @@ async fn report_status(
     js: jetstream::Context,
     subject: String,
     core: CoreConfig,
+    os_files: OsFiles,
 ) -> Result<(), String> {
     let mut warned = false;
     let mut boot = crate::enrollment::BootReports::new(&core);
     loop {
         let mut report = box_status(&log, &names);
         report.boot = boot.latest().await;
+        (report.os, report.update) = os_files.read();
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let sent = match js.publish(subject.clone(), body.into()).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| chain(&e)),

@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use ring::signature::KeyPair;
 
+mod update;
+
 #[derive(Parser)]
 #[command(
     name = "edgectl",
@@ -199,6 +201,11 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// OS updates: publish a bundle to sites, see where each box stands.
+    Update {
+        #[command(subcommand)]
+        cmd: update::UpdateCmd,
+    },
     /// Each site and machine: records held, last offset, the box's acked offset and lag,
     /// drops and last contact.
     Status {
@@ -248,7 +255,10 @@ fn main() -> ExitCode {
     // listing that never ends was seen once) is an error, not a hang. Publishing and
     // tailing may rightly take as long as they take.
     let limit = match cli.cmd {
-        Cmd::Status { .. } => Some(std::time::Duration::from_secs(60)),
+        Cmd::Status { .. }
+        | Cmd::Update {
+            cmd: update::UpdateCmd::Status,
+        } => Some(std::time::Duration::from_secs(60)),
         _ => None,
     };
     let result = rt.block_on(async {
@@ -363,12 +373,7 @@ struct Names<'a> {
     status_bucket: &'a str,
 }
 
-/// Letters, digits, `-` and `_`: what fabricd takes as a site (a subject token).
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+use fabricd::config::is_token;
 
 /// What a box of `site` may publish at the core, each with why fabricd needs it. Read off
 /// fabricd's client calls (src/uplink.rs, src/downlink.rs) and the subjects async-nats
@@ -1143,6 +1148,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 parsed.version,
                 parsed.items.len()
             );
+        }
+        Cmd::Update { cmd } => {
+            update::run(cmd, &js, &cli.bucket, &cli.objects, &cli.status_bucket).await?;
         }
         Cmd::Status {
             topic,

@@ -1,0 +1,229 @@
+//! `edgectl update`: an OS update bundle published to sites through the downlink, and
+//! where each box's update stands, from the status it reports (docs/update.md).
+
+use std::path::{Path, PathBuf};
+
+use async_nats::jetstream;
+use ring::signature::KeyPair;
+
+#[derive(clap::Subcommand)]
+pub enum UpdateCmd {
+    /// Check a bundle as the boxes will, put it into the object store, and make it the
+    /// `updates` item of each site's signed downlink manifest (replacing an earlier
+    /// bundle there; the other items stay). The boxes download it, install it into their
+    /// inactive slot and try it.
+    Publish {
+        /// A site to update (repeat for more).
+        #[arg(long = "site", required = true)]
+        sites: Vec<String>,
+        /// Only this machine of the site (its own manifest).
+        #[arg(long)]
+        machine: Option<String>,
+        /// The operator's downlink key (ed25519 PKCS#8), as for `publish`.
+        #[arg(long)]
+        signing_key: PathBuf,
+        /// The update key's public half (`update.pub`): the bundle must verify with it.
+        #[arg(long)]
+        update_key: PathBuf,
+        bundle: PathBuf,
+    },
+    /// Each box: the OS it runs and where its latest update stands.
+    Status,
+}
+
+pub async fn run(
+    cmd: &UpdateCmd,
+    js: &jetstream::Context,
+    bucket: &str,
+    objects: &str,
+    status_bucket: &str,
+) -> Result<(), String> {
+    match cmd {
+        UpdateCmd::Publish {
+            sites,
+            machine,
+            signing_key,
+            update_key,
+            bundle,
+        } => {
+            publish(
+                js,
+                bucket,
+                objects,
+                sites,
+                machine.as_deref(),
+                signing_key,
+                update_key,
+                bundle,
+            )
+            .await
+        }
+        UpdateCmd::Status => status(js, status_bucket).await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    js: &jetstream::Context,
+    bucket: &str,
+    objects: &str,
+    sites: &[String],
+    machine: Option<&str>,
+    signing_key: &Path,
+    update_key: &Path,
+    bundle: &Path,
+) -> Result<(), String> {
+    let text = String::from_utf8(super::read(update_key)?)
+        .map_err(|_| format!("{} is not text", update_key.display()))?;
+    let key = edge_common::hex::decode(text.trim())
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| format!("{} is not 64 hex digits", update_key.display()))?;
+    // Refuse to send what every box would refuse after downloading it.
+    let checked =
+        edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let m = &checked.manifest;
+    let name = format!("{}-{}.bundle", m.name, m.version);
+    let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&super::read(signing_key)?)
+        .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", signing_key.display()))?;
+    for site in sites.iter().map(String::as_str).chain(machine) {
+        if !super::is_token(site) {
+            return Err(format!(
+                "{site:?} must be letters, digits, '-' or '_' (it is a subject token)"
+            ));
+        }
+    }
+
+    let sha256 = {
+        let mut file = tokio::fs::File::open(bundle)
+            .await
+            .map_err(|e| format!("failed to open {}: {e}", bundle.display()))?;
+        let store = js
+            .get_object_store(objects)
+            .await
+            .map_err(|e| format!("no object store {objects}: {e}"))?;
+        store
+            .put(name.as_str(), &mut file)
+            .await
+            .map_err(|e| format!("failed to put object {name}: {e}"))?;
+        sha256_file(bundle)?
+    };
+    println!(
+        "bundle {} {} (security version {}) put as object {name}",
+        m.name, m.version, m.security_version
+    );
+
+    let kv = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| format!("no KV bucket {bucket}: {e}"))?;
+    for site in sites {
+        let key = match machine {
+            Some(machine) => format!("{site}.{machine}.manifest"),
+            None => format!("{site}.manifest"),
+        };
+        let current = kv
+            .get(&key)
+            .await
+            .map_err(|e| format!("failed to read {key}: {e}"))?;
+        let mut manifest = match current {
+            Some(signed) => fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())
+                .map_err(|e| {
+                format!("{key}: {e}; not replacing a manifest this key did not sign")
+            })?,
+            None => fabricd::downlink::Manifest {
+                version: 0,
+                items: Vec::new(),
+            },
+        };
+        manifest.items.retain(|i| i.kind != "updates");
+        manifest.items.push(fabricd::downlink::Item {
+            kind: "updates".into(),
+            name: name.clone(),
+            store: "object".into(),
+            key: name.clone(),
+            sha256: sha256.clone(),
+        });
+        manifest.version += 1;
+        let body = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        let signed = super::sign_framed(&kp, &body);
+        fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())?;
+        kv.put(&key, signed.into())
+            .await
+            .map_err(|e| format!("failed to put {key}: {e}"))?;
+        println!(
+            "{key}: manifest version {} offers {} {}",
+            manifest.version, m.name, m.version
+        );
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(edge_common::hex::encode(ctx.finish().as_ref())),
+            Ok(n) => ctx.update(&buf[..n]),
+            Err(e) => return Err(format!("failed to read {}: {e}", path.display())),
+        }
+    }
+}
+
+/// One line per box: `<site>.<machine>  running <version> (slot <s>)  <update>`.
+async fn status(js: &jetstream::Context, status_bucket: &str) -> Result<(), String> {
+    let reports = js
+        .get_key_value(status_bucket)
+        .await
+        .map_err(|e| format!("no KV bucket {status_bucket}: {e}"))?;
+    let mut keys = super::kv_keys(js, status_bucket).await?;
+    keys.sort();
+    for key in keys {
+        let Ok(Some(value)) = reports.get(&key).await else {
+            continue;
+        };
+        match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&value) {
+            Ok(s) => println!("{}", line(&key, &s)),
+            Err(e) => eprintln!("{key}: unreadable status report: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// What `update status` says of one box.
+pub fn line(key: &str, s: &fabricd::uplink::BoxStatus) -> String {
+    let running = match &s.os {
+        Some(os) => format!("running {} (slot {})", os.version, os.slot),
+        None => "running ? (no OS report)".into(),
+    };
+    let update = s.update.as_ref().and_then(|u| u.get("update"));
+    let field = |k: &str| {
+        update
+            .and_then(|u| u.get(k))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let what = match update.and_then(|u| u.get("phase")).and_then(|p| p.as_str()) {
+        None => "no update".to_owned(),
+        Some(phase) => {
+            let (version, slot, reason) = (field("version"), field("slot"), field("reason"));
+            match phase {
+                "installing" => format!("installing {version} into slot {slot}"),
+                "installed" => format!("installed {version} in slot {slot}, rebooting to try it"),
+                "trying" if update.and_then(|u| u.get("reason")).is_some() => {
+                    format!("trying {version}: {reason}")
+                }
+                "trying" => format!("trying {version}"),
+                "blessed" => format!("blessed {version}"),
+                "rolled-back" => format!("rolled back from {version}: {reason}"),
+                "refused" => format!("refused {}: {reason}", field("bundle")),
+                other => format!("{other} {version}"),
+            }
+        }
+    };
+    format!("{key}  {running}  {what}")
+}
