@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod control;
+pub mod core;
 pub mod disk;
 pub mod gpt;
 pub mod interactive;

@@ -18,14 +18,14 @@
 //! leaves out is refused while the running one carries on.
 
 use anyhow::{bail, Context, Result};
+use qemu_tests::core::{
+    edgectl, free_port, make_pki, operator_key, run, toml_string, Core, Link, Operator,
+};
 use qemu_tests::{all_ready, pod, pod_running as running, Machine, Options};
 use sha2::Digest as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "sensors.temp";
@@ -61,251 +61,9 @@ spec:
       image: edge.local/sensor:1
 "#;
 
-/// The manifest signing key the image under test trusts: the operator's key that
-/// `cargo xtask image` signed the image's allowlist with and whose public half it ships.
-fn operator_key() -> Result<PathBuf> {
-    let dir = match std::env::var_os("EDGEOS_KEY_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
-            .join(".config/edgeos/keys"),
-    };
-    let key = dir.join("manifest.key");
-    if !key.is_file() {
-        bail!(
-            "{} does not exist: the operator key the image was built with is needed to \
-             publish to it (set EDGEOS_KEY_DIR as for `cargo xtask image`)",
-            key.display()
-        );
-    }
-    Ok(key)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// CA, the core's server certificate (valid for 127.0.0.1 and for 10.0.2.100, the
-/// address the guest dials), the operator's certificate and site0's enrollment
-/// certificate, made with openssl.
-fn make_pki(dir: &Path) -> Result<()> {
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "[server]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.0.2.100\n\
-         [client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-         extendedKeyUsage=clientAuth\n",
-    )?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(Command::new("openssl")
-        .current_dir(dir)
-        .args(["req", "-x509"])
-        .args(ec)
-        .args(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"])
-        .args(["-subj", "/CN=test core CA"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]))?;
-    for (name, subject, ext) in [
-        ("server", "server", "server"),
-        ("operator", "edge-operator", "client"),
-        ("enroll", "enroll-site0", "client"),
-    ] {
-        run(Command::new("openssl")
-            .current_dir(dir)
-            .arg("req")
-            .args(ec)
-            .args(["-keyout", &format!("{name}.key")])
-            .args(["-out", &format!("{name}.csr")])
-            .args(["-subj", &format!("/CN={subject}")]))?;
-        run(Command::new("openssl")
-            .current_dir(dir)
-            .args(["x509", "-req", "-in", &format!("{name}.csr")])
-            .args(["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"])
-            .args(["-out", &format!("{name}.pem"), "-days", "2"])
-            .args(["-extfile", "ext.cnf", "-extensions", ext]))?;
-    }
-    // The operator's escrow key pair, for the boxes' recovery keys.
-    run(Command::new("openssl")
-        .current_dir(dir)
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ])
-        .args(["-out", "escrow.key"]))?;
-    run(Command::new("openssl").current_dir(dir).args([
-        "pkey",
-        "-in",
-        "escrow.key",
-        "-pubout",
-        "-out",
-        "escrow.pub",
-    ]))?;
-    Ok(())
-}
-
-/// The core: nats-server on loopback, JetStream on, client certificates required and
-/// mapped to users by the access configuration `edgectl nats-config` writes for site0.
-struct Core {
-    port: u16,
-    child: Child,
-}
-
-impl Core {
-    fn start(dir: &Path, edgectl: &Path) -> Result<Core> {
-        let port = free_port()?;
-        std::fs::create_dir_all(dir.join("store"))?;
-        run(Command::new(edgectl)
-            .args(["nats-config", "--site", "site0", "--tls-cert"])
-            .arg(dir.join("server.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("server.key"))
-            .arg("--tls-ca")
-            .arg(dir.join("ca.pem"))
-            .arg("--out")
-            .arg(dir.join("access.conf")))?;
-        std::fs::write(
-            dir.join("nats.conf"),
-            format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ninclude \"access.conf\"\n",
-                dir.join("store").display(),
-            ),
-        )?;
-        let log = std::fs::File::create(dir.join("nats.log"))?;
-        let child = Command::new("/usr/sbin/nats-server")
-            .arg("-c")
-            .arg(dir.join("nats.conf"))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("failed to start /usr/sbin/nats-server")?;
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!("nats-server did not listen on {port}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Core { port, child })
-    }
-}
-
-impl Drop for Core {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The link between the guest's relay and the core: a TCP proxy the test can cut
-/// (open connections shut, new ones refused) and restore.
-struct Link {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Link {
-    fn start(target: u16) -> Result<Link> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Default::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
-        std::thread::spawn(move || {
-            for down in listener.incoming() {
-                let Ok(down) = down else { break };
-                if c2.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
-                    continue;
-                };
-                let (Ok(d2), Ok(u2)) = (down.try_clone(), up.try_clone()) else {
-                    continue;
-                };
-                if let (Ok(d3), Ok(u3)) = (down.try_clone(), up.try_clone()) {
-                    k2.lock().unwrap().extend([d3, u3]);
-                }
-                for (mut a, mut b) in [(d2, u2), (up, down)] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut a, &mut b);
-                        let _ = b.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Ok(Link { port, cut, conns })
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::Relaxed);
-        if cut {
-            for c in self.conns.lock().unwrap().drain(..) {
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
-        }
-    }
-}
-
-/// The operator's tool (fabricd's `edgectl`): `EDGECTL`, else built (or found up to
-/// date) beside this test's binary: a stale one would lack options the test uses.
-fn edgectl() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("EDGECTL") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe()?;
-    let beside = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("edgectl"))
-        .context("test binary has no parent directory")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo).args(["build", "-p", "fabricd", "--bin", "edgectl"]))?;
-    Ok(beside)
-}
-
-struct Operator {
-    edgectl: PathBuf,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Operator {
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(&self.edgectl);
-        c.arg("--server")
-            .arg(format!("tls://127.0.0.1:{}", self.port))
-            .arg("--ca")
-            .arg(self.dir.join("ca.pem"))
-            .arg("--cert")
-            .arg(self.dir.join("operator.pem"))
-            .arg("--key")
-            .arg(self.dir.join("operator.key"));
-        c
-    }
-
+/// What the fabric scenario asks the core about its records.
+trait Records {
+    fn cmd(&self) -> Command;
     /// Records of `topic` the core holds from this box (`edgectl status`).
     fn records_of(&self, topic: &str) -> Result<u64> {
         let out = run(self.cmd().args(["status", "--topic", topic]))?;
@@ -315,35 +73,6 @@ impl Operator {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|n| n.parse().ok())
             .unwrap_or(0))
-    }
-
-    /// Puts `contents` under a KV key (written to `name` in the test's directory first);
-    /// its sha256 as `edgectl put-kv` prints it.
-    fn put_kv(&self, kv_key: &str, name: &str, contents: &str) -> Result<String> {
-        let file = self.dir.join(name);
-        std::fs::write(&file, contents)?;
-        self.put_kv_file(kv_key, &file)
-    }
-
-    fn put_kv_file(&self, kv_key: &str, file: &Path) -> Result<String> {
-        let out = run(self.cmd().args(["put-kv", "--kv-key", kv_key]).arg(file))?;
-        out.split_whitespace()
-            .last()
-            .filter(|h| h.len() == 64)
-            .map(str::to_string)
-            .with_context(|| format!("no sha256 in {out:?}"))
-    }
-
-    /// Signs `manifest` and publishes it to site0.
-    fn publish(&self, key: &Path, manifest: &serde_json::Value) -> Result<()> {
-        let file = self.dir.join("manifest.json");
-        std::fs::write(&file, manifest.to_string())?;
-        run(self
-            .cmd()
-            .args(["publish", "--site", "site0", "--signing-key"])
-            .arg(key)
-            .arg(&file))?;
-        Ok(())
     }
 
     /// The test's own records (the box's sensor pod posts beside them).
@@ -386,6 +115,12 @@ impl Operator {
                 Some((f.next()?.into(), f.next()?.into(), f.next()?.into()))
             })
             .collect())
+    }
+}
+
+impl Records for Operator {
+    fn cmd(&self) -> Command {
+        Operator::cmd(self)
     }
 }
 
@@ -798,13 +533,4 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     m.finish();
     drop(core);
     Ok(())
-}
-
-/// `"name" = '''contents'''` unless the contents hold `'''`; PEM and TOML here never do.
-fn toml_string(name: &str, contents: &str) -> String {
-    assert!(
-        !contents.contains("'''"),
-        "{name} cannot be a literal string"
-    );
-    format!("\"{name}\" = '''\n{contents}'''\n")
 }

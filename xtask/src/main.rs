@@ -28,6 +28,9 @@ enum Cmd {
         /// Build the root twice from scratch and fail unless both are byte-identical.
         #[arg(long)]
         check_reproducible: bool,
+        /// Build under this version instead of the definition's (into `image-<version>/`).
+        #[arg(long = "as-version")]
+        as_version: Option<String>,
     },
     /// Build the image if stale and boot it in QEMU with the serial console here.
     Run,
@@ -55,11 +58,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Image {
             force,
             check_reproducible,
+            as_version,
         } => {
             if check_reproducible {
                 image::check_reproducible()?;
             }
-            let out = image::build(&image::BuildOptions { force })?;
+            let out = image::build(&image::BuildOptions {
+                force,
+                version: as_version,
+            })?;
             println!("{}", out.raw.display());
             Ok(())
         }

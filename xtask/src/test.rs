@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+/// The version the update scenario moves the box to (newer than any 0.1.0).
+pub const UPDATE_VERSION: &str = "0.1.0.1";
+
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
@@ -102,6 +105,16 @@ pub fn run(filter: Option<String>) -> Result<()> {
         image = Some(build_image()?);
         Ok(())
     });
+    // The update scenario's newer version: the same tree under another version string.
+    let mut update = None;
+    step("update bundle", &mut || {
+        let out = crate::image::build(&crate::image::BuildOptions {
+            force: false,
+            version: Some(UPDATE_VERSION.into()),
+        })?;
+        update = Some(out.bundle);
+        Ok(())
+    });
     step("image reproducible", &mut || {
         if !built {
             bail!("skipped: the image did not build");
@@ -116,6 +129,10 @@ pub fn run(filter: Option<String>) -> Result<()> {
         // Every scenario runs and reports, even after one has failed.
         c.args(["test", "-p", "qemu-tests", "--no-fail-fast"])
             .env("EDGEOS_IMAGE", image);
+        if let Some(bundle) = &update {
+            c.env("EDGEOS_UPDATE_BUNDLE", bundle)
+                .env("EDGEOS_UPDATE_PUB", crate::image::update_public_key()?);
+        }
         if let Some(f) = &filter {
             c.args(["--", f]);
         }

@@ -65,6 +65,15 @@ const DATA_TYPE: &str = "4d21b016-b534-45c2-a9fb-5c16e091fd2d";
 pub struct BuildOptions {
     /// Rebuild even when the stamp says the image is up to date.
     pub force: bool,
+    /// Build the definition under this version instead of its own, into
+    /// `image-<version>/` (the update tests' newer version of the same tree).
+    pub version: Option<String>,
+}
+
+/// The update key's public half the builds sign bundles for (`update.pub` in the keys
+/// directory).
+pub fn update_public_key() -> Result<PathBuf> {
+    Ok(keys::key_dir()?.join("update.pub"))
 }
 
 /// Where a build put its outputs; `run`, `test` and `bench` read these.
@@ -482,14 +491,21 @@ fn make_initramfs(
 
 /// Builds the image unless it is up to date, and returns where everything is.
 pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
-    let p = prepare()?;
+    let mut p = prepare()?;
+    let out_dir = match &opts.version {
+        Some(v) => {
+            p.def.image.version = v.clone();
+            step(&format!("as version {v}"));
+            target_dir(&p.inputs.repo).join(format!("image-{v}"))
+        }
+        None => target_dir(&p.inputs.repo).join("image"),
+    };
     let def = &p.def;
-    let out_dir = target_dir(&p.inputs.repo).join("image");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("failed to create {}", out_dir.display()))?;
     let mut outs = out_paths(&out_dir, def);
     let stamp_path = out_dir.join("stamp");
-    let stamp = stamp(&p.inputs, &p.debs)?;
+    let stamp = format!("{} {}", stamp(&p.inputs, &p.debs)?, def.image.version);
     if p.inputs.pcr_key.development {
         step(&p.inputs.pcr_key.development_warning());
     }

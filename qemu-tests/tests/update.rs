@@ -1,0 +1,252 @@
+//! Over-the-air updates from the core, in the booted image: the operator publishes the
+//! bundle of a newer build of the same tree (`cargo xtask test` builds it as version
+//! 0.1.0.1 and passes it in `EDGEOS_UPDATE_BUNDLE`) to a real nats-server on the host,
+//! the box's fabricd downloads it, init checks it and writes the inactive slot, reboots
+//! into it, and blesses it once every service is ready; the core sees each step in the
+//! box's status reports (`edgectl update status`). Before that, bundles the box must
+//! refuse reach it through the same downlink: one whose signature does not verify, one
+//! with a changed block of the root; after it, an older version. Each is refused with
+//! its reason, reported to the core, and the slots are untouched.
+//!
+//! The box gets a site certificate by hand (provisioned PEM, no TPM enrollment: that is
+//! the fabric scenario's).
+
+use anyhow::{bail, Context, Result};
+use qemu_tests::core::{edgectl, make_pki, operator_key, run, toml_string, Core, Link, Operator};
+use qemu_tests::{all_ready, Machine, Options};
+use sha2::Digest as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn bundle_from_env() -> Result<(PathBuf, PathBuf)> {
+    let bundle = std::env::var_os("EDGEOS_UPDATE_BUNDLE")
+        .context("EDGEOS_UPDATE_BUNDLE is not set: run the system tests with `cargo xtask test`, which builds the update bundle")?;
+    let public = std::env::var_os("EDGEOS_UPDATE_PUB").context("EDGEOS_UPDATE_PUB is not set")?;
+    Ok((bundle.into(), public.into()))
+}
+
+/// Where each entry of a ustar archive starts: (name, data offset, size).
+fn entries(bytes: &[u8]) -> Vec<(String, usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= bytes.len() && bytes[at] != 0 {
+        let h = &bytes[at..at + 512];
+        let name = String::from_utf8_lossy(&h[..100])
+            .trim_end_matches('\0')
+            .to_owned();
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&h[124..136]).trim_matches(|c: char| c == '\0' || c == ' '),
+            8,
+        )
+        .unwrap_or(0);
+        out.push((name, at + 512, size));
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    out
+}
+
+/// Puts `file` into the object store as `name` and makes it the site's `updates` item in
+/// a signed manifest of `version`: the downlink's own path, for bundles `edgectl update
+/// publish` would rightly refuse to send.
+fn offer_raw(op: &Operator, key: &Path, version: u64, name: &str, file: &Path) -> Result<()> {
+    run(op.cmd().args(["put-object", "--name", name]).arg(file))?;
+    let sha = hex(&sha2::Sha256::digest(std::fs::read(file)?));
+    op.publish(
+        key,
+        &serde_json::json!({"version": version, "items": [
+            {"kind": "updates", "name": name, "store": "object", "key": name, "sha256": sha}
+        ]}),
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `edgectl update status`'s line for the box, once it contains `want`.
+fn wait_core_sees(op: &Operator, want: &str, timeout: Duration) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let out = run(op.cmd().args(["update", "status"]))?;
+        if let Some(line) = out.lines().find(|l| l.starts_with("site0.edge0")) {
+            if line.contains(want) {
+                return Ok(line.to_owned());
+            }
+            if start.elapsed() > timeout {
+                bail!("the core's view of the box after {timeout:?}: {line:?}, not {want:?}");
+            }
+        } else if start.elapsed() > timeout {
+            bail!("the core has no status of site0.edge0 after {timeout:?}: {out}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The box's update record, from init's status on the control port.
+fn update_state(m: &mut Machine) -> Result<serde_json::Value> {
+    Ok(m.status()?.get("update").cloned().unwrap_or_default())
+}
+
+#[test]
+fn an_update_from_the_core_is_installed_tried_and_blessed_and_bad_bundles_are_refused() -> Result<()>
+{
+    let (bundle, update_pub) = bundle_from_env()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    make_pki(dir)?;
+    let edgectl = edgectl()?;
+    let core = Core::start(dir, &edgectl)?;
+    let link = Link::start(core.port)?;
+    let op = Operator {
+        edgectl,
+        dir: dir.to_owned(),
+        port: core.port,
+    };
+    run(op.cmd().arg("setup"))?;
+    let key = operator_key()?;
+
+    let p = "/var/lib/edge/provision";
+    let core_toml = format!(
+        "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
+         cert = \"{p}/site.pem\"\nkey = \"{p}/site.key\"\nbackoff_max_ms = 2000\n\
+         status_interval_secs = 2\n"
+    );
+    let mut provision = toml_string("fabricd-core.toml", &core_toml);
+    for f in ["ca.pem", "site.pem", "site.key"] {
+        provision.push_str(&toml_string(f, &std::fs::read_to_string(dir.join(f))?));
+    }
+    let provision_path = dir.join("provision.toml");
+    std::fs::write(&provision_path, provision)?;
+
+    let mut opts = Options::new(&qemu_tests::image_from_env()?);
+    opts.guestfwd.push(format!(
+        "tcp:10.0.2.100:4222-cmd:socat - TCP:127.0.0.1:{}",
+        link.port
+    ));
+    opts.fw_cfg
+        .push(("opt/org.edgeos/provision".into(), provision_path.clone()));
+    let mut m = Machine::with_options("update", opts)?;
+    m.boot()?;
+    let ready = m.wait_ready()?;
+    m.wait_status(Duration::from_secs(60), "all services ready", all_ready)?;
+    let line = wait_core_sees(&op, "no update", Duration::from_secs(120))?;
+    assert!(
+        line.contains(&format!("running {} (slot {})", ready.version, ready.slot)),
+        "{line}"
+    );
+
+    let bytes = std::fs::read(&bundle)?;
+    let parts = entries(&bytes);
+    let find = |n: &str| parts.iter().find(|e| e.0 == n).cloned();
+    let (_, sig_at, _) = find("manifest.sig").context("the bundle has no manifest.sig")?;
+    let (_, root_at, _) = find("root.erofs").context("the bundle has no root.erofs")?;
+
+    // A signature that does not verify: refused from its manifest, before anything else
+    // of it is read.
+    let mut forged = bytes[..sig_at + 512].to_vec();
+    forged[sig_at] ^= 1;
+    let forged_path = dir.join("forged.bundle");
+    std::fs::write(&forged_path, &forged)?;
+    offer_raw(&op, &key, 1, "edgeos-forged.bundle", &forged_path)?;
+    let line = m.wait_for_console(
+        "update: refused edgeos-forged.bundle",
+        Duration::from_secs(180),
+    )?;
+    assert!(
+        line.contains("not signed by the trusted update key"),
+        "{line}"
+    );
+    wait_core_sees(
+        &op,
+        "refused edgeos-forged.bundle: ",
+        Duration::from_secs(60),
+    )?;
+
+    // A changed byte in the root's first block: the signature holds, the block index
+    // does not. Refused before the slot is written (the bundle is cut after that block).
+    let mut tampered = bytes[..root_at + 4096].to_vec();
+    tampered[root_at + 100] ^= 0xff;
+    let tampered_path = dir.join("tampered.bundle");
+    std::fs::write(&tampered_path, &tampered)?;
+    offer_raw(&op, &key, 2, "edgeos-tampered.bundle", &tampered_path)?;
+    let line = m.wait_for_console(
+        "update: refused edgeos-tampered.bundle",
+        Duration::from_secs(300),
+    )?;
+    assert!(
+        line.contains("root.erofs: block 0 does not match the block index"),
+        "{line}"
+    );
+    let st = update_state(&mut m)?;
+    assert_eq!(st["update"]["phase"], "refused", "{st}");
+    assert!(
+        !std::fs::read_to_string(m.console_log())?.contains("update: writing"),
+        "a refused bundle reached the slot"
+    );
+
+    // The real thing, as an operator publishes it.
+    let t = Instant::now();
+    let out = run(op
+        .cmd()
+        .args(["update", "publish", "--site", "site0", "--signing-key"])
+        .arg(&key)
+        .arg("--update-key")
+        .arg(&update_pub)
+        .arg(&bundle))?;
+    assert!(
+        out.contains("site0.manifest: manifest version 3 offers edgeos 0.1.0.1"),
+        "{out}"
+    );
+    let line = m.wait_for_console(
+        "update: 0.1.0.1 installed in slot b",
+        Duration::from_secs(600),
+    )?;
+    eprintln!(
+        "installed {:?} after publishing: {}",
+        t.elapsed(),
+        line.trim_end()
+    );
+    m.wait_for_console(
+        "edgeos: stage 2: version 0.1.0.1 slot b",
+        qemu_tests::machine::BOOT_TIMEOUT,
+    )?;
+    let line = m.wait_for_console(
+        "update: 0.1.0.1 in slot b blessed",
+        Duration::from_secs(300),
+    )?;
+    assert!(line.contains("security floor 1"), "{line}");
+    let line = wait_core_sees(&op, "blessed 0.1.0.1", Duration::from_secs(120))?;
+    assert!(line.contains("running 0.1.0.1 (slot b)"), "{line}");
+    eprintln!("publish to blessed at the core: {:?}", t.elapsed());
+    let st = m.status()?;
+    assert_eq!(st["version"], "0.1.0.1", "{st}");
+    assert_eq!(st["update"]["update"]["from_version"], "0.1.0", "{st}");
+
+    // An older version (the image the box came with): refused from its manifest.
+    let older = ready.version.clone();
+    let older_bundle =
+        qemu_tests::image_from_env()?.with_file_name(format!("edgeos-{older}.bundle"));
+    let older_bytes = std::fs::read(&older_bundle)
+        .with_context(|| format!("failed to read {}", older_bundle.display()))?;
+    let (_, older_root, _) = entries(&older_bytes)
+        .into_iter()
+        .find(|e| e.0 == "root.erofs")
+        .context("no root.erofs")?;
+    let head = dir.join("older.bundle");
+    std::fs::write(&head, &older_bytes[..older_root])?;
+    offer_raw(&op, &key, 4, &format!("edgeos-{older}.bundle"), &head)?;
+    let line = wait_core_sees(
+        &op,
+        &format!("refused edgeos-{older}.bundle"),
+        Duration::from_secs(180),
+    )?;
+    assert!(
+        line.contains(&format!(
+            "version {older} is older than the running 0.1.0.1"
+        )),
+        "{line}"
+    );
+    assert!(line.contains("running 0.1.0.1 (slot b)"), "{line}");
+    m.finish();
+    Ok(())
+}
