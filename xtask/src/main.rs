@@ -31,6 +31,9 @@ enum Cmd {
         /// Build under this version instead of the definition's (into `image-<version>/`).
         #[arg(long = "as-version")]
         as_version: Option<String>,
+        /// A directory whose files are laid over image/overlay (a site's own files).
+        #[arg(long)]
+        overlay: Option<std::path::PathBuf>,
     },
     /// Build the image if stale and boot it in QEMU with the serial console here.
     Run,
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             force,
             check_reproducible,
             as_version,
+            overlay,
         } => {
             if check_reproducible {
                 image::check_reproducible()?;
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             let out = image::build(&image::BuildOptions {
                 force,
                 version: as_version,
+                overlay,
             })?;
             println!("{}", out.raw.display());
             Ok(())

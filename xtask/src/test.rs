@@ -9,6 +9,28 @@ use std::time::Instant;
 /// The version the update scenario moves the box to (newer than any 0.1.0).
 pub const UPDATE_VERSION: &str = "0.1.0.1";
 
+/// A newer version whose trial fails: one of its services can never start.
+pub const BAD_UPDATE_VERSION: &str = "0.1.0.2";
+
+/// The files laid over the image for [`BAD_UPDATE_VERSION`]: the image's services plus
+/// `canary`, whose program does not exist, given up after two restarts.
+fn bad_overlay() -> Result<PathBuf> {
+    let repo = crate::image::repo()?;
+    let services = repo.join("image/overlay/etc/edge/services.toml");
+    let mut text = std::fs::read_to_string(&services)
+        .with_context(|| format!("failed to read {}", services.display()))?;
+    text.push_str(
+        "\n# The update tests' bad version (xtask/src/test.rs): a service that never starts.\n\
+         [[service]]\nname = \"canary\"\nexec = [\"/usr/bin/edge-canary\"]\n\
+         backoff_initial_ms = 200\nbackoff_max_ms = 500\nrestart_limit = 2\n",
+    );
+    let dir = crate::image::target_dir(&repo).join("bad-update-overlay");
+    let file = dir.join("etc/edge/services.toml");
+    std::fs::create_dir_all(file.parent().context("no parent")?)?;
+    std::fs::write(&file, text).with_context(|| format!("failed to write {}", file.display()))?;
+    Ok(dir)
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
@@ -105,14 +127,21 @@ pub fn run(filter: Option<String>) -> Result<()> {
         image = Some(build_image()?);
         Ok(())
     });
-    // The update scenario's newer version: the same tree under another version string.
+    // The update scenario's newer versions: the same tree under other version strings,
+    // the second with a service that cannot start (a bad update, to roll back from).
     let mut update = None;
-    step("update bundle", &mut || {
-        let out = crate::image::build(&crate::image::BuildOptions {
+    step("update bundles", &mut || {
+        let good = crate::image::build(&crate::image::BuildOptions {
             force: false,
             version: Some(UPDATE_VERSION.into()),
+            overlay: None,
         })?;
-        update = Some(out.bundle);
+        let bad = crate::image::build(&crate::image::BuildOptions {
+            force: false,
+            version: Some(BAD_UPDATE_VERSION.into()),
+            overlay: Some(bad_overlay()?),
+        })?;
+        update = Some((good.bundle, bad.bundle));
         Ok(())
     });
     step("image reproducible", &mut || {
@@ -129,8 +158,9 @@ pub fn run(filter: Option<String>) -> Result<()> {
         // Every scenario runs and reports, even after one has failed.
         c.args(["test", "-p", "qemu-tests", "--no-fail-fast"])
             .env("EDGEOS_IMAGE", image);
-        if let Some(bundle) = &update {
+        if let Some((bundle, bad)) = &update {
             c.env("EDGEOS_UPDATE_BUNDLE", bundle)
+                .env("EDGEOS_BAD_UPDATE_BUNDLE", bad)
                 .env("EDGEOS_UPDATE_PUB", crate::image::update_public_key()?);
         }
         if let Some(f) = &filter {

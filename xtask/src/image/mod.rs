@@ -68,6 +68,8 @@ pub struct BuildOptions {
     /// Build the definition under this version instead of its own, into
     /// `image-<version>/` (the update tests' newer version of the same tree).
     pub version: Option<String>,
+    /// A directory of files laid over the image's overlay.
+    pub overlay: Option<PathBuf>,
 }
 
 /// The update key's public half the builds sign bundles for (`update.pub` in the keys
@@ -118,20 +120,28 @@ pub struct Inputs {
     pub pcr_key: keys::PcrPolicyKey,
     /// Signs the update bundle; its public half is `/etc/edge/update-ed25519.pub`.
     pub update_key: keys::UpdateKey,
+    /// Files laid over `overlay` (`cargo xtask image --overlay`): a site's or a test's
+    /// own files, replacing the image's where both have one.
+    pub extra_overlay: Option<PathBuf>,
+}
+
+/// The checkout xtask runs from.
+pub fn repo() -> Result<PathBuf> {
+    // `cargo run` sets CARGO_MANIFEST_DIR: preferred to the compile-time value, which
+    // can name another clone or worktree sharing the target directory.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    Ok(manifest
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_path_buf())
 }
 
 impl Inputs {
     fn locate() -> Result<Inputs> {
-        // `cargo run` sets CARGO_MANIFEST_DIR: preferred to the compile-time value, which
-        // can name another clone or worktree sharing the target directory.
-        let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
-            .map(PathBuf::from)
-            .filter(|d| d.join("Cargo.toml").is_file())
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-        let repo = manifest
-            .parent()
-            .context("xtask has no parent directory")?
-            .to_path_buf();
+        let repo = repo()?;
         let target = target_dir(&repo);
         Ok(Inputs {
             definition: repo.join("image/image.toml"),
@@ -141,6 +151,7 @@ impl Inputs {
             key: keys::operator_key(&keys::key_dir()?)?,
             pcr_key: keys::pcr_policy_key(&keys::key_dir()?)?,
             update_key: keys::update_key(&keys::key_dir()?)?,
+            extra_overlay: None,
             repo,
         })
     }
@@ -325,17 +336,23 @@ fn stamp(inputs: &Inputs, debs: &[PathBuf]) -> Result<String> {
     add("key", inputs.key.public_hex.as_bytes());
     add("pcr-policy-key", &inputs.pcr_key.public_pem()?);
     add("update-key", inputs.update_key.key.public_hex.as_bytes());
-    for rel in rootfs::list_tree(&inputs.overlay)? {
-        let p = inputs.overlay.join(&rel);
-        let data = if p.is_symlink() {
-            std::fs::read_link(&p)?
-                .to_string_lossy()
-                .into_owned()
-                .into_bytes()
-        } else {
-            read(&p)?
-        };
-        add(&format!("overlay/{rel}"), &data);
+    let overlays = [
+        Some(("overlay", &inputs.overlay)),
+        inputs.extra_overlay.as_ref().map(|d| ("extra", d)),
+    ];
+    for (label, dir) in overlays.into_iter().flatten() {
+        for rel in rootfs::list_tree(dir)? {
+            let p = dir.join(&rel);
+            let data = if p.is_symlink() {
+                std::fs::read_link(&p)?
+                    .to_string_lossy()
+                    .into_owned()
+                    .into_bytes()
+            } else {
+                read(&p)?
+            };
+            add(&format!("{label}/{rel}"), &data);
+        }
     }
     for b in OUR_BINARIES
         .into_iter()
@@ -492,6 +509,16 @@ fn make_initramfs(
 /// Builds the image unless it is up to date, and returns where everything is.
 pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     let mut p = prepare()?;
+    if let Some(dir) = &opts.overlay {
+        if !dir.is_dir() {
+            bail!("--overlay {}: not a directory", dir.display());
+        }
+        step(&format!(
+            "with the files of {} over the overlay",
+            dir.display()
+        ));
+        p.inputs.extra_overlay = Some(dir.clone());
+    }
     let out_dir = match &opts.version {
         Some(v) => {
             p.def.image.version = v.clone();

@@ -208,8 +208,10 @@ pub fn assemble(
     write(&root.join("etc/os-release"), &os_release(def))?;
 
     // The overlay last: it may replace package defaults such as containerd's config.
-    for rel in list_tree(&inputs.overlay)? {
-        copy_entry(&inputs.overlay.join(&rel), &root.join(&rel))?;
+    for dir in std::iter::once(&inputs.overlay).chain(&inputs.extra_overlay) {
+        for rel in list_tree(dir)? {
+            copy_entry(&dir.join(&rel), &root.join(&rel))?;
+        }
     }
     normalise_dirs(root)?;
     Ok(())
