@@ -131,7 +131,7 @@ pub fn run(which: &str, runs: u32) -> Result<()> {
         return crate::bench_storage::run();
     }
     if which != "boot" {
-        bail!("unknown benchmark {which:?} (known: boot, fabric, storage, pods)");
+        bail!("unknown benchmark {which:?} (known: boot, fabric, storage, pods, update)");
     }
     if runs == 0 {
         bail!("--runs must be at least 1");

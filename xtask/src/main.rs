@@ -6,6 +6,7 @@ mod bench;
 mod bench_fabric;
 mod bench_pods;
 mod bench_storage;
+mod bench_update;
 mod host;
 mod image;
 mod run;
@@ -44,7 +45,7 @@ enum Cmd {
     },
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
-        /// Which benchmark: boot, fabric, storage or pods
+        /// Which benchmark: boot, fabric, storage, pods or update
         which: String,
         /// How many boots to take the median of (boot).
         #[arg(long, default_value_t = 3)]
@@ -79,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { filter } => test::run(filter),
         Cmd::Bench { which, .. } if which == "fabric" => bench_fabric::run(),
         Cmd::Bench { which, pods, .. } if which == "pods" => bench_pods::run(pods),
+        Cmd::Bench { which, .. } if which == "update" => bench_update::run(),
         Cmd::Bench { which, runs, .. } => bench::run(&which, runs),
     }
 }

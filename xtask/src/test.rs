@@ -9,6 +9,41 @@ use std::time::Instant;
 /// The version the update scenario moves the box to (newer than any 0.1.0).
 pub const UPDATE_VERSION: &str = "0.1.0.1";
 
+/// The update scenario's bundles (qemu-tests/tests/update.rs).
+pub struct UpdateBundles {
+    pub good: PathBuf,
+    pub bad: PathBuf,
+}
+
+impl UpdateBundles {
+    /// Hands them to the system tests, with the update key they are signed with.
+    pub fn pass_to(&self, c: &mut Command) -> Result<()> {
+        c.env("EDGEOS_UPDATE_BUNDLE", &self.good)
+            .env("EDGEOS_BAD_UPDATE_BUNDLE", &self.bad)
+            .env("EDGEOS_UPDATE_PUB", crate::image::update_public_key()?);
+        Ok(())
+    }
+}
+
+/// The same tree built as two newer versions: a good one, and a bad one with a service
+/// that cannot start (an update to roll back from).
+pub fn update_bundles() -> Result<UpdateBundles> {
+    let good = crate::image::build(&crate::image::BuildOptions {
+        force: false,
+        version: Some(UPDATE_VERSION.into()),
+        overlay: None,
+    })?;
+    let bad = crate::image::build(&crate::image::BuildOptions {
+        force: false,
+        version: Some(BAD_UPDATE_VERSION.into()),
+        overlay: Some(bad_overlay()?),
+    })?;
+    Ok(UpdateBundles {
+        good: good.bundle,
+        bad: bad.bundle,
+    })
+}
+
 /// A newer version whose trial fails: one of its services can never start.
 pub const BAD_UPDATE_VERSION: &str = "0.1.0.2";
 
@@ -131,17 +166,7 @@ pub fn run(filter: Option<String>) -> Result<()> {
     // the second with a service that cannot start (a bad update, to roll back from).
     let mut update = None;
     step("update bundles", &mut || {
-        let good = crate::image::build(&crate::image::BuildOptions {
-            force: false,
-            version: Some(UPDATE_VERSION.into()),
-            overlay: None,
-        })?;
-        let bad = crate::image::build(&crate::image::BuildOptions {
-            force: false,
-            version: Some(BAD_UPDATE_VERSION.into()),
-            overlay: Some(bad_overlay()?),
-        })?;
-        update = Some((good.bundle, bad.bundle));
+        update = Some(update_bundles()?);
         Ok(())
     });
     step("image reproducible", &mut || {
@@ -158,10 +183,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
         // Every scenario runs and reports, even after one has failed.
         c.args(["test", "-p", "qemu-tests", "--no-fail-fast"])
             .env("EDGEOS_IMAGE", image);
-        if let Some((bundle, bad)) = &update {
-            c.env("EDGEOS_UPDATE_BUNDLE", bundle)
-                .env("EDGEOS_BAD_UPDATE_BUNDLE", bad)
-                .env("EDGEOS_UPDATE_PUB", crate::image::update_public_key()?);
+        if let Some(bundles) = &update {
+            bundles.pass_to(&mut c)?;
         }
         if let Some(f) = &filter {
             c.args(["--", f]);
