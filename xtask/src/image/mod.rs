@@ -469,7 +469,10 @@ fn make_initramfs(
         std::fs::create_dir_all(tree.join(d))?;
     }
     rootfs::copy_entry(&p.inputs.binary("init"), &tree.join("init"))?;
-    rootfs::write(&tree.join("etc/initrd-release"), &rootfs::os_release(def))?;
+    rootfs::write(
+        &tree.join("etc/initrd-release"),
+        &rootfs::initrd_release(def),
+    )?;
     rootfs::write(
         &tree.join("etc/edge/modules"),
         &rootfs::lines(&rb.initramfs_modules),

@@ -39,6 +39,18 @@ pub fn os_release(def: &Definition) -> String {
     )
 }
 
+/// The initramfs's `/etc/initrd-release`: what it is, not which version (stage 1 reads
+/// the version from the command line). Without the version the initramfs is the same
+/// bytes from one version to the next while init is, so an update's delta carries no
+/// block of it (docs/update.md).
+pub fn initrd_release(def: &Definition) -> String {
+    let i = &def.image;
+    format!(
+        "NAME=\"{}\"\nID={}\nPRETTY_NAME=\"{} initrd\"\n",
+        i.pretty_name, i.name, i.pretty_name
+    )
+}
+
 fn mkdirs(p: &Path) -> Result<()> {
     std::fs::create_dir_all(p).with_context(|| format!("failed to create {}", p.display()))
 }
@@ -252,7 +264,10 @@ pub struct RootImage {
 }
 
 /// Makes the erofs image and its hash tree from the staging tree, deterministically: fixed
-/// times and owners, UUIDs and salt derived from the version.
+/// times and owners, UUIDs derived from the version. The verity salt is derived from the
+/// image's name, not its version: with one salt for every version, the hash tree's
+/// blocks over unchanged data stay the same bytes, and an update's delta carries only
+/// the tree blocks over what changed (docs/update.md).
 pub fn make_images(def: &Definition, root: &Path, out_dir: &Path) -> Result<RootImage> {
     let version = &def.image.version;
     let erofs = out_dir.join("root.erofs");
@@ -273,7 +288,7 @@ pub fn make_images(def: &Definition, root: &Path, out_dir: &Path) -> Result<Root
             .arg(root)
             .env("SOURCE_DATE_EPOCH", "0"),
     )?;
-    let salt = super::derive_hex(version, "verity-salt");
+    let salt = super::derive_hex(&def.image.name, "verity-salt");
     let out = cmd::stdout(
         Command::new("veritysetup")
             .arg("format")

@@ -212,8 +212,11 @@ pub fn assemble(parts: &UkiParts, out: &Path) -> Result<Pcr11> {
         (".osrel", parts.osrel, read(parts.osrel)?),
         (".cmdline", parts.cmdline, read(parts.cmdline)?),
         (".pcrpkey", pcrpkey, read(pcrpkey)?),
-        (".initrd", parts.initrd, read(parts.initrd)?),
+        // The kernel before the initramfs: its place in the file then depends only on the
+        // small sections before it, so it is the same blocks from one version to the next
+        // (an update's delta carries none of it). The stub finds sections by name.
         (".linux", parts.linux, read(parts.linux)?),
+        (".initrd", parts.initrd, read(parts.initrd)?),
     ];
     let measured: Vec<(&str, &[u8])> = new.iter().map(|(n, _, b)| (*n, b.as_slice())).collect();
     let (pcr11, json) = sign_pcr11(&measured, parts.pcr_key)?;
