@@ -12,6 +12,8 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+pub mod delta;
+
 use edge_oci::tar;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
