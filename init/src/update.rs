@@ -169,7 +169,7 @@ pub fn bundle_id(path: &Path) -> Option<String> {
     Some(format!("{}:{}:{}", m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-/// The next bundle worth a look in `dir`: a `*.bundle` file whose copy has not already
+/// The next bundle worth a look in `dir`: a `*.bundle` or `*.delta` file whose copy has not already
 /// ended (refused, rolled back or blessed). An install cut off by a power loss is
 /// looked at again.
 pub fn next_bundle(dir: &Path, state: &State) -> Option<(PathBuf, String)> {
@@ -177,7 +177,7 @@ pub fn next_bundle(dir: &Path, state: &State) -> Option<(PathBuf, String)> {
         .ok()?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".bundle") && !n.starts_with('.'))
+        .filter(|n| (n.ends_with(".bundle") || n.ends_with(".delta")) && !n.starts_with('.'))
         .collect();
     names.sort();
     names.into_iter().find_map(|name| {
@@ -272,16 +272,19 @@ fn size_of(path: &Path) -> Result<u64, String> {
         .map_err(|e| format!("failed to size {}: {e}", path.display()))
 }
 
-/// Writes the checked `bundle` into the inactive slot described by `target`. Its entries
-/// go first, the UKI last; every step that fails says what, and leaves the running
-/// slot and its entry as they were.
+/// Copies one checked part (by name) into a writer: from a bundle, or rebuilt from a
+/// delta; the part's SHA-256 is checked again on the way.
+pub type CopyPart<'a> = &'a dyn Fn(&str, &mut dyn std::io::Write) -> Result<(), String>;
+
+/// Writes the update whose checked manifest is `m` into the inactive slot described by
+/// `target`, its parts from `copy`. The slot's entries go first, the UKI last; every
+/// step that fails says what, and leaves the running slot and its entry as they were.
 pub fn install(
-    path: &Path,
-    bundle: &edge_update::Bundle,
+    m: &edge_update::Manifest,
+    copy: CopyPart,
     slot: &str,
     target: &Target,
 ) -> Result<Installed, String> {
-    let m = &bundle.manifest;
     let part_size = |name: &str| m.part(name).map_or(0, |p| p.size);
     for (part, dev) in [("root.erofs", target.root), ("root.verity", target.verity)] {
         let have = size_of(dev)?;
@@ -303,9 +306,7 @@ pub fn install(
             .write(true)
             .open(dev)
             .map_err(|e| format!("failed to open {} for writing: {e}", dev.display()))?;
-        bundle
-            .copy_part(path, part, &mut out)
-            .map_err(|e| format!("writing {}: {e}", dev.display()))?;
+        copy(part, &mut out).map_err(|e| format!("writing {}: {e}", dev.display()))?;
         out.sync_all()
             .map_err(|e| format!("failed to sync {}: {e}", dev.display()))?;
     }
@@ -317,9 +318,7 @@ pub fn install(
     let written = (|| -> Result<(), String> {
         let mut out = std::fs::File::create(&tmp)
             .map_err(|e| format!("failed to create {}: {e}", tmp.display()))?;
-        bundle
-            .copy_part(path, &uki, &mut out)
-            .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        copy(&uki, &mut out).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
         out.sync_all()
             .map_err(|e| format!("failed to sync {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, target.entries.join(&entry))
@@ -610,6 +609,85 @@ impl Updater {
     }
 }
 
+/// A delta's parts, rebuilt from the running slot (its root and verity tree, the root's
+/// block index, its UKI) and the delta's pack.
+struct Rebuild<'a> {
+    delta: &'a edge_update::delta::Delta,
+    seeds: edge_update::delta::Seeds,
+    index: Vec<u8>,
+}
+
+impl<'a> Rebuild<'a> {
+    /// Gathers the running slot's blocks and rebuilds every part the slot needs once
+    /// into nothing, so a delta that cannot make them is refused before anything is
+    /// touched.
+    fn prepare(
+        delta: &'a edge_update::delta::Delta,
+        running: &Running,
+        node: &dyn Fn(String) -> Result<PathBuf, String>,
+        slot: &str,
+    ) -> Result<Rebuild<'a>, String> {
+        let t = Instant::now();
+        let mut seeds = edge_update::delta::Seeds::default();
+        let run = &running.slot;
+        let index = seeds
+            .add_file(&node(format!("root-{run}"))?, delta.info.base_root_bytes)
+            .map_err(|e| e.to_string())?;
+        seeds.add_bytes(index);
+        seeds
+            .add_file(
+                &node(format!("root-{run}-verity"))?,
+                delta.info.base_verity_bytes,
+            )
+            .map_err(|e| e.to_string())?;
+        let uki = crate::stage2::with_esp(|esp| {
+            let dir = esp.join("EFI/Linux");
+            let stem = format!("{NAME}-{}-{run}", running.version);
+            slot_entries(&dir, run)
+                .into_iter()
+                .find(|n| n.starts_with(&stem))
+                .and_then(|n| std::fs::read(dir.join(n)).ok())
+        })?;
+        match uki {
+            Some(bytes) => seeds.add_bytes(bytes),
+            None => {
+                say!("update: no UKI of the running slot found; its blocks come from the delta")
+            }
+        }
+        let mut index = Vec::new();
+        let r = |part: &str, out: &mut dyn std::io::Write, index: Option<&[u8]>| {
+            delta
+                .rebuild(part, &seeds, index, out)
+                .map_err(|e| e.to_string())
+        };
+        let mut held = r("root.blockhash", &mut index, None)?.held;
+        for part in [
+            format!("uki-{slot}.efi"),
+            "root.verity".into(),
+            "root.erofs".into(),
+        ] {
+            held += r(&part, &mut std::io::sink(), Some(&index))?.held;
+        }
+        say!(
+            "update: the delta rebuilds slot {slot} ({held} blocks from this box's own, {} known) in {} ms",
+            seeds.len(),
+            t.elapsed().as_millis()
+        );
+        Ok(Rebuild {
+            delta,
+            seeds,
+            index,
+        })
+    }
+
+    fn copy(&self, part: &str, out: &mut dyn std::io::Write) -> Result<(), String> {
+        self.delta
+            .rebuild(part, &self.seeds, Some(&self.index), out)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -641,37 +719,69 @@ fn attempt(
     };
     let result = (|| -> Result<Option<Installed>, String> {
         let key = load_key(Path::new(UPDATE_KEY))?;
-        let m = edge_update::head(path, &key).map_err(|e| e.to_string())?;
+        let is_delta = name.ends_with(".delta");
+        let delta = if is_delta {
+            let d = edge_update::delta::open(path, &key).map_err(|e| e.to_string())?;
+            Some(d)
+        } else {
+            None
+        };
+        let m = match &delta {
+            Some(d) => d.manifest.clone(),
+            None => edge_update::head(path, &key).map_err(|e| e.to_string())?,
+        };
         record.version = m.version.clone();
         record.security_version = m.security_version;
         if !admit(&m, running, state.security_floor)? {
             return Ok(None);
         }
-        say!(
-            "update: checking {name} ({} for slot {})",
-            m.version,
-            record.slot
-        );
-        let bundle = edge_update::open(path, &key).map_err(|e| e.to_string())?;
+        if let Some(d) = &delta {
+            if d.info.base_version != running.version {
+                return Err(format!(
+                    "it is a delta from {}, and this box runs {}",
+                    d.info.base_version, running.version
+                ));
+            }
+        }
         let slot = record.slot.clone();
+        say!("update: checking {name} ({} for slot {slot})", m.version);
         let devs = crate::disk::scan(Path::new("/sys/class/block"));
-        let (root_label, verity_label) = (format!("root-{slot}"), format!("root-{slot}-verity"));
-        let found = crate::disk::find_labels(&devs, &[&root_label, &verity_label]);
-        let node = |label: &str| -> Result<PathBuf, String> {
+        let node = |label: String| -> Result<PathBuf, String> {
+            let found = crate::disk::find_labels(&devs, &[&label]);
             let dev = found
-                .get(label)
+                .get(&label)
                 .ok_or_else(|| format!("no partition labelled {label}"))?;
             crate::disk::ensure_node(dev, Path::new("/dev"))
         };
-        let (root, verity) = (node(&root_label)?, node(&verity_label)?);
+        let (root, verity) = (
+            node(format!("root-{slot}"))?,
+            node(format!("root-{slot}-verity"))?,
+        );
+        let bundle;
+        let rebuild;
+        let copy: CopyPart = match &delta {
+            None => {
+                bundle = edge_update::open(path, &key).map_err(|e| e.to_string())?;
+                &|part, out| {
+                    bundle
+                        .copy_part(path, part, out)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            }
+            Some(d) => {
+                rebuild = Rebuild::prepare(d, running, &node, &slot)?;
+                &|part, out| rebuild.copy(part, out)
+            }
+        };
         record.phase = Phase::Installing;
         state.update = Some(record.clone());
         state.save(state_file)?;
         say!("update: writing {} into slot {slot}", m.version);
         crate::stage2::with_esp(|esp| {
             install(
-                path,
-                &bundle,
+                &m,
+                copy,
                 &slot,
                 &Target {
                     root: &root,
@@ -902,7 +1012,12 @@ mod tests {
             entries: &entries,
             tries: 1,
         };
-        let done = install(&path, &b, "b", &target).unwrap();
+        let copy = |n: &str, w: &mut dyn std::io::Write| {
+            b.copy_part(&path, n, w)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let done = install(&b.manifest, &copy, "b", &target).unwrap();
         assert_eq!(done.entry, "edgeos-0.2.0-b+1.efi");
         let mut left: Vec<String> = std::fs::read_dir(&entries)
             .unwrap()
@@ -943,7 +1058,12 @@ mod tests {
             entries: &entries,
             tries: 1,
         };
-        let e = install(&path, &b, "b", &target).unwrap_err();
+        let copy = |n: &str, w: &mut dyn std::io::Write| {
+            b.copy_part(&path, n, w)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let e = install(&b.manifest, &copy, "b", &target).unwrap_err();
         assert!(
             e.contains("its root.erofs is 12288 bytes and slot b's partition")
                 && e.contains("holds 8192"),
