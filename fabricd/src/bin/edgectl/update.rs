@@ -25,6 +25,10 @@ pub enum UpdateCmd {
         /// The update key's public half (`update.pub`): the bundle must verify with it.
         #[arg(long)]
         update_key: PathBuf,
+        /// The bundle of the version the boxes run: send only a delta from it (the
+        /// blocks they do not hold). A box running another version refuses the delta.
+        #[arg(long)]
+        delta_from: Option<PathBuf>,
         bundle: PathBuf,
     },
     /// Each box: the OS it runs and where its latest update stands.
@@ -44,6 +48,7 @@ pub async fn run(
             machine,
             signing_key,
             update_key,
+            delta_from,
             bundle,
         } => {
             publish(
@@ -55,6 +60,7 @@ pub async fn run(
                 signing_key,
                 update_key,
                 bundle,
+                delta_from.as_deref(),
             )
             .await
         }
@@ -72,6 +78,7 @@ async fn publish(
     signing_key: &Path,
     update_key: &Path,
     bundle: &Path,
+    delta_from: Option<&Path>,
 ) -> Result<(), String> {
     let text = String::from_utf8(super::read(update_key)?)
         .map_err(|_| format!("{} is not text", update_key.display()))?;
@@ -82,7 +89,29 @@ async fn publish(
     let checked =
         edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
     let m = &checked.manifest;
-    let name = format!("{}-{}.bundle", m.name, m.version);
+    let mut name = format!("{}-{}.bundle", m.name, m.version);
+    // What is sent: the bundle, or a delta from the boxes' version, written beside it.
+    let mut sent = bundle.to_path_buf();
+    if let Some(base_path) = delta_from {
+        let base = edge_update::open(base_path, &key)
+            .map_err(|e| format!("{}: {e}", base_path.display()))?;
+        name = format!(
+            "{}-{}-from-{}.delta",
+            m.name, m.version, base.manifest.version
+        );
+        sent = bundle.with_file_name(&name);
+        let w = edge_update::delta::write((&base, base_path), (&checked, bundle), &sent)
+            .map_err(|e| format!("making the delta from {}: {e}", base_path.display()))?;
+        let whole = std::fs::metadata(bundle).map_or(0, |m| m.len());
+        println!(
+            "delta from {} ({}): {} bytes, {:.2} % of the bundle's {whole} ({} blocks packed)",
+            base.manifest.version,
+            sent.display(),
+            w.bytes,
+            100.0 * w.bytes as f64 / whole.max(1) as f64,
+            w.packed_blocks
+        );
+    }
     let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&super::read(signing_key)?)
         .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", signing_key.display()))?;
     for site in sites.iter().map(String::as_str).chain(machine) {
@@ -94,9 +123,9 @@ async fn publish(
     }
 
     let sha256 = {
-        let mut file = tokio::fs::File::open(bundle)
+        let mut file = tokio::fs::File::open(&sent)
             .await
-            .map_err(|e| format!("failed to open {}: {e}", bundle.display()))?;
+            .map_err(|e| format!("failed to open {}: {e}", sent.display()))?;
         let store = js
             .get_object_store(objects)
             .await
@@ -105,10 +134,10 @@ async fn publish(
             .put(name.as_str(), &mut file)
             .await
             .map_err(|e| format!("failed to put object {name}: {e}"))?;
-        sha256_file(bundle)?
+        sha256_file(&sent)?
     };
     println!(
-        "bundle {} {} (security version {}) put as object {name}",
+        "{} {} (security version {}) put as object {name}",
         m.name, m.version, m.security_version
     );
 
