@@ -1,7 +1,8 @@
 //! Over-the-air updates from the core, in the booted image: the operator publishes the
 //! bundle of a newer build of the same tree (`cargo xtask test` builds it as version
 //! 0.1.0.1 and passes it in `EDGEOS_UPDATE_BUNDLE`) to a real nats-server on the host,
-//! the box's fabricd downloads it, init checks it and writes the inactive slot, reboots
+//! as a delta from the version the box runs (only the blocks it lacks); the box's
+//! fabricd downloads it, init checks it, rebuilds and writes the inactive slot, reboots
 //! into it, and blesses it once every service is ready; the core sees each step in the
 //! box's status reports (`edgectl update status`). Before that, bundles the box must
 //! refuse reach it through the same downlink: one whose signature does not verify, one
@@ -191,7 +192,12 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
         );
     }
 
-    // The real thing, as an operator publishes it.
+    // The real thing, as an operator publishes it: a delta from the version the box
+    // runs (the image's own bundle), made beside a copy of the bundle.
+    let base =
+        qemu_tests::image_from_env()?.with_file_name(format!("edgeos-{}.bundle", ready.version));
+    let copy = dir.join(bundle.file_name().context("the bundle has no file name")?);
+    std::fs::copy(&bundle, &copy)?;
     let t = Instant::now();
     let out = run(op
         .cmd()
@@ -199,7 +205,19 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
         .arg(&key)
         .arg("--update-key")
         .arg(&update_pub)
-        .arg(&bundle))?;
+        .arg("--delta-from")
+        .arg(&base)
+        .arg(&copy))?;
+    eprintln!("{}", out.trim_end());
+    let delta = dir.join(format!("edgeos-0.1.0.1-from-{}.delta", ready.version));
+    let (delta_bytes, bundle_bytes) = (
+        std::fs::metadata(&delta)?.len(),
+        std::fs::metadata(&bundle)?.len(),
+    );
+    assert!(
+        delta_bytes * 10 <= bundle_bytes,
+        "the delta is {delta_bytes} bytes of the bundle's {bundle_bytes}"
+    );
     let version = if figures.is_none() { 3 } else { 1 };
     assert!(
         out.contains(&format!(
@@ -340,7 +358,8 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
         std::fs::write(
             path,
             serde_json::json!({
-                "bundle_bytes": std::fs::metadata(&bundle)?.len(),
+                "bundle_bytes": bundle_bytes,
+                "delta_bytes": delta_bytes,
                 "publish_to_blessed_s": to_blessed.as_secs_f64(),
                 "rollback_s": to_rolled_back.as_secs_f64(),
                 "rollback_after_trial_boot_s": after_trial.as_secs_f64(),
@@ -357,6 +376,9 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
     // checked again.
     std::thread::sleep(Duration::from_secs(25));
     let console = std::fs::read_to_string(m.console_log())?;
+    for line in console.lines().filter(|l| l.contains("edgeos: update:")) {
+        eprintln!("console: {}", line.trim_end());
+    }
     assert_eq!(
         console
             .matches("update: checking edgeos-0.1.0.2.bundle")
