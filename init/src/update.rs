@@ -989,27 +989,28 @@ mod tests {
         (out, b)
     }
 
-    #[test]
-    fn an_install_replaces_only_the_inactive_slot_and_ends_with_its_counted_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
+    /// Slot b as files in `d` (a root partition of `root_blocks` blocks and a verity one
+    /// of one, both 0xee), an ESP holding `entries`, and the install of a 0.2.0 bundle
+    /// (its root three blocks) into them. Returns what the install said, the root
+    /// partition, the verity one and the entries' directory.
+    fn install_into(
+        d: &Path,
+        root_blocks: usize,
+        entries: &[&str],
+    ) -> (Result<Installed, String>, PathBuf, PathBuf, PathBuf) {
         let (path, b) = bundle(d, "0.2.0");
-        let entries = d.join("EFI/Linux");
-        std::fs::create_dir_all(&entries).unwrap();
-        for e in [
-            "edgeos-0.1.0-a.efi",
-            "edgeos-0.1.0-b+0.efi",
-            "edgeos-0.0.9-b+0-3.efi",
-        ] {
-            std::fs::write(entries.join(e), e).unwrap();
+        let dir = d.join("EFI/Linux");
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in entries {
+            std::fs::write(dir.join(e), e).unwrap();
         }
         let (root, verity) = (d.join("root-b"), d.join("root-b-verity"));
-        std::fs::write(&root, vec![0xee; 5 * 4096]).unwrap();
+        std::fs::write(&root, vec![0xee; root_blocks * 4096]).unwrap();
         std::fs::write(&verity, vec![0xee; 4096]).unwrap();
         let target = Target {
             root: &root,
             verity: &verity,
-            entries: &entries,
+            entries: &dir,
             tries: 1,
         };
         let copy = |n: &str, w: &mut dyn std::io::Write| {
@@ -1017,8 +1018,21 @@ mod tests {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         };
-        let done = install(&b.manifest, &copy, "b", &target).unwrap();
-        assert_eq!(done.entry, "edgeos-0.2.0-b+1.efi");
+        let done = install(&b.manifest, &copy, "b", &target);
+        (done, root, verity, dir)
+    }
+
+    #[test]
+    fn an_install_replaces_only_the_inactive_slot_and_ends_with_its_counted_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let standing = [
+            "edgeos-0.1.0-a.efi",
+            "edgeos-0.1.0-b+0.efi",
+            "edgeos-0.0.9-b+0-3.efi",
+        ];
+        let (done, root, verity, entries) = install_into(d, 5, &standing);
+        assert_eq!(done.unwrap().entry, "edgeos-0.2.0-b+1.efi");
         let mut left: Vec<String> = std::fs::read_dir(&entries)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1044,26 +1058,8 @@ mod tests {
     #[test]
     fn a_slot_too_small_is_refused_before_anything_is_touched() {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let (path, b) = bundle(d, "0.2.0");
-        let entries = d.join("EFI/Linux");
-        std::fs::create_dir_all(&entries).unwrap();
-        std::fs::write(entries.join("edgeos-0.1.0-b+0.efi"), b"standby").unwrap();
-        let (root, verity) = (d.join("root-b"), d.join("root-b-verity"));
-        std::fs::write(&root, vec![0xee; 2 * 4096]).unwrap();
-        std::fs::write(&verity, vec![0xee; 4096]).unwrap();
-        let target = Target {
-            root: &root,
-            verity: &verity,
-            entries: &entries,
-            tries: 1,
-        };
-        let copy = |n: &str, w: &mut dyn std::io::Write| {
-            b.copy_part(&path, n, w)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        };
-        let e = install(&b.manifest, &copy, "b", &target).unwrap_err();
+        let (done, root, _, entries) = install_into(dir.path(), 2, &["edgeos-0.1.0-b+0.efi"]);
+        let e = done.unwrap_err();
         assert!(
             e.contains("its root.erofs is 12288 bytes and slot b's partition")
                 && e.contains("holds 8192"),

@@ -295,3 +295,20 @@ pub fn toml_string(name: &str, contents: &str) -> String {
     );
     format!("\"{name}\" = '''\n{contents}'''\n")
 }
+
+/// A core ready for a scenario: the PKI made in `dir`, nats-server started with the access
+/// configuration for site0, the link the guest dials, and `edgectl setup` done. The
+/// core must outlive the test's use of the others (it stops when dropped).
+pub fn start(dir: &Path) -> Result<(Core, Link, Operator)> {
+    make_pki(dir)?;
+    let edgectl = edgectl()?;
+    let core = Core::start(dir, &edgectl)?;
+    let link = Link::start(core.port)?;
+    let op = Operator {
+        edgectl,
+        dir: dir.to_owned(),
+        port: core.port,
+    };
+    run(op.cmd().arg("setup"))?;
+    Ok((core, link, op))
+}

@@ -18,9 +18,7 @@
 //! leaves out is refused while the running one carries on.
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::core::{
-    edgectl, free_port, make_pki, operator_key, run, toml_string, Core, Link, Operator,
-};
+use qemu_tests::core::{free_port, operator_key, run, toml_string, Operator};
 use qemu_tests::{all_ready, pod, pod_running as running, Machine, Options};
 use sha2::Digest as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -217,16 +215,7 @@ fn check(at_core: &[(String, String, String)], count: usize) {
 fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    make_pki(dir)?;
-    let edgectl = edgectl()?;
-    let core = Core::start(dir, &edgectl)?;
-    let link = Link::start(core.port)?;
-    let op = Operator {
-        edgectl,
-        dir: dir.to_owned(),
-        port: core.port,
-    };
-    run(op.cmd().arg("setup"))?;
+    let (core, link, op) = qemu_tests::core::start(dir)?;
 
     // Site provisioning for this box, as the operator's tooling would make it: the core,
     // and the site's enrollment certificate. The site key and certificate come later.

@@ -15,7 +15,7 @@
 //! the fabric scenario's).
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::core::{edgectl, make_pki, operator_key, run, toml_string, Core, Link, Operator};
+use qemu_tests::core::{operator_key, run, toml_string, Operator};
 use qemu_tests::{all_ready, Machine, Options};
 use sha2::Digest as _;
 use std::path::{Path, PathBuf};
@@ -99,16 +99,7 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
     let figures = std::env::var_os("EDGEOS_UPDATE_FIGURES").map(PathBuf::from);
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    make_pki(dir)?;
-    let edgectl = edgectl()?;
-    let core = Core::start(dir, &edgectl)?;
-    let link = Link::start(core.port)?;
-    let op = Operator {
-        edgectl,
-        dir: dir.to_owned(),
-        port: core.port,
-    };
-    run(op.cmd().arg("setup"))?;
+    let (_core, link, op) = qemu_tests::core::start(dir)?;
     let key = operator_key()?;
 
     let p = "/var/lib/edge/provision";

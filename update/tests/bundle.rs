@@ -3,17 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use edge_oci::tar;
+mod common;
+
+use common::{entries, key};
 use edge_update::{open, write, Error, Identity, Sources, PARTS};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 /// A change made to a manifest.
 type Edit = dyn Fn(&mut serde_json::Value);
-
-fn key() -> Ed25519KeyPair {
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
-    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
-}
 
 const ROOTHASH: &str = "4a6c419ad505e238a1420e4b7f746738cfb7afa57c0d72e149b1b7f4525e62b1";
 
@@ -61,29 +58,8 @@ fn public(key: &Ed25519KeyPair) -> Vec<u8> {
     key.public_key().as_ref().to_vec()
 }
 
-/// The bundle's entries, to make bad ones from.
-fn entries(bundle: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(bundle).unwrap();
-    tar::read(&bytes)
-        .unwrap()
-        .into_iter()
-        .map(|f| (f.path, f.data.to_vec()))
-        .collect()
-}
-
 fn retar(dir: &Path, entries: &[(String, Vec<u8>)]) -> PathBuf {
-    let list: Vec<tar::Entry> = entries
-        .iter()
-        .map(|(p, d)| tar::Entry {
-            path: p,
-            data: d,
-            mode: 0o644,
-            dir: false,
-        })
-        .collect();
-    let out = dir.join("crafted.bundle");
-    std::fs::write(&out, tar::write(&list).unwrap()).unwrap();
-    out
+    common::retar(dir, "crafted.bundle", entries)
 }
 
 fn refused(path: &Path, key: &[u8]) -> String {

@@ -4,15 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use edge_oci::tar;
+mod common;
+
+use common::{entries, key, retar};
 use edge_update::delta::{self, Seeds};
 use edge_update::{open, write, Identity, Sources, PARTS};
 use ring::signature::{Ed25519KeyPair, KeyPair};
-
-fn key() -> Ed25519KeyPair {
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
-    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
-}
 
 /// A bundle of `version` in `dir`: a root of 40 blocks where `changed` blocks differ by
 /// version, UKIs of a shared "kernel" and a per-slot, per-version tail (not a whole
@@ -146,27 +143,12 @@ fn a_wrong_block_or_another_key_is_refused_naming_it() {
     assert!(e.contains("not signed by the trusted update key"), "{e}");
 
     // A packed block changed: the part it belongs to is refused, naming the block.
-    let bytes = std::fs::read(&out).unwrap();
-    let mut entries: Vec<(String, Vec<u8>)> = tar::read(&bytes)
-        .unwrap()
-        .into_iter()
-        .map(|f| (f.path, f.data.to_vec()))
-        .collect();
-    let pack = entries.iter_mut().find(|(n, _)| n == "pack.bin").unwrap();
+    let mut parts = entries(&out);
+    let pack = parts.iter_mut().find(|(n, _)| n == "pack.bin").unwrap();
     for b in pack.1.iter_mut() {
         *b ^= 0x55;
     }
-    let list: Vec<tar::Entry> = entries
-        .iter()
-        .map(|(p, d)| tar::Entry {
-            path: p,
-            data: d,
-            mode: 0o644,
-            dir: false,
-        })
-        .collect();
-    let bad = tmp.path().join("bad.delta");
-    std::fs::write(&bad, tar::write(&list).unwrap()).unwrap();
+    let bad = retar(tmp.path(), "bad.delta", &parts);
     let d = delta::open(&bad, &pk).unwrap();
     let s = seeds(&bd);
     let mut index = Vec::new();

@@ -332,6 +332,15 @@ async fn connect(cli: &Cli) -> Result<async_nats::Client, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", cli.server))
 }
 
+/// The update key's public half (`update.pub`: 64 hex digits).
+fn read_update_key(path: &Path) -> Result<Vec<u8>, String> {
+    let text =
+        String::from_utf8(read(path)?).map_err(|_| format!("{} is not text", path.display()))?;
+    edge_common::hex::decode(text.trim())
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| format!("{} is not 64 hex digits", path.display()))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))
 }
@@ -875,11 +884,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         return Ok(());
     }
     if let Cmd::VerifyBundle { update_key, bundle } = &cli.cmd {
-        let text = String::from_utf8(read(update_key)?)
-            .map_err(|_| format!("{} is not text", update_key.display()))?;
-        let key = edge_common::hex::decode(text.trim())
-            .filter(|k| k.len() == 32)
-            .ok_or_else(|| format!("{} is not 64 hex digits", update_key.display()))?;
+        let key = read_update_key(update_key)?;
         let b =
             edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
         let m = &b.manifest;

@@ -80,11 +80,7 @@ async fn publish(
     bundle: &Path,
     delta_from: Option<&Path>,
 ) -> Result<(), String> {
-    let text = String::from_utf8(super::read(update_key)?)
-        .map_err(|_| format!("{} is not text", update_key.display()))?;
-    let key = edge_common::hex::decode(text.trim())
-        .filter(|k| k.len() == 32)
-        .ok_or_else(|| format!("{} is not 64 hex digits", update_key.display()))?;
+    let key = super::read_update_key(update_key)?;
     // Refuse to send what every box would refuse after downloading it.
     let checked =
         edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
