@@ -339,15 +339,21 @@ pub struct OsFiles {
     pub update: PathBuf,
 }
 
+/// A small JSON file init writes; anything larger is not its.
+fn small_json(p: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(p).ok().filter(|b| b.len() <= 64 << 10)?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 impl OsFiles {
-    fn read(&self) -> (Option<OsStatus>, Option<serde_json::Value>) {
-        // Both are small files init writes; anything larger is not theirs.
-        let json = |p: &Path| -> Option<serde_json::Value> {
-            let bytes = std::fs::read(p).ok().filter(|b| b.len() <= 64 << 10)?;
-            serde_json::from_slice(&bytes).ok()
-        };
-        let os = json(&self.boot).and_then(|v| serde_json::from_value(v).ok());
-        (os, json(&self.update))
+    /// The running OS: written once per boot, so read once per session.
+    fn os(&self) -> Option<OsStatus> {
+        small_json(&self.boot).and_then(|v| serde_json::from_value(v).ok())
+    }
+
+    /// The update state, which changes while the box runs.
+    fn update(&self) -> Option<serde_json::Value> {
+        small_json(&self.update)
     }
 }
 
@@ -412,10 +418,12 @@ async fn report_status(
 ) -> Result<(), String> {
     let mut warned = false;
     let mut boot = crate::enrollment::BootReports::new(&core);
+    let os = os_files.os();
     loop {
         let mut report = box_status(&log, &names);
         report.boot = boot.latest().await;
-        (report.os, report.update) = os_files.read();
+        report.os = os.clone();
+        report.update = os_files.update();
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let sent = match js.publish(subject.clone(), body.into()).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| chain(&e)),

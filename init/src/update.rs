@@ -128,12 +128,10 @@ pub fn other_slot(running: &str) -> &'static str {
 /// Compares versions part by part on `.`, `-` and `+`, numerically where both parts are
 /// numbers (`0.10.0` is newer than `0.9.1`).
 pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    let split = |s: &str| -> Vec<String> {
-        s.split(['.', '-', '+'])
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
-    let (pa, pb) = (split(a), split(b));
+    let (pa, pb): (Vec<&str>, Vec<&str>) = (
+        a.split(['.', '-', '+']).collect(),
+        b.split(['.', '-', '+']).collect(),
+    );
     for (x, y) in pa.iter().zip(&pb) {
         let o = match (x.parse::<u64>(), y.parse::<u64>()) {
             (Ok(x), Ok(y)) => x.cmp(&y),
@@ -169,9 +167,9 @@ pub fn bundle_id(path: &Path) -> Option<String> {
     Some(format!("{}:{}:{}", m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-/// The next bundle worth a look in `dir`: a `*.bundle` or `*.delta` file whose copy has not already
-/// ended (refused, rolled back or blessed). An install cut off by a power loss is
-/// looked at again.
+/// The next bundle worth a look in `dir`: a `*.bundle` or `*.delta` file whose copy is not
+/// in `ended` (refused, rolled back or blessed: every ending calls [`State::end`]). An
+/// install cut off by a power loss is looked at again.
 pub fn next_bundle(dir: &Path, state: &State) -> Option<(PathBuf, String)> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .ok()?
@@ -183,29 +181,8 @@ pub fn next_bundle(dir: &Path, state: &State) -> Option<(PathBuf, String)> {
     names.into_iter().find_map(|name| {
         let path = dir.join(&name);
         let id = bundle_id(&path)?;
-        let ended = state.ended.contains(&format!("{name}:{id}"))
-            || state.update.as_ref().is_some_and(|u| {
-                u.bundle == name
-                    && u.bundle_id == id
-                    && matches!(u.phase, Phase::Refused | Phase::RolledBack | Phase::Blessed)
-            });
-        (!ended).then_some((path, id))
+        (!state.ended.contains(&format!("{name}:{id}"))).then_some((path, id))
     })
-}
-
-/// Reads the update key (64 hex digits).
-pub fn load_key(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("failed to read the update key {}: {e}", path.display()))?;
-    let t = text.trim();
-    let key: Option<Vec<u8>> = (t.len() == 64)
-        .then(|| {
-            (0..32)
-                .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).ok())
-                .collect()
-        })
-        .flatten();
-    key.ok_or_else(|| format!("the update key {} is not 64 hex digits", path.display()))
 }
 
 /// The checks made on the signed manifest alone, before the rest of the bundle is read:
@@ -718,13 +695,10 @@ fn attempt(
         time_ms: unix_ms(),
     };
     let result = (|| -> Result<Option<Installed>, String> {
-        let key = load_key(Path::new(UPDATE_KEY))?;
-        let is_delta = name.ends_with(".delta");
-        let delta = if is_delta {
-            let d = edge_update::delta::open(path, &key).map_err(|e| e.to_string())?;
-            Some(d)
-        } else {
-            None
+        let key = edge_update::read_public_key(Path::new(UPDATE_KEY)).map_err(|e| e.to_string())?;
+        let delta = match name.ends_with(".delta") {
+            true => Some(edge_update::delta::open(path, &key).map_err(|e| e.to_string())?),
+            false => None,
         };
         let m = match &delta {
             Some(d) => d.manifest.clone(),
@@ -932,12 +906,14 @@ mod tests {
             Some(path.clone())
         );
         s.update.as_mut().unwrap().bundle_id = bundle_id(&path).unwrap();
-        assert_eq!(next_bundle(dir.path(), &s), None);
+        // An install cut off is looked at again.
         s.update.as_mut().unwrap().phase = Phase::Installing;
         assert!(next_bundle(dir.path(), &s).is_some());
-        // Ended, then another attempt took the record: still not looked at again.
+        // Rolled back (every attempt that ends is marked so): not looked at again, also
+        // once another attempt has taken the record.
         s.update.as_mut().unwrap().phase = Phase::RolledBack;
         s.end();
+        assert_eq!(next_bundle(dir.path(), &s), None);
         s.update.as_mut().unwrap().bundle = "edgeos-0.3.0.bundle".into();
         assert_eq!(next_bundle(dir.path(), &s), None);
         for i in 0..40 {

@@ -16,7 +16,7 @@
 //! padded with zeros).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use edge_oci::tar;
@@ -183,11 +183,7 @@ pub struct Delta {
 
 /// Reads the signed manifest of the delta at `path` and its lists (not the packed blocks).
 pub fn open(path: &Path, public_key: &[u8]) -> Result<Delta, Error> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let mut r = Reader {
-        inner: std::io::BufReader::with_capacity(1 << 20, file),
-        at: 0,
-    };
+    let mut r = Reader::open(path)?;
     let info_bytes = r.small_entry(INFO, 4096)?;
     let info: Info = serde_json::from_slice(&info_bytes)
         .map_err(|e| Error::Archive(format!("{INFO} is not valid: {e}")))?;
@@ -197,10 +193,7 @@ pub fn open(path: &Path, public_key: &[u8]) -> Result<Delta, Error> {
             info.format
         )));
     }
-    let manifest_bytes = r.small_entry(crate::MANIFEST, crate::MAX_MANIFEST)?;
-    let signature = r.small_entry(crate::SIGNATURE, 64)?;
-    crate::verify(public_key, &manifest_bytes, &signature)?;
-    let manifest = Manifest::parse(&manifest_bytes)?;
+    let (_, _, manifest) = r.signed_manifest(public_key)?;
     if manifest.version != info.target_version {
         return Err(Error::Archive(format!(
             "{INFO} says it leads to {}, and its manifest is {}'s",
@@ -265,23 +258,33 @@ fn as_hashes(bytes: &[u8]) -> Vec<Hash> {
 /// Blocks a box already holds, by SHA-256: ranges of its own files and bytes in memory.
 #[derive(Default)]
 pub struct Seeds {
-    files: Vec<PathBuf>,
+    /// Open for the whole rebuild: a block is read with one positioned read.
+    files: Vec<(PathBuf, std::fs::File)>,
     memory: Vec<Vec<u8>>,
-    /// Hash -> (source: files first, then memory; offset; length).
-    map: HashMap<Hash, (usize, u64, usize)>,
+    map: HashMap<Hash, Held>,
+}
+
+/// Where a held block is: which source, at what offset, how long.
+#[derive(Clone, Copy)]
+struct Held {
+    source: Source,
+    at: u64,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    File(usize),
+    Memory(usize),
 }
 
 impl Seeds {
     /// The blocks of the first `len` bytes of `path` (a partition); returns the block
     /// index of those bytes (a root's, for [`Seeds::add_bytes`]).
     pub fn add_file(&mut self, path: &Path, len: u64) -> Result<Vec<u8>, Error> {
-        let src = self.files.len();
-        self.files.push(path.to_path_buf());
-        let mut f = std::io::BufReader::with_capacity(
-            1 << 20,
-            std::fs::File::open(path).map_err(io(path))?,
-        )
-        .take(len);
+        let file = std::fs::File::open(path).map_err(io(path))?;
+        let source = Source::File(self.files.len());
+        let mut f = std::io::BufReader::with_capacity(1 << 20, &file).take(len);
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         let mut index = Vec::new();
         let mut at = 0u64;
@@ -298,37 +301,45 @@ impl Seeds {
             }
             let h = digest(&buf[..n]);
             index.extend_from_slice(&h);
-            self.map.entry(h).or_insert((src, at, n));
+            self.map.entry(h).or_insert(Held { source, at, len: n });
             at += n as u64;
             if n < buf.len() {
                 break;
             }
         }
+        self.files.push((path.to_path_buf(), file));
         Ok(index)
     }
 
     /// The blocks of `bytes` (a UKI read from the ESP, a root's block index).
     pub fn add_bytes(&mut self, bytes: Vec<u8>) {
-        let src = usize::MAX - self.memory.len();
+        let source = Source::Memory(self.memory.len());
         for (i, block) in bytes.chunks(BLOCK_SIZE as usize).enumerate() {
-            self.map
-                .entry(digest(block))
-                .or_insert((src, i as u64 * BLOCK_SIZE, block.len()));
+            self.map.entry(digest(block)).or_insert(Held {
+                source,
+                at: i as u64 * BLOCK_SIZE,
+                len: block.len(),
+            });
         }
         self.memory.push(bytes);
     }
 
     fn get(&self, h: &Hash) -> Option<Vec<u8>> {
-        let &(src, at, len) = self.map.get(h)?;
-        if let Some(file) = self.files.get(src) {
-            let mut f = std::fs::File::open(file).ok()?;
-            f.seek(SeekFrom::Start(at)).ok()?;
-            let mut b = vec![0u8; len];
-            f.read_exact(&mut b).ok()?;
-            Some(b)
-        } else {
-            let mem = self.memory.get(usize::MAX - src)?;
-            mem.get(at as usize..at as usize + len).map(<[u8]>::to_vec)
+        use std::os::unix::fs::FileExt;
+        let held = self.map.get(h)?;
+        match held.source {
+            Source::File(i) => {
+                let mut b = vec![0u8; held.len];
+                self.files.get(i)?.1.read_exact_at(&mut b, held.at).ok()?;
+                Some(b)
+            }
+            Source::Memory(i) => {
+                let at = held.at as usize;
+                self.memory
+                    .get(i)?
+                    .get(at..at + held.len)
+                    .map(<[u8]>::to_vec)
+            }
         }
     }
 
@@ -384,7 +395,7 @@ impl Delta {
                 part.size
             )));
         }
-        let mut pack = std::fs::File::open(&self.path).map_err(io(&self.path))?;
+        let pack = std::fs::File::open(&self.path).map_err(io(&self.path))?;
         let mut whole = Sha256::new();
         let mut done = Rebuilt::default();
         for (i, h) in hashes.iter().enumerate() {
@@ -402,8 +413,7 @@ impl Delta {
                         ))
                     })?;
                     let mut b = vec![0u8; len];
-                    pack.seek(SeekFrom::Start(at))
-                        .and_then(|_| pack.read_exact(&mut b))
+                    std::os::unix::fs::FileExt::read_exact_at(&pack, &mut b, at)
                         .map_err(io(&self.path))?;
                     done.packed += 1;
                     b

@@ -508,16 +508,27 @@ fn read_head(
     path: &Path,
     public_key: &[u8],
 ) -> Result<(Reader, Vec<u8>, Vec<u8>, Manifest), Error> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let mut r = Reader {
-        inner: std::io::BufReader::with_capacity(1 << 20, file),
-        at: 0,
-    };
-    let manifest_bytes = r.small_entry(MANIFEST, MAX_MANIFEST)?;
-    let signature = r.small_entry(SIGNATURE, 64)?;
-    verify(public_key, &manifest_bytes, &signature)?;
-    let manifest = Manifest::parse(&manifest_bytes)?;
+    let mut r = Reader::open(path)?;
+    let (manifest_bytes, signature, manifest) = r.signed_manifest(public_key)?;
     Ok((r, manifest_bytes, signature, manifest))
+}
+
+/// Reads an update key's public half as the build writes it (`update.pub`, and the
+/// image's `/etc/edge/update-ed25519.pub`): 64 hex digits, whitespace around allowed.
+pub fn read_public_key(path: &Path) -> Result<Vec<u8>, Error> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let t = text.trim();
+    let key: Option<Vec<u8>> = (t.len() == 64 && t.is_ascii())
+        .then(|| {
+            (0..32)
+                .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).ok())
+                .collect()
+        })
+        .flatten();
+    key.ok_or_else(|| Error::Io {
+        path: path.display().to_string(),
+        why: "not an update key (64 hex digits)".into(),
+    })
 }
 
 struct Reader {
@@ -526,6 +537,27 @@ struct Reader {
 }
 
 impl Reader {
+    fn open(path: &Path) -> Result<Reader, Error> {
+        let file = std::fs::File::open(path).map_err(io(path))?;
+        Ok(Reader {
+            inner: std::io::BufReader::with_capacity(1 << 20, file),
+            at: 0,
+        })
+    }
+
+    /// The next two entries, `manifest.json` and `manifest.sig`: the signature checked
+    /// against `public_key`, then the manifest parsed and checked.
+    fn signed_manifest(
+        &mut self,
+        public_key: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>, Manifest), Error> {
+        let manifest_bytes = self.small_entry(MANIFEST, MAX_MANIFEST)?;
+        let signature = self.small_entry(SIGNATURE, 64)?;
+        verify(public_key, &manifest_bytes, &signature)?;
+        let manifest = Manifest::parse(&manifest_bytes)?;
+        Ok((manifest_bytes, signature, manifest))
+    }
+
     fn fill(&mut self, buf: &mut [u8], inside: &str) -> Result<(), Error> {
         self.inner.read_exact(buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {

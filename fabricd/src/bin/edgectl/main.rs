@@ -332,13 +332,9 @@ async fn connect(cli: &Cli) -> Result<async_nats::Client, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", cli.server))
 }
 
-/// The update key's public half (`update.pub`: 64 hex digits).
+/// The update key's public half (`update.pub`), as the boxes read theirs.
 fn read_update_key(path: &Path) -> Result<Vec<u8>, String> {
-    let text =
-        String::from_utf8(read(path)?).map_err(|_| format!("{} is not text", path.display()))?;
-    edge_common::hex::decode(text.trim())
-        .filter(|k| k.len() == 32)
-        .ok_or_else(|| format!("{} is not 64 hex digits", path.display()))
+    edge_update::read_public_key(path).map_err(|e| e.to_string())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
