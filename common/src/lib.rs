@@ -103,22 +103,55 @@ pub fn init_logging(level: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Tells the supervisor the daemon serves. Without `NOTIFY_FD` (started by hand) this
-/// does nothing.
-pub fn notify_ready() -> Result<(), Error> {
-    let Ok(value) = std::env::var("NOTIFY_FD") else {
-        return Ok(());
-    };
-    let fd: i32 = value.parse().map_err(|_| Error::NotifyFd(value.clone()))?;
-    if fd < 3 {
-        return Err(Error::NotifyFd(value));
+/// The pipe to the supervisor (`NOTIFY_FD`, docs/services.md): `READY=1` once the daemon
+/// serves, then, for a service with a `health` in services.toml, `HEALTHY=1` once what
+/// it is there for works (a trial boot of an update is blessed only then). Without
+/// `NOTIFY_FD` (started by hand) both do nothing.
+pub struct Notifier {
+    pipe: Option<std::fs::File>,
+}
+
+impl Notifier {
+    /// Takes `NOTIFY_FD` from the environment: once per process.
+    pub fn take() -> Result<Notifier, Error> {
+        let Ok(value) = std::env::var("NOTIFY_FD") else {
+            return Ok(Notifier { pipe: None });
+        };
+        let fd: i32 = value.parse().map_err(|_| Error::NotifyFd(value.clone()))?;
+        if fd < 3 {
+            return Err(Error::NotifyFd(value));
+        }
+        // SAFETY: init passes this descriptor for our sole use and we take it exactly
+        // once (the variable is removed below).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        std::env::remove_var("NOTIFY_FD");
+        Ok(Notifier {
+            pipe: Some(std::fs::File::from(owned)),
+        })
     }
-    // SAFETY: init passes this descriptor for our sole use and we take it exactly once
-    // (the variable is removed below).
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    std::env::remove_var("NOTIFY_FD");
-    let mut file = std::fs::File::from(owned);
-    file.write_all(b"READY=1\n").map_err(Error::Notify)
+
+    fn say(&mut self, line: &[u8]) -> Result<(), Error> {
+        match &mut self.pipe {
+            Some(f) => f.write_all(line).map_err(Error::Notify),
+            None => Ok(()),
+        }
+    }
+
+    /// The daemon serves.
+    pub fn ready(&mut self) -> Result<(), Error> {
+        self.say(b"READY=1\n")
+    }
+
+    /// What the daemon is there for works; the pipe closes (nothing more is said).
+    pub fn healthy(mut self) -> Result<(), Error> {
+        self.say(b"HEALTHY=1\n")
+    }
+}
+
+/// Tells the supervisor the daemon serves, and closes the pipe: for a daemon that has
+/// no `health` to report.
+pub fn notify_ready() -> Result<(), Error> {
+    Notifier::take()?.ready()
 }
 
 /// Writes `bytes` to `path` whole or not at all, even across a power cut: a dot-named

@@ -178,7 +178,19 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     }
     tracing::info!(site = %config.site, machine = %config.machine, log_dir = %config.log_dir.display(), "serving");
     // The kit has handled SIGTERM since before `serve` began, and stops us through it.
-    edge_common::notify_ready().map_err(|e| e.to_string())?;
+    let mut notifier = edge_common::Notifier::take().map_err(|e| e.to_string())?;
+    notifier.ready().map_err(|e| e.to_string())?;
+    // Healthy (services.toml: `health`) once the core was reached, or at once without a
+    // core: the trial boot of an update is blessed only then.
+    let core_configured = config.core.is_some();
+    tasks.spawn(async move {
+        while core_configured && !status.connected.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        if let Err(e) = notifier.healthy() {
+            tracing::warn!("failed to tell init the core was reached: {e}");
+        }
+    });
     while tasks.join_next().await.is_some() {}
     std::future::pending().await
 }

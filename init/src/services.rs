@@ -48,6 +48,7 @@ struct Entry {
     socket: Option<PathBuf>,
     #[serde(default = "default_ready_timeout")]
     ready_timeout_ms: u64,
+    health: Option<String>,
     #[serde(default = "default_restart")]
     restart: RestartPolicy,
     #[serde(default = "default_backoff_initial")]
@@ -122,6 +123,10 @@ pub struct ServiceSpec {
     pub ready: Readiness,
     pub socket: Option<PathBuf>,
     pub ready_timeout: Duration,
+    /// What the service's `HEALTHY=1` says holds (after `READY=1`, on the notify
+    /// pipe): a trial boot of an update is blessed only once every such service said
+    /// it.
+    pub health: Option<String>,
     pub restart: RestartPolicy,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -227,6 +232,21 @@ fn convert(e: Entry) -> Result<ServiceSpec, (String, String)> {
     if e.ready_timeout_ms == 0 {
         return Err(bad("ready_timeout_ms", "must be > 0".into()));
     }
+    match &e.health {
+        Some(_) if e.ready != Readiness::Notify => {
+            return Err(bad(
+                "health",
+                "needs ready = \"notify\" (HEALTHY=1 comes on the notify pipe)".into(),
+            ))
+        }
+        Some(h) if h.trim().is_empty() || h.len() > 80 => {
+            return Err(bad(
+                "health",
+                "must say in a few words what holds once the service is healthy".into(),
+            ))
+        }
+        _ => {}
+    }
     if e.env.contains_key("NOTIFY_FD") {
         return Err(bad("env", "NOTIFY_FD is set by init".into()));
     }
@@ -265,6 +285,7 @@ fn convert(e: Entry) -> Result<ServiceSpec, (String, String)> {
         ready: e.ready,
         socket: e.socket,
         ready_timeout: Duration::from_millis(e.ready_timeout_ms),
+        health: e.health,
         restart: e.restart,
         backoff_initial: Duration::from_millis(e.backoff_initial_ms),
         backoff_max: Duration::from_millis(e.backoff_max_ms),
@@ -474,6 +495,7 @@ mod tests {
         let noded = &t.services[3];
         assert_eq!(noded.requires, ["containerd"]);
         assert_eq!(noded.ready, Readiness::Notify);
+        assert_eq!(noded.health.as_deref(), Some("static pods running"));
         let containerd = &t.services[0];
         assert_eq!(containerd.ready, Readiness::Socket);
         assert!(containerd.limits.iter().any(|(k, _)| *k == "memory.max"));
@@ -580,6 +602,25 @@ exec = ["/bin/true"]
         );
         assert!(t.services.is_empty());
         assert!(t.problems[0].contains("socket"), "{:?}", t.problems);
+    }
+
+    #[test]
+    fn health_comes_on_the_notify_pipe() {
+        let t = parse(
+            "[[service]]\nname = \"s\"\nexec = [\"/bin/true\"]\nhealth = \"its pods running\"\n",
+            "t",
+        );
+        assert!(t.services.is_empty());
+        assert!(
+            t.problems[0].contains("health") && t.problems[0].contains("notify"),
+            "{:?}",
+            t.problems
+        );
+        let t = parse(
+            "[[service]]\nname = \"s\"\nexec = [\"/bin/true\"]\nready = \"notify\"\nhealth = \"its pods running\"\n",
+            "t",
+        );
+        assert_eq!(t.services[0].health.as_deref(), Some("its pods running"));
     }
 
     #[test]

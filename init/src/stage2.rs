@@ -150,12 +150,16 @@ impl System {
             self.settle();
         }
         if let Some(updater) = &mut self.updater {
-            let given_up = if self.degraded {
-                self.sup.failed()
-            } else {
-                Vec::new()
+            let health = crate::update::Health {
+                ready: self.ready,
+                given_up: if self.degraded {
+                    self.sup.failed()
+                } else {
+                    Vec::new()
+                },
+                unhealthy: self.sup.unhealthy(),
             };
-            if let Some(action) = updater.step(self.ready, &given_up) {
+            if let Some(action) = updater.step(&health) {
                 deliver(&mut self.sup, &mut self.ctl);
                 self.shut_down(action);
             }

@@ -127,6 +127,8 @@ struct Svc {
     after_stop: AfterStop,
     notify: Option<File>,
     notify_buf: Vec<u8>,
+    /// Said `HEALTHY=1` since it last started (services with a `health` only).
+    healthy: bool,
     streams: Vec<Stream>,
     last_exit: Option<Exit>,
     cgroup: Option<PathBuf>,
@@ -183,6 +185,7 @@ impl Supervisor {
                 after_stop: AfterStop::Policy,
                 notify: None,
                 notify_buf: Vec::new(),
+                healthy: false,
                 streams: Vec::new(),
                 last_exit: None,
                 cgroup: None,
@@ -293,6 +296,16 @@ impl Supervisor {
             .collect()
     }
 
+    /// The services with a `health` that have not said `HEALTHY=1` since they last
+    /// started (those given up are in [`Supervisor::failed`]), as `name (what)`.
+    pub fn unhealthy(&self) -> Vec<String> {
+        self.svcs
+            .iter()
+            .filter(|s| !s.healthy && s.state != State::Failed)
+            .filter_map(|s| Some(format!("{} ({})", s.spec.name, s.spec.health.as_ref()?)))
+            .collect()
+    }
+
     /// One step: read pipes, reap exits, advance readiness, timers and starts.
     pub fn step(&mut self) {
         let now = Instant::now();
@@ -391,16 +404,34 @@ impl Supervisor {
                 Err(_) => break,
             }
         }
-        let said_ready = s
-            .notify_buf
-            .split(|&b| b == b'\n')
-            .any(|l| l.trim_ascii() == b"READY=1");
-        if closed || said_ready {
-            s.notify = None;
-        }
+        // Whole lines only; a line cut between two reads is read whole next time.
+        let whole = s.notify_buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        let said = |what: &[u8]| {
+            s.notify_buf[..whole]
+                .split(|&b| b == b'\n')
+                .any(|l| l.trim_ascii() == what)
+        };
+        let (said_ready, said_healthy) = (said(b"READY=1"), said(b"HEALTHY=1"));
+        s.notify_buf.drain(..whole);
         if said_ready && s.state == State::Starting {
-            s.notify_buf.clear();
             self.became_ready(i, now);
+        }
+        let s = &mut self.svcs[i];
+        if said_healthy && s.state == State::Ready && !s.healthy {
+            if let Some(what) = &s.spec.health {
+                s.healthy = true;
+                let ms = now.duration_since(s.started).as_millis();
+                let text = format!("service {}: healthy ({what}) after {ms} ms", s.spec.name);
+                self.say(text);
+            }
+        }
+        // Read on while the service has something left to say: readiness, then health.
+        let s = &mut self.svcs[i];
+        let more = s.state == State::Starting
+            || (s.state == State::Ready && s.spec.health.is_some() && !s.healthy);
+        if closed || !more {
+            s.notify = None;
+            s.notify_buf.clear();
         }
     }
 
@@ -722,6 +753,7 @@ impl Supervisor {
         s.streams = streams;
         s.notify = notify.map(|(r, _w)| r);
         s.notify_buf.clear();
+        s.healthy = false;
         Ok(pid)
     }
 
@@ -839,6 +871,7 @@ impl Supervisor {
                     "restarts": s.restarts,
                     "rss_kib": s.pid.and_then(crate::status::rss_kib),
                     "last_exit": s.last_exit.map(Exit::json),
+                    "healthy": s.spec.health.as_ref().map(|_| s.healthy),
                 })
             })
             .collect()
@@ -1028,6 +1061,49 @@ kill = "{mode}"
             }
             shut_down(&mut sup, 10);
         }
+    }
+
+    #[test]
+    fn health_is_said_after_readiness_and_forgotten_at_a_restart() {
+        let mut sup = supervisor(
+            r#"
+[[service]]
+name = "pods"
+exec = ["/bin/sh", "-c", "echo READY=1 >&$NOTIFY_FD; sleep 0.5; echo HEALTHY=1 >&$NOTIFY_FD; exec sleep 30"]
+ready = "notify"
+health = "its pods running"
+
+[[service]]
+name = "plain"
+exec = ["/bin/sleep", "30"]
+"#,
+            None,
+        );
+        run_until(&mut sup, 5, "pods to be ready", |s| {
+            s.state("pods") == Some(State::Ready)
+        });
+        assert_eq!(sup.unhealthy(), vec!["pods (its pods running)".to_string()]);
+        let notes = run_until(&mut sup, 5, "pods to be healthy", |s| {
+            s.unhealthy().is_empty()
+        });
+        assert!(
+            notes.iter().any(
+                |n| matches!(n, Note::Console(t) if t.starts_with("service pods: healthy (its pods running) after"))
+            ),
+            "{notes:?}"
+        );
+        let st = sup.status();
+        assert_eq!(st[0]["healthy"], true, "{st:?}");
+        assert_eq!(st[1]["healthy"], Value::Null, "{st:?}");
+        // A restart starts from unhealthy again.
+        sup.restart("pods").unwrap();
+        run_until(&mut sup, 5, "pods to restart", |s| {
+            !s.unhealthy().is_empty()
+        });
+        run_until(&mut sup, 5, "pods to be healthy again", |s| {
+            s.unhealthy().is_empty()
+        });
+        shut_down(&mut sup, 10);
     }
 
     #[test]

@@ -369,24 +369,36 @@ pub fn on_boot(state: &mut State, running: &Running, now_ms: u64) -> BootRole {
     }
 }
 
+/// What the services say, each turn, as the trial's verdict needs it.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Every service is ready (the box said `ready`).
+    pub ready: bool,
+    /// Services given up (once the box settled degraded).
+    pub given_up: Vec<String>,
+    /// Services with a `health` that have not said it holds, as `name (what)`.
+    pub unhealthy: Vec<String>,
+}
+
 /// The trial's verdict, each turn: `Some(Ok)` blessed, `Some(Err(reason))` failed.
-pub fn judge(
-    ready: bool,
-    degraded: &[String],
-    started: Instant,
-    limit: Duration,
-) -> Option<Result<(), String>> {
-    if ready {
+pub fn judge(h: &Health, started: Instant, limit: Duration) -> Option<Result<(), String>> {
+    if h.ready && h.unhealthy.is_empty() {
         Some(Ok(()))
-    } else if !degraded.is_empty() {
-        Some(Err(format!("given up: {}", degraded.join(", "))))
-    } else if started.elapsed() >= limit {
+    } else if !h.given_up.is_empty() {
+        Some(Err(format!("given up: {}", h.given_up.join(", "))))
+    } else if started.elapsed() < limit {
+        None
+    } else if !h.ready {
         Some(Err(format!(
             "not every service was ready within {} s",
             limit.as_secs()
         )))
     } else {
-        None
+        Some(Err(format!(
+            "not healthy within {} s: {}",
+            limit.as_secs(),
+            h.unhealthy.join(", ")
+        )))
     }
 }
 
@@ -417,7 +429,7 @@ impl Updater {
         match &role {
             BootRole::Normal => {}
             BootRole::Trial { version, slot } => say!(
-                "update: trying {version} in slot {slot}: every service must be ready within {} s",
+                "update: trying {version} in slot {slot}: every service must be ready and healthy within {} s",
                 config.health_limit_s
             ),
             BootRole::RolledBack { version, reason } => say!(
@@ -454,11 +466,11 @@ impl Updater {
 
     /// One turn: judge a trial, collect a finished install, or look for a bundle. A
     /// reboot to ask for is returned.
-    pub fn step(&mut self, ready: bool, given_up: &[String]) -> Option<crate::power::Action> {
+    pub fn step(&mut self, health: &Health) -> Option<crate::power::Action> {
         if let BootRole::Trial { version, slot } = &self.role {
             if !self.judged {
                 let limit = Duration::from_secs(self.config.health_limit_s);
-                let verdict = judge(ready, given_up, self.started, limit)?;
+                let verdict = judge(health, self.started, limit)?;
                 self.judged = true;
                 let mut state = State::load(&self.state_file);
                 let back = state
@@ -546,8 +558,8 @@ impl Updater {
                 }
             };
         }
-        // Only a healthy boot installs, and not while its own trial is undecided.
-        if !ready
+        // Only a ready boot installs, and not while its own trial is undecided.
+        if !health.ready
             || self
                 .last_look
                 .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
@@ -1046,15 +1058,32 @@ mod tests {
     }
 
     #[test]
-    fn the_trial_passes_when_ready_and_fails_when_given_up_or_late() {
+    fn the_trial_passes_when_ready_and_healthy_and_fails_when_given_up_or_late() {
         let t = Instant::now();
         let limit = Duration::from_secs(120);
-        assert_eq!(judge(true, &[], t, limit), Some(Ok(())));
-        assert_eq!(judge(false, &[], t, limit), None);
+        let h = |ready: bool, given_up: &[&str], unhealthy: &[&str]| Health {
+            ready,
+            given_up: given_up.iter().map(|s| s.to_string()).collect(),
+            unhealthy: unhealthy.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(judge(&h(true, &[], &[]), t, limit), Some(Ok(())));
+        assert_eq!(judge(&h(false, &[], &[]), t, limit), None);
+        // Ready but a service has not said it is healthy yet: wait, then fail naming it.
+        let waiting = h(true, &[], &["noded (static pods running)"]);
+        assert_eq!(judge(&waiting, t, limit), None);
         assert_eq!(
-            judge(false, &["noded".into()], t, limit),
+            judge(&waiting, t, Duration::ZERO),
+            Some(Err(
+                "not healthy within 0 s: noded (static pods running)".into()
+            ))
+        );
+        assert_eq!(
+            judge(&h(false, &["noded"], &[]), t, limit),
             Some(Err("given up: noded".into()))
         );
-        assert!(judge(false, &[], t, Duration::ZERO).unwrap().is_err());
+        assert_eq!(
+            judge(&h(false, &[], &[]), t, Duration::ZERO),
+            Some(Err("not every service was ready within 0 s".into()))
+        );
     }
 }

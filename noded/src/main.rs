@@ -183,7 +183,13 @@ async fn serve(config: Config) -> Result<(), String> {
         Some(s) => Some(noded::apiserver::start(s, status.clone(), Some(cri.clone())).await?),
         None => None,
     };
-    edge_common::notify_ready().map_err(|e| e.to_string())?;
+    let mut notifier = edge_common::Notifier::take().map_err(|e| e.to_string())?;
+    notifier.ready().map_err(|e| e.to_string())?;
+    tokio::spawn(report_health(
+        notifier,
+        config.manifests_dir.clone(),
+        status.clone(),
+    ));
     let settings = Settings {
         manifests_dir: config.manifests_dir,
         downlink_manifests_dir: config.downlink_manifests_dir,
@@ -199,6 +205,42 @@ async fn serve(config: Config) -> Result<(), String> {
     };
     Reconciler::new(cri, settings, status).run(TICK).await;
     Ok(())
+}
+
+/// Says `HEALTHY=1` once every static pod is up (services.toml: `health`): the trial
+/// boot of an update is blessed only then.
+async fn report_health(notifier: edge_common::Notifier, dir: PathBuf, status: noded::pods::Status) {
+    let mut last = String::new();
+    loop {
+        let files: Vec<String> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .filter(|n| noded::pods::is_manifest_file(n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let verdict = {
+            let reports = status.lock().unwrap_or_else(|p| p.into_inner());
+            noded::pods::static_pods_up(&files, &reports)
+        };
+        match verdict {
+            Ok(()) => {
+                tracing::info!(pods = files.len(), "every static pod is up: healthy");
+                if let Err(e) = notifier.healthy() {
+                    tracing::warn!("failed to tell init the node is healthy: {e}");
+                }
+                return;
+            }
+            Err(e) if e != last => {
+                tracing::debug!("static pods: {e}");
+                last = e;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// `containerd://1.6.20`, as kubelet reports the runtime; just the name if CRI will not say.

@@ -98,7 +98,35 @@ pub struct ContainerReport {
     pub ready: bool,
 }
 
+impl PodReport {
+    /// Running with every container ready, or run to completion.
+    pub fn is_up(&self) -> bool {
+        self.state == "succeeded"
+            || (self.state == "running" && self.containers.iter().all(|c| c.init || c.ready))
+    }
+}
+
 pub type Status = Arc<Mutex<Vec<PodReport>>>;
+
+/// A file a manifests directory's pod comes from: `*.yaml` or `*.yml`, not a dot file
+/// (fabricd's partial downloads, editors' temporary files).
+pub fn is_manifest_file(name: &str) -> bool {
+    (name.ends_with(".yaml") || name.ends_with(".yml")) && !name.starts_with('.')
+}
+
+/// Whether every pod of the image's own manifests (`files`, the static directory's
+/// manifest files) is up: a box whose static pods do not run is not healthy.
+pub fn static_pods_up(files: &[String], reports: &[PodReport]) -> Result<(), String> {
+    let down: Vec<&str> = files
+        .iter()
+        .filter(|f| !reports.iter().any(|r| &r.file == *f && r.is_up()))
+        .map(String::as_str)
+        .collect();
+    match down.as_slice() {
+        [] => Ok(()),
+        d => Err(format!("not up: {}", d.join(", "))),
+    }
+}
 
 pub struct Reconciler {
     ctx: Ctx,
@@ -480,8 +508,7 @@ impl Reconciler {
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            // Dot files are fabricd's partial downloads (and editors' temp files).
-            if !(name.ends_with(".yaml") || name.ends_with(".yml")) || name.starts_with('.') {
+            if !is_manifest_file(&name) {
                 continue;
             }
             let key = format!("{prefix}{name}");
@@ -1468,6 +1495,62 @@ impl PodRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_is_healthy_once_every_static_pod_is_up() {
+        let report = |file: &str, state: &str, ready: bool| PodReport {
+            file: file.into(),
+            name: file.trim_end_matches(".yaml").into(),
+            namespace: "default".into(),
+            uid: String::new(),
+            state: state.into(),
+            error: None,
+            containers: vec![
+                ContainerReport {
+                    name: "setup".into(),
+                    init: true,
+                    state: "completed".into(),
+                    restarts: 0,
+                    exit_code: Some(0),
+                    last_error: None,
+                    ready: false,
+                },
+                ContainerReport {
+                    name: "main".into(),
+                    init: false,
+                    state: "running".into(),
+                    restarts: 0,
+                    exit_code: None,
+                    last_error: None,
+                    ready,
+                },
+            ],
+            image_refused: false,
+        };
+        let files = vec!["a.yaml".to_string(), "b.yaml".to_string()];
+        // Before the first pass nothing is reported: not up.
+        assert_eq!(
+            static_pods_up(&files, &[]),
+            Err("not up: a.yaml, b.yaml".into())
+        );
+        let mut reports = vec![
+            report("a.yaml", "running", true),
+            report("b.yaml", "running", false),
+            // Pods of the other sources do not count.
+            report("downlink/c.yaml", "failed", false),
+        ];
+        assert_eq!(
+            static_pods_up(&files, &reports),
+            Err("not up: b.yaml".into())
+        );
+        reports[1] = report("b.yaml", "succeeded", false);
+        assert_eq!(static_pods_up(&files, &reports), Ok(()));
+        reports[0] = report("a.yaml", "pending", false);
+        assert!(static_pods_up(&files, &reports).is_err());
+        assert_eq!(static_pods_up(&[], &[]), Ok(()));
+        assert!(is_manifest_file("a.yml") && !is_manifest_file(".a.yaml.part"));
+        assert!(!is_manifest_file("a.json"));
+    }
 
     #[test]
     fn backoff_doubles_from_the_base_up_to_five_minutes() {
