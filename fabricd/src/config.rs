@@ -306,6 +306,9 @@ fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
 pub struct CoreFile {
     pub site: Option<String>,
     pub machine: Option<String>,
+    /// The site link's pace for downloads from the core (KiB/s): replaces the image's
+    /// `[downlink] max_kib_per_sec`, since a link's width is the site's.
+    pub downlink_max_kib_per_sec: Option<u64>,
     pub core: CoreConfig,
 }
 

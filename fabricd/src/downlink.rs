@@ -35,7 +35,7 @@ pub struct Manifest {
     pub items: Vec<Item>,
 }
 
-#[derive(Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Item {
     pub kind: String,
@@ -138,6 +138,46 @@ pub struct Status {
     pub fetched_bytes: AtomicU64,
     /// Bytes not fetched again because an interrupted download resumed after them.
     pub resumed_bytes: AtomicU64,
+    /// The object download under way, for the status report.
+    pub downloading: std::sync::Mutex<Option<Download>>,
+}
+
+impl Status {
+    fn set_downloading(&self, d: Option<Download>) {
+        *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = d;
+    }
+
+    /// What the box reports of its downlink (`BoxStatus::downlink`).
+    pub fn report(&self) -> DownlinkReport {
+        DownlinkReport {
+            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            resumed_bytes: self.resumed_bytes.load(Ordering::Relaxed),
+            downloading: self
+                .downloading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// An object download under way: `bytes` of `size` are on disk.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Download {
+    pub kind: String,
+    pub name: String,
+    pub bytes: u64,
+    pub size: u64,
+}
+
+/// The downlink in the box's status report: bytes fetched from the core since fabricd
+/// started, bytes a resumed download did not fetch again, and the download under way.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DownlinkReport {
+    pub fetched_bytes: u64,
+    pub resumed_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloading: Option<Download>,
 }
 
 /// Where objects come from: the store (for their info) and its stream (for the chunks,
@@ -195,7 +235,9 @@ async fn fetch_item(
     let fetched = if item.store == "kv" {
         fetch_kv(item, kv, &tmp, &mut ctx, status).await
     } else {
-        fetch_object(item, objects, &tmp, &progress, &mut ctx, status).await
+        let fetched = fetch_object(item, objects, &tmp, &progress, &mut ctx, status).await;
+        status.set_downloading(None);
+        fetched
     };
     let digest = edge_common::hex::encode(ctx.finish().as_ref());
     let verdict = fetched.and_then(|()| {
@@ -319,6 +361,13 @@ async fn fetch_object(
     if bytes == size {
         return Ok(());
     }
+    let mut shown = Download {
+        kind: item.kind.clone(),
+        name: item.name.clone(),
+        bytes,
+        size,
+    };
+    status.set_downloading(Some(shown.clone()));
     let mut chunks = objects
         .stream
         .create_consumer(push::OrderedConfig {
@@ -335,6 +384,7 @@ async fn fetch_object(
     let started = Instant::now();
     let mut this_session = 0u64;
     let mut last_save = Instant::now();
+    let mut saved_at = bytes;
     while bytes < size {
         let chunk = tokio::time::timeout(Duration::from_secs(30), chunks.next())
             .await
@@ -361,7 +411,11 @@ async fn fetch_object(
         status
             .fetched_bytes
             .fetch_add(chunk.payload.len() as u64, Ordering::Relaxed);
-        if last_save.elapsed() > Duration::from_millis(500) || bytes == size {
+        // Saved every half second or MiB: what a cut loses is fetched again.
+        if last_save.elapsed() > Duration::from_millis(500)
+            || bytes - saved_at >= 1 << 20
+            || bytes == size
+        {
             {
                 use tokio::io::AsyncWriteExt;
                 file.flush().await.map_err(write_err)?;
@@ -376,6 +430,9 @@ async fn fetch_object(
                 Failure::Interrupted(format!("failed to write {}: {e}", progress_file.display()))
             })?;
             last_save = Instant::now();
+            saved_at = bytes;
+            shown.bytes = bytes;
+            status.set_downloading(Some(shown.clone()));
         }
         if let Some(rate) = objects.max_bytes_per_sec {
             let due = Duration::from_secs_f64(this_session as f64 / rate as f64);
@@ -571,6 +628,12 @@ async fn apply(
         ));
         return;
     }
+    // Withdrawn first: a replaced bundle must not be installed while its successor
+    // downloads.
+    for name in withdraw_updates(&dir.join("updates"), key, &manifest) {
+        tracing::info!(name = %name, "update withdrawn by the core: removed");
+        report.applied.push(format!("updates/{name} withdrawn"));
+    }
     for item in &manifest.items {
         match fetch_item(item, kv, objects, dir, status).await {
             Ok(true) => {
@@ -593,6 +656,61 @@ async fn apply(
     }
 }
 
+/// An update stays on the box only while a manifest offers it. Each manifest's offer
+/// (`key`: the site's or the machine's) is kept in `.offered.<key>`; a bundle this
+/// manifest offered before and offers no more (withdrawn by `edgectl update cancel`,
+/// replaced by another) is removed with its partial download, unless the other
+/// manifest offers it. Returns the names removed.
+fn withdraw_updates(updates: &Path, key: &str, manifest: &Manifest) -> Vec<String> {
+    let offered = |file: &Path| -> Vec<String> {
+        std::fs::read(file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    let own = updates.join(format!(".offered.{key}"));
+    let now: Vec<String> = manifest
+        .items
+        .iter()
+        .filter(|i| i.kind == "updates")
+        .map(|i| i.name.clone())
+        .collect();
+    let mut elsewhere = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(updates) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".offered.") && e.path() != own {
+                elsewhere.extend(offered(&e.path()));
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for name in offered(&own) {
+        if now.contains(&name) || elsewhere.contains(&name) {
+            continue;
+        }
+        let mut gone = false;
+        for f in [
+            name.clone(),
+            format!(".{name}.partial"),
+            format!(".{name}.progress"),
+        ] {
+            gone |= std::fs::remove_file(updates.join(f)).is_ok();
+        }
+        if gone {
+            removed.push(name);
+        }
+    }
+    if !now.is_empty() || own.exists() {
+        let _ = std::fs::create_dir_all(updates);
+        let body = serde_json::to_vec(&now).unwrap_or_default();
+        if let Err(e) = edge_common::write_atomic(&own, &body, 0o644) {
+            tracing::warn!("failed to write {}: {e}", own.display());
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,6 +729,51 @@ mod tests {
     }
 
     const BODY: &str = r#"{"version":3,"items":[{"kind":"models","name":"m.onnx","store":"object","key":"m1","sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#;
+
+    #[test]
+    fn an_update_no_manifest_offers_any_more_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let updates = tmp.path().join("updates");
+        let offer = |names: &[&str]| Manifest {
+            version: 1,
+            items: names
+                .iter()
+                .map(|n| Item {
+                    kind: "updates".into(),
+                    name: n.to_string(),
+                    store: "object".into(),
+                    key: n.to_string(),
+                    sha256: "0".repeat(64),
+                })
+                .collect(),
+        };
+        let put = |name: &str| std::fs::write(updates.join(name), b"x").unwrap();
+        // Nothing offered yet: nothing to remove, no record written.
+        assert!(withdraw_updates(&updates, "s.manifest", &offer(&[])).is_empty());
+        assert!(!updates.exists());
+        assert!(withdraw_updates(&updates, "s.manifest", &offer(&["a.bundle"])).is_empty());
+        put("a.bundle");
+        assert!(withdraw_updates(&updates, "s.m.manifest", &offer(&["b.delta"])).is_empty());
+        put(".b.delta.partial");
+        put(".b.delta.progress");
+        // The site's manifest replaces a.bundle by b.delta, which the machine's also
+        // offers: only a.bundle goes.
+        assert_eq!(
+            withdraw_updates(&updates, "s.manifest", &offer(&["b.delta"])),
+            vec!["a.bundle".to_string()]
+        );
+        assert!(!updates.join("a.bundle").exists());
+        // The site withdraws it; the machine's manifest still offers it: kept.
+        assert!(withdraw_updates(&updates, "s.manifest", &offer(&[])).is_empty());
+        assert!(updates.join(".b.delta.partial").exists());
+        // The machine's withdraws it too: the partial download goes.
+        assert_eq!(
+            withdraw_updates(&updates, "s.m.manifest", &offer(&[])),
+            vec!["b.delta".to_string()]
+        );
+        assert!(!updates.join(".b.delta.partial").exists());
+        assert!(!updates.join(".b.delta.progress").exists());
+    }
 
     #[test]
     fn a_signed_manifest_verifies() {

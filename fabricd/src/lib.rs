@@ -27,6 +27,11 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
             Ok(Some(file)) => {
                 config.site = file.site.unwrap_or(config.site);
                 config.machine = file.machine.unwrap_or(config.machine);
+                if let (Some(pace), Some(down)) =
+                    (file.downlink_max_kib_per_sec, config.downlink.as_mut())
+                {
+                    down.max_kib_per_sec = Some(pace);
+                }
                 tracing::info!(file = %path.display(), servers = ?file.core.servers, site = %config.site, machine = %config.machine, "core provisioned");
                 config.core = Some(file.core);
             }
@@ -138,8 +143,8 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
         );
         move || -> Result<(), String> {
             if config.core.is_some() {
-                let (config, status) = (config.clone(), status.clone());
-                on_own_thread("uplink", uplink::run(log, config, status))?;
+                let (config, status, down) = (config.clone(), status.clone(), down_status.clone());
+                on_own_thread("uplink", uplink::run(log, config, status, down))?;
             } else {
                 tracing::info!("no core configured: records are kept locally only");
             }

@@ -88,7 +88,12 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Runs forever: connect, mirror, and after any failure back off and start again.
-pub async fn run(log: Log, config: Arc<Config>, status: Arc<Status>) {
+pub async fn run(
+    log: Log,
+    config: Arc<Config>,
+    status: Arc<Status>,
+    downlink: Arc<crate::downlink::Status>,
+) {
     let Some(core) = config.core.clone() else {
         return;
     };
@@ -97,7 +102,7 @@ pub async fn run(log: Log, config: Arc<Config>, status: Arc<Status>) {
     loop {
         status.sessions.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = session(&log, &config, &core, &status).await;
+        let result = session(&log, &config, &core, &status, &downlink).await;
         status.connected.store(false, Ordering::Relaxed);
         let e = match result {
             Ok(()) => "the session ended".to_string(),
@@ -179,6 +184,7 @@ async fn session(
     config: &Config,
     core: &CoreConfig,
     status: &Arc<Status>,
+    downlink: &Arc<crate::downlink::Status>,
 ) -> Result<(), String> {
     let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
     let client = connect(core, &config.site, lost_tx).await?;
@@ -204,6 +210,7 @@ async fn session(
                 boot: config.boot_file.clone(),
                 update: config.update_state.clone(),
             },
+            downlink.clone(),
         ));
     }
     for (class, c) in config.classes.iter().enumerate() {
@@ -324,6 +331,9 @@ pub struct BoxStatus {
     /// latest update's phase, versions, slots and reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<serde_json::Value>,
+    /// What the downlink fetched and is fetching (an update's download progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downlink: Option<crate::downlink::DownlinkReport>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -386,6 +396,7 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
         boot: None,
         os: None,
         update: None,
+        downlink: None,
         classes: names
             .iter()
             .enumerate()
@@ -415,6 +426,7 @@ async fn report_status(
     subject: String,
     core: CoreConfig,
     os_files: OsFiles,
+    downlink: Arc<crate::downlink::Status>,
 ) -> Result<(), String> {
     let mut warned = false;
     let mut boot = crate::enrollment::BootReports::new(&core);
@@ -424,6 +436,7 @@ async fn report_status(
         report.boot = boot.latest().await;
         report.os = os.clone();
         report.update = os_files.update();
+        report.downlink = Some(downlink.report());
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let sent = match js.publish(subject.clone(), body.into()).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| chain(&e)),

@@ -43,6 +43,9 @@ pub enum Phase {
     RolledBack,
     /// The bundle was refused before the slot was touched, or its install failed.
     Refused,
+    /// The core withdrew the bundle (`edgectl update cancel`) while it was written: the
+    /// new slot's entry is gone again, and the box stays where it is.
+    Cancelled,
 }
 
 /// One update, from the bundle seen to its outcome.
@@ -365,7 +368,7 @@ pub fn on_boot(state: &mut State, running: &Running, now_ms: u64) -> BootRole {
         Phase::Installing => BootRole::Interrupted {
             version: u.version.clone(),
         },
-        Phase::Blessed | Phase::RolledBack | Phase::Refused => BootRole::Normal,
+        Phase::Blessed | Phase::RolledBack | Phase::Refused | Phase::Cancelled => BootRole::Normal,
     }
 }
 
@@ -529,7 +532,9 @@ impl Updater {
                 match &result {
                     Ok(_) => u.phase = Phase::Installed,
                     Err(e) => {
-                        u.phase = Phase::Refused;
+                        if u.phase != Phase::Cancelled {
+                            u.phase = Phase::Refused;
+                        }
                         u.reason = Some(e.clone());
                     }
                 }
@@ -552,8 +557,15 @@ impl Updater {
                 }
                 Ok(None) => None,
                 Err(e) => {
-                    let bundle = state.update.as_ref().map_or("", |u| u.bundle.as_str());
-                    say!("update: refused {bundle}: {e}");
+                    match state.update.as_ref() {
+                        Some(u) if u.phase == Phase::Cancelled => {
+                            say!("update: {} cancelled: {e}", u.version)
+                        }
+                        u => say!(
+                            "update: refused {}: {e}",
+                            u.map_or("", |u| u.bundle.as_str())
+                        ),
+                    }
                     None
                 }
             };
@@ -765,17 +777,25 @@ fn attempt(
         state.save(state_file)?;
         say!("update: writing {} into slot {slot}", m.version);
         crate::stage2::with_esp(|esp| {
-            install(
-                &m,
-                copy,
-                &slot,
-                &Target {
-                    root: &root,
-                    verity: &verity,
-                    entries: &esp.join("EFI/Linux"),
-                    tries,
-                },
-            )
+            let entries = esp.join("EFI/Linux");
+            let target = Target {
+                root: &root,
+                verity: &verity,
+                entries: &entries,
+                tries,
+            };
+            let installed = install(&m, copy, &slot, &target)?;
+            if path.exists() {
+                return Ok(installed);
+            }
+            // Withdrawn (fabricd removes a bundle no manifest offers) while it was written.
+            record.phase = Phase::Cancelled;
+            std::fs::remove_file(entries.join(&installed.entry))
+                .map_err(|e| format!("failed to remove {}: {e}", installed.entry))?;
+            sync_dir(&entries)?;
+            Err(format!(
+                "the core withdrew it while slot {slot} was written; its entry is removed"
+            ))
         })?
         .map(Some)
     })();

@@ -257,7 +257,7 @@ fn main() -> ExitCode {
     let limit = match cli.cmd {
         Cmd::Status { .. }
         | Cmd::Update {
-            cmd: update::UpdateCmd::Status,
+            cmd: update::UpdateCmd::Status { .. },
         } => Some(std::time::Duration::from_secs(60)),
         _ => None,
     };

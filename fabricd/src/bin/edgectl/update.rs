@@ -13,8 +13,9 @@ pub enum UpdateCmd {
     /// bundle there; the other items stay). The boxes download it, install it into their
     /// inactive slot and try it.
     Publish {
-        /// A site to update (repeat for more).
-        #[arg(long = "site", required = true)]
+        /// The sites to update: `--site a --site b`, `--sites a,b`, or `--sites all`
+        /// (every site with a downlink manifest or a status report at the core).
+        #[arg(long = "site", alias = "sites", required = true, value_delimiter = ',')]
         sites: Vec<String>,
         /// Only this machine of the site (its own manifest).
         #[arg(long)]
@@ -31,8 +32,27 @@ pub enum UpdateCmd {
         delta_from: Option<PathBuf>,
         bundle: PathBuf,
     },
+    /// Withdraw the update offered to each site: its downlink manifest offers none
+    /// any more (signed anew). A box that has not yet rebooted into it drops it, its
+    /// partial download included; one already trying or running it keeps it.
+    Cancel {
+        /// The sites, as for `publish` (`--sites all` too).
+        #[arg(long = "site", alias = "sites", required = true, value_delimiter = ',')]
+        sites: Vec<String>,
+        /// Only this machine's own manifest.
+        #[arg(long)]
+        machine: Option<String>,
+        /// The operator's downlink key (ed25519 PKCS#8).
+        #[arg(long)]
+        signing_key: PathBuf,
+    },
     /// Each box: the OS it runs and where its latest update stands.
-    Status,
+    Status {
+        /// Each box's status report as it sent it, one JSON object per line:
+        /// `{"box": "<site>.<machine>", "report": {...}}`.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(
@@ -53,8 +73,7 @@ pub async fn run(
         } => {
             publish(
                 js,
-                bucket,
-                objects,
+                (bucket, objects, status_bucket),
                 sites,
                 machine.as_deref(),
                 signing_key,
@@ -64,15 +83,36 @@ pub async fn run(
             )
             .await
         }
-        UpdateCmd::Status => status(js, status_bucket).await,
+        UpdateCmd::Cancel {
+            sites,
+            machine,
+            signing_key,
+        } => {
+            let kp = signing_keypair(signing_key)?;
+            let sites = resolve_sites(js, bucket, status_bucket, sites, machine.as_deref()).await?;
+            rewrite_manifests(js, bucket, &kp, &sites, machine.as_deref(), |m| {
+                let offered: Vec<String> = m
+                    .items
+                    .iter()
+                    .filter(|i| i.kind == "updates")
+                    .map(|i| i.name.clone())
+                    .collect();
+                m.items.retain(|i| i.kind != "updates");
+                match offered.as_slice() {
+                    [] => None,
+                    o => Some(format!("withdraws {}", o.join(", "))),
+                }
+            })
+            .await
+        }
+        UpdateCmd::Status { json } => status(js, status_bucket, *json).await,
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn publish(
     js: &jetstream::Context,
-    bucket: &str,
-    objects: &str,
+    (bucket, objects, status_bucket): (&str, &str, &str),
     sites: &[String],
     machine: Option<&str>,
     signing_key: &Path,
@@ -108,15 +148,8 @@ async fn publish(
             w.packed_blocks
         );
     }
-    let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&super::read(signing_key)?)
-        .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", signing_key.display()))?;
-    for site in sites.iter().map(String::as_str).chain(machine) {
-        if !super::is_token(site) {
-            return Err(format!(
-                "{site:?} must be letters, digits, '-' or '_' (it is a subject token)"
-            ));
-        }
-    }
+    let kp = signing_keypair(signing_key)?;
+    let sites = resolve_sites(js, bucket, status_bucket, sites, machine).await?;
 
     let sha256 = {
         let mut file = tokio::fs::File::open(&sent)
@@ -137,6 +170,72 @@ async fn publish(
         m.name, m.version, m.security_version
     );
 
+    let item = fabricd::downlink::Item {
+        kind: "updates".into(),
+        name: name.clone(),
+        store: "object".into(),
+        key: name.clone(),
+        sha256,
+    };
+    rewrite_manifests(js, bucket, &kp, &sites, machine, |manifest| {
+        manifest.items.retain(|i| i.kind != "updates");
+        manifest.items.push(item.clone());
+        Some(format!("offers {} {}", m.name, m.version))
+    })
+    .await
+}
+
+fn signing_keypair(path: &Path) -> Result<ring::signature::Ed25519KeyPair, String> {
+    ring::signature::Ed25519KeyPair::from_pkcs8(&super::read(path)?)
+        .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", path.display()))
+}
+
+/// The sites named, or with `all` every site the core knows: one with a downlink
+/// manifest, or a box that reported its status. Each is checked as a subject token.
+async fn resolve_sites(
+    js: &jetstream::Context,
+    bucket: &str,
+    status_bucket: &str,
+    sites: &[String],
+    machine: Option<&str>,
+) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for site in sites {
+        if site == "all" {
+            let mut known = super::kv_keys(js, bucket).await?;
+            // A core without boxes reporting yet has no status bucket entries: fine.
+            known.extend(super::kv_keys(js, status_bucket).await.unwrap_or_default());
+            out.extend(known.iter().filter_map(|k| k.split('.').next().map(str::to_owned)));
+        } else {
+            out.push(site.clone());
+        }
+    }
+    out.sort();
+    out.dedup();
+    for site in out.iter().map(String::as_str).chain(machine) {
+        if !super::is_token(site) {
+            return Err(format!(
+                "{site:?} must be letters, digits, '-' or '_' (it is a subject token)"
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err("no site to send to: the core knows of none yet (name them with --site)".into());
+    }
+    Ok(out)
+}
+
+/// Each site's (or machine's) signed downlink manifest, changed by `change` and signed
+/// again with a higher version; `change` says what it did (`None`: nothing, and the
+/// manifest is left as it is). A manifest this key did not sign is not replaced.
+async fn rewrite_manifests(
+    js: &jetstream::Context,
+    bucket: &str,
+    kp: &ring::signature::Ed25519KeyPair,
+    sites: &[String],
+    machine: Option<&str>,
+    mut change: impl FnMut(&mut fabricd::downlink::Manifest) -> Option<String>,
+) -> Result<(), String> {
     let kv = js
         .get_key_value(bucket)
         .await
@@ -160,25 +259,18 @@ async fn publish(
                 items: Vec::new(),
             },
         };
-        manifest.items.retain(|i| i.kind != "updates");
-        manifest.items.push(fabricd::downlink::Item {
-            kind: "updates".into(),
-            name: name.clone(),
-            store: "object".into(),
-            key: name.clone(),
-            sha256: sha256.clone(),
-        });
+        let Some(what) = change(&mut manifest) else {
+            println!("{key}: no update offered; left as it is");
+            continue;
+        };
         manifest.version += 1;
         let body = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
-        let signed = super::sign_framed(&kp, &body);
+        let signed = super::sign_framed(kp, &body);
         fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())?;
         kv.put(&key, signed.into())
             .await
             .map_err(|e| format!("failed to put {key}: {e}"))?;
-        println!(
-            "{key}: manifest version {} offers {} {}",
-            manifest.version, m.name, m.version
-        );
+        println!("{key}: manifest version {} {what}", manifest.version);
     }
     Ok(())
 }
@@ -199,7 +291,7 @@ fn sha256_file(path: &Path) -> Result<String, String> {
 }
 
 /// One line per box: `<site>.<machine>  running <version> (slot <s>)  <update>`.
-async fn status(js: &jetstream::Context, status_bucket: &str) -> Result<(), String> {
+async fn status(js: &jetstream::Context, status_bucket: &str, json: bool) -> Result<(), String> {
     let reports = js
         .get_key_value(status_bucket)
         .await
@@ -211,6 +303,7 @@ async fn status(js: &jetstream::Context, status_bucket: &str) -> Result<(), Stri
             continue;
         };
         match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&value) {
+            Ok(s) if json => println!("{}", serde_json::json!({"box": key, "report": s})),
             Ok(s) => println!("{}", line(&key, &s)),
             Err(e) => eprintln!("{key}: unreadable status report: {e}"),
         }
@@ -246,9 +339,67 @@ pub fn line(key: &str, s: &fabricd::uplink::BoxStatus) -> String {
                 "blessed" => format!("blessed {version}"),
                 "rolled-back" => format!("rolled back from {version}: {reason}"),
                 "refused" => format!("refused {}: {reason}", field("bundle")),
+                "cancelled" => format!("cancelled {version}: {reason}"),
                 other => format!("{other} {version}"),
             }
         }
     };
+    // A bundle on its way is the newest news of the box.
+    let downloading = s
+        .downlink
+        .as_ref()
+        .and_then(|d| d.downloading.as_ref())
+        .filter(|d| d.kind == "updates");
+    let what = match downloading {
+        Some(d) => format!(
+            "downloading {} {}% ({} of {} bytes)",
+            d.name,
+            d.bytes * 100 / d.size.max(1),
+            d.bytes,
+            d.size
+        ),
+        None => what,
+    };
     format!("{key}  {running}  {what}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(json: serde_json::Value) -> fabricd::uplink::BoxStatus {
+        let mut base = serde_json::json!({"time_ms": 1, "version": "0.1.0", "classes": [],
+            "os": {"version": "0.1.0", "slot": "a"}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(json.as_object().unwrap().clone());
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn each_box_says_where_its_update_stands() {
+        assert_eq!(
+            line("s.m", &report(serde_json::json!({}))),
+            "s.m  running 0.1.0 (slot a)  no update"
+        );
+        let downloading = report(serde_json::json!({"downlink": {"fetched_bytes": 10,
+            "resumed_bytes": 0, "downloading": {"kind": "updates",
+            "name": "edgeos-0.2.0.bundle", "bytes": 43, "size": 100}}}));
+        assert_eq!(
+            line("s.m", &downloading),
+            "s.m  running 0.1.0 (slot a)  downloading edgeos-0.2.0.bundle 43% (43 of 100 bytes)"
+        );
+        // A model on its way is not an update's news.
+        let model = report(serde_json::json!({"downlink": {"fetched_bytes": 10,
+            "resumed_bytes": 0, "downloading": {"kind": "models", "name": "m.onnx",
+            "bytes": 1, "size": 2}}}));
+        assert!(line("s.m", &model).ends_with("no update"));
+        let rolled = report(serde_json::json!({"update": {"security_floor": 1, "update": {
+            "phase": "rolled-back", "version": "0.2.0", "slot": "b",
+            "reason": "the trial failed: given up: canary"}}}));
+        assert_eq!(
+            line("s.m", &rolled),
+            "s.m  running 0.1.0 (slot a)  rolled back from 0.2.0: the trial failed: given up: canary"
+        );
+    }
 }
