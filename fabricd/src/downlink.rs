@@ -235,9 +235,15 @@ async fn fetch_item(
     let fetched = if item.store == "kv" {
         fetch_kv(item, kv, &tmp, &mut ctx, status).await
     } else {
-        let fetched = fetch_object(item, objects, &tmp, &progress, &mut ctx, status).await;
-        status.set_downloading(None);
-        fetched
+        // No download shown once this one ends, or is dropped (a newer manifest came).
+        struct Shown<'a>(&'a Status);
+        impl Drop for Shown<'_> {
+            fn drop(&mut self) {
+                self.0.set_downloading(None);
+            }
+        }
+        let _shown = Shown(status);
+        fetch_object(item, objects, &tmp, &progress, &mut ctx, status).await
     };
     let digest = edge_common::hex::encode(ctx.finish().as_ref());
     let verdict = fetched.and_then(|()| {
@@ -506,56 +512,95 @@ async fn session(
         .map_err(|e| format!("failed to watch KV bucket `{}`: {e}", down.bucket))?;
     let report_subject = format!("{}{}", config.subject_prefix(core), "_downlink");
     tracing::info!(bucket = %down.bucket, objects = %down.objects, "downlink watching manifests");
+    // The latest manifest of each key not yet applied. A manifest that changes while
+    // the last one is applied (an update cancelled or replaced mid-download) stops that
+    // apply at once: the partial download stays for a resume, or goes when no manifest
+    // offers it any more.
+    let mut pending: std::collections::BTreeMap<String, bytes::Bytes> = Default::default();
     loop {
-        let entry = tokio::select! {
-            e = watch.next() => e,
-            lost = lost_rx.recv() => return Err(lost.unwrap_or_default()),
-        };
-        let entry = match entry {
-            Some(Ok(e)) => e,
-            Some(Err(e)) => return Err(format!("KV watch failed: {e}")),
-            None => return Err("KV watch ended".into()),
-        };
-        let key = entry.subject.strip_prefix(kv.prefix.as_str()).unwrap_or("");
-        if key != site_key && key != machine_key {
+        let Some((key, payload)) = pending.pop_first() else {
+            let entry = tokio::select! {
+                e = watch.next() => e,
+                lost = lost_rx.recv() => return Err(lost.unwrap_or_default()),
+            };
+            if let Some((k, v)) = manifest_entry(entry, &kv.prefix, &site_key, &machine_key)? {
+                pending.insert(k, v);
+            }
             continue;
-        }
-        // A delete or purge marker: nothing to apply.
-        if entry
-            .headers
-            .as_ref()
-            .is_some_and(|h| h.get("KV-Operation").is_some())
-        {
-            continue;
-        }
-        let mut report = Report {
-            site: &config.site,
-            machine: &config.machine,
-            version: None,
-            applied: vec![],
-            refused: vec![],
         };
-        apply(
-            key,
-            &entry.payload,
+        let applying = apply(
+            &key,
+            &payload,
             &public_key,
             &kv,
             &objects,
             &down.dir,
-            &mut report,
+            Report {
+                site: &config.site,
+                machine: &config.machine,
+                version: None,
+                applied: vec![],
+                refused: vec![],
+            },
             status,
-        )
-        .await;
-        if !report.refused.is_empty() {
-            for (what, why) in &report.refused {
-                tracing::error!(manifest = %key, item = %what, "downlink refused: {why}");
+        );
+        tokio::pin!(applying);
+        let report = loop {
+            tokio::select! {
+                report = &mut applying => break Some(report),
+                e = watch.next() => {
+                    if let Some((k, v)) = manifest_entry(e, &kv.prefix, &site_key, &machine_key)? {
+                        let newer = k == key;
+                        pending.insert(k, v);
+                        if newer {
+                            tracing::info!(manifest = %key, "a newer manifest came: applying it instead");
+                            break None;
+                        }
+                    }
+                }
+                lost = lost_rx.recv() => return Err(lost.unwrap_or_default()),
             }
+        };
+        let Some(report) = report else {
+            continue;
+        };
+        for (what, why) in &report.refused {
+            tracing::error!(manifest = %key, item = %what, "downlink refused: {why}");
         }
         let body = serde_json::to_vec(&report).unwrap_or_default();
         if let Err(e) = client.publish(report_subject.clone(), body.into()).await {
             tracing::warn!("failed to report downlink result to the core: {e}");
         }
     }
+}
+
+/// A watched entry that is a manifest of this box (its site's or its own) to apply:
+/// its key and value. Other keys, and delete or purge markers, are not.
+fn manifest_entry(
+    entry: Option<
+        Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
+    >,
+    prefix: &str,
+    site_key: &str,
+    machine_key: &str,
+) -> Result<Option<(String, bytes::Bytes)>, String> {
+    let entry = match entry {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => return Err(format!("KV watch failed: {e}")),
+        None => return Err("KV watch ended".into()),
+    };
+    let key = entry.subject.strip_prefix(prefix).unwrap_or("");
+    if key != site_key && key != machine_key {
+        return Ok(None);
+    }
+    if entry
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get("KV-Operation").is_some())
+    {
+        return Ok(None);
+    }
+    Ok(Some((key.to_owned(), entry.payload.clone())))
 }
 
 /// This site's keys of the config bucket: each key's latest value, then every change.
@@ -596,21 +641,21 @@ async fn watch_site(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn apply(
+async fn apply<'a>(
     key: &str,
     signed: &[u8],
     public_key: &[u8],
     kv: &async_nats::jetstream::kv::Store,
     objects: &Objects,
     dir: &Path,
-    report: &mut Report<'_>,
+    mut report: Report<'a>,
     status: &Status,
-) {
+) -> Report<'a> {
     let manifest = match verify_manifest(signed, public_key) {
         Ok(m) => m,
         Err(e) => {
             report.refused.push((key.to_owned(), e));
-            return;
+            return report;
         }
     };
     report.version = Some(manifest.version);
@@ -626,7 +671,7 @@ async fn apply(
                 manifest.version
             ),
         ));
-        return;
+        return report;
     }
     // Withdrawn first: a replaced bundle must not be installed while its successor
     // downloads.
@@ -654,6 +699,7 @@ async fn apply(
         let _ = std::fs::create_dir_all(dir);
         let _ = std::fs::write(version_file(dir), format!("{}\n", manifest.version));
     }
+    report
 }
 
 /// An update stays on the box only while a manifest offers it. Each manifest's offer

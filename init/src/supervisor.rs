@@ -405,7 +405,11 @@ impl Supervisor {
             }
         }
         // Whole lines only; a line cut between two reads is read whole next time.
-        let whole = s.notify_buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        let whole = s
+            .notify_buf
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
         let said = |what: &[u8]| {
             s.notify_buf[..whole]
                 .split(|&b| b == b'\n')

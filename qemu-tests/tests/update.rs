@@ -85,6 +85,47 @@ fn wait_core_sees(op: &Operator, want: &str, timeout: Duration) -> Result<String
     }
 }
 
+/// The box's latest status report as the core holds it (`edgectl update status --json`).
+fn box_report(op: &Operator) -> Result<serde_json::Value> {
+    let out = run(op.cmd().args(["update", "status", "--json"]))?;
+    for l in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).with_context(|| l.to_owned())?;
+        if v["box"] == "site0.edge0" {
+            return Ok(v["report"].clone());
+        }
+    }
+    bail!("the core has no status of site0.edge0: {out}")
+}
+
+/// The box's report once `done` holds of it.
+fn wait_report(
+    op: &Operator,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let r = box_report(op)?;
+        if done(&r) {
+            return Ok(r);
+        }
+        if start.elapsed() > timeout {
+            bail!("{what}: not seen at the core within {timeout:?}; the box reports {r}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The downlink's counters in a report: bytes fetched, bytes a resume did not fetch.
+fn fetched(r: &serde_json::Value) -> (u64, u64) {
+    let d = &r["downlink"];
+    (
+        d["fetched_bytes"].as_u64().unwrap_or(0),
+        d["resumed_bytes"].as_u64().unwrap_or(0),
+    )
+}
+
 /// The box's update record, from init's status on the control port.
 fn update_state(m: &mut Machine) -> Result<serde_json::Value> {
     Ok(m.status()?.get("update").cloned().unwrap_or_default())
@@ -103,8 +144,14 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
     let key = operator_key()?;
 
     let p = "/var/lib/edge/provision";
+    // Downloads paced as on a site's link (not for the bench's timings): a download
+    // lasts long enough to be cut and cancelled.
+    let pace = match figures {
+        None => "downlink_max_kib_per_sec = 8192\n",
+        Some(_) => "",
+    };
     let core_toml = format!(
-        "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
+        "{pace}[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
          cert = \"{p}/site.pem\"\nkey = \"{p}/site.key\"\nbackoff_max_ms = 2000\n\
          status_interval_secs = 2\n"
     );
@@ -265,6 +312,27 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
     assert!(line.contains("security floor 1"), "{line}");
     let line = wait_core_sees(&op, "blessed 0.1.0.1", Duration::from_secs(120))?;
     assert!(line.contains("running 0.1.0.1 (slot b)"), "{line}");
+    // Blessed only once the static pods ran and fabricd had reached the core.
+    let console = std::fs::read_to_string(m.console_log())?;
+    let trial = console
+        .rfind("edgeos: stage 2: version 0.1.0.1 slot b")
+        .context("no trial boot on the console")?;
+    let trial = &console[trial..];
+    let at = |what: &str| {
+        trial
+            .find(what)
+            .with_context(|| format!("{what:?} not on the console after the trial's stage 2"))
+    };
+    let blessed = at("update: 0.1.0.1 in slot b blessed")?;
+    for healthy in [
+        "service noded: healthy (static pods running)",
+        "service fabricd: healthy (the core reached)",
+    ] {
+        assert!(
+            at(healthy)? < blessed,
+            "{healthy:?} came after the blessing"
+        );
+    }
     let to_blessed = t.elapsed();
     eprintln!("publish to blessed at the core: {to_blessed:?}");
     let st = m.status()?;
@@ -302,16 +370,83 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
     // A bad version (`canary`, one of its services, can never start): the box writes it
     // into slot a, tries it, finds the service given up and reboots; boot counting
     // brings back 0.1.0.1 in slot b, which says why and tells the core. Not retried.
-    let bad = std::env::var_os("EDGEOS_BAD_UPDATE_BUNDLE")
-        .context("EDGEOS_BAD_UPDATE_BUNDLE is not set")?;
+    let bad = PathBuf::from(
+        std::env::var_os("EDGEOS_BAD_UPDATE_BUNDLE")
+            .context("EDGEOS_BAD_UPDATE_BUNDLE is not set")?,
+    );
+    let bad_name = "edgeos-0.1.0.2.bundle";
+    let bad_bytes = std::fs::metadata(&bad)?.len();
+    let publish_bad = || {
+        run(op
+            .cmd()
+            .args(["update", "publish", "--sites", "all", "--signing-key"])
+            .arg(&key)
+            .arg("--update-key")
+            .arg(&update_pub)
+            .arg(&bad))
+    };
+    // The download under way, once `share` of it is on the box.
+    let downloading = |share: f64| {
+        wait_report(
+            &op,
+            &format!("{bad_name} downloading"),
+            Duration::from_secs(120),
+            |r| {
+                let d = &r["downlink"]["downloading"];
+                d["name"] == bad_name
+                    && d["bytes"].as_u64().unwrap_or(0) as f64 >= share * bad_bytes as f64
+            },
+        )
+    };
+    if figures.is_none() {
+        // Cancelled mid-download: the box stops, drops what it had, installs nothing.
+        publish_bad()?;
+        downloading(0.1)?;
+        let out = run(op
+            .cmd()
+            .args(["update", "cancel", "--sites", "all", "--signing-key"])
+            .arg(&key))?;
+        assert!(
+            out.contains(&format!(
+                "site0.manifest: manifest version 6 withdraws {bad_name}"
+            )),
+            "{out}"
+        );
+        wait_report(&op, "the download stopped", Duration::from_secs(60), |r| {
+            r["downlink"]["downloading"].is_null()
+        })?;
+        let line = wait_core_sees(&op, "blessed 0.1.0.1", Duration::from_secs(60))?;
+        assert!(line.contains("running 0.1.0.1 (slot b)"), "{line}");
+    }
+    // Published again, from nothing (the cancel dropped the partial download); the link
+    // is cut in the middle of the download, which resumes where it was.
+    let before = fetched(&box_report(&op)?);
     let t = Instant::now();
-    run(op
-        .cmd()
-        .args(["update", "publish", "--site", "site0", "--signing-key"])
-        .arg(&key)
-        .arg("--update-key")
-        .arg(&update_pub)
-        .arg(&bad))?;
+    publish_bad()?;
+    if figures.is_none() {
+        let r = downloading(0.2)?;
+        eprintln!("cutting the link at {}", r["downlink"]["downloading"]);
+        link.set_cut(true);
+        std::thread::sleep(Duration::from_secs(6));
+        link.set_cut(false);
+        let r = wait_report(
+            &op,
+            "the download finished",
+            Duration::from_secs(300),
+            |r| r["downlink"]["downloading"].is_null() && fetched(r).0 >= before.0 + bad_bytes,
+        )?;
+        let after = fetched(&r);
+        let (total, resumed) = (after.0 - before.0, after.1 - before.1);
+        eprintln!("fetched {total} bytes for the {bad_bytes}-byte bundle across the cut ({resumed} not fetched again)");
+        assert!(
+            resumed > 0,
+            "the download did not resume after the cut: {r}"
+        );
+        assert!(
+            total as f64 <= 1.05 * bad_bytes as f64,
+            "fetched {total} bytes for a {bad_bytes}-byte bundle"
+        );
+    }
     m.wait_for_console(
         "update: 0.1.0.2 installed in slot a",
         Duration::from_secs(600),

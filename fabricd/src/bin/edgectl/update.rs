@@ -205,7 +205,11 @@ async fn resolve_sites(
             let mut known = super::kv_keys(js, bucket).await?;
             // A core without boxes reporting yet has no status bucket entries: fine.
             known.extend(super::kv_keys(js, status_bucket).await.unwrap_or_default());
-            out.extend(known.iter().filter_map(|k| k.split('.').next().map(str::to_owned)));
+            out.extend(
+                known
+                    .iter()
+                    .filter_map(|k| k.split('.').next().map(str::to_owned)),
+            );
         } else {
             out.push(site.clone());
         }
@@ -220,7 +224,9 @@ async fn resolve_sites(
         }
     }
     if out.is_empty() {
-        return Err("no site to send to: the core knows of none yet (name them with --site)".into());
+        return Err(
+            "no site to send to: the core knows of none yet (name them with --site)".into(),
+        );
     }
     Ok(out)
 }
@@ -394,9 +400,11 @@ mod tests {
             "resumed_bytes": 0, "downloading": {"kind": "models", "name": "m.onnx",
             "bytes": 1, "size": 2}}}));
         assert!(line("s.m", &model).ends_with("no update"));
-        let rolled = report(serde_json::json!({"update": {"security_floor": 1, "update": {
+        let rolled = report(
+            serde_json::json!({"update": {"security_floor": 1, "update": {
             "phase": "rolled-back", "version": "0.2.0", "slot": "b",
-            "reason": "the trial failed: given up: canary"}}}));
+            "reason": "the trial failed: given up: canary"}}}),
+        );
         assert_eq!(
             line("s.m", &rolled),
             "s.m  running 0.1.0 (slot a)  rolled back from 0.2.0: the trial failed: given up: canary"
