@@ -879,6 +879,12 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         return Ok(());
     }
+    if let Some(done) = match &cli.cmd {
+        Cmd::Update { cmd } => update::offline(cmd),
+        _ => None,
+    } {
+        return done;
+    }
     if let Cmd::VerifyBundle { update_key, bundle } = &cli.cmd {
         let key = read_update_key(update_key)?;
         let b =

@@ -46,6 +46,18 @@ pub enum UpdateCmd {
         #[arg(long)]
         signing_key: PathBuf,
     },
+    /// Write the delta from the bundle of the version the boxes run to a new bundle,
+    /// beside it, without a core, and print its size: what a box on that version would
+    /// download (`publish --delta-from` makes the same file).
+    Delta {
+        /// The update key's public half (`update.pub`): both bundles must verify with it.
+        #[arg(long)]
+        update_key: PathBuf,
+        /// The bundle of the version the boxes run.
+        #[arg(long)]
+        from: PathBuf,
+        bundle: PathBuf,
+    },
     /// Each box: the OS it runs and where its latest update stands.
     Status {
         /// Each box's status report as it sent it, one JSON object per line:
@@ -53,6 +65,54 @@ pub enum UpdateCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The subcommands that need no core: `Some` when `cmd` is one, with its result.
+pub fn offline(cmd: &UpdateCmd) -> Option<Result<(), String>> {
+    let UpdateCmd::Delta {
+        update_key,
+        from,
+        bundle,
+    } = cmd
+    else {
+        return None;
+    };
+    Some((|| {
+        let key = super::read_update_key(update_key)?;
+        let checked =
+            edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
+        make_delta(&key, &checked, bundle, from).map(|_| ())
+    })())
+}
+
+/// Writes the delta from `base_path` to the checked `bundle` beside the bundle, prints
+/// its size, and returns its object name and path.
+fn make_delta(
+    key: &[u8],
+    checked: &edge_update::Bundle,
+    bundle: &Path,
+    base_path: &Path,
+) -> Result<(String, PathBuf), String> {
+    let m = &checked.manifest;
+    let base =
+        edge_update::open(base_path, key).map_err(|e| format!("{}: {e}", base_path.display()))?;
+    let name = format!(
+        "{}-{}-from-{}.delta",
+        m.name, m.version, base.manifest.version
+    );
+    let sent = bundle.with_file_name(&name);
+    let w = edge_update::delta::write((&base, base_path), (checked, bundle), &sent)
+        .map_err(|e| format!("making the delta from {}: {e}", base_path.display()))?;
+    let whole = std::fs::metadata(bundle).map_or(0, |m| m.len());
+    println!(
+        "delta from {} ({}): {} bytes, {:.2} % of the bundle's {whole} ({} blocks packed)",
+        base.manifest.version,
+        sent.display(),
+        w.bytes,
+        100.0 * w.bytes as f64 / whole.max(1) as f64,
+        w.packed_blocks
+    );
+    Ok((name, sent))
 }
 
 pub async fn run(
@@ -106,6 +166,7 @@ pub async fn run(
             .await
         }
         UpdateCmd::Status { json } => status(js, status_bucket, *json).await,
+        UpdateCmd::Delta { .. } => unreachable!("handled by `offline`"),
     }
 }
 
@@ -129,24 +190,7 @@ async fn publish(
     // What is sent: the bundle, or a delta from the boxes' version, written beside it.
     let mut sent = bundle.to_path_buf();
     if let Some(base_path) = delta_from {
-        let base = edge_update::open(base_path, &key)
-            .map_err(|e| format!("{}: {e}", base_path.display()))?;
-        name = format!(
-            "{}-{}-from-{}.delta",
-            m.name, m.version, base.manifest.version
-        );
-        sent = bundle.with_file_name(&name);
-        let w = edge_update::delta::write((&base, base_path), (&checked, bundle), &sent)
-            .map_err(|e| format!("making the delta from {}: {e}", base_path.display()))?;
-        let whole = std::fs::metadata(bundle).map_or(0, |m| m.len());
-        println!(
-            "delta from {} ({}): {} bytes, {:.2} % of the bundle's {whole} ({} blocks packed)",
-            base.manifest.version,
-            sent.display(),
-            w.bytes,
-            100.0 * w.bytes as f64 / whole.max(1) as f64,
-            w.packed_blocks
-        );
+        (name, sent) = make_delta(&key, &checked, bundle, base_path)?;
     }
     let kp = signing_keypair(signing_key)?;
     let sites = resolve_sites(js, bucket, status_bucket, sites, machine).await?;
