@@ -45,6 +45,10 @@ pub struct Item {
     pub key: String,
     /// Lowercase hex.
     pub sha256: String,
+    /// An update's window (`HH:MM-HH:MM`, UTC): the box reboots into it only then.
+    /// fabricd writes it beside the bundle as `<name>.window` for init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
 }
 
 /// Splits and verifies a signed manifest.
@@ -87,6 +91,12 @@ fn check_item(item: &Item) -> Result<(), String> {
     }
     if item.store != "kv" && item.store != "object" {
         return Err(format!("item `{}`: store must be kv or object", item.name));
+    }
+    if let Some(w) = &item.window {
+        if item.kind != "updates" {
+            return Err(format!("item `{}`: only an update has a window", item.name));
+        }
+        edge_update::window::Window::parse(w).map_err(|e| format!("item `{}`: {e}", item.name))?;
     }
     if item.sha256.len() != 64 || !item.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
@@ -679,6 +689,11 @@ async fn apply<'a>(
         tracing::info!(name = %name, "update withdrawn by the core: removed");
         report.applied.push(format!("updates/{name} withdrawn"));
     }
+    for item in manifest.items.iter().filter(|i| i.kind == "updates") {
+        if let Err(e) = write_window(&dir.join("updates"), item) {
+            report.refused.push((format!("updates/{}", item.name), e));
+        }
+    }
     for item in &manifest.items {
         match fetch_item(item, kv, objects, dir, status).await {
             Ok(true) => {
@@ -700,6 +715,23 @@ async fn apply<'a>(
         let _ = std::fs::write(version_file(dir), format!("{}\n", manifest.version));
     }
     report
+}
+
+/// An update's window beside it, `<name>.window`, for init; none: the file goes. Written
+/// before the bundle is, so init never sees the bundle without its window.
+fn write_window(updates: &Path, item: &Item) -> Result<(), String> {
+    let path = updates.join(format!("{}.window", item.name));
+    match &item.window {
+        Some(w) => std::fs::create_dir_all(updates)
+            .and_then(|()| edge_common::write_atomic(&path, format!("{w}\n").as_bytes(), 0o644))
+            .map_err(|e| format!("failed to write {}: {e}", path.display())),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("failed to remove {}: {e}", path.display()))
+            }
+            _ => Ok(()),
+        },
+    }
 }
 
 /// An update stays on the box only while a manifest offers it. Each manifest's offer
@@ -738,6 +770,7 @@ fn withdraw_updates(updates: &Path, key: &str, manifest: &Manifest) -> Vec<Strin
         let mut gone = false;
         for f in [
             name.clone(),
+            format!("{name}.window"),
             format!(".{name}.partial"),
             format!(".{name}.progress"),
         ] {
@@ -790,6 +823,7 @@ mod tests {
                     store: "object".into(),
                     key: n.to_string(),
                     sha256: "0".repeat(64),
+                    window: None,
                 })
                 .collect(),
         };
@@ -854,5 +888,34 @@ mod tests {
         }
         let body = BODY.replace("models", "kernels");
         assert!(verify_manifest(&signed(&kp, body.as_bytes()), kp.public_key().as_ref()).is_err());
+    }
+
+    #[test]
+    fn only_an_update_has_a_window_and_it_must_read_as_one() {
+        let item = |kind: &str, window: &str| Item {
+            kind: kind.into(),
+            name: "x".into(),
+            store: "object".into(),
+            key: "x".into(),
+            sha256: "0".repeat(64),
+            window: Some(window.into()),
+        };
+        assert!(check_item(&item("updates", "02:00-04:00")).is_ok());
+        let e = check_item(&item("models", "02:00-04:00")).unwrap_err();
+        assert!(e.contains("only an update has a window"), "{e}");
+        let e = check_item(&item("updates", "2am")).unwrap_err();
+        assert!(e.contains("HH:MM-HH:MM"), "{e}");
+        // Written beside the bundle for init, and gone when a manifest offers none.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut it = item("updates", "02:00-04:00");
+        write_window(tmp.path(), &it).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("x.window")).unwrap(),
+            "02:00-04:00\n"
+        );
+        it.window = None;
+        write_window(tmp.path(), &it).unwrap();
+        assert!(!tmp.path().join("x.window").exists());
+        write_window(tmp.path(), &it).unwrap();
     }
 }

@@ -65,6 +65,9 @@ pub struct Attempt {
     pub from_slot: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Installed and waiting for the bundle's window (`HH:MM-HH:MM`, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
     pub time_ms: u64,
 }
 
@@ -421,6 +424,31 @@ pub struct Updater {
     job: Option<std::sync::mpsc::Receiver<Outcome>>,
     /// Bundles of the running version, seen once: not opened again.
     skipped: Vec<String>,
+    /// An installed update waiting for its window.
+    waiting: Option<Waiting>,
+}
+
+/// An update written into the inactive slot whose bundle has a window: the box reboots
+/// into it when the window opens (or the core publishes it again without one), or
+/// drops it if the core withdraws the bundle first.
+struct Waiting {
+    bundle: PathBuf,
+    installed: Installed,
+}
+
+/// The window fabricd wrote beside a bundle (`<bundle>.window`); none without one. A
+/// window init cannot read is none (fabricd checked it): the update is tried at once.
+fn window_of(bundle: &Path) -> Option<edge_update::window::Window> {
+    let mut path = bundle.as_os_str().to_owned();
+    path.push(".window");
+    let text = std::fs::read_to_string(PathBuf::from(path)).ok()?;
+    match edge_update::window::Window::parse(&text) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            say!("warning: update: {e}; trying it at once");
+            None
+        }
+    }
 }
 
 impl Updater {
@@ -459,6 +487,7 @@ impl Updater {
             last_look: None,
             job: None,
             skipped: Vec::new(),
+            waiting: None,
         }
     }
 
@@ -514,6 +543,51 @@ impl Updater {
                 };
             }
         }
+        if let Some(w) = &self.waiting {
+            let i = &w.installed;
+            if !w.bundle.exists() {
+                // Withdrawn before its window: the new slot's entry goes again.
+                let removed = crate::stage2::with_esp(|esp| {
+                    let entries = esp.join("EFI/Linux");
+                    std::fs::remove_file(entries.join(&i.entry))
+                        .map_err(|e| format!("failed to remove {}: {e}", i.entry))?;
+                    sync_dir(&entries)
+                })
+                .and_then(|r| r);
+                let reason = match removed {
+                    Ok(()) => format!(
+                        "the core withdrew it before its window; slot {}'s entry is removed",
+                        i.slot
+                    ),
+                    Err(e) => format!("the core withdrew it before its window, but {e}"),
+                };
+                say!("update: {} cancelled: {reason}", i.version);
+                let mut state = State::load(&self.state_file);
+                if let Some(u) = state.update.as_mut() {
+                    u.phase = Phase::Cancelled;
+                    u.reason = Some(reason);
+                    u.time_ms = unix_ms();
+                }
+                state.end();
+                if let Err(e) = state.save(&self.state_file) {
+                    say!("warning: update: {e}");
+                }
+                self.waiting = None;
+                return None;
+            }
+            let why = match window_of(&w.bundle) {
+                Some(window) if !window.contains(unix_ms() / 1000) => return None,
+                Some(window) => format!("its window {window} UTC is open"),
+                None => "the core lifted its window".to_owned(),
+            };
+            say!(
+                "update: {why}: rebooting to try {} in slot {}",
+                i.version,
+                i.slot
+            );
+            self.waiting = None;
+            return Some(crate::power::Action::Reboot);
+        }
         if let Some(job) = &self.job {
             let (mut state, result) = match job.try_recv() {
                 Ok(done) => done,
@@ -547,6 +621,31 @@ impl Updater {
             }
             return match result {
                 Ok(Some(i)) => {
+                    let bundle = self
+                        .config
+                        .bundles
+                        .join(state.update.as_ref().map_or("", |u| u.bundle.as_str()));
+                    if let Some(window) =
+                        window_of(&bundle).filter(|w| !w.contains(unix_ms() / 1000))
+                    {
+                        say!(
+                            "update: {} installed in slot {} ({}); it is tried in its window {window} UTC",
+                            i.version,
+                            i.slot,
+                            i.entry
+                        );
+                        if let Some(u) = state.update.as_mut() {
+                            u.window = Some(window.to_string());
+                        }
+                        if let Err(e) = state.save(&self.state_file) {
+                            say!("warning: update: {e}");
+                        }
+                        self.waiting = Some(Waiting {
+                            bundle,
+                            installed: i,
+                        });
+                        return None;
+                    }
                     say!(
                         "update: {} installed in slot {} ({}); rebooting to try it",
                         i.version,
@@ -716,6 +815,7 @@ fn attempt(
         from_version: running.version.clone(),
         from_slot: running.slot.clone(),
         reason: None,
+        window: None,
         time_ms: unix_ms(),
     };
     let result = (|| -> Result<Option<Installed>, String> {
@@ -879,6 +979,7 @@ mod tests {
                 from_version: "0.1.0".into(),
                 from_slot: "a".into(),
                 reason: None,
+                window: None,
                 time_ms: 0,
             }),
         }

@@ -7,9 +7,14 @@
 //! box's status reports (`edgectl update status`). Before that, bundles the box must
 //! refuse reach it through the same downlink: one whose signature does not verify, one
 //! with a changed block of the root; after it, an older version. Each is refused with
-//! its reason, reported to the core, and the slots are untouched. Last, a bad version
-//! (0.1.0.2, built with a service that never starts): tried once, given up, and the box
-//! is back on 0.1.0.1 by itself, saying why, and does not try it again.
+//! its reason, reported to the core, and the slots are untouched. The trial is blessed
+//! only once noded said its static pods run and fabricd that it reached the core. Last,
+//! a bad version (0.1.0.2, built with a service that never starts), published whole to
+//! `--sites all`: cancelled mid-download (nothing installed), published again with a
+//! window hours away and the link cut mid-download (the download resumes: at most 5 %
+//! is fetched twice), written and staged for the window, which the operator lifts by
+//! publishing it again without one; tried once, given up, and the box is back on
+//! 0.1.0.1 by itself, saying why, and does not try it again.
 //!
 //! The box gets a site certificate by hand (provisioned PEM, no TPM enrollment: that is
 //! the fabric scenario's).
@@ -376,14 +381,16 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
     );
     let bad_name = "edgeos-0.1.0.2.bundle";
     let bad_bytes = std::fs::metadata(&bad)?.len();
-    let publish_bad = || {
-        run(op
-            .cmd()
-            .args(["update", "publish", "--sites", "all", "--signing-key"])
+    let publish_bad = |window: Option<&str>| {
+        let mut cmd = op.cmd();
+        cmd.args(["update", "publish", "--sites", "all", "--signing-key"])
             .arg(&key)
             .arg("--update-key")
-            .arg(&update_pub)
-            .arg(&bad))
+            .arg(&update_pub);
+        if let Some(w) = window {
+            cmd.args(["--window", w]);
+        }
+        run(cmd.arg(&bad))
     };
     // The download under way, once `share` of it is on the box.
     let downloading = |share: f64| {
@@ -400,7 +407,7 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
     };
     if figures.is_none() {
         // Cancelled mid-download: the box stops, drops what it had, installs nothing.
-        publish_bad()?;
+        publish_bad(None)?;
         downloading(0.1)?;
         let out = run(op
             .cmd()
@@ -418,11 +425,20 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
         let line = wait_core_sees(&op, "running 0.1.0.1 (slot b)", Duration::from_secs(60))?;
         assert!(!line.contains("downloading"), "{line}");
     }
-    // Published again, from nothing (the cancel dropped the partial download); the link
-    // is cut in the middle of the download, which resumes where it was.
+    // Published again, from nothing (the cancel dropped the partial download), with a
+    // window that opens in three hours; the link is cut in the middle of the download,
+    // which resumes where it was. The box writes the slot and waits for the window.
     let before = fetched(&box_report(&op)?);
     let t = Instant::now();
-    publish_bad()?;
+    let window = {
+        let minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            / 60;
+        let hhmm = |m: u64| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+        format!("{}-{}", hhmm(minute + 180), hhmm(minute + 240))
+    };
+    publish_bad(figures.is_none().then_some(window.as_str()))?;
     if figures.is_none() {
         let r = downloading(0.2)?;
         eprintln!("cutting the link at {}", r["downlink"]["downloading"]);
@@ -446,11 +462,39 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
             total as f64 <= 1.05 * bad_bytes as f64,
             "fetched {total} bytes for a {bad_bytes}-byte bundle"
         );
+        let line = m.wait_for_console(
+            "update: 0.1.0.2 installed in slot a",
+            Duration::from_secs(600),
+        )?;
+        assert!(
+            line.contains(&format!("it is tried in its window {window} UTC")),
+            "{line}"
+        );
+        wait_core_sees(
+            &op,
+            &format!("staged 0.1.0.2 in slot a for its window {window} UTC"),
+            Duration::from_secs(60),
+        )?;
+        // The operator lifts the window (the same bundle, published without one): the
+        // box switches at once, without downloading it again.
+        let out = publish_bad(None)?;
+        assert!(out.contains("offers edgeos 0.1.0.2"), "{out}");
+        m.wait_for_console(
+            "update: the core lifted its window: rebooting to try 0.1.0.2 in slot a",
+            Duration::from_secs(120),
+        )?;
+        let r = box_report(&op)?;
+        assert!(
+            fetched(&r).0 < before.0 + bad_bytes * 21 / 20,
+            "the bundle was fetched again: {r}"
+        );
     }
-    m.wait_for_console(
-        "update: 0.1.0.2 installed in slot a",
-        Duration::from_secs(600),
-    )?;
+    if figures.is_some() {
+        m.wait_for_console(
+            "update: 0.1.0.2 installed in slot a",
+            Duration::from_secs(600),
+        )?;
+    }
     m.wait_for_console(
         "edgeos: stage 2: version 0.1.0.2 slot a",
         qemu_tests::machine::BOOT_TIMEOUT,

@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 pub mod delta;
+pub mod window;
 
 use edge_oci::tar;
 use serde::{Deserialize, Serialize};

@@ -30,6 +30,10 @@ pub enum UpdateCmd {
         /// blocks they do not hold). A box running another version refuses the delta.
         #[arg(long)]
         delta_from: Option<PathBuf>,
+        /// When the boxes may reboot into it, `HH:MM-HH:MM` (UTC, by the box's clock):
+        /// they download and write it at once, and switch only then. None: at once.
+        #[arg(long)]
+        window: Option<String>,
         bundle: PathBuf,
     },
     /// Withdraw the update offered to each site: its downlink manifest offers none
@@ -129,6 +133,7 @@ pub async fn run(
             signing_key,
             update_key,
             delta_from,
+            window,
             bundle,
         } => {
             publish(
@@ -140,6 +145,7 @@ pub async fn run(
                 update_key,
                 bundle,
                 delta_from.as_deref(),
+                window.as_deref(),
             )
             .await
         }
@@ -180,7 +186,12 @@ async fn publish(
     update_key: &Path,
     bundle: &Path,
     delta_from: Option<&Path>,
+    window: Option<&str>,
 ) -> Result<(), String> {
+    let window = match window {
+        Some(w) => Some(edge_update::window::Window::parse(w)?.to_string()),
+        None => None,
+    };
     let key = super::read_update_key(update_key)?;
     // Refuse to send what every box would refuse after downloading it.
     let checked =
@@ -220,11 +231,15 @@ async fn publish(
         store: "object".into(),
         key: name.clone(),
         sha256,
+        window: window.clone(),
     };
     rewrite_manifests(js, bucket, &kp, &sites, machine, |manifest| {
         manifest.items.retain(|i| i.kind != "updates");
         manifest.items.push(item.clone());
-        Some(format!("offers {} {}", m.name, m.version))
+        Some(match &window {
+            Some(w) => format!("offers {} {} (window {w} UTC)", m.name, m.version),
+            None => format!("offers {} {}", m.name, m.version),
+        })
     })
     .await
 }
@@ -381,6 +396,10 @@ pub fn line(key: &str, s: &fabricd::uplink::BoxStatus) -> String {
             let (version, slot, reason) = (field("version"), field("slot"), field("reason"));
             match phase {
                 "installing" => format!("installing {version} into slot {slot}"),
+                "installed" if update.and_then(|u| u.get("window")).is_some() => format!(
+                    "staged {version} in slot {slot} for its window {} UTC",
+                    field("window")
+                ),
                 "installed" => format!("installed {version} in slot {slot}, rebooting to try it"),
                 "trying" if update.and_then(|u| u.get("reason")).is_some() => {
                     format!("trying {version}: {reason}")
@@ -444,6 +463,14 @@ mod tests {
             "resumed_bytes": 0, "downloading": {"kind": "models", "name": "m.onnx",
             "bytes": 1, "size": 2}}}));
         assert!(line("s.m", &model).ends_with("no update"));
+        let staged = report(
+            serde_json::json!({"update": {"update": {"phase": "installed",
+            "version": "0.2.0", "slot": "b", "window": "02:00-04:00"}}}),
+        );
+        assert_eq!(
+            line("s.m", &staged),
+            "s.m  running 0.1.0 (slot a)  staged 0.2.0 in slot b for its window 02:00-04:00 UTC"
+        );
         let rolled = report(
             serde_json::json!({"update": {"security_floor": 1, "update": {
             "phase": "rolled-back", "version": "0.2.0", "slot": "b",
