@@ -43,8 +43,9 @@ pub enum Phase {
     RolledBack,
     /// The bundle was refused before the slot was touched, or its install failed.
     Refused,
-    /// The core withdrew the bundle (`edgectl update cancel`) while it was written: the
-    /// new slot's entry is gone again, and the box stays where it is.
+    /// The core withdrew the bundle (`edgectl update cancel`) while the slot was written
+    /// or before its window: the new slot's entry is gone again, and the box stays
+    /// where it is.
     Cancelled,
 }
 

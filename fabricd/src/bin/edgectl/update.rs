@@ -13,16 +13,8 @@ pub enum UpdateCmd {
     /// bundle there; the other items stay). The boxes download it, install it into their
     /// inactive slot and try it.
     Publish {
-        /// The sites to update: `--site a --site b`, `--sites a,b`, or `--sites all`
-        /// (every site with a downlink manifest or a status report at the core).
-        #[arg(long = "site", alias = "sites", required = true, value_delimiter = ',')]
-        sites: Vec<String>,
-        /// Only this machine of the site (its own manifest).
-        #[arg(long)]
-        machine: Option<String>,
-        /// The operator's downlink key (ed25519 PKCS#8), as for `publish`.
-        #[arg(long)]
-        signing_key: PathBuf,
+        #[command(flatten)]
+        to: Targets,
         /// The update key's public half (`update.pub`): the bundle must verify with it.
         #[arg(long)]
         update_key: PathBuf,
@@ -40,15 +32,8 @@ pub enum UpdateCmd {
     /// any more (signed anew). A box that has not yet rebooted into it drops it, its
     /// partial download included; one already trying or running it keeps it.
     Cancel {
-        /// The sites, as for `publish` (`--sites all` too).
-        #[arg(long = "site", alias = "sites", required = true, value_delimiter = ',')]
-        sites: Vec<String>,
-        /// Only this machine's own manifest.
-        #[arg(long)]
-        machine: Option<String>,
-        /// The operator's downlink key (ed25519 PKCS#8).
-        #[arg(long)]
-        signing_key: PathBuf,
+        #[command(flatten)]
+        to: Targets,
     },
     /// Write the delta from the bundle of the version the boxes run to a new bundle,
     /// beside it, without a core, and print its size: what a box on that version would
@@ -69,6 +54,21 @@ pub enum UpdateCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The manifests `publish` and `cancel` rewrite, and the key that signs them.
+#[derive(clap::Args)]
+pub struct Targets {
+    /// The sites: `--site a --site b`, `--sites a,b`, or `--sites all` (every site with a
+    /// downlink manifest or a status report at the core).
+    #[arg(long = "site", alias = "sites", required = true, value_delimiter = ',')]
+    sites: Vec<String>,
+    /// Only this machine of each site (its own manifest).
+    #[arg(long)]
+    machine: Option<String>,
+    /// The operator's downlink key (ed25519 PKCS#8), as for `edgectl publish`.
+    #[arg(long)]
+    signing_key: PathBuf,
 }
 
 /// The subcommands that need no core: `Some` when `cmd` is one, with its result.
@@ -128,9 +128,7 @@ pub async fn run(
 ) -> Result<(), String> {
     match cmd {
         UpdateCmd::Publish {
-            sites,
-            machine,
-            signing_key,
+            to,
             update_key,
             delta_from,
             window,
@@ -139,9 +137,7 @@ pub async fn run(
             publish(
                 js,
                 (bucket, objects, status_bucket),
-                sites,
-                machine.as_deref(),
-                signing_key,
+                to,
                 update_key,
                 bundle,
                 delta_from.as_deref(),
@@ -149,14 +145,9 @@ pub async fn run(
             )
             .await
         }
-        UpdateCmd::Cancel {
-            sites,
-            machine,
-            signing_key,
-        } => {
-            let kp = signing_keypair(signing_key)?;
-            let sites = resolve_sites(js, bucket, status_bucket, sites, machine.as_deref()).await?;
-            rewrite_manifests(js, bucket, &kp, &sites, machine.as_deref(), |m| {
+        UpdateCmd::Cancel { to } => {
+            let (kp, sites) = to.resolve(js, bucket, status_bucket).await?;
+            rewrite_manifests(js, bucket, &kp, &sites, to.machine.as_deref(), |m| {
                 let offered: Vec<String> = m
                     .items
                     .iter()
@@ -176,13 +167,10 @@ pub async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn publish(
     js: &jetstream::Context,
     (bucket, objects, status_bucket): (&str, &str, &str),
-    sites: &[String],
-    machine: Option<&str>,
-    signing_key: &Path,
+    to: &Targets,
     update_key: &Path,
     bundle: &Path,
     delta_from: Option<&Path>,
@@ -203,8 +191,7 @@ async fn publish(
     if let Some(base_path) = delta_from {
         (name, sent) = make_delta(&key, &checked, bundle, base_path)?;
     }
-    let kp = signing_keypair(signing_key)?;
-    let sites = resolve_sites(js, bucket, status_bucket, sites, machine).await?;
+    let (kp, sites) = to.resolve(js, bucket, status_bucket).await?;
 
     let sha256 = {
         let mut file = tokio::fs::File::open(&sent)
@@ -233,7 +220,7 @@ async fn publish(
         sha256,
         window: window.clone(),
     };
-    rewrite_manifests(js, bucket, &kp, &sites, machine, |manifest| {
+    rewrite_manifests(js, bucket, &kp, &sites, to.machine.as_deref(), |manifest| {
         manifest.items.retain(|i| i.kind != "updates");
         manifest.items.push(item.clone());
         Some(match &window {
@@ -244,9 +231,28 @@ async fn publish(
     .await
 }
 
-fn signing_keypair(path: &Path) -> Result<ring::signature::Ed25519KeyPair, String> {
-    ring::signature::Ed25519KeyPair::from_pkcs8(&super::read(path)?)
-        .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", path.display()))
+impl Targets {
+    /// The signing key and the sites (`all` resolved), each checked: before anything
+    /// is put.
+    async fn resolve(
+        &self,
+        js: &jetstream::Context,
+        bucket: &str,
+        status_bucket: &str,
+    ) -> Result<(ring::signature::Ed25519KeyPair, Vec<String>), String> {
+        let path = &self.signing_key;
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&super::read(path)?)
+            .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", path.display()))?;
+        let sites = resolve_sites(
+            js,
+            bucket,
+            status_bucket,
+            &self.sites,
+            self.machine.as_deref(),
+        )
+        .await?;
+        Ok((kp, sites))
+    }
 }
 
 /// The sites named, or with `all` every site the core knows: one with a downlink
