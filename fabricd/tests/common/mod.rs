@@ -90,7 +90,7 @@ impl Fabricd {
 
     /// Starts the binary and waits for `READY=1` on its NOTIFY_FD.
     pub fn start(&mut self) {
-        let (mut ready_rd, ready_wr) = std::io::pipe().unwrap();
+        let (ready_rd, ready_wr) = std::io::pipe().unwrap();
         let fd = ready_wr.as_raw_fd();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabricd"));
         cmd.arg("--config")
@@ -124,9 +124,16 @@ impl Fabricd {
                 log.lock().unwrap().push(line);
             }
         }));
+        // Read lines until READY=1 or EOF (the child died). The pipe stays open after
+        // READY=1 until fabricd says HEALTHY=1 (it reached the core), which may never come.
         let mut got = String::new();
-        // Read until READY or EOF (the child died).
-        let _ = ready_rd.read_to_string(&mut got);
+        for line in BufReader::new(ready_rd).lines() {
+            let Ok(line) = line else { break };
+            if line.trim() == "READY=1" {
+                got = line;
+                break;
+            }
+        }
         if !got.contains("READY=1") {
             let status = child.wait().unwrap();
             panic!(
