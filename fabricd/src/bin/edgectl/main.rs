@@ -362,6 +362,12 @@ fn allowlist(key: &[u8], version: u64, digests: &[String]) -> Result<Vec<u8>, St
     Ok(sign_framed(&kp, &body))
 }
 
+/// The operator's downlink signing key (ed25519 PKCS#8) from its file.
+fn read_signing_key(path: &Path) -> Result<ring::signature::Ed25519KeyPair, String> {
+    ring::signature::Ed25519KeyPair::from_pkcs8(&read(path)?)
+        .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", path.display()))
+}
+
 /// The 64-byte ed25519 signature of `body`, then `body`: how manifests and allowlists
 /// travel, so the reader can split at 64 and verify.
 fn sign_framed(kp: &ring::signature::Ed25519KeyPair, body: &[u8]) -> Vec<u8> {
@@ -1135,8 +1141,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let parsed: fabricd::downlink::Manifest = serde_json::from_slice(&body)
                 .map_err(|e| format!("{} is not a manifest: {e}", manifest.display()))?;
             kv_items_of_site(&parsed, site).map_err(|e| format!("{}: {e}", manifest.display()))?;
-            let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&read(signing_key)?)
-                .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", signing_key.display()))?;
+            let kp = read_signing_key(signing_key)?;
             let signed = sign_framed(&kp, &body);
             fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())?;
             let key = match machine {

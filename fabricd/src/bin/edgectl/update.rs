@@ -240,9 +240,7 @@ impl Targets {
         bucket: &str,
         status_bucket: &str,
     ) -> Result<(ring::signature::Ed25519KeyPair, Vec<String>), String> {
-        let path = &self.signing_key;
-        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(&super::read(path)?)
-            .map_err(|_| format!("{} is not an ed25519 PKCS#8 key", path.display()))?;
+        let kp = super::read_signing_key(&self.signing_key)?;
         let sites = resolve_sites(
             js,
             bucket,
@@ -267,9 +265,16 @@ async fn resolve_sites(
     let mut out: Vec<String> = Vec::new();
     for site in sites {
         if site == "all" {
-            let mut known = super::kv_keys(js, bucket).await?;
+            // Manifests are `<site>[.<machine>].manifest` (the bucket's other keys are
+            // items, whose first token is no site); reports are `<site>.<machine>`.
+            let manifests = super::kv_keys(js, bucket).await?;
+            let mut known: Vec<&str> = manifests
+                .iter()
+                .filter_map(|k| k.strip_suffix(".manifest"))
+                .collect();
             // A core without boxes reporting yet has no status bucket entries: fine.
-            known.extend(super::kv_keys(js, status_bucket).await.unwrap_or_default());
+            let reports = super::kv_keys(js, status_bucket).await.unwrap_or_default();
+            known.extend(reports.iter().map(String::as_str));
             out.extend(
                 known
                     .iter()
