@@ -4,6 +4,8 @@
 //! else does. `policy` computes the digests without a TPM; `seal` and `unseal` are the
 //! two halves of the TPM dance, each readable as the policy it builds or satisfies.
 
+#[cfg(feature = "tpm")]
+pub mod counter;
 pub mod ek_certificate;
 pub mod enrollment;
 mod error;

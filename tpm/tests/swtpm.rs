@@ -757,3 +757,46 @@ fn enrollment_admits_one_fresh_answer_per_challenge() {
     let why = untrusted(registrar.admit(&fresh));
     assert!(why.contains("no challenge"), "{why}");
 }
+
+#[test]
+fn the_security_counter_only_counts_up_even_when_deleted_and_defined_again() {
+    use tss_esapi::handles::{NvIndexTpmHandle, TpmHandle};
+    use tss_esapi::interface_types::resource_handles::Provision;
+    use tss_esapi::interface_types::session_handles::AuthSession;
+
+    let t = swtpm();
+    let mut tpm = t.open();
+    assert_eq!(
+        tpm.security_counter().unwrap(),
+        None,
+        "a TPM that never had it"
+    );
+    // A TPM that never had a counter starts it at 1.
+    assert_eq!(tpm.raise_security_counter(0).unwrap(), 1);
+    assert_eq!(tpm.raise_security_counter(3).unwrap(), 3);
+    // Never lowered by asking for less.
+    assert_eq!(tpm.raise_security_counter(2).unwrap(), 3);
+    // Another process (a later boot) reads what this one left.
+    assert_eq!(t.open().security_counter().unwrap(), Some(3));
+
+    // Whoever holds the owner's authorization deletes the index (what an attacker with
+    // the box would try)...
+    let tcti = format!("swtpm:host=127.0.0.1,port={}", t.port)
+        .parse()
+        .unwrap();
+    let mut ctx = tss_esapi::Context::new(tcti).unwrap();
+    let index = NvIndexTpmHandle::new(edge_tpm::counter::INDEX).unwrap();
+    let handle = ctx
+        .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(index)))
+        .unwrap();
+    ctx.execute_with_session(Some(AuthSession::Password), |c| {
+        c.nv_undefine_space(Provision::Owner, handle.into())
+    })
+    .unwrap();
+    drop(ctx);
+    let mut tpm = t.open();
+    assert_eq!(tpm.security_counter().unwrap(), None);
+    // ...and the counter made again starts past the highest it ever was.
+    let again = tpm.raise_security_counter(0).unwrap();
+    assert!(again > 3, "a counter defined again started at {again}");
+}

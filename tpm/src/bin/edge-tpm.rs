@@ -5,6 +5,9 @@
 //! ```text
 //! edge-tpm phase <word>                           extend PCR 11, log the event, print it
 //! edge-tpm pcr11                                  print PCR 11 (hex)
+//! edge-tpm counter [raise N]                      print the security counter (`none`
+//!                                                 before its first count); raise: count
+//!                                                 it up to N at least, defining it first
 //! edge-tpm measure provisioning <event> < data     extend our provisioning PCR (15)
 //!                                                 with SHA-256(data), log <event>,
 //!                                                 print `PCR <n> <value>`
@@ -61,7 +64,7 @@ fn usage(why: &str) -> Error {
     Error::Input {
         what: "usage",
         why: format!(
-            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd] | site-key create | site-key public | site-key sign <key.json> | enroll request|answer --site S --machine M --ak <ak.json> [--site-key <key.json>] | quote --ak <ak.json> --time <unix seconds>"
+            "{why}; edge-tpm phase <word> | measure provisioning <event> | pcr11 | counter [raise N] | seal --pcrpkey <pem> [--bind-pcrs 7] [--initrd] | unseal --pcrpkey <pem> --pcrsig <json> [--initrd] | site-key create | site-key public | site-key sign <key.json> | enroll request|answer --site S --machine M --ak <ak.json> [--site-key <key.json>] | quote --ak <ak.json> --time <unix seconds>"
         ),
     }
 }
@@ -157,6 +160,23 @@ fn run(args: &[String]) -> Result<(), Error> {
             log(pcr, &digest, event);
             let value = policy::hex(&tpm.read_pcr(pcr)?);
             stdout(format!("PCR {pcr} {value}\n").as_bytes())
+        }
+        "counter" => {
+            // The security counter (tpm/src/counter.rs): its value, or `none`.
+            let mut tpm = open()?;
+            let value = match args.get(1).map(String::as_str) {
+                None => tpm.security_counter()?,
+                Some("raise") => {
+                    let to = args
+                        .get(2)
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .ok_or_else(|| usage("counter raise needs a number"))?;
+                    Some(tpm.raise_security_counter(to)?)
+                }
+                Some(other) => return Err(usage(&format!("counter {other:?}: only `raise`"))),
+            };
+            let shown = value.map_or("none".to_owned(), |v| v.to_string());
+            stdout(format!("{shown}\n").as_bytes())
         }
         "pcr11" => {
             let value = open()?.read_pcr11()?;
