@@ -49,6 +49,71 @@ pub struct Item {
     /// fabricd writes it beside the bundle as `<name>.window` for init.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<String>,
+    /// An update's version: a box already running it fetches nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// A delta's base, the version it is made from: only a box running that version
+    /// fetches it, and such a box then fetches no whole bundle of the same manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// When the operator published an update (unix ms): the box's copy gets it as its
+    /// modification time, so that init takes a copy published anew for a new one (a
+    /// version it rolled back from is tried again only then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_ms: Option<u64>,
+}
+
+/// Whether `need` more bytes of `name` fit on a file system with `free` of `total` bytes
+/// free, leaving a twentieth of it free for the log and the rest of the box: a download
+/// that would fill the data partition does not start (it is retried with the next
+/// manifest or session, from what it has).
+fn room_for(name: &str, need: u64, free: u64, total: u64) -> Result<(), String> {
+    let keep = total / 20;
+    if free >= need.saturating_add(keep) {
+        return Ok(());
+    }
+    Err(format!(
+        "the data partition has {free} bytes free: `{name}` needs {need} more, and {keep} stay free for the log"
+    ))
+}
+
+/// Gives an update's file the time it was published as its modification time.
+fn stamp_published(path: &Path, ms: u64) -> Result<(), String> {
+    let when = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+    if file.metadata().and_then(|m| m.modified()).ok() == Some(when) {
+        return Ok(());
+    }
+    file.set_modified(when)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("failed to set the time of {}: {e}", path.display()))
+}
+
+/// The items a box running `running` fetches: all but the updates that are not for it
+/// (its own version; a delta from another; a whole bundle when a delta from its version
+/// is offered). A box that does not know what it runs fetches them all and leaves the
+/// choice to init.
+pub fn for_this_box<'m>(items: &'m [Item], running: Option<&str>) -> Vec<&'m Item> {
+    let Some(running) = running else {
+        return items.iter().collect();
+    };
+    let delta_for_us = items
+        .iter()
+        .any(|i| i.kind == "updates" && i.base.as_deref() == Some(running));
+    items
+        .iter()
+        .filter(|i| {
+            i.kind != "updates"
+                || (i.version.as_deref() != Some(running)
+                    && match i.base.as_deref() {
+                        Some(base) => base == running,
+                        None => !delta_for_us,
+                    })
+        })
+        .collect()
 }
 
 /// Splits and verifies a signed manifest.
@@ -91,6 +156,14 @@ fn check_item(item: &Item) -> Result<(), String> {
     }
     if item.store != "kv" && item.store != "object" {
         return Err(format!("item `{}`: store must be kv or object", item.name));
+    }
+    if item.kind != "updates"
+        && (item.version.is_some() || item.base.is_some() || item.published_ms.is_some())
+    {
+        return Err(format!(
+            "item `{}`: only an update has a version, a base and a publishing time",
+            item.name
+        ));
     }
     if let Some(w) = &item.window {
         if item.kind != "updates" {
@@ -282,6 +355,10 @@ async fn fetch_item(
         Err(e) => Err(e),
     };
     synced.map_err(|e| format!("failed to sync {}: {e}", tmp.display()))?;
+    // Stamped before it is in place: init never sees the copy with another time.
+    if let Some(ms) = item.published_ms {
+        stamp_published(&tmp, ms)?;
+    }
     tokio::fs::rename(&tmp, &dest)
         .await
         .map_err(|e| format!("failed to rename {} into place: {e}", tmp.display()))?;
@@ -361,6 +438,13 @@ async fn fetch_object(
     let write_err =
         |e: std::io::Error| Failure::Interrupted(format!("failed to write {}: {e}", tmp.display()));
     file.set_len(bytes).await.map_err(write_err)?;
+    if let Some(dir) = tmp.parent() {
+        if let Ok(st) = rustix::fs::statvfs(dir) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let total = st.f_blocks.saturating_mul(st.f_frsize);
+            room_for(&item.name, size - bytes, free, total).map_err(Failure::Interrupted)?;
+        }
+    }
     {
         // The bytes kept are hashed again from the disk: cheaper than fetching them.
         use tokio::io::AsyncReadExt;
@@ -527,6 +611,8 @@ async fn session(
     // apply at once: the partial download stays for a resume, or goes when no manifest
     // offers it any more.
     let mut pending: std::collections::BTreeMap<String, bytes::Bytes> = Default::default();
+    // The version this boot runs (init's boot record), for which updates are its own.
+    let running = crate::uplink::read_os(&config.boot_file).map(|os| os.version);
     loop {
         let Some((key, payload)) = pending.pop_first() else {
             let entry = tokio::select! {
@@ -545,6 +631,7 @@ async fn session(
             &kv,
             &objects,
             &down.dir,
+            running.as_deref(),
             Report {
                 site: &config.site,
                 machine: &config.machine,
@@ -658,6 +745,7 @@ async fn apply<'a>(
     kv: &async_nats::jetstream::kv::Store,
     objects: &Objects,
     dir: &Path,
+    running: Option<&str>,
     mut report: Report<'a>,
     status: &Status,
 ) -> Report<'a> {
@@ -689,12 +777,21 @@ async fn apply<'a>(
         tracing::info!(name = %name, "update withdrawn by the core: removed");
         report.applied.push(format!("updates/{name} withdrawn"));
     }
-    for item in manifest.items.iter().filter(|i| i.kind == "updates") {
+    let wanted = for_this_box(&manifest.items, running);
+    for item in wanted.iter().filter(|i| i.kind == "updates") {
+        // A copy already here is stamped before its window changes: init, seeing a
+        // window lifted, takes the copy as it then is for the trial's.
+        let have = dir.join("updates").join(&item.name);
+        if let (Some(ms), true) = (item.published_ms, have.exists()) {
+            if let Err(e) = stamp_published(&have, ms) {
+                report.refused.push((format!("updates/{}", item.name), e));
+            }
+        }
         if let Err(e) = write_window(&dir.join("updates"), item) {
             report.refused.push((format!("updates/{}", item.name), e));
         }
     }
-    for item in &manifest.items {
+    for item in wanted {
         match fetch_item(item, kv, objects, dir, status).await {
             Ok(true) => {
                 status.applied.fetch_add(1, Ordering::Relaxed);
@@ -824,6 +921,9 @@ mod tests {
                     key: n.to_string(),
                     sha256: "0".repeat(64),
                     window: None,
+                    version: None,
+                    base: None,
+                    published_ms: None,
                 })
                 .collect(),
         };
@@ -891,6 +991,59 @@ mod tests {
     }
 
     #[test]
+    fn a_download_that_would_fill_the_data_partition_does_not_start() {
+        assert!(room_for("b", 100, 1000, 1000).is_ok());
+        // 1000 of 20000 stay free: 1100 is not room for 101.
+        assert!(room_for("b", 100, 1100, 20_000).is_ok());
+        let e = room_for("edgeos-2.bundle", 101, 1100, 20_000).unwrap_err();
+        assert_eq!(
+            e,
+            "the data partition has 1100 bytes free: `edgeos-2.bundle` needs 101 more, and 1000 stay free for the log"
+        );
+    }
+
+    #[test]
+    fn a_box_fetches_the_delta_from_its_version_or_else_the_whole_bundle() {
+        let item = |kind: &str, name: &str, version: Option<&str>, base: Option<&str>| Item {
+            kind: kind.into(),
+            name: name.into(),
+            store: "object".into(),
+            key: name.into(),
+            sha256: "0".repeat(64),
+            window: None,
+            version: version.map(Into::into),
+            base: base.map(Into::into),
+            published_ms: None,
+        };
+        let items = [
+            item("pods", "web.yaml", None, None),
+            item("updates", "os-2.bundle", Some("2"), None),
+            item("updates", "os-2-from-1.delta", Some("2"), Some("1")),
+            item("updates", "os-2-from-1.5.delta", Some("2"), Some("1.5")),
+        ];
+        let names = |running: Option<&str>| -> Vec<String> {
+            for_this_box(&items, running)
+                .iter()
+                .map(|i| i.name.clone())
+                .collect()
+        };
+        assert_eq!(names(Some("1")), ["web.yaml", "os-2-from-1.delta"]);
+        assert_eq!(names(Some("1.5")), ["web.yaml", "os-2-from-1.5.delta"]);
+        // No delta from its version: the whole bundle.
+        assert_eq!(names(Some("0.9")), ["web.yaml", "os-2.bundle"]);
+        // Already running it (blessed, the manifest still offering it): nothing.
+        assert_eq!(names(Some("2")), ["web.yaml"]);
+        // Not knowing what it runs: everything, init chooses.
+        assert_eq!(names(None).len(), 4);
+        // Only an update has a version or a base.
+        let e = check_item(&item("pods", "x", Some("2"), None)).unwrap_err();
+        assert!(e.contains("only an update has a version"), "{e}");
+        let mut stamped = item("config", "x", None, None);
+        stamped.published_ms = Some(1);
+        assert!(check_item(&stamped).is_err());
+    }
+
+    #[test]
     fn only_an_update_has_a_window_and_it_must_read_as_one() {
         let item = |kind: &str, window: &str| Item {
             kind: kind.into(),
@@ -899,6 +1052,9 @@ mod tests {
             key: "x".into(),
             sha256: "0".repeat(64),
             window: Some(window.into()),
+            version: None,
+            base: None,
+            published_ms: None,
         };
         assert!(check_item(&item("updates", "02:00-04:00")).is_ok());
         let e = check_item(&item("models", "02:00-04:00")).unwrap_err();

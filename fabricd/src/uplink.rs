@@ -349,6 +349,11 @@ pub struct OsFiles {
     pub update: PathBuf,
 }
 
+/// The running OS from init's boot record (`boot_file`).
+pub(crate) fn read_os(boot_file: &Path) -> Option<OsStatus> {
+    small_json(boot_file).and_then(|v| serde_json::from_value(v).ok())
+}
+
 /// A small JSON file init writes; anything larger is not its.
 fn small_json(p: &Path) -> Option<serde_json::Value> {
     let bytes = std::fs::read(p).ok().filter(|b| b.len() <= 64 << 10)?;
@@ -358,7 +363,7 @@ fn small_json(p: &Path) -> Option<serde_json::Value> {
 impl OsFiles {
     /// The running OS: written once per boot, so read once per session.
     fn os(&self) -> Option<OsStatus> {
-        small_json(&self.boot).and_then(|v| serde_json::from_value(v).ok())
+        read_os(&self.boot)
     }
 
     /// The update state, which changes while the box runs.

@@ -180,6 +180,32 @@ fn signed_items_are_written_and_tampered_ones_refused() {
     );
     assert_eq!(std::fs::read(down.join("models/model.bin")).unwrap(), model);
     assert!(f.logged("downlink refused"), "{}", f.log_text());
+
+    // An update carries when it was published: its copy gets that time, and the same
+    // bytes published again get the new time without being fetched again (init takes
+    // it for a new copy: a version it rolled back from is tried again).
+    rt.block_on(objects.put("os-2.bundle", &mut &b"bundle bytes"[..]))
+        .unwrap();
+    let bundle = down.join("updates/os-2.bundle");
+    let mtime = || {
+        std::fs::metadata(&bundle)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+    };
+    for (version, published) in [(4, 1_700_000_000_123u64), (5, 1_700_000_100_456)] {
+        let offer = serde_json::json!({"version": version, "items": [
+            {"kind": "updates", "name": "os-2.bundle", "store": "object", "key": "os-2.bundle",
+             "sha256": sha(b"bundle bytes"), "version": "2", "published_ms": published},
+        ]});
+        rt.block_on(kv.put("s1.manifest", signed(&kp, &offer)))
+            .unwrap();
+        wait_for("the update's copy stamped", Duration::from_secs(30), || {
+            (mtime()? == published).then_some(())
+        });
+    }
+    assert_eq!(std::fs::read(&bundle).unwrap(), b"bundle bytes");
     assert!(f.is_running());
 }
 

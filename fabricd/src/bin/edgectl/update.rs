@@ -18,10 +18,11 @@ pub enum UpdateCmd {
         /// The update key's public half (`update.pub`): the bundle must verify with it.
         #[arg(long)]
         update_key: PathBuf,
-        /// The bundle of the version the boxes run: send only a delta from it (the
-        /// blocks they do not hold). A box running another version refuses the delta.
+        /// The bundle of a version boxes run, once per version: a box running it
+        /// downloads only the delta from it (the blocks it does not hold); a box running
+        /// none of them downloads the whole bundle, which is put beside the deltas.
         #[arg(long)]
-        delta_from: Option<PathBuf>,
+        delta_from: Vec<PathBuf>,
         /// When the boxes may reboot into it, `HH:MM-HH:MM` (UTC, by the box's clock):
         /// they download and write it at once, and switch only then. None: at once.
         #[arg(long)]
@@ -90,13 +91,13 @@ pub fn offline(cmd: &UpdateCmd) -> Option<Result<(), String>> {
 }
 
 /// Writes the delta from `base_path` to the checked `bundle` beside the bundle, prints
-/// its size, and returns its object name and path.
+/// its size, and returns its object name, path and base version.
 fn make_delta(
     key: &[u8],
     checked: &edge_update::Bundle,
     bundle: &Path,
     base_path: &Path,
-) -> Result<(String, PathBuf), String> {
+) -> Result<(String, PathBuf, String), String> {
     let m = &checked.manifest;
     let base =
         edge_update::open(base_path, key).map_err(|e| format!("{}: {e}", base_path.display()))?;
@@ -116,7 +117,7 @@ fn make_delta(
         100.0 * w.bytes as f64 / whole.max(1) as f64,
         w.packed_blocks
     );
-    Ok((name, sent))
+    Ok((name, sent, base.manifest.version.clone()))
 }
 
 pub async fn run(
@@ -140,7 +141,7 @@ pub async fn run(
                 to,
                 update_key,
                 bundle,
-                delta_from.as_deref(),
+                delta_from,
                 window.as_deref(),
             )
             .await
@@ -173,7 +174,7 @@ async fn publish(
     to: &Targets,
     update_key: &Path,
     bundle: &Path,
-    delta_from: Option<&Path>,
+    delta_from: &[PathBuf],
     window: Option<&str>,
 ) -> Result<(), String> {
     let window = match window {
@@ -185,44 +186,59 @@ async fn publish(
     let checked =
         edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
     let m = &checked.manifest;
-    let mut name = format!("{}-{}.bundle", m.name, m.version);
-    // What is sent: the bundle, or a delta from the boxes' version, written beside it.
-    let mut sent = bundle.to_path_buf();
-    if let Some(base_path) = delta_from {
-        (name, sent) = make_delta(&key, &checked, bundle, base_path)?;
+    // What is sent: the bundle, and a delta from each version named, written beside it.
+    let mut sent = vec![(
+        format!("{}-{}.bundle", m.name, m.version),
+        bundle.to_path_buf(),
+        None,
+    )];
+    for base_path in delta_from {
+        let (name, path, base) = make_delta(&key, &checked, bundle, base_path)?;
+        if sent.iter().any(|(_, _, b)| b.as_ref() == Some(&base)) {
+            return Err(format!(
+                "--delta-from {}: a second base of version {base}",
+                base_path.display()
+            ));
+        }
+        sent.push((name, path, Some(base)));
     }
     let (kp, sites) = to.resolve(js, bucket, status_bucket).await?;
 
-    let sha256 = {
-        let mut file = tokio::fs::File::open(&sent)
+    let store = js
+        .get_object_store(objects)
+        .await
+        .map_err(|e| format!("no object store {objects}: {e}"))?;
+    let mut items = Vec::new();
+    // Published anew, even with the same bytes: a box tries a version it rolled back
+    // from again (fabricd stamps its copy with this time; docs/update.md).
+    let published_ms = edge_common::unix_ms();
+    for (name, path, base) in sent {
+        let mut file = tokio::fs::File::open(&path)
             .await
-            .map_err(|e| format!("failed to open {}: {e}", sent.display()))?;
-        let store = js
-            .get_object_store(objects)
-            .await
-            .map_err(|e| format!("no object store {objects}: {e}"))?;
+            .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
         store
             .put(name.as_str(), &mut file)
             .await
             .map_err(|e| format!("failed to put object {name}: {e}"))?;
-        sha256_file(&sent)?
-    };
-    println!(
-        "{} {} (security version {}) put as object {name}",
-        m.name, m.version, m.security_version
-    );
-
-    let item = fabricd::downlink::Item {
-        kind: "updates".into(),
-        name: name.clone(),
-        store: "object".into(),
-        key: name.clone(),
-        sha256,
-        window: window.clone(),
-    };
+        println!(
+            "{} {} (security version {}) put as object {name}",
+            m.name, m.version, m.security_version
+        );
+        items.push(fabricd::downlink::Item {
+            kind: "updates".into(),
+            name: name.clone(),
+            store: "object".into(),
+            key: name,
+            sha256: sha256_file(&path)?,
+            window: window.clone(),
+            version: Some(m.version.clone()),
+            base,
+            published_ms: Some(published_ms),
+        });
+    }
     rewrite_manifests(js, bucket, &kp, &sites, to.machine.as_deref(), |manifest| {
         manifest.items.retain(|i| i.kind != "updates");
-        manifest.items.push(item.clone());
+        manifest.items.extend(items.iter().cloned());
         Some(match &window {
             Some(w) => format!("offers {} {} (window {w} UTC)", m.name, m.version),
             None => format!("offers {} {}", m.name, m.version),
