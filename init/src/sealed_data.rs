@@ -149,6 +149,25 @@ pub fn measure_provisioning(event: &str, data: &[u8]) -> Result<String, rootexec
     Ok(String::from_utf8_lossy(&out).trim().to_owned())
 }
 
+/// The TPM's security counter (`edge-tpm counter`, tpm/src/counter.rs), raised first to
+/// at least `raise` when given; `None` before its first count.
+pub fn security_counter(raise: Option<u64>) -> Result<Option<u64>, String> {
+    let to = raise.map(|n| n.to_string());
+    let args: Vec<&str> = match &to {
+        Some(n) => vec!["counter", "raise", n],
+        None => vec!["counter"],
+    };
+    let out = rootexec::run(tpm_command(None, &args), b"").map_err(|f| f.message)?;
+    let text = String::from_utf8_lossy(&out);
+    match text.trim() {
+        "none" => Ok(None),
+        n => n
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("edge-tpm counter printed {n:?}, not a number")),
+    }
+}
+
 /// Stage 1's one edge-tpm run (`seal` or `unseal` with `--initrd`): it measures
 /// enter-initrd, does the work, and measures leave-initrd. Returns its JSON output, with
 /// the PCR 11 line said.

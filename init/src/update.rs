@@ -78,6 +78,12 @@ pub struct State {
     /// never lowered.
     #[serde(default)]
     pub security_floor: u64,
+    /// What the TPM's security counter read before this box first counted it (its
+    /// first count starts past any counter the TPM ever had): the floor in the TPM is
+    /// the counter less this. Unknown (a data partition made anew) counts as 0, which
+    /// only raises the floor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_counter_base: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<Attempt>,
     /// Bundles whose attempt ended (`<file>:<copy id>`, the latest few): not looked at
@@ -120,6 +126,39 @@ impl State {
         }
         crate::provision::write_atomic(path, &body, 0o644)
             .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    }
+}
+
+/// The floor kept by both the state (`state_floor`) and the TPM's counter (`counter`
+/// less `base`): the higher of the two, and what to raise the counter to when it is
+/// behind.
+pub fn floor_with_counter(state_floor: u64, base: u64, counter: u64) -> (u64, Option<u64>) {
+    let in_tpm = counter.saturating_sub(base);
+    let floor = state_floor.max(in_tpm);
+    (floor, (in_tpm < floor).then(|| base.saturating_add(floor)))
+}
+
+/// Brings the state's security floor and the TPM's security counter (tpm/src/counter.rs)
+/// to the higher of the two, counting the TPM's up, defining it on first use. Returns the
+/// counter's value. The state is the caller's to save. Runs edge-tpm: PID 1's thread
+/// only (its loop reaps every child, so another thread's wait would find none).
+fn keep_floor_in_tpm(state: &mut State) -> Result<u64, String> {
+    let counter = match crate::sealed_data::security_counter(None)? {
+        Some(c) => c,
+        None => {
+            let first = crate::sealed_data::security_counter(Some(0))?
+                .ok_or("edge-tpm counted the security counter up and printed no value")?;
+            state.tpm_counter_base = Some(first.saturating_sub(1));
+            first
+        }
+    };
+    let base = state.tpm_counter_base.unwrap_or(0);
+    let (floor, raise) = floor_with_counter(state.security_floor, base, counter);
+    state.security_floor = floor;
+    match raise {
+        Some(to) => crate::sealed_data::security_counter(Some(to))?
+            .ok_or_else(|| "edge-tpm raised the security counter and printed no value".into()),
+        None => Ok(counter),
     }
 }
 
@@ -222,9 +261,23 @@ pub struct Target<'a> {
     /// The mounted ESP's `EFI/Linux`.
     pub entries: &'a Path,
     pub tries: u32,
+    /// Hold the new entry back (`<entry>.held`, which the boot loader does not read):
+    /// the update waits for its window, and a reboot before then stays on this slot.
+    pub hold: bool,
 }
 
-/// The boot entries of `slot` (any version, any counter) in `EFI/Linux`.
+/// The entry's held-back name (`Target::hold`).
+pub fn held_entry(entry: &str) -> String {
+    format!("{entry}.held")
+}
+
+/// The new slot's entry, `edgeos-<version>-<slot>+<tries>.efi`.
+pub fn entry_name(version: &str, slot: &str, tries: u32) -> String {
+    format!("{NAME}-{version}-{slot}+{tries}.efi")
+}
+
+/// The boot entries of `slot` (any version, any counter, held back or not) in
+/// `EFI/Linux`.
 pub fn slot_entries(entries: &Path, slot: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(entries) else {
         return Vec::new();
@@ -232,7 +285,7 @@ pub fn slot_entries(entries: &Path, slot: &str) -> Vec<String> {
     let mut out: Vec<String> = dir
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| entry_slot(n).as_deref() == Some(slot))
+        .filter(|n| entry_slot(n.strip_suffix(".held").unwrap_or(n)).as_deref() == Some(slot))
         .collect();
     out.sort();
     out
@@ -298,7 +351,10 @@ pub fn install(
     let tmp = target
         .entries
         .join(format!(".{NAME}-{}-{slot}.tmp", m.version));
-    let entry = format!("{NAME}-{}-{slot}+{}.efi", m.version, target.tries);
+    let mut entry = entry_name(&m.version, slot, target.tries);
+    if target.hold {
+        entry = held_entry(&entry);
+    }
     let written = (|| -> Result<(), String> {
         let mut out = std::fs::File::create(&tmp)
             .map_err(|e| format!("failed to create {}: {e}", tmp.display()))?;
@@ -337,6 +393,9 @@ pub enum BootRole {
     RolledBack { version: String, reason: String },
     /// An install was cut off; the bundle is looked at again.
     Interrupted { version: String },
+    /// An update is installed with its entry held back until its window: this boot is
+    /// the old slot's, as it should be, and the wait goes on.
+    Staged { version: String, slot: String },
 }
 
 /// Moves the state on for this boot: an installed update booted is now trying; one that
@@ -347,6 +406,10 @@ pub fn on_boot(state: &mut State, running: &Running, now_ms: u64) -> BootRole {
     };
     let this_one = u.version == running.version && u.slot == running.slot;
     match u.phase {
+        Phase::Installed if !this_one && u.window.is_some() => BootRole::Staged {
+            version: u.version.clone(),
+            slot: u.slot.clone(),
+        },
         Phase::Installed | Phase::Trying if this_one => {
             u.phase = Phase::Trying;
             u.time_ms = now_ms;
@@ -472,8 +535,24 @@ impl Updater {
             BootRole::Interrupted { version } => {
                 say!("update: the install of {version} was cut off; it starts again")
             }
+            BootRole::Staged { version, slot } => say!(
+                "update: {version} is staged in slot {slot} for its window {} UTC (its entry held back)",
+                state.update.as_ref().and_then(|u| u.window.as_deref()).unwrap_or("?")
+            ),
         }
-        if role != BootRole::Normal {
+        // A staged update goes on waiting for its window.
+        let waiting = match (&role, &state.update) {
+            (BootRole::Staged { version, slot }, Some(u)) => Some(Waiting {
+                bundle: config.bundles.join(&u.bundle),
+                installed: Installed {
+                    version: version.clone(),
+                    slot: slot.clone(),
+                    entry: held_entry(&entry_name(version, slot, config.tries)),
+                },
+            }),
+            _ => None,
+        };
+        if !matches!(role, BootRole::Normal | BootRole::Staged { .. }) {
             if let Err(e) = state.save(&state_file) {
                 say!("warning: update: {e}");
             }
@@ -488,7 +567,7 @@ impl Updater {
             last_look: None,
             job: None,
             skipped: Vec::new(),
-            waiting: None,
+            waiting,
         }
     }
 
@@ -523,7 +602,12 @@ impl Updater {
                         Err(reason) => u.reason = Some(format!("the trial failed: {reason}")),
                     }
                 }
+                let mut in_tpm = String::new();
                 if verdict.is_ok() {
+                    in_tpm = match keep_floor_in_tpm(&mut state) {
+                        Ok(counter) => format!(", the TPM's security counter at {counter}"),
+                        Err(e) => format!(", kept on the data partition only: {e}"),
+                    };
                     state.end();
                 }
                 if let Err(e) = state.save(&self.state_file) {
@@ -532,7 +616,7 @@ impl Updater {
                 return match verdict {
                     Ok(()) => {
                         say!(
-                            "update: {version} in slot {slot} blessed (security floor {})",
+                            "update: {version} in slot {slot} blessed (security floor {}{in_tpm})",
                             state.security_floor
                         );
                         None
@@ -581,6 +665,50 @@ impl Updater {
                 Some(window) => format!("its window {window} UTC is open"),
                 None => "the core lifted its window".to_owned(),
             };
+            // The held entry is put in place: the next boot tries the new slot.
+            if let Some(live) = i.entry.strip_suffix(".held") {
+                let released = crate::stage2::with_esp(|esp| {
+                    let entries = esp.join("EFI/Linux");
+                    std::fs::rename(entries.join(&i.entry), entries.join(live))
+                        .map_err(|e| format!("failed to rename {} to {live}: {e}", i.entry))?;
+                    sync_dir(&entries)
+                })
+                .and_then(|r| r);
+                let mut state = State::load(&self.state_file);
+                if let Some(u) = state.update.as_mut() {
+                    u.time_ms = unix_ms();
+                    match &released {
+                        Ok(()) => {
+                            u.window = None;
+                            // Lifting a window publishes the bundle anew (a new copy):
+                            // the trial is of that copy, which then ends with it.
+                            if let Some(id) = bundle_id(&w.bundle) {
+                                u.bundle_id = id;
+                            }
+                        }
+                        Err(e) => {
+                            u.phase = Phase::Refused;
+                            u.reason = Some(format!(
+                                "{why}, but its entry could not be put in place: {e}"
+                            ));
+                        }
+                    }
+                }
+                if released.is_err() {
+                    state.end();
+                }
+                if let Err(e) = state.save(&self.state_file) {
+                    say!("warning: update: {e}");
+                }
+                if let Err(e) = released {
+                    say!(
+                        "update: {} refused: {why}, but its entry could not be put in place: {e}",
+                        i.version
+                    );
+                    self.waiting = None;
+                    return None;
+                }
+            }
             say!(
                 "update: {why}: rebooting to try {} in slot {}",
                 i.version,
@@ -626,21 +754,18 @@ impl Updater {
                         .config
                         .bundles
                         .join(state.update.as_ref().map_or("", |u| u.bundle.as_str()));
-                    if let Some(window) =
-                        window_of(&bundle).filter(|w| !w.contains(unix_ms() / 1000))
-                    {
+                    if i.entry.ends_with(".held") {
+                        let window = state
+                            .update
+                            .as_ref()
+                            .and_then(|u| u.window.clone())
+                            .unwrap_or_default();
                         say!(
-                            "update: {} installed in slot {} ({}); it is tried in its window {window} UTC",
+                            "update: {} installed in slot {} ({}, held back); it is tried in its window {window} UTC",
                             i.version,
                             i.slot,
                             i.entry
                         );
-                        if let Some(u) = state.update.as_mut() {
-                            u.window = Some(window.to_string());
-                        }
-                        if let Err(e) = state.save(&self.state_file) {
-                            say!("warning: update: {e}");
-                        }
                         self.waiting = Some(Waiting {
                             bundle,
                             installed: i,
@@ -686,6 +811,12 @@ impl Updater {
             return None;
         }
         self.skipped.push(format!("{name}:{id}"));
+        // The TPM's counter is read here, not on the install's thread: PID 1's loop reaps
+        // every child, and edge-tpm must be waited for by whoever started it.
+        let mut state = state;
+        if let Err(e) = keep_floor_in_tpm(&mut state) {
+            say!("warning: update: the security floor is read from the data partition only: {e}");
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let (running, tries) = (self.running.clone(), self.config.tries);
         let state_file = self.state_file.clone();
@@ -873,6 +1004,10 @@ fn attempt(
                 &|part, out| rebuild.copy(part, out)
             }
         };
+        // A window not open now: the new entry is held back until it is (the window
+        // kept in the state, so that a boot before then knows the wait goes on).
+        let hold = window_of(path).filter(|w| !w.contains(unix_ms() / 1000));
+        record.window = hold.as_ref().map(ToString::to_string);
         record.phase = Phase::Installing;
         state.update = Some(record.clone());
         state.save(state_file)?;
@@ -884,6 +1019,7 @@ fn attempt(
                 verity: &verity,
                 entries: &entries,
                 tries,
+                hold: hold.is_some(),
             };
             let installed = install(&m, copy, &slot, &target)?;
             if path.exists() {
@@ -966,10 +1102,25 @@ mod tests {
         assert_eq!(entry_slot(".edgeos-0.1.0-a.tmp"), None);
     }
 
+    #[test]
+    fn the_floor_is_the_higher_of_the_state_and_the_tpm_and_the_tpm_catches_up() {
+        // The TPM's counter started at 1 (base 0) and the state says 3 (blessed before the
+        // counter was kept, or the count was cut off): the counter is raised to 3.
+        assert_eq!(floor_with_counter(3, 0, 1), (3, Some(3)));
+        // An old copy of the data partition says 1, the TPM 4: the box keeps 4.
+        assert_eq!(floor_with_counter(1, 0, 4), (4, None));
+        // A TPM whose first count started at 41 (base 40): 42 in it is floor 2.
+        assert_eq!(floor_with_counter(2, 40, 42), (2, None));
+        assert_eq!(floor_with_counter(5, 40, 42), (5, Some(45)));
+        // A data partition made anew on such a TPM (base unknown, 0) only raises it.
+        assert_eq!(floor_with_counter(0, 0, 42), (42, None));
+    }
+
     fn attempt(phase: Phase) -> State {
         State {
             ended: Vec::new(),
             security_floor: 1,
+            tpm_counter_base: None,
             update: Some(Attempt {
                 phase,
                 bundle: "edgeos-0.2.0.bundle".into(),
@@ -1026,6 +1177,19 @@ mod tests {
         ));
         let mut s = attempt(Phase::Blessed);
         assert_eq!(on_boot(&mut s, &new, 5), BootRole::Normal);
+
+        // Installed for a later window, its entry held back: a boot before then (a power
+        // cut) is the old slot's, and the update stays staged.
+        let mut s = attempt(Phase::Installed);
+        s.update.as_mut().unwrap().window = Some("02:00-04:00".into());
+        assert_eq!(
+            on_boot(&mut s, &old, 5),
+            BootRole::Staged {
+                version: "0.2.0".into(),
+                slot: "b".into()
+            }
+        );
+        assert_eq!(s.update.as_ref().unwrap().phase, Phase::Installed);
     }
 
     #[test]
@@ -1107,6 +1271,7 @@ mod tests {
         d: &Path,
         root_blocks: usize,
         entries: &[&str],
+        hold: bool,
     ) -> (Result<Installed, String>, PathBuf, PathBuf, PathBuf) {
         let (path, b) = bundle(d, "0.2.0");
         let dir = d.join("EFI/Linux");
@@ -1122,6 +1287,7 @@ mod tests {
             verity: &verity,
             entries: &dir,
             tries: 1,
+            hold,
         };
         let copy = |n: &str, w: &mut dyn std::io::Write| {
             b.copy_part(&path, n, w)
@@ -1141,7 +1307,7 @@ mod tests {
             "edgeos-0.1.0-b+0.efi",
             "edgeos-0.0.9-b+0-3.efi",
         ];
-        let (done, root, verity, entries) = install_into(d, 5, &standing);
+        let (done, root, verity, entries) = install_into(d, 5, &standing, false);
         assert_eq!(done.unwrap().entry, "edgeos-0.2.0-b+1.efi");
         let mut left: Vec<String> = std::fs::read_dir(&entries)
             .unwrap()
@@ -1166,9 +1332,28 @@ mod tests {
     }
 
     #[test]
+    fn an_install_for_a_later_window_holds_its_entry_back_where_the_loader_does_not_look() {
+        let dir = tempfile::tempdir().unwrap();
+        // A held entry of an earlier staged update of the slot goes like any other.
+        let standing = ["edgeos-0.1.0-a.efi", "edgeos-0.1.5-b+1.efi.held"];
+        let (done, _, _, entries) = install_into(dir.path(), 5, &standing, true);
+        assert_eq!(done.unwrap().entry, "edgeos-0.2.0-b+1.efi.held");
+        let mut left: Vec<String> = std::fs::read_dir(&entries)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["edgeos-0.1.0-a.efi", "edgeos-0.2.0-b+1.efi.held"]);
+        // Not an entry systemd-boot boots (type #2 entries end in .efi), but the slot's.
+        assert_eq!(entry_slot("edgeos-0.2.0-b+1.efi.held"), None);
+        assert_eq!(slot_entries(&entries, "b"), ["edgeos-0.2.0-b+1.efi.held"]);
+    }
+
+    #[test]
     fn a_slot_too_small_is_refused_before_anything_is_touched() {
         let dir = tempfile::tempdir().unwrap();
-        let (done, root, _, entries) = install_into(dir.path(), 2, &["edgeos-0.1.0-b+0.efi"]);
+        let (done, root, _, entries) =
+            install_into(dir.path(), 2, &["edgeos-0.1.0-b+0.efi"], false);
         let e = done.unwrap_err();
         assert!(
             e.contains("its root.erofs is 12288 bytes and slot b's partition")

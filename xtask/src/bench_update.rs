@@ -55,7 +55,8 @@ pub fn run() -> Result<()> {
         json!({
             "bench": "update",
             "bundle_bytes": f["bundle_bytes"],
-            "delta_bytes_version_change": f["delta_bytes"],
+            // The name for it: the small change is the version string.
+            "delta_bytes_small_change": f["delta_bytes"],
             "delta_ratio": num("delta_bytes") / num("bundle_bytes"),
             "publish_to_blessed_s": f["publish_to_blessed_s"],
             "rollback_s": f["rollback_s"],

@@ -35,6 +35,9 @@ enum Cmd {
         /// A directory whose files are laid over image/overlay (a site's own files).
         #[arg(long)]
         overlay: Option<std::path::PathBuf>,
+        /// Build under this security version instead of the definition's.
+        #[arg(long = "security-version")]
+        security_version: Option<u64>,
     },
     /// Build the image if stale and boot it in QEMU with the serial console here.
     Run,
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
             check_reproducible,
             as_version,
             overlay,
+            security_version,
         } => {
             if check_reproducible {
                 image::check_reproducible()?;
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
                 force,
                 version: as_version,
                 overlay,
+                security_version,
             })?;
             println!("{}", out.raw.display());
             Ok(())

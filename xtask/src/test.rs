@@ -8,6 +8,9 @@ use std::time::Instant;
 
 /// The version the update scenario moves the box to (newer than any 0.1.0).
 pub const UPDATE_VERSION: &str = "0.1.0.1";
+/// Its security version and the bad one's: one above the definition's, so that the
+/// blessed update raises the box's floor (kept in the TPM's counter).
+pub const UPDATE_SECURITY_VERSION: u64 = 2;
 
 /// The update scenario's bundles (qemu-tests/tests/update.rs).
 pub struct UpdateBundles {
@@ -32,11 +35,13 @@ pub fn update_bundles() -> Result<UpdateBundles> {
         force: false,
         version: Some(UPDATE_VERSION.into()),
         overlay: None,
+        security_version: Some(UPDATE_SECURITY_VERSION),
     })?;
     let bad = crate::image::build(&crate::image::BuildOptions {
         force: false,
         version: Some(BAD_UPDATE_VERSION.into()),
         overlay: Some(bad_overlay()?),
+        security_version: Some(UPDATE_SECURITY_VERSION),
     })?;
     Ok(UpdateBundles {
         good: good.bundle,

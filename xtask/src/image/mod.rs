@@ -70,6 +70,8 @@ pub struct BuildOptions {
     pub version: Option<String>,
     /// A directory of files laid over the image's overlay.
     pub overlay: Option<PathBuf>,
+    /// Build under this security version instead of the definition's.
+    pub security_version: Option<u64>,
 }
 
 /// The update key's public half the builds sign bundles for (`update.pub` in the keys
@@ -530,12 +532,24 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
         }
         None => target_dir(&p.inputs.repo).join("image"),
     };
+    if let Some(n) = opts.security_version {
+        if n == 0 {
+            bail!("--security-version: versions start at 1");
+        }
+        p.def.image.security_version = n;
+        step(&format!("with security version {n}"));
+    }
     let def = &p.def;
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("failed to create {}", out_dir.display()))?;
     let mut outs = out_paths(&out_dir, def);
     let stamp_path = out_dir.join("stamp");
-    let stamp = format!("{} {}", stamp(&p.inputs, &p.debs)?, def.image.version);
+    let stamp = format!(
+        "{} {} {}",
+        stamp(&p.inputs, &p.debs)?,
+        def.image.version,
+        def.image.security_version
+    );
     if p.inputs.pcr_key.development {
         step(&p.inputs.pcr_key.development_warning());
     }
