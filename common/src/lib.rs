@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+pub mod backoff;
+pub use backoff::Backoff;
+pub mod signed;
+
 /// Flags every daemon takes.
 #[derive(Debug, clap::Args)]
 pub struct CommonArgs {

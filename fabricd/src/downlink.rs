@@ -118,15 +118,8 @@ pub fn for_this_box<'m>(items: &'m [Item], running: Option<&str>) -> Vec<&'m Ite
 
 /// Splits and verifies a signed manifest.
 pub fn verify_manifest(signed: &[u8], public_key: &[u8]) -> Result<Manifest, String> {
-    if signed.len() < 64 {
-        return Err("manifest is shorter than its signature".into());
-    }
-    let (sig, body) = signed.split_at(64);
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
-        .verify(body, sig)
-        .map_err(|_| {
-            "manifest signature does not verify with the image's public key".to_string()
-        })?;
+    let body =
+        edge_common::signed::open(signed, public_key).map_err(|e| format!("manifest: {e}"))?;
     let m: Manifest =
         serde_json::from_slice(body).map_err(|e| format!("signed manifest is not valid: {e}"))?;
     for item in &m.items {
@@ -182,15 +175,7 @@ fn check_item(item: &Item) -> Result<(), String> {
 
 /// Reads the public key file: 64 hex digits (whitespace around is fine).
 pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("failed to read downlink.public_key {}: {e}", path.display()))?;
-    match edge_common::hex::decode(text.trim()) {
-        Some(key) if key.len() == 32 => Ok(key),
-        _ => Err(format!(
-            "downlink.public_key {} must hold 64 hex digits (an ed25519 public key)",
-            path.display()
-        )),
-    }
+    edge_common::signed::read_public_key(path, "downlink.public_key")
 }
 
 /// The sha256 of a file already in place, read in chunks (an update bundle can be
@@ -558,13 +543,16 @@ pub async fn run(config: Arc<Config>, status: Arc<Status>) {
     let (Some(core), Some(down)) = (config.core.clone(), config.downlink.clone()) else {
         return;
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = edge_common::Backoff::new(
+        Duration::from_millis(200),
+        Duration::from_millis(core.backoff_max_ms.max(200)),
+    );
     loop {
+        let delay = backoff.next_delay();
         if let Err(e) = session(&config, &core, &down, &status).await {
-            tracing::warn!("downlink: {e}; retrying in {backoff:?}");
+            tracing::warn!("downlink: {e}; retrying in {delay:?}");
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(core.backoff_max_ms.max(200)));
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -93,8 +93,10 @@ pub async fn run(config: Arc<Config>, core: CoreConfig, status: Arc<Status>) {
     let Some(enroll) = core.enroll.clone() else {
         return;
     };
-    let max = Duration::from_millis(core.backoff_max_ms.max(1000));
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = edge_common::Backoff::new(
+        Duration::from_secs(1),
+        Duration::from_millis(core.backoff_max_ms.max(1000)),
+    );
     loop {
         match attempt(&config, &core, &enroll).await {
             Ok(()) => {
@@ -103,12 +105,12 @@ pub async fn run(config: Arc<Config>, core: CoreConfig, status: Arc<Status>) {
             }
             Err(e) => {
                 let e = format!("enrollment: {e}");
-                tracing::warn!("{e}; retrying in {backoff:?}");
+                let delay = backoff.next_delay();
+                tracing::warn!("{e}; retrying in {delay:?}");
                 status.error(&e);
+                tokio::time::sleep(delay).await;
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(max);
     }
 }
 

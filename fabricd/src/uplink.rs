@@ -97,8 +97,10 @@ pub async fn run(
     let Some(core) = config.core.clone() else {
         return;
     };
-    let mut backoff = Duration::from_millis(100);
-    let max = Duration::from_millis(core.backoff_max_ms.max(100));
+    let mut backoff = edge_common::Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_millis(core.backoff_max_ms.max(100)),
+    );
     loop {
         status.sessions.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -108,17 +110,17 @@ pub async fn run(
             Ok(()) => "the session ended".to_string(),
             Err(e) => e,
         };
-        tracing::warn!(servers = ?core.servers, "uplink to the core: {e}; retrying in {backoff:?}");
-        status.error(&e);
         // A session that ran a while was healthy: start the backoff over.
         if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(100);
+            backoff.reset();
         }
+        let delay = backoff.next_delay();
+        tracing::warn!(servers = ?core.servers, "uplink to the core: {e}; retrying in {delay:?}");
+        status.error(&e);
         // Up to a quarter of jitter so that a site's boxes do not reconnect in step.
         let jitter = (std::process::id() as u64 ^ started.elapsed().as_nanos() as u64)
-            % (backoff.as_millis() as u64 / 4 + 1);
-        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-        backoff = (backoff * 2).min(max);
+            % (delay.as_millis() as u64 / 4 + 1);
+        tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
         status.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -1054,30 +1054,21 @@ impl Limited {
     }
 }
 
-/// 200 ms, doubling up to a ceiling; also the watcher's back-off.
-struct Retry {
-    next: Duration,
-    max: Duration,
-}
+/// 200 ms, doubling up to a ceiling; also the watcher's back-off (kube's trait, which
+/// the shared type cannot take here).
+struct Retry(edge_common::Backoff);
 
 impl Retry {
-    const FIRST: Duration = Duration::from_millis(200);
-
     fn new(max: Duration) -> Self {
-        Retry {
-            next: Self::FIRST.min(max),
-            max,
-        }
+        Retry(edge_common::Backoff::new(Duration::from_millis(200), max))
     }
 
     fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
+        self.0.next_delay()
     }
 
     fn reset(&mut self) {
-        self.next = Self::FIRST.min(self.max);
+        self.0.reset()
     }
 }
 

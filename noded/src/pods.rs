@@ -32,10 +32,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// The delay before the next start of a container that has been restarted `restarts`
 /// times: `base`, doubling per restart, at most [`BACKOFF_MAX`] (kubelet: 10 s … 5 min).
 pub fn backoff(base: Duration, restarts: u32) -> Duration {
-    let factor = 1u32.checked_shl(restarts.min(31)).unwrap_or(u32::MAX);
-    base.checked_mul(factor)
-        .unwrap_or(BACKOFF_MAX)
-        .min(BACKOFF_MAX)
+    edge_common::Backoff::after(base, BACKOFF_MAX, restarts)
 }
 
 #[derive(Debug, Clone)]

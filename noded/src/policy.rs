@@ -32,13 +32,8 @@ struct Body {
 
 /// Splits and verifies one signed allowlist; `source` names it in errors.
 pub fn verify(signed: &[u8], public_key: &[u8], source: &str) -> Result<Allowlist, String> {
-    if signed.len() < 64 {
-        return Err(format!("{source}: shorter than its signature"));
-    }
-    let (sig, body) = signed.split_at(64);
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
-        .verify(body, sig)
-        .map_err(|_| format!("{source}: signature does not verify with the image's public key"))?;
+    let body =
+        edge_common::signed::open(signed, public_key).map_err(|e| format!("{source}: {e}"))?;
     let b: Body = serde_json::from_slice(body)
         .map_err(|e| format!("{source}: signed allowlist is not valid: {e}"))?;
     for d in &b.digests {
@@ -62,23 +57,7 @@ pub fn verify(signed: &[u8], public_key: &[u8], source: &str) -> Result<Allowlis
 
 /// Reads a public key file: 64 hex digits (whitespace around is fine).
 pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "failed to read the image policy key {}: {e}",
-            path.display()
-        )
-    })?;
-    let t = text.trim();
-    if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "the image policy key {} must hold 64 hex digits (an ed25519 public key)",
-            path.display()
-        ));
-    }
-    (0..32)
-        .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("the image policy key {}: {e}", path.display()))
+    edge_common::signed::read_public_key(path, "the image policy key")
 }
 
 /// The allowlist files and the key they are signed with. The files are read again at

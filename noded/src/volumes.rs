@@ -242,14 +242,14 @@ impl Volumes {
     /// Detaches until it succeeds, waiting `base` doubling up to `max` between tries:
     /// a pod's data must not stay mounted because storaged was away for a while.
     pub async fn detach_retrying(&self, uid: &str, pod: &str, base: Duration, max: Duration) {
-        let mut delay = base;
+        let mut backoff = edge_common::Backoff::new(base, max);
         loop {
             match self.detach(uid, pod).await {
                 Ok(()) => return,
                 Err(e) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(pod = %pod, "{e}; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(max);
                 }
             }
         }
