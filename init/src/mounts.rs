@@ -18,6 +18,26 @@ pub fn errno_text(e: rustix::io::Errno) -> String {
     text
 }
 
+/// A mount that failed: the kernel's errno (a caller may tell errors apart by it), and
+/// what was mounted where, in words.
+#[derive(Debug)]
+pub struct MountError {
+    pub errno: rustix::io::Errno,
+    pub message: String,
+}
+
+impl std::fmt::Display for MountError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<MountError> for String {
+    fn from(e: MountError) -> String {
+        e.message
+    }
+}
+
 /// Mounts `fstype` from `source` on `target`, creating the directory if needed.
 pub fn mount(
     source: &str,
@@ -25,15 +45,19 @@ pub fn mount(
     fstype: &str,
     flags: MountFlags,
     data: &str,
-) -> Result<(), String> {
+) -> Result<(), MountError> {
     let _ = std::fs::create_dir_all(target);
-    let data = CString::new(data).map_err(|_| format!("mount options for {source} contain NUL"))?;
-    rustix::mount::mount(source, target, fstype, flags, data.as_c_str()).map_err(|e| {
-        format!(
+    let data = CString::new(data).map_err(|_| MountError {
+        errno: rustix::io::Errno::INVAL,
+        message: format!("mount options for {source} contain NUL"),
+    })?;
+    rustix::mount::mount(source, target, fstype, flags, data.as_c_str()).map_err(|e| MountError {
+        errno: e,
+        message: format!(
             "failed to mount {source} ({fstype}) on {}: {}",
             target.display(),
             errno_text(e)
-        )
+        ),
     })
 }
 

@@ -90,10 +90,15 @@ fn ifreq(name: &str) -> Result<IfReq, String> {
 }
 
 fn ioctl<T>(sock: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+    ioctl_errno(sock, req, arg).map_err(|e| format!("{what}: {e}"))
+}
+
+/// The ioctl, its error as the kernel gave it (a caller may tell errors apart by it).
+fn ioctl_errno<T>(sock: &OwnedFd, req: libc::c_ulong, arg: &mut T) -> std::io::Result<()> {
     // SAFETY: `arg` is the struct the request expects, owned and sized for it.
     let r = unsafe { libc::ioctl(sock.as_raw_fd(), req as _, arg as *mut T) };
     if r != 0 {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -218,16 +223,11 @@ pub fn setup(cfg: &Network, resolv: &Path) -> Vec<String> {
                 window: 0,
                 irtt: 0,
             };
-            match ioctl(
-                &sock,
-                SIOCADDRT,
-                &mut rt,
-                &format!("failed to add default route via {gw}"),
-            ) {
+            match ioctl_errno(&sock, SIOCADDRT, &mut rt) {
                 Ok(()) => {}
                 // An existing default route (a second run) is what we wanted.
-                Err(e) if e.contains("exists") => {}
-                Err(e) => return Err(e),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(format!("failed to add default route via {gw}: {e}")),
             }
         }
         Ok(format!(

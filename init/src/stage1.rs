@@ -3,6 +3,7 @@
 //! thing, then a reboot after 10 s, so the boot loader's boot counting can fall back.
 
 use crate::sealed_data::{self, Unlock};
+use crate::status::Boot;
 use crate::{disk, dm, ext4, journal, modules, mounts, rootexec, say, verity};
 use rustix::mount::MountFlags;
 use std::path::{Path, PathBuf};
@@ -29,22 +30,6 @@ enum Fatal {
 
 fn step(step: &'static str) -> impl FnOnce(String) -> Fatal {
     move |detail| Fatal::Step { step, detail }
-}
-
-/// What stage 2 learns from stage 1 (`/run/edge/boot.json`).
-#[derive(serde::Serialize)]
-struct BootInfo<'a> {
-    slot: &'a str,
-    version: &'a str,
-    data_formatted: bool,
-    data_clean: bool,
-    /// Why the data partition stayed closed (the TPM refused its key, ...); stage 2
-    /// then keeps the services down.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_locked: Option<String>,
-    stage1_ms: u64,
-    /// Time spent on the TPM and on opening (or making) the sealed partition.
-    tpm_ms: u64,
 }
 
 pub fn run() -> ! {
@@ -120,20 +105,18 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
             .map_err(step("moving mounts into the new root"))?;
     }
 
-    let info = BootInfo {
-        slot: &params.slot,
-        version: &params.version,
+    let stage1_ms = start.elapsed().as_millis() as u64;
+    let info = Boot {
+        slot: params.slot.clone(),
+        version: params.version.clone(),
         data_formatted: data.formatted,
         data_clean: data.clean,
         data_locked: data.locked,
-        stage1_ms: start.elapsed().as_millis() as u64,
-        tpm_ms: data.tpm.as_millis() as u64,
+        stage1_ms: Some(stage1_ms),
+        tpm_ms: Some(data.tpm.as_millis() as u64),
     };
     write_boot_info(&info).map_err(step("writing /run/edge/boot.json"))?;
-    say!(
-        "stage 1 done in {} ms; switching to the root",
-        info.stage1_ms
-    );
+    say!("stage 1 done in {stage1_ms} ms; switching to the root");
     let e = mounts::switch_root(Path::new(SYSROOT), "/sbin/init");
     Err(Fatal::Step {
         step: "switching root",
@@ -196,13 +179,14 @@ fn mount_root(node: &Path, label: &str) -> Result<(), Fatal> {
         .map(|s| s.iter().any(|t| verity::status_is_corrupt(t)))
         .unwrap_or(false);
     match mounted {
-        Err(e) if corrupt || e.contains("Input/output error") => Err(Fatal::Verity {
+        // A read error under dm-verity is a block that did not verify.
+        Err(e) if corrupt || e.errno == rustix::io::Errno::IO => Err(Fatal::Verity {
             partition: label.to_owned(),
-            detail: format!("mount: {}", e.rsplit(": ").next().unwrap_or(&e)),
+            detail: format!("mount: {}", mounts::errno_text(e.errno)),
         }),
         Err(e) => Err(Fatal::Step {
             step: "mounting the root",
-            detail: e,
+            detail: e.message,
         }),
         Ok(()) if corrupt => Err(Fatal::Verity {
             partition: label.to_owned(),
@@ -266,7 +250,7 @@ fn open_data(
         MountFlags::NOSUID,
         "nodelalloc",
     )
-    .map_err(step("mounting the data partition"))?;
+    .map_err(|e| step("mounting the data partition")(e.message))?;
     for tree in journal::JOURNALED {
         let dir = Path::new(SYSROOT).join("var").join(tree);
         match journal::journal_data(&dir) {
@@ -304,7 +288,7 @@ fn open_data(
     })
 }
 
-fn write_boot_info(info: &BootInfo) -> Result<(), String> {
+fn write_boot_info(info: &Boot) -> Result<(), String> {
     let dir = Path::new(SYSROOT).join("run/edge");
     std::fs::create_dir_all(&dir)
         .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
@@ -319,26 +303,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boot_json_has_the_contract_fields() {
-        let info = BootInfo {
-            slot: "a",
-            version: "0.1.0",
+    fn boot_json_has_the_contract_fields_and_reads_back() {
+        let info = Boot {
+            slot: "a".into(),
+            version: "0.1.0".into(),
             data_formatted: true,
             data_clean: false,
             data_locked: None,
-            stage1_ms: 1234,
-            tpm_ms: 120,
+            stage1_ms: Some(1234),
+            tpm_ms: Some(120),
         };
+        let json = serde_json::to_string(&info).unwrap();
         assert_eq!(
-            serde_json::to_string(&info).unwrap(),
+            json,
             r#"{"slot":"a","version":"0.1.0","data_formatted":true,"data_clean":false,"stage1_ms":1234,"tpm_ms":120}"#
         );
-        let locked = BootInfo {
+        assert_eq!(serde_json::from_str::<Boot>(&json).unwrap(), info);
+        let locked = Boot {
             data_locked: Some("the TPM refused the data key: ...".into()),
             ..info
         };
         assert!(serde_json::to_string(&locked)
             .unwrap()
             .contains(r#""data_locked":"the TPM refused the data key: ...""#));
+        // What an older stage 1 left out reads as it did before.
+        let old: Boot = serde_json::from_str(r#"{"slot":"b","version":"0.0.9"}"#).unwrap();
+        assert!(old.data_clean && !old.data_formatted && old.stage1_ms.is_none());
     }
 }

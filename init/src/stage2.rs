@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::control::{self, Control, Request};
 use crate::power::{self, Action, Buttons};
@@ -549,23 +549,9 @@ fn mount_basics() {
 /// Slot and version from stage 1's /run/edge/boot.json, else from the command line.
 fn boot_info() -> Boot {
     if let Ok(text) = std::fs::read_to_string("/run/edge/boot.json") {
-        if let Ok(v) = serde_json::from_str::<Value>(&text) {
-            let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-            let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-            if !s("slot").is_empty() {
-                return Boot {
-                    slot: s("slot"),
-                    version: s("version"),
-                    data_formatted: b("data_formatted"),
-                    data_clean: v.get("data_clean").and_then(Value::as_bool).unwrap_or(true),
-                    data_locked: v
-                        .get("data_locked")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned),
-                    stage1_ms: v.get("stage1_ms").and_then(Value::as_u64),
-                    tpm_ms: v.get("tpm_ms").and_then(Value::as_u64),
-                };
-            }
+        match serde_json::from_str::<Boot>(&text) {
+            Ok(b) if !b.slot.is_empty() => return b,
+            _ => {}
         }
         say!("warning: /run/edge/boot.json is unreadable; using the kernel command line");
     }

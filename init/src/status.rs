@@ -39,18 +39,30 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
     field_kib(&text, "VmRSS:")
 }
 
-/// What the status object says about the boot and the data partition.
-#[derive(Debug, Clone, Default)]
+/// What stage 1 learned of this boot: it writes it as `/run/edge/boot.json` (which
+/// fabricd reads the running version from, docs/contracts.md) and stage 2 reads it back
+/// for the status object.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Boot {
-    pub version: String,
     pub slot: String,
+    pub version: String,
+    #[serde(default)]
     pub data_formatted: bool,
+    #[serde(default = "clean_unless_told")]
     pub data_clean: bool,
-    /// Why the data partition stayed closed (stage 1's `data_locked`).
+    /// Why the data partition stayed closed (the TPM refused its key, ...); stage 2 then
+    /// keeps the services down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_locked: Option<String>,
     /// Stage 1's time, and the part of it spent on the TPM and the unlock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage1_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_ms: Option<u64>,
+}
+
+fn clean_unless_told() -> bool {
+    true
 }
 
 pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) -> Value {
