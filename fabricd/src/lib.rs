@@ -18,6 +18,50 @@ use std::sync::Arc;
 use config::Config;
 use produce::Ingest;
 
+/// A listener of the produce API: unix socket or TCP.
+trait Listener: Send + 'static {
+    type Conn: Send + 'static;
+    /// The next connection, and who it is from.
+    fn next(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Conn, String)>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<(Self::Conn, String)> {
+        self.accept().await.map(|(s, _)| (s, "unix".to_owned()))
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Conn = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<(Self::Conn, String)> {
+        self.accept().await.map(|(s, peer)| (s, peer.to_string()))
+    }
+}
+
+/// Serves each connection of `listener` on a task of its own, for as long as fabricd
+/// runs; a failed accept is logged and tried again 100 ms later.
+async fn accept_each<L, F, Fut>(listener: L, what: String, serve: F)
+where
+    L: Listener,
+    F: Fn(L::Conn, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.next().await {
+            Ok((conn, peer)) => {
+                tokio::spawn(serve(conn, peer));
+            }
+            Err(e) => {
+                tracing::warn!("accept on {what} failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Opens the log, starts the listeners and reports ready. Returns only on a fatal error.
 pub async fn serve(mut config: Config) -> Result<(), String> {
     if let Some(path) = &config.core_file {
@@ -73,19 +117,11 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
             .map_err(|e| format!("failed to listen on {}: {e}", path.display()))?;
         tracing::info!(socket = %path.display(), "produce socket listening");
         let ingest = ingest.clone();
-        tasks.spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(produce::serve_conn(ingest.clone(), stream, "unix".into()));
-                    }
-                    Err(e) => {
-                        tracing::warn!("accept on the produce socket failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        tasks.spawn(accept_each(
+            listener,
+            "the produce socket".to_owned(),
+            move |stream, peer| produce::serve_conn(ingest.clone(), stream, peer),
+        ));
     }
     if let Some(addr) = config.tcp_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -93,24 +129,14 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
             .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
         tracing::info!(%addr, "produce TCP listening");
         let ingest = ingest.clone();
-        tasks.spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(produce::serve_conn(
-                            ingest.clone(),
-                            stream,
-                            peer.to_string(),
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!("accept on {addr} failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        tasks.spawn(accept_each(
+            listener,
+            addr.to_string(),
+            move |stream: tokio::net::TcpStream, peer| {
+                let _ = stream.set_nodelay(true);
+                produce::serve_conn(ingest.clone(), stream, peer)
+            },
+        ));
     }
     if let Some(addr) = config.http_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -118,19 +144,11 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
             .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
         tracing::info!(%addr, "produce HTTP listening");
         let ingest = ingest.clone();
-        tasks.spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(http::serve_conn(ingest.clone(), stream, peer.to_string()));
-                    }
-                    Err(e) => {
-                        tracing::warn!("accept on {addr} failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        tasks.spawn(accept_each(
+            listener,
+            addr.to_string(),
+            move |stream, peer| http::serve_conn(ingest.clone(), stream, peer),
+        ));
     }
     let status = Arc::new(uplink::Status::default());
     let down_status = Arc::new(downlink::Status::default());

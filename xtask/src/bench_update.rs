@@ -12,7 +12,7 @@ pub fn run() -> Result<()> {
     packages.extend(crate::bench_fabric::CORE_PACKAGES);
     packages.push("socat");
     crate::host::ensure_packages(&packages)?;
-    let image = crate::test::build_image()?;
+    let image = crate::image::build_default()?;
     let bundles = crate::test::update_bundles()?;
     let figures = crate::image::target_dir(&crate::image::repo()?).join("bench-update.json");
     let _ = std::fs::remove_file(&figures);

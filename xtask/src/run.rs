@@ -14,7 +14,7 @@ pub const VM_PACKAGES: &[&str] = &[
 
 pub fn run() -> Result<()> {
     crate::host::ensure_packages(VM_PACKAGES)?;
-    let image = crate::test::build_image()?;
+    let image = crate::image::build_default()?;
     let status = qemu_tests::interactive::run(&image)?;
     // QEMU exits 0 on guest power-off and on Ctrl-A x; a signal (Ctrl-C) is the user's
     // way out too, not a failure.

@@ -75,14 +75,6 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Builds the image (the builder skips the work when nothing changed) and returns the
-/// raw disk the system tests boot.
-pub fn build_image() -> Result<PathBuf> {
-    let out = crate::image::build(&crate::image::BuildOptions::default())
-        .context("failed to build the image")?;
-    Ok(out.raw)
-}
-
 fn status(mut cmd: Command) -> Result<()> {
     let st = cmd
         .status()
@@ -164,7 +156,7 @@ pub fn run(filter: Option<String>) -> Result<()> {
     });
     let mut image = None;
     let built = step("image", &mut || {
-        image = Some(build_image()?);
+        image = Some(crate::image::build_default()?);
         Ok(())
     });
     // The update scenario's newer versions: the same tree under other version strings,

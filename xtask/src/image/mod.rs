@@ -511,6 +511,13 @@ fn make_initramfs(
     Ok(())
 }
 
+/// Builds the definition as it is (the builder skips the work when nothing changed) and
+/// returns the raw disk that `run`, the system tests and the benches boot.
+pub fn build_default() -> Result<PathBuf> {
+    let out = build(&BuildOptions::default()).context("failed to build the image")?;
+    Ok(out.raw)
+}
+
 /// Builds the image unless it is up to date, and returns where everything is.
 pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     let mut p = prepare()?;
