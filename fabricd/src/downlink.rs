@@ -69,7 +69,7 @@ pub struct Item {
 /// manifest or session, from what it has).
 fn room_for(name: &str, need: u64, free: u64, total: u64) -> Result<(), String> {
     let keep = total / 20;
-    if free >= need.saturating_add(keep) {
+    if need == 0 || free >= need.saturating_add(keep) {
         return Ok(());
     }
     Err(format!(
@@ -427,7 +427,8 @@ async fn fetch_object(
         if let Ok(st) = rustix::fs::statvfs(dir) {
             let free = st.f_bavail.saturating_mul(st.f_frsize);
             let total = st.f_blocks.saturating_mul(st.f_frsize);
-            room_for(&item.name, size - bytes, free, total).map_err(Failure::Interrupted)?;
+            room_for(&item.name, size.saturating_sub(bytes), free, total)
+                .map_err(Failure::Interrupted)?;
         }
     }
     {
@@ -981,6 +982,8 @@ mod tests {
     #[test]
     fn a_download_that_would_fill_the_data_partition_does_not_start() {
         assert!(room_for("b", 100, 1000, 1000).is_ok());
+        // Nothing left to fetch (cut off right before it was put in place): no refusal.
+        assert!(room_for("b", 0, 0, 20_000).is_ok());
         // 1000 of 20000 stay free: 1100 is not room for 101.
         assert!(room_for("b", 100, 1100, 20_000).is_ok());
         let e = room_for("edgeos-2.bundle", 101, 1100, 20_000).unwrap_err();
