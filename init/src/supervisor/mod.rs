@@ -134,6 +134,22 @@ struct Svc {
     cgroup: Option<PathBuf>,
 }
 
+impl Svc {
+    /// With `kill = "group"`, SIGKILL to what the process `pid` forked: its process group
+    /// and its cgroup. (pid > 1 always holds for a child; the check keeps -pid from ever
+    /// meaning "everyone".)
+    fn kill_helpers(&self, pid: i32) {
+        if self.spec.kill == KillMode::Group {
+            if pid > 1 {
+                signal(-pid, libc::SIGKILL);
+            }
+            if let Some(g) = &self.cgroup {
+                crate::cgroups::kill_all(g);
+            }
+        }
+    }
+}
+
 pub struct Supervisor {
     svcs: Vec<Svc>,
     opts: Options,
@@ -214,27 +230,23 @@ impl Supervisor {
     }
 
     #[cfg(test)]
+    fn named(&self, name: &str) -> Option<&Svc> {
+        self.svcs.iter().find(|s| s.spec.name == name)
+    }
+
+    #[cfg(test)]
     pub fn state(&self, name: &str) -> Option<State> {
-        self.svcs
-            .iter()
-            .find(|s| s.spec.name == name)
-            .map(|s| s.state)
+        self.named(name).map(|s| s.state)
     }
 
     #[cfg(test)]
     pub fn pid(&self, name: &str) -> Option<i32> {
-        self.svcs
-            .iter()
-            .find(|s| s.spec.name == name)
-            .and_then(|s| s.pid)
+        self.named(name).and_then(|s| s.pid)
     }
 
     #[cfg(test)]
     pub fn restarts(&self, name: &str) -> Option<u32> {
-        self.svcs
-            .iter()
-            .find(|s| s.spec.name == name)
-            .map(|s| s.restarts)
+        self.named(name).map(|s| s.restarts)
     }
 
     /// Every service is ready, or will not become ready without help: failed (given up),
@@ -331,16 +343,8 @@ impl Supervisor {
         s.notify_buf.clear();
         s.last_exit = Some(exit);
         // Helpers the service forked die with it, so a restart starts clean (unless the
-        // service's helpers are meant to outlive it: `kill = "main"`). (pid > 1 always
-        // holds for a child; the check keeps -pid from ever meaning "everyone".)
-        if s.spec.kill == KillMode::Group {
-            if pid > 1 {
-                signal(-pid, libc::SIGKILL);
-            }
-            if let Some(g) = &s.cgroup {
-                crate::cgroups::kill_all(g);
-            }
-        }
+        // service's helpers are meant to outlive it: `kill = "main"`).
+        s.kill_helpers(pid);
         let name = s.spec.name.clone();
         let was = s.state;
         let after = s.after_stop;
@@ -412,14 +416,7 @@ impl Supervisor {
                             s.spec.stop_timeout.as_millis()
                         );
                         signal(pid, libc::SIGKILL);
-                        if s.spec.kill == KillMode::Group {
-                            if pid > 1 {
-                                signal(-pid, libc::SIGKILL);
-                            }
-                            if let Some(g) = &s.cgroup {
-                                crate::cgroups::kill_all(g);
-                            }
-                        }
+                        s.kill_helpers(pid);
                         self.say(msg);
                     }
                 }

@@ -115,24 +115,20 @@ impl Supervisor {
             .spawn()
             .map_err(|e| format!("failed to start {}: {e}", spec.exec[0]))?;
         let pid = child.id() as i32;
+        let pipes: [(Option<OwnedFd>, &'static str); 2] = [
+            (child.stdout.take().map(Into::into), "out"),
+            (child.stderr.take().map(Into::into), "err"),
+        ];
         let mut streams = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            let fd: OwnedFd = out.into();
-            set_nonblocking(fd.as_raw_fd());
-            streams.push(Stream {
-                file: File::from(fd),
-                split: LineSplitter::default(),
-                name: "out",
-            });
-        }
-        if let Some(err) = child.stderr.take() {
-            let fd: OwnedFd = err.into();
-            set_nonblocking(fd.as_raw_fd());
-            streams.push(Stream {
-                file: File::from(fd),
-                split: LineSplitter::default(),
-                name: "err",
-            });
+        for (fd, name) in pipes {
+            if let Some(fd) = fd {
+                set_nonblocking(fd.as_raw_fd());
+                streams.push(Stream {
+                    file: File::from(fd),
+                    split: LineSplitter::default(),
+                    name,
+                });
+            }
         }
         // The Child handle is dropped without waiting: exits are collected by `reap`.
         drop(child);
