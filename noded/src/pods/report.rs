@@ -1,0 +1,137 @@
+//! What the reconciler reports of each pod: the control socket's `pods`, the metrics,
+//! the API server's pod status and the node's health all read these.
+
+use std::sync::{Arc, Mutex};
+
+/// What `{"op":"pods"}` answers, one per manifest file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PodReport {
+    pub file: String,
+    pub name: String,
+    pub namespace: String,
+    /// The pod's uid (its manifest hash): names its log directory.
+    #[serde(default)]
+    pub uid: String,
+    /// pending, initializing, running, succeeded, failed, invalid
+    pub state: String,
+    pub error: Option<String>,
+    pub containers: Vec<ContainerReport>,
+    /// Its last start was refused because an image is not on the allowlist (for the
+    /// metrics; `error` says which).
+    #[serde(skip)]
+    pub image_refused: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerReport {
+    pub name: String,
+    pub init: bool,
+    /// waiting, running, back-off, exited, completed
+    pub state: String,
+    pub restarts: u32,
+    pub exit_code: Option<i32>,
+    pub last_error: Option<String>,
+    /// Running and, if it has a readiness probe, passing it (after its startup probe).
+    #[serde(default)]
+    pub ready: bool,
+}
+
+impl PodReport {
+    /// Running with every container ready, or run to completion.
+    pub fn is_up(&self) -> bool {
+        self.state == "succeeded"
+            || (self.state == "running" && self.containers.iter().all(|c| c.init || c.ready))
+    }
+}
+
+pub type Status = Arc<Mutex<Vec<PodReport>>>;
+
+/// Whether every pod of the image's own manifests (`files`, the static directory's
+/// manifest files) is up: a box whose static pods do not run is not healthy.
+pub fn static_pods_up(files: &[String], reports: &[PodReport]) -> Result<(), String> {
+    let down: Vec<&str> = files
+        .iter()
+        .filter(|f| !reports.iter().any(|r| &r.file == *f && r.is_up()))
+        .map(String::as_str)
+        .collect();
+    match down.as_slice() {
+        [] => Ok(()),
+        d => Err(format!("not up: {}", d.join(", "))),
+    }
+}
+
+/// Replaces the report of one pod (same file and uid) in the published status; a pod
+/// no longer there (its manifest went during the step) is not brought back.
+pub(super) fn update_report(status: &Status, report: PodReport) {
+    let Ok(mut reports) = status.lock() else {
+        return;
+    };
+    if let Some(r) = reports
+        .iter_mut()
+        .find(|r| r.file == report.file && r.uid == report.uid)
+    {
+        *r = report;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pods::is_manifest_file;
+
+    #[test]
+    fn a_node_is_healthy_once_every_static_pod_is_up() {
+        let report = |file: &str, state: &str, ready: bool| PodReport {
+            file: file.into(),
+            name: file.trim_end_matches(".yaml").into(),
+            namespace: "default".into(),
+            uid: String::new(),
+            state: state.into(),
+            error: None,
+            containers: vec![
+                ContainerReport {
+                    name: "setup".into(),
+                    init: true,
+                    state: "completed".into(),
+                    restarts: 0,
+                    exit_code: Some(0),
+                    last_error: None,
+                    ready: false,
+                },
+                ContainerReport {
+                    name: "main".into(),
+                    init: false,
+                    state: "running".into(),
+                    restarts: 0,
+                    exit_code: None,
+                    last_error: None,
+                    ready,
+                },
+            ],
+            image_refused: false,
+        };
+        let files = vec!["a.yaml".to_string(), "b.yaml".to_string()];
+        // Before the first pass nothing is reported: not up.
+        assert_eq!(
+            static_pods_up(&files, &[]),
+            Err("not up: a.yaml, b.yaml".into())
+        );
+        let mut reports = vec![
+            report("a.yaml", "running", true),
+            report("b.yaml", "running", false),
+            // Pods of the other sources do not count.
+            report("downlink/c.yaml", "failed", false),
+        ];
+        assert_eq!(
+            static_pods_up(&files, &reports),
+            Err("not up: b.yaml".into())
+        );
+        reports[1] = report("b.yaml", "succeeded", false);
+        assert_eq!(static_pods_up(&files, &reports), Ok(()));
+        reports[0] = report("a.yaml", "pending", false);
+        assert!(static_pods_up(&files, &reports).is_err());
+        assert_eq!(static_pods_up(&[], &[]), Ok(()));
+        assert!(is_manifest_file("a.yml") && !is_manifest_file(".a.yaml.part"));
+        assert!(!is_manifest_file("a.json"));
+    }
+}

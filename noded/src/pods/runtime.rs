@@ -1,0 +1,548 @@
+//! Carrying a pod's life out through CRI: a step starts, polls or restarts its sandbox
+//! and containers, probes and log rotation run beside them, and a teardown stops and
+//! removes it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::lifecycle::{ContainerRun, PodRun, BACKOFF_MAX};
+use super::{spec, Settings};
+use crate::cri::{api::*, Client};
+use crate::logs;
+use crate::manifest::{self, Pod, VolumeSource};
+use crate::probes::{self, Prober};
+use crate::volumes::Volumes;
+
+/// What stepping a pod needs, shared by the tasks that step pods at the same time.
+#[derive(Clone)]
+pub(super) struct Driver {
+    pub(super) cri: Client,
+    pub(super) settings: Arc<Settings>,
+    pub(super) volumes: Arc<Volumes>,
+}
+
+impl Driver {
+    pub(super) async fn step(&self, run: &mut PodRun) {
+        if run.failed {
+            return;
+        }
+        let now = Instant::now();
+        let sandbox = match &run.sandbox {
+            Some(id) => {
+                // A sandbox that died under us (containerd restarted, pause killed) is
+                // recreated with all its containers, as kubelet does.
+                match self
+                    .cri
+                    .pod_sandbox_status(PodSandboxStatusRequest {
+                        pod_sandbox_id: id.clone(),
+                        verbose: false,
+                    })
+                    .await
+                {
+                    Ok(s)
+                        if s.status
+                            .as_ref()
+                            .is_some_and(|s| s.state == PodSandboxState::SandboxReady as i32) =>
+                    {
+                        if run.ip.is_none() {
+                            run.ip = spec::pod_ip(&run.pod, s.status.as_ref());
+                        }
+                        id.clone()
+                    }
+                    // containerd itself is away: wait for it rather than duplicate the pod.
+                    Err(e) if e.code() != tonic::Code::NotFound => {
+                        tracing::warn!(pod = %run.pod.name, "{e}");
+                        return;
+                    }
+                    _ => {
+                        tracing::warn!(pod = %run.pod.name, sandbox = %id, "pod sandbox is gone or not ready: recreating it");
+                        stop_sandbox(&self.cri, id, &[], 0).await;
+                        run.reset();
+                        run.start_failed(self.settings.backoff_base, now);
+                        return;
+                    }
+                }
+            }
+            None => {
+                if now < run.retry_at {
+                    return;
+                }
+                match self.start_sandbox(run).await {
+                    Ok(id) => {
+                        tracing::info!(pod = %run.pod.name, sandbox = %id, "pod sandbox running");
+                        run.ip = match self
+                            .cri
+                            .pod_sandbox_status(PodSandboxStatusRequest {
+                                pod_sandbox_id: id.clone(),
+                                verbose: false,
+                            })
+                            .await
+                        {
+                            Ok(s) => spec::pod_ip(&run.pod, s.status.as_ref()),
+                            Err(_) => spec::pod_ip(&run.pod, None),
+                        };
+                        run.sandbox = Some(id.clone());
+                        run.error = None;
+                        run.image_refused = false;
+                        run.failures = 0;
+                        id
+                    }
+                    Err(StartError {
+                        message: e,
+                        image_refused,
+                    }) => {
+                        tracing::error!(pod = %run.pod.name, file = %run.file, "pod failed to start: {e}");
+                        run.error = Some(e);
+                        run.image_refused = image_refused;
+                        run.start_failed(self.settings.backoff_base, now);
+                        return;
+                    }
+                }
+            }
+        };
+        let config = self.sandbox_config(run);
+        let policy = run.pod.restart_policy;
+        for i in 0..run.containers.len() {
+            let init = run.containers[i].init;
+            // Init containers run one at a time, in order, each to success.
+            if !init && run.containers[..i].iter().any(|c| c.init && !c.done) {
+                break;
+            }
+            let ctr = &mut run.containers[i];
+            if ctr.done {
+                continue;
+            }
+            self.drive(&run.pod, &sandbox, &config, ctr, policy, run.ip.as_deref())
+                .await;
+            if ctr.init && ctr.done && ctr.exit_code != Some(0) {
+                run.failed = true;
+                run.error = Some(format!(
+                    "init container {} failed with exit code {:?}",
+                    ctr.spec.name, ctr.exit_code
+                ));
+                tracing::error!(pod = %run.pod.name, "{}", run.error.as_deref().unwrap_or(""));
+                return;
+            }
+            if init && !run.containers[i].done {
+                break;
+            }
+        }
+    }
+
+    /// Starts, polls or restarts one container.
+    async fn drive(
+        &self,
+        pod: &Pod,
+        sandbox: &str,
+        config: &PodSandboxConfig,
+        ctr: &mut ContainerRun,
+        policy: manifest::RestartPolicy,
+        ip: Option<&str>,
+    ) {
+        let now = Instant::now();
+        let Some(id) = ctr.id.clone() else {
+            if now < ctr.next_start {
+                ctr.state = "back-off";
+                return;
+            }
+            match self.start_container(pod, sandbox, config, ctr).await {
+                Ok(id) => {
+                    tracing::info!(pod = %pod.name, container = %ctr.spec.name, attempt = ctr.attempt, "container started");
+                    ctr.prober = self.prober(pod, ctr, &id, ip, now);
+                    ctr.id = Some(id);
+                    ctr.state = "running";
+                    if let Some(dead) = ctr.dead.take() {
+                        if let Err(e) = self
+                            .cri
+                            .remove_container(RemoveContainerRequest { container_id: dead })
+                            .await
+                        {
+                            tracing::warn!(pod = %pod.name, container = %ctr.spec.name, "{e}");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(pod = %pod.name, container = %ctr.spec.name, "container failed to start: {e}");
+                    ctr.last_error = Some(e);
+                    ctr.start_failed(self.settings.backoff_base, now);
+                }
+            }
+            ctr.attempt += 1;
+            return;
+        };
+        let status = self
+            .cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await;
+        let (exit_code, reason) = match status {
+            Ok(r) => match r.status {
+                Some(s) if s.state == ContainerState::ContainerExited as i32 => {
+                    let why = [s.reason, s.message]
+                        .into_iter()
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(": ");
+                    (s.exit_code, why)
+                }
+                Some(s) if s.state == ContainerState::ContainerUnknown as i32 => {
+                    (-1, "container state unknown".to_string())
+                }
+                _ => {
+                    ctr.state = "running";
+                    self.watch_probes(pod, ctr, &id, ip, now);
+                    return;
+                }
+            },
+            Err(e) if e.code() == tonic::Code::NotFound => (-1, format!("container vanished: {e}")),
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, container = %ctr.spec.name, "{e}");
+                return;
+            }
+        };
+        match ctr.exited(exit_code, &reason, policy, self.settings.backoff_base, now) {
+            None => {
+                tracing::info!(pod = %pod.name, container = %ctr.spec.name, exit_code, "container exited; not restarted (restartPolicy)")
+            }
+            Some(delay) => {
+                tracing::info!(pod = %pod.name, container = %ctr.spec.name, exit_code, restarts = ctr.restarts, "container exited; restarting in {delay:?}")
+            }
+        }
+    }
+
+    /// The probes of a container just started (or adopted), if it has any.
+    fn prober(
+        &self,
+        pod: &Pod,
+        ctr: &ContainerRun,
+        id: &str,
+        ip: Option<&str>,
+        started: Instant,
+    ) -> Option<Prober> {
+        if !probes::has_probes(&ctr.spec) {
+            return None;
+        }
+        let target = probes::Target {
+            cri: self.cri.clone(),
+            container_id: id.to_string(),
+            ip: ip.unwrap_or("127.0.0.1").to_string(),
+            pod: pod.name.clone(),
+            container: ctr.spec.name.clone(),
+        };
+        Some(Prober::start(target, &ctr.spec, started))
+    }
+
+    /// A running container whose startup or liveness probe failed is stopped with the
+    /// pod's grace period; its exit then takes the restart path like any other.
+    fn watch_probes(
+        &self,
+        pod: &Pod,
+        ctr: &mut ContainerRun,
+        id: &str,
+        ip: Option<&str>,
+        now: Instant,
+    ) {
+        if ctr.prober.is_none() && ctr.killing.is_none() {
+            // Adopted from an earlier noded: probing starts over.
+            ctr.prober = self.prober(pod, ctr, id, ip, now);
+        }
+        let Some(failed) = ctr.prober.as_ref().and_then(|p| p.health().failed) else {
+            return;
+        };
+        if ctr.killing.is_some() {
+            return;
+        }
+        let grace = pod.termination_grace_period_seconds;
+        tracing::warn!(pod = %pod.name, container = %ctr.spec.name, "{failed}: stopping the container (grace period {grace} s)");
+        ctr.last_error = Some(failed.clone());
+        ctr.killing = Some(failed);
+        let cri = self.cri.clone();
+        let (id, pod_name, name) = (id.to_string(), pod.name.clone(), ctr.spec.name.clone());
+        // A grace period of up to minutes must not hold up the other pods.
+        tokio::spawn(async move {
+            if let Err(e) = cri
+                .stop_container(StopContainerRequest {
+                    container_id: id,
+                    timeout: grace,
+                })
+                .await
+            {
+                tracing::warn!(pod = %pod_name, container = %name, "{e}");
+            }
+        });
+    }
+
+    /// Rotates the live logs of the pod's running containers that grew past the limit.
+    pub(super) async fn rotate_logs(&self, run: &PodRun) {
+        let dir = self.log_dir(run);
+        for ctr in &run.containers {
+            let Some(id) = &ctr.id else { continue };
+            let current = ctr.attempt.saturating_sub(1);
+            let cdir = dir.join(&ctr.spec.name);
+            if current >= 2 {
+                if let Err(e) = logs::remove_attempts_before(&cdir, current - 1) {
+                    tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "failed to delete old attempts' logs in {}: {e}", cdir.display());
+                }
+            }
+            let live = cdir.join(format!("{current}.log"));
+            let rotated = match logs::rotate_if_over(&live, self.settings.log_max_bytes) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "failed to rotate {}: {e}", live.display());
+                    continue;
+                }
+            };
+            if let Err(e) = self
+                .cri
+                .reopen_container_log(ReopenContainerLogRequest {
+                    container_id: id.clone(),
+                })
+                .await
+            {
+                // The runtime still writes to the renamed file: put it back, so the
+                // live path and the lines stay together.
+                tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "log not rotated: {e}");
+                if let Err(e) = logs::unrotate(&rotated, &live) {
+                    tracing::warn!("failed to rename {} back: {e}", rotated.display());
+                }
+                continue;
+            }
+            tracing::debug!(pod = %run.pod.name, container = %ctr.spec.name, to = %rotated.display(), "log rotated");
+            match logs::prune(&live, self.settings.log_max_files.saturating_sub(1)) {
+                Ok(removed) => {
+                    for r in removed {
+                        tracing::debug!(pod = %run.pod.name, "old log {} deleted", r.display());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %run.pod.name, container = %ctr.spec.name, "failed to delete old logs of {}: {e}", live.display())
+                }
+            }
+        }
+    }
+
+    async fn start_sandbox(&self, run: &PodRun) -> Result<String, StartError> {
+        let uid = &run.hash;
+        let log_dir = self.log_dir(run);
+        std::fs::create_dir_all(&log_dir)
+            .map_err(|e| format!("failed to create {}: {e}", log_dir.display()))?;
+        for v in &run.pod.volumes {
+            match &v.source {
+                VolumeSource::EmptyDir => {
+                    let d = spec::empty_dir(&self.settings.state_dir, uid, &v.name);
+                    std::fs::create_dir_all(&d).map_err(|e| {
+                        format!("volume {}: failed to create {}: {e}", v.name, d.display())
+                    })?;
+                }
+                VolumeSource::HostPath { path, create: true } => {
+                    std::fs::create_dir_all(path).map_err(|e| {
+                        format!(
+                            "volume {}: failed to create {}: {e}",
+                            v.name,
+                            path.display()
+                        )
+                    })?;
+                }
+                VolumeSource::HostPath { .. } | VolumeSource::Csi(_) => {}
+            }
+        }
+        let mut images: Vec<&str> = run
+            .pod
+            .init_containers
+            .iter()
+            .chain(&run.pod.containers)
+            .map(|c| c.image.as_str())
+            .collect();
+        images.sort();
+        images.dedup();
+        for image in images {
+            self.cri
+                .pull_image(PullImageRequest {
+                    image: Some(ImageSpec {
+                        image: image.to_string(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("image {image}: {e}"))?;
+            if let Some(policy) = &self.settings.image_policy {
+                let status = self
+                    .cri
+                    .image_status(ImageStatusRequest {
+                        image: Some(ImageSpec {
+                            image: image.to_string(),
+                            ..Default::default()
+                        }),
+                        verbose: false,
+                    })
+                    .await
+                    .map_err(|e| format!("image {image}: {e}"))?;
+                let found = status.image.ok_or_else(|| {
+                    format!("image {image}: the runtime does not know it after the pull")
+                })?;
+                policy
+                    .check(
+                        image,
+                        &crate::policy::image_digests(&found.repo_digests, &found.id),
+                    )
+                    .map_err(|message| StartError {
+                        message,
+                        image_refused: true,
+                    })?;
+            }
+        }
+        // After the image checks: a pod refused for its images provisions nothing.
+        self.volumes.attach(uid, &run.pod).await?;
+        let config = self.sandbox_config(run);
+        Ok(self
+            .cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.pod_sandbox_id)
+            .map_err(|e| e.to_string())?)
+    }
+
+    fn log_dir(&self, run: &PodRun) -> PathBuf {
+        spec::pod_log_dir(&self.settings.log_dir, &run.pod, &run.hash)
+    }
+
+    fn sandbox_config(&self, run: &PodRun) -> PodSandboxConfig {
+        spec::sandbox_config(&run.file, &run.hash, &run.pod, &self.log_dir(run))
+    }
+
+    async fn start_container(
+        &self,
+        pod: &Pod,
+        sandbox: &str,
+        sandbox_config: &PodSandboxConfig,
+        ctr: &ContainerRun,
+    ) -> Result<String, String> {
+        let uid = sandbox_config
+            .metadata
+            .as_ref()
+            .map(|m| m.uid.clone())
+            .unwrap_or_default();
+        let config = spec::container_config(
+            pod,
+            &uid,
+            &ctr.spec,
+            ctr.attempt,
+            &self.settings.state_dir,
+            |name| self.volumes.target(&uid, name),
+        );
+        let id = self
+            .cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.to_string(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .container_id;
+        if let Err(e) = self
+            .cri
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+        {
+            let _ = self
+                .cri
+                .remove_container(RemoveContainerRequest { container_id: id })
+                .await;
+            return Err(e.to_string());
+        }
+        Ok(id)
+    }
+}
+
+/// Why a pod's sandbox did not start.
+struct StartError {
+    message: String,
+    /// An image is not on the allowlist.
+    image_refused: bool,
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError {
+            message,
+            image_refused: false,
+        }
+    }
+}
+
+/// Stops a pod: its containers get `grace` seconds after SIGTERM (all at once, as
+/// kubelet does), then the sandbox is stopped and removed.
+pub(super) async fn stop_sandbox(cri: &Client, sandbox: &str, containers: &[String], grace: i64) {
+    let stops: Vec<_> = containers
+        .iter()
+        .map(|id| {
+            let cri = cri.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                cri.stop_container(StopContainerRequest {
+                    container_id: id,
+                    timeout: grace,
+                })
+                .await
+            })
+        })
+        .collect();
+    for s in stops {
+        if let Ok(Err(e)) = s.await {
+            tracing::warn!(sandbox = %sandbox, "{e}");
+        }
+    }
+    let id = sandbox.to_string();
+    if let Err(e) = cri
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+    {
+        tracing::warn!(sandbox = %sandbox, "{e}");
+    }
+    if let Err(e) = cri
+        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await
+    {
+        tracing::warn!(sandbox = %sandbox, "{e}");
+    }
+}
+
+pub(super) async fn teardown(cri: &Client, settings: &Settings, volumes: &Volumes, run: PodRun) {
+    if let Some(sb) = &run.sandbox {
+        let ids: Vec<String> = run.containers.iter().filter_map(|c| c.id.clone()).collect();
+        stop_sandbox(cri, sb, &ids, run.pod.termination_grace_period_seconds).await;
+    }
+    // Unpublished only once no container of the pod can write to them any more.
+    volumes
+        .detach_retrying(
+            &run.hash,
+            &format!("{}/{}", run.pod.namespace, run.pod.name),
+            settings.backoff_base,
+            BACKOFF_MAX,
+        )
+        .await;
+    for dir in [
+        spec::pod_state_dir(&settings.state_dir, &run.hash),
+        spec::pod_log_dir(&settings.log_dir, &run.pod, &run.hash),
+    ] {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("failed to remove {}: {e}", dir.display());
+            }
+        }
+    }
+    tracing::info!(pod = %run.pod.name, file = %run.file, "pod stopped and removed");
+}
