@@ -1,0 +1,166 @@
+//! The pods bound to this node, mirrored into the cache directory the reconciler
+//! runs: one manifest per pod, written as the watch sees them and emptied only by the
+//! server (a delete, or a relist without the pod).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{check_subdomain, edge_manifest, lock, Known, Limited, Retry, Settings, Shared};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::watcher;
+use serde_json::Value;
+
+pub(super) async fn watch_pods(shared: Arc<Shared>) {
+    let s = &shared.settings;
+    let api: Api<DynamicObject> =
+        Api::all_with(shared.client.clone(), &ApiResource::erase::<Pod>(&()));
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", s.node_name));
+    let stream = kube::runtime::WatchStreamExt::backoff(watcher(api, wc), Retry::new(s.retry_max));
+    let mut stream = std::pin::pin!(stream);
+    let mut log = Limited::new("watching this node's pods");
+    let mut listed: Option<BTreeSet<String>> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                log.fail(&e);
+                continue;
+            }
+        };
+        log.ok();
+        match event {
+            watcher::Event::Init => {
+                listed = Some(BTreeSet::new());
+                // A (re)list: the server may have lost the status reported before; what
+                // is reported from now on reaches the server that lists.
+                shared.relists.fetch_add(1, Ordering::Relaxed);
+            }
+            watcher::Event::InitApply(pod) => {
+                if let (Some(key), Some(l)) = (apply(&shared, &pod), listed.as_mut()) {
+                    l.insert(key);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(l) = listed.take() {
+                    prune(&shared, &l);
+                }
+            }
+            watcher::Event::Apply(pod) => {
+                apply(&shared, &pod);
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some(key) = cache_key(&pod) {
+                    tracing::info!(pod = %key, "pod deleted on the API server");
+                    remove_cached(s, &key);
+                    lock(&shared.known).remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// `<namespace>_<name>.yaml`, if both are names Kubernetes allows (no `/`, `_` or
+/// leading dot can reach a path).
+pub(super) fn cache_key(pod: &DynamicObject) -> Option<String> {
+    let name = pod.metadata.name.as_deref()?;
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    if check_subdomain(name).is_err() || check_subdomain(ns).is_err() {
+        tracing::warn!("ignoring a pod named {ns:?}/{name:?} by the API server: not a valid name");
+        return None;
+    }
+    Some(format!("{ns}_{name}.yaml"))
+}
+
+/// Mirrors one pod into the cache; returns its key.
+pub(super) fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
+    let s = &shared.settings;
+    let key = cache_key(pod)?;
+    let full = serde_json::to_value(pod).unwrap_or(Value::Null);
+    let mut images = BTreeMap::new();
+    for list in ["initContainers", "containers"] {
+        for c in full["spec"][list].as_array().into_iter().flatten() {
+            if let (Some(n), Some(i)) = (c["name"].as_str(), c["image"].as_str()) {
+                images.insert(n.to_string(), i.to_string());
+            }
+        }
+    }
+    let deleting = pod.metadata.deletion_timestamp.is_some();
+    let known = Known {
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        images,
+        deleting,
+        host_network: full["spec"]["hostNetwork"] == true,
+    };
+    let previous = lock(&shared.known).insert(key.clone(), known);
+    if deleting {
+        if previous.is_none_or(|p| !p.deleting) {
+            tracing::info!(pod = %key, "pod being deleted on the API server: stopping it");
+        }
+        remove_cached(s, &key);
+        return Some(key);
+    }
+    let (manifest, dropped) = edge_manifest(&full);
+    let uid = pod.metadata.uid.as_deref().unwrap_or("");
+    let text = match serde_yaml::to_string(&manifest) {
+        Ok(t) => format!(
+            "# Mirrored by noded from the Kubernetes API server (pod uid {uid}); rewritten from there.\n{t}"
+        ),
+        Err(e) => {
+            tracing::warn!(pod = %key, "could not write the pod as YAML: {e}");
+            return Some(key);
+        }
+    };
+    let path = s.cache_dir.join(&key);
+    if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+        return Some(key);
+    }
+    // The reconciler skips dot-named files: the temporary one is never read as a pod.
+    match edge_common::write_atomic(&path, text.as_bytes(), 0o644)
+        .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    {
+        Ok(()) => {
+            tracing::info!(pod = %key, "pod from the API server cached");
+            if !dropped.is_empty() {
+                tracing::info!(pod = %key, "dropped from the pod (not applicable at the edge): {}", dropped.join(", "));
+            }
+        }
+        Err(e) => tracing::error!(pod = %key, "failed to cache the pod: {e}"),
+    }
+    Some(key)
+}
+
+/// After a relist: cached pods the server no longer has are removed.
+pub(super) fn prune(shared: &Shared, listed: &BTreeSet<String>) {
+    let s = &shared.settings;
+    lock(&shared.known).retain(|k, _| listed.contains(k));
+    let Ok(entries) = std::fs::read_dir(&s.cache_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if name.ends_with(".yaml") && !name.starts_with('.') && !listed.contains(&name) {
+            tracing::info!(pod = %name, "pod no longer bound to this node on the API server");
+            remove_cached(s, &name);
+        }
+    }
+}
+
+pub(super) fn remove_cached(s: &Settings, key: &str) {
+    let path = s.cache_dir.join(key);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::error!("failed to remove {}: {e}", path.display()),
+    }
+}

@@ -1,0 +1,250 @@
+//! The optional Kubernetes API server path (kube-rs). With an `[apiserver]` table in
+//! noded's config it registers the Node, heartbeats through a Lease in
+//! `kube-node-lease`, mirrors every pod bound to this node into a cache directory as
+//! one manifest per pod, and reports those pods' status from the reconciler's
+//! [`Status`].
+//!
+//! The reconciler runs the cache like any other manifests directory (files known as
+//! `api/<namespace>_<name>.yaml`), which is what gives the edge its autonomy: pods keep
+//! running through API-server outages and come back after a reboot with no control
+//! plane, because the cache is on the data partition and only the server can empty it
+//! (a delete, or a relist that no longer has the pod). Nothing in the reconciler waits
+//! on the server; every call here has a timeout, is retried with back-off and its
+//! failures are logged at most every [`LOG_EVERY`].
+
+mod cache;
+mod calls;
+mod host;
+mod node;
+mod status;
+mod translate;
+
+use cache::watch_pods;
+use calls::{lock, timed, Limited, Retry};
+use host::{arch, first_ipv4, hostname, mem_total_kib, micro_now, os_image, time_now};
+use node::node_and_lease;
+use status::report_pods;
+pub use translate::edge_manifest;
+use translate::{check_label_key, check_label_value, check_subdomain};
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::pods::Status;
+
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const LEASE_NAMESPACE: &str = "kube-node-lease";
+/// Labels noded sets itself; configured labels may not override them.
+const OWN_LABELS: [&str; 4] = [
+    "kubernetes.io/hostname",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    ZONE_LABEL,
+];
+/// No single call may hold a loop longer than this (kube's client has no read timeout).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A failing call is logged once, then at most this often while it keeps failing.
+pub const LOG_EVERY: Duration = Duration::from_secs(30);
+/// kubelet's default `maxPods`.
+const MAX_PODS: u32 = 110;
+
+/// The `[apiserver]` table of noded's config.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// A standard kubeconfig (its current context is used).
+    pub kubeconfig: PathBuf,
+    /// The Node's name; defaults to the host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The site: the Node's `topology.kubernetes.io/zone` label.
+    pub zone: String,
+    /// More Node labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The Lease's duration; it is renewed every quarter of it.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u32,
+    /// Where the pods bound to this node are mirrored; default `<state_dir>/apiserver/pods`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_lease_seconds() -> u32 {
+    40
+}
+
+impl Config {
+    /// Checks every key (errors are `(apiserver.<key>, message)`), reading the kubeconfig
+    /// so an unreadable or malformed one is refused at start, naming the file.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let key = |k: &str| format!("apiserver.{k}");
+        for (k, p) in [
+            ("kubeconfig", Some(&self.kubeconfig)),
+            ("cache_dir", self.cache_dir.as_ref()),
+        ] {
+            if let Some(p) = p.filter(|p| !p.is_absolute()) {
+                return Err((key(k), format!("{} is not an absolute path", p.display())));
+            }
+        }
+        if let Some(n) = &self.node_name {
+            check_subdomain(n).map_err(|e| (key("node_name"), e))?;
+        }
+        if self.zone.is_empty() {
+            return Err((key("zone"), "must not be empty".into()));
+        }
+        check_label_value(&self.zone).map_err(|e| (key("zone"), e))?;
+        for (k, v) in &self.labels {
+            if OWN_LABELS.contains(&k.as_str()) {
+                return Err((key("labels"), format!("{k} is set by noded")));
+            }
+            check_label_key(k).map_err(|e| (key("labels"), format!("{k}: {e}")))?;
+            check_label_value(v).map_err(|e| (key("labels"), format!("{k}: {e}")))?;
+        }
+        if self.lease_seconds < 4 {
+            return Err((
+                key("lease_seconds"),
+                "must be at least 4 (it is renewed every quarter of it)".into(),
+            ));
+        }
+        Kubeconfig::read_from(&self.kubeconfig).map_err(|e| {
+            (
+                key("kubeconfig"),
+                format!("failed to read {}: {e}", self.kubeconfig.display()),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The task's settings; `state_dir` is noded's, `runtime_version` what CRI Version said.
+    pub fn settings(&self, state_dir: &Path, runtime_version: String) -> Result<Settings, String> {
+        let node_name = match &self.node_name {
+            Some(n) => n.clone(),
+            None => hostname()?,
+        };
+        let mut labels = self.labels.clone();
+        labels.insert("kubernetes.io/hostname".into(), node_name.clone());
+        labels.insert("kubernetes.io/os".into(), "linux".into());
+        labels.insert("kubernetes.io/arch".into(), arch().into());
+        labels.insert(ZONE_LABEL.into(), self.zone.clone());
+        let lease = Duration::from_secs(self.lease_seconds.into());
+        Ok(Settings {
+            kubeconfig: self.kubeconfig.clone(),
+            node_name,
+            labels,
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| state_dir.join("apiserver/pods")),
+            lease_duration: lease,
+            renew_every: lease / 4,
+            node_status_every: Duration::from_secs(60),
+            pod_status_every: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+            runtime_version,
+        })
+    }
+}
+
+/// What the task runs with; the intervals are fields so tests can shorten them.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kubeconfig: PathBuf,
+    pub node_name: String,
+    /// Every Node label, noded's own included.
+    pub labels: BTreeMap<String, String>,
+    pub cache_dir: PathBuf,
+    pub lease_duration: Duration,
+    pub renew_every: Duration,
+    /// The Node's status (heartbeat time, capacity) is patched this often.
+    pub node_status_every: Duration,
+    /// The reconciler's status is looked at this often; only changes are patched.
+    pub pod_status_every: Duration,
+    /// Failed calls are retried after 200 ms, doubling up to this.
+    pub retry_max: Duration,
+    /// The Node's `containerRuntimeVersion` (`containerd://1.6.20`).
+    pub runtime_version: String,
+}
+
+/// The running task; dropping it stops it.
+pub struct Agent {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What the watcher learnt about a pod, for the status reports.
+#[derive(Debug, Clone)]
+struct Known {
+    namespace: String,
+    name: String,
+    uid: String,
+    /// container name → image, for containerStatuses.
+    images: BTreeMap<String, String>,
+    /// The server has set deletionTimestamp: the cached manifest is gone and, once the
+    /// reconciler no longer reports the pod, the deletion is finished with grace 0.
+    deleting: bool,
+    /// `spec.hostNetwork`: its IP is the node's.
+    host_network: bool,
+}
+
+struct Shared {
+    client: kube::Client,
+    /// containerd, to see that a deleted pod's sandbox is gone before the deletion is
+    /// finished on the server; without it, the reconciler dropping the pod is enough.
+    cri: Option<crate::cri::Client>,
+    settings: Settings,
+    /// cache file name (`<namespace>_<name>.yaml`) → pod.
+    known: Mutex<BTreeMap<String, Known>>,
+    /// Bumped when a relist starts: the server may have lost what was reported before.
+    relists: AtomicU64,
+    host_ip: Option<Ipv4Addr>,
+    started: String,
+}
+
+/// Reads the kubeconfig, creates the cache directory and starts the Node, Lease, pod
+/// watch and pod status loops.
+pub async fn start(
+    settings: Settings,
+    status: Status,
+    cri: Option<crate::cri::Client>,
+) -> Result<Agent, String> {
+    let path = settings.kubeconfig.display().to_string();
+    let kubeconfig =
+        Kubeconfig::read_from(&settings.kubeconfig).map_err(|e| format!("{path}: {e}"))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    let client = kube::Client::try_from(config).map_err(|e| format!("{path}: {e}"))?;
+    std::fs::create_dir_all(&settings.cache_dir)
+        .map_err(|e| format!("failed to create {}: {e}", settings.cache_dir.display()))?;
+    tracing::info!(node = %settings.node_name, server = %path, cache = %settings.cache_dir.display(), "API server configured");
+    let shared = Arc::new(Shared {
+        client,
+        cri,
+        settings,
+        known: Mutex::new(BTreeMap::new()),
+        relists: AtomicU64::new(0),
+        host_ip: first_ipv4(),
+        started: time_now(),
+    });
+    Ok(Agent {
+        tasks: vec![
+            tokio::spawn(node_and_lease(shared.clone())),
+            tokio::spawn(watch_pods(shared.clone())),
+            tokio::spawn(report_pods(shared, status)),
+        ],
+    })
+}

@@ -1,0 +1,227 @@
+//! The Node and its Lease: registration, the Node's status and labels, and the
+//! heartbeat that keeps it Ready.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{
+    arch, mem_total_kib, micro_now, os_image, time_now, timed, Limited, Retry, Shared,
+    LEASE_NAMESPACE, MAX_PODS,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams, TypeMeta};
+use serde_json::{json, Value};
+
+pub(super) async fn node_and_lease(shared: Arc<Shared>) {
+    let s = &shared.settings;
+    // Objects go through DynamicObject (JSON) rather than k8s-openapi's structs: their
+    // generated (de)serializers would add megabytes to the binary for the few fields
+    // noded reads.
+    let nodes: Api<DynamicObject> =
+        Api::all_with(shared.client.clone(), &ApiResource::erase::<Node>(&()));
+    let leases: Api<DynamicObject> = Api::namespaced_with(
+        shared.client.clone(),
+        LEASE_NAMESPACE,
+        &ApiResource::erase::<Lease>(&()),
+    );
+    let mut node_uid: Option<String> = None;
+    let mut lease: Option<DynamicObject> = None;
+    let mut next_status = Instant::now();
+    let (mut node_log, mut lease_log) = (
+        Limited::new("registering the node"),
+        Limited::new("renewing the node's lease"),
+    );
+    let mut retry = Retry::new(s.retry_max);
+    loop {
+        let mut failed = false;
+        if node_uid.is_none() {
+            match timed(register(&shared, &nodes)).await {
+                Ok(uid) => {
+                    node_log.ok();
+                    tracing::info!(node = %s.node_name, "node registered");
+                    node_uid = Some(uid);
+                    next_status = Instant::now() + s.node_status_every;
+                }
+                Err(e) => {
+                    node_log.fail(&e);
+                    failed = true;
+                }
+            }
+        } else if Instant::now() >= next_status {
+            let patch = json!({ "status": node_status(&shared) });
+            match timed(nodes.patch_status(
+                &s.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ))
+            .await
+            {
+                Ok(_) => {
+                    node_log.ok();
+                    next_status = Instant::now() + s.node_status_every;
+                }
+                Err(e) if e.code == Some(404) => {
+                    tracing::warn!(node = %s.node_name, "the node was deleted on the API server: registering it again");
+                    node_uid = None;
+                    failed = true;
+                }
+                Err(e) => {
+                    node_log.fail(&e);
+                    failed = true;
+                }
+            }
+        }
+        match timed(renew(&shared, &leases, &mut lease, node_uid.as_deref())).await {
+            Ok(()) => lease_log.ok(),
+            Err(e) => {
+                // A conflict or any other failure: read it afresh next time.
+                lease = None;
+                lease_log.fail(&e);
+                failed = true;
+            }
+        }
+        let wait = if failed {
+            retry.next_delay().min(s.renew_every)
+        } else {
+            retry.reset();
+            s.renew_every
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Creates the Node, or brings an existing one's labels up to date; returns its uid.
+pub(super) async fn register(
+    shared: &Shared,
+    nodes: &Api<DynamicObject>,
+) -> Result<String, kube::Error> {
+    let s = &shared.settings;
+    let node: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": s.node_name, "labels": s.labels },
+        "status": node_status(shared),
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    let created = match nodes.create(&PostParams::default(), &node).await {
+        Ok(n) => n,
+        Err(kube::Error::Api(e)) if e.is_already_exists() => {
+            let patch = json!({ "metadata": { "labels": s.labels } });
+            nodes
+                .patch(&s.node_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            let status = json!({ "status": node_status(shared) });
+            nodes
+                .patch_status(
+                    &s.node_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&status),
+                )
+                .await?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(created.metadata.uid.unwrap_or_default())
+}
+
+/// The Node's status as noded sees the host now.
+pub(super) fn node_status(shared: &Shared) -> Value {
+    let s = &shared.settings;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let memory = mem_total_kib().map(|k| format!("{k}Ki"));
+    let mut resources = json!({ "cpu": cpus.to_string(), "pods": MAX_PODS.to_string() });
+    if let Some(m) = memory {
+        resources["memory"] = m.into();
+    }
+    let mut addresses = Vec::new();
+    if let Some(ip) = shared.host_ip {
+        addresses.push(json!({ "type": "InternalIP", "address": ip.to_string() }));
+    }
+    addresses.push(json!({ "type": "Hostname", "address": s.node_name }));
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    };
+    json!({
+        "capacity": resources,
+        "allocatable": resources,
+        "addresses": addresses,
+        "conditions": [{
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "noded is posting ready status",
+            "lastHeartbeatTime": time_now(),
+            "lastTransitionTime": shared.started,
+        }],
+        "nodeInfo": {
+            "machineID": read("/etc/machine-id"),
+            "systemUUID": read("/sys/class/dmi/id/product_uuid"),
+            "bootID": read("/proc/sys/kernel/random/boot_id"),
+            "kernelVersion": read("/proc/sys/kernel/osrelease"),
+            "osImage": os_image(),
+            "containerRuntimeVersion": s.runtime_version,
+            "kubeletVersion": format!("noded/{}", env!("CARGO_PKG_VERSION")),
+            "kubeProxyVersion": "",
+            "operatingSystem": "linux",
+            "architecture": arch(),
+        },
+    })
+}
+
+/// Renews (or creates) the node's Lease, as kubelet does: holder, duration, renewTime.
+pub(super) async fn renew(
+    shared: &Shared,
+    leases: &Api<DynamicObject>,
+    cached: &mut Option<DynamicObject>,
+    node_uid: Option<&str>,
+) -> Result<(), kube::Error> {
+    let s = &shared.settings;
+    let duration = i32::try_from(s.lease_duration.as_secs()).unwrap_or(i32::MAX);
+    let mut lease = match cached.take() {
+        Some(l) => l,
+        None => match leases.get_opt(&s.node_name).await? {
+            Some(l) => l,
+            None => {
+                let mut meta = json!({ "name": s.node_name, "namespace": LEASE_NAMESPACE });
+                if let Some(uid) = node_uid.filter(|u| !u.is_empty()) {
+                    meta["ownerReferences"] = json!([{
+                        "apiVersion": "v1", "kind": "Node", "name": s.node_name, "uid": uid,
+                    }]);
+                }
+                let lease: DynamicObject = serde_json::from_value(json!({
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": meta,
+                    "spec": {
+                        "holderIdentity": s.node_name,
+                        "leaseDurationSeconds": duration,
+                        "renewTime": micro_now(),
+                    },
+                }))
+                .map_err(kube::Error::SerdeError)?;
+                *cached = Some(leases.create(&PostParams::default(), &lease).await?);
+                return Ok(());
+            }
+        },
+    };
+    lease.types = Some(TypeMeta {
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+    });
+    let spec = &mut lease.data["spec"];
+    if !spec.is_object() {
+        *spec = json!({});
+    }
+    spec["holderIdentity"] = s.node_name.clone().into();
+    spec["leaseDurationSeconds"] = duration.into();
+    spec["renewTime"] = micro_now();
+    *cached = Some(
+        leases
+            .replace(&s.node_name, &PostParams::default(), &lease)
+            .await?,
+    );
+    Ok(())
+}
