@@ -6,11 +6,11 @@ pub mod config;
 pub mod downlink;
 pub mod enrollment;
 pub mod http;
-pub mod log;
 pub mod metrics;
 pub mod produce;
 pub mod record;
 pub mod site_identity;
+pub mod store;
 pub mod uplink;
 
 use std::sync::Arc;
@@ -87,12 +87,12 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     }
     let config = Arc::new(config);
     edge_common::ensure_dir(&config.log_dir).map_err(|e| e.to_string())?;
-    let limits = log::Limits {
+    let limits = store::Limits {
         quota_bytes: config.quota_bytes,
         segment_bytes: config.segment_bytes,
     };
     let log =
-        log::Log::open(&config.log_dir, &config.classes, limits).map_err(|e| e.to_string())?;
+        store::Log::open(&config.log_dir, &config.classes, limits).map_err(|e| e.to_string())?;
     let ingest = Arc::new(Ingest {
         log: log.clone(),
         config: config.clone(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::log::Log;
+use crate::store::Log;
 use crate::uplink::Status;
 
 pub struct Metrics {

@@ -15,8 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
-use crate::log::{AppendError, Log};
 use crate::record::{check_topic, Record};
+use crate::store::{AppendError, Log};
 
 pub const OP_PRODUCE: u8 = 1;
 pub const OK: u8 = 0;

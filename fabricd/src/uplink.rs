@@ -21,8 +21,8 @@ use async_nats::HeaderMap;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, CoreConfig};
-use crate::log::{Cursor, Log};
 use crate::record::Stored;
+use crate::store::{Cursor, Log};
 
 /// What the uplink reports (for `/metrics` and the logs).
 #[derive(Default)]

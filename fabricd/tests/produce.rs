@@ -8,8 +8,8 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use common::*;
-use fabricd::log::{Cursor, Limits, Log};
 use fabricd::produce;
+use fabricd::store::{Cursor, Limits, Log};
 
 fn read_back(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<(u64, String, Vec<u8>)> {
     let rt = tokio::runtime::Builder::new_current_thread()
