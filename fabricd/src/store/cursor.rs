@@ -4,9 +4,10 @@ use std::fs::File;
 use std::io::{self};
 use std::os::unix::fs::FileExt;
 
+use crate::record::{self, Stored, FRAME_HEADER};
+
 use super::segment::{io_err, read_index, seg_path};
 use super::Log;
-use crate::record::{self, Stored, FRAME_HEADER};
 
 impl Log {
     /// Reads durable records of `class` from the cursor on, at most about `max_bytes`

@@ -8,9 +8,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::SystemTime;
 
+use crate::record::{self, FRAME_HEADER};
+
 use super::segment::io_err;
 use super::{SegInfo, INDEX_ENTRY};
-use crate::record::{self, FRAME_HEADER};
 
 /// Trusts a sealed segment's index when its last entry names a whole, valid record that
 /// ends exactly at the end of the file.

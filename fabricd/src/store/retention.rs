@@ -6,10 +6,11 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
+use crate::config::WhenFull;
+
 use super::segment::{io_err, read_index, seg_path, sync_dir};
 use super::writer::Writer;
 use super::{AppendError, FLOOR_FILE};
-use crate::config::WhenFull;
 
 impl Writer {
     /// Frees space for `size` more bytes of `class` within the quota: lower-priority

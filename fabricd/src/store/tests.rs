@@ -1,9 +1,10 @@
 use std::fs::OpenOptions;
 
-use super::segment::{list_segments, seg_path};
-use super::*;
 use crate::config::{ClassConfig, WhenFull};
 use crate::record::{Record, Stored};
+
+use super::segment::{list_segments, seg_path};
+use super::*;
 
 fn class(name: &str, priority: u8, when_full: WhenFull) -> ClassConfig {
     ClassConfig {

@@ -9,10 +9,11 @@ use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
-use super::segment::{io_err, seg_path, sync_dir, Active};
-use super::{Ack, AppendError, Limits, Meta, Op, SegInfo, Shared, MAX_GROUP_BYTES};
 use crate::config::ClassConfig;
 use crate::record::{self, FRAME_HEADER};
+
+use super::segment::{io_err, seg_path, sync_dir, Active};
+use super::{Ack, AppendError, Limits, Meta, Op, SegInfo, Shared, MAX_GROUP_BYTES};
 
 pub(super) struct Writer {
     pub(super) shared: Arc<Shared>,

@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{check_subdomain, edge_manifest, lock, Known, Limited, Retry, Settings, Shared};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::watcher;
 use serde_json::Value;
+
+use super::{check_subdomain, edge_manifest, lock, Known, Limited, Retry, Settings, Shared};
 
 pub(super) async fn watch_pods(shared: Arc<Shared>) {
     let s = &shared.settings;

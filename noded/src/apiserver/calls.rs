@@ -1,10 +1,11 @@
 //! Every call to the server: a timeout, a retry with back-off, and failures logged
 //! once and then at most every [`LOG_EVERY`].
 
-use super::{CALL_TIMEOUT, LOG_EVERY};
 use std::fmt::Display;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::{CALL_TIMEOUT, LOG_EVERY};
 
 /// A failed call: its message and HTTP status, if the server answered.
 #[derive(Debug)]

@@ -4,8 +4,9 @@
 use std::net::Ipv4Addr;
 use std::time::SystemTime;
 
-use super::check_subdomain;
 use serde_json::Value;
+
+use super::check_subdomain;
 
 pub(super) fn time_now() -> String {
     let secs = SystemTime::now()

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{
-    arch, mem_total_kib, micro_now, os_image, time_now, timed, Limited, Retry, Shared,
-    LEASE_NAMESPACE, MAX_PODS,
-};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams, TypeMeta};
 use serde_json::{json, Value};
+
+use super::{
+    arch, mem_total_kib, micro_now, os_image, time_now, timed, Limited, Retry, Shared,
+    LEASE_NAMESPACE, MAX_PODS,
+};
 
 pub(super) async fn node_and_lease(shared: Arc<Shared>) {
     let s = &shared.settings;

@@ -10,8 +10,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use serde_json::{json, Value};
 
-use super::{lock, time_now, timed, Known, Limited, Retry, Shared, CALL_TIMEOUT};
 use crate::pods::{ContainerReport, PodReport, Status, API_PREFIX};
+
+use super::{lock, time_now, timed, Known, Limited, Retry, Shared, CALL_TIMEOUT};
 
 pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
     let s = &shared.settings;
