@@ -1,3 +1,4 @@
+use super::checks::{parse_cpu, parse_memory};
 use super::*;
 
 const GOOD: &str = r#"
