@@ -1,0 +1,164 @@
+//! Applying a verified manifest: each item written atomically into `<dir>/<kind>/`,
+//! an update's window beside it, withdrawn updates removed.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use super::fetch::{fetch_item, stamp_published, Objects};
+use super::manifest::{for_this_box, verify_manifest, Item, Manifest};
+use super::status::Status;
+use super::{version_file, Report};
+
+pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn apply<'a>(
+    key: &str,
+    signed: &[u8],
+    public_key: &[u8],
+    kv: &async_nats::jetstream::kv::Store,
+    objects: &Objects,
+    dir: &Path,
+    running: Option<&str>,
+    mut report: Report<'a>,
+    status: &Status,
+) -> Report<'a> {
+    let manifest = match verify_manifest(signed, public_key) {
+        Ok(m) => m,
+        Err(e) => {
+            report.refused.push((key.to_owned(), e));
+            return report;
+        }
+    };
+    report.version = Some(manifest.version);
+    let applied: u64 = std::fs::read_to_string(version_file(dir))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if manifest.version < applied {
+        report.refused.push((
+            key.to_owned(),
+            format!(
+                "manifest version {} is older than the applied {applied}",
+                manifest.version
+            ),
+        ));
+        return report;
+    }
+    // Withdrawn first: a replaced bundle must not be installed while its successor
+    // downloads.
+    for name in withdraw_updates(&dir.join("updates"), key, &manifest) {
+        tracing::info!(name = %name, "update withdrawn by the core: removed");
+        report.applied.push(format!("updates/{name} withdrawn"));
+    }
+    let wanted = for_this_box(&manifest.items, running);
+    for item in wanted.iter().filter(|i| i.kind == "updates") {
+        // A copy already here is stamped before its window changes: init, seeing a
+        // window lifted, takes the copy as it then is for the trial's.
+        let have = dir.join("updates").join(&item.name);
+        if let (Some(ms), true) = (item.published_ms, have.exists()) {
+            if let Err(e) = stamp_published(&have, ms) {
+                report.refused.push((format!("updates/{}", item.name), e));
+            }
+        }
+        if let Err(e) = write_window(&dir.join("updates"), item) {
+            report.refused.push((format!("updates/{}", item.name), e));
+        }
+    }
+    for item in wanted {
+        match fetch_item(item, kv, objects, dir, status).await {
+            Ok(true) => {
+                status.applied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(kind = %item.kind, name = %item.name, "downlink item verified and written");
+                report.applied.push(format!("{}/{}", item.kind, item.name));
+            }
+            Ok(false) => {}
+            Err(e) => {
+                status.refused.fetch_add(1, Ordering::Relaxed);
+                report
+                    .refused
+                    .push((format!("{}/{}", item.kind, item.name), e))
+            }
+        }
+    }
+    if report.refused.is_empty() {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::write(version_file(dir), format!("{}\n", manifest.version));
+    }
+    report
+}
+
+/// An update's window beside it, `<name>.window`, for init; none: the file goes. Written
+/// before the bundle is, so init never sees the bundle without its window.
+pub(super) fn write_window(updates: &Path, item: &Item) -> Result<(), String> {
+    let path = updates.join(format!("{}.window", item.name));
+    match &item.window {
+        Some(w) => std::fs::create_dir_all(updates)
+            .and_then(|()| edge_common::write_atomic(&path, format!("{w}\n").as_bytes(), 0o644))
+            .map_err(|e| format!("failed to write {}: {e}", path.display())),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("failed to remove {}: {e}", path.display()))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
+/// An update stays on the box only while a manifest offers it. Each manifest's offer
+/// (`key`: the site's or the machine's) is kept in `.offered.<key>`; a bundle this
+/// manifest offered before and offers no more (withdrawn by `edgectl update cancel`,
+/// replaced by another) is removed with its partial download, unless the other
+/// manifest offers it. Returns the names removed.
+pub(super) fn withdraw_updates(updates: &Path, key: &str, manifest: &Manifest) -> Vec<String> {
+    let offered = |file: &Path| -> Vec<String> {
+        std::fs::read(file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    let own = updates.join(format!(".offered.{key}"));
+    let now: Vec<String> = manifest
+        .items
+        .iter()
+        .filter(|i| i.kind == "updates")
+        .map(|i| i.name.clone())
+        .collect();
+    let mut elsewhere = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(updates) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".offered.") && e.path() != own {
+                elsewhere.extend(offered(&e.path()));
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for name in offered(&own) {
+        if now.contains(&name) || elsewhere.contains(&name) {
+            continue;
+        }
+        let mut gone = false;
+        for f in [
+            name.clone(),
+            format!("{name}.window"),
+            format!(".{name}.partial"),
+            format!(".{name}.progress"),
+        ] {
+            gone |= std::fs::remove_file(updates.join(f)).is_ok();
+        }
+        if gone {
+            removed.push(name);
+        }
+    }
+    if !now.is_empty() || own.exists() {
+        let _ = std::fs::create_dir_all(updates);
+        let body = serde_json::to_vec(&now).unwrap_or_default();
+        if let Err(e) = edge_common::write_atomic(&own, &body, 0o644) {
+            tracing::warn!("failed to write {}: {e}", own.display());
+        }
+    }
+    removed
+}

@@ -1,0 +1,128 @@
+//! The signed manifest and its items: the signature checked with the image's key, each
+//! item's kind, name and source checked, and which update items are this box's.
+
+use std::path::Path;
+
+use super::KINDS;
+
+#[derive(Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Grows with every manifest; an older one is refused (no rollback by replay).
+    pub version: u64,
+    pub items: Vec<Item>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub kind: String,
+    pub name: String,
+    /// `kv` (key in the bucket) or `object` (name in the object store).
+    pub store: String,
+    pub key: String,
+    /// Lowercase hex.
+    pub sha256: String,
+    /// An update's window (`HH:MM-HH:MM`, UTC): the box reboots into it only then.
+    /// fabricd writes it beside the bundle as `<name>.window` for init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// An update's version: a box already running it fetches nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// A delta's base, the version it is made from: only a box running that version
+    /// fetches it, and such a box then fetches no whole bundle of the same manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// When the operator published an update (unix ms): the box's copy gets it as its
+    /// modification time, so that init takes a copy published anew for a new one (a
+    /// version it rolled back from is tried again only then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_ms: Option<u64>,
+}
+
+/// The items a box running `running` fetches: all but the updates that are not for it
+/// (its own version; a delta from another; a whole bundle when a delta from its version
+/// is offered). A box that does not know what it runs fetches them all and leaves the
+/// choice to init.
+pub fn for_this_box<'m>(items: &'m [Item], running: Option<&str>) -> Vec<&'m Item> {
+    let Some(running) = running else {
+        return items.iter().collect();
+    };
+    let delta_for_us = items
+        .iter()
+        .any(|i| i.kind == "updates" && i.base.as_deref() == Some(running));
+    items
+        .iter()
+        .filter(|i| {
+            i.kind != "updates"
+                || (i.version.as_deref() != Some(running)
+                    && match i.base.as_deref() {
+                        Some(base) => base == running,
+                        None => !delta_for_us,
+                    })
+        })
+        .collect()
+}
+
+/// Splits and verifies a signed manifest.
+pub fn verify_manifest(signed: &[u8], public_key: &[u8]) -> Result<Manifest, String> {
+    let body =
+        edge_common::signed::open(signed, public_key).map_err(|e| format!("manifest: {e}"))?;
+    let m: Manifest =
+        serde_json::from_slice(body).map_err(|e| format!("signed manifest is not valid: {e}"))?;
+    for item in &m.items {
+        check_item(item)?;
+    }
+    Ok(m)
+}
+
+pub(super) fn check_item(item: &Item) -> Result<(), String> {
+    if !KINDS.contains(&item.kind.as_str()) {
+        return Err(format!(
+            "item `{}`: unknown kind `{}`",
+            item.name, item.kind
+        ));
+    }
+    let safe = !item.name.is_empty()
+        && !item.name.starts_with('.')
+        && item
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !safe {
+        return Err(format!(
+            "item name `{}` is not a plain file name",
+            item.name.escape_debug()
+        ));
+    }
+    if item.store != "kv" && item.store != "object" {
+        return Err(format!("item `{}`: store must be kv or object", item.name));
+    }
+    if item.kind != "updates"
+        && (item.version.is_some() || item.base.is_some() || item.published_ms.is_some())
+    {
+        return Err(format!(
+            "item `{}`: only an update has a version, a base and a publishing time",
+            item.name
+        ));
+    }
+    if let Some(w) = &item.window {
+        if item.kind != "updates" {
+            return Err(format!("item `{}`: only an update has a window", item.name));
+        }
+        edge_update::window::Window::parse(w).map_err(|e| format!("item `{}`: {e}", item.name))?;
+    }
+    if item.sha256.len() != 64 || !item.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "item `{}`: sha256 must be 64 hex digits",
+            item.name
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the public key file: 64 hex digits (whitespace around is fine).
+pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
+    edge_common::signed::read_public_key(path, "downlink.public_key")
+}
