@@ -8,6 +8,7 @@ mod config;
 mod console;
 mod control;
 mod disk;
+mod esp;
 mod ext4;
 mod journal;
 mod logs;

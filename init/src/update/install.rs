@@ -124,7 +124,7 @@ impl<'a> Rebuild<'a> {
                 delta.info.base_verity_bytes,
             )
             .map_err(|e| e.to_string())?;
-        let uki = crate::stage2::with_esp(|esp| {
+        let uki = crate::esp::with_esp(|esp| {
             let dir = esp.join("EFI/Linux");
             let stem = format!("{NAME}-{}-{run}", running.version);
             slot_entries(&dir, run)
@@ -258,7 +258,7 @@ pub(super) fn attempt(
         state.update = Some(record.clone());
         state.save(state_file)?;
         say!("update: writing {} into slot {slot}", m.version);
-        crate::stage2::with_esp(|esp| {
+        crate::esp::with_esp(|esp| {
             let entries = esp.join("EFI/Linux");
             let target = Target {
                 root: &root,

@@ -170,7 +170,7 @@ impl Updater {
             let i = &w.installed;
             if !w.bundle.exists() {
                 // Withdrawn before its window: the new slot's entry goes again.
-                let removed = crate::stage2::with_esp(|esp| {
+                let removed = crate::esp::with_esp(|esp| {
                     let entries = esp.join("EFI/Linux");
                     std::fs::remove_file(entries.join(&i.entry))
                         .map_err(|e| format!("failed to remove {}: {e}", i.entry))?;
@@ -205,7 +205,7 @@ impl Updater {
             };
             // The held entry is put in place: the next boot tries the new slot.
             if let Some(live) = i.entry.strip_suffix(".held") {
-                let released = crate::stage2::with_esp(|esp| {
+                let released = crate::esp::with_esp(|esp| {
                     let entries = esp.join("EFI/Linux");
                     std::fs::rename(entries.join(&i.entry), entries.join(live))
                         .map_err(|e| format!("failed to rename {} to {live}: {e}", i.entry))?;

@@ -1,0 +1,122 @@
+//! The ESP, mounted only for a moment: to bless this boot's entry (systemd-boot's boot
+//! counting), and for updates to write or release a slot's UKI and for provisioning to
+//! read its file.
+
+use std::path::Path;
+
+use crate::say;
+use crate::status::Boot;
+
+/// Mounts the ESP at /efi for `f`, then syncs it and unmounts it.
+pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
+    let devs = crate::disk::scan(Path::new("/sys/class/block"));
+    let esp = crate::disk::find_labels(&devs, &["esp"])
+        .remove("esp")
+        .cloned()
+        .ok_or("no partition labelled esp")?;
+    let node = crate::disk::ensure_node(&esp, Path::new("/dev"))?;
+    let _ = std::fs::create_dir_all("/efi");
+    rustix::mount::mount(
+        node.as_path(),
+        "/efi",
+        "vfat",
+        rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NODEV
+            | rustix::mount::MountFlags::NOEXEC,
+        None,
+    )
+    .map_err(|e| {
+        format!(
+            "failed to mount {} at /efi: {}",
+            node.display(),
+            std::io::Error::from(e)
+        )
+    })?;
+    let out = f(Path::new("/efi"));
+    // The ESP's writes only (a global sync would also flush everything else dirty, on
+    // a first boot the new data partition's file system, before the services start).
+    if let Ok(dir) = std::fs::File::open("/efi") {
+        let _ = rustix::fs::syncfs(&dir);
+    }
+    if let Err(e) = rustix::mount::unmount("/efi", rustix::mount::UnmountFlags::empty()) {
+        say!(
+            "warning: failed to unmount /efi: {}",
+            std::io::Error::from(e)
+        );
+    }
+    Ok(out)
+}
+
+/// `edgeos-<v>-<s>+<left>[-<done>].efi` -> `edgeos-<v>-<s>.efi`; `None` for other names.
+pub fn blessed_name(file: &str, version: &str, slot: &str) -> Option<String> {
+    let stem = format!("edgeos-{version}-{slot}");
+    let counter = file
+        .strip_prefix(&stem)?
+        .strip_prefix('+')?
+        .strip_suffix(".efi")?;
+    let (left, done) = counter.split_once('-').unwrap_or((counter, "0"));
+    if left.is_empty()
+        || !left.bytes().all(|b| b.is_ascii_digit())
+        || !done.bytes().all(|b| b.is_ascii_digit())
+        || done.is_empty()
+    {
+        return None;
+    }
+    Some(format!("{stem}.efi"))
+}
+
+/// Marks this boot good for systemd-boot's boot counting: the booted UKI loses its
+/// `+left-done` counter.
+pub fn bless(boot: &Boot) -> Result<(), String> {
+    let line = with_esp(|esp| -> Result<String, String> {
+        let dir = esp.join("EFI/Linux");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| format!("failed to list {}: {e}", dir.display()))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(new) = blessed_name(&name, &boot.version, &boot.slot) {
+                std::fs::rename(dir.join(&name), dir.join(&new))
+                    .map_err(|e| format!("failed to rename {name} to {new}: {e}"))?;
+                return Ok(format!("boot blessed: {name} -> {new}"));
+            }
+        }
+        Ok(format!(
+            "boot already blessed (edgeos-{}-{}.efi)",
+            boot.version, boot.slot
+        ))
+    })??;
+    say!("{line}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blessing_drops_the_boot_counter() {
+        assert_eq!(
+            blessed_name("edgeos-0.1.0-a+2-1.efi", "0.1.0", "a").as_deref(),
+            Some("edgeos-0.1.0-a.efi")
+        );
+        assert_eq!(
+            blessed_name("edgeos-0.1.0-a+3.efi", "0.1.0", "a").as_deref(),
+            Some("edgeos-0.1.0-a.efi")
+        );
+        assert_eq!(
+            blessed_name("edgeos-0.1.0-a.efi", "0.1.0", "a"),
+            None,
+            "already blessed"
+        );
+        assert_eq!(
+            blessed_name("edgeos-0.1.0-b+3.efi", "0.1.0", "a"),
+            None,
+            "other slot"
+        );
+        assert_eq!(
+            blessed_name("edgeos-0.2.0-a+3.efi", "0.1.0", "a"),
+            None,
+            "other version"
+        );
+    }
+}
