@@ -1,5 +1,5 @@
 //! The security counter: one NV counter index (TPM_NT_COUNTER) that only ever counts up.
-//! init keeps the box's lowest accepted security version on it (init/src/update.rs), so
+//! init keeps the box's lowest accepted security version on it (init/src/update/floor.rs), so
 //! that restoring an old copy of the disk, or wiping the data partition, cannot lower
 //! it. No command of the TPM lowers a counter; deleting the index and defining it again
 //! (which takes the owner's authorization) starts it at the highest value any counter

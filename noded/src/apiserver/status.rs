@@ -122,7 +122,7 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
 /// removes it last); an unanswered question counts as yes.
 pub(super) async fn sandbox_left(cri: &crate::cri::Client, key: &str) -> bool {
     use crate::cri::api::{ListPodSandboxRequest, PodSandboxFilter};
-    // pods.rs labels each sandbox with its manifest's key under this name.
+    // the reconciler (pods/spec.rs) labels each sandbox with its manifest's key under this name.
     let label = (
         "io.edgeos.pod-file".to_string(),
         format!("{API_PREFIX}{key}"),

@@ -1,6 +1,6 @@
 //! The CSI endpoint: gRPC services `csi.v1.Identity`, `csi.v1.Controller` and
 //! `csi.v1.Node` on a unix socket, routed by hand (one tower service over tonic's
-//! `server::Grpc` codec, no generated code) to the driver in `driver.rs`. The messages
+//! `server::Grpc` codec, no generated code) to the driver in `driver/`. The messages
 //! are in `api.rs`.
 
 use std::future::Future;

@@ -387,7 +387,7 @@ struct Names<'a> {
 use fabricd::config::is_token;
 
 /// What a box of `site` may publish at the core, each with why fabricd needs it. Read off
-/// fabricd's client calls (src/uplink.rs, src/downlink.rs) and the subjects async-nats
+/// fabricd's client calls (src/uplink.rs, src/downlink/) and the subjects async-nats
 /// sends them on; a subject missing here shows as a permissions violation that ends the
 /// box's session, which the site_authorization test would catch.
 fn site_publish(n: &Names, site: &str) -> Vec<(String, &'static str)> {
