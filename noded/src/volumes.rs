@@ -17,13 +17,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use storaged::csi::api::{
+use edge_csi::api::{
     volume_capability, CapacityRange, CreateVolumeRequest, CreateVolumeResponse,
     NodePublishVolumeRequest, NodePublishVolumeResponse, NodeStageVolumeRequest,
     NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
     NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, VolumeCapability,
 };
-use storaged::csi::Client;
+use edge_csi::Client;
 
 use crate::manifest::{AccessMode, CsiVolume, Pod, VolumeSource};
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use storaged::csi::api::*;
+use edge_csi::api::*;
 use tonic::body::Body;
 use tonic::codec::ProstCodec;
 use tonic::codegen::http;

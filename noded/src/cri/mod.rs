@@ -4,9 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use hyper_util::rt::TokioIo;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 pub mod api;
 
@@ -52,16 +51,7 @@ macro_rules! rpc {
 impl Client {
     /// Connects to the runtime's socket (containerd's `grpc.address`).
     pub async fn connect(socket: &Path) -> Result<Self, Error> {
-        let path = socket.to_path_buf();
-        // The URI is required by the API but unused: every connection goes to `path`.
-        let channel = Endpoint::from_static("http://[::]:0")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(&path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
+        let channel = edge_csi::unix::channel(socket)
             .await
             .map_err(|e| Error::Connect {
                 socket: socket.to_path_buf(),
@@ -75,16 +65,7 @@ impl Client {
     /// A client that connects at its first call (and again after the runtime went
     /// away): for callers that must not wait for the runtime here.
     pub fn lazy(socket: &Path) -> Self {
-        let path = socket.to_path_buf();
-        let channel = Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(
-            tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(&path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }),
-        );
+        let channel = edge_csi::unix::lazy_channel(socket);
         Client {
             grpc: tonic::client::Grpc::new(channel),
         }

@@ -1,7 +1,7 @@
 //! The CSI endpoint: gRPC services `csi.v1.Identity`, `csi.v1.Controller` and
 //! `csi.v1.Node` on a unix socket, routed by hand (one tower service over tonic's
 //! `server::Grpc` codec, no generated code) to the driver in `driver/`. The messages
-//! are in `api.rs`.
+//! and the client are the edge-csi crate's, shared with noded.
 
 use std::future::Future;
 use std::path::Path;
@@ -14,12 +14,10 @@ use tonic::codec::ProstCodec;
 use tonic::codegen::http;
 use tonic::Status;
 
-pub mod api;
-pub mod client;
 mod driver;
 
-pub use client::Client;
 pub use driver::Driver;
+pub use edge_csi::{api, client, Client};
 
 type Handler<Req, Resp> =
     fn(Arc<Driver>, Req) -> Pin<Box<dyn Future<Output = Result<Resp, Status>> + Send>>;

@@ -1,11 +1,10 @@
 //! A minimal CSI client over the unix socket: one generic unary call by method path.
-//! noded's pod volumes and the light-VM test use it; upstream COs bring their own.
+//! noded's pod volumes and storaged's guest tests use it; upstream COs bring their own.
 
 use std::path::Path;
 
-use hyper_util::rt::TokioIo;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Status;
 
 #[derive(Clone)]
@@ -15,16 +14,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(socket: &Path) -> Result<Client, String> {
-        let path = socket.to_path_buf();
-        // The URI is required by the API but unused: every connection goes to `path`.
-        let channel = Endpoint::from_static("http://[::]:0")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(&path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
+        let channel = crate::unix::channel(socket)
             .await
             .map_err(|e| format!("failed to connect to {}: {e}", socket.display()))?;
         Ok(Client {
