@@ -4,7 +4,7 @@
 
 use crate::sealed_data::{self, Unlock};
 use crate::status::Boot;
-use crate::{disk, dm, ext4, journal, modules, mounts, rootexec, say, verity};
+use crate::{data_journaling, disk, dm, ext4, modules, mounts, rootexec, say, verity};
 use rustix::mount::MountFlags;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -242,7 +242,7 @@ fn open_data(
     }
     let formatted = recovery.is_some();
     let clean = !formatted && !state.needs_recovery;
-    // nodelalloc: the per-file data journaling of `journal` needs it.
+    // nodelalloc: the per-file data journaling of `data_journaling` needs it.
     mounts::mount(
         &node.to_string_lossy(),
         &Path::new(SYSROOT).join("var"),
@@ -251,9 +251,9 @@ fn open_data(
         "nodelalloc",
     )
     .map_err(|e| step("mounting the data partition")(e.message))?;
-    for tree in journal::JOURNALED {
+    for tree in data_journaling::JOURNALED {
         let dir = Path::new(SYSROOT).join("var").join(tree);
-        match journal::journal_data(&dir) {
+        match data_journaling::journal_data(&dir) {
             Ok(0) => {}
             Ok(n) => say!("data: /var/{tree} journals file data ({n} inodes changed)"),
             // The box still boots; a power cut may then cost that tree's newest files.

@@ -115,7 +115,7 @@ enum AfterStop {
     Policy,
 }
 
-struct Svc {
+struct Service {
     spec: ServiceSpec,
     state: State,
     pid: Option<i32>,
@@ -134,7 +134,7 @@ struct Svc {
     cgroup: Option<PathBuf>,
 }
 
-impl Svc {
+impl Service {
     /// With `kill = "group"`, SIGKILL to what the process `pid` forked: its process group
     /// and its cgroup. (pid > 1 always holds for a child; the check keeps -pid from ever
     /// meaning "everyone".)
@@ -151,7 +151,7 @@ impl Svc {
 }
 
 pub struct Supervisor {
-    svcs: Vec<Svc>,
+    services: Vec<Service>,
     opts: Options,
     pub logs: LogStore,
     notes: Vec<Note>,
@@ -162,9 +162,9 @@ impl Supervisor {
     pub fn new(specs: Vec<ServiceSpec>, opts: Options) -> Supervisor {
         let now = Instant::now();
         let logs = LogStore::new(opts.log_dir.clone(), opts.log_max_bytes);
-        let svcs = specs
+        let services = specs
             .into_iter()
-            .map(|spec| Svc {
+            .map(|spec| Service {
                 crash: CrashLoop::new(&spec),
                 spec,
                 state: State::Waiting,
@@ -182,7 +182,7 @@ impl Supervisor {
             })
             .collect();
         Supervisor {
-            svcs,
+            services,
             opts,
             logs,
             notes: Vec::new(),
@@ -207,7 +207,7 @@ impl Supervisor {
     }
 
     fn set_state(&mut self, i: usize, state: State) {
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         if s.state == state {
             return;
         }
@@ -220,7 +220,7 @@ impl Supervisor {
     /// Descriptors worth waking up for (pipes); the caller polls them for input.
     pub fn poll_fds(&self) -> Vec<RawFd> {
         let mut fds = Vec::new();
-        for s in &self.svcs {
+        for s in &self.services {
             if let Some(n) = &s.notify {
                 fds.push(n.as_raw_fd());
             }
@@ -230,8 +230,8 @@ impl Supervisor {
     }
 
     #[cfg(test)]
-    fn named(&self, name: &str) -> Option<&Svc> {
-        self.svcs.iter().find(|s| s.spec.name == name)
+    fn named(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.spec.name == name)
     }
 
     #[cfg(test)]
@@ -253,19 +253,19 @@ impl Supervisor {
     /// stopped for good, or waiting on a requirement that failed. This is when the box
     /// says `ready`.
     pub fn settled(&self) -> bool {
-        self.svcs.iter().all(|s| match s.state {
+        self.services.iter().all(|s| match s.state {
             State::Ready | State::Failed | State::Stopped => true,
             State::Waiting => self.blocked_by_failure(s, 0),
             _ => false,
         })
     }
 
-    fn blocked_by_failure(&self, s: &Svc, depth: usize) -> bool {
-        if depth > self.svcs.len() {
+    fn blocked_by_failure(&self, s: &Service, depth: usize) -> bool {
+        if depth > self.services.len() {
             return false;
         }
         s.spec.requires.iter().any(|r| {
-            self.svcs.iter().any(|d| {
+            self.services.iter().any(|d| {
                 d.spec.name == *r
                     && (d.state == State::Failed
                         || (d.state == State::Waiting && self.blocked_by_failure(d, depth + 1)))
@@ -275,7 +275,7 @@ impl Supervisor {
 
     /// Names of the services that were given up.
     pub fn failed(&self) -> Vec<String> {
-        self.svcs
+        self.services
             .iter()
             .filter(|s| s.state == State::Failed)
             .map(|s| s.spec.name.clone())
@@ -285,7 +285,7 @@ impl Supervisor {
     /// The services with a `health` that have not said `HEALTHY=1` since they last
     /// started (those given up are in [`Supervisor::failed`]), as `name (what)`.
     pub fn unhealthy(&self) -> Vec<String> {
-        self.svcs
+        self.services
             .iter()
             .filter(|s| !s.healthy && s.state != State::Failed)
             .filter_map(|s| Some(format!("{} ({})", s.spec.name, s.spec.health.as_ref()?)))
@@ -295,12 +295,12 @@ impl Supervisor {
     /// One step: read pipes, reap exits, advance readiness, timers and starts.
     pub fn step(&mut self) {
         let now = Instant::now();
-        for i in 0..self.svcs.len() {
+        for i in 0..self.services.len() {
             self.read_streams(i, false);
             self.read_notify(i, now);
         }
         self.reap();
-        for i in 0..self.svcs.len() {
+        for i in 0..self.services.len() {
             self.advance(i, now);
         }
     }
@@ -317,7 +317,7 @@ impl Supervisor {
                 self.exited(pid, status);
             }
         } else {
-            let pids: Vec<i32> = self.svcs.iter().filter_map(|s| s.pid).collect();
+            let pids: Vec<i32> = self.services.iter().filter_map(|s| s.pid).collect();
             for pid in pids {
                 let mut status = 0;
                 // SAFETY: as above; only our own child is waited for.
@@ -331,13 +331,13 @@ impl Supervisor {
 
     /// A process ended. Returns false when it was none of ours (an orphan reaped as PID 1).
     pub fn exited(&mut self, pid: i32, status: i32) -> bool {
-        let Some(i) = self.svcs.iter().position(|s| s.pid == Some(pid)) else {
+        let Some(i) = self.services.iter().position(|s| s.pid == Some(pid)) else {
             return false;
         };
         let exit = Exit::from_status(status);
         let now = Instant::now();
         self.read_streams(i, true);
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         s.pid = None;
         s.notify = None;
         s.notify_buf.clear();
@@ -352,7 +352,7 @@ impl Supervisor {
             self.say(format!("service {name}: stopped ({})", exit.describe()));
             self.set_state(i, State::Stopped);
             if after == AfterStop::Start && !self.shutting_down {
-                self.svcs[i].restarts += 1;
+                self.services[i].restarts += 1;
                 self.spawn(i, now);
             }
             return true;
@@ -362,8 +362,13 @@ impl Supervisor {
     }
 
     fn deps_met(&self, i: usize) -> bool {
-        let spec = &self.svcs[i].spec;
-        let state_of = |n: &str| self.svcs.iter().find(|s| s.spec.name == n).map(|s| s.state);
+        let spec = &self.services[i].spec;
+        let state_of = |n: &str| {
+            self.services
+                .iter()
+                .find(|s| s.spec.name == n)
+                .map(|s| s.state)
+        };
         let required_ready = spec
             .requires
             .iter()
@@ -376,16 +381,16 @@ impl Supervisor {
     }
 
     fn advance(&mut self, i: usize, now: Instant) {
-        match self.svcs[i].state {
+        match self.services[i].state {
             State::Waiting if !self.shutting_down && self.deps_met(i) => self.spawn(i, now),
             State::Backoff
-                if !self.shutting_down && self.svcs[i].deadline.is_some_and(|d| now >= d) =>
+                if !self.shutting_down && self.services[i].deadline.is_some_and(|d| now >= d) =>
             {
-                self.svcs[i].restarts += 1;
+                self.services[i].restarts += 1;
                 self.spawn(i, now);
             }
             State::Starting => {
-                let s = &self.svcs[i];
+                let s = &self.services[i];
                 if s.spec.ready == Readiness::Socket {
                     if let Some(path) = &s.spec.socket {
                         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -394,7 +399,7 @@ impl Supervisor {
                         }
                     }
                 }
-                let s = &self.svcs[i];
+                let s = &self.services[i];
                 if s.deadline.is_some_and(|d| now >= d) {
                     let msg = format!(
                         "service {}: not ready after {} ms, stopping it",
@@ -406,7 +411,7 @@ impl Supervisor {
                 }
             }
             State::Stopping => {
-                let s = &mut self.svcs[i];
+                let s = &mut self.services[i];
                 if s.deadline.is_some_and(|d| now >= d) {
                     s.deadline = None;
                     if let Some(pid) = s.pid {
@@ -426,10 +431,10 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, i: usize, now: Instant) {
-        let name = self.svcs[i].spec.name.clone();
+        let name = self.services[i].spec.name.clone();
         match self.try_spawn(i) {
             Ok(pid) => {
-                let s = &mut self.svcs[i];
+                let s = &mut self.services[i];
                 s.pid = Some(pid);
                 s.started = now;
                 s.after_stop = AfterStop::Policy;
@@ -442,7 +447,7 @@ impl Supervisor {
                 }
             }
             Err(e) => {
-                let s = &mut self.svcs[i];
+                let s = &mut self.services[i];
                 s.started = now;
                 self.warn(format!("service {name}: {e}"));
                 // A missing binary fails like a crash: backoff, then the crash-loop limit.
@@ -453,7 +458,7 @@ impl Supervisor {
 
     /// Sends SIGTERM and arms the SIGKILL deadline.
     fn stop(&mut self, i: usize, after: AfterStop, now: Instant) {
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         s.after_stop = after;
         match s.pid {
             Some(pid) => {
@@ -473,7 +478,7 @@ impl Supervisor {
     }
 
     fn index(&self, name: &str) -> Result<usize, String> {
-        self.svcs
+        self.services
             .iter()
             .position(|s| s.spec.name == name)
             .ok_or_else(|| format!("no service named `{name}`"))
@@ -485,7 +490,7 @@ impl Supervisor {
         if !(1..=64).contains(&sig) {
             return Err(format!("signal {sig} is out of range"));
         }
-        let pid = self.svcs[i]
+        let pid = self.services[i]
             .pid
             .ok_or_else(|| format!("service `{name}` is not running"))?;
         signal(pid, sig);
@@ -500,7 +505,7 @@ impl Supervisor {
         }
         let i = self.index(name)?;
         let now = Instant::now();
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         s.crash.clear(&s.spec);
         match s.state {
             State::Starting | State::Ready => self.stop(i, AfterStop::Start, now),
@@ -523,9 +528,9 @@ impl Supervisor {
             return;
         }
         self.shutting_down = true;
-        for i in 0..self.svcs.len() {
-            if matches!(self.svcs[i].state, State::Waiting | State::Backoff) {
-                self.svcs[i].deadline = None;
+        for i in 0..self.services.len() {
+            if matches!(self.services[i].state, State::Waiting | State::Backoff) {
+                self.services[i].deadline = None;
                 self.set_state(i, State::Stopped);
             }
         }
@@ -535,13 +540,13 @@ impl Supervisor {
     pub fn shutdown_step(&mut self) -> bool {
         self.step();
         let now = Instant::now();
-        for i in 0..self.svcs.len() {
-            if !matches!(self.svcs[i].state, State::Starting | State::Ready) {
+        for i in 0..self.services.len() {
+            if !matches!(self.services[i].state, State::Starting | State::Ready) {
                 continue;
             }
-            let name = self.svcs[i].spec.name.clone();
+            let name = self.services[i].spec.name.clone();
             let dependents_up = self
-                .svcs
+                .services
                 .iter()
                 .any(|d| d.pid.is_some() && d.spec.deps().any(|n| *n == name));
             if !dependents_up {
@@ -549,12 +554,12 @@ impl Supervisor {
                 self.stop(i, AfterStop::Stay, now);
             }
         }
-        self.svcs.iter().all(|s| s.pid.is_none())
+        self.services.iter().all(|s| s.pid.is_none())
     }
 
     /// The status objects of all services, for the `status` reply.
     pub fn status(&self) -> Vec<Value> {
-        self.svcs
+        self.services
             .iter()
             .map(|s| {
                 json!({

@@ -21,7 +21,7 @@ impl Supervisor {
     pub(super) fn read_streams(&mut self, i: usize, final_drain: bool) {
         let mut lines = Vec::new();
         let mut buf = [0u8; 4096];
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         let mut k = 0;
         while k < s.streams.len() {
             let st = &mut s.streams[k];
@@ -63,7 +63,7 @@ impl Supervisor {
     }
 
     fn log_line(&mut self, i: usize, stream: &'static str, line: &str) {
-        let name = self.svcs[i].spec.name.clone();
+        let name = self.services[i].spec.name.clone();
         if let Some(w) = self.logs.write(&name, stream, line) {
             self.warn(w);
         }
@@ -72,7 +72,7 @@ impl Supervisor {
         } else {
             Level::Info
         };
-        if let Some(max) = self.svcs[i].spec.console {
+        if let Some(max) = self.services[i].spec.console {
             if line_level(line, default) <= max {
                 self.say(format!("{name}: {line}"));
             }

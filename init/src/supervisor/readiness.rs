@@ -34,7 +34,7 @@ pub(super) fn take_said(buf: &mut Vec<u8>) -> Said {
 impl Supervisor {
     /// Reads service `i`'s notify pipe and acts on what it said.
     pub(super) fn read_notify(&mut self, i: usize, now: Instant) {
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         let Some(f) = s.notify.as_mut() else {
             return;
         };
@@ -64,7 +64,7 @@ impl Supervisor {
         if said_ready && s.state == State::Starting {
             self.became_ready(i, now);
         }
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         if said_healthy && s.state == State::Ready && !s.healthy {
             if let Some(what) = &s.spec.health {
                 s.healthy = true;
@@ -74,7 +74,7 @@ impl Supervisor {
             }
         }
         // Read on while the service has something left to say: readiness, then health.
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         let more = s.state == State::Starting
             || (s.state == State::Ready && s.spec.health.is_some() && !s.healthy);
         if closed || !more {
@@ -84,7 +84,7 @@ impl Supervisor {
     }
 
     pub(super) fn became_ready(&mut self, i: usize, now: Instant) {
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         s.deadline = None;
         let ms = now.duration_since(s.started).as_millis();
         let text = format!("service {}: ready after {ms} ms", s.spec.name);

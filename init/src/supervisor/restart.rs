@@ -87,7 +87,7 @@ impl Supervisor {
     /// Applies the restart policy after an unplanned end (or a failed spawn).
     pub(super) fn failure(&mut self, i: usize, exit: Exit, now: Instant) {
         let shutting_down = self.shutting_down;
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         let name = s.spec.name.clone();
         match s
             .crash

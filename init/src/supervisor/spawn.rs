@@ -45,7 +45,7 @@ impl Supervisor {
     pub(super) fn try_spawn(&mut self, i: usize) -> Result<i32, String> {
         let cgroup = match &self.opts.cgroup_root {
             Some(root) => {
-                let spec = &self.svcs[i].spec;
+                let spec = &self.services[i].spec;
                 match crate::cgroups::prepare(root, &spec.name, &spec.limits) {
                     Ok(g) => Some(g),
                     Err(e) => {
@@ -57,7 +57,7 @@ impl Supervisor {
             }
             None => None,
         };
-        let s = &mut self.svcs[i];
+        let s = &mut self.services[i];
         s.cgroup = cgroup;
         let spec = &s.spec;
         let mut cmd = Command::new(&spec.exec[0]);
