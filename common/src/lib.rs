@@ -212,13 +212,15 @@ pub fn stop_signals() -> Result<impl std::future::Future<Output = &'static str>,
 
 /// The life of a daemon: parse the common flags, load the config, start logging, run
 /// `serve` on a tokio runtime until it ends or a stop is requested. `serve` calls
-/// [`notify_ready`] once it is serving; SIGTERM is handled from before its first poll. Errors are printed and give exit status 1, so
-/// init's restart policy sees a failure.
-pub fn run<C, F, Fut>(name: &'static str, serve: F) -> std::process::ExitCode
+/// [`notify_ready`] once it is serving; SIGTERM is handled from before its first poll.
+/// Its error, of any type that displays, is logged and gives exit status 1, so init's
+/// restart policy sees a failure.
+pub fn run<C, F, Fut, E>(name: &'static str, serve: F) -> std::process::ExitCode
 where
     C: DeserializeOwned + Validate,
     F: FnOnce(C) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     use clap::Parser;
     #[derive(clap::Parser)]
@@ -255,7 +257,7 @@ where
             Err(e) => return Err(e),
         };
         tokio::select! {
-            r = serve(config) => r,
+            r = serve(config) => r.map_err(|e| e.to_string()),
             sig = stop => {
                 tracing::info!(signal = sig, "stopping");
                 Ok(())
