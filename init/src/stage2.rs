@@ -304,10 +304,12 @@ impl System {
     }
 }
 
-/// init's own configuration; a problem is reported and the defaults stand in.
+/// init's own configuration, the kernel command line's `edgeos.*` flags over system.toml;
+/// a problem is reported and the defaults stand in.
 fn load_config() -> crate::config::System {
-    let (config, problem) = crate::config::load(Path::new(SYSTEM_TOML));
-    if let Some(p) = problem {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (config, problems) = crate::config::load(Path::new(SYSTEM_TOML), &cmdline);
+    for p in problems {
         say!("warning: {p}");
     }
     if let Err(e) = rustix::system::sethostname(config.hostname.as_bytes()) {
