@@ -126,13 +126,7 @@ fn sizes(manifest: &Path) -> Result<(u64, u64, u64)> {
     Ok((esp + root + verity, root, uki))
 }
 
-pub fn run(which: &str, runs: u32) -> Result<()> {
-    if which == "storage" {
-        return crate::bench_storage::run();
-    }
-    if which != "boot" {
-        bail!("unknown benchmark {which:?} (known: boot, fabric, storage, pods, update)");
-    }
+pub fn run(runs: u32) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
