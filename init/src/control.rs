@@ -81,8 +81,8 @@ pub fn parse_request(line: &str) -> Result<Request, Value> {
     }
 }
 
-/// noded's control socket (noded/README.md), where `pods` and `logs` are relayed.
-pub const NODED_SOCKET: &str = "/run/noded/noded.sock";
+/// noded's control socket, where `pods` and `logs` are relayed.
+pub const NODED_SOCKET: &str = edge_node_api::SOCKET;
 /// How long a relayed request may take, connect to last byte.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Log lines returned when the request names no `tail`, and the most it may ask for.
@@ -115,22 +115,21 @@ impl Relay {
         }
     }
 
-    /// The request line in noded's protocol (`op` where init says `cmd`).
-    fn noded_request(&self) -> Value {
+    /// The request in noded's protocol (`op` where init says `cmd`).
+    fn noded_request(&self) -> edge_node_api::Request {
         match self {
-            Relay::Pods => json!({"op": "pods"}),
+            Relay::Pods => edge_node_api::Request::pods(),
             Relay::Logs {
                 pod,
                 container,
                 previous,
                 tail,
-            } => {
-                let mut r = json!({"op": "logs", "pod": pod, "previous": previous, "tail": tail});
-                if let Some(c) = container {
-                    r["container"] = json!(c);
-                }
-                r
-            }
+            } => edge_node_api::Request::logs(edge_node_api::LogsRequest {
+                pod: pod.clone(),
+                container: container.clone(),
+                previous: *previous,
+                tail: usize::try_from(*tail).ok(),
+            }),
         }
     }
 }
@@ -187,70 +186,33 @@ pub fn parse_relay(line: &str) -> Option<Result<Relay, Value>> {
 /// `logs` value unchanged under the same key, or `ok:false` naming the socket.
 pub fn relay(socket: &Path, req: &Relay) -> Value {
     let cmd = req.name();
-    match ask_noded(socket, &req.noded_request()) {
-        Err(e) => error_reply(cmd, &e),
-        Ok(answer) => match answer.get(cmd) {
-            Some(v) => {
-                let mut reply = json!({"reply": cmd, "ok": true});
-                reply[cmd] = v.clone();
-                fit_reply(reply)
-            }
-            None => {
-                let e = answer
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("an answer without it");
-                error_reply(cmd, &format!("noded ({}): {e}", socket.display()))
-            }
-        },
-    }
-}
-
-fn ask_noded(socket: &Path, req: &Value) -> Result<Value, String> {
-    use std::io::BufRead;
-    let deadline = Instant::now() + RELAY_TIMEOUT;
-    let what = socket.display();
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| format!("failed to connect to noded at {what}: {e}"))?;
-    s.set_write_timeout(Some(RELAY_TIMEOUT))
-        .and_then(|()| s.set_read_timeout(Some(RELAY_TIMEOUT)))
-        .map_err(|e| format!("failed to configure the connection to {what}: {e}"))?;
-    let mut line = req.to_string().into_bytes();
-    line.push(b'\n');
-    s.write_all(&line)
-        .map_err(|e| format!("failed to write to noded at {what}: {e}"))?;
-    let mut r = std::io::BufReader::new((&s).take(RELAY_READ_MAX));
-    let mut answer = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "noded did not answer on {what} within {RELAY_TIMEOUT:?}"
-            ));
+    let client = edge_node_api::Client {
+        socket,
+        timeout: RELAY_TIMEOUT,
+        max_answer: RELAY_READ_MAX,
+    };
+    let answer = match client.ask(&req.noded_request()) {
+        Err(e) => return error_reply(cmd, &e),
+        Ok(a) => a,
+    };
+    let value = match req {
+        Relay::Pods => answer.pods.map(serde_json::to_value),
+        Relay::Logs { .. } => answer.logs.map(serde_json::to_value),
+    };
+    match value {
+        Some(Ok(v)) => {
+            let mut reply = json!({"reply": cmd, "ok": true});
+            reply[cmd] = v;
+            fit_reply(reply)
         }
-        let _ = s.set_read_timeout(Some(left));
-        match r.read_until(b'\n', &mut answer) {
-            Ok(_) if answer.ends_with(b"\n") => break,
-            Ok(0) if answer.len() as u64 >= RELAY_READ_MAX => {
-                return Err(format!(
-                    "noded's answer on {what} is over {RELAY_READ_MAX} bytes: ask for a smaller \"tail\""
-                ))
-            }
-            Ok(0) => return Err(format!("noded closed {what} without an answer")),
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(format!("noded did not answer on {what} within {RELAY_TIMEOUT:?}"))
-            }
-            Err(e) => return Err(format!("failed to read from noded at {what}: {e}")),
+        Some(Err(e)) => error_reply(cmd, &format!("noded's answer: {e}")),
+        None => {
+            let e = answer
+                .error
+                .unwrap_or_else(|| "an answer without it".into());
+            error_reply(cmd, &format!("noded ({}): {e}", socket.display()))
         }
     }
-    serde_json::from_slice(&answer).map_err(|e| format!("bad answer from noded at {what}: {e}"))
 }
 
 /// Drops the oldest log lines until the reply fits [`RELAY_REPLY_MAX`], saying so with
@@ -655,7 +617,7 @@ mod tests {
         // noded's own protocol, field for field.
         let Some(Ok(r)) = logs else { unreachable!() };
         assert_eq!(
-            r.noded_request(),
+            serde_json::to_value(r.noded_request()).unwrap(),
             json!({"op":"logs","pod":"cam","container":"c","previous":true,"tail":5})
         );
         for (bad, why) in [
@@ -715,6 +677,9 @@ mod tests {
         let mut ctl = Control::new();
         ctl.listen(&ours).unwrap();
         ctl.relay_to(&noded);
+        // A pod report as noded sends it (edge-node-api's PodReport).
+        let cam = json!({"file": "cam.yaml", "name": "cam", "namespace": "default",
+            "uid": "0123abcd", "state": "running", "error": null, "containers": []});
 
         // No noded: the error names its socket; other requests are still answered.
         let r = exchange(
@@ -731,6 +696,7 @@ mod tests {
 
         // A fake noded: answers pods, and logs with more than a reply may carry.
         let listener = UnixListener::bind(&noded).unwrap();
+        let answered = cam.clone();
         let fake = std::thread::spawn(move || {
             use std::io::{BufRead, BufReader};
             let mut asked = Vec::new();
@@ -740,7 +706,7 @@ mod tests {
                 BufReader::new(&s).read_line(&mut line).unwrap();
                 let req: Value = serde_json::from_str(&line).unwrap();
                 let answer = match req["op"].as_str().unwrap() {
-                    "pods" => json!({"pods": [{"name": "cam", "state": "running"}]}),
+                    "pods" => json!({"pods": [answered.clone()]}),
                     _ if req["pod"] == "big" => {
                         let lines: Vec<String> = (0..1000)
                             .map(|i| format!("{i:04} {}", "x".repeat(400)))
@@ -764,10 +730,7 @@ mod tests {
             ),
             4,
         );
-        assert_eq!(
-            r[0],
-            json!({"reply":"pods","ok":true,"pods":[{"name":"cam","state":"running"}]})
-        );
+        assert_eq!(r[0], json!({"reply":"pods","ok":true,"pods":[cam]}));
         assert_eq!(r[1]["reply"], "status", "replies keep the requests' order");
         assert_eq!(r[2]["ok"], true);
         assert_eq!(r[2]["truncated"], true);

@@ -1,57 +1,16 @@
 //! noded's control socket: one JSON request per line, one JSON answer per line, so
-//! `noded pods` and `noded logs` read the pods' state and their containers' logs
-//! without going through containerd. Requests: `{"op":"pods"}`, and
-//! `{"op":"logs","pod":"[<ns>/]<name>","container":"<c>","previous":false,"tail":N}`
-//! (container, previous and tail optional).
+//! `noded pods`, `noded logs` and init's console relay read the pods' state and their
+//! containers' logs without going through containerd. The protocol's types and its
+//! client are the edge-node-api crate's.
 
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use edge_node_api::{Answer, Client, LogsAnswer, LogsRequest, Request};
+
 use crate::pods::{PodReport, Status};
-
-#[derive(serde::Deserialize, serde::Serialize)]
-struct Request {
-    op: String,
-    #[serde(flatten)]
-    logs: LogsRequest,
-}
-
-/// Which logs `noded logs` wants.
-#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
-pub struct LogsRequest {
-    /// `<name>` or `<namespace>/<name>`.
-    #[serde(default)]
-    pub pod: String,
-    /// May be left out when the pod has one app container.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
-    /// The attempt before the current one.
-    #[serde(default)]
-    pub previous: bool,
-    /// Only the last N lines.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tail: Option<usize>,
-}
-
-/// The answer to a logs request.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LogsAnswer {
-    pub lines: Vec<String>,
-    /// Lines not in the CRI log format, left out.
-    pub malformed: usize,
-}
-
-#[derive(Default, serde::Serialize, serde::Deserialize)]
-struct Answer {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pods: Option<Vec<PodReport>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    logs: Option<LogsAnswer>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
 
 /// Binds `path` (replacing a stale socket from an earlier run) and serves in a task.
 /// Logs are read from `log_dir`, the reconciler's.
@@ -236,55 +195,20 @@ pub fn read_logs(
     })
 }
 
-/// Asks a running noded for its pods.
+/// Asks a running noded for its pods (the blocking client, off the async threads).
 pub async fn pods(path: &Path) -> Result<Vec<PodReport>, String> {
-    let answer = ask(
-        path,
-        &Request {
-            op: "pods".into(),
-            logs: LogsRequest::default(),
-        },
-    )
-    .await?;
-    match (answer.pods, answer.error) {
-        (Some(p), _) => Ok(p),
-        (None, e) => Err(e.unwrap_or_else(|| "empty answer".into())),
-    }
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || Client::new(&path).pods())
+        .await
+        .map_err(|e| format!("the client failed: {e}"))?
 }
 
-/// Asks a running noded for a container's logs.
+/// Asks a running noded for a container's logs (as [`pods`]).
 pub async fn logs(path: &Path, req: LogsRequest) -> Result<LogsAnswer, String> {
-    let answer = ask(
-        path,
-        &Request {
-            op: "logs".into(),
-            logs: req,
-        },
-    )
-    .await?;
-    match (answer.logs, answer.error) {
-        (Some(l), _) => Ok(l),
-        (None, e) => Err(e.unwrap_or_else(|| "empty answer".into())),
-    }
-}
-
-async fn ask(path: &Path, req: &Request) -> Result<Answer, String> {
-    let stream = UnixStream::connect(path)
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || Client::new(&path).logs(req))
         .await
-        .map_err(|e| format!("failed to connect to {}: {e}", path.display()))?;
-    let (rd, mut wr) = stream.into_split();
-    let mut line = serde_json::to_vec(req).map_err(|e| format!("bad request: {e}"))?;
-    line.push(b'\n');
-    wr.write_all(&line)
-        .await
-        .map_err(|e| format!("failed to write to {}: {e}", path.display()))?;
-    let line = BufReader::new(rd)
-        .lines()
-        .next_line()
-        .await
-        .map_err(|e| format!("failed to read from {}: {e}", path.display()))?
-        .ok_or_else(|| format!("{} closed without an answer", path.display()))?;
-    serde_json::from_str(&line).map_err(|e| format!("bad answer from {}: {e}", path.display()))
+        .map_err(|e| format!("the client failed: {e}"))?
 }
 
 #[cfg(test)]

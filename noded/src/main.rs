@@ -336,7 +336,7 @@ async fn wait_for_containerd(socket: &Path) {
 )]
 struct PodsCli {
     /// noded's control socket.
-    #[arg(long, default_value = "/run/noded/noded.sock", value_name = "PATH")]
+    #[arg(long, default_value = edge_node_api::SOCKET, value_name = "PATH")]
     socket: PathBuf,
     /// Print the raw JSON answer.
     #[arg(long)]
@@ -361,36 +361,24 @@ struct LogsCli {
     #[arg(long, value_name = "N")]
     tail: Option<usize>,
     /// noded's control socket.
-    #[arg(long, default_value = "/run/noded/noded.sock", value_name = "PATH")]
+    #[arg(long, default_value = edge_node_api::SOCKET, value_name = "PATH")]
     socket: PathBuf,
-}
-
-fn block_on<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T, String> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map(|r| r.block_on(f))
-        .map_err(|e| format!("noded {what}: failed to start the async runtime: {e}"))
 }
 
 fn logs_command(args: Vec<String>) -> std::process::ExitCode {
     use clap::Parser;
     use std::io::Write;
     let cli = LogsCli::parse_from(args);
-    let req = noded::control::LogsRequest {
+    let req = edge_node_api::LogsRequest {
         pod: cli.pod,
         container: cli.container,
         previous: cli.previous,
         tail: cli.tail,
     };
-    let logs = match block_on("logs", noded::control::logs(&cli.socket, req)) {
-        Ok(Ok(l)) => l,
-        Ok(Err(e)) => {
-            eprintln!("noded logs: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let logs = match edge_node_api::Client::new(&cli.socket).logs(req) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("noded logs: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -413,14 +401,7 @@ fn logs_command(args: Vec<String>) -> std::process::ExitCode {
 fn pods_command(args: Vec<String>) -> std::process::ExitCode {
     use clap::Parser;
     let cli = PodsCli::parse_from(args);
-    let pods = match block_on("pods", noded::control::pods(&cli.socket)) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("{e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let pods = match pods {
+    let pods = match edge_node_api::Client::new(&cli.socket).pods() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("noded pods: {e}");

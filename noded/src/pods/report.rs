@@ -3,46 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-/// What `{"op":"pods"}` answers, one per manifest file.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PodReport {
-    pub file: String,
-    pub name: String,
-    pub namespace: String,
-    /// The pod's uid (its manifest hash): names its log directory.
-    #[serde(default)]
-    pub uid: String,
-    /// pending, initializing, running, succeeded, failed, invalid
-    pub state: String,
-    pub error: Option<String>,
-    pub containers: Vec<ContainerReport>,
-    /// Its last start was refused because an image is not on the allowlist (for the
-    /// metrics; `error` says which).
-    #[serde(skip)]
-    pub image_refused: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ContainerReport {
-    pub name: String,
-    pub init: bool,
-    /// waiting, running, back-off, exited, completed
-    pub state: String,
-    pub restarts: u32,
-    pub exit_code: Option<i32>,
-    pub last_error: Option<String>,
-    /// Running and, if it has a readiness probe, passing it (after its startup probe).
-    #[serde(default)]
-    pub ready: bool,
-}
-
-impl PodReport {
-    /// Running with every container ready, or run to completion.
-    pub fn is_up(&self) -> bool {
-        self.state == "succeeded"
-            || (self.state == "running" && self.containers.iter().all(|c| c.init || c.ready))
-    }
-}
+pub use edge_node_api::{ContainerReport, PodReport};
 
 pub type Status = Arc<Mutex<Vec<PodReport>>>;
 
