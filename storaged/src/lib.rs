@@ -1,6 +1,6 @@
 //! storaged's library: the pool on the claimed device, its catalog, its thin volumes,
 //! their mounts on the node and the CSI endpoint that serves them. The daemon
-//! (`main.rs`) and the light-VM test program (`bin/storaged-vmtest.rs`) both use it.
+//! (`main.rs`) and the light-VM guest programs (qemu-tests/storaged-guest) both use it.
 
 pub mod catalog;
 pub mod csi;

@@ -1,8 +1,8 @@
 //! `cargo xtask bench storage`: Debian's fio in the light VM (qemu-tests' `lightvm`:
 //! Debian's kernel, raw virtio disks, TCG) on the raw disk, on an RWO thin volume of
 //! storaged's pool and through four bind mounts of one ext4 volume (RWX). The guest side
-//! is storaged's `storaged-vmbench`; this builds it, boots it once, and prints the
-//! figures and ratios, then one JSON line last.
+//! is `storaged-vmbench` (qemu-tests/storaged-guest); this builds it, boots it once, and
+//! prints the figures and ratios, then one JSON line last.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -143,7 +143,7 @@ fn guest_binary() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
-        .args(["-p", "storaged", "--bin", "storaged-vmbench"])
+        .args(["-p", "storaged-guest", "--bin", "storaged-vmbench"])
         .arg("--message-format=json-render-diagnostics")
         .env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
@@ -151,7 +151,7 @@ fn guest_binary() -> Result<PathBuf> {
         )
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("failed to run cargo build -p storaged --bin storaged-vmbench")?;
+        .context("failed to run cargo build -p storaged-guest --bin storaged-vmbench")?;
     if !out.status.success() {
         bail!("building storaged-vmbench failed ({})", out.status);
     }

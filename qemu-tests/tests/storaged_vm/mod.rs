@@ -27,9 +27,11 @@ pub fn vmtest_binary() -> PathBuf {
         .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
         .args([
             "-p",
-            "storaged",
+            "storaged-guest",
             "--bin",
             "storaged-vmtest",
+            "-p",
+            "storaged",
             "--bin",
             "storaged",
         ])

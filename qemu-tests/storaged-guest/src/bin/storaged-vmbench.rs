@@ -9,13 +9,12 @@
 //! of the result but explain it: the cost of each device-mapper layer with the guest's
 //! CPU use, and the thin volume on pools of other block sizes (disks `pool1`..`pool3`).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use storaged::{mounts, Options, Pool};
+use storaged_guest::disk;
 
 const MIB: u64 = 1 << 20;
 /// The size of the raw disk and of the RWO volume: the whole device is the test area.
@@ -31,7 +30,10 @@ const RAMP: &str = "--ramp_time=2";
 const STAGING: &str = "/var/lib/edge/staging/model";
 
 fn main() {
-    setup();
+    storaged_guest::setup(storaged_guest::Setup {
+        tmp: true,
+        quiet_kernel: true,
+    });
     match bench() {
         Ok(v) => println!("VMBENCH RESULT {v}"),
         Err(e) => println!("VMBENCH FAILED: {}", e.replace('\n', " ")),
@@ -465,69 +467,4 @@ fn get(job: &Value, dir: &str, key: &str) -> Result<f64, String> {
 /// fio's `bw` is KiB/s.
 fn mib_s(job: &Value, dir: &str) -> Result<f64, String> {
     Ok(get(job, dir, "bw")? / 1024.0)
-}
-
-fn mount(src: &str, target: &str, fstype: &str) {
-    let _ = std::fs::create_dir_all(target);
-    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
-    let (s, t, f) = (c(src), c(target), c(fstype));
-    // SAFETY: NUL-terminated strings, no data argument.
-    unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
-}
-
-/// /proc, /sys, /dev, the console as stdout, quiet kernel messages (so they do not cut
-/// the result line) and the modules of /modules.order.
-fn setup() {
-    mount("proc", "/proc", "proc");
-    mount("sysfs", "/sys", "sysfs");
-    mount("devtmpfs", "/dev", "devtmpfs");
-    mount("tmpfs", "/tmp", "tmpfs");
-    if let Ok(console) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
-        use std::os::fd::AsRawFd;
-        // SAFETY: duplicating a valid descriptor onto stdout and stderr.
-        unsafe {
-            libc::dup2(console.as_raw_fd(), 1);
-            libc::dup2(console.as_raw_fd(), 2);
-        }
-    }
-    let _ = std::fs::write("/proc/sys/kernel/printk", "1");
-    let order = std::fs::read_to_string("/modules.order").unwrap_or_default();
-    for m in order.lines().filter(|l| !l.is_empty()) {
-        let r = File::open(m).map_err(|e| e.to_string()).and_then(|f| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid fd and an empty NUL-terminated parameter string.
-            let rc =
-                unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
-            let err = std::io::Error::last_os_error();
-            if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
-                return Err(err.to_string());
-            }
-            Ok(())
-        });
-        if let Err(e) = r {
-            println!("module {m}: {e}");
-        }
-    }
-}
-
-/// The /dev node of the virtio disk that reports `serial`.
-fn disk(serial: &str) -> Result<PathBuf, String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        for e in std::fs::read_dir("/sys/block")
-            .map_err(|e| format!("/sys/block: {e}"))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
-            let node = Path::new("/dev").join(&name);
-            if s.trim() == serial && node.exists() {
-                return Ok(node);
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!("no disk with serial {serial}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

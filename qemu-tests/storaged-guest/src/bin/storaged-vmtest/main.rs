@@ -12,10 +12,10 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use storaged::{Error, Options, Pool};
+use storaged_guest::disk;
 
 mod csi;
 mod kill;
@@ -26,7 +26,7 @@ mod xfs;
 const MIB: u64 = 1 << 20;
 
 fn main() {
-    setup();
+    storaged_guest::setup(Default::default());
     let phase = std::fs::read_to_string("/proc/cmdline")
         .unwrap_or_default()
         .split_whitespace()
@@ -57,67 +57,6 @@ fn report(name: &str, r: Result<(), String>) {
     match r {
         Ok(()) => println!("TEST {name} ok"),
         Err(e) => println!("TEST {name} FAILED: {}", e.replace('\n', " ")),
-    }
-}
-
-fn mount(src: &str, target: &str, fstype: &str) {
-    let _ = std::fs::create_dir_all(target);
-    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
-    let (s, t, f) = (c(src), c(target), c(fstype));
-    // SAFETY: NUL-terminated strings, no data argument.
-    unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
-}
-
-fn setup() {
-    mount("proc", "/proc", "proc");
-    mount("sysfs", "/sys", "sysfs");
-    mount("devtmpfs", "/dev", "devtmpfs");
-    if let Ok(console) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
-        use std::os::fd::AsRawFd;
-        // SAFETY: duplicating a valid descriptor onto stdout and stderr.
-        unsafe {
-            libc::dup2(console.as_raw_fd(), 1);
-            libc::dup2(console.as_raw_fd(), 2);
-        }
-    }
-    let order = std::fs::read_to_string("/modules.order").unwrap_or_default();
-    for m in order.lines().filter(|l| !l.is_empty()) {
-        let r = File::open(m).map_err(|e| e.to_string()).and_then(|f| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid fd and an empty NUL-terminated parameter string.
-            let rc =
-                unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
-            let err = std::io::Error::last_os_error();
-            if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
-                return Err(err.to_string());
-            }
-            Ok(())
-        });
-        if let Err(e) = r {
-            println!("module {m}: {e}");
-        }
-    }
-}
-
-/// The /dev node of the virtio disk that reports `serial`.
-fn disk(serial: &str) -> Result<PathBuf, String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        for e in std::fs::read_dir("/sys/block")
-            .map_err(|e| e.to_string())?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
-            let node = Path::new("/dev").join(&name);
-            if s.trim() == serial && node.exists() {
-                return Ok(node);
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!("no disk with serial {serial}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
