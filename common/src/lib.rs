@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 pub mod backoff;
+pub mod metrics;
 pub use backoff::Backoff;
 pub mod signed;
 
@@ -317,7 +318,8 @@ where
         ("404 Not Found", "GET /metrics\n".to_string())
     };
     let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        metrics::CONTENT_TYPE,
         body.len()
     );
     stream.write_all(resp.as_bytes()).await?;

@@ -1,10 +1,10 @@
 //! Prometheus `/metrics` on a local port: records and bytes in (per class) and out,
 //! lag in records and bytes, disk use per class, drops, refusals, uplink state.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use edge_common::metrics::{labels, Exposition, Labels};
 use tokio::net::TcpListener;
 
 use crate::store::Log;
@@ -19,9 +19,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The text exposition format (version 0.0.4).
+    /// The exposition (edge-common's, OpenMetrics text).
     pub fn render(&self) -> String {
-        let mut out = String::new();
         let classes: Vec<_> = {
             let meta = self.log.meta();
             meta.classes
@@ -29,155 +28,131 @@ impl Metrics {
                 .map(|c| (c.name.clone(), c.bytes, c.stats.clone()))
                 .collect()
         };
-        let mut family = |name: &str, kind: &str, help: &str, values: Vec<(String, u64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in values {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let per = |f: &dyn Fn(usize) -> u64| -> Vec<(String, u64)> {
+        let per = |f: &dyn Fn(usize) -> u64| -> Vec<(Labels, u64)> {
             classes
                 .iter()
                 .enumerate()
-                .map(|(i, (n, _, _))| (format!("{{class=\"{n}\"}}"), f(i)))
+                .map(|(i, (n, _, _))| (labels(&[("class", n)]), f(i)))
                 .collect()
         };
-        family(
+        let one = |v: u64| [(Labels::none(), v)];
+        let mut e = Exposition::new();
+        e.counter(
             "fabricd_records_in_total",
-            "counter",
             "Records made durable.",
             per(&|i| classes[i].2.appended_records),
         );
-        family(
+        e.counter(
             "fabricd_bytes_in_total",
-            "counter",
             "Bytes made durable (framed).",
             per(&|i| classes[i].2.appended_bytes),
         );
-        family(
+        e.gauge(
             "fabricd_disk_bytes",
-            "gauge",
             "Bytes on disk per class.",
             per(&|i| classes[i].1),
         );
-        family(
+        e.counter(
             "fabricd_dropped_records_total",
-            "counter",
             "Records deleted by retention or the quota before the core acked them.",
             per(&|i| classes[i].2.dropped_records),
         );
-        family(
+        e.counter(
             "fabricd_retired_records_total",
-            "counter",
             "Records deleted by retention or the quota.",
             per(&|i| classes[i].2.retired_records),
         );
-        family(
+        e.counter(
             "fabricd_refused_full_total",
-            "counter",
             "Appends answered full (backpressure).",
             per(&|i| classes[i].2.refused_full),
         );
         let lags: Vec<(u64, u64)> = (0..classes.len())
             .map(|i| self.log.lag(i).unwrap_or((0, 0)))
             .collect();
-        family(
+        e.gauge(
             "fabricd_lag_records",
-            "gauge",
             "Durable records the core has not acked.",
             per(&|i| lags[i].0),
         );
-        family(
+        e.gauge(
             "fabricd_lag_bytes",
-            "gauge",
             "Durable bytes the core has not acked.",
             per(&|i| lags[i].1),
         );
-        let one = |v: u64| vec![(String::new(), v)];
         let s = &self.status;
-        family(
+        let load = |a: &std::sync::atomic::AtomicU64| one(a.load(Ordering::Relaxed));
+        e.gauge(
             "fabricd_quota_bytes",
-            "gauge",
             "Local quota for all classes.",
             one(self.quota_bytes),
         );
-        family(
+        e.counter(
             "fabricd_records_out_total",
-            "counter",
             "Records the core acked.",
-            one(s.published_records.load(Ordering::Relaxed)),
+            load(&s.published_records),
         );
-        family(
+        e.counter(
             "fabricd_bytes_out_total",
-            "counter",
             "Value bytes the core acked.",
-            one(s.published_bytes.load(Ordering::Relaxed)),
+            load(&s.published_bytes),
         );
-        family(
+        e.counter(
             "fabricd_uplink_wire_bytes_total",
-            "counter",
             "Payload bytes the core acked as sent on the wire (after compression).",
-            one(s.wire_bytes.load(Ordering::Relaxed)),
+            load(&s.wire_bytes),
         );
-        family(
+        e.counter(
             "fabricd_uplink_compressed_records_total",
-            "counter",
             "Records sent zstd-compressed.",
-            one(s.compressed_records.load(Ordering::Relaxed)),
+            load(&s.compressed_records),
         );
-        family(
+        e.counter(
             "fabricd_uplink_duplicates_total",
-            "counter",
             "Resent records the core already had.",
-            one(s.duplicates.load(Ordering::Relaxed)),
+            load(&s.duplicates),
         );
-        family(
+        e.counter(
             "fabricd_uplink_reconnects_total",
-            "counter",
             "Uplink sessions started again after a failure.",
-            one(s.reconnects.load(Ordering::Relaxed)),
+            load(&s.reconnects),
         );
-        family(
+        e.gauge(
             "fabricd_uplink_connected",
-            "gauge",
             "1 while connected to the core.",
             one(s.connected.load(Ordering::Relaxed) as u64),
         );
-        family(
+        e.gauge(
             "fabricd_uplink_configured",
-            "gauge",
             "1 when a core is configured.",
             one(self.core_configured as u64),
         );
         let d = &self.downlink;
-        family(
+        e.counter(
             "fabricd_downlink_items_total",
-            "counter",
             "Downlink items verified and written, or refused.",
-            vec![
+            [
                 (
-                    "{result=\"applied\"}".into(),
+                    labels(&[("result", "applied")]),
                     d.applied.load(Ordering::Relaxed),
                 ),
                 (
-                    "{result=\"refused\"}".into(),
+                    labels(&[("result", "refused")]),
                     d.refused.load(Ordering::Relaxed),
                 ),
             ],
         );
-        family(
+        e.counter(
             "fabricd_downlink_bytes_total",
-            "counter",
             "Item bytes fetched from the core.",
-            one(d.fetched_bytes.load(Ordering::Relaxed)),
+            load(&d.fetched_bytes),
         );
-        family(
+        e.counter(
             "fabricd_downlink_resumed_bytes_total",
-            "counter",
             "Bytes an interrupted download did not fetch again.",
-            one(d.resumed_bytes.load(Ordering::Relaxed)),
+            load(&d.resumed_bytes),
         );
-        out
+        e.render()
     }
 }
 

@@ -8,11 +8,12 @@
 //! client, the reconciler), which share nothing else to carry a handle through.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use edge_common::metrics::{labels, Exposition, Labels};
 
 use crate::pods::{PodReport, Status};
 
@@ -95,145 +96,82 @@ impl Counts {
     }
 }
 
-/// A label value in the text format: backslash, double quote and newline escaped.
-fn escape(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn labels(pairs: &[(&str, &str)]) -> String {
-    if pairs.is_empty() {
-        return String::new();
-    }
-    let inner: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    format!("{{{}}}", inner.join(","))
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
-    }
-}
-
-/// The text exposition format (version 0.0.4) of the pods and the counts.
+/// The exposition (edge-common's, OpenMetrics text) of the pods and the counts.
 pub fn render(pods: &[PodReport], counts: &Counts) -> String {
-    let mut out = String::new();
-    let by_state = |states: &[&str], n: &dyn Fn(&str) -> usize| -> Vec<(String, String)> {
+    let mut e = Exposition::new();
+    let by_state = |states: &[&str], n: &dyn Fn(&str) -> usize| -> Vec<(Labels, u64)> {
         states
             .iter()
-            .map(|s| (labels(&[("state", s)]), n(s).to_string()))
+            .map(|s| (labels(&[("state", s)]), n(s) as u64))
             .collect()
     };
-    family(
-        &mut out,
+    e.gauge(
         "noded_pods",
-        "gauge",
         "Pods by state, one per manifest file (invalid: a manifest that was refused).",
-        &by_state(&POD_STATES, &|s| {
+        by_state(&POD_STATES, &|s| {
             pods.iter().filter(|p| p.state == s).count()
         }),
     );
-    family(
-        &mut out,
+    e.gauge(
         "noded_containers",
-        "gauge",
         "Containers (init containers included) of the pods by state.",
-        &by_state(&CONTAINER_STATES, &|s| {
+        by_state(&CONTAINER_STATES, &|s| {
             pods.iter()
                 .flat_map(|p| &p.containers)
                 .filter(|c| c.state == s)
                 .count()
         }),
     );
-    let restarts: Vec<(String, String)> = pods
-        .iter()
-        .flat_map(|p| p.containers.iter().map(move |c| (p, c)))
-        .map(|(p, c)| {
-            (
-                labels(&[
-                    ("namespace", &p.namespace),
-                    ("pod", &p.name),
-                    ("container", &c.name),
-                ]),
-                c.restarts.to_string(),
-            )
-        })
-        .collect();
-    family(
-        &mut out,
+    e.counter(
         "noded_container_restarts_total",
-        "counter",
         "Restarts of each container of the running pods (starts over when a pod is recreated).",
-        &restarts,
+        pods.iter()
+            .flat_map(|p| p.containers.iter().map(move |c| (p, c)))
+            .map(|(p, c)| {
+                let l = [
+                    ("namespace", p.namespace.as_str()),
+                    ("pod", p.name.as_str()),
+                    ("container", c.name.as_str()),
+                ];
+                (labels(&l), u64::from(c.restarts))
+            }),
     );
     let invalid = pods.iter().filter(|p| p.state == "invalid").count();
     let not_allowed = pods.iter().filter(|p| p.image_refused).count();
-    family(
-        &mut out,
+    e.gauge(
         "noded_pods_refused",
-        "gauge",
         "Pods that do not run because their manifest is invalid or an image is not on the allowlist.",
-        &[
-            (
-                labels(&[("reason", "invalid_manifest")]),
-                invalid.to_string(),
-            ),
-            (
-                labels(&[("reason", "image_not_allowed")]),
-                not_allowed.to_string(),
-            ),
+        [
+            (labels(&[("reason", "invalid_manifest")]), invalid as u64),
+            (labels(&[("reason", "image_not_allowed")]), not_allowed as u64),
         ],
     );
-    let probes: Vec<(String, String)> = PROBE_KINDS
-        .iter()
-        .map(|(k, name)| {
+    e.counter(
+        "noded_probe_failures_total",
+        "Probe runs that failed, by probe kind.",
+        PROBE_KINDS.iter().map(|(k, name)| {
             (
                 labels(&[("probe", name)]),
-                counts.probe_failures[*k as usize].to_string(),
+                counts.probe_failures[*k as usize],
             )
-        })
-        .collect();
-    family(
-        &mut out,
-        "noded_probe_failures_total",
-        "counter",
-        "Probe runs that failed, by probe kind.",
-        &probes,
+        }),
     );
-    let cri: Vec<(String, String)> = counts
-        .cri_errors
-        .iter()
-        .map(|((method, code), n)| (labels(&[("method", method), ("code", code)]), n.to_string()))
-        .collect();
-    family(
-        &mut out,
+    e.counter(
         "noded_cri_errors_total",
-        "counter",
         "CRI calls that failed, by method and gRPC code.",
-        &cri,
+        counts
+            .cri_errors
+            .iter()
+            .map(|((method, code), n)| (labels(&[("method", method), ("code", code)]), *n)),
     );
     if let Some(s) = counts.pass_seconds {
-        family(
-            &mut out,
+        e.gauge_f64(
             "noded_reconcile_pass_seconds",
-            "gauge",
             "How long the last reconcile pass took: from its rescan until the last pod step it began ended.",
-            &[(String::new(), format!("{s:.6}"))],
+            [(Labels::none(), s)],
         );
     }
-    out
+    e.render()
 }
 
 /// Binds `addr` and serves the metrics of `status` in a task.
@@ -315,7 +253,7 @@ mod tests {
             "noded_containers{state=\"running\"} 2",
             "noded_containers{state=\"back-off\"} 1",
             "noded_containers{state=\"waiting\"} 1",
-            "# TYPE noded_container_restarts_total counter",
+            "# TYPE noded_container_restarts counter",
             "noded_container_restarts_total{namespace=\"default\",pod=\"a\",container=\"side\"} 3",
             "noded_container_restarts_total{namespace=\"default\",pod=\"b\",container=\"web\"} 1",
             "noded_pods_refused{reason=\"invalid_manifest\"} 1",
@@ -325,23 +263,29 @@ mod tests {
             "noded_probe_failures_total{probe=\"startup\"} 5",
             "noded_cri_errors_total{method=\"PullImage\",code=\"NOT_FOUND\"} 4",
             "# TYPE noded_reconcile_pass_seconds gauge",
-            "noded_reconcile_pass_seconds 1.500000",
+            "noded_reconcile_pass_seconds 1.5",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(line)),
                 "no {line:?} in:\n{text}"
             );
         }
-        // Every sample's family has its HELP and TYPE before it.
-        let mut declared = Vec::new();
+        // Every sample's family has its HELP and TYPE before it (a counter's samples
+        // carry `_total` after the family's name).
+        let mut declared = String::new();
         for l in text.lines() {
             if let Some(rest) = l.strip_prefix("# TYPE ") {
-                declared.push(rest.split(' ').next().unwrap().to_string());
+                declared = rest.split(' ').next().unwrap().to_string();
             } else if !l.starts_with('#') {
                 let name = l.split(['{', ' ']).next().unwrap();
-                assert_eq!(declared.last().map(String::as_str), Some(name), "{l}");
+                let family = name.strip_suffix("_total").unwrap_or(name);
+                assert!(
+                    name == declared || family == declared,
+                    "{l} after {declared}"
+                );
             }
         }
+        assert!(text.ends_with("# EOF\n"), "{text}");
         // No pass yet: no pass duration rather than a made-up 0.
         let first = render(&[], &Counts::default());
         assert!(!first.contains("noded_reconcile_pass_seconds"), "{first}");
@@ -358,7 +302,6 @@ mod tests {
         )];
         let text = render(&pods, &Counts::default());
         assert!(text.contains("container=\"a\\\"b\\\\c\\nd\"} 0"), "{text}");
-        assert_eq!(escape("plain-name.1"), "plain-name.1");
     }
 
     #[test]

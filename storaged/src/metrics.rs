@@ -6,10 +6,10 @@
 //! timer, when the pool is opened and after each create, snapshot, expand or CSI call,
 //! and it logs once per threshold crossed rather than on every look.
 
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edge_common::metrics::{labels, Exposition, Labels};
 use tokio::net::TcpListener;
 
 use crate::catalog::{Kind, State};
@@ -114,99 +114,71 @@ fn io_stats(minor: u32) -> Option<[u64; 4]> {
     Some([*f.first()?, *f.get(2)?, *f.get(4)?, *f.get(6)?])
 }
 
-struct Family<'a> {
-    out: &'a mut String,
-}
-
-impl Family<'_> {
-    fn family(&mut self, name: &str, kind: &str, help: &str, values: &[(String, u64)]) {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in values {
-            let _ = writeln!(self.out, "{name}{labels} {v}");
-        }
-    }
-
-    fn one(&mut self, name: &str, kind: &str, help: &str, v: u64) {
-        self.family(name, kind, help, &[(String::new(), v)]);
-    }
-}
-
-/// The text exposition format (version 0.0.4). Volume names need no escaping: the
-/// catalog allows only `a-z 0-9 . _ -`.
+/// The exposition (edge-common's, OpenMetrics text).
 pub fn render(pool: Option<&Pool>) -> String {
-    let mut out = String::new();
-    let mut f = Family { out: &mut out };
-    f.one(
+    let mut f = Exposition::new();
+    let one = |v: u64| [(Labels::none(), v)];
+    f.gauge(
         "storaged_pool_present",
-        "gauge",
         "1 when a pool device is claimed and its thin pool active.",
-        pool.is_some() as u64,
+        one(pool.is_some() as u64),
     );
     let Some(pool) = pool else {
-        return out;
+        return f.render();
     };
     match pool.status() {
         Ok(st) => {
-            f.one(
+            f.gauge(
                 "storaged_pool_data_blocks",
-                "gauge",
                 "Data blocks in the thin pool.",
-                st.total_data_blocks,
+                one(st.total_data_blocks),
             );
-            f.one(
+            f.gauge(
                 "storaged_pool_data_used_blocks",
-                "gauge",
                 "Data blocks in use (mapped by some volume or snapshot).",
-                st.used_data_blocks,
+                one(st.used_data_blocks),
             );
-            f.one(
+            f.gauge(
                 "storaged_pool_metadata_blocks",
-                "gauge",
                 "Metadata blocks of the thin pool.",
-                st.total_meta_blocks,
+                one(st.total_meta_blocks),
             );
-            f.one(
+            f.gauge(
                 "storaged_pool_metadata_used_blocks",
-                "gauge",
                 "Metadata blocks in use.",
-                st.used_meta_blocks,
+                one(st.used_meta_blocks),
             );
         }
         Err(e) => tracing::warn!("metrics: {e}"),
     }
-    f.one(
+    f.gauge(
         "storaged_pool_data_block_bytes",
-        "gauge",
         "Bytes per data block.",
-        u64::from(pool.superblock().data_block_sectors) * 512,
+        one(u64::from(pool.superblock().data_block_sectors) * 512),
     );
-    f.one(
+    f.gauge(
         "storaged_pool_metadata_block_bytes",
-        "gauge",
         "Bytes per metadata block.",
-        META_BLOCK_BYTES,
+        one(META_BLOCK_BYTES),
     );
     let near = pool.near_full();
-    f.family(
+    f.gauge(
         "storaged_pool_near_full",
-        "gauge",
         "Highest use threshold (80, 90, 95 percent) crossed, 0 if none.",
-        &[
-            ("{resource=\"data\"}".into(), near.data),
-            ("{resource=\"metadata\"}".into(), near.metadata),
+        [
+            (labels(&[("resource", "data")]), near.data),
+            (labels(&[("resource", "metadata")]), near.metadata),
         ],
     );
-    f.one(
+    f.gauge(
         "storaged_pool_overcommit_limit_bytes",
-        "gauge",
         "Bytes all volumes may be promised in total.",
-        pool.overcommit_limit(),
+        one(pool.overcommit_limit()),
     );
-    f.one(
+    f.gauge(
         "storaged_pool_provisioned_bytes",
-        "gauge",
         "Bytes promised to volumes and snapshots (their sizes).",
-        pool.catalog().provisioned_bytes(),
+        one(pool.catalog().provisioned_bytes()),
     );
     let ready: Vec<_> = pool
         .volumes()
@@ -214,20 +186,19 @@ pub fn render(pool: Option<&Pool>) -> String {
         .filter(|v| v.state == State::Ready)
         .collect();
     let count = |k: Kind| ready.iter().filter(|v| v.kind == k).count() as u64;
-    f.family(
+    f.gauge(
         "storaged_volumes",
-        "gauge",
         "Volumes and snapshots in the catalog.",
-        &[
-            ("{kind=\"volume\"}".into(), count(Kind::Volume)),
-            ("{kind=\"snapshot\"}".into(), count(Kind::Snapshot)),
+        [
+            (labels(&[("kind", "volume")]), count(Kind::Volume)),
+            (labels(&[("kind", "snapshot")]), count(Kind::Snapshot)),
         ],
     );
-    let label = |n: &str| format!("{{volume=\"{n}\"}}");
+    let label = |n: &str| labels(&[("volume", n)]);
     let mut size = Vec::new();
     let mut active = Vec::new();
     let mut mapped = Vec::new();
-    let mut io: [Vec<(String, u64)>; 4] = Default::default();
+    let mut io: [Vec<(Labels, u64)>; 4] = Default::default();
     for v in &ready {
         size.push((label(&v.name), v.size_bytes));
         let dev = pool.device_number(&v.name).ok().flatten();
@@ -244,50 +215,43 @@ pub fn render(pool: Option<&Pool>) -> String {
             }
         }
     }
-    f.family(
+    f.gauge(
         "storaged_volume_size_bytes",
-        "gauge",
         "Size of each volume and snapshot.",
-        &size,
+        size,
     );
-    f.family(
+    f.gauge(
         "storaged_volume_active",
-        "gauge",
         "1 while the volume's thin device exists (staged or being used).",
-        &active,
+        active,
     );
-    f.family(
+    f.gauge(
         "storaged_volume_mapped_bytes",
-        "gauge",
         "Bytes of an active volume backed by pool blocks (shared ones included).",
-        &mapped,
+        mapped,
     );
     let [reads, read_bytes, writes, written_bytes] = io;
-    f.family(
+    f.counter(
         "storaged_volume_reads_completed_total",
-        "counter",
         "Reads completed on an active volume since it was activated.",
-        &reads,
+        reads,
     );
-    f.family(
+    f.counter(
         "storaged_volume_read_bytes_total",
-        "counter",
         "Bytes read from an active volume since it was activated.",
-        &read_bytes,
+        read_bytes,
     );
-    f.family(
+    f.counter(
         "storaged_volume_writes_completed_total",
-        "counter",
         "Writes completed on an active volume since it was activated.",
-        &writes,
+        writes,
     );
-    f.family(
+    f.counter(
         "storaged_volume_written_bytes_total",
-        "counter",
         "Bytes written to an active volume since it was activated.",
-        &written_bytes,
+        written_bytes,
     );
-    out
+    f.render()
 }
 
 /// Binds the metrics port (`metrics_listen`, e.g. `127.0.0.1:9402`).

@@ -66,7 +66,7 @@ pub async fn scrape(addr: &str) -> Result<HashMap<String, u64>, String> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| format!("no HTTP reply from {addr}: {text:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") || !head.contains("version=0.0.4") {
+    if !head.starts_with("HTTP/1.1 200") || !head.contains("application/openmetrics-text") {
         return Err(format!("reply: {head:?}"));
     }
     Ok(body
