@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -28,17 +27,13 @@ impl Client {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = self.grpc.clone();
-        grpc.ready()
+        crate::unix::unary(&self.grpc, method, req)
             .await
-            .map_err(|e| Status::unavailable(format!("{method}: {e}")))?;
-        let codec = tonic::codec::ProstCodec::<Req, Resp>::default();
-        grpc.unary(
-            tonic::Request::new(req),
-            PathAndQuery::from_static(method),
-            codec,
-        )
-        .await
-        .map(tonic::Response::into_inner)
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable => {
+                    Status::unavailable(format!("{method}: {}", s.message()))
+                }
+                _ => s,
+            })
     }
 }

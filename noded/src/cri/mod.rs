@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
 pub mod api;
@@ -55,7 +54,7 @@ impl Client {
             .await
             .map_err(|e| Error::Connect {
                 socket: socket.to_path_buf(),
-                message: error_chain(&e),
+                message: edge_csi::unix::error_chain(&e),
             })?;
         Ok(Client {
             grpc: tonic::client::Grpc::new(channel),
@@ -76,26 +75,13 @@ impl Client {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = self.grpc.clone();
-        let fail = |code, message| Error::Call {
-            method,
-            code,
-            message,
-        };
-        let result = match grpc.ready().await {
-            Ok(()) => {
-                let codec = tonic::codec::ProstCodec::<Req, Resp>::default();
-                grpc.unary(
-                    tonic::Request::new(req),
-                    PathAndQuery::from_static(method),
-                    codec,
-                )
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| fail(s.code(), s.message().to_string()))
-            }
-            Err(e) => Err(fail(tonic::Code::Unavailable, error_chain(&e))),
-        };
+        let result = edge_csi::unix::unary(&self.grpc, method, req)
+            .await
+            .map_err(|s| Error::Call {
+                method,
+                code: s.code(),
+                message: s.message().to_string(),
+            });
         if let Err(e) = &result {
             crate::metrics::cri_failed(method, e.code());
         }
@@ -230,16 +216,4 @@ impl Client {
         RemoveImageRequest,
         RemoveImageResponse
     );
-}
-
-/// `e` and its sources, joined: transport errors hide the useful part in the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
