@@ -7,7 +7,50 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// What went wrong, with what it was done to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid device-mapper name {0:?}")]
+    Name(String),
+    /// A table, target type or message that does not fit the ioctl buffer.
+    #[error("{0}")]
+    TooLong(String),
+    #[error("failed to {action} {}: {source}", path.display())]
+    Control {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// An ioctl the kernel refused; `what` names the device and the operation.
+    #[error("device-mapper {cmd:?} failed: {source} ({what})")]
+    Ioctl {
+        cmd: Cmd,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("device-mapper status of {0} does not fit 1 MiB")]
+    StatusTooLarge(String),
+    /// A target's status line that is not in its documented form.
+    #[error("unexpected {target} status {line:?}")]
+    BadStatus { target: &'static str, line: String },
+    /// The target reports `Fail`.
+    #[error("{0} has failed (status Fail)")]
+    Failed(&'static str),
+}
+
+impl Error {
+    /// The errno of a refused ioctl or a failed open.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Ioctl { source, .. } | Error::Control { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// `sizeof(struct dm_ioctl)`: version[3], data_size, data_start, target_count, open_count,
 /// flags, event_nr, padding (8 x u32 = 40), dev (u64), name[128], uuid[129], data[7].
@@ -56,9 +99,9 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    pub fn new(name: &str, flags: u32, total_size: usize) -> Result<Self, String> {
+    pub fn new(name: &str, flags: u32, total_size: usize) -> Result<Self> {
         if name.is_empty() || name.len() >= NAME_LEN || name.contains('/') {
-            return Err(format!("invalid device-mapper name {name:?}"));
+            return Err(Error::Name(name.to_string()));
         }
         let total = total_size.max(HEADER_SIZE).div_ceil(8) * 8;
         let mut b = Buffer {
@@ -92,16 +135,18 @@ impl Buffer {
         length_sectors: u64,
         target_type: &str,
         params: &str,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         if target_type.len() >= 16 {
-            return Err(format!("target type {target_type:?} too long"));
+            return Err(Error::TooLong(format!(
+                "target type {target_type:?} too long"
+            )));
         }
         let needed = HEADER_SIZE + TARGET_SPEC_SIZE + params.len() + 1;
         if needed > self.bytes().len() {
-            return Err(format!(
+            return Err(Error::TooLong(format!(
                 "device-mapper table too long ({} bytes)",
                 params.len()
-            ));
+            )));
         }
         let bytes = self.bytes_mut();
         let spec = HEADER_SIZE;
@@ -120,10 +165,12 @@ impl Buffer {
 
     /// Puts a `struct dm_target_msg` (sector u64, then the NUL-terminated message) after
     /// the header: the message goes to the target that covers `sector`.
-    pub fn set_message(&mut self, sector: u64, message: &str) -> Result<(), String> {
+    pub fn set_message(&mut self, sector: u64, message: &str) -> Result<()> {
         let needed = HEADER_SIZE + 8 + message.len() + 1;
         if needed > self.bytes().len() {
-            return Err(format!("device-mapper message {message:?} too long"));
+            return Err(Error::TooLong(format!(
+                "device-mapper message {message:?} too long"
+            )));
         }
         let bytes = self.bytes_mut();
         put_u64(bytes, HEADER_SIZE, sector);
@@ -200,7 +247,7 @@ pub struct Control {
 
 impl Control {
     /// Opens the control node, creating it (misc 10:236) if devtmpfs has not.
-    pub fn open(dev_dir: &Path) -> Result<Self, String> {
+    pub fn open(dev_dir: &Path) -> Result<Self> {
         let path = dev_dir.join("mapper/control");
         if !path.exists() {
             let _ = std::fs::create_dir_all(dev_dir.join("mapper"));
@@ -211,23 +258,25 @@ impl Control {
                 rustix::fs::Mode::from_raw_mode(0o600),
                 rustix::fs::makedev(10, 236),
             )
-            .map_err(|e| {
-                format!(
-                    "failed to create {}: {}",
-                    path.display(),
-                    std::io::Error::from(e)
-                )
+            .map_err(|e| Error::Control {
+                action: "create",
+                path: path.clone(),
+                source: e.into(),
             })?;
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+            .map_err(|source| Error::Control {
+                action: "open",
+                path: path.clone(),
+                source,
+            })?;
         Ok(Control { file })
     }
 
-    fn ioctl(&self, cmd: Cmd, buf: &mut Buffer) -> Result<(), String> {
+    fn ioctl(&self, cmd: Cmd, buf: &mut Buffer, what: impl FnOnce() -> String) -> Result<()> {
         // SAFETY: the buffer is at least HEADER_SIZE bytes, its data_size field says how
         // long it is, and the kernel writes no further than that.
         let rc = unsafe {
@@ -238,19 +287,19 @@ impl Control {
             )
         };
         if rc < 0 {
-            return Err(format!(
-                "device-mapper {cmd:?} failed: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Ioctl {
+                cmd,
+                what: what(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
 
     /// DM_DEV_CREATE; returns the new device's (major, minor).
-    pub fn create(&self, name: &str, flags: u32) -> Result<(u32, u32), String> {
+    pub fn create(&self, name: &str, flags: u32) -> Result<(u32, u32)> {
         let mut b = Buffer::new(name, flags, HEADER_SIZE)?;
-        self.ioctl(Cmd::DevCreate, &mut b)
-            .map_err(|e| format!("{e} (device {name})"))?;
+        self.ioctl(Cmd::DevCreate, &mut b, || format!("device {name}"))?;
         Ok(b.dev())
     }
 
@@ -262,39 +311,41 @@ impl Control {
         length_sectors: u64,
         target_type: &str,
         params: &str,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let mut b = Buffer::new(
             name,
             flags,
             HEADER_SIZE + TARGET_SPEC_SIZE + params.len() + 1,
         )?;
         b.set_single_target(length_sectors, target_type, params)?;
-        self.ioctl(Cmd::TableLoad, &mut b).map_err(|e| {
+        self.ioctl(Cmd::TableLoad, &mut b, || {
             format!(
-                "{e} (device {name}, table {target_type} {})",
+                "device {name}, table {target_type} {}",
                 printable_params(target_type, params)
             )
         })
     }
 
     /// DM_DEV_SUSPEND without DM_SUSPEND_FLAG (1 << 1) resumes: makes the loaded table live.
-    pub fn resume(&self, name: &str) -> Result<(), String> {
+    pub fn resume(&self, name: &str) -> Result<()> {
         let mut b = Buffer::new(name, 0, HEADER_SIZE)?;
-        self.ioctl(Cmd::DevSuspend, &mut b)
-            .map_err(|e| format!("{e} (resume of device {name})"))
+        self.ioctl(Cmd::DevSuspend, &mut b, || {
+            format!("resume of device {name}")
+        })
     }
 
     /// DM_DEV_SUSPEND with DM_SUSPEND_FLAG: queues new I/O and flushes what is in flight,
     /// so a snapshot of the device sees a consistent image.
-    pub fn suspend(&self, name: &str) -> Result<(), String> {
+    pub fn suspend(&self, name: &str) -> Result<()> {
         let mut b = Buffer::new(name, SUSPEND_FLAG, HEADER_SIZE)?;
-        self.ioctl(Cmd::DevSuspend, &mut b)
-            .map_err(|e| format!("{e} (suspend of device {name})"))
+        self.ioctl(Cmd::DevSuspend, &mut b, || {
+            format!("suspend of device {name}")
+        })
     }
 
     /// DM_DEV_STATUS: the (major, minor) of an existing device, `None` if there is no
     /// device of that name (ENXIO).
-    pub fn info(&self, name: &str) -> Result<Option<(u32, u32)>, String> {
+    pub fn info(&self, name: &str) -> Result<Option<(u32, u32)>> {
         let mut b = Buffer::new(name, 0, HEADER_SIZE)?;
         // SAFETY: as in `ioctl`; done inline to tell ENXIO apart from other failures.
         let rc = unsafe {
@@ -309,44 +360,49 @@ impl Control {
             if err.raw_os_error() == Some(libc::ENXIO) {
                 return Ok(None);
             }
-            return Err(format!(
-                "device-mapper DevStatus failed: {err} (device {name})"
-            ));
+            return Err(Error::Ioctl {
+                cmd: Cmd::DevStatus,
+                what: format!("device {name}"),
+                source: err,
+            });
         }
         Ok(Some(b.dev()))
     }
 
     /// DM_TARGET_MSG to the target at sector 0, e.g. `create_thin 1` to a thin pool.
-    pub fn message(&self, name: &str, message: &str) -> Result<(), String> {
+    pub fn message(&self, name: &str, message: &str) -> Result<()> {
         let mut b = Buffer::new(name, 0, HEADER_SIZE + 8 + message.len() + 1)?;
         b.set_message(0, message)?;
-        self.ioctl(Cmd::TargetMsg, &mut b)
-            .map_err(|e| format!("{e} (message {message:?} to device {name})"))
+        self.ioctl(Cmd::TargetMsg, &mut b, || {
+            format!("message {message:?} to device {name}")
+        })
     }
 
     /// DM_TABLE_STATUS (info form): one status string per target, e.g. `V` or `C` for
     /// verity.
-    pub fn status(&self, name: &str) -> Result<Vec<String>, String> {
+    pub fn status(&self, name: &str) -> Result<Vec<String>> {
         let mut size = 4096;
         loop {
             let mut b = Buffer::new(name, 0, size)?;
-            self.ioctl(Cmd::TableStatus, &mut b)
-                .map_err(|e| format!("{e} (status of device {name})"))?;
+            self.ioctl(Cmd::TableStatus, &mut b, || {
+                format!("status of device {name}")
+            })?;
             if b.flags() & BUFFER_FULL_FLAG == 0 {
                 return Ok(b.target_statuses());
             }
             if size >= 1 << 20 {
-                return Err(format!("device-mapper status of {name} does not fit 1 MiB"));
+                return Err(Error::StatusTooLarge(name.to_string()));
             }
             size *= 4;
         }
     }
 
     /// DM_DEV_REMOVE.
-    pub fn remove(&self, name: &str) -> Result<(), String> {
+    pub fn remove(&self, name: &str) -> Result<()> {
         let mut b = Buffer::new(name, 0, HEADER_SIZE)?;
-        self.ioctl(Cmd::DevRemove, &mut b)
-            .map_err(|e| format!("{e} (remove of device {name})"))
+        self.ioctl(Cmd::DevRemove, &mut b, || {
+            format!("remove of device {name}")
+        })
     }
 }
 
@@ -387,16 +443,19 @@ pub struct ThinPoolStatus {
 }
 
 impl ThinPoolStatus {
-    pub fn parse(line: &str) -> Result<Self, String> {
-        let bad = || format!("unexpected thin-pool status {line:?}");
+    pub fn parse(line: &str) -> Result<Self> {
+        let bad = || Error::BadStatus {
+            target: "thin-pool",
+            line: line.to_string(),
+        };
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.first() == Some(&"Fail") {
-            return Err("thin pool has failed (status Fail)".to_owned());
+            return Err(Error::Failed("thin pool"));
         }
         if f.len() < 3 {
             return Err(bad());
         }
-        let ratio = |s: &str| -> Result<(u64, u64), String> {
+        let ratio = |s: &str| -> Result<(u64, u64)> {
             let (a, b) = s.split_once('/').ok_or_else(bad)?;
             Ok((a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
         };
@@ -423,11 +482,14 @@ pub struct ThinStatus {
 }
 
 impl ThinStatus {
-    pub fn parse(line: &str) -> Result<Self, String> {
-        let bad = || format!("unexpected thin status {line:?}");
+    pub fn parse(line: &str) -> Result<Self> {
+        let bad = || Error::BadStatus {
+            target: "thin",
+            line: line.to_string(),
+        };
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.first() == Some(&"Fail") {
-            return Err("thin device has failed (status Fail)".to_owned());
+            return Err(Error::Failed("thin device"));
         }
         if f.len() < 2 {
             return Err(bad());

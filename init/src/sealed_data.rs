@@ -559,8 +559,8 @@ fn open_volume(part: &BlockDev, meta: &Value, key_hex: &str, dev_dir: &Path) -> 
         sectors,
     )
     .map_err(|e| format!("the LUKS2 header of {}: {e}", dev.display()))?;
-    let ctl = dm::Control::open(dev_dir)?;
-    ctl.create(MAPPER_NAME, 0)?;
+    let ctl = dm::Control::open(dev_dir).map_err(|e| e.to_string())?;
+    ctl.create(MAPPER_NAME, 0).map_err(|e| e.to_string())?;
     let loaded = ctl
         .load_table(MAPPER_NAME, 0, length, "crypt", &params)
         .and_then(|()| ctl.resume(MAPPER_NAME));

@@ -28,8 +28,11 @@ enum Fatal {
     },
 }
 
-fn step(step: &'static str) -> impl FnOnce(String) -> Fatal {
-    move |detail| Fatal::Step { step, detail }
+fn step<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> Fatal {
+    move |e| Fatal::Step {
+        step,
+        detail: e.to_string(),
+    }
 }
 
 pub fn run() -> ! {
@@ -159,7 +162,7 @@ fn open_verity(
         // A table the kernel refuses (bad hash, sizes beyond the partition) is this
         // slot's fault: report it as a verity failure so the operator looks at the slot.
         let _ = ctl.remove(DM_NAME);
-        return Err(verity_fail(e));
+        return Err(verity_fail(e.to_string()));
     }
     let node = disk::BlockDev {
         devname: format!("dm-{minor}"),

@@ -18,8 +18,11 @@ pub enum Error {
     TooSmall { path: PathBuf, bytes: u64, min: u64 },
     #[error("pool device {path}: {detail}")]
     BadPool { path: PathBuf, detail: String },
-    #[error("pool device {path}: device-mapper: {detail}")]
-    DeviceMapper { path: PathBuf, detail: String },
+    #[error("pool device {path}: device-mapper: {source}")]
+    DeviceMapper {
+        path: PathBuf,
+        source: edge_dm::Error,
+    },
     #[error("volume {name}: {detail}")]
     BadRequest { name: String, detail: String },
     #[error("volume {name} is in use: {detail}")]

@@ -94,9 +94,9 @@ impl Pool {
                 })
             }
         };
-        let ctl = Control::open(&opts.dev_dir).map_err(|detail| Error::DeviceMapper {
+        let ctl = Control::open(&opts.dev_dir).map_err(|source| Error::DeviceMapper {
             path: path.to_owned(),
-            detail,
+            source,
         })?;
         let formatted = existing.is_none();
         let (sb, generation, catalog) = match existing {
@@ -150,10 +150,10 @@ impl Pool {
         &self.path
     }
 
-    pub(crate) fn dm_err(&self) -> impl Fn(String) -> Error + '_ {
-        move |detail| Error::DeviceMapper {
+    pub(crate) fn dm_err(&self) -> impl Fn(edge_dm::Error) -> Error + '_ {
+        move |source| Error::DeviceMapper {
             path: self.path.clone(),
-            detail,
+            source,
         }
     }
 
@@ -164,9 +164,9 @@ impl Pool {
     /// The thin pool's status: transaction id, metadata and data blocks used, mode.
     pub fn status(&self) -> Result<ThinPoolStatus> {
         let lines = self.ctl.status(&self.pool_name()).map_err(self.dm_err())?;
-        let line = lines.first().ok_or_else(|| Error::DeviceMapper {
+        let line = lines.first().ok_or_else(|| Error::BadPool {
             path: self.path.clone(),
-            detail: "thin pool has no target".into(),
+            detail: "device-mapper: thin pool has no target".into(),
         })?;
         ThinPoolStatus::parse(line).map_err(self.dm_err())
     }

@@ -244,7 +244,7 @@ impl Pool {
         if self.ctl.info(&dm).map_err(self.dm_err())?.is_some() {
             self.ctl.remove(&dm).map_err(|e| Error::Busy {
                 name: name.to_owned(),
-                detail: e,
+                detail: e.to_string(),
             })?;
         }
         let _ = std::fs::remove_file(self.opts.dev_dir.join("mapper").join(&dm));

@@ -177,7 +177,7 @@ fn block_jobs(devs: [(&str, &Path); 2]) -> Result<[Value; 2], String> {
 /// use during each job.
 fn layers(raw: &Path, rwo: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let ctl = edge_dm::Control::open(Path::new("/dev"))?;
+    let ctl = edge_dm::Control::open(Path::new("/dev")).map_err(|e| e.to_string())?;
     let sectors = DEVICE_BYTES / 512;
     let mut lower = raw.to_path_buf();
     let mut devs = vec![("raw".to_owned(), raw.to_path_buf())];
@@ -186,9 +186,10 @@ fn layers(raw: &Path, rwo: &Path) -> Result<(), String> {
             .map_err(|e| format!("stat {}: {e}", lower.display()))?
             .rdev();
         let params = edge_dm::linear_params(libc::major(rdev), libc::minor(rdev), 0);
-        let (major, minor) = ctl.create(name, 0)?;
-        ctl.load_table(name, 0, sectors, "linear", &params)?;
-        ctl.resume(name)?;
+        let (major, minor) = ctl.create(name, 0).map_err(|e| e.to_string())?;
+        ctl.load_table(name, 0, sectors, "linear", &params)
+            .map_err(|e| e.to_string())?;
+        ctl.resume(name).map_err(|e| e.to_string())?;
         let node = PathBuf::from(format!("/dev/bench-{name}"));
         storaged::volumes::make_node(&node, major, minor).map_err(|e| e.to_string())?;
         devs.push((name.to_owned(), node.clone()));

@@ -324,9 +324,10 @@ fn check_catalog(pool: &Path, model: &Model) -> Result<Catalog, String> {
 }
 
 fn pool_status() -> Result<edge_dm::ThinPoolStatus, String> {
-    let ctl = edge_dm::Control::open(Path::new("/dev"))?;
-    let lines = ctl.status("edgepool")?;
+    let ctl = edge_dm::Control::open(Path::new("/dev")).map_err(|e| e.to_string())?;
+    let lines = ctl.status("edgepool").map_err(|e| e.to_string())?;
     edge_dm::ThinPoolStatus::parse(lines.first().map(String::as_str).unwrap_or(""))
+        .map_err(|e| e.to_string())
 }
 
 fn choose(rng: &mut Rng, model: &Model, i: usize) -> Op {
@@ -546,7 +547,7 @@ async fn trials() -> Result<(), String> {
         ));
     }
     // A delete of an id the pool does not have fails: any that succeeds was leaked.
-    let ctl = edge_dm::Control::open(Path::new("/dev"))?;
+    let ctl = edge_dm::Control::open(Path::new("/dev")).map_err(|e| e.to_string())?;
     let leaked: Vec<u32> = (1..cat.next_thin_id)
         .filter(|id| ctl.message("edgepool", &format!("delete {id}")).is_ok())
         .collect();
