@@ -1,0 +1,192 @@
+//! `edgectl status`: each box as the core sees it: its records in the stream, what it
+//! last reported (acked offset, lag, drops), its last contact and its boot report.
+
+use std::path::PathBuf;
+
+use futures_util::StreamExt;
+
+use crate::{accepted_releases, kv_keys, unix_now, Cli};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Count only these topics (a NATS pattern, e.g. `sensors.>`).
+    #[arg(long, default_value = ">")]
+    topic: String,
+    /// Releases the core accepts, NAME=PATH of their pcr11.json (repeat): each
+    /// enrolled box's last boot report is replayed against them.
+    #[arg(long = "release", requires = "release_key")]
+    releases: Vec<String>,
+    /// The key the releases must be signed by (as for `enroll`).
+    #[arg(long)]
+    release_key: Option<PathBuf>,
+    /// A boot report older than this (by the box's clock against ours) is refused.
+    #[arg(long, default_value_t = 900)]
+    report_max_age_secs: u64,
+}
+
+/// One box as `status` shows it: what the core holds of it, and what it last said.
+#[derive(Default)]
+pub(crate) struct MachineRow {
+    records: usize,
+    last_offset: u64,
+    /// Newest message of any subject from the box (unix seconds).
+    contact: i64,
+    status: Option<fabricd::uplink::BoxStatus>,
+}
+
+pub(crate) async fn run(
+    cli: &Cli,
+    js: &async_nats::jetstream::Context,
+    args: &Args,
+) -> Result<(), String> {
+    let Args {
+        topic,
+        releases,
+        release_key,
+        report_max_age_secs,
+    } = args;
+    let releases = accepted_releases(releases, release_key.as_deref())?;
+    let stream = js
+        .get_stream(&cli.stream)
+        .await
+        .map_err(|e| format!("no stream {}: {e}", cli.stream))?;
+    let mut subjects = stream
+        .info_with_subjects(format!("{}.*.*.{topic}", cli.prefix))
+        .await
+        .map_err(|e| format!("failed to list subjects: {e}"))?;
+    let mut machines: std::collections::BTreeMap<String, MachineRow> = Default::default();
+    while let Some(item) = subjects.next().await {
+        let (subject, count) = item.map_err(|e| format!("failed to list subjects: {e}"))?;
+        let tokens: Vec<&str> = subject.splitn(4, '.').collect();
+        if tokens.len() < 4 || tokens[3].starts_with("_downlink") {
+            continue;
+        }
+        let last = stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .map_err(|e| format!("failed to read the last of {subject}: {e}"))?;
+        let row = machines
+            .entry(format!("{}.{}", tokens[1], tokens[2]))
+            .or_default();
+        row.contact = row.contact.max(last.time.unix_timestamp());
+        let offset = last
+            .headers
+            .get("Nats-Msg-Id")
+            .and_then(|v| v.as_str().rsplit('/').next().and_then(|o| o.parse().ok()))
+            .unwrap_or(0);
+        row.records += count;
+        row.last_offset = row.last_offset.max(offset);
+    }
+    // Each box's latest report, keyed `<site>.<machine>`.
+    let reports = js
+        .get_key_value(&cli.status_bucket)
+        .await
+        .map_err(|e| format!("no KV bucket {}: {e}", cli.status_bucket))?;
+    for key in kv_keys(js, &cli.status_bucket).await? {
+        let Ok(Some(entry)) = reports.entry(&key).await else {
+            continue;
+        };
+        if entry.operation != async_nats::jetstream::kv::Operation::Put {
+            continue;
+        }
+        let row = machines.entry(key.clone()).or_default();
+        row.contact = row.contact.max(entry.created.unix_timestamp());
+        match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&entry.value) {
+            Ok(s) => row.status = Some(s),
+            Err(e) => eprintln!("{key}: unreadable status report: {e}"),
+        }
+    }
+    // Each enrolled box's record (none before any enrollment, or for boxes given a
+    // certificate by hand).
+    let mut enrolled = std::collections::HashMap::new();
+    if let Ok(bucket) = js.get_key_value(&cli.enrolled_bucket).await {
+        if let Ok(keys) = kv_keys(js, &cli.enrolled_bucket).await {
+            for key in keys {
+                if let Ok(Some(v)) = bucket.get(&key).await {
+                    match serde_json::from_slice::<edge_tpm::enrollment::Enrolled>(&v) {
+                        Ok(e) => {
+                            enrolled.insert(key, e);
+                        }
+                        Err(e) => eprintln!("{key}: unreadable enrollment record: {e}"),
+                    }
+                }
+            }
+        }
+    }
+    let now = unix_now() as i64;
+    let mut refusals = Vec::new();
+    // `box acked` and the lag are what the box last reported (`?`: no report yet).
+    // `boot`: the release and slot its last boot report replays to (`quoted`: its
+    // quote checks, no --release given; `-`: not enrolled; `MISSING`: enrolled
+    // but no boot report; `REFUSED`: the reason is printed below the table).
+    println!(
+        "{:<28} {:>10} {:>12} {:>10} {:>12} {:>12} {:>8} {:>14} {:>14}",
+        "site.machine",
+        "records",
+        "last offset",
+        "box acked",
+        "lag records",
+        "lag bytes",
+        "dropped",
+        "last contact",
+        "boot"
+    );
+    for (m, row) in machines {
+        let [acked, lag, lag_bytes, dropped] = match &row.status {
+            Some(s) => {
+                let sum = |f: fn(&fabricd::uplink::ClassStatus) -> u64| {
+                    s.classes.iter().map(f).sum::<u64>().to_string()
+                };
+                [
+                    s.classes
+                        .iter()
+                        .filter_map(|c| c.acked)
+                        .max()
+                        .map_or("-".into(), |a| a.to_string()),
+                    sum(|c| c.lag_records),
+                    sum(|c| c.lag_bytes),
+                    sum(|c| c.dropped_records),
+                ]
+            }
+            None => ["?", "?", "?", "?"].map(String::from),
+        };
+        let boot = match (
+            enrolled.get(&m),
+            row.status.as_ref().and_then(|s| s.boot.as_ref()),
+        ) {
+            (Some(e), Some(report)) => match edge_tpm::enrollment::check_report(
+                e,
+                report,
+                now as u64,
+                *report_max_age_secs,
+                &releases,
+            ) {
+                Ok(Some((release, slot))) => format!("{release}/{slot}"),
+                Ok(None) => "quoted".into(),
+                Err(e) => {
+                    refusals.push(format!("{m}: boot report refused: {e}"));
+                    "REFUSED".into()
+                }
+            },
+            // Enrolled, and no boot in its report: a box that stopped quoting
+            // (or never reported) is not taken on trust.
+            (Some(_), None) => {
+                refusals.push(format!(
+                    "{m}: enrolled, but its last status report has no boot report"
+                ));
+                "MISSING".into()
+            }
+            (None, _) => "-".into(),
+        };
+        println!(
+                "{m:<28} {:>10} {:>12} {acked:>10} {lag:>12} {lag_bytes:>12} {dropped:>8} {:>12}s ago {boot:>14}",
+                row.records,
+                row.last_offset,
+                now - row.contact
+            );
+    }
+    for r in refusals {
+        println!("{r}");
+    }
+    Ok(())
+}
