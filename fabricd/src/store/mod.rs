@@ -10,6 +10,11 @@
 //!
 //! Readers (the uplink) see only what has been fsynced: the writer publishes each
 //! segment's committed length in [`Meta`] after the fsync.
+//!
+//! The rooms: `segment` (the files, their index, the open segment), `recovery` (a
+//! segment checked or repaired when opened), `writer` (the group-commit thread),
+//! `retention` (quota by priority, age and size), `cursor` (reads); this file is the
+//! handle the rest of fabricd uses.
 
 mod cursor;
 mod recovery;

@@ -7,6 +7,11 @@
 //! Pods survive a noded restart: each sandbox carries the manifest file and a hash of
 //! it as labels, and a new noded adopts a running sandbox whose hash still matches
 //! instead of recreating it.
+//!
+//! The rooms: `sources` (which manifest files, from which directory, win), `lifecycle`
+//! (a pod's life as data and the decisions on it, without CRI), `spec` (a pod as CRI
+//! configuration), `runtime` (the CRI calls that carry a step out), `adopt` (an earlier
+//! noded's sandboxes), `report` (what is reported); this file wires them into passes.
 
 mod adopt;
 mod lifecycle;
