@@ -215,11 +215,12 @@ pub fn edge_tpm(program: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>, 
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("failed to run {}: {e}", program.display()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input)
-            .map_err(|e| format!("failed to write to {}: {e}", program.display()))?;
-    }
+    // A program that fails before reading its input closes the pipe: its own reason,
+    // read below, says more than the broken pipe.
+    let written = match child.stdin.take() {
+        Some(mut stdin) => stdin.write_all(input),
+        None => Ok(()),
+    };
     let out = child
         .wait_with_output()
         .map_err(|e| format!("failed to run {}: {e}", program.display()))?;
@@ -227,6 +228,7 @@ pub fn edge_tpm(program: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>, 
         let why = String::from_utf8_lossy(&out.stderr);
         return Err(why.lines().last().unwrap_or("no reason given").to_owned());
     }
+    written.map_err(|e| format!("failed to write to {}: {e}", program.display()))?;
     Ok(out.stdout)
 }
 
