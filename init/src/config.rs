@@ -267,15 +267,16 @@ pub fn layered(
 /// returned to be reported, and what could not be read stands at its default.
 pub fn load(path: &std::path::Path, cmdline: &str) -> (System, Vec<String>) {
     let origin = path.display().to_string();
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            let (sys, mut problems) = layered(None, &origin, &flags(cmdline));
-            problems.insert(0, format!("failed to read {origin}: {e}; using defaults"));
-            return (sys, problems);
-        }
+    let (text, unread) = match std::fs::read_to_string(path) {
+        Ok(t) => (Some(t), None),
+        Err(e) => (
+            None,
+            Some(format!("failed to read {origin}: {e}; using defaults")),
+        ),
     };
-    layered(text.as_deref(), &origin, &flags(cmdline))
+    let (sys, mut problems) = layered(text.as_deref(), &origin, &flags(cmdline));
+    problems.splice(0..0, unread);
+    (sys, problems)
 }
 
 #[cfg(test)]

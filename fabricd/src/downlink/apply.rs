@@ -9,10 +9,6 @@ use super::manifest::{for_this_box, verify_manifest, Item, Manifest};
 use super::status::Status;
 use super::{version_file, Report};
 
-pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply<'a>(
     key: &str,

@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::apply::sync_dir;
 use super::manifest::Item;
 use super::status::{Download, Status};
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
 
 /// Whether `need` more bytes of `name` fit on a file system with `free` of `total` bytes
 /// free, leaving a twentieth of it free for the log and the rest of the box: a download

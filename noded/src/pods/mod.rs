@@ -20,7 +20,6 @@ mod runtime;
 mod sources;
 mod spec;
 
-pub use lifecycle::{backoff, BACKOFF_MAX};
 pub use report::{static_pods_up, ContainerReport, PodReport, Status};
 pub use sources::{is_manifest_file, API_PREFIX};
 pub use spec::pod_log_dir_of;
