@@ -8,6 +8,7 @@
 pub mod console;
 pub mod control;
 pub mod core;
+pub mod cpio;
 pub mod disk;
 pub mod gpt;
 pub mod interactive;

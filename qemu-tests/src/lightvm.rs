@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::cpio;
+
 /// The workspace root (qemu-tests' parent). Cargo sets CARGO_MANIFEST_DIR when it runs
 /// a test, and that is preferred: the compile-time value can name another clone that
 /// shares the target directory (its build of the same path looks fresh to cargo).
@@ -203,55 +205,6 @@ impl Kernel {
     }
 }
 
-/// A minimal newc cpio writer (owners root, times zero).
-struct Cpio<W: Write> {
-    out: W,
-    ino: u32,
-    len: usize,
-}
-
-impl<W: Write> Cpio<W> {
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> Result<()> {
-        self.ino += 1;
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            0,
-            0,
-            name.len() as u32 + 1,
-            0,
-        ];
-        let mut h = String::from("070701");
-        for f in fields {
-            h.push_str(&format!("{f:08X}"));
-        }
-        self.put(h.as_bytes())?;
-        self.put(name.as_bytes())?;
-        self.put(&[0])?;
-        self.pad()?;
-        self.put(data)?;
-        self.pad()
-    }
-
-    fn put(&mut self, b: &[u8]) -> Result<()> {
-        self.out.write_all(b)?;
-        self.len += b.len();
-        Ok(())
-    }
-
-    fn pad(&mut self) -> Result<()> {
-        let n = (4 - self.len % 4) % 4;
-        self.put(&[0; 3][..n])
-    }
-}
-
 /// Writes an initramfs: `init` as /init, the modules for `wanted` under
 /// /lib/modules/<release>/ and their load order in /modules.order.
 pub fn initramfs(kernel: &Kernel, init: &Path, wanted: &[&str], out: &Path) -> Result<()> {
@@ -270,53 +223,39 @@ pub fn initramfs_with_files(
     let order = kernel.load_order(wanted)?;
     let file = std::fs::File::create(out)
         .with_context(|| format!("failed to create {}", out.display()))?;
-    let mut c = Cpio {
-        out: std::io::BufWriter::new(file),
-        ino: 0,
-        len: 0,
-    };
+    let mut c = cpio::Writer::new(std::io::BufWriter::new(file));
     let bin = std::fs::read(init).with_context(|| format!("failed to read {}", init.display()))?;
-    c.entry("init", 0o100755, &bin)?;
+    c.file("init", 0o755, &bin)?;
     let mut dirs = BTreeSet::new();
-    let mut list = String::new();
-    for (host, inside) in files {
-        for (i, _) in inside.match_indices('/') {
-            if dirs.insert(inside[..i].to_owned()) {
-                c.entry(&inside[..i], 0o040755, &[])?;
+    // Each parent of `path` not yet in the archive, outermost first.
+    let mut parents =
+        |c: &mut cpio::Writer<std::io::BufWriter<std::fs::File>>, path: &str| -> Result<()> {
+            for (i, _) in path.match_indices('/') {
+                if dirs.insert(path[..i].to_owned()) {
+                    c.dir(&path[..i], 0o755)?;
+                }
             }
-        }
+            Ok(())
+        };
+    for (host, inside) in files {
+        parents(&mut c, inside)?;
         let data =
             std::fs::read(host).with_context(|| format!("failed to read {}", host.display()))?;
-        c.entry(inside, 0o100755, &data)?;
+        c.file(inside, 0o755, &data)?;
     }
+    let mut list = String::new();
     for m in &order {
         let full = format!("lib/modules/{}/{m}", kernel.release);
-        let mut prefix = String::new();
-        for part in full
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map(|x| x.1)
-            .unwrap_or(&[])
-        {
-            prefix = if prefix.is_empty() {
-                (*part).to_owned()
-            } else {
-                format!("{prefix}/{part}")
-            };
-            if dirs.insert(prefix.clone()) {
-                c.entry(&prefix, 0o040755, &[])?;
-            }
-        }
+        parents(&mut c, &full)?;
         let data = std::fs::read(kernel.modules_dir.join(m))
             .with_context(|| format!("failed to read module {m}"))?;
-        c.entry(&full, 0o100644, &data)?;
+        c.file(&full, 0o644, &data)?;
         list.push_str(&format!("/{full}\n"));
     }
-    c.entry("modules.order", 0o100644, list.as_bytes())?;
-    c.entry("TRAILER!!!", 0, &[])?;
-    c.out.flush()?;
-    Ok(())
+    c.file("modules.order", 0o644, list.as_bytes())?;
+    c.finish()?
+        .flush()
+        .with_context(|| format!("failed to write {}", out.display()))
 }
 
 /// One result line of the test program.

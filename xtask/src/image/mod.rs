@@ -3,7 +3,6 @@
 //! each step lives in its own submodule.
 
 mod cmd;
-mod cpio;
 mod debs;
 pub mod definition;
 mod disk;
@@ -19,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use qemu_tests::cpio;
 use sha2::{Digest, Sha256};
 
 use definition::{Compression, Definition};
