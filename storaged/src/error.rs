@@ -23,6 +23,48 @@ pub enum Error {
         path: PathBuf,
         source: edge_dm::Error,
     },
+    #[error("failed to {op} {path} at byte {offset}: {source}")]
+    DiskIo {
+        op: &'static str,
+        path: PathBuf,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("{disk}: {detail}")]
+    PartitionTable { disk: PathBuf, detail: String },
+    #[error(
+        "no room for a pool partition on {disk}: {free_mib} MiB free after the last partition, \
+         the pool needs at least {min_mib} MiB"
+    )]
+    NoRoom {
+        disk: PathBuf,
+        free_mib: u64,
+        min_mib: u64,
+    },
+    #[error("failed to add partition {pno} of {disk} to the kernel (BLKPG): {source}")]
+    Blkpg {
+        disk: PathBuf,
+        pno: u32,
+        source: std::io::Error,
+    },
+    #[error("no device node {0} appeared")]
+    NoDeviceNode(PathBuf),
+    #[error("{program} failed ({status}): {stderr}")]
+    Tool {
+        program: PathBuf,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("failed to bind the {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Common(#[from] edge_common::Error),
+    #[error("CSI server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
     #[error("volume {name}: {detail}")]
     BadRequest { name: String, detail: String },
     #[error("volume {name} is in use: {detail}")]

@@ -168,7 +168,7 @@ fn nvme_candidates() -> (Option<PathBuf>, Option<PathBuf>) {
 /// first all-zero NVMe disk, else the `pool` partition on the system disk (found, or
 /// made in its free space: `partition.rs`). Names alone would not do: NVMe controllers
 /// probe in parallel, so `nvme0`/`nvme1` can swap between boots.
-fn auto_device(block_sectors: u32) -> Result<Option<PathBuf>, String> {
+fn auto_device(block_sectors: u32) -> storaged::Result<Option<PathBuf>> {
     let (sys, dev) = (Path::new("/sys"), Path::new("/dev"));
     let (ours, empty) = nvme_candidates();
     if ours.is_some() {
@@ -190,7 +190,7 @@ fn auto_device(block_sectors: u32) -> Result<Option<PathBuf>, String> {
     Ok(made)
 }
 
-fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
+fn claim(config: &Config) -> storaged::Result<Option<storaged::Pool>> {
     let device = match (&config.pool_device, &config.pool_serial) {
         (Some(d), _) if d == Path::new(AUTO) => match auto_device(config.pool_block_kib * 2)? {
             Some(d) => d,
@@ -225,8 +225,8 @@ fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
         block_sectors: config.pool_block_kib * 2,
         ..Default::default()
     };
-    let pool = storaged::Pool::open(device, opts).map_err(|e| e.to_string())?;
-    let st = pool.status().map_err(|e| e.to_string())?;
+    let pool = storaged::Pool::open(device, opts)?;
+    let st = pool.status()?;
     tracing::info!(
         device = %device.display(),
         volumes = pool.volumes().len(),
@@ -239,8 +239,8 @@ fn claim(config: &Config) -> Result<Option<storaged::Pool>, String> {
     Ok(Some(pool))
 }
 
-async fn serve(config: Config) -> Result<(), String> {
-    edge_common::ensure_dir(&config.state_dir).map_err(|e| e.to_string())?;
+async fn serve(config: Config) -> storaged::Result<()> {
+    edge_common::ensure_dir(&config.state_dir)?;
     // A pool device that cannot be claimed (foreign data, a damaged superblock) needs
     // an operator, not a restart loop or a rolled-back update: storaged says why and
     // serves without a pool, and CSI calls for volumes get FAILED_PRECONDITION.
@@ -258,7 +258,7 @@ async fn serve(config: Config) -> Result<(), String> {
         tokio::spawn(storaged::metrics::serve(metrics, shared.clone()));
     }
     tokio::spawn(storaged::metrics::watch(shared, FULLNESS_PERIOD));
-    edge_common::notify_ready().map_err(|e| e.to_string())?;
+    edge_common::notify_ready()?;
     storaged::csi::serve_on(listener, driver).await
 }
 

@@ -255,10 +255,14 @@ pub fn render(pool: Option<&Pool>) -> String {
 }
 
 /// Binds the metrics port (`metrics_listen`, e.g. `127.0.0.1:9402`).
-pub async fn bind(addr: &str) -> Result<TcpListener, String> {
+pub async fn bind(addr: &str) -> crate::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("failed to bind the metrics port {addr}: {e}"))
+        .map_err(|source| crate::Error::Bind {
+            what: "metrics port",
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 async fn with_pool<T: Send + 'static>(

@@ -7,6 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::{Error, Result};
+
 /// One line of /proc/self/mountinfo, the fields storaged uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
@@ -247,26 +249,25 @@ fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
     let path = tool(program);
     let out = Command::new(&path)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("failed to run {}: {e}", path.display()))?;
+        .map_err(Error::io("failed to run", &path))?;
     if out.status.success() {
         return Ok(());
     }
-    Err(format!(
-        "{} failed ({}): {}",
-        path.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    ))
+    Err(Error::Tool {
+        program: path,
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
 }
 
 /// Formats an empty volume as `fs`.
-pub fn mkfs(fs: Fs, device: &Path) -> Result<(), String> {
+pub fn mkfs(fs: Fs, device: &Path) -> Result<()> {
     match fs {
         Fs::Ext4 => mkfs_ext4(device),
         Fs::Xfs => mkfs_xfs(device),
@@ -277,7 +278,7 @@ pub fn mkfs(fs: Fs, device: &Path) -> Result<(), String> {
 /// thin volume reads as zeros already, so mke2fs neither discards nor writes inode
 /// tables, and the volume takes pool space only for what the filesystem really writes.
 /// No reserved blocks: the volume is the pod's, not root's.
-pub fn mkfs_ext4(device: &Path) -> Result<(), String> {
+pub fn mkfs_ext4(device: &Path) -> Result<()> {
     run(
         "mke2fs",
         &[
@@ -296,7 +297,7 @@ pub fn mkfs_ext4(device: &Path) -> Result<(), String> {
 /// Formats an empty volume as XFS. `-K`: no discard, a new thin volume has nothing
 /// mapped to discard. (mkfs.xfs still writes its whole log, 64 MiB on small volumes;
 /// it has no "storage is zeroed" option.)
-pub fn mkfs_xfs(device: &Path) -> Result<(), String> {
+pub fn mkfs_xfs(device: &Path) -> Result<()> {
     run(
         "mkfs.xfs",
         &["-q".as_ref(), "-K".as_ref(), device.as_os_str()],
@@ -305,7 +306,7 @@ pub fn mkfs_xfs(device: &Path) -> Result<(), String> {
 
 /// Grows a mounted filesystem online to its device's size: resize2fs takes the device,
 /// xfs_growfs the mount point.
-pub fn grow(fs: Fs, device: &Path, mount_point: &Path) -> Result<(), String> {
+pub fn grow(fs: Fs, device: &Path, mount_point: &Path) -> Result<()> {
     match fs {
         Fs::Ext4 => grow_ext4(device),
         Fs::Xfs => run("xfs_growfs", &["-d".as_ref(), mount_point.as_os_str()]),
@@ -313,7 +314,7 @@ pub fn grow(fs: Fs, device: &Path, mount_point: &Path) -> Result<(), String> {
 }
 
 /// Grows the ext4 filesystem on `device` (mounted: online) to the device's size.
-pub fn grow_ext4(device: &Path) -> Result<(), String> {
+pub fn grow_ext4(device: &Path) -> Result<()> {
     run("resize2fs", &[device.as_os_str()])
 }
 

@@ -14,6 +14,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::{Error, Result};
+
 /// The partition's GPT name.
 pub const LABEL: &str = "pool";
 /// The partition type: "Linux filesystem data" (0fc63daf-8483-4772-8e79-3d69d8477de4),
@@ -137,27 +139,42 @@ impl Gpt {
     }
 }
 
-fn read_at(f: &File, disk: &Path, off: u64, len: usize) -> Result<Vec<u8>, String> {
+fn disk_io(op: &'static str, disk: &Path, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+    let path = disk.to_owned();
+    move |source| Error::DiskIo {
+        op,
+        path,
+        offset,
+        source,
+    }
+}
+
+fn read_at(f: &File, disk: &Path, off: u64, len: usize) -> Result<Vec<u8>> {
     let mut b = vec![0u8; len];
     f.read_exact_at(&mut b, off)
-        .map_err(|e| format!("failed to read {} at byte {off}: {e}", disk.display()))?;
+        .map_err(disk_io("read", disk, off))?;
     Ok(b)
 }
 
-fn write_at(f: &File, disk: &Path, off: u64, b: &[u8]) -> Result<(), String> {
-    f.write_all_at(b, off)
-        .map_err(|e| format!("failed to write {} at byte {off}: {e}", disk.display()))
+fn write_at(f: &File, disk: &Path, off: u64, b: &[u8]) -> Result<()> {
+    f.write_all_at(b, off).map_err(disk_io("write", disk, off))
 }
 
-fn sync(f: &File, disk: &Path) -> Result<(), String> {
-    f.sync_all()
-        .map_err(|e| format!("failed to flush {}: {e}", disk.display()))
+fn sync(f: &File, disk: &Path) -> Result<()> {
+    f.sync_all().map_err(Error::io("failed to flush", disk))
+}
+
+fn table(disk: &Path, detail: impl Into<String>) -> Error {
+    Error::PartitionTable {
+        disk: disk.to_owned(),
+        detail: detail.into(),
+    }
 }
 
 /// The primary GPT, checked (signature, header and entry array CRCs). Anything else is
 /// an error: a table storaged cannot verify is not one it writes to.
-fn read_primary(f: &File, disk: &Path, lbs: u64) -> Result<Gpt, String> {
-    let bad = |why: &str| format!("{}: {why}", disk.display());
+fn read_primary(f: &File, disk: &Path, lbs: u64) -> Result<Gpt> {
+    let bad = |why: &str| table(disk, why);
     let header = read_at(f, disk, lbs, lbs as usize)?;
     if &header[..8] != b"EFI PART" {
         return Err(bad("no GPT (no \"EFI PART\" header at LBA 1)"));
@@ -222,7 +239,7 @@ fn ensure_entry(
     disk_bytes: u64,
     lbs: u64,
     min_bytes: u64,
-) -> Result<(u32, u64, u64), String> {
+) -> Result<(u32, u64, u64)> {
     let mut gpt = read_primary(f, disk, lbs)?;
     if let Some(i) = gpt.find(LABEL) {
         let (first, last) = gpt.range(i);
@@ -232,19 +249,18 @@ fn ensure_entry(
     let old_alternate = gpt.alternate_lba();
     let array = gpt.array_blocks();
     if old_alternate >= blocks || old_alternate <= gpt.last_usable() {
-        return Err(format!(
-            "{}: GPT backup header at LBA {old_alternate} does not fit a disk of {blocks} blocks",
-            disk.display()
+        return Err(table(
+            disk,
+            format!(
+                "GPT backup header at LBA {old_alternate} does not fit a disk of {blocks} blocks"
+            ),
         ));
     }
     let used: Vec<usize> = (0..gpt.count).filter(|&i| gpt.used(i)).collect();
     let highest = used.iter().map(|&i| gpt.range(i).1).max().unwrap_or(0);
-    let slot = (0..gpt.count).find(|&i| !gpt.used(i)).ok_or_else(|| {
-        format!(
-            "{}: every GPT entry is in use; no room for a pool entry",
-            disk.display()
-        )
-    })?;
+    let slot = (0..gpt.count)
+        .find(|&i| !gpt.used(i))
+        .ok_or_else(|| table(disk, "every GPT entry is in use; no room for a pool entry"))?;
     // The backup array and header at the disk's end, and the usable area up to them.
     let new_alternate = blocks - 1;
     let new_backup_array = new_alternate - array;
@@ -258,21 +274,19 @@ fn ensure_entry(
         0
     };
     if free < min_bytes {
-        return Err(format!(
-            "no room for a {LABEL} partition on {}: {} MiB free after the last partition, the \
-             pool needs at least {} MiB",
-            disk.display(),
-            free >> 20,
-            min_bytes >> 20
-        ));
+        return Err(Error::NoRoom {
+            disk: disk.to_owned(),
+            free_mib: free >> 20,
+            min_mib: min_bytes >> 20,
+        });
     }
     // The old backup copy must lie beyond every partition, or zeroing it below would
     // destroy data.
     let old_array = old_alternate.saturating_sub(array);
     if old_alternate != new_alternate && old_array <= highest {
-        return Err(format!(
-            "{}: GPT backup table at LBA {old_array} overlaps a partition",
-            disk.display()
+        return Err(table(
+            disk,
+            format!("GPT backup table at LBA {old_array} overlaps a partition"),
         ));
     }
 
@@ -371,7 +385,7 @@ fn kernel_partition(sys: &Path, disk: &str, pno: u32) -> Option<String> {
 
 /// BLKPG_ADD_PARTITION: the kernel learns one partition without re-reading a table
 /// whose other partitions are in use.
-fn blkpg_add(f: &File, disk: &Path, pno: u32, start: u64, length: u64) -> Result<(), String> {
+fn blkpg_add(f: &File, disk: &Path, pno: u32, start: u64, length: u64) -> Result<()> {
     #[repr(C)]
     struct BlkpgPartition {
         start: libc::c_longlong,
@@ -407,11 +421,11 @@ fn blkpg_add(f: &File, disk: &Path, pno: u32, start: u64, length: u64) -> Result
     // SAFETY: the argument points at a live, correctly laid out blkpg_partition.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKPG, &mut arg) };
     if rc != 0 {
-        return Err(format!(
-            "failed to add partition {pno} of {} to the kernel (BLKPG): {}",
-            disk.display(),
-            std::io::Error::last_os_error()
-        ));
+        return Err(Error::Blkpg {
+            disk: disk.to_owned(),
+            pno,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -419,22 +433,17 @@ fn blkpg_add(f: &File, disk: &Path, pno: u32, start: u64, length: u64) -> Result
 /// The partition labelled `pool` on the system disk `disk` (a name under /sys/block):
 /// the existing entry, or a new one made in the free space at the disk's end (at least
 /// `min_bytes`). Returns its device node once the kernel has it.
-pub fn pool_partition_on(
-    sys: &Path,
-    dev: &Path,
-    disk: &str,
-    min_bytes: u64,
-) -> Result<PathBuf, String> {
+pub fn pool_partition_on(sys: &Path, dev: &Path, disk: &str, min_bytes: u64) -> Result<PathBuf> {
     let path = dev.join(disk);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+        .map_err(Error::io("failed to open", &path))?;
     let disk_bytes = {
         use std::io::{Seek, SeekFrom};
         (&f).seek(SeekFrom::End(0))
-            .map_err(|e| format!("failed to size {}: {e}", path.display()))?
+            .map_err(Error::io("failed to size", &path))?
     };
     let lbs: u64 = std::fs::read_to_string(
         sys.join("block")
@@ -455,9 +464,9 @@ pub fn pool_partition_on(
                     break n;
                 }
                 if Instant::now() > deadline {
-                    return Err(format!(
-                        "{}: the kernel accepted partition {pno} but shows no device for it",
-                        path.display()
+                    return Err(table(
+                        &path,
+                        format!("the kernel accepted partition {pno} but shows no device for it"),
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -469,7 +478,7 @@ pub fn pool_partition_on(
     let deadline = Instant::now() + Duration::from_secs(5);
     while !node.exists() {
         if Instant::now() > deadline {
-            return Err(format!("no device node {} appeared", node.display()));
+            return Err(Error::NoDeviceNode(node));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -484,7 +493,7 @@ pub fn labelled_pool(sys: &Path, dev: &Path) -> Option<PathBuf> {
 /// The pool partition: one the kernel knows as `pool` (any disk), else the `pool` entry
 /// of the system disk's GPT, made in its free space if there is none. `Ok(None)`: no
 /// system disk (no partition labelled `data`), so nowhere to make one.
-pub fn pool_partition(sys: &Path, dev: &Path, min_bytes: u64) -> Result<Option<PathBuf>, String> {
+pub fn pool_partition(sys: &Path, dev: &Path, min_bytes: u64) -> Result<Option<PathBuf>> {
     if let Some((name, _)) = labelled(sys, LABEL) {
         return Ok(Some(dev.join(name)));
     }
@@ -492,9 +501,9 @@ pub fn pool_partition(sys: &Path, dev: &Path, min_bytes: u64) -> Result<Option<P
         return Ok(None);
     };
     let disk = disk_of(&data_sys).ok_or_else(|| {
-        format!(
-            "cannot tell which disk holds the {SYSTEM_LABEL} partition ({})",
-            data_sys.display()
+        table(
+            &data_sys,
+            format!("cannot tell which disk holds the {SYSTEM_LABEL} partition"),
         )
     })?;
     pool_partition_on(sys, dev, &disk, min_bytes).map(Some)
@@ -597,6 +606,8 @@ mod tests {
             .open(&img)
             .unwrap();
         let e = ensure_entry(&f, &img, 40 << 20, 512, 32 << 20).unwrap_err();
+        assert!(matches!(e, Error::NoRoom { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(
             e.contains("no room for a pool partition") && e.contains("disk.raw"),
             "{e}"
@@ -610,7 +621,9 @@ mod tests {
             .write(true)
             .open(&blank)
             .unwrap();
-        let e = ensure_entry(&f, &blank, 40 << 20, 512, 32 << 20).unwrap_err();
+        let e = ensure_entry(&f, &blank, 40 << 20, 512, 32 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no GPT"), "{e}");
     }
 

@@ -110,26 +110,29 @@ impl tower::Service<http::Request<Body>> for Server {
 /// Binds the CSI socket, so the caller can report readiness once it accepts
 /// connections. A stale socket file (from a previous run) is replaced; the socket is
 /// 0600 (only root's kubelet or noded talk to it).
-pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, String> {
+pub fn bind(socket: &Path) -> crate::Result<tokio::net::UnixListener> {
+    use crate::Error;
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(Error::io("failed to create", dir))?;
     }
     match std::fs::remove_file(socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("failed to remove stale {}: {e}", socket.display())),
+        Err(e) => return Err(Error::io("failed to remove stale", socket)(e)),
     }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .map_err(|e| format!("failed to bind the CSI socket {}: {e}", socket.display()))?;
+    let listener = tokio::net::UnixListener::bind(socket).map_err(|source| Error::Bind {
+        what: "CSI socket",
+        addr: socket.display().to_string(),
+        source,
+    })?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("failed to chmod {}: {e}", socket.display()))?;
+        .map_err(Error::io("failed to chmod", socket))?;
     Ok(listener)
 }
 
 /// Serves CSI on `listener` until the server fails.
-pub async fn serve_on(listener: tokio::net::UnixListener, driver: Driver) -> Result<(), String> {
+pub async fn serve_on(listener: tokio::net::UnixListener, driver: Driver) -> crate::Result<()> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .serve_with_incoming(
@@ -139,5 +142,5 @@ pub async fn serve_on(listener: tokio::net::UnixListener, driver: Driver) -> Res
             incoming,
         )
         .await
-        .map_err(|e| format!("CSI server failed: {e}"))
+        .map_err(crate::Error::Serve)
 }

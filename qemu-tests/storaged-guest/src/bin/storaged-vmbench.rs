@@ -313,7 +313,7 @@ fn cpu_ticks() -> Option<(u64, u64)> {
 /// through the only bind (RWO; measured before and after the RWX job, the mean) and
 /// that of each of `READERS` readers through their own binds at the same time (RWX).
 fn fs_jobs(dev: &Path) -> Result<(f64, Vec<f64>), String> {
-    mounts::mkfs_ext4(dev)?;
+    mounts::mkfs_ext4(dev).map_err(|e| e.to_string())?;
     let staging = Path::new(STAGING);
     std::fs::create_dir_all(staging).map_err(|e| format!("mkdir {STAGING}: {e}"))?;
     mounts::mount_fs(dev, staging, "ext4", 0, "")

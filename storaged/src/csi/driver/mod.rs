@@ -36,12 +36,22 @@ pub(super) fn status(e: Error) -> Status {
         Error::BadRequest { .. } => Status::invalid_argument(msg),
         Error::VolumeExists(_) => Status::already_exists(msg),
         Error::NoVolume(_) => Status::not_found(msg),
-        Error::Overcommit { .. } | Error::OutOfSpace { .. } => Status::resource_exhausted(msg),
+        Error::Overcommit { .. } | Error::OutOfSpace { .. } | Error::NoRoom { .. } => {
+            Status::resource_exhausted(msg)
+        }
         Error::Busy { .. } => Status::failed_precondition(msg),
         Error::ForeignData { .. } | Error::TooSmall { .. } => Status::failed_precondition(msg),
-        Error::Io { .. } | Error::BadPool { .. } | Error::DeviceMapper { .. } => {
-            Status::internal(msg)
-        }
+        Error::Io { .. }
+        | Error::DiskIo { .. }
+        | Error::BadPool { .. }
+        | Error::DeviceMapper { .. }
+        | Error::PartitionTable { .. }
+        | Error::Blkpg { .. }
+        | Error::NoDeviceNode(_)
+        | Error::Tool { .. }
+        | Error::Bind { .. }
+        | Error::Common(_)
+        | Error::Serve(_) => Status::internal(msg),
     }
 }
 

@@ -95,7 +95,7 @@ impl Driver {
                     let fs = cap.fs.unwrap_or(Fs::Ext4);
                     let size = volume_of(pool, &id)?.size_bytes;
                     check_fs_size(std::slice::from_ref(&cap), &id, size)?;
-                    mounts::mkfs(fs, &device).map_err(Status::internal)?;
+                    mounts::mkfs(fs, &device).map_err(status)?;
                     tracing::info!(volume = %id, fs = fs.name(), "formatted");
                     fs
                 }
@@ -384,7 +384,7 @@ impl Driver {
                         )))
                     }
                 };
-                mounts::grow(fs, &pool.device_node(&id), &path).map_err(Status::internal)?;
+                mounts::grow(fs, &pool.device_node(&id), &path).map_err(status)?;
                 tracing::info!(volume = %id, size = v.size_bytes, fs = fs.name(), "filesystem grown");
                 Ok(v.size_bytes)
             })

@@ -165,12 +165,14 @@ pub fn run(after_reboot: bool) {
         };
         let listener = match storaged::csi::bind(Path::new(SOCKET)) {
             Ok(l) => l,
-            Err(e) => return report("csi_server", Err(e)),
+            Err(e) => return report("csi_server", Err(e.to_string())),
         };
         let driver = Driver::new(Some(pool), "vm".into());
         // The metrics endpoint as main.rs serves it, over the same pool.
         let metrics = match super::metrics::loopback_up() {
-            Ok(()) => storaged::metrics::bind(super::metrics::ADDR).await,
+            Ok(()) => storaged::metrics::bind(super::metrics::ADDR)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         match metrics {

@@ -45,7 +45,8 @@ fn partitions(disk: &Path) -> Vec<String> {
 }
 
 fn found() -> Result<PathBuf, String> {
-    storaged::partition::pool_partition(sys(), dev(), MIN)?
+    storaged::partition::pool_partition(sys(), dev(), MIN)
+        .map_err(|e| e.to_string())?
         .ok_or_else(|| "no pool partition and no system disk".to_string())
 }
 
@@ -152,7 +153,7 @@ pub fn refused() {
                 .to_string_lossy()
                 .into_owned();
             match storaged::partition::pool_partition_on(sys(), dev(), &name, MIN) {
-                Err(e) if e.contains("no room for a pool partition") && e.contains(&name) => {
+                Err(e @ Error::NoRoom { .. }) if e.to_string().contains(&name) => {
                     println!("full disk: {e}");
                     Ok(())
                 }
@@ -169,7 +170,8 @@ pub fn refused() {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
-            let p = storaged::partition::pool_partition_on(sys(), dev(), &name, MIN)?;
+            let p = storaged::partition::pool_partition_on(sys(), dev(), &name, MIN)
+                .map_err(|e| e.to_string())?;
             match Pool::open(&p, opts()) {
                 Err(e @ Error::ForeignData { .. }) if e.to_string().contains("ext2/3/4") => Ok(()),
                 Err(e) => Err(format!("wrong error: {e}")),

@@ -97,7 +97,7 @@ pub fn run(after_reboot: bool) {
         };
         let listener = match storaged::csi::bind(Path::new(SOCKET)) {
             Ok(l) => l,
-            Err(e) => return report("xfs_server", Err(e)),
+            Err(e) => return report("xfs_server", Err(e.to_string())),
         };
         tokio::spawn(storaged::csi::serve_on(
             listener,
