@@ -16,14 +16,14 @@ pub struct Entry<'a> {
     pub dir: bool,
 }
 
-fn octal(field: &mut [u8], value: u64) -> Result<(), String> {
+fn octal(field: &mut [u8], value: u64) -> Result<(), Error> {
     // Octal digits, zero-padded, NUL-terminated: the field's last byte is the NUL.
     let digits = field.len() - 1;
     let s = format!("{value:0digits$o}");
     if s.len() > digits {
-        return Err(format!(
+        return Err(Error::Tar(format!(
             "value {value} does not fit a {digits}-digit tar field"
-        ));
+        )));
     }
     field[..digits].copy_from_slice(s.as_bytes());
     field[digits] = 0;
@@ -31,7 +31,7 @@ fn octal(field: &mut [u8], value: u64) -> Result<(), String> {
 }
 
 /// Splits `path` into ustar's prefix (155 bytes) and name (100 bytes) fields.
-fn split_path(path: &str) -> Result<(&str, &str), String> {
+fn split_path(path: &str) -> Result<(&str, &str), Error> {
     if path.len() <= 100 {
         return Ok(("", path));
     }
@@ -41,10 +41,12 @@ fn split_path(path: &str) -> Result<(&str, &str), String> {
             return Ok((prefix, name));
         }
     }
-    Err(format!("path {path:?} is too long for a ustar header"))
+    Err(Error::Tar(format!(
+        "path {path:?} is too long for a ustar header"
+    )))
 }
 
-fn header(e: &Entry) -> Result<[u8; BLOCK], String> {
+fn header(e: &Entry) -> Result<[u8; BLOCK], Error> {
     let path = if e.dir && !e.path.ends_with('/') {
         format!("{}/", e.path)
     } else {
@@ -57,7 +59,7 @@ fn header(e: &Entry) -> Result<[u8; BLOCK], String> {
 /// The header of a regular file of `size` bytes, for a writer that streams the data
 /// itself (followed by `padding(size)` zero bytes, and the archive by two zero blocks).
 pub fn file_header(path: &str, size: u64, mode: u32) -> Result<[u8; BLOCK], Error> {
-    make_header(path, size, mode, false).map_err(Error::Tar)
+    make_header(path, size, mode, false)
 }
 
 /// The zero bytes after `size` bytes of data, up to the next 512-byte block.
@@ -65,7 +67,7 @@ pub fn padding(size: u64) -> usize {
     ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize
 }
 
-fn make_header(path: &str, size: u64, mode: u32, dir: bool) -> Result<[u8; BLOCK], String> {
+fn make_header(path: &str, size: u64, mode: u32, dir: bool) -> Result<[u8; BLOCK], Error> {
     let mut h = [0u8; BLOCK];
     let (prefix, name) = split_path(path)?;
     h[..name.len()].copy_from_slice(name.as_bytes());
@@ -89,7 +91,7 @@ fn make_header(path: &str, size: u64, mode: u32, dir: bool) -> Result<[u8; BLOCK
 pub fn write(entries: &[Entry]) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
     for e in entries {
-        let h = header(e).map_err(Error::Tar)?;
+        let h = header(e)?;
         out.extend_from_slice(&h);
         if !e.dir {
             out.extend_from_slice(e.data);
