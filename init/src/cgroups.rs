@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Result};
+
 const CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
 
 /// Mounts cgroup2 at `root` (if not yet) and enables the controllers for child groups.
@@ -43,21 +45,16 @@ pub fn setup(root: &Path) -> Vec<String> {
 }
 
 /// A service's group: created on first start, limits rewritten on each start.
-pub fn prepare(
-    root: &Path,
-    service: &str,
-    limits: &[(&'static str, String)],
-) -> Result<PathBuf, String> {
+pub fn prepare(root: &Path, service: &str, limits: &[(&'static str, String)]) -> Result<PathBuf> {
     let dir = root.join(service);
     if let Err(e) = std::fs::create_dir(&dir) {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
-            return Err(format!("failed to create cgroup {}: {e}", dir.display()));
+            return Err(Error::io("create cgroup", &dir)(e));
         }
     }
     for (key, value) in limits {
         let path = dir.join(key);
-        std::fs::write(&path, value)
-            .map_err(|e| format!("failed to set {} to `{value}`: {e}", path.display()))?;
+        std::fs::write(&path, value).map_err(Error::io_to("set", &path, "to", value))?;
     }
     Ok(dir)
 }

@@ -49,10 +49,10 @@ pub fn parse(cmdline: &str) -> Result<BootParams, Error> {
 }
 
 /// Reads and parses `/proc/cmdline`.
-pub fn read() -> Result<BootParams, String> {
+pub fn read() -> crate::error::Result<BootParams> {
     let text = std::fs::read_to_string("/proc/cmdline")
-        .map_err(|e| format!("failed to read /proc/cmdline: {e}"))?;
-    parse(&text).map_err(|e| e.to_string())
+        .map_err(crate::error::Error::io("read", "/proc/cmdline"))?;
+    Ok(parse(&text)?)
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct System {
@@ -119,36 +121,43 @@ impl Default for Logs {
 /// The prefix of the kernel command-line flags that override system.toml's keys.
 pub const FLAG_PREFIX: &str = "edgeos.";
 
-pub fn parse(text: &str, origin: &str) -> Result<System, String> {
-    let sys: System = toml::from_str(text)
-        .map_err(|e| format!("{origin}: {}", e.to_string().trim_end().replace('\n', " ")))?;
+pub fn parse(text: &str, origin: &str) -> Result<System> {
+    let sys: System = toml::from_str(text).map_err(|e| Error::Config {
+        origin: origin.to_owned(),
+        detail: e.to_string().trim_end().replace('\n', " "),
+    })?;
     check(&sys, origin)?;
     Ok(sys)
 }
 
 /// The checks serde's types cannot make.
-fn check(sys: &System, origin: &str) -> Result<(), String> {
+fn check(sys: &System, origin: &str) -> Result<()> {
+    let bad = |detail: String| {
+        Err(Error::Config {
+            origin: origin.to_owned(),
+            detail,
+        })
+    };
     if sys.watchdog.timeout_s < 3 {
-        return Err(format!(
-            "{origin}: key `watchdog.timeout_s`: must be at least 3"
-        ));
+        return bad("key `watchdog.timeout_s`: must be at least 3".into());
     }
     if !(1..=3).contains(&sys.update.tries) {
-        return Err(format!("{origin}: key `update.tries`: must be 1 to 3"));
+        return bad("key `update.tries`: must be 1 to 3".into());
     }
     if sys.update.health_limit_s < 10 {
-        return Err(format!(
-            "{origin}: key `update.health_limit_s`: must be at least 10"
-        ));
+        return bad("key `update.health_limit_s`: must be at least 10".into());
     }
     if !sys.network.address.is_empty() && crate::net::parse_cidr(&sys.network.address).is_none() {
-        return Err(format!(
-            "{origin}: key `network.address`: `{}` is not address/prefix",
+        return bad(format!(
+            "key `network.address`: `{}` is not address/prefix",
             sys.network.address
         ));
     }
     Ok(())
 }
+
+/// Where the `edgeos.*` flags come from, in messages.
+const CMDLINE: &str = "kernel command line";
 
 /// The `edgeos.*` flags of a kernel command line, as (key path, value).
 pub fn flags(cmdline: &str) -> Vec<(String, String)> {
@@ -163,13 +172,12 @@ pub fn flags(cmdline: &str) -> Vec<(String, String)> {
 }
 
 /// Sets `key` (dotted) in `table` to `value`, read as the type the key has in `defaults`.
-fn set_flag(
-    table: &mut toml::Table,
-    defaults: &toml::Table,
-    key: &str,
-    value: &str,
-) -> Result<(), String> {
+fn set_flag(table: &mut toml::Table, defaults: &toml::Table, key: &str, value: &str) -> Result<()> {
     let flag = format!("{FLAG_PREFIX}{key}={value}");
+    let bad = |detail: String| Error::Config {
+        origin: CMDLINE.to_owned(),
+        detail: format!("{flag}: {detail}"),
+    };
     let (path, last) = match key.rsplit_once('.') {
         Some((p, l)) => (p.split('.').collect::<Vec<_>>(), l),
         None => (Vec::new(), key),
@@ -180,30 +188,24 @@ fn set_flag(
         def = def
             .get(*part)
             .and_then(toml::Value::as_table)
-            .ok_or_else(|| format!("kernel command line: {flag}: there is no table `{part}`"))?;
+            .ok_or_else(|| bad(format!("there is no table `{part}`")))?;
         here = here
             .entry(part.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
-            .ok_or_else(|| format!("kernel command line: {flag}: `{part}` is not a table"))?;
+            .ok_or_else(|| bad(format!("`{part}` is not a table")))?;
     }
     let typed = match def.get(last) {
-        None | Some(toml::Value::Table(_)) => {
-            return Err(format!(
-                "kernel command line: {flag}: there is no key `{key}`"
-            ))
-        }
+        None | Some(toml::Value::Table(_)) => return Err(bad(format!("there is no key `{key}`"))),
         Some(toml::Value::String(_)) => toml::Value::String(value.to_string()),
         Some(toml::Value::Integer(_)) => toml::Value::Integer(
             value
                 .parse()
-                .map_err(|_| format!("kernel command line: {flag}: not a whole number"))?,
+                .map_err(|_| bad("not a whole number".into()))?,
         ),
-        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
-            value
-                .parse()
-                .map_err(|_| format!("kernel command line: {flag}: not true or false"))?,
-        ),
+        Some(toml::Value::Boolean(_)) => {
+            toml::Value::Boolean(value.parse().map_err(|_| bad("not true or false".into()))?)
+        }
         Some(toml::Value::Array(_)) => toml::Value::Array(
             value
                 .split(',')
@@ -211,7 +213,7 @@ fn set_flag(
                 .map(|v| toml::Value::String(v.to_string()))
                 .collect(),
         ),
-        Some(_) => return Err(format!("kernel command line: {flag}: cannot be set here")),
+        Some(_) => return Err(bad("cannot be set here".into())),
     };
     here.insert(last.to_string(), typed);
     Ok(())
@@ -252,8 +254,11 @@ pub fn layered(
         }
     }
     let layered = System::deserialize(merged)
-        .map_err(|e| e.to_string())
-        .and_then(|s| check(&s, "kernel command line").map(|()| s));
+        .map_err(|e| Error::Config {
+            origin: CMDLINE.to_owned(),
+            detail: e.to_string(),
+        })
+        .and_then(|s| check(&s, CMDLINE).map(|()| s));
     match layered {
         Ok(s) => (s, problems),
         Err(e) => {
@@ -296,7 +301,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = parse("hostnam = \"x\"\n", "sys.toml").unwrap_err();
+        let e = parse("hostnam = \"x\"\n", "sys.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hostnam") && e.contains("sys.toml"), "{e}");
     }
 

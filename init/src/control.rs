@@ -404,28 +404,28 @@ impl Control {
     }
 
     /// Listens on the unix socket (replacing a stale file from an earlier run).
-    pub fn listen(&mut self, path: &Path) -> Result<(), String> {
+    pub fn listen(&mut self, path: &Path) -> crate::error::Result<()> {
+        use crate::error::Error;
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
         let _ = std::fs::remove_file(path);
-        let l = UnixListener::bind(path)
-            .map_err(|e| format!("failed to listen on {}: {e}", path.display()))?;
+        let l = UnixListener::bind(path).map_err(Error::io("listen on", path))?;
         l.set_nonblocking(true)
-            .map_err(|e| format!("failed to configure {}: {e}", path.display()))?;
+            .map_err(Error::io("configure", path))?;
         self.listener = Some(l);
         Ok(())
     }
 
     /// Opens the serial port (a character device, or anything read/write in tests).
-    pub fn open_port(&mut self, path: &Path) -> Result<(), String> {
+    pub fn open_port(&mut self, path: &Path) -> crate::error::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
-            .map_err(|e| format!("failed to open control port {}: {e}", path.display()))?;
+            .map_err(crate::error::Error::io("open control port", path))?;
         let c = Self::conn(&mut self.next_id, Io::Port(f));
         self.conns.push(c);
         self.port = Some(self.conns.len() - 1);

@@ -19,6 +19,8 @@ use std::path::Path;
 
 use rustix::fs::{IFlags, Mode, OFlags};
 
+use crate::error::{Error, Result};
+
 /// Relative to /var: the trees whose file data is journaled.
 pub const JOURNALED: &[&str] = &["lib/containerd"];
 /// Written in a tree's top directory once every directory and file in it has the flag.
@@ -26,13 +28,13 @@ const MARKER: &str = ".edgeos-journaled";
 
 /// Makes `dir` (created, mode 0711, if missing) journal the data of every file in it.
 /// Returns how many inodes had to be changed.
-pub fn journal_data(dir: &Path) -> Result<u64, String> {
+pub fn journal_data(dir: &Path) -> Result<u64> {
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
             .create(dir)
-            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+            .map_err(Error::io("create", dir))?;
     }
     let mut changed = u64::from(set_flag(dir)?);
     if dir.join(MARKER).exists() {
@@ -40,13 +42,10 @@ pub fn journal_data(dir: &Path) -> Result<u64, String> {
     }
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
-        let entries =
-            std::fs::read_dir(&d).map_err(|e| format!("failed to list {}: {e}", d.display()))?;
+        let entries = std::fs::read_dir(&d).map_err(Error::io("list", &d))?;
         for entry in entries {
-            let entry = entry.map_err(|e| format!("failed to list {}: {e}", d.display()))?;
-            let ty = entry
-                .file_type()
-                .map_err(|e| format!("failed to stat {}: {e}", entry.path().display()))?;
+            let entry = entry.map_err(Error::io("list", &d))?;
+            let ty = entry.file_type().map_err(Error::io("stat", entry.path()))?;
             // Symlinks, devices (overlayfs whiteouts), fifos and sockets hold no data.
             if ty.is_dir() {
                 changed += u64::from(set_flag(&entry.path())?);
@@ -59,40 +58,24 @@ pub fn journal_data(dir: &Path) -> Result<u64, String> {
     let marker = dir.join(MARKER);
     std::fs::write(&marker, b"")
         .and_then(|()| std::fs::File::open(&marker)?.sync_all())
-        .map_err(|e| format!("failed to write {}: {e}", marker.display()))?;
+        .map_err(Error::io("write", &marker))?;
     Ok(changed)
 }
 
 /// Sets `FS_JOURNAL_DATA_FL` on one directory or regular file; true if it was not set.
-fn set_flag(path: &Path) -> Result<bool, String> {
+fn set_flag(path: &Path) -> Result<bool> {
     let fd = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| {
-        format!(
-            "failed to open {}: {}",
-            path.display(),
-            std::io::Error::from(e)
-        )
-    })?;
-    let flags = rustix::fs::ioctl_getflags(&fd).map_err(|e| {
-        format!(
-            "failed to read the inode flags of {}: {}",
-            path.display(),
-            std::io::Error::from(e)
-        )
-    })?;
+    .map_err(Error::io("open", path))?;
+    let flags =
+        rustix::fs::ioctl_getflags(&fd).map_err(Error::io("read the inode flags of", path))?;
     if flags.contains(IFlags::JOURNALING) {
         return Ok(false);
     }
-    rustix::fs::ioctl_setflags(&fd, flags | IFlags::JOURNALING).map_err(|e| {
-        format!(
-            "failed to set data journaling on {}: {}",
-            path.display(),
-            std::io::Error::from(e)
-        )
-    })?;
+    rustix::fs::ioctl_setflags(&fd, flags | IFlags::JOURNALING)
+        .map_err(Error::io("set data journaling on", path))?;
     Ok(true)
 }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::error::{Error, Result};
+
 /// One block device as the kernel describes it in its uevent file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockDev {
@@ -83,7 +85,7 @@ pub fn wait_for_labels(
     labels: &[&str],
     timeout: Duration,
     interval: Duration,
-) -> Result<BTreeMap<String, BlockDev>, String> {
+) -> Result<BTreeMap<String, BlockDev>> {
     let deadline = Instant::now() + timeout;
     loop {
         let devs = scan(class_dir);
@@ -92,10 +94,10 @@ pub fn wait_for_labels(
             return Ok(found.into_iter().map(|(k, v)| (k, v.clone())).collect());
         }
         if Instant::now() >= deadline {
-            let missing: Vec<&str> = labels
+            let missing: Vec<String> = labels
                 .iter()
-                .copied()
-                .filter(|l| !found.contains_key(*l))
+                .filter(|l| !found.contains_key(**l))
+                .map(|l| (*l).to_owned())
                 .collect();
             let present: Vec<String> = devs
                 .iter()
@@ -104,16 +106,11 @@ pub fn wait_for_labels(
                     None => d.devname.clone(),
                 })
                 .collect();
-            return Err(format!(
-                "missing partition(s) {} after {} s; block devices: {}",
-                missing.join(", "),
-                timeout.as_secs(),
-                if present.is_empty() {
-                    "none".to_owned()
-                } else {
-                    present.join(", ")
-                }
-            ));
+            return Err(Error::MissingPartitions {
+                missing,
+                secs: timeout.as_secs(),
+                present,
+            });
         }
         std::thread::sleep(interval);
     }
@@ -121,7 +118,7 @@ pub fn wait_for_labels(
 
 /// Makes sure `dev_dir/<devname>` is a block node for the device, creating it when
 /// devtmpfs has not (yet). An existing node is trusted: devtmpfs made it from the same data.
-pub fn ensure_node(dev: &BlockDev, dev_dir: &Path) -> Result<PathBuf, String> {
+pub fn ensure_node(dev: &BlockDev, dev_dir: &Path) -> Result<PathBuf> {
     let node = dev.node(dev_dir);
     if node.exists() {
         return Ok(node);
@@ -137,14 +134,11 @@ pub fn ensure_node(dev: &BlockDev, dev_dir: &Path) -> Result<PathBuf, String> {
         rustix::fs::Mode::from_raw_mode(0o600),
         rustix::fs::makedev(dev.major, dev.minor),
     )
-    .map_err(|e| {
-        format!(
-            "failed to create device node {} ({}:{}): {}",
-            node.display(),
-            dev.major,
-            dev.minor,
-            std::io::Error::from(e)
-        )
+    .map_err(|e| Error::DeviceNode {
+        path: node.clone(),
+        major: dev.major,
+        minor: dev.minor,
+        source: e.into(),
     })?;
     Ok(node)
 }
@@ -230,7 +224,8 @@ mod tests {
             Duration::from_millis(20),
             Duration::from_millis(5),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("missing partition(s) root-a-verity, data after"),
             "{err}"

@@ -4,16 +4,19 @@
 
 use std::path::Path;
 
+use crate::error::{Error, Result};
 use crate::say;
 use crate::status::Boot;
 
 /// Mounts the ESP at /efi for `f`, then syncs it and unmounts it.
-pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
+pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T> {
     let devs = crate::disk::scan(Path::new("/sys/class/block"));
     let esp = crate::disk::find_labels(&devs, &["esp"])
         .remove("esp")
         .cloned()
-        .ok_or("no partition labelled esp")?;
+        .ok_or_else(|| Error::NoDevice {
+            what: "partition labelled esp".into(),
+        })?;
     let node = crate::disk::ensure_node(&esp, Path::new("/dev"))?;
     let _ = std::fs::create_dir_all("/efi");
     rustix::mount::mount(
@@ -25,13 +28,7 @@ pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T, String> {
             | rustix::mount::MountFlags::NOEXEC,
         None,
     )
-    .map_err(|e| {
-        format!(
-            "failed to mount {} at /efi: {}",
-            node.display(),
-            std::io::Error::from(e)
-        )
-    })?;
+    .map_err(Error::io_to("mount", &node, "at", "/efi"))?;
     let out = f(Path::new("/efi"));
     // The ESP's writes only (a global sync would also flush everything else dirty, on
     // a first boot the new data partition's file system, before the services start).
@@ -67,16 +64,15 @@ pub fn blessed_name(file: &str, version: &str, slot: &str) -> Option<String> {
 
 /// Marks this boot good for systemd-boot's boot counting: the booted UKI loses its
 /// `+left-done` counter.
-pub fn bless(boot: &Boot) -> Result<(), String> {
-    let line = with_esp(|esp| -> Result<String, String> {
+pub fn bless(boot: &Boot) -> Result<()> {
+    let line = with_esp(|esp| -> Result<String> {
         let dir = esp.join("EFI/Linux");
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| format!("failed to list {}: {e}", dir.display()))?;
+        let entries = std::fs::read_dir(&dir).map_err(Error::io("list", &dir))?;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(new) = blessed_name(&name, &boot.version, &boot.slot) {
                 std::fs::rename(dir.join(&name), dir.join(&new))
-                    .map_err(|e| format!("failed to rename {name} to {new}: {e}"))?;
+                    .map_err(Error::io_to("rename", &name, "to", &new))?;
                 return Ok(format!("boot blessed: {name} -> {new}"));
             }
         }

@@ -43,14 +43,14 @@ pub fn parse(sb: &[u8]) -> Option<Ext4State> {
 
 /// Reads the superblock of `path`: `Ok(None)` means "not ext4" (first boot), an I/O error
 /// is an error (a disk that cannot be read must not be reformatted).
-pub fn read(path: &std::path::Path) -> Result<Option<Ext4State>, String> {
+pub fn read(path: &std::path::Path) -> crate::error::Result<Option<Ext4State>> {
+    use crate::error::Error;
     use std::io::{Read, Seek, SeekFrom};
     let mut buf = [0u8; 1024];
-    let mut f =
-        std::fs::File::open(path).map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+    let mut f = std::fs::File::open(path).map_err(Error::io("open", path))?;
     f.seek(SeekFrom::Start(SUPERBLOCK_OFFSET))
         .and_then(|_| f.read_exact(&mut buf))
-        .map_err(|e| format!("failed to read the superblock of {}: {e}", path.display()))?;
+        .map_err(Error::io("read the superblock of", path))?;
     Ok(parse(&buf))
 }
 
@@ -119,6 +119,6 @@ mod tests {
         assert_eq!(read(&img).unwrap(), None);
         // Too short to hold a superblock: an error, never a reason to format.
         std::fs::write(&img, vec![0u8; 1500]).unwrap();
-        assert!(read(&img).unwrap_err().contains("zero.img"));
+        assert!(read(&img).unwrap_err().to_string().contains("zero.img"));
     }
 }

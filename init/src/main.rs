@@ -1,6 +1,6 @@
 //! The appliance's PID 1. The same binary is `/init` in the initramfs (stage 1: open the
 //! verified root and the data partition, switch into them) and `/sbin/init` on the root
-//! (stage 2: supervise the system for its whole life).
+//! (stage 2: supervise the system for its whole life). Its one error type is in error.rs.
 
 mod cgroups;
 mod cmdline;
@@ -9,6 +9,7 @@ mod console;
 mod control;
 mod data_journaling;
 mod disk;
+mod error;
 mod esp;
 mod ext4;
 mod logs;

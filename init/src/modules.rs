@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::Error;
+
 /// The module paths named in a list file: one per line, relative to the modules directory.
 /// Blank lines and `#` comments are skipped so the image builder may annotate the list.
 pub fn parse_list(text: &str) -> Vec<PathBuf> {
@@ -22,17 +24,12 @@ pub fn running_kernel_dir() -> PathBuf {
 
 /// Loads one module file. A module that is already loaded (or built in and so present)
 /// counts as loaded.
-pub fn load(path: &Path) -> Result<(), String> {
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<(), Error> {
+    let file = std::fs::File::open(path).map_err(Error::io("open", path))?;
     match rustix::system::finit_module(&file, c"", 0) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::EXIST) => Ok(()),
-        Err(e) => Err(format!(
-            "failed to load module {}: {}",
-            path.display(),
-            std::io::Error::from(e)
-        )),
+        Err(e) => Err(Error::io("load module", path)(e)),
     }
 }
 
@@ -48,6 +45,7 @@ pub fn load_list(list_file: &Path, modules_dir: &Path) -> Vec<String> {
     parse_list(&text)
         .iter()
         .filter_map(|rel| load(&modules_dir.join(rel)).err())
+        .map(|e| e.to_string())
         .collect()
 }
 

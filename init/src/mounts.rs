@@ -8,6 +8,8 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
+use crate::error::{Error, Result};
+
 /// The error's description without std's " (os error N)" suffix, which reads as noise in
 /// a console line that already names what failed.
 pub fn errno_text(e: rustix::io::Errno) -> String {
@@ -18,52 +20,32 @@ pub fn errno_text(e: rustix::io::Errno) -> String {
     text
 }
 
-/// A mount that failed: the kernel's errno (a caller may tell errors apart by it), and
-/// what was mounted where, in words.
-#[derive(Debug)]
-pub struct MountError {
-    pub errno: rustix::io::Errno,
-    pub message: String,
-}
-
-impl std::fmt::Display for MountError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl From<MountError> for String {
-    fn from(e: MountError) -> String {
-        e.message
-    }
-}
-
-/// Mounts `fstype` from `source` on `target`, creating the directory if needed.
+/// Mounts `fstype` from `source` on `target`, creating the directory if needed. A failure
+/// is `Error::Mount`, keeping the kernel's errno (a caller may tell errors apart by it).
 pub fn mount(
     source: &str,
     target: &Path,
     fstype: &str,
     flags: MountFlags,
     data: &str,
-) -> Result<(), MountError> {
+) -> Result<()> {
     let _ = std::fs::create_dir_all(target);
-    let data = CString::new(data).map_err(|_| MountError {
-        errno: rustix::io::Errno::INVAL,
-        message: format!("mount options for {source} contain NUL"),
+    let data = CString::new(data).map_err(|_| Error::MountOptions {
+        what: source.to_owned(),
     })?;
-    rustix::mount::mount(source, target, fstype, flags, data.as_c_str()).map_err(|e| MountError {
-        errno: e,
-        message: format!(
-            "failed to mount {source} ({fstype}) on {}: {}",
-            target.display(),
-            errno_text(e)
-        ),
+    rustix::mount::mount(source, target, fstype, flags, data.as_c_str()).map_err(|errno| {
+        Error::Mount {
+            what: source.to_owned(),
+            fstype: fstype.to_owned(),
+            target: target.to_path_buf(),
+            errno,
+        }
     })
 }
 
 /// proc, sysfs, devtmpfs and a tmpfs /run. An already-mounted one (the kernel may mount
 /// devtmpfs itself with CONFIG_DEVTMPFS_MOUNT) counts as mounted.
-pub fn mount_early() -> Result<(), String> {
+pub fn mount_early() -> Result<()> {
     let nosuid_noexec_nodev = MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::NODEV;
     let list: [(&str, &str, MountFlags, &str); 4] = [
         ("proc", "/proc", nosuid_noexec_nodev, ""),
@@ -98,16 +80,9 @@ pub fn is_mount_point(path: &Path) -> bool {
 }
 
 /// MS_MOVE of a mount to a new place.
-pub fn move_mount(from: &Path, to: &Path) -> Result<(), String> {
+pub fn move_mount(from: &Path, to: &Path) -> Result<()> {
     let _ = std::fs::create_dir_all(to);
-    rustix::mount::mount_move(from, to).map_err(|e| {
-        format!(
-            "failed to move mount {} to {}: {}",
-            from.display(),
-            to.display(),
-            errno_text(e)
-        )
-    })
+    rustix::mount::mount_move(from, to).map_err(Error::io_to("move mount", from, "to", to))
 }
 
 const RAMFS_MAGIC: i64 = 0x8584_58f6;

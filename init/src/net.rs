@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::Network;
+use crate::error::{Error, Result};
 
 const SIOCADDRT: libc::c_ulong = 0x890B;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
@@ -77,9 +78,11 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((addr, Ipv4Addr::from(mask)))
 }
 
-fn ifreq(name: &str) -> Result<IfReq, String> {
+fn ifreq(name: &str) -> Result<IfReq> {
     if name.is_empty() || name.len() >= 16 {
-        return Err(format!("bad interface name `{name}`"));
+        return Err(Error::BadInterface {
+            name: name.to_owned(),
+        });
     }
     let mut r = IfReq {
         name: [0; 16],
@@ -89,8 +92,9 @@ fn ifreq(name: &str) -> Result<IfReq, String> {
     Ok(r)
 }
 
-fn ioctl<T>(sock: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
-    ioctl_errno(sock, req, arg).map_err(|e| format!("{what}: {e}"))
+/// The ioctl; `op` says what it does, naming the interface (`bring eth0 up`).
+fn ioctl<T>(sock: &OwnedFd, req: libc::c_ulong, arg: &mut T, op: String) -> Result<()> {
+    ioctl_errno(sock, req, arg).map_err(|source| Error::Net { op, source })
 }
 
 /// The ioctl, its error as the kernel gave it (a caller may tell errors apart by it).
@@ -103,35 +107,25 @@ fn ioctl_errno<T>(sock: &OwnedFd, req: libc::c_ulong, arg: &mut T) -> std::io::R
     Ok(())
 }
 
-fn socket() -> Result<OwnedFd, String> {
+fn socket() -> Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(format!(
-            "failed to open an inet socket: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(Error::Net {
+            op: "open an inet socket".into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: fd is fresh and ours.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn up(sock: &OwnedFd, name: &str) -> Result<(), String> {
+fn up(sock: &OwnedFd, name: &str) -> Result<()> {
     let mut r = ifreq(name)?;
-    ioctl(
-        sock,
-        SIOCGIFFLAGS,
-        &mut r,
-        &format!("failed to read flags of {name}"),
-    )?;
+    ioctl(sock, SIOCGIFFLAGS, &mut r, format!("read flags of {name}"))?;
     let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) | IFF_UP;
     r.data[..2].copy_from_slice(&flags.to_ne_bytes());
-    ioctl(
-        sock,
-        SIOCSIFFLAGS,
-        &mut r,
-        &format!("failed to bring {name} up"),
-    )
+    ioctl(sock, SIOCSIFFLAGS, &mut r, format!("bring {name} up"))
 }
 
 fn set_sockaddr(
@@ -140,18 +134,13 @@ fn set_sockaddr(
     req: libc::c_ulong,
     a: Ipv4Addr,
     what: &str,
-) -> Result<(), String> {
+) -> Result<()> {
     let mut r = ifreq(name)?;
     let s = sin(a);
     // SAFETY: SockaddrIn is 16 plain bytes and fits the 24-byte union.
     let bytes: [u8; 16] = unsafe { std::mem::transmute(s) };
     r.data[..16].copy_from_slice(&bytes);
-    ioctl(
-        sock,
-        req,
-        &mut r,
-        &format!("failed to set {what} {a} on {name}"),
-    )
+    ioctl(sock, req, &mut r, format!("set {what} {a} on {name}"))
 }
 
 /// The uplink: the named interface, or the first non-loopback one in name order.
@@ -175,10 +164,10 @@ pub fn setup(cfg: &Network, resolv: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let sock = match socket() {
         Ok(s) => s,
-        Err(e) => return vec![e],
+        Err(e) => return vec![e.to_string()],
     };
     if let Err(e) = up(&sock, "lo") {
-        out.push(e);
+        out.push(e.to_string());
     }
     let deadline = Instant::now() + Duration::from_millis(cfg.wait_ms);
     let name = loop {
@@ -199,7 +188,7 @@ pub fn setup(cfg: &Network, resolv: &Path) -> Vec<String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let result = (|| -> Result<String, String> {
+    let result = (|| -> Result<String> {
         if let Some((addr, mask)) = parse_cidr(&cfg.address) {
             set_sockaddr(&sock, &name, SIOCSIFADDR, addr, "address")?;
             set_sockaddr(&sock, &name, SIOCSIFNETMASK, mask, "netmask")?;
@@ -227,7 +216,12 @@ pub fn setup(cfg: &Network, resolv: &Path) -> Vec<String> {
                 Ok(()) => {}
                 // An existing default route (a second run) is what we wanted.
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(format!("failed to add default route via {gw}: {e}")),
+                Err(source) => {
+                    return Err(Error::Net {
+                        op: format!("add default route via {gw}"),
+                        source,
+                    })
+                }
             }
         }
         Ok(format!(

@@ -15,6 +15,8 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use crate::error::{Error, Result};
+
 pub const FW_CFG_ITEM: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.edgeos/provision/raw";
 pub const DIR: &str = "/var/lib/edge/provision";
 /// The provisioning file on the ESP, relative to its root.
@@ -26,23 +28,23 @@ pub const MAX_BYTES: u64 = 1 << 20;
 
 /// The item at `source`: `None` when there is none, an error naming what is wrong with
 /// it (unreadable, too large).
-pub fn read(source: &Path) -> Result<Option<Vec<u8>>, String> {
+pub fn read(source: &Path) -> Result<Option<Vec<u8>>> {
     use std::io::Read;
     let file = match fs::File::open(source) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("failed to read {}: {e}", source.display())),
+        Err(e) => return Err(Error::io("read", source)(e)),
     };
     // By reading, not by the file's size: sysfs (fw_cfg) reports none.
     let mut bytes = Vec::new();
     file.take(MAX_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("failed to read {}: {e}", source.display()))?;
+        .map_err(Error::io("read", source))?;
     if bytes.len() as u64 > MAX_BYTES {
-        return Err(format!(
-            "provisioning {} is larger than {MAX_BYTES} bytes, the most taken",
-            source.display()
-        ));
+        return Err(Error::TooLarge {
+            path: source.to_path_buf(),
+            max: MAX_BYTES,
+        });
     }
     Ok(Some(bytes))
 }
@@ -88,10 +90,12 @@ pub fn apply(source: &Path, dir: &Path) -> Applied {
     let mut written = 0;
     for (name, value) in &table {
         let result = match value.as_str() {
-            None => Err("the value is not a string".to_string()),
+            None => Err(Error::BadItem {
+                name: name.clone(),
+                detail: "the value is not a string",
+            }),
             Some(contents) => target(dir, name).and_then(|path| {
-                write_file(dir, &path, contents.as_bytes())
-                    .map_err(|e| format!("failed to write {}: {e}", path.display()))
+                write_file(dir, &path, contents.as_bytes()).map_err(Error::io("write", &path))
             }),
         };
         match result {
@@ -111,10 +115,13 @@ pub fn apply(source: &Path, dir: &Path) -> Applied {
 }
 
 /// `name` under `dir`, refusing anything that could leave it.
-fn target(dir: &Path, name: &str) -> Result<PathBuf, String> {
+fn target(dir: &Path, name: &str) -> Result<PathBuf> {
     let rel = Path::new(name);
     if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err("the path must be relative, without `..` or `.`".into());
+        return Err(Error::BadItem {
+            name: name.to_owned(),
+            detail: "the path must be relative, without `..` or `.`",
+        });
     }
     Ok(dir.join(rel))
 }

@@ -7,6 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::error::{Error, Result};
+
 /// The binds of /dev /proc /sys /run into a new root; undone on drop, so that the real
 /// mounts can be moved there afterwards.
 pub struct Binds {
@@ -15,20 +17,15 @@ pub struct Binds {
 }
 
 impl Binds {
-    pub fn new(root: &Path) -> Result<Binds, String> {
+    pub fn new(root: &Path) -> Result<Binds> {
         let mut binds = Binds {
             root: root.to_path_buf(),
             bound: Vec::new(),
         };
         for fs in ["/dev", "/proc", "/sys", "/run"] {
             let target = root.join(&fs[1..]);
-            rustix::mount::mount_bind(fs, &target).map_err(|e| {
-                format!(
-                    "failed to bind {fs} into {}: {}",
-                    target.display(),
-                    std::io::Error::from(e)
-                )
-            })?;
+            rustix::mount::mount_bind(fs, &target)
+                .map_err(Error::io_to("bind", fs, "into", &target))?;
             binds.bound.push(target);
         }
         Ok(binds)
@@ -66,18 +63,15 @@ impl Drop for Binds {
     }
 }
 
-/// How a run ended badly: the exit code (None: killed or not started) and what the
-/// program said on stderr (its last line), or why it could not run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a run ended badly: the exit code (None: killed or not started), what the program
+/// said on stderr (its last line; empty when it said nothing or did not run), and all of
+/// it in one line, or why it could not run. Callers decide on `code`, never on the words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct Failed {
     pub code: Option<i32>,
+    pub said: String,
     pub message: String,
-}
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
 }
 
 /// Runs `cmd` with `input` on stdin; its stdout, or how it failed.
@@ -90,6 +84,7 @@ pub fn run(mut cmd: Command, input: &[u8]) -> Result<Vec<u8>, Failed> {
         .spawn()
         .map_err(|e| Failed {
             code: None,
+            said: String::new(),
             message: format!("failed to run {name}: {e}"),
         })?;
     // Small inputs (keys, tokens): the pipe holds them whole, so writing before reading
@@ -99,6 +94,7 @@ pub fn run(mut cmd: Command, input: &[u8]) -> Result<Vec<u8>, Failed> {
     }
     let out = child.wait_with_output().map_err(|e| Failed {
         code: None,
+        said: String::new(),
         message: format!("failed to wait for {name}: {e}"),
     })?;
     if out.status.success() {
@@ -112,6 +108,7 @@ pub fn run(mut cmd: Command, input: &[u8]) -> Result<Vec<u8>, Failed> {
         .unwrap_or("");
     Err(Failed {
         code: out.status.code(),
+        said: last.to_owned(),
         message: if last.is_empty() {
             format!("{name} failed ({})", out.status)
         } else {
@@ -134,6 +131,7 @@ mod tests {
         let f = run(c, b"").unwrap_err();
         assert_eq!(f.code, Some(2));
         assert!(f.message.ends_with("the real reason"), "{}", f.message);
+        assert_eq!(f.said, "the real reason");
         let f = run(Command::new("/nonexistent/program"), b"").unwrap_err();
         assert_eq!(f.code, None);
         assert!(f.message.contains("/nonexistent/program"), "{}", f.message);

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::disk::{self, BlockDev};
 use crate::dm;
+use crate::error::{Error, Result};
 use crate::rootexec::{self, Binds};
 use crate::say;
 
@@ -22,6 +23,9 @@ const MKE2FS: &str = "/usr/sbin/mke2fs";
 const EDGE_TPM: &str = "/usr/bin/edge-tpm";
 /// The TPM as stage 1 opens it: the raw device, no resource manager (`tpm_command`).
 const STAGE1_TCTI: &str = "device:/dev/tpm0";
+/// edge-tpm's exit status when no TPM could be opened (tpm/src/bin/edge-tpm.rs): it
+/// measured nothing.
+const EDGE_TPM_NO_TPM: i32 = 3;
 /// The device-mapper name of the opened partition.
 pub const MAPPER_NAME: &str = "data";
 /// Where systemd-stub puts the UKI's `.pcrsig` and `.pcrpkey` in the initramfs.
@@ -126,12 +130,21 @@ struct Refusal {
     measured: bool,
 }
 
-impl From<String> for Refusal {
-    fn from(why: String) -> Refusal {
+/// Refused before edge-tpm ran.
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Refusal {
         Refusal {
-            why,
+            why: e.to_string(),
             measured: false,
         }
+    }
+}
+
+/// Refused after edge-tpm ran (and measured the initrd phases).
+fn measured(e: Error) -> Refusal {
+    Refusal {
+        why: e.to_string(),
+        measured: true,
     }
 }
 
@@ -151,20 +164,20 @@ pub fn measure_provisioning(event: &str, data: &[u8]) -> Result<String, rootexec
 
 /// The TPM's security counter (`edge-tpm counter`, tpm/src/counter.rs), raised first to
 /// at least `raise` when given; `None` before its first count.
-pub fn security_counter(raise: Option<u64>) -> Result<Option<u64>, String> {
+pub fn security_counter(raise: Option<u64>) -> Result<Option<u64>> {
     let to = raise.map(|n| n.to_string());
     let args: Vec<&str> = match &to {
         Some(n) => vec!["counter", "raise", n],
         None => vec!["counter"],
     };
-    let out = rootexec::run(tpm_command(None, &args), b"").map_err(|f| f.message)?;
+    let out = rootexec::run(tpm_command(None, &args), b"")?;
     let text = String::from_utf8_lossy(&out);
     match text.trim() {
         "none" => Ok(None),
         n => n
             .parse()
             .map(Some)
-            .map_err(|_| format!("edge-tpm counter printed {n:?}, not a number")),
+            .map_err(|_| Error::edge_tpm(format!("counter printed {n:?}, not a number"))),
     }
 }
 
@@ -172,29 +185,26 @@ pub fn security_counter(raise: Option<u64>) -> Result<Option<u64>, String> {
 /// enter-initrd, does the work, and measures leave-initrd. Returns its JSON output, with
 /// the PCR 11 line said.
 fn tpm_initrd(binds: &Binds, args: &[&str], input: &[u8]) -> Result<Value, Refusal> {
-    let measured = |why: String| Refusal {
-        why,
-        measured: true,
-    };
-    let out = rootexec::run(tpm_command(Some(binds), args), input).map_err(|f| {
-        // edge-tpm's own words: "edge-tpm: the TPM refused the data key: ...". A TPM
-        // that could not be opened measured nothing.
-        let m = f.message;
-        let why = m
-            .split_once("edge-tpm: ")
-            .map(|(_, r)| r.to_owned())
-            .unwrap_or(m);
-        Refusal {
-            measured: !why.starts_with("no TPM"),
-            why,
-        }
-    })?;
+    let out = rootexec::run(tpm_command(Some(binds), args), input).map_err(tpm_refusal)?;
     let v: Value = serde_json::from_slice(&out)
-        .map_err(|e| measured(format!("edge-tpm printed no JSON: {e}")))?;
+        .map_err(|e| measured(Error::edge_tpm(format!("printed no JSON: {e}"))))?;
     if let Some(pcr11) = v.get("pcr11").and_then(Value::as_str) {
         say!("tpm: PCR 11 (the UKI's sections, measured by systemd-stub, then enter-initrd): {pcr11}");
     }
     Ok(v)
+}
+
+/// A failed edge-tpm run as a refusal. A TPM that could not be opened measured nothing:
+/// edge-tpm says so by its exit status. The reason is edge-tpm's own words ("edge-tpm:
+/// the TPM refused the data key: ...") without its name, else how the run failed.
+fn tpm_refusal(f: rootexec::Failed) -> Refusal {
+    Refusal {
+        measured: f.code != Some(EDGE_TPM_NO_TPM),
+        why: match f.said.strip_prefix("edge-tpm: ") {
+            Some(said) => said.to_owned(),
+            None => f.message,
+        },
+    }
 }
 
 fn tpm_command(binds: Option<&Binds>, args: &[&str]) -> std::process::Command {
@@ -214,10 +224,10 @@ fn tpm_command(binds: Option<&Binds>, args: &[&str]) -> std::process::Command {
     c
 }
 
-fn cryptsetup(binds: &Binds, args: &[&str], input: &[u8]) -> Result<Vec<u8>, String> {
+fn cryptsetup(binds: &Binds, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
     let mut c = binds.command(CRYPTSETUP);
     c.args(args);
-    rootexec::run(c, input).map_err(|f| f.message)
+    Ok(rootexec::run(c, input)?)
 }
 
 fn unlock_or_create(
@@ -230,11 +240,18 @@ fn unlock_or_create(
     let dev_s = dev.to_string_lossy().into_owned();
     keep_policy_files()?;
     let head = read_head(&dev)?;
+    // What the partition holds, left as it is.
+    let holds = |what: String| -> Refusal {
+        let (dev, detail) = (dev_s.clone(), format!("holds {what}"));
+        Error::Data { dev, detail }.into()
+    };
     let token = match classify(&head) {
         Content::Blank => None,
         Content::Luks2 => match luks2_metadata(&head)
             .map(|meta| luks2_token(&meta).map(|t| (t, meta)))
-            .map_err(|e| format!("the LUKS2 header of {dev_s} does not parse: {e}"))?
+            .map_err(Error::step(format!(
+                "the LUKS2 header of {dev_s} does not parse"
+            )))?
         {
             Some(t) => Some(t),
             // A header without our token: the first boot was cut short before the
@@ -244,13 +261,8 @@ fn unlock_or_create(
                 None
             }
         },
-        Content::Ext4 => {
-            return Err(format!(
-                "{dev_s} holds an unencrypted ext4 file system from an older image; it is left as it is (docs/security.md: copy its data off, then blank it)"
-            )
-            .into())
-        }
-        Content::Other(what) => return Err(format!("{dev_s} holds {what}; it is left as it is").into()),
+        Content::Ext4 => return Err(holds("an unencrypted ext4 file system from an older image; it is left as it is (docs/security.md: copy its data off, then blank it)".into())),
+        Content::Other(what) => return Err(holds(format!("{what}; it is left as it is"))),
     };
     match token {
         None => create(binds, &dev_s, dev_dir, bind_pcrs).map(|(node, r)| (node, Some(r))),
@@ -262,18 +274,18 @@ fn unlock_or_create(
 /// binary header's `hdr_size` (at byte 8, big-endian) bounds the JSON area, which starts
 /// at 4096 and is padded with NULs. Read here rather than with `cryptsetup luksDump`: one
 /// program less to start on every boot.
-pub fn luks2_metadata(head: &[u8]) -> Result<Value, String> {
+pub fn luks2_metadata(head: &[u8]) -> Result<Value> {
     let size = head
         .get(8..16)
         .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
-        .ok_or("truncated binary header")?;
+        .ok_or_else(|| Error::luks2("truncated binary header"))?;
     let json = usize::try_from(size)
         .ok()
         .filter(|&n| n > 4096)
         .and_then(|n| head.get(4096..n))
-        .ok_or_else(|| format!("header size {size} is out of range"))?;
+        .ok_or_else(|| Error::luks2(format!("header size {size} is out of range")))?;
     let end = json.iter().position(|&b| b == 0).unwrap_or(json.len());
-    serde_json::from_slice(&json[..end]).map_err(|e| format!("its JSON: {e}"))
+    serde_json::from_slice(&json[..end]).map_err(|e| Error::luks2(format!("its JSON: {e}")))
 }
 
 /// Our token in a LUKS2 header's metadata: `None` when there is none.
@@ -295,42 +307,48 @@ pub fn crypt_table(
     volume_key_hex: &str,
     dev: &str,
     partition_sectors: u64,
-) -> Result<(u64, String), String> {
+) -> Result<(u64, String)> {
     let segments = meta
         .get("segments")
         .and_then(Value::as_object)
-        .ok_or("no segments")?;
+        .ok_or_else(|| Error::luks2("no segments"))?;
     if segments.len() != 1 {
-        return Err(format!(
+        return Err(Error::luks2(format!(
             "{} segments (a reencryption under way?); one is opened here",
             segments.len()
-        ));
+        )));
     }
-    let seg = segments.values().next().ok_or("no segments")?;
+    let seg = segments
+        .values()
+        .next()
+        .ok_or_else(|| Error::luks2("no segments"))?;
     let field = |name: &str| {
         seg.get(name)
-            .ok_or_else(|| format!("the data segment has no {name}"))
+            .ok_or_else(|| Error::luks2(format!("the data segment has no {name}")))
     };
-    let number = |name: &str| -> Result<u64, String> {
+    let number = |name: &str| -> Result<u64> {
         let v = field(name)?;
         v.as_u64()
             .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-            .ok_or_else(|| format!("the data segment's {name} {v} is not a number"))
+            .ok_or_else(|| Error::luks2(format!("the data segment's {name} {v} is not a number")))
     };
     if field("type")?.as_str() != Some("crypt") {
-        return Err(format!("the data segment is of type {}", field("type")?));
+        return Err(Error::luks2(format!(
+            "the data segment is of type {}",
+            field("type")?
+        )));
     }
     let cipher = field("encryption")?
         .as_str()
         .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or("the data segment's encryption is not a cipher name")?;
+        .ok_or_else(|| Error::luks2("the data segment's encryption is not a cipher name"))?;
     let offset = number("offset")?;
     let sector_size = number("sector_size")?;
     let iv_tweak = number("iv_tweak")?;
     if offset % 512 != 0 || !matches!(sector_size, 512 | 1024 | 2048 | 4096) {
-        return Err(format!(
+        return Err(Error::luks2(format!(
             "the data segment's offset {offset} or sector size {sector_size} is not one dm-crypt takes"
-        ));
+        )));
     }
     let offset_sectors = offset / 512;
     let length = match field("size")?.as_str() {
@@ -339,7 +357,9 @@ pub fn crypt_table(
     }
     .filter(|&n| n > 0 && offset_sectors + n <= partition_sectors)
     .ok_or_else(|| {
-        format!("the data segment does not fit the partition ({partition_sectors} sectors)")
+        Error::luks2(format!(
+            "the data segment does not fit the partition ({partition_sectors} sectors)"
+        ))
     })?;
     // The IV counts 512-byte sectors whatever the encryption sector size (LUKS2 never
     // sets iv_large_sectors); sector_size is an optional parameter only when not 512.
@@ -351,23 +371,20 @@ pub fn crypt_table(
 }
 
 /// Copies the stub's `.pcrsig` and `.pcrpkey` where edge-tpm (chrooted) reads them.
-fn keep_policy_files() -> Result<(), String> {
-    std::fs::create_dir_all("/run/edge/tpm")
-        .map_err(|e| format!("failed to create /run/edge/tpm: {e}"))?;
+fn keep_policy_files() -> Result<()> {
+    std::fs::create_dir_all("/run/edge/tpm").map_err(Error::io("create", "/run/edge/tpm"))?;
     for (from, to) in [(STUB_PCRSIG, PCRSIG), (STUB_PCRPKEY, PCRPKEY)] {
-        std::fs::copy(from, to).map_err(|e| {
-            format!("the UKI carries no signed PCR policy ({from}: {e}); it was not built by cargo xtask image")
-        })?;
+        std::fs::copy(from, to).map_err(|source| Error::NoPcrPolicy { path: from, source })?;
     }
     Ok(())
 }
 
-fn read_head(dev: &Path) -> Result<Vec<u8>, String> {
+fn read_head(dev: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let mut head = vec![0u8; HEAD_BYTES];
     std::fs::File::open(dev)
         .and_then(|mut f| f.read_exact(&mut head))
-        .map_err(|e| format!("failed to read the start of {}: {e}", dev.display()))?;
+        .map_err(Error::io("read the start of", dev))?;
     Ok(head)
 }
 
@@ -394,14 +411,10 @@ fn create(
         args.extend(["--bind-pcrs", pcrs]);
     }
     let out = tpm_initrd(binds, &args, volume_hex.as_bytes())?;
-    let measured = |why: String| Refusal {
-        why,
-        measured: true,
-    };
     let mut token = out
         .get("sealed")
         .cloned()
-        .ok_or_else(|| measured("edge-tpm seal printed no sealed key".into()))?;
+        .ok_or_else(|| measured(Error::edge_tpm("seal printed no sealed key")))?;
     create_luks(binds, dev, dev_dir, &volume, &recovery, &mut token)
         .map(|node| (node, recovery))
         .map_err(measured)
@@ -415,7 +428,7 @@ fn create_luks(
     volume: &[u8],
     recovery: &str,
     token: &mut Value,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf> {
     // The volume key goes to cryptsetup through tmpfs, never a disk, and only for this.
     write_secret(VOLUME_FILE, volume)?;
     // The recovery key is random (128 bits): a slow key derivation would add nothing but
@@ -452,7 +465,7 @@ fn create_luks(
         recovery.as_bytes(),
     );
     let _ = std::fs::remove_file(VOLUME_FILE);
-    formatted.map_err(|e| format!("failed to make {dev} LUKS2: {e}"))?;
+    formatted.map_err(Error::step(format!("failed to make {dev} LUKS2")))?;
     open_with(binds, dev, recovery.as_bytes())?;
     let node = mapped_node(dev_dir)?;
     mke2fs(binds, &node)?;
@@ -475,7 +488,9 @@ fn create_luks(
         ],
         token.to_string().as_bytes(),
     )
-    .map_err(|e| format!("failed to store the sealed key in {dev}'s header: {e}"))?;
+    .map_err(Error::step(format!(
+        "failed to store the sealed key in {dev}'s header"
+    )))?;
     say!("data: recovery key (shown this once; keep it off the box, it opens {dev} with cryptsetup): {recovery}");
     say!("data: sealed to the TPM under the signed PCR 11 policy");
     Ok(node)
@@ -504,14 +519,10 @@ fn unlock(
         ],
         token.to_string().as_bytes(),
     )?;
-    let measured = |why: String| Refusal {
-        why,
-        measured: true,
-    };
     let key = out
         .get("secret")
         .and_then(Value::as_str)
-        .ok_or_else(|| measured("edge-tpm unseal printed no key".into()))?;
+        .ok_or_else(|| measured(Error::edge_tpm("unseal printed no key")))?;
     let unsealed = t.elapsed();
     let how = if token.get(SEALED_KIND).and_then(Value::as_str) == Some(SEALED_VOLUME_KEY) {
         open_volume(part, meta, key, dev_dir).map_err(measured)?;
@@ -534,7 +545,10 @@ fn unlock(
             close(dev_dir);
             Err(measured(match other {
                 Err(e) => e,
-                _ => format!("{dev} opened, but holds no ext4 file system; it is left as it is"),
+                _ => Error::Data {
+                    dev,
+                    detail: "opened, but holds no ext4 file system; it is left as it is".into(),
+                },
             }))
         }
     }
@@ -542,15 +556,16 @@ fn unlock(
 
 /// Opens the partition as `data` with its volume key (hex), loading the dm-crypt table
 /// its LUKS2 header describes, as `cryptsetup open` would.
-fn open_volume(part: &BlockDev, meta: &Value, key_hex: &str, dev_dir: &Path) -> Result<(), String> {
+fn open_volume(part: &BlockDev, meta: &Value, key_hex: &str, dev_dir: &Path) -> Result<()> {
     if key_hex.len() != 128 || !key_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("the unsealed volume key is not 64 bytes of hex".into());
+        return Err(Error::luks2(
+            "the unsealed volume key is not 64 bytes of hex",
+        ));
     }
     let size = format!("/sys/class/block/{}/size", part.devname);
     let sectors: u64 = std::fs::read_to_string(&size)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| format!("failed to read {size}"))?;
+        .and_then(|s| s.trim().parse().map_err(std::io::Error::other))
+        .map_err(Error::io("read", &size))?;
     let dev = part.node(dev_dir);
     let (length, params) = crypt_table(
         meta,
@@ -558,18 +573,18 @@ fn open_volume(part: &BlockDev, meta: &Value, key_hex: &str, dev_dir: &Path) -> 
         &format!("{}:{}", part.major, part.minor),
         sectors,
     )
-    .map_err(|e| format!("the LUKS2 header of {}: {e}", dev.display()))?;
-    let ctl = dm::Control::open(dev_dir).map_err(|e| e.to_string())?;
-    ctl.create(MAPPER_NAME, 0).map_err(|e| e.to_string())?;
+    .map_err(Error::step(format!(
+        "the LUKS2 header of {}",
+        dev.display()
+    )))?;
+    let ctl = dm::Control::open(dev_dir)?;
+    ctl.create(MAPPER_NAME, 0)?;
     let loaded = ctl
         .load_table(MAPPER_NAME, 0, length, "crypt", &params)
         .and_then(|()| ctl.resume(MAPPER_NAME));
-    if let Err(e) = loaded {
+    if let Err(source) = loaded {
         let _ = ctl.remove(MAPPER_NAME);
-        return Err(format!(
-            "failed to open {} with dm-crypt: {e}",
-            dev.display()
-        ));
+        return Err(Error::DmCrypt { dev, source });
     }
     Ok(())
 }
@@ -582,7 +597,7 @@ fn close(dev_dir: &Path) {
 }
 
 /// The file system inside the new LUKS2 (the root's mke2fs: the initramfs has none).
-fn mke2fs(binds: &Binds, node: &Path) -> Result<(), String> {
+fn mke2fs(binds: &Binds, node: &Path) -> Result<()> {
     let node = node.to_string_lossy();
     let mut c = binds.command(MKE2FS);
     c.args(["-t", "ext4", "-q", "-L", "data", "-E"])
@@ -590,10 +605,10 @@ fn mke2fs(binds: &Binds, node: &Path) -> Result<(), String> {
         .arg(&*node);
     rootexec::run(c, b"")
         .map(drop)
-        .map_err(|f| format!("failed to make ext4 on {node}: {f}"))
+        .map_err(|f| Error::step(format!("failed to make ext4 on {node}"))(f.into()))
 }
 
-fn open_with(binds: &Binds, dev: &str, key: &[u8]) -> Result<(), String> {
+fn open_with(binds: &Binds, dev: &str, key: &[u8]) -> Result<()> {
     cryptsetup(
         binds,
         &[
@@ -608,11 +623,11 @@ fn open_with(binds: &Binds, dev: &str, key: &[u8]) -> Result<(), String> {
         key,
     )
     .map(drop)
-    .map_err(|e| format!("failed to open {dev}: {e}"))
+    .map_err(Error::step(format!("failed to open {dev}")))
 }
 
 /// The opened device's node: the device-mapper device named `data`.
-fn mapped_node(dev_dir: &Path) -> Result<PathBuf, String> {
+fn mapped_node(dev_dir: &Path) -> Result<PathBuf> {
     let class = Path::new("/sys/class/block");
     let dev = disk::scan(class)
         .into_iter()
@@ -620,21 +635,20 @@ fn mapped_node(dev_dir: &Path) -> Result<PathBuf, String> {
             std::fs::read_to_string(class.join(&d.devname).join("dm/name"))
                 .is_ok_and(|n| n.trim() == MAPPER_NAME)
         })
-        .ok_or_else(|| format!("no device-mapper device named {MAPPER_NAME} was opened"))?;
+        .ok_or_else(|| Error::NoDevice {
+            what: format!("device-mapper device named {MAPPER_NAME} was opened"),
+        })?;
     disk::ensure_node(&dev, dev_dir)
 }
 
-fn random<const N: usize>() -> Result<[u8; N], String> {
+fn random<const N: usize>() -> Result<[u8; N]> {
     let mut buf = [0u8; N];
     let mut filled = 0;
     while filled < N {
         // SAFETY: writes at most N - filled bytes into our buffer.
         let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
         if n < 0 {
-            return Err(format!(
-                "getrandom failed: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Random(std::io::Error::last_os_error()));
         }
         filled += n as usize;
     }
@@ -657,7 +671,7 @@ pub const RECOVERY_FOR_ESCROW: &str = "lib/edge/identity/recovery-key";
 
 /// Keeps the first boot's recovery key on the freshly made data partition, mounted at
 /// `var`, for escrow.
-pub fn keep_for_escrow(var: &Path, recovery: &str) -> Result<(), String> {
+pub fn keep_for_escrow(var: &Path, recovery: &str) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let path = var.join(RECOVERY_FOR_ESCROW);
     if let Some(dir) = path.parent() {
@@ -665,12 +679,12 @@ pub fn keep_for_escrow(var: &Path, recovery: &str) -> Result<(), String> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+            .map_err(Error::io("create", dir))?;
     }
     write_secret(&path.to_string_lossy(), recovery.as_bytes())
 }
 
-fn write_secret(path: &str, data: &[u8]) -> Result<(), String> {
+fn write_secret(path: &str, data: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -680,7 +694,7 @@ fn write_secret(path: &str, data: &[u8]) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .and_then(|mut f| f.write_all(data))
-        .map_err(|e| format!("failed to write {path}: {e}"))
+        .map_err(Error::io("write", path))
 }
 
 #[cfg(test)]
@@ -757,10 +771,10 @@ mod tests {
         let mut damaged = luks2_head(None);
         assert_eq!(luks2_token(&luks2_metadata(&damaged).unwrap()), None);
         damaged[4096] = b'#';
-        let e = luks2_metadata(&damaged).unwrap_err();
+        let e = luks2_metadata(&damaged).unwrap_err().to_string();
         assert!(e.contains("JSON"), "{e}");
         damaged[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
-        let e = luks2_metadata(&damaged).unwrap_err();
+        let e = luks2_metadata(&damaged).unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
     }
 
@@ -785,15 +799,21 @@ mod tests {
                 seg["sector_size"]
             )
         );
-        let e = crypt_table(&meta, &key, "259:6", offset / 512).unwrap_err();
+        let e = crypt_table(&meta, &key, "259:6", offset / 512)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not fit"), "{e}");
         let mut two = meta.clone();
         two["segments"]["1"] = seg.clone();
-        let e = crypt_table(&two, &key, "259:6", 40960).unwrap_err();
+        let e = crypt_table(&two, &key, "259:6", 40960)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 segments"), "{e}");
         let mut odd = meta.clone();
         odd["segments"]["0"]["encryption"] = "aes xts; 1".into();
-        let e = crypt_table(&odd, &key, "259:6", 40960).unwrap_err();
+        let e = crypt_table(&odd, &key, "259:6", 40960)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a cipher name"), "{e}");
     }
 
@@ -807,6 +827,31 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);
+    }
+
+    /// Whether edge-tpm measured the initrd phases is told by its exit status alone.
+    #[test]
+    fn edge_tpm_without_a_tpm_measured_nothing_and_a_refusal_did() {
+        let failed = |code, said: &str| rootexec::Failed {
+            code,
+            said: said.to_owned(),
+            message: format!("/usr/bin/edge-tpm failed (exit status: {code:?}): {said}"),
+        };
+        let r = tpm_refusal(failed(
+            Some(3),
+            "edge-tpm: no TPM at device:/dev/tpm0: gone",
+        ));
+        assert!(!r.measured);
+        assert_eq!(r.why, "no TPM at device:/dev/tpm0: gone");
+        let r = tpm_refusal(failed(Some(2), "edge-tpm: the TPM refused the data key: x"));
+        assert!(r.measured);
+        assert_eq!(r.why, "the TPM refused the data key: x");
+        // The words do not decide: a status other than 3 measured, whatever it says.
+        let r = tpm_refusal(failed(Some(1), "edge-tpm: no TPM in the words only"));
+        assert!(r.measured);
+        let r = tpm_refusal(failed(None, ""));
+        assert!(r.measured);
+        assert!(r.why.starts_with("/usr/bin/edge-tpm failed"), "{}", r.why);
     }
 
     #[test]

@@ -164,7 +164,7 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('-')
 }
 
-fn check_limit(key: &'static str, value: &str) -> Result<(), String> {
+fn check_limit(key: &'static str, value: &str) -> crate::error::Result<()> {
     let ok = match key {
         // "max", or a byte count with an optional K/M/G suffix (as the kernel accepts).
         "memory.max" | "pids.max" => {
@@ -190,7 +190,10 @@ fn check_limit(key: &'static str, value: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("`{value}` is not a valid {key} value"))
+        Err(crate::error::Error::Limit {
+            key,
+            value: value.to_owned(),
+        })
     }
 }
 
@@ -271,7 +274,7 @@ fn convert(e: Entry) -> Result<ServiceSpec, (String, String)> {
     ] {
         if let Some(v) = value {
             let toml_key = key.replace('.', "_");
-            check_limit(key, &v).map_err(|m| bad(&toml_key, m))?;
+            check_limit(key, &v).map_err(|m| bad(&toml_key, m.to_string()))?;
             limits.push((key, v));
         }
     }

@@ -2,6 +2,7 @@
 //! then switch into them. Every failure ends in one console line naming the step and the
 //! thing, then a reboot after 10 s, so the boot loader's boot counting can fall back.
 
+use crate::error::Error;
 use crate::sealed_data::{self, Unlock};
 use crate::status::Boot;
 use crate::{data_journaling, disk, dm, ext4, modules, mounts, rootexec, say, verity};
@@ -139,7 +140,8 @@ fn open_verity(
         partition: label.to_owned(),
         detail,
     };
-    let sb = verity::read_superblock(&hash.node(dev_dir)).map_err(verity_fail)?;
+    let sb =
+        verity::read_superblock(&hash.node(dev_dir)).map_err(|e| verity_fail(e.to_string()))?;
     let table = sb.table(
         &format!("{}:{}", data.major, data.minor),
         &format!("{}:{}", hash.major, hash.minor),
@@ -183,14 +185,13 @@ fn mount_root(node: &Path, label: &str) -> Result<(), Fatal> {
         .unwrap_or(false);
     match mounted {
         // A read error under dm-verity is a block that did not verify.
-        Err(e) if corrupt || e.errno == rustix::io::Errno::IO => Err(Fatal::Verity {
-            partition: label.to_owned(),
-            detail: format!("mount: {}", mounts::errno_text(e.errno)),
-        }),
-        Err(e) => Err(Fatal::Step {
-            step: "mounting the root",
-            detail: e.message,
-        }),
+        Err(Error::Mount { errno, .. }) if corrupt || errno == rustix::io::Errno::IO => {
+            Err(Fatal::Verity {
+                partition: label.to_owned(),
+                detail: format!("mount: {}", mounts::errno_text(errno)),
+            })
+        }
+        Err(e) => Err(step("mounting the root")(e)),
         Ok(()) if corrupt => Err(Fatal::Verity {
             partition: label.to_owned(),
             detail: "device-mapper status reports a corrupted block".to_owned(),
@@ -253,7 +254,7 @@ fn open_data(
         MountFlags::NOSUID,
         "nodelalloc",
     )
-    .map_err(|e| step("mounting the data partition")(e.message))?;
+    .map_err(step("mounting the data partition"))?;
     for tree in data_journaling::JOURNALED {
         let dir = Path::new(SYSROOT).join("var").join(tree);
         match data_journaling::journal_data(&dir) {
@@ -291,14 +292,12 @@ fn open_data(
     })
 }
 
-fn write_boot_info(info: &Boot) -> Result<(), String> {
+fn write_boot_info(info: &Boot) -> Result<(), Error> {
     let dir = Path::new(SYSROOT).join("run/edge");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
     let path = dir.join("boot.json");
-    let json = serde_json::to_string(info).map_err(|e| e.to_string())?;
-    std::fs::write(&path, json + "\n")
-        .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    let json = serde_json::to_string(info).map_err(Error::io("serialize", &path))?;
+    std::fs::write(&path, json + "\n").map_err(Error::io("write", &path))
 }
 
 #[cfg(test)]

@@ -174,9 +174,10 @@ impl System {
         let updater = &self.updater;
         self.ctl.step(&mut |req| {
             let name = req.name();
-            let done = |r: Result<(), String>| match r {
+            // The control protocol answers with the refusal in words.
+            let done = |r: crate::error::Result<()>| match r {
                 Ok(()) => control::ok_reply(name),
-                Err(e) => control::error_reply(name, &e),
+                Err(e) => control::error_reply(name, &e.to_string()),
             };
             match req {
                 Request::Status => {

@@ -2,6 +2,8 @@
 //! (cryptsetup's on-disk format, 512 bytes, little endian) and the verity target table
 //! built from it and the root hash on the kernel command line.
 
+use crate::error::{Error, Result};
+
 /// The superblock fields the table needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
@@ -24,42 +26,51 @@ fn le_u32(b: &[u8], off: usize) -> u32 {
 /// Parses the superblock. Layout: signature[8] @0, version u32 @8, hash_type u32 @12,
 /// uuid[16] @16, algorithm[32] @32, data_block_size u32 @64, hash_block_size u32 @68,
 /// data_blocks u64 @72, salt_size u16 @80, pad[6], salt[256] @88, pad[168] -> 512.
-pub fn parse_superblock(b: &[u8]) -> Result<Superblock, String> {
+pub fn parse_superblock(b: &[u8]) -> Result<Superblock> {
+    let bad = |detail: String| Error::Verity { path: None, detail };
     if b.len() < SUPERBLOCK_SIZE {
-        return Err(format!("verity superblock truncated ({} bytes)", b.len()));
+        return Err(bad(format!(
+            "verity superblock truncated ({} bytes)",
+            b.len()
+        )));
     }
     if &b[0..8] != SIGNATURE {
-        return Err("no verity superblock (signature \"verity\" missing)".to_owned());
+        return Err(bad(
+            "no verity superblock (signature \"verity\" missing)".to_owned()
+        ));
     }
     let version = le_u32(b, 8);
     if version != 1 {
-        return Err(format!("unsupported verity superblock version {version}"));
+        return Err(bad(format!(
+            "unsupported verity superblock version {version}"
+        )));
     }
     let hash_type = le_u32(b, 12);
     if hash_type > 1 {
-        return Err(format!("unsupported verity hash type {hash_type}"));
+        return Err(bad(format!("unsupported verity hash type {hash_type}")));
     }
     let alg = &b[32..64];
     let alg_len = alg.iter().position(|&c| c == 0).unwrap_or(alg.len());
     let algorithm = std::str::from_utf8(&alg[..alg_len])
         .ok()
         .filter(|a| !a.is_empty() && a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
-        .ok_or("verity superblock names no valid hash algorithm")?
+        .ok_or_else(|| bad("verity superblock names no valid hash algorithm".into()))?
         .to_owned();
     let data_block_size = le_u32(b, 64);
     let hash_block_size = le_u32(b, 68);
     for (what, size) in [("data", data_block_size), ("hash", hash_block_size)] {
         if !(512..=1 << 20).contains(&size) || !size.is_power_of_two() {
-            return Err(format!("verity {what} block size {size} is invalid"));
+            return Err(bad(format!("verity {what} block size {size} is invalid")));
         }
     }
-    let data_blocks = u64::from_le_bytes(b[72..80].try_into().map_err(|_| "short")?);
+    let data_blocks =
+        u64::from_le_bytes(b[72..80].try_into().map_err(|_| bad("short".to_owned()))?);
     if data_blocks == 0 {
-        return Err("verity superblock says 0 data blocks".to_owned());
+        return Err(bad("verity superblock says 0 data blocks".to_owned()));
     }
     let salt_size = u16::from_le_bytes([b[80], b[81]]) as usize;
     if salt_size > 256 {
-        return Err(format!("verity salt size {salt_size} exceeds 256"));
+        return Err(bad(format!("verity salt size {salt_size} exceeds 256")));
     }
     Ok(Superblock {
         hash_type,
@@ -105,13 +116,19 @@ impl Superblock {
 }
 
 /// Reads the superblock from the start of the hash device.
-pub fn read_superblock(path: &std::path::Path) -> Result<Superblock, String> {
+pub fn read_superblock(path: &std::path::Path) -> Result<Superblock> {
     use std::io::Read;
     let mut buf = [0u8; SUPERBLOCK_SIZE];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
-    parse_superblock(&buf).map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(Error::io("read", path))?;
+    parse_superblock(&buf).map_err(|e| match e {
+        Error::Verity { detail, .. } => Error::Verity {
+            path: Some(path.to_path_buf()),
+            detail,
+        },
+        other => other,
+    })
 }
 
 /// Whether a verity status string (`V`, `C`, with FEC or check-at-most-once extras after)
@@ -211,9 +228,11 @@ mod tests {
     fn refuses_what_is_not_a_superblock() {
         assert!(parse_superblock(&[0u8; 512])
             .unwrap_err()
+            .to_string()
             .contains("signature"));
         assert!(parse_superblock(b"verity\0\0")
             .unwrap_err()
+            .to_string()
             .contains("truncated"));
         let mut b = [0u8; 512];
         b[..8].copy_from_slice(SIGNATURE);
@@ -224,12 +243,16 @@ mod tests {
         b[68..72].copy_from_slice(&4096u32.to_le_bytes());
         b[72] = 1;
         b[80..82].copy_from_slice(&300u16.to_le_bytes());
-        assert!(parse_superblock(&b).unwrap_err().contains("salt size 300"));
+        assert!(parse_superblock(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("salt size 300"));
         b[80..82].copy_from_slice(&0u16.to_le_bytes());
         assert!(parse_superblock(&b).is_ok());
         b[64..68].copy_from_slice(&4000u32.to_le_bytes());
         assert!(parse_superblock(&b)
             .unwrap_err()
+            .to_string()
             .contains("data block size 4000"));
     }
 

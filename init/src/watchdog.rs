@@ -19,14 +19,14 @@ pub struct Watchdog {
 
 impl Watchdog {
     /// Opens and arms the device. `Ok(None)` when there is no watchdog.
-    pub fn open(device: &Path, timeout_s: u32) -> Result<Option<Watchdog>, String> {
+    pub fn open(device: &Path, timeout_s: u32) -> crate::error::Result<Option<Watchdog>> {
         if !device.exists() {
             return Ok(None);
         }
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(device)
-            .map_err(|e| format!("failed to open {}: {e}", device.display()))?;
+            .map_err(crate::error::Error::io("open", device))?;
         let mut t: libc::c_int = timeout_s as libc::c_int;
         // SAFETY: WDIOC_SETTIMEOUT reads and writes one int we own.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), WDIOC_SETTIMEOUT as _, &mut t) };

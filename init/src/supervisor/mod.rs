@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::error::{Error, Result};
 use crate::logs::LogStore;
 use crate::services::{KillMode, Readiness, ServiceSpec};
 
@@ -50,6 +51,14 @@ impl State {
             State::Stopped => "stopped",
             State::Failed => "failed",
         }
+    }
+}
+
+/// A control request about service `name` refused, saying why.
+fn refused(name: &str, detail: String) -> Error {
+    Error::Service {
+        name: name.to_owned(),
+        detail,
     }
 }
 
@@ -477,31 +486,31 @@ impl Supervisor {
         }
     }
 
-    fn index(&self, name: &str) -> Result<usize, String> {
+    fn index(&self, name: &str) -> Result<usize> {
         self.services
             .iter()
             .position(|s| s.spec.name == name)
-            .ok_or_else(|| format!("no service named `{name}`"))
+            .ok_or_else(|| refused(name, format!("no service named `{name}`")))
     }
 
     /// Signals a service's main process (the `kill` request).
-    pub fn kill(&mut self, name: &str, sig: i32) -> Result<(), String> {
+    pub fn kill(&mut self, name: &str, sig: i32) -> Result<()> {
         let i = self.index(name)?;
         if !(1..=64).contains(&sig) {
-            return Err(format!("signal {sig} is out of range"));
+            return Err(refused(name, format!("signal {sig} is out of range")));
         }
         let pid = self.services[i]
             .pid
-            .ok_or_else(|| format!("service `{name}` is not running"))?;
+            .ok_or_else(|| refused(name, format!("service `{name}` is not running")))?;
         signal(pid, sig);
         Ok(())
     }
 
     /// Stops and starts a service (the `restart` request). A failed or stopped service
     /// starts afresh, with its crash-loop count cleared.
-    pub fn restart(&mut self, name: &str) -> Result<(), String> {
+    pub fn restart(&mut self, name: &str) -> Result<()> {
         if self.shutting_down {
-            return Err("shutting down".into());
+            return Err(refused(name, "shutting down".into()));
         }
         let i = self.index(name)?;
         let now = Instant::now();
@@ -515,7 +524,10 @@ impl Supervisor {
                 self.spawn(i, now);
             }
             State::Waiting => {
-                return Err(format!("service `{name}` is waiting for its dependencies"))
+                return Err(refused(
+                    name,
+                    format!("service `{name}` is waiting for its dependencies"),
+                ))
             }
         }
         Ok(())

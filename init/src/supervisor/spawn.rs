@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+use crate::error::{Error, Result};
 use crate::logs::LineSplitter;
 use crate::services::Readiness;
 
@@ -42,7 +43,7 @@ pub(super) fn signal(pid: i32, sig: i32) {
 
 impl Supervisor {
     /// Starts service `i`'s process; its pid. The exit is collected by `reap`.
-    pub(super) fn try_spawn(&mut self, i: usize) -> Result<i32, String> {
+    pub(super) fn try_spawn(&mut self, i: usize) -> Result<i32> {
         let cgroup = match &self.opts.cgroup_root {
             Some(root) => {
                 let spec = &self.services[i].spec;
@@ -72,7 +73,10 @@ impl Supervisor {
             cmd.current_dir(dir);
         }
         let notify = if spec.ready == Readiness::Notify {
-            let (r, w) = pipe().map_err(|e| format!("failed to create the notify pipe: {e}"))?;
+            let (r, w) = pipe().map_err(|e| Error::Service {
+                name: spec.name.clone(),
+                detail: format!("failed to create the notify pipe: {e}"),
+            })?;
             set_nonblocking(r.as_raw_fd());
             cmd.env("NOTIFY_FD", w.as_raw_fd().to_string());
             Some((r, w))
@@ -111,9 +115,7 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("failed to start {}: {e}", spec.exec[0]))?;
+        let mut child = cmd.spawn().map_err(Error::io("start", &spec.exec[0]))?;
         let pid = child.id() as i32;
         let pipes: [(Option<OwnedFd>, &'static str); 2] = [
             (child.stdout.take().map(Into::into), "out"),

@@ -440,7 +440,11 @@ fn restart_request_and_kill_request() {
     });
     let st = sup.status();
     assert_eq!(st[0]["last_exit"], json!({"signal": 9}));
-    assert!(sup.kill("nope", 9).unwrap_err().contains("nope"));
+    assert!(sup
+        .kill("nope", 9)
+        .unwrap_err()
+        .to_string()
+        .contains("nope"));
     shut_down(&mut sup, 10);
 }
 
@@ -498,7 +502,7 @@ fn control_socket_answers_status_and_kill() {
             }
             crate::control::Request::Kill { service, signal } => match sup.kill(&service, signal) {
                 Ok(()) => crate::control::ok_reply("kill"),
-                Err(e) => crate::control::error_reply("kill", &e),
+                Err(e) => crate::control::error_reply("kill", &e.to_string()),
             },
             other => crate::control::error_reply(other.name(), "not in this test"),
         });

@@ -4,6 +4,7 @@
 use super::slots::Running;
 use super::state::State;
 use super::NAME;
+use crate::error::{Error, Result};
 
 /// The floor kept by both the state (`state_floor`) and the TPM's counter (`counter`
 /// less `base`): the higher of the two, and what to raise the counter to when it is
@@ -18,12 +19,13 @@ pub fn floor_with_counter(state_floor: u64, base: u64, counter: u64) -> (u64, Op
 /// to the higher of the two, counting the TPM's up, defining it on first use. Returns the
 /// counter's value. The state is the caller's to save. Runs edge-tpm: PID 1's thread
 /// only (its loop reaps every child, so another thread's wait would find none).
-pub(super) fn keep_floor_in_tpm(state: &mut State) -> Result<u64, String> {
+pub(super) fn keep_floor_in_tpm(state: &mut State) -> Result<u64> {
     let counter = match crate::sealed_data::security_counter(None)? {
         Some(c) => c,
         None => {
-            let first = crate::sealed_data::security_counter(Some(0))?
-                .ok_or("edge-tpm counted the security counter up and printed no value")?;
+            let first = crate::sealed_data::security_counter(Some(0))?.ok_or_else(|| {
+                Error::edge_tpm("counted the security counter up and printed no value")
+            })?;
             state.tpm_counter_base = Some(first.saturating_sub(1));
             first
         }
@@ -33,7 +35,7 @@ pub(super) fn keep_floor_in_tpm(state: &mut State) -> Result<u64, String> {
     state.security_floor = floor;
     match raise {
         Some(to) => crate::sealed_data::security_counter(Some(to))?
-            .ok_or_else(|| "edge-tpm raised the security counter and printed no value".into()),
+            .ok_or_else(|| Error::edge_tpm("raised the security counter and printed no value")),
         None => Ok(counter),
     }
 }
@@ -60,19 +62,20 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 /// The checks made on the signed manifest alone, before the rest of the bundle is read:
 /// the product, the version against the running one, the security version against the
 /// floor. `Ok(false)`: the bundle is the running version (nothing to do).
-pub fn admit(m: &edge_update::Manifest, running: &Running, floor: u64) -> Result<bool, String> {
+pub fn admit(m: &edge_update::Manifest, running: &Running, floor: u64) -> Result<bool> {
+    let refused = |detail: String| Err(Error::Bundle { detail });
     if m.name != NAME {
-        return Err(format!("it updates {:?}, and this box runs {NAME}", m.name));
+        return refused(format!("it updates {:?}, and this box runs {NAME}", m.name));
     }
     if m.security_version < floor {
-        return Err(format!(
+        return refused(format!(
             "its security version {} is below the lowest this box accepts ({floor})",
             m.security_version
         ));
     }
     match version_cmp(&m.version, &running.version) {
         std::cmp::Ordering::Equal => Ok(false),
-        std::cmp::Ordering::Less => Err(format!(
+        std::cmp::Ordering::Less => refused(format!(
             "version {} is older than the running {}",
             m.version, running.version
         )),

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::error::{Error, Result};
 use crate::say;
 
 use super::floor::admit;
@@ -13,16 +14,16 @@ use super::trial::Outcome;
 use super::updater::{unix_ms, window_of};
 use super::{NAME, UPDATE_KEY};
 
-pub(super) fn size_of(path: &Path) -> Result<u64, String> {
+pub(super) fn size_of(path: &Path) -> Result<u64> {
     use std::io::{Seek, SeekFrom};
     std::fs::File::open(path)
         .and_then(|mut f| f.seek(SeekFrom::End(0)))
-        .map_err(|e| format!("failed to size {}: {e}", path.display()))
+        .map_err(Error::io("size", path))
 }
 
 /// Copies one checked part (by name) into a writer: from a bundle, or rebuilt from a
 /// delta; the part's SHA-256 is checked again on the way.
-pub type CopyPart<'a> = &'a dyn Fn(&str, &mut dyn std::io::Write) -> Result<(), String>;
+pub type CopyPart<'a> = &'a dyn Fn(&str, &mut dyn std::io::Write) -> Result<()>;
 
 /// Writes the update whose checked manifest is `m` into the inactive slot described by
 /// `target`, its parts from `copy`. The slot's entries go first, the UKI last; every
@@ -32,31 +33,32 @@ pub fn install(
     copy: CopyPart,
     slot: &str,
     target: &Target,
-) -> Result<Installed, String> {
+) -> Result<Installed> {
     let part_size = |name: &str| m.part(name).map_or(0, |p| p.size);
     for (part, dev) in [("root.erofs", target.root), ("root.verity", target.verity)] {
         let have = size_of(dev)?;
         if part_size(part) > have {
-            return Err(format!(
-                "its {part} is {} bytes and slot {slot}'s partition {} holds {have}",
-                part_size(part),
-                dev.display()
-            ));
+            return Err(Error::Bundle {
+                detail: format!(
+                    "its {part} is {} bytes and slot {slot}'s partition {} holds {have}",
+                    part_size(part),
+                    dev.display()
+                ),
+            });
         }
     }
     for name in slot_entries(target.entries, slot) {
-        std::fs::remove_file(target.entries.join(&name))
-            .map_err(|e| format!("failed to remove slot {slot}'s entry {name}: {e}"))?;
+        let path = target.entries.join(&name);
+        std::fs::remove_file(&path).map_err(Error::io("remove", &path))?;
     }
     sync_dir(target.entries)?;
     for (part, dev) in [("root.erofs", target.root), ("root.verity", target.verity)] {
         let mut out = std::fs::OpenOptions::new()
             .write(true)
             .open(dev)
-            .map_err(|e| format!("failed to open {} for writing: {e}", dev.display()))?;
-        copy(part, &mut out).map_err(|e| format!("writing {}: {e}", dev.display()))?;
-        out.sync_all()
-            .map_err(|e| format!("failed to sync {}: {e}", dev.display()))?;
+            .map_err(Error::io("open for writing", dev))?;
+        copy(part, &mut out).map_err(Error::step(format!("writing {}", dev.display())))?;
+        out.sync_all().map_err(Error::io("sync", dev))?;
     }
     let uki = format!("uki-{slot}.efi");
     let tmp = target
@@ -66,14 +68,12 @@ pub fn install(
     if target.hold {
         entry = held_entry(&entry);
     }
-    let written = (|| -> Result<(), String> {
-        let mut out = std::fs::File::create(&tmp)
-            .map_err(|e| format!("failed to create {}: {e}", tmp.display()))?;
-        copy(&uki, &mut out).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-        out.sync_all()
-            .map_err(|e| format!("failed to sync {}: {e}", tmp.display()))?;
+    let written = (|| -> Result<()> {
+        let mut out = std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?;
+        copy(&uki, &mut out).map_err(Error::step(format!("writing {}", tmp.display())))?;
+        out.sync_all().map_err(Error::io("sync", &tmp))?;
         std::fs::rename(&tmp, target.entries.join(&entry))
-            .map_err(|e| format!("failed to rename {} to {entry}: {e}", tmp.display()))?;
+            .map_err(Error::io_to("rename", &tmp, "to", &entry))?;
         sync_dir(target.entries)
     })();
     if let Err(e) = written {
@@ -87,10 +87,10 @@ pub fn install(
     })
 }
 
-pub(super) fn sync_dir(dir: &Path) -> Result<(), String> {
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| format!("failed to sync {}: {e}", dir.display()))
+        .map_err(Error::io("sync", dir))
 }
 
 /// A delta's parts, rebuilt from the running slot (its root and verity tree, the root's
@@ -108,22 +108,18 @@ impl<'a> Rebuild<'a> {
     fn prepare(
         delta: &'a edge_update::delta::Delta,
         running: &Running,
-        node: &dyn Fn(String) -> Result<PathBuf, String>,
+        node: &dyn Fn(String) -> Result<PathBuf>,
         slot: &str,
-    ) -> Result<Rebuild<'a>, String> {
+    ) -> Result<Rebuild<'a>> {
         let t = Instant::now();
         let mut seeds = edge_update::delta::Seeds::default();
         let run = &running.slot;
-        let index = seeds
-            .add_file(&node(format!("root-{run}"))?, delta.info.base_root_bytes)
-            .map_err(|e| e.to_string())?;
+        let index = seeds.add_file(&node(format!("root-{run}"))?, delta.info.base_root_bytes)?;
         seeds.add_bytes(index);
-        seeds
-            .add_file(
-                &node(format!("root-{run}-verity"))?,
-                delta.info.base_verity_bytes,
-            )
-            .map_err(|e| e.to_string())?;
+        seeds.add_file(
+            &node(format!("root-{run}-verity"))?,
+            delta.info.base_verity_bytes,
+        )?;
         let uki = crate::esp::with_esp(|esp| {
             let dir = esp.join("EFI/Linux");
             let stem = format!("{NAME}-{}-{run}", running.version);
@@ -140,9 +136,7 @@ impl<'a> Rebuild<'a> {
         }
         let mut index = Vec::new();
         let r = |part: &str, out: &mut dyn std::io::Write, index: Option<&[u8]>| {
-            delta
-                .rebuild(part, &seeds, index, out)
-                .map_err(|e| e.to_string())
+            delta.rebuild(part, &seeds, index, out)
         };
         let mut held = r("root.blockhash", &mut index, None)?.held;
         for part in [
@@ -164,11 +158,10 @@ impl<'a> Rebuild<'a> {
         })
     }
 
-    fn copy(&self, part: &str, out: &mut dyn std::io::Write) -> Result<(), String> {
+    fn copy(&self, part: &str, out: &mut dyn std::io::Write) -> Result<()> {
         self.delta
-            .rebuild(part, &self.seeds, Some(&self.index), out)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            .rebuild(part, &self.seeds, Some(&self.index), out)?;
+        Ok(())
     }
 }
 
@@ -196,15 +189,15 @@ pub(super) fn attempt(
         window: None,
         time_ms: unix_ms(),
     };
-    let result = (|| -> Result<Option<Installed>, String> {
-        let key = edge_update::read_public_key(Path::new(UPDATE_KEY)).map_err(|e| e.to_string())?;
+    let result = (|| -> Result<Option<Installed>> {
+        let key = edge_update::read_public_key(Path::new(UPDATE_KEY))?;
         let delta = match name.ends_with(".delta") {
-            true => Some(edge_update::delta::open(path, &key).map_err(|e| e.to_string())?),
+            true => Some(edge_update::delta::open(path, &key)?),
             false => None,
         };
         let m = match &delta {
             Some(d) => d.manifest.clone(),
-            None => edge_update::head(path, &key).map_err(|e| e.to_string())?,
+            None => edge_update::head(path, &key)?,
         };
         record.version = m.version.clone();
         record.security_version = m.security_version;
@@ -213,20 +206,22 @@ pub(super) fn attempt(
         }
         if let Some(d) = &delta {
             if d.info.base_version != running.version {
-                return Err(format!(
-                    "it is a delta from {}, and this box runs {}",
-                    d.info.base_version, running.version
-                ));
+                return Err(Error::Bundle {
+                    detail: format!(
+                        "it is a delta from {}, and this box runs {}",
+                        d.info.base_version, running.version
+                    ),
+                });
             }
         }
         let slot = record.slot.clone();
         say!("update: checking {name} ({} for slot {slot})", m.version);
         let devs = crate::disk::scan(Path::new("/sys/class/block"));
-        let node = |label: String| -> Result<PathBuf, String> {
+        let node = |label: String| -> Result<PathBuf> {
             let found = crate::disk::find_labels(&devs, &[&label]);
-            let dev = found
-                .get(&label)
-                .ok_or_else(|| format!("no partition labelled {label}"))?;
+            let dev = found.get(&label).ok_or_else(|| Error::NoDevice {
+                what: format!("partition labelled {label}"),
+            })?;
             crate::disk::ensure_node(dev, Path::new("/dev"))
         };
         let (root, verity) = (
@@ -237,12 +232,10 @@ pub(super) fn attempt(
         let rebuild;
         let copy: CopyPart = match &delta {
             None => {
-                bundle = edge_update::open(path, &key).map_err(|e| e.to_string())?;
-                &|part, out| {
-                    bundle
-                        .copy_part(path, part, out)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
+                bundle = edge_update::open(path, &key)?;
+                &|part, out| -> Result<()> {
+                    bundle.copy_part(path, part, out)?;
+                    Ok(())
                 }
             }
             Some(d) => {
@@ -274,11 +267,13 @@ pub(super) fn attempt(
             // Withdrawn (fabricd removes a bundle no manifest offers) while it was written.
             record.phase = Phase::Cancelled;
             std::fs::remove_file(entries.join(&installed.entry))
-                .map_err(|e| format!("failed to remove {}: {e}", installed.entry))?;
+                .map_err(Error::io("remove", &installed.entry))?;
             sync_dir(&entries)?;
-            Err(format!(
-                "the core withdrew it while slot {slot} was written; its entry is removed"
-            ))
+            Err(Error::Bundle {
+                detail: format!(
+                    "the core withdrew it while slot {slot} was written; its entry is removed"
+                ),
+            })
         })?
         .map(Some)
     })();

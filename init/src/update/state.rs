@@ -96,13 +96,12 @@ impl State {
 
     /// Written whole (temp file, fsync, rename, directory fsync): a power cut leaves the
     /// old state or the new one.
-    pub fn save(&self, path: &Path) -> Result<(), String> {
-        let body = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+    pub fn save(&self, path: &Path) -> crate::error::Result<()> {
+        use crate::error::Error;
+        let body = serde_json::to_vec_pretty(self).map_err(Error::io("serialize", path))?;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
         }
-        crate::provision::write_atomic(path, &body, 0o644)
-            .map_err(|e| format!("failed to write {}: {e}", path.display()))
+        crate::provision::write_atomic(path, &body, 0o644).map_err(Error::io("write", path))
     }
 }

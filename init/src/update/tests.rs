@@ -36,21 +36,22 @@ fn older_versions_other_products_and_low_security_versions_are_refused_naming_bo
         version: "0.2.0".into(),
         slot: "a".into(),
     };
-    assert_eq!(admit(&manifest("0.3.0", 2), &running, 2), Ok(true));
-    assert_eq!(admit(&manifest("0.2.0", 2), &running, 2), Ok(false));
+    let admit = |m: &edge_update::Manifest, floor: u64| {
+        admit(m, &running, floor).map_err(|e| e.to_string())
+    };
+    assert_eq!(admit(&manifest("0.3.0", 2), 2), Ok(true));
+    assert_eq!(admit(&manifest("0.2.0", 2), 2), Ok(false));
     assert_eq!(
-        admit(&manifest("0.1.0", 2), &running, 1),
+        admit(&manifest("0.1.0", 2), 1),
         Err("version 0.1.0 is older than the running 0.2.0".into())
     );
     assert_eq!(
-        admit(&manifest("0.3.0", 1), &running, 2),
+        admit(&manifest("0.3.0", 1), 2),
         Err("its security version 1 is below the lowest this box accepts (2)".into())
     );
     let mut other = manifest("0.3.0", 2);
     other.name = "otheros".into();
-    assert!(admit(&other, &running, 1)
-        .unwrap_err()
-        .contains("\"otheros\""));
+    assert!(admit(&other, 1).unwrap_err().contains("\"otheros\""));
 }
 
 #[test]
@@ -233,7 +234,7 @@ fn install_into(
     root_blocks: usize,
     entries: &[&str],
     hold: bool,
-) -> (Result<Installed, String>, PathBuf, PathBuf, PathBuf) {
+) -> (crate::error::Result<Installed>, PathBuf, PathBuf, PathBuf) {
     let (path, b) = bundle(d, "0.2.0");
     let dir = d.join("EFI/Linux");
     std::fs::create_dir_all(&dir).unwrap();
@@ -250,10 +251,9 @@ fn install_into(
         tries: 1,
         hold,
     };
-    let copy = |n: &str, w: &mut dyn std::io::Write| {
-        b.copy_part(&path, n, w)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    let copy = |n: &str, w: &mut dyn std::io::Write| -> crate::error::Result<()> {
+        b.copy_part(&path, n, w)?;
+        Ok(())
     };
     let done = install(&b.manifest, &copy, "b", &target);
     (done, root, verity, dir)
@@ -314,7 +314,7 @@ fn an_install_for_a_later_window_holds_its_entry_back_where_the_loader_does_not_
 fn a_slot_too_small_is_refused_before_anything_is_touched() {
     let dir = tempfile::tempdir().unwrap();
     let (done, root, _, entries) = install_into(dir.path(), 2, &["edgeos-0.1.0-b+0.efi"], false);
-    let e = done.unwrap_err();
+    let e = done.unwrap_err().to_string();
     assert!(
         e.contains("its root.erofs is 12288 bytes and slot b's partition")
             && e.contains("holds 8192"),
@@ -332,6 +332,10 @@ fn the_trial_passes_when_ready_and_healthy_and_fails_when_given_up_or_late() {
         ready,
         given_up: given_up.iter().map(|s| s.to_string()).collect(),
         unhealthy: unhealthy.iter().map(|s| s.to_string()).collect(),
+    };
+    // The verdict's reason, in the words the state keeps.
+    let judge = |h: &Health, t: Instant, limit: Duration| {
+        judge(h, t, limit).map(|r| r.map_err(|e| e.to_string()))
     };
     assert_eq!(judge(&h(true, &[], &[]), t, limit), Some(Ok(())));
     assert_eq!(judge(&h(false, &[], &[]), t, limit), None);

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::slots::{Installed, Running};
 use super::state::{Phase, State};
+use crate::error::{Error, Result};
 
 /// What this boot is to an update, decided once /var is up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,26 +76,27 @@ pub struct Health {
 }
 
 /// The trial's verdict, each turn: `Some(Ok)` blessed, `Some(Err(reason))` failed.
-pub fn judge(h: &Health, started: Instant, limit: Duration) -> Option<Result<(), String>> {
+pub fn judge(h: &Health, started: Instant, limit: Duration) -> Option<Result<()>> {
+    let failed = |detail: String| Some(Err(Error::Trial { detail }));
     if h.ready && h.unhealthy.is_empty() {
         Some(Ok(()))
     } else if !h.given_up.is_empty() {
-        Some(Err(format!("given up: {}", h.given_up.join(", "))))
+        failed(format!("given up: {}", h.given_up.join(", ")))
     } else if started.elapsed() < limit {
         None
     } else if !h.ready {
-        Some(Err(format!(
+        failed(format!(
             "not every service was ready within {} s",
             limit.as_secs()
-        )))
+        ))
     } else {
-        Some(Err(format!(
+        failed(format!(
             "not healthy within {} s: {}",
             limit.as_secs(),
             h.unhealthy.join(", ")
-        )))
+        ))
     }
 }
 
 /// An install's end: the state to keep, and what it did (`None`: the running version).
-pub(super) type Outcome = (State, Result<Option<Installed>, String>);
+pub(super) type Outcome = (State, Result<Option<Installed>>);

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
 use crate::say;
 
 use super::floor::keep_floor_in_tpm;
@@ -173,7 +174,7 @@ impl Updater {
                 let removed = crate::esp::with_esp(|esp| {
                     let entries = esp.join("EFI/Linux");
                     std::fs::remove_file(entries.join(&i.entry))
-                        .map_err(|e| format!("failed to remove {}: {e}", i.entry))?;
+                        .map_err(Error::io("remove", &i.entry))?;
                     sync_dir(&entries)
                 })
                 .and_then(|r| r);
@@ -208,7 +209,7 @@ impl Updater {
                 let released = crate::esp::with_esp(|esp| {
                     let entries = esp.join("EFI/Linux");
                     std::fs::rename(entries.join(&i.entry), entries.join(live))
-                        .map_err(|e| format!("failed to rename {} to {live}: {e}", i.entry))?;
+                        .map_err(Error::io_to("rename", &i.entry, "to", live))?;
                     sync_dir(&entries)
                 })
                 .and_then(|r| r);
@@ -261,7 +262,9 @@ impl Updater {
                 Err(std::sync::mpsc::TryRecvError::Empty) => return None,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => (
                     State::load(&self.state_file),
-                    Err("the install thread ended without a word".into()),
+                    Err(Error::Bundle {
+                        detail: "the install thread ended without a word".into(),
+                    }),
                 ),
             };
             self.job = None;
@@ -276,7 +279,7 @@ impl Updater {
                         if u.phase != Phase::Cancelled {
                             u.phase = Phase::Refused;
                         }
-                        u.reason = Some(e.clone());
+                        u.reason = Some(e.to_string());
                     }
                 }
             }

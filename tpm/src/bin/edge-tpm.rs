@@ -1,6 +1,8 @@
 //! `edge-tpm`: the TPM steps of the boot, for init (which is static and cannot link the
 //! TPM libraries) to run from the verified root. One line on stderr and a non-zero exit
-//! on failure: 2 when the TPM refused the data key to this boot, 1 for anything else.
+//! on failure: 2 when the TPM refused the data key to this boot, 3 when no TPM could be
+//! opened (so nothing was measured; init's stage 1 decides on this status), 1 for anything
+//! else.
 //!
 //! ```text
 //! edge-tpm phase <word>                           extend PCR 11, log the event, print it
@@ -55,8 +57,23 @@ fn main() {
         Ok(()) => {}
         Err(e) => {
             eprintln!("edge-tpm: {e}");
-            std::process::exit(if matches!(e, Error::Refused(_)) { 2 } else { 1 });
+            std::process::exit(exit_status(&e));
         }
+    }
+}
+
+/// The TPM refused the data key to this boot.
+const EXIT_REFUSED: i32 = 2;
+/// No TPM could be opened: nothing was measured (init measures the initrd phases itself
+/// then, as it does for a refusal made before edge-tpm ran).
+const EXIT_NO_TPM: i32 = 3;
+
+/// The exit status for a failure: callers decide on it, never on the words on stderr.
+fn exit_status(e: &Error) -> i32 {
+    match e {
+        Error::Refused(_) => EXIT_REFUSED,
+        Error::NoTpm { .. } => EXIT_NO_TPM,
+        _ => 1,
     }
 }
 
@@ -437,5 +454,21 @@ fn enroll(args: &[String]) -> Result<(), Error> {
             stdout(&to_json("the answer", &answer)?)
         }
         other => Err(usage(&format!("enroll {other:?}: request or answer"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_tpm_and_a_refused_key_exit_with_their_own_status() {
+        let no_tpm = Error::NoTpm {
+            tcti: "device:/dev/tpmrm0".into(),
+            why: "/dev/tpmrm0 does not exist".into(),
+        };
+        assert_eq!(exit_status(&no_tpm), 3);
+        assert_eq!(exit_status(&Error::Refused("PCR 11".into())), 2);
+        assert_eq!(exit_status(&usage("no command")), 1);
     }
 }
