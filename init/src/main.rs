@@ -14,7 +14,6 @@ mod esp;
 mod ext4;
 mod logs;
 mod measurements;
-mod modules;
 mod mounts;
 mod net;
 mod power;

@@ -5,7 +5,7 @@
 use crate::error::Error;
 use crate::sealed_data::{self, Unlock};
 use crate::status::Boot;
-use crate::{data_journaling, disk, dm, ext4, modules, mounts, rootexec, say, verity};
+use crate::{data_journaling, disk, dm, ext4, mounts, rootexec, say, verity};
 use rustix::mount::MountFlags;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -70,9 +70,9 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     let params = crate::cmdline::read().map_err(step("reading the kernel command line"))?;
     say!("stage 1: slot {} version {}", params.slot, params.version);
 
-    for e in modules::load_list(
+    for e in edge_kmod::load_list(
         Path::new("/etc/edge/modules"),
-        &modules::running_kernel_dir(),
+        &edge_kmod::running_kernel_dir(),
     ) {
         say!("modules: {e}");
     }

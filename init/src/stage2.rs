@@ -580,8 +580,8 @@ fn boot_info() -> Boot {
 }
 
 fn load_modules() {
-    let dir = crate::modules::running_kernel_dir();
-    for p in crate::modules::load_list(Path::new(MODULE_LIST), &dir) {
+    let dir = edge_kmod::running_kernel_dir();
+    for p in edge_kmod::load_list(Path::new(MODULE_LIST), &dir) {
         say!("warning: {p}");
     }
 }

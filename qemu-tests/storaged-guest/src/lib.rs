@@ -3,7 +3,6 @@
 //! file systems, the console, the kernel modules), and finding a raw disk by its
 //! serial number. Not part of the product: the image never holds these programs.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -46,22 +45,9 @@ pub fn setup(s: Setup) {
     if s.quiet_kernel {
         let _ = std::fs::write("/proc/sys/kernel/printk", "1");
     }
-    let order = std::fs::read_to_string("/modules.order").unwrap_or_default();
-    for m in order.lines().filter(|l| !l.is_empty()) {
-        let r = File::open(m).map_err(|e| e.to_string()).and_then(|f| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid fd and an empty NUL-terminated parameter string.
-            let rc =
-                unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
-            let err = std::io::Error::last_os_error();
-            if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
-                return Err(err.to_string());
-            }
-            Ok(())
-        });
-        if let Err(e) = r {
-            println!("module {m}: {e}");
-        }
+    // The light VM's initramfs lists its modules by absolute path.
+    for e in edge_kmod::load_list(Path::new("/modules.order"), Path::new("/")) {
+        println!("modules: {e}");
     }
 }
 
