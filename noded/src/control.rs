@@ -10,26 +10,22 @@ use tokio::net::{UnixListener, UnixStream};
 
 use edge_node_api::{Answer, Client, LogsAnswer, LogsRequest, Request};
 
+use crate::error::{Error, Result};
 use crate::pods::{PodReport, Status};
 
 /// Binds `path` (replacing a stale socket from an earlier run) and serves in a task.
 /// Logs are read from `log_dir`, the reconciler's.
-pub fn spawn(
-    path: &Path,
-    status: Status,
-    log_dir: PathBuf,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+pub fn spawn(path: &Path, status: Status, log_dir: PathBuf) -> Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(Error::io("failed to create", dir))?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("failed to remove stale {}: {e}", path.display())),
+        Err(e) => return Err(Error::io("failed to remove stale", path)(e)),
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| format!("failed to bind control socket {}: {e}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).map_err(Error::io("failed to bind control socket", path))?;
     Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -58,16 +54,22 @@ async fn answer(stream: UnixStream, status: Status, log_dir: PathBuf) {
             Ok(r) if r.op == "logs" => {
                 let (pods, dir) = (pods(), log_dir.clone());
                 // Logs may be tens of MiB: read them off the async threads.
+                let pod = r.logs.pod.clone();
                 let read = tokio::task::spawn_blocking(move || read_logs(&pods, &dir, &r.logs))
                     .await
-                    .unwrap_or_else(|e| Err(format!("log reader failed: {e}")));
+                    .unwrap_or_else(|e| {
+                        Err(Error::Logs {
+                            pod,
+                            detail: format!("log reader failed: {e}"),
+                        })
+                    });
                 match read {
                     Ok(l) => Answer {
                         logs: Some(l),
                         ..Default::default()
                     },
                     Err(e) => Answer {
-                        error: Some(e),
+                        error: Some(e.to_string()),
                         ..Default::default()
                     },
                 }
@@ -92,11 +94,11 @@ async fn answer(stream: UnixStream, status: Status, log_dir: PathBuf) {
 }
 
 /// Finds the pod and container a logs request names, and reads that attempt's logs.
-pub fn read_logs(
-    pods: &[PodReport],
-    log_dir: &Path,
-    req: &LogsRequest,
-) -> Result<LogsAnswer, String> {
+pub fn read_logs(pods: &[PodReport], log_dir: &Path, req: &LogsRequest) -> Result<LogsAnswer> {
+    let refused = |detail| Error::Logs {
+        pod: req.pod.clone(),
+        detail,
+    };
     let (ns, name) = match req.pod.split_once('/') {
         Some((ns, name)) => (Some(ns), name),
         None => (None, req.pod.as_str()),
@@ -113,7 +115,7 @@ pub fn read_logs(
                 .filter(|p| !p.name.is_empty())
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect();
-            return Err(format!(
+            return Err(refused(format!(
                 "no pod named {:?} (pods: {})",
                 req.pod,
                 if known.is_empty() {
@@ -121,30 +123,30 @@ pub fn read_logs(
                 } else {
                     known.join(", ")
                 }
-            ));
+            )));
         }
         many => {
             let names: Vec<String> = many
                 .iter()
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect();
-            return Err(format!(
+            return Err(refused(format!(
                 "pod name {:?} is ambiguous ({}): give <namespace>/<name>",
                 req.pod,
                 names.join(", ")
-            ));
+            )));
         }
     };
     let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
     let container = match &req.container {
         Some(c) if names.contains(&c.as_str()) => c.clone(),
         Some(c) => {
-            return Err(format!(
+            return Err(refused(format!(
                 "pod {}/{} has no container {c:?} (containers: {})",
                 pod.namespace,
                 pod.name,
                 names.join(", ")
-            ))
+            )))
         }
         None => {
             let apps: Vec<&str> = pod
@@ -156,12 +158,12 @@ pub fn read_logs(
             match apps.as_slice() {
                 [one] => one.to_string(),
                 _ => {
-                    return Err(format!(
+                    return Err(refused(format!(
                         "pod {}/{} has several containers ({}): name one",
                         pod.namespace,
                         pod.name,
                         names.join(", ")
-                    ))
+                    )))
                 }
             }
         }
@@ -171,20 +173,20 @@ pub fn read_logs(
     let attempts = match crate::logs::attempts(&dir) {
         Ok(a) => a,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(format!("failed to list {}: {e}", dir.display())),
+        Err(e) => return Err(Error::io("failed to list", &dir)(e)),
     };
     let what = format!(
         "container {container:?} of pod {}/{}",
         pod.namespace, pod.name
     );
     let attempt = match (attempts.as_slice(), req.previous) {
-        ([], _) => return Err(format!("{what} has no logs yet")),
+        ([], _) => return Err(refused(format!("{what} has no logs yet"))),
         ([.., last], false) => *last,
         ([.., prev, _], true) => *prev,
-        ([_], true) => return Err(format!("{what} has no previous attempt")),
+        ([_], true) => return Err(refused(format!("{what} has no previous attempt"))),
     };
     let read = crate::logs::read(&dir, attempt)
-        .map_err(|e| format!("failed to read the logs of {what}: {e}"))?;
+        .map_err(|e| refused(format!("failed to read the logs of {what}: {e}")))?;
     let mut lines = read.lines;
     if let Some(n) = req.tail {
         lines.drain(..lines.len().saturating_sub(n));
@@ -196,19 +198,27 @@ pub fn read_logs(
 }
 
 /// Asks a running noded for its pods (the blocking client, off the async threads).
-pub async fn pods(path: &Path) -> Result<Vec<PodReport>, String> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || Client::new(&path).pods())
-        .await
-        .map_err(|e| format!("the client failed: {e}"))?
+pub async fn pods(path: &Path) -> Result<Vec<PodReport>> {
+    ask(path, |c| c.pods()).await
 }
 
 /// Asks a running noded for a container's logs (as [`pods`]).
-pub async fn logs(path: &Path, req: LogsRequest) -> Result<LogsAnswer, String> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || Client::new(&path).logs(req))
+pub async fn logs(path: &Path, req: LogsRequest) -> Result<LogsAnswer> {
+    ask(path, move |c| c.logs(req)).await
+}
+
+/// One request through edge-node-api's blocking client (off the async threads), whose
+/// errors are noded's answer, or why there was none, in its words.
+async fn ask<T: Send + 'static>(
+    path: &Path,
+    request: impl FnOnce(&Client) -> std::result::Result<T, String> + Send + 'static,
+) -> Result<T> {
+    let socket = path.to_path_buf();
+    let asked = socket.clone();
+    tokio::task::spawn_blocking(move || request(&Client::new(&asked)))
         .await
-        .map_err(|e| format!("the client failed: {e}"))?
+        .unwrap_or_else(|e| Err(format!("the client failed: {e}")))
+        .map_err(|detail| Error::Control { socket, detail })
 }
 
 #[cfg(test)]
@@ -326,20 +336,28 @@ mod tests {
         .unwrap();
         assert_eq!(l.lines, ["d"]);
 
-        let e = super::logs(&path, req("nope", None)).await.unwrap_err();
+        let e = super::logs(&path, req("nope", None))
+            .await
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "no pod named \"nope\" (pods: edge/cam)");
-        let e = super::logs(&path, req("cam", Some("x"))).await.unwrap_err();
+        let e = super::logs(&path, req("cam", Some("x")))
+            .await
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "pod edge/cam has no container \"x\" (containers: fetch, cam)"
         );
         let e = super::logs(&path, req("cam", Some("fetch")))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "container \"fetch\" of pod edge/cam has no logs yet");
         let e = super::logs(&path, req("other/cam", None))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("no pod named \"other/cam\""), "{e}");
         task.abort();
     }

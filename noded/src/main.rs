@@ -11,6 +11,7 @@ use std::time::Duration;
 use noded::cri::Client;
 use noded::pods::{Reconciler, Settings};
 use noded::registry::Registry;
+use noded::{Error, Result};
 
 /// How often the manifests are rescanned and the containers polled.
 const TICK: Duration = Duration::from_secs(1);
@@ -155,15 +156,13 @@ impl edge_common::Validate for Config {
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config) -> Result<()> {
     for dir in [&config.manifests_dir, &config.log_dir, &config.state_dir] {
-        edge_common::ensure_dir(dir).map_err(|e| e.to_string())?;
+        edge_common::ensure_dir(dir)?;
     }
     let _registry = start_registry(&config.images_dir, config.registry_listen).await?;
     wait_for_containerd(&config.containerd_socket).await;
-    let cri = Client::connect(&config.containerd_socket)
-        .await
-        .map_err(|e| e.to_string())?;
+    let cri = Client::connect(&config.containerd_socket).await?;
     let image_policy = image_policy(&config)?;
     let status = Arc::new(Mutex::new(Vec::new()));
     let _control = noded::control::spawn(
@@ -183,8 +182,8 @@ async fn serve(config: Config) -> Result<(), String> {
         Some(s) => Some(noded::apiserver::start(s, status.clone(), Some(cri.clone())).await?),
         None => None,
     };
-    let mut notifier = edge_common::Notifier::take().map_err(|e| e.to_string())?;
-    notifier.ready().map_err(|e| e.to_string())?;
+    let mut notifier = edge_common::Notifier::take()?;
+    notifier.ready()?;
     tokio::spawn(report_health(
         notifier,
         config.manifests_dir.clone(),
@@ -210,7 +209,7 @@ async fn serve(config: Config) -> Result<(), String> {
 /// Says `HEALTHY=1` once every static pod is up (services.toml: `health`): the trial
 /// boot of an update is blessed only then.
 async fn report_health(notifier: edge_common::Notifier, dir: PathBuf, status: noded::pods::Status) {
-    let mut last = String::new();
+    let mut last: Vec<String> = Vec::new();
     loop {
         let files: Vec<String> = std::fs::read_dir(&dir)
             .map(|entries| {
@@ -233,11 +232,17 @@ async fn report_health(notifier: edge_common::Notifier, dir: PathBuf, status: no
                 }
                 return;
             }
-            Err(e) if e != last => {
-                tracing::debug!("static pods: {e}");
-                last = e;
+            // Logged when the pods that are down change.
+            Err(e) => {
+                let down = match &e {
+                    Error::NotUp { files } => files.clone(),
+                    _ => Vec::new(),
+                };
+                if down != last {
+                    tracing::debug!("static pods: {e}");
+                    last = down;
+                }
             }
-            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -255,7 +260,7 @@ async fn runtime_version(cri: &Client) -> String {
 }
 
 /// The allowlists and their key; none configured means every image may run.
-fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>, String> {
+fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>> {
     let files: Vec<PathBuf> = [&config.image_allowlist, &config.downlink_image_allowlist]
         .into_iter()
         .flatten()
@@ -279,7 +284,11 @@ fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>, String
         }
         (None, problems) => tracing::error!(
             "no valid image allowlist: no image may run ({})",
-            problems.join("; ")
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         ),
     }
     Ok(Some(policy))
@@ -287,10 +296,7 @@ fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>, String
 
 /// Serves the archives of `dir`. A missing directory is an image with no bundled
 /// workloads; a bad archive is left out and named, the others are served.
-async fn start_registry(
-    dir: &Path,
-    listen: SocketAddr,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+async fn start_registry(dir: &Path, listen: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
     let registry = if dir.is_dir() {
         let (registry, rejected) = Registry::load_dir(dir)?;
         for r in rejected {
@@ -304,7 +310,7 @@ async fn start_registry(
     let (addr, task) = registry
         .spawn(listen)
         .await
-        .map_err(|e| format!("failed to start the image registry on {listen}: {e}"))?;
+        .map_err(Error::bind("failed to start the image registry on", listen))?;
     tracing::info!(%addr, images = %dir.display(), "image registry serving");
     Ok(task)
 }

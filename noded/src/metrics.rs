@@ -175,13 +175,10 @@ pub fn render(pods: &[PodReport], counts: &Counts) -> String {
 }
 
 /// Binds `addr` and serves the metrics of `status` in a task.
-pub async fn spawn(
-    addr: SocketAddr,
-    status: Status,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+pub async fn spawn(addr: SocketAddr, status: Status) -> crate::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("failed to bind the metrics port {addr}: {e}"))?;
+        .map_err(crate::Error::bind("failed to bind the metrics port", addr))?;
     tracing::info!(address = %addr, "metrics endpoint serving");
     Ok(tokio::spawn(edge_common::serve_metrics(
         listener,

@@ -14,6 +14,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Result};
+
 /// The list in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowlist {
@@ -31,11 +33,14 @@ struct Body {
 }
 
 /// Splits and verifies one signed allowlist; `source` names it in errors.
-pub fn verify(signed: &[u8], public_key: &[u8], source: &str) -> Result<Allowlist, String> {
-    let body =
-        edge_common::signed::open(signed, public_key).map_err(|e| format!("{source}: {e}"))?;
+pub fn verify(signed: &[u8], public_key: &[u8], source: &str) -> Result<Allowlist> {
+    let left_out = |detail| Error::Allowlist {
+        file: source.to_string(),
+        detail,
+    };
+    let body = edge_common::signed::open(signed, public_key).map_err(|e| left_out(e.into()))?;
     let b: Body = serde_json::from_slice(body)
-        .map_err(|e| format!("{source}: signed allowlist is not valid: {e}"))?;
+        .map_err(|e| left_out(format!("signed allowlist is not valid: {e}")))?;
     for d in &b.digests {
         let ok = d.strip_prefix("sha256:").is_some_and(|h| {
             h.len() == 64
@@ -43,9 +48,9 @@ pub fn verify(signed: &[u8], public_key: &[u8], source: &str) -> Result<Allowlis
                     .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
         });
         if !ok {
-            return Err(format!(
-                "{source}: digest {d:?} is not sha256:<64 lowercase hex digits>"
-            ));
+            return Err(left_out(format!(
+                "digest {d:?} is not sha256:<64 lowercase hex digits>"
+            )));
         }
     }
     Ok(Allowlist {
@@ -56,8 +61,13 @@ pub fn verify(signed: &[u8], public_key: &[u8], source: &str) -> Result<Allowlis
 }
 
 /// Reads a public key file: 64 hex digits (whitespace around is fine).
-pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    edge_common::signed::read_public_key(path, "the image policy key")
+pub fn load_public_key(path: &Path) -> Result<Vec<u8>> {
+    edge_common::signed::read_public_key(path, "the image policy key").map_err(|detail| {
+        Error::PolicyKey {
+            path: path.to_path_buf(),
+            detail,
+        }
+    })
 }
 
 /// The allowlist files and the key they are signed with. The files are read again at
@@ -71,7 +81,7 @@ pub struct Policy {
 
 impl Policy {
     /// The list in force, and what is wrong with the files that were left out.
-    pub fn current(&self) -> (Option<Allowlist>, Vec<String>) {
+    pub fn current(&self) -> (Option<Allowlist>, Vec<Error>) {
         let mut best: Option<Allowlist> = None;
         let mut problems = Vec::new();
         for f in &self.files {
@@ -79,7 +89,7 @@ impl Policy {
             let list = match std::fs::read(f) {
                 Ok(b) => verify(&b, &self.public_key, &source),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => Err(format!("failed to read {source}: {e}")),
+                Err(e) => Err(Error::io("failed to read", f)(e)),
             };
             match list {
                 Ok(l) if best.as_ref().is_none_or(|b| l.version > b.version) => best = Some(l),
@@ -92,24 +102,26 @@ impl Policy {
 
     /// Whether an image with these digests (its repo digests and id) may run; the
     /// error says why not, naming the image and the list.
-    pub fn check(&self, image: &str, digests: &[String]) -> Result<(), String> {
+    pub fn check(&self, image: &str, digests: &[String]) -> Result<()> {
         let (list, problems) = self.current();
         for p in &problems {
             tracing::error!("image allowlist left out: {p}");
         }
-        let shown = digests.first().map(String::as_str).unwrap_or("no digest");
+        let refused = |allowlist| Error::ImageRefused {
+            image: image.to_string(),
+            digest: digests
+                .first()
+                .map_or("no digest", String::as_str)
+                .to_string(),
+            allowlist,
+        };
         let Some(list) = list else {
-            return Err(format!(
-                "image {image} ({shown}) is not allowed: there is no valid image allowlist"
-            ));
+            return Err(refused(None));
         };
         if digests.iter().any(|d| list.digests.contains(d)) {
             return Ok(());
         }
-        Err(format!(
-            "image {image} ({shown}) is not allowed by the image allowlist ({} version {})",
-            list.source, list.version
-        ))
+        Err(refused(Some((list.source, list.version))))
     }
 }
 
@@ -155,7 +167,10 @@ mod tests {
             public_key: kp.public_key().as_ref().to_vec(),
             files: vec![image.clone(), core.clone()],
         };
-        let e = policy.check("edge.local/a:1", &[D1.into()]).unwrap_err();
+        let e = policy
+            .check("edge.local/a:1", &[D1.into()])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             format!(
@@ -168,8 +183,16 @@ mod tests {
             signed(&kp, &format!(r#"{{"version":1,"digests":["{D1}"]}}"#)),
         )
         .unwrap();
-        assert_eq!(policy.check("a", &[D2.into(), D1.into()]), Ok(()));
-        let e = policy.check("edge.local/b:1", &[D2.into()]).unwrap_err();
+        assert_eq!(
+            policy
+                .check("a", &[D2.into(), D1.into()])
+                .map_err(|e| e.to_string()),
+            Ok(())
+        );
+        let e = policy
+            .check("edge.local/b:1", &[D2.into()])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             format!(
@@ -184,7 +207,10 @@ mod tests {
             signed(&kp, &format!(r#"{{"version":2,"digests":["{D2}"]}}"#)),
         )
         .unwrap();
-        assert_eq!(policy.check("b", &[D2.into()]), Ok(()));
+        assert_eq!(
+            policy.check("b", &[D2.into()]).map_err(|e| e.to_string()),
+            Ok(())
+        );
         assert!(policy.check("a", &[D1.into()]).is_err());
 
         // A tampered delivery is left out, named; the image's list applies again.
@@ -195,7 +221,7 @@ mod tests {
         let (list, problems) = policy.current();
         assert_eq!(list.unwrap().version, 1);
         assert_eq!(
-            problems,
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
             [format!(
                 "{}: signature does not verify with the image's public key",
                 core.display()
@@ -216,13 +242,15 @@ mod tests {
         let pk = kp.public_key().as_ref().to_vec();
         assert!(verify(b"short", &pk, "l")
             .unwrap_err()
+            .to_string()
             .contains("shorter than its signature"));
         let e = verify(
             &signed(&kp, r#"{"version":1,"digests":["sha256:ABC"]}"#),
             &pk,
             "l",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert_eq!(
             e,
             "l: digest \"sha256:ABC\" is not sha256:<64 lowercase hex digits>"
@@ -232,7 +260,8 @@ mod tests {
             &pk,
             "l",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             e.starts_with("l: signed allowlist is not valid: unknown field `extra`"),
             "{e}"
@@ -257,6 +286,7 @@ mod tests {
         std::fs::write(&p, "abc").unwrap();
         assert!(load_public_key(&p)
             .unwrap_err()
+            .to_string()
             .contains("must hold 64 hex digits"));
     }
 }

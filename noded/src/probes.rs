@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cri::{api::ExecSyncRequest, Client};
+use crate::error::{Error, Result};
 use crate::manifest::{Container, Probe, ProbeAction};
 
 /// What the probes say about one container.
@@ -117,7 +118,7 @@ async fn run(
     };
     tokio::select! {
         r = live => {
-            let why = r.err().unwrap_or_default();
+            let why = r.err().map(|e| e.to_string()).unwrap_or_default();
             tracing::warn!(pod = %t.pod, container = %t.container, "liveness probe failed: {why}");
             set(&health, |h| {
                 h.ready = false;
@@ -130,12 +131,7 @@ async fn run(
 
 /// Runs `p` on its schedule. With `until_success`, returns Ok at the first success (a
 /// startup probe); otherwise runs until it fails `failureThreshold` times in a row.
-async fn until_threshold(
-    t: &Target,
-    p: &Probe,
-    t0: Instant,
-    until_success: bool,
-) -> Result<(), String> {
+async fn until_threshold(t: &Target, p: &Probe, t0: Instant, until_success: bool) -> Result<()> {
     let mut next = t0 + Duration::from_secs(p.initial_delay_seconds.into());
     let mut failures = 0;
     loop {
@@ -190,7 +186,7 @@ async fn readiness_loop(t: &Target, p: &Probe, t0: Instant, health: &Mutex<Healt
 }
 
 /// One run of a probe, bounded by its timeout.
-pub async fn check(t: &Target, p: &Probe) -> Result<(), String> {
+pub async fn check(t: &Target, p: &Probe) -> Result<()> {
     let timeout = Duration::from_secs(p.timeout_seconds.into());
     match &p.action {
         ProbeAction::Exec { command } => {
@@ -201,10 +197,17 @@ pub async fn check(t: &Target, p: &Probe) -> Result<(), String> {
             };
             // The runtime enforces the timeout; ours is a backstop for a runtime that
             // does not answer at all.
+            let exec = |outcome| Error::ExecProbe {
+                command: command.clone(),
+                outcome,
+            };
             let r = tokio::time::timeout(timeout + Duration::from_secs(2), t.cri.exec_sync(req))
                 .await
-                .map_err(|_| format!("exec {command:?} timed out after {timeout:?}"))?
-                .map_err(|e| format!("exec {command:?}: {e}"))?;
+                .map_err(|_| exec(format!("timed out after {timeout:?}")))?
+                .map_err(|e| Error::Probe {
+                    probe: format!("exec {command:?}"),
+                    detail: e.to_string(),
+                })?;
             if r.exit_code == 0 {
                 return Ok(());
             }
@@ -215,19 +218,23 @@ pub async fn check(t: &Target, p: &Probe) -> Result<(), String> {
             };
             let out = String::from_utf8_lossy(&out);
             let out: String = out.trim().chars().take(200).collect();
-            Err(if out.is_empty() {
-                format!("exec {command:?} exited with {}", r.exit_code)
+            Err(exec(if out.is_empty() {
+                format!("exited with {}", r.exit_code)
             } else {
-                format!("exec {command:?} exited with {}: {out}", r.exit_code)
-            })
+                format!("exited with {}: {out}", r.exit_code)
+            }))
         }
         ProbeAction::TcpSocket { host, port } => {
             let host = host.as_deref().unwrap_or(&t.ip);
+            let failed = |detail| Error::Probe {
+                probe: format!("tcp {}", addr(host, *port)),
+                detail,
+            };
             tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, *port)))
                 .await
-                .map_err(|_| format!("tcp {}: timed out after {timeout:?}", addr(host, *port)))?
+                .map_err(|_| failed(format!("timed out after {timeout:?}")))?
                 .map(drop)
-                .map_err(|e| format!("tcp {}: {e}", addr(host, *port)))
+                .map_err(|e| failed(e.to_string()))
         }
         ProbeAction::HttpGet {
             host,
@@ -237,14 +244,14 @@ pub async fn check(t: &Target, p: &Probe) -> Result<(), String> {
         } => {
             let host = host.as_deref().unwrap_or(&t.ip);
             let url = format!("http://{}{path}", addr(host, *port));
-            let status = tokio::time::timeout(timeout, http_get(host, *port, path, headers))
+            let failed = |detail| get_failed(&url, detail);
+            let status = tokio::time::timeout(timeout, http_get(&url, host, *port, path, headers))
                 .await
-                .map_err(|_| format!("GET {url}: timed out after {timeout:?}"))?
-                .map_err(|e| format!("GET {url}: {e}"))?;
+                .map_err(|_| failed(format!("timed out after {timeout:?}")))??;
             if (200..400).contains(&status) {
                 Ok(())
             } else {
-                Err(format!("GET {url}: HTTP status {status}"))
+                Err(failed(format!("HTTP status {status}")))
             }
         }
     }
@@ -258,16 +265,26 @@ fn addr(host: &str, port: u16) -> String {
     }
 }
 
-/// A plain HTTP/1.1 GET; returns the status code. Only the status line is read.
+fn get_failed(url: &str, detail: String) -> Error {
+    Error::Probe {
+        probe: format!("GET {url}"),
+        detail,
+    }
+}
+
+/// A plain HTTP/1.1 GET of `url` (`host`, `port`, `path`); returns the status code.
+/// Only the status line is read.
 async fn http_get(
+    url: &str,
     host: &str,
     port: u16,
     path: &str,
     headers: &[(String, String)],
-) -> Result<u16, String> {
+) -> Result<u16> {
+    let failed = |detail| get_failed(url, detail);
     let mut s = tokio::net::TcpStream::connect((host, port))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(e.to_string()))?;
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: kube-probe/noded\r\nAccept: */*\r\nConnection: close\r\n",
         addr(host, port)
@@ -278,14 +295,14 @@ async fn http_get(
     req.push_str("\r\n");
     s.write_all(req.as_bytes())
         .await
-        .map_err(|e| format!("failed to send the request: {e}"))?;
+        .map_err(|e| failed(format!("failed to send the request: {e}")))?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.contains(&b'\n') && buf.len() < 4096 {
         let n = s
             .read(&mut chunk)
             .await
-            .map_err(|e| format!("failed to read the answer: {e}"))?;
+            .map_err(|e| failed(format!("failed to read the answer: {e}")))?;
         if n == 0 {
             break;
         }
@@ -299,7 +316,7 @@ async fn http_get(
             .chars()
             .take(80)
             .collect();
-        format!("not an HTTP answer: {first:?}")
+        failed(format!("not an HTTP answer: {first:?}"))
     })
 }
 
@@ -386,7 +403,7 @@ mod tests {
             let port = serve(status).await;
             let r = check(&target, &get(port)).await;
             assert_eq!(r.is_ok(), ok, "{status}: {r:?}");
-            if let Err(e) = r {
+            if let Err(e) = r.map_err(|e| e.to_string()) {
                 assert!(
                     e.starts_with(&format!("GET http://127.0.0.1:{port}/healthz: HTTP status")),
                     "{e}"
@@ -403,9 +420,10 @@ mod tests {
         drop(open);
         let e = check(&target, &probe(ProbeAction::TcpSocket { host: None, port }))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with(&format!("tcp 127.0.0.1:{port}: ")), "{e}");
-        let e = check(&target, &get(port)).await.unwrap_err();
+        let e = check(&target, &get(port)).await.unwrap_err().to_string();
         assert!(
             e.starts_with(&format!("GET http://127.0.0.1:{port}/healthz: ")),
             "{e}"

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::error::{Error, Result};
+
 const MAX_HEAD: usize = 16 * 1024;
 
 #[derive(Default)]
@@ -38,7 +40,7 @@ pub struct Registry {
 #[derive(Debug)]
 pub struct Rejected {
     pub path: PathBuf,
-    pub reason: String,
+    pub reason: Error,
 }
 
 /// Splits an image's ref-name annotation into repository and tag. A leading
@@ -60,17 +62,21 @@ pub fn split_ref(name: &str) -> Option<(String, String)> {
 
 impl Registry {
     /// Adds every named image of `archive`. `source` names the archive in errors.
-    pub fn add(&mut self, source: &str, archive: edge_oci::Archive) -> Result<(), String> {
+    pub fn add(&mut self, source: &str, archive: edge_oci::Archive) -> Result<()> {
+        let unservable = |detail| Error::Archive {
+            archive: source.to_string(),
+            detail,
+        };
         let mut staged = Vec::new();
         for image in &archive.images {
             let name = image.name.as_deref().ok_or_else(|| {
-                format!(
-                    "{source}: manifest {} has no ref name",
+                unservable(format!(
+                    "manifest {} has no ref name",
                     image.manifest.digest
-                )
+                ))
             })?;
             let (repo, tag) = split_ref(name)
-                .ok_or_else(|| format!("{source}: ref name {name:?} is not <name>[:<tag>]"))?;
+                .ok_or_else(|| unservable(format!("ref name {name:?} is not <name>[:<tag>]")))?;
             staged.push((repo, tag, image));
         }
         for (repo, tag, image) in staged {
@@ -93,9 +99,9 @@ impl Registry {
 
     /// Loads every `*.tar` in `dir`. An archive that fails verification is left out
     /// and returned with the reason, so one bad delivery does not hide the others.
-    pub fn load_dir(dir: &Path) -> Result<(Registry, Vec<Rejected>), String> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| format!("failed to read image directory {}: {e}", dir.display()))?;
+    pub fn load_dir(dir: &Path) -> Result<(Registry, Vec<Rejected>)> {
+        let entries =
+            std::fs::read_dir(dir).map_err(Error::io("failed to read image directory", dir))?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "tar"))
@@ -105,8 +111,8 @@ impl Registry {
         let mut rejected = Vec::new();
         for path in paths {
             let result = std::fs::read(&path)
-                .map_err(|e| format!("failed to read: {e}"))
-                .and_then(|bytes| edge_oci::read_archive(&bytes).map_err(|e| e.to_string()))
+                .map_err(Error::io("failed to read", &path))
+                .and_then(|bytes| Ok(edge_oci::read_archive(&bytes)?))
                 .and_then(|archive| registry.add(&path.display().to_string(), archive));
             if let Err(reason) = result {
                 rejected.push(Rejected { path, reason });
@@ -150,7 +156,7 @@ impl Registry {
                 Ok(None) => return,
                 Err(e) => {
                     tracing::debug!(%peer, "registry: bad request: {e}");
-                    let r = Response::error(400, "Bad Request", "UNSUPPORTED", &e);
+                    let r = Response::error(400, "Bad Request", "UNSUPPORTED", &e.to_string());
                     let _ = r.write(&mut wr, false).await;
                     return;
                 }
@@ -250,7 +256,8 @@ impl Registry {
 /// `None` when the client closed the connection between requests.
 async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(
     rd: &mut R,
-) -> Result<Option<(String, String, bool)>, String> {
+) -> Result<Option<(String, String, bool)>> {
+    let bad = |detail| Error::BadRequest { detail };
     let mut line = String::new();
     let mut total = 0;
     let mut request_line = None;
@@ -260,16 +267,16 @@ async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(
         let n = rd
             .read_line(&mut line)
             .await
-            .map_err(|e| format!("read failed: {e}"))?;
+            .map_err(|e| bad(format!("read failed: {e}")))?;
         if n == 0 {
             return match request_line {
                 None => Ok(None),
-                Some(_) => Err("connection closed inside a request head".into()),
+                Some(_) => Err(bad("connection closed inside a request head".into())),
             };
         }
         total += n;
         if total > MAX_HEAD {
-            return Err(format!("request head over {MAX_HEAD} bytes"));
+            return Err(bad(format!("request head over {MAX_HEAD} bytes")));
         }
         let l = line.trim_end_matches(['\r', '\n']);
         if request_line.is_none() {
@@ -297,7 +304,7 @@ async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(
             t.to_string(),
             close || v == "HTTP/1.0",
         ))),
-        _ => Err(format!("malformed request line {request_line:?}")),
+        _ => Err(bad(format!("malformed request line {request_line:?}"))),
     }
 }
 

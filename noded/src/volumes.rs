@@ -25,6 +25,7 @@ use edge_csi::api::{
 };
 use edge_csi::Client;
 
+use crate::error::{Error, Result};
 use crate::manifest::{AccessMode, CsiVolume, Pod, VolumeSource};
 
 pub struct Volumes {
@@ -65,16 +66,16 @@ impl Volumes {
     /// Creates (if new), stages and publishes each csi volume of the pod. The error
     /// names the volume, the CSI call and its code; calling again retries (every
     /// step is idempotent).
-    pub async fn attach(&self, uid: &str, pod: &Pod) -> Result<(), String> {
+    pub async fn attach(&self, uid: &str, pod: &Pod) -> Result<()> {
         let wanted: Vec<(&str, &CsiVolume)> = csi_volumes(pod).collect();
         if wanted.is_empty() {
             return Ok(());
         }
         let Some(socket) = &self.socket else {
-            return Err(format!(
-                "volume {}: csi volumes need storaged, and noded's csi_socket is not set",
-                wanted[0].0
-            ));
+            return Err(Error::volume(wanted[0].0, None)(Error::Csi {
+                code: tonic::Code::FailedPrecondition,
+                message: "csi volumes need storaged, and noded's csi_socket is not set".into(),
+            }));
         };
         let mut users = self.users.lock().await;
         let record = Record {
@@ -86,9 +87,8 @@ impl Volumes {
         };
         self.write_record(uid, &record)?;
         for (name, v) in wanted {
-            let why = |e: String| format!("volume {name} (storaged volume {}): {e}", v.volume);
+            let why = |e| Error::volume(name, Some(&v.volume))(e);
             let client = connect(socket).await.map_err(why)?;
-            let why = |s: tonic::Status| why(s.message().to_string());
             let cap = capability(v);
             let _: CreateVolumeResponse = call(
                 &client,
@@ -156,7 +156,7 @@ impl Volumes {
 
     /// Unpublishes the pod's volumes, and unstages each that no other pod on the
     /// node still uses. What fails stays recorded, so calling again retries it.
-    pub async fn detach(&self, uid: &str, pod: &str) -> Result<(), String> {
+    pub async fn detach(&self, uid: &str, pod: &str) -> Result<()> {
         let mut users = self.users.lock().await;
         let mine: Vec<(String, String)> = users
             .iter()
@@ -173,12 +173,12 @@ impl Volumes {
         let Some(socket) = &self.socket else {
             return Ok(());
         };
-        let client = connect(socket)
-            .await
-            .map_err(|e| format!("pod {pod}: volumes stay published: {e}"))?;
+        let client = connect(socket).await.map_err(|e| Error::Unpublish {
+            pod: pod.to_string(),
+            source: Box::new(e),
+        })?;
         for (id, name) in mine {
-            let why =
-                |s: tonic::Status| format!("volume {name} (storaged volume {id}): {}", s.message());
+            let why = |e| Error::volume(&name, Some(&id))(e);
             let target = self.target(uid, &name);
             let r: Result<NodeUnpublishVolumeResponse, _> = call(
                 &client,
@@ -191,8 +191,11 @@ impl Volumes {
             .await;
             // NOT_FOUND: the volume is gone from storaged, so nothing of it is mounted.
             match r {
-                Ok(_) => {}
-                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Ok(_)
+                | Err(Error::Csi {
+                    code: tonic::Code::NotFound,
+                    ..
+                }) => {}
                 Err(e) => return Err(why(e)),
             }
             let left = users.get_mut(&id).map(|us| {
@@ -212,8 +215,11 @@ impl Volumes {
                 )
                 .await;
                 match r {
-                    Ok(_) => {}
-                    Err(e) if e.code() == tonic::Code::NotFound => {}
+                    Ok(_)
+                    | Err(Error::Csi {
+                        code: tonic::Code::NotFound,
+                        ..
+                    }) => {}
                     Err(e) => {
                         // Still staged: the retry must come back here, so the volume
                         // keeps a user until then.
@@ -282,8 +288,7 @@ impl Volumes {
                 continue;
             };
             let record: Record = match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                .and_then(|b| serde_json::from_slice(&b).map_err(std::io::Error::from))
             {
                 Ok(r) => r,
                 Err(e) => {
@@ -299,15 +304,16 @@ impl Volumes {
         out
     }
 
-    fn write_record(&self, uid: &str, record: &Record) -> Result<(), String> {
+    fn write_record(&self, uid: &str, record: &Record) -> Result<()> {
         let path = self.record_path(uid);
         let tmp = path.with_file_name(format!(".{uid}.json.tmp"));
-        let text = serde_json::to_vec(record).map_err(|e| e.to_string())?;
         let dir = self.state_dir.join("csi/pods");
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(&tmp, text))
+        serde_json::to_vec(record)
+            .map_err(std::io::Error::from)
+            .and_then(|text| std::fs::create_dir_all(&dir).map(|()| text))
+            .and_then(|text| std::fs::write(&tmp, text))
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("failed to write {}: {e}", path.display()))
+            .map_err(Error::io("failed to write", &path))
     }
 
     fn remove_record(&self, uid: &str) {
@@ -376,15 +382,20 @@ fn with_mode(v: &CsiVolume, mode: volume_capability::Mode) -> VolumeCapability {
     }
 }
 
-async fn connect(socket: &Path) -> Result<Client, String> {
+async fn connect(socket: &Path) -> Result<Client> {
+    let unreachable = |why: String| Error::Csi {
+        code: tonic::Code::Unavailable,
+        message: format!("storaged is not reachable (UNAVAILABLE): {why}"),
+    };
     // A socket whose server hangs would otherwise hold up every pod's reconciling.
     match tokio::time::timeout(Duration::from_secs(10), Client::connect(socket)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!("storaged is not reachable (UNAVAILABLE): {e}")),
-        Err(_) => Err(format!(
-            "storaged is not reachable (UNAVAILABLE): no connection on {} within 10 s",
+        // edge-csi's client says why in its own words.
+        Ok(Err(why)) => Err(unreachable(why)),
+        Err(_) => Err(unreachable(format!(
+            "no connection on {} within 10 s",
             socket.display()
-        )),
+        ))),
     }
 }
 
@@ -392,13 +403,9 @@ async fn connect(socket: &Path) -> Result<Client, String> {
 /// keeps short (a fresh thin volume reads zeros, so mke2fs writes little).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One CSI call; its error as a status whose message reads
+/// One CSI call; its error keeps the status's code, and its message reads
 /// `<Call>: <CODE>: <storaged's message>`.
-async fn call<Req, Resp>(
-    client: &Client,
-    method: &'static str,
-    req: Req,
-) -> Result<Resp, tonic::Status>
+async fn call<Req, Resp>(client: &Client, method: &'static str, req: Req) -> Result<Resp>
 where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
@@ -411,14 +418,14 @@ where
             "no answer from storaged within {CALL_TIMEOUT:?}"
         )),
     };
-    Err(tonic::Status::new(
-        status.code(),
-        format!(
+    Err(Error::Csi {
+        code: status.code(),
+        message: format!(
             "{short}: {}: {}",
             code_name(status.code()),
             status.message()
         ),
-    ))
+    })
 }
 
 /// gRPC's own spelling of a status code, as the CSI specification names them.
@@ -517,7 +524,7 @@ mod tests {
         )
         .unwrap();
         let v = Volumes::new(None, "/nonexistent".into());
-        let e = v.attach("uid", &pod).await.unwrap_err();
+        let e = v.attach("uid", &pod).await.unwrap_err().to_string();
         assert!(e.contains("volume data") && e.contains("csi_socket"), "{e}");
         // Nothing was attached, so there is nothing to detach.
         v.detach("uid", "default/a").await.unwrap();

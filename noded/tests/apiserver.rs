@@ -247,7 +247,9 @@ async fn pods_bound_to_this_node_are_cached_as_manifests_noded_runs() {
         assert!(!text.contains(gone), "{gone} left in:\n{text}");
     }
     let refused = wait_until("placed cached", || cached(&s.cache, "site_placed.yaml")).await;
-    let e = noded::manifest::parse("site_placed.yaml", &refused).unwrap_err();
+    let e = noded::manifest::parse("site_placed.yaml", &refused)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("spec.affinity"), "{e}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(cached(&s.cache, "default_elsewhere.yaml").is_none());

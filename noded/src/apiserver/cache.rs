@@ -12,6 +12,8 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::watcher;
 use serde_json::Value;
 
+use crate::error::Error;
+
 use super::{check_subdomain, edge_manifest, lock, Known, Limited, Retry, Settings, Shared};
 
 pub(super) async fn watch_pods(shared: Arc<Shared>) {
@@ -126,7 +128,7 @@ pub(super) fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
     }
     // The reconciler skips dot-named files: the temporary one is never read as a pod.
     match edge_common::write_atomic(&path, text.as_bytes(), 0o644)
-        .map_err(|e| format!("failed to write {}: {e}", path.display()))
+        .map_err(Error::io("failed to write", &path))
     {
         Ok(()) => {
             tracing::info!(pod = %key, "pod from the API server cached");

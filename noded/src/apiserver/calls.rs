@@ -6,34 +6,24 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{CALL_TIMEOUT, LOG_EVERY};
+use crate::error::{Error, Result};
 
-/// A failed call: its message and HTTP status, if the server answered.
-#[derive(Debug)]
-pub(super) struct CallError {
-    pub(super) code: Option<u16>,
-    pub(super) message: String,
-}
-
-impl Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
+/// A call with its timeout; a failure is [`Error::ApiCall`], with the HTTP status when
+/// the server answered.
 pub(super) async fn timed<T>(
     f: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, CallError> {
+) -> Result<T> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(kube::Error::Api(s))) => Err(CallError {
+        Ok(Err(kube::Error::Api(s))) => Err(Error::ApiCall {
             code: Some(s.code),
             message: format!("{} ({} {})", s.message, s.code, s.reason),
         }),
-        Ok(Err(e)) => Err(CallError {
+        Ok(Err(e)) => Err(Error::ApiCall {
             code: None,
             message: e.to_string(),
         }),
-        Err(_) => Err(CallError {
+        Err(_) => Err(Error::ApiCall {
             code: None,
             message: format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
         }),

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use serde_json::Value;
 
 use super::check_subdomain;
+use crate::error::{Error, Result};
 
 pub(super) fn time_now() -> String {
     let secs = SystemTime::now()
@@ -32,17 +33,15 @@ pub(super) fn micro_now() -> Value {
     }
 }
 
-pub(super) fn hostname() -> Result<String, String> {
+pub(super) fn hostname() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map_err(|e| {
-            format!("apiserver.node_name is not set and the host name is unreadable: {e}")
+        .map_err(|e| Error::NodeName {
+            detail: format!("is unreadable: {e}"),
         })?
         .trim()
         .to_lowercase();
-    check_subdomain(&name).map_err(|e| {
-        format!(
-            "apiserver.node_name is not set and the host name {name:?} cannot be a node name: {e}"
-        )
+    check_subdomain(&name).map_err(|e| Error::NodeName {
+        detail: format!("{name:?} cannot be a node name: {e}"),
     })?;
     Ok(name)
 }

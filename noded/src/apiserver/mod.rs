@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::error::{Error, Result};
 use crate::pods::Status;
 
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -94,12 +95,12 @@ impl Config {
             }
         }
         if let Some(n) = &self.node_name {
-            check_subdomain(n).map_err(|e| (key("node_name"), e))?;
+            check_subdomain(n).map_err(|e| (key("node_name"), e.to_string()))?;
         }
         if self.zone.is_empty() {
             return Err((key("zone"), "must not be empty".into()));
         }
-        check_label_value(&self.zone).map_err(|e| (key("zone"), e))?;
+        check_label_value(&self.zone).map_err(|e| (key("zone"), e.to_string()))?;
         for (k, v) in &self.labels {
             if OWN_LABELS.contains(&k.as_str()) {
                 return Err((key("labels"), format!("{k} is set by noded")));
@@ -123,7 +124,7 @@ impl Config {
     }
 
     /// The task's settings; `state_dir` is noded's, `runtime_version` what CRI Version said.
-    pub fn settings(&self, state_dir: &Path, runtime_version: String) -> Result<Settings, String> {
+    pub fn settings(&self, state_dir: &Path, runtime_version: String) -> Result<Settings> {
         let node_name = match &self.node_name {
             Some(n) => n.clone(),
             None => hostname()?,
@@ -220,16 +221,22 @@ pub async fn start(
     settings: Settings,
     status: Status,
     cri: Option<crate::cri::Client>,
-) -> Result<Agent, String> {
+) -> Result<Agent> {
     let path = settings.kubeconfig.display().to_string();
-    let kubeconfig =
-        Kubeconfig::read_from(&settings.kubeconfig).map_err(|e| format!("{path}: {e}"))?;
+    let unusable = |source| Error::Kubeconfig {
+        path: settings.kubeconfig.clone(),
+        source,
+    };
+    let kubeconfig = Kubeconfig::read_from(&settings.kubeconfig).map_err(unusable)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .map_err(|e| format!("{path}: {e}"))?;
-    let client = kube::Client::try_from(config).map_err(|e| format!("{path}: {e}"))?;
+        .map_err(unusable)?;
+    let client = kube::Client::try_from(config).map_err(|source| Error::Kube {
+        kubeconfig: settings.kubeconfig.clone(),
+        source,
+    })?;
     std::fs::create_dir_all(&settings.cache_dir)
-        .map_err(|e| format!("failed to create {}: {e}", settings.cache_dir.display()))?;
+        .map_err(Error::io("failed to create", &settings.cache_dir))?;
     tracing::info!(node = %settings.node_name, server = %path, cache = %settings.cache_dir.display(), "API server configured");
     let shared = Arc::new(Shared {
         client,

@@ -9,6 +9,8 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams, TypeMeta};
 use serde_json::{json, Value};
 
+use crate::error::Error;
+
 use super::{
     arch, mem_total_kib, micro_now, os_image, time_now, timed, Limited, Retry, Shared,
     LEASE_NAMESPACE, MAX_PODS,
@@ -62,7 +64,9 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
                     node_log.ok();
                     next_status = Instant::now() + s.node_status_every;
                 }
-                Err(e) if e.code == Some(404) => {
+                Err(Error::ApiCall {
+                    code: Some(404), ..
+                }) => {
                     tracing::warn!(node = %s.node_name, "the node was deleted on the API server: registering it again");
                     node_uid = None;
                     failed = true;

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use serde_json::{json, Value};
 
+use crate::error::Error;
 use crate::pods::{ContainerReport, PodReport, Status, API_PREFIX};
 
 use super::{lock, time_now, timed, Known, Limited, Retry, Shared, CALL_TIMEOUT};
@@ -67,7 +68,10 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
                     Ok(_) => {
                         sent.insert(key.clone(), Value::Null);
                     }
-                    Err(e) if matches!(e.code, Some(404) | Some(409)) => {
+                    Err(Error::ApiCall {
+                        code: Some(404 | 409),
+                        ..
+                    }) => {
                         sent.insert(key.clone(), Value::Null);
                     }
                     Err(e) => {
@@ -97,7 +101,10 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
                     sent.insert(key.clone(), desired);
                 }
                 // Gone or replaced on the server: the watch will say so.
-                Err(e) if matches!(e.code, Some(404) | Some(409)) => {
+                Err(Error::ApiCall {
+                    code: Some(404 | 409),
+                    ..
+                }) => {
                     sent.insert(key.clone(), desired);
                 }
                 Err(e) => {

@@ -4,6 +4,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::error::{Error, Result};
+
 /// The pod as a manifest noded's parser reads: what the server adds that makes no sense
 /// at the edge is removed (and named in the second value when it was a user's setting
 /// rather than a server default); anything else unsupported stays, so the parser
@@ -90,9 +92,9 @@ pub(super) fn is_empty(v: &Value) -> bool {
 }
 
 /// A DNS subdomain (RFC 1123), as Kubernetes requires of node, pod and namespace names.
-pub(super) fn check_subdomain(s: &str) -> Result<(), String> {
+pub(super) fn check_subdomain(s: &str) -> Result<()> {
     if s.is_empty() || s.len() > 253 {
-        return Err(format!("{s:?} must be 1 to 253 characters"));
+        return Err(Error::bad_value(s, "must be 1 to 253 characters"));
     }
     for label in s.split('.') {
         let ok = !label.is_empty()
@@ -102,8 +104,9 @@ pub(super) fn check_subdomain(s: &str) -> Result<(), String> {
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
-            return Err(format!(
-                "{s:?} is not a DNS subdomain (lowercase letters, digits, '-' and '.')"
+            return Err(Error::bad_value(
+                s,
+                "is not a DNS subdomain (lowercase letters, digits, '-' and '.')",
             ));
         }
     }
@@ -112,7 +115,7 @@ pub(super) fn check_subdomain(s: &str) -> Result<(), String> {
 
 /// A label value: at most 63 of letters, digits, `-`, `_`, `.`, starting and ending
 /// alphanumeric (or empty).
-pub(super) fn check_label_value(v: &str) -> Result<(), String> {
+pub(super) fn check_label_value(v: &str) -> Result<()> {
     let ok = v.len() <= 63
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -121,13 +124,13 @@ pub(super) fn check_label_value(v: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{v:?} is not a valid label value"))
+        Err(Error::bad_value(v, "is not a valid label value"))
     }
 }
 
 /// A label key: `[prefix/]name`, the prefix a DNS subdomain, the name as a value but
 /// not empty.
-pub(super) fn check_label_key(k: &str) -> Result<(), String> {
+pub(super) fn check_label_key(k: &str) -> Result<()> {
     let (prefix, name) = match k.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, k),
@@ -136,7 +139,7 @@ pub(super) fn check_label_key(k: &str) -> Result<(), String> {
         check_subdomain(p)?;
     }
     if name.is_empty() {
-        return Err(format!("{k:?} has an empty name"));
+        return Err(Error::bad_value(k, "has an empty name"));
     }
     check_label_value(name)
 }

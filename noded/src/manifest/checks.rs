@@ -3,6 +3,8 @@
 
 use serde_yaml::Value;
 
+use crate::error::{Error, Result};
+
 pub(super) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
@@ -21,7 +23,7 @@ pub(super) fn quantity_text(v: &Value) -> Option<String> {
 }
 
 /// Names become parts of containerd's names, log directories and label values.
-pub(super) fn check_dns_label(s: &str) -> Result<(), String> {
+pub(super) fn check_dns_label(s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -31,15 +33,16 @@ pub(super) fn check_dns_label(s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{s:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        Err(Error::bad_value(
+            s,
+            "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'",
         ))
     }
 }
 
 /// storaged's rule for volume ids (its catalog names); the id also names noded's
 /// staging directory, so it can never be `..` or hold a `/`.
-pub(super) fn check_volume_id(s: &str) -> Result<(), String> {
+pub(super) fn check_volume_id(s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 64
         && s.bytes().all(|b| {
@@ -49,15 +52,16 @@ pub(super) fn check_volume_id(s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{s:?} must be 1-64 of a-z, 0-9, '.', '_' or '-', not starting with '.' or '-'"
+        Err(Error::bad_value(
+            s,
+            "must be 1-64 of a-z, 0-9, '.', '_' or '-', not starting with '.' or '-'",
         ))
     }
 }
 
 /// A CPU quantity in millicores: "500m", "2", "0.5".
-pub fn parse_cpu(s: &str) -> Result<i64, String> {
-    let bad = || format!("{s:?} is not a CPU quantity (like 500m, 2 or 0.5)");
+pub fn parse_cpu(s: &str) -> Result<i64> {
+    let bad = || Error::bad_value(s, "is not a CPU quantity (like 500m, 2 or 0.5)");
     let millis = if let Some(m) = s.strip_suffix('m') {
         m.parse::<i64>().map_err(|_| bad())?
     } else {
@@ -84,14 +88,14 @@ pub fn parse_cpu(s: &str) -> Result<i64, String> {
             .ok_or_else(bad)?
     };
     if millis <= 0 {
-        return Err(format!("{s:?} must be more than zero"));
+        return Err(Error::bad_value(s, "must be more than zero"));
     }
     Ok(millis)
 }
 
 /// A memory quantity in bytes: "64Mi", "1G", "1048576", "1e6".
-pub fn parse_memory(s: &str) -> Result<i64, String> {
-    let bad = || format!("{s:?} is not a memory quantity (like 64Mi, 1G or 1048576)");
+pub fn parse_memory(s: &str) -> Result<i64> {
+    let bad = || Error::bad_value(s, "is not a memory quantity (like 64Mi, 1G or 1048576)");
     const SUFFIXES: &[(&str, i64)] = &[
         ("Ki", 1 << 10),
         ("Mi", 1 << 20),
@@ -119,7 +123,7 @@ pub fn parse_memory(s: &str) -> Result<i64, String> {
     let n: i64 = digits.parse().map_err(|_| bad())?;
     let bytes = n.checked_mul(mult).ok_or_else(bad)?;
     if bytes <= 0 {
-        return Err(format!("{s:?} must be more than zero"));
+        return Err(Error::bad_value(s, "must be more than zero"));
     }
     Ok(bytes)
 }

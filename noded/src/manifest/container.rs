@@ -8,6 +8,7 @@ use super::walker::Walker;
 use super::{
     Container, Port, Probe, ProbeAction, Protocol, Volume, VolumeDevice, VolumeMount, VolumeSource,
 };
+use crate::error::Result;
 
 impl Walker<'_> {
     pub(super) fn container(
@@ -16,7 +17,7 @@ impl Walker<'_> {
         path: &str,
         init: bool,
         volumes: &[Volume],
-    ) -> Result<Container, String> {
+    ) -> Result<Container> {
         let known: &[&str] = &[
             "name",
             "image",
@@ -33,7 +34,7 @@ impl Walker<'_> {
         ];
         let m = self.map(v, path, known)?;
         let name = self.required(m, path, "name")?;
-        check_dns_label(&name).map_err(|e| self.err(&join(path, "name"), &e))?;
+        check_dns_label(&name).map_err(self.bad(&join(path, "name")))?;
         let image = self.required(m, path, "image")?;
         let command = self.strings(m, path, "command")?;
         let args = self.strings(m, path, "args")?;
@@ -67,14 +68,13 @@ impl Walker<'_> {
                 if let Some(q) = lm.get("cpu") {
                     let s = quantity_text(q)
                         .ok_or_else(|| self.err(&join(&lp, "cpu"), "must be a quantity"))?;
-                    cpu_limit_millis =
-                        Some(parse_cpu(&s).map_err(|e| self.err(&join(&lp, "cpu"), &e))?);
+                    cpu_limit_millis = Some(parse_cpu(&s).map_err(self.bad(&join(&lp, "cpu")))?);
                 }
                 if let Some(q) = lm.get("memory") {
                     let s = quantity_text(q)
                         .ok_or_else(|| self.err(&join(&lp, "memory"), "must be a quantity"))?;
                     memory_limit_bytes =
-                        Some(parse_memory(&s).map_err(|e| self.err(&join(&lp, "memory"), &e))?);
+                        Some(parse_memory(&s).map_err(self.bad(&join(&lp, "memory")))?);
                 }
             }
         }
@@ -231,7 +231,7 @@ impl Walker<'_> {
         path: &str,
         single_success: bool,
         port_names: &[(String, i32)],
-    ) -> Result<Probe, String> {
+    ) -> Result<Probe> {
         let m = self.map(
             v,
             path,
@@ -246,7 +246,7 @@ impl Walker<'_> {
                 "failureThreshold",
             ],
         )?;
-        let seconds = |key: &str, default: u32, min: i64| -> Result<u32, String> {
+        let seconds = |key: &str, default: u32, min: i64| -> Result<u32> {
             match self.int(m, path, key)? {
                 None => Ok(default),
                 Some(n) if n >= min && n <= i64::from(u32::MAX) => Ok(n as u32),
@@ -340,7 +340,7 @@ impl Walker<'_> {
         })
     }
 
-    pub(super) fn probe_host(&self, m: &Mapping, path: &str) -> Result<Option<String>, String> {
+    pub(super) fn probe_host(&self, m: &Mapping, path: &str) -> Result<Option<String>> {
         match self.string(m, path, "host")? {
             Some(h) if h.is_empty() => Ok(None),
             Some(h) if h.contains(|c: char| c.is_whitespace() || c == '/') => {
@@ -356,7 +356,7 @@ impl Walker<'_> {
         m: &Mapping,
         path: &str,
         names: &[(String, i32)],
-    ) -> Result<u16, String> {
+    ) -> Result<u16> {
         let p = join(path, "port");
         match m.get("port") {
             Some(Value::Number(n)) => n

@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use serde_yaml::Value;
 use walker::Walker;
 
+use crate::error::{Error, Result};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {
     pub name: String,
@@ -174,9 +176,11 @@ pub enum AccessMode {
 const DEFAULT_GRACE_SECONDS: i64 = 30;
 
 /// Parses one manifest; `source` (the file) starts every error message.
-pub fn parse(source: &str, text: &str) -> Result<Pod, String> {
-    let value: Value =
-        serde_yaml::from_str(text).map_err(|e| format!("{source}: not valid YAML: {e}"))?;
+pub fn parse(source: &str, text: &str) -> Result<Pod> {
+    let value: Value = serde_yaml::from_str(text).map_err(|e| Error::Manifest {
+        file: source.to_string(),
+        detail: format!("not valid YAML: {e}"),
+    })?;
     Walker::new(source).pod(&value)
 }
 

@@ -11,9 +11,10 @@ use super::{
     AccessMode, Container, CsiVolume, Pod, RestartPolicy, Volume, VolumeSource, CSI_DRIVER,
     DEFAULT_GRACE_SECONDS,
 };
+use crate::error::Result;
 
 impl Walker<'_> {
-    pub(super) fn pod(&self, v: &Value) -> Result<Pod, String> {
+    pub(super) fn pod(&self, v: &Value) -> Result<Pod> {
         let top = self.map(v, "manifest", &["apiVersion", "kind", "metadata", "spec"])?;
         match self.string(top, "", "apiVersion")?.as_deref() {
             Some("v1") => {}
@@ -28,11 +29,11 @@ impl Walker<'_> {
             .ok_or_else(|| self.err("metadata", "is required"))?;
         let meta = self.map(meta_v, "metadata", &["name", "namespace", "labels"])?;
         let name = self.required(meta, "metadata", "name")?;
-        check_dns_label(&name).map_err(|e| self.err("metadata.name", &e))?;
+        check_dns_label(&name).map_err(self.bad("metadata.name"))?;
         let namespace = self
             .string(meta, "metadata", "namespace")?
             .unwrap_or_else(|| "default".into());
-        check_dns_label(&namespace).map_err(|e| self.err("metadata.namespace", &e))?;
+        check_dns_label(&namespace).map_err(self.bad("metadata.namespace"))?;
         let mut labels = BTreeMap::new();
         if let Some(l) = meta.get("labels") {
             let lm = l
@@ -140,10 +141,10 @@ impl Walker<'_> {
         })
     }
 
-    pub(super) fn volume(&self, v: &Value, path: &str) -> Result<Volume, String> {
+    pub(super) fn volume(&self, v: &Value, path: &str) -> Result<Volume> {
         let m = self.map(v, path, &["name", "emptyDir", "hostPath", "csi"])?;
         let name = self.required(m, path, "name")?;
-        check_dns_label(&name).map_err(|e| self.err(&join(path, "name"), &e))?;
+        check_dns_label(&name).map_err(self.bad(&join(path, "name")))?;
         let sources: Vec<&str> = ["emptyDir", "hostPath", "csi"]
             .into_iter()
             .filter(|k| m.contains_key(*k))
@@ -196,7 +197,7 @@ impl Walker<'_> {
         Ok(Volume { name, source })
     }
 
-    pub(super) fn csi(&self, v: &Value, path: &str) -> Result<CsiVolume, String> {
+    pub(super) fn csi(&self, v: &Value, path: &str) -> Result<CsiVolume> {
         let m = self.map(
             v,
             path,
@@ -215,13 +216,13 @@ impl Walker<'_> {
             .ok_or_else(|| self.err(&ap, "is required"))?;
         let am = self.map(a, &ap, &["volume", "size", "accessMode", "volumeMode"])?;
         let volume = self.required(am, &ap, "volume")?;
-        check_volume_id(&volume).map_err(|e| self.err(&join(&ap, "volume"), &e))?;
+        check_volume_id(&volume).map_err(self.bad(&join(&ap, "volume")))?;
         let size_bytes = match am.get("size") {
             None | Some(Value::Null) => return Err(self.err(&join(&ap, "size"), "is required")),
             Some(q) => {
                 let s = quantity_text(q)
                     .ok_or_else(|| self.err(&join(&ap, "size"), "must be a quantity"))?;
-                parse_memory(&s).map_err(|e| self.err(&join(&ap, "size"), &e))?
+                parse_memory(&s).map_err(self.bad(&join(&ap, "size")))?
             }
         };
         let access_mode = match self.string(am, &ap, "accessMode")?.as_deref() {

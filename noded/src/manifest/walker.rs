@@ -4,6 +4,7 @@
 use serde_yaml::{Mapping, Value};
 
 use super::checks::join;
+use crate::error::{Error, Result};
 
 /// Walks one manifest's value tree; `source` (the file) starts every error message.
 pub(super) struct Walker<'a> {
@@ -17,21 +18,25 @@ impl<'a> Walker<'a> {
 }
 
 impl Walker<'_> {
-    pub(super) fn err(&self, path: &str, what: &str) -> String {
-        format!("{}: {path} {what}", self.source)
+    pub(super) fn err(&self, path: &str, what: &str) -> Error {
+        Error::Manifest {
+            file: self.source.to_string(),
+            detail: format!("{path} {what}"),
+        }
     }
 
-    pub(super) fn unsupported(&self, path: &str) -> String {
+    /// A value at `path` that a check refused (a name, a quantity).
+    pub(super) fn bad(&self, path: &str) -> impl FnOnce(Error) -> Error + '_ {
+        let path = path.to_string();
+        move |e| self.err(&path, &e.to_string())
+    }
+
+    pub(super) fn unsupported(&self, path: &str) -> Error {
         self.err(path, "is not supported yet")
     }
 
     /// The mapping at `path`, after checking it has only `known` keys.
-    pub(super) fn map<'v>(
-        &self,
-        v: &'v Value,
-        path: &str,
-        known: &[&str],
-    ) -> Result<&'v Mapping, String> {
+    pub(super) fn map<'v>(&self, v: &'v Value, path: &str, known: &[&str]) -> Result<&'v Mapping> {
         let m = v
             .as_mapping()
             .ok_or_else(|| self.err(path, "must be a mapping"))?;
@@ -46,12 +51,7 @@ impl Walker<'_> {
         Ok(m)
     }
 
-    pub(super) fn string(
-        &self,
-        m: &Mapping,
-        path: &str,
-        key: &str,
-    ) -> Result<Option<String>, String> {
+    pub(super) fn string(&self, m: &Mapping, path: &str, key: &str) -> Result<Option<String>> {
         match m.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -59,14 +59,14 @@ impl Walker<'_> {
         }
     }
 
-    pub(super) fn required(&self, m: &Mapping, path: &str, key: &str) -> Result<String, String> {
+    pub(super) fn required(&self, m: &Mapping, path: &str, key: &str) -> Result<String> {
         match self.string(m, path, key)? {
             Some(s) if !s.is_empty() => Ok(s),
             _ => Err(self.err(&join(path, key), "is required")),
         }
     }
 
-    pub(super) fn boolean(&self, m: &Mapping, path: &str, key: &str) -> Result<bool, String> {
+    pub(super) fn boolean(&self, m: &Mapping, path: &str, key: &str) -> Result<bool> {
         match m.get(key) {
             None | Some(Value::Null) => Ok(false),
             Some(Value::Bool(b)) => Ok(*b),
@@ -74,7 +74,7 @@ impl Walker<'_> {
         }
     }
 
-    pub(super) fn int(&self, m: &Mapping, path: &str, key: &str) -> Result<Option<i64>, String> {
+    pub(super) fn int(&self, m: &Mapping, path: &str, key: &str) -> Result<Option<i64>> {
         match m.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => n
@@ -85,12 +85,7 @@ impl Walker<'_> {
         }
     }
 
-    pub(super) fn list<'v>(
-        &self,
-        m: &'v Mapping,
-        path: &str,
-        key: &str,
-    ) -> Result<&'v [Value], String> {
+    pub(super) fn list<'v>(&self, m: &'v Mapping, path: &str, key: &str) -> Result<&'v [Value]> {
         match m.get(key) {
             None | Some(Value::Null) => Ok(&[]),
             Some(Value::Sequence(s)) => Ok(s),
@@ -98,12 +93,7 @@ impl Walker<'_> {
         }
     }
 
-    pub(super) fn strings(
-        &self,
-        m: &Mapping,
-        path: &str,
-        key: &str,
-    ) -> Result<Vec<String>, String> {
+    pub(super) fn strings(&self, m: &Mapping, path: &str, key: &str) -> Result<Vec<String>> {
         let p = join(path, key);
         self.list(m, path, key)?
             .iter()

@@ -9,15 +9,13 @@ use super::sources::Scanned;
 use super::spec::{LABEL_FILE, LABEL_HASH, LABEL_MANAGED, MANAGER};
 use super::Reconciler;
 use crate::cri::api::*;
+use crate::error::Result;
 use crate::manifest;
 
 impl Reconciler {
     /// Takes over the sandboxes an earlier noded left running. One whose manifest is
     /// unchanged keeps running with its containers; the rest are stopped and removed.
-    pub(super) async fn adopt(
-        &mut self,
-        scanned: &BTreeMap<String, Scanned>,
-    ) -> Result<(), String> {
+    pub(super) async fn adopt(&mut self, scanned: &BTreeMap<String, Scanned>) -> Result<()> {
         let listed = self
             .driver
             .cri
@@ -27,8 +25,7 @@ impl Reconciler {
                     ..Default::default()
                 }),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         for sb in listed.items {
             let file = sb.labels.get(LABEL_FILE).cloned().unwrap_or_default();
             let hash = sb.labels.get(LABEL_HASH).cloned().unwrap_or_default();
@@ -68,8 +65,7 @@ impl Reconciler {
                         ..Default::default()
                     }),
                 })
-                .await
-                .map_err(|e| e.to_string())?
+                .await?
                 .containers;
             let app_started = containers.iter().any(|c| {
                 let name = c.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("");

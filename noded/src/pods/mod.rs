@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cri::Client;
+use crate::error::Error;
 use crate::manifest;
 use crate::volumes::Volumes;
 use lifecycle::PodRun;
@@ -112,10 +113,10 @@ const STEPS_AT_ONCE: usize = 4;
 /// A manifest file that was not taken, and why.
 struct Invalid {
     hash: String,
-    error: String,
-    /// Refused because another file defines the same pod: looked at again each pass,
-    /// since that may change while this file does not.
-    duplicate: bool,
+    error: Error,
+    /// Refused because another file (this one) defines the same pod: looked at again
+    /// each pass, since that may change while this file does not.
+    duplicate_of: Option<String>,
 }
 
 impl Reconciler {
@@ -202,11 +203,11 @@ impl Reconciler {
                 continue;
             }
             let known = self.invalid.get(file).filter(|i| i.hash == found.hash);
-            if known.is_some_and(|i| !i.duplicate) {
+            if known.is_some_and(|i| i.duplicate_of.is_none()) {
                 continue;
             }
             let source = &found.path;
-            let mut duplicate = false;
+            let mut duplicate_of = None;
             let parsed = manifest::parse(source, &found.text).and_then(|pod| {
                 let idle = self
                     .pods
@@ -220,11 +221,14 @@ impl Reconciler {
                     .map(|b| &b.source);
                 match idle.or(busy) {
                     Some(other) => {
-                        duplicate = true;
-                        Err(format!(
-                            "{source}: metadata.name: pod {}/{} is already defined by {other}",
-                            pod.namespace, pod.name
-                        ))
+                        duplicate_of = Some(other.clone());
+                        Err(Error::Manifest {
+                            file: source.clone(),
+                            detail: format!(
+                                "metadata.name: pod {}/{} is already defined by {other}",
+                                pod.namespace, pod.name
+                            ),
+                        })
                     }
                     None => Ok(pod),
                 }
@@ -239,7 +243,9 @@ impl Reconciler {
                     );
                 }
                 Err(e) => {
-                    if known.is_none_or(|i| i.error != e) {
+                    // Logged once per version of the file, and again when the file a
+                    // duplicate repeats changes.
+                    if known.is_none_or(|i| i.duplicate_of != duplicate_of) {
                         tracing::error!("rejected pod manifest: {e}");
                     }
                     self.invalid.insert(
@@ -247,7 +253,7 @@ impl Reconciler {
                         Invalid {
                             hash: found.hash.clone(),
                             error: e,
-                            duplicate,
+                            duplicate_of,
                         },
                     );
                 }
@@ -333,7 +339,7 @@ impl Reconciler {
             namespace: String::new(),
             uid: String::new(),
             state: "invalid".into(),
-            error: Some(i.error.clone()),
+            error: Some(i.error.to_string()),
             containers: Vec::new(),
             image_refused: false,
         }));

@@ -5,19 +5,22 @@ use std::sync::{Arc, Mutex};
 
 pub use edge_node_api::{ContainerReport, PodReport};
 
+use crate::error::{Error, Result};
+
 pub type Status = Arc<Mutex<Vec<PodReport>>>;
 
 /// Whether every pod of the image's own manifests (`files`, the static directory's
 /// manifest files) is up: a box whose static pods do not run is not healthy.
-pub fn static_pods_up(files: &[String], reports: &[PodReport]) -> Result<(), String> {
-    let down: Vec<&str> = files
+pub fn static_pods_up(files: &[String], reports: &[PodReport]) -> Result<()> {
+    let down: Vec<String> = files
         .iter()
         .filter(|f| !reports.iter().any(|r| &r.file == *f && r.is_up()))
-        .map(String::as_str)
+        .cloned()
         .collect();
-    match down.as_slice() {
-        [] => Ok(()),
-        d => Err(format!("not up: {}", d.join(", "))),
+    if down.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NotUp { files: down })
     }
 }
 
@@ -73,25 +76,22 @@ mod tests {
         };
         let files = vec!["a.yaml".to_string(), "b.yaml".to_string()];
         // Before the first pass nothing is reported: not up.
-        assert_eq!(
-            static_pods_up(&files, &[]),
-            Err("not up: a.yaml, b.yaml".into())
-        );
+        let up = |files: &[String], reports: &[PodReport]| {
+            static_pods_up(files, reports).map_err(|e| e.to_string())
+        };
+        assert_eq!(up(&files, &[]), Err("not up: a.yaml, b.yaml".into()));
         let mut reports = vec![
             report("a.yaml", "running", true),
             report("b.yaml", "running", false),
             // Pods of the other sources do not count.
             report("downlink/c.yaml", "failed", false),
         ];
-        assert_eq!(
-            static_pods_up(&files, &reports),
-            Err("not up: b.yaml".into())
-        );
+        assert_eq!(up(&files, &reports), Err("not up: b.yaml".into()));
         reports[1] = report("b.yaml", "succeeded", false);
-        assert_eq!(static_pods_up(&files, &reports), Ok(()));
+        assert_eq!(up(&files, &reports), Ok(()));
         reports[0] = report("a.yaml", "pending", false);
         assert!(static_pods_up(&files, &reports).is_err());
-        assert_eq!(static_pods_up(&[], &[]), Ok(()));
+        assert_eq!(up(&[], &[]), Ok(()));
         assert!(is_manifest_file("a.yml") && !is_manifest_file(".a.yaml.part"));
         assert!(!is_manifest_file("a.json"));
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::lifecycle::{ContainerRun, PodRun, BACKOFF_MAX};
 use super::{spec, Settings};
 use crate::cri::{api::*, Client};
+use crate::error::{Error, Result};
 use crate::logs;
 use crate::manifest::{self, Pod, VolumeSource};
 use crate::probes::{self, Prober};
@@ -88,13 +89,10 @@ impl Driver {
                         run.failures = 0;
                         id
                     }
-                    Err(StartError {
-                        message: e,
-                        image_refused,
-                    }) => {
+                    Err(e) => {
                         tracing::error!(pod = %run.pod.name, file = %run.file, "pod failed to start: {e}");
-                        run.error = Some(e);
-                        run.image_refused = image_refused;
+                        run.image_refused = e.is_image_refused();
+                        run.error = Some(e.to_string());
                         run.start_failed(self.settings.backoff_base, now);
                         return;
                     }
@@ -164,7 +162,7 @@ impl Driver {
                 }
                 Err(e) => {
                     tracing::error!(pod = %pod.name, container = %ctr.spec.name, "container failed to start: {e}");
-                    ctr.last_error = Some(e);
+                    ctr.last_error = Some(e.to_string());
                     ctr.start_failed(self.settings.backoff_base, now);
                 }
             }
@@ -325,30 +323,21 @@ impl Driver {
         }
     }
 
-    async fn start_sandbox(&self, run: &PodRun) -> Result<String, StartError> {
+    /// Creates the pod's directories, pulls and checks its images, attaches its csi
+    /// volumes and runs its sandbox; returns the sandbox's id.
+    async fn start_sandbox(&self, run: &PodRun) -> Result<String> {
         let uid = &run.hash;
         let log_dir = self.log_dir(run);
-        std::fs::create_dir_all(&log_dir)
-            .map_err(|e| format!("failed to create {}: {e}", log_dir.display()))?;
+        std::fs::create_dir_all(&log_dir).map_err(Error::io("failed to create", &log_dir))?;
         for v in &run.pod.volumes {
-            match &v.source {
-                VolumeSource::EmptyDir => {
-                    let d = spec::empty_dir(&self.settings.state_dir, uid, &v.name);
-                    std::fs::create_dir_all(&d).map_err(|e| {
-                        format!("volume {}: failed to create {}: {e}", v.name, d.display())
-                    })?;
-                }
-                VolumeSource::HostPath { path, create: true } => {
-                    std::fs::create_dir_all(path).map_err(|e| {
-                        format!(
-                            "volume {}: failed to create {}: {e}",
-                            v.name,
-                            path.display()
-                        )
-                    })?;
-                }
-                VolumeSource::HostPath { .. } | VolumeSource::Csi(_) => {}
-            }
+            let dir = match &v.source {
+                VolumeSource::EmptyDir => spec::empty_dir(&self.settings.state_dir, uid, &v.name),
+                VolumeSource::HostPath { path, create: true } => path.clone(),
+                VolumeSource::HostPath { .. } | VolumeSource::Csi(_) => continue,
+            };
+            std::fs::create_dir_all(&dir)
+                .map_err(Error::io("failed to create", &dir))
+                .map_err(Error::volume(&v.name, None))?;
         }
         let mut images: Vec<&str> = run
             .pod
@@ -369,7 +358,10 @@ impl Driver {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| format!("image {image}: {e}"))?;
+                .map_err(|source| Error::Image {
+                    image: image.to_string(),
+                    source,
+                })?;
             if let Some(policy) = &self.settings.image_policy {
                 let status = self
                     .cri
@@ -381,19 +373,17 @@ impl Driver {
                         verbose: false,
                     })
                     .await
-                    .map_err(|e| format!("image {image}: {e}"))?;
-                let found = status.image.ok_or_else(|| {
-                    format!("image {image}: the runtime does not know it after the pull")
-                })?;
-                policy
-                    .check(
-                        image,
-                        &crate::policy::image_digests(&found.repo_digests, &found.id),
-                    )
-                    .map_err(|message| StartError {
-                        message,
-                        image_refused: true,
+                    .map_err(|source| Error::Image {
+                        image: image.to_string(),
+                        source,
                     })?;
+                let found = status.image.ok_or_else(|| Error::ImageUnknown {
+                    image: image.to_string(),
+                })?;
+                policy.check(
+                    image,
+                    &crate::policy::image_digests(&found.repo_digests, &found.id),
+                )?;
             }
         }
         // After the image checks: a pod refused for its images provisions nothing.
@@ -406,8 +396,7 @@ impl Driver {
                 ..Default::default()
             })
             .await
-            .map(|r| r.pod_sandbox_id)
-            .map_err(|e| e.to_string())?)
+            .map(|r| r.pod_sandbox_id)?)
     }
 
     fn log_dir(&self, run: &PodRun) -> PathBuf {
@@ -424,7 +413,7 @@ impl Driver {
         sandbox: &str,
         sandbox_config: &PodSandboxConfig,
         ctr: &ContainerRun,
-    ) -> Result<String, String> {
+    ) -> Result<String> {
         let uid = sandbox_config
             .metadata
             .as_ref()
@@ -445,8 +434,7 @@ impl Driver {
                 config: Some(config),
                 sandbox_config: Some(sandbox_config.clone()),
             })
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .container_id;
         if let Err(e) = self
             .cri
@@ -459,25 +447,9 @@ impl Driver {
                 .cri
                 .remove_container(RemoveContainerRequest { container_id: id })
                 .await;
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(id)
-    }
-}
-
-/// Why a pod's sandbox did not start.
-struct StartError {
-    message: String,
-    /// An image is not on the allowlist.
-    image_refused: bool,
-}
-
-impl From<String> for StartError {
-    fn from(message: String) -> Self {
-        StartError {
-            message,
-            image_refused: false,
-        }
     }
 }
 

@@ -155,7 +155,7 @@ fn a_tampered_archive_in_the_directory_is_rejected_by_name_and_the_rest_served()
     assert_eq!(rejected.len(), 1);
     assert!(rejected[0].path.ends_with("bad.tar"));
     assert!(
-        rejected[0].reason.contains("bad digest"),
+        rejected[0].reason.to_string().contains("bad digest"),
         "{}",
         rejected[0].reason
     );
