@@ -192,7 +192,7 @@ pub fn relay(socket: &Path, req: &Relay) -> Value {
         max_answer: RELAY_READ_MAX,
     };
     let answer = match client.ask(&req.noded_request()) {
-        Err(e) => return error_reply(cmd, &e),
+        Err(e) => return error_reply(cmd, &e.to_string()),
         Ok(a) => a,
     };
     let value = match req {

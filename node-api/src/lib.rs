@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Where noded serves it.
@@ -136,38 +136,41 @@ impl<'a> Client<'a> {
     }
 
     /// The pods noded runs; the error noded answered, or why there was no answer.
-    pub fn pods(&self) -> Result<Vec<PodReport>, String> {
+    pub fn pods(&self) -> Result<Vec<PodReport>, Error> {
         let answer = self.ask(&Request::pods())?;
-        answer.pods.ok_or_else(|| self.refused(answer.error))
+        answer.pods.ok_or_else(|| refused(answer.error))
     }
 
     /// A container's logs, or the error noded answered.
-    pub fn logs(&self, req: LogsRequest) -> Result<LogsAnswer, String> {
+    pub fn logs(&self, req: LogsRequest) -> Result<LogsAnswer, Error> {
         let answer = self.ask(&Request::logs(req))?;
-        answer.logs.ok_or_else(|| self.refused(answer.error))
-    }
-
-    /// What noded answered instead (its own words, as `noded logs` prints them).
-    fn refused(&self, error: Option<String>) -> String {
-        error.unwrap_or_else(|| "an answer without it".into())
+        answer.logs.ok_or_else(|| refused(answer.error))
     }
 
     /// Sends one request and reads its answer line.
-    pub fn ask(&self, req: &Request) -> Result<Answer, String> {
+    pub fn ask(&self, req: &Request) -> Result<Answer, Error> {
         let deadline = Instant::now() + self.timeout;
-        let what = self.socket.display();
-        let s = UnixStream::connect(self.socket)
-            .map_err(|e| format!("failed to connect to noded at {what}: {e}"))?;
+        let socket = || self.socket.to_owned();
+        let io = |op: &'static str| {
+            move |source| Error::Io {
+                op,
+                socket: socket(),
+                source,
+            }
+        };
+        let s = UnixStream::connect(self.socket).map_err(io("connect to noded at"))?;
         s.set_write_timeout(Some(self.timeout))
             .and_then(|()| s.set_read_timeout(Some(self.timeout)))
-            .map_err(|e| format!("failed to configure the connection to {what}: {e}"))?;
-        let mut line = serde_json::to_vec(req).map_err(|e| format!("bad request: {e}"))?;
+            .map_err(io("configure the connection to"))?;
+        let mut line = serde_json::to_vec(req).map_err(Error::Request)?;
         line.push(b'\n');
-        (&s).write_all(&line)
-            .map_err(|e| format!("failed to write to noded at {what}: {e}"))?;
+        (&s).write_all(&line).map_err(io("write to noded at"))?;
         let mut r = std::io::BufReader::new((&s).take(self.max_answer));
         let mut answer = Vec::new();
-        let late = || format!("noded did not answer on {what} within {:?}", self.timeout);
+        let late = || Error::Late {
+            socket: socket(),
+            timeout: self.timeout,
+        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -177,12 +180,12 @@ impl<'a> Client<'a> {
             match r.read_until(b'\n', &mut answer) {
                 Ok(_) if answer.ends_with(b"\n") => break,
                 Ok(0) if answer.len() as u64 >= self.max_answer => {
-                    return Err(format!(
-                        "noded's answer on {what} is over {} bytes: ask for a smaller \"tail\"",
-                        self.max_answer
-                    ))
+                    return Err(Error::TooLong {
+                        socket: socket(),
+                        max: self.max_answer,
+                    })
                 }
-                Ok(0) => return Err(format!("noded closed {what} without an answer")),
+                Ok(0) => return Err(Error::Closed { socket: socket() }),
                 Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e)
@@ -193,11 +196,46 @@ impl<'a> Client<'a> {
                 {
                     return Err(late())
                 }
-                Err(e) => return Err(format!("failed to read from noded at {what}: {e}")),
+                Err(e) => return Err(io("read from noded at")(e)),
             }
         }
-        serde_json::from_slice(&answer).map_err(|e| format!("bad answer from noded at {what}: {e}"))
+        serde_json::from_slice(&answer).map_err(|source| Error::BadAnswer {
+            socket: socket(),
+            source,
+        })
     }
+}
+
+/// What noded answered instead (its own words, as `noded logs` prints them).
+fn refused(error: Option<String>) -> Error {
+    Error::Refused(error.unwrap_or_else(|| "an answer without it".into()))
+}
+
+/// Why a request got no answer, or the error noded answered.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to {op} {socket}: {source}")]
+    Io {
+        op: &'static str,
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad request: {0}")]
+    Request(serde_json::Error),
+    #[error("noded did not answer on {socket} within {timeout:?}")]
+    Late { socket: PathBuf, timeout: Duration },
+    #[error("noded's answer on {socket} is over {max} bytes: ask for a smaller \"tail\"")]
+    TooLong { socket: PathBuf, max: u64 },
+    #[error("noded closed {socket} without an answer")]
+    Closed { socket: PathBuf },
+    #[error("bad answer from noded at {socket}: {source}")]
+    BadAnswer {
+        socket: PathBuf,
+        source: serde_json::Error,
+    },
+    /// noded's own words.
+    #[error("{0}")]
+    Refused(String),
 }
 
 #[cfg(test)]
@@ -244,17 +282,19 @@ mod tests {
             ..Client::new(&path)
         };
         let e = client.pods().unwrap_err();
+        assert!(matches!(e, Error::Late { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(
             e.contains("did not answer") && e.contains("noded.sock"),
             "{e}"
         );
-        let e = client.pods().unwrap_err();
+        let e = client.pods().unwrap_err().to_string();
         assert!(
             e.contains("closed") && e.contains("without an answer"),
             "{e}"
         );
         server.join().unwrap();
-        let e = client.pods().unwrap_err();
+        let e = client.pods().unwrap_err().to_string();
         assert!(e.contains("failed to connect to noded"), "{e}");
     }
 
@@ -276,7 +316,10 @@ mod tests {
                 ..Default::default()
             })
             .unwrap_err();
-        assert_eq!(e, "no pod named cam");
+        assert!(
+            matches!(&e, Error::Refused(w) if w == "no pod named cam"),
+            "{e:?}"
+        );
         server.join().unwrap();
     }
 }

@@ -211,14 +211,17 @@ pub async fn logs(path: &Path, req: LogsRequest) -> Result<LogsAnswer> {
 /// errors are noded's answer, or why there was none, in its words.
 async fn ask<T: Send + 'static>(
     path: &Path,
-    request: impl FnOnce(&Client) -> std::result::Result<T, String> + Send + 'static,
+    request: impl FnOnce(&Client) -> std::result::Result<T, edge_node_api::Error> + Send + 'static,
 ) -> Result<T> {
     let socket = path.to_path_buf();
     let asked = socket.clone();
-    tokio::task::spawn_blocking(move || request(&Client::new(&asked)))
-        .await
-        .unwrap_or_else(|e| Err(format!("the client failed: {e}")))
-        .map_err(|detail| Error::Control { socket, detail })
+    match tokio::task::spawn_blocking(move || request(&Client::new(&asked))).await {
+        Ok(answer) => Ok(answer?),
+        Err(e) => Err(Error::Control {
+            socket,
+            detail: format!("the client failed: {e}"),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -100,6 +100,9 @@ pub enum Error {
     #[error("{detail}")]
     Logs { pod: String, detail: String },
     /// What a running noded answered instead, or why it did not answer.
+    #[error(transparent)]
+    NodeApi(#[from] edge_node_api::Error),
+    /// The client asking a running noded failed itself.
     #[error("{detail}")]
     Control { socket: PathBuf, detail: String },
 
