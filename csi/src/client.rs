@@ -12,10 +12,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn connect(socket: &Path) -> Result<Client, String> {
-        let channel = crate::unix::channel(socket)
-            .await
-            .map_err(|e| format!("failed to connect to {}: {e}", socket.display()))?;
+    /// A connection to the plugin at `socket`; UNAVAILABLE, naming it, when there is none.
+    pub async fn connect(socket: &Path) -> Result<Client, Status> {
+        let channel = crate::unix::channel(socket).await.map_err(|e| {
+            Status::unavailable(format!("failed to connect to {}: {e}", socket.display()))
+        })?;
         Ok(Client {
             grpc: tonic::client::Grpc::new(channel),
         })

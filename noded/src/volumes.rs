@@ -391,7 +391,7 @@ async fn connect(socket: &Path) -> Result<Client> {
     match tokio::time::timeout(Duration::from_secs(10), Client::connect(socket)).await {
         Ok(Ok(c)) => Ok(c),
         // edge-csi's client says why in its own words.
-        Ok(Err(why)) => Err(unreachable(why)),
+        Ok(Err(why)) => Err(unreachable(why.message().to_owned())),
         Err(_) => Err(unreachable(format!(
             "no connection on {} within 10 s",
             socket.display()

@@ -189,7 +189,7 @@ pub fn run(after_reboot: bool) {
                 scenarios(&c).await;
                 report("csi_keep_a_volume", keep(&c).await);
             }
-            Err(e) => report("csi_server", Err(e)),
+            Err(e) => report("csi_server", Err(e.message().to_owned())),
         }
     });
 }

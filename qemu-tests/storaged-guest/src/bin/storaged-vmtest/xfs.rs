@@ -106,7 +106,7 @@ pub fn run(after_reboot: bool) {
         match Client::connect(Path::new(SOCKET)).await {
             Ok(c) if after_reboot => reboot(&c).await,
             Ok(c) => scenarios(&c).await,
-            Err(e) => report("xfs_server", Err(e)),
+            Err(e) => report("xfs_server", Err(e.message().to_owned())),
         }
     });
 }
