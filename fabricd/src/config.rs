@@ -244,17 +244,13 @@ pub fn topic_matches(pattern: &str, topic: &str) -> bool {
     t.next().is_none()
 }
 
-fn check_pattern(p: &str) -> Result<(), String> {
+/// A topic pattern's tokens: letters, digits, '-', '_', '*' or a final '>'.
+fn is_pattern(p: &str) -> bool {
     let tokens: Vec<&str> = p.split('.').collect();
-    for (i, tok) in tokens.iter().enumerate() {
-        let ok = *tok == "*" || (*tok == ">" && i == tokens.len() - 1) || is_token(tok);
-        if !ok {
-            return Err(format!(
-                "pattern `{p}`: tokens are letters, digits, '-', '_', '*' or a final '>'"
-            ));
-        }
-    }
-    Ok(())
+    tokens
+        .iter()
+        .enumerate()
+        .all(|(i, tok)| *tok == "*" || (*tok == ">" && i == tokens.len() - 1) || is_token(tok))
 }
 
 impl Config {
@@ -324,13 +320,11 @@ impl edge_common::Validate for CoreFile {
 }
 
 /// Reads the provisioned core file from `path`: None when the box has none (no file).
-pub fn load_core_file(path: &std::path::Path) -> Result<Option<CoreFile>, String> {
+pub fn load_core_file(path: &std::path::Path) -> crate::Result<Option<CoreFile>> {
     if !path.exists() {
         return Ok(None);
     }
-    edge_common::load_config::<CoreFile>(path)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    Ok(Some(edge_common::load_config::<CoreFile>(path)?))
 }
 
 fn check_token(key: &str, token: &str) -> Result<(), (String, String)> {
@@ -389,7 +383,14 @@ impl edge_common::Validate for Config {
                 return Err((key("topics"), "at least one pattern is needed".into()));
             }
             for p in &c.topics {
-                check_pattern(p).map_err(|m| (key("topics"), m))?;
+                if !is_pattern(p) {
+                    return Err((
+                        key("topics"),
+                        format!(
+                            "pattern `{p}`: tokens are letters, digits, '-', '_', '*' or a final '>'"
+                        ),
+                    ));
+                }
             }
             if c.max_bytes.is_some_and(|b| b < self.segment_bytes) {
                 return Err((key("max_bytes"), "must be at least segment_bytes".into()));
@@ -477,14 +478,14 @@ mod tests {
             (Some("s9"), Some("m7"))
         );
         std::fs::write(&f, named("s9.>")).unwrap();
-        let e = load_core_file(&f).unwrap_err();
+        let e = load_core_file(&f).unwrap_err().to_string();
         assert!(e.contains("site") && e.contains("s9.>"), "{e}");
         std::fs::write(
             &f,
             "[core]\nservers = []\nca = \"/p/ca.pem\"\ncert = \"/p/c.pem\"\nkey = \"/p/c.key\"\n",
         )
         .unwrap();
-        let e = load_core_file(&f).unwrap_err();
+        let e = load_core_file(&f).unwrap_err().to_string();
         assert!(
             e.contains("core.servers") && e.contains("fabricd-core.toml"),
             "{e}"
@@ -501,7 +502,7 @@ mod tests {
         );
         assert_eq!(core.quote_interval_secs, 300);
         std::fs::write(&f, enroll("enroll.pem")).unwrap();
-        let e = load_core_file(&f).unwrap_err();
+        let e = load_core_file(&f).unwrap_err().to_string();
         assert!(e.contains("core.enroll.cert"), "{e}");
     }
 }

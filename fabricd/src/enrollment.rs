@@ -16,6 +16,7 @@ use std::time::Duration;
 use edge_tpm::enrollment::{self, Message, Reply};
 
 use crate::config::{Config, CoreConfig, EnrollConfig};
+use crate::error::{Error, Result};
 use crate::site_identity::{edge_tpm, enrollment_config};
 use crate::uplink::Status;
 
@@ -65,7 +66,7 @@ impl BootReports {
         let made = tpm_step(&self.program, args, Vec::new())
             .await
             .and_then(|out| {
-                serde_json::from_slice(&out).map_err(|e| format!("edge-tpm's boot report: {e}"))
+                serde_json::from_slice(&out).map_err(Error::json("edge-tpm's boot report"))
             });
         match made {
             Ok(report) => {
@@ -115,42 +116,45 @@ pub async fn run(config: Arc<Config>, core: CoreConfig, status: Arc<Status>) {
 }
 
 /// Writes a secret or the certificate whole, readable by root only.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
-        edge_common::ensure_dir(dir).map_err(|e| e.to_string())?;
+        edge_common::ensure_dir(dir)?;
     }
-    edge_common::write_atomic(path, bytes, 0o600)
-        .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    edge_common::write_atomic(path, bytes, 0o600).map_err(Error::io("write", path))
 }
 
 /// One `edge-tpm` step on a blocking thread (the TPM takes a while under emulation).
-async fn tpm_step(program: &Path, args: Vec<String>, input: Vec<u8>) -> Result<Vec<u8>, String> {
+async fn tpm_step(program: &Path, args: Vec<String>, input: Vec<u8>) -> Result<Vec<u8>> {
     let program = program.to_owned();
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         edge_tpm(&program, &args, &input)
     })
     .await
-    .map_err(|e| format!("the TPM step did not finish: {e}"))?
+    .map_err(|source| Error::Task {
+        what: "the TPM step did not finish",
+        source,
+    })?
 }
 
-async fn ask(client: &async_nats::Client, site: &str, message: &Message) -> Result<Reply, String> {
+async fn ask(client: &async_nats::Client, site: &str, message: &Message) -> Result<Reply> {
     let subject = enrollment::subject(site);
-    let body = serde_json::to_vec(message).map_err(|e| format!("encode: {e}"))?;
+    let body = serde_json::to_vec(message).map_err(Error::json("encode"))?;
     let reply = client
         .request(subject.clone(), body.into())
         .await
         .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => format!(
-                "no one answers on {subject}: the operator has not started `edgectl enroll --site {site}`"
-            ),
-            _ => format!("no answer on {subject}: {e}"),
+            async_nats::RequestErrorKind::NoResponders => Error::Core {
+                op: format!("no one answers on {subject}"),
+                detail: format!("the operator has not started `edgectl enroll --site {site}`"),
+            },
+            _ => Error::core(format!("no answer on {subject}"))(e),
         })?;
     serde_json::from_slice(&reply.payload)
-        .map_err(|e| format!("the core's answer is not an enrollment reply: {e}"))
+        .map_err(Error::json("the core's answer is not an enrollment reply"))
 }
 
-async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> Result<(), String> {
+async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> Result<()> {
     let program = &core.tpm_program;
     if !core.key.exists() {
         let key = tpm_step(
@@ -159,7 +163,7 @@ async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> R
             Vec::new(),
         )
         .await
-        .map_err(|e| format!("making the site key in the TPM: {e}"))?;
+        .map_err(|e| Error::MakeSiteKey(Box::new(e)))?;
         write_atomic(&core.key, &key)?;
         tracing::info!(key = %core.key.display(), "site key made in the TPM");
     }
@@ -179,7 +183,7 @@ async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> R
     };
     let request: enrollment::Request =
         serde_json::from_slice(&tpm_step(program, ids("request"), Vec::new()).await?)
-            .map_err(|e| format!("edge-tpm's request: {e}"))?;
+            .map_err(Error::json("edge-tpm's request"))?;
 
     let tls = enrollment_config(core, enroll)?;
     let servers: Vec<&str> = core.servers.iter().map(String::as_str).collect();
@@ -193,7 +197,9 @@ async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> R
         .max_reconnects(Some(1))
         .connect(servers.as_slice())
         .await
-        .map_err(|e| format!("cannot connect to the core with the enrollment certificate: {e}"))?;
+        .map_err(Error::core(
+            "cannot connect to the core with the enrollment certificate",
+        ))?;
     // What the operator may pin with `edgectl enroll --ek-fingerprint`.
     tracing::info!(site = %config.site, "asking the core to enroll this box: endorsement key {}", enrollment::ek_fingerprint(&request));
 
@@ -203,28 +209,27 @@ async fn attempt(config: &Config, core: &CoreConfig, enroll: &EnrollConfig) -> R
                 credential,
                 escrow_key,
             } => (credential, escrow_key),
-            Reply::Refused { reason } => return Err(format!("the core refused the box: {reason}")),
-            Reply::Certificate { .. } => return Err("the core answered out of turn".into()),
+            Reply::Refused { reason } => return Err(Error::Refused { reason }),
+            Reply::Certificate { .. } => return Err(Error::OutOfTurn),
         };
-    let credential = serde_json::to_vec(&credential).map_err(|e| format!("encode: {e}"))?;
+    let credential = serde_json::to_vec(&credential).map_err(Error::json("encode"))?;
     let mut answer: enrollment::Answer =
         serde_json::from_slice(&tpm_step(program, ids("answer"), credential).await?)
-            .map_err(|e| format!("edge-tpm's answer: {e}"))?;
+            .map_err(Error::json("edge-tpm's answer"))?;
     // The recovery key goes to the core only encrypted to the operator's escrow key.
     let recovery = enroll.recovery_key.as_deref().filter(|p| p.exists());
     if let (Some(path), Some(pem)) = (recovery, &escrow_key) {
-        let key = std::fs::read(path)
-            .map_err(|e| format!("failed to read the recovery key {}: {e}", path.display()))?;
-        answer.recovery = Some(
-            enrollment::escrow(pem, String::from_utf8_lossy(&key).trim().as_bytes())
-                .map_err(|e| e.to_string())?,
-        );
+        let key = std::fs::read(path).map_err(Error::io("read the recovery key", path))?;
+        answer.recovery = Some(enrollment::escrow(
+            pem,
+            String::from_utf8_lossy(&key).trim().as_bytes(),
+        )?);
     }
     let escrowed = answer.recovery.is_some();
     let pem = match ask(&client, &config.site, &Message::Answer(answer)).await? {
         Reply::Certificate { pem } => pem,
-        Reply::Refused { reason } => return Err(format!("the core refused the box: {reason}")),
-        Reply::Challenge { .. } => return Err("the core answered out of turn".into()),
+        Reply::Refused { reason } => return Err(Error::Refused { reason }),
+        Reply::Challenge { .. } => return Err(Error::OutOfTurn),
     };
     write_atomic(&core.cert, pem.as_bytes())?;
     if let (true, Some(path)) = (escrowed, recovery) {

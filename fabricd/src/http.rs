@@ -169,7 +169,7 @@ async fn handle(
             _ => {
                 if let Some(h) = lower.strip_prefix("fabric-header-") {
                     let h = &name[name.len() - h.len()..];
-                    check_header_name(h).map_err(|m| error(400, "Bad Request", m))?;
+                    check_header_name(h).map_err(|e| error(400, "Bad Request", e.to_string()))?;
                     headers.push((h.to_owned(), value.as_bytes().to_vec()));
                 }
             }
@@ -189,7 +189,7 @@ async fn handle(
             "only POST /topics/<topic>",
         ));
     }
-    check_topic(topic).map_err(|m| error(400, "Bad Request", m))?;
+    check_topic(topic).map_err(|e| error(400, "Bad Request", e.to_string()))?;
     let Some(length) = length else {
         return Err(error(411, "Length Required", "Content-Length is required"));
     };

@@ -1,10 +1,12 @@
 //! fabricd: the durable edge log, its produce API, and its mirror to the core.
 //! The binary (`main.rs`) is `serve` under the shared daemon kit; tests and the bench use
-//! the modules directly.
+//! the modules directly. Every fallible step returns the crate's one error type,
+//! [`Error`] (`error.rs`), whose text is what the logs show and the core is told.
 
 pub mod config;
 pub mod downlink;
 pub mod enrollment;
+pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod produce;
@@ -16,6 +18,7 @@ pub mod uplink;
 use std::sync::Arc;
 
 use config::Config;
+pub use error::{Error, Result};
 use produce::Ingest;
 
 /// A listener of the produce API: unix socket or TCP.
@@ -63,7 +66,7 @@ where
 }
 
 /// Opens the log, starts the listeners and reports ready. Returns only on a fatal error.
-pub async fn serve(mut config: Config) -> Result<(), String> {
+pub async fn serve(mut config: Config) -> Result<()> {
     if let Some(path) = &config.core_file {
         // A bad provisioning file must not stop the log taking records: say why, and
         // keep them locally (as with no core) until it is fixed and fabricd restarted.
@@ -86,13 +89,17 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
         }
     }
     let config = Arc::new(config);
-    edge_common::ensure_dir(&config.log_dir).map_err(|e| e.to_string())?;
+    edge_common::ensure_dir(&config.log_dir)?;
     let limits = store::Limits {
         quota_bytes: config.quota_bytes,
         segment_bytes: config.segment_bytes,
     };
-    let log =
-        store::Log::open(&config.log_dir, &config.classes, limits).map_err(|e| e.to_string())?;
+    let log = store::Log::open(&config.log_dir, &config.classes, limits).map_err(|source| {
+        Error::OpenLog {
+            dir: config.log_dir.clone(),
+            source,
+        }
+    })?;
     let ingest = Arc::new(Ingest {
         log: log.clone(),
         config: config.clone(),
@@ -100,21 +107,18 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &config.unix_socket {
         if let Some(parent) = path.parent() {
-            edge_common::ensure_dir(parent).map_err(|e| e.to_string())?;
+            edge_common::ensure_dir(parent)?;
         }
         // A socket left by a previous run (we were killed) would make bind fail.
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(format!(
-                    "failed to remove stale socket {}: {e}",
-                    path.display()
-                ))
-            }
+            Err(e) => return Err(Error::io("remove stale socket", path)(e)),
         }
-        let listener = tokio::net::UnixListener::bind(path)
-            .map_err(|e| format!("failed to listen on {}: {e}", path.display()))?;
+        let listener = tokio::net::UnixListener::bind(path).map_err(|source| Error::Listen {
+            on: path.display().to_string(),
+            source,
+        })?;
         tracing::info!(socket = %path.display(), "produce socket listening");
         let ingest = ingest.clone();
         tasks.spawn(accept_each(
@@ -126,7 +130,10 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     if let Some(addr) = config.tcp_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
+            .map_err(|source| Error::Listen {
+                on: addr.to_string(),
+                source,
+            })?;
         tracing::info!(%addr, "produce TCP listening");
         let ingest = ingest.clone();
         tasks.spawn(accept_each(
@@ -141,7 +148,10 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     if let Some(addr) = config.http_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
+            .map_err(|source| Error::Listen {
+                on: addr.to_string(),
+                source,
+            })?;
         tracing::info!(%addr, "produce HTTP listening");
         let ingest = ingest.clone();
         tasks.spawn(accept_each(
@@ -159,7 +169,7 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
             status.clone(),
             down_status.clone(),
         );
-        move || -> Result<(), String> {
+        move || -> Result<()> {
             if config.core.is_some() {
                 let (config, status, down) = (config.clone(), status.clone(), down_status.clone());
                 on_own_thread("uplink", uplink::run(log, config, status, down))?;
@@ -188,7 +198,10 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
+            .map_err(|source| Error::Listen {
+                on: addr.to_string(),
+                source,
+            })?;
         tracing::info!(%addr, "metrics listening");
         let m = Arc::new(metrics::Metrics {
             log: log.clone(),
@@ -201,8 +214,8 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
     }
     tracing::info!(site = %config.site, machine = %config.machine, log_dir = %config.log_dir.display(), "serving");
     // The kit has handled SIGTERM since before `serve` began, and stops us through it.
-    let mut notifier = edge_common::Notifier::take().map_err(|e| e.to_string())?;
-    notifier.ready().map_err(|e| e.to_string())?;
+    let mut notifier = edge_common::Notifier::take()?;
+    notifier.ready()?;
     // Healthy (services.toml: `health`) once the core was reached, or at once without a
     // core: the trial boot of an update is blessed only then.
     let core_configured = config.core.is_some();
@@ -223,16 +236,17 @@ pub async fn serve(mut config: Config) -> Result<(), String> {
 /// connections, and a TLS handshake signed by the TPM (a blocking `edge-tpm` run,
 /// site_identity.rs) never stalls the producers.
 fn on_own_thread(
-    name: &str,
+    name: &'static str,
     task: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<()> {
+    let start = |what| move |source| Error::Start { name, what, source };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("failed to start the {name} runtime: {e}"))?;
+        .map_err(start("runtime"))?;
     std::thread::Builder::new()
         .name(format!("fabricd-{name}"))
         .spawn(move || runtime.block_on(task))
-        .map_err(|e| format!("failed to start the {name} thread: {e}"))?;
+        .map_err(start("thread"))?;
     Ok(())
 }

@@ -92,7 +92,7 @@ pub fn parse_request(frame: &[u8]) -> Result<Record, Refusal> {
     let topic = std::str::from_utf8(c.take(tlen, "topic")?)
         .map_err(|_| Refusal::new(BAD_REQUEST, "topic is not UTF-8"))?
         .to_owned();
-    check_topic(&topic).map_err(|m| Refusal::new(BAD_REQUEST, m))?;
+    check_topic(&topic).map_err(|e| Refusal::new(BAD_REQUEST, e.to_string()))?;
     let klen = u32::from_be_bytes(c.be("key length")?);
     let key = if klen == u32::MAX {
         None
@@ -105,7 +105,7 @@ pub fn parse_request(frame: &[u8]) -> Result<Record, Refusal> {
         let nlen = u16::from_be_bytes(c.be("header name length")?) as usize;
         let name = std::str::from_utf8(c.take(nlen, "header name")?)
             .map_err(|_| Refusal::new(BAD_REQUEST, "header name is not UTF-8"))?;
-        check_header_name(name).map_err(|m| Refusal::new(BAD_REQUEST, m))?;
+        check_header_name(name).map_err(|e| Refusal::new(BAD_REQUEST, e.to_string()))?;
         let vlen = u32::from_be_bytes(c.be("header value length")?) as usize;
         headers.push((name.to_owned(), c.take(vlen, "header value")?.to_vec()));
     }
@@ -119,17 +119,18 @@ pub fn parse_request(frame: &[u8]) -> Result<Record, Refusal> {
 }
 
 /// Header names travel as NATS header names: visible ASCII without ':'.
-pub fn check_header_name(name: &str) -> Result<(), String> {
+pub fn check_header_name(name: &str) -> Result<(), crate::Error> {
     let ok = !name.is_empty()
         && name.len() <= 256
         && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "header name `{}` must be visible ASCII without ':'",
-            name.escape_debug()
-        ))
+        Err(crate::Error::Name {
+            what: "header name",
+            name: name.to_owned(),
+            rule: "visible ASCII without ':'",
+        })
     }
 }
 

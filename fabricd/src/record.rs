@@ -56,9 +56,9 @@ impl fmt::Display for DecodeError {
 
 /// A topic is dot-separated tokens of letters, digits, '-' and '_': it is appended to a
 /// NATS subject, where '*', '>' and spaces have meanings of their own.
-pub fn check_topic(topic: &str) -> Result<(), String> {
+pub fn check_topic(topic: &str) -> Result<(), crate::Error> {
     if topic.is_empty() || topic.len() > MAX_TOPIC {
-        return Err(format!("topic must be 1 to {MAX_TOPIC} bytes"));
+        return Err(crate::Error::TopicLength);
     }
     for token in topic.split('.') {
         let ok = !token.is_empty()
@@ -66,10 +66,11 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
-            return Err(format!(
-                "topic `{}` must be dot-separated tokens of letters, digits, '-' or '_'",
-                topic.escape_debug()
-            ));
+            return Err(crate::Error::Name {
+                what: "topic",
+                name: topic.to_owned(),
+                rule: "dot-separated tokens of letters, digits, '-' or '_'",
+            });
         }
     }
     Ok(())

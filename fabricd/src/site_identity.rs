@@ -19,48 +19,59 @@ use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
 
 use crate::config::{CoreConfig, EnrollConfig};
+use crate::error::{Error, Result};
 
-fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("bad TLS material: {key} {}: {e}", path.display()))
+/// `map_err(bad(key, path))`: what is wrong with the file of config key `key`.
+fn bad<E: std::fmt::Display>(key: &'static str, path: &Path) -> impl FnOnce(E) -> Error {
+    let path = path.to_owned();
+    move |e| Error::Tls {
+        key,
+        path,
+        detail: e.to_string(),
+    }
 }
 
-fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(bad(key, path))
+}
+
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = read(key, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad TLS material: {key} {}: {e}", path.display()))?;
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(bad(key, path))?;
     if certs.is_empty() {
-        return Err(format!(
-            "bad TLS material: {key} {} is not PEM (no CERTIFICATE block)",
-            path.display()
-        ));
+        return Err(Error::NoCertificate {
+            key,
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
 
 /// Whether the key file is a TPM site key (edge-tpm's JSON), not a PEM key.
-fn is_tpm_key(text: &[u8]) -> Result<bool, String> {
+fn is_tpm_key(text: &[u8]) -> Result<bool> {
     if !text.trim_ascii_start().starts_with(b"{") {
         return Ok(false);
     }
     let v: serde_json::Value =
-        serde_json::from_slice(text).map_err(|e| format!("not a TPM site key: {e}"))?;
+        serde_json::from_slice(text).map_err(|e| Error::NotTpmKey(Some(e)))?;
     if v["private"].is_string() && v["public"].is_string() {
         Ok(true)
     } else {
-        Err("not a TPM site key (edge-tpm site-key create writes one)".into())
+        Err(Error::NotTpmKey(None))
     }
 }
 
 /// The TLS configuration fabricd connects to the core with. Read before each attempt so
 /// that a missing or malformed file is reported by name, not as a handshake failure.
-pub fn client_config(core: &CoreConfig) -> Result<ClientConfig, String> {
+pub fn client_config(core: &CoreConfig) -> Result<ClientConfig> {
     tls_config(core, ("core.cert", &core.cert), ("core.key", &core.key))
 }
 
 /// The TLS configuration a box that has no site certificate yet asks to be enrolled
 /// with: the site's enrollment certificate (enrollment.rs).
-pub fn enrollment_config(core: &CoreConfig, enroll: &EnrollConfig) -> Result<ClientConfig, String> {
+pub fn enrollment_config(core: &CoreConfig, enroll: &EnrollConfig) -> Result<ClientConfig> {
     tls_config(
         core,
         ("core.enroll.cert", &enroll.cert),
@@ -71,14 +82,12 @@ pub fn enrollment_config(core: &CoreConfig, enroll: &EnrollConfig) -> Result<Cli
 /// The core's CA, and the certificate and key of the given config keys.
 fn tls_config(
     core: &CoreConfig,
-    (cert_name, cert): (&str, &Path),
-    (key_name, key_path): (&str, &Path),
-) -> Result<ClientConfig, String> {
+    (cert_name, cert): (&'static str, &Path),
+    (key_name, key_path): (&'static str, &Path),
+) -> Result<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for c in certificates("core.ca", &core.ca)? {
-        roots
-            .add(c)
-            .map_err(|e| format!("bad TLS material: core.ca {}: {e}", core.ca.display()))?;
+        roots.add(c).map_err(bad("core.ca", &core.ca))?;
     }
     let chain = certificates(cert_name, cert)?;
     within_validity(
@@ -88,22 +97,20 @@ fn tls_config(
         &edge_tpm::ek_certificate::now_utc(),
     )?;
     let key_text = read(key_name, key_path)?;
-    let bad_key =
-        |why: String| format!("bad TLS material: {key_name} {}: {why}", key_path.display());
-    let key: Arc<dyn SigningKey> = if is_tpm_key(&key_text).map_err(bad_key)? {
+    let key: Arc<dyn SigningKey> = if is_tpm_key(&key_text).map_err(bad(key_name, key_path))? {
         Arc::new(TpmKey {
             program: core.tpm_program.clone(),
             key: key_path.to_owned(),
         })
     } else {
         let der = PrivateKeyDer::from_pem_slice(&key_text)
-            .map_err(|e| bad_key(format!("is not a PEM private key: {e}")))?;
-        rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| bad_key(e.to_string()))?
+            .map_err(|e| bad(key_name, key_path)(format!("is not a PEM private key: {e}")))?;
+        rustls::crypto::ring::sign::any_supported_type(&der).map_err(bad(key_name, key_path))?
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(Error::TlsConfig)?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(Identity(Arc::new(CertifiedKey::new(chain, key))))))
 }
@@ -111,9 +118,8 @@ fn tls_config(
 /// Our certificate must be valid now: the core would refuse it with no reason the box
 /// hears (nats-server answers a bad certificate alert), so the box says which date is
 /// wrong, or that its clock may be. `now` as YYYYMMDDHHMMSS, UTC.
-fn within_validity(name: &str, path: &Path, der: &[u8], now: &str) -> Result<(), String> {
-    let (from, to) = edge_tpm::ek_certificate::validity(der)
-        .map_err(|e| format!("bad TLS material: {name} {}: {e}", path.display()))?;
+fn within_validity(name: &'static str, path: &Path, der: &[u8], now: &str) -> Result<()> {
+    let (from, to) = edge_tpm::ek_certificate::validity(der).map_err(bad(name, path))?;
     let when = |t: &str| {
         format!(
             "{}-{}-{} {}:{}:{} UTC",
@@ -125,21 +131,24 @@ fn within_validity(name: &str, path: &Path, der: &[u8], now: &str) -> Result<(),
             &t[12..14]
         )
     };
+    let invalid = |problem| Error::Validity {
+        key: name,
+        path: path.to_owned(),
+        problem,
+    };
     if now > to.as_str() {
-        return Err(format!(
-            "{name} {} expired at {} (the clock says {}): the site needs a new certificate",
-            path.display(),
+        return Err(invalid(format!(
+            "expired at {} (the clock says {}): the site needs a new certificate",
             when(&to),
             when(now)
-        ));
+        )));
     }
     if now < from.as_str() {
-        return Err(format!(
-            "{name} {} is not valid before {} and the clock says {}: is the box's clock right?",
-            path.display(),
+        return Err(invalid(format!(
+            "is not valid before {} and the clock says {}: is the box's clock right?",
             when(&from),
             when(now)
-        ));
+        )));
     }
     Ok(())
 }
@@ -192,7 +201,7 @@ impl Signer for TpmKey {
 impl TpmKey {
     /// Runs `edge-tpm site-key sign <key>`: the digest in hex on its stdin, the DER
     /// signature in hex on its stdout.
-    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, String> {
+    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>> {
         let key = self.key.to_string_lossy();
         let out = edge_tpm(
             &self.program,
@@ -201,20 +210,23 @@ impl TpmKey {
         )?;
         edge_common::hex::decode(String::from_utf8_lossy(&out).trim())
             .filter(|sig| !sig.is_empty())
-            .ok_or_else(|| format!("{} printed no signature", self.program.display()))
+            .ok_or_else(|| Error::TpmFailed {
+                program: self.program.clone(),
+                reason: format!("{} printed no signature", self.program.display()),
+            })
     }
 }
 
 /// Runs `program` (edge-tpm) with `args` and `input` on its stdin: its stdout, or the
 /// reason it printed last on its stderr.
-pub fn edge_tpm(program: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>, String> {
+pub fn edge_tpm(program: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("failed to run {}: {e}", program.display()))?;
+        .map_err(Error::io("run", program))?;
     // A program that fails before reading its input closes the pipe: its own reason,
     // read below, says more than the broken pipe.
     let written = match child.stdin.take() {
@@ -223,12 +235,15 @@ pub fn edge_tpm(program: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>, 
     };
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("failed to run {}: {e}", program.display()))?;
+        .map_err(Error::io("run", program))?;
     if !out.status.success() {
         let why = String::from_utf8_lossy(&out.stderr);
-        return Err(why.lines().last().unwrap_or("no reason given").to_owned());
+        return Err(Error::TpmFailed {
+            program: program.to_owned(),
+            reason: why.lines().last().unwrap_or("no reason given").to_owned(),
+        });
     }
-    written.map_err(|e| format!("failed to write to {}: {e}", program.display()))?;
+    written.map_err(Error::io("write to", program))?;
     Ok(out.stdout)
 }
 
@@ -240,9 +255,9 @@ mod tests {
     fn a_key_file_is_pem_or_a_tpm_site_key_and_nothing_else() {
         assert!(!is_tpm_key(b"-----BEGIN PRIVATE KEY-----\n").unwrap());
         assert!(is_tpm_key(b" {\"private\": \"AAA=\", \"public\": \"AAA=\"}\n").unwrap());
-        let e = is_tpm_key(b"{\"private\": 1}").unwrap_err();
+        let e = is_tpm_key(b"{\"private\": 1}").unwrap_err().to_string();
         assert!(e.contains("TPM site key"), "{e}");
-        let e = is_tpm_key(b"{not json").unwrap_err();
+        let e = is_tpm_key(b"{not json").unwrap_err().to_string();
         assert!(e.contains("TPM site key"), "{e}");
     }
 
@@ -280,14 +295,20 @@ mod tests {
         let (from, to) = edge_tpm::ek_certificate::validity(&der).unwrap();
         within_validity("core.cert", &path, &der, &from).unwrap();
         within_validity("core.cert", &path, &der, &to).unwrap();
-        let e = within_validity("core.cert", &path, &der, "21000101000000").unwrap_err();
+        let e = within_validity("core.cert", &path, &der, "21000101000000")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("expired at") && e.contains("2100-01-01 00:00:00 UTC"),
             "{e}"
         );
-        let e = within_validity("core.cert", &path, &der, "19700101000000").unwrap_err();
+        let e = within_validity("core.cert", &path, &der, "19700101000000")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not valid before") && e.contains("clock"), "{e}");
-        let e = within_validity("core.cert", &path, b"\x30\x03\x02\x01\x01", &from).unwrap_err();
+        let e = within_validity("core.cert", &path, b"\x30\x03\x02\x01\x01", &from)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad TLS material: core.cert"), "{e}");
     }
 

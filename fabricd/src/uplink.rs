@@ -21,6 +21,7 @@ use async_nats::HeaderMap;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, CoreConfig};
+use crate::error::{Error, Result};
 use crate::record::Stored;
 use crate::store::{Cursor, Log};
 
@@ -51,15 +52,15 @@ fn acked_path(log: &Log, class: &str) -> PathBuf {
     log.class_dir(class).join("uplink.acked")
 }
 
-fn load_acked(path: &Path) -> Result<Option<u64>, String> {
+fn load_acked(path: &Path) -> Result<Option<u64>> {
     match std::fs::read_to_string(path) {
         Ok(s) => s
             .trim()
             .parse()
             .map(Some)
-            .map_err(|_| format!("{} does not hold an offset", path.display())),
+            .map_err(|_| Error::NotAnOffset(path.to_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("failed to read {}: {e}", path.display())),
+        Err(e) => Err(Error::io("read", path)(e)),
     }
 }
 
@@ -108,7 +109,7 @@ pub async fn run(
         status.connected.store(false, Ordering::Relaxed);
         let e = match result {
             Ok(()) => "the session ended".to_string(),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         // A session that ran a while was healthy: start the backoff over.
         if started.elapsed() > Duration::from_secs(10) {
@@ -136,8 +137,8 @@ pub fn inbox_prefix(site: &str) -> String {
 pub async fn connect(
     core: &CoreConfig,
     site: &str,
-    lost: mpsc::UnboundedSender<String>,
-) -> Result<async_nats::Client, String> {
+    lost: mpsc::UnboundedSender<Error>,
+) -> Result<async_nats::Client> {
     let tls = crate::site_identity::client_config(core)?;
     let connected = Arc::new(AtomicBool::new(false));
     let once = connected.clone();
@@ -163,10 +164,10 @@ pub async fn connect(
             async move {
                 match event {
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
-                        let _ = lost.send(format!("connection to the core lost ({event})"));
+                        let _ = lost.send(Error::lost(Some(event.to_string())));
                     }
                     async_nats::Event::ServerError(e) => {
-                        let _ = lost.send(format!("the core reported an error: {e}"));
+                        let _ = lost.send(Error::core("the core reported an error")(e));
                     }
                     _ => {}
                 }
@@ -176,7 +177,10 @@ pub async fn connect(
     let client = opts
         .connect(servers.as_slice())
         .await
-        .map_err(|e| format!("cannot connect to the core: {}", chain(&e)))?;
+        .map_err(|e| Error::Core {
+            op: "cannot connect to the core".into(),
+            detail: chain(&e),
+        })?;
     connected.store(true, Ordering::Relaxed);
     Ok(client)
 }
@@ -187,7 +191,7 @@ async fn session(
     core: &CoreConfig,
     status: &Arc<Status>,
     downlink: &Arc<crate::downlink::Status>,
-) -> Result<(), String> {
+) -> Result<()> {
     let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
     let client = connect(core, &config.site, lost_tx).await?;
     tracing::info!(servers = ?core.servers, "uplink connected to the core");
@@ -240,10 +244,10 @@ async fn session(
     let result = tokio::select! {
         r = pumps.join_next() => match r {
             Some(Ok(Err(e))) => Err(e),
-            Some(Err(e)) => Err(format!("uplink task failed: {e}")),
+            Some(Err(source)) => Err(Error::Task { what: "uplink task failed", source }),
             _ => Ok(()),
         },
-        e = lost_rx.recv() => Err(e.unwrap_or_else(|| "connection to the core lost".into())),
+        e = lost_rx.recv() => Err(e.unwrap_or_else(|| Error::lost(None))),
     };
     pumps.abort_all();
     drop(js);
@@ -304,13 +308,17 @@ pub fn encode(value: Vec<u8>, min: usize) -> (Vec<u8>, bool) {
 
 /// The inverse of [`encode`], for the core's readers (`edgectl tail`); `limit` bounds the
 /// decompressed size so a hostile frame cannot exhaust memory.
-pub fn decode(payload: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>, String> {
+pub fn decode(payload: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>> {
     match encoding {
         None => Ok(payload.to_vec()),
-        Some("zstd") => {
-            zstd::bulk::decompress(payload, limit).map_err(|e| format!("bad zstd payload: {e}"))
-        }
-        Some(other) => Err(format!("unknown Fabric-Encoding `{other}`")),
+        Some("zstd") => zstd::bulk::decompress(payload, limit).map_err(|e| Error::Payload {
+            encoding: "zstd".into(),
+            source: Some(e),
+        }),
+        Some(other) => Err(Error::Payload {
+            encoding: other.into(),
+            source: None,
+        }),
     }
 }
 
@@ -434,7 +442,7 @@ async fn report_status(
     core: CoreConfig,
     os_files: OsFiles,
     downlink: Arc<crate::downlink::Status>,
-) -> Result<(), String> {
+) -> Result<()> {
     let mut warned = false;
     let mut boot = crate::enrollment::BootReports::new(&core);
     let os = os_files.os();
@@ -488,7 +496,7 @@ async fn pump(
     acked_file: PathBuf,
     acked: Option<u64>,
     status: Arc<Status>,
-) -> Result<(), String> {
+) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<(u64, usize, usize, AckFuture)>(window);
     let acker_log = log.clone();
     let acker_status = status.clone();
@@ -510,11 +518,12 @@ async fn pump(
                 rx.recv().await
             };
             let Some((offset, bytes, wire, fut)) = next else {
-                return Ok::<(), String>(());
+                return Ok::<(), Error>(());
             };
-            let ack = fut
-                .await
-                .map_err(|e| format!("the core did not take record {offset}: {}", chain(&e)))?;
+            let ack = fut.await.map_err(|e| Error::Core {
+                op: format!("the core did not take record {offset}"),
+                detail: chain(&e),
+            })?;
             if ack.duplicate {
                 acker_status.duplicates.fetch_add(1, Ordering::Relaxed);
             }
@@ -546,9 +555,12 @@ async fn pump(
                 (cur, r)
             })
             .await
-            .map_err(|e| format!("log reader failed: {e}"))?;
+            .map_err(|source| Error::Task {
+                what: "log reader failed",
+                source,
+            })?;
             cursor = Some(cur);
-            let batch = batch.map_err(|e| format!("failed to read the log: {e}"))?;
+            let batch = batch.map_err(Error::ReadLog)?;
             if batch.is_empty() {
                 let _ = committed.changed().await;
                 continue;
@@ -567,7 +579,10 @@ async fn pump(
                 let fut = js
                     .publish_with_headers(subject, headers, bytes::Bytes::from(payload))
                     .await
-                    .map_err(|e| format!("failed to publish record {}: {}", s.offset, chain(&e)))?;
+                    .map_err(|e| Error::Core {
+                        op: format!("failed to publish record {}", s.offset),
+                        detail: chain(&e),
+                    })?;
                 let fut: AckFuture = Box::pin(std::future::IntoFuture::into_future(fut));
                 if tx.send((s.offset, bytes, wire, fut)).await.is_err() {
                     return Ok(());
@@ -586,9 +601,9 @@ fn persist(
     current: Option<u64>,
     stored: &mut Option<u64>,
     last: &mut Instant,
-) -> Result<(), String> {
+) -> Result<()> {
     if let Some(c) = current {
-        store_acked(path, c).map_err(|e| format!("failed to write {}: {e}", path.display()))?;
+        store_acked(path, c).map_err(Error::io("write", path))?;
     }
     *stored = current;
     *last = Instant::now();
@@ -625,9 +640,11 @@ mod tests {
     fn bad_payloads_are_named_errors() {
         assert!(decode(b"not zstd", Some("zstd"), 1 << 20)
             .unwrap_err()
+            .to_string()
             .contains("bad zstd payload"));
         assert!(decode(b"x", Some("lz4"), 1 << 20)
             .unwrap_err()
+            .to_string()
             .contains("unknown Fabric-Encoding `lz4`"));
         // A small frame that would expand past the limit is refused, not allocated.
         let (bomb, _) = encode(vec![0u8; 1 << 20], 512);

@@ -24,7 +24,7 @@ pub(super) async fn apply<'a>(
     let manifest = match verify_manifest(signed, public_key) {
         Ok(m) => m,
         Err(e) => {
-            report.refused.push((key.to_owned(), e));
+            report.refused.push((key.to_owned(), e.to_string()));
             return report;
         }
     };
@@ -56,11 +56,15 @@ pub(super) async fn apply<'a>(
         let have = dir.join("updates").join(&item.name);
         if let (Some(ms), true) = (item.published_ms, have.exists()) {
             if let Err(e) = stamp_published(&have, ms) {
-                report.refused.push((format!("updates/{}", item.name), e));
+                report
+                    .refused
+                    .push((format!("updates/{}", item.name), e.to_string()));
             }
         }
         if let Err(e) = write_window(&dir.join("updates"), item) {
-            report.refused.push((format!("updates/{}", item.name), e));
+            report
+                .refused
+                .push((format!("updates/{}", item.name), e.to_string()));
         }
     }
     for item in wanted {
@@ -75,7 +79,7 @@ pub(super) async fn apply<'a>(
                 status.refused.fetch_add(1, Ordering::Relaxed);
                 report
                     .refused
-                    .push((format!("{}/{}", item.kind, item.name), e))
+                    .push((format!("{}/{}", item.kind, item.name), e.to_string()))
             }
         }
     }
@@ -88,15 +92,15 @@ pub(super) async fn apply<'a>(
 
 /// An update's window beside it, `<name>.window`, for init; none: the file goes. Written
 /// before the bundle is, so init never sees the bundle without its window.
-pub(super) fn write_window(updates: &Path, item: &Item) -> Result<(), String> {
+pub(super) fn write_window(updates: &Path, item: &Item) -> crate::Result<()> {
     let path = updates.join(format!("{}.window", item.name));
     match &item.window {
         Some(w) => std::fs::create_dir_all(updates)
             .and_then(|()| edge_common::write_atomic(&path, format!("{w}\n").as_bytes(), 0o644))
-            .map_err(|e| format!("failed to write {}: {e}", path.display())),
+            .map_err(crate::Error::io("write", &path)),
         None => match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(format!("failed to remove {}: {e}", path.display()))
+                Err(crate::Error::io("remove", &path)(e))
             }
             _ => Ok(()),
         },

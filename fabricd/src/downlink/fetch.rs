@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 
 use super::manifest::Item;
 use super::status::{Download, Status};
+use crate::error::{Error, Result};
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -19,29 +20,32 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// free, leaving a twentieth of it free for the log and the rest of the box: a download
 /// that would fill the data partition does not start (it is retried with the next
 /// manifest or session, from what it has).
-pub(super) fn room_for(name: &str, need: u64, free: u64, total: u64) -> Result<(), String> {
+pub(super) fn room_for(name: &str, need: u64, free: u64, total: u64) -> Result<()> {
     let keep = total / 20;
     if need == 0 || free >= need.saturating_add(keep) {
         return Ok(());
     }
-    Err(format!(
-        "the data partition has {free} bytes free: `{name}` needs {need} more, and {keep} stay free for the log"
-    ))
+    Err(Error::NoRoom {
+        name: name.to_owned(),
+        need,
+        free,
+        keep,
+    })
 }
 
 /// Gives an update's file the time it was published as its modification time.
-pub(super) fn stamp_published(path: &Path, ms: u64) -> Result<(), String> {
+pub(super) fn stamp_published(path: &Path, ms: u64) -> Result<()> {
     let when = std::time::UNIX_EPOCH + Duration::from_millis(ms);
     let file = std::fs::File::options()
         .write(true)
         .open(path)
-        .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+        .map_err(Error::io("open", path))?;
     if file.metadata().and_then(|m| m.modified()).ok() == Some(when) {
         return Ok(());
     }
     file.set_modified(when)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("failed to set the time of {}: {e}", path.display()))
+        .map_err(Error::io("set the time of", path))
 }
 
 /// The sha256 of a file already in place, read in chunks (an update bundle can be
@@ -86,8 +90,8 @@ pub(super) async fn save_progress(path: &Path, p: &Progress) -> std::io::Result<
 
 /// Why a fetch failed: a transfer that can be resumed later, or bytes that must go.
 pub(super) enum Failure {
-    Interrupted(String),
-    Refused(String),
+    Interrupted(Error),
+    Refused(Error),
 }
 
 /// Streams one item into a temp file beside its destination while hashing it; renames
@@ -99,11 +103,11 @@ pub(super) async fn fetch_item(
     objects: &Objects,
     dir: &Path,
     status: &Status,
-) -> Result<bool, String> {
+) -> Result<bool> {
     let kind_dir = dir.join(&item.kind);
     tokio::fs::create_dir_all(&kind_dir)
         .await
-        .map_err(|e| format!("failed to create {}: {e}", kind_dir.display()))?;
+        .map_err(Error::io("create", &kind_dir))?;
     let dest = kind_dir.join(&item.name);
     if sha256_file(&dest).await.as_deref() == Some(item.sha256.to_ascii_lowercase().as_str()) {
         return Ok(false);
@@ -129,10 +133,13 @@ pub(super) async fn fetch_item(
         if digest.eq_ignore_ascii_case(&item.sha256) {
             Ok(())
         } else {
-            Err(Failure::Refused(format!(
-                "item `{}` ({} {}): sha256 is {digest}, the manifest says {}",
-                item.name, item.store, item.key, item.sha256
-            )))
+            Err(Failure::Refused(Error::HashMismatch {
+                name: item.name.clone(),
+                store: item.store.clone(),
+                key: item.key.clone(),
+                digest: digest.clone(),
+                expected: item.sha256.clone(),
+            }))
         }
     });
     match verdict {
@@ -150,16 +157,19 @@ pub(super) async fn fetch_item(
         Ok(f) => f.sync_all().await,
         Err(e) => Err(e),
     };
-    synced.map_err(|e| format!("failed to sync {}: {e}", tmp.display()))?;
+    synced.map_err(Error::io("sync", &tmp))?;
     // Stamped before it is in place: init never sees the copy with another time.
     if let Some(ms) = item.published_ms {
         stamp_published(&tmp, ms)?;
     }
     tokio::fs::rename(&tmp, &dest)
         .await
-        .map_err(|e| format!("failed to rename {} into place: {e}", tmp.display()))?;
+        .map_err(|source| Error::Rename {
+            from: tmp.clone(),
+            source,
+        })?;
     let _ = tokio::fs::remove_file(&progress).await;
-    sync_dir(&kind_dir).map_err(|e| format!("failed to sync {}: {e}", kind_dir.display()))?;
+    sync_dir(&kind_dir).map_err(Error::io("sync", &kind_dir))?;
     Ok(true)
 }
 
@@ -173,15 +183,17 @@ pub(super) async fn fetch_kv(
     let value = kv
         .get(&item.key)
         .await
-        .map_err(|e| Failure::Interrupted(format!("failed to get KV key {}: {e}", item.key)))?
-        .ok_or_else(|| Failure::Refused(format!("KV key {} does not exist", item.key)))?;
+        .map_err(|e| {
+            Failure::Interrupted(Error::core(format!("failed to get KV key {}", item.key))(e))
+        })?
+        .ok_or_else(|| Failure::Refused(Error::NoKvKey(item.key.clone())))?;
     status
         .fetched_bytes
         .fetch_add(value.len() as u64, Ordering::Relaxed);
     ctx.update(&value);
     tokio::fs::write(tmp, &value)
         .await
-        .map_err(|e| Failure::Interrupted(format!("failed to write {}: {e}", tmp.display())))
+        .map_err(|e| Failure::Interrupted(Error::io("write", tmp)(e)))
 }
 
 /// Reads the object's chunks from its stream, from the start or from where an earlier
@@ -196,7 +208,11 @@ pub(super) async fn fetch_object(
 ) -> Result<(), Failure> {
     use async_nats::jetstream::consumer::{push, DeliverPolicy};
     let interrupted = |what: &str, e: &dyn std::fmt::Display| {
-        Failure::Interrupted(format!("{what} object {}: {e}", item.key))
+        Failure::Interrupted(Error::Object {
+            what: what.to_owned(),
+            key: item.key.clone(),
+            detail: e.to_string(),
+        })
     };
     let info = objects
         .store
@@ -231,8 +247,7 @@ pub(super) async fn fetch_object(
         }
         _ => (0, DeliverPolicy::All),
     };
-    let write_err =
-        |e: std::io::Error| Failure::Interrupted(format!("failed to write {}: {e}", tmp.display()));
+    let write_err = |e: std::io::Error| Failure::Interrupted(Error::io("write", tmp)(e));
     file.set_len(bytes).await.map_err(write_err)?;
     if let Some(dir) = tmp.parent() {
         if let Ok(st) = rustix::fs::statvfs(dir) {
@@ -293,10 +308,10 @@ pub(super) async fn fetch_object(
             .map_err(|e| interrupted("bad chunk of", &e))?
             .stream_sequence;
         if bytes + chunk.payload.len() as u64 > size {
-            return Err(Failure::Refused(format!(
-                "object {} has more bytes than its info says ({size})",
-                item.key
-            )));
+            return Err(Failure::Refused(Error::ObjectTooLong {
+                key: item.key.clone(),
+                size,
+            }));
         }
         {
             use tokio::io::AsyncWriteExt;
@@ -323,9 +338,9 @@ pub(super) async fn fetch_object(
                 bytes,
                 next_seq: seq + 1,
             };
-            save_progress(progress_file, &p).await.map_err(|e| {
-                Failure::Interrupted(format!("failed to write {}: {e}", progress_file.display()))
-            })?;
+            save_progress(progress_file, &p)
+                .await
+                .map_err(|e| Failure::Interrupted(Error::io("write", progress_file)(e)))?;
             last_save = Instant::now();
             saved_at = bytes;
             shown.bytes = bytes;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::KINDS;
+use crate::error::{Error, Result};
 
 #[derive(Debug, serde::Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -66,23 +67,23 @@ pub fn for_this_box<'m>(items: &'m [Item], running: Option<&str>) -> Vec<&'m Ite
 }
 
 /// Splits and verifies a signed manifest.
-pub fn verify_manifest(signed: &[u8], public_key: &[u8]) -> Result<Manifest, String> {
-    let body =
-        edge_common::signed::open(signed, public_key).map_err(|e| format!("manifest: {e}"))?;
+pub fn verify_manifest(signed: &[u8], public_key: &[u8]) -> Result<Manifest> {
+    let body = edge_common::signed::open(signed, public_key).map_err(Error::Signature)?;
     let m: Manifest =
-        serde_json::from_slice(body).map_err(|e| format!("signed manifest is not valid: {e}"))?;
+        serde_json::from_slice(body).map_err(Error::json("signed manifest is not valid"))?;
     for item in &m.items {
         check_item(item)?;
     }
     Ok(m)
 }
 
-pub(super) fn check_item(item: &Item) -> Result<(), String> {
+pub(super) fn check_item(item: &Item) -> Result<()> {
+    let bad = |detail: String| Error::Item {
+        name: item.name.clone(),
+        detail,
+    };
     if !KINDS.contains(&item.kind.as_str()) {
-        return Err(format!(
-            "item `{}`: unknown kind `{}`",
-            item.name, item.kind
-        ));
+        return Err(bad(format!("unknown kind `{}`", item.kind)));
     }
     let safe = !item.name.is_empty()
         && !item.name.starts_with('.')
@@ -91,38 +92,36 @@ pub(super) fn check_item(item: &Item) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if !safe {
-        return Err(format!(
-            "item name `{}` is not a plain file name",
-            item.name.escape_debug()
-        ));
+        return Err(Error::ItemName(item.name.clone()));
     }
     if item.store != "kv" && item.store != "object" {
-        return Err(format!("item `{}`: store must be kv or object", item.name));
+        return Err(bad("store must be kv or object".into()));
     }
     if item.kind != "updates"
         && (item.version.is_some() || item.base.is_some() || item.published_ms.is_some())
     {
-        return Err(format!(
-            "item `{}`: only an update has a version, a base and a publishing time",
-            item.name
+        return Err(bad(
+            "only an update has a version, a base and a publishing time".into(),
         ));
     }
     if let Some(w) = &item.window {
         if item.kind != "updates" {
-            return Err(format!("item `{}`: only an update has a window", item.name));
+            return Err(bad("only an update has a window".into()));
         }
-        edge_update::window::Window::parse(w).map_err(|e| format!("item `{}`: {e}", item.name))?;
+        edge_update::window::Window::parse(w).map_err(bad)?;
     }
     if item.sha256.len() != 64 || !item.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "item `{}`: sha256 must be 64 hex digits",
-            item.name
-        ));
+        return Err(bad("sha256 must be 64 hex digits".into()));
     }
     Ok(())
 }
 
 /// Reads the public key file: 64 hex digits (whitespace around is fine).
-pub fn load_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    edge_common::signed::read_public_key(path, "downlink.public_key")
+pub fn load_public_key(path: &Path) -> Result<Vec<u8>> {
+    edge_common::signed::read_public_key(path, "downlink.public_key").map_err(|detail| {
+        Error::PublicKey {
+            path: path.to_owned(),
+            detail,
+        }
+    })
 }

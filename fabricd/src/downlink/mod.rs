@@ -31,6 +31,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::config::{Config, CoreConfig, DownlinkConfig};
+use crate::error::{Error, Result};
 use apply::apply;
 use fetch::Objects;
 use manifest::load_public_key;
@@ -74,7 +75,7 @@ async fn session(
     core: &CoreConfig,
     down: &DownlinkConfig,
     status: &Status,
-) -> Result<(), String> {
+) -> Result<()> {
     let public_key = load_public_key(&down.public_key)?;
     let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel();
     let client = crate::uplink::connect(core, &config.site, lost_tx).await?;
@@ -82,25 +83,32 @@ async fn session(
     let kv = js
         .get_key_value(&down.bucket)
         .await
-        .map_err(|e| format!("no KV bucket `{}` at the core: {e}", down.bucket))?;
+        .map_err(Error::core(format!(
+            "no KV bucket `{}` at the core",
+            down.bucket
+        )))?;
     let objects = Objects {
         store: js
             .get_object_store(&down.objects)
             .await
-            .map_err(|e| format!("no object store `{}` at the core: {e}", down.objects))?,
+            .map_err(Error::core(format!(
+                "no object store `{}` at the core",
+                down.objects
+            )))?,
         stream: js
             .get_stream(format!("OBJ_{}", down.objects))
             .await
-            .map_err(|e| format!("no object store `{}` at the core: {e}", down.objects))?,
+            .map_err(Error::core(format!(
+                "no object store `{}` at the core",
+                down.objects
+            )))?,
         client: client.clone(),
         bucket: down.objects.clone(),
         max_bytes_per_sec: down.max_kib_per_sec.map(|k| k.max(1) * 1024),
     };
     let site_key = format!("{}.manifest", config.site);
     let machine_key = format!("{}.{}.manifest", config.site, config.machine);
-    let mut watch = watch_site(&kv, &client, &config.site, &config.machine)
-        .await
-        .map_err(|e| format!("failed to watch KV bucket `{}`: {e}", down.bucket))?;
+    let mut watch = watch_site(&kv, &client, &config.site, &config.machine).await?;
     let report_subject = format!("{}{}", config.subject_prefix(core), "_downlink");
     tracing::info!(bucket = %down.bucket, objects = %down.objects, "downlink watching manifests");
     // The latest manifest of each key not yet applied. A manifest that changes while
@@ -114,7 +122,7 @@ async fn session(
         let Some((key, payload)) = pending.pop_first() else {
             let entry = tokio::select! {
                 e = watch.next() => e,
-                lost = lost_rx.recv() => return Err(lost.unwrap_or_default()),
+                lost = lost_rx.recv() => return Err(lost.unwrap_or_else(|| Error::lost(None))),
             };
             if let Some((k, v)) = manifest_entry(entry, &kv.prefix, &site_key, &machine_key)? {
                 pending.insert(k, v);
@@ -152,7 +160,7 @@ async fn session(
                         }
                     }
                 }
-                lost = lost_rx.recv() => return Err(lost.unwrap_or_default()),
+                lost = lost_rx.recv() => return Err(lost.unwrap_or_else(|| Error::lost(None))),
             }
         };
         let Some(report) = report else {
@@ -177,11 +185,16 @@ fn manifest_entry(
     prefix: &str,
     site_key: &str,
     machine_key: &str,
-) -> Result<Option<(String, bytes::Bytes)>, String> {
+) -> Result<Option<(String, bytes::Bytes)>> {
     let entry = match entry {
         Some(Ok(e)) => e,
-        Some(Err(e)) => return Err(format!("KV watch failed: {e}")),
-        None => return Err("KV watch ended".into()),
+        Some(Err(e)) => return Err(Error::core("KV watch failed")(e)),
+        None => {
+            return Err(Error::Ended {
+                what: "KV watch ended",
+                event: None,
+            })
+        }
     };
     let key = entry.subject.strip_prefix(prefix).unwrap_or("");
     if key != site_key && key != machine_key {
@@ -210,11 +223,12 @@ async fn watch_site(
     client: &async_nats::Client,
     site: &str,
     machine: &str,
-) -> Result<async_nats::jetstream::consumer::push::Ordered, String> {
+) -> Result<async_nats::jetstream::consumer::push::Ordered> {
     use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+    let op = format!("failed to watch KV bucket `{}`", kv.name);
     let mut id = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-        .map_err(|_| "no randomness for the watch's name".to_string())?;
+        .map_err(|_| Error::core(op.clone())("no randomness for the watch's name"))?;
     kv.stream
         .create_consumer(push::OrderedConfig {
             name: Some(format!(
@@ -228,8 +242,8 @@ async fn watch_site(
             ..Default::default()
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(Error::core(op.clone()))?
         .messages()
         .await
-        .map_err(|e| e.to_string())
+        .map_err(Error::core(op))
 }

@@ -82,7 +82,9 @@ fn a_tampered_or_foreign_manifest_is_refused() {
     let mut s = signed(&kp, BODY.as_bytes());
     let last = s.len() - 3;
     s[last] ^= 1;
-    let e = verify_manifest(&s, kp.public_key().as_ref()).unwrap_err();
+    let e = verify_manifest(&s, kp.public_key().as_ref())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("signature"), "{e}");
     let other = keypair();
     let s = signed(&other, BODY.as_bytes());
@@ -95,8 +97,9 @@ fn item_names_cannot_escape_their_directory() {
     let kp = keypair();
     for bad in ["../x", ".hidden", "a/b", ""] {
         let body = BODY.replace("m.onnx", bad);
-        let e =
-            verify_manifest(&signed(&kp, body.as_bytes()), kp.public_key().as_ref()).unwrap_err();
+        let e = verify_manifest(&signed(&kp, body.as_bytes()), kp.public_key().as_ref())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("file name"), "{bad}: {e}");
     }
     let body = BODY.replace("models", "kernels");
@@ -110,7 +113,9 @@ fn a_download_that_would_fill_the_data_partition_does_not_start() {
     assert!(room_for("b", 0, 0, 20_000).is_ok());
     // 1000 of 20000 stay free: 1100 is not room for 101.
     assert!(room_for("b", 100, 1100, 20_000).is_ok());
-    let e = room_for("edgeos-2.bundle", 101, 1100, 20_000).unwrap_err();
+    let e = room_for("edgeos-2.bundle", 101, 1100, 20_000)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         "the data partition has 1100 bytes free: `edgeos-2.bundle` needs 101 more, and 1000 stay free for the log"
@@ -151,7 +156,9 @@ fn a_box_fetches_the_delta_from_its_version_or_else_the_whole_bundle() {
     // Not knowing what it runs: everything, init chooses.
     assert_eq!(names(None).len(), 4);
     // Only an update has a version or a base.
-    let e = check_item(&item("pods", "x", Some("2"), None)).unwrap_err();
+    let e = check_item(&item("pods", "x", Some("2"), None))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("only an update has a version"), "{e}");
     let mut stamped = item("config", "x", None, None);
     stamped.published_ms = Some(1);
@@ -172,9 +179,11 @@ fn only_an_update_has_a_window_and_it_must_read_as_one() {
         published_ms: None,
     };
     assert!(check_item(&item("updates", "02:00-04:00")).is_ok());
-    let e = check_item(&item("models", "02:00-04:00")).unwrap_err();
+    let e = check_item(&item("models", "02:00-04:00"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("only an update has a window"), "{e}");
-    let e = check_item(&item("updates", "2am")).unwrap_err();
+    let e = check_item(&item("updates", "2am")).unwrap_err().to_string();
     assert!(e.contains("HH:MM-HH:MM"), "{e}");
     // Written beside the bundle for init, and gone when a manifest offers none.
     let tmp = tempfile::tempdir().unwrap();

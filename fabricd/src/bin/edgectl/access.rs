@@ -3,6 +3,7 @@
 
 use fabricd::config::is_token;
 
+use crate::error::{Error, Result};
 use crate::Names;
 
 /// Who a certificate subject of the access configuration is.
@@ -20,14 +21,17 @@ pub(crate) fn nats_config(
     [site_subject, enroll_subject]: [&str; 2],
     operators: &[String],
     tls: [&std::path::Path; 3],
-) -> Result<String, String> {
+) -> Result<String> {
     use std::fmt::Write;
     for (flag, subject) in [
         ("--site-subject", site_subject),
         ("--enroll-subject", enroll_subject),
     ] {
         if !subject.contains("{site}") {
-            return Err(format!("{flag} {subject:?} must contain {{site}}"));
+            return Err(Error::invalid(
+                format!("{flag} {subject:?}"),
+                "must contain {site}",
+            ));
         }
     }
     let mut users: Vec<(String, User)> = operators
@@ -36,8 +40,9 @@ pub(crate) fn nats_config(
         .collect();
     for site in sites {
         if !is_token(site) {
-            return Err(format!(
-                "site {site:?} must be letters, digits, '-' or '_' (it is a subject token)"
+            return Err(Error::invalid(
+                format!("site {site:?}"),
+                "must be letters, digits, '-' or '_' (it is a subject token)",
             ));
         }
         users.push((site_subject.replace("{site}", site), User::Site(site)));
@@ -52,22 +57,24 @@ pub(crate) fn nats_config(
                 .chars()
                 .any(|c| c == '"' || c == '\\' || c.is_control())
         {
-            return Err(format!(
-                "certificate subject {subject:?} must be a distinguished name like CN=site-s1,O=example, without quotes or backslashes"
+            return Err(Error::invalid(
+                format!("certificate subject {subject:?}"),
+                "must be a distinguished name like CN=site-s1,O=example, without quotes or backslashes",
             ));
         }
         if !seen.insert(subject.to_ascii_lowercase()) {
-            return Err(format!(
-                "certificate subject {subject:?} is given to two users"
+            return Err(Error::invalid(
+                format!("certificate subject {subject:?}"),
+                "is given to two users",
             ));
         }
     }
     for (flag, path) in ["--tls-cert", "--tls-key", "--tls-ca"].iter().zip(tls) {
         let text = path.to_str().unwrap_or_default();
         if !path.is_absolute() || text.contains(['"', '\\']) || text.is_empty() {
-            return Err(format!(
-                "{flag} {} must be an absolute path (as nats-server sees it), without quotes or backslashes",
-                path.display()
+            return Err(Error::invalid(
+                format!("{flag} {}", path.display()),
+                "must be an absolute path (as nats-server sees it), without quotes or backslashes",
             ));
         }
     }

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 
 use fabricd::config::is_token;
 
+use crate::error::{Error, Result};
 use crate::{read, unix_now, Cli};
 
 #[derive(clap::Args)]
@@ -73,16 +74,17 @@ pub(crate) fn registrar(
     cas: &[PathBuf],
     releases: &[String],
     release_key: &Path,
-) -> Result<edge_tpm::enrollment::Registrar, String> {
+) -> Result<edge_tpm::enrollment::Registrar> {
     if !is_token(site) {
-        return Err(format!(
-            "site {site:?} must be letters, digits, '-' or '_' (it is a subject token)"
+        return Err(Error::invalid(
+            format!("site {site:?}"),
+            "must be letters, digits, '-' or '_' (it is a subject token)",
         ));
     }
     let mut trusted = Vec::new();
     for path in cas {
         let certs = edge_tpm::ek_certificate::pem_certificates("a manufacturer CA", &read(path)?)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(Error::tpm(path.display()))?;
         trusted.extend(certs);
     }
     Ok(edge_tpm::enrollment::Registrar::new(
@@ -96,20 +98,21 @@ pub(crate) fn registrar(
 pub(crate) fn accepted_releases(
     flags: &[String],
     key: Option<&Path>,
-) -> Result<Vec<edge_tpm::replay::Release>, String> {
+) -> Result<Vec<edge_tpm::replay::Release>> {
     let Some(key_path) = key else {
         return Ok(Vec::new());
     };
-    let key = edge_tpm::policy::parse_pcrpkey(&read(key_path)?)
-        .map_err(|e| format!("--release-key {}: {e}", key_path.display()))?;
+    let key = edge_tpm::policy::parse_pcrpkey(&read(key_path)?).map_err(Error::tpm(
+        format_args!("--release-key {}", key_path.display()),
+    ))?;
     flags
         .iter()
         .map(|r| {
             let (name, path) = r
                 .split_once('=')
-                .ok_or_else(|| format!("--release {r:?} is not NAME=PATH"))?;
+                .ok_or_else(|| Error::invalid(format!("--release {r:?}"), "is not NAME=PATH"))?;
             edge_tpm::replay::release(name, &read(&PathBuf::from(path))?, &key)
-                .map_err(|e| format!("{path}: {e}"))
+                .map_err(Error::tpm(path))
         })
         .collect()
 }
@@ -132,13 +135,15 @@ pub(crate) struct Enrollment {
 pub(crate) async fn enrolled_record(
     bucket: &async_nats::jetstream::kv::Store,
     key: &str,
-) -> Result<Option<edge_tpm::enrollment::Enrolled>, String> {
+) -> Result<Option<edge_tpm::enrollment::Enrolled>> {
     match bucket.get(key).await {
-        Ok(Some(v)) => serde_json::from_slice(&v)
+        Ok(Some(v)) => Ok(serde_json::from_slice(&v)
             .map(Some)
-            .map_err(|e| format!("{key}: unreadable enrollment record: {e}")),
+            .map_err(fabricd::Error::json(format!(
+                "{key}: unreadable enrollment record"
+            )))?),
         Ok(None) => Ok(None),
-        Err(e) => Err(format!("failed to read {key}: {e}")),
+        Err(e) => Err(fabricd::Error::core(format!("failed to read {key}"))(e).into()),
     }
 }
 
@@ -149,24 +154,29 @@ pub(crate) async fn operator_checks(
     bucket: &async_nats::jetstream::kv::Store,
     site: &str,
     e: &Enrollment,
-) -> Result<(), String> {
+) -> Result<()> {
     let machine = &request.machine;
     if !is_token(machine) {
-        return Err(format!(
-            "machine {machine:?} must be letters, digits, '-' or '_'"
+        return Err(Error::invalid(
+            format!("machine {machine:?}"),
+            "must be letters, digits, '-' or '_'",
         ));
     }
     let fingerprint = edge_tpm::enrollment::ek_fingerprint(request);
     if !e.ek_pins.is_empty() && !e.ek_pins.contains(&fingerprint) {
-        return Err(format!(
-            "its endorsement key {fingerprint} is not one given with --ek-fingerprint"
+        return Err(Error::invalid(
+            format!("its endorsement key {fingerprint}"),
+            "is not one given with --ek-fingerprint",
         ));
     }
     if let Some(old) = enrolled_record(bucket, &format!("{site}.{machine}")).await? {
         if !e.replace {
-            return Err(format!(
-                "machine {machine} of site {site} is already enrolled (endorsement key {}); enroll it again with --replace",
-                old.ek
+            return Err(Error::invalid(
+                format!("machine {machine} of site {site}"),
+                format!(
+                    "is already enrolled (endorsement key {}); enroll it again with --replace",
+                    old.ek
+                ),
             ));
         }
     }
@@ -184,23 +194,28 @@ pub(crate) async fn enroll(
     e: &Enrollment,
     boxes: usize,
     last_refusal: &mut Option<String>,
-) -> Result<(), String> {
+) -> Result<()> {
     use edge_tpm::enrollment::{is_reply_subject, issue_certificate, Enrolled, Message, Reply};
     let subject = edge_tpm::enrollment::subject(site);
     let mut sub = client
         .subscribe(subject.clone())
         .await
-        .map_err(|e| format!("cannot subscribe to {subject}: {e}"))?;
+        .map_err(fabricd::Error::core(format!(
+            "cannot subscribe to {subject}"
+        )))?;
     // The subscription must reach the core before a box's request can.
-    client
-        .flush()
-        .await
-        .map_err(|e| format!("the core did not confirm the subscription: {e}"))?;
+    client.flush().await.map_err(fabricd::Error::core(
+        "the core did not confirm the subscription",
+    ))?;
     println!("waiting for {boxes} box(es) of site {site} on {subject}");
     let mut enrolled = 0;
     while enrolled < boxes {
         let Some(msg) = sub.next().await else {
-            return Err("the connection to the core ended".into());
+            return Err(fabricd::Error::Ended {
+                what: "the connection to the core ended",
+                event: None,
+            }
+            .into());
         };
         // We answer with the operator's rights on a subject the box names: only ever
         // under the site's enrollment inbox.
@@ -212,11 +227,15 @@ pub(crate) async fn enroll(
             );
             continue;
         };
-        let outcome: Result<Reply, String> = match serde_json::from_slice::<Message>(&msg.payload) {
-            Err(err) => Err(format!("a message that is not an enrollment step: {err}")),
+        let outcome: Result<Reply> = match serde_json::from_slice::<Message>(&msg.payload) {
+            Err(err) => {
+                Err(fabricd::Error::json("a message that is not an enrollment step")(err).into())
+            }
             Ok(Message::Request(request)) => {
                 let checked = match operator_checks(&request, bucket, site, e).await {
-                    Ok(()) => registrar.challenge(&request).map_err(|err| err.to_string()),
+                    Ok(()) => registrar
+                        .challenge(&request)
+                        .map_err(|err| fabricd::Error::Tpm(err).into()),
                     Err(why) => Err(why),
                 };
                 match checked {
@@ -231,7 +250,9 @@ pub(crate) async fn enroll(
                             escrow_key: e.escrow.clone(),
                         })
                     }
-                    Err(why) => Err(format!("machine {}: {why}", request.machine)),
+                    Err(why) => Err(Error::within(format_args!("machine {}", request.machine))(
+                        why,
+                    )),
                 }
             }
             Ok(Message::Answer(answer)) => {
@@ -265,10 +286,13 @@ pub(crate) async fn enroll(
                             recovery,
                         };
                         let body = serde_json::to_vec(&record)
-                            .map_err(|err| format!("encode the enrollment record: {err}"))?;
-                        bucket.put(&key, body.into()).await.map_err(|err| {
-                            format!("failed to record the enrollment of {key}: {err}")
-                        })?;
+                            .map_err(fabricd::Error::json("encode the enrollment record"))?;
+                        bucket
+                            .put(&key, body.into())
+                            .await
+                            .map_err(fabricd::Error::core(format!(
+                                "failed to record the enrollment of {key}"
+                            )))?;
                         println!(
                             "enrolled machine {} of site {site}: TPM made by {}, booted release {} slot {}; certificate {} for {} days issued",
                             admitted.machine,
@@ -281,27 +305,28 @@ pub(crate) async fn enroll(
                         enrolled += 1;
                         Ok(Reply::Certificate { pem })
                     }
-                    Err(err) => Err(format!("machine {}: {err}", answer.machine)),
+                    Err(err) => Err(Error::tpm(format_args!("machine {}", answer.machine))(err)),
                 }
             }
         };
         let reply = match outcome {
             Ok(reply) => reply,
             Err(why) => {
+                let why = why.to_string();
                 println!("refused {why}");
                 *last_refusal = Some(why.clone());
                 Reply::Refused { reason: why }
             }
         };
-        let body = serde_json::to_vec(&reply).map_err(|err| format!("encode the reply: {err}"))?;
+        let body = serde_json::to_vec(&reply).map_err(fabricd::Error::json("encode the reply"))?;
         client
             .publish(reply_to, body.into())
             .await
-            .map_err(|err| format!("cannot answer the box: {err}"))?;
+            .map_err(fabricd::Error::core("cannot answer the box"))?;
         client
             .flush()
             .await
-            .map_err(|err| format!("cannot answer the box: {err}"))?;
+            .map_err(fabricd::Error::core("cannot answer the box"))?;
     }
     Ok(())
 }
@@ -312,7 +337,7 @@ pub(crate) async fn run(
     client: &async_nats::Client,
     js: &async_nats::jetstream::Context,
     args: &Args,
-) -> Result<(), String> {
+) -> Result<()> {
     let Args {
         site,
         manufacturer_cas,
@@ -329,18 +354,16 @@ pub(crate) async fn run(
         replace,
     } = args;
     if !(1..=edge_tpm::enrollment::MAX_DAYS).contains(days) {
-        return Err(format!(
-            "--days {days}: 1 to {} are issued",
-            edge_tpm::enrollment::MAX_DAYS
-        ));
+        return Err(Error::Days {
+            days: *days,
+            max: edge_tpm::enrollment::MAX_DAYS,
+        });
     }
     let registrar = registrar(site, manufacturer_cas, releases, release_key)?;
     let escrow = match escrow_key {
         Some(path) => {
-            let pem = String::from_utf8(read(path)?)
-                .map_err(|_| format!("{} is not PEM text", path.display()))?;
-            edge_tpm::enrollment::escrow_key(&pem)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let pem = pem_text(path)?;
+            edge_tpm::enrollment::escrow_key(&pem).map_err(Error::tpm(path.display()))?;
             Some(pem)
         }
         None => None,
@@ -348,10 +371,8 @@ pub(crate) async fn run(
     let enrollment = Enrollment {
         subject: site_subject.replace("{site}", site),
         days: *days,
-        ca: String::from_utf8(read(issuer_cert)?)
-            .map_err(|_| format!("{} is not PEM text", issuer_cert.display()))?,
-        key: String::from_utf8(read(issuer_key)?)
-            .map_err(|_| format!("{} is not PEM text", issuer_key.display()))?,
+        ca: pem_text(issuer_cert)?,
+        key: pem_text(issuer_key)?,
         escrow,
         ek_pins: ek_fingerprints
             .iter()
@@ -359,12 +380,13 @@ pub(crate) async fn run(
             .collect(),
         replace: *replace,
     };
-    let enrolled = js.get_key_value(&cli.enrolled_bucket).await.map_err(|e| {
-        format!(
-            "no KV bucket {} (run edgectl setup): {e}",
+    let enrolled = js
+        .get_key_value(&cli.enrolled_bucket)
+        .await
+        .map_err(fabricd::Error::core(format!(
+            "no KV bucket {} (run edgectl setup)",
             cli.enrolled_bucket
-        )
-    })?;
+        )))?;
     let wait = Duration::from_secs(*timeout_secs);
     let mut last_refusal = None;
     let enrolling = enroll(
@@ -378,19 +400,22 @@ pub(crate) async fn run(
     );
     let finished = tokio::time::timeout(wait, enrolling).await;
     match finished {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(match last_refusal {
-                    Some(why) => format!(
-                        "no box of site {site} enrolled within {timeout_secs} s; the last refused: {why}"
-                    ),
-                    None => format!(
-                        "no box of site {site} finished enrolling within {timeout_secs} s (is it provisioned with an enroll-{site} certificate, and can it reach the core?)"
-                    ),
-                })
-            }
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(Error::NotEnrolled {
+                site: site.clone(),
+                secs: *timeout_secs,
+                last_refusal,
+            })
         }
+    }
     Ok(())
+}
+
+/// A PEM file's text.
+fn pem_text(path: &Path) -> Result<String> {
+    String::from_utf8(read(path)?)
+        .map_err(|_| Error::invalid(path.display().to_string(), "is not PEM text"))
 }
 
 /// `edgectl recovery-key`.
@@ -398,26 +423,32 @@ pub(crate) async fn recovery_key(
     cli: &Cli,
     js: &async_nats::jetstream::Context,
     args: &RecoveryArgs,
-) -> Result<(), String> {
+) -> Result<()> {
     let RecoveryArgs { site, machine, out } = args;
     let key = format!("{site}.{machine}");
     let bucket = js
         .get_key_value(&cli.enrolled_bucket)
         .await
-        .map_err(|e| format!("no KV bucket {}: {e}", cli.enrolled_bucket))?;
+        .map_err(fabricd::Error::core(format!(
+            "no KV bucket {}",
+            cli.enrolled_bucket
+        )))?;
     let record = bucket
         .get(&key)
         .await
-        .map_err(|e| format!("failed to read {key}: {e}"))?
-        .ok_or_else(|| format!("{key} is not enrolled"))?;
-    let record: edge_tpm::enrollment::Enrolled = serde_json::from_slice(&record)
-        .map_err(|e| format!("{key}: unreadable enrollment record: {e}"))?;
+        .map_err(fabricd::Error::core(format!("failed to read {key}")))?
+        .ok_or_else(|| Error::invalid(&key, "is not enrolled"))?;
+    let record: edge_tpm::enrollment::Enrolled = serde_json::from_slice(&record).map_err(
+        fabricd::Error::json(format!("{key}: unreadable enrollment record")),
+    )?;
     let sealed = record
         .recovery
-        .ok_or_else(|| format!("{key} escrowed no recovery key at enrollment"))?;
-    let sealed = edge_tpm::policy::base64_decode(&sealed)
-        .map_err(|e| format!("{key}: the escrowed recovery key is not base64: {e}"))?;
-    std::fs::write(out, sealed).map_err(|e| format!("failed to write {}: {e}", out.display()))?;
+        .ok_or_else(|| Error::invalid(&key, "escrowed no recovery key at enrollment"))?;
+    let sealed = edge_tpm::policy::base64_decode(&sealed).map_err(|detail| Error::Escrow {
+        key: key.clone(),
+        detail,
+    })?;
+    std::fs::write(out, sealed).map_err(fabricd::Error::io("write", out))?;
     println!(
             "the recovery key of {key}, encrypted to the escrow key, is in {0}; open it with
       openssl pkeyutl -decrypt -inkey escrow.key -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 -in {0}",

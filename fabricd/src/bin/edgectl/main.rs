@@ -14,6 +14,7 @@ use ring::signature::KeyPair;
 
 mod access;
 mod enroll;
+mod error;
 mod publish;
 mod status;
 mod tail;
@@ -21,6 +22,7 @@ mod update;
 
 use access::nats_config;
 use enroll::accepted_releases;
+use error::{Error, Result};
 use fabricd::config::is_token;
 use publish::{allowlist, kv_items_of_site, read_signing_key, sign_framed};
 
@@ -200,10 +202,9 @@ fn main() -> ExitCode {
             Some(limit) => tokio::time::timeout(limit, run(cli))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(format!(
-                        "the core did not finish answering within {} s",
-                        limit.as_secs()
-                    ))
+                    Err(Error::Timeout {
+                        secs: limit.as_secs(),
+                    })
                 }),
             None => run(cli).await,
         }
@@ -221,20 +222,20 @@ fn main() -> ExitCode {
 /// that runs a consumer which, on a bucket the boxes keep writing to (their status every
 /// few seconds), can wait for idle heartbeats before it knows it has seen every key. A
 /// deleted key is still listed (its last entry is the delete).
-async fn kv_keys(js: &async_nats::jetstream::Context, bucket: &str) -> Result<Vec<String>, String> {
-    let failed = |e: &dyn std::fmt::Display| format!("failed to list {bucket}: {e}");
+async fn kv_keys(js: &async_nats::jetstream::Context, bucket: &str) -> Result<Vec<String>> {
+    let failed = format!("failed to list {bucket}");
     let stream = js
         .get_stream(format!("KV_{bucket}"))
         .await
-        .map_err(|e| failed(&e))?;
+        .map_err(fabricd::Error::core(&failed))?;
     let prefix = format!("$KV.{bucket}.");
     let mut subjects = stream
         .info_with_subjects(format!("{prefix}>"))
         .await
-        .map_err(|e| failed(&e))?;
+        .map_err(fabricd::Error::core(&failed))?;
     let mut keys = Vec::new();
     while let Some(item) = subjects.next().await {
-        let (subject, _) = item.map_err(|e| failed(&e))?;
+        let (subject, _) = item.map_err(fabricd::Error::core(&failed))?;
         if let Some(key) = subject.strip_prefix(&prefix) {
             keys.push(key.to_owned());
         }
@@ -243,7 +244,7 @@ async fn kv_keys(js: &async_nats::jetstream::Context, bucket: &str) -> Result<Ve
     Ok(keys)
 }
 
-async fn connect(cli: &Cli) -> Result<async_nats::Client, String> {
+async fn connect(cli: &Cli) -> Result<async_nats::Client> {
     let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
     if let Some(ca) = &cli.ca {
         opts = opts.add_root_certificates(ca.clone()).require_tls(true);
@@ -251,18 +252,22 @@ async fn connect(cli: &Cli) -> Result<async_nats::Client, String> {
     if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    opts.connect(cli.server.as_str())
+    Ok(opts
+        .connect(cli.server.as_str())
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", cli.server))
+        .map_err(fabricd::Error::core(format!(
+            "cannot connect to {}",
+            cli.server
+        )))?)
 }
 
 /// The update key's public half (`update.pub`), as the boxes read theirs.
-fn read_update_key(path: &Path) -> Result<Vec<u8>, String> {
-    edge_update::read_public_key(path).map_err(|e| e.to_string())
+fn read_update_key(path: &Path) -> Result<Vec<u8>> {
+    edge_update::read_public_key(path).map_err(Error::UpdateKey)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))
+fn read(path: &Path) -> Result<Vec<u8>> {
+    Ok(std::fs::read(path).map_err(fabricd::Error::io("read", path))?)
 }
 
 /// The names the core's stream, buckets and subjects go by (the global flags).
@@ -277,7 +282,7 @@ fn unix_now() -> u64 {
     edge_common::unix_ms() / 1000
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<()> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
     if let Cmd::Allowlist {
         signing_key,
@@ -287,9 +292,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     } = &cli.cmd
     {
         let signed = allowlist(&read(signing_key)?, *version, digests)
-            .map_err(|e| format!("{}: {e}", signing_key.display()))?;
-        std::fs::write(out, signed)
-            .map_err(|e| format!("failed to write {}: {e}", out.display()))?;
+            .map_err(Error::within(signing_key.display()))?;
+        std::fs::write(out, signed).map_err(fabricd::Error::io("write", out))?;
         println!(
             "allowlist version {version} with {} digest(s) written to {}",
             digests.len(),
@@ -323,8 +327,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         )?;
         match out {
             Some(path) => {
-                std::fs::write(path, text)
-                    .map_err(|e| format!("failed to write {}: {e}", path.display()))?;
+                std::fs::write(path, text).map_err(fabricd::Error::io("write", path))?;
                 println!(
                     "access for {} site(s) and {} operator(s) written to {}",
                     sites.len(),
@@ -344,8 +347,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
     if let Cmd::VerifyBundle { update_key, bundle } = &cli.cmd {
         let key = read_update_key(update_key)?;
-        let b =
-            edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
+        let b = edge_update::open(bundle, &key).map_err(Error::bundle(bundle))?;
         let m = &b.manifest;
         println!(
             "{}: {} {} (security version {}, kernel {}), signed by the update key; root hash {}",
@@ -368,19 +370,17 @@ async fn run(cli: Cli) -> Result<(), String> {
     if let Cmd::Keygen { out, name } = &cli.cmd {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-            .map_err(|_| "failed to generate a key".to_string())?;
+            .map_err(|_| Error::Keygen("generate a key"))?;
         let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-            .map_err(|_| "failed to use the generated key".to_string())?;
-        std::fs::create_dir_all(out)
-            .map_err(|e| format!("failed to create {}: {e}", out.display()))?;
+            .map_err(|_| Error::Keygen("use the generated key"))?;
+        std::fs::create_dir_all(out).map_err(fabricd::Error::io("create", out))?;
         let hex = edge_common::hex::encode(kp.public_key().as_ref());
         for (file, data) in [
             (format!("{name}.key"), pkcs8.as_ref().to_vec()),
             (format!("{name}.pub"), format!("{hex}\n").into_bytes()),
         ] {
             let p = out.join(file);
-            std::fs::write(&p, data)
-                .map_err(|e| format!("failed to write {}: {e}", p.display()))?;
+            std::fs::write(&p, data).map_err(fabricd::Error::io("write", &p))?;
         }
         println!(
             "public key {hex} (ship {} in the image)",
@@ -442,11 +442,15 @@ async fn run(cli: Cli) -> Result<(), String> {
                 let name = config.name.clone();
                 js.get_or_create_stream(config.clone())
                     .await
-                    .map_err(|e| format!("failed to create stream {name}: {e}"))?;
+                    .map_err(fabricd::Error::core(format!(
+                        "failed to create stream {name}"
+                    )))?;
                 // A stream made by an older edgectl gets today's settings.
                 js.update_stream(config)
                     .await
-                    .map_err(|e| format!("failed to update stream {name}: {e}"))?;
+                    .map_err(fabricd::Error::core(format!(
+                        "failed to update stream {name}"
+                    )))?;
                 println!("stream {name} ready");
             }
         }
@@ -454,14 +458,17 @@ async fn run(cli: Cli) -> Result<(), String> {
             let store = js
                 .get_object_store(&cli.objects)
                 .await
-                .map_err(|e| format!("no object store {}: {e}", cli.objects))?;
+                .map_err(fabricd::Error::core(format!(
+                    "no object store {}",
+                    cli.objects
+                )))?;
             let mut f = tokio::fs::File::open(file)
                 .await
-                .map_err(|e| format!("failed to open {}: {e}", file.display()))?;
+                .map_err(fabricd::Error::io("open", file))?;
             store
                 .put(name.as_str(), &mut f)
                 .await
-                .map_err(|e| format!("failed to put object {name}: {e}"))?;
+                .map_err(fabricd::Error::core(format!("failed to put object {name}")))?;
             let digest = ring::digest::digest(&ring::digest::SHA256, &read(file)?);
             let hex = edge_common::hex::encode(digest.as_ref());
             println!("object {name} sha256 {hex}");
@@ -470,12 +477,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             let kv = js
                 .get_key_value(&cli.bucket)
                 .await
-                .map_err(|e| format!("no KV bucket {}: {e}", cli.bucket))?;
+                .map_err(fabricd::Error::core(format!("no KV bucket {}", cli.bucket)))?;
             let data = read(file)?;
             let digest = ring::digest::digest(&ring::digest::SHA256, &data);
             kv.put(kv_key, data.into())
                 .await
-                .map_err(|e| format!("failed to put {kv_key}: {e}"))?;
+                .map_err(fabricd::Error::core(format!("failed to put {kv_key}")))?;
             let hex = edge_common::hex::encode(digest.as_ref());
             println!("kv {kv_key} sha256 {hex}");
         }
@@ -487,9 +494,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         } => {
             let body = read(manifest)?;
             // Refuse to sign what the edges would refuse to read.
-            let parsed: fabricd::downlink::Manifest = serde_json::from_slice(&body)
-                .map_err(|e| format!("{} is not a manifest: {e}", manifest.display()))?;
-            kv_items_of_site(&parsed, site).map_err(|e| format!("{}: {e}", manifest.display()))?;
+            let parsed: fabricd::downlink::Manifest = serde_json::from_slice(&body).map_err(
+                fabricd::Error::json(format!("{} is not a manifest", manifest.display())),
+            )?;
+            kv_items_of_site(&parsed, site).map_err(Error::within(manifest.display()))?;
             let kp = read_signing_key(signing_key)?;
             let signed = sign_framed(&kp, &body);
             fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())?;
@@ -500,10 +508,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             let kv = js
                 .get_key_value(&cli.bucket)
                 .await
-                .map_err(|e| format!("no KV bucket {}: {e}", cli.bucket))?;
+                .map_err(fabricd::Error::core(format!("no KV bucket {}", cli.bucket)))?;
             kv.put(&key, signed.into())
                 .await
-                .map_err(|e| format!("failed to put {key}: {e}"))?;
+                .map_err(fabricd::Error::core(format!("failed to put {key}")))?;
             println!(
                 "manifest version {} with {} items published to {key}",
                 parsed.version,
@@ -531,7 +539,7 @@ mod tests {
         status_bucket: "edge-status",
     };
 
-    fn config(sites: &[&str], subject: &str, operators: &[&str]) -> Result<String, String> {
+    fn config(sites: &[&str], subject: &str, operators: &[&str]) -> Result<String> {
         let sites: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
         let operators: Vec<String> = operators.iter().map(|s| s.to_string()).collect();
         let p = std::path::Path::new;
@@ -591,7 +599,9 @@ mod tests {
         };
         assert!(kv_items_of_site(&manifest("s1.cfg.app"), "s1").is_ok());
         for key in ["s2.cfg.app", "s10.cfg", "s1"] {
-            let e = kv_items_of_site(&manifest(key), "s1").unwrap_err();
+            let e = kv_items_of_site(&manifest(key), "s1")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(&format!("`{key}`")), "{e}");
         }
     }
@@ -607,7 +617,7 @@ mod tests {
             (&["s1", "s1"], "CN=site-{site}", &["CN=ops"], "two users"),
             (&["s1"], "CN=enroll-{site}", &["CN=ops"], "two users"),
         ] {
-            let e = config(sites, subject, operators).unwrap_err();
+            let e = config(sites, subject, operators).unwrap_err().to_string();
             assert!(e.contains(needle), "{sites:?} {subject}: {e}");
         }
         let sites = ["s1".to_string()];
@@ -619,7 +629,8 @@ mod tests {
             &["CN=ops".into()],
             [p("server.pem"), p("/k"), p("/c")],
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--tls-cert server.pem"), "{e}");
     }
 
@@ -641,11 +652,14 @@ mod tests {
             "md5:00",
             &format!("sha256:{}", "AB".repeat(32)),
         ] {
-            let e = allowlist(pkcs8.as_ref(), 1, &[bad.to_string()]).unwrap_err();
+            let e = allowlist(pkcs8.as_ref(), 1, &[bad.to_string()])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
         assert!(allowlist(b"not a key", 1, &[d])
             .unwrap_err()
+            .to_string()
             .contains("PKCS#8"));
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use futures_util::StreamExt;
 
+use crate::error::Result;
 use crate::{accepted_releases, kv_keys, unix_now, Cli};
 
 #[derive(clap::Args)]
@@ -34,11 +35,7 @@ pub(crate) struct MachineRow {
     status: Option<fabricd::uplink::BoxStatus>,
 }
 
-pub(crate) async fn run(
-    cli: &Cli,
-    js: &async_nats::jetstream::Context,
-    args: &Args,
-) -> Result<(), String> {
+pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &Args) -> Result<()> {
     let Args {
         topic,
         releases,
@@ -49,14 +46,14 @@ pub(crate) async fn run(
     let stream = js
         .get_stream(&cli.stream)
         .await
-        .map_err(|e| format!("no stream {}: {e}", cli.stream))?;
+        .map_err(fabricd::Error::core(format!("no stream {}", cli.stream)))?;
     let mut subjects = stream
         .info_with_subjects(format!("{}.*.*.{topic}", cli.prefix))
         .await
-        .map_err(|e| format!("failed to list subjects: {e}"))?;
+        .map_err(fabricd::Error::core("failed to list subjects"))?;
     let mut machines: std::collections::BTreeMap<String, MachineRow> = Default::default();
     while let Some(item) = subjects.next().await {
-        let (subject, count) = item.map_err(|e| format!("failed to list subjects: {e}"))?;
+        let (subject, count) = item.map_err(fabricd::Error::core("failed to list subjects"))?;
         let tokens: Vec<&str> = subject.splitn(4, '.').collect();
         if tokens.len() < 4 || tokens[3].starts_with("_downlink") {
             continue;
@@ -64,7 +61,9 @@ pub(crate) async fn run(
         let last = stream
             .get_last_raw_message_by_subject(&subject)
             .await
-            .map_err(|e| format!("failed to read the last of {subject}: {e}"))?;
+            .map_err(fabricd::Error::core(format!(
+                "failed to read the last of {subject}"
+            )))?;
         let row = machines
             .entry(format!("{}.{}", tokens[1], tokens[2]))
             .or_default();
@@ -81,7 +80,10 @@ pub(crate) async fn run(
     let reports = js
         .get_key_value(&cli.status_bucket)
         .await
-        .map_err(|e| format!("no KV bucket {}: {e}", cli.status_bucket))?;
+        .map_err(fabricd::Error::core(format!(
+            "no KV bucket {}",
+            cli.status_bucket
+        )))?;
     for key in kv_keys(js, &cli.status_bucket).await? {
         let Ok(Some(entry)) = reports.entry(&key).await else {
             continue;

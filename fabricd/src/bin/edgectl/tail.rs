@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use crate::error::{Error, Result};
 use crate::Cli;
 
 #[derive(clap::Args)]
@@ -21,11 +22,7 @@ pub(crate) struct Args {
     count: Option<usize>,
 }
 
-pub(crate) async fn run(
-    cli: &Cli,
-    js: &async_nats::jetstream::Context,
-    args: &Args,
-) -> Result<(), String> {
+pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &Args) -> Result<()> {
     let Args {
         site,
         machine,
@@ -37,7 +34,7 @@ pub(crate) async fn run(
     let stream = js
         .get_stream(&cli.stream)
         .await
-        .map_err(|e| format!("no stream {}: {e}", cli.stream))?;
+        .map_err(fabricd::Error::core(format!("no stream {}", cli.stream)))?;
     let consumer = stream
         .create_consumer(pull::Config {
             filter_subject: format!("{}.{site}.{machine}.{topic}", cli.prefix),
@@ -51,15 +48,15 @@ pub(crate) async fn run(
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("failed to create a consumer: {e}"))?;
+        .map_err(fabricd::Error::core("failed to create a consumer"))?;
     let mut msgs = consumer
         .messages()
         .await
-        .map_err(|e| format!("failed to read: {e}"))?;
+        .map_err(fabricd::Error::core("failed to read"))?;
     let mut n = 0;
     while count.is_none_or(|c| n < c) {
         let Some(m) = msgs.next().await else { break };
-        let m = m.map_err(|e| format!("failed to read: {e}"))?;
+        let m = m.map_err(fabricd::Error::core("failed to read"))?;
         let id = m
             .headers
             .as_ref()
@@ -72,7 +69,7 @@ pub(crate) async fn run(
             .and_then(|h| h.get("Fabric-Encoding"))
             .map(|v| v.as_str().to_owned());
         let value = fabricd::uplink::decode(&m.payload, encoding.as_deref(), 64 << 20)
-            .map_err(|e| format!("{} {id}: {e}", m.subject))?;
+            .map_err(Error::within(format_args!("{} {id}", m.subject)))?;
         println!(
             "{} {id} {}",
             m.subject,

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use async_nats::jetstream;
 use ring::signature::KeyPair;
 
+use crate::error::{Error, Result};
+
 #[derive(clap::Subcommand)]
 pub enum UpdateCmd {
     /// Check a bundle as the boxes will, put it into the object store, and make it the
@@ -73,7 +75,7 @@ pub struct Targets {
 }
 
 /// The subcommands that need no core: `Some` when `cmd` is one, with its result.
-pub fn offline(cmd: &UpdateCmd) -> Option<Result<(), String>> {
+pub(crate) fn offline(cmd: &UpdateCmd) -> Option<Result<()>> {
     let UpdateCmd::Delta {
         update_key,
         from,
@@ -84,8 +86,7 @@ pub fn offline(cmd: &UpdateCmd) -> Option<Result<(), String>> {
     };
     Some((|| {
         let key = super::read_update_key(update_key)?;
-        let checked =
-            edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
+        let checked = edge_update::open(bundle, &key).map_err(Error::bundle(bundle))?;
         make_delta(&key, &checked, bundle, from).map(|_| ())
     })())
 }
@@ -97,17 +98,20 @@ fn make_delta(
     checked: &edge_update::Bundle,
     bundle: &Path,
     base_path: &Path,
-) -> Result<(String, PathBuf, String), String> {
+) -> Result<(String, PathBuf, String)> {
     let m = &checked.manifest;
-    let base =
-        edge_update::open(base_path, key).map_err(|e| format!("{}: {e}", base_path.display()))?;
+    let base = edge_update::open(base_path, key).map_err(Error::bundle(base_path))?;
     let name = format!(
         "{}-{}-from-{}.delta",
         m.name, m.version, base.manifest.version
     );
     let sent = bundle.with_file_name(&name);
-    let w = edge_update::delta::write((&base, base_path), (checked, bundle), &sent)
-        .map_err(|e| format!("making the delta from {}: {e}", base_path.display()))?;
+    let w = edge_update::delta::write((&base, base_path), (checked, bundle), &sent).map_err(
+        |source| Error::Delta {
+            base: base_path.to_owned(),
+            source,
+        },
+    )?;
     let whole = std::fs::metadata(bundle).map_or(0, |m| m.len());
     println!(
         "delta from {} ({}): {} bytes, {:.2} % of the bundle's {whole} ({} blocks packed)",
@@ -120,13 +124,13 @@ fn make_delta(
     Ok((name, sent, base.manifest.version.clone()))
 }
 
-pub async fn run(
+pub(crate) async fn run(
     cmd: &UpdateCmd,
     js: &jetstream::Context,
     bucket: &str,
     objects: &str,
     status_bucket: &str,
-) -> Result<(), String> {
+) -> Result<()> {
     match cmd {
         UpdateCmd::Publish {
             to,
@@ -176,15 +180,18 @@ async fn publish(
     bundle: &Path,
     delta_from: &[PathBuf],
     window: Option<&str>,
-) -> Result<(), String> {
+) -> Result<()> {
     let window = match window {
-        Some(w) => Some(edge_update::window::Window::parse(w)?.to_string()),
+        Some(w) => Some(
+            edge_update::window::Window::parse(w)
+                .map_err(Error::Window)?
+                .to_string(),
+        ),
         None => None,
     };
     let key = super::read_update_key(update_key)?;
     // Refuse to send what every box would refuse after downloading it.
-    let checked =
-        edge_update::open(bundle, &key).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let checked = edge_update::open(bundle, &key).map_err(Error::bundle(bundle))?;
     let m = &checked.manifest;
     // What is sent: the bundle, and a delta from each version named, written beside it.
     let mut sent = vec![(
@@ -195,10 +202,10 @@ async fn publish(
     for base_path in delta_from {
         let (name, path, base) = make_delta(&key, &checked, bundle, base_path)?;
         if sent.iter().any(|(_, _, b)| b.as_ref() == Some(&base)) {
-            return Err(format!(
-                "--delta-from {}: a second base of version {base}",
-                base_path.display()
-            ));
+            return Err(Error::SecondBase {
+                path: base_path.clone(),
+                version: base,
+            });
         }
         sent.push((name, path, Some(base)));
     }
@@ -207,7 +214,7 @@ async fn publish(
     let store = js
         .get_object_store(objects)
         .await
-        .map_err(|e| format!("no object store {objects}: {e}"))?;
+        .map_err(fabricd::Error::core(format!("no object store {objects}")))?;
     let mut items = Vec::new();
     // Published anew, even with the same bytes: a box tries a version it rolled back
     // from again (fabricd stamps its copy with this time; docs/update.md).
@@ -215,11 +222,11 @@ async fn publish(
     for (name, path, base) in sent {
         let mut file = tokio::fs::File::open(&path)
             .await
-            .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+            .map_err(fabricd::Error::io("open", &path))?;
         store
             .put(name.as_str(), &mut file)
             .await
-            .map_err(|e| format!("failed to put object {name}: {e}"))?;
+            .map_err(fabricd::Error::core(format!("failed to put object {name}")))?;
         println!(
             "{} {} (security version {}) put as object {name}",
             m.name, m.version, m.security_version
@@ -255,7 +262,7 @@ impl Targets {
         js: &jetstream::Context,
         bucket: &str,
         status_bucket: &str,
-    ) -> Result<(ring::signature::Ed25519KeyPair, Vec<String>), String> {
+    ) -> Result<(ring::signature::Ed25519KeyPair, Vec<String>)> {
         let kp = super::read_signing_key(&self.signing_key)?;
         let sites = resolve_sites(
             js,
@@ -277,7 +284,7 @@ async fn resolve_sites(
     status_bucket: &str,
     sites: &[String],
     machine: Option<&str>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for site in sites {
         if site == "all" {
@@ -304,15 +311,14 @@ async fn resolve_sites(
     out.dedup();
     for site in out.iter().map(String::as_str).chain(machine) {
         if !super::is_token(site) {
-            return Err(format!(
-                "{site:?} must be letters, digits, '-' or '_' (it is a subject token)"
+            return Err(Error::invalid(
+                format!("{site:?}"),
+                "must be letters, digits, '-' or '_' (it is a subject token)",
             ));
         }
     }
     if out.is_empty() {
-        return Err(
-            "no site to send to: the core knows of none yet (name them with --site)".into(),
-        );
+        return Err(Error::NoSites);
     }
     Ok(out)
 }
@@ -327,11 +333,11 @@ async fn rewrite_manifests(
     sites: &[String],
     machine: Option<&str>,
     mut change: impl FnMut(&mut fabricd::downlink::Manifest) -> Option<String>,
-) -> Result<(), String> {
+) -> Result<()> {
     let kv = js
         .get_key_value(bucket)
         .await
-        .map_err(|e| format!("no KV bucket {bucket}: {e}"))?;
+        .map_err(fabricd::Error::core(format!("no KV bucket {bucket}")))?;
     for site in sites {
         let key = match machine {
             Some(machine) => format!("{site}.{machine}.manifest"),
@@ -340,11 +346,12 @@ async fn rewrite_manifests(
         let current = kv
             .get(&key)
             .await
-            .map_err(|e| format!("failed to read {key}: {e}"))?;
+            .map_err(fabricd::Error::core(format!("failed to read {key}")))?;
         let mut manifest = match current {
             Some(signed) => fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())
-                .map_err(|e| {
-                format!("{key}: {e}; not replacing a manifest this key did not sign")
+                .map_err(|e| Error::Foreign {
+                key: key.clone(),
+                source: Box::new(e),
             })?,
             None => fabricd::downlink::Manifest {
                 version: 0,
@@ -356,38 +363,40 @@ async fn rewrite_manifests(
             continue;
         };
         manifest.version += 1;
-        let body = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(&manifest)
+            .map_err(fabricd::Error::json("failed to encode the manifest"))?;
         let signed = super::sign_framed(kp, &body);
         fabricd::downlink::verify_manifest(&signed, kp.public_key().as_ref())?;
         kv.put(&key, signed.into())
             .await
-            .map_err(|e| format!("failed to put {key}: {e}"))?;
+            .map_err(fabricd::Error::core(format!("failed to put {key}")))?;
         println!("{key}: manifest version {} {what}", manifest.version);
     }
     Ok(())
 }
 
-fn sha256_file(path: &Path) -> Result<String, String> {
+fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut f =
-        std::fs::File::open(path).map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+    let mut f = std::fs::File::open(path).map_err(fabricd::Error::io("open", path))?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         match f.read(&mut buf) {
             Ok(0) => return Ok(edge_common::hex::encode(ctx.finish().as_ref())),
             Ok(n) => ctx.update(&buf[..n]),
-            Err(e) => return Err(format!("failed to read {}: {e}", path.display())),
+            Err(e) => return Err(fabricd::Error::io("read", path)(e).into()),
         }
     }
 }
 
 /// One line per box: `<site>.<machine>  running <version> (slot <s>)  <update>`.
-async fn status(js: &jetstream::Context, status_bucket: &str, json: bool) -> Result<(), String> {
+async fn status(js: &jetstream::Context, status_bucket: &str, json: bool) -> Result<()> {
     let reports = js
         .get_key_value(status_bucket)
         .await
-        .map_err(|e| format!("no KV bucket {status_bucket}: {e}"))?;
+        .map_err(fabricd::Error::core(format!(
+            "no KV bucket {status_bucket}"
+        )))?;
     let mut keys = super::kv_keys(js, status_bucket).await?;
     keys.sort();
     for key in keys {
