@@ -55,6 +55,9 @@ pub enum Error {
     Part { part: String, why: String },
     #[error("{path}: {why}")]
     Io { path: String, why: String },
+    /// An update's window (`HH:MM-HH:MM`) that is not one.
+    #[error("window {text:?} {why}")]
+    Window { text: String, why: &'static str },
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::Error;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
     /// Minutes after midnight (UTC) of the start and the end.
@@ -22,14 +24,16 @@ fn minutes(hhmm: &str) -> Option<u32> {
 }
 
 impl Window {
-    pub fn parse(text: &str) -> Result<Window, String> {
-        let bad = || format!("window {text:?} is not HH:MM-HH:MM (UTC), e.g. 02:00-04:00");
+    pub fn parse(text: &str) -> Result<Window, Error> {
+        let refuse = |why| Error::Window {
+            text: text.to_owned(),
+            why,
+        };
+        let bad = || refuse("is not HH:MM-HH:MM (UTC), e.g. 02:00-04:00");
         let (a, b) = text.trim().split_once('-').ok_or_else(bad)?;
         let (start, end) = (minutes(a).ok_or_else(bad)?, minutes(b).ok_or_else(bad)?);
         if start == end {
-            return Err(format!(
-                "window {text:?} is empty (it starts where it ends)"
-            ));
+            return Err(refuse("is empty (it starts where it ends)"));
         }
         Ok(Window { start, end })
     }
@@ -90,9 +94,11 @@ mod tests {
             "ab:cd-01:00",
             "",
         ] {
-            let e = Window::parse(bad).unwrap_err();
+            let e = Window::parse(bad).unwrap_err().to_string();
             assert!(e.contains("HH:MM-HH:MM"), "{bad}: {e}");
         }
-        assert!(Window::parse("03:00-03:00").unwrap_err().contains("empty"));
+        let e = Window::parse("03:00-03:00").unwrap_err();
+        assert!(matches!(e, Error::Window { .. }), "{e:?}");
+        assert!(e.to_string().contains("empty"), "{e}");
     }
 }

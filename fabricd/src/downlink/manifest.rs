@@ -108,7 +108,7 @@ pub(super) fn check_item(item: &Item) -> Result<()> {
         if item.kind != "updates" {
             return Err(bad("only an update has a window".into()));
         }
-        edge_update::window::Window::parse(w).map_err(bad)?;
+        edge_update::window::Window::parse(w).map_err(|e| bad(e.to_string()))?;
     }
     if item.sha256.len() != 64 || !item.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("sha256 must be 64 hex digits".into()));

@@ -23,8 +23,8 @@ pub(crate) enum Error {
     #[error("no site to send to: the core knows of none yet (name them with --site)")]
     NoSites,
     /// An update window as the update crate refused it.
-    #[error("{0}")]
-    Window(String),
+    #[error(transparent)]
+    Window(edge_update::Error),
     /// The update key file (the update crate's error names it).
     #[error(transparent)]
     UpdateKey(edge_update::Error),
