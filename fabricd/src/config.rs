@@ -120,6 +120,10 @@ pub struct CoreConfig {
     /// First token of every subject.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// The core's stream of records (`edgectl setup --stream`), asked at each session
+    /// what it already holds of this box's records (resume.rs).
+    #[serde(default = "default_stream")]
+    pub stream: String,
     /// CA that signed the core's certificate (PEM).
     pub ca: PathBuf,
     /// Our client certificate (PEM) and key: a PEM file, or a site key made in the TPM
@@ -186,6 +190,9 @@ fn default_tpm_program() -> PathBuf {
 }
 fn default_prefix() -> String {
     "edge".into()
+}
+fn default_stream() -> String {
+    "EDGE".into()
 }
 fn default_window() -> usize {
     512
@@ -270,6 +277,18 @@ fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
         return Err((
             "core.prefix".into(),
             format!("`{}` must be dot-separated subject tokens", core.prefix),
+        ));
+    }
+    // A stream name is one subject token (it goes into the API subjects).
+    if core.stream.is_empty()
+        || !core
+            .stream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err((
+            "core.stream".into(),
+            format!("`{}` must be letters, digits, - and _", core.stream),
         ));
     }
     if core.window == 0 || core.window > 65536 {
@@ -466,6 +485,7 @@ mod tests {
         let file = load_core_file(&f).unwrap().unwrap();
         assert_eq!(file.core.servers, ["tls://10.0.2.100:4222"]);
         assert_eq!(file.core.prefix, "edge");
+        assert_eq!(file.core.stream, "EDGE");
         assert_eq!((file.site, file.machine), (None, None));
         // The site's and the machine's names are provisioning too, checked as tokens.
         let named = |site: &str| {

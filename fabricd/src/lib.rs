@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod produce;
 pub mod record;
+pub mod resume;
 pub mod site_identity;
 pub mod store;
 pub mod uplink;

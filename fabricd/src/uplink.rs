@@ -219,10 +219,23 @@ async fn session(
             downlink.clone(),
         ));
     }
+    let subject_prefix = config.subject_prefix(core);
+    let id_prefix = config.msg_id_prefix();
+    let asking = crate::resume::Asking {
+        client: &client,
+        stream: &core.stream,
+        subject_prefix: &subject_prefix,
+        id_prefix: &id_prefix,
+    };
     for (class, c) in config.classes.iter().enumerate() {
         let path = acked_path(log, &c.name);
         // This process may know of acks newer than the file (written every 200 ms).
         let acked = load_acked(&path)?.max(log.meta().classes[class].acked);
+        let held = crate::resume::resume_after(&asking, log, class, acked).await;
+        if let Some(h) = held.filter(|_| held > acked) {
+            store_acked(&path, h).map_err(Error::io("write", &path))?;
+        }
+        let acked = held;
         if let Some(a) = acked {
             log.set_acked(class, a);
         }
@@ -230,8 +243,8 @@ async fn session(
             log.clone(),
             js.clone(),
             Naming {
-                subject_prefix: config.subject_prefix(core),
-                id_prefix: config.msg_id_prefix(),
+                subject_prefix: subject_prefix.clone(),
+                id_prefix: id_prefix.clone(),
                 compress_min: core.compress_min_bytes,
             },
             core.window,

@@ -181,6 +181,30 @@ fn a_site_certificate_cannot_publish_or_read_as_another_site() {
         "the core holds a record under site s2"
     );
 
+    // What the core holds of its records (asked before a resend): its own last record is
+    // answered, another site's subject is refused.
+    core.rt.block_on(async {
+        let own = s1
+            .client
+            .request("$JS.API.DIRECT.GET.EDGE.edge.s1.m1.temp", "".into())
+            .await
+            .expect("site s1 asks for its own last record");
+        assert_eq!(own.status, None, "{:?}", own.description);
+        assert_eq!(&own.payload[..], b"21.5");
+        let other = tokio::time::timeout(
+            Duration::from_secs(2),
+            s1.client
+                .request("$JS.API.DIRECT.GET.EDGE.edge.s2.m1.temp", "".into()),
+        )
+        .await;
+        assert!(
+            !matches!(other, Ok(Ok(ref m)) if m.status.is_none()),
+            "site s1 read site s2's last record"
+        );
+        s1.client.flush().await.unwrap();
+    });
+    s1.refused("Publish", "$JS.API.DIRECT.GET.EDGE.edge.s2.m1.temp");
+
     // Site s2's downlink: its manifest cannot be read, nor its keys watched, in any of the
     // ways the JetStream API offers.
     core.rt.block_on(async {

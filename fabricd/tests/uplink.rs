@@ -355,6 +355,61 @@ fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
     assert_eq!(at_core.len(), acked.len());
 }
 
+/// Exactly once past the core's duplicate window: the window is 2 s, and the link is cut
+/// mid-stream (so the core holds records whose acks never reached the box) for 5 s,
+/// twice. A box that resent from its last ack would have those records stored twice, the
+/// window having forgotten them; it must resume after what the core already holds.
+#[test]
+fn a_partition_longer_than_the_duplicate_window_duplicates_nothing() {
+    let s = Core::start();
+    s.rt.block_on(async {
+        let mut config =
+            s.js.get_stream("EDGE")
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .clone();
+        config.duplicate_window = Duration::from_secs(2);
+        s.js.update_stream(config)
+            .await
+            .expect("a 2 s duplicate window");
+    });
+    let proxy = Proxy::start(s.nats.port);
+    let mut f = fabricd_for(&s, &format!("tls://127.0.0.1:{}", proxy.port), "edge", "");
+    f.start();
+    let acked: Acked = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers = run_producers(&f.socket, 2, u64::MAX, &acked, &stop, false, Duration::ZERO);
+    for round in 0..2 {
+        let target = 3_000 * (round + 1);
+        s.rt.block_on(async {
+            while stream_count(&s.js).await < target {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        proxy.set_cut(true);
+        std::thread::sleep(Duration::from_secs(5));
+        proxy.set_cut(false);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for h in producers {
+        h.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let at_core = s.rt.block_on(read_core(&s.js, acked.len() as u64, SLOW));
+    check(&at_core, &acked);
+    assert_eq!(at_core.len(), acked.len());
+    assert!(
+        f.log_contains("the core already holds records whose acks were lost"),
+        "no session resumed after records the core held:\n{}",
+        f.log_text()
+    );
+}
+
 #[test]
 fn kill_9_of_fabricd_at_random_moments_loses_and_duplicates_no_acked_record() {
     let trials: u32 = std::env::var("FABRICD_KILL_TRIALS")

@@ -600,6 +600,8 @@ pub async fn create_stream(js: &async_nats::jetstream::Context) {
         subjects: vec!["edge.>".into()],
         duplicate_window: Duration::from_secs(600),
         storage: async_nats::jetstream::stream::StorageType::File,
+        // As `edgectl setup` makes it: a box asks what the core holds of its records.
+        allow_direct: true,
         ..Default::default()
     })
     .await

@@ -144,6 +144,7 @@ pub(crate) fn nats_config(
 pub(crate) fn site_publish(n: &Names, site: &str) -> Vec<(String, &'static str)> {
     let Names {
         prefix,
+        stream,
         bucket,
         objects,
         status_bucket,
@@ -152,6 +153,10 @@ pub(crate) fn site_publish(n: &Names, site: &str) -> Vec<(String, &'static str)>
         (
             format!("{prefix}.{site}.>"),
             "records of every machine of the site, and the downlink reports (<machine>._downlink)",
+        ),
+        (
+            format!("$JS.API.DIRECT.GET.{stream}.{prefix}.{site}.>"),
+            "the last record the core holds on a subject of the site, asked before resending (a resend after the duplicate window would be stored twice)",
         ),
         (
             format!("$KV.{status_bucket}.{site}.*"),

@@ -273,6 +273,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// The names the core's stream, buckets and subjects go by (the global flags).
 struct Names<'a> {
     prefix: &'a str,
+    stream: &'a str,
     bucket: &'a str,
     objects: &'a str,
     status_bucket: &'a str,
@@ -314,6 +315,7 @@ async fn run(cli: Cli) -> Result<()> {
     {
         let names = Names {
             prefix: &cli.prefix,
+            stream: &cli.stream,
             bucket: &cli.bucket,
             objects: &cli.objects,
             status_bucket: &cli.status_bucket,
@@ -420,6 +422,9 @@ async fn run(cli: Cli) -> Result<()> {
                     subjects: vec![format!("{}.>", cli.prefix)],
                     duplicate_window: Duration::from_secs(*dupe_window_secs),
                     storage: StorageType::File,
+                    // A box asks for the last message on its subjects before it resends
+                    // (fabricd/src/resume.rs).
+                    allow_direct: true,
                     ..Default::default()
                 },
                 kv_layout(&cli.bucket),
@@ -534,6 +539,7 @@ mod tests {
 
     const NAMES: Names = Names {
         prefix: "edge",
+        stream: "EDGE",
         bucket: "edge-config",
         objects: "edge-objects",
         status_bucket: "edge-status",
