@@ -50,6 +50,9 @@ pub enum Error {
     /// A class's `uplink.acked` that holds no offset.
     #[error("{0} does not hold an offset")]
     NotAnOffset(PathBuf),
+    /// The applied manifest version (anti-replay) is unreadable: every manifest is refused.
+    #[error("{0} does not hold a manifest version; refusing every manifest rather than take an old one as new")]
+    NotAVersion(PathBuf),
 
     // Records.
     /// A topic or header name a producer gave that cannot travel as a NATS subject

@@ -29,10 +29,13 @@ pub(super) async fn apply<'a>(
         }
     };
     report.version = Some(manifest.version);
-    let applied: u64 = std::fs::read_to_string(version_file(dir))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let applied = match applied_version(dir) {
+        Ok(v) => v,
+        Err(e) => {
+            report.refused.push((key.to_owned(), e.to_string()));
+            return report;
+        }
+    };
     if manifest.version < applied {
         report.refused.push((
             key.to_owned(),
@@ -84,10 +87,33 @@ pub(super) async fn apply<'a>(
         }
     }
     if report.refused.is_empty() {
-        let _ = std::fs::create_dir_all(dir);
-        let _ = std::fs::write(version_file(dir), format!("{}\n", manifest.version));
+        let path = version_file(dir);
+        let written = std::fs::create_dir_all(dir).and_then(|()| {
+            edge_common::write_atomic(&path, format!("{}\n", manifest.version).as_bytes(), 0o644)
+        });
+        if let Err(e) = written {
+            report.refused.push((
+                key.to_owned(),
+                crate::Error::io("write", &path)(e).to_string(),
+            ));
+        }
     }
     report
+}
+
+/// The version of the last manifest applied, the floor of what is taken next (anti-replay):
+/// 0 before the first. A file that cannot be read or does not hold a number fails closed:
+/// every manifest is refused, naming it, rather than an old one taken as new.
+pub(super) fn applied_version(dir: &Path) -> crate::Result<u64> {
+    let path = version_file(dir);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| crate::Error::NotAVersion(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(crate::Error::io("read", &path)(e)),
+    }
 }
 
 /// An update's window beside it, `<name>.window`, for init; none: the file goes. Written

@@ -1,6 +1,6 @@
 use ring::signature::KeyPair;
 
-use super::apply::{withdraw_updates, write_window};
+use super::apply::{applied_version, withdraw_updates, write_window};
 use super::fetch::room_for;
 use super::manifest::{check_item, for_this_box};
 use super::*;
@@ -197,4 +197,29 @@ fn only_an_update_has_a_window_and_it_must_read_as_one() {
     write_window(tmp.path(), &it).unwrap();
     assert!(!tmp.path().join("x.window").exists());
     write_window(tmp.path(), &it).unwrap();
+}
+
+#[test]
+fn an_unreadable_applied_version_refuses_rather_than_starting_over() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        applied_version(dir.path()).unwrap(),
+        0,
+        "no manifest applied yet"
+    );
+    std::fs::write(version_file(dir.path()), "7\n").unwrap();
+    assert_eq!(applied_version(dir.path()).unwrap(), 7);
+    for bad in ["", "seven\n", "\0\0\0\0"] {
+        std::fs::write(version_file(dir.path()), bad).unwrap();
+        let e = applied_version(dir.path()).unwrap_err();
+        assert!(matches!(e, crate::Error::NotAVersion(_)), "{bad:?}: {e}");
+        assert!(e.to_string().contains(".manifest-version"), "{e}");
+    }
+    std::fs::remove_file(version_file(dir.path())).unwrap();
+    std::fs::create_dir(version_file(dir.path())).unwrap();
+    let e = applied_version(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("failed to read") && e.contains(".manifest-version"),
+        "{e}"
+    );
 }
