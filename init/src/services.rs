@@ -59,6 +59,8 @@ struct Entry {
     restart_limit: u32,
     #[serde(default = "default_restart_window")]
     restart_window_s: u64,
+    #[serde(default = "default_retry_failed")]
+    retry_failed_s: u64,
     #[serde(default = "default_stop_timeout")]
     stop_timeout_ms: u64,
     memory_max: Option<String>,
@@ -104,6 +106,9 @@ fn default_restart_limit() -> u32 {
 fn default_restart_window() -> u64 {
     60
 }
+fn default_retry_failed() -> u64 {
+    600
+}
 fn default_stop_timeout() -> u64 {
     10_000
 }
@@ -132,6 +137,9 @@ pub struct ServiceSpec {
     pub backoff_max: Duration,
     pub restart_limit: u32,
     pub restart_window: Duration,
+    /// How long a service given up (crash loop) stays `failed` before it is started
+    /// again with a clean count; `None` (`retry_failed_s = 0`): until a `restart`.
+    pub retry_failed: Option<Duration>,
     pub stop_timeout: Duration,
     /// cgroup v2 interface files and their values, e.g. `("memory.max", "512M")`.
     pub limits: Vec<(&'static str, String)>,
@@ -294,6 +302,7 @@ fn convert(e: Entry) -> Result<ServiceSpec, (String, String)> {
         backoff_max: Duration::from_millis(e.backoff_max_ms),
         restart_limit: e.restart_limit,
         restart_window: Duration::from_secs(e.restart_window_s),
+        retry_failed: (e.retry_failed_s > 0).then(|| Duration::from_secs(e.retry_failed_s)),
         stop_timeout: Duration::from_millis(e.stop_timeout_ms),
         limits,
         console,

@@ -398,6 +398,20 @@ impl Supervisor {
                 self.services[i].restarts += 1;
                 self.spawn(i, now);
             }
+            State::Failed
+                if !self.shutting_down && self.services[i].deadline.is_some_and(|d| now >= d) =>
+            {
+                let s = &mut self.services[i];
+                s.crash.clear(&s.spec);
+                s.restarts += 1;
+                let msg = format!(
+                    "service {}: given up {} s ago, trying again",
+                    s.spec.name,
+                    s.spec.retry_failed.unwrap_or_default().as_secs()
+                );
+                self.say(msg);
+                self.spawn(i, now);
+            }
             State::Starting => {
                 let s = &self.services[i];
                 if s.spec.ready == Readiness::Socket {

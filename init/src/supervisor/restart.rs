@@ -1,7 +1,8 @@
 //! The restart policy after a service's unplanned end: whether it restarts at all (its
 //! `restart`), after a backoff doubling from `backoff_initial` up to `backoff_max`, and
 //! the crash-loop limit (`restart_limit` failures within `restart_window`), past which it
-//! is given up. `CrashLoop::after_exit` decides; `Supervisor::failure` acts.
+//! is given up, until `retry_failed` later (a box nobody visits must not stay degraded
+//! for want of a `restart`). `CrashLoop::after_exit` decides; `Supervisor::failure` acts.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -99,11 +100,16 @@ impl Supervisor {
             }
             Verdict::GiveUp { restarts } => {
                 let msg = format!(
-                    "service {name} failed: {restarts} restarts within {} s, last {}; giving up",
+                    "service {name} failed: {restarts} restarts within {} s, last {}; giving up{}",
                     s.spec.restart_window.as_secs(),
-                    exit.describe()
+                    exit.describe(),
+                    match s.spec.retry_failed {
+                        Some(d) => format!(", trying again in {} s", d.as_secs()),
+                        None => String::new(),
+                    }
                 );
-                s.deadline = None;
+                // Failed, with the deadline of its next try (`Supervisor::advance`).
+                s.deadline = s.spec.retry_failed.map(|d| now + d);
                 self.set_state(i, State::Failed);
                 self.warn(msg);
             }

@@ -77,6 +77,51 @@ fn events(notes: &[Note]) -> Vec<Value> {
         .collect()
 }
 
+/// A service given up is tried again `retry_failed_s` later with a clean count: the box
+/// heals from a failure that went away (a disk that came back, a peer that answered)
+/// with nobody asking.
+#[test]
+fn a_service_given_up_is_tried_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fixed");
+    let mut sup = supervisor(
+        &format!(
+            r#"
+[[service]]
+name = "flaky"
+exec = ["/bin/sh", "-c", "test -e {} && exec sleep 30; exit 1"]
+backoff_initial_ms = 10
+backoff_max_ms = 20
+restart_limit = 2
+retry_failed_s = 1
+"#,
+            fixed.display()
+        ),
+        None,
+    );
+    let notes = run_until(&mut sup, 10, "flaky to be given up", |s| {
+        s.state("flaky") == Some(State::Failed)
+    });
+    assert!(
+        console(&notes).contains("giving up, trying again in 1 s"),
+        "{}",
+        console(&notes)
+    );
+    assert!(sup.settled(), "given up, the box is settled (degraded)");
+    assert_eq!(sup.failed(), ["flaky"]);
+    std::fs::write(&fixed, "").unwrap();
+    let notes = run_until(&mut sup, 10, "flaky tried again", |s| {
+        s.state("flaky") == Some(State::Ready)
+    });
+    assert!(
+        console(&notes).contains("service flaky: given up 1 s ago, trying again"),
+        "{}",
+        console(&notes)
+    );
+    assert!(sup.failed().is_empty());
+    shut_down(&mut sup, 10);
+}
+
 #[test]
 fn crash_loop_is_given_up_while_other_services_keep_running() {
     let mut sup = supervisor(
