@@ -51,6 +51,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("failed to handle {signal}: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// A config type says which of its values are out of range; `key` names the TOML key.
@@ -197,18 +202,33 @@ pub fn ensure_dir(path: &Path) -> Result<(), Error> {
 /// Installs the stop signals (SIGTERM from init, SIGINT by hand) at once, so a stop that
 /// arrives right after readiness is seen, and returns a future that resolves when one
 /// comes. Must be called inside a tokio runtime.
-pub fn stop_signals() -> Result<impl std::future::Future<Output = &'static str>, String> {
+pub fn stop_signals() -> Result<impl std::future::Future<Output = &'static str>, Error> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("failed to handle SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("failed to handle SIGINT: {e}"))?;
+    let handle = |kind, name| {
+        signal(kind).map_err(|source| Error::Signal {
+            signal: name,
+            source,
+        })
+    };
+    let mut term = handle(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = handle(SignalKind::interrupt(), "SIGINT")?;
     Ok(async move {
         tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         }
     })
+}
+
+/// A test whose precondition on the host (a program such as veritysetup or sfdisk, loop
+/// devices) is missing. Under `cargo xtask test`, which installs them and sets
+/// `EDGEOS_TEST_HOST=required`, that is a failure, never a quiet pass; in a bare
+/// `cargo test` on another machine it is said, and the test returns.
+pub fn precondition_missing(what: &str) {
+    if std::env::var("EDGEOS_TEST_HOST").is_ok_and(|v| v == "required") {
+        panic!("test precondition missing on this host: {what} (cargo xtask test installs it)");
+    }
+    eprintln!("SKIPPED: test precondition missing on this host: {what}");
 }
 
 /// The life of a daemon: parse the common flags, load the config, start logging, run
@@ -255,7 +275,7 @@ where
         // Before `serve` runs: it reports ready, and init may stop us the moment after.
         let stop = match stop_signals() {
             Ok(s) => s,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.to_string()),
         };
         tokio::select! {
             r = serve(config) => r.map_err(|e| e.to_string()),

@@ -81,7 +81,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("data.img");
         if !mkfs(&img) {
-            eprintln!("mke2fs not installed; skipping");
+            edge_common::precondition_missing("mke2fs");
             return;
         }
         assert_eq!(
@@ -98,7 +98,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("data.img");
         if !mkfs(&img) {
-            eprintln!("mke2fs not installed; skipping");
+            edge_common::precondition_missing("mke2fs");
             return;
         }
         // What a crash leaves: the kernel sets RECOVER when it mounts a journalled fs and

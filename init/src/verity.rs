@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn parses_a_real_veritysetup_superblock() {
         let Some(_) = veritysetup() else {
-            eprintln!("veritysetup not installed; skipping");
+            edge_common::precondition_missing("veritysetup");
             return;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -206,7 +206,7 @@ mod tests {
     #[test]
     fn honours_other_sizes_and_an_empty_salt() {
         let Some(_) = veritysetup() else {
-            eprintln!("veritysetup not installed; skipping");
+            edge_common::precondition_missing("veritysetup");
             return;
         };
         let dir = tempfile::tempdir().unwrap();

@@ -895,7 +895,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volumes_are_devices_in_containers() {
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("no loop devices on this host: skipped");
+        edge_common::precondition_missing("loop devices (/dev/loop-control)");
         return;
     }
     let node = start_node("noded-block-").await;

@@ -111,7 +111,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
     };
 
     let mut packages: Vec<&str> = crate::run::VM_PACKAGES.to_vec();
-    packages.push("fdisk"); // sfdisk, for the harness self-test
+    packages.push("fdisk"); // sfdisk, for the harness self-test and storaged's GPT test
+    packages.push("e2fsprogs"); // mke2fs, for init's ext4 tests
     packages.push("xfsprogs"); // mkfs.xfs, xfs_growfs for the storage_xfs light VM
     packages.push("socat"); // the fabric scenario's relay from the guest to the core
                             // fabricd's tests and the fabric scenario run a real core and make its certificates.
@@ -152,6 +153,9 @@ pub fn run(filter: Option<String>) -> Result<()> {
     step("unit tests", &mut || {
         let mut c = cargo();
         c.args(["test", "--workspace", "--exclude", "qemu-tests"]);
+        // The host packages above are installed: a test missing one fails
+        // (edge_common::precondition_missing).
+        c.env("EDGEOS_TEST_HOST", "required");
         status(c)
     });
     let mut image = None;
