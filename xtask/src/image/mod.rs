@@ -9,6 +9,7 @@ mod disk;
 mod elf;
 pub mod keys;
 mod modules;
+mod no_way_in;
 mod pcr;
 mod rootfs;
 mod uki;
@@ -427,6 +428,7 @@ fn build_root(p: &Prepared, work: &Path) -> Result<RootBuild> {
     step(&format!("checked the libraries of {n} ELF files"));
     let n = elf::check_links(&root)?;
     step(&format!("checked the targets of {n} links"));
+    no_way_in::check(&root, "the root")?;
     step("making root.erofs and its dm-verity tree");
     let image = rootfs::make_images(def, &root, work)?;
     Ok(RootBuild {
@@ -483,6 +485,7 @@ fn make_initramfs(
     for m in &rb.initramfs_modules {
         rootfs::copy_entry(&kroot.join(&kmods).join(m), &tree.join(&kmods).join(m))?;
     }
+    no_way_in::check(&tree, "the initramfs")?;
     let mut w = cpio::Writer::new(Vec::new());
     cpio::archive_tree(&tree, &mut w)?;
     let archive = w.finish()?;
