@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -117,8 +120,9 @@ struct Open {
     size: u64,
 }
 
-/// The log files of all services. Writes never block a service and never fail outward.
-pub struct LogStore {
+/// The log files of all services, written on the log writer's thread (see [`LogStore`]).
+/// Writes never fail outward.
+struct Files {
     dir: Option<PathBuf>,
     max_bytes: u64,
     files: HashMap<String, Open>,
@@ -128,10 +132,9 @@ pub struct LogStore {
     other_reported: bool,
 }
 
-impl LogStore {
-    /// `dir = None` keeps no files (the data partition is missing).
-    pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> LogStore {
-        LogStore {
+impl Files {
+    fn new(dir: Option<PathBuf>, max_bytes: u64) -> Files {
+        Files {
             dir,
             max_bytes: max_bytes.max(4096),
             files: HashMap::new(),
@@ -141,15 +144,14 @@ impl LogStore {
         }
     }
 
-    pub fn path(&self, service: &str) -> Option<PathBuf> {
+    fn path(&self, service: &str) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join(format!("{service}.log")))
     }
 
-    /// Appends one timestamped line. Returns a warning to report, at most once per
-    /// condition (full disk: until [`LogStore::clear_full`]).
-    pub fn write(&mut self, service: &str, stream: &str, line: &str) -> Option<String> {
+    /// Appends one line logged at `t` (uptime). Returns a warning to report, at most once
+    /// per condition (full disk: until [`Files::clear_full`]).
+    fn write(&mut self, service: &str, stream: &str, line: &str, t: Duration) -> Option<String> {
         let path = self.path(service)?;
-        let t = uptime();
         let record = format!(
             "[{:>6}.{:03}] {stream} {line}\n",
             t.as_secs(),
@@ -223,14 +225,188 @@ impl LogStore {
     }
 
     /// The disk has room again: a later full disk is reported anew.
-    pub fn clear_full(&mut self) {
+    fn clear_full(&mut self) {
         self.full_reported = false;
     }
 
     /// Closes every file (before /var is unmounted).
-    pub fn close_all(&mut self) {
+    fn close_all(&mut self) {
         self.files.clear();
         self.dir = None;
+    }
+}
+
+/// Lines waiting for the writer; past this the disk is not keeping up (or stalls) and
+/// lines are dropped, counted, rather than held in init's memory.
+const QUEUED_LINES: usize = 8192;
+/// How long a shutdown waits for the writer to close its files.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+enum ToWriter {
+    Line {
+        service: String,
+        stream: &'static str,
+        line: String,
+        at: Duration,
+    },
+    ClearFull,
+    /// Answered once everything sent before it is written (or dropped).
+    #[cfg(test)]
+    Flush(mpsc::Sender<()>),
+    Close(mpsc::Sender<()>),
+}
+
+/// The services' log files, written by a thread of their own: init's loop, which also
+/// pets the hardware watchdog, only queues lines, so a data partition that stalls (a
+/// failing disk, a full journal) costs dropped lines and a warning, never a watchdog
+/// reset. `dir = None` keeps no files (the data partition is missing).
+pub struct LogStore {
+    dir: Option<PathBuf>,
+    to_writer: Option<mpsc::SyncSender<ToWriter>>,
+    warnings: mpsc::Receiver<String>,
+    /// Lines not written (full disk, I/O error, a writer that does not keep up) since boot.
+    dropped: Arc<AtomicU64>,
+    stall_reported: bool,
+}
+
+impl LogStore {
+    pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> LogStore {
+        let (to_writer, from_store) = mpsc::sync_channel(QUEUED_LINES);
+        let (warn, warnings) = mpsc::channel();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut files = Files::new(dir.clone(), max_bytes);
+        let counted = dropped.clone();
+        let spawned = std::thread::Builder::new()
+            .name("init-logs".into())
+            .spawn(move || {
+                // Signals are for init's loop (its signalfd), never this thread.
+                // SAFETY: a sigset we own, filled, then this thread's mask.
+                unsafe {
+                    let mut all: libc::sigset_t = std::mem::zeroed();
+                    libc::sigfillset(&mut all);
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                }
+                for msg in from_store {
+                    match msg {
+                        ToWriter::Line {
+                            service,
+                            stream,
+                            line,
+                            at,
+                        } => {
+                            let before = files.dropped;
+                            if let Some(w) = files.write(&service, stream, &line, at) {
+                                let _ = warn.send(w);
+                            }
+                            counted.fetch_add(files.dropped - before, Ordering::Relaxed);
+                        }
+                        ToWriter::ClearFull => files.clear_full(),
+                        #[cfg(test)]
+                        ToWriter::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                        ToWriter::Close(done) => {
+                            files.close_all();
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        let to_writer = match spawned {
+            Ok(_) => Some(to_writer),
+            Err(e) => {
+                crate::say!(
+                    "warning: cannot start the log writer ({e}); service output is not kept"
+                );
+                None
+            }
+        };
+        LogStore {
+            dir,
+            to_writer,
+            warnings,
+            dropped,
+            stall_reported: false,
+        }
+    }
+
+    /// Queues one line, timestamped now. Returns a warning to report: the writer's (a
+    /// full disk, an I/O error), or that lines are dropped because it does not keep up,
+    /// once until it does again.
+    pub fn write(&mut self, service: &str, stream: &'static str, line: &str) -> Option<String> {
+        let to_writer = self.to_writer.as_ref()?;
+        self.dir.as_ref()?;
+        let msg = ToWriter::Line {
+            service: service.to_owned(),
+            stream,
+            line: line.to_owned(),
+            at: uptime(),
+        };
+        match to_writer.try_send(msg) {
+            Ok(()) => self.stall_reported = false,
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                if !self.stall_reported {
+                    self.stall_reported = true;
+                    return Some(format!(
+                        "service logs are not being written ({} lines queued for the data \
+                         partition): dropping lines",
+                        QUEUED_LINES
+                    ));
+                }
+            }
+        }
+        self.warnings.try_recv().ok()
+    }
+
+    /// Lines not written since boot.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The disk has room again: a later full disk is reported anew.
+    pub fn clear_full(&mut self) {
+        if let Some(t) = &self.to_writer {
+            let _ = t.try_send(ToWriter::ClearFull);
+        }
+    }
+
+    /// Waits (up to `wait`) until every line queued so far is written; false if the
+    /// writer did not get there.
+    #[cfg(test)]
+    pub fn flush(&self, wait: Duration) -> bool {
+        self.ask(ToWriter::Flush, wait)
+    }
+
+    /// Closes every file (before /var is unmounted), waiting a few seconds at most: a
+    /// stalled disk must not hold up the power-off.
+    pub fn close_all(&mut self) {
+        self.ask(ToWriter::Close, CLOSE_WAIT);
+        self.dir = None;
+        self.to_writer = None;
+    }
+
+    fn ask(&self, msg: fn(mpsc::Sender<()>) -> ToWriter, wait: Duration) -> bool {
+        let Some(t) = &self.to_writer else {
+            return true;
+        };
+        let (done, answered) = mpsc::channel();
+        let deadline = std::time::Instant::now() + wait;
+        let mut m = msg(done);
+        // A full queue drains as the writer works: retry until the deadline.
+        loop {
+            match t.try_send(m) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    m = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        answered
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
     }
 }
 
@@ -287,6 +463,7 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(store.write("svc", "out", &line), None);
         }
+        assert!(store.flush(Duration::from_secs(10)));
         let cur = std::fs::metadata(dir.path().join("svc.log")).unwrap().len();
         let old = std::fs::metadata(dir.path().join("svc.log.1"))
             .unwrap()
@@ -304,18 +481,69 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // /dev/full answers every write with ENOSPC, like a full data partition.
         std::os::unix::fs::symlink("/dev/full", dir.path().join("svc.log")).unwrap();
-        let mut store = LogStore::new(Some(dir.path().to_owned()), 1 << 20);
-        let first = store.write("svc", "err", "one");
+        let mut store = Files::new(Some(dir.path().to_owned()), 1 << 20);
+        let t = uptime();
+        let first = store.write("svc", "err", "one", t);
         assert!(
             first
                 .as_deref()
                 .is_some_and(|w| w.contains("data partition full")),
             "{first:?}"
         );
-        assert_eq!(store.write("svc", "err", "two"), None);
-        assert_eq!(store.write("svc", "err", "three"), None);
+        assert_eq!(store.write("svc", "err", "two", t), None);
+        assert_eq!(store.write("svc", "err", "three", t), None);
         assert_eq!(store.dropped, 3);
         store.clear_full();
-        assert!(store.write("svc", "err", "four").is_some());
+        assert!(store.write("svc", "err", "four", t).is_some());
+    }
+
+    /// The writer's warning reaches init through the store, and the lines are counted.
+    #[test]
+    fn a_full_disk_is_reported_through_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("svc.log")).unwrap();
+        let mut store = LogStore::new(Some(dir.path().to_owned()), 1 << 20);
+        let mut said = store.write("svc", "err", "one");
+        assert!(store.flush(Duration::from_secs(10)));
+        said = said.or_else(|| store.write("svc", "err", "two"));
+        assert!(
+            said.as_deref()
+                .is_some_and(|w| w.contains("data partition full")),
+            "{said:?}"
+        );
+        assert!(store.flush(Duration::from_secs(10)));
+        assert_eq!(store.dropped(), 2);
+    }
+
+    /// A data partition that stalls (here: a log "file" that is a FIFO nobody reads, so
+    /// opening it never returns) holds up only the writer: init's loop queues, then drops
+    /// and says so once, without waiting; and a shutdown does not wait for it for long.
+    #[test]
+    fn a_stalled_disk_never_blocks_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("svc.log").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let mut store = LogStore::new(Some(dir.path().to_owned()), 1 << 20);
+        let start = std::time::Instant::now();
+        let mut warnings = Vec::new();
+        for n in 0..QUEUED_LINES + 100 {
+            warnings.extend(store.write("svc", "out", &format!("line {n}")));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "queueing took {:?}",
+            start.elapsed()
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("dropping lines"), "{warnings:?}");
+        assert!(store.dropped() >= 99, "{}", store.dropped());
+        assert!(
+            !store.flush(Duration::from_millis(200)),
+            "the writer is stuck"
+        );
+        let start = std::time::Instant::now();
+        store.close_all();
+        assert!(start.elapsed() < CLOSE_WAIT + Duration::from_secs(1));
     }
 }

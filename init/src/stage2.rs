@@ -181,7 +181,13 @@ impl System {
             };
             match req {
                 Request::Status => {
-                    let mut st = crate::status::build(boot, ready, data_full, sup.status());
+                    let mut st = crate::status::build(
+                        boot,
+                        ready,
+                        data_full,
+                        sup.logs.dropped(),
+                        sup.status(),
+                    );
                     if let (Some(u), Some(obj)) = (updater, st.as_object_mut()) {
                         obj.insert("update".into(), u.status());
                     }

@@ -65,7 +65,14 @@ fn clean_unless_told() -> bool {
     true
 }
 
-pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) -> Value {
+/// `log_lines_dropped`: service output not kept since boot (logs.rs).
+pub fn build(
+    boot: &Boot,
+    ready: bool,
+    data_full: bool,
+    log_lines_dropped: u64,
+    services: Vec<Value>,
+) -> Value {
     let (total, available) = meminfo();
     json!({
         "version": boot.version,
@@ -79,7 +86,7 @@ pub fn build(boot: &Boot, ready: bool, data_full: bool, services: Vec<Value>) ->
         "stage1_ms": boot.stage1_ms,
         "tpm_ms": boot.tpm_ms,
         "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full,
-                 "locked": boot.data_locked},
+                 "locked": boot.data_locked, "log_lines_dropped": log_lines_dropped},
         "services": services,
     })
 }

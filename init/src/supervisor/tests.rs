@@ -396,6 +396,10 @@ restart = "never"
     let notes = run_until(&mut sup, 10, "talker to exit", |s| {
         s.state("talker") == Some(State::Stopped)
     });
+    assert!(
+        sup.logs.flush(Duration::from_secs(10)),
+        "the log writer is stuck"
+    );
     let log = std::fs::read_to_string(dir.path().join("talker.log")).unwrap();
     assert!(log.contains(" out to-stdout\n"), "{log}");
     assert!(log.contains(" err to-stderr\n"), "{log}");
@@ -461,6 +465,10 @@ restart = "never"
         s.state("mask") == Some(State::Stopped)
     });
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    assert!(
+        sup.logs.flush(Duration::from_secs(10)),
+        "the log writer is stuck"
+    );
     let log = std::fs::read_to_string(dir.path().join("mask.log")).unwrap();
     assert!(log.contains("SigBlk:\t0000000000000000"), "{log}");
 }
@@ -542,7 +550,7 @@ fn control_socket_answers_status_and_kill() {
         assert!(Instant::now() < deadline, "no replies");
         ctl.step(&mut |req| match req {
             crate::control::Request::Status => {
-                let st = crate::status::build(&Default::default(), false, false, sup.status());
+                let st = crate::status::build(&Default::default(), false, false, 0, sup.status());
                 json!({"reply": "status", "ok": true, "status": st})
             }
             crate::control::Request::Kill { service, signal } => match sup.kill(&service, signal) {
