@@ -324,16 +324,17 @@ impl Proxy {
     }
 }
 
-#[test]
-fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
-    let s = Core::start();
+/// Two producers through fabricd, whose link to the core a proxy cuts `rounds` times
+/// (each after another 3,000 records reached the core) for `cut`; then every acked record
+/// must be at the core once, in order. Returns the fabricd, for its log.
+fn through_cuts(s: &Core, rounds: u64, cut: Duration) -> Fabricd {
     let proxy = Proxy::start(s.nats.port);
-    let mut f = fabricd_for(&s, &format!("tls://127.0.0.1:{}", proxy.port), "edge", "");
+    let mut f = fabricd_for(s, &format!("tls://127.0.0.1:{}", proxy.port), "edge", "");
     f.start();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
     let producers = run_producers(&f.socket, 2, u64::MAX, &acked, &stop, false, Duration::ZERO);
-    for round in 0..3 {
+    for round in 0..rounds {
         let target = 3_000 * (round + 1);
         s.rt.block_on(async {
             while stream_count(&s.js).await < target {
@@ -341,7 +342,7 @@ fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
             }
         });
         proxy.set_cut(true);
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(cut);
         proxy.set_cut(false);
     }
     std::thread::sleep(Duration::from_secs(1));
@@ -353,6 +354,12 @@ fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
     let at_core = s.rt.block_on(read_core(&s.js, acked.len() as u64, SLOW));
     check(&at_core, &acked);
     assert_eq!(at_core.len(), acked.len());
+    f
+}
+
+#[test]
+fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
+    through_cuts(&Core::start(), 3, Duration::from_secs(2));
 }
 
 /// Exactly once past the core's duplicate window: the window is 2 s, and the link is cut
@@ -363,46 +370,14 @@ fn link_cut_by_a_proxy_loses_and_duplicates_nothing() {
 fn a_partition_longer_than_the_duplicate_window_duplicates_nothing() {
     let s = Core::start();
     s.rt.block_on(async {
-        let mut config =
-            s.js.get_stream("EDGE")
-                .await
-                .unwrap()
-                .info()
-                .await
-                .unwrap()
-                .config
-                .clone();
+        let mut stream = s.js.get_stream("EDGE").await.unwrap();
+        let mut config = stream.info().await.unwrap().config.clone();
         config.duplicate_window = Duration::from_secs(2);
         s.js.update_stream(config)
             .await
             .expect("a 2 s duplicate window");
     });
-    let proxy = Proxy::start(s.nats.port);
-    let mut f = fabricd_for(&s, &format!("tls://127.0.0.1:{}", proxy.port), "edge", "");
-    f.start();
-    let acked: Acked = Default::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let producers = run_producers(&f.socket, 2, u64::MAX, &acked, &stop, false, Duration::ZERO);
-    for round in 0..2 {
-        let target = 3_000 * (round + 1);
-        s.rt.block_on(async {
-            while stream_count(&s.js).await < target {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        proxy.set_cut(true);
-        std::thread::sleep(Duration::from_secs(5));
-        proxy.set_cut(false);
-    }
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    for h in producers {
-        h.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let at_core = s.rt.block_on(read_core(&s.js, acked.len() as u64, SLOW));
-    check(&at_core, &acked);
-    assert_eq!(at_core.len(), acked.len());
+    let f = through_cuts(&s, 2, Duration::from_secs(5));
     assert!(
         f.log_contains("the core already holds records whose acks were lost"),
         "no session resumed after records the core held:\n{}",
