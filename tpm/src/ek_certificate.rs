@@ -237,8 +237,11 @@ fn oid_text(oid: &[u8]) -> String {
 
 /// Any X.509 certificate's validity (DER): notBefore and notAfter as YYYYMMDDHHMMSS, UTC,
 /// the form `now_utc` gives (fabricd checks its own client certificate with it).
-pub fn validity(der: &[u8]) -> Result<(String, String), String> {
-    parse(der).map(|c| c.validity)
+pub fn validity(der: &[u8]) -> Result<(String, String), Error> {
+    parse(der).map(|c| c.validity).map_err(|why| Error::Input {
+        what: "certificate",
+        why,
+    })
 }
 
 /// The CERTIFICATE blocks of a PEM text, as DER.
