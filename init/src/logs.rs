@@ -126,19 +126,20 @@ struct Files {
     dir: Option<PathBuf>,
     max_bytes: u64,
     files: HashMap<String, Open>,
-    /// Lines that could not be written (full disk or I/O error) since boot.
-    pub dropped: u64,
+    /// Lines that could not be written since boot; shared with [`LogStore`], which adds
+    /// the lines it could not queue.
+    dropped: Arc<AtomicU64>,
     full_reported: bool,
     other_reported: bool,
 }
 
 impl Files {
-    fn new(dir: Option<PathBuf>, max_bytes: u64) -> Files {
+    fn new(dir: Option<PathBuf>, max_bytes: u64, dropped: Arc<AtomicU64>) -> Files {
         Files {
             dir,
             max_bytes: max_bytes.max(4096),
             files: HashMap::new(),
-            dropped: 0,
+            dropped,
             full_reported: false,
             other_reported: false,
         }
@@ -204,7 +205,7 @@ impl Files {
     }
 
     fn failed(&mut self, path: &std::path::Path, e: std::io::Error) -> Option<String> {
-        self.dropped += 1;
+        self.dropped.fetch_add(1, Ordering::Relaxed);
         let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
         if full {
             if !self.full_reported {
@@ -274,8 +275,7 @@ impl LogStore {
         let (to_writer, from_store) = mpsc::sync_channel(QUEUED_LINES);
         let (warn, warnings) = mpsc::channel();
         let dropped = Arc::new(AtomicU64::new(0));
-        let mut files = Files::new(dir.clone(), max_bytes);
-        let counted = dropped.clone();
+        let mut files = Files::new(dir.clone(), max_bytes, dropped.clone());
         let spawned = std::thread::Builder::new()
             .name("init-logs".into())
             .spawn(move || {
@@ -294,11 +294,9 @@ impl LogStore {
                             line,
                             at,
                         } => {
-                            let before = files.dropped;
                             if let Some(w) = files.write(&service, stream, &line, at) {
                                 let _ = warn.send(w);
                             }
-                            counted.fetch_add(files.dropped - before, Ordering::Relaxed);
                         }
                         ToWriter::ClearFull => files.clear_full(),
                         #[cfg(test)]
@@ -481,7 +479,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // /dev/full answers every write with ENOSPC, like a full data partition.
         std::os::unix::fs::symlink("/dev/full", dir.path().join("svc.log")).unwrap();
-        let mut store = Files::new(Some(dir.path().to_owned()), 1 << 20);
+        let mut store = Files::new(Some(dir.path().to_owned()), 1 << 20, Default::default());
         let t = uptime();
         let first = store.write("svc", "err", "one", t);
         assert!(
@@ -492,7 +490,7 @@ mod tests {
         );
         assert_eq!(store.write("svc", "err", "two", t), None);
         assert_eq!(store.write("svc", "err", "three", t), None);
-        assert_eq!(store.dropped, 3);
+        assert_eq!(store.dropped.load(Ordering::Relaxed), 3);
         store.clear_full();
         assert!(store.write("svc", "err", "four", t).is_some());
     }
