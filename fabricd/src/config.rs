@@ -50,6 +50,9 @@ pub struct Config {
     /// init's update state (docs/update.md), reported to the core as `update`.
     #[serde(default = "default_update_state")]
     pub update_state: PathBuf,
+    /// init's health file (docs/contracts.md), reported to the core as `health`.
+    #[serde(default = "default_health_file")]
+    pub health_file: PathBuf,
 }
 
 fn default_boot_file() -> PathBuf {
@@ -57,6 +60,9 @@ fn default_boot_file() -> PathBuf {
 }
 fn default_update_state() -> PathBuf {
     "/var/lib/edge/update/state.json".into()
+}
+fn default_health_file() -> PathBuf {
+    "/run/edge/health.json".into()
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]

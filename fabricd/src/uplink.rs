@@ -215,6 +215,7 @@ async fn session(
             OsFiles {
                 boot: config.boot_file.clone(),
                 update: config.update_state.clone(),
+                health: config.health_file.clone(),
             },
             downlink.clone(),
         ));
@@ -357,6 +358,26 @@ pub struct BoxStatus {
     /// What the downlink fetched and is fetching (an update's download progress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downlink: Option<crate::downlink::DownlinkReport>,
+    /// init's word on the box's health: services given up and since when, and how the
+    /// previous boot ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// init's health file (`/run/edge/health.json`, docs/contracts.md), as the core sees it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Health {
+    /// The box reached ready this boot.
+    #[serde(default)]
+    pub ready: bool,
+    /// Services given up after their crash-loop limit (init retries them later).
+    #[serde(default)]
+    pub failed: Vec<String>,
+    #[serde(default)]
+    pub degraded_since_ms: Option<u64>,
+    /// `none`, `shut down cleanly`, `cut off: ...`, `reset by the watchdog`, `unknown`.
+    #[serde(default)]
+    pub previous_boot: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -370,6 +391,7 @@ pub struct OsStatus {
 pub struct OsFiles {
     pub boot: PathBuf,
     pub update: PathBuf,
+    pub health: PathBuf,
 }
 
 /// The running OS from init's boot record (`boot_file`).
@@ -392,6 +414,11 @@ impl OsFiles {
     /// The update state, which changes while the box runs.
     fn update(&self) -> Option<serde_json::Value> {
         small_json(&self.update)
+    }
+
+    /// init's health, which changes while the box runs.
+    fn health(&self) -> Option<Health> {
+        small_json(&self.health).and_then(|v| serde_json::from_value(v).ok())
     }
 }
 
@@ -425,6 +452,7 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
         os: None,
         update: None,
         downlink: None,
+        health: None,
         classes: names
             .iter()
             .enumerate()
@@ -464,6 +492,7 @@ async fn report_status(
         report.boot = boot.latest().await;
         report.os = os.clone();
         report.update = os_files.update();
+        report.health = os_files.health();
         report.downlink = Some(downlink.report());
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let sent = match js.publish(subject.clone(), body.into()).await {

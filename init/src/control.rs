@@ -29,6 +29,9 @@ pub enum Request {
     },
     Poweroff,
     Reboot,
+    /// PID 1 stops its loop and stops petting the watchdog, as a hung init would, so
+    /// that an operator sees the hardware watchdog reset the box (docs/contracts.md).
+    WatchdogTest,
 }
 
 impl Request {
@@ -40,6 +43,7 @@ impl Request {
             Request::Restart { .. } => "restart",
             Request::Poweroff => "poweroff",
             Request::Reboot => "reboot",
+            Request::WatchdogTest => "watchdog-test",
         }
     }
 }
@@ -76,6 +80,7 @@ pub fn parse_request(line: &str) -> Result<Request, Value> {
         }),
         "poweroff" => Ok(Request::Poweroff),
         "reboot" => Ok(Request::Reboot),
+        "watchdog-test" => Ok(Request::WatchdogTest),
         "" => Err(error_reply("invalid", "missing \"cmd\"")),
         other => Err(error_reply(other, &format!("unknown cmd `{other}`"))),
     }
@@ -582,6 +587,10 @@ mod tests {
             Ok(Request::Restart {
                 service: "x".into()
             })
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"watchdog-test"}"#),
+            Ok(Request::WatchdogTest)
         );
         let e = parse_request(r#"{"cmd":"restart"}"#).unwrap_err();
         assert_eq!(e["reply"], "restart");

@@ -51,6 +51,9 @@ struct System {
     last_device_scan: Instant,
     /// Updates: the trial of a new slot, and installs (none while /var is locked).
     updater: Option<crate::update::Updater>,
+    previous_boot: &'static str,
+    /// What fabricd tells the core (status.rs), rewritten when it changes.
+    health: crate::status::HealthReport,
 }
 
 impl System {
@@ -75,6 +78,11 @@ impl System {
             say!("{line}");
         }
         let watchdog = arm_watchdog(&config.watchdog);
+        let previous_boot = crate::status::previous_boot(
+            &boot,
+            watchdog.as_ref().is_some_and(|w| w.reset_the_last_boot),
+        );
+        say!("previous boot: {previous_boot}");
         let mut ctl = Control::new();
         if let Err(e) = ctl.listen(Path::new(CONTROL_SOCKET)) {
             say!("warning: {e}");
@@ -101,7 +109,7 @@ impl System {
                 },
             )
         });
-        System {
+        let mut system = System {
             updater,
             boot,
             config,
@@ -116,6 +124,25 @@ impl System {
             shutdown: None,
             last_space_check: None,
             last_device_scan: Instant::now(),
+            previous_boot,
+            health: crate::status::HealthReport {
+                previous_boot: previous_boot.into(),
+                ..Default::default()
+            },
+        };
+        system.tell_health();
+        system
+    }
+
+    /// Writes the health file fabricd reports (on /run: no disk to wait for).
+    fn tell_health(&mut self) {
+        let path = Path::new(crate::status::HEALTH_FILE);
+        let written = serde_json::to_vec(&self.health)
+            .map_err(std::io::Error::other)
+            .and_then(|body| crate::provision::write_atomic(path, &body, 0o644));
+        if let Err(e) = written {
+            self.sup
+                .warn(format!("failed to write {}: {e}", path.display()));
         }
     }
 
@@ -149,6 +176,12 @@ impl System {
         if !self.ready && self.boot.data_locked.is_none() && self.sup.settled() {
             self.settle();
         }
+        if self
+            .health
+            .update(self.ready, self.sup.failed(), crate::update::unix_ms())
+        {
+            self.tell_health();
+        }
         if let Some(updater) = &mut self.updater {
             let health = crate::update::Health {
                 ready: self.ready,
@@ -171,7 +204,9 @@ impl System {
     fn answer_requests(&mut self) -> Option<Action> {
         let mut asked = None;
         let (boot, ready, data_full, sup) = (&self.boot, self.ready, self.data_full, &mut self.sup);
-        let updater = &self.updater;
+        let (updater, previous_boot) = (&self.updater, self.previous_boot);
+        let watchdog_s = self.watchdog.as_ref().map(|w| w.timeout_s);
+        let mut hang = false;
         self.ctl.step(&mut |req| {
             let name = req.name();
             // The control protocol answers with the refusal in words.
@@ -188,8 +223,11 @@ impl System {
                         sup.logs.dropped(),
                         sup.status(),
                     );
-                    if let (Some(u), Some(obj)) = (updater, st.as_object_mut()) {
-                        obj.insert("update".into(), u.status());
+                    if let Some(obj) = st.as_object_mut() {
+                        obj.insert("previous_boot".into(), previous_boot.into());
+                        if let Some(u) = updater {
+                            obj.insert("update".into(), u.status());
+                        }
                     }
                     json!({"reply": "status", "ok": true, "status": st})
                 }
@@ -205,8 +243,21 @@ impl System {
                     });
                     control::ok_reply(name)
                 }
+                Request::WatchdogTest => match watchdog_s {
+                    Some(_) => {
+                        hang = true;
+                        control::ok_reply(name)
+                    }
+                    None => control::error_reply(
+                        name,
+                        "no watchdog is armed: nothing would reset the box",
+                    ),
+                },
             }
         });
+        if let (true, Some(s)) = (hang, watchdog_s) {
+            crate::watchdog::hang_for_the_test(&mut self.ctl, s);
+        }
         asked
     }
 

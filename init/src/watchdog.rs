@@ -6,15 +6,21 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-// _IOR('W', 5, int) and _IOWR('W', 6, int) from linux/watchdog.h.
+// _IOR('W', 2, int), _IOR('W', 5, int) and _IOWR('W', 6, int) from linux/watchdog.h.
+const WDIOC_GETBOOTSTATUS: libc::c_ulong = 0x8004_5702;
 const WDIOC_KEEPALIVE: libc::c_ulong = 0x8004_5705;
 const WDIOC_SETTIMEOUT: libc::c_ulong = 0xC004_5706;
+/// The boot-status bit of a card that reset the machine (linux/watchdog.h).
+const WDIOF_CARDRESET: libc::c_int = 0x0020;
 
 pub struct Watchdog {
     file: File,
     interval: Duration,
     last: Instant,
     pub timeout_s: i32,
+    /// The device says it reset the machine: the previous boot stopped petting it (PID 1
+    /// hung, or the kernel did). Drivers that cannot tell say no.
+    pub reset_the_last_boot: bool,
 }
 
 impl Watchdog {
@@ -35,11 +41,15 @@ impl Watchdog {
             // which is safe unless the default is shorter than that.
             t = timeout_s as libc::c_int;
         }
+        let mut status: libc::c_int = 0;
+        // SAFETY: WDIOC_GETBOOTSTATUS writes one int we own.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), WDIOC_GETBOOTSTATUS as _, &mut status) };
         let mut w = Watchdog {
             file,
             interval: Duration::from_secs((t.max(3) / 3) as u64),
             last: Instant::now(),
             timeout_s: t,
+            reset_the_last_boot: r == 0 && status & WDIOF_CARDRESET != 0,
         };
         w.pet();
         Ok(Some(w))
@@ -57,5 +67,18 @@ impl Watchdog {
         if self.last.elapsed() >= self.interval {
             self.pet();
         }
+    }
+}
+
+/// The control port's `watchdog-test`: PID 1 stops here, its services left running and
+/// nobody reaping them, as a hung init would, and the hardware watchdog resets the box.
+/// The next boot says `previous_boot: reset by the watchdog`.
+pub fn hang_for_the_test(ctl: &mut crate::control::Control, timeout_s: i32) -> ! {
+    crate::say!(
+        "watchdog test: PID 1 stops petting the watchdog; the box resets within {timeout_s} s"
+    );
+    ctl.event(&serde_json::json!({"event": "watchdog-test", "timeout_s": timeout_s}));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }

@@ -1,10 +1,12 @@
 //! Booting: the appliance reaches ready with every service up, runs its static pods
 //! (sensor and inference), keeps its data partition across a power cycle (the pods come
-//! back), and an ACPI power-off is a clean shutdown.
+//! back), an ACPI power-off is a clean shutdown, and a hung PID 1 is reset by the hardware
+//! watchdog, which the next boot reports.
 //!
-//! Two boots of one machine (each boot under TCG costs ~30 s, so they are combined).
+//! Three boots of one machine (each boot under TCG costs ~30 s, so they are combined).
 
 use qemu_tests::{all_ready, Machine};
+use serde_json::json;
 use std::time::Duration;
 
 const SERVICES: [&str; 4] = ["containerd", "storaged", "fabricd", "noded"];
@@ -34,6 +36,7 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         st["data"]["formatted"], true,
         "first boot formats data: {st}"
     );
+    assert_eq!(st["previous_boot"], "none", "{st}");
     assert!(
         m.events().iter().any(|e| e["event"] == "ready"
             && e["slot"] == "a"
@@ -72,8 +75,38 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         "power-off left data unclean: {st}"
     );
     assert!(all_ready(&st), "{st}");
+    assert_eq!(st["previous_boot"], "shut down cleanly", "{st}");
     // The pod comes back after the reboot with no control plane anywhere.
     m.wait_pods_started(&["sensor", "inference"])?;
+
+    // PID 1 hangs (the control port's watchdog test stops its loop): nothing pets the
+    // i6300esb, which resets the machine; the next boot says so and comes up ready.
+    let from = m.events().len();
+    let reply = m.request(json!({"cmd": "watchdog-test"}))?;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let hung_at = std::time::Instant::now();
+    m.wait_for_console(
+        "previous boot: reset by the watchdog",
+        Duration::from_secs(240),
+    )?;
+    let reset_after = hung_at.elapsed();
+    let again = m.wait_ready()?;
+    assert_eq!(again.slot, "a");
+    let st = m.status()?;
+    assert_eq!(st["previous_boot"], "reset by the watchdog", "{st}");
+    assert_eq!(
+        st["data"]["clean"], false,
+        "a reset leaves data unclean: {st}"
+    );
+    assert!(all_ready(&st), "{st}");
+    assert!(
+        m.events()[from..]
+            .iter()
+            .any(|e| e["event"] == "watchdog-test"),
+        "no watchdog-test event: {:?}",
+        &m.events()[from..]
+    );
+    eprintln!("watchdog: reset and rebooted {reset_after:?} after PID 1 stopped");
     m.finish();
     Ok(())
 }

@@ -444,9 +444,9 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     assert!(running(&pods, "downlink/relay.yaml"), "{pods:?}");
 
     // The box quotes its boot into its status reports; the core replays the last one to
-    // the release it booted.
+    // the release it booted. init's health file reaches the core too: the box is ready.
     let release = format!("{}={}", ready.version, pcr11.display());
-    let want = format!(" {}/{}", ready.version, ready.slot);
+    let want = format!(" ready {:>14}", format!("{}/{}", ready.version, ready.slot));
     let start = Instant::now();
     loop {
         let out = run(op
@@ -463,7 +463,7 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         }
         assert!(
             start.elapsed() < Duration::from_secs(90),
-            "the box's boot is not in edgectl status: {out}"
+            "the box's boot and health (ready) are not in edgectl status: {out}"
         );
         std::thread::sleep(Duration::from_secs(3));
     }

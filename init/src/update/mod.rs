@@ -24,7 +24,7 @@ mod updater;
 
 pub use slots::Running;
 pub use trial::Health;
-pub use updater::Updater;
+pub use updater::{unix_ms, Updater};
 
 /// The image's name: the UKIs are `<NAME>-<version>-<slot>...efi`.
 pub const NAME: &str = "edgeos";

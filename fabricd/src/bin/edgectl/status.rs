@@ -116,13 +116,14 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         }
     }
     let now = unix_now() as i64;
-    let mut refusals = Vec::new();
+    let mut below = Vec::new();
     // `box acked` and the lag are what the box last reported (`?`: no report yet).
+    // `health`: init's word (`ready`, `starting`, `degraded`, `?`), the details below.
     // `boot`: the release and slot its last boot report replays to (`quoted`: its
     // quote checks, no --release given; `-`: not enrolled; `MISSING`: enrolled
     // but no boot report; `REFUSED`: the reason is printed below the table).
     println!(
-        "{:<28} {:>10} {:>12} {:>10} {:>12} {:>12} {:>8} {:>14} {:>14}",
+        "{:<28} {:>10} {:>12} {:>10} {:>12} {:>12} {:>8} {:>14} {:>9} {:>14}",
         "site.machine",
         "records",
         "last offset",
@@ -131,6 +132,7 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         "lag bytes",
         "dropped",
         "last contact",
+        "health",
         "boot"
     );
     for (m, row) in machines {
@@ -166,29 +168,94 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
                 Ok(Some((release, slot))) => format!("{release}/{slot}"),
                 Ok(None) => "quoted".into(),
                 Err(e) => {
-                    refusals.push(format!("{m}: boot report refused: {e}"));
+                    below.push(format!("{m}: boot report refused: {e}"));
                     "REFUSED".into()
                 }
             },
             // Enrolled, and no boot in its report: a box that stopped quoting
             // (or never reported) is not taken on trust.
             (Some(_), None) => {
-                refusals.push(format!(
+                below.push(format!(
                     "{m}: enrolled, but its last status report has no boot report"
                 ));
                 "MISSING".into()
             }
             (None, _) => "-".into(),
         };
+        let health = row.status.as_ref().and_then(|s| s.health.as_ref());
+        let (word, notes) = health_of(health, now as u64 * 1000);
+        below.extend(notes.into_iter().map(|n| format!("{m}: {n}")));
         println!(
-                "{m:<28} {:>10} {:>12} {acked:>10} {lag:>12} {lag_bytes:>12} {dropped:>8} {:>12}s ago {boot:>14}",
+                "{m:<28} {:>10} {:>12} {acked:>10} {lag:>12} {lag_bytes:>12} {dropped:>8} {:>12}s ago {word:>9} {boot:>14}",
                 row.records,
                 row.last_offset,
                 now - row.contact
             );
     }
-    for r in refusals {
+    for r in below {
         println!("{r}");
     }
     Ok(())
+}
+
+/// The health column's word, and the lines an operator must read about it.
+fn health_of(h: Option<&fabricd::uplink::Health>, now_ms: u64) -> (&'static str, Vec<String>) {
+    let Some(h) = h else {
+        return ("?", Vec::new());
+    };
+    let mut notes = Vec::new();
+    if !h.failed.is_empty() {
+        let since = h.degraded_since_ms.map_or(String::new(), |t| {
+            format!(" for {} s", now_ms.saturating_sub(t) / 1000)
+        });
+        notes.push(format!(
+            "degraded{since}: given up after crash loops (retried later): {}",
+            h.failed.join(", ")
+        ));
+    }
+    if h.previous_boot == "reset by the watchdog" {
+        notes.push("its previous boot was reset by the watchdog (init hung)".into());
+    }
+    let word = if !h.failed.is_empty() {
+        "degraded"
+    } else if h.ready {
+        "ready"
+    } else {
+        "starting"
+    };
+    (word, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::health_of;
+    use fabricd::uplink::Health;
+
+    #[test]
+    fn a_degraded_or_watchdog_reset_box_is_named_with_why_and_since_when() {
+        assert_eq!(health_of(None, 0), ("?", vec![]));
+        let ok = Health {
+            ready: true,
+            previous_boot: "shut down cleanly".into(),
+            ..Health::default()
+        };
+        assert_eq!(health_of(Some(&ok), 0), ("ready", vec![]));
+        let bad = Health {
+            ready: true,
+            failed: vec!["noded".into(), "storaged".into()],
+            degraded_since_ms: Some(10_000),
+            previous_boot: "reset by the watchdog".into(),
+        };
+        let (word, notes) = health_of(Some(&bad), 70_000);
+        assert_eq!(word, "degraded");
+        assert_eq!(
+            notes,
+            [
+                "degraded for 60 s: given up after crash loops (retried later): noded, storaged",
+                "its previous boot was reset by the watchdog (init hung)"
+            ]
+        );
+        let starting = Health::default();
+        assert_eq!(health_of(Some(&starting), 0).0, "starting");
+    }
 }
