@@ -378,6 +378,9 @@ pub struct Health {
     /// `none`, `shut down cleanly`, `cut off: ...`, `reset by the watchdog`, `unknown`.
     #[serde(default)]
     pub previous_boot: String,
+    /// Sockets open to the network that the box's definition does not declare.
+    #[serde(default)]
+    pub undeclared_listeners: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

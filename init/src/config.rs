@@ -34,6 +34,9 @@ pub struct Network {
     pub dns: Vec<String>,
     /// How long to wait for the uplink to appear.
     pub wait_ms: u64,
+    /// What may listen on an address that is not loopback, as `tcp/7400` or `udp/53`;
+    /// anything else that does is reported (listeners.rs).
+    pub listeners: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -95,6 +98,7 @@ impl Default for Network {
             gateway: String::new(),
             dns: Vec::new(),
             wait_ms: 5000,
+            listeners: Vec::new(),
         }
     }
 }
@@ -146,6 +150,14 @@ fn check(sys: &System, origin: &str) -> Result<()> {
     }
     if sys.update.health_limit_s < 10 {
         return bad("key `update.health_limit_s`: must be at least 10".into());
+    }
+    if let Some(l) = sys.network.listeners.iter().find(|l| {
+        let (proto, port) = l.split_once('/').unwrap_or_default();
+        !matches!(proto, "tcp" | "udp") || port.parse::<u16>().is_err()
+    }) {
+        return bad(format!(
+            "key `network.listeners`: `{l}` is not tcp/<port> or udp/<port>"
+        ));
     }
     if !sys.network.address.is_empty() && crate::net::parse_cidr(&sys.network.address).is_none() {
         return bad(format!(
@@ -357,5 +369,27 @@ mod tests {
             problems[0].contains("watchdog.timeout_s`: must be at least 3"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn declared_listeners_must_name_a_protocol_and_a_port() {
+        let ok = parse(
+            "[network]\nlisteners = [\"tcp/7400\", \"udp/53\"]\n",
+            "system.toml",
+        )
+        .unwrap();
+        assert_eq!(ok.network.listeners, ["tcp/7400", "udp/53"]);
+        for bad in ["sctp/1", "tcp/http", "tcp/70000", "7400"] {
+            let e = parse(
+                &format!("[network]\nlisteners = [\"{bad}\"]\n"),
+                "system.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("`{bad}` is not tcp/<port> or udp/<port>")),
+                "{e}"
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ mod disk;
 mod error;
 mod esp;
 mod ext4;
+mod listeners;
 mod logs;
 mod measurements;
 mod mounts;

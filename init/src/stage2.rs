@@ -54,6 +54,10 @@ struct System {
     previous_boot: &'static str,
     /// What fabricd tells the core (status.rs), rewritten when it changes.
     health: crate::status::HealthReport,
+    /// Sockets open to the network (listeners.rs), looked at every 10 s.
+    listening: Vec<crate::listeners::Listener>,
+    undeclared: Vec<String>,
+    last_listener_check: Option<Instant>,
 }
 
 impl System {
@@ -125,6 +129,9 @@ impl System {
             last_space_check: None,
             last_device_scan: Instant::now(),
             previous_boot,
+            listening: Vec::new(),
+            undeclared: Vec::new(),
+            last_listener_check: None,
             health: crate::status::HealthReport {
                 previous_boot: previous_boot.into(),
                 ..Default::default()
@@ -173,13 +180,16 @@ impl System {
             self.check_data_space();
         }
         self.rescan_devices();
+        self.check_listeners();
         if !self.ready && self.boot.data_locked.is_none() && self.sup.settled() {
             self.settle();
         }
-        if self
-            .health
-            .update(self.ready, self.sup.failed(), crate::update::unix_ms())
-        {
+        if self.health.update(
+            self.ready,
+            self.sup.failed(),
+            &self.undeclared,
+            crate::update::unix_ms(),
+        ) {
             self.tell_health();
         }
         if let Some(updater) = &mut self.updater {
@@ -205,6 +215,10 @@ impl System {
         let mut asked = None;
         let (boot, ready, data_full, sup) = (&self.boot, self.ready, self.data_full, &mut self.sup);
         let (updater, previous_boot) = (&self.updater, self.previous_boot);
+        let listening = json!({
+            "open": self.listening.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+            "undeclared": &self.undeclared,
+        });
         let watchdog_s = self.watchdog.as_ref().map(|w| w.timeout_s);
         let mut hang = false;
         self.ctl.step(&mut |req| {
@@ -225,6 +239,7 @@ impl System {
                     );
                     if let Some(obj) = st.as_object_mut() {
                         obj.insert("previous_boot".into(), previous_boot.into());
+                        obj.insert("listening".into(), listening.clone());
                         if let Some(u) = updater {
                             obj.insert("update".into(), u.status());
                         }
@@ -311,6 +326,30 @@ impl System {
             say!("data partition has free space again");
         }
         self.data_full = full;
+    }
+
+    /// Every 10 s: what listens on the network; each listener system.toml does not
+    /// declare is warned of once, when it appears.
+    fn check_listeners(&mut self) {
+        if self
+            .last_listener_check
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.last_listener_check = Some(Instant::now());
+        self.listening = crate::listeners::open_to_the_network(Path::new("/proc/net"));
+        let undeclared: Vec<String> =
+            crate::listeners::undeclared(&self.listening, &self.config.network.listeners)
+                .iter()
+                .map(|l| l.to_string())
+                .collect();
+        for l in undeclared.iter().filter(|l| !self.undeclared.contains(l)) {
+            self.sup.warn(format!(
+                "{l} listens on the network and system.toml's network.listeners does not declare it"
+            ));
+        }
+        self.undeclared = undeclared;
     }
 
     /// The control port and the power button may appear after start (module load order).

@@ -92,16 +92,29 @@ pub struct HealthReport {
     /// When `failed` last went from empty to not (unix ms), while it is not empty.
     pub degraded_since_ms: Option<u64>,
     pub previous_boot: String,
+    /// Sockets open to the network that system.toml's `network.listeners` does not
+    /// declare (listeners.rs), as `tcp/0.0.0.0:22`.
+    pub undeclared_listeners: Vec<String>,
 }
 
 pub const HEALTH_FILE: &str = "/run/edge/health.json";
 
 impl HealthReport {
     /// Moves on to this turn's facts; `true` when anything the core should hear changed.
-    pub fn update(&mut self, ready: bool, failed: Vec<String>, now_ms: u64) -> bool {
-        if ready == self.ready && failed == self.failed {
+    pub fn update(
+        &mut self,
+        ready: bool,
+        failed: Vec<String>,
+        undeclared_listeners: &[String],
+        now_ms: u64,
+    ) -> bool {
+        if ready == self.ready
+            && failed == self.failed
+            && undeclared_listeners == self.undeclared_listeners
+        {
             return false;
         }
+        self.undeclared_listeners = undeclared_listeners.to_vec();
         self.degraded_since_ms = match (failed.is_empty(), self.degraded_since_ms) {
             (true, _) => None,
             (false, Some(t)) => Some(t),
@@ -173,20 +186,24 @@ mod tests {
     #[test]
     fn health_changes_are_seen_once_and_degraded_keeps_its_start() {
         let mut h = HealthReport::default();
-        assert!(!h.update(false, vec![], 1), "nothing changed");
-        assert!(h.update(true, vec![], 2));
+        assert!(!h.update(false, vec![], &[], 1), "nothing changed");
+        assert!(h.update(true, vec![], &[], 2));
         assert_eq!(h.degraded_since_ms, None);
-        assert!(h.update(false, vec!["fabricd".into()], 3));
+        assert!(h.update(false, vec!["fabricd".into()], &[], 3));
         assert_eq!(h.degraded_since_ms, Some(3));
-        assert!(!h.update(false, vec!["fabricd".into()], 4));
-        assert!(h.update(false, vec!["fabricd".into(), "noded".into()], 5));
+        assert!(!h.update(false, vec!["fabricd".into()], &[], 4));
+        assert!(h.update(false, vec!["fabricd".into(), "noded".into()], &[], 5));
         assert_eq!(
             h.degraded_since_ms,
             Some(3),
             "still degraded since the first failure"
         );
-        assert!(h.update(true, vec![], 6));
+        assert!(h.update(true, vec![], &[], 6));
         assert_eq!((h.ready, h.degraded_since_ms), (true, None));
+        let door = ["tcp/0.0.0.0:22".to_string()];
+        assert!(h.update(true, vec![], &door, 7), "a new listener is news");
+        assert!(!h.update(true, vec![], &door, 8));
+        assert_eq!(h.undeclared_listeners, door);
     }
 
     #[test]

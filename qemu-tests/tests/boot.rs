@@ -44,6 +44,18 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         "no ready event: {:?}",
         m.events()
     );
+    // Nothing listens on the network that the definition does not declare (system.toml's
+    // network.listeners: fabricd's two produce ports); init looks every 10 s.
+    let st = m.wait_status(Duration::from_secs(60), "fabricd's listener seen", |st| {
+        st["listening"]["open"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|l| l == "tcp/0.0.0.0:7400"))
+    })?;
+    assert_eq!(
+        st["listening"]["undeclared"],
+        json!([]),
+        "undeclared listeners: {st}"
+    );
     // The image's static pods (sensor and inference): their images are served by
     // noded's loopback registry, pulled through CRI, and the containers run under
     // containerd and runc.

@@ -216,6 +216,12 @@ fn health_of(h: Option<&fabricd::uplink::Health>, now_ms: u64) -> (&'static str,
     if h.previous_boot == "reset by the watchdog" {
         notes.push("its previous boot was reset by the watchdog (init hung)".into());
     }
+    if !h.undeclared_listeners.is_empty() {
+        notes.push(format!(
+            "listening on the network, not declared: {}",
+            h.undeclared_listeners.join(", ")
+        ));
+    }
     let word = if !h.failed.is_empty() {
         "degraded"
     } else if h.ready {
@@ -245,6 +251,7 @@ mod tests {
             failed: vec!["noded".into(), "storaged".into()],
             degraded_since_ms: Some(10_000),
             previous_boot: "reset by the watchdog".into(),
+            undeclared_listeners: vec!["tcp/0.0.0.0:22".into()],
         };
         let (word, notes) = health_of(Some(&bad), 70_000);
         assert_eq!(word, "degraded");
@@ -252,7 +259,8 @@ mod tests {
             notes,
             [
                 "degraded for 60 s: given up after crash loops (retried later): noded, storaged",
-                "its previous boot was reset by the watchdog (init hung)"
+                "its previous boot was reset by the watchdog (init hung)",
+                "listening on the network, not declared: tcp/0.0.0.0:22"
             ]
         );
         let starting = Health::default();
