@@ -381,6 +381,9 @@ pub struct Health {
     /// Sockets open to the network that the box's definition does not declare.
     #[serde(default)]
     pub undeclared_listeners: Vec<String>,
+    /// The running slot's verified root met a block that did not verify.
+    #[serde(default)]
+    pub root_corrupt: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const SYSROOT: &str = "/sysroot";
-const DM_NAME: &str = "root";
+const DM_NAME: &str = verity::ROOT_DM_NAME;
 const PARTITION_TIMEOUT: Duration = Duration::from_secs(30);
 const PARTITION_POLL: Duration = Duration::from_millis(50);
 const REBOOT_DELAY: Duration = Duration::from_secs(10);
@@ -103,7 +103,23 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     mount_root(&root_node, &root_label)?;
 
     let bind_pcrs = params.extra.get("tpm_bind_pcrs").map(String::as_str);
-    let data = open_data(data_part, dev_dir, bind_pcrs)?;
+    // Stage 1 runs programs from the root (edge-tpm, cryptsetup, mke2fs): a block of
+    // theirs that does not verify fails them with an I/O error or SIGBUS. Whatever the
+    // step then says, a root that met a corrupt block is the cause, and is named so.
+    let data =
+        open_data(data_part, dev_dir, bind_pcrs).map_err(|f| blame_the_root(f, &root_label))?;
+    if verity::root_is_corrupt(dev_dir) {
+        // A failure stage 1 lives with (a locked data partition) may hide it.
+        return Err(Fatal::Verity {
+            partition: root_label,
+            detail: format!(
+                "a block read in stage 1 did not verify{}",
+                data.locked
+                    .map(|why| format!("; the data partition stayed locked: {why}"))
+                    .unwrap_or_default()
+            ),
+        });
+    }
     for fs in ["/proc", "/sys", "/dev", "/run"] {
         mounts::move_mount(Path::new(fs), &Path::new(SYSROOT).join(&fs[1..]))
             .map_err(step("moving mounts into the new root"))?;
@@ -122,10 +138,13 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     write_boot_info(&info).map_err(step("writing /run/edge/boot.json"))?;
     say!("stage 1 done in {stage1_ms} ms; switching to the root");
     let e = mounts::switch_root(Path::new(SYSROOT), "/sbin/init");
-    Err(Fatal::Step {
-        step: "switching root",
-        detail: e,
-    })
+    Err(blame_the_root(
+        Fatal::Step {
+            step: "switching root",
+            detail: e,
+        },
+        &root_label,
+    ))
 }
 
 /// Sets up the dm-verity device `root` over the slot and returns its node.
@@ -175,14 +194,25 @@ fn open_verity(
     disk::ensure_node(&node, dev_dir).map_err(step("creating the dm-verity device node"))
 }
 
+/// A step that failed once the root was open: a verity failure if the root met a
+/// corrupt block meanwhile (the step's own words kept as the detail).
+fn blame_the_root(f: Fatal, label: &str) -> Fatal {
+    match f {
+        Fatal::Step { step, detail } if verity::root_is_corrupt(Path::new("/dev")) => {
+            Fatal::Verity {
+                partition: label.to_owned(),
+                detail: format!("{step}: {detail}"),
+            }
+        }
+        other => other,
+    }
+}
+
 /// Mounts the verified root read-only; a read error or a corrupt status is a verity failure.
 fn mount_root(node: &Path, label: &str) -> Result<(), Fatal> {
     let source = node.to_string_lossy().into_owned();
     let mounted = mounts::mount(&source, Path::new(SYSROOT), "erofs", MountFlags::RDONLY, "");
-    let corrupt = dm::Control::open(Path::new("/dev"))
-        .and_then(|c| c.status(DM_NAME))
-        .map(|s| s.iter().any(|t| verity::status_is_corrupt(t)))
-        .unwrap_or(false);
+    let corrupt = verity::root_is_corrupt(Path::new("/dev"));
     match mounted {
         // A read error under dm-verity is a block that did not verify.
         Err(Error::Mount { errno, .. }) if corrupt || errno == rustix::io::Errno::IO => {

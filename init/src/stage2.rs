@@ -58,6 +58,8 @@ struct System {
     listening: Vec<crate::listeners::Listener>,
     undeclared: Vec<String>,
     last_listener_check: Option<Instant>,
+    /// The verified root met a block that did not verify (said once when seen).
+    root_corrupt: bool,
 }
 
 impl System {
@@ -132,6 +134,7 @@ impl System {
             listening: Vec::new(),
             undeclared: Vec::new(),
             last_listener_check: None,
+            root_corrupt: false,
             health: crate::status::HealthReport {
                 previous_boot: previous_boot.into(),
                 ..Default::default()
@@ -188,6 +191,7 @@ impl System {
             self.ready,
             self.sup.failed(),
             &self.undeclared,
+            self.root_corrupt,
             crate::update::unix_ms(),
         ) {
             self.tell_health();
@@ -214,7 +218,8 @@ impl System {
     fn answer_requests(&mut self) -> Option<Action> {
         let mut asked = None;
         let (boot, ready, data_full, sup) = (&self.boot, self.ready, self.data_full, &mut self.sup);
-        let (updater, previous_boot) = (&self.updater, self.previous_boot);
+        let (updater, previous_boot, root_corrupt) =
+            (&self.updater, self.previous_boot, self.root_corrupt);
         let listening = json!({
             "open": self.listening.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
             "undeclared": &self.undeclared,
@@ -240,6 +245,7 @@ impl System {
                     if let Some(obj) = st.as_object_mut() {
                         obj.insert("previous_boot".into(), previous_boot.into());
                         obj.insert("listening".into(), listening.clone());
+                        obj.insert("root_corrupt".into(), root_corrupt.into());
                         if let Some(u) = updater {
                             obj.insert("update".into(), u.status());
                         }
@@ -338,6 +344,16 @@ impl System {
             return;
         }
         self.last_listener_check = Some(Instant::now());
+        if !self.root_corrupt && crate::verity::root_is_corrupt(Path::new("/dev")) {
+            self.root_corrupt = true;
+            // Not a reboot: the next boot's stage 1 may never read the block, and a loop
+            // of boots would lose what still runs. The core hears of it (health file).
+            self.sup.warn(format!(
+                "dm-verity: root-{} failed verification (a block read since boot did not \
+                 verify; what read it failed): slot {} needs a new copy (an update)",
+                self.boot.slot, self.boot.slot
+            ));
+        }
         self.listening = crate::listeners::open_to_the_network(Path::new("/proc/net"));
         let undeclared: Vec<String> =
             crate::listeners::undeclared(&self.listening, &self.config.network.listeners)

@@ -95,6 +95,8 @@ pub struct HealthReport {
     /// Sockets open to the network that system.toml's `network.listeners` does not
     /// declare (listeners.rs), as `tcp/0.0.0.0:22`.
     pub undeclared_listeners: Vec<String>,
+    /// The verified root met a block that did not verify since boot (verity.rs).
+    pub root_corrupt: bool,
 }
 
 pub const HEALTH_FILE: &str = "/run/edge/health.json";
@@ -106,14 +108,17 @@ impl HealthReport {
         ready: bool,
         failed: Vec<String>,
         undeclared_listeners: &[String],
+        root_corrupt: bool,
         now_ms: u64,
     ) -> bool {
         if ready == self.ready
             && failed == self.failed
             && undeclared_listeners == self.undeclared_listeners
+            && root_corrupt == self.root_corrupt
         {
             return false;
         }
+        self.root_corrupt = root_corrupt;
         self.undeclared_listeners = undeclared_listeners.to_vec();
         self.degraded_since_ms = match (failed.is_empty(), self.degraded_since_ms) {
             (true, _) => None,
@@ -186,24 +191,31 @@ mod tests {
     #[test]
     fn health_changes_are_seen_once_and_degraded_keeps_its_start() {
         let mut h = HealthReport::default();
-        assert!(!h.update(false, vec![], &[], 1), "nothing changed");
-        assert!(h.update(true, vec![], &[], 2));
+        assert!(!h.update(false, vec![], &[], false, 1), "nothing changed");
+        assert!(h.update(true, vec![], &[], false, 2));
         assert_eq!(h.degraded_since_ms, None);
-        assert!(h.update(false, vec!["fabricd".into()], &[], 3));
+        assert!(h.update(false, vec!["fabricd".into()], &[], false, 3));
         assert_eq!(h.degraded_since_ms, Some(3));
-        assert!(!h.update(false, vec!["fabricd".into()], &[], 4));
-        assert!(h.update(false, vec!["fabricd".into(), "noded".into()], &[], 5));
+        assert!(!h.update(false, vec!["fabricd".into()], &[], false, 4));
+        assert!(h.update(false, vec!["fabricd".into(), "noded".into()], &[], false, 5));
         assert_eq!(
             h.degraded_since_ms,
             Some(3),
             "still degraded since the first failure"
         );
-        assert!(h.update(true, vec![], &[], 6));
+        assert!(h.update(true, vec![], &[], false, 6));
         assert_eq!((h.ready, h.degraded_since_ms), (true, None));
         let door = ["tcp/0.0.0.0:22".to_string()];
-        assert!(h.update(true, vec![], &door, 7), "a new listener is news");
-        assert!(!h.update(true, vec![], &door, 8));
+        assert!(
+            h.update(true, vec![], &door, false, 7),
+            "a new listener is news"
+        );
+        assert!(!h.update(true, vec![], &door, false, 8));
         assert_eq!(h.undeclared_listeners, door);
+        assert!(
+            h.update(true, vec![], &door, true, 9),
+            "a corrupt root is news"
+        );
     }
 
     #[test]

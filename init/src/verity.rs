@@ -137,6 +137,20 @@ pub fn status_is_corrupt(status: &str) -> bool {
     status.trim_start().starts_with('C')
 }
 
+/// The device-mapper name of the verified root, in both stages.
+pub const ROOT_DM_NAME: &str = "root";
+
+/// Whether the verified root has met a block that did not verify since it was opened
+/// (the kernel's verity status turns from `V` to `C` and stays so). Any read counts: a
+/// program's page, a library, a file a service opened. `false` when the status cannot be
+/// read.
+pub fn root_is_corrupt(dev_dir: &std::path::Path) -> bool {
+    crate::dm::Control::open(dev_dir)
+        .and_then(|c| c.status(ROOT_DM_NAME))
+        .map(|s| s.iter().any(|t| status_is_corrupt(t)))
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,6 +216,10 @@ fn health_of(h: Option<&fabricd::uplink::Health>, now_ms: u64) -> (&'static str,
     if h.previous_boot == "reset by the watchdog" {
         notes.push("its previous boot was reset by the watchdog (init hung)".into());
     }
+    if h.root_corrupt {
+        notes
+            .push("its running root met a block that did not verify (dm-verity): update it".into());
+    }
     if !h.undeclared_listeners.is_empty() {
         notes.push(format!(
             "listening on the network, not declared: {}",
@@ -252,6 +256,7 @@ mod tests {
             degraded_since_ms: Some(10_000),
             previous_boot: "reset by the watchdog".into(),
             undeclared_listeners: vec!["tcp/0.0.0.0:22".into()],
+            root_corrupt: true,
         };
         let (word, notes) = health_of(Some(&bad), 70_000);
         assert_eq!(word, "degraded");
@@ -260,6 +265,7 @@ mod tests {
             [
                 "degraded for 60 s: given up after crash loops (retried later): noded, storaged",
                 "its previous boot was reset by the watchdog (init hung)",
+                "its running root met a block that did not verify (dm-verity): update it",
                 "listening on the network, not declared: tcp/0.0.0.0:22"
             ]
         );
