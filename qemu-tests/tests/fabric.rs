@@ -418,12 +418,13 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         .arg(format!("sha256:{}", "0".repeat(64))))?;
     let list_sha = op.put_kv_file("site0.config.allowlist", &list)?;
     let stranger_sha = op.put_kv("site0.pods.stranger", "stranger.yaml", STRANGER)?;
+    let allowlist = serde_json::json!({"kind": "config", "name": "image-allowlist",
+        "store": "kv", "key": "site0.config.allowlist", "sha256": list_sha});
     // Items are applied in order: the list is in place before the pod arrives.
     op.publish(
         &key,
         &serde_json::json!({"version": 2, "items": [
-            {"kind": "config", "name": "image-allowlist", "store": "kv",
-             "key": "site0.config.allowlist", "sha256": list_sha},
+            allowlist,
             relay,
             {"kind": "pods", "name": "stranger.yaml", "store": "kv",
              "key": "site0.pods.stranger", "sha256": stranger_sha},
@@ -442,6 +443,20 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     );
     assert_ne!(stranger["state"], "running", "{stranger}");
     assert!(running(&pods, "downlink/relay.yaml"), "{pods:?}");
+
+    // The core takes the pods back: a manifest that no longer offers them removes their
+    // files, and noded stops the running relay.
+    op.publish(
+        &key,
+        &serde_json::json!({"version": 3, "items": [allowlist]}),
+    )?;
+    let pods = m.wait_pods(Duration::from_secs(120), "the withdrawn pods gone", |p| {
+        pod(p, "downlink/relay.yaml").is_none() && pod(p, "downlink/stranger.yaml").is_none()
+    })?;
+    assert!(
+        pod(&pods, "sensor.yaml").is_some(),
+        "the image's own pods stay: {pods:?}"
+    );
 
     // The box quotes its boot into its status reports; the core replays the last one to
     // the release it booted. init's health file reaches the core too: the box is ready.

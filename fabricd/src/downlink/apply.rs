@@ -1,5 +1,5 @@
 //! Applying a verified manifest: each item written atomically into `<dir>/<kind>/`,
-//! an update's window beside it, withdrawn updates removed.
+//! an update's window beside it, withdrawn items removed.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -47,10 +47,12 @@ pub(super) async fn apply<'a>(
         return report;
     }
     // Withdrawn first: a replaced bundle must not be installed while its successor
-    // downloads.
-    for name in withdraw_updates(&dir.join("updates"), key, &manifest) {
-        tracing::info!(name = %name, "update withdrawn by the core: removed");
-        report.applied.push(format!("updates/{name} withdrawn"));
+    // downloads, and a revoked pod or model goes before anything new comes.
+    for kind in super::KINDS {
+        for name in withdraw(&dir.join(kind), kind, key, &manifest) {
+            tracing::info!(kind, name = %name, "withdrawn by the core: removed");
+            report.applied.push(format!("{kind}/{name} withdrawn"));
+        }
     }
     let wanted = for_this_box(&manifest.items, running);
     for item in wanted.iter().filter(|i| i.kind == "updates") {
@@ -133,27 +135,31 @@ pub(super) fn write_window(updates: &Path, item: &Item) -> crate::Result<()> {
     }
 }
 
-/// An update stays on the box only while a manifest offers it. Each manifest's offer
-/// (`key`: the site's or the machine's) is kept in `.offered.<key>`; a bundle this
-/// manifest offered before and offers no more (withdrawn by `edgectl update cancel`,
-/// replaced by another) is removed with its partial download, unless the other
-/// manifest offers it. Returns the names removed.
-pub(super) fn withdraw_updates(updates: &Path, key: &str, manifest: &Manifest) -> Vec<String> {
+/// An item stays on the box only while a manifest offers it: a manifest is the whole
+/// set the core wants there, so leaving an item out takes it back. Each manifest's offer
+/// of a kind (`key`: the site's or the machine's) is kept in `<kind dir>/.offered.<key>`;
+/// an item this manifest offered before and offers no more (a pod or model withdrawn, a
+/// bundle cancelled by `edgectl update cancel` or replaced) is removed with its partial
+/// download, unless the other manifest offers it. What used it stops with it: noded
+/// stops a pod whose manifest file went, init drops a withdrawn bundle. An item written
+/// before its kind had an offer file (an older fabricd) is not removed. Returns the
+/// names removed.
+pub(super) fn withdraw(kind_dir: &Path, kind: &str, key: &str, manifest: &Manifest) -> Vec<String> {
     let offered = |file: &Path| -> Vec<String> {
         std::fs::read(file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     };
-    let own = updates.join(format!(".offered.{key}"));
+    let own = kind_dir.join(format!(".offered.{key}"));
     let now: Vec<String> = manifest
         .items
         .iter()
-        .filter(|i| i.kind == "updates")
+        .filter(|i| i.kind == kind)
         .map(|i| i.name.clone())
         .collect();
     let mut elsewhere = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(updates) {
+    if let Ok(entries) = std::fs::read_dir(kind_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(".offered.") && e.path() != own {
@@ -173,14 +179,14 @@ pub(super) fn withdraw_updates(updates: &Path, key: &str, manifest: &Manifest) -
             format!(".{name}.partial"),
             format!(".{name}.progress"),
         ] {
-            gone |= std::fs::remove_file(updates.join(f)).is_ok();
+            gone |= std::fs::remove_file(kind_dir.join(f)).is_ok();
         }
         if gone {
             removed.push(name);
         }
     }
     if !now.is_empty() || own.exists() {
-        let _ = std::fs::create_dir_all(updates);
+        let _ = std::fs::create_dir_all(kind_dir);
         let body = serde_json::to_vec(&now).unwrap_or_default();
         if let Err(e) = edge_common::write_atomic(&own, &body, 0o644) {
             tracing::warn!("failed to write {}: {e}", own.display());

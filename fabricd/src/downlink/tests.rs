@@ -1,6 +1,6 @@
 use ring::signature::KeyPair;
 
-use super::apply::{applied_version, withdraw_updates, write_window};
+use super::apply::{applied_version, withdraw, write_window};
 use super::fetch::room_for;
 use super::manifest::{check_item, for_this_box};
 use super::*;
@@ -42,30 +42,82 @@ fn an_update_no_manifest_offers_any_more_is_removed() {
     };
     let put = |name: &str| std::fs::write(updates.join(name), b"x").unwrap();
     // Nothing offered yet: nothing to remove, no record written.
-    assert!(withdraw_updates(&updates, "s.manifest", &offer(&[])).is_empty());
+    assert!(withdraw(&updates, "updates", "s.manifest", &offer(&[])).is_empty());
     assert!(!updates.exists());
-    assert!(withdraw_updates(&updates, "s.manifest", &offer(&["a.bundle"])).is_empty());
+    assert!(withdraw(&updates, "updates", "s.manifest", &offer(&["a.bundle"])).is_empty());
     put("a.bundle");
-    assert!(withdraw_updates(&updates, "s.m.manifest", &offer(&["b.delta"])).is_empty());
+    assert!(withdraw(&updates, "updates", "s.m.manifest", &offer(&["b.delta"])).is_empty());
     put(".b.delta.partial");
     put(".b.delta.progress");
     // The site's manifest replaces a.bundle by b.delta, which the machine's also
     // offers: only a.bundle goes.
     assert_eq!(
-        withdraw_updates(&updates, "s.manifest", &offer(&["b.delta"])),
+        withdraw(&updates, "updates", "s.manifest", &offer(&["b.delta"])),
         vec!["a.bundle".to_string()]
     );
     assert!(!updates.join("a.bundle").exists());
     // The site withdraws it; the machine's manifest still offers it: kept.
-    assert!(withdraw_updates(&updates, "s.manifest", &offer(&[])).is_empty());
+    assert!(withdraw(&updates, "updates", "s.manifest", &offer(&[])).is_empty());
     assert!(updates.join(".b.delta.partial").exists());
     // The machine's withdraws it too: the partial download goes.
     assert_eq!(
-        withdraw_updates(&updates, "s.m.manifest", &offer(&[])),
+        withdraw(&updates, "updates", "s.m.manifest", &offer(&[])),
         vec!["b.delta".to_string()]
     );
     assert!(!updates.join(".b.delta.partial").exists());
     assert!(!updates.join(".b.delta.progress").exists());
+}
+
+#[test]
+fn a_pod_or_model_the_manifest_no_longer_offers_is_removed_and_others_stay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pods, models) = (tmp.path().join("pods"), tmp.path().join("models"));
+    let item = |kind: &str, name: &str| Item {
+        kind: kind.into(),
+        name: name.into(),
+        store: "kv".into(),
+        key: format!("s.{name}"),
+        sha256: "0".repeat(64),
+        window: None,
+        version: None,
+        base: None,
+        published_ms: None,
+    };
+    let manifest = |items: Vec<Item>| Manifest { version: 1, items };
+    let first = manifest(vec![
+        item("pods", "relay.yaml"),
+        item("pods", "camera.yaml"),
+        item("models", "m.onnx"),
+    ]);
+    assert!(withdraw(&pods, "pods", "s.manifest", &first).is_empty());
+    assert!(withdraw(&models, "models", "s.manifest", &first).is_empty());
+    for (dir, name) in [
+        (&pods, "relay.yaml"),
+        (&pods, "camera.yaml"),
+        (&models, "m.onnx"),
+    ] {
+        std::fs::write(dir.join(name), b"x").unwrap();
+    }
+    // A file no manifest ever offered (an older fabricd's) is not this code's to remove.
+    std::fs::write(pods.join("old.yaml"), b"x").unwrap();
+    // The core takes back the relay pod and the model; the camera stays.
+    let second = manifest(vec![item("pods", "camera.yaml")]);
+    assert_eq!(
+        withdraw(&pods, "pods", "s.manifest", &second),
+        vec!["relay.yaml".to_string()]
+    );
+    assert_eq!(
+        withdraw(&models, "models", "s.manifest", &second),
+        vec!["m.onnx".to_string()]
+    );
+    assert!(!pods.join("relay.yaml").exists() && !models.join("m.onnx").exists());
+    assert!(pods.join("camera.yaml").exists() && pods.join("old.yaml").exists());
+    // A pod of the same name in another kind's offer is not this kind's.
+    let third = manifest(vec![item("models", "camera.yaml")]);
+    assert_eq!(
+        withdraw(&pods, "pods", "s.manifest", &third),
+        vec!["camera.yaml".to_string()]
+    );
 }
 
 #[test]
