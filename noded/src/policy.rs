@@ -100,6 +100,12 @@ impl Policy {
         (best, problems)
     }
 
+    /// Which list is in force, as (version, file), without logging the files left out:
+    /// cheap enough to ask on every pass over the running pods.
+    pub fn in_force(&self) -> Option<(u64, String)> {
+        self.current().0.map(|l| (l.version, l.source))
+    }
+
     /// Whether an image with these digests (its repo digests and id) may run; the
     /// error says why not, naming the image and the list.
     pub fn check(&self, image: &str, digests: &[String]) -> Result<()> {

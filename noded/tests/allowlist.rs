@@ -158,5 +158,28 @@ async fn only_allowed_images_run() {
     write_atomic(&core_list, &signed(&kp, 2, &[&hello, &other]));
     env.wait_for("bad running", |p| running(p, "bad") && running(p, "ok"))
         .await;
+
+    // The core revokes the other image's digest: the pod running it is stopped and says
+    // which list refused it; the allowed one runs on untouched.
+    let ok_before = pod(&noded::control::pods(&env.socket).await.unwrap(), "ok")
+        .unwrap()
+        .containers[0]
+        .restarts;
+    write_atomic(&core_list, &signed(&kp, 3, &[&hello]));
+    let pods = env
+        .wait_for("bad stopped", |p| {
+            pod(p, "bad").is_some_and(|p| p.state != "running" && p.error.is_some())
+        })
+        .await;
+    let why = format!(
+        "stopped: image edge.local/other:1 ({other}) is not allowed by the image allowlist ({} version 3)",
+        core_list.display()
+    );
+    assert_eq!(
+        pod(&pods, "bad").unwrap().error.as_deref(),
+        Some(why.as_str())
+    );
+    assert!(running(&pods, "ok"), "{pods:?}");
+    assert_eq!(pod(&pods, "ok").unwrap().containers[0].restarts, ok_before);
     eprintln!("took {:?}", started.elapsed());
 }

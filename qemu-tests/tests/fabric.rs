@@ -407,7 +407,8 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     assert_eq!(p["name"], "relay", "{p}");
 
     // A newer allowlist from the core that leaves the sensor image out: a pod delivered
-    // after it is refused, naming the image and the list; the running one carries on.
+    // after it is refused, naming the image and the list, and the running relay (same
+    // image) is stopped: the core revoked its digest.
     let list = dir.join("allowlist");
     run(op
         .cmd()
@@ -430,9 +431,18 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
              "key": "site0.pods.stranger", "sha256": stranger_sha},
         ]}),
     )?;
-    let pods = m.wait_pods(Duration::from_secs(180), "the stranger refused", |p| {
-        pod(p, "downlink/stranger.yaml").is_some_and(|s| !s["error"].is_null())
-    })?;
+    let pods = m.wait_pods(
+        Duration::from_secs(180),
+        "the stranger refused, the relay stopped",
+        |p| {
+            pod(p, "downlink/stranger.yaml").is_some_and(|s| !s["error"].is_null())
+                && pod(p, "downlink/relay.yaml").is_some_and(|r| {
+                    r["error"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("stopped: "))
+                })
+        },
+    )?;
     let stranger = pod(&pods, "downlink/stranger.yaml").unwrap();
     let e = stranger["error"].as_str().unwrap_or_default();
     assert!(
@@ -442,7 +452,14 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         "{stranger}"
     );
     assert_ne!(stranger["state"], "running", "{stranger}");
-    assert!(running(&pods, "downlink/relay.yaml"), "{pods:?}");
+    let relay_now = pod(&pods, "downlink/relay.yaml").unwrap();
+    assert!(!running(&pods, "downlink/relay.yaml"), "{relay_now}");
+    assert!(
+        relay_now["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/var/lib/edge/downlink/config/image-allowlist version 2")),
+        "{relay_now}"
+    );
 
     // The core takes the pods back: a manifest that no longer offers them removes their
     // files, and noded stops the running relay.

@@ -35,6 +35,9 @@ pub(super) struct PodRun {
     pub(super) ip: Option<String>,
     /// The last start failed on the image allowlist.
     pub(super) image_refused: bool,
+    /// The allowlist in force (version, file) when its images were last found allowed:
+    /// a running pod is checked again when another list comes into force.
+    pub(super) allowed_under: Option<(u64, String)>,
 }
 
 pub(super) struct ContainerRun {
@@ -96,6 +99,7 @@ impl PodRun {
             failed: false,
             ip: None,
             image_refused: false,
+            allowed_under: None,
         }
     }
 

@@ -49,7 +49,11 @@ impl Driver {
                         if run.ip.is_none() {
                             run.ip = spec::pod_ip(&run.pod, s.status.as_ref());
                         }
-                        id.clone()
+                        let id = id.clone();
+                        if self.revoked(run, &id, now).await {
+                            return;
+                        }
+                        id
                     }
                     // containerd itself is away: wait for it rather than duplicate the pod.
                     Err(e) if e.code() != tonic::Code::NotFound => {
@@ -69,6 +73,11 @@ impl Driver {
                 if now < run.retry_at {
                     return;
                 }
+                let in_force = self
+                    .settings
+                    .image_policy
+                    .as_ref()
+                    .and_then(|p| p.in_force());
                 match self.start_sandbox(run).await {
                     Ok(id) => {
                         tracing::info!(pod = %run.pod.name, sandbox = %id, "pod sandbox running");
@@ -86,6 +95,7 @@ impl Driver {
                         run.sandbox = Some(id.clone());
                         run.error = None;
                         run.image_refused = false;
+                        run.allowed_under = in_force;
                         run.failures = 0;
                         id
                     }
@@ -126,6 +136,73 @@ impl Driver {
                 break;
             }
         }
+    }
+
+    /// A running pod under an allowlist other than the one it started under is checked
+    /// again: the core revoking an image's digest stops the pods that run it (stopped,
+    /// refused at its next start, and `error` says which list). `true` when stopped.
+    async fn revoked(&self, run: &mut PodRun, sandbox: &str, now: Instant) -> bool {
+        let Some(policy) = &self.settings.image_policy else {
+            return false;
+        };
+        let in_force = policy.in_force();
+        if in_force == run.allowed_under {
+            return false;
+        }
+        for image in run_images(run) {
+            match self.check_image(policy, image).await {
+                Ok(()) => {}
+                Err(e) if e.is_image_refused() => {
+                    tracing::warn!(pod = %run.pod.name, file = %run.file, "stopping the pod: {e}");
+                    let ids: Vec<String> =
+                        run.containers.iter().filter_map(|c| c.id.clone()).collect();
+                    stop_sandbox(
+                        &self.cri,
+                        sandbox,
+                        &ids,
+                        run.pod.termination_grace_period_seconds,
+                    )
+                    .await;
+                    run.reset();
+                    run.image_refused = true;
+                    run.error = Some(format!("stopped: {e}"));
+                    run.start_failed(self.settings.backoff_base, now);
+                    return true;
+                }
+                // containerd away: asked again next pass.
+                Err(e) => {
+                    tracing::warn!(pod = %run.pod.name, "could not check its images again: {e}");
+                    return false;
+                }
+            }
+        }
+        run.allowed_under = in_force;
+        false
+    }
+
+    /// Whether the pulled `image` is on the allowlist in force.
+    async fn check_image(&self, policy: &crate::policy::Policy, image: &str) -> Result<()> {
+        let status = self
+            .cri
+            .image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: image.to_string(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .map_err(|source| Error::Image {
+                image: image.to_string(),
+                source,
+            })?;
+        let found = status.image.ok_or_else(|| Error::ImageUnknown {
+            image: image.to_string(),
+        })?;
+        policy.check(
+            image,
+            &crate::policy::image_digests(&found.repo_digests, &found.id),
+        )
     }
 
     /// Starts, polls or restarts one container.
@@ -339,16 +416,7 @@ impl Driver {
                 .map_err(Error::io("failed to create", &dir))
                 .map_err(Error::volume(&v.name, None))?;
         }
-        let mut images: Vec<&str> = run
-            .pod
-            .init_containers
-            .iter()
-            .chain(&run.pod.containers)
-            .map(|c| c.image.as_str())
-            .collect();
-        images.sort();
-        images.dedup();
-        for image in images {
+        for image in run_images(run) {
             self.cri
                 .pull_image(PullImageRequest {
                     image: Some(ImageSpec {
@@ -363,27 +431,7 @@ impl Driver {
                     source,
                 })?;
             if let Some(policy) = &self.settings.image_policy {
-                let status = self
-                    .cri
-                    .image_status(ImageStatusRequest {
-                        image: Some(ImageSpec {
-                            image: image.to_string(),
-                            ..Default::default()
-                        }),
-                        verbose: false,
-                    })
-                    .await
-                    .map_err(|source| Error::Image {
-                        image: image.to_string(),
-                        source,
-                    })?;
-                let found = status.image.ok_or_else(|| Error::ImageUnknown {
-                    image: image.to_string(),
-                })?;
-                policy.check(
-                    image,
-                    &crate::policy::image_digests(&found.repo_digests, &found.id),
-                )?;
+                self.check_image(policy, image).await?;
             }
         }
         // After the image checks: a pod refused for its images provisions nothing.
@@ -455,6 +503,20 @@ impl Driver {
 
 /// Stops a pod: its containers get `grace` seconds after SIGTERM (all at once, as
 /// kubelet does), then the sandbox is stopped and removed.
+/// A pod's images, each once.
+fn run_images(run: &PodRun) -> Vec<&str> {
+    let mut images: Vec<&str> = run
+        .pod
+        .init_containers
+        .iter()
+        .chain(&run.pod.containers)
+        .map(|c| c.image.as_str())
+        .collect();
+    images.sort();
+    images.dedup();
+    images
+}
+
 pub(super) async fn stop_sandbox(cri: &Client, sandbox: &str, containers: &[String], grace: i64) {
     let stops: Vec<_> = containers
         .iter()
