@@ -212,11 +212,12 @@ pub fn check_frame(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     Ok(Some(FRAME_HEADER + len))
 }
 
-/// The offset stored in a framed record (the first 8 bytes of its body).
-pub fn frame_offset(frame: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&frame[FRAME_HEADER..FRAME_HEADER + 8]);
-    u64::from_le_bytes(a)
+/// The offset stored in a framed record (the first 8 bytes of its body); `None` when the
+/// body is shorter than that (a zero-filled stretch of a segment frames as an empty body
+/// with a matching CRC: no record of ours).
+pub fn frame_offset(frame: &[u8]) -> Option<u64> {
+    let b = frame.get(FRAME_HEADER..FRAME_HEADER + 8)?;
+    Some(u64::from_le_bytes(b.try_into().ok()?))
 }
 
 #[cfg(test)]
@@ -242,7 +243,11 @@ mod tests {
         let mut framed = Vec::new();
         frame(&body, &mut framed);
         assert_eq!(check_frame(&framed), Ok(Some(framed.len())));
-        assert_eq!(frame_offset(&framed), 42);
+        assert_eq!(frame_offset(&framed), Some(42));
+        // Found by the log_segment fuzz target: eight zero bytes are a whole frame (empty
+        // body, CRC 0) whose offset cannot be read; it used to panic.
+        assert_eq!(check_frame(&[0u8; 8]).unwrap(), Some(8));
+        assert_eq!(frame_offset(&[0u8; 8]), None);
         let back = decode_body(&framed[FRAME_HEADER..]).unwrap();
         assert_eq!(back.offset, 42);
         assert_eq!(back.record, rec);

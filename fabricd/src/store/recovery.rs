@@ -48,7 +48,7 @@ pub(super) fn quick_check(log: &Path, idx: &Path, base: u64) -> io::Result<Optio
     file.read_exact_at(&mut frame, pos)
         .map_err(|e| io_err("read segment", log, e))?;
     match record::check_frame(&frame) {
-        Ok(Some(n)) if n == frame.len() && record::frame_offset(&frame) == base + rel => {
+        Ok(Some(n)) if n == frame.len() && record::frame_offset(&frame) == Some(base + rel) => {
             Ok(Some(SegInfo {
                 base,
                 len: m.len(),
@@ -72,10 +72,13 @@ pub(super) fn scan_and_repair(log: &Path, idx: &Path, base: u64) -> io::Result<S
     while pos < data.len() {
         match record::check_frame(&data[pos..]) {
             Ok(Some(n)) => {
-                let off = record::frame_offset(&data[pos..]);
+                let Some(off) = record::frame_offset(&data[pos..n + pos]) else {
+                    problem = Some(format!("a {n}-byte frame too short for a record"));
+                    break;
+                };
                 let in_order =
                     off >= base && last.is_none_or(|l| off > l) && off - base <= u32::MAX as u64;
-                if n < FRAME_HEADER + 8 || !in_order {
+                if !in_order {
                     problem = Some(format!("record offset {off} out of order"));
                     break;
                 }
