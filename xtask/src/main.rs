@@ -7,6 +7,7 @@ mod bench_fabric;
 mod bench_pods;
 mod bench_storage;
 mod bench_update;
+mod fuzz;
 mod host;
 mod image;
 mod run;
@@ -45,6 +46,14 @@ enum Cmd {
     Test {
         /// Only the system tests whose name contains this (passed to the test harness).
         filter: Option<String>,
+    },
+    /// Runs each fuzz target (fuzz/) for a bounded time; a crash fails (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only this target.
+        target: Option<String>,
     },
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
@@ -99,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Run => run::run(),
         Cmd::Test { filter } => test::run(filter),
+        Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Cmd::Bench { which } => match which {
             Bench::Boot { runs } => bench::run(runs),
             Bench::Fabric => bench_fabric::run(),

@@ -158,6 +158,7 @@ pub fn run(filter: Option<String>) -> Result<()> {
         c.env("EDGEOS_TEST_HOST", "required");
         status(c)
     });
+    step("fuzz (30 s per target)", &mut || crate::fuzz::run(30, None));
     let mut image = None;
     let built = step("image", &mut || {
         image = Some(crate::image::build_default()?);

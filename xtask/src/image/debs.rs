@@ -9,17 +9,20 @@ use anyhow::{bail, Context, Result};
 use super::cmd;
 use super::definition::Pin;
 
-/// Where fetched .debs are kept between builds: `$EDGEOS_CACHE/debs`, else
-/// `$HOME/.cache/edgeos/debs`.
-pub fn cache_dir() -> Result<PathBuf> {
-    let base = match std::env::var_os("EDGEOS_CACHE") {
+/// What xtask keeps between runs: `$EDGEOS_CACHE`, else `$HOME/.cache/edgeos`.
+pub fn cache_root() -> Result<PathBuf> {
+    Ok(match std::env::var_os("EDGEOS_CACHE") {
         Some(dir) => PathBuf::from(dir),
         None => {
             let home = std::env::var_os("HOME").context("neither EDGEOS_CACHE nor HOME is set")?;
             PathBuf::from(home).join(".cache/edgeos")
         }
-    };
-    Ok(base.join("debs"))
+    })
+}
+
+/// Where fetched .debs are kept between builds: `<cache root>/debs`.
+pub fn cache_dir() -> Result<PathBuf> {
+    Ok(cache_root()?.join("debs"))
 }
 
 /// The file name apt-get gives a download: the epoch's ':' is escaped as `%3a`.

@@ -3,7 +3,7 @@
 //! each step lives in its own submodule.
 
 mod cmd;
-mod debs;
+pub mod debs;
 pub mod definition;
 mod disk;
 mod elf;
