@@ -117,8 +117,9 @@ async fn a_reader_sees_every_record_of_a_group_that_rolls_the_segment() {
     assert_eq!(all, (0..480).collect::<Vec<_>>(), "a reader from the start");
 }
 
-#[tokio::test]
-async fn torn_tail_is_cut_and_earlier_records_kept() {
+/// A log of one class with records 0..10 appended and closed, and its last segment: what
+/// the damaged-tail tests start from.
+async fn ten_records_written() -> (tempfile::TempDir, [ClassConfig; 1], PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let classes = [class("a", 0, WhenFull::Backpressure)];
     let log = Log::open(tmp.path(), &classes, limits(1 << 30, 1 << 20)).unwrap();
@@ -127,6 +128,12 @@ async fn torn_tail_is_cut_and_earlier_records_kept() {
     }
     drop(log);
     let seg = last_segment(&tmp.path().join("a"));
+    (tmp, classes, seg)
+}
+
+#[tokio::test]
+async fn torn_tail_is_cut_and_earlier_records_kept() {
+    let (tmp, classes, seg) = ten_records_written().await;
     let len = fs::metadata(&seg).unwrap().len();
     // A crash in the middle of writing the tenth record.
     OpenOptions::new()
@@ -147,14 +154,7 @@ async fn torn_tail_is_cut_and_earlier_records_kept() {
 
 #[tokio::test]
 async fn corrupted_tail_is_cut_and_earlier_records_kept() {
-    let tmp = tempfile::tempdir().unwrap();
-    let classes = [class("a", 0, WhenFull::Backpressure)];
-    let log = Log::open(tmp.path(), &classes, limits(1 << 30, 1 << 20)).unwrap();
-    for n in 0..10 {
-        log.append(0, body("a.x", n, 50)).await.unwrap();
-    }
-    drop(log);
-    let seg = last_segment(&tmp.path().join("a"));
+    let (tmp, classes, seg) = ten_records_written().await;
     let mut data = fs::read(&seg).unwrap();
     let at = data.len() - 20;
     data[at] ^= 0xff;
@@ -171,14 +171,7 @@ async fn a_zero_filled_tail_is_cut_and_earlier_records_kept() {
     // A power cut can leave a segment's last blocks allocated and zero-filled. Eight
     // zero bytes frame as an empty body with a matching CRC (found by the log_segment
     // fuzz target): recovery panicked reading an offset that is not there.
-    let tmp = tempfile::tempdir().unwrap();
-    let classes = [class("a", 0, WhenFull::Backpressure)];
-    let log = Log::open(tmp.path(), &classes, limits(1 << 30, 1 << 20)).unwrap();
-    for n in 0..10 {
-        log.append(0, body("a.x", n, 50)).await.unwrap();
-    }
-    drop(log);
-    let seg = last_segment(&tmp.path().join("a"));
+    let (tmp, classes, seg) = ten_records_written().await;
     let mut data = fs::read(&seg).unwrap();
     data.extend_from_slice(&[0u8; 4096]);
     fs::write(&seg, &data).unwrap();
