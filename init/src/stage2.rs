@@ -57,7 +57,8 @@ struct System {
     /// Sockets open to the network (listeners.rs), looked at every 10 s.
     listening: Vec<crate::listeners::Listener>,
     undeclared: Vec<String>,
-    last_listener_check: Option<Instant>,
+    /// When the root's verity status and the listeners were last looked at.
+    last_look: Option<Instant>,
     /// The verified root met a block that did not verify (said once when seen).
     root_corrupt: bool,
 }
@@ -133,7 +134,7 @@ impl System {
             previous_boot,
             listening: Vec::new(),
             undeclared: Vec::new(),
-            last_listener_check: None,
+            last_look: None,
             root_corrupt: false,
             health: crate::status::HealthReport {
                 previous_boot: previous_boot.into(),
@@ -183,7 +184,14 @@ impl System {
             self.check_data_space();
         }
         self.rescan_devices();
-        self.check_listeners();
+        if self
+            .last_look
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.last_look = Some(Instant::now());
+            self.check_root();
+            self.check_listeners();
+        }
         if !self.ready && self.boot.data_locked.is_none() && self.sup.settled() {
             self.settle();
         }
@@ -334,16 +342,8 @@ impl System {
         self.data_full = full;
     }
 
-    /// Every 10 s: what listens on the network; each listener system.toml does not
-    /// declare is warned of once, when it appears.
-    fn check_listeners(&mut self) {
-        if self
-            .last_listener_check
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
-        {
-            return;
-        }
-        self.last_listener_check = Some(Instant::now());
+    /// Whether the verified root has met a block that did not verify; said once.
+    fn check_root(&mut self) {
         if !self.root_corrupt && crate::verity::root_is_corrupt(Path::new("/dev")) {
             self.root_corrupt = true;
             // Not a reboot: the next boot's stage 1 may never read the block, and a loop
@@ -354,6 +354,11 @@ impl System {
                 self.boot.slot, self.boot.slot
             ));
         }
+    }
+
+    /// What listens on the network; each listener system.toml does not declare is
+    /// warned of once, when it appears.
+    fn check_listeners(&mut self) {
         self.listening = crate::listeners::open_to_the_network(Path::new("/proc/net"));
         let undeclared: Vec<String> =
             crate::listeners::undeclared(&self.listening, &self.config.network.listeners)
