@@ -12,6 +12,7 @@ mod disk;
 mod error;
 mod esp;
 mod ext4;
+mod health;
 mod listeners;
 mod logs;
 mod measurements;

@@ -51,16 +51,8 @@ struct System {
     last_device_scan: Instant,
     /// Updates: the trial of a new slot, and installs (none while /var is locked).
     updater: Option<crate::update::Updater>,
-    previous_boot: &'static str,
-    /// What fabricd tells the core (status.rs), rewritten when it changes.
-    health: crate::status::HealthReport,
-    /// Sockets open to the network (listeners.rs), looked at every 10 s.
-    listening: Vec<crate::listeners::Listener>,
-    undeclared: Vec<String>,
-    /// When the root's verity status and the listeners were last looked at.
-    last_look: Option<Instant>,
-    /// The verified root met a block that did not verify (said once when seen).
-    root_corrupt: bool,
+    /// The box's health as the status and the core hear it (health.rs).
+    health: crate::health::Watch,
 }
 
 impl System {
@@ -85,7 +77,7 @@ impl System {
             say!("{line}");
         }
         let watchdog = arm_watchdog(&config.watchdog);
-        let previous_boot = crate::status::previous_boot(
+        let previous_boot = crate::health::previous_boot(
             &boot,
             watchdog.as_ref().is_some_and(|w| w.reset_the_last_boot),
         );
@@ -116,7 +108,7 @@ impl System {
                 },
             )
         });
-        let mut system = System {
+        System {
             updater,
             boot,
             config,
@@ -131,29 +123,7 @@ impl System {
             shutdown: None,
             last_space_check: None,
             last_device_scan: Instant::now(),
-            previous_boot,
-            listening: Vec::new(),
-            undeclared: Vec::new(),
-            last_look: None,
-            root_corrupt: false,
-            health: crate::status::HealthReport {
-                previous_boot: previous_boot.into(),
-                ..Default::default()
-            },
-        };
-        system.tell_health();
-        system
-    }
-
-    /// Writes the health file fabricd reports (on /run: no disk to wait for).
-    fn tell_health(&mut self) {
-        let path = Path::new(crate::status::HEALTH_FILE);
-        let written = serde_json::to_vec(&self.health)
-            .map_err(std::io::Error::other)
-            .and_then(|body| crate::provision::write_atomic(path, &body, 0o644));
-        if let Err(e) = written {
-            self.sup
-                .warn(format!("failed to write {}: {e}", path.display()));
+            health: crate::health::Watch::new(previous_boot),
         }
     }
 
@@ -184,25 +154,18 @@ impl System {
             self.check_data_space();
         }
         self.rescan_devices();
-        if self
-            .last_look
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        for w in self
+            .health
+            .look(&self.boot.slot, &self.config.network.listeners)
         {
-            self.last_look = Some(Instant::now());
-            self.check_root();
-            self.check_listeners();
+            self.sup.warn(w);
         }
         if !self.ready && self.boot.data_locked.is_none() && self.sup.settled() {
             self.settle();
         }
-        if self.health.update(
-            self.ready,
-            self.sup.failed(),
-            &self.undeclared,
-            self.root_corrupt,
-            crate::update::unix_ms(),
-        ) {
-            self.tell_health();
+        let now = crate::update::unix_ms();
+        if let Some(e) = self.health.tell(self.ready, self.sup.failed(), now) {
+            self.sup.warn(e);
         }
         if let Some(updater) = &mut self.updater {
             let health = crate::update::Health {
@@ -226,12 +189,7 @@ impl System {
     fn answer_requests(&mut self) -> Option<Action> {
         let mut asked = None;
         let (boot, ready, data_full, sup) = (&self.boot, self.ready, self.data_full, &mut self.sup);
-        let (updater, previous_boot, root_corrupt) =
-            (&self.updater, self.previous_boot, self.root_corrupt);
-        let listening = json!({
-            "open": self.listening.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
-            "undeclared": &self.undeclared,
-        });
+        let (updater, health) = (&self.updater, &self.health);
         let watchdog_s = self.watchdog.as_ref().map(|w| w.timeout_s);
         let mut hang = false;
         self.ctl.step(&mut |req| {
@@ -251,9 +209,7 @@ impl System {
                         sup.status(),
                     );
                     if let Some(obj) = st.as_object_mut() {
-                        obj.insert("previous_boot".into(), previous_boot.into());
-                        obj.insert("listening".into(), listening.clone());
-                        obj.insert("root_corrupt".into(), root_corrupt.into());
+                        health.status_fields(obj);
                         if let Some(u) = updater {
                             obj.insert("update".into(), u.status());
                         }
@@ -340,37 +296,6 @@ impl System {
             say!("data partition has free space again");
         }
         self.data_full = full;
-    }
-
-    /// Whether the verified root has met a block that did not verify; said once.
-    fn check_root(&mut self) {
-        if !self.root_corrupt && crate::verity::root_is_corrupt(Path::new("/dev")) {
-            self.root_corrupt = true;
-            // Not a reboot: the next boot's stage 1 may never read the block, and a loop
-            // of boots would lose what still runs. The core hears of it (health file).
-            self.sup.warn(format!(
-                "dm-verity: root-{} failed verification (a block read since boot did not \
-                 verify; what read it failed): slot {} needs a new copy (an update)",
-                self.boot.slot, self.boot.slot
-            ));
-        }
-    }
-
-    /// What listens on the network; each listener system.toml does not declare is
-    /// warned of once, when it appears.
-    fn check_listeners(&mut self) {
-        self.listening = crate::listeners::open_to_the_network(Path::new("/proc/net"));
-        let undeclared: Vec<String> =
-            crate::listeners::undeclared(&self.listening, &self.config.network.listeners)
-                .iter()
-                .map(|l| l.to_string())
-                .collect();
-        for l in undeclared.iter().filter(|l| !self.undeclared.contains(l)) {
-            self.sup.warn(format!(
-                "{l} listens on the network and system.toml's network.listeners does not declare it"
-            ));
-        }
-        self.undeclared = undeclared;
     }
 
     /// The control port and the power button may appear after start (module load order).

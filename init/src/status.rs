@@ -65,72 +65,6 @@ fn clean_unless_told() -> bool {
     true
 }
 
-/// How the previous boot ended, as far as this one can tell: the watchdog's own word
-/// first, then whether the data partition was left mounted.
-pub fn previous_boot(boot: &Boot, watchdog_reset: bool) -> &'static str {
-    if watchdog_reset {
-        "reset by the watchdog"
-    } else if boot.data_locked.is_some() {
-        "unknown"
-    } else if boot.data_formatted {
-        "none"
-    } else if !boot.data_clean {
-        "cut off: a power loss, a crash or a reset"
-    } else {
-        "shut down cleanly"
-    }
-}
-
-/// What the box tells the core of its health, written by init to [`HEALTH_FILE`] on each
-/// change (fabricd reports it, docs/contracts.md): a box nobody visits must say that it
-/// is degraded, since when, and why.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct HealthReport {
-    pub ready: bool,
-    /// Services given up after their crash-loop limit (retried later, restart.rs).
-    pub failed: Vec<String>,
-    /// When `failed` last went from empty to not (unix ms), while it is not empty.
-    pub degraded_since_ms: Option<u64>,
-    pub previous_boot: String,
-    /// Sockets open to the network that system.toml's `network.listeners` does not
-    /// declare (listeners.rs), as `tcp/0.0.0.0:22`.
-    pub undeclared_listeners: Vec<String>,
-    /// The verified root met a block that did not verify since boot (verity.rs).
-    pub root_corrupt: bool,
-}
-
-pub const HEALTH_FILE: &str = "/run/edge/health.json";
-
-impl HealthReport {
-    /// Moves on to this turn's facts; `true` when anything the core should hear changed.
-    pub fn update(
-        &mut self,
-        ready: bool,
-        failed: Vec<String>,
-        undeclared_listeners: &[String],
-        root_corrupt: bool,
-        now_ms: u64,
-    ) -> bool {
-        if ready == self.ready
-            && failed == self.failed
-            && undeclared_listeners == self.undeclared_listeners
-            && root_corrupt == self.root_corrupt
-        {
-            return false;
-        }
-        self.root_corrupt = root_corrupt;
-        self.undeclared_listeners = undeclared_listeners.to_vec();
-        self.degraded_since_ms = match (failed.is_empty(), self.degraded_since_ms) {
-            (true, _) => None,
-            (false, Some(t)) => Some(t),
-            (false, None) => Some(now_ms),
-        };
-        self.ready = ready;
-        self.failed = failed;
-        true
-    }
-}
-
 /// `log_lines_dropped`: service output not kept since boot (logs.rs).
 pub fn build(
     boot: &Boot,
@@ -160,63 +94,6 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_previous_boot_is_told_from_the_watchdog_then_the_data_partition() {
-        let boot = |formatted, clean, locked: Option<&str>| Boot {
-            data_formatted: formatted,
-            data_clean: clean,
-            data_locked: locked.map(str::to_owned),
-            ..Boot::default()
-        };
-        assert_eq!(
-            previous_boot(&boot(false, false, None), true),
-            "reset by the watchdog"
-        );
-        assert_eq!(previous_boot(&boot(true, true, None), false), "none");
-        assert_eq!(
-            previous_boot(&boot(false, false, None), false),
-            "cut off: a power loss, a crash or a reset"
-        );
-        assert_eq!(
-            previous_boot(&boot(false, true, None), false),
-            "shut down cleanly"
-        );
-        assert_eq!(
-            previous_boot(&boot(false, true, Some("tpm")), false),
-            "unknown"
-        );
-    }
-
-    #[test]
-    fn health_changes_are_seen_once_and_degraded_keeps_its_start() {
-        let mut h = HealthReport::default();
-        assert!(!h.update(false, vec![], &[], false, 1), "nothing changed");
-        assert!(h.update(true, vec![], &[], false, 2));
-        assert_eq!(h.degraded_since_ms, None);
-        assert!(h.update(false, vec!["fabricd".into()], &[], false, 3));
-        assert_eq!(h.degraded_since_ms, Some(3));
-        assert!(!h.update(false, vec!["fabricd".into()], &[], false, 4));
-        assert!(h.update(false, vec!["fabricd".into(), "noded".into()], &[], false, 5));
-        assert_eq!(
-            h.degraded_since_ms,
-            Some(3),
-            "still degraded since the first failure"
-        );
-        assert!(h.update(true, vec![], &[], false, 6));
-        assert_eq!((h.ready, h.degraded_since_ms), (true, None));
-        let door = ["tcp/0.0.0.0:22".to_string()];
-        assert!(
-            h.update(true, vec![], &door, false, 7),
-            "a new listener is news"
-        );
-        assert!(!h.update(true, vec![], &door, false, 8));
-        assert_eq!(h.undeclared_listeners, door);
-        assert!(
-            h.update(true, vec![], &door, true, 9),
-            "a corrupt root is news"
-        );
-    }
 
     #[test]
     fn meminfo_fields_parse() {
