@@ -26,6 +26,11 @@ pub struct Config {
     /// Largest record (topic, key, headers and value together) a producer may send.
     #[serde(default = "default_max_record")]
     pub max_record_bytes: usize,
+    /// Bytes per second one producer (a connection's identity: its IP, or its program
+    /// and uid on the unix socket) may send, with a second's worth as burst; 0: no limit.
+    /// So that one noisy pod cannot fill the log ahead of the others' alarms.
+    #[serde(default)]
+    pub producer_bytes_per_sec: u64,
     /// Unix socket for the framed produce protocol.
     pub unix_socket: Option<PathBuf>,
     /// TCP address for the framed produce protocol (the pod network).

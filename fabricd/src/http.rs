@@ -36,6 +36,7 @@ fn refusal(r: Refusal) -> Response {
     let mut resp = match r.status {
         FULL => error(507, "Insufficient Storage", r.message),
         NO_CLASS => error(422, "Unprocessable Entity", r.message),
+        crate::produce::SLOW_DOWN => error(429, "Too Many Requests", r.message),
         TOO_LARGE => error(413, "Payload Too Large", r.message),
         crate::produce::BAD_REQUEST => error(400, "Bad Request", r.message),
         _ => error(500, "Internal Server Error", r.message),
@@ -50,7 +51,7 @@ pub async fn serve_conn(ingest: Arc<Ingest>, stream: TcpStream, peer: String) {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     loop {
-        let resp = match handle(&ingest, &mut rd).await {
+        let resp = match handle(&ingest, &mut rd, &peer).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(r) => r,
@@ -78,6 +79,7 @@ pub async fn serve_conn(ingest: Arc<Ingest>, stream: TcpStream, peer: String) {
 async fn handle(
     ingest: &Ingest,
     rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    producer: &str,
 ) -> Result<Option<Response>, Response> {
     let mut head = Vec::new();
     loop {
@@ -222,16 +224,20 @@ async fn handle(
         },
         value,
     };
-    let rx = ingest.submit(&rec).await.map_err(refusal)?;
-    let mut resp = match rx.await {
-        Ok(Ok(offset)) => Response {
-            status: 200,
-            reason: "OK",
-            body: format!("{{\"offset\":{offset}}}"),
-            close: false,
+    let mut resp = match ingest.submit(rec, producer).await {
+        // A refusal answers this request; the connection stays unless either side
+        // asked to close it.
+        Err(r) => refusal(r),
+        Ok(rx) => match rx.await {
+            Ok(Ok(offset)) => Response {
+                status: 200,
+                reason: "OK",
+                body: format!("{{\"offset\":{offset}}}"),
+                close: false,
+            },
+            Ok(Err(e)) => refusal(crate::produce::append_refusal(e)),
+            Err(_) => error(500, "Internal Server Error", "the log is shut down"),
         },
-        Ok(Err(e)) => refusal(crate::produce::append_refusal(e)),
-        Err(_) => error(500, "Internal Server Error", "the log is shut down"),
     };
     resp.close |= close;
     Ok(Some(resp))

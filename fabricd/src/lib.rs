@@ -25,7 +25,8 @@ use produce::Ingest;
 /// A listener of the produce API: unix socket or TCP.
 trait Listener: Send + 'static {
     type Conn: Send + 'static;
-    /// The next connection, and who it is from.
+    /// The next connection, and who it is from: the producer's identity, which fabricd
+    /// stamps on its records (`produce::PRODUCER_HEADER`) and meters them by.
     fn next(
         &self,
     ) -> impl std::future::Future<Output = std::io::Result<(Self::Conn, String)>> + Send;
@@ -34,14 +35,19 @@ trait Listener: Send + 'static {
 impl Listener for tokio::net::UnixListener {
     type Conn = tokio::net::UnixStream;
     async fn next(&self) -> std::io::Result<(Self::Conn, String)> {
-        self.accept().await.map(|(s, _)| (s, "unix".to_owned()))
+        let (s, _) = self.accept().await?;
+        let who = produce::local_producer(s.peer_cred().ok());
+        Ok((s, who))
     }
 }
 
 impl Listener for tokio::net::TcpListener {
     type Conn = tokio::net::TcpStream;
     async fn next(&self) -> std::io::Result<(Self::Conn, String)> {
-        self.accept().await.map(|(s, peer)| (s, peer.to_string()))
+        // The address, not the port: one producer's connections are metered together.
+        self.accept()
+            .await
+            .map(|(s, peer)| (s, peer.ip().to_canonical().to_string()))
     }
 }
 
@@ -101,10 +107,7 @@ pub async fn serve(mut config: Config) -> Result<()> {
             source,
         }
     })?;
-    let ingest = Arc::new(Ingest {
-        log: log.clone(),
-        config: config.clone(),
-    });
+    let ingest = Arc::new(Ingest::new(log.clone(), config.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &config.unix_socket {
         if let Some(parent) = path.parent() {

@@ -25,14 +25,45 @@ pub const BAD_REQUEST: u8 = 2;
 pub const TOO_LARGE: u8 = 3;
 pub const NO_CLASS: u8 = 4;
 pub const STORAGE: u8 = 5;
+/// The producer sent more than `producer_bytes_per_sec` allows: retry later.
+pub const SLOW_DOWN: u8 = 6;
+
+/// The header fabricd stamps on every record with who produced it (the connection's
+/// identity, never the producer's word): the core can trust it. A producer that sends
+/// it is refused.
+pub const PRODUCER_HEADER: &str = "Edge-Producer";
 
 /// Bytes a request may carry beyond the record's own (op, timestamp and lengths).
 const REQUEST_OVERHEAD: usize = 1 + 8 + 2 + 4 + 2;
 
-/// What the produce listeners need: the log and how to place and bound records.
+/// What the produce listeners need: the log, how to place and bound records, and each
+/// producer's allowance.
 pub struct Ingest {
     pub log: Log,
     pub config: Arc<Config>,
+    allowance: std::sync::Mutex<std::collections::HashMap<String, Allowance>>,
+}
+
+/// A producer's token bucket: bytes it may still send, refilled at the configured rate
+/// up to one second's worth.
+struct Allowance {
+    bytes: f64,
+    at: std::time::Instant,
+}
+
+/// The identity of a program on the unix socket: its name and uid from the kernel's
+/// peer credentials (`local:<comm>/uid=<n>`), or `local` when they cannot be read.
+pub fn local_producer(cred: Option<tokio::net::unix::UCred>) -> String {
+    let Some(c) = cred else {
+        return "local".to_owned();
+    };
+    let comm = c
+        .pid()
+        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".to_owned());
+    format!("local:{comm}/uid={}", c.uid())
 }
 
 /// Why a request was refused, with the status it is answered with.
@@ -164,17 +195,72 @@ pub fn encode_request(rec: &Record) -> Vec<u8> {
 }
 
 impl Ingest {
+    pub fn new(log: Log, config: Arc<Config>) -> Ingest {
+        Ingest {
+            log,
+            config,
+            allowance: Default::default(),
+        }
+    }
+
+    /// Takes `size` bytes from `producer`'s allowance, or says it is over it.
+    fn meter(&self, producer: &str, size: usize) -> Result<(), Refusal> {
+        let rate = self.config.producer_bytes_per_sec;
+        if rate == 0 {
+            return Ok(());
+        }
+        // A second's worth, and never less than one whole record.
+        let cap = rate.max(self.config.max_record_bytes as u64) as f64;
+        let now = std::time::Instant::now();
+        let mut all = self.allowance.lock().unwrap_or_else(|p| p.into_inner());
+        if all.len() > 4096 {
+            // Those idle long enough to be full again are forgotten.
+            all.retain(|_, a| {
+                a.bytes + now.duration_since(a.at).as_secs_f64() * (rate as f64) < cap
+            });
+        }
+        let a = all.entry(producer.to_owned()).or_insert(Allowance {
+            bytes: cap,
+            at: now,
+        });
+        a.bytes = (a.bytes + now.duration_since(a.at).as_secs_f64() * rate as f64).min(cap);
+        a.at = now;
+        if a.bytes < size as f64 {
+            return Err(Refusal::new(
+                SLOW_DOWN,
+                format!(
+                    "producer {producer} is over producer_bytes_per_sec ({rate}): slow down and retry"
+                ),
+            ));
+        }
+        a.bytes -= size as f64;
+        Ok(())
+    }
+
     /// Largest request frame accepted.
     pub fn max_frame(&self) -> usize {
         self.config.max_record_bytes + REQUEST_OVERHEAD
     }
 
-    /// Checks a record against the limits and classes and queues it; the receiver
-    /// resolves once it is durable.
+    /// Checks a record against the limits, the classes and its producer's allowance,
+    /// stamps who produced it, and queues it; the receiver resolves once it is durable.
     pub async fn submit(
         &self,
-        rec: &Record,
+        mut rec: Record,
+        producer: &str,
     ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, Refusal> {
+        if rec
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(PRODUCER_HEADER))
+        {
+            return Err(Refusal::new(
+                BAD_REQUEST,
+                format!(
+                    "header {PRODUCER_HEADER} is fabricd's to set (this producer is {producer})"
+                ),
+            ));
+        }
         let size = rec.encoded_len() - 16;
         if size > self.config.max_record_bytes {
             return Err(Refusal::new(
@@ -188,6 +274,9 @@ impl Ingest {
         let class = self.config.class_of(&rec.topic).ok_or_else(|| {
             Refusal::new(NO_CLASS, format!("no class takes topic `{}`", rec.topic))
         })?;
+        self.meter(producer, size)?;
+        rec.headers
+            .push((PRODUCER_HEADER.to_owned(), producer.as_bytes().to_vec()));
         self.log
             .submit(class, rec.encode_body())
             .await
@@ -278,7 +367,7 @@ where
                 break;
             }
             match parse_request(&buf) {
-                Ok(rec) => match ingest.submit(&rec).await {
+                Ok(rec) => match ingest.submit(rec, &peer).await {
                     Ok(rx) => Reply::Pending(rx),
                     Err(r) => Reply::Refused(r),
                 },

@@ -155,6 +155,106 @@ fn garbage_frames_drop_the_connection_not_the_daemon() {
 }
 
 #[test]
+fn records_carry_their_producer_and_one_noisy_producer_is_slowed_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 8 KiB a second each, and records of at most 4 KiB.
+    let mut f = Fabricd::configure(
+        tmp.path(),
+        "producer_bytes_per_sec = 8192\nmax_record_bytes = 4096\n",
+    );
+    f.start();
+    // A producer may not say who it is: fabricd says it.
+    let mut forger = tcp(f.tcp);
+    let mut forged = record("telemetry.x", b"1");
+    forged.headers = vec![("edge-producer".into(), b"pod/default/alarm-panel".to_vec())];
+    let err = produce(&mut forger, &forged).unwrap_err();
+    assert_eq!(err.0, produce::BAD_REQUEST, "{}", err.1);
+    assert!(
+        err.1
+            .contains("Edge-Producer is fabricd's to set (this producer is 127.0.0.1)"),
+        "{}",
+        err.1
+    );
+    // A bad request ends the connection; the producer connects again. The noisy one
+    // (TCP from 127.0.0.1) runs through its second's worth and is told to slow down;
+    // that connection stays.
+    let mut noisy = tcp(f.tcp);
+    let value = vec![7u8; 1000];
+    let mut taken = 0;
+    let refusal = loop {
+        match produce(&mut noisy, &record("telemetry.x", &value)) {
+            Ok(_) => taken += 1,
+            Err(e) => break e,
+        }
+        assert!(taken < 100, "never slowed down");
+    };
+    assert_eq!(refusal.0, produce::SLOW_DOWN, "{}", refusal.1);
+    assert!(
+        refusal
+            .1
+            .contains("producer 127.0.0.1 is over producer_bytes_per_sec (8192)"),
+        "{}",
+        refusal.1
+    );
+    assert!(
+        (5..=9).contains(&taken),
+        "took {taken} KB-records of an 8 KiB second"
+    );
+    // Another producer (a program on the unix socket) is not held back by it.
+    let mut quiet = UnixStream::connect(&f.socket).unwrap();
+    produce(&mut quiet, &record("alarms.door", b"open")).unwrap();
+    // HTTP from the noisy address shares its allowance: 429.
+    let (status, body) = http(
+        f.http,
+        format!(
+            "POST /topics/telemetry.y HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{}",
+            "x".repeat(1000)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 429, "{body}");
+    // A second later it may send again.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    produce(&mut noisy, &record("telemetry.x", &value)).unwrap();
+    drop((noisy, quiet));
+    f.kill9();
+
+    // Every stored record names its producer, as the core will see it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let log = Log::open(
+        &f.dir.join("log"),
+        &default_class(),
+        Limits {
+            quota_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+        },
+    )
+    .unwrap();
+    let got = log.read(&mut Cursor::new(0, 0), 1 << 20).unwrap();
+    assert_eq!(got.len(), taken + 2, "what was taken, and nothing refused");
+    for s in &got {
+        let who: Vec<&[u8]> = s
+            .record
+            .headers
+            .iter()
+            .filter(|(n, _)| n == produce::PRODUCER_HEADER)
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        assert_eq!(who.len(), 1, "{:?}", s.record.headers);
+        let who = String::from_utf8_lossy(who[0]);
+        if s.record.topic == "alarms.door" {
+            assert!(who.starts_with("local:") && who.contains("/uid="), "{who}");
+        } else {
+            assert_eq!(who, "127.0.0.1");
+        }
+    }
+}
+
+#[test]
 fn unknown_topic_class_is_refused_and_the_connection_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let mut f = Fabricd::configure(

@@ -45,12 +45,18 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         m.events()
     );
     // Nothing listens on the network that the definition does not declare (system.toml's
-    // network.listeners: fabricd's two produce ports); init looks every 10 s.
+    // network.listeners: fabricd's HTTP produce port); init looks every 10 s. The framed
+    // TCP listener for other machines is off in the image.
     let st = m.wait_status(Duration::from_secs(60), "fabricd's listener seen", |st| {
         st["listening"]["open"]
             .as_array()
-            .is_some_and(|a| a.iter().any(|l| l == "tcp/0.0.0.0:7400"))
+            .is_some_and(|a| a.iter().any(|l| l == "tcp/0.0.0.0:7401"))
     })?;
+    assert_eq!(
+        st["listening"]["open"],
+        json!(["tcp/0.0.0.0:7401"]),
+        "only the declared listener: {st}"
+    );
     assert_eq!(
         st["listening"]["undeclared"],
         json!([]),
