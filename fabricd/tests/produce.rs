@@ -9,9 +9,11 @@ use std::os::unix::net::UnixStream;
 
 use common::*;
 use fabricd::produce;
+use fabricd::record::Stored;
 use fabricd::store::{Cursor, Limits, Log};
 
-fn read_back(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<(u64, String, Vec<u8>)> {
+/// Every record the log of a stopped fabricd holds, oldest first.
+fn stored(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<Stored> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -34,14 +36,18 @@ fn read_back(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<(u64,
             if got.is_empty() {
                 break;
             }
-            out.extend(
-                got.into_iter()
-                    .map(|s| (s.offset, s.record.topic, s.record.value)),
-            );
+            out.extend(got);
         }
     }
-    out.sort();
+    out.sort_by_key(|s| s.offset);
     out
+}
+
+fn read_back(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<(u64, String, Vec<u8>)> {
+    stored(f, classes)
+        .into_iter()
+        .map(|s| (s.offset, s.record.topic, s.record.value))
+        .collect()
 }
 
 fn default_class() -> Vec<fabricd::config::ClassConfig> {
@@ -220,21 +226,7 @@ fn records_carry_their_producer_and_one_noisy_producer_is_slowed_alone() {
     f.kill9();
 
     // Every stored record names its producer, as the core will see it.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _g = rt.enter();
-    let log = Log::open(
-        &f.dir.join("log"),
-        &default_class(),
-        Limits {
-            quota_bytes: 1 << 30,
-            segment_bytes: 64 << 20,
-        },
-    )
-    .unwrap();
-    let got = log.read(&mut Cursor::new(0, 0), 1 << 20).unwrap();
+    let got = stored(&f, &default_class());
     assert_eq!(got.len(), taken + 2, "what was taken, and nothing refused");
     for s in &got {
         let who: Vec<&[u8]> = s
