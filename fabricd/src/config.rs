@@ -33,6 +33,10 @@ pub struct Config {
     pub producer_bytes_per_sec: u64,
     /// Unix socket for the framed produce protocol.
     pub unix_socket: Option<PathBuf>,
+    /// Where noded makes each pod's directory (`<namespace>_<name>_<uid>/`); fabricd
+    /// listens on `produce.sock` in each and stamps the pod's records with its name
+    /// (pod_channels.rs).
+    pub pod_channels: Option<PathBuf>,
     /// TCP address for the framed produce protocol (the pod network).
     pub tcp_listen: Option<SocketAddr>,
     /// TCP address for `POST /topics/<topic>`.
@@ -372,7 +376,11 @@ impl edge_common::Validate for Config {
         for (key, token) in [("site", &self.site), ("machine", &self.machine)] {
             check_token(key, token)?;
         }
-        edge_common::require_absolute(&[("log_dir", Some(&self.log_dir))])?;
+        edge_common::require_absolute(&[
+            ("log_dir", Some(&self.log_dir)),
+            ("unix_socket", self.unix_socket.as_deref()),
+            ("pod_channels", self.pod_channels.as_deref()),
+        ])?;
         if self.segment_bytes < 4096 || self.segment_bytes > u32::MAX as u64 {
             return Err((
                 "segment_bytes".into(),

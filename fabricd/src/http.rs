@@ -7,8 +7,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use crate::produce::{check_header_name, Ingest, Refusal, FULL, NO_CLASS, TOO_LARGE};
 use crate::record::{check_topic, Record};
@@ -47,8 +46,11 @@ fn refusal(r: Refusal) -> Response {
 }
 
 /// Serves one HTTP connection until it closes or a request is malformed.
-pub async fn serve_conn(ingest: Arc<Ingest>, stream: TcpStream, peer: String) {
-    let (rd, mut wr) = stream.into_split();
+pub async fn serve_conn<S>(ingest: Arc<Ingest>, stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::new(rd);
     loop {
         let resp = match handle(&ingest, &mut rd, &peer).await {
@@ -76,9 +78,9 @@ pub async fn serve_conn(ingest: Arc<Ingest>, stream: TcpStream, peer: String) {
 }
 
 /// Reads one request; `Ok(None)` when the peer closed between requests.
-async fn handle(
+async fn handle<R: AsyncRead + Unpin>(
     ingest: &Ingest,
-    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    rd: &mut BufReader<R>,
     producer: &str,
 ) -> Result<Option<Response>, Response> {
     let mut head = Vec::new();

@@ -9,6 +9,7 @@ pub mod enrollment;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod pod_channels;
 pub mod produce;
 pub mod record;
 pub mod resume;
@@ -23,7 +24,7 @@ pub use error::{Error, Result};
 use produce::Ingest;
 
 /// A listener of the produce API: unix socket or TCP.
-trait Listener: Send + 'static {
+pub(crate) trait Listener: Send + 'static {
     type Conn: Send + 'static;
     /// The next connection, and who it is from: the producer's identity, which fabricd
     /// stamps on its records (`produce::PRODUCER_HEADER`) and meters them by.
@@ -53,7 +54,7 @@ impl Listener for tokio::net::TcpListener {
 
 /// Serves each connection of `listener` on a task of its own, for as long as fabricd
 /// runs; a failed accept is logged and tried again 100 ms later.
-async fn accept_each<L, F, Fut>(listener: L, what: String, serve: F)
+pub(crate) async fn accept_each<L, F, Fut>(listener: L, what: String, serve: F)
 where
     L: Listener,
     F: Fn(L::Conn, String) -> Fut + Send + 'static,
@@ -113,16 +114,7 @@ pub async fn serve(mut config: Config) -> Result<()> {
         if let Some(parent) = path.parent() {
             edge_common::ensure_dir(parent)?;
         }
-        // A socket left by a previous run (we were killed) would make bind fail.
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove stale socket", path)(e)),
-        }
-        let listener = tokio::net::UnixListener::bind(path).map_err(|source| Error::Listen {
-            on: path.display().to_string(),
-            source,
-        })?;
+        let listener = bind_unix(path)?;
         tracing::info!(socket = %path.display(), "produce socket listening");
         let ingest = ingest.clone();
         tasks.spawn(accept_each(
@@ -130,6 +122,11 @@ pub async fn serve(mut config: Config) -> Result<()> {
             "the produce socket".to_owned(),
             move |stream, peer| produce::serve_conn(ingest.clone(), stream, peer),
         ));
+    }
+    if let Some(dir) = &config.pod_channels {
+        edge_common::ensure_dir(dir)?;
+        tracing::info!(dir = %dir.display(), "pod channels: a produce socket in each pod's directory");
+        tasks.spawn(pod_channels::run(dir.clone(), ingest.clone()));
     }
     if let Some(addr) = config.tcp_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -233,6 +230,20 @@ pub async fn serve(mut config: Config) -> Result<()> {
     });
     while tasks.join_next().await.is_some() {}
     std::future::pending().await
+}
+
+/// Binds a unix socket at `path`, first removing one a previous run left (it was
+/// killed), which would make the bind fail.
+pub(crate) fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove stale socket", path)(e)),
+    }
+    tokio::net::UnixListener::bind(path).map_err(|source| Error::Listen {
+        on: path.display().to_string(),
+        source,
+    })
 }
 
 /// Runs `task` on a thread and runtime of its own. The uplink and the downlink each run

@@ -43,6 +43,19 @@ fn stored(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<Stored> 
     out
 }
 
+/// The Edge-Producer fabricd stamped on a stored record; exactly one.
+fn producer_of(s: &Stored) -> String {
+    let who: Vec<&[u8]> = s
+        .record
+        .headers
+        .iter()
+        .filter(|(n, _)| n == produce::PRODUCER_HEADER)
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(who.len(), 1, "{:?}", s.record.headers);
+    String::from_utf8_lossy(who[0]).into_owned()
+}
+
 fn read_back(f: &Fabricd, classes: &[fabricd::config::ClassConfig]) -> Vec<(u64, String, Vec<u8>)> {
     stored(f, classes)
         .into_iter()
@@ -229,21 +242,101 @@ fn records_carry_their_producer_and_one_noisy_producer_is_slowed_alone() {
     let got = stored(&f, &default_class());
     assert_eq!(got.len(), taken + 2, "what was taken, and nothing refused");
     for s in &got {
-        let who: Vec<&[u8]> = s
-            .record
-            .headers
-            .iter()
-            .filter(|(n, _)| n == produce::PRODUCER_HEADER)
-            .map(|(_, v)| v.as_slice())
-            .collect();
-        assert_eq!(who.len(), 1, "{:?}", s.record.headers);
-        let who = String::from_utf8_lossy(who[0]);
+        let who = producer_of(s);
         if s.record.topic == "alarms.door" {
             assert!(who.starts_with("local:") && who.contains("/uid="), "{who}");
         } else {
             assert_eq!(who, "127.0.0.1");
         }
     }
+}
+
+#[test]
+fn each_pod_produces_on_its_own_channel_under_its_own_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pods = tmp.path().join("pods");
+    let mut f = Fabricd::configure(
+        tmp.path(),
+        &format!("pod_channels = \"{}\"\n", pods.display()),
+    );
+    f.start();
+    // What noded does for each pod it starts: a directory named for the pod.
+    let sensor = pods.join("default_sensor_3f9a");
+    let camera = pods.join("plant7_camera-2_77c1");
+    let bad = pods.join("not-a-pod");
+    for d in [&sensor, &camera, &bad] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let sock = |d: &std::path::Path| d.join(fabricd::pod_channels::SOCKET);
+    let connect = |d: &std::path::Path| {
+        wait_for(
+            "the pod's channel",
+            std::time::Duration::from_secs(10),
+            || UnixStream::connect(sock(d)).ok(),
+        )
+    };
+    // HTTP on the sensor's channel, the framed protocol on the camera's.
+    let (status, body) = http_over(
+        connect(&sensor),
+        b"POST /topics/pods.sensor.t HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n21.5",
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut cam = connect(&camera);
+    produce(&mut cam, &record("pods.camera.frame", b"jpeg")).unwrap();
+    // A pod may not claim another name on its channel either.
+    let mut forged = record("pods.camera.frame", b"x");
+    forged.headers = vec![("Edge-Producer".into(), b"pod:default/sensor".to_vec())];
+    let err = produce(&mut cam, &forged).unwrap_err();
+    assert!(
+        err.1.contains("(this producer is pod:plant7/camera-2)"),
+        "{}",
+        err.1
+    );
+    // A directory that is not named for a pod gets no channel, and the log says why.
+    wait_for(
+        "the refusal of not-a-pod",
+        std::time::Duration::from_secs(10),
+        || {
+            f.log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| {
+                    l.contains("not-a-pod not opened: the name is not <namespace>_<name>_<uid>")
+                })
+                .then_some(())
+        },
+    );
+    assert!(!sock(&bad).exists());
+    // The pod is gone (noded removed its directory): its channel closes; a pod of the
+    // same name started again gets a new one.
+    std::fs::remove_dir_all(&sensor).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::create_dir_all(&sensor).unwrap();
+    let (status, body) = http_over(
+        connect(&sensor),
+        b"POST /topics/pods.sensor.t HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n21.6",
+    );
+    assert_eq!(status, 200, "{body}");
+    drop(cam);
+    f.kill9();
+    let got: Vec<(String, String)> = stored(&f, &default_class())
+        .iter()
+        .map(|s| {
+            (
+                producer_of(s),
+                String::from_utf8_lossy(&s.record.value).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("pod:default/sensor".to_owned(), "21.5".to_owned()),
+            ("pod:plant7/camera-2".to_owned(), "jpeg".to_owned()),
+            ("pod:default/sensor".to_owned(), "21.6".to_owned()),
+        ]
+    );
 }
 
 #[test]

@@ -67,6 +67,11 @@ struct Config {
     /// storaged's CSI socket, for pods' `csi` volumes. Unset: such pods are refused.
     #[serde(default)]
     csi_socket: Option<PathBuf>,
+    /// fabricd's `pod_channels`: each pod gets a directory there, mounted read-only at
+    /// `/run/edge/fabric` in its containers, where fabricd listens for its records.
+    /// Absent: pods have no channel.
+    #[serde(default)]
+    fabric_pod_channels: Option<PathBuf>,
     /// Serves Prometheus text at `GET /metrics` on this address. Absent: no endpoint.
     #[serde(default)]
     metrics_listen: Option<SocketAddr>,
@@ -125,6 +130,7 @@ impl edge_common::Validate for Config {
                 self.image_allowlist_public_key.as_deref(),
             ),
             ("csi_socket", self.csi_socket.as_deref()),
+            ("fabric_pod_channels", self.fabric_pod_channels.as_deref()),
         ])?;
         if (self.image_allowlist.is_some() || self.downlink_image_allowlist.is_some())
             && self.image_allowlist_public_key.is_none()
@@ -201,6 +207,7 @@ async fn serve(config: Config) -> Result<()> {
         log_max_files: config.log_max_files,
         image_policy,
         csi_socket: config.csi_socket,
+        fabric_pod_channels: config.fabric_pod_channels,
     };
     Reconciler::new(cri, settings, status).run(TICK).await;
     Ok(())

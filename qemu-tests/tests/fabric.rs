@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use qemu_tests::core::{free_port, operator_key, run, toml_string, Operator};
 use qemu_tests::{all_ready, pod, pod_running as running, Machine, Options};
 use sha2::Digest as _;
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -94,23 +95,35 @@ trait Records {
 
     /// Every record of the test's topic at the core, in stream order: (subject,
     /// message id, value).
-    fn all(&self, n: u64) -> Result<Vec<(String, String, String)>> {
+    fn all(&self, n: u64) -> Result<Vec<AtCore>> {
         self.tail(TOPIC, n)
     }
 
     /// The first `n` records of `topic` at the core, in stream order.
-    fn tail(&self, topic: &str, n: u64) -> Result<Vec<(String, String, String)>> {
+    fn tail(&self, topic: &str, n: u64) -> Result<Vec<AtCore>> {
         let out = run(self
             .cmd()
             .args([
-                "tail", "--site", "site0", "--topic", topic, "--all", "--count",
+                "tail",
+                "--site",
+                "site0",
+                "--topic",
+                topic,
+                "--all",
+                "--producer",
+                "--count",
             ])
             .arg(n.to_string()))?;
         Ok(out
             .lines()
             .filter_map(|l| {
-                let mut f = l.splitn(3, ' ');
-                Some((f.next()?.into(), f.next()?.into(), f.next()?.into()))
+                let mut f = l.splitn(4, ' ');
+                Some(AtCore {
+                    subject: f.next()?.into(),
+                    id: f.next()?.into(),
+                    producer: f.next()?.into(),
+                    value: f.next()?.into(),
+                })
             })
             .collect())
     }
@@ -120,6 +133,17 @@ impl Records for Operator {
     fn cmd(&self) -> Command {
         Operator::cmd(self)
     }
+}
+
+/// A record as `edgectl tail --producer` prints it.
+struct AtCore {
+    subject: String,
+    /// The message id (`<site>/<machine>/<offset>`).
+    id: String,
+    /// The Edge-Producer fabricd stamped.
+    producer: String,
+    /// The value, escaped.
+    value: String,
 }
 
 /// One keep-alive HTTP connection to fabricd in the guest.
@@ -196,12 +220,18 @@ impl Producer {
 
 /// Each record of `range` at the core once, in order, with its subject and a message
 /// id of this box; nothing else on the topic.
-fn check(at_core: &[(String, String, String)], count: usize) {
-    let ours: Vec<_> = at_core.iter().filter(|(s, _, _)| s == SUBJECT).collect();
-    let values: Vec<&str> = ours.iter().map(|(_, _, v)| v.as_str()).collect();
+fn check(at_core: &[AtCore], count: usize) {
+    let ours: Vec<_> = at_core.iter().filter(|r| r.subject == SUBJECT).collect();
+    let values: Vec<&str> = ours.iter().map(|r| r.value.as_str()).collect();
     let want: Vec<String> = (0..count).map(|i| format!("reading-{i:05}")).collect();
     assert_eq!(values, want, "the core holds each record once, in order");
-    let mut ids: Vec<&str> = ours.iter().map(|(_, id, _)| id.as_str()).collect();
+    // Posted through QEMU's forward, which connects from the user network's gateway.
+    assert!(
+        ours.iter().all(|r| r.producer == "10.0.2.2"),
+        "each record names the address it came from: {:?}",
+        ours.iter().map(|r| &r.producer).collect::<BTreeSet<_>>()
+    );
+    let mut ids: Vec<&str> = ours.iter().map(|r| r.id.as_str()).collect();
     assert!(
         ids.iter().all(|id| id.starts_with("site0/edge0/")),
         "{ids:?}"
@@ -380,16 +410,17 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
             vec![]
         };
         // `edgectl tail` prints values escaped (`{\"sensor\":...`): match the names only.
-        if readings
-            .iter()
-            .any(|(_, _, v)| v.contains("temp0") && v.contains("score") && v.contains("anomaly"))
-        {
+        let scored = |v: &str| v.contains("temp0") && v.contains("score") && v.contains("anomaly");
+        if let Some(r) = readings.iter().find(|r| scored(&r.value)) {
+            // Sent through the pod's own channel (a socket noded mounted into it), so
+            // fabricd names the pod, which the pod cannot forge.
+            assert_eq!(r.producer, "pod:default/sensor", "{}", r.value);
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(150),
-            "no scored reading of the sensor pod reached the core ({n} readings: {:?})",
-            readings.last()
+            "no scored reading of the sensor pod reached the core ({n} readings, the last {:?})",
+            readings.last().map(|r| &r.value)
         );
         std::thread::sleep(Duration::from_secs(2));
     }

@@ -9,9 +9,21 @@ use std::time::Duration;
 /// The largest request or reply body either side accepts.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// `http://host:port/path` split into (`host:port`, `/path`); `what` names the setting
+/// `http://host:port/path` split into (`host:port`, `/path`), or `unix:<socket>:/path`
+/// (HTTP over a unix socket, such as the fabric channel noded mounts into each pod at
+/// `/run/edge/fabric/produce.sock`) into (`<socket>`, `/path`); `what` names the setting
 /// in errors.
 pub fn parse_url(what: &str, url: &str) -> Result<(String, String), String> {
+    if let Some(rest) = url.strip_prefix("unix:") {
+        return match rest.split_once(":/") {
+            Some((socket, path)) if socket.starts_with('/') => {
+                Ok((socket.to_owned(), format!("/{path}")))
+            }
+            _ => Err(format!(
+                "{what} `{url}` must be unix:<absolute socket path>:/<path>"
+            )),
+        };
+    }
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{what} `{url}` must start with http://"))?;
@@ -25,12 +37,29 @@ pub fn parse_url(what: &str, url: &str) -> Result<(String, String), String> {
     Ok((authority.to_owned(), path.to_owned()))
 }
 
-/// POSTs a JSON body and returns the reply's status code and body.
+/// POSTs a JSON body to `authority` (`host:port`, or a unix socket's path) and returns
+/// the reply's status code and body.
 pub fn post(authority: &str, path: &str, body: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(authority).map_err(|e| format!("connect {authority}: {e}"))?;
+    let connect = |e| format!("connect {authority}: {e}");
+    if authority.starts_with('/') {
+        let s = std::os::unix::net::UnixStream::connect(authority).map_err(connect)?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        return exchange(s, "localhost", authority, path, body);
+    }
+    let s = TcpStream::connect(authority).map_err(connect)?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    exchange(s, authority, authority, path, body)
+}
+
+fn exchange(
+    mut s: impl Read + Write,
+    host: &str,
+    authority: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes())
@@ -257,6 +286,22 @@ mod tests {
             parse_url("FABRIC_URL", "http://127.0.0.1:7401/topics/sensors.temp").unwrap(),
             ("127.0.0.1:7401".into(), "/topics/sensors.temp".into())
         );
+        assert_eq!(
+            parse_url(
+                "FABRIC_URL",
+                "unix:/run/edge/fabric/produce.sock:/topics/pods.sensor.temp0"
+            )
+            .unwrap(),
+            (
+                "/run/edge/fabric/produce.sock".into(),
+                "/topics/pods.sensor.temp0".into()
+            )
+        );
+        for bad in ["unix:relative.sock:/t", "unix:/no/path"] {
+            assert!(parse_url("FABRIC_URL", bad)
+                .unwrap_err()
+                .contains("must be unix:<absolute socket path>:/<path>"));
+        }
         assert!(parse_url("FABRIC_URL", "https://x/y")
             .unwrap_err()
             .contains("FABRIC_URL `https://x/y` must start with http://"));

@@ -262,7 +262,11 @@ pub fn metric(f: &Fabricd, series: &str) -> Option<u64> {
 
 /// One plain HTTP/1.1 request on a fresh connection: (status, body).
 pub fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
-    let mut s = tcp(addr);
+    http_over(tcp(addr), request)
+}
+
+/// One plain HTTP/1.1 request on the connection `s`, which the server then closes.
+pub fn http_over(mut s: impl Read + Write, request: &[u8]) -> (u16, String) {
     s.write_all(request).unwrap();
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);

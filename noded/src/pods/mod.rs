@@ -63,6 +63,9 @@ pub struct Settings {
     pub image_policy: Option<crate::policy::Policy>,
     /// storaged's CSI socket, for pods' `csi` volumes; without it they are refused.
     pub csi_socket: Option<PathBuf>,
+    /// Each pod's fabric channel is `<dir>/<namespace>_<name>_<uid>/`, mounted read-only
+    /// at `/run/edge/fabric` in its containers (fabricd's pod_channels.rs).
+    pub fabric_pod_channels: Option<PathBuf>,
 }
 
 pub struct Reconciler {

@@ -436,6 +436,9 @@ impl Driver {
         }
         // After the image checks: a pod refused for its images provisions nothing.
         self.volumes.attach(uid, &run.pod).await?;
+        if let Some(dir) = channel(&self.settings, &run.pod, uid) {
+            std::fs::create_dir_all(&dir).map_err(Error::io("failed to create", &dir))?;
+        }
         let config = self.sandbox_config(run);
         Ok(self
             .cri
@@ -474,6 +477,7 @@ impl Driver {
             ctr.attempt,
             &self.settings.state_dir,
             |name| self.volumes.target(&uid, name),
+            channel(&self.settings, pod, &uid).as_deref(),
         );
         let id = self
             .cri
@@ -554,6 +558,12 @@ pub(super) async fn stop_sandbox(cri: &Client, sandbox: &str, containers: &[Stri
     }
 }
 
+/// The pod's fabric channel directory, when fabricd gives pods one.
+fn channel(settings: &Settings, pod: &Pod, uid: &str) -> Option<PathBuf> {
+    let dir = settings.fabric_pod_channels.as_ref()?;
+    Some(spec::fabric_channel(dir, pod, uid))
+}
+
 pub(super) async fn teardown(cri: &Client, settings: &Settings, volumes: &Volumes, run: PodRun) {
     if let Some(sb) = &run.sandbox {
         let ids: Vec<String> = run.containers.iter().filter_map(|c| c.id.clone()).collect();
@@ -571,7 +581,10 @@ pub(super) async fn teardown(cri: &Client, settings: &Settings, volumes: &Volume
     for dir in [
         spec::pod_state_dir(&settings.state_dir, &run.hash),
         spec::pod_log_dir(&settings.log_dir, &run.pod, &run.hash),
-    ] {
+    ]
+    .into_iter()
+    .chain(channel(settings, &run.pod, &run.hash))
+    {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("failed to remove {}: {e}", dir.display());

@@ -69,6 +69,15 @@ pub(super) fn pod_state_dir(state_dir: &Path, uid: &str) -> PathBuf {
     state_dir.join("pods").join(uid)
 }
 
+/// Where a pod's containers find their fabric channel (fabricd's `produce.sock`).
+pub(super) const FABRIC_CHANNEL: &str = "/run/edge/fabric";
+
+/// The pod's fabric channel directory under fabricd's `pod_channels`: its name is the
+/// identity fabricd stamps on the pod's records, so it is the pod's own.
+pub(super) fn fabric_channel(dir: &Path, pod: &Pod, uid: &str) -> PathBuf {
+    dir.join(format!("{}_{}_{uid}", pod.namespace, pod.name))
+}
+
 /// Where a pod's emptyDir volume `volume` lives.
 pub(super) fn empty_dir(state_dir: &Path, uid: &str, volume: &str) -> PathBuf {
     pod_state_dir(state_dir, uid).join("volumes").join(volume)
@@ -136,7 +145,8 @@ pub(super) fn sandbox_config(file: &str, uid: &str, pod: &Pod, log_dir: &Path) -
 
 /// One container of the pod, attempt `attempt`: its emptyDir volumes under `state_dir`,
 /// its CSI volumes at `csi_target(volume)` (read-only when the claim or the mount is), its
-/// log at `<name>/<attempt>.log` in the pod's log directory.
+/// log at `<name>/<attempt>.log` in the pod's log directory, and the pod's fabric
+/// `channel` directory (when there is one) read-only at [`FABRIC_CHANNEL`].
 pub(super) fn container_config(
     pod: &Pod,
     uid: &str,
@@ -144,7 +154,14 @@ pub(super) fn container_config(
     attempt: u32,
     state_dir: &Path,
     csi_target: impl Fn(&str) -> PathBuf,
+    channel: Option<&Path>,
 ) -> ContainerConfig {
+    let channel = channel.map(|dir| Mount {
+        container_path: FABRIC_CHANNEL.into(),
+        host_path: dir.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    });
     let mounts = c
         .volume_mounts
         .iter()
@@ -165,6 +182,7 @@ pub(super) fn container_config(
                 ..Default::default()
             })
         })
+        .chain(channel)
         .collect();
     ContainerConfig {
         devices: devices(pod, c, &csi_target),
@@ -261,9 +279,16 @@ mod tests {
             "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  volumes:\n  - name: model\n    csi: {driver: storaged.edgeos, volumeAttributes: {volume: m, size: 1Gi, accessMode: ReadOnlyMany}}\n  - name: db\n    csi: {driver: storaged.edgeos, volumeAttributes: {volume: d, size: 1Gi}}\n  - name: tmp\n    emptyDir: {}\n  containers:\n  - name: a\n    image: i\n    env: [{name: K, value: v}]\n    volumeMounts: [{name: model, mountPath: /m}, {name: db, mountPath: /d}, {name: tmp, mountPath: /t, readOnly: true}]\n",
         )
         .unwrap();
-        let c = container_config(&pod, "u", &pod.containers[0], 3, Path::new("/state"), |n| {
-            PathBuf::from(format!("/state/csi/pods/u/{n}"))
-        });
+        let channel = fabric_channel(Path::new("/run/fabricd/pods"), &pod, "u");
+        let c = container_config(
+            &pod,
+            "u",
+            &pod.containers[0],
+            3,
+            Path::new("/state"),
+            |n| PathBuf::from(format!("/state/csi/pods/u/{n}")),
+            Some(&channel),
+        );
         let mounts: Vec<(&str, &str, bool)> = c
             .mounts
             .iter()
@@ -275,6 +300,8 @@ mod tests {
                 ("/m", "/state/csi/pods/u/model", true),
                 ("/d", "/state/csi/pods/u/db", false),
                 ("/t", "/state/pods/u/volumes/tmp", true),
+                // Its own fabric channel, named for it, which it cannot write to.
+                ("/run/edge/fabric", "/run/fabricd/pods/default_a_u", true),
             ]
         );
         assert_eq!(c.log_path, "a/3.log");

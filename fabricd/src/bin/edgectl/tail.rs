@@ -20,6 +20,10 @@ pub(crate) struct Args {
     /// Stop after this many records.
     #[arg(long)]
     count: Option<usize>,
+    /// Print who produced each record (the Edge-Producer fabricd stamped: an address,
+    /// `local:<program>/uid=<n>` or `pod:<namespace>/<name>`) after its id.
+    #[arg(long)]
+    producer: bool,
 }
 
 pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &Args) -> Result<()> {
@@ -29,6 +33,7 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         topic,
         all,
         count,
+        producer,
     } = args;
     use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
     let stream = js
@@ -63,6 +68,15 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
+        let by = match m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(fabricd::produce::PRODUCER_HEADER))
+        {
+            Some(v) if *producer => format!(" {}", v.as_str()),
+            None if *producer => " -".to_owned(),
+            _ => String::new(),
+        };
         let encoding = m
             .headers
             .as_ref()
@@ -71,7 +85,7 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         let value = fabricd::uplink::decode(&m.payload, encoding.as_deref(), 64 << 20)
             .map_err(Error::within(format_args!("{} {id}", m.subject)))?;
         println!(
-            "{} {id} {}",
+            "{} {id}{by} {}",
             m.subject,
             String::from_utf8_lossy(&value).escape_debug()
         );
