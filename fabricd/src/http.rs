@@ -14,7 +14,8 @@ use crate::record::{check_topic, Record};
 
 const MAX_HEAD: usize = 16 * 1024;
 
-struct Response {
+/// An answer: status line, a JSON body, whether the connection closes after it.
+pub struct Response {
     status: u16,
     reason: &'static str,
     body: String,
@@ -77,44 +78,23 @@ where
     }
 }
 
-/// Reads one request; `Ok(None)` when the peer closed between requests.
-async fn handle<R: AsyncRead + Unpin>(
-    ingest: &Ingest,
-    rd: &mut BufReader<R>,
-    producer: &str,
-) -> Result<Option<Response>, Response> {
-    let mut head = Vec::new();
-    loop {
-        let before = head.len();
-        let n = (&mut *rd)
-            .take((MAX_HEAD + 1 - head.len()) as u64)
-            .read_until(b'\n', &mut head)
-            .await
-            .map_err(|e| error(400, "Bad Request", e))?;
-        if n == 0 {
-            if head.is_empty() {
-                return Ok(None);
-            }
-            return Err(error(
-                400,
-                "Bad Request",
-                "connection closed inside the request head",
-            ));
-        }
-        if head.len() > MAX_HEAD {
-            return Err(error(400, "Bad Request", "request head over 16 KiB"));
-        }
-        let line = &head[before..];
-        if line == b"\r\n" || line == b"\n" {
-            if before == 0 {
-                // Blank lines before a request are tolerated (RFC 9112 2.2).
-                head.clear();
-                continue;
-            }
-            break;
-        }
-    }
-    let text = std::str::from_utf8(&head)
+/// What a request head asks for.
+pub struct Head {
+    pub topic: String,
+    /// The body's length (Content-Length).
+    pub length: usize,
+    /// The client asked to close after the reply (or spoke HTTP/1.0).
+    pub close: bool,
+    pub key: Option<Vec<u8>>,
+    /// Fabric-Timestamp; 0 = now.
+    pub timestamp_ms: i64,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Parses a request head (request line and header lines, up to its blank line) from a
+/// client; the error is the answer to send.
+pub fn parse_head(head: &[u8]) -> Result<Head, Response> {
+    let text = std::str::from_utf8(head)
         .map_err(|_| error(400, "Bad Request", "request head is not UTF-8"))?;
     let mut lines = text.lines();
     let request_line = lines.next().unwrap_or("");
@@ -197,6 +177,61 @@ async fn handle<R: AsyncRead + Unpin>(
     let Some(length) = length else {
         return Err(error(411, "Length Required", "Content-Length is required"));
     };
+    Ok(Head {
+        topic: topic.to_owned(),
+        length,
+        close,
+        key,
+        timestamp_ms,
+        headers,
+    })
+}
+
+/// Reads one request; `Ok(None)` when the peer closed between requests.
+async fn handle<R: AsyncRead + Unpin>(
+    ingest: &Ingest,
+    rd: &mut BufReader<R>,
+    producer: &str,
+) -> Result<Option<Response>, Response> {
+    let mut head = Vec::new();
+    loop {
+        let before = head.len();
+        let n = (&mut *rd)
+            .take((MAX_HEAD + 1 - head.len()) as u64)
+            .read_until(b'\n', &mut head)
+            .await
+            .map_err(|e| error(400, "Bad Request", e))?;
+        if n == 0 {
+            if head.is_empty() {
+                return Ok(None);
+            }
+            return Err(error(
+                400,
+                "Bad Request",
+                "connection closed inside the request head",
+            ));
+        }
+        if head.len() > MAX_HEAD {
+            return Err(error(400, "Bad Request", "request head over 16 KiB"));
+        }
+        let line = &head[before..];
+        if line == b"\r\n" || line == b"\n" {
+            if before == 0 {
+                // Blank lines before a request are tolerated (RFC 9112 2.2).
+                head.clear();
+                continue;
+            }
+            break;
+        }
+    }
+    let Head {
+        topic,
+        length,
+        close,
+        key,
+        timestamp_ms,
+        headers,
+    } = parse_head(&head)?;
     if length > ingest.config.max_record_bytes {
         return Err(error(
             413,
@@ -216,7 +251,7 @@ async fn handle<R: AsyncRead + Unpin>(
         )
     })?;
     let rec = Record {
-        topic: topic.to_owned(),
+        topic,
         key,
         headers,
         timestamp_ms: if timestamp_ms == 0 {

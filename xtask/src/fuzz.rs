@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// Every target, one per decoder of outside bytes (fuzz/Cargo.toml).
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 12] = [
     "pod_yaml",
     "produce_frame",
     "log_segment",
@@ -20,6 +20,9 @@ pub const TARGETS: [&str; 9] = [
     "oci_archive",
     "storage_superblock",
     "update_manifest",
+    "control_request",
+    "http_head",
+    "csi_request",
 ];
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
