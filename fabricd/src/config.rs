@@ -41,6 +41,9 @@ pub struct Config {
     pub tcp_listen: Option<SocketAddr>,
     /// TCP address for `POST /topics/<topic>`.
     pub http_listen: Option<SocketAddr>,
+    /// Client certificates for `tcp_listen` and `http_listen`: required when either
+    /// listens on an address that is not loopback (other machines on the site network).
+    pub lan_tls: Option<LanTlsConfig>,
     /// TCP address for Prometheus `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// Topic classes, matched in order; a topic no class matches is refused.
@@ -125,6 +128,16 @@ pub enum WhenFull {
     Backpressure,
     /// The class's oldest records are deleted (and counted) to make room.
     DropOldest,
+}
+
+/// TLS on the site-network listeners (lan.rs): fabricd's certificate and key, and the
+/// CA whose client certificates it takes; a producer is named by its certificate's CN.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -381,6 +394,27 @@ impl edge_common::Validate for Config {
             ("unix_socket", self.unix_socket.as_deref()),
             ("pod_channels", self.pod_channels.as_deref()),
         ])?;
+        for (key, addr) in [
+            ("tcp_listen", self.tcp_listen),
+            ("http_listen", self.http_listen),
+        ] {
+            if addr.is_some_and(|a| !a.ip().is_loopback()) && self.lan_tls.is_none() {
+                return Err((
+                    key.into(),
+                    format!(
+                        "{} takes producers from other machines: it needs [lan_tls] (the CA of their client certificates)",
+                        addr.map(|a| a.to_string()).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = &self.lan_tls {
+            edge_common::require_absolute(&[
+                ("lan_tls.cert", Some(&t.cert)),
+                ("lan_tls.key", Some(&t.key)),
+                ("lan_tls.client_ca", Some(&t.client_ca)),
+            ])?;
+        }
         if self.segment_bytes < 4096 || self.segment_bytes > u32::MAX as u64 {
             return Err((
                 "segment_bytes".into(),
@@ -489,6 +523,40 @@ mod tests {
             ))
         );
         assert!(c.class_of("anything.at.all").is_some());
+        assert!(
+            c.lan_tls.is_some() && c.tcp_listen.is_none(),
+            "the site network produces only over TLS, and the framed port is off"
+        );
+        assert!(c.pod_channels.is_some(), "each pod gets its own channel");
+    }
+
+    #[test]
+    fn a_listener_other_machines_reach_needs_client_certificates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("fabricd.toml");
+        let base = "site = \"s\"\nmachine = \"m\"\nlog_dir = \"/l\"\n";
+        let load = |extra: &str| {
+            std::fs::write(&f, format!("{base}{extra}")).unwrap();
+            edge_common::load_config::<Config>(&f).map_err(|e| e.to_string())
+        };
+        // Loopback is this box's own: no certificates needed.
+        load("tcp_listen = \"127.0.0.1:7400\"\nhttp_listen = \"[::1]:7401\"\n").unwrap();
+        for key in ["tcp_listen", "http_listen"] {
+            let e = load(&format!("{key} = \"0.0.0.0:7400\"\n")).unwrap_err();
+            assert!(
+                e.contains(&format!(
+                    "key `{key}`: 0.0.0.0:7400 takes producers from other machines: it needs [lan_tls]"
+                )),
+                "{e}"
+            );
+        }
+        let e = load(
+            "http_listen = \"0.0.0.0:7401\"\n[lan_tls]\ncert = \"c.pem\"\nkey = \"/k\"\nclient_ca = \"/ca\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("lan_tls.cert"), "{e}");
+        load("http_listen = \"0.0.0.0:7401\"\n[lan_tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_ca = \"/ca\"\n")
+            .unwrap();
     }
 
     #[test]

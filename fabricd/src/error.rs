@@ -73,7 +73,8 @@ pub enum Error {
         source: Option<std::io::Error>,
     },
 
-    // The box's TLS identity toward the core (`key` is the config key of the file).
+    // The box's TLS identity toward the core, and on the site network (`key` is the
+    // config key of the file).
     #[error("bad TLS material: {key} {path}: {detail}")]
     Tls {
         key: &'static str,

@@ -8,6 +8,7 @@ pub mod downlink;
 pub mod enrollment;
 pub mod error;
 pub mod http;
+pub mod lan;
 pub mod metrics;
 pub mod pod_channels;
 pub mod produce;
@@ -110,6 +111,18 @@ pub async fn serve(mut config: Config) -> Result<()> {
     })?;
     let ingest = Arc::new(Ingest::new(log.clone(), config.clone()));
     let mut tasks = tokio::task::JoinSet::new();
+    // The TCP listeners' TLS: `Some(None)` plain, `None` off (their certificate is not
+    // provisioned, or bad: said, and the log still takes records from the box itself).
+    let lan = match &config.lan_tls {
+        None => Some(None),
+        Some(t) => match lan::acceptor(t) {
+            Ok(a) => Some(Some(a)),
+            Err(e) => {
+                tracing::warn!("{e}: tcp_listen and http_listen stay off until it is provisioned");
+                None
+            }
+        },
+    };
     if let Some(path) = &config.unix_socket {
         if let Some(parent) = path.parent() {
             edge_common::ensure_dir(parent)?;
@@ -128,37 +141,36 @@ pub async fn serve(mut config: Config) -> Result<()> {
         tracing::info!(dir = %dir.display(), "pod channels: a produce socket in each pod's directory");
         tasks.spawn(pod_channels::run(dir.clone(), ingest.clone()));
     }
-    if let Some(addr) = config.tcp_listen {
+    for (framed, addr) in [(true, config.tcp_listen), (false, config.http_listen)] {
+        let (Some(addr), Some(tls)) = (addr, &lan) else {
+            continue;
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Listen {
                 on: addr.to_string(),
                 source,
             })?;
-        tracing::info!(%addr, "produce TCP listening");
-        let ingest = ingest.clone();
+        let what = if framed { "framed" } else { "HTTP" };
+        tracing::info!(%addr, tls = tls.is_some(), "produce {what} listening");
+        let (ingest, tls) = (ingest.clone(), tls.clone());
         tasks.spawn(accept_each(
             listener,
             addr.to_string(),
             move |stream: tokio::net::TcpStream, peer| {
-                let _ = stream.set_nodelay(true);
-                produce::serve_conn(ingest.clone(), stream, peer)
+                let (ingest, tls) = (ingest.clone(), tls.clone());
+                async move {
+                    let _ = stream.set_nodelay(framed);
+                    let Some((conn, who)) = lan::accept(tls.as_ref(), stream, peer).await else {
+                        return;
+                    };
+                    if framed {
+                        produce::serve_conn(ingest, conn, who).await
+                    } else {
+                        http::serve_conn(ingest, conn, who).await
+                    }
+                }
             },
-        ));
-    }
-    if let Some(addr) = config.http_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen {
-                on: addr.to_string(),
-                source,
-            })?;
-        tracing::info!(%addr, "produce HTTP listening");
-        let ingest = ingest.clone();
-        tasks.spawn(accept_each(
-            listener,
-            addr.to_string(),
-            move |stream, peer| http::serve_conn(ingest.clone(), stream, peer),
         ));
     }
     let status = Arc::new(uplink::Status::default());

@@ -22,7 +22,7 @@ use crate::config::{CoreConfig, EnrollConfig};
 use crate::error::{Error, Result};
 
 /// `map_err(bad(key, path))`: what is wrong with the file of config key `key`.
-fn bad<E: std::fmt::Display>(key: &'static str, path: &Path) -> impl FnOnce(E) -> Error {
+pub(crate) fn bad<E: std::fmt::Display>(key: &'static str, path: &Path) -> impl FnOnce(E) -> Error {
     let path = path.to_owned();
     move |e| Error::Tls {
         key,
@@ -31,11 +31,11 @@ fn bad<E: std::fmt::Display>(key: &'static str, path: &Path) -> impl FnOnce(E) -
     }
 }
 
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read(key: &'static str, path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(bad(key, path))
 }
 
-fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = read(key, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()

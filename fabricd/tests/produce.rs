@@ -339,6 +339,147 @@ fn each_pod_produces_on_its_own_channel_under_its_own_name() {
     );
 }
 
+/// A TLS client of the test CA's server certificate, proving `client`'s certificate
+/// (`<client>.pem`, `.key` in the PKI) or none.
+fn tls_to(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    client: Option<&str>,
+) -> async_nats::rustls::StreamOwned<async_nats::rustls::ClientConnection, std::net::TcpStream> {
+    use async_nats::rustls::pki_types::pem::PemObject;
+    use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use async_nats::rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+    let certs = |name: &str| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(pki.path(name))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let mut roots = RootCertStore::empty();
+    roots.add(certs("ca.pem").remove(0)).unwrap();
+    let provider = std::sync::Arc::new(async_nats::rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(c) => builder
+            .with_client_auth_cert(
+                certs(&format!("{c}.pem")),
+                PrivateKeyDer::from_pem_file(pki.path(&format!("{c}.key"))).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let conn = ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    StreamOwned::new(conn, tcp(addr))
+}
+
+#[test]
+fn site_network_producers_prove_a_client_certificate_and_are_named_by_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&tmp.path().join("pki"));
+    pki.issue_client("plc-7", "/CN=plc-7");
+    let lan_tls = |dir: &std::path::Path| {
+        format!(
+            "[lan_tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+            dir.join("server.pem").display(),
+            dir.join("server.key").display(),
+            dir.join("ca.pem").display()
+        )
+    };
+    let mut f = Fabricd::configure(tmp.path(), &lan_tls(&pki.dir));
+    f.start();
+    // The site's PLC, framed and over HTTP, each with its certificate.
+    let mut plc = tls_to(f.tcp, &pki, Some("plc-7"));
+    produce(&mut plc, &record("plant.press1", b"92 bar")).unwrap();
+    let (status, body) = http_over(
+        tls_to(f.http, &pki, Some("plc-7")),
+        b"POST /topics/plant.press2 HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nConnection: close\r\n\r\n95 bar",
+    );
+    assert_eq!(status, 200, "{body}");
+    // Without a certificate, with one of another CA, or without TLS: nothing taken.
+    let frame = produce::encode_request(&record("plant.press1", b"forged"));
+    let answer = |mut s: Box<dyn ReadWrite>| {
+        let _ = s.write_all(&frame);
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        got
+    };
+    for (who, s) in [
+        (
+            "no certificate",
+            Box::new(tls_to(f.tcp, &pki, None)) as Box<dyn ReadWrite>,
+        ),
+        (
+            "another CA's",
+            Box::new(tls_to(f.tcp, &pki, Some("foreign-client"))),
+        ),
+        ("plain TCP", Box::new(tcp(f.tcp))),
+    ] {
+        let got = answer(s);
+        assert!(
+            got.get(4) != Some(&produce::OK),
+            "{who}: the producer was answered {got:?}"
+        );
+    }
+    wait_for(
+        "the refusals logged",
+        std::time::Duration::from_secs(10),
+        || {
+            let log = f.log.lock().unwrap();
+            (log.iter()
+                .filter(|l| l.contains("refused a producer on the site network"))
+                .count()
+                >= 3)
+                .then_some(())
+        },
+    );
+    drop(plc);
+    f.kill9();
+    let got: Vec<(String, String)> = stored(&f, &default_class())
+        .iter()
+        .map(|s| (producer_of(s), s.record.topic.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("lan:plc-7".to_owned(), "plant.press1".to_owned()),
+            ("lan:plc-7".to_owned(), "plant.press2".to_owned()),
+        ]
+    );
+
+    // A box whose site has not provisioned the certificate yet: the site-network
+    // listeners stay off, said once, and the box's own producers go on.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut g = Fabricd::configure(tmp2.path(), &lan_tls(&tmp2.path().join("absent")));
+    g.start();
+    assert!(std::net::TcpStream::connect(g.tcp).is_err());
+    assert!(std::net::TcpStream::connect(g.http).is_err());
+    assert!(
+        g.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("lan_tls.client_ca")
+                && l.contains("tcp_listen and http_listen stay off until it is provisioned")),
+        "{:?}",
+        g.log.lock().unwrap()
+    );
+    produce(
+        &mut UnixStream::connect(&g.socket).unwrap(),
+        &record("alarms.door", b"open"),
+    )
+    .unwrap();
+}
+
+trait ReadWrite: std::io::Read + Write {}
+impl<T: std::io::Read + Write> ReadWrite for T {}
+
 #[test]
 fn unknown_topic_class_is_refused_and_the_connection_goes_on() {
     let tmp = tempfile::tempdir().unwrap();

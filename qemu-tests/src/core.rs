@@ -50,7 +50,8 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 /// CA, the core's server certificate (valid for 127.0.0.1 and for 10.0.2.100, the
 /// address the guest dials), the operator's certificate, site0's enrollment certificate
 /// and a site0 box certificate given by hand (`site.pem`, for a box not enrolled through
-/// its TPM), made with openssl.
+/// its TPM), the box's site-network server certificate (`lan-server`) and a site
+/// machine's client certificate (`plc`, CN plc-7), made with openssl.
 pub fn make_pki(dir: &Path) -> Result<()> {
     std::fs::write(
         dir.join("ext.cnf"),
@@ -79,6 +80,9 @@ pub fn make_pki(dir: &Path) -> Result<()> {
         ("operator", "edge-operator", "client"),
         ("enroll", "enroll-site0", "client"),
         ("site", "site-site0", "client"),
+        // The box's TLS on its site-network listener, and a machine of the site network.
+        ("lan-server", "edge0 site network", "server"),
+        ("plc", "plc-7", "client"),
     ] {
         run(Command::new("openssl")
             .current_dir(dir)

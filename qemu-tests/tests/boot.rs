@@ -44,18 +44,16 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         "no ready event: {:?}",
         m.events()
     );
-    // Nothing listens on the network that the definition does not declare (system.toml's
-    // network.listeners: fabricd's HTTP produce port); init looks every 10 s. The framed
-    // TCP listener for other machines is off in the image.
-    let st = m.wait_status(Duration::from_secs(60), "fabricd's listener seen", |st| {
-        st["listening"]["open"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|l| l == "tcp/0.0.0.0:7401"))
-    })?;
+    // Nothing listens on the network: fabricd's HTTP port for the site network (the one
+    // listener system.toml declares) stays off until the site provisions its TLS
+    // certificate (qemu-tests/tests/fabric.rs does), and the framed TCP port is off in
+    // the image. init looks every 10 s: a look well after fabricd started.
+    std::thread::sleep(Duration::from_secs(12));
+    let st = m.status()?;
     assert_eq!(
         st["listening"]["open"],
-        json!(["tcp/0.0.0.0:7401"]),
-        "only the declared listener: {st}"
+        json!([]),
+        "nothing open to the network: {st}"
     );
     assert_eq!(
         st["listening"]["undeclared"],

@@ -146,22 +146,56 @@ struct AtCore {
     value: String,
 }
 
-/// One keep-alive HTTP connection to fabricd in the guest.
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// One keep-alive HTTPS connection to fabricd in the guest, as a machine on the site
+/// network makes it: TLS with its client certificate (`plc`, CN plc-7).
 struct Producer {
-    reader: BufReader<TcpStream>,
-    stream: TcpStream,
+    conn: BufReader<Tls>,
+}
+
+/// The TLS client of a site machine holding `<client>.pem`/`.key` of the test CA in
+/// `dir`, trusting that CA.
+fn site_machine(
+    dir: &std::path::Path,
+    client: &str,
+) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = |n: &str| -> Result<Vec<CertificateDer<'static>>> {
+        Ok(CertificateDer::pem_file_iter(dir.join(n))?.collect::<Result<_, _>>()?)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs("ca.pem")? {
+        roots.add(c)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                certs(&format!("{client}.pem"))?,
+                PrivateKeyDer::from_pem_file(dir.join(format!("{client}.key")))?,
+            )?,
+    ))
 }
 
 impl Producer {
-    fn connect(port: u16, timeout: Duration) -> Result<Producer> {
+    fn connect(
+        port: u16,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
+        timeout: Duration,
+    ) -> Result<Producer> {
         let start = Instant::now();
         loop {
             // The forward accepts before fabricd does; a first request proves it.
             if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
                 stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+                let conn = rustls::ClientConnection::new(tls.clone(), name)?;
                 let mut p = Producer {
-                    reader: BufReader::new(stream.try_clone()?),
-                    stream,
+                    conn: BufReader::new(rustls::StreamOwned::new(conn, stream)),
                 };
                 if p.post("probe.hello").is_ok() {
                     return Ok(p);
@@ -181,17 +215,19 @@ impl Producer {
         } else {
             TOPIC
         };
+        let s = self.conn.get_mut();
         write!(
-            self.stream,
+            s,
             "POST /topics/{topic} HTTP/1.1\r\nHost: edge\r\nContent-Length: {}\r\n\r\n{value}",
             value.len()
         )?;
+        s.flush()?;
         let mut status = String::new();
-        self.reader.read_line(&mut status)?;
+        self.conn.read_line(&mut status)?;
         let mut len = 0usize;
         loop {
             let mut h = String::new();
-            if self.reader.read_line(&mut h)? == 0 {
+            if self.conn.read_line(&mut h)? == 0 {
                 bail!("connection closed inside a response");
             }
             let h = h.trim_end();
@@ -205,7 +241,7 @@ impl Producer {
             }
         }
         let mut body = vec![0u8; len];
-        self.reader.read_exact(&mut body)?;
+        self.conn.read_exact(&mut body)?;
         let body = String::from_utf8_lossy(&body);
         if !status.contains(" 200 ") {
             bail!("POST {value}: {} {body}", status.trim_end());
@@ -225,10 +261,10 @@ fn check(at_core: &[AtCore], count: usize) {
     let values: Vec<&str> = ours.iter().map(|r| r.value.as_str()).collect();
     let want: Vec<String> = (0..count).map(|i| format!("reading-{i:05}")).collect();
     assert_eq!(values, want, "the core holds each record once, in order");
-    // Posted through QEMU's forward, which connects from the user network's gateway.
+    // Posted by the site machine whose client certificate names it plc-7.
     assert!(
-        ours.iter().all(|r| r.producer == "10.0.2.2"),
-        "each record names the address it came from: {:?}",
+        ours.iter().all(|r| r.producer == "lan:plc-7"),
+        "each record names the machine that sent it: {:?}",
         ours.iter().map(|r| &r.producer).collect::<BTreeSet<_>>()
     );
     let mut ids: Vec<&str> = ours.iter().map(|r| r.id.as_str()).collect();
@@ -262,6 +298,15 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         let mut bundle = toml_string("fabricd-core.toml", core_toml);
         for f in ["ca.pem", "enroll.pem", "enroll.key"] {
             bundle.push_str(&toml_string(f, &pem(f)?));
+        }
+        // The site network's listener: its certificate, and the CA of the machines
+        // that may produce there.
+        for (f, from) in [
+            ("lan/server.pem", "lan-server.pem"),
+            ("lan/server.key", "lan-server.key"),
+            ("lan/clients-ca.pem", "ca.pem"),
+        ] {
+            bundle.push_str(&toml_string(f, &pem(from)?));
         }
         Ok(bundle)
     };
@@ -374,7 +419,17 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     );
 
     // Records posted in the guest reach the core exactly once, in order.
-    let mut prod = Producer::connect(http_port, Duration::from_secs(60))?;
+    let mut prod = Producer::connect(
+        http_port,
+        &site_machine(dir, "plc")?,
+        Duration::from_secs(60),
+    )?;
+    // The site network's listener is open now that its certificate is provisioned, and
+    // it is the one system.toml declares (init looks every 10 s).
+    let st = m.wait_status(Duration::from_secs(30), "fabricd's listener seen", |st| {
+        st["listening"]["open"] == serde_json::json!(["tcp/0.0.0.0:7401"])
+    })?;
+    assert_eq!(st["listening"]["undeclared"], serde_json::json!([]), "{st}");
     let first = 500;
     let t = Instant::now();
     for i in 0..first {

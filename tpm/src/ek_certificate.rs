@@ -244,6 +244,22 @@ pub fn validity(der: &[u8]) -> Result<(String, String), Error> {
     })
 }
 
+/// Any X.509 certificate's subject common name (DER); fabricd names a site-network
+/// producer by its client certificate's.
+pub fn subject_common_name(der: &[u8]) -> Result<String, Error> {
+    let cert = parse(der).map_err(|why| Error::Input {
+        what: "certificate",
+        why,
+    })?;
+    match common_name(cert.subject) {
+        n if n == "?" => Err(Error::Input {
+            what: "certificate",
+            why: "its subject has no common name (CN)".into(),
+        }),
+        n => Ok(n),
+    }
+}
+
 /// The CERTIFICATE blocks of a PEM text, as DER.
 pub fn pem_certificates(what: &'static str, pem: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
     let bad = |why: String| Error::Input { what, why };
