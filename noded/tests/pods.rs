@@ -27,6 +27,8 @@ spec:
   volumes:
     - name: scratch
       emptyDir: {}
+    - name: model
+      hostPath: {path: "@MODEL@", type: File}
   initContainers:
     - name: prepare
       image: edge.local/hello:1
@@ -40,6 +42,7 @@ spec:
         limits: {cpu: 500m, memory: 64Mi}
       volumeMounts:
         - {name: scratch, mountPath: /data}
+        - {name: model, mountPath: /models/m.txt, readOnly: true}
     - name: blinker
       image: edge.local/hello:1
       args: ["blink"]
@@ -129,7 +132,8 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
              state_dir = \"{d}/state\"\n\
              restart_backoff_base_ms = 300\n\
              control_socket = \"{d}/run/noded.sock\"\n\
-             metrics_listen = \"127.0.0.1:{metrics_port}\"\n",
+             metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+             fabric_pod_channels = \"{d}/channels\"\n",
             d = dir.display()
         ),
     )
@@ -137,7 +141,15 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     let mut noded = start_noded(&config, &env.noded_log);
 
     std::fs::write(manifests.join("broken.yaml"), BROKEN).unwrap();
-    std::fs::write(manifests.join("hello.yaml"), POD).unwrap();
+    // A model the pod reads, as the core's downlink delivers one.
+    let model = dir.join("downlink/models/m.txt");
+    std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+    std::fs::write(&model, "model v1").unwrap();
+    std::fs::write(
+        manifests.join("hello.yaml"),
+        POD.replace("@MODEL@", &model.display().to_string()),
+    )
+    .unwrap();
 
     // The good pod runs: init container first, then both app containers.
     let pods = env
@@ -151,6 +163,21 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
         ("completed", Some(0))
     );
     assert_eq!(pod(&pods, "hello.yaml").unwrap().state, "running");
+    // Its fabric channel: a directory named for it, which fabricd listens in.
+    let channels = || -> Vec<String> {
+        std::fs::read_dir(dir.join("channels"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        channels().iter().any(|n| n.starts_with("default_hello_")),
+        "{:?}",
+        channels()
+    );
 
     // Its output is in the CRI log under the configured log directory.
     let logs = dir.join("logs");
@@ -268,7 +295,41 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     assert_eq!(running_steady(&cri).await, steady_before);
     assert!(env.noded_log().contains("adopted a running pod"));
 
-    // Removing the manifest stops and removes the pod, its emptyDir and its logs.
+    // The core withdraws the model: the pod that reads it stops, saying why, and runs
+    // again once a model is back.
+    std::fs::remove_file(&model).unwrap();
+    let pods = env
+        .wait_for("hello stopped for its model", |p| {
+            pod(p, "hello.yaml").is_some_and(|p| p.state != "running")
+        })
+        .await;
+    let why = pod(&pods, "hello.yaml")
+        .unwrap()
+        .error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        why.starts_with("stopped: volume model: its hostPath") && why.ends_with("m.txt is gone"),
+        "{why}"
+    );
+    let pods = env
+        .wait_for("hello refused while its model is gone", |p| {
+            pod(p, "hello.yaml").is_some_and(|p| {
+                p.error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("volume model: no hostPath"))
+            })
+        })
+        .await;
+    assert_eq!(pod(&pods, "hello.yaml").unwrap().state, "pending");
+    std::fs::write(&model, "model v2").unwrap();
+    env.wait_for("hello running with the new model", |p| {
+        container(p, "steady").is_some_and(|c| c.state == "running")
+    })
+    .await;
+
+    // Removing the manifest stops and removes the pod, its emptyDir, its logs and its
+    // fabric channel.
     std::fs::remove_file(manifests.join("hello.yaml")).unwrap();
     env.wait_for("hello pod gone from status", |p| {
         pod(p, "hello.yaml").is_none()
@@ -297,6 +358,7 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
         assert!(Instant::now() < deadline, "pod directories left behind");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(channels(), Vec::<String>::new(), "the channel left behind");
     drop(noded);
     eprintln!("noded's log:\n{}", env.noded_log());
     eprintln!("took {:?}", started.elapsed());

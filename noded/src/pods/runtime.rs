@@ -50,7 +50,9 @@ impl Driver {
                             run.ip = spec::pod_ip(&run.pod, s.status.as_ref());
                         }
                         let id = id.clone();
-                        if self.revoked(run, &id, now).await {
+                        if self.revoked(run, &id, now).await
+                            || self.lost_a_path(run, &id, now).await
+                        {
                             return;
                         }
                         id
@@ -153,20 +155,8 @@ impl Driver {
             match self.check_image(policy, image).await {
                 Ok(()) => {}
                 Err(e) if e.is_image_refused() => {
-                    tracing::warn!(pod = %run.pod.name, file = %run.file, "stopping the pod: {e}");
-                    let ids: Vec<String> =
-                        run.containers.iter().filter_map(|c| c.id.clone()).collect();
-                    stop_sandbox(
-                        &self.cri,
-                        sandbox,
-                        &ids,
-                        run.pod.termination_grace_period_seconds,
-                    )
-                    .await;
-                    run.reset();
+                    self.stop_running(run, sandbox, now, e.to_string()).await;
                     run.image_refused = true;
-                    run.error = Some(format!("stopped: {e}"));
-                    run.start_failed(self.settings.backoff_base, now);
                     return true;
                 }
                 // containerd away: asked again next pass.
@@ -178,6 +168,45 @@ impl Driver {
         }
         run.allowed_under = in_force;
         false
+    }
+
+    /// A running pod whose hostPath went away (a model or a config file the core
+    /// withdrew, docs/fabric.md) is stopped: what it read is no longer there. It starts
+    /// again, with back-off, once the path is back. `true` when stopped.
+    async fn lost_a_path(&self, run: &mut PodRun, sandbox: &str, now: Instant) -> bool {
+        let gone = run.pod.volumes.iter().find_map(|v| match &v.source {
+            VolumeSource::HostPath {
+                path,
+                create: false,
+            } if !path.exists() => Some(format!(
+                "volume {}: its hostPath {} is gone",
+                v.name,
+                path.display()
+            )),
+            _ => None,
+        });
+        let Some(why) = gone else {
+            return false;
+        };
+        self.stop_running(run, sandbox, now, why).await;
+        true
+    }
+
+    /// Stops a running pod for `why` (logged, and its `error` until it runs again) and
+    /// schedules its next start with back-off.
+    async fn stop_running(&self, run: &mut PodRun, sandbox: &str, now: Instant, why: String) {
+        tracing::warn!(pod = %run.pod.name, file = %run.file, "stopping the pod: {why}");
+        let ids: Vec<String> = run.containers.iter().filter_map(|c| c.id.clone()).collect();
+        stop_sandbox(
+            &self.cri,
+            sandbox,
+            &ids,
+            run.pod.termination_grace_period_seconds,
+        )
+        .await;
+        run.reset();
+        run.error = Some(format!("stopped: {why}"));
+        run.start_failed(self.settings.backoff_base, now);
     }
 
     /// Whether the pulled `image` is on the allowlist in force.
@@ -410,7 +439,15 @@ impl Driver {
             let dir = match &v.source {
                 VolumeSource::EmptyDir => spec::empty_dir(&self.settings.state_dir, uid, &v.name),
                 VolumeSource::HostPath { path, create: true } => path.clone(),
-                VolumeSource::HostPath { .. } | VolumeSource::Csi(_) => continue,
+                // Looked for here, so that the pod names the volume rather than the
+                // runtime failing its mount.
+                VolumeSource::HostPath { path, .. } => {
+                    std::fs::metadata(path)
+                        .map_err(Error::io("no hostPath", path))
+                        .map_err(Error::volume(&v.name, None))?;
+                    continue;
+                }
+                VolumeSource::Csi(_) => continue,
             };
             std::fs::create_dir_all(&dir)
                 .map_err(Error::io("failed to create", &dir))
