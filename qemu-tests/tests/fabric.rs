@@ -349,7 +349,7 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         "{measured:?}, want PCR 15 {want}"
     );
     let line = m.wait_for_console("edgeos: provisioning:", Duration::from_secs(120))?;
-    assert!(line.contains("provisioning: 4 file(s)"), "{line}");
+    assert!(line.contains("provisioning: 7 file(s)"), "{line}");
     let ready = m.wait_ready()?;
     m.wait_status(Duration::from_secs(60), "all services ready", all_ready)?;
 
@@ -472,11 +472,18 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
             assert_eq!(r.producer, "pod:default/sensor", "{}", r.value);
             break;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(150),
-            "no scored reading of the sensor pod reached the core ({n} readings, the last {:?})",
-            readings.last().map(|r| &r.value)
-        );
+        if start.elapsed() > Duration::from_secs(150) {
+            bail!(
+                "no scored reading of the sensor pod reached the core ({n} readings, the last \
+                 {:?}); the sensor's log ends: {:?}",
+                readings.last().map(|r| &r.value),
+                m.logs("sensor", false, 1000).map(|l| l
+                    .into_iter()
+                    .filter(|l| !l.starts_with('{'))
+                    .take(10)
+                    .collect::<Vec<_>>())
+            );
+        }
         std::thread::sleep(Duration::from_secs(2));
     }
 
