@@ -48,8 +48,19 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
     // listener system.toml declares) stays off until the site provisions its TLS
     // certificate (qemu-tests/tests/fabric.rs does), and the framed TCP port is off in
     // the image. init looks every 10 s: a look well after fabricd started.
-    std::thread::sleep(Duration::from_secs(12));
-    let st = m.status()?;
+    // Asked each second for 12 s (the control port read all along, as in the other
+    // waits), so that each answer is held to it.
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    let mut st = m.status()?;
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            st["listening"]["open"],
+            json!([]),
+            "nothing open to the network: {st}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        st = m.status()?;
+    }
     assert_eq!(
         st["listening"]["open"],
         json!([]),
