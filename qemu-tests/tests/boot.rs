@@ -51,21 +51,18 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
     // Asked each second for 12 s (the control port read all along, as in the other
     // waits), so that each answer is held to it.
     let until = std::time::Instant::now() + Duration::from_secs(12);
-    let mut st = m.status()?;
-    while std::time::Instant::now() < until {
+    let st = loop {
+        let st = m.status()?;
         assert_eq!(
             st["listening"]["open"],
             json!([]),
             "nothing open to the network: {st}"
         );
+        if std::time::Instant::now() >= until {
+            break st;
+        }
         std::thread::sleep(Duration::from_secs(1));
-        st = m.status()?;
-    }
-    assert_eq!(
-        st["listening"]["open"],
-        json!([]),
-        "nothing open to the network: {st}"
-    );
+    };
     assert_eq!(
         st["listening"]["undeclared"],
         json!([]),
