@@ -85,6 +85,22 @@ pub fn bless(boot: &Boot) -> Result<()> {
     Ok(())
 }
 
+/// [`bless`] on a thread of its own: the ESP's mount and sync wait for the disk, which the
+/// loop that pets the watchdog must not. A failure is said on the console.
+pub fn bless_in_background(boot: &Boot) {
+    let boot = boot.clone();
+    let spawned = std::thread::Builder::new()
+        .name("bless".into())
+        .spawn(move || {
+            if let Err(e) = bless(&boot) {
+                say!("warning: failed to bless the boot: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        say!("warning: failed to bless the boot: no thread: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -327,9 +327,7 @@ impl System {
             self.ctl.event(
                 &json!({"event": "ready", "version": version, "slot": slot, "uptime_ms": ms}),
             );
-            if let Err(e) = crate::esp::bless(&self.boot) {
-                self.sup.warn(format!("failed to bless the boot: {e}"));
-            }
+            crate::esp::bless_in_background(&self.boot);
         } else if !self.degraded {
             self.degraded = true;
             say!(
@@ -366,6 +364,9 @@ fn load_config() -> crate::config::System {
 }
 
 fn arm_watchdog(cfg: &crate::config::Watchdog) -> Option<Watchdog> {
+    if let Err(e) = crate::watchdog::keep_init_in_memory() {
+        say!("warning: PID 1's pages are not locked in memory (a stalled disk can hold the loop): {e}");
+    }
     match Watchdog::open(&cfg.device, cfg.timeout_s) {
         Ok(Some(w)) => {
             say!(

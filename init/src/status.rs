@@ -39,6 +39,12 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
     field_kib(&text, "VmRSS:")
 }
 
+/// This process's memory locked in (`VmLck`; PID 1 locks its pages, watchdog.rs).
+fn locked_kib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    field_kib(&text, "VmLck:")
+}
+
 /// What stage 1 learned of this boot: it writes it as `/run/edge/boot.json` (which
 /// fabricd reads the running version from, docs/contracts.md) and stage 2 reads it back
 /// for the status object.
@@ -83,6 +89,7 @@ pub fn build(
         "mem_available_kib": available,
         "meminfo_kib": meminfo_all(),
         "init_rss_kib": rss_kib(std::process::id() as i32),
+        "init_locked_kib": locked_kib(),
         "stage1_ms": boot.stage1_ms,
         "tpm_ms": boot.tpm_ms,
         "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full,

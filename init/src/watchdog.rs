@@ -13,6 +13,16 @@ const WDIOC_SETTIMEOUT: libc::c_ulong = 0xC004_5706;
 /// The boot-status bit of a card that reset the machine (linux/watchdog.h).
 const WDIOF_CARDRESET: libc::c_int = 0x0020;
 
+/// Locks every page PID 1 has mapped (its program and libraries, read from the verified
+/// root) into memory, so that petting the watchdog, the control port and the console
+/// never wait for the disk: a page evicted, or a code path first run while the disk
+/// stalls (QEMU's NVMe model does, a worn disk can), would otherwise hold the loop until
+/// the watchdog resets a box that was only slow. Later heap and stacks are anonymous, and
+/// the box has no swap. Returns the kernel's refusal, which leaves things as they were.
+pub fn keep_init_in_memory() -> std::io::Result<()> {
+    rustix::mm::mlockall(rustix::mm::MlockAllFlags::CURRENT).map_err(std::io::Error::from)
+}
+
 pub struct Watchdog {
     file: File,
     interval: Duration,

@@ -687,6 +687,22 @@ impl Machine {
         Ok(())
     }
 
+    /// Limits the boot disk to `iops` requests a second (QEMU's I/O throttling), or lifts
+    /// the limit (`None`): a disk that all but stalls, as a worn one can.
+    pub fn throttle_boot_disk(&mut self, iops: Option<u64>) -> Result<()> {
+        let iops = iops.unwrap_or(0);
+        let limits = serde_json::json!({"device": "boot", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                            "iops": iops, "iops_rd": 0, "iops_wr": 0});
+        crate::qmp::execute_with(
+            &self.path.join("qmp.sock"),
+            "block_set_io_throttle",
+            limits,
+            Duration::from_secs(10),
+        )
+        .with_context(|| format!("{}: block_set_io_throttle failed", self.name))?;
+        Ok(())
+    }
+
     /// Waits for QEMU to exit by itself; then stops swtpm.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let q = self

@@ -1,4 +1,5 @@
-//! A minimal QMP client: one connection per command, enough to press the power button.
+//! A minimal QMP client: one connection per command, enough to press the power button
+//! and slow a disk down.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -9,6 +10,11 @@ use std::time::Duration;
 
 /// Runs one QMP command and returns its "return" value.
 pub fn execute(sock: &Path, command: &str, timeout: Duration) -> Result<Value> {
+    execute_with(sock, command, json!({}), timeout)
+}
+
+/// [`execute`] with the command's arguments.
+pub fn execute_with(sock: &Path, command: &str, args: Value, timeout: Duration) -> Result<Value> {
     let stream = UnixStream::connect(sock)
         .with_context(|| format!("failed to connect to QMP socket {}", sock.display()))?;
     stream.set_read_timeout(Some(timeout))?;
@@ -19,8 +25,8 @@ pub fn execute(sock: &Path, command: &str, timeout: Duration) -> Result<Value> {
     if greeting.get("QMP").is_none() {
         bail!("unexpected QMP greeting {greeting}");
     }
-    call(&mut w, &mut r, "qmp_capabilities")?;
-    call(&mut w, &mut r, command)
+    call(&mut w, &mut r, "qmp_capabilities", json!({}))?;
+    call(&mut w, &mut r, command, args)
 }
 
 fn read_msg(r: &mut impl BufRead) -> Result<Value> {
@@ -31,8 +37,8 @@ fn read_msg(r: &mut impl BufRead) -> Result<Value> {
     serde_json::from_str(&line).with_context(|| format!("bad QMP line {line:?}"))
 }
 
-fn call(w: &mut impl Write, r: &mut impl BufRead, command: &str) -> Result<Value> {
-    writeln!(w, "{}", json!({ "execute": command }))?;
+fn call(w: &mut impl Write, r: &mut impl BufRead, command: &str, args: Value) -> Result<Value> {
+    writeln!(w, "{}", json!({ "execute": command, "arguments": args }))?;
     loop {
         let msg = read_msg(r).with_context(|| format!("no answer to QMP {command}"))?;
         if let Some(ret) = msg.get("return") {
