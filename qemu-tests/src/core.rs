@@ -60,21 +60,7 @@ pub fn make_pki(dir: &Path) -> Result<()> {
          [client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
          extendedKeyUsage=clientAuth\n",
     )?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(Command::new("openssl")
-        .current_dir(dir)
-        .args(["req", "-x509"])
-        .args(ec)
-        .args(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"])
-        .args(["-subj", "/CN=test core CA"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]))?;
+    make_ca(dir, "test core CA")?;
     for (name, subject, ext) in [
         ("server", "server", "server"),
         ("operator", "edge-operator", "client"),
@@ -84,19 +70,7 @@ pub fn make_pki(dir: &Path) -> Result<()> {
         ("lan-server", "edge0 site network", "server"),
         ("plc", "plc-7", "client"),
     ] {
-        run(Command::new("openssl")
-            .current_dir(dir)
-            .arg("req")
-            .args(ec)
-            .args(["-keyout", &format!("{name}.key")])
-            .args(["-out", &format!("{name}.csr")])
-            .args(["-subj", &format!("/CN={subject}")]))?;
-        run(Command::new("openssl")
-            .current_dir(dir)
-            .args(["x509", "-req", "-in", &format!("{name}.csr")])
-            .args(["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"])
-            .args(["-out", &format!("{name}.pem"), "-days", "2"])
-            .args(["-extfile", "ext.cnf", "-extensions", ext]))?;
+        issue(dir, name, &format!("/CN={subject}"), ext)?;
     }
     // The operator's escrow key pair, for the boxes' recovery keys.
     run(Command::new("openssl")
@@ -117,6 +91,46 @@ pub fn make_pki(dir: &Path) -> Result<()> {
         "-out",
         "escrow.pub",
     ]))?;
+    Ok(())
+}
+
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// `ca.pem` and `ca.key` in `dir`: a CA for two days.
+pub fn make_ca(dir: &Path, cn: &str) -> Result<()> {
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args(["req", "-x509"])
+        .args(EC_KEY)
+        .args(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"])
+        .args(["-subj", &format!("/CN={cn}")])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]))?;
+    Ok(())
+}
+
+/// `<name>.pem` and `<name>.key` in `dir`, for `subject` (`/O=.../CN=...`), signed by
+/// the CA there with the extensions of section `ext` of `dir/ext.cnf`.
+pub fn issue(dir: &Path, name: &str, subject: &str, ext: &str) -> Result<()> {
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .arg("req")
+        .args(EC_KEY)
+        .args(["-keyout", &format!("{name}.key")])
+        .args(["-out", &format!("{name}.csr")])
+        .args(["-subj", subject]))?;
+    run(Command::new("openssl")
+        .current_dir(dir)
+        .args(["x509", "-req", "-in", &format!("{name}.csr")])
+        .args(["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"])
+        .args(["-out", &format!("{name}.pem"), "-days", "2"])
+        .args(["-extfile", "ext.cnf", "-extensions", ext]))?;
     Ok(())
 }
 
