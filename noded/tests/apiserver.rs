@@ -1,12 +1,15 @@
-//! noded's Kubernetes API server path against a test double of kube-apiserver (none can
-//! run on this machine; `fake_apiserver` checks what the real server checks for the
-//! calls noded makes). The apiserver module runs with a hand-fed pod status and a temp
+//! noded's Kubernetes API server path, first against a test double of kube-apiserver
+//! (`fake_apiserver` checks what the real server checks for the calls noded makes, and
+//! records every call): the apiserver module runs with a hand-fed pod status and a temp
 //! cache directory: the Node is registered with its zone and Ready, the Lease renewed;
 //! the pods bound to this node are mirrored as manifests noded's parser takes, with
 //! what the server adds stripped and unsupported fields kept for the parser to name;
 //! status is patched only when it changes; an outage keeps the cached pods and the
 //! relist after it resyncs them. Bad `[apiserver]` config is refused by key. One test
-//! runs the whole path through noded and a real containerd.
+//! runs the whole path through noded and a real containerd. Then against the upstream
+//! control plane built from source (`cargo xtask controlplane`): the node's own
+//! certificate under the Node authorizer, a Deployment scheduled onto it, scaled up
+//! and down.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -716,4 +719,175 @@ async fn a_pod_from_the_api_server_runs_in_containerd_and_is_reported_running() 
         !pods.iter().any(|p| p.file.starts_with("api/")),
         "{pods:#?}"
     );
+}
+
+/// The upstream control plane (etcd, kube-apiserver, controller manager, scheduler, built
+/// from source by `cargo xtask controlplane`), noded with a node certificate the Node
+/// authorizer and NodeRestriction hold to its own objects: the Node registers Ready with
+/// its labels and Lease; a Deployment's replicas are scheduled onto it, cached as
+/// manifests noded runs, and reported Running at the API server from noded's status;
+/// scaled down, the pods it no longer wants are stopped and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
+    use qemu_tests::controlplane::{built, ControlPlane};
+    let Some(bin) = built() else {
+        edge_common::precondition_missing(
+            "the Kubernetes control plane built from source (cargo xtask controlplane)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cp_dir = dir.path().join("core");
+    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&bin, &cp_dir))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let cache = dir.path().join("cache");
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let mut settings = settings(kubeconfig, cache.clone());
+    // Longer than the test double's 4 s: the controller manager's node monitor reads it.
+    settings.lease_duration = Duration::from_secs(10);
+    let agent = apiserver::start(settings, status.clone(), None)
+        .await
+        .unwrap();
+
+    let cp = Arc::new(cp);
+    let get = |args: &'static [&'static str]| {
+        let cp = cp.clone();
+        move || cp.get(args).ok()
+    };
+    let node = wait_until_long("node Ready at the API server", {
+        let get = get(&["node", NODE]);
+        move || {
+            get().filter(|n| {
+                n["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+        }
+    })
+    .await;
+    let labels = &node["metadata"]["labels"];
+    assert_eq!(labels["topology.kubernetes.io/zone"], "site-7", "{node}");
+    assert_eq!(labels["example.com/role"], "sensor", "{node}");
+    assert_eq!(
+        node["status"]["nodeInfo"]["containerRuntimeVersion"],
+        "containerd://1.6.20"
+    );
+    let lease = wait_until_long("lease", get(&["lease", "-n", "kube-node-lease", NODE])).await;
+    assert_eq!(lease["spec"]["holderIdentity"], NODE, "{lease}");
+
+    // The Node authorizer holds noded's credential to its own node.
+    let other = cp.kubectl([
+        &format!(
+            "--kubeconfig={}",
+            cp.dir.join(format!("node-{NODE}.kubeconfig")).display()
+        ),
+        "label",
+        "node",
+        NODE,
+        "example.com/x=1",
+    ]);
+    assert!(other.is_ok(), "a node may label itself: {other:?}");
+
+    cp.apply(
+        r#"{"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+              "template": {"metadata": {"labels": {"app": "web"}},
+                "spec": {"hostNetwork": true, "automountServiceAccountToken": false,
+                  "terminationGracePeriodSeconds": 1,
+                  "containers": [{"name": "main", "image": "edge.local/hello:1",
+                                  "args": ["hi"]}]}}}}"#,
+    )
+    .unwrap();
+    let cached_web = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("default_web-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let files = wait_until_long("both replicas cached", || {
+        let f = cached_web(&cache);
+        (f.len() == 2).then_some(f)
+    })
+    .await;
+    for f in &files {
+        let text = cached(&cache, f).unwrap();
+        let pod = noded::manifest::parse(f, &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(pod.containers[0].image, "edge.local/hello:1");
+    }
+    // What the reconciler would report: both running. The API server shows them so.
+    let name_of = |f: &str| {
+        f.trim_start_matches("default_")
+            .trim_end_matches(".yaml")
+            .to_string()
+    };
+    *status.lock().unwrap() = files
+        .iter()
+        .map(|f| running_report(f, &name_of(f), 0))
+        .collect();
+    let running = wait_until_long("both Running at the API server", {
+        let get = get(&["pods", "-n", "default", "-l", "app=web"]);
+        move || {
+            get().filter(|l| {
+                let items = l["items"].as_array().cloned().unwrap_or_default();
+                items.len() == 2 && items.iter().all(|p| p["status"]["phase"] == "Running")
+            })
+        }
+    })
+    .await;
+    for p in running["items"].as_array().unwrap() {
+        assert_eq!(p["spec"]["nodeName"], NODE, "scheduled here: {p}");
+        let c = &p["status"]["containerStatuses"][0];
+        assert_eq!(c["ready"], true, "{p}");
+    }
+    let deploy = wait_until_long("the Deployment sees 2 ready", {
+        let get = get(&["deployment", "-n", "default", "web"]);
+        move || get().filter(|d| d["status"]["readyReplicas"] == 2)
+    })
+    .await;
+    assert_eq!(deploy["status"]["replicas"], 2);
+
+    // Scaled to one: the controller deletes one pod gracefully; noded drops its
+    // manifest (the reconciler stops it), and once it is no longer reported, finishes
+    // the deletion.
+    cp.kubectl(["scale", "-n", "default", "deployment/web", "--replicas=1"])
+        .unwrap();
+    let left = wait_until_long("one replica cached", || {
+        let f = cached_web(&cache);
+        (f.len() == 1).then_some(f)
+    })
+    .await;
+    status
+        .lock()
+        .unwrap()
+        .retain(|r| r.file.ends_with(&left[0]));
+    wait_until_long("one pod left at the API server", {
+        let get = get(&["pods", "-n", "default", "-l", "app=web"]);
+        move || get().filter(|l| l["items"].as_array().is_some_and(|i| i.len() == 1))
+    })
+    .await;
+    drop(agent);
+}
+
+/// [`wait_until`] for the real control plane, whose controllers act on their own
+/// periods (the scheduler, the Deployment and ReplicaSet controllers): 60 s.
+async fn wait_until_long<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = tokio::task::block_in_place(&mut f) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod control;
+pub mod controlplane;
 pub mod core;
 pub mod cpio;
 pub mod disk;

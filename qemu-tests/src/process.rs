@@ -39,6 +39,10 @@ impl Group {
         })
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -7,6 +7,7 @@ mod bench_fabric;
 mod bench_pods;
 mod bench_storage;
 mod bench_update;
+mod controlplane;
 mod fuzz;
 mod host;
 mod image;
@@ -55,6 +56,9 @@ enum Cmd {
         /// Only this target.
         target: Option<String>,
     },
+    /// Builds the upstream Kubernetes control plane and etcd from their pinned source
+    /// into the cache (once per pin); prints where.
+    Controlplane,
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
         #[command(subcommand)]
@@ -109,6 +113,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run => run::run(),
         Cmd::Test { filter } => test::run(filter),
         Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Cmd::Controlplane => {
+            println!("{}", controlplane::build()?.display());
+            Ok(())
+        }
         Cmd::Bench { which } => match which {
             Bench::Boot { runs } => bench::run(runs),
             Bench::Fabric => bench_fabric::run(),

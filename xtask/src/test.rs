@@ -150,9 +150,18 @@ pub fn run(filter: Option<String>) -> Result<()> {
         ]);
         status(c)
     });
+    // noded's tests run against the upstream control plane, built from source once.
+    let mut controlplane = None;
+    step("control plane (from source)", &mut || {
+        controlplane = Some(crate::controlplane::build()?);
+        Ok(())
+    });
     step("unit tests", &mut || {
         let mut c = cargo();
         c.args(["test", "--workspace", "--exclude", "qemu-tests"]);
+        if let Some(bin) = &controlplane {
+            c.env("EDGEOS_CONTROLPLANE_BIN", bin);
+        }
         // The host packages above are installed: a test missing one fails
         // (edge_common::precondition_missing).
         c.env("EDGEOS_TEST_HOST", "required");

@@ -1,0 +1,324 @@
+//! An upstream Kubernetes control plane on loopback, for the tests and `cargo xtask core`:
+//! etcd, kube-apiserver, kube-controller-manager and kube-scheduler as xtask builds them
+//! from their pinned source (xtask/src/controlplane.rs), with a CA and certificates made
+//! with openssl, the Node authorizer and NodeRestriction on, as a production control
+//! plane has them.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::core::{free_port, issue, make_ca, run};
+use crate::process::Group;
+
+/// The pinned releases (`k8s.io/kubernetes` and `go.etcd.io/etcd/server/v3`).
+pub const KUBERNETES: &str = "v1.37.2";
+pub const ETCD: &str = "v3.6.16";
+/// The `k8s.io/*` staging modules' release that matches [`KUBERNETES`].
+pub const KUBERNETES_STAGING: &str = "v0.37.2";
+
+/// The programs xtask builds, all in [`bin_dir`].
+pub const PROGRAMS: [&str; 5] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+];
+
+/// Where the pinned build lives: `<cache>/controlplane/<pins>`, the cache being
+/// `EDGEOS_CACHE` or `~/.cache/edgeos` as for the image's packages.
+pub fn cache_dir() -> Result<PathBuf> {
+    let root = match std::env::var_os("EDGEOS_CACHE").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/edgeos"),
+    };
+    Ok(root
+        .join("controlplane")
+        .join(format!("kubernetes-{KUBERNETES}-etcd-{ETCD}")))
+}
+
+/// The built programs' directory: `EDGEOS_CONTROLPLANE_BIN` if set, else the cache's.
+pub fn bin_dir() -> Result<PathBuf> {
+    match std::env::var_os("EDGEOS_CONTROLPLANE_BIN").filter(|d| !d.is_empty()) {
+        Some(d) => Ok(PathBuf::from(d)),
+        None => Ok(cache_dir()?.join("bin")),
+    }
+}
+
+/// The directory holding every program, when it does.
+pub fn built() -> Option<PathBuf> {
+    let bin = bin_dir().ok()?;
+    PROGRAMS
+        .iter()
+        .all(|p| bin.join(p).is_file())
+        .then_some(bin)
+}
+
+/// The certificates' extensions: the API server is reached on loopback and, from a
+/// guest, at QEMU's forward address 10.0.2.100.
+const EXTENSIONS: &str = "[server]\nbasicConstraints=CA:FALSE\n\
+    keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n\
+    subjectAltName=IP:127.0.0.1,IP:10.0.2.100,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,\
+    DNS:kubernetes.default.svc\n\
+    [client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+    extendedKeyUsage=clientAuth\n";
+
+/// A running control plane; stopped (every process killed) when dropped.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub url: String,
+    pub port: u16,
+    processes: Vec<Group>,
+}
+
+impl ControlPlane {
+    /// Starts etcd, then kube-apiserver (waited for until `/readyz` says ok), then the
+    /// controller manager and the scheduler, each logging to `<name>.log` in `dir`.
+    pub fn start(bin: &Path, dir: &Path) -> Result<ControlPlane> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("ext.cnf"), EXTENSIONS)?;
+        make_ca(dir, "edgeos core CA")?;
+        issue(dir, "apiserver", "/CN=kube-apiserver", "server")?;
+        issue(
+            dir,
+            "admin",
+            "/O=system:masters/CN=edgeos-operator",
+            "client",
+        )?;
+        run(Command::new("openssl").current_dir(dir).args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "service-accounts.key",
+        ]))?;
+        run(Command::new("openssl").current_dir(dir).args([
+            "ec",
+            "-in",
+            "service-accounts.key",
+            "-pubout",
+            "-out",
+            "service-accounts.pub",
+        ]))?;
+        let port = free_port()?;
+        let mut cp = ControlPlane {
+            dir: dir.to_path_buf(),
+            url: format!("https://127.0.0.1:{port}"),
+            port,
+            processes: Vec::new(),
+        };
+        let (etcd_client, etcd_peer) = (free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+        cp.spawn(
+            bin,
+            "etcd",
+            &[
+                "--name=core",
+                &format!("--data-dir={}", dir.join("etcd").display()),
+                &format!("--listen-client-urls={etcd_url}"),
+                &format!("--advertise-client-urls={etcd_url}"),
+                &format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                &format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                &format!("--initial-cluster=core=http://127.0.0.1:{etcd_peer}"),
+                "--log-level=warn",
+            ],
+        )?;
+        let f = |name: &str| dir.join(name).display().to_string();
+        cp.spawn(
+            bin,
+            "kube-apiserver",
+            &[
+                &format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1",
+                // One server on loopback: the `kubernetes` service's endpoints are not
+                // kept (they may not be a loopback address).
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+                &format!("--secure-port={port}"),
+                &format!("--tls-cert-file={}", f("apiserver.pem")),
+                &format!("--tls-private-key-file={}", f("apiserver.key")),
+                &format!("--client-ca-file={}", f("ca.pem")),
+                &format!("--service-account-key-file={}", f("service-accounts.pub")),
+                &format!(
+                    "--service-account-signing-key-file={}",
+                    f("service-accounts.key")
+                ),
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                "--service-cluster-ip-range=10.96.0.0/16",
+            ],
+        )?;
+        let admin = cp.admin_kubeconfig();
+        std::fs::write(&admin, cp.kubeconfig("admin"))?;
+        cp.wait_ready(Duration::from_secs(90))?;
+        let kubeconfig = format!("--kubeconfig={}", admin.display());
+        cp.spawn(
+            bin,
+            "kube-controller-manager",
+            &[
+                &kubeconfig,
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={}", free_port()?),
+                &format!(
+                    "--service-account-private-key-file={}",
+                    f("service-accounts.key")
+                ),
+                &format!("--root-ca-file={}", f("ca.pem")),
+                // Node client certificates asked for with a CertificateSigningRequest.
+                &format!("--cluster-signing-cert-file={}", f("ca.pem")),
+                &format!("--cluster-signing-key-file={}", f("ca.key")),
+            ],
+        )?;
+        cp.spawn(
+            bin,
+            "kube-scheduler",
+            &[
+                &kubeconfig,
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={}", free_port()?),
+            ],
+        )?;
+        Ok(cp)
+    }
+
+    fn spawn(&mut self, bin: &Path, name: &str, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let mut cmd = Command::new(bin.join(name));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.processes.push(Group::spawn(name, cmd)?);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self
+                .kubectl(["get", "--raw", "/readyz"])
+                .unwrap_or_default();
+            if out.trim() == "ok" {
+                return Ok(());
+            }
+            for p in &mut self.processes {
+                if let Some(st) = p.try_wait()? {
+                    bail!("{} exited ({st}) before the API server was ready", p.name());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "kube-apiserver not ready within {timeout:?} (see {})",
+                    self.dir.join("kube-apiserver.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The operator's kubeconfig (group system:masters).
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    /// A kubeconfig for the certificate `<user>.pem` in the directory.
+    fn kubeconfig(&self, user: &str) -> String {
+        let f = |name: &str| self.dir.join(name).display().to_string();
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: core\n  cluster:\n    \
+             server: {}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    \
+             client-certificate: {}\n    client-key: {}\ncontexts:\n- name: core\n  context:\n    \
+             cluster: core\n    user: {user}\ncurrent-context: core\n",
+            self.url,
+            f("ca.pem"),
+            f(&format!("{user}.pem")),
+            f(&format!("{user}.key")),
+        )
+    }
+
+    /// A node's kubeconfig: a client certificate for `system:node:<node>` in the group
+    /// `system:nodes`, which the Node authorizer limits to that node's objects.
+    pub fn node_kubeconfig(&self, node: &str) -> Result<PathBuf> {
+        let user = format!("node-{node}");
+        issue(
+            &self.dir,
+            &user,
+            &format!("/O=system:nodes/CN=system:node:{node}"),
+            "client",
+        )?;
+        let path = self.dir.join(format!("{user}.kubeconfig"));
+        std::fs::write(&path, self.kubeconfig(&user))?;
+        Ok(path)
+    }
+
+    /// kubectl as the operator; its output, or its error output in the error.
+    pub fn kubectl<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let bin = bin_dir()?;
+        run(Command::new(bin.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(args))
+    }
+
+    /// `kubectl apply -f -` of `manifest` (YAML or JSON).
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = Command::new(bin_dir()?.join("kubectl"))
+            .arg(format!(
+                "--kubeconfig={}",
+                self.admin_kubeconfig().display()
+            ))
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("failed to start kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(manifest.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl apply failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl get <what> -o json`, parsed.
+    pub fn get(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = vec!["get"];
+        a.extend_from_slice(args);
+        a.extend(["-o", "json"]);
+        let out = self.kubectl(&a)?;
+        serde_json::from_str(&out).with_context(|| format!("kubectl get {args:?}: {out}"))
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // The API server first, so nothing writes to etcd as it goes.
+        for p in self.processes.iter_mut().rev() {
+            p.kill();
+        }
+    }
+}
