@@ -314,6 +314,17 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// Leaves the processes running after this handle (`cargo xtask core up`): their
+    /// process group ids, for `core down` to stop.
+    pub fn detach(mut self) -> Vec<(String, u32)> {
+        self.processes
+            .drain(..)
+            .map(|p| (p.name().to_string(), p.detach()))
+            .collect()
+    }
+}
+
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // The API server first, so nothing writes to etcd as it goes.

@@ -85,6 +85,13 @@ impl Group {
         Ok(s)
     }
 
+    /// Lets the process outlive this handle (and this program): its process group id.
+    pub fn detach(self) -> u32 {
+        let pid = self.pid();
+        std::mem::forget(self);
+        pid
+    }
+
     /// SIGKILL to the whole group, then reap the leader.
     pub fn kill(&mut self) {
         let pid = self.child.id() as libc::pid_t;

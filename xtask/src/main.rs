@@ -8,6 +8,7 @@ mod bench_pods;
 mod bench_storage;
 mod bench_update;
 mod controlplane;
+mod core;
 mod fuzz;
 mod host;
 mod image;
@@ -59,11 +60,26 @@ enum Cmd {
     /// Builds the upstream Kubernetes control plane and etcd from their pinned source
     /// into the cache (once per pin); prints where.
     Controlplane,
+    /// A local core on loopback for the box to join: the control plane, left running.
+    Core {
+        #[command(subcommand)]
+        action: CoreAction,
+    },
     /// Benchmarks that print figures (last line: one JSON object).
     Bench {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(Subcommand)]
+enum CoreAction {
+    /// Starts it (building the control plane if needed); prints what runs and where.
+    Up,
+    /// Stops what `up` started.
+    Down,
+    /// Prints the shell lines that point kubectl at it.
+    Env,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +129,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run => run::run(),
         Cmd::Test { filter } => test::run(filter),
         Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Cmd::Core { action } => match action {
+            CoreAction::Up => core::up(),
+            CoreAction::Down => core::down(),
+            CoreAction::Env => core::env(),
+        },
         Cmd::Controlplane => {
             println!("{}", controlplane::build()?.display());
             Ok(())
