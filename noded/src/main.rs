@@ -79,6 +79,11 @@ struct Config {
     /// Absent: none; the pods come from the manifest directories only.
     #[serde(default)]
     apiserver: Option<noded::apiserver::Config>,
+    /// The same keys as `[apiserver]`, in a file the site provisions (the image's root is
+    /// read-only: this is how a shipped box joins a control plane). Read at start;
+    /// absent: no API server. Not with `[apiserver]`.
+    #[serde(default)]
+    apiserver_file: Option<PathBuf>,
 }
 
 fn default_images_dir() -> PathBuf {
@@ -131,7 +136,14 @@ impl edge_common::Validate for Config {
             ),
             ("csi_socket", self.csi_socket.as_deref()),
             ("fabric_pod_channels", self.fabric_pod_channels.as_deref()),
+            ("apiserver_file", self.apiserver_file.as_deref()),
         ])?;
+        if self.apiserver.is_some() && self.apiserver_file.is_some() {
+            return Err((
+                "apiserver_file".into(),
+                "give either [apiserver] or apiserver_file".into(),
+            ));
+        }
         if (self.image_allowlist.is_some() || self.downlink_image_allowlist.is_some())
             && self.image_allowlist_public_key.is_none()
         {
@@ -180,7 +192,12 @@ async fn serve(config: Config) -> Result<()> {
         Some(addr) => Some(noded::metrics::spawn(addr, status.clone()).await?),
         None => None,
     };
-    let api_settings = match &config.apiserver {
+    let apiserver = match (&config.apiserver, &config.apiserver_file) {
+        (Some(a), _) => Some(a.clone()),
+        (None, Some(file)) => noded::apiserver::provisioned(file),
+        (None, None) => None,
+    };
+    let api_settings = match &apiserver {
         Some(a) => Some(a.settings(&config.state_dir, runtime_version(&cri).await)?),
         None => None,
     };
@@ -491,6 +508,11 @@ mod tests {
             Some(Path::new("/run/storaged/csi.sock"))
         );
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9403".parse().unwrap()));
+        assert_eq!(
+            c.apiserver_file.as_deref(),
+            Some(Path::new("/var/lib/edge/provision/noded-apiserver.toml"))
+        );
+        assert!(c.apiserver.is_none());
     }
 
     #[test]

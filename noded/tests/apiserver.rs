@@ -638,6 +638,62 @@ fn bad_apiserver_config_is_refused_by_key() {
     assert!(!out.status.success() && err.contains("server"), "{err}");
 }
 
+/// A provisioned `apiserver_file` (how the shipped image joins a control plane): read
+/// when present, none when absent, and a bad one is no API server rather than no noded.
+#[test]
+fn a_provisioned_apiserver_file_is_read_when_present_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("noded-apiserver.toml");
+    assert!(
+        apiserver::provisioned(&file).is_none(),
+        "no file, no server"
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n").unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "kubeconfig = \"{}\"\nzone = \"plant-7\"\n",
+            kubeconfig.display()
+        ),
+    )
+    .unwrap();
+    let c = apiserver::provisioned(&file).expect("read");
+    assert_eq!(
+        (c.kubeconfig.as_path(), c.zone.as_str()),
+        (kubeconfig.as_path(), "plant-7")
+    );
+    std::fs::write(&file, "kubeconfig = \"relative\"\nzone = \"plant-7\"\n").unwrap();
+    assert!(
+        apiserver::provisioned(&file).is_none(),
+        "a bad file is not used"
+    );
+
+    // noded.toml may not give both.
+    let config = dir.path().join("noded.toml");
+    let d = dir.path().display();
+    std::fs::write(
+        &config,
+        format!(
+            "containerd_socket = \"{d}/c.sock\"\nmanifests_dir = \"{d}/m\"\n\
+             apiserver_file = \"{}\"\n[apiserver]\nkubeconfig = \"{}\"\nzone = \"s\"\n",
+            file.display(),
+            kubeconfig.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_noded"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("key `apiserver_file`"),
+        "{err}"
+    );
+}
+
 mod common;
 
 /// The whole path: noded with an `[apiserver]` table and a real containerd. A pod

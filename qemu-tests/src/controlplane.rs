@@ -232,17 +232,31 @@ impl ControlPlane {
 
     /// A kubeconfig for the certificate `<user>.pem` in the directory.
     fn kubeconfig(&self, user: &str) -> String {
-        let f = |name: &str| self.dir.join(name).display().to_string();
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: core\n  cluster:\n    \
-             server: {}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    \
-             client-certificate: {}\n    client-key: {}\ncontexts:\n- name: core\n  context:\n    \
-             cluster: core\n    user: {user}\ncurrent-context: core\n",
-            self.url,
-            f("ca.pem"),
-            f(&format!("{user}.pem")),
-            f(&format!("{user}.key")),
-        )
+        kubeconfig_text(&self.url, &self.dir, user)
+    }
+
+    /// A node's credential for another machine: its kubeconfig naming `server` and the
+    /// files `ca.pem`, `node.pem` and `node.key` in `files_dir` there, and those files.
+    pub fn node_credential(
+        &self,
+        node: &str,
+        server: &str,
+        files_dir: &Path,
+    ) -> Result<Vec<(String, String)>> {
+        self.node_kubeconfig(node)?;
+        let read = |name: String| -> Result<String> {
+            std::fs::read_to_string(self.dir.join(&name))
+                .with_context(|| format!("failed to read {name}"))
+        };
+        Ok(vec![
+            (
+                "kubeconfig".into(),
+                kubeconfig_text(server, files_dir, "node"),
+            ),
+            ("ca.pem".into(), read("ca.pem".into())?),
+            ("node.pem".into(), read(format!("node-{node}.pem"))?),
+            ("node.key".into(), read(format!("node-{node}.key"))?),
+        ])
     }
 
     /// A node's kubeconfig: a client certificate for `system:node:<node>` in the group
@@ -312,6 +326,21 @@ impl ControlPlane {
         let out = self.kubectl(&a)?;
         serde_json::from_str(&out).with_context(|| format!("kubectl get {args:?}: {out}"))
     }
+}
+
+/// A kubeconfig for `server` with the CA `ca.pem` and the client certificate
+/// `<user>.pem` / `<user>.key` in `files_dir`.
+fn kubeconfig_text(server: &str, files_dir: &Path, user: &str) -> String {
+    let f = |name: &str| files_dir.join(name).display().to_string();
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: core\n  cluster:\n    \
+         server: {server}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    \
+         client-certificate: {}\n    client-key: {}\ncontexts:\n- name: core\n  context:\n    \
+         cluster: core\n    user: {user}\ncurrent-context: core\n",
+        f("ca.pem"),
+        f(&format!("{user}.pem")),
+        f(&format!("{user}.key")),
+    )
 }
 
 impl ControlPlane {

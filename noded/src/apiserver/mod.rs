@@ -81,6 +81,38 @@ fn default_lease_seconds() -> u32 {
     40
 }
 
+/// The `[apiserver]` keys the site provisioned in `file` (noded.toml's `apiserver_file`):
+/// `None` when there is no such file, or when it is bad, which is logged naming the file
+/// and the key; the pods from the manifest directories run either way.
+pub fn provisioned(file: &Path) -> Option<Config> {
+    if !file.exists() {
+        tracing::info!(
+            "no Kubernetes API server: {} is not provisioned",
+            file.display()
+        );
+        return None;
+    }
+    match edge_common::load_config::<Config>(file) {
+        Ok(c) => {
+            tracing::info!(
+                "Kubernetes API server: as provisioned in {}",
+                file.display()
+            );
+            Some(c)
+        }
+        Err(e) => {
+            tracing::error!("no Kubernetes API server: {e}");
+            None
+        }
+    }
+}
+
+impl edge_common::Validate for Config {
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        Config::validate(self)
+    }
+}
+
 impl Config {
     /// Checks every key (errors are `(apiserver.<key>, message)`), reading the kubeconfig
     /// so an unreadable or malformed one is refused at start, naming the file.
