@@ -172,6 +172,10 @@ impl ControlPlane {
                     f("service-accounts.key")
                 ),
                 &format!("--root-ca-file={}", f("ca.pem")),
+                // A node silent for 20 s is NotReady (the default is 50 s), so that a
+                // test's link cut shows within its time.
+                "--node-monitor-grace-period=20s",
+                "--node-monitor-period=2s",
                 // Node client certificates asked for with a CertificateSigningRequest.
                 &format!("--cluster-signing-cert-file={}", f("ca.pem")),
                 &format!("--cluster-signing-key-file={}", f("ca.key")),

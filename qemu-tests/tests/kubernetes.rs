@@ -4,11 +4,14 @@
 //! certificate, and the box dials the API server through a guest forward (the core never
 //! dials in). The box registers as a Ready Node; a Deployment the operator applies with
 //! kubectl is scheduled onto it, runs on the box's containerd, and is Running at the API
-//! server; deleted there, it stops on the box.
+//! server. The link is cut past the node-monitor grace period: the Node goes NotReady at
+//! the core while the pod keeps running on the box, the Deployment is scaled up at the
+//! core meanwhile, and once the link heals the box is Ready and runs the new replica.
+//! Deleted at the core, the Deployment stops on the box.
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::controlplane::{built, ControlPlane};
-use qemu_tests::core::toml_string;
+use qemu_tests::core::{toml_string, Link};
 use qemu_tests::{Machine, Options};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -61,9 +64,10 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     let bundle_path = tmp.path().join("provision.toml");
     std::fs::write(&bundle_path, bundle)?;
     let mut opts = Options::new(&qemu_tests::image_from_env()?);
+    let link = Link::start(cp.port)?;
     opts.guestfwd.push(format!(
         "tcp:10.0.2.100:6443-cmd:socat - TCP:127.0.0.1:{}",
-        cp.port
+        link.port
     ));
     opts.fw_cfg
         .push(("opt/org.edgeos/provision".into(), bundle_path));
@@ -136,6 +140,78 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         },
     )?;
     assert!(!lines.is_empty());
+
+    // The link is cut for longer than the node-monitor grace period (20 s here): the
+    // core marks the Node NotReady; the box keeps its pod running all along.
+    link.set_cut(true);
+    let cut_at = Instant::now();
+    wait(
+        "the box NotReady at the core",
+        Duration::from_secs(90),
+        || cp.get(&["node", NODE]).ok().filter(|n| !ready(n)),
+    )?;
+    let on_box = m.pods()?;
+    assert!(
+        on_box
+            .iter()
+            .any(|p| p["name"] == name.as_str() && p["state"] == "running"),
+        "{name} stopped on the box while the core was away: {on_box:?}"
+    );
+    // The operator scales the Deployment meanwhile: the new replica waits, unschedulable
+    // on an unreachable node.
+    cp.kubectl([
+        "scale",
+        "-n",
+        "default",
+        "deployment/telemetry",
+        "--replicas=2",
+    ])?;
+    // Cut for longer than the grace period itself, whatever the last renewal was.
+    std::thread::sleep(Duration::from_secs(25).saturating_sub(cut_at.elapsed()));
+    link.set_cut(false);
+    eprintln!("link cut for {:?}", cut_at.elapsed());
+    wait(
+        "the box Ready at the core again",
+        Duration::from_secs(120),
+        || cp.get(&["node", NODE]).ok().filter(ready),
+    )?;
+    let both = wait(
+        "both replicas Running after the link healed",
+        Duration::from_secs(180),
+        || {
+            cp.get(&["pods", "-n", "default", "-l", "app=telemetry"])
+                .ok()
+                .filter(|l| {
+                    l["items"].as_array().is_some_and(|i| {
+                        i.len() == 2 && i.iter().all(|p| p["status"]["phase"] == "Running")
+                    })
+                })
+        },
+    )?;
+    let names: Vec<String> = both["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        names.contains(&name),
+        "the first replica was kept: {names:?}"
+    );
+    let on_box = m.pods()?;
+    for n in &names {
+        assert!(
+            on_box
+                .iter()
+                .any(|p| p["name"] == n.as_str() && p["state"] == "running"),
+            "{n} not running on the box: {on_box:?}"
+        );
+    }
 
     // Deleted at the API server: stopped on the box, and gone there once it is.
     cp.kubectl([
