@@ -167,6 +167,23 @@ async fn the_node_is_registered_with_its_zone_and_its_lease_renewed() {
         (ready["type"].as_str(), ready["status"].as_str()),
         (Some("Ready"), Some("True"))
     );
+    // The pressures as this host measures them: a test host has memory, disk and pids
+    // to spare, and an address.
+    for kind in [
+        "MemoryPressure",
+        "DiskPressure",
+        "PIDPressure",
+        "NetworkUnavailable",
+    ] {
+        let c = st["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} condition: {st}"));
+        assert_eq!(c["status"], "False", "{c}");
+        assert!(c["message"].as_str().is_some_and(|m| !m.is_empty()), "{c}");
+    }
     assert!(st["nodeInfo"]["kubeletVersion"]
         .as_str()
         .unwrap()

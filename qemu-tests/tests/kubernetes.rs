@@ -84,6 +84,40 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         node["metadata"]["labels"]["topology.kubernetes.io/zone"], "plant-7",
         "{node}"
     );
+    // Its conditions as measured on the box, and the images its containerd holds.
+    let conditions = node["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for kind in [
+        "MemoryPressure",
+        "DiskPressure",
+        "PIDPressure",
+        "NetworkUnavailable",
+    ] {
+        assert!(
+            conditions
+                .iter()
+                .any(|c| c["type"] == kind && c["status"] == "False"),
+            "{kind}: {node}"
+        );
+    }
+    let images = wait(
+        "the box's images in the Node's status",
+        Duration::from_secs(90),
+        || {
+            cp.get(&["node", NODE]).ok().filter(|n| {
+                n["status"]["images"].as_array().is_some_and(|i| {
+                    i.iter().any(|i| {
+                        i["names"]
+                            .as_array()
+                            .is_some_and(|n| n.iter().any(|n| n == "edge.local/sensor:1"))
+                    })
+                })
+            })
+        },
+    );
+    assert!(images.is_ok(), "{images:?}");
     assert!(
         node["status"]["nodeInfo"]["containerRuntimeVersion"]
             .as_str()

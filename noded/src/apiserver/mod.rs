@@ -14,6 +14,7 @@
 
 mod cache;
 mod calls;
+mod conditions;
 mod host;
 mod node;
 mod status;
@@ -28,6 +29,8 @@ pub use translate::edge_manifest;
 use translate::{check_label_key, check_label_value, check_subdomain};
 
 use std::collections::BTreeMap;
+
+use serde_json::Value;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -245,6 +248,11 @@ struct Shared {
     relists: AtomicU64,
     host_ip: Option<Ipv4Addr>,
     started: String,
+    /// The Node's conditions' transition times (conditions.rs).
+    transitions: conditions::Transitions,
+    /// The images containerd holds, as the Node's `status.images` (refreshed before
+    /// each status patch).
+    images: Mutex<Value>,
 }
 
 /// Reads the kubeconfig, creates the cache directory and starts the Node, Lease, pod
@@ -278,6 +286,8 @@ pub async fn start(
         relists: AtomicU64::new(0),
         host_ip: first_ipv4(),
         started: time_now(),
+        transitions: conditions::Transitions::default(),
+        images: Mutex::new(Value::Array(Vec::new())),
     });
     Ok(Agent {
         tasks: vec![

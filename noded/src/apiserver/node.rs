@@ -9,10 +9,13 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams, TypeMeta};
 use serde_json::{json, Value};
 
+use crate::cri::api::ListImagesRequest;
 use crate::error::Error;
 
+use super::conditions::Measured;
+
 use super::{
-    arch, mem_total_kib, micro_now, os_image, time_now, timed, Limited, Retry, Shared,
+    arch, lock, mem_total_kib, micro_now, os_image, time_now, timed, Limited, Retry, Shared,
     LEASE_NAMESPACE, MAX_PODS,
 };
 
@@ -39,6 +42,7 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
     loop {
         let mut failed = false;
         if node_uid.is_none() {
+            refresh_images(&shared).await;
             match timed(register(&shared, &nodes)).await {
                 Ok(uid) => {
                     node_log.ok();
@@ -52,6 +56,7 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
                 }
             }
         } else if Instant::now() >= next_status {
+            refresh_images(&shared).await;
             let patch = json!({ "status": node_status(&shared) });
             match timed(nodes.patch_status(
                 &s.node_name,
@@ -153,14 +158,12 @@ pub(super) fn node_status(shared: &Shared) -> Value {
         "capacity": resources,
         "allocatable": resources,
         "addresses": addresses,
-        "conditions": [{
-            "type": "Ready",
-            "status": "True",
-            "reason": "KubeletReady",
-            "message": "noded is posting ready status",
-            "lastHeartbeatTime": time_now(),
-            "lastTransitionTime": shared.started,
-        }],
+        "conditions": shared.transitions.conditions(
+            &Measured::now(&s.cache_dir, shared.host_ip.is_some()),
+            &time_now(),
+            &shared.started,
+        ),
+        "images": lock(&shared.images).clone(),
         "nodeInfo": {
             "machineID": read("/etc/machine-id"),
             "systemUUID": read("/sys/class/dmi/id/product_uuid"),
@@ -174,6 +177,30 @@ pub(super) fn node_status(shared: &Shared) -> Value {
             "architecture": arch(),
         },
     })
+}
+
+/// The images containerd holds, as `status.images` lists them (names and size), most
+/// recent first in containerd's order; kept as they were when containerd does not answer.
+async fn refresh_images(shared: &Shared) {
+    let Some(cri) = &shared.cri else { return };
+    let Ok(Ok(list)) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        cri.list_images(ListImagesRequest { filter: None }),
+    )
+    .await
+    else {
+        return;
+    };
+    let images: Vec<Value> = list
+        .images
+        .iter()
+        .map(|i| {
+            let names: Vec<&String> = i.repo_tags.iter().chain(&i.repo_digests).collect();
+            json!({ "names": names, "sizeBytes": i.size })
+        })
+        .filter(|i| i["names"].as_array().is_some_and(|n| !n.is_empty()))
+        .collect();
+    *lock(&shared.images) = Value::Array(images);
 }
 
 /// Renews (or creates) the node's Lease, as kubelet does: holder, duration, renewTime.

@@ -1,0 +1,299 @@
+//! The Node's conditions as the box measures them: Ready, and memory, disk and process
+//! ids under pressure at kubelet's default hard eviction thresholds, and the network
+//! unavailable while the box has no address. Each keeps its lastTransitionTime across
+//! the status patches, which replace the whole list.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
+
+/// kubelet's default `memory.available<100Mi`.
+const MEMORY_AVAILABLE_MIN_KIB: u64 = 100 * 1024;
+/// kubelet's default `nodefs.available<10%`, and the same share of process ids.
+const AVAILABLE_MIN_PERCENT: u64 = 10;
+
+/// What the box is short of, measured now; `None` where it could not be read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measured {
+    pub mem_available_kib: Option<u64>,
+    /// Bytes available to unprivileged writers and in all, on the data partition.
+    pub disk: Option<(u64, u64)>,
+    /// Tasks (threads) that exist, and the most the kernel gives out.
+    pub pids: Option<(u64, u64)>,
+    pub has_address: bool,
+}
+
+impl Measured {
+    /// `/proc/meminfo`, statvfs of `disk`, `/proc/loadavg` and `kernel.pid_max`.
+    pub fn now(disk: &Path, has_address: bool) -> Measured {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_available_kib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let tasks = loadavg
+            .split_whitespace()
+            .nth(3)
+            .and_then(|f| f.split_once('/'))
+            .and_then(|(_, total)| total.parse().ok());
+        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        Measured {
+            mem_available_kib,
+            disk: statvfs(disk),
+            pids: tasks.zip(pid_max),
+            has_address,
+        }
+    }
+}
+
+fn statvfs(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+}
+
+/// One condition as measured: whether it holds (`None`: unknown), why, and in words.
+struct Reading {
+    kind: &'static str,
+    holds: Option<bool>,
+    reason: &'static str,
+    message: String,
+}
+
+fn readings(m: &Measured) -> Vec<Reading> {
+    let percent = |avail: u64, total: u64| avail.saturating_mul(100) / total.max(1);
+    let mut out = vec![Reading {
+        kind: "Ready",
+        holds: Some(true),
+        reason: "KubeletReady",
+        message: "noded is posting ready status".into(),
+    }];
+    out.push(match m.mem_available_kib {
+        Some(k) if k < MEMORY_AVAILABLE_MIN_KIB => Reading {
+            kind: "MemoryPressure",
+            holds: Some(true),
+            reason: "KubeletHasInsufficientMemory",
+            message: format!("{} MiB available, under 100 MiB", k / 1024),
+        },
+        Some(k) => Reading {
+            kind: "MemoryPressure",
+            holds: Some(false),
+            reason: "KubeletHasSufficientMemory",
+            message: format!("{} MiB available", k / 1024),
+        },
+        None => unknown("MemoryPressure", "/proc/meminfo has no MemAvailable"),
+    });
+    out.push(match m.disk {
+        Some((avail, total)) if percent(avail, total) < AVAILABLE_MIN_PERCENT => Reading {
+            kind: "DiskPressure",
+            holds: Some(true),
+            reason: "KubeletHasDiskPressure",
+            message: format!(
+                "{}% of the data partition available, under {AVAILABLE_MIN_PERCENT}%",
+                percent(avail, total)
+            ),
+        },
+        Some((avail, total)) => Reading {
+            kind: "DiskPressure",
+            holds: Some(false),
+            reason: "KubeletHasNoDiskPressure",
+            message: format!("{}% of the data partition available", percent(avail, total)),
+        },
+        None => unknown("DiskPressure", "the data partition could not be measured"),
+    });
+    out.push(match m.pids {
+        Some((used, max)) if percent(max.saturating_sub(used), max) < AVAILABLE_MIN_PERCENT => {
+            Reading {
+                kind: "PIDPressure",
+                holds: Some(true),
+                reason: "KubeletHasInsufficientPID",
+                message: format!("{used} of {max} process ids in use"),
+            }
+        }
+        Some((used, max)) => Reading {
+            kind: "PIDPressure",
+            holds: Some(false),
+            reason: "KubeletHasSufficientPID",
+            message: format!("{used} of {max} process ids in use"),
+        },
+        None => unknown("PIDPressure", "the process count could not be read"),
+    });
+    out.push(if m.has_address {
+        Reading {
+            kind: "NetworkUnavailable",
+            holds: Some(false),
+            reason: "NodeHasAddress",
+            message: "the box has an address on its uplink".into(),
+        }
+    } else {
+        Reading {
+            kind: "NetworkUnavailable",
+            holds: Some(true),
+            reason: "NodeHasNoAddress",
+            message: "no interface but loopback has an IPv4 address".into(),
+        }
+    });
+    out
+}
+
+fn unknown(kind: &'static str, why: &str) -> Reading {
+    Reading {
+        kind,
+        holds: None,
+        reason: "NodeStatusUnknown",
+        message: why.into(),
+    }
+}
+
+/// Each condition's status and since when it has had it.
+#[derive(Default)]
+pub struct Transitions(Mutex<BTreeMap<&'static str, (&'static str, String)>>);
+
+impl Transitions {
+    /// The conditions list for this measurement at `now`; a condition whose status
+    /// changed (or is new) takes `now` as its transition time, or `first` on the very
+    /// first list (when noded started).
+    pub fn conditions(&self, m: &Measured, now: &str, first: &str) -> Vec<Value> {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let initial = seen.is_empty();
+        readings(m)
+            .into_iter()
+            .map(|r| {
+                let status = match r.holds {
+                    Some(true) => "True",
+                    Some(false) => "False",
+                    None => "Unknown",
+                };
+                let since = match seen.get(r.kind) {
+                    Some((s, t)) if *s == status => t.clone(),
+                    _ => {
+                        let t = if initial { first } else { now }.to_string();
+                        seen.insert(r.kind, (status, t.clone()));
+                        t
+                    }
+                };
+                json!({
+                    "type": r.kind,
+                    "status": status,
+                    "reason": r.reason,
+                    "message": r.message,
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": since,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> Measured {
+        Measured {
+            mem_available_kib: Some(1 << 20),
+            disk: Some((50 << 30, 100 << 30)),
+            pids: Some((200, 4_194_304)),
+            has_address: true,
+        }
+    }
+
+    fn status_of(list: &[Value], kind: &str) -> (String, String, String) {
+        let c = list.iter().find(|c| c["type"] == kind).unwrap();
+        (
+            c["status"].as_str().unwrap().into(),
+            c["reason"].as_str().unwrap().into(),
+            c["lastTransitionTime"].as_str().unwrap().into(),
+        )
+    }
+
+    #[test]
+    fn each_pressure_is_judged_at_kubelets_thresholds() {
+        let t = Transitions::default();
+        let list = t.conditions(&healthy(), "t1", "t0");
+        let kinds: Vec<&str> = list.iter().map(|c| c["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "Ready",
+                "MemoryPressure",
+                "DiskPressure",
+                "PIDPressure",
+                "NetworkUnavailable"
+            ]
+        );
+        for kind in [
+            "MemoryPressure",
+            "DiskPressure",
+            "PIDPressure",
+            "NetworkUnavailable",
+        ] {
+            assert_eq!(status_of(&list, kind).0, "False", "{kind}");
+        }
+        let short = Measured {
+            mem_available_kib: Some(99 * 1024),
+            disk: Some((9 << 30, 100 << 30)),
+            pids: Some((3_800_000, 4_194_304)),
+            has_address: false,
+        };
+        let list = Transitions::default().conditions(&short, "t1", "t0");
+        assert_eq!(
+            status_of(&list, "MemoryPressure").1,
+            "KubeletHasInsufficientMemory"
+        );
+        assert_eq!(status_of(&list, "DiskPressure").1, "KubeletHasDiskPressure");
+        assert_eq!(
+            status_of(&list, "PIDPressure").1,
+            "KubeletHasInsufficientPID"
+        );
+        for kind in [
+            "MemoryPressure",
+            "DiskPressure",
+            "PIDPressure",
+            "NetworkUnavailable",
+        ] {
+            assert_eq!(status_of(&list, kind).0, "True", "{kind}");
+        }
+        let blind = Measured::default();
+        let list = Transitions::default().conditions(&blind, "t1", "t0");
+        assert_eq!(status_of(&list, "MemoryPressure").0, "Unknown");
+        assert_eq!(status_of(&list, "DiskPressure").0, "Unknown");
+    }
+
+    #[test]
+    fn a_transition_time_moves_only_when_the_status_does() {
+        let t = Transitions::default();
+        let list = t.conditions(&healthy(), "t1", "t0");
+        assert_eq!(
+            status_of(&list, "DiskPressure").2,
+            "t0",
+            "the first list: start"
+        );
+        let list = t.conditions(&healthy(), "t2", "t0");
+        assert_eq!(status_of(&list, "DiskPressure").2, "t0");
+        assert_eq!(list[0]["lastHeartbeatTime"], "t2");
+        let full = Measured {
+            disk: Some((1 << 30, 100 << 30)),
+            ..healthy()
+        };
+        let list = t.conditions(&full, "t3", "t0");
+        assert_eq!(
+            status_of(&list, "DiskPressure"),
+            ("True".into(), "KubeletHasDiskPressure".into(), "t3".into())
+        );
+        assert_eq!(status_of(&list, "MemoryPressure").2, "t0", "unchanged");
+        let list = t.conditions(&healthy(), "t4", "t0");
+        assert_eq!(status_of(&list, "DiskPressure").2, "t4");
+    }
+}
