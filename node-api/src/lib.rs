@@ -87,6 +87,10 @@ pub struct PodReport {
     pub state: String,
     pub error: Option<String>,
     pub containers: Vec<ContainerReport>,
+    /// Its own address on the pod network (CNI), once its sandbox has one; none for a
+    /// pod on the host's network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     /// Its last start was refused because an image is not on the allowlist (for the
     /// metrics; `error` says which).
     #[serde(skip)]

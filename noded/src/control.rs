@@ -249,6 +249,7 @@ mod tests {
                 last_error: None,
                 ready: true,
             }],
+            ip: None,
             image_refused: false,
         };
         let status: Status = std::sync::Arc::new(std::sync::Mutex::new(vec![report.clone()]));
@@ -289,6 +290,7 @@ mod tests {
             state: "running".into(),
             error: None,
             containers: vec![ctr("fetch", true), ctr("cam", false)],
+            ip: None,
             image_refused: false,
         };
         let cdir = logs.join("edge_cam_u1/cam");

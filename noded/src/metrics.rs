@@ -215,6 +215,7 @@ mod tests {
             state: state.into(),
             error: None,
             containers,
+            ip: None,
             image_refused: false,
         }
     }

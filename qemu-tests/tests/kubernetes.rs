@@ -125,14 +125,15 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         "{node}"
     );
 
-    // The operator's Deployment: the image's own sensor image (on its allowlist), host
-    // network (no pod network yet), no service-account token (none at the edge).
+    // The operator's Deployment: the image's own sensor image (on its allowlist), on
+    // the pod network (the image's CNI bridge), no service-account token (none at the
+    // edge).
     cp.apply(
         r#"{"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": "telemetry", "namespace": "default"},
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "telemetry"}},
               "template": {"metadata": {"labels": {"app": "telemetry"}},
-                "spec": {"hostNetwork": true, "automountServiceAccountToken": false,
+                "spec": {"automountServiceAccountToken": false,
                   "terminationGracePeriodSeconds": 2,
                   "containers": [{"name": "sensor", "image": "edge.local/sensor:1",
                     "env": [{"name": "SENSOR_NAME", "value": "k8s0"}]}]}}}}"#,
@@ -152,6 +153,23 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     )?;
     let pod = &pods["items"][0];
     assert_eq!(pod["spec"]["nodeName"], NODE, "{pod}");
+    // Its own address from the box's pod network (10-edge.conflist: 10.88.0.0/16),
+    // and the box's as its host's.
+    let pod_ip = wait(
+        "the pod's own address at the API server",
+        Duration::from_secs(60),
+        || {
+            cp.get(&["pods", "-n", "default", "-l", "app=telemetry"])
+                .ok()
+                .and_then(|l| {
+                    l["items"][0]["status"]["podIP"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+        },
+    )?;
+    assert!(pod_ip.starts_with("10.88."), "podIP {pod_ip}");
+    assert_eq!(pod["status"]["hostIP"], "10.0.2.15", "{pod}");
     let name = pod["metadata"]["name"]
         .as_str()
         .context("pod name")?

@@ -231,12 +231,16 @@ pub(super) fn pod_status(report: &PodReport, pod: &Known, host_ip: Option<Ipv4Ad
     if let Some(ip) = host_ip {
         status["hostIP"] = ip.to_string().into();
         status["hostIPs"] = json!([{ "ip": ip.to_string() }]);
-        // A pod on the host network has the node's address, as kubelet reports it; a
-        // pod's own (CNI) address is not in the reconciler's report yet.
+        // A pod on the host network has the node's address, as kubelet reports it.
         if pod.host_network {
             status["podIP"] = ip.to_string().into();
             status["podIPs"] = json!([{ "ip": ip.to_string() }]);
         }
+    }
+    // A pod on the pod network: the address CNI gave its sandbox.
+    if let Some(ip) = report.ip.as_ref().filter(|_| !pod.host_network) {
+        status["podIP"] = ip.clone().into();
+        status["podIPs"] = json!([{ "ip": ip }]);
     }
     if let Some(e) = error.filter(|_| invalid) {
         status["reason"] = "ManifestRefused".into();
@@ -365,7 +369,20 @@ mod tests {
             host_network: false,
             ..known()
         };
-        assert!(pod_status(&r, &own_network, Some(ip))["podIP"].is_null());
+        assert!(
+            pod_status(&r, &own_network, Some(ip))["podIP"].is_null(),
+            "no address from CNI yet: none"
+        );
+        let with_address = PodReport {
+            ip: Some("10.88.0.5".into()),
+            ..r.clone()
+        };
+        let s = pod_status(&with_address, &own_network, Some(ip));
+        assert_eq!(
+            (s["podIP"].as_str(), s["hostIP"].as_str()),
+            (Some("10.88.0.5"), Some("192.0.2.7"))
+        );
+        assert_eq!(s["podIPs"], json!([{"ip": "10.88.0.5"}]));
     }
 
     #[test]

@@ -141,6 +141,7 @@ impl PodRun {
             name: self.pod.name.clone(),
             namespace: self.pod.namespace.clone(),
             uid: self.hash.clone(),
+            ip: self.ip.clone().filter(|_| !self.pod.host_network),
             state: state.into(),
             error: self.error.clone(),
             containers: self

@@ -344,6 +344,7 @@ impl Reconciler {
             state: "invalid".into(),
             error: Some(i.error.to_string()),
             containers: Vec::new(),
+            ip: None,
             image_refused: false,
         }));
         reports.sort_by(|a, b| a.file.cmp(&b.file));

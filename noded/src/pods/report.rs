@@ -72,6 +72,7 @@ mod tests {
                     ready,
                 },
             ],
+            ip: None,
             image_refused: false,
         };
         let files = vec!["a.yaml".to_string(), "b.yaml".to_string()];
