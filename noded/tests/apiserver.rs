@@ -898,16 +898,29 @@ async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
         let pod = noded::manifest::parse(f, &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(pod.containers[0].image, "edge.local/hello:1");
     }
-    // What the reconciler would report: both running. The API server shows them so.
+    // What the reconciler would report: each pending, then running. The API server
+    // shows them so, with an event for each container started.
     let name_of = |f: &str| {
         f.trim_start_matches("default_")
             .trim_end_matches(".yaml")
             .to_string()
     };
-    *status.lock().unwrap() = files
+    let running_now: Vec<PodReport> = files
         .iter()
         .map(|f| running_report(f, &name_of(f), 0))
         .collect();
+    *status.lock().unwrap() = running_now
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            r.state = "pending".into();
+            r.containers[0].state = "waiting".into();
+            r.containers[0].ready = false;
+            r
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    *status.lock().unwrap() = running_now;
     let running = wait_until_long("both Running at the API server", {
         let get = get(&["pods", "-n", "default", "-l", "app=web"]);
         move || {
@@ -929,6 +942,31 @@ async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
     })
     .await;
     assert_eq!(deploy["status"]["replicas"], 2);
+    for f in &files {
+        let pod = name_of(f);
+        let selector = format!("involvedObject.name={pod}");
+        let events = wait_until_long("a Started event", || {
+            cp.get(&["events", "-n", "default", "--field-selector", &selector])
+                .ok()
+                .filter(|l| {
+                    l["items"].as_array().is_some_and(|i| {
+                        i.iter().any(|e| {
+                            e["reason"] == "Started" && e["source"]["component"] == "noded"
+                        })
+                    })
+                })
+        })
+        .await;
+        let started = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["reason"] == "Started")
+            .unwrap();
+        assert_eq!(started["message"], "Started container main", "{started}");
+        assert_eq!(started["type"], "Normal", "{started}");
+        assert_eq!(started["source"]["host"], NODE, "{started}");
+    }
 
     // Scaled to one: the controller deletes one pod gracefully; noded drops its
     // manifest (the reconciler stops it), and once it is no longer reported, finishes

@@ -174,6 +174,19 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         .as_str()
         .context("pod name")?
         .to_string();
+    // What happened on the box, as `kubectl get events` shows it.
+    let selector = format!("involvedObject.name={name}");
+    let started = wait("noded's Started event", Duration::from_secs(60), || {
+        cp.get(&["events", "-n", "default", "--field-selector", &selector])
+            .ok()
+            .filter(|l| {
+                l["items"].as_array().is_some_and(|i| {
+                    i.iter()
+                        .any(|e| e["reason"] == "Started" && e["source"]["host"] == NODE)
+                })
+            })
+    });
+    assert!(started.is_ok(), "{started:?}");
     // The box runs it: noded lists it, and its container writes readings.
     let on_box = m.pods()?;
     assert!(

@@ -15,6 +15,7 @@
 mod cache;
 mod calls;
 mod conditions;
+mod events;
 mod host;
 mod node;
 mod status;

@@ -22,6 +22,8 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
     let mut times = Times::default();
     let mut relists = 0;
     let mut log = Limited::new("reporting pod status");
+    // key → the report last seen, for the events of what changed (events.rs).
+    let mut seen: HashMap<String, PodReport> = HashMap::new();
     let mut retry = Retry::new(s.retry_max);
     loop {
         let r = shared.relists.load(Ordering::Relaxed);
@@ -85,6 +87,10 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
             let Some(report) = reports.get(key) else {
                 continue;
             };
+            for t in super::events::transitions(seen.get(key), report) {
+                super::events::record(&shared, pod, t);
+            }
+            seen.insert(key.clone(), report.clone());
             let desired = pod_status(report, pod, shared.host_ip);
             if sent.get(key) == Some(&desired) {
                 continue;
@@ -115,6 +121,7 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
             }
         }
         times.retain(&known);
+        seen.retain(|k, _| known.contains_key(k));
         let wait = if failed {
             retry.next_delay().max(s.pod_status_every)
         } else {
