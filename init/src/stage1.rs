@@ -132,6 +132,11 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
         data_formatted: data.formatted,
         data_clean: data.clean,
         data_locked: data.locked,
+        stage1_start_ms: Some(
+            crate::logs::uptime()
+                .saturating_sub(start.elapsed())
+                .as_millis() as u64,
+        ),
         stage1_ms: Some(stage1_ms),
         tpm_ms: Some(data.tpm.as_millis() as u64),
     };
@@ -342,13 +347,14 @@ mod tests {
             data_formatted: true,
             data_clean: false,
             data_locked: None,
+            stage1_start_ms: Some(2100),
             stage1_ms: Some(1234),
             tpm_ms: Some(120),
         };
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(
             json,
-            r#"{"slot":"a","version":"0.1.0","data_formatted":true,"data_clean":false,"stage1_ms":1234,"tpm_ms":120}"#
+            r#"{"slot":"a","version":"0.1.0","data_formatted":true,"data_clean":false,"stage1_start_ms":2100,"stage1_ms":1234,"tpm_ms":120}"#
         );
         assert_eq!(serde_json::from_str::<Boot>(&json).unwrap(), info);
         let locked = Boot {

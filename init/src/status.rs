@@ -60,6 +60,9 @@ pub struct Boot {
     /// keeps the services down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_locked: Option<String>,
+    /// When stage 1 began (the kernel's uptime then: the kernel's own share of the boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage1_start_ms: Option<u64>,
     /// Stage 1's time, and the part of it spent on the TPM and the unlock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage1_ms: Option<u64>,
@@ -90,6 +93,7 @@ pub fn build(
         "meminfo_kib": meminfo_all(),
         "init_rss_kib": rss_kib(std::process::id() as i32),
         "init_locked_kib": locked_kib(),
+        "stage1_start_ms": boot.stage1_start_ms,
         "stage1_ms": boot.stage1_ms,
         "tpm_ms": boot.tpm_ms,
         "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full,

@@ -84,7 +84,8 @@ enum CoreAction {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// The image booted N times on fresh disks: medians to ready, the later boot's unlock.
+    /// One disk booted once to set it up, then N later boots: medians to ready, memory,
+    /// where the time goes; the first boot reported on its own.
     Boot {
         /// How many boots to take the median of.
         #[arg(long, default_value_t = 3)]

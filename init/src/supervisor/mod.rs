@@ -141,6 +141,8 @@ struct Service {
     streams: Vec<Stream>,
     last_exit: Option<Exit>,
     cgroup: Option<PathBuf>,
+    /// The box's uptime when it last became ready (where a boot's time goes).
+    ready_uptime_ms: Option<u64>,
 }
 
 impl Service {
@@ -187,6 +189,7 @@ impl Supervisor {
                 healthy: false,
                 streams: Vec::new(),
                 last_exit: None,
+                ready_uptime_ms: None,
                 cgroup: None,
             })
             .collect();
@@ -596,6 +599,7 @@ impl Supervisor {
                     "rss_kib": s.pid.and_then(crate::status::rss_kib),
                     "last_exit": s.last_exit.map(Exit::json),
                     "healthy": s.spec.health.as_ref().map(|_| s.healthy),
+                    "ready_uptime_ms": s.ready_uptime_ms,
                 })
             })
             .collect()

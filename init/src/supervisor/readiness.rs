@@ -88,6 +88,7 @@ impl Supervisor {
         s.deadline = None;
         let ms = now.duration_since(s.started).as_millis();
         let text = format!("service {}: ready after {ms} ms", s.spec.name);
+        s.ready_uptime_ms = Some(crate::logs::uptime().as_millis() as u64);
         self.set_state(i, State::Ready);
         self.say(text);
     }
