@@ -628,13 +628,8 @@ fn bad_apiserver_config_is_refused_by_key() {
         (&format!("kubeconfig = \"{}\"\nzone = \"s\"\nlabels = {{ \"topology.kubernetes.io/zone\" = \"x\" }}", good.display()), "apiserver.labels", "set by noded"),
     ] {
         std::fs::write(&config, format!("{base}[apiserver]\n{table}\n")).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_noded"))
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{table}: accepted");
+        let (ok, err) = noded_with(&config);
+        assert!(!ok, "{table}: accepted");
         assert!(err.contains(&format!("key `{key}`")) && err.contains(needle), "{table}: {err}");
     }
     // An unknown key in the table is refused too (deny_unknown_fields).
@@ -646,13 +641,21 @@ fn bad_apiserver_config_is_refused_by_key() {
         ),
     )
     .unwrap();
+    let (ok, err) = noded_with(&config);
+    assert!(!ok && err.contains("server"), "{err}");
+}
+
+/// noded run with `config` until it ends: whether it succeeded, and what it said.
+fn noded_with(config: &Path) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_noded"))
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("server"), "{err}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A provisioned `apiserver_file` (how the shipped image joins a control plane): read
@@ -699,16 +702,8 @@ fn a_provisioned_apiserver_file_is_read_when_present_and_checked() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_noded"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("key `apiserver_file`"),
-        "{err}"
-    );
+    let (ok, err) = noded_with(&config);
+    assert!(!ok && err.contains("key `apiserver_file`"), "{err}");
 }
 
 mod common;
