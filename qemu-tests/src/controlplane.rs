@@ -72,6 +72,8 @@ pub struct ControlPlane {
     /// `https://127.0.0.1:<port>`.
     pub url: String,
     pub port: u16,
+    /// Where its programs are (kubectl too).
+    bin: PathBuf,
     processes: Vec<Group>,
 }
 
@@ -111,6 +113,7 @@ impl ControlPlane {
             dir: dir.to_path_buf(),
             url: format!("https://127.0.0.1:{port}"),
             port,
+            bin: bin.to_path_buf(),
             processes: Vec::new(),
         };
         let (etcd_client, etcd_peer) = (free_port()?, free_port()?);
@@ -284,8 +287,7 @@ impl ControlPlane {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let bin = bin_dir()?;
-        run(Command::new(bin.join("kubectl"))
+        run(Command::new(self.bin.join("kubectl"))
             .arg(format!(
                 "--kubeconfig={}",
                 self.admin_kubeconfig().display()
@@ -293,33 +295,15 @@ impl ControlPlane {
             .args(args))
     }
 
-    /// `kubectl apply -f -` of `manifest` (YAML or JSON).
+    /// `kubectl apply` of `manifest` (YAML or JSON), through a file in the directory.
     pub fn apply(&self, manifest: &str) -> Result<String> {
-        use std::io::Write;
-        let mut child = Command::new(bin_dir()?.join("kubectl"))
-            .arg(format!(
-                "--kubeconfig={}",
-                self.admin_kubeconfig().display()
-            ))
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("failed to start kubectl")?;
-        child
-            .stdin
-            .take()
-            .context("no stdin")?
-            .write_all(manifest.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl apply failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let file = self.dir.join("applied.yaml");
+        std::fs::write(&file, manifest)?;
+        self.kubectl([
+            std::ffi::OsStr::new("apply"),
+            "-f".as_ref(),
+            file.as_os_str(),
+        ])
     }
 
     /// `kubectl get <what> -o json`, parsed.

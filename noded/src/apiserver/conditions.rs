@@ -28,11 +28,6 @@ pub struct Measured {
 impl Measured {
     /// `/proc/meminfo`, statvfs of `disk`, `/proc/loadavg` and `kernel.pid_max`.
     pub fn now(disk: &Path, has_address: bool) -> Measured {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mem_available_kib = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
         let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let tasks = loadavg
             .split_whitespace()
@@ -42,25 +37,16 @@ impl Measured {
         let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
             .ok()
             .and_then(|t| t.trim().parse().ok());
+        let disk = rustix::fs::statvfs(disk)
+            .ok()
+            .map(|st| (st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize));
         Measured {
-            mem_available_kib,
-            disk: statvfs(disk),
+            mem_available_kib: super::meminfo_kib("MemAvailable"),
+            disk,
             pids: tasks.zip(pid_max),
             has_address,
         }
     }
-}
-
-fn statvfs(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
-    Some((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
 }
 
 /// One condition as measured: whether it holds (`None`: unknown), why, and in words.
@@ -218,6 +204,13 @@ mod tests {
         )
     }
 
+    const PRESSURES: [&str; 4] = [
+        "MemoryPressure",
+        "DiskPressure",
+        "PIDPressure",
+        "NetworkUnavailable",
+    ];
+
     #[test]
     fn each_pressure_is_judged_at_kubelets_thresholds() {
         let t = Transitions::default();
@@ -233,12 +226,7 @@ mod tests {
                 "NetworkUnavailable"
             ]
         );
-        for kind in [
-            "MemoryPressure",
-            "DiskPressure",
-            "PIDPressure",
-            "NetworkUnavailable",
-        ] {
+        for kind in PRESSURES {
             assert_eq!(status_of(&list, kind).0, "False", "{kind}");
         }
         let short = Measured {
@@ -257,12 +245,7 @@ mod tests {
             status_of(&list, "PIDPressure").1,
             "KubeletHasInsufficientPID"
         );
-        for kind in [
-            "MemoryPressure",
-            "DiskPressure",
-            "PIDPressure",
-            "NetworkUnavailable",
-        ] {
+        for kind in PRESSURES {
             assert_eq!(status_of(&list, kind).0, "True", "{kind}");
         }
         let blind = Measured::default();

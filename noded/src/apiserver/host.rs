@@ -62,10 +62,11 @@ pub(super) fn os_image() -> String {
         .unwrap_or_else(|| "edgeos".into())
 }
 
-pub(super) fn mem_total_kib() -> Option<u64> {
+/// A field of `/proc/meminfo` (`MemTotal`, `MemAvailable`), in KiB.
+pub(super) fn meminfo_kib(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 

@@ -23,7 +23,7 @@ mod translate;
 
 use cache::watch_pods;
 use calls::{lock, timed, Limited, Retry};
-use host::{arch, first_ipv4, hostname, mem_total_kib, micro_now, os_image, time_now};
+use host::{arch, first_ipv4, hostname, meminfo_kib, micro_now, os_image, time_now};
 use node::node_and_lease;
 use status::report_pods;
 pub use translate::edge_manifest;

@@ -15,8 +15,8 @@ use crate::error::Error;
 use super::conditions::Measured;
 
 use super::{
-    arch, lock, mem_total_kib, micro_now, os_image, time_now, timed, Limited, Retry, Shared,
-    LEASE_NAMESPACE, MAX_PODS,
+    arch, first_ipv4, lock, meminfo_kib, micro_now, os_image, time_now, timed, Limited, Retry,
+    Shared, LEASE_NAMESPACE, MAX_PODS,
 };
 
 pub(super) async fn node_and_lease(shared: Arc<Shared>) {
@@ -139,7 +139,7 @@ pub(super) async fn register(
 pub(super) fn node_status(shared: &Shared) -> Value {
     let s = &shared.settings;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let memory = mem_total_kib().map(|k| format!("{k}Ki"));
+    let memory = meminfo_kib("MemTotal").map(|k| format!("{k}Ki"));
     let mut resources = json!({ "cpu": cpus.to_string(), "pods": MAX_PODS.to_string() });
     if let Some(m) = memory {
         resources["memory"] = m.into();
@@ -159,7 +159,7 @@ pub(super) fn node_status(shared: &Shared) -> Value {
         "allocatable": resources,
         "addresses": addresses,
         "conditions": shared.transitions.conditions(
-            &Measured::now(&s.cache_dir, shared.host_ip.is_some()),
+            &Measured::now(&s.cache_dir, first_ipv4().is_some()),
             &time_now(),
             &shared.started,
         ),
