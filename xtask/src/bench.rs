@@ -181,19 +181,8 @@ fn sizes(manifest: &Path) -> Result<(u64, u64, u64)> {
     Ok((esp + root + verity, root, uki))
 }
 
-pub fn run(runs: u32) -> Result<()> {
-    if runs == 0 {
-        bail!("--runs must be at least 1");
-    }
-    crate::host::ensure_packages(crate::run::VM_PACKAGES)?;
-    let out = crate::image::build(&crate::image::BuildOptions::default())
-        .context("failed to build the image")?;
-    let (image_bytes, root_bytes, uki_bytes) = sizes(&out.manifest)?;
-    println!(
-        "bench boot: one first boot of a fresh disk, then {runs} later boot(s) of it \
-         (about {} s under TCG)",
-        45 * (runs + 1)
-    );
+/// One first boot of a fresh disk of `out`'s image, then `runs` later boots of it.
+fn measure(out: &crate::image::ImageOutputs, runs: u32) -> Result<(Sample, Vec<Sample>)> {
     let mut m = Machine::with_options("bench-boot", Options::new(&out.raw))?;
     m.boot()?;
     let first = sample(&mut m).context("the first boot failed")?;
@@ -208,6 +197,57 @@ pub fn run(runs: u32) -> Result<()> {
         samples.push(s);
     }
     m.finish();
+    Ok((first, samples))
+}
+
+/// `pcluster_kib`: erofs physical cluster sizes to build and boot the same tree with
+/// as well, in this run, for their size and boot time against the definition's.
+pub fn run(runs: u32, pcluster_kib: &[u32]) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    crate::host::ensure_packages(crate::run::VM_PACKAGES)?;
+    let out = crate::image::build(&crate::image::BuildOptions::default())
+        .context("failed to build the image")?;
+    let (image_bytes, root_bytes, uki_bytes) = sizes(&out.manifest)?;
+    println!(
+        "bench boot: one first boot of a fresh disk, then {runs} later boot(s) of it \
+         (about {} s under TCG), for {} image(s)",
+        45 * (runs + 1),
+        1 + pcluster_kib.len()
+    );
+    let (first, samples) = measure(&out, runs)?;
+    let med =
+        |samples: &[Sample], f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+    let secs = |v: f64| (v * 100.0).round() / 100.0;
+    let mut candidates = Vec::new();
+    for &kib in pcluster_kib {
+        println!("bench boot: the same tree with an erofs physical cluster of {kib} KiB");
+        let c = crate::image::build(&crate::image::BuildOptions {
+            erofs_pcluster_kib: Some(kib),
+            ..Default::default()
+        })
+        .with_context(|| format!("failed to build the image with a {kib} KiB cluster"))?;
+        let (c_image, c_root, _) = sizes(&c.manifest)?;
+        let (c_first, c_samples) = measure(&c, runs)?;
+        let line = json!({
+            "pcluster_kib": kib,
+            "image_bytes": c_image,
+            "root_bytes": c_root,
+            "ready_s": secs(med(&c_samples, &|s| s.ready_s)),
+            "uptime_s": secs(med(&c_samples, &|s| s.uptime_s)),
+            "first_boot_ready_s": secs(c_first.ready_s),
+        });
+        println!(
+            "erofs cluster {kib} KiB: root {c_root} bytes ({:.2}x the definition's), \
+             image {c_image} bytes, later boot ready after {:.2} s ({:.2}x), uptime {:.2} s",
+            c_root as f64 / root_bytes as f64,
+            med(&c_samples, &|s| s.ready_s),
+            med(&c_samples, &|s| s.ready_s) / med(&samples, &|s| s.ready_s),
+            med(&c_samples, &|s| s.uptime_s),
+        );
+        candidates.push(line);
+    }
     let mut rss = Map::new();
     for name in ["init", "containerd", "storaged", "fabricd", "noded"] {
         let v: Vec<f64> = samples
@@ -220,9 +260,8 @@ pub fn run(runs: u32) -> Result<()> {
         }
         rss.insert(name.into(), json!(median(v).round() as u64));
     }
-    let med = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
-    let secs = |v: f64| (v * 100.0).round() / 100.0;
-    let result = json!({
+    let med = |f: &dyn Fn(&Sample) -> f64| med(&samples, f);
+    let mut result = json!({
         "bench": "boot",
         "later_boots": runs,
         "ready_s": secs(med(&|s| s.ready_s)),
@@ -238,6 +277,9 @@ pub fn run(runs: u32) -> Result<()> {
         "tpm_ms": med(&|s| s.tpm_ms as f64).round() as u64,
         "tpm_first_boot_ms": first.tpm_ms,
     });
+    if !candidates.is_empty() {
+        result["erofs_pcluster"] = Value::Array(candidates);
+    }
     println!("{result}");
     Ok(())
 }

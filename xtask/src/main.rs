@@ -90,6 +90,10 @@ enum Bench {
         /// How many boots to take the median of.
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        /// Also build and boot the same tree with these erofs physical cluster sizes
+        /// (KiB, comma-separated), for their size and boot time in the same run.
+        #[arg(long = "pcluster-kib", value_delimiter = ',')]
+        pcluster_kib: Vec<u32>,
     },
     /// fabricd against a real nats-server: ingest, end to end, catch-up after a partition.
     Fabric,
@@ -123,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 version: as_version,
                 overlay,
                 security_version,
+                erofs_pcluster_kib: None,
             })?;
             println!("{}", out.raw.display());
             Ok(())
@@ -140,7 +145,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench { which } => match which {
-            Bench::Boot { runs } => bench::run(runs),
+            Bench::Boot { runs, pcluster_kib } => bench::run(runs, &pcluster_kib),
             Bench::Fabric => bench_fabric::run(),
             Bench::Storage => bench_storage::run(),
             Bench::Pods { pods } => bench_pods::run(pods),

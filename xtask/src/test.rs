@@ -36,12 +36,14 @@ pub fn update_bundles() -> Result<UpdateBundles> {
         version: Some(UPDATE_VERSION.into()),
         overlay: None,
         security_version: Some(UPDATE_SECURITY_VERSION),
+        erofs_pcluster_kib: None,
     })?;
     let bad = crate::image::build(&crate::image::BuildOptions {
         force: false,
         version: Some(BAD_UPDATE_VERSION.into()),
         overlay: Some(bad_overlay()?),
         security_version: Some(UPDATE_SECURITY_VERSION),
+        erofs_pcluster_kib: None,
     })?;
     Ok(UpdateBundles {
         good: good.bundle,

@@ -29,10 +29,28 @@ pub struct ImageMeta {
     /// no longer accept bundles of older versions. From 1.
     #[serde(default = "first_security_version")]
     pub security_version: u64,
+    /// The root's erofs physical cluster in KiB (`mkfs.erofs -C`): how much compressed
+    /// data lz4hc works on at once. Larger compresses better and costs more
+    /// decompression per page read (docs/image.md measures both). A power of two from 4
+    /// (one block, mkfs.erofs's default) to 1024.
+    #[serde(default = "one_block_pcluster")]
+    pub erofs_pcluster_kib: u32,
 }
 
 fn first_security_version() -> u64 {
     1
+}
+
+fn one_block_pcluster() -> u32 {
+    4
+}
+
+/// Checks an erofs physical cluster size in KiB; `what` names where it came from.
+pub fn check_pcluster_kib(what: &str, kib: u32) -> Result<()> {
+    if !(4..=1024).contains(&kib) || !kib.is_power_of_two() {
+        bail!("{what}: {kib} KiB is not a power of two from 4 to 1024");
+    }
+    Ok(())
 }
 
 /// `[tpm]`: how the data partition's key is sealed (docs/security.md).
@@ -132,6 +150,7 @@ impl Definition {
         if self.image.security_version == 0 {
             bail!("image.security_version: versions start at 1");
         }
+        check_pcluster_kib("image.erofs_pcluster_kib", self.image.erofs_pcluster_kib)?;
         check_word("image.name", &self.image.name)?;
         check_deb_name("kernel.package", &self.kernel.package)?;
         check_deb_version("kernel.version", &self.kernel.version)?;
@@ -344,6 +363,11 @@ mod tests {
                 "kernel.version",
             ),
             ("tries = 3", "tries = 0", "boot.tries"),
+            (
+                "erofs_pcluster_kib = 128",
+                "erofs_pcluster_kib = 96",
+                "image.erofs_pcluster_kib",
+            ),
             (
                 "\"usr/sbin/runc\"",
                 "\"/usr/sbin/runc\"",

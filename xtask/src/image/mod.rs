@@ -73,6 +73,9 @@ pub struct BuildOptions {
     pub overlay: Option<PathBuf>,
     /// Build under this security version instead of the definition's.
     pub security_version: Option<u64>,
+    /// Build the root with this erofs physical cluster (KiB) instead of the
+    /// definition's, into `image-pcluster-<kib>/` (`bench boot --pcluster-kib`).
+    pub erofs_pcluster_kib: Option<u32>,
 }
 
 /// The update key's public half the builds sign bundles for (`update.pub` in the keys
@@ -542,6 +545,16 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
         }
         None => target_dir(&p.inputs.repo).join("image"),
     };
+    let out_dir = match opts.erofs_pcluster_kib {
+        Some(kib) => {
+            definition::check_pcluster_kib("--pcluster-kib", kib)?;
+            p.def.image.erofs_pcluster_kib = kib;
+            step(&format!("with an erofs physical cluster of {kib} KiB"));
+            let name = out_dir.file_name().unwrap_or_default().to_string_lossy();
+            out_dir.with_file_name(format!("{name}-pcluster-{kib}"))
+        }
+        None => out_dir,
+    };
     if let Some(n) = opts.security_version {
         if n == 0 {
             bail!("--security-version: versions start at 1");
@@ -555,10 +568,11 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     let mut outs = out_paths(&out_dir, def);
     let stamp_path = out_dir.join("stamp");
     let stamp = format!(
-        "{} {} {}",
+        "{} {} {} {}",
         stamp(&p.inputs, &p.debs)?,
         def.image.version,
-        def.image.security_version
+        def.image.security_version,
+        def.image.erofs_pcluster_kib
     );
     if p.inputs.pcr_key.development {
         step(&p.inputs.pcr_key.development_warning());

@@ -280,6 +280,7 @@ pub fn make_images(def: &Definition, root: &Path, out_dir: &Path) -> Result<Root
     cmd::output(
         Command::new("mkfs.erofs")
             .arg("-zlz4hc")
+            .arg(format!("-C{}", def.image.erofs_pcluster_kib * 1024))
             .arg("-T0")
             .arg("--all-root")
             .arg(format!("-U{}", derive_uuid(version, "root-erofs")))
