@@ -122,6 +122,9 @@ pub enum Error {
     /// A call to the server; `code` is the HTTP status when the server answered.
     #[error("{message}")]
     ApiCall { code: Option<u16>, message: String },
+    /// The node's certificate could not be obtained with the bootstrap credential.
+    #[error("the node's certificate: {0}")]
+    Bootstrap(String),
     #[error("apiserver.node_name is not set and the host name {detail}")]
     NodeName { detail: String },
 

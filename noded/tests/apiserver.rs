@@ -68,6 +68,7 @@ fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
     .collect();
     Settings {
         kubeconfig,
+        bootstrap_kubeconfig: None,
         node_name: NODE.into(),
         labels,
         cache_dir: cache,
@@ -982,6 +983,143 @@ async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
         move || get().filter(|l| l["items"].as_array().is_some_and(|i| i.len() == 1))
     })
     .await;
+    drop(agent);
+}
+
+/// The upstream control plane and a node with only a bootstrap token: noded makes a key,
+/// asks for its certificate with a CertificateSigningRequest, the controller manager
+/// approves and signs it, and the Node registers under it. The token is then revoked and
+/// the Node deleted at the server: restarted, noded joins again with the certificate it
+/// kept, asking nothing more. A node with a token the server does not know gets nothing
+/// and registers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_bootstrap_token_obtains_its_certificate_and_keeps_it() {
+    use qemu_tests::controlplane::{built, ControlPlane};
+    let Some(bin) = built() else {
+        edge_common::precondition_missing(
+            "the Kubernetes control plane built from source (cargo xtask controlplane)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cp_dir = dir.path().join("core");
+    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&bin, &cp_dir))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
+    let token = cp.bootstrap_token().unwrap();
+    let boot = dir.path().join("bootstrap.kubeconfig");
+    std::fs::write(
+        &boot,
+        ControlPlane::bootstrap_kubeconfig(&cp.url, &cp.dir.join("ca.pem"), &token),
+    )
+    .unwrap();
+    let stored = dir.path().join("state/kubeconfig");
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let mut s = settings(stored.clone(), dir.path().join("cache"));
+    s.bootstrap_kubeconfig = Some(boot.clone());
+    s.lease_duration = Duration::from_secs(10);
+    let agent = apiserver::start(s.clone(), status.clone(), None)
+        .await
+        .unwrap();
+
+    let cp = Arc::new(cp);
+    let node_ready = || {
+        let cp = cp.clone();
+        move || {
+            cp.get(&["node", NODE]).ok().filter(|n| {
+                n["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+        }
+    };
+    wait_until_long("the node Ready under its own certificate", node_ready()).await;
+    let csrs = cp.get(&["csr"]).unwrap();
+    let items = csrs["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{csrs}");
+    let csr = &items[0];
+    let (id, _) = token.split_once('.').unwrap();
+    assert_eq!(
+        csr["spec"]["username"],
+        format!("system:bootstrap:{id}"),
+        "{csr}"
+    );
+    assert_eq!(
+        csr["spec"]["signerName"],
+        "kubernetes.io/kube-apiserver-client-kubelet"
+    );
+    assert!(
+        csr["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("node-csr-{NODE}-")),
+        "{csr}"
+    );
+    let approved = csr["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Approved"));
+    assert!(approved, "approved by the controller manager: {csr}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the node's key is kept private");
+    assert!(
+        !dir.path().join("state/kubeconfig.key.pending").exists(),
+        "the pending key is folded into the kubeconfig"
+    );
+    // The kept credential is the node's own: the Node authorizer lets it read its Node.
+    let own = cp.kubectl([
+        &format!("--kubeconfig={}", stored.display()),
+        "get",
+        "node",
+        NODE,
+        "-o",
+        "name",
+    ]);
+    let own = own.unwrap_or_else(|e| panic!("the kept credential: {e:#}"));
+    assert_eq!(own.trim(), "node/edge-a");
+    drop(agent);
+
+    // The token revoked and the Node deleted: noded joins again with what it kept.
+    cp.kubectl([
+        "delete",
+        "secret",
+        "-n",
+        "kube-system",
+        &format!("bootstrap-token-{id}"),
+    ])
+    .unwrap();
+    cp.kubectl(["delete", "node", NODE]).unwrap();
+    let agent = apiserver::start(s, status.clone(), None).await.unwrap();
+    wait_until_long("the node back with its kept certificate", node_ready()).await;
+    let csrs = cp.get(&["csr"]).unwrap();
+    assert_eq!(csrs["items"].as_array().unwrap().len(), 1, "{csrs}");
+    drop(agent);
+
+    // A token the server does not know: nothing is obtained, nothing registers.
+    let bad = dir.path().join("bad.kubeconfig");
+    std::fs::write(
+        &bad,
+        ControlPlane::bootstrap_kubeconfig(
+            &cp.url,
+            &cp.dir.join("ca.pem"),
+            "abcdef.0123456789abcdef",
+        ),
+    )
+    .unwrap();
+    let other = dir.path().join("other/kubeconfig");
+    let mut s = settings(other.clone(), dir.path().join("cache-b"));
+    s.node_name = "edge-b".into();
+    s.bootstrap_kubeconfig = Some(bad);
+    let agent = apiserver::start(s, status, None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!other.exists(), "no credential from a bad token");
+    assert!(cp.get(&["node", "edge-b"]).is_err(), "no Node edge-b");
+    assert_eq!(
+        cp.get(&["csr"]).unwrap()["items"].as_array().unwrap().len(),
+        1
+    );
     drop(agent);
 }
 

@@ -155,6 +155,8 @@ impl ControlPlane {
                 "--service-account-issuer=https://kubernetes.default.svc",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
+                // Boxes join with a bootstrap token and ask for their own certificate.
+                "--enable-bootstrap-token-auth",
                 "--service-cluster-ip-range=10.96.0.0/16",
             ],
         )?;
@@ -242,28 +244,63 @@ impl ControlPlane {
         kubeconfig_text(&self.url, &self.dir, user)
     }
 
-    /// A node's credential for another machine: its kubeconfig naming `server` and the
-    /// files `ca.pem`, `node.pem` and `node.key` in `files_dir` there, and those files.
-    pub fn node_credential(
-        &self,
-        node: &str,
-        server: &str,
-        files_dir: &Path,
-    ) -> Result<Vec<(String, String)>> {
-        self.node_kubeconfig(node)?;
-        let read = |name: String| -> Result<String> {
-            std::fs::read_to_string(self.dir.join(&name))
-                .with_context(|| format!("failed to read {name}"))
+    /// A bootstrap token for nodes to join with (`<id>.<secret>`, valid a day): a
+    /// `bootstrap.kubernetes.io/token` Secret, and the bindings kubeadm also makes, which
+    /// let the token's group `system:bootstrappers` ask for node client certificates
+    /// that the controller manager approves and signs by itself.
+    pub fn bootstrap_token(&self) -> Result<String> {
+        let random = |n: usize| -> Result<String> {
+            let mut bytes = vec![0u8; n];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .context("failed to read /dev/urandom")?;
+            const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+            Ok(bytes
+                .iter()
+                .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+                .collect())
         };
-        Ok(vec![
-            (
-                "kubeconfig".into(),
-                kubeconfig_text(server, files_dir, "node"),
-            ),
-            ("ca.pem".into(), read("ca.pem".into())?),
-            ("node.pem".into(), read(format!("node-{node}.pem"))?),
-            ("node.key".into(), read(format!("node-{node}.key"))?),
-        ])
+        let (id, secret) = (random(6)?, random(16)?);
+        let expires = time_in_a_day()?;
+        self.apply(&format!(
+            r#"{{"apiVersion": "v1", "kind": "List", "items": [
+  {{"apiVersion": "v1", "kind": "Secret", "type": "bootstrap.kubernetes.io/token",
+    "metadata": {{"name": "bootstrap-token-{id}", "namespace": "kube-system"}},
+    "stringData": {{"token-id": "{id}", "token-secret": "{secret}",
+      "expiration": "{expires}", "usage-bootstrap-authentication": "true",
+      "description": "edgeos boxes join with this"}}}},
+  {{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+    "metadata": {{"name": "edgeos:node-bootstrapper"}},
+    "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+      "name": "system:node-bootstrapper"}},
+    "subjects": [{{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+      "name": "system:bootstrappers"}}]}},
+  {{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+    "metadata": {{"name": "edgeos:node-autoapprove-bootstrap"}},
+    "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+      "name": "system:certificates.k8s.io:certificatesigningrequests:nodeclient"}},
+    "subjects": [{{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+      "name": "system:bootstrappers"}}]}},
+  {{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+    "metadata": {{"name": "edgeos:node-autoapprove-renewal"}},
+    "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+      "name": "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"}},
+    "subjects": [{{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+      "name": "system:nodes"}}]}}]}}"#
+        ))?;
+        Ok(format!("{id}.{secret}"))
+    }
+
+    /// A kubeconfig for another machine that joins with `token`: `server`, and the CA at
+    /// `ca_path` there.
+    pub fn bootstrap_kubeconfig(server: &str, ca_path: &Path, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: core\n  cluster:\n    \
+             server: {server}\n    certificate-authority: {}\nusers:\n- name: bootstrap\n  \
+             user:\n    token: {token}\ncontexts:\n- name: core\n  context:\n    \
+             cluster: core\n    user: bootstrap\ncurrent-context: core\n",
+            ca_path.display()
+        )
     }
 
     /// A node's kubeconfig: a client certificate for `system:node:<node>` in the group
@@ -314,6 +351,12 @@ impl ControlPlane {
         let out = self.kubectl(&a)?;
         serde_json::from_str(&out).with_context(|| format!("kubectl get {args:?}: {out}"))
     }
+}
+
+/// RFC 3339, a day from now, as a bootstrap token's expiration.
+fn time_in_a_day() -> Result<String> {
+    let out = run(Command::new("date").args(["-u", "-d", "+1 day", "+%Y-%m-%dT%H:%M:%SZ"]))?;
+    Ok(out.trim().to_string())
 }
 
 /// A kubeconfig for `server` with the CA `ca.pem` and the client certificate

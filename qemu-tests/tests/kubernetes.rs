@@ -1,8 +1,8 @@
 //! The shipped image joins an upstream Kubernetes control plane (etcd and kube-* built
 //! from source by `cargo xtask controlplane`, on the host's loopback) with no rebuild:
-//! the site provisions noded's `apiserver_file` and a kubeconfig with the box's node
-//! certificate, and the box dials the API server through a guest forward (the core never
-//! dials in). The box registers as a Ready Node; a Deployment the operator applies with
+//! the site provisions noded's `apiserver_file` and a bootstrap token, with which the box
+//! asks for its own node certificate (a CertificateSigningRequest the core approves), and
+//! the box dials the API server through a guest forward (the core never dials in). The box registers as a Ready Node; a Deployment the operator applies with
 //! kubectl is scheduled onto it, runs on the box's containerd, and is Running at the API
 //! server. The link is cut past the node-monitor grace period: the Node goes NotReady at
 //! the core while the pod keeps running on the box, the Deployment is scaled up at the
@@ -52,15 +52,28 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     let cp = ControlPlane::start(&bin, &tmp.path().join("core"))?;
 
     // The site's provisioning: the API server's address (the guest forward), the zone,
-    // and the box's node credential.
+    // and a bootstrap token with the core's CA; the box asks for its own certificate.
     let server = "https://10.0.2.100:6443";
+    let token = cp.bootstrap_token()?;
     let mut bundle = toml_string(
         "noded-apiserver.toml",
-        &format!("kubeconfig = \"{KUBE}/kubeconfig\"\nzone = \"plant-7\"\n"),
+        &format!(
+            "kubeconfig = \"/var/lib/edge/noded/kubeconfig\"\n\
+             bootstrap_kubeconfig = \"{KUBE}/bootstrap.kubeconfig\"\nzone = \"plant-7\"\n"
+        ),
     );
-    for (name, contents) in cp.node_credential(NODE, server, std::path::Path::new(KUBE))? {
-        bundle.push_str(&toml_string(&format!("kube/{name}"), &contents));
-    }
+    bundle.push_str(&toml_string(
+        "kube/bootstrap.kubeconfig",
+        &ControlPlane::bootstrap_kubeconfig(
+            server,
+            &std::path::Path::new(KUBE).join("ca.pem"),
+            &token,
+        ),
+    ));
+    bundle.push_str(&toml_string(
+        "kube/ca.pem",
+        &std::fs::read_to_string(cp.dir.join("ca.pem"))?,
+    ));
     let bundle_path = tmp.path().join("provision.toml");
     std::fs::write(&bundle_path, bundle)?;
     let mut opts = Options::new(&qemu_tests::image_from_env()?);
@@ -83,6 +96,22 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     assert_eq!(
         node["metadata"]["labels"]["topology.kubernetes.io/zone"], "plant-7",
         "{node}"
+    );
+    // Under the certificate it asked for with the token, which the core approved.
+    let csrs = cp.get(&["csr"])?;
+    let (id, _) = token.split_once('.').context("token")?;
+    let ours = csrs["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["spec"]["username"] == format!("system:bootstrap:{id}"))
+        .with_context(|| format!("no CertificateSigningRequest from the box: {csrs}"))?;
+    assert!(
+        ours["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Approved"))
+            && ours["status"]["certificate"].is_string(),
+        "{ours}"
     );
     // Its conditions as measured on the box, and the images its containerd holds.
     let conditions = node["status"]["conditions"]

@@ -1,6 +1,7 @@
 //! `cargo xtask core up|down|env`: a local core for the appliance to join, on loopback:
 //! the upstream Kubernetes control plane built from source (xtask/src/controlplane.rs),
-//! with its CA, the operator's kubeconfig and a node credential for the box, left
+//! with its CA, the operator's kubeconfig, a node credential for the box and a
+//! bootstrap token for boxes that ask for their own, left
 //! running until `core down`. Its state lives in `<cache>/core`.
 
 use anyhow::{bail, Context, Result};
@@ -53,6 +54,16 @@ pub fn up() -> Result<()> {
     }
     let cp = ControlPlane::start(&bin, &dir)?;
     let node = cp.node_kubeconfig(BOX_NODE)?;
+    // What a site provisions for its boxes (noded's `bootstrap_kubeconfig`): a token
+    // they ask for their own certificates with. This one names the core on this host's
+    // loopback; a box in QEMU reaches it through a guest forward (docs/node.md).
+    let token = cp.bootstrap_token()?;
+    let bootstrap = dir.join("bootstrap.kubeconfig");
+    std::fs::write(
+        &bootstrap,
+        ControlPlane::bootstrap_kubeconfig(&cp.url, &dir.join("ca.pem"), &token),
+    )
+    .with_context(|| format!("failed to write {}", bootstrap.display()))?;
     let admin = cp.admin_kubeconfig();
     let url = cp.url.clone();
     let pids = cp.detach();
@@ -72,6 +83,7 @@ pub fn up() -> Result<()> {
         format!("the box's ({BOX_NODE})"),
         node.display()
     );
+    println!("  boxes' bootstrap token   {}", bootstrap.display());
     println!(
         "  CA                       {}",
         dir.join("ca.pem").display()

@@ -12,6 +12,7 @@
 //! on the server; every call here has a timeout, is retried with back-off and its
 //! failures are logged at most every [`LOG_EVERY`].
 
+mod bootstrap;
 mod cache;
 mod calls;
 mod conditions;
@@ -63,8 +64,14 @@ const MAX_PODS: u32 = 110;
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// A standard kubeconfig (its current context is used).
+    /// A standard kubeconfig (its current context is used). With `bootstrap_kubeconfig`,
+    /// where noded keeps the credential it obtains (on the data partition).
     pub kubeconfig: PathBuf,
+    /// A kubeconfig with a bootstrap token: noded asks the API server for its own client
+    /// certificate with it (a CertificateSigningRequest, bootstrap.rs) whenever
+    /// `kubeconfig` holds no valid one.
+    #[serde(default)]
+    pub bootstrap_kubeconfig: Option<PathBuf>,
     /// The Node's name; defaults to the host name.
     #[serde(default)]
     pub node_name: Option<String>,
@@ -124,6 +131,7 @@ impl Config {
         let key = |k: &str| format!("apiserver.{k}");
         for (k, p) in [
             ("kubeconfig", Some(&self.kubeconfig)),
+            ("bootstrap_kubeconfig", self.bootstrap_kubeconfig.as_ref()),
             ("cache_dir", self.cache_dir.as_ref()),
         ] {
             if let Some(p) = p.filter(|p| !p.is_absolute()) {
@@ -150,12 +158,14 @@ impl Config {
                 "must be at least 4 (it is renewed every quarter of it)".into(),
             ));
         }
-        Kubeconfig::read_from(&self.kubeconfig).map_err(|e| {
-            (
-                key("kubeconfig"),
-                format!("failed to read {}: {e}", self.kubeconfig.display()),
-            )
-        })?;
+        // With a bootstrap credential the node's own is obtained (and made again when
+        // it cannot be used): the bootstrap one must be readable now.
+        let (k, path) = match &self.bootstrap_kubeconfig {
+            Some(b) => ("bootstrap_kubeconfig", b),
+            None => ("kubeconfig", &self.kubeconfig),
+        };
+        Kubeconfig::read_from(path)
+            .map_err(|e| (key(k), format!("failed to read {}: {e}", path.display())))?;
         Ok(())
     }
 
@@ -173,6 +183,7 @@ impl Config {
         let lease = Duration::from_secs(self.lease_seconds.into());
         Ok(Settings {
             kubeconfig: self.kubeconfig.clone(),
+            bootstrap_kubeconfig: self.bootstrap_kubeconfig.clone(),
             node_name,
             labels,
             cache_dir: self
@@ -193,6 +204,8 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub kubeconfig: PathBuf,
+    /// Obtain the node's credential into `kubeconfig` with this one (bootstrap.rs).
+    pub bootstrap_kubeconfig: Option<PathBuf>,
     pub node_name: String,
     /// Every Node label, noded's own included.
     pub labels: BTreeMap<String, String>,
@@ -209,17 +222,9 @@ pub struct Settings {
     pub runtime_version: String,
 }
 
-/// The running task; dropping it stops it.
+/// The running tasks; dropping it stops them.
 pub struct Agent {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    _tasks: tokio::task::JoinSet<()>,
 }
 
 /// What the watcher learnt about a pod, for the status reports.
@@ -256,29 +261,59 @@ struct Shared {
     images: Mutex<Value>,
 }
 
-/// Reads the kubeconfig, creates the cache directory and starts the Node, Lease, pod
-/// watch and pod status loops.
+/// A client from a kubeconfig file (its current context).
+async fn client_from(path: &Path) -> Result<kube::Client> {
+    let unusable = |source| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        source,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(unusable)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(unusable)?;
+    kube::Client::try_from(config).map_err(|source| Error::Kube {
+        kubeconfig: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Creates the cache directory and starts the Node, Lease, pod watch and pod status
+/// loops. With a bootstrap credential they start once the node's own is obtained (in
+/// the background: the pods do not wait on the server); without one, the kubeconfig
+/// must give a client now.
 pub async fn start(
     settings: Settings,
     status: Status,
     cri: Option<crate::cri::Client>,
 ) -> Result<Agent> {
-    let path = settings.kubeconfig.display().to_string();
-    let unusable = |source| Error::Kubeconfig {
-        path: settings.kubeconfig.clone(),
-        source,
-    };
-    let kubeconfig = Kubeconfig::read_from(&settings.kubeconfig).map_err(unusable)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(unusable)?;
-    let client = kube::Client::try_from(config).map_err(|source| Error::Kube {
-        kubeconfig: settings.kubeconfig.clone(),
-        source,
-    })?;
     std::fs::create_dir_all(&settings.cache_dir)
         .map_err(Error::io("failed to create", &settings.cache_dir))?;
-    tracing::info!(node = %settings.node_name, server = %path, cache = %settings.cache_dir.display(), "API server configured");
+    let mut tasks = tokio::task::JoinSet::new();
+    match settings.bootstrap_kubeconfig.clone() {
+        None => {
+            let client = client_from(&settings.kubeconfig).await?;
+            run(client, settings, status, cri, &mut tasks);
+        }
+        Some(bootstrap) => {
+            tasks.spawn(async move {
+                let client = bootstrap::client(&settings, &bootstrap).await;
+                let mut inner = tokio::task::JoinSet::new();
+                run(client, settings, status, cri, &mut inner);
+                while inner.join_next().await.is_some() {}
+            });
+        }
+    }
+    Ok(Agent { _tasks: tasks })
+}
+
+fn run(
+    client: kube::Client,
+    settings: Settings,
+    status: Status,
+    cri: Option<crate::cri::Client>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    tracing::info!(node = %settings.node_name, server = %settings.kubeconfig.display(), cache = %settings.cache_dir.display(), "API server configured");
     let shared = Arc::new(Shared {
         client,
         cri,
@@ -290,11 +325,7 @@ pub async fn start(
         transitions: conditions::Transitions::default(),
         images: Mutex::new(Value::Array(Vec::new())),
     });
-    Ok(Agent {
-        tasks: vec![
-            tokio::spawn(node_and_lease(shared.clone())),
-            tokio::spawn(watch_pods(shared.clone())),
-            tokio::spawn(report_pods(shared, status)),
-        ],
-    })
+    tasks.spawn(node_and_lease(shared.clone()));
+    tasks.spawn(watch_pods(shared.clone()));
+    tasks.spawn(report_pods(shared, status));
 }
