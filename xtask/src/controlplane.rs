@@ -10,9 +10,6 @@ use qemu_tests::controlplane::{cache_dir, ETCD, KUBERNETES, KUBERNETES_STAGING, 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The oldest Go the pinned Kubernetes builds with (its go.mod's `go` line).
-const GO_MIN: (u32, u32) = (1, 26);
-
 /// Builds what is missing; returns the directory of the programs.
 pub fn build() -> Result<PathBuf> {
     let dir = cache_dir()?;
@@ -20,7 +17,7 @@ pub fn build() -> Result<PathBuf> {
     if PROGRAMS.iter().all(|p| bin.join(p).is_file()) {
         return Ok(bin);
     }
-    let go = find_go()?;
+    let go = crate::go_toolchain::go()?;
     println!(
         "controlplane: building Kubernetes {KUBERNETES} and etcd {ETCD} from source into {} \
          (about 5 minutes on 2 cores, once per pin)",
@@ -155,38 +152,6 @@ fn go_run(go: &Path, dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A `go` of at least [`GO_MIN`]: on PATH, or Go's own install place.
-fn find_go() -> Result<PathBuf> {
-    let mut seen = Vec::new();
-    for go in [PathBuf::from("go"), PathBuf::from("/usr/local/go/bin/go")] {
-        let Ok(out) = Command::new(&go).arg("version").output() else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        match go_version(&text) {
-            Some(v) if v >= GO_MIN => return Ok(go),
-            _ => seen.push(format!("{}: {}", go.display(), text.trim())),
-        }
-    }
-    bail!(
-        "building the control plane needs Go {}.{} or newer; found {}",
-        GO_MIN.0,
-        GO_MIN.1,
-        if seen.is_empty() {
-            "none".to_string()
-        } else {
-            seen.join("; ")
-        }
-    )
-}
-
-/// `go version go1.26.8 linux/amd64` → (1, 26).
-fn go_version(text: &str) -> Option<(u32, u32)> {
-    let v = text.split_whitespace().nth(2)?.strip_prefix("go")?;
-    let mut parts = v.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,13 +167,5 @@ mod tests {
             staging_modules(gomod),
             ["k8s.io/api", "k8s.io/client-go", "k8s.io/kms"]
         );
-    }
-
-    #[test]
-    fn go_versions_are_read_and_compared() {
-        assert_eq!(go_version("go version go1.26.8 linux/amd64"), Some((1, 26)));
-        assert_eq!(go_version("go version go1.19.8 linux/amd64"), Some((1, 19)));
-        assert_eq!(go_version("go version devel"), None);
-        assert!(go_version("go version go1.19.8 linux/amd64").unwrap() < GO_MIN);
     }
 }

@@ -10,6 +10,7 @@ mod bench_update;
 mod controlplane;
 mod core;
 mod fuzz;
+mod go_toolchain;
 mod host;
 mod image;
 mod run;
