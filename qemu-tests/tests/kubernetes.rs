@@ -6,7 +6,9 @@
 //! kubectl is scheduled onto it, runs on the box's containerd, and is Running at the API
 //! server. The link is cut past the node-monitor grace period: the Node goes NotReady at
 //! the core while the pod keeps running on the box, the Deployment is scaled up at the
-//! core meanwhile, and once the link heals the box is Ready and runs the new replica.
+//! core meanwhile, the box is powered off and boots again still cut off (the pod comes
+//! back from its cache), and once the link heals the box is Ready and runs the new
+//! replica.
 //! Deleted at the core, the Deployment stops on the box.
 
 use anyhow::{bail, Context, Result};
@@ -260,6 +262,26 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         "deployment/telemetry",
         "--replicas=2",
     ])?;
+    // The box loses power and boots again while the core is still away: the pod comes
+    // back from noded's cache on the data partition, with nobody at the core.
+    m.powerdown()?;
+    m.wait_exit(Duration::from_secs(90))?;
+    m.reboot_same_disk()?;
+    m.wait_ready()?;
+    wait(
+        "the pod running again after the reboot, the core still away",
+        Duration::from_secs(120),
+        || {
+            m.pods().ok().filter(|pods| {
+                pods.iter()
+                    .any(|p| p["name"] == name.as_str() && p["state"] == "running")
+            })
+        },
+    )?;
+    assert!(
+        cp.get(&["node", NODE]).is_ok_and(|n| !ready(&n)),
+        "the core still sees the box NotReady"
+    );
     // Cut for longer than the grace period itself, whatever the last renewal was.
     std::thread::sleep(Duration::from_secs(25).saturating_sub(cut_at.elapsed()));
     link.set_cut(false);
