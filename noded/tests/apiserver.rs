@@ -1123,6 +1123,167 @@ async fn a_node_with_a_bootstrap_token_obtains_its_certificate_and_keeps_it() {
     drop(agent);
 }
 
+/// The upstream control plane: a pod reading a ConfigMap, a Secret and its own fields
+/// (volumes and variables) is cached with those as files in read-only directories and
+/// as values, files with the modes asked; a pod whose ConfigMap does not exist yet is
+/// not cached, a `FailedMount` event says why, and once the ConfigMap is made it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables() {
+    use qemu_tests::controlplane::{built, ControlPlane};
+    let Some(bin) = built() else {
+        edge_common::precondition_missing(
+            "the Kubernetes control plane built from source (cargo xtask controlplane)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cp_dir = dir.path().join("core");
+    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&bin, &cp_dir))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let cache = dir.path().join("cache");
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let mut s = settings(kubeconfig, cache.clone());
+    s.lease_duration = Duration::from_secs(10);
+    let agent = apiserver::start(s, status, None).await.unwrap();
+    cp.apply(
+        r#"{"apiVersion": "v1", "kind": "List", "items": [
+  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config", "namespace": "default"},
+   "data": {"app.conf": "level=debug\n", "mode": "fast"}},
+  {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-secret", "namespace": "default"},
+   "stringData": {"token": "s3cret"}},
+  {"apiVersion": "v1", "kind": "Pod",
+   "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+   "spec": {"nodeName": "edge-a", "hostNetwork": true, "automountServiceAccountToken": false,
+     "containers": [{"name": "main", "image": "edge.local/hello:1",
+       "env": [{"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "app-config", "key": "mode"}}},
+               {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "token"}}},
+               {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+               {"name": "GONE", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "x", "optional": true}}}],
+       "volumeMounts": [{"name": "conf", "mountPath": "/etc/app"},
+                        {"name": "creds", "mountPath": "/run/creds"},
+                        {"name": "info", "mountPath": "/etc/info"}]}],
+     "volumes": [
+       {"name": "conf", "configMap": {"name": "app-config", "items": [{"key": "app.conf", "path": "app.conf"}]}},
+       {"name": "creds", "secret": {"secretName": "app-secret", "defaultMode": 256}},
+       {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}]}}]}"#,
+    )
+    .unwrap();
+    let text = wait_until_long("the pod cached", || cached(&cache, "default_web.yaml")).await;
+    let pod =
+        noded::manifest::parse("default_web.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let env: std::collections::BTreeMap<_, _> = pod.containers[0].env.iter().cloned().collect();
+    assert_eq!(env.get("MODE").map(String::as_str), Some("fast"), "{text}");
+    assert_eq!(env.get("TOKEN").map(String::as_str), Some("s3cret"));
+    assert_eq!(env.get("POD").map(String::as_str), Some("web"));
+    assert!(
+        !env.contains_key("GONE"),
+        "an optional missing key sets nothing"
+    );
+    let vols = cache.join(".volumes/default_web");
+    let read = |p: &str| std::fs::read_to_string(vols.join(p)).unwrap();
+    assert_eq!(read("conf/app.conf"), "level=debug\n");
+    assert!(!vols.join("conf/mode").exists(), "only the items named");
+    assert_eq!(read("creds/token"), "s3cret");
+    // Every label, one `key="value"` line each, sorted (the API server also copies
+    // the node's topology labels onto its pods).
+    let labels = read("info/labels");
+    let lines: Vec<&str> = labels.lines().collect();
+    assert!(lines.contains(&"app=\"web\""), "{labels}");
+    assert!(lines.is_sorted(), "{labels}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| {
+        std::fs::metadata(vols.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("creds/token"), 0o400);
+    assert_eq!(mode("conf/app.conf"), 0o644);
+    let cached_mode = std::fs::metadata(cache.join("default_web.yaml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        cached_mode & 0o777,
+        0o600,
+        "a cached pod may hold a secret's value"
+    );
+    for v in &pod.volumes {
+        match &v.source {
+            noded::manifest::VolumeSource::HostPath { path, .. } => {
+                assert_eq!(path, &vols.join(&v.name), "{v:?}")
+            }
+            other => panic!("{}: {other:?}", v.name),
+        }
+    }
+    assert!(
+        pod.containers[0].volume_mounts.iter().all(|m| m.read_only),
+        "{:?}",
+        pod.containers[0].volume_mounts
+    );
+
+    // A ConfigMap that is not there yet: the pod waits, and the core hears why.
+    cp.apply(
+        r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "later", "namespace": "default"},
+   "spec": {"nodeName": "edge-a", "hostNetwork": true, "automountServiceAccountToken": false,
+     "containers": [{"name": "main", "image": "edge.local/hello:1",
+       "volumeMounts": [{"name": "conf", "mountPath": "/etc/app"}]}],
+     "volumes": [{"name": "conf", "configMap": {"name": "later-config"}}]}}"#,
+    )
+    .unwrap();
+    let event = wait_until_long("a FailedMount event", || {
+        cp.get(&[
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.name=later",
+        ])
+        .ok()
+        .and_then(|l| {
+            l["items"]
+                .as_array()?
+                .iter()
+                .find(|e| e["reason"] == "FailedMount")
+                .cloned()
+        })
+    })
+    .await;
+    assert!(
+        event["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("later-config") && m.contains("not found")),
+        "{event}"
+    );
+    assert_eq!(event["type"], "Warning");
+    assert!(cached(&cache, "default_later.yaml").is_none());
+    cp.apply(
+        r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "later-config", "namespace": "default"},
+   "data": {"k": "v"}}"#,
+    )
+    .unwrap();
+    wait_until_long("the waiting pod cached once its ConfigMap exists", || {
+        cached(&cache, "default_later.yaml")
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(cache.join(".volumes/default_later/conf/k")).unwrap(),
+        "v"
+    );
+    // Deleted at the server: its volumes go with it.
+    cp.kubectl(["delete", "pod", "later", "--grace-period=0", "--force"])
+        .unwrap();
+    wait_until_long("the pod's volumes removed", || {
+        (!cache.join(".volumes/default_later").exists()).then_some(())
+    })
+    .await;
+    drop(agent);
+}
+
 /// [`wait_until`] for the real control plane, whose controllers act on their own
 /// periods (the scheduler, the Deployment and ReplicaSet controllers): 60 s.
 async fn wait_until_long<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {

@@ -159,6 +159,12 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     // The operator's Deployment: the image's own sensor image (on its allowlist), on
     // the pod network (the image's CNI bridge), no service-account token (none at the
     // edge).
+    // Its sensor's name comes from a ConfigMap at the core, as real manifests do it.
+    cp.apply(
+        r#"{"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "telemetry", "namespace": "default"},
+            "data": {"sensor-name": "k8s0"}}"#,
+    )?;
     cp.apply(
         r#"{"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": "telemetry", "namespace": "default"},
@@ -167,7 +173,8 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
                 "spec": {"automountServiceAccountToken": false,
                   "terminationGracePeriodSeconds": 2,
                   "containers": [{"name": "sensor", "image": "edge.local/sensor:1",
-                    "env": [{"name": "SENSOR_NAME", "value": "k8s0"}]}]}}}}"#,
+                    "env": [{"name": "SENSOR_NAME", "valueFrom": {"configMapKeyRef":
+                      {"name": "telemetry", "key": "sensor-name"}}}]}]}}}}"#,
     )?;
     let pods = wait(
         "the Deployment's pod Running at the API server",

@@ -14,7 +14,12 @@ use serde_json::Value;
 
 use crate::error::Error;
 
+use super::events::{self, Transition};
+use super::volumes::{self, Unresolved};
 use super::{check_subdomain, edge_manifest, lock, Known, Limited, Retry, Settings, Shared};
+
+/// Pods waiting on what their volumes or variables read are tried again this often.
+const RETRY_UNRESOLVED: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(super) async fn watch_pods(shared: Arc<Shared>) {
     let s = &shared.settings;
@@ -25,7 +30,22 @@ pub(super) async fn watch_pods(shared: Arc<Shared>) {
     let mut stream = std::pin::pin!(stream);
     let mut log = Limited::new("watching this node's pods");
     let mut listed: Option<BTreeSet<String>> = None;
-    while let Some(event) = stream.next().await {
+    let mut retry = tokio::time::interval(RETRY_UNRESOLVED);
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => match e {
+                Some(e) => e,
+                None => break,
+            },
+            _ = retry.tick() => {
+                let waiting: Vec<DynamicObject> =
+                    lock(&shared.unresolved).values().map(|(p, _)| p.clone()).collect();
+                for pod in waiting {
+                    apply(&shared, &pod).await;
+                }
+                continue;
+            }
+        };
         let event = match event {
             Ok(e) => e,
             Err(e) => {
@@ -42,7 +62,7 @@ pub(super) async fn watch_pods(shared: Arc<Shared>) {
                 shared.relists.fetch_add(1, Ordering::Relaxed);
             }
             watcher::Event::InitApply(pod) => {
-                if let (Some(key), Some(l)) = (apply(&shared, &pod), listed.as_mut()) {
+                if let (Some(key), Some(l)) = (apply(&shared, &pod).await, listed.as_mut()) {
                     l.insert(key);
                 }
             }
@@ -52,7 +72,7 @@ pub(super) async fn watch_pods(shared: Arc<Shared>) {
                 }
             }
             watcher::Event::Apply(pod) => {
-                apply(&shared, &pod);
+                apply(&shared, &pod).await;
             }
             watcher::Event::Delete(pod) => {
                 if let Some(key) = cache_key(&pod) {
@@ -77,8 +97,9 @@ pub(super) fn cache_key(pod: &DynamicObject) -> Option<String> {
     Some(format!("{ns}_{name}.yaml"))
 }
 
-/// Mirrors one pod into the cache; returns its key.
-pub(super) fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
+/// Mirrors one pod into the cache, with what its volumes and variables read from the
+/// server (volumes.rs); returns its key.
+pub(super) async fn apply(shared: &Arc<Shared>, pod: &DynamicObject) -> Option<String> {
     let s = &shared.settings;
     let key = cache_key(pod)?;
     let full = serde_json::to_value(pod).unwrap_or(Value::Null);
@@ -103,15 +124,34 @@ pub(super) fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
         deleting,
         host_network: full["spec"]["hostNetwork"] == true,
     };
-    let previous = lock(&shared.known).insert(key.clone(), known);
+    let previous = lock(&shared.known).insert(key.clone(), known.clone());
     if deleting {
+        lock(&shared.unresolved).remove(&key);
         if previous.is_none_or(|p| !p.deleting) {
             tracing::info!(pod = %key, "pod being deleted on the API server: stopping it");
         }
         remove_cached(s, &key);
         return Some(key);
     }
-    let (manifest, dropped) = edge_manifest(&full);
+    let (mut manifest, dropped) = edge_manifest(&full);
+    if volumes::needs_resolving(&manifest) {
+        match volumes::resolve(shared, &full, &mut manifest).await {
+            Ok(files) => {
+                let dir = volumes::pod_dir(&s.cache_dir, &key);
+                if let Err(e) = volumes::write_volumes(&dir, &files, &mut manifest) {
+                    tracing::error!(pod = %key, "failed to write the pod's volumes: {e}");
+                    return Some(key);
+                }
+                if lock(&shared.unresolved).remove(&key).is_some() {
+                    tracing::info!(pod = %key, "what the pod reads from the API server is there now");
+                }
+            }
+            Err(u) => {
+                unresolved(shared, &key, pod, &known, u);
+                return Some(key);
+            }
+        }
+    }
     let uid = pod.metadata.uid.as_deref().unwrap_or("");
     let text = match serde_yaml::to_string(&manifest) {
         Ok(t) => format!(
@@ -127,7 +167,8 @@ pub(super) fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
         return Some(key);
     }
     // The reconciler skips dot-named files: the temporary one is never read as a pod.
-    match edge_common::write_atomic(&path, text.as_bytes(), 0o644)
+    // Root's alone: a variable may hold a secret's value.
+    match edge_common::write_atomic(&path, text.as_bytes(), 0o600)
         .map_err(Error::io("failed to write", &path))
     {
         Ok(()) => {
@@ -141,10 +182,34 @@ pub(super) fn apply(shared: &Shared, pod: &DynamicObject) -> Option<String> {
     Some(key)
 }
 
+/// A pod that cannot be cached yet: kept to be tried again, and told once per reason
+/// (the log, and a `FailedMount` event as kubelet records).
+fn unresolved(shared: &Arc<Shared>, key: &str, pod: &DynamicObject, known: &Known, u: Unresolved) {
+    let message = u.message().to_string();
+    let before = lock(&shared.unresolved).insert(key.to_string(), (pod.clone(), message.clone()));
+    if before.is_some_and(|(_, m)| m == message) {
+        return;
+    }
+    match &u {
+        Unresolved::Waiting(m) => tracing::warn!(pod = %key, "not started until it can be: {m}"),
+        Unresolved::Refused(m) => tracing::error!(pod = %key, "refused: {m}"),
+    }
+    events::record(
+        shared,
+        known,
+        Transition {
+            warning: true,
+            reason: "FailedMount",
+            message,
+        },
+    );
+}
+
 /// After a relist: cached pods the server no longer has are removed.
 pub(super) fn prune(shared: &Shared, listed: &BTreeSet<String>) {
     let s = &shared.settings;
     lock(&shared.known).retain(|k, _| listed.contains(k));
+    lock(&shared.unresolved).retain(|k, _| listed.contains(k));
     let Ok(entries) = std::fs::read_dir(&s.cache_dir) else {
         return;
     };
@@ -160,6 +225,7 @@ pub(super) fn prune(shared: &Shared, listed: &BTreeSet<String>) {
 }
 
 pub(super) fn remove_cached(s: &Settings, key: &str) {
+    volumes::remove(&s.cache_dir, key);
     let path = s.cache_dir.join(key);
     match std::fs::remove_file(&path) {
         Ok(()) => {}

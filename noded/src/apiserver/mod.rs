@@ -21,6 +21,7 @@ mod host;
 mod node;
 mod status;
 mod translate;
+mod volumes;
 
 use cache::watch_pods;
 use calls::{lock, timed, Limited, Retry};
@@ -259,6 +260,9 @@ struct Shared {
     /// The images containerd holds, as the Node's `status.images` (refreshed before
     /// each status patch).
     images: Mutex<Value>,
+    /// Pods not cached yet for what their volumes or variables read (cache key → the
+    /// pod and the reason last told), tried again by the watch loop.
+    unresolved: Mutex<BTreeMap<String, (kube::api::DynamicObject, String)>>,
 }
 
 /// A client from a kubeconfig file (its current context).
@@ -324,6 +328,7 @@ fn run(
         started: time_now(),
         transitions: conditions::Transitions::default(),
         images: Mutex::new(Value::Array(Vec::new())),
+        unresolved: Mutex::new(BTreeMap::new()),
     });
     tasks.spawn(node_and_lease(shared.clone()));
     tasks.spawn(watch_pods(shared.clone()));

@@ -1,0 +1,687 @@
+//! What a pod takes from the API server besides its spec: configMap, secret and
+//! downwardAPI volumes (and projected volumes made of those), and environment values
+//! from `configMapKeyRef`, `secretKeyRef` and `fieldRef`. noded reads the objects the pod
+//! names (the Node authorizer lets a node read those its pods reference), writes the
+//! volumes' files under `<cache_dir>/.volumes/<namespace>_<name>/<volume>/` on the data
+//! partition, and caches the pod with each such volume as a read-only `hostPath` of that
+//! directory and each such variable as its value: the reconciler runs it as any other
+//! manifest, through outages and reboots. A missing object (not `optional`) or a server
+//! that does not answer leaves the pod uncached and retried; what cannot be done here
+//! (a service-account token, a resource field) is refused naming it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
+use serde_json::{json, Value};
+
+use super::{timed, Shared};
+use crate::error::{Error, Result};
+
+/// Why a pod cannot be cached yet, or at all.
+#[derive(Debug)]
+pub(super) enum Unresolved {
+    /// An object it needs is not there, or the server did not answer: retried.
+    Waiting(String),
+    /// It asks for what noded cannot give: named; retried too (it may be deleted).
+    Refused(String),
+}
+
+impl Unresolved {
+    pub(super) fn message(&self) -> &str {
+        match self {
+            Unresolved::Waiting(m) | Unresolved::Refused(m) => m,
+        }
+    }
+}
+
+/// One file of a volume: its path inside the volume, its bytes and its mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct File {
+    pub path: String,
+    pub data: Vec<u8>,
+    pub mode: u32,
+}
+
+/// Kubernetes' default file mode for these volumes (0644).
+const DEFAULT_MODE: u32 = 0o644;
+
+/// A ConfigMap's or Secret's keys and their bytes.
+type Keys = BTreeMap<String, Vec<u8>>;
+
+/// The objects a pod's volumes and variables read, fetched once each per pass.
+struct Objects<'a> {
+    shared: &'a Shared,
+    namespace: String,
+    /// (kind, name) → its keys, or `None` when the server has no such object.
+    seen: BTreeMap<(&'static str, String), Option<Keys>>,
+}
+
+impl Objects<'_> {
+    async fn get(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+    ) -> std::result::Result<Option<&Keys>, Unresolved> {
+        let k = (kind, name.to_string());
+        if !self.seen.contains_key(&k) {
+            let client = self.shared.client.clone();
+            let fetched = match kind {
+                "configmap" => {
+                    let api: Api<ConfigMap> = Api::namespaced(client, &self.namespace);
+                    timed(api.get_opt(name)).await.map(|o| {
+                        o.map(|cm| {
+                            let mut keys: Keys = cm
+                                .data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.into_bytes()))
+                                .collect();
+                            for (k, v) in cm.binary_data.unwrap_or_default() {
+                                keys.insert(k, v.0);
+                            }
+                            keys
+                        })
+                    })
+                }
+                _ => {
+                    let api: Api<Secret> = Api::namespaced(client, &self.namespace);
+                    timed(api.get_opt(name)).await.map(|o| {
+                        o.map(|s| {
+                            s.data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.0))
+                                .collect()
+                        })
+                    })
+                }
+            };
+            let v = fetched.map_err(|e: Error| {
+                Unresolved::Waiting(format!("reading {kind} {:?}: {e}", name))
+            })?;
+            self.seen.insert(k.clone(), v);
+        }
+        Ok(self.seen[&k].as_ref())
+    }
+
+    /// The keys of a configMap or secret a pod names, or `None` for a missing optional
+    /// one; a missing required one is waited for.
+    async fn keys(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+        optional: bool,
+    ) -> std::result::Result<Option<Keys>, Unresolved> {
+        match self.get(kind, name).await? {
+            Some(k) => Ok(Some(k.clone())),
+            None if optional => Ok(None),
+            None => Err(Unresolved::Waiting(format!(
+                "{kind} {:?} not found in namespace {:?}",
+                name, self.namespace
+            ))),
+        }
+    }
+}
+
+/// Resolves the manifest's volumes and variables in place (`pod` is the server's whole
+/// object, for the downward API). Returns the volumes' files by volume name, for
+/// [`write_volumes`].
+pub(super) async fn resolve(
+    shared: &Shared,
+    pod: &Value,
+    manifest: &mut Value,
+) -> std::result::Result<BTreeMap<String, Vec<File>>, Unresolved> {
+    let namespace = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_string();
+    let mut objects = Objects {
+        shared,
+        namespace,
+        seen: BTreeMap::new(),
+    };
+    let host_ip = shared.host_ip.map(|ip| ip.to_string());
+    let mut volumes = BTreeMap::new();
+    let vols = manifest["spec"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (i, v) in vols.iter().enumerate() {
+        let name = v["name"].as_str().unwrap_or_default().to_string();
+        let path = format!("spec.volumes[{i}] ({name})");
+        let files = if let Some(c) = v.get("configMap") {
+            source_files(&mut objects, "configmap", c, &path, None).await?
+        } else if let Some(s) = v.get("secret") {
+            source_files(&mut objects, "secret", s, &path, None).await?
+        } else if let Some(d) = v.get("downwardAPI") {
+            downward_files(pod, d, &path, None, host_ip.as_deref())?
+        } else if let Some(p) = v.get("projected") {
+            projected_files(&mut objects, pod, p, &path, host_ip.as_deref()).await?
+        } else {
+            continue;
+        };
+        volumes.insert(name, files);
+    }
+    for list in ["initContainers", "containers"] {
+        let Some(Value::Array(cs)) = manifest["spec"].get_mut(list) else {
+            continue;
+        };
+        for (ci, c) in cs.iter_mut().enumerate() {
+            let Some(Value::Array(env)) = c.get_mut("env") else {
+                continue;
+            };
+            let mut out = Vec::new();
+            for (ei, e) in env.iter().enumerate() {
+                let Some(from) = e.get("valueFrom") else {
+                    out.push(e.clone());
+                    continue;
+                };
+                let path = format!("spec.{list}[{ci}].env[{ei}].valueFrom");
+                let name = e["name"].clone();
+                if let Some(v) =
+                    env_value(&mut objects, pod, from, &path, host_ip.as_deref()).await?
+                {
+                    out.push(json!({"name": name, "value": v}));
+                }
+            }
+            *env = out;
+        }
+    }
+    Ok(volumes)
+}
+
+/// One variable's value; `None` for an optional one whose object or key is missing.
+async fn env_value(
+    objects: &mut Objects<'_>,
+    pod: &Value,
+    from: &Value,
+    path: &str,
+    host_ip: Option<&str>,
+) -> std::result::Result<Option<String>, Unresolved> {
+    let refused = |m: String| Unresolved::Refused(m);
+    for (key, kind) in [("configMapKeyRef", "configmap"), ("secretKeyRef", "secret")] {
+        let Some(r) = from.get(key) else { continue };
+        let name = r["name"].as_str().unwrap_or_default();
+        let k = r["key"].as_str().unwrap_or_default();
+        let optional = r["optional"] == true;
+        let Some(keys) = objects.keys(kind, name, optional).await? else {
+            return Ok(None);
+        };
+        return match keys.get(k) {
+            Some(v) => String::from_utf8(v.clone()).map(Some).map_err(|_| {
+                refused(format!(
+                    "{path}.{key}: key {k:?} of {kind} {name:?} is not UTF-8 text"
+                ))
+            }),
+            None if optional => Ok(None),
+            None => Err(Unresolved::Waiting(format!(
+                "{kind} {name:?} has no key {k:?} ({path}.{key})"
+            ))),
+        };
+    }
+    if let Some(f) = from.get("fieldRef") {
+        let field = f["fieldPath"].as_str().unwrap_or_default();
+        return downward_value(pod, field, host_ip)
+            .map(|v| Some(String::from_utf8_lossy(&v).into_owned()))
+            .map_err(|e| refused(format!("{path}.fieldRef: {e}")));
+    }
+    let what = from
+        .as_object()
+        .and_then(|m| m.keys().next().cloned())
+        .unwrap_or_default();
+    Err(refused(format!("{path}.{what} is not supported here")))
+}
+
+/// The files of a configMap or secret source: every key, or the `items` named.
+async fn source_files(
+    objects: &mut Objects<'_>,
+    kind: &'static str,
+    src: &Value,
+    path: &str,
+    projected_mode: Option<u32>,
+) -> std::result::Result<Vec<File>, Unresolved> {
+    let name_key = if kind == "secret" && src.get("secretName").is_some() {
+        "secretName"
+    } else {
+        "name"
+    };
+    let name = src[name_key].as_str().unwrap_or_default();
+    let optional = src["optional"] == true;
+    let default = mode(&src["defaultMode"], path)?
+        .or(projected_mode)
+        .unwrap_or(DEFAULT_MODE);
+    let Some(keys) = objects.keys(kind, name, optional).await? else {
+        return Ok(Vec::new());
+    };
+    let mut files = Vec::new();
+    match src["items"].as_array() {
+        None => {
+            for (k, v) in &keys {
+                files.push(File {
+                    path: checked_path(k, path)?,
+                    data: v.clone(),
+                    mode: default,
+                });
+            }
+        }
+        Some(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let k = item["key"].as_str().unwrap_or_default();
+                let p = format!("{path}.items[{i}]");
+                let Some(v) = keys.get(k) else {
+                    if optional {
+                        continue;
+                    }
+                    return Err(Unresolved::Waiting(format!(
+                        "{kind} {name:?} has no key {k:?} ({p})"
+                    )));
+                };
+                files.push(File {
+                    path: checked_path(item["path"].as_str().unwrap_or_default(), &p)?,
+                    data: v.clone(),
+                    mode: mode(&item["mode"], &p)?.unwrap_or(default),
+                });
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// A projected volume: its configMap, secret and downwardAPI sources in one directory.
+async fn projected_files(
+    objects: &mut Objects<'_>,
+    pod: &Value,
+    p: &Value,
+    path: &str,
+    host_ip: Option<&str>,
+) -> std::result::Result<Vec<File>, Unresolved> {
+    let default = mode(&p["defaultMode"], path)?;
+    let mut files = Vec::new();
+    for (i, s) in p["sources"].as_array().into_iter().flatten().enumerate() {
+        let sp = format!("{path}.projected.sources[{i}]");
+        if let Some(c) = s.get("configMap") {
+            files.extend(source_files(objects, "configmap", c, &sp, default).await?);
+        } else if let Some(c) = s.get("secret") {
+            files.extend(source_files(objects, "secret", c, &sp, default).await?);
+        } else if let Some(d) = s.get("downwardAPI") {
+            files.extend(downward_files(pod, d, &sp, default, host_ip)?);
+        } else {
+            let what = s
+                .as_object()
+                .and_then(|m| m.keys().next().cloned())
+                .unwrap_or_default();
+            return Err(Unresolved::Refused(format!(
+                "{sp}.{what} is not supported here (no in-cluster API access from the edge)"
+            )));
+        }
+    }
+    Ok(files)
+}
+
+/// A downwardAPI volume's files.
+pub(super) fn downward_files(
+    pod: &Value,
+    d: &Value,
+    path: &str,
+    projected_mode: Option<u32>,
+    host_ip: Option<&str>,
+) -> std::result::Result<Vec<File>, Unresolved> {
+    let default = mode(&d["defaultMode"], path)?
+        .or(projected_mode)
+        .unwrap_or(DEFAULT_MODE);
+    let mut files = Vec::new();
+    for (i, item) in d["items"].as_array().into_iter().flatten().enumerate() {
+        let p = format!("{path}.items[{i}]");
+        let Some(f) = item.get("fieldRef") else {
+            return Err(Unresolved::Refused(format!(
+                "{p}: only fieldRef is supported here (not resourceFieldRef)"
+            )));
+        };
+        let field = f["fieldPath"].as_str().unwrap_or_default();
+        let data = downward_value(pod, field, host_ip)
+            .map_err(|e| Unresolved::Refused(format!("{p}.fieldRef: {e}")))?;
+        files.push(File {
+            path: checked_path(item["path"].as_str().unwrap_or_default(), &p)?,
+            data,
+            mode: mode(&item["mode"], &p)?.unwrap_or(default),
+        });
+    }
+    Ok(files)
+}
+
+/// A pod field as the downward API gives it. Labels and annotations whole are one
+/// `key="value"` line each, sorted.
+pub(super) fn downward_value(
+    pod: &Value,
+    field: &str,
+    host_ip: Option<&str>,
+) -> std::result::Result<Vec<u8>, String> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().as_bytes().to_vec();
+    let meta = &pod["metadata"];
+    let keyed = |prefix: &str| {
+        field
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix("['"))
+            .and_then(|r| r.strip_suffix("']"))
+    };
+    Ok(match field {
+        "metadata.name" => text(&meta["name"]),
+        "metadata.namespace" => text(&meta["namespace"]),
+        "metadata.uid" => text(&meta["uid"]),
+        "spec.nodeName" => text(&pod["spec"]["nodeName"]),
+        "spec.serviceAccountName" => text(&pod["spec"]["serviceAccountName"]),
+        "status.hostIP" | "status.hostIPs" => host_ip.unwrap_or_default().as_bytes().to_vec(),
+        "metadata.labels" | "metadata.annotations" => {
+            let map = meta[&field["metadata.".len()..]]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            let lines: Vec<String> = map
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        Value::String(v.as_str().unwrap_or_default().into())
+                    )
+                })
+                .collect();
+            lines.join("\n").into_bytes()
+        }
+        _ => {
+            if let Some(k) = keyed("metadata.labels") {
+                text(&meta["labels"][k])
+            } else if let Some(k) = keyed("metadata.annotations") {
+                text(&meta["annotations"][k])
+            } else {
+                return Err(format!("fieldPath {field:?} is not supported here"));
+            }
+        }
+    })
+}
+
+/// A file mode from the spec (an integer, as JSON has no octal), or none.
+fn mode(v: &Value, path: &str) -> std::result::Result<Option<u32>, Unresolved> {
+    match v {
+        Value::Null => Ok(None),
+        v => match v.as_u64().filter(|m| *m <= 0o777) {
+            Some(m) => Ok(Some(m as u32)),
+            None => Err(Unresolved::Refused(format!(
+                "{path}: mode {v} is not a file mode (0 to 0777, written in decimal)"
+            ))),
+        },
+    }
+}
+
+/// A relative path inside the volume: no `..`, no empty or absolute parts.
+fn checked_path(p: &str, path: &str) -> std::result::Result<String, Unresolved> {
+    let bad = p.is_empty()
+        || p.starts_with('/')
+        || p.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        return Err(Unresolved::Refused(format!(
+            "{path}: {p:?} is not a relative path inside the volume"
+        )));
+    }
+    Ok(p.to_string())
+}
+
+/// Where a cached pod's volumes are written: `<cache_dir>/.volumes/<key without .yaml>`
+/// (the reconciler skips dot-named entries).
+pub(super) fn pod_dir(cache_dir: &Path, key: &str) -> PathBuf {
+    cache_dir
+        .join(".volumes")
+        .join(key.trim_end_matches(".yaml"))
+}
+
+/// Writes each volume's files into its directory (mode 0700 directories; each file
+/// whole, with its mode), removes files it no longer has, and turns the manifest's
+/// volume into a read-only hostPath of that directory.
+pub(super) fn write_volumes(
+    dir: &Path,
+    volumes: &BTreeMap<String, Vec<File>>,
+    manifest: &mut Value,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, files) in volumes {
+        let vdir = dir.join(name);
+        std::fs::create_dir_all(&vdir).map_err(Error::io("failed to create", &vdir))?;
+        for d in [dir.parent().unwrap_or(dir), dir, vdir.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(Error::io("failed to set the mode of", d))?;
+        }
+        let mut keep = std::collections::BTreeSet::new();
+        for f in files {
+            let p = vdir.join(&f.path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(Error::io("failed to create", parent))?;
+            }
+            let same = std::fs::read(&p).is_ok_and(|d| d == f.data)
+                && std::fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & 0o777 == f.mode);
+            if !same {
+                edge_common::write_atomic(&p, &f.data, f.mode)
+                    .map_err(Error::io("failed to write", &p))?;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode))
+                    .map_err(Error::io("failed to set the mode of", &p))?;
+            }
+            keep.insert(p);
+        }
+        remove_others(&vdir, &keep);
+    }
+    let Some(Value::Array(vols)) = manifest["spec"].get_mut("volumes") else {
+        return Ok(());
+    };
+    for v in vols.iter_mut() {
+        let Some(name) = v["name"].as_str().map(str::to_string) else {
+            continue;
+        };
+        if volumes.contains_key(&name) {
+            *v = json!({"name": name, "hostPath": {
+                "path": dir.join(&name).display().to_string(), "type": "Directory"}});
+        }
+    }
+    for list in ["initContainers", "containers"] {
+        for c in manifest["spec"][list].as_array_mut().into_iter().flatten() {
+            for m in c["volumeMounts"].as_array_mut().into_iter().flatten() {
+                let ours = m["name"].as_str().is_some_and(|n| volumes.contains_key(n));
+                if let (true, Some(m)) = (ours, m.as_object_mut()) {
+                    m.insert("readOnly".into(), Value::Bool(true));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the files under `dir` that are not in `keep` (and directories left empty).
+fn remove_others(dir: &Path, keep: &std::collections::BTreeSet<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            remove_others(&p, keep);
+            let _ = std::fs::remove_dir(&p);
+        } else if !keep.contains(&p) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Removes a pod's volume directory with the pod.
+pub(super) fn remove(cache_dir: &Path, key: &str) {
+    let dir = pod_dir(cache_dir, key);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::error!("failed to remove {}: {e}", dir.display()),
+    }
+}
+
+/// Whether the manifest names anything [`resolve`] handles.
+pub(super) fn needs_resolving(manifest: &Value) -> bool {
+    let vol = manifest["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|v| {
+            ["configMap", "secret", "downwardAPI", "projected"]
+                .iter()
+                .any(|k| v.get(*k).is_some())
+        });
+    let env = ["initContainers", "containers"].iter().any(|list| {
+        manifest["spec"][*list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c["env"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| e.get("valueFrom").is_some())
+            })
+    });
+    vol || env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod() -> Value {
+        json!({"metadata": {"name": "web-1", "namespace": "shop", "uid": "u-1",
+                 "labels": {"app": "web", "tier": "a\"b"}, "annotations": {"note": "x"}},
+               "spec": {"nodeName": "edge0", "serviceAccountName": "default"}})
+    }
+
+    #[test]
+    fn the_downward_api_gives_the_pods_fields_as_kubelet_writes_them() {
+        let p = pod();
+        let v = |f| String::from_utf8(downward_value(&p, f, Some("10.0.2.15")).unwrap()).unwrap();
+        assert_eq!(v("metadata.name"), "web-1");
+        assert_eq!(v("metadata.namespace"), "shop");
+        assert_eq!(v("metadata.uid"), "u-1");
+        assert_eq!(v("spec.nodeName"), "edge0");
+        assert_eq!(v("status.hostIP"), "10.0.2.15");
+        assert_eq!(v("metadata.labels"), "app=\"web\"\ntier=\"a\\\"b\"");
+        assert_eq!(v("metadata.labels['app']"), "web");
+        assert_eq!(v("metadata.annotations['note']"), "x");
+        let e = downward_value(&p, "status.podIP", None).unwrap_err();
+        assert!(
+            e.contains("status.podIP") && e.contains("not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn downward_files_take_modes_and_refuse_what_is_not_a_field() {
+        let d = json!({"defaultMode": 256, "items": [
+            {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+            {"path": "meta/labels", "fieldRef": {"fieldPath": "metadata.labels"}, "mode": 420}]});
+        let files = downward_files(&pod(), &d, "v", None, None).unwrap();
+        assert_eq!(
+            files[0],
+            File {
+                path: "name".into(),
+                data: b"web-1".to_vec(),
+                mode: 0o400
+            }
+        );
+        assert_eq!(files[1].path, "meta/labels");
+        assert_eq!(files[1].mode, 0o644);
+        for (item, says) in [
+            (
+                json!({"path": "cpu", "resourceFieldRef": {"resource": "limits.cpu"}}),
+                "only fieldRef",
+            ),
+            (
+                json!({"path": "../x", "fieldRef": {"fieldPath": "metadata.name"}}),
+                "not a relative path",
+            ),
+            (
+                json!({"path": "/x", "fieldRef": {"fieldPath": "metadata.name"}}),
+                "not a relative path",
+            ),
+            (
+                json!({"path": "x", "fieldRef": {"fieldPath": "status.podIP"}}),
+                "status.podIP",
+            ),
+            (
+                json!({"path": "x", "mode": 4096, "fieldRef": {"fieldPath": "metadata.name"}}),
+                "not a file mode",
+            ),
+        ] {
+            let d = json!({"items": [item]});
+            let e = downward_files(&pod(), &d, "spec.volumes[0] (info)", None, None).unwrap_err();
+            assert!(matches!(e, Unresolved::Refused(_)), "{e:?}");
+            assert!(
+                e.message().contains(says) && e.message().contains("spec.volumes[0] (info)"),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn written_volumes_become_read_only_host_paths_and_stale_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let pdir = pod_dir(&dir.path().join("pods"), "shop_web-1.yaml");
+        assert_eq!(pdir, dir.path().join("pods/.volumes/shop_web-1"));
+        let mut manifest = json!({"spec": {
+            "volumes": [{"name": "conf", "configMap": {"name": "c"}}, {"name": "scratch", "emptyDir": {}}],
+            "containers": [{"name": "main", "volumeMounts": [
+                {"name": "conf", "mountPath": "/etc/app"}, {"name": "scratch", "mountPath": "/tmp"}]}]}});
+        let f = |p: &str, d: &str, mode| File {
+            path: p.into(),
+            data: d.as_bytes().to_vec(),
+            mode,
+        };
+        let mut vols = BTreeMap::new();
+        vols.insert(
+            "conf".to_string(),
+            vec![f("a.conf", "one", 0o644), f("sub/b", "two", 0o400)],
+        );
+        write_volumes(&pdir, &vols, &mut manifest.clone()).unwrap();
+        vols.insert("conf".to_string(), vec![f("a.conf", "three", 0o600)]);
+        write_volumes(&pdir, &vols, &mut manifest).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let a = pdir.join("conf/a.conf");
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "three");
+        assert_eq!(
+            std::fs::metadata(&a).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            !pdir.join("conf/sub").exists(),
+            "a file the volume no longer has is removed"
+        );
+        assert_eq!(
+            std::fs::metadata(&pdir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(
+            manifest["spec"]["volumes"][0]["hostPath"]["path"],
+            pdir.join("conf").display().to_string()
+        );
+        assert_eq!(
+            manifest["spec"]["volumes"][1],
+            json!({"name": "scratch", "emptyDir": {}})
+        );
+        let mounts = &manifest["spec"]["containers"][0]["volumeMounts"];
+        assert_eq!(mounts[0]["readOnly"], true);
+        assert!(mounts[1].get("readOnly").is_none());
+        assert!(needs_resolving(
+            &json!({"spec": {"volumes": [{"name": "s", "secret": {"secretName": "x"}}]}})
+        ));
+        assert!(needs_resolving(
+            &json!({"spec": {"containers": [{"env": [{"name": "A", "valueFrom": {}}]}]}})
+        ));
+        assert!(!needs_resolving(
+            &json!({"spec": {"containers": [{"env": [{"name": "A", "value": "1"}]}]}})
+        ));
+        remove(&dir.path().join("pods"), "shop_web-1.yaml");
+        assert!(!pdir.exists());
+    }
+}
