@@ -847,6 +847,46 @@ async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
     );
     let lease = wait_until_long("lease", get(&["lease", "-n", "kube-node-lease", NODE])).await;
     assert_eq!(lease["spec"]["holderIdentity"], NODE, "{lease}");
+    // The Node's own events, where kubelet puts them: noded starting, and each
+    // condition's first status.
+    let node_events = wait_until_long("the Node's events", || {
+        cp.get(&[
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.kind=Node,involvedObject.name=edge-a",
+        ])
+        .ok()
+        .filter(|l| {
+            let reasons: Vec<&str> = l["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["reason"].as_str())
+                .collect();
+            [
+                "Starting",
+                "NodeReady",
+                "NodeHasSufficientMemory",
+                "NodeHasNoDiskPressure",
+            ]
+            .iter()
+            .all(|r| reasons.contains(r))
+        })
+    })
+    .await;
+    let ready = node_events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"] == "NodeReady")
+        .unwrap();
+    assert_eq!(
+        ready["message"], "Node edge-a status is now: NodeReady",
+        "{ready}"
+    );
+    assert_eq!(ready["source"]["component"], "noded");
 
     // The Node authorizer holds noded's credential to its own node.
     let other = cp.kubectl([

@@ -142,16 +142,38 @@ fn unknown(kind: &'static str, why: &str) -> Reading {
     }
 }
 
-/// Each condition's status and since when it has had it.
+/// Each condition's status and since when it has had it, and the changes not yet told
+/// as Node events.
 #[derive(Default)]
-pub struct Transitions(Mutex<BTreeMap<&'static str, (&'static str, String)>>);
+pub struct Transitions {
+    seen: Mutex<BTreeMap<&'static str, (&'static str, String)>>,
+    /// (type, status) of each change, oldest first.
+    untold: Mutex<Vec<(&'static str, &'static str)>>,
+}
+
+/// The Node event kubelet records when a condition takes a status: (warning, reason).
+/// `NetworkUnavailable` and `Unknown` statuses have none.
+pub fn event_for(kind: &str, status: &str) -> Option<(bool, &'static str)> {
+    Some(match (kind, status) {
+        ("Ready", "True") => (false, "NodeReady"),
+        ("Ready", "False") => (true, "NodeNotReady"),
+        ("MemoryPressure", "False") => (false, "NodeHasSufficientMemory"),
+        ("MemoryPressure", "True") => (true, "NodeHasInsufficientMemory"),
+        ("DiskPressure", "False") => (false, "NodeHasNoDiskPressure"),
+        ("DiskPressure", "True") => (true, "NodeHasDiskPressure"),
+        ("PIDPressure", "False") => (false, "NodeHasSufficientPID"),
+        ("PIDPressure", "True") => (true, "NodeHasInsufficientPID"),
+        _ => return None,
+    })
+}
 
 impl Transitions {
     /// The conditions list for this measurement at `now`; a condition whose status
     /// changed (or is new) takes `now` as its transition time, or `first` on the very
     /// first list (when noded started).
     pub fn conditions(&self, m: &Measured, now: &str, first: &str) -> Vec<Value> {
-        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut untold = self.untold.lock().unwrap_or_else(|e| e.into_inner());
         let initial = seen.is_empty();
         readings(m)
             .into_iter()
@@ -166,6 +188,7 @@ impl Transitions {
                     _ => {
                         let t = if initial { first } else { now }.to_string();
                         seen.insert(r.kind, (status, t.clone()));
+                        untold.push((r.kind, status));
                         t
                     }
                 };
@@ -179,6 +202,11 @@ impl Transitions {
                 })
             })
             .collect()
+    }
+
+    /// The changes since the last call (the first call: every condition's status).
+    pub fn take_untold(&self) -> Vec<(&'static str, &'static str)> {
+        std::mem::take(&mut *self.untold.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -252,6 +280,28 @@ mod tests {
         let list = Transitions::default().conditions(&blind, "t1", "t0");
         assert_eq!(status_of(&list, "MemoryPressure").0, "Unknown");
         assert_eq!(status_of(&list, "DiskPressure").0, "Unknown");
+    }
+
+    #[test]
+    fn each_change_is_told_once_as_the_node_event_kubelet_records() {
+        let t = Transitions::default();
+        t.conditions(&healthy(), "t1", "t0");
+        let first = t.take_untold();
+        assert!(first.contains(&("Ready", "True")), "{first:?}");
+        assert!(first.contains(&("MemoryPressure", "False")), "{first:?}");
+        t.conditions(&healthy(), "t2", "t0");
+        assert!(t.take_untold().is_empty(), "no change, nothing to tell");
+        let mut full = healthy();
+        full.disk = Some((3 << 30, 100 << 30));
+        t.conditions(&full, "t3", "t0");
+        assert_eq!(t.take_untold(), [("DiskPressure", "True")]);
+        assert_eq!(
+            event_for("DiskPressure", "True"),
+            Some((true, "NodeHasDiskPressure"))
+        );
+        assert_eq!(event_for("Ready", "True"), Some((false, "NodeReady")));
+        assert_eq!(event_for("NetworkUnavailable", "False"), None);
+        assert_eq!(event_for("Ready", "Unknown"), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Events for a pod's important transitions, as kubelet records them, so that `kubectl
 //! describe pod` and `kubectl get events` at the core say what happened on the box: a
-//! container started, a container crash-looping, a manifest refused, a pod failed.
+//! container started, a container crash-looping, a manifest refused, a pod failed; and
+//! the Node's (noded starting, each condition taking a status).
 //! Best effort: an event the server does not take is logged, never retried, and never
 //! holds the status reports (each is posted on a task of its own).
 
@@ -79,20 +80,38 @@ pub(super) fn transitions(before: Option<&PodReport>, after: &PodReport) -> Vec<
 /// task of its own so that a server that does not answer holds nothing.
 pub(super) fn record(shared: &Arc<Shared>, pod: &Known, t: Transition) {
     let (shared, pod) = (shared.clone(), pod.clone());
-    tokio::spawn(async move { post(&shared, &pod, &t).await });
+    let involved = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
+    });
+    tokio::spawn(async move { post(&shared, &pod.namespace, &pod.name, involved, &t).await });
 }
 
-async fn post(shared: &Shared, pod: &Known, t: &Transition) {
+/// Records `t` on this Node, in the `default` namespace with the node's name as its uid,
+/// where kubelet records its Node events (`kubectl describe node` shows them).
+pub(super) fn record_node(shared: &Arc<Shared>, t: Transition) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let node = shared.settings.node_name.clone();
+        let involved = json!({"apiVersion": "v1", "kind": "Node", "name": node, "uid": node});
+        post(&shared, "default", &node, involved, &t).await
+    });
+}
+
+async fn post(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    involved: serde_json::Value,
+    t: &Transition,
+) {
     let node = &shared.settings.node_name;
     let now = time_now();
     let event = json!({
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": { "generateName": format!("{}.", pod.name), "namespace": pod.namespace },
-        "involvedObject": {
-            "apiVersion": "v1", "kind": "Pod",
-            "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
-        },
+        "metadata": { "generateName": format!("{name}."), "namespace": namespace },
+        "involvedObject": involved,
         "reason": t.reason,
         "message": t.message,
         "type": if t.warning { "Warning" } else { "Normal" },
@@ -108,11 +127,11 @@ async fn post(shared: &Shared, pod: &Known, t: &Transition) {
     };
     let api: Api<DynamicObject> = Api::namespaced_with(
         shared.client.clone(),
-        &pod.namespace,
+        namespace,
         &ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&()),
     );
     if let Err(e) = timed(api.create(&PostParams::default(), &event)).await {
-        tracing::warn!(pod = %pod.name, reason = t.reason, "event not recorded: {e}");
+        tracing::warn!(object = %name, reason = t.reason, "event not recorded: {e}");
     }
 }
 

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use crate::cri::api::ListImagesRequest;
 use crate::error::Error;
 
-use super::conditions::Measured;
+use super::conditions::{self, Measured};
+use super::events::{self, Transition};
 
 use super::{
     arch, first_ipv4, lock, meminfo_kib, micro_now, os_image, time_now, timed, Limited, Retry,
@@ -39,6 +40,7 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
         Limited::new("renewing the node's lease"),
     );
     let mut retry = Retry::new(s.retry_max);
+    let mut started_told = false;
     loop {
         let mut failed = false;
         if node_uid.is_none() {
@@ -47,6 +49,18 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
                 Ok(uid) => {
                     node_log.ok();
                     tracing::info!(node = %s.node_name, "node registered");
+                    if !started_told {
+                        started_told = true;
+                        events::record_node(
+                            &shared,
+                            Transition {
+                                warning: false,
+                                reason: "Starting",
+                                message: format!("Starting noded {}.", env!("CARGO_PKG_VERSION")),
+                            },
+                        );
+                    }
+                    tell_conditions(&shared);
                     node_uid = Some(uid);
                     next_status = Instant::now() + s.node_status_every;
                 }
@@ -67,6 +81,7 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
             {
                 Ok(_) => {
                     node_log.ok();
+                    tell_conditions(&shared);
                     next_status = Instant::now() + s.node_status_every;
                 }
                 Err(Error::ApiCall {
@@ -98,6 +113,24 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
             s.renew_every
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// The conditions' changes the server took, as Node events (`NodeReady`,
+/// `NodeHasDiskPressure`...).
+fn tell_conditions(shared: &Arc<Shared>) {
+    for (kind, status) in shared.transitions.take_untold() {
+        if let Some((warning, reason)) = conditions::event_for(kind, status) {
+            let node = &shared.settings.node_name;
+            events::record_node(
+                shared,
+                Transition {
+                    warning,
+                    reason,
+                    message: format!("Node {node} status is now: {reason}"),
+                },
+            );
+        }
     }
 }
 
