@@ -8,8 +8,13 @@ use crate::error::{Error, Result};
 use crate::say;
 use crate::status::Boot;
 
+/// One user of /efi at a time: the blessing, an install and the floor's marking run on
+/// threads of their own.
+static ESP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Mounts the ESP at /efi for `f`, then syncs it and unmounts it.
 pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T> {
+    let _one = ESP.lock().unwrap_or_else(|e| e.into_inner());
     let devs = crate::disk::scan(Path::new("/sys/class/block"));
     let esp = crate::disk::find_labels(&devs, &["esp"])
         .remove("esp")

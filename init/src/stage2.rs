@@ -35,6 +35,11 @@ pub fn run() -> ! {
 
 /// Everything PID 1 keeps between two turns of its loop.
 struct System {
+    /// This boot's release is below the security floor: nothing runs, nothing is
+    /// blessed.
+    refused: bool,
+    /// ... and the other slot has an entry to go to: reboot on the first turn.
+    refused_reboot: bool,
     boot: Boot,
     config: crate::config::System,
     signals: Option<OwnedFd>,
@@ -89,27 +94,41 @@ impl System {
         open_port(&mut ctl);
         let mut buttons = Buttons::default();
         scan_buttons(&mut buttons);
-        let sup = match &boot.data_locked {
-            None => start_services(&config.logs),
-            Some(why) => {
+        let running = crate::update::Running {
+            version: boot.version.clone(),
+            slot: boot.slot.clone(),
+            security_version: crate::cmdline::read()
+                .map(|p| crate::update::security_version_of(&p.extra))
+                .unwrap_or(1),
+        };
+        // A release below the box's security floor (an old slot booted anyway) runs
+        // nothing: docs/update.md, "Anti-rollback at boot".
+        let refused = boot
+            .data_locked
+            .is_none()
+            .then(|| crate::update::refuse_below_floor(&running))
+            .flatten();
+        let sup = match (&boot.data_locked, &refused) {
+            (None, None) => start_services(&config.logs),
+            (Some(why), _) => {
                 // Every service keeps its state on /var: none can run without it. The
                 // box stays up to say why, on the console and the control port.
                 say!("locked: the services stay down: {why}");
                 ctl.event(&serde_json::json!({"event": "locked", "reason": why}));
                 locked_supervisor()
             }
+            (None, Some((why, _))) => {
+                say!("refused: {why}");
+                ctl.event(&serde_json::json!({"event": "refused", "reason": why}));
+                locked_supervisor()
+            }
         };
-        let updater = boot.data_locked.is_none().then(|| {
-            crate::update::Updater::start(
-                config.update.clone(),
-                crate::update::Running {
-                    version: boot.version.clone(),
-                    slot: boot.slot.clone(),
-                },
-            )
-        });
+        let updater = (boot.data_locked.is_none() && refused.is_none())
+            .then(|| crate::update::Updater::start(config.update.clone(), running));
         System {
             updater,
+            refused_reboot: refused.as_ref().is_some_and(|(_, reboot)| *reboot),
+            refused: refused.is_some(),
             boot,
             config,
             signals,
@@ -146,7 +165,8 @@ impl System {
         let asked = self.answer_requests();
         deliver(&mut self.sup, &mut self.ctl);
 
-        if let Some(action) = self.shutdown.or(requested.or(asked)) {
+        let refused = std::mem::take(&mut self.refused_reboot).then_some(Action::Reboot);
+        if let Some(action) = self.shutdown.or(requested.or(asked)).or(refused) {
             self.shut_down(action);
             return;
         }
@@ -160,7 +180,7 @@ impl System {
         {
             self.sup.warn(w);
         }
-        if !self.ready && self.boot.data_locked.is_none() && self.sup.settled() {
+        if !self.ready && self.boot.data_locked.is_none() && !self.refused && self.sup.settled() {
             self.settle();
         }
         let now = crate::update::unix_ms();

@@ -346,6 +346,12 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
         line.contains("security floor 2, the TPM's security counter at 2"),
         "{line}"
     );
+    // The release left in slot a (0.1.0, security version 1) is now below the floor:
+    // its entry is marked bad, so boot counting never goes back to it.
+    m.wait_for_console(
+        "update: slot a's edgeos-0.1.0-a.efi has security version 1, below the floor 2: marked bad",
+        Duration::from_secs(60),
+    )?;
     let line = wait_core_sees(&op, "blessed 0.1.0.1", Duration::from_secs(120))?;
     assert!(line.contains("running 0.1.0.1 (slot b)"), "{line}");
     // Blessed only once the static pods ran and fabricd had reached the core.

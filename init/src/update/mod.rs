@@ -13,6 +13,7 @@
 //! the old slot's entry comes first again. What happened is kept in [`STATE`] on the data
 //! partition, which fabricd reports to the core.
 
+mod below_floor;
 mod floor;
 mod install;
 mod slots;
@@ -25,6 +26,17 @@ mod updater;
 pub use slots::Running;
 pub use trial::Health;
 pub use updater::{unix_ms, Updater};
+
+/// The security version the running release's signed command line carries.
+pub fn security_version_of(extra: &std::collections::BTreeMap<String, String>) -> u64 {
+    below_floor::of_cmdline(extra)
+}
+
+/// Whether this boot's release is below the box's security floor, and if so why and
+/// whether to reboot into the other slot (its entry is marked bad first).
+pub fn refuse_below_floor(running: &Running) -> Option<(String, bool)> {
+    below_floor::refuse(running, &state::State::load(std::path::Path::new(STATE)))
+}
 
 /// The image's name: the UKIs are `<NAME>-<version>-<slot>...efi`.
 pub const NAME: &str = "edgeos";

@@ -21,6 +21,8 @@ pub fn other_slot(running: &str) -> &'static str {
 pub struct Running {
     pub version: String,
     pub slot: String,
+    /// Its signed command line's `edge.security_version` (1 when it does not say).
+    pub security_version: u64,
 }
 
 /// What an install left behind, for the line and the reboot.

@@ -35,6 +35,7 @@ fn older_versions_other_products_and_low_security_versions_are_refused_naming_bo
     let running = Running {
         version: "0.2.0".into(),
         slot: "a".into(),
+        security_version: 1,
     };
     let admit = |m: &edge_update::Manifest, floor: u64| {
         admit(m, &running, floor).map_err(|e| e.to_string())
@@ -104,10 +105,12 @@ fn a_boot_of_the_new_slot_is_its_trial_and_a_boot_of_the_old_one_a_rollback() {
     let new = Running {
         version: "0.2.0".into(),
         slot: "b".into(),
+        security_version: 1,
     };
     let old = Running {
         version: "0.1.0".into(),
         slot: "a".into(),
+        security_version: 1,
     };
     let mut s = attempt(Phase::Installed);
     assert!(matches!(on_boot(&mut s, &new, 5), BootRole::Trial { .. }));

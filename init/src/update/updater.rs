@@ -9,7 +9,9 @@ use crate::say;
 
 use super::floor::keep_floor_in_tpm;
 use super::install::{attempt, sync_dir};
-use super::slots::{bundle_id, entry_name, held_entry, next_bundle, Installed, Running};
+use super::slots::{
+    bundle_id, entry_name, held_entry, next_bundle, other_slot, Installed, Running,
+};
 use super::state::{Phase, State};
 use super::trial::{judge, on_boot, BootRole, Health, Outcome};
 use super::STATE;
@@ -37,6 +39,32 @@ pub struct Updater {
 pub(super) struct Waiting {
     bundle: PathBuf,
     installed: Installed,
+}
+
+/// Marks bad the entries of `slot` whose release is below `floor` (below_floor.rs), on a
+/// thread of its own: the UKIs are read from the ESP, which PID 1's loop never waits on.
+fn mark_below_floor_in_background(slot: String, floor: u64) {
+    let spawned = std::thread::Builder::new()
+        .name("floor".into())
+        .spawn(move || {
+            let marked = crate::esp::with_esp(|esp| {
+                super::below_floor::mark_below(&esp.join("EFI/Linux"), &slot, floor)
+            })
+            .and_then(|r| r);
+            match marked {
+                Ok(marked) => {
+                    for (entry, sv) in marked {
+                        say!(
+                            "update: slot {slot}'s {entry} has security version {sv}, below the floor {floor}: marked bad, it is not booted again"
+                        );
+                    }
+                }
+                Err(e) => say!("warning: update: marking slot {slot}'s entries below the floor: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        say!("warning: update: marking the entries below the floor: no thread: {e}");
+    }
 }
 
 /// The window fabricd wrote beside a bundle (`<bundle>.window`); none without one. A
@@ -158,6 +186,8 @@ impl Updater {
                             "update: {version} in slot {slot} blessed (security floor {}{in_tpm})",
                             state.security_floor
                         );
+                        let other = other_slot(slot).to_string();
+                        mark_below_floor_in_background(other, state.security_floor);
                         None
                     }
                     Err(reason) => {

@@ -658,6 +658,7 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             &def.tpm.cmdline(),
             slot,
             &def.image.version,
+            def.image.security_version,
             &outs.roothash,
         );
         std::fs::write(&cmdline_file, &line)?;

@@ -17,12 +17,16 @@ pub fn cmdline(
     options: &[String],
     slot: char,
     version: &str,
+    security_version: u64,
     roothash: &str,
 ) -> String {
     let mut words: Vec<&str> = static_part.split_whitespace().collect();
     words.extend(options.iter().map(String::as_str));
     let words = words.join(" ");
-    format!("{words} edge.slot={slot} edge.version={version} edge.roothash={roothash}")
+    format!(
+        "{words} edge.slot={slot} edge.version={version} \
+         edge.security_version={security_version} edge.roothash={roothash}"
+    )
 }
 
 /// One section of `objdump -h` output: name, size and VMA.
@@ -285,20 +289,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cmdline_appends_slot_version_and_hash() {
+    fn cmdline_appends_slot_versions_and_hash() {
         assert_eq!(
             cmdline(
                 "console=ttyS0,115200  quiet panic=10\n",
                 &[],
                 'b',
                 "0.1.0",
+                1,
                 "abcd"
             ),
-            "console=ttyS0,115200 quiet panic=10 edge.slot=b edge.version=0.1.0 edge.roothash=abcd"
+            "console=ttyS0,115200 quiet panic=10 edge.slot=b edge.version=0.1.0 \
+             edge.security_version=1 edge.roothash=abcd"
         );
         assert_eq!(
-            cmdline("quiet", &["edge.tpm_bind_pcrs=7".into()], 'a', "1", "ff"),
-            "quiet edge.tpm_bind_pcrs=7 edge.slot=a edge.version=1 edge.roothash=ff"
+            cmdline("quiet", &["edge.tpm_bind_pcrs=7".into()], 'a', "1", 3, "ff"),
+            "quiet edge.tpm_bind_pcrs=7 edge.slot=a edge.version=1 edge.security_version=3 \
+             edge.roothash=ff"
         );
     }
 
