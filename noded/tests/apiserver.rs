@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use noded::apiserver::{self, Settings};
 use noded::pods::{PodReport, Status};
+use qemu_tests::controlplane::ControlPlane;
 use serde_json::{json, Value};
 
 mod fake_apiserver;
@@ -798,19 +799,10 @@ async fn a_pod_from_the_api_server_runs_in_containerd_and_is_reported_running() 
 /// scaled down, the pods it no longer wants are stopped and deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
-    use qemu_tests::controlplane::{built, ControlPlane};
-    let Some(bin) = built() else {
-        edge_common::precondition_missing(
-            "the Kubernetes control plane built from source (cargo xtask controlplane)",
-        );
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cp_dir = dir.path().join("core");
-    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&bin, &cp_dir))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
     let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
     let cache = dir.path().join("cache");
     let status: Status = Arc::new(Mutex::new(Vec::new()));
@@ -1034,19 +1026,10 @@ async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
 /// and registers nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_bootstrap_token_obtains_its_certificate_and_keeps_it() {
-    use qemu_tests::controlplane::{built, ControlPlane};
-    let Some(bin) = built() else {
-        edge_common::precondition_missing(
-            "the Kubernetes control plane built from source (cargo xtask controlplane)",
-        );
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cp_dir = dir.path().join("core");
-    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&bin, &cp_dir))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
     let token = cp.bootstrap_token().unwrap();
     let boot = dir.path().join("bootstrap.kubeconfig");
     std::fs::write(
@@ -1169,19 +1152,10 @@ async fn a_node_with_a_bootstrap_token_obtains_its_certificate_and_keeps_it() {
 /// not cached, a `FailedMount` event says why, and once the ConfigMap is made it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables() {
-    use qemu_tests::controlplane::{built, ControlPlane};
-    let Some(bin) = built() else {
-        edge_common::precondition_missing(
-            "the Kubernetes control plane built from source (cargo xtask controlplane)",
-        );
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cp_dir = dir.path().join("core");
-    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&bin, &cp_dir))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
     let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
     let cache = dir.path().join("cache");
     let status: Status = Arc::new(Mutex::new(Vec::new()));
@@ -1322,6 +1296,23 @@ async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables(
     })
     .await;
     drop(agent);
+}
+
+/// The upstream control plane (`cargo xtask controlplane`), started in `<dir>/core`;
+/// `None` when it is not built (the precondition is reported).
+async fn upstream(dir: &Path) -> Option<ControlPlane> {
+    let Some(bin) = qemu_tests::controlplane::built() else {
+        edge_common::precondition_missing(
+            "the Kubernetes control plane built from source (cargo xtask controlplane)",
+        );
+        return None;
+    };
+    let cp_dir = dir.join("core");
+    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&bin, &cp_dir))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("control plane: {e:#}"));
+    Some(cp)
 }
 
 /// [`wait_until`] for the real control plane, whose controllers act on their own

@@ -262,6 +262,34 @@ impl ControlPlane {
         };
         let (id, secret) = (random(6)?, random(16)?);
         let expires = time_in_a_day()?;
+        // kubeadm's bindings: the token's group may ask for node client certificates
+        // (and have them approved), nodes may renew their own.
+        let binding = |name: &str, role: &str, group: &str| {
+            format!(
+                r#"{{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+    "metadata": {{"name": "{name}"}},
+    "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "{role}"}},
+    "subjects": [{{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "{group}"}}]}}"#
+            )
+        };
+        let csr = "system:certificates.k8s.io:certificatesigningrequests";
+        let bindings = [
+            binding(
+                "edgeos:node-bootstrapper",
+                "system:node-bootstrapper",
+                "system:bootstrappers",
+            ),
+            binding(
+                "edgeos:node-autoapprove-bootstrap",
+                &format!("{csr}:nodeclient"),
+                "system:bootstrappers",
+            ),
+            binding(
+                "edgeos:node-autoapprove-renewal",
+                &format!("{csr}:selfnodeclient"),
+                "system:nodes",
+            ),
+        ];
         self.apply(&format!(
             r#"{{"apiVersion": "v1", "kind": "List", "items": [
   {{"apiVersion": "v1", "kind": "Secret", "type": "bootstrap.kubernetes.io/token",
@@ -269,24 +297,8 @@ impl ControlPlane {
     "stringData": {{"token-id": "{id}", "token-secret": "{secret}",
       "expiration": "{expires}", "usage-bootstrap-authentication": "true",
       "description": "edgeos boxes join with this"}}}},
-  {{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-    "metadata": {{"name": "edgeos:node-bootstrapper"}},
-    "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-      "name": "system:node-bootstrapper"}},
-    "subjects": [{{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
-      "name": "system:bootstrappers"}}]}},
-  {{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-    "metadata": {{"name": "edgeos:node-autoapprove-bootstrap"}},
-    "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-      "name": "system:certificates.k8s.io:certificatesigningrequests:nodeclient"}},
-    "subjects": [{{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
-      "name": "system:bootstrappers"}}]}},
-  {{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-    "metadata": {{"name": "edgeos:node-autoapprove-renewal"}},
-    "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-      "name": "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"}},
-    "subjects": [{{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
-      "name": "system:nodes"}}]}}]}}"#
+  {}]}}"#,
+            bindings.join(",\n  ")
         ))?;
         Ok(format!("{id}.{secret}"))
     }

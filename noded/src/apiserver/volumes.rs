@@ -227,11 +227,10 @@ async fn env_value(
             .map(|v| Some(String::from_utf8_lossy(&v).into_owned()))
             .map_err(|e| refused(format!("{path}.fieldRef: {e}")));
     }
-    let what = from
-        .as_object()
-        .and_then(|m| m.keys().next().cloned())
-        .unwrap_or_default();
-    Err(refused(format!("{path}.{what} is not supported here")))
+    Err(refused(format!(
+        "{path}.{} is not supported here",
+        first_key(from)
+    )))
 }
 
 /// The files of a configMap or secret source: every key, or the `items` named.
@@ -308,12 +307,9 @@ async fn projected_files(
         } else if let Some(d) = s.get("downwardAPI") {
             files.extend(downward_files(pod, d, &sp, default, host_ip)?);
         } else {
-            let what = s
-                .as_object()
-                .and_then(|m| m.keys().next().cloned())
-                .unwrap_or_default();
             return Err(Unresolved::Refused(format!(
-                "{sp}.{what} is not supported here (no in-cluster API access from the edge)"
+                "{sp}.{} is not supported here (no in-cluster API access from the edge)",
+                first_key(s)
             )));
         }
     }
@@ -399,6 +395,13 @@ pub(super) fn downward_value(
             }
         }
     })
+}
+
+/// The first key of an object (the kind of source it is), for a refusal.
+fn first_key(v: &Value) -> String {
+    v.as_object()
+        .and_then(|m| m.keys().next().cloned())
+        .unwrap_or_default()
 }
 
 /// A file mode from the spec (an integer, as JSON has no octal), or none.
