@@ -79,6 +79,7 @@ pub(super) async fn watch_pods(shared: Arc<Shared>) {
                     tracing::info!(pod = %key, "pod deleted on the API server");
                     remove_cached(s, &key);
                     lock(&shared.known).remove(&key);
+                    lock(&shared.unresolved).remove(&key);
                 }
             }
         }
