@@ -6,7 +6,6 @@
 //! Kubernetes v1.37; the README's commands still do all the set-up there.
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -113,11 +112,9 @@ fn fetched() -> Result<PathBuf> {
 
 /// The file's SHA-256 must be `want` (hex); a mismatch removes the file and names both.
 fn check_sha256(path: &Path, want: &str) -> Result<()> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let bytes =
+        std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let got = crate::image::sha256_hex(&bytes);
     if got != want {
         let _ = std::fs::remove_file(path);
         bail!(

@@ -182,8 +182,7 @@ fn request_pem(key: &rcgen::KeyPair, node: &str) -> Result<String> {
 /// One name per node and key: `node-csr-<node>-<first 16 hex of the key's SHA-256>`.
 fn request_name(node: &str, key: &rcgen::KeyPair) -> String {
     let h = Sha256::digest(key.subject_public_key_info());
-    let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("node-csr-{node}-{hex}")
+    format!("node-csr-{node}-{}", edge_common::hex::encode(&h[..8]))
 }
 
 /// Waits for the request's certificate; a denied or failed request is an error naming

@@ -239,7 +239,7 @@ fn write_bundle(def: &Definition, inputs: &Inputs, outs: &ImageOutputs) -> Resul
     Ok(())
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
