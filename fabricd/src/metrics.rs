@@ -47,6 +47,11 @@ impl Metrics {
             "Bytes made durable (framed).",
             per(&|i| classes[i].2.appended_bytes),
         );
+        e.counter(
+            "fabricd_log_syncs_total",
+            "fsyncs of the log (one per group commit that wrote to the class).",
+            per(&|i| classes[i].2.log_syncs),
+        );
         e.gauge(
             "fabricd_disk_bytes",
             "Bytes on disk per class.",

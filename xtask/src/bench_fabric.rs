@@ -1,13 +1,21 @@
 //! `cargo xtask bench fabric`: fabricd (release build, a real process) against a real
 //! nats-server on loopback: durable ingest, end to end against direct JetStream
 //! publishing, catch-up after a 60 s partition, losses and duplicates counted at the
-//! core, fabricd's RSS. The measuring code is fabricd's `fabric_bench` test (it shares
-//! the harness of fabricd's integration tests); this runs it in release and prints its
-//! figures, then its JSON line last.
+//! core, fabricd's RSS; and in the same run the peer an edge user would deploy instead
+//! (a nats-server leaf node with JetStream, every publish synced) and the disk's own
+//! limit. The measuring code is fabricd's `fabric_bench` test (it shares the harness of
+//! fabricd's integration tests); this runs it in release and prints its figures, then
+//! its JSON line last.
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+
+/// The leaf node's nats-server: Debian 12's (2.9.10) has no `sync_interval`, so it
+/// cannot sync each publish before the ack the way fabricd does. This release is built
+/// from its module through the Go module proxy into the cache, once.
+const LEAF_NATS: &str = "v2.15.3";
 
 /// The core side of the fabric as the tests and the bench run it: a real nats-server,
 /// and openssl for the CA and the certificates of mutual TLS.
@@ -17,8 +25,39 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// `<cache>/peers/nats-server-<LEAF_NATS>/nats-server`, built if it is not there.
+fn leaf_nats_server() -> Result<PathBuf> {
+    let dir = crate::image::debs::cache_root()?
+        .join("peers")
+        .join(format!("nats-server-{LEAF_NATS}"));
+    let bin = dir.join("nats-server");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let go = crate::go_toolchain::go()?;
+    println!(
+        "bench fabric: building nats-server {LEAF_NATS} (the leaf node) into {} (once)",
+        dir.display()
+    );
+    let st = Command::new(&go)
+        .args([
+            "install",
+            "-trimpath",
+            "-ldflags=-s -w",
+            &format!("github.com/nats-io/nats-server/v2@{LEAF_NATS}"),
+        ])
+        .env("GOBIN", &dir)
+        .status()
+        .context("failed to run go install nats-server")?;
+    if !st.success() || !bin.is_file() {
+        bail!("go install github.com/nats-io/nats-server/v2@{LEAF_NATS} failed ({st})");
+    }
+    Ok(bin)
+}
+
 pub fn run() -> Result<()> {
     crate::host::ensure_packages(CORE_PACKAGES)?;
+    let leaf = leaf_nats_server()?;
     let st = cargo()
         .args(["build", "--release", "-p", "fabricd"])
         .status()
@@ -41,6 +80,7 @@ pub fn run() -> Result<()> {
             "--nocapture",
             "--test-threads=1",
         ])
+        .env("FABRIC_BENCH_LEAF_NATS_SERVER", &leaf)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

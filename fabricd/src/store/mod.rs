@@ -83,6 +83,8 @@ pub struct ClassStats {
     pub retired_records: u64,
     /// Appends answered "full".
     pub refused_full: u64,
+    /// fsyncs of the class's log (one per group commit that wrote to it).
+    pub log_syncs: u64,
 }
 
 #[derive(Debug)]

@@ -150,6 +150,7 @@ impl Writer {
             .map_err(|e| io_err("write index", &seg_path(&dir, a.base, "idx"), e))?;
         a.pending.clear();
         a.pending_idx.clear();
+        self.meta_mut().classes[class].stats.log_syncs += 1;
         Ok(())
     }
 

@@ -422,6 +422,17 @@ impl Pki {
         openssl(&self.dir, &args);
     }
 
+    /// A nats-server `tls` block: this CA's server certificate, client certificates
+    /// required and checked against the CA.
+    pub fn nats_tls(&self) -> String {
+        format!(
+            "tls {{\n cert_file: \"{}\"\n key_file: \"{}\"\n ca_file: \"{}\"\n verify: true\n timeout: 5\n}}\n",
+            self.path("server.pem").display(),
+            self.path("server.key").display(),
+            self.path("ca.pem").display()
+        )
+    }
+
     /// The `[core]` table for fabricd, with the client certificate `client`. Status
     /// reports are off (these cores have no status bucket).
     pub fn core_toml(&self, url: &str, client: &str) -> String {
@@ -438,35 +449,34 @@ impl Pki {
 pub struct Nats {
     pub port: u16,
     pub dir: PathBuf,
+    program: PathBuf,
     child: Option<Child>,
 }
 
 impl Nats {
     pub fn start(dir: &Path, pki: &Pki) -> Nats {
-        Nats::start_with(
-            dir,
-            &format!(
-                "tls {{\n cert_file: \"{}\"\n key_file: \"{}\"\n ca_file: \"{}\"\n verify: true\n timeout: 5\n}}\n",
-                pki.path("server.pem").display(),
-                pki.path("server.key").display(),
-                pki.path("ca.pem").display()
-            ),
-        )
+        Nats::start_with(dir, &pki.nats_tls())
     }
 
     /// A nats-server whose configuration is `listen`, `jetstream` and then `access` (its
-    /// tls and authorization, e.g. `include "..."`).
+    /// tls and authorization, e.g. `include "..."`, and any other block).
     pub fn start_with(dir: &Path, access: &str) -> Nats {
+        Nats::start_program(Path::new("/usr/sbin/nats-server"), dir, "", access)
+    }
+
+    /// `program` with `listen`, `jetstream { store_dir ... <jetstream> }` and `rest`.
+    pub fn start_program(program: &Path, dir: &Path, jetstream: &str, rest: &str) -> Nats {
         let mut n = Nats {
             port: free_port(),
             dir: dir.to_owned(),
+            program: program.to_owned(),
             child: None,
         };
         std::fs::create_dir_all(dir.join("store")).unwrap();
         std::fs::write(
             dir.join("nats.conf"),
             format!(
-                "listen: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n{access}\n",
+                "listen: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" {jetstream} }}\n{rest}\n",
                 n.port,
                 dir.join("store").display(),
             ),
@@ -474,6 +484,11 @@ impl Nats {
         .unwrap();
         n.restart();
         n
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Makes nats-server read its configuration again (SIGHUP), as `nats-server --signal
@@ -499,7 +514,7 @@ impl Nats {
             .append(true)
             .open(self.dir.join("nats.log"))
             .unwrap();
-        let child = Command::new("/usr/sbin/nats-server")
+        let child = Command::new(&self.program)
             .arg("-c")
             .arg(self.dir.join("nats.conf"))
             .stdout(log.try_clone().unwrap())
@@ -548,9 +563,18 @@ pub struct Core {
 
 impl Core {
     pub fn start() -> Core {
+        Core::start_with(|_| String::new())
+    }
+
+    /// A core whose nats-server configuration also has what `more` writes (after its
+    /// `tls` block), given the core's PKI.
+    pub fn start_with(more: impl FnOnce(&Pki) -> String) -> Core {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::generate(&tmp.path().join("pki"));
-        let nats = Nats::start(&tmp.path().join("nats"), &pki);
+        let nats = Nats::start_with(
+            &tmp.path().join("nats"),
+            &format!("{}{}", pki.nats_tls(), more(&pki)),
+        );
         let rt = core_runtime();
         let js = rt.block_on(async {
             let js = async_nats::jetstream::new(core_client(&pki, &nats.url()).await);
@@ -621,7 +645,12 @@ pub struct AtCore {
 }
 
 pub async fn stream_count(js: &async_nats::jetstream::Context) -> u64 {
-    match js.get_stream("EDGE").await {
+    stream_count_of(js, "EDGE").await
+}
+
+/// How many messages stream `name` holds (0 while it cannot be asked).
+pub async fn stream_count_of(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+    match js.get_stream(name).await {
         Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
         Err(_) => 0,
     }
@@ -633,10 +662,20 @@ pub async fn read_core(
     n: u64,
     timeout: Duration,
 ) -> Vec<AtCore> {
+    read_stream(js, "EDGE", n, timeout).await
+}
+
+/// Waits until stream `name` holds at least `n` messages, then reads them all in order.
+pub async fn read_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    n: u64,
+    timeout: Duration,
+) -> Vec<AtCore> {
     use futures_util::StreamExt;
     let start = Instant::now();
     loop {
-        let c = stream_count(js).await;
+        let c = stream_count_of(js, name).await;
         if c >= n {
             break;
         }
@@ -649,8 +688,8 @@ pub async fn read_core(
     }
     // Let stragglers (duplicates would show here) arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let total = stream_count(js).await;
-    let stream = js.get_stream("EDGE").await.unwrap();
+    let total = stream_count_of(js, name).await;
+    let stream = js.get_stream(name).await.unwrap();
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
