@@ -1,6 +1,7 @@
 //! `cargo xtask bench storage`: Debian's fio in the light VM (qemu-tests' `lightvm`:
 //! Debian's kernel, raw virtio disks, TCG) on the raw disk, on an RWO thin volume of
-//! storaged's pool and through four bind mounts of one ext4 volume (RWX). The guest side
+//! storaged's pool, on an LVM thin volume made by Debian's lvm2 on a disk of its own (the
+//! peer), and through four bind mounts of one ext4 volume (RWX). The guest side
 //! is `storaged-vmbench` (qemu-tests/storaged-guest); this builds it, boots it once, and
 //! prints the figures and ratios, then one JSON line last.
 
@@ -12,9 +13,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use qemu_tests::lightvm::{self, Boot, Kernel};
 use serde_json::Value;
 
-/// fio and mke2fs are copied from the host into the guest; kmod's depmod and dpkg-deb
-/// unpack the kernel.
-const PACKAGES: &[&str] = &["qemu-system-x86", "fio", "e2fsprogs", "kmod"];
+/// fio, mke2fs and lvm are copied from the host into the guest; kmod's depmod and
+/// dpkg-deb unpack the kernel.
+const PACKAGES: &[&str] = &["qemu-system-x86", "fio", "e2fsprogs", "kmod", "lvm2"];
 
 const MODULES: &[&str] = &[
     "crc32c_generic",
@@ -38,6 +39,8 @@ struct Block {
 struct Figures {
     raw: Block,
     rwo: Block,
+    /// The peer: an LVM thin volume of the same size on its own disk.
+    lvmthin: Block,
     /// One reader through the volume's only bind mount.
     rwo_fs_read_mib_s: f64,
     /// All readers together, each through its own bind mount of the same staging mount.
@@ -85,6 +88,7 @@ fn parse_console(console: &str) -> Result<Figures> {
         return Ok(Figures {
             raw: block(&v, "raw")?,
             rwo: block(&v, "rwo")?,
+            lvmthin: block(&v, "lvmthin")?,
             rwo_fs_read_mib_s: num(&v, "/rwo/fs_read_mib_s")?,
             rwx_read_mib_s: num(&v, "/rwx/read_mib_s")?,
             readers: num(&v, "/rwx/readers")? as u64,
@@ -126,12 +130,18 @@ fn result_line(f: &Figures) -> String {
     });
     format!(
         "{{\"bench\":\"storage\",\"rwo_randread_vs_raw\":{},\"rwo_randwrite_vs_raw\":{},\
-         \"rwo_seq_vs_raw\":{},\"rwx_read_vs_rwo\":{},\"raw\":{raw},\"rwo\":{},\"rwx\":{rwx}}}",
+         \"rwo_seq_vs_raw\":{},\"rwx_read_vs_rwo\":{},\"rwo_randread_vs_lvmthin\":{},\
+         \"rwo_randwrite_vs_lvmthin\":{},\"rwo_seq_vs_lvmthin\":{},\"raw\":{raw},\"rwo\":{},\
+         \"lvmthin\":{},\"rwx\":{rwx}}}",
         ratio(f.rwo.randread_iops, f.raw.randread_iops),
         ratio(f.rwo.randwrite_iops, f.raw.randwrite_iops),
         ratio(f.rwo.seq_mib_s, f.raw.seq_mib_s),
         ratio(f.rwx_read_mib_s, f.rwo_fs_read_mib_s),
+        ratio(f.rwo.randread_iops, f.lvmthin.randread_iops),
+        ratio(f.rwo.randwrite_iops, f.lvmthin.randwrite_iops),
+        ratio(f.rwo.seq_mib_s, f.lvmthin.seq_mib_s),
         Value::Object(rwo),
+        Value::Object(block_json(&f.lvmthin)),
     )
 }
 
@@ -233,6 +243,7 @@ pub fn run() -> Result<()> {
     // storaged runs mke2fs from /usr/sbin or /sbin; fio is run as /usr/bin/fio.
     with_libraries(&find_program("fio")?, &mut files)?;
     with_libraries(&find_program("mke2fs")?, &mut files)?;
+    with_libraries(&find_program("lvm")?, &mut files)?;
     let initrd = work.0.join("initrd.cpio");
     lightvm::initramfs_with_files(&kernel, &bin, MODULES, &files, &initrd)?;
     // The raw disk and the RWO volume are 1 GiB each; the pool disk also holds the thin
@@ -241,7 +252,13 @@ pub fn run() -> Result<()> {
     let raw = work.0.join("raw0.raw");
     sparse_disk(&pool, 2 * GIB)?;
     sparse_disk(&raw, GIB)?;
-    let mut disks = vec![(pool, "pool0".to_owned()), (raw, "raw0".to_owned())];
+    let lvm = work.0.join("lvm0.raw");
+    sparse_disk(&lvm, 2 * GIB)?;
+    let mut disks = vec![
+        (pool, "pool0".to_owned()),
+        (raw, "raw0".to_owned()),
+        (lvm, "lvm0".to_owned()),
+    ];
     for i in 1..=3 {
         let p = work.0.join(format!("pool{i}.raw"));
         sparse_disk(&p, 2 * GIB)?;
@@ -261,7 +278,11 @@ pub fn run() -> Result<()> {
     }
     let f = parse_console(&console)?;
     println!("Under TCG (no KVM) the absolute figures are emulator speeds, not disk speeds; only the ratios mean something.");
-    for (name, b) in [("raw disk", &f.raw), ("RWO thin volume", &f.rwo)] {
+    for (name, b) in [
+        ("raw disk", &f.raw),
+        ("RWO thin volume", &f.rwo),
+        ("LVM thin volume", &f.lvmthin),
+    ] {
         println!(
             "{name:>16}: 4 KiB randread {:.0} IOPS, 4 KiB randwrite {:.0} IOPS, 1 MiB seq read+write {:.1} MiB/s",
             b.randread_iops, b.randwrite_iops, b.seq_mib_s
@@ -272,6 +293,12 @@ pub fn run() -> Result<()> {
         ratio(f.rwo.randread_iops, f.raw.randread_iops),
         ratio(f.rwo.randwrite_iops, f.raw.randwrite_iops),
         ratio(f.rwo.seq_mib_s, f.raw.seq_mib_s)
+    );
+    println!(
+        "RWO / LVM thin: randread {:.3}x, randwrite {:.3}x, seq {:.3}x (target >= 1.0x)",
+        ratio(f.rwo.randread_iops, f.lvmthin.randread_iops),
+        ratio(f.rwo.randwrite_iops, f.lvmthin.randwrite_iops),
+        ratio(f.rwo.seq_mib_s, f.lvmthin.seq_mib_s)
     );
     println!(
         "ext4 volume, 1 MiB sequential reads: 1 reader (RWO, mean of before and after) {:.1} MiB/s; {} readers on bind mounts (RWX) {:.1} MiB/s in all ({})",
@@ -300,6 +327,7 @@ mod tests {
         bench raw: randread 900 IOPS\r\n\
         VMBENCH RESULT {\"raw\":{\"randread_iops\":1000.4,\"randwrite_iops\":800.0,\"seq_mib_s\":200.0},\
         \"rwo\":{\"randread_iops\":950.0,\"randwrite_iops\":400.0,\"seq_mib_s\":190.0,\"fs_read_mib_s\":100.0},\
+        \"lvmthin\":{\"randread_iops\":475.0,\"randwrite_iops\":500.0,\"seq_mib_s\":190.0},\
         \"rwx\":{\"read_mib_s\":96.0,\"readers\":4,\"per_reader_mib_s\":[24.0,24.0,24.0,24.0]}}\r\n\
         VMBENCH DONE\n";
 
@@ -311,13 +339,15 @@ mod tests {
         assert!(
             line.starts_with(
                 "{\"bench\":\"storage\",\"rwo_randread_vs_raw\":0.95,\"rwo_randwrite_vs_raw\":0.5,\
-                 \"rwo_seq_vs_raw\":0.95,\"rwx_read_vs_rwo\":0.96,\"raw\":{"
+                 \"rwo_seq_vs_raw\":0.95,\"rwx_read_vs_rwo\":0.96,\"rwo_randread_vs_lvmthin\":2,\
+                 \"rwo_randwrite_vs_lvmthin\":0.8,\"rwo_seq_vs_lvmthin\":1,\"raw\":{"
             ),
             "{line}"
         );
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["raw"]["randread_iops"], 1000.0);
         assert_eq!(v["rwo"]["fs_read_mib_s"], 100.0);
+        assert_eq!(v["lvmthin"]["randwrite_iops"], 500.0);
         assert_eq!(v["rwx"]["read_mib_s"], 96.0);
         assert_eq!(v["rwx"]["readers"], 4);
     }

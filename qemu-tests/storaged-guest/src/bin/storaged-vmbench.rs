@@ -1,8 +1,9 @@
 //! The storage bench's guest program: PID 1 of the light VM that `cargo xtask bench
-//! storage` boots (Debian's kernel, raw virtio disks `pool0` and `raw0`, Debian's fio and
-//! mke2fs copied into the initramfs). It builds storaged's pool on `pool0` with the
-//! library, runs the same fio jobs on the raw disk and on an RWO thin volume of the same
-//! size, then reads one file of an ext4 volume through one bind mount (RWO) and through
+//! storage` boots (Debian's kernel, raw virtio disks `pool0`, `raw0` and `lvm0`, Debian's
+//! fio, mke2fs and lvm copied into the initramfs). It builds storaged's pool on `pool0`
+//! with the library and an LVM thin pool on `lvm0` with Debian's lvm2 (what TopoLVM and
+//! OpenEBS LVM-LocalPV give Kubernetes users), runs the same fio jobs on the raw disk, on
+//! an RWO thin volume of the same size and on an LVM thin volume of that size, then reads one file of an ext4 volume through one bind mount (RWO) and through
 //! four bind mounts of the same staging mount at once (RWX, as the CSI node service
 //! publishes it), and prints `VMBENCH RESULT <json>` (or `VMBENCH FAILED: <why>`), then
 //! `VMBENCH DONE`, and powers off. Between the two it prints figures that are not part
@@ -24,6 +25,12 @@ const FS_VOLUME_BYTES: u64 = 512 * MIB;
 const MODEL_MIB: u64 = 256;
 const READERS: usize = 4;
 const FIO: &str = "/usr/bin/fio";
+const LVM: &str = "/usr/sbin/lvm";
+/// lvm2 with no udev, no lvmetad, no dmeventd and no thin_check in the guest: it makes
+/// its device nodes itself and checks nothing it has not just made.
+const LVM_CONFIG: &str = "activation { udev_sync = 0 udev_rules = 0 \
+    verify_udev_operations = 1 monitoring = 0 } devices { obtain_device_list_from_udev = 0 } \
+    global { thin_check_executable = \"\" }";
 /// Each measured job runs 10 s after a 2 s ramp that is not measured.
 const RUNTIME: &str = "--runtime=10";
 const RAMP: &str = "--ramp_time=2";
@@ -62,8 +69,10 @@ fn bench() -> Result<Value, String> {
         "bench pool: {} KiB thin blocks",
         pool.superblock().data_block_sectors / 2
     );
-    queue_limits(&[&raw, &rwo]);
-    let [raw_figures, mut rwo_figures] = block_jobs([("raw", &raw), ("rwo", &rwo)])?;
+    let lvm = lvm_thin(&disk("lvm0")?)?;
+    queue_limits(&[&raw, &rwo, &lvm]);
+    let [raw_figures, mut rwo_figures, lvm_figures] =
+        block_jobs([("raw", &raw), ("rwo", &rwo), ("lvmthin", &lvm)])?;
     layers(&raw, &rwo)?;
     for (i, kib) in [64u32, 256, 1024].into_iter().enumerate() {
         block_size(&disk(&format!("pool{}", i + 1))?, kib)?;
@@ -78,12 +87,85 @@ fn bench() -> Result<Value, String> {
     Ok(json!({
         "raw": raw_figures,
         "rwo": rwo_figures,
+        "lvmthin": lvm_figures,
         "rwx": {
             "read_mib_s": total,
             "readers": READERS,
             "per_reader_mib_s": many,
         },
     }))
+}
+
+/// An LVM thin volume of `DEVICE_BYTES` on a thin pool of lvm2's defaults (chunk size,
+/// zeroing) filling most of `disk`; returns its device node.
+fn lvm_thin(disk: &Path) -> Result<PathBuf, String> {
+    for dir in ["/run/lvm", "/run/lock/lvm", "/etc/lvm"] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+    }
+    let dev = disk.to_string_lossy().into_owned();
+    let size = format!("{}m", DEVICE_BYTES / MIB);
+    let steps: [&[&str]; 4] = [
+        &["pvcreate", "-y", "-ff", &dev],
+        &["vgcreate", "bench", &dev],
+        &[
+            "lvcreate",
+            "-y",
+            "--type",
+            "thin-pool",
+            "-l",
+            "90%VG",
+            "-n",
+            "pool",
+            "bench",
+        ],
+        &[
+            "lvcreate",
+            "-y",
+            "-V",
+            &size,
+            "-T",
+            "bench/pool",
+            "-n",
+            "rwo",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new(LVM)
+            .args(&args[..1])
+            .args(["--config", LVM_CONFIG])
+            .args(&args[1..])
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("failed to run {LVM}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "lvm {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let out = Command::new(LVM)
+        .args(["lvs", "--config", LVM_CONFIG, "--noheadings", "-o"])
+        .arg("lv_name,chunk_size,zero")
+        .arg("bench")
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .map_err(|e| format!("failed to run {LVM} lvs: {e}"))?;
+    println!(
+        "bench lvm: {}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let node = PathBuf::from("/dev/mapper/bench-rwo");
+    if !node.exists() {
+        return Err(format!("lvm made no {}", node.display()));
+    }
+    Ok(node)
 }
 
 /// Prints the request size limits of each device's queue: how the thin volume's I/O
@@ -114,9 +196,9 @@ fn queue_limits(devs: &[&Path]) {
 /// Random 4 KiB reads and writes and 1 MiB sequential mixed reads and writes on whole
 /// block devices, after writing each fully once so that reads hit written (on a thin
 /// volume: provisioned) blocks, as they would on a volume in use. The devices take
-/// turns job by job (the order alternating), so that a slow spell of the host, which
-/// shares its two cores with other work, falls on both rather than on one.
-fn block_jobs(devs: [(&str, &Path); 2]) -> Result<[Value; 2], String> {
+/// turns job by job (the order rotating), so that a slow spell of the host, which
+/// shares its two cores with other work, falls on all rather than on one.
+fn block_jobs<const N: usize>(devs: [(&str, &Path); N]) -> Result<[Value; N], String> {
     let files = devs.map(|(_, dev)| format!("--filename={}", dev.display()));
     for ((label, dev), file) in devs.iter().zip(&files) {
         let fill = fio(&[file, "--name=fill", "--rw=write", "--bs=1M", "--iodepth=8"])?;
@@ -137,16 +219,16 @@ fn block_jobs(devs: [(&str, &Path); 2]) -> Result<[Value; 2], String> {
         &["--name=seqwrite", "--rw=write", "--bs=1M", "--iodepth=8"],
     ];
     // results[job][device]
-    let mut results: Vec<[Value; 2]> = Vec::new();
+    let mut results: Vec<[Value; N]> = Vec::new();
     for (k, job) in jobs.iter().enumerate() {
-        let mut pair = [Value::Null, Value::Null];
-        let order = if k % 2 == 0 { [0, 1] } else { [1, 0] };
-        for d in order {
-            pair[d] = fio(&[&[files[d].as_str()], &timed[..], job].concat())?;
+        let mut row = [const { Value::Null }; N];
+        for i in 0..N {
+            let d = (k + i) % N;
+            row[d] = fio(&[&[files[d].as_str()], &timed[..], job].concat())?;
         }
-        results.push(pair);
+        results.push(row);
     }
-    let mut out = [Value::Null, Value::Null];
+    let mut out = [const { Value::Null }; N];
     for (d, (label, _)) in devs.iter().enumerate() {
         let randread = get(&results[0][d], "read", "iops")?;
         let randwrite = get(&results[1][d], "write", "iops")?;
