@@ -1,7 +1,8 @@
 //! `cargo xtask bench storage`: Debian's fio in the light VM (qemu-tests' `lightvm`:
 //! Debian's kernel, raw virtio disks, TCG) on the raw disk, on an RWO thin volume of
 //! storaged's pool, on an LVM thin volume made by Debian's lvm2 on a disk of its own (the
-//! peer), and through four bind mounts of one ext4 volume (RWX). The guest side
+//! peer), and through four bind mounts of one ext4 volume (RWX) and four NFS mounts of it
+//! from the kernel's NFS server in the same guest (the RWX peer). The guest side
 //! is `storaged-vmbench` (qemu-tests/storaged-guest); this builds it, boots it once, and
 //! prints the figures and ratios, then one JSON line last.
 
@@ -13,9 +14,22 @@ use anyhow::{anyhow, bail, Context, Result};
 use qemu_tests::lightvm::{self, Boot, Kernel};
 use serde_json::Value;
 
-/// fio, mke2fs and lvm are copied from the host into the guest; kmod's depmod and
-/// dpkg-deb unpack the kernel.
-const PACKAGES: &[&str] = &["qemu-system-x86", "fio", "e2fsprogs", "kmod", "lvm2"];
+/// fio, mke2fs, lvm and the NFS server's programs are copied from the host into the
+/// guest; kmod's depmod and dpkg-deb unpack the kernel.
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "fio",
+    "e2fsprogs",
+    "kmod",
+    "lvm2",
+    "nfs-kernel-server",
+];
+
+/// The NFS server's programs (NFSv4 only: no rpcbind).
+const NFS_PROGRAMS: &[&str] = &["exportfs", "rpc.mountd", "rpc.nfsd"];
+
+/// What libtirpc and name lookups read in the guest.
+const NFS_FILES: &[&str] = &["/etc/netconfig", "/etc/protocols", "/etc/services"];
 
 const MODULES: &[&str] = &[
     "crc32c_generic",
@@ -23,6 +37,8 @@ const MODULES: &[&str] = &[
     "virtio_blk",
     "dm_thin_pool",
     "ext4",
+    "nfsd",
+    "nfsv4",
 ];
 
 const GIB: u64 = 1 << 30;
@@ -47,6 +63,8 @@ struct Figures {
     rwx_read_mib_s: f64,
     readers: u64,
     per_reader_mib_s: Vec<f64>,
+    /// All readers together, each through its own NFS mount of the same file.
+    nfs_read_mib_s: f64,
 }
 
 fn num(v: &Value, ptr: &str) -> Result<f64> {
@@ -93,6 +111,7 @@ fn parse_console(console: &str) -> Result<Figures> {
             rwx_read_mib_s: num(&v, "/rwx/read_mib_s")?,
             readers: num(&v, "/rwx/readers")? as u64,
             per_reader_mib_s,
+            nfs_read_mib_s: num(&v, "/rwx/nfs_read_mib_s")?,
         });
     }
     bail!("the guest printed no VMBENCH RESULT line")
@@ -127,11 +146,13 @@ fn result_line(f: &Figures) -> String {
     let rwx = serde_json::json!({
         "read_mib_s": round(f.rwx_read_mib_s, 1),
         "readers": f.readers,
+        "nfs_read_mib_s": round(f.nfs_read_mib_s, 1),
     });
     format!(
         "{{\"bench\":\"storage\",\"rwo_randread_vs_raw\":{},\"rwo_randwrite_vs_raw\":{},\
          \"rwo_seq_vs_raw\":{},\"rwx_read_vs_rwo\":{},\"rwo_randread_vs_lvmthin\":{},\
-         \"rwo_randwrite_vs_lvmthin\":{},\"rwo_seq_vs_lvmthin\":{},\"raw\":{raw},\"rwo\":{},\
+         \"rwo_randwrite_vs_lvmthin\":{},\"rwo_seq_vs_lvmthin\":{},\"rwx_read_vs_nfs\":{},\
+         \"raw\":{raw},\"rwo\":{},\
          \"lvmthin\":{},\"rwx\":{rwx}}}",
         ratio(f.rwo.randread_iops, f.raw.randread_iops),
         ratio(f.rwo.randwrite_iops, f.raw.randwrite_iops),
@@ -140,6 +161,7 @@ fn result_line(f: &Figures) -> String {
         ratio(f.rwo.randread_iops, f.lvmthin.randread_iops),
         ratio(f.rwo.randwrite_iops, f.lvmthin.randwrite_iops),
         ratio(f.rwo.seq_mib_s, f.lvmthin.seq_mib_s),
+        ratio(f.rwx_read_mib_s, f.nfs_read_mib_s),
         Value::Object(rwo),
         Value::Object(block_json(&f.lvmthin)),
     )
@@ -244,6 +266,12 @@ pub fn run() -> Result<()> {
     with_libraries(&find_program("fio")?, &mut files)?;
     with_libraries(&find_program("mke2fs")?, &mut files)?;
     with_libraries(&find_program("lvm")?, &mut files)?;
+    for p in NFS_PROGRAMS {
+        with_libraries(&find_program(p)?, &mut files)?;
+    }
+    for f in NFS_FILES {
+        files.push((PathBuf::from(f), f.trim_start_matches('/').to_owned()));
+    }
     let initrd = work.0.join("initrd.cpio");
     lightvm::initramfs_with_files(&kernel, &bin, MODULES, &files, &initrd)?;
     // The raw disk and the RWO volume are 1 GiB each; the pool disk also holds the thin
@@ -264,14 +292,14 @@ pub fn run() -> Result<()> {
         sparse_disk(&p, 2 * GIB)?;
         disks.push((p, format!("pool{i}")));
     }
-    println!("bench storage: booting the light VM (TCG; about 8 minutes)");
+    println!("bench storage: booting the light VM (TCG; about 12 minutes)");
     let console = lightvm::boot(&Boot {
         kernel: &kernel,
         initramfs: &initrd,
         disks,
         append: String::new(),
         console: work.0.join("console.log"),
-        timeout: Duration::from_secs(600),
+        timeout: Duration::from_secs(1500),
     })?;
     for line in console.lines().filter(|l| l.starts_with("bench ")) {
         println!("  guest: {}", line.trim_end_matches('\r'));
@@ -315,6 +343,12 @@ pub fn run() -> Result<()> {
         "RWX / RWO read: {:.3}x (target >= 0.9x)",
         ratio(f.rwx_read_mib_s, f.rwo_fs_read_mib_s)
     );
+    println!(
+        "{} readers through NFS mounts (the peer) {:.1} MiB/s in all; RWX / NFS read: {:.3}x (target >= 3x)",
+        f.readers,
+        f.nfs_read_mib_s,
+        ratio(f.rwx_read_mib_s, f.nfs_read_mib_s)
+    );
     println!("{}", result_line(&f));
     Ok(())
 }
@@ -328,7 +362,7 @@ mod tests {
         VMBENCH RESULT {\"raw\":{\"randread_iops\":1000.4,\"randwrite_iops\":800.0,\"seq_mib_s\":200.0},\
         \"rwo\":{\"randread_iops\":950.0,\"randwrite_iops\":400.0,\"seq_mib_s\":190.0,\"fs_read_mib_s\":100.0},\
         \"lvmthin\":{\"randread_iops\":475.0,\"randwrite_iops\":500.0,\"seq_mib_s\":190.0},\
-        \"rwx\":{\"read_mib_s\":96.0,\"readers\":4,\"per_reader_mib_s\":[24.0,24.0,24.0,24.0]}}\r\n\
+        \"rwx\":{\"read_mib_s\":96.0,\"readers\":4,\"per_reader_mib_s\":[24.0,24.0,24.0,24.0],\"nfs_read_mib_s\":32.0}}\r\n\
         VMBENCH DONE\n";
 
     #[test]
@@ -340,7 +374,7 @@ mod tests {
             line.starts_with(
                 "{\"bench\":\"storage\",\"rwo_randread_vs_raw\":0.95,\"rwo_randwrite_vs_raw\":0.5,\
                  \"rwo_seq_vs_raw\":0.95,\"rwx_read_vs_rwo\":0.96,\"rwo_randread_vs_lvmthin\":2,\
-                 \"rwo_randwrite_vs_lvmthin\":0.8,\"rwo_seq_vs_lvmthin\":1,\"raw\":{"
+                 \"rwo_randwrite_vs_lvmthin\":0.8,\"rwo_seq_vs_lvmthin\":1,\"rwx_read_vs_nfs\":3,\"raw\":{"
             ),
             "{line}"
         );
@@ -350,6 +384,7 @@ mod tests {
         assert_eq!(v["lvmthin"]["randwrite_iops"], 500.0);
         assert_eq!(v["rwx"]["read_mib_s"], 96.0);
         assert_eq!(v["rwx"]["readers"], 4);
+        assert_eq!(v["rwx"]["nfs_read_mib_s"], 32.0);
     }
 
     #[test]

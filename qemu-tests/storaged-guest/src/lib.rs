@@ -72,3 +72,38 @@ pub fn disk(serial: &str) -> Result<PathBuf, String> {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Brings up `lo`: the initramfs has no network setup (storaged's metrics endpoint and
+/// the bench's NFS server are on loopback).
+pub fn loopback_up() -> Result<(), String> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: a socket used only for the two interface ioctls on a valid ifreq.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if s < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let mut rc = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(s, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(s);
+        if rc != 0 {
+            return Err(format!("bringing up lo: {err}"));
+        }
+    }
+    Ok(())
+}

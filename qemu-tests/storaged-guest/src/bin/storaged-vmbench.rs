@@ -1,17 +1,21 @@
 //! The storage bench's guest program: PID 1 of the light VM that `cargo xtask bench
 //! storage` boots (Debian's kernel, raw virtio disks `pool0`, `raw0` and `lvm0`, Debian's
-//! fio, mke2fs and lvm copied into the initramfs). It builds storaged's pool on `pool0`
-//! with the library and an LVM thin pool on `lvm0` with Debian's lvm2 (what TopoLVM and
-//! OpenEBS LVM-LocalPV give Kubernetes users), runs the same fio jobs on the raw disk, on
-//! an RWO thin volume of the same size and on an LVM thin volume of that size, then reads one file of an ext4 volume through one bind mount (RWO) and through
-//! four bind mounts of the same staging mount at once (RWX, as the CSI node service
-//! publishes it), and prints `VMBENCH RESULT <json>` (or `VMBENCH FAILED: <why>`), then
-//! `VMBENCH DONE`, and powers off. Between the two it prints figures that are not part
-//! of the result but explain it: the cost of each device-mapper layer with the guest's
-//! CPU use, and the thin volume on pools of other block sizes (disks `pool1`..`pool3`).
+//! fio, mke2fs, lvm and NFS server programs copied into the initramfs). It builds
+//! storaged's pool on `pool0` with the library and an LVM thin pool on `lvm0` with
+//! Debian's lvm2 (what TopoLVM and OpenEBS LVM-LocalPV give Kubernetes users), and runs
+//! the same fio jobs on the raw disk, on an RWO thin volume of the same size and on an
+//! LVM thin volume of that size. Then it reads one file of an ext4 volume through one
+//! bind mount (RWO), through four bind mounts of the same staging mount at once (RWX, as
+//! the CSI node service publishes it) and through four NFS mounts of that staging mount
+//! served by the kernel's NFS server in the same guest (the RWX peer). It prints
+//! `VMBENCH RESULT <json>` (or `VMBENCH FAILED: <why>`), then `VMBENCH DONE`, and powers
+//! off. Between the two it prints figures that are not part of the result but explain
+//! it: the cost of each device-mapper layer with the guest's CPU use, and the thin
+//! volume on pools of other block sizes (disks `pool1`..`pool3`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use storaged::{mounts, Options, Pool};
@@ -81,7 +85,7 @@ fn bench() -> Result<Value, String> {
     pool.create_volume("model", FS_VOLUME_BYTES)
         .map_err(|e| e.to_string())?;
     let model = pool.activate("model").map_err(|e| e.to_string())?;
-    let (one, many) = fs_jobs(&model)?;
+    let (one, many, nfs) = fs_jobs(&model)?;
     rwo_figures["fs_read_mib_s"] = json!(one);
     let total: f64 = many.iter().sum();
     Ok(json!({
@@ -92,6 +96,8 @@ fn bench() -> Result<Value, String> {
             "read_mib_s": total,
             "readers": READERS,
             "per_reader_mib_s": many,
+            "nfs_read_mib_s": nfs.iter().sum::<f64>(),
+            "nfs_per_reader_mib_s": nfs,
         },
     }))
 }
@@ -392,9 +398,11 @@ fn cpu_ticks() -> Option<(u64, u64)> {
 
 /// The filesystem path of a volume: formatted and mounted once at its staging path, bind
 /// mounted into each pod. Returns the 1 MiB sequential read throughput of one reader
-/// through the only bind (RWO; measured before and after the RWX job, the mean) and
-/// that of each of `READERS` readers through their own binds at the same time (RWX).
-fn fs_jobs(dev: &Path) -> Result<(f64, Vec<f64>), String> {
+/// through the only bind (RWO; measured before and after the RWX job, the mean), that
+/// of each of `READERS` readers through their own binds at the same time (RWX), and
+/// that of each of `READERS` readers through their own NFS mounts of the same staging
+/// mount (the peer).
+fn fs_jobs(dev: &Path) -> Result<(f64, Vec<f64>, Vec<f64>), String> {
     mounts::mkfs_ext4(dev).map_err(|e| e.to_string())?;
     let staging = Path::new(STAGING);
     std::fs::create_dir_all(staging).map_err(|e| format!("mkdir {STAGING}: {e}"))?;
@@ -470,7 +478,121 @@ fn fs_jobs(dev: &Path) -> Result<(f64, Vec<f64>), String> {
         "bench rwx fs: {READERS} readers through one mount {:.1} MiB/s in all",
         mib_s(&same, "read")?
     );
-    Ok((one, many))
+    let nfs = nfs_readers(staging, &read, &size)?;
+    println!(
+        "bench rwx nfs: {READERS} readers {:.1} MiB/s in all ({})",
+        nfs.iter().sum::<f64>(),
+        nfs.iter()
+            .map(|m| format!("{m:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((one, many, nfs))
+}
+
+/// The RWX peer, the path Longhorn's and Portworx's shared volumes take: the staging
+/// mount exported by the kernel's NFS server (Debian's nfs-kernel-server: exportfs,
+/// rpc.mountd and rpc.nfsd, NFSv4 only, so no rpcbind) on the guest's loopback, and
+/// `READERS` readers with the same fio job, each through its own NFS mount (each pod
+/// mounts the share). The NFS client reads with O_DIRECT as the others do; the server
+/// reads the file through its page cache, as an NFS server does.
+fn nfs_readers(staging: &Path, read: &[&str], size: &str) -> Result<Vec<f64>, String> {
+    storaged_guest::loopback_up()?;
+    std::fs::create_dir_all("/proc/fs/nfsd").ok();
+    mounts::mount_fs(Path::new("nfsd"), Path::new("/proc/fs/nfsd"), "nfsd", 0, "")
+        .map_err(|e| format!("mount nfsd on /proc/fs/nfsd: {e}"))?;
+    // The shortest grace period the server allows: opens wait for it to end.
+    for (knob, secs) in [("nfsv4leasetime", "10"), ("nfsv4gracetime", "10")] {
+        std::fs::write(format!("/proc/fs/nfsd/{knob}"), secs)
+            .map_err(|e| format!("/proc/fs/nfsd/{knob}: {e}"))?;
+    }
+    for dir in [
+        "/var/lib/nfs/v4recovery",
+        "/etc/exports.d",
+        "/run/rpc_pipefs",
+    ] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+    }
+    std::fs::write(
+        "/etc/exports",
+        format!(
+            "{} 127.0.0.1(ro,fsid=0,no_subtree_check,no_root_squash,insecure)\n",
+            staging.display()
+        ),
+    )
+    .map_err(|e| format!("/etc/exports: {e}"))?;
+    let run = |program: &str, args: &[&str]| -> Result<(), String> {
+        let out = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("failed to run {program}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{program} {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    };
+    run("/usr/sbin/exportfs", &["-ra"])?;
+    // rpc.mountd answers the server's export lookups; it stays in the foreground (its
+    // own daemon would hold this program's pipes), its messages in a file.
+    let mountd_log = "/tmp/rpc.mountd.log";
+    let log = std::fs::File::create(mountd_log).map_err(|e| format!("{mountd_log}: {e}"))?;
+    let mut mountd = Command::new("/usr/sbin/rpc.mountd")
+        .args(["-F", "-N", "3", "--no-udp"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("failed to run /usr/sbin/rpc.mountd: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    if let Ok(Some(st)) = mountd.try_wait() {
+        return Err(format!(
+            "rpc.mountd exited ({st}): {}",
+            std::fs::read_to_string(mountd_log)
+                .unwrap_or_default()
+                .trim()
+        ));
+    }
+    let started = std::time::Instant::now();
+    run("/usr/sbin/rpc.nfsd", &["-N", "3", "--no-udp", "8"])?;
+    let mut files = Vec::new();
+    for i in 1..=READERS {
+        let dir = PathBuf::from(format!("/var/lib/edge/nfs/p{i}"));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        mounts::mount_fs(
+            Path::new("127.0.0.1:/"),
+            &dir,
+            "nfs4",
+            libc::MS_RDONLY,
+            "vers=4.2,proto=tcp,addr=127.0.0.1,clientaddr=127.0.0.1",
+        )
+        .map_err(|e| format!("mount 127.0.0.1:/ (nfs4) on {}: {e}", dir.display()))?;
+        files.push(format!("--filename={}/model.bin", dir.display()));
+    }
+    // Past the grace period, so that the readers' opens are served at once.
+    if let Some(left) = Duration::from_secs(11).checked_sub(started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let mut args: Vec<&str> = read.to_vec();
+    args.push(size);
+    let names: Vec<String> = (1..=READERS).map(|i| format!("--name=nfs{i}")).collect();
+    for (name, file) in names.iter().zip(&files) {
+        args.push(name);
+        args.push(file);
+    }
+    let jobs = fio_jobs(&args)?;
+    if jobs.len() != READERS {
+        return Err(format!(
+            "fio reported {} NFS readers, not {READERS}",
+            jobs.len()
+        ));
+    }
+    jobs.iter().map(|j| mib_s(j, "read")).collect()
 }
 
 fn publish(staging: &Path, pod: &Path, read_only: bool) -> Result<(), String> {

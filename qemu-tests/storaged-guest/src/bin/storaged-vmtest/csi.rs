@@ -169,7 +169,7 @@ pub fn run(after_reboot: bool) {
         };
         let driver = Driver::new(Some(pool), "vm".into());
         // The metrics endpoint as main.rs serves it, over the same pool.
-        let metrics = match super::metrics::loopback_up() {
+        let metrics = match storaged_guest::loopback_up() {
             Ok(()) => storaged::metrics::bind(super::metrics::ADDR)
                 .await
                 .map_err(|e| e.to_string()),

@@ -380,7 +380,7 @@ async fn trials() -> Result<(), String> {
     println!("kill trials seed {seed} (vmtest.seed={seed} repeats this run)");
     let mut rng = Rng(seed);
     let pool = disk("pool0")?;
-    super::metrics::loopback_up()?;
+    storaged_guest::loopback_up()?;
     write_config(&pool)?;
     let mut d = start().await?;
     let empty = pool_status()?;
