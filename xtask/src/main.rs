@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_all;
 mod bench_fabric;
 mod bench_pods;
 mod bench_storage;
@@ -96,9 +97,11 @@ enum Bench {
         #[arg(long = "pcluster-kib", value_delimiter = ',')]
         pcluster_kib: Vec<u32>,
     },
-    /// fabricd against a real nats-server: ingest, end to end, catch-up after a partition.
+    /// fabricd against a real nats-server: ingest, end to end, catch-up after a partition;
+    /// and in the same run a JetStream leaf node (the peer) and the disk's own limit.
     Fabric,
-    /// fio in a light VM: the raw disk, an RWO thin volume, an RWX volume's bind mounts.
+    /// fio in a light VM: the raw disk, an RWO thin volume, an RWX volume's bind mounts;
+    /// and in the same guest an LVM thin volume and NFS mounts (the peers).
     Storage,
     /// The image booted with M pods provisioned: each pod's manifest-to-running time.
     Pods {
@@ -108,6 +111,9 @@ enum Bench {
     },
     /// The update scenario timed: publish to blessed (a delta), publish to rolled back.
     Update,
+    /// Every bench in turn, then one table of ours, the peer's and the ratio per figure
+    /// and one JSON object with every bench's line.
+    All,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -151,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Storage => bench_storage::run(),
             Bench::Pods { pods } => bench_pods::run(pods),
             Bench::Update => bench_update::run(),
+            Bench::All => bench_all::run(),
         },
     }
 }
