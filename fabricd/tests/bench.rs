@@ -194,6 +194,17 @@ fn leaf_producers(
         .collect()
 }
 
+/// Waits for every producer; the sequence number each stopped at.
+fn join_all(rt: &tokio::runtime::Runtime, handles: Vec<tokio::task::JoinHandle<u64>>) -> Vec<u64> {
+    rt.block_on(async {
+        let mut ends = Vec::new();
+        for h in handles {
+            ends.push(h.await.unwrap());
+        }
+        ends
+    })
+}
+
 /// Records/s of 4 leaf producers of `value_size` bytes into a fresh leaf node alone.
 fn leaf_ingest(rt: &tokio::runtime::Runtime, value_size: usize, total: u64) -> f64 {
     let tmp = tempfile::tempdir().unwrap();
@@ -208,11 +219,7 @@ fn leaf_ingest(rt: &tokio::runtime::Runtime, value_size: usize, total: u64) -> f
         (value_size, Duration::ZERO),
         &never,
     );
-    rt.block_on(async {
-        for h in handles {
-            h.await.unwrap();
-        }
-    });
+    join_all(rt, handles);
     total as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -533,11 +540,7 @@ fn fabric_bench() {
         |js: &async_nats::jetstream::Context| rt.block_on(stream_count_of(js, "LEAF_MIRROR"));
     let start = Instant::now();
     let handles = leaf_producers(&prt, &leaf, &[0; 4], per, (100, Duration::ZERO), &never);
-    prt.block_on(async {
-        for h in handles {
-            h.await.unwrap();
-        }
-    });
+    join_all(&prt, handles);
     wait_for(
         "the core to hold the leaf's records",
         Duration::from_secs(600),
@@ -560,13 +563,7 @@ fn fabric_bench() {
     );
     std::thread::sleep(partition);
     stop.store(true, Ordering::Relaxed);
-    let leaf_ends: Vec<u64> = prt.block_on(async {
-        let mut ends = Vec::new();
-        for h in handles {
-            ends.push(h.await.unwrap());
-        }
-        ends
-    });
+    let leaf_ends = join_all(&prt, handles);
     let leaf_backlog: u64 = leaf_ends.iter().map(|e| e - per).sum();
     let leaf_produced = 4 * per + leaf_backlog;
     nats.restart();

@@ -135,43 +135,49 @@ fn lvm_thin(disk: &Path) -> Result<PathBuf, String> {
             "rwo",
         ],
     ];
-    for args in steps {
-        let out = Command::new(LVM)
+    let lvm = |args: &[&str]| {
+        run(Command::new(LVM)
             .args(&args[..1])
             .args(["--config", LVM_CONFIG])
             .args(&args[1..])
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("failed to run {LVM}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "lvm {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1"))
+    };
+    for args in steps {
+        lvm(args)?;
     }
-    let out = Command::new(LVM)
-        .args(["lvs", "--config", LVM_CONFIG, "--noheadings", "-o"])
-        .arg("lv_name,chunk_size,zero")
-        .arg("bench")
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .output()
-        .map_err(|e| format!("failed to run {LVM} lvs: {e}"))?;
+    let shown = lvm(&[
+        "lvs",
+        "--noheadings",
+        "-o",
+        "lv_name,chunk_size,zero",
+        "bench",
+    ])?;
     println!(
         "bench lvm: {}",
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
+        shown.split_whitespace().collect::<Vec<_>>().join(" ")
     );
     let node = PathBuf::from("/dev/mapper/bench-rwo");
     if !node.exists() {
         return Err(format!("lvm made no {}", node.display()));
     }
     Ok(node)
+}
+
+/// Runs a program to its end with no input; its stdout, or what it said on stderr.
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let what = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("failed to run {what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Prints the request size limits of each device's queue: how the thin volume's I/O
@@ -521,23 +527,7 @@ fn nfs_readers(staging: &Path, read: &[&str], size: &str) -> Result<Vec<f64>, St
         ),
     )
     .map_err(|e| format!("/etc/exports: {e}"))?;
-    let run = |program: &str, args: &[&str]| -> Result<(), String> {
-        let out = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("failed to run {program}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{program} {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(())
-    };
-    run("/usr/sbin/exportfs", &["-ra"])?;
+    run(Command::new("/usr/sbin/exportfs").arg("-ra"))?;
     // rpc.mountd answers the server's export lookups; it stays in the foreground (its
     // own daemon would hold this program's pipes), its messages in a file.
     let mountd_log = "/tmp/rpc.mountd.log";
@@ -559,7 +549,7 @@ fn nfs_readers(staging: &Path, read: &[&str], size: &str) -> Result<Vec<f64>, St
         ));
     }
     let started = std::time::Instant::now();
-    run("/usr/sbin/rpc.nfsd", &["-N", "3", "--no-udp", "8"])?;
+    run(Command::new("/usr/sbin/rpc.nfsd").args(["-N", "3", "--no-udp", "8"]))?;
     let mut files = Vec::new();
     for i in 1..=READERS {
         let dir = PathBuf::from(format!("/var/lib/edge/nfs/p{i}"));
