@@ -294,8 +294,8 @@ pub struct Boot<'a> {
     pub append: String,
     pub console: PathBuf,
     pub timeout: Duration,
-    /// KVM with the host's CPU instead of TCG (only where /dev/kvm works; these build
-    /// machines' hangs).
+    /// KVM with the host's CPU instead of TCG (only where /dev/kvm works; on these
+    /// build machines it hangs).
     pub kvm: bool,
     /// Whether QEMU takes the guest's virtqueue notifications through an eventfd (its
     /// default) or in the vCPU thread itself.
