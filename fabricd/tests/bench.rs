@@ -170,7 +170,8 @@ async fn leaf_produce(
     seq
 }
 
-/// `n` leaf producers (producer p from `from[p]`), each until `to` or `stop`, on `rt`.
+/// One leaf producer per entry of `from` (producer p from `from[p]`), each until `to`
+/// or `stop`, on `rt`.
 fn leaf_producers(
     rt: &tokio::runtime::Runtime,
     leaf: &Nats,
