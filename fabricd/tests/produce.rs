@@ -460,15 +460,21 @@ fn site_network_producers_prove_a_client_certificate_and_are_named_by_it() {
     g.start();
     assert!(std::net::TcpStream::connect(g.tcp).is_err());
     assert!(std::net::TcpStream::connect(g.http).is_err());
-    assert!(
-        g.log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("lan_tls.client_ca")
-                && l.contains("tcp_listen and http_listen stay off until it is provisioned")),
-        "{:?}",
-        g.log.lock().unwrap()
+    // Said at start-up, but read from the daemon's output by another thread: waited for.
+    wait_for(
+        "the line saying the site-network listeners stay off",
+        std::time::Duration::from_secs(10),
+        || {
+            g.log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| {
+                    l.contains("lan_tls.client_ca")
+                        && l.contains("tcp_listen and http_listen stay off until it is provisioned")
+                })
+                .then_some(())
+        },
     );
     produce(
         &mut UnixStream::connect(&g.socket).unwrap(),
