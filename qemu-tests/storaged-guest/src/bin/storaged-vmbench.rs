@@ -445,33 +445,12 @@ fn fs_jobs(dev: &Path) -> Result<(f64, Vec<f64>, Vec<f64>), String> {
     for pod in &pods[1..] {
         publish(staging, pod, true)?;
     }
-    // Options before the first --name are global; each job reads through its own pod.
-    let mut args: Vec<String> = read.iter().map(|s| s.to_string()).collect();
-    args.push(size.clone());
-    for (i, pod) in pods.iter().enumerate() {
-        args.push(format!("--name=reader{}", i + 1));
-        args.push(format!("--filename={}", model_in(pod)));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let many = fio_jobs(&args)?;
-    let many = many
-        .iter()
-        .map(|j| mib_s(j, "read"))
-        .collect::<Result<Vec<f64>, String>>()?;
-    if many.len() != READERS {
-        return Err(format!(
-            "fio reported {} readers, not {READERS}",
-            many.len()
-        ));
-    }
-    println!(
-        "bench rwx fs: {READERS} readers {:.1} MiB/s in all ({})",
-        many.iter().sum::<f64>(),
-        many.iter()
-            .map(|m| format!("{m:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let many = readers(
+        "rwx fs",
+        &read,
+        &size,
+        &pods.iter().map(|p| model_in(p)).collect::<Vec<_>>(),
+    )?;
     // The single reader again after the four, and the mean of both: a slow spell of
     // the host during either side then weighs on both sides of the ratio.
     let after = alone()?;
@@ -485,15 +464,41 @@ fn fs_jobs(dev: &Path) -> Result<(f64, Vec<f64>, Vec<f64>), String> {
         mib_s(&same, "read")?
     );
     let nfs = nfs_readers(staging, &read, &size)?;
+    Ok((one, many, nfs))
+}
+
+/// `READERS` fio readers with the job `read` of `size`, one per file, at once; each
+/// one's MiB/s, printed as `bench <label>: ...`. Options before the first `--name` are
+/// global; each job reads its own file.
+fn readers(label: &str, read: &[&str], size: &str, files: &[String]) -> Result<Vec<f64>, String> {
+    let mut args: Vec<String> = read.iter().map(|s| s.to_string()).collect();
+    args.push(size.to_owned());
+    for (i, file) in files.iter().enumerate() {
+        args.push(format!("--name=reader{}", i + 1));
+        args.push(format!("--filename={file}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let each = fio_jobs(&args)?
+        .iter()
+        .map(|j| mib_s(j, "read"))
+        .collect::<Result<Vec<f64>, String>>()?;
+    if each.len() != files.len() {
+        return Err(format!(
+            "fio reported {} {label} readers, not {}",
+            each.len(),
+            files.len()
+        ));
+    }
     println!(
-        "bench rwx nfs: {READERS} readers {:.1} MiB/s in all ({})",
-        nfs.iter().sum::<f64>(),
-        nfs.iter()
+        "bench {label}: {} readers {:.1} MiB/s in all ({})",
+        each.len(),
+        each.iter().sum::<f64>(),
+        each.iter()
             .map(|m| format!("{m:.1}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
-    Ok((one, many, nfs))
+    Ok(each)
 }
 
 /// The RWX peer, the path Longhorn's and Portworx's shared volumes take: the staging
@@ -562,27 +567,13 @@ fn nfs_readers(staging: &Path, read: &[&str], size: &str) -> Result<Vec<f64>, St
             "vers=4.2,proto=tcp,addr=127.0.0.1,clientaddr=127.0.0.1",
         )
         .map_err(|e| format!("mount 127.0.0.1:/ (nfs4) on {}: {e}", dir.display()))?;
-        files.push(format!("--filename={}/model.bin", dir.display()));
+        files.push(format!("{}/model.bin", dir.display()));
     }
     // Past the grace period, so that the readers' opens are served at once.
     if let Some(left) = Duration::from_secs(11).checked_sub(started.elapsed()) {
         std::thread::sleep(left);
     }
-    let mut args: Vec<&str> = read.to_vec();
-    args.push(size);
-    let names: Vec<String> = (1..=READERS).map(|i| format!("--name=nfs{i}")).collect();
-    for (name, file) in names.iter().zip(&files) {
-        args.push(name);
-        args.push(file);
-    }
-    let jobs = fio_jobs(&args)?;
-    if jobs.len() != READERS {
-        return Err(format!(
-            "fio reported {} NFS readers, not {READERS}",
-            jobs.len()
-        ));
-    }
-    jobs.iter().map(|j| mib_s(j, "read")).collect()
+    readers("rwx nfs", read, size, &files)
 }
 
 fn publish(staging: &Path, pod: &Path, read_only: bool) -> Result<(), String> {
