@@ -18,7 +18,11 @@
 //! cut brings the box back on 0.1.0.1, still staged), which the operator lifts by
 //! publishing it again without one; tried once, given up, and the box is back on
 //! 0.1.0.1 by itself, saying why, and does not try it again until the operator
-//! publishes it anew (the same bytes, not downloaded again).
+//! publishes it anew (the same bytes, not downloaded again): then it is tried, and rolled
+//! back from, again. Then its fix (0.1.0.3), published as a delta from 0.1.0.2 alone,
+//! which only the box's other slot holds: the box fetches the delta, rebuilds the new
+//! slot from that slot's own blocks (staged on the data partition first, since it is the
+//! slot written) and blesses 0.1.0.3.
 //!
 //! The box gets a site certificate by hand (provisioned PEM, no TPM enrollment: that is
 //! the fabric scenario's).
@@ -628,7 +632,96 @@ fn an_update_from_the_core_is_blessed_a_bad_one_rolled_back_and_bad_bundles_refu
             fetched(&r).0 < fetched_then + bad_bytes / 20,
             "the bundle was fetched again: {r}"
         );
+        // It is tried again, and fails again: the box is back on 0.1.0.1 in slot b, and
+        // slot a holds 0.1.0.2.
+        m.wait_for_console(
+            "update: 0.1.0.2 in slot a failed its trial",
+            Duration::from_secs(900),
+        )?;
+        m.wait_for_console(
+            "update: rolled back from 0.1.0.2 to 0.1.0.1 in slot b",
+            qemu_tests::machine::BOOT_TIMEOUT,
+        )?;
+        m.wait_ready()?;
+        fixed_from_the_other_slot(&mut m, &op, &key, &update_pub, &bad, dir)?;
     }
     m.finish();
+    Ok(())
+}
+
+/// The bad version's fix (0.1.0.3), published as a delta from the bad version alone:
+/// the box runs 0.1.0.1, and its other slot holds 0.1.0.2, which it rolled back from.
+/// fabricd fetches that delta (not the whole bundle); init finds 0.1.0.2 in slot a by
+/// its entry, rebuilds the parts from slot a's blocks onto the data partition first
+/// (slot a is the one it writes), writes slot a from them, tries and blesses 0.1.0.3.
+fn fixed_from_the_other_slot(
+    m: &mut Machine,
+    op: &Operator,
+    key: &Path,
+    update_pub: &Path,
+    bad: &Path,
+    dir: &Path,
+) -> Result<()> {
+    let fixed = PathBuf::from(
+        std::env::var_os("EDGEOS_FIXED_UPDATE_BUNDLE")
+            .context("EDGEOS_FIXED_UPDATE_BUNDLE is not set")?,
+    );
+    let copy = dir.join("edgeos-0.1.0.3.bundle");
+    std::fs::copy(&fixed, &copy)?;
+    let fetched_before = fetched(&box_report(op)?).0;
+    let t = Instant::now();
+    let out = run(op
+        .cmd()
+        .args(["update", "publish", "--sites", "all", "--signing-key"])
+        .arg(key)
+        .arg("--update-key")
+        .arg(update_pub)
+        .arg("--delta-from")
+        .arg(bad)
+        .arg(&copy))?;
+    eprintln!("{}", out.trim_end());
+    assert!(out.contains("offers edgeos 0.1.0.3"), "{out}");
+    let delta = dir.join("edgeos-0.1.0.3-from-0.1.0.2.delta");
+    let (delta_bytes, bundle_bytes) = (
+        std::fs::metadata(&delta)?.len(),
+        std::fs::metadata(&fixed)?.len(),
+    );
+    assert!(
+        delta_bytes * 10 <= bundle_bytes,
+        "the delta is {delta_bytes} bytes of the bundle's {bundle_bytes}"
+    );
+    let line = m.wait_for_console(
+        "update: the delta rebuilds slot a",
+        Duration::from_secs(600),
+    )?;
+    assert!(
+        line.contains("staged in /var/lib/edge/update/staged"),
+        "{line}"
+    );
+    let r = box_report(op)?;
+    let got = fetched(&r).0 - fetched_before;
+    assert!(
+        got < bundle_bytes / 10,
+        "the box fetched {got} bytes for a delta of {delta_bytes}: the whole bundle ({bundle_bytes}) too"
+    );
+    eprintln!("fetched {got} bytes for 0.1.0.3 (a delta of {delta_bytes} from the other slot's 0.1.0.2; the bundle is {bundle_bytes})");
+    m.wait_for_console(
+        "update: 0.1.0.3 installed in slot a",
+        Duration::from_secs(600),
+    )?;
+    m.wait_for_console(
+        "edgeos: stage 2: version 0.1.0.3 slot a",
+        qemu_tests::machine::BOOT_TIMEOUT,
+    )?;
+    m.wait_for_console(
+        "update: 0.1.0.3 in slot a blessed",
+        Duration::from_secs(300),
+    )?;
+    let line = wait_core_sees(op, "blessed 0.1.0.3", Duration::from_secs(120))?;
+    assert!(line.contains("running 0.1.0.3 (slot a)"), "{line}");
+    eprintln!(
+        "0.1.0.3 from the other slot's blocks: publish to blessed at the core {:?}",
+        t.elapsed()
+    );
     Ok(())
 }

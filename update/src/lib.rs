@@ -95,6 +95,32 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Copies part `name` from a file that holds it alone (a part the box rebuilt and
+    /// staged), checking its size and SHA-256 against this manifest on the way.
+    pub fn copy_part_file(
+        &self,
+        path: &Path,
+        name: &str,
+        out: &mut dyn Write,
+    ) -> Result<u64, Error> {
+        let part = self.part(name).ok_or_else(|| Error::Part {
+            part: name.into(),
+            why: "not in this manifest".into(),
+        })?;
+        let len = std::fs::metadata(path).map_err(io(path))?.len();
+        if len != part.size {
+            return Err(Error::Part {
+                part: name.into(),
+                why: format!(
+                    "{} is {len} bytes; the manifest says {}",
+                    path.display(),
+                    part.size
+                ),
+            });
+        }
+        copy_checked(path, 0, part.size, part, out)
+    }
+
     pub fn part(&self, name: &str) -> Option<&Part> {
         self.parts.iter().find(|p| p.name == name)
     }
@@ -384,7 +410,6 @@ impl Bundle {
     /// `out`, hashing it again on the way: a file changed since it was checked is caught
     /// here, naming the part. Returns the bytes copied.
     pub fn copy_part(&self, path: &Path, name: &str, out: &mut dyn Write) -> Result<u64, Error> {
-        use std::io::{Seek, SeekFrom};
         let (at, part) = match (self.located(name), self.manifest.part(name)) {
             (Some(at), Some(part)) => (at, part),
             _ => {
@@ -394,36 +419,50 @@ impl Bundle {
                 })
             }
         };
-        let mut file = std::fs::File::open(path).map_err(io(path))?;
-        file.seek(SeekFrom::Start(at.offset)).map_err(io(path))?;
-        let mut r = std::io::BufReader::with_capacity(1 << 20, file).take(at.size);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut copied = 0u64;
-        loop {
-            let n = r.read(&mut buf).map_err(io(path))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| Error::Io {
-                path: format!("the copy of {name}"),
-                why: e.to_string(),
-            })?;
-            copied += n as u64;
-        }
-        let got = hex(&h.finalize());
-        if copied != at.size || got != part.sha256 {
-            return Err(Error::Part {
-                part: name.into(),
-                why: format!(
-                    "it changed since it was checked ({copied} bytes, SHA-256 {got}; the manifest says {} bytes, {})",
-                    part.size, part.sha256
-                ),
-            });
-        }
-        Ok(copied)
+        copy_checked(path, at.offset, at.size, part, out)
     }
+}
+
+/// Copies `size` bytes at `offset` of `path` into `out`, hashing them: they must be
+/// `part` as the manifest describes it.
+fn copy_checked(
+    path: &Path,
+    offset: u64,
+    size: u64,
+    part: &Part,
+    out: &mut dyn Write,
+) -> Result<u64, Error> {
+    use std::io::{Seek, SeekFrom};
+    let name = part.name.as_str();
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    file.seek(SeekFrom::Start(offset)).map_err(io(path))?;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file).take(size);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    loop {
+        let n = r.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(|e| Error::Io {
+            path: format!("the copy of {name}"),
+            why: e.to_string(),
+        })?;
+        copied += n as u64;
+    }
+    let got = hex(&h.finalize());
+    if copied != size || got != part.sha256 {
+        return Err(Error::Part {
+            part: name.into(),
+            why: format!(
+                "it changed since it was checked ({copied} bytes, SHA-256 {got}; the manifest says {} bytes, {})",
+                part.size, part.sha256
+            ),
+        });
+    }
+    Ok(copied)
 }
 
 /// Whether `signature` is `public_key`'s Ed25519 signature of the manifest `bytes`.

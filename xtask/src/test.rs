@@ -16,6 +16,7 @@ pub const UPDATE_SECURITY_VERSION: u64 = 2;
 pub struct UpdateBundles {
     pub good: PathBuf,
     pub bad: PathBuf,
+    pub fixed: PathBuf,
 }
 
 impl UpdateBundles {
@@ -23,13 +24,14 @@ impl UpdateBundles {
     pub fn pass_to(&self, c: &mut Command) -> Result<()> {
         c.env("EDGEOS_UPDATE_BUNDLE", &self.good)
             .env("EDGEOS_BAD_UPDATE_BUNDLE", &self.bad)
+            .env("EDGEOS_FIXED_UPDATE_BUNDLE", &self.fixed)
             .env("EDGEOS_UPDATE_PUB", crate::image::update_public_key()?);
         Ok(())
     }
 }
 
-/// The same tree built as two newer versions: a good one, and a bad one with a service
-/// that cannot start (an update to roll back from).
+/// The same tree built as three newer versions: a good one, a bad one with a service
+/// that cannot start (an update to roll back from), and the bad one's fix.
 pub fn update_bundles() -> Result<UpdateBundles> {
     let good = crate::image::build(&crate::image::BuildOptions {
         force: false,
@@ -45,14 +47,25 @@ pub fn update_bundles() -> Result<UpdateBundles> {
         security_version: Some(UPDATE_SECURITY_VERSION),
         erofs_pcluster_kib: None,
     })?;
+    let fixed = crate::image::build(&crate::image::BuildOptions {
+        force: false,
+        version: Some(FIXED_UPDATE_VERSION.into()),
+        overlay: None,
+        security_version: Some(UPDATE_SECURITY_VERSION),
+        erofs_pcluster_kib: None,
+    })?;
     Ok(UpdateBundles {
         good: good.bundle,
         bad: bad.bundle,
+        fixed: fixed.bundle,
     })
 }
 
 /// A newer version whose trial fails: one of its services can never start.
 pub const BAD_UPDATE_VERSION: &str = "0.1.0.2";
+/// The bad version's fix, sent as a delta from the bad one (which the box's other slot
+/// holds once it has rolled back from it).
+pub const FIXED_UPDATE_VERSION: &str = "0.1.0.3";
 
 /// The files laid over the image for [`BAD_UPDATE_VERSION`]: the image's services plus
 /// `canary`, whose program does not exist, given up after two restarts.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use super::fetch::{fetch_item, stamp_published, Objects};
-use super::manifest::{for_this_box, verify_manifest, Item, Manifest};
+use super::manifest::{for_this_box, verify_manifest, Holds, Item, Manifest};
 use super::status::Status;
 use super::{version_file, Report};
 
@@ -17,7 +17,7 @@ pub(super) async fn apply<'a>(
     kv: &async_nats::jetstream::kv::Store,
     objects: &Objects,
     dir: &Path,
-    running: Option<&str>,
+    holds: Holds<'_>,
     mut report: Report<'a>,
     status: &Status,
 ) -> Report<'a> {
@@ -54,7 +54,7 @@ pub(super) async fn apply<'a>(
             report.applied.push(format!("{kind}/{name} withdrawn"));
         }
     }
-    let wanted = for_this_box(&manifest.items, running);
+    let wanted = for_this_box(&manifest.items, holds);
     for item in wanted.iter().filter(|i| i.kind == "updates") {
         // A copy already here is stamped before its window changes: init, seeing a
         // window lifted, takes the copy as it then is for the trial's.

@@ -42,26 +42,37 @@ pub struct Item {
     pub published_ms: Option<u64>,
 }
 
-/// The items a box running `running` fetches: all but the updates that are not for it
-/// (its own version; a delta from another; a whole bundle when a delta from its version
-/// is offered). A box that does not know what it runs fetches them all and leaves the
-/// choice to init.
-pub fn for_this_box<'m>(items: &'m [Item], running: Option<&str>) -> Vec<&'m Item> {
-    let Some(running) = running else {
+/// The versions a box holds, for which updates are its own: the one it runs (init's
+/// boot record) and the one its other slot holds (init's hint beside it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Holds<'a> {
+    pub running: Option<&'a str>,
+    pub other: Option<&'a str>,
+}
+
+/// The items a box fetches: all but the updates that are not for it (its own version;
+/// a delta from a version it does not hold; a whole bundle when a delta it can use is
+/// offered). A delta from the running version comes first; one from the version the
+/// other slot holds (the one before, or one rolled back from) next. A box that does
+/// not know what it runs fetches them all and leaves the choice to init.
+pub fn for_this_box<'m>(items: &'m [Item], holds: Holds) -> Vec<&'m Item> {
+    let Some(running) = holds.running else {
         return items.iter().collect();
     };
-    let delta_for_us = items
-        .iter()
-        .any(|i| i.kind == "updates" && i.base.as_deref() == Some(running));
+    let offered = |v: &str| {
+        items
+            .iter()
+            .any(|i| i.kind == "updates" && i.base.as_deref() == Some(v))
+    };
+    let from = [Some(running), holds.other]
+        .into_iter()
+        .flatten()
+        .find(|v| offered(v));
     items
         .iter()
         .filter(|i| {
             i.kind != "updates"
-                || (i.version.as_deref() != Some(running)
-                    && match i.base.as_deref() {
-                        Some(base) => base == running,
-                        None => !delta_for_us,
-                    })
+                || (i.version.as_deref() != Some(running) && i.base.as_deref() == from)
         })
         .collect()
 }

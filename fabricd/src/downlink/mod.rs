@@ -34,9 +34,12 @@ use crate::config::{Config, CoreConfig, DownlinkConfig};
 use crate::error::{Error, Result};
 use apply::apply;
 use fetch::Objects;
-use manifest::load_public_key;
+use manifest::{load_public_key, Holds};
 
 /// Kinds of items and so the directories under `dir`; other daemons watch these.
+/// What init says the other slot holds (`{"slot","version"}`), beside its boot record.
+const OTHER_SLOT: &str = "other-slot.json";
+
 pub const KINDS: [&str; 5] = ["config", "pods", "models", "images", "updates"];
 
 #[derive(serde::Serialize)]
@@ -129,6 +132,13 @@ async fn session(
             }
             continue;
         };
+        // What the other slot holds changes with each install: read at each manifest.
+        let other = crate::uplink::read_os(&config.boot_file.with_file_name(OTHER_SLOT))
+            .map(|os| os.version);
+        let holds = Holds {
+            running: running.as_deref(),
+            other: other.as_deref(),
+        };
         let applying = apply(
             &key,
             &payload,
@@ -136,7 +146,7 @@ async fn session(
             &kv,
             &objects,
             &down.dir,
-            running.as_deref(),
+            holds,
             Report {
                 site: &config.site,
                 machine: &config.machine,

@@ -2,7 +2,7 @@ use ring::signature::KeyPair;
 
 use super::apply::{applied_version, withdraw, write_window};
 use super::fetch::room_for;
-use super::manifest::{check_item, for_this_box};
+use super::manifest::{check_item, for_this_box, Holds};
 use super::*;
 
 fn keypair() -> ring::signature::Ed25519KeyPair {
@@ -193,20 +193,34 @@ fn a_box_fetches_the_delta_from_its_version_or_else_the_whole_bundle() {
         item("updates", "os-2-from-1.delta", Some("2"), Some("1")),
         item("updates", "os-2-from-1.5.delta", Some("2"), Some("1.5")),
     ];
-    let names = |running: Option<&str>| -> Vec<String> {
-        for_this_box(&items, running)
+    let names = |running: Option<&str>, other: Option<&str>| -> Vec<String> {
+        for_this_box(&items, Holds { running, other })
             .iter()
             .map(|i| i.name.clone())
             .collect()
     };
-    assert_eq!(names(Some("1")), ["web.yaml", "os-2-from-1.delta"]);
-    assert_eq!(names(Some("1.5")), ["web.yaml", "os-2-from-1.5.delta"]);
+    assert_eq!(names(Some("1"), None), ["web.yaml", "os-2-from-1.delta"]);
+    assert_eq!(
+        names(Some("1.5"), None),
+        ["web.yaml", "os-2-from-1.5.delta"]
+    );
     // No delta from its version: the whole bundle.
-    assert_eq!(names(Some("0.9")), ["web.yaml", "os-2.bundle"]);
+    assert_eq!(names(Some("0.9"), None), ["web.yaml", "os-2.bundle"]);
+    // ...unless its other slot holds a version a delta is from (rolled back from it,
+    // or the one it ran before); the running version's delta still comes first.
+    assert_eq!(
+        names(Some("0.9"), Some("1")),
+        ["web.yaml", "os-2-from-1.delta"]
+    );
+    assert_eq!(
+        names(Some("1.5"), Some("1")),
+        ["web.yaml", "os-2-from-1.5.delta"]
+    );
+    assert_eq!(names(Some("0.9"), Some("0.8")), ["web.yaml", "os-2.bundle"]);
     // Already running it (blessed, the manifest still offering it): nothing.
-    assert_eq!(names(Some("2")), ["web.yaml"]);
+    assert_eq!(names(Some("2"), Some("1")), ["web.yaml"]);
     // Not knowing what it runs: everything, init chooses.
-    assert_eq!(names(None).len(), 4);
+    assert_eq!(names(None, Some("1")).len(), 4);
     // Only an update has a version or a base.
     let e = check_item(&item("pods", "x", Some("2"), None))
         .unwrap_err()

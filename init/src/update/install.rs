@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 use crate::say;
 
 use super::floor::admit;
-use super::slots::{entry_name, held_entry, other_slot, slot_entries, Installed, Running, Target};
+use super::slots::{
+    entry_name, held_entry, other_slot, slot_entries, slot_version, Installed, Running, Target,
+};
 use super::state::{Attempt, Phase, State};
 use super::trial::Outcome;
 use super::updater::{unix_ms, window_of};
@@ -93,74 +95,195 @@ pub(super) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(Error::io("sync", dir))
 }
 
-/// A delta's parts, rebuilt from the running slot (its root and verity tree, the root's
-/// block index, its UKI) and the delta's pack.
+/// Where a delta's parts are rebuilt first when its base is the slot they go to:
+/// writing that slot destroys the blocks they are rebuilt from. A power cut while the
+/// slot is written leaves them here, checked, for the install that starts again.
+pub const STAGED: &str = "/var/lib/edge/update/staged";
+
+/// The parts a slot is written from, in the order they are rebuilt (after the index).
+fn slot_parts(slot: &str) -> [String; 3] {
+    [
+        format!("uki-{slot}.efi"),
+        "root.verity".into(),
+        "root.erofs".into(),
+    ]
+}
+
+/// A delta's parts, rebuilt from the blocks of the slot that holds its base (its root
+/// and verity tree, the root's block index, its UKI) and the delta's pack.
 pub(super) struct Rebuild<'a> {
     delta: &'a edge_update::delta::Delta,
     seeds: edge_update::delta::Seeds,
     index: Vec<u8>,
+    /// The parts were rebuilt into this directory: they are copied from there.
+    staged: Option<PathBuf>,
+}
+
+/// Whether `dir` holds part `name` of `m` whole and unchanged.
+fn is_staged(m: &edge_update::Manifest, dir: &Path, name: &str) -> bool {
+    m.copy_part_file(&dir.join(name), name, &mut std::io::sink())
+        .is_ok()
 }
 
 impl<'a> Rebuild<'a> {
-    /// Gathers the running slot's blocks and rebuilds every part the slot needs once
-    /// into nothing, so a delta that cannot make them is refused before anything is
-    /// touched.
+    /// Finds the slot that holds the delta's base (the running one, or the other one by
+    /// its boot entry), gathers its blocks and rebuilds every part the new slot needs
+    /// once, so that a delta that cannot make them is refused before anything is
+    /// touched. Parts already staged for this manifest are used as they are.
     fn prepare(
         delta: &'a edge_update::delta::Delta,
         running: &Running,
         node: &dyn Fn(String) -> Result<PathBuf>,
         slot: &str,
+        staged: &Path,
     ) -> Result<Rebuild<'a>> {
-        let t = Instant::now();
-        let mut seeds = edge_update::delta::Seeds::default();
-        let run = &running.slot;
-        let index = seeds.add_file(&node(format!("root-{run}"))?, delta.info.base_root_bytes)?;
-        seeds.add_bytes(index);
-        seeds.add_file(
-            &node(format!("root-{run}-verity"))?,
-            delta.info.base_verity_bytes,
-        )?;
-        let uki = crate::esp::with_esp(|esp| {
+        if slot_parts(slot)
+            .iter()
+            .all(|p| is_staged(&delta.manifest, staged, p))
+        {
+            say!(
+                "update: slot {slot}'s parts are staged already ({})",
+                staged.display()
+            );
+            return Ok(Rebuild {
+                delta,
+                seeds: edge_update::delta::Seeds::default(),
+                index: Vec::new(),
+                staged: Some(staged.to_path_buf()),
+            });
+        }
+        let base = &delta.info.base_version;
+        let (other_holds, uki) = crate::esp::with_esp(|esp| {
             let dir = esp.join("EFI/Linux");
-            let stem = format!("{NAME}-{}-{run}", running.version);
-            slot_entries(&dir, run)
+            let other_holds = slot_version(&dir, slot);
+            let from = if *base == running.version {
+                &running.slot
+            } else {
+                slot
+            };
+            let stem = format!("{NAME}-{base}-{from}");
+            let uki = slot_entries(&dir, from)
                 .into_iter()
                 .find(|n| n.starts_with(&stem))
-                .and_then(|n| std::fs::read(dir.join(n)).ok())
+                .and_then(|n| std::fs::read(dir.join(n)).ok());
+            (other_holds, uki)
         })?;
+        let from = if *base == running.version {
+            running.slot.clone()
+        } else if other_holds.as_deref() == Some(base.as_str()) {
+            slot.to_owned()
+        } else {
+            return Err(Error::Bundle {
+                detail: format!(
+                    "it is a delta from {base}, and this box runs {} (slot {slot} holds {})",
+                    running.version,
+                    other_holds.as_deref().unwrap_or("no known version")
+                ),
+            });
+        };
+        let mut seeds = edge_update::delta::Seeds::default();
+        let index = seeds.add_file(&node(format!("root-{from}"))?, delta.info.base_root_bytes)?;
+        seeds.add_bytes(index);
+        seeds.add_file(
+            &node(format!("root-{from}-verity"))?,
+            delta.info.base_verity_bytes,
+        )?;
         match uki {
             Some(bytes) => seeds.add_bytes(bytes),
-            None => {
-                say!("update: no UKI of the running slot found; its blocks come from the delta")
+            None => say!(
+                "update: no UKI of {base} in slot {from} found; its blocks come from the delta"
+            ),
+        }
+        Rebuild::new(delta, seeds, slot, (from == slot).then_some(staged))
+    }
+
+    /// Rebuilds the block index, then each of the slot's parts: into nothing, only to
+    /// check them, or into `staged` when the slot to write holds the blocks.
+    pub(super) fn new(
+        delta: &'a edge_update::delta::Delta,
+        seeds: edge_update::delta::Seeds,
+        slot: &str,
+        staged: Option<&Path>,
+    ) -> Result<Rebuild<'a>> {
+        let t = Instant::now();
+        let mut index = Vec::new();
+        let mut held = delta
+            .rebuild("root.blockhash", &seeds, None, &mut index)?
+            .held;
+        if let Some(dir) = staged {
+            std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+            let need: u64 = slot_parts(slot)
+                .iter()
+                .filter_map(|p| delta.manifest.part(p))
+                .map(|p| p.size)
+                .sum();
+            let free = rustix::fs::statvfs(dir)
+                .map(|st| st.f_bavail.saturating_mul(st.f_frsize))
+                .unwrap_or(u64::MAX);
+            if need > free {
+                return Err(Error::Bundle {
+                    detail: format!(
+                        "its base is in slot {slot}, which it replaces: its parts are rebuilt on the data partition first, and they need {need} bytes where {free} are free"
+                    ),
+                });
             }
         }
-        let mut index = Vec::new();
-        let r = |part: &str, out: &mut dyn std::io::Write, index: Option<&[u8]>| {
-            delta.rebuild(part, &seeds, index, out)
-        };
-        let mut held = r("root.blockhash", &mut index, None)?.held;
-        for part in [
-            format!("uki-{slot}.efi"),
-            "root.verity".into(),
-            "root.erofs".into(),
-        ] {
-            held += r(&part, &mut std::io::sink(), Some(&index))?.held;
+        for part in slot_parts(slot) {
+            let Some(dir) = staged else {
+                held += delta
+                    .rebuild(&part, &seeds, Some(&index), &mut std::io::sink())?
+                    .held;
+                continue;
+            };
+            let (tmp, to) = (dir.join(format!(".{part}.tmp")), dir.join(&part));
+            let written = (|| -> Result<u64> {
+                let file = std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                let r = delta.rebuild(&part, &seeds, Some(&index), &mut out)?;
+                let file = out
+                    .into_inner()
+                    .map_err(|e| Error::io("write", &tmp)(e.into_error()))?;
+                file.sync_all().map_err(Error::io("sync", &tmp))?;
+                std::fs::rename(&tmp, &to).map_err(Error::io_to("rename", &tmp, "to", &to))?;
+                Ok(r.held)
+            })();
+            match written {
+                Ok(h) => held += h,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(dir) = staged {
+            sync_dir(dir)?;
         }
         say!(
-            "update: the delta rebuilds slot {slot} ({held} blocks from this box's own, {} known) in {} ms",
+            "update: the delta rebuilds slot {slot} ({held} blocks from this box's own, {} known{}) in {} ms",
             seeds.len(),
+            staged.map_or(String::new(), |d| format!(", staged in {}", d.display())),
             t.elapsed().as_millis()
         );
         Ok(Rebuild {
             delta,
             seeds,
             index,
+            staged: staged.map(Path::to_path_buf),
         })
     }
 
-    fn copy(&self, part: &str, out: &mut dyn std::io::Write) -> Result<()> {
-        self.delta
-            .rebuild(part, &self.seeds, Some(&self.index), out)?;
+    pub(super) fn copy(&self, part: &str, out: &mut dyn std::io::Write) -> Result<()> {
+        match &self.staged {
+            Some(dir) => {
+                self.delta
+                    .manifest
+                    .copy_part_file(&dir.join(part), part, out)?;
+            }
+            None => {
+                self.delta
+                    .rebuild(part, &self.seeds, Some(&self.index), out)?;
+            }
+        }
         Ok(())
     }
 }
@@ -204,16 +327,6 @@ pub(super) fn attempt(
         if !admit(&m, running, state.security_floor)? {
             return Ok(None);
         }
-        if let Some(d) = &delta {
-            if d.info.base_version != running.version {
-                return Err(Error::Bundle {
-                    detail: format!(
-                        "it is a delta from {}, and this box runs {}",
-                        d.info.base_version, running.version
-                    ),
-                });
-            }
-        }
         let slot = record.slot.clone();
         say!("update: checking {name} ({} for slot {slot})", m.version);
         let devs = crate::disk::scan(Path::new("/sys/class/block"));
@@ -239,7 +352,7 @@ pub(super) fn attempt(
                 }
             }
             Some(d) => {
-                rebuild = Rebuild::prepare(d, running, &node, &slot)?;
+                rebuild = Rebuild::prepare(d, running, &node, &slot, Path::new(STAGED))?;
                 &|part, out| rebuild.copy(part, out)
             }
         };
@@ -277,9 +390,28 @@ pub(super) fn attempt(
         })?
         .map(Some)
     })();
+    // Staged parts serve only an install cut off by a power loss; this one ended.
+    match std::fs::remove_dir_all(STAGED) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            say!("warning: update: remove {STAGED}: {e}")
+        }
+        _ => {}
+    }
+    tell_other_slot(running);
     // The running version's bundle leaves the state as it was.
     if !result.as_ref().is_ok_and(Option::is_none) {
         state.update = Some(record);
     }
     (state, result)
+}
+
+/// Says what the other slot holds now ([`super::slots::OTHER_SLOT_FILE`]).
+pub(super) fn tell_other_slot(running: &Running) {
+    let other = other_slot(&running.slot);
+    let held = crate::esp::with_esp(|esp| slot_version(&esp.join("EFI/Linux"), other));
+    let file = Path::new(super::slots::OTHER_SLOT_FILE);
+    match held {
+        Ok(v) => super::slots::say_other_slot(file, other, v.as_deref()),
+        Err(e) => say!("warning: update: what slot {other} holds: {e}"),
+    }
 }

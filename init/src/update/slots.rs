@@ -98,11 +98,58 @@ pub fn slot_entries(entries: &Path, slot: &str) -> Vec<String> {
 
 /// The slot of `edgeos-<version>-<slot>[+counter].efi`.
 pub fn entry_slot(name: &str) -> Option<String> {
+    parse_entry(name).map(|(_, slot)| slot.to_owned())
+}
+
+/// The version and slot of `edgeos-<version>-<slot>[+counter].efi`.
+fn parse_entry(name: &str) -> Option<(&str, &str)> {
     let stem = name
         .strip_prefix(NAME)?
         .strip_prefix('-')?
         .strip_suffix(".efi")?;
     let stem = stem.split_once('+').map_or(stem, |(s, _)| s);
-    let (_, slot) = stem.rsplit_once('-')?;
-    (slot == "a" || slot == "b").then(|| slot.to_owned())
+    let (version, slot) = stem.rsplit_once('-')?;
+    (!version.is_empty() && (slot == "a" || slot == "b")).then_some((version, slot))
+}
+
+/// The version of `edgeos-<version>-<slot>[+counter].efi[.held]`.
+pub fn entry_version(name: &str) -> Option<String> {
+    parse_entry(name.strip_suffix(".held").unwrap_or(name)).map(|(v, _)| v.to_owned())
+}
+
+/// The version whose root `slot` holds, by its boot entry (an install removes the
+/// slot's entries before it writes the slot, and puts the new one last): `None` when
+/// the slot has no entry, or entries of more than one version.
+pub fn slot_version(entries: &Path, slot: &str) -> Option<String> {
+    let mut versions: Vec<String> = slot_entries(entries, slot)
+        .iter()
+        .filter_map(|n| entry_version(n))
+        .collect();
+    versions.dedup();
+    match versions.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
+}
+
+/// Where init says what the other slot holds, for fabricd to pick a delta from it
+/// (`{"slot":"a","version":"0.1.0"}`; no file when it holds nothing known).
+pub const OTHER_SLOT_FILE: &str = "/run/edge/other-slot.json";
+
+/// Writes (or removes) [`OTHER_SLOT_FILE`]; what fabricd reads is only a hint: init
+/// checks a delta's base against the slot itself.
+pub fn say_other_slot(file: &Path, slot: &str, version: Option<&str>) {
+    let done = match version {
+        Some(v) => {
+            let body = serde_json::json!({"slot": slot, "version": v}).to_string() + "\n";
+            crate::provision::write_atomic(file, body.as_bytes(), 0o644)
+        }
+        None => match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = done {
+        crate::say!("warning: update: {}: {e}", file.display());
+    }
 }

@@ -4,7 +4,10 @@ use std::time::{Duration, Instant};
 
 use super::floor::{admit, floor_with_counter, version_cmp};
 use super::install::install;
-use super::slots::{bundle_id, entry_slot, next_bundle, slot_entries, Installed, Target};
+use super::slots::{
+    bundle_id, entry_slot, entry_version, next_bundle, slot_entries, slot_version, Installed,
+    Target,
+};
 use super::state::{Attempt, Phase, State, ENDED_KEPT};
 use super::trial::{judge, on_boot, BootRole};
 use super::*;
@@ -63,6 +66,36 @@ fn entries_are_known_by_their_slot_whatever_their_counter() {
     assert_eq!(entry_slot("edgeos-0.1.0-c.efi"), None);
     assert_eq!(entry_slot("other-0.1.0-a.efi"), None);
     assert_eq!(entry_slot(".edgeos-0.1.0-a.tmp"), None);
+    assert_eq!(
+        entry_version("edgeos-0.2.0-rc1-b+0-3.efi").as_deref(),
+        Some("0.2.0-rc1")
+    );
+    assert_eq!(
+        entry_version("edgeos-0.1.0-a+1.efi.held").as_deref(),
+        Some("0.1.0")
+    );
+    assert_eq!(entry_version("edgeos--a.efi"), None);
+}
+
+#[test]
+fn the_other_slot_holds_the_version_of_its_entry_and_none_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(slot_version(d, "b"), None);
+    std::fs::write(d.join("edgeos-0.1.0-a.efi"), b"").unwrap();
+    std::fs::write(d.join("edgeos-0.1.1-b+0-3.efi"), b"").unwrap();
+    assert_eq!(slot_version(d, "b").as_deref(), Some("0.1.1"));
+    assert_eq!(slot_version(d, "a").as_deref(), Some("0.1.0"));
+    // Two versions in one slot: not known.
+    std::fs::write(d.join("edgeos-0.1.2-b+1.efi.held"), b"").unwrap();
+    assert_eq!(slot_version(d, "b"), None);
+    // What init tells fabricd, and that it goes when the slot holds nothing known.
+    let file = d.join("other-slot.json");
+    super::slots::say_other_slot(&file, "b", Some("0.1.1"));
+    let said: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(said, serde_json::json!({"slot": "b", "version": "0.1.1"}));
+    super::slots::say_other_slot(&file, "b", None);
+    assert!(!file.exists());
 }
 
 #[test]
@@ -359,4 +392,128 @@ fn the_trial_passes_when_ready_and_healthy_and_fails_when_given_up_or_late() {
         judge(&h(false, &[], &[]), t, Duration::ZERO),
         Some(Err("not every service was ready within 0 s".into()))
     );
+}
+
+/// A bundle of `version` signed by `key`, its root 6 blocks of which block 2 carries
+/// the version (the rest the same in every version).
+fn bundle_signed(
+    dir: &Path,
+    key: &ring::signature::Ed25519KeyPair,
+    version: &str,
+) -> (PathBuf, edge_update::Bundle) {
+    use ring::signature::KeyPair;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut files = Vec::new();
+    for name in edge_update::PARTS {
+        if name == "root.blockhash" {
+            continue;
+        }
+        let data: Vec<u8> = match name {
+            "root.erofs" => (0..6)
+                .flat_map(|b| {
+                    let salt = if b == 2 { version } else { "same" };
+                    format!("root block {b} of {salt};")
+                        .into_bytes()
+                        .into_iter()
+                        .cycle()
+                        .take(4096)
+                })
+                .collect(),
+            other => format!("{other} of {version}").into_bytes(),
+        };
+        let path = dir.join(name);
+        std::fs::write(&path, data).unwrap();
+        files.push((name, path));
+    }
+    let files: Vec<(&str, &Path)> = files.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    let out = dir.join(format!("edgeos-{version}.bundle"));
+    edge_update::write(
+        &out,
+        &edge_update::Identity {
+            name: NAME,
+            version,
+            security_version: 2,
+            kernel_release: "6.1",
+            roothash: &"ab".repeat(32),
+        },
+        &edge_update::Sources { files: &files },
+        |m| key.sign(m).as_ref().to_vec(),
+    )
+    .unwrap();
+    let b = edge_update::open(&out, key.public_key().as_ref()).unwrap();
+    (out, b)
+}
+
+#[test]
+fn a_delta_from_the_version_the_other_slot_holds_is_staged_before_that_slot_is_written() {
+    use super::install::Rebuild;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    // Slot b holds 0.2.0 (rolled back from, say); 0.2.1 comes as a delta from it.
+    let (base_path, base) = bundle_signed(&d.join("base"), &key, "0.2.0");
+    let (target_path, target) = bundle_signed(&d.join("target"), &key, "0.2.1");
+    let delta_path = d.join("edgeos-0.2.1-from-0.2.0.delta");
+    edge_update::delta::write((&base, &base_path), (&target, &target_path), &delta_path).unwrap();
+    let delta = edge_update::delta::open(&delta_path, key.public_key().as_ref()).unwrap();
+    let (root, verity) = (d.join("root-b"), d.join("root-b-verity"));
+    let part = |b: &edge_update::Bundle, p: &Path, name: &str| {
+        let mut out = Vec::new();
+        b.copy_part(p, name, &mut out).unwrap();
+        out
+    };
+    let mut slot_root = part(&base, &base_path, "root.erofs");
+    slot_root.resize(10 * 4096, 0xee);
+    std::fs::write(&root, &slot_root).unwrap();
+    std::fs::write(&verity, part(&base, &base_path, "root.verity")).unwrap();
+    let seeds = || {
+        let mut s = edge_update::delta::Seeds::default();
+        let index = s.add_file(&root, delta.info.base_root_bytes).unwrap();
+        s.add_bytes(index);
+        s.add_file(&verity, delta.info.base_verity_bytes).unwrap();
+        s.add_bytes(part(&base, &base_path, "uki-b.efi"));
+        s
+    };
+    let staged = d.join("staged");
+    let rebuild = Rebuild::new(&delta, seeds(), "b", Some(&staged)).unwrap();
+    // Rebuilt whole on the data partition before the slot is touched: the install reads
+    // nothing from the slot it writes.
+    for name in ["uki-b.efi", "root.verity", "root.erofs"] {
+        assert_eq!(
+            std::fs::read(staged.join(name)).unwrap(),
+            part(&target, &target_path, name),
+            "{name}"
+        );
+    }
+    std::fs::write(&root, vec![0u8; 10 * 4096]).unwrap();
+    let entries = d.join("EFI/Linux");
+    std::fs::create_dir_all(&entries).unwrap();
+    std::fs::write(entries.join("edgeos-0.2.0-b+0-2.efi"), b"old").unwrap();
+    let target_slot = Target {
+        root: &root,
+        verity: &verity,
+        entries: &entries,
+        tries: 1,
+        hold: false,
+    };
+    let copy = |n: &str, w: &mut dyn std::io::Write| rebuild.copy(n, w);
+    let done = install(&delta.manifest, &copy, "b", &target_slot).unwrap();
+    assert_eq!(done.entry, "edgeos-0.2.1-b+1.efi");
+    // The slot it was rebuilt from now holds the target, byte for byte.
+    let want = part(&target, &target_path, "root.erofs");
+    assert_eq!(&std::fs::read(&root).unwrap()[..want.len()], &want[..]);
+    assert_eq!(
+        std::fs::read(entries.join(&done.entry)).unwrap(),
+        part(&target, &target_path, "uki-b.efi")
+    );
+    // A staged part changed on disk is caught as it is copied.
+    std::fs::write(staged.join("root.verity"), b"changed").unwrap();
+    let e = rebuild
+        .copy("root.verity", &mut std::io::sink())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("root.verity"), "{e}");
 }

@@ -88,6 +88,7 @@ impl Updater {
         let state_file = PathBuf::from(STATE);
         let mut state = State::load(&state_file);
         let role = on_boot(&mut state, &running, unix_ms());
+        super::install::tell_other_slot(&running);
         match &role {
             BootRole::Normal => {}
             BootRole::Trial { version, slot } => say!(
