@@ -170,6 +170,11 @@ pub struct CoreConfig {
     pub window: usize,
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_ms: u64,
+    /// The core stream's duplicate window (`edgectl setup --dupe-window-secs`): a record
+    /// resent within it is dropped at the core, so after a failed ack the box resends
+    /// every unacked record while they are well inside it (resume.rs).
+    #[serde(default = "default_dupe_window")]
+    pub dupe_window_secs: u64,
     /// Longest pause between reconnect attempts.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
@@ -201,6 +206,9 @@ pub struct EnrollConfig {
     pub recovery_key: Option<PathBuf>,
 }
 
+fn default_dupe_window() -> u64 {
+    600
+}
 fn default_quote_interval() -> u64 {
     300
 }
@@ -254,6 +262,10 @@ fn default_classes() -> Vec<ClassConfig> {
 impl CoreConfig {
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.ack_timeout_ms)
+    }
+
+    pub fn dupe_window(&self) -> Duration {
+        Duration::from_secs(self.dupe_window_secs)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Where a class's uplink resumes when a session starts: after its last ack, or after the
-//! newest of its records the core already holds, whichever is later.
+//! newest of its records the core already holds, whichever is later; but after its last
+//! ack alone while the last session's publishes are well inside the duplicate window.
 //!
 //! The core drops a resent record (same `Nats-Msg-Id`) only within its stream's duplicate
 //! window. A cut link loses the acks of records the core had stored; when the partition
@@ -11,7 +12,7 @@
 //! it. The window then only has to cover a crash between an ack and its persisting.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::store::{Cursor, Log};
@@ -25,6 +26,20 @@ const SCAN_BYTES: usize = 64 << 20;
 /// box not allowed to ask) leaves the duplicate window as the only guard; the session
 /// goes on without waiting longer than this.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether to resend every unacked record, the core's duplicate window dropping those
+/// it holds: when the last session of this process ended (`session_ended`) recently
+/// enough that what it had in flight, published within an ack timeout before, is inside
+/// half the window. A core that is a cluster may hold a later record and not an earlier
+/// one (a new stream leader elected between them), which resuming after the newest one
+/// held would lose. `None` (the first session of this process): ask the core instead.
+pub(crate) fn resend_all(
+    session_ended: Option<Instant>,
+    ack_timeout: Duration,
+    dupe_window: Duration,
+) -> bool {
+    session_ended.is_some_and(|at| at.elapsed() + ack_timeout < dupe_window / 2)
+}
 
 /// What one session needs to ask: the core's records stream and how our records are
 /// named on it.
@@ -149,6 +164,19 @@ fn offset_of(msg_id: &str, id_prefix: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recent_session_resends_everything_and_an_old_or_unknown_one_asks_the_core() {
+        let (ack, window) = (Duration::from_secs(30), Duration::from_secs(600));
+        let now = Instant::now();
+        assert!(resend_all(Some(now), ack, window));
+        assert!(!resend_all(None, ack, window));
+        // A window too short for the ack timeout never resends blindly.
+        assert!(!resend_all(Some(now), ack, Duration::from_secs(2)));
+        if let Some(long_ago) = now.checked_sub(Duration::from_secs(300)) {
+            assert!(!resend_all(Some(long_ago), ack, window));
+        }
+    }
 
     #[test]
     fn only_our_own_message_ids_name_an_offset() {

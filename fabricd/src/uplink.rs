@@ -40,11 +40,18 @@ pub struct Status {
     /// Acks the core marked duplicate (resends it already had).
     pub duplicates: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// When the last session ended (an ack that failed, the link lost): every record it
+    /// had in flight was published within an ack timeout before then.
+    pub session_ended: Mutex<Option<Instant>>,
 }
 
 impl Status {
     pub(crate) fn error(&self, e: &str) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_owned());
+    }
+
+    fn session_ended(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.session_ended.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -232,7 +239,12 @@ async fn session(
         let path = acked_path(log, &c.name);
         // This process may know of acks newer than the file (written every 200 ms).
         let acked = load_acked(&path)?.max(log.meta().classes[class].acked);
-        let held = crate::resume::resume_after(&asking, log, class, acked).await;
+        let ended = *status.session_ended();
+        let held = if crate::resume::resend_all(ended, core.ack_timeout(), core.dupe_window()) {
+            acked
+        } else {
+            crate::resume::resume_after(&asking, log, class, acked).await
+        };
         if let Some(h) = held.filter(|_| held > acked) {
             store_acked(&path, h).map_err(Error::io("write", &path))?;
         }
@@ -264,6 +276,7 @@ async fn session(
         e = lost_rx.recv() => Err(e.unwrap_or_else(|| Error::lost(None))),
     };
     pumps.abort_all();
+    *status.session_ended() = Some(Instant::now());
     drop(js);
     drop(client);
     result

@@ -330,6 +330,17 @@ impl Proxy {
 fn through_cuts(s: &Core, rounds: u64, cut: Duration) -> Fabricd {
     let proxy = Proxy::start(s.nats.port);
     let mut f = fabricd_for(s, &format!("tls://127.0.0.1:{}", proxy.port), "edge", "");
+    // The box knows the stream's duplicate window, as the operator configures it: its
+    // config ends with the [core] table.
+    let window = s.rt.block_on(async {
+        let mut stream = s.js.get_stream("EDGE").await.unwrap();
+        stream.info().await.unwrap().config.duplicate_window
+    });
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&f.config)
+        .unwrap();
+    writeln!(config, "dupe_window_secs = {}", window.as_secs().max(1)).unwrap();
     f.start();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));

@@ -62,14 +62,20 @@ pub struct Fabricd {
 }
 
 impl Fabricd {
-    /// Writes a config under `dir` (log in `dir/log`) with `extra` TOML appended.
+    /// Writes a config under `dir` (log in `dir/log`) with `extra` TOML appended, for
+    /// machine m1 of site s1.
     pub fn configure(dir: &Path, extra: &str) -> Fabricd {
+        Fabricd::configure_as(dir, "s1", "m1", extra)
+    }
+
+    /// [`Fabricd::configure`] for machine `machine` of site `site`.
+    pub fn configure_as(dir: &Path, site: &str, machine: &str, extra: &str) -> Fabricd {
         let [tcp, http, metrics]: [SocketAddr; 3] =
             free_ports().map(|p| format!("127.0.0.1:{p}").parse().unwrap());
         let socket = dir.join("produce.sock");
         let config = dir.join("fabricd.toml");
         let text = format!(
-            "site = \"s1\"\nmachine = \"m1\"\nlog_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"{tcp}\"\nhttp_listen = \"{http}\"\nmetrics_listen = \"{metrics}\"\n{extra}\n",
+            "site = \"{site}\"\nmachine = \"{machine}\"\nlog_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"{tcp}\"\nhttp_listen = \"{http}\"\nmetrics_listen = \"{metrics}\"\n{extra}\n",
             dir.join("log").display(),
             socket.display()
         );
@@ -436,8 +442,15 @@ impl Pki {
     /// The `[core]` table for fabricd, with the client certificate `client`. Status
     /// reports are off (these cores have no status bucket).
     pub fn core_toml(&self, url: &str, client: &str) -> String {
+        self.core_toml_for(&[url.to_owned()], client)
+    }
+
+    /// [`Pki::core_toml`] with every server of `urls` (a cluster's).
+    pub fn core_toml_for(&self, urls: &[String], client: &str) -> String {
+        let servers: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
         format!(
-            "[core]\nservers = [\"{url}\"]\nprefix = \"edge\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nbackoff_max_ms = 1000\nack_timeout_ms = 10000\nstatus_interval_secs = 0\n",
+            "[core]\nservers = [{}]\nprefix = \"edge\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nbackoff_max_ms = 1000\nack_timeout_ms = 10000\nstatus_interval_secs = 0\n",
+            servers.join(", "),
             self.path("ca.pem").display(),
             self.path(&format!("{client}.pem")).display(),
             self.path(&format!("{client}.key")).display()
@@ -526,6 +539,14 @@ impl Nats {
         wait_for("nats-server to listen", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).ok()
         });
+    }
+
+    /// Kills the server at once (SIGKILL), as a crashed machine would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Stops the core the way an operator does (SIGTERM). Not SIGKILL: that would test

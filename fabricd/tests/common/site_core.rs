@@ -16,12 +16,23 @@ use super::*;
 pub struct Core {
     pub tmp: tempfile::TempDir,
     pub pki: Pki,
+    /// The first (or only) server.
     pub nats: Nats,
+    /// A cluster's other servers (none for a single server).
+    pub peers: Vec<Nats>,
     pub rt: tokio::runtime::Runtime,
 }
 
 impl Core {
     pub fn start(sites: &[&str]) -> Core {
+        Core::start_cluster(sites, 1)
+    }
+
+    /// `nodes` servers; more than one form one JetStream cluster (`edge-core`, each
+    /// server its own store, routes on loopback without TLS, client URLs not advertised so
+    /// that a client reaches only the servers it is given), set up by `edgectl setup`
+    /// with its default replicas (3 in a cluster).
+    pub fn start_cluster(sites: &[&str], nodes: usize) -> Core {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::generate(&tmp.path().join("pki"));
         pki.issue_client("operator", "/CN=edge-operator");
@@ -29,18 +40,57 @@ impl Core {
         for site in sites {
             pki.issue_client(&format!("site-{site}"), &format!("/CN=site-{site}"));
         }
-        let nats_dir = tmp.path().join("nats");
-        write_access(&pki, &nats_dir, sites);
-        // nats-server resolves an include relative to the including file.
-        let nats = Nats::start_with(&nats_dir, "include \"access.conf\"");
+        let routes: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for (i, port) in routes.iter().enumerate() {
+            let nats_dir = match i {
+                0 => tmp.path().join("nats"),
+                i => tmp.path().join(format!("nats{i}")),
+            };
+            write_access(&pki, &nats_dir, sites);
+            // nats-server resolves an include relative to the including file.
+            let mut conf = "include \"access.conf\"\n".to_owned();
+            if nodes > 1 {
+                let others: Vec<String> = routes
+                    .iter()
+                    .filter(|p| *p != port)
+                    .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                    .collect();
+                conf.push_str(&format!(
+                    "server_name: n{i}\ncluster {{\n name: edge-core\n listen: 127.0.0.1:{port}\n no_advertise: true\n routes: [{}]\n}}\n",
+                    others.join(", ")
+                ));
+            }
+            servers.push(Nats::start_with(&nats_dir, &conf));
+        }
+        let nats = servers.remove(0);
         let core = Core {
             tmp,
             pki,
             nats,
+            peers: servers,
             rt: core_runtime(),
         };
-        core.edgectl(&["setup"]);
+        // A cluster answers JetStream requests once it has elected its meta leader.
+        let mut tries = 0;
+        loop {
+            let (ok, out, err) = core.edgectl_run(&["setup"]);
+            if ok {
+                break;
+            }
+            tries += 1;
+            assert!(tries < 60, "edgectl setup: {err}{out}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
         core
+    }
+
+    /// Every server's URL.
+    pub fn urls(&self) -> Vec<String> {
+        std::iter::once(&self.nats)
+            .chain(&self.peers)
+            .map(Nats::url)
+            .collect()
     }
 
     pub fn url(&self) -> String {

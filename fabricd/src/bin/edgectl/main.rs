@@ -69,6 +69,10 @@ enum Cmd {
         /// Must outlast the longest the edges may hold unacked records in flight.
         #[arg(long, default_value_t = 600)]
         dupe_window_secs: u64,
+        /// How many servers of a JetStream cluster keep each stream and bucket (1 to 5).
+        /// Default: 3 when the server is in a cluster, else 1 (docs/fleet.md).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: Option<u8>,
     },
     /// Write the core's access configuration for nats-server: its `tls` block (client
     /// certificates required and mapped to users by subject) and an `authorization` block
@@ -401,7 +405,26 @@ async fn run(cli: Cli) -> Result<()> {
         | Cmd::VerifyBundle { .. } => {
             unreachable!("handled above")
         }
-        Cmd::Setup { dupe_window_secs } => {
+        Cmd::Setup {
+            dupe_window_secs,
+            replicas,
+        } => {
+            let info = client.server_info();
+            let replicas = match (replicas, &info.cluster) {
+                (Some(r), _) => usize::from(*r),
+                (None, Some(_)) => 3,
+                (None, None) => 1,
+            };
+            match &info.cluster {
+                Some(c) => println!(
+                    "cluster {c} (through {}): {replicas} replica(s) each",
+                    info.server_name
+                ),
+                None => println!(
+                    "a single server ({}): {replicas} replica(s) each",
+                    info.server_name
+                ),
+            }
             // The KV and object store layouts are made as plain streams: the client's
             // create_key_value needs account info newer servers send (nats-server 2.9
             // does not), and the layout is what the bucket API reads either way.
@@ -414,6 +437,7 @@ async fn run(cli: Cli) -> Result<()> {
                 deny_delete: true,
                 allow_direct: true,
                 storage: StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             };
             let streams = [
@@ -425,6 +449,7 @@ async fn run(cli: Cli) -> Result<()> {
                     // A box asks for the last message on its subjects before it resends
                     // (fabricd/src/resume.rs).
                     allow_direct: true,
+                    num_replicas: replicas,
                     ..Default::default()
                 },
                 kv_layout(&cli.bucket),
@@ -440,6 +465,7 @@ async fn run(cli: Cli) -> Result<()> {
                     allow_rollup: true,
                     allow_direct: true,
                     storage: StorageType::File,
+                    num_replicas: replicas,
                     ..Default::default()
                 },
             ];
@@ -456,7 +482,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .map_err(fabricd::Error::core(format!(
                         "failed to update stream {name}"
                     )))?;
-                println!("stream {name} ready");
+                println!("stream {name} ready ({replicas} replica(s))");
             }
         }
         Cmd::PutObject { name, file } => {
