@@ -14,6 +14,7 @@ use std::time::Instant;
 /// (builds warm), in minutes.
 const BENCHES: &[(&str, u64)] = &[
     ("fabric", 6),
+    ("fleet", 10),
     ("storage", 14),
     ("boot", 8),
     ("pods", 5),
@@ -73,6 +74,27 @@ const ROWS: &[Row] = &[
         "catch-up, records/s, vs the leaf node",
         "/catchup_msgs_s",
         Some("/leaf_catchup_msgs_s"),
+    ),
+    row(
+        "fleet",
+        "records/s at the core, all sites",
+        "/records_s",
+        None,
+    ),
+    row("fleet", "records lost", "/lost", None),
+    row("fleet", "records stored twice", "/duplicated", None),
+    row("fleet", "catch-up after the cut, s", "/catchup_s", None),
+    row(
+        "fleet",
+        "core memory per site, MiB",
+        "/core_rss_mib_per_site",
+        None,
+    ),
+    row(
+        "fleet",
+        "core CPU per 1,000 sites, % of a core",
+        "/core_cpu_pct_per_1k_sites",
+        None,
     ),
     row(
         "storage",

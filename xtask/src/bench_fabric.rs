@@ -65,6 +65,23 @@ pub fn run() -> Result<()> {
     if !st.success() {
         bail!("cargo build --release -p fabricd failed ({st})");
     }
+    run_test_bench(
+        "fabric",
+        "bench",
+        "fabric_bench",
+        &[("FABRIC_BENCH_LEAF_NATS_SERVER", leaf.as_os_str())],
+    )
+}
+
+/// Runs fabricd's ignored test `test` of `file` (tests/<file>.rs) in release as bench
+/// `bench`, with `env`: its figures echoed as they come, then its JSON line
+/// (`{"bench":"<bench>",...}`) checked and printed last.
+pub fn run_test_bench(
+    bench: &str,
+    file: &str,
+    test: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<()> {
     let mut child = cargo()
         .args([
             "test",
@@ -72,19 +89,21 @@ pub fn run() -> Result<()> {
             "-p",
             "fabricd",
             "--test",
-            "bench",
+            file,
             "--",
             "--ignored",
             "--exact",
-            "fabric_bench",
+            test,
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("FABRIC_BENCH_LEAF_NATS_SERVER", &leaf)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("failed to run the fabric bench (cargo test --release -p fabricd)")?;
+        .with_context(|| {
+            format!("failed to run the {bench} bench (cargo test --release -p fabricd)")
+        })?;
     // The test's figures come on stderr (with cargo's progress), its JSON on stdout.
     let stderr = child.stderr.take().context("no stderr")?;
     let echo = std::thread::spawn(move || {
@@ -93,12 +112,13 @@ pub fn run() -> Result<()> {
         }
     });
     let mut json = None;
+    let start = format!("{{\"bench\":\"{bench}\"");
     for line in BufReader::new(child.stdout.take().context("no stdout")?)
         .lines()
         .map_while(Result::ok)
     {
-        // The test harness's "test fabric_bench ... " may share the JSON's line.
-        match line.find("{\"bench\":\"fabric\"") {
+        // The test harness's "test <name> ... " may share the JSON's line.
+        match line.find(&start) {
             Some(i) => {
                 if !line[..i].trim().is_empty() {
                     println!("{}", line[..i].trim_end());
@@ -108,14 +128,16 @@ pub fn run() -> Result<()> {
             None => println!("{line}"),
         }
     }
-    let st = child.wait().context("waiting for the fabric bench")?;
+    let st = child
+        .wait()
+        .with_context(|| format!("waiting for the {bench} bench"))?;
     let _ = echo.join();
     if !st.success() {
-        bail!("the fabric bench failed ({st})");
+        bail!("the {bench} bench failed ({st})");
     }
-    let json = json.context("the fabric bench printed no JSON line")?;
+    let json = json.with_context(|| format!("the {bench} bench printed no JSON line"))?;
     serde_json::from_str::<serde_json::Value>(&json)
-        .with_context(|| format!("the fabric bench's JSON line does not parse: {json}"))?;
+        .with_context(|| format!("the {bench} bench's JSON line does not parse: {json}"))?;
     println!("{json}");
     Ok(())
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_all;
 mod bench_fabric;
+mod bench_fleet;
 mod bench_pods;
 mod bench_storage;
 mod bench_update;
@@ -100,6 +101,10 @@ enum Bench {
     /// fabricd against a real nats-server: ingest, end to end, catch-up after a partition;
     /// and in the same run a JetStream leaf node (the peer) and the disk's own limit.
     Fabric,
+    /// A three-server JetStream cluster and N sites (real fabricd processes, default
+    /// 1,000; FLEET_SITES): a server killed, a third of the sites cut off for 60 s; lost,
+    /// duplicated, lag, catch-up, and what each site costs the core.
+    Fleet,
     /// fio in a light VM: the raw disk, an RWO thin volume, an RWX volume's bind mounts;
     /// and in the same guest an LVM thin volume and NFS mounts (the peers).
     Storage,
@@ -154,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { which } => match which {
             Bench::Boot { runs, pcluster_kib } => bench::run(runs, &pcluster_kib),
             Bench::Fabric => bench_fabric::run(),
+            Bench::Fleet => bench_fleet::run(),
             Bench::Storage => bench_storage::run(),
             Bench::Pods { pods } => bench_pods::run(pods),
             Bench::Update => bench_update::run(),

@@ -663,6 +663,10 @@ pub struct AtCore {
     pub subject: String,
     pub msg_id: String,
     pub payload: Vec<u8>,
+    /// When the core stored it (unix ms), and when the box's producer made it
+    /// (`Fabric-Timestamp`).
+    pub stored_ms: i64,
+    pub produced_ms: Option<i64>,
 }
 
 pub async fn stream_count(js: &async_nats::jetstream::Context) -> u64 {
@@ -732,10 +736,21 @@ pub async fn read_stream(
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
+        let stored_ms = m
+            .info()
+            .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as i64)
+            .unwrap_or(0);
+        let produced_ms = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Fabric-Timestamp"))
+            .and_then(|v| v.as_str().parse().ok());
         out.push(AtCore {
             subject: m.subject.to_string(),
             msg_id,
             payload: m.payload.to_vec(),
+            stored_ms,
+            produced_ms,
         });
     }
     out
