@@ -171,8 +171,8 @@ pub struct CoreConfig {
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_ms: u64,
     /// The core stream's duplicate window (`edgectl setup --dupe-window-secs`): a record
-    /// resent within it is dropped at the core, so after a failed ack the box resends
-    /// every unacked record while they are well inside it (resume.rs).
+    /// resent within it is dropped at the core, so a session that follows one which
+    /// ended well inside it resends every unacked record (resume.rs).
     #[serde(default = "default_dupe_window")]
     pub dupe_window_secs: u64,
     /// Longest pause between reconnect attempts.

@@ -307,12 +307,21 @@ fn run_fleet(shape: &Shape) -> Figures {
         .map(|i| acked[i].load(Ordering::SeqCst))
         .collect();
     let op = core.operator();
+    // A loaded cluster answers slowly: the operator's requests wait up to 10 s.
+    let js = core.rt.block_on(async {
+        async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(op.client.clone())
+    });
     let catchup = core.rt.block_on(async {
         use futures_util::StreamExt;
-        let stream = op.js.get_stream("EDGE").await.unwrap();
         loop {
             let mut counts = std::collections::HashMap::new();
-            if let Ok(mut subjects) = stream.info_with_subjects("edge.>").await {
+            let subjects = match js.get_stream("EDGE").await {
+                Ok(stream) => stream.info_with_subjects("edge.>").await.ok(),
+                Err(_) => None,
+            };
+            if let Some(mut subjects) = subjects {
                 while let Some(Ok((subject, n))) = subjects.next().await {
                     counts.insert(subject, n as u64);
                 }
@@ -349,7 +358,7 @@ fn run_fleet(shape: &Shape) -> Figures {
         total as f64 / run.as_secs_f64()
     );
     let held = core.rt.block_on(read_stream(
-        &op.js,
+        &js,
         "EDGE",
         total,
         Duration::from_secs(120 + total / 2000),

@@ -36,10 +36,10 @@ use apply::apply;
 use fetch::Objects;
 use manifest::{load_public_key, Holds};
 
-/// Kinds of items and so the directories under `dir`; other daemons watch these.
 /// What init says the other slot holds (`{"slot","version"}`), beside its boot record.
 const OTHER_SLOT: &str = "other-slot.json";
 
+/// Kinds of items and so the directories under `dir`; other daemons watch these.
 pub const KINDS: [&str; 5] = ["config", "pods", "models", "images", "updates"];
 
 #[derive(serde::Serialize)]

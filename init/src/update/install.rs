@@ -390,12 +390,14 @@ pub(super) fn attempt(
         })?
         .map(Some)
     })();
-    // Staged parts serve only an install cut off by a power loss; this one ended.
-    match std::fs::remove_dir_all(STAGED) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            say!("warning: update: remove {STAGED}: {e}")
+    // Staged parts serve only a delta's install cut off by a power loss; this one ended.
+    if name.ends_with(".delta") {
+        match std::fs::remove_dir_all(STAGED) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                say!("warning: update: remove {STAGED}: {e}")
+            }
+            _ => {}
         }
-        _ => {}
     }
     tell_other_slot(running);
     // The running version's bundle leaves the state as it was.
