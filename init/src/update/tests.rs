@@ -225,17 +225,35 @@ fn a_bundle_whose_copy_has_ended_is_not_looked_at_again_and_a_new_copy_is() {
 
 /// A signed bundle of `version` in `dir` (root: three blocks), opened.
 fn bundle(dir: &Path, version: &str) -> (PathBuf, edge_update::Bundle) {
-    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let root = (0..3 * 4096).map(|i| (i % 253) as u8).collect();
+    bundle_with(dir, &new_key(), version, root)
+}
+
+fn new_key() -> ring::signature::Ed25519KeyPair {
+    use ring::signature::Ed25519KeyPair;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+}
+
+/// A bundle of `version` with `root`, signed by `key`, opened; its other parts say
+/// their name and version.
+fn bundle_with(
+    dir: &Path,
+    key: &ring::signature::Ed25519KeyPair,
+    version: &str,
+    root: Vec<u8>,
+) -> (PathBuf, edge_update::Bundle) {
+    use ring::signature::KeyPair;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut root = Some(root);
     let mut files = Vec::new();
     for name in edge_update::PARTS {
         if name == "root.blockhash" {
             continue;
         }
         let data: Vec<u8> = match name {
-            "root.erofs" => (0..3 * 4096).map(|i| (i % 253) as u8).collect(),
+            "root.erofs" => root.take().unwrap_or_default(),
             other => format!("{other} of {version}").into_bytes(),
         };
         let path = dir.join(name);
@@ -401,58 +419,26 @@ fn bundle_signed(
     key: &ring::signature::Ed25519KeyPair,
     version: &str,
 ) -> (PathBuf, edge_update::Bundle) {
-    use ring::signature::KeyPair;
-    std::fs::create_dir_all(dir).unwrap();
-    let mut files = Vec::new();
-    for name in edge_update::PARTS {
-        if name == "root.blockhash" {
-            continue;
-        }
-        let data: Vec<u8> = match name {
-            "root.erofs" => (0..6)
-                .flat_map(|b| {
-                    let salt = if b == 2 { version } else { "same" };
-                    format!("root block {b} of {salt};")
-                        .into_bytes()
-                        .into_iter()
-                        .cycle()
-                        .take(4096)
-                })
-                .collect(),
-            other => format!("{other} of {version}").into_bytes(),
-        };
-        let path = dir.join(name);
-        std::fs::write(&path, data).unwrap();
-        files.push((name, path));
-    }
-    let files: Vec<(&str, &Path)> = files.iter().map(|(n, p)| (*n, p.as_path())).collect();
-    let out = dir.join(format!("edgeos-{version}.bundle"));
-    edge_update::write(
-        &out,
-        &edge_update::Identity {
-            name: NAME,
-            version,
-            security_version: 2,
-            kernel_release: "6.1",
-            roothash: &"ab".repeat(32),
-        },
-        &edge_update::Sources { files: &files },
-        |m| key.sign(m).as_ref().to_vec(),
-    )
-    .unwrap();
-    let b = edge_update::open(&out, key.public_key().as_ref()).unwrap();
-    (out, b)
+    let root = (0..6)
+        .flat_map(|b| {
+            let salt = if b == 2 { version } else { "same" };
+            format!("root block {b} of {salt};")
+                .into_bytes()
+                .into_iter()
+                .cycle()
+                .take(4096)
+        })
+        .collect();
+    bundle_with(dir, key, version, root)
 }
 
 #[test]
 fn a_delta_from_the_version_the_other_slot_holds_is_staged_before_that_slot_is_written() {
     use super::install::Rebuild;
-    use ring::signature::{Ed25519KeyPair, KeyPair};
+    use ring::signature::KeyPair;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let key = new_key();
     // Slot b holds 0.2.0 (rolled back from, say); 0.2.1 comes as a delta from it.
     let (base_path, base) = bundle_signed(&d.join("base"), &key, "0.2.0");
     let (target_path, target) = bundle_signed(&d.join("target"), &key, "0.2.1");
