@@ -13,10 +13,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::site_core::Core;
@@ -116,65 +115,6 @@ fn rss_and_cpu(pid: u32) -> (u64, f64) {
     (rss, cpu)
 }
 
-/// A TCP relay from a loopback port to the first of `upstream` that answers, which the
-/// test can cut (every connection closed, new ones closed at once) and restore: a site's
-/// link to the core.
-struct Relay {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Relay {
-    fn start(upstream: Vec<u16>) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (c, o) = (cut.clone(), open.clone());
-        std::thread::spawn(move || {
-            let mut next = 0;
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                if c.load(Ordering::SeqCst) {
-                    continue;
-                }
-                // The next server that answers, round the list: a killed one is skipped.
-                let up = (0..upstream.len()).find_map(|k| {
-                    let p = upstream[(next + k) % upstream.len()];
-                    TcpStream::connect(("127.0.0.1", p)).ok()
-                });
-                next += 1;
-                let Some(up) = up else { continue };
-                for (from, to) in [(&conn, &up), (&up, &conn)] {
-                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 << 10];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
-                    });
-                }
-                o.lock().unwrap().extend([conn, up]);
-            }
-        });
-        Relay { port, cut, open }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::SeqCst);
-        if cut {
-            for s in self.open.lock().unwrap().drain(..) {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-        }
-    }
-}
-
 fn port_of(url: &str) -> u16 {
     url.rsplit(':').next().unwrap().parse().unwrap()
 }
@@ -200,10 +140,10 @@ fn run_fleet(shape: &Shape) -> Figures {
     );
     let urls = core.urls();
     let ports: Vec<u16> = urls.iter().map(|u| port_of(u)).collect();
-    // The first third of the sites reach the core through relays the test cuts.
+    // The first third of the sites reach the core through proxies the test cuts.
     let partitioned = shape.sites / 3;
-    let relays: Vec<Relay> = (0..partitioned)
-        .map(|_| Relay::start(ports.clone()))
+    let relays: Vec<Proxy> = (0..partitioned)
+        .map(|_| Proxy::start_to(ports.clone()))
         .collect();
     let mut boxes = Vec::new();
     for (i, site) in names.iter().enumerate() {

@@ -273,57 +273,6 @@ fn core_stopped_mid_stream_then_restarted_loses_and_duplicates_nothing() {
     );
 }
 
-/// A TCP proxy between fabricd and the core whose link the test can cut.
-struct Proxy {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(target: u16) -> Proxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Default::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
-        std::thread::spawn(move || {
-            for down in listener.incoming() {
-                let Ok(down) = down else { break };
-                if c2.load(Ordering::Relaxed) {
-                    drop(down);
-                    continue;
-                }
-                let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
-                    continue;
-                };
-                k2.lock()
-                    .unwrap()
-                    .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
-                for (mut a, mut b) in [
-                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, down),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut a, &mut b);
-                        let _ = b.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { port, cut, conns }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::Relaxed);
-        if cut {
-            for c in self.conns.lock().unwrap().drain(..) {
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
-        }
-    }
-}
-
 /// Two producers through fabricd, whose link to the core a proxy cuts `rounds` times
 /// (each after another 3,000 records reached the core) for `cut`; then every acked record
 /// must be at the core once, in order. Returns the fabricd, for its log.

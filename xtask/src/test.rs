@@ -33,31 +33,21 @@ impl UpdateBundles {
 /// The same tree built as three newer versions: a good one, a bad one with a service
 /// that cannot start (an update to roll back from), and the bad one's fix.
 pub fn update_bundles() -> Result<UpdateBundles> {
-    let good = crate::image::build(&crate::image::BuildOptions {
-        force: false,
-        version: Some(UPDATE_VERSION.into()),
-        overlay: None,
-        security_version: Some(UPDATE_SECURITY_VERSION),
-        erofs_pcluster_kib: None,
-    })?;
-    let bad = crate::image::build(&crate::image::BuildOptions {
-        force: false,
-        version: Some(BAD_UPDATE_VERSION.into()),
-        overlay: Some(bad_overlay()?),
-        security_version: Some(UPDATE_SECURITY_VERSION),
-        erofs_pcluster_kib: None,
-    })?;
-    let fixed = crate::image::build(&crate::image::BuildOptions {
-        force: false,
-        version: Some(FIXED_UPDATE_VERSION.into()),
-        overlay: None,
-        security_version: Some(UPDATE_SECURITY_VERSION),
-        erofs_pcluster_kib: None,
-    })?;
+    // The same tree under `version` (security version 2), with `overlay` laid over it.
+    let build = |version: &str, overlay: Option<PathBuf>| {
+        crate::image::build(&crate::image::BuildOptions {
+            force: false,
+            version: Some(version.into()),
+            overlay,
+            security_version: Some(UPDATE_SECURITY_VERSION),
+            erofs_pcluster_kib: None,
+        })
+        .map(|out| out.bundle)
+    };
     Ok(UpdateBundles {
-        good: good.bundle,
-        bad: bad.bundle,
-        fixed: fixed.bundle,
+        good: build(UPDATE_VERSION, None)?,
+        bad: build(BAD_UPDATE_VERSION, Some(bad_overlay()?))?,
+        fixed: build(FIXED_UPDATE_VERSION, None)?,
     })
 }
 

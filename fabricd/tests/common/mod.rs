@@ -801,3 +801,65 @@ pub fn tpm_run(
 pub fn tcti(tpm: &swtpm::Swtpm) -> String {
     format!("swtpm:host=127.0.0.1,port={}", tpm.port)
 }
+
+/// A TCP proxy between fabricd and the core whose link the test can cut: every
+/// connection closed, new ones closed at once, until it is restored.
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(target: u16) -> Proxy {
+        Proxy::start_to(vec![target])
+    }
+
+    /// A proxy to the first of `targets` that answers, taken in turn from the one after
+    /// the last used (a cluster's servers: a killed one is skipped).
+    pub fn start_to(targets: Vec<u16>) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Default::default();
+        let (c2, k2) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            let mut next = 0;
+            for down in listener.incoming() {
+                let Ok(down) = down else { break };
+                if c2.load(Ordering::Relaxed) {
+                    drop(down);
+                    continue;
+                }
+                let up = (0..targets.len()).find_map(|k| {
+                    TcpStream::connect(("127.0.0.1", targets[(next + k) % targets.len()])).ok()
+                });
+                next += 1;
+                let Some(up) = up else { continue };
+                k2.lock()
+                    .unwrap()
+                    .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
+                for (mut a, mut b) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+        if cut {
+            for c in self.conns.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}

@@ -125,6 +125,7 @@ pub fn slot_version(entries: &Path, slot: &str) -> Option<String> {
         .iter()
         .filter_map(|n| entry_version(n))
         .collect();
+    versions.sort();
     versions.dedup();
     match versions.as_slice() {
         [one] => Some(one.clone()),

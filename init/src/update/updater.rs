@@ -88,7 +88,9 @@ impl Updater {
         let state_file = PathBuf::from(STATE);
         let mut state = State::load(&state_file);
         let role = on_boot(&mut state, &running, unix_ms());
-        super::install::tell_other_slot(&running);
+        // The ESP is mounted to read it: not on PID 1's thread, which pets the watchdog.
+        let told = running.clone();
+        std::thread::spawn(move || super::install::tell_other_slot(&told));
         match &role {
             BootRole::Normal => {}
             BootRole::Trial { version, slot } => say!(
