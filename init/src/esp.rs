@@ -24,15 +24,25 @@ pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T> {
         })?;
     let node = crate::disk::ensure_node(&esp, Path::new("/dev"))?;
     let _ = std::fs::create_dir_all("/efi");
-    rustix::mount::mount(
-        node.as_path(),
-        "/efi",
-        "vfat",
-        rustix::mount::MountFlags::NOSUID
-            | rustix::mount::MountFlags::NODEV
-            | rustix::mount::MountFlags::NOEXEC,
-        None,
-    )
+    let mount = || {
+        rustix::mount::mount(
+            node.as_path(),
+            "/efi",
+            "vfat",
+            rustix::mount::MountFlags::NOSUID
+                | rustix::mount::MountFlags::NODEV
+                | rustix::mount::MountFlags::NOEXEC,
+            None,
+        )
+    };
+    match mount() {
+        // Still mounted by an earlier user whose unmount failed: detached, then mounted.
+        Err(rustix::io::Errno::BUSY) => {
+            let _ = rustix::mount::unmount("/efi", rustix::mount::UnmountFlags::DETACH);
+            mount()
+        }
+        other => other,
+    }
     .map_err(Error::io_to("mount", &node, "at", "/efi"))?;
     let out = f(Path::new("/efi"));
     // The ESP's writes only (a global sync would also flush everything else dirty, on
@@ -40,13 +50,37 @@ pub fn with_esp<T>(f: impl FnOnce(&Path) -> T) -> Result<T> {
     if let Ok(dir) = std::fs::File::open("/efi") {
         let _ = rustix::fs::syncfs(&dir);
     }
-    if let Err(e) = rustix::mount::unmount("/efi", rustix::mount::UnmountFlags::empty()) {
+    unmount_efi();
+    Ok(out)
+}
+
+/// Unmounts /efi, whose writes are synced. A service PID 1 forks while /efi is mounted
+/// holds a copy of any directory open there until it execs, so the unmount can find it
+/// busy for a moment: it is tried again, then detached (the file system goes when the
+/// last such copy closes), so that the next user can mount it again.
+fn unmount_efi() {
+    use rustix::mount::{unmount, UnmountFlags};
+    for _ in 0..20 {
+        match unmount("/efi", UnmountFlags::empty()) {
+            Ok(()) => return,
+            Err(rustix::io::Errno::BUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(e) => {
+                say!(
+                    "warning: failed to unmount /efi: {}",
+                    std::io::Error::from(e)
+                );
+                return;
+            }
+        }
+    }
+    if let Err(e) = unmount("/efi", UnmountFlags::DETACH) {
         say!(
-            "warning: failed to unmount /efi: {}",
+            "warning: failed to unmount /efi: busy for 1 s, and detaching it failed: {}",
             std::io::Error::from(e)
         );
     }
-    Ok(out)
 }
 
 /// `edgeos-<v>-<s>+<left>[-<done>].efi` -> `edgeos-<v>-<s>.efi`; `None` for other names.

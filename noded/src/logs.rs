@@ -107,7 +107,13 @@ pub fn join(texts: &[String]) -> Lines {
     // Partial content per stream: stdout, stderr.
     let mut pending = [String::new(), String::new()];
     for text in texts {
-        for line in text.lines() {
+        // A last line without its newline is still being written (the runtime's write
+        // may land in pieces, and a read can come between them): left out until whole.
+        for line in text.split_inclusive('\n') {
+            let Some(line) = line.strip_suffix('\n') else {
+                continue;
+            };
+            let line = line.strip_suffix('\r').unwrap_or(line);
             let Some(e) = parse_line(line) else {
                 if !line.is_empty() {
                     out.malformed += 1;
@@ -314,6 +320,12 @@ mod tests {
             format!("{TS} stdout F llo\n"),
         ]);
         assert_eq!(l.lines, ["hello"]);
+        // A line the runtime is still writing is not shown cut, nor counted as malformed.
+        for torn in [format!("{TS} stdout F {{\"sens"), "2026-11-2".to_string()] {
+            let l = join(&[format!("{TS} stdout F {{\"seq\":1}}\n{torn}")]);
+            assert_eq!(l.lines, ["{\"seq\":1}"], "{torn}");
+            assert_eq!(l.malformed, 0, "{torn}");
+        }
     }
 
     #[test]
