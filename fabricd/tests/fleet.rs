@@ -6,6 +6,9 @@
 //! Meanwhile one server is killed (SIGKILL) and started again, and, at another time, a
 //! third of the sites lose their link to the core for 15 s. Every record a site's fabricd
 //! acknowledged is at the core exactly once, and a site still cannot write as another.
+//! Every site watches its downlink manifest; one site in `DOWNLINK_EVERY` is sent a model
+//! (an object and a signed manifest) while the links are cut, and each of them, cut off
+//! or not, ends with the model's bytes.
 //!
 //! `fleet_bench` (ignored; `cargo xtask bench fleet` runs it in release) is the same
 //! scenario at fleet size, its shape from `FLEET_*` variables, and prints its figures and
@@ -22,6 +25,12 @@ use common::site_core::Core;
 use common::*;
 
 const RECORD_BYTES: usize = 200;
+
+/// One site in this many is sent the model: 3 of the test's 50, 50 of the bench's 1,000.
+const DOWNLINK_EVERY: usize = 20;
+
+/// The model the sites are sent: a small model update.
+const MODEL_BYTES: usize = 256 << 10;
 
 /// The scenario's shape: times in seconds from the first record.
 #[derive(Debug, Clone)]
@@ -88,6 +97,11 @@ struct Figures {
     catchup_s: f64,
     core_rss_kib: u64,
     core_cpu_s: f64,
+    /// Sites sent the model, and those that hold it whole.
+    downlink_sites: usize,
+    downlink_ok: usize,
+    /// From publishing the manifests until the last of those sites held the model.
+    downlink_s: f64,
     /// What went wrong per site (empty when every record is there once).
     short: Vec<String>,
 }
@@ -138,6 +152,14 @@ fn run_fleet(shape: &Shape) -> Figures {
         out.contains("cluster edge-core") && out.contains("stream EDGE ready (3 replica(s))"),
         "{out}"
     );
+    // The model the operator sends: in the object store before the sites start.
+    let keys = core.tmp.path().join("keys");
+    core.edgectl(&["keygen", "--out", keys.to_str().unwrap()]);
+    let model = core.tmp.path().join("model.bin");
+    let model_bytes = noise(MODEL_BYTES, 0x5eed_f1ee);
+    std::fs::write(&model, &model_bytes).unwrap();
+    let out = core.edgectl(&["put-object", "--name", "model-v2", model.to_str().unwrap()]);
+    let model_sha = out.split_whitespace().last().unwrap().to_owned();
     let urls = core.urls();
     let ports: Vec<u16> = urls.iter().map(|u| port_of(u)).collect();
     // The first third of the sites reach the core through proxies the test cuts.
@@ -157,7 +179,12 @@ fn run_fleet(shape: &Shape) -> Figures {
             &dir,
             site,
             "m1",
-            &core.pki.core_toml_for(&servers, &format!("site-{site}")),
+            &format!(
+                "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n",
+                core.pki.core_toml_for(&servers, &format!("site-{site}")),
+                keys.join("manifest.pub").display(),
+                dir.join("downlink").display()
+            ),
         );
         f.start();
         boxes.push(f);
@@ -236,6 +263,45 @@ fn run_fleet(shape: &Shape) -> Figures {
     for r in &relays {
         r.set_cut(true);
     }
+    // The model goes out while a third of the sites cannot hear it.
+    let manifest = core.tmp.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"{{"version":1,"items":[{{"kind":"models","name":"model.bin","store":"object","key":"model-v2","sha256":"{model_sha}"}}]}}"#
+        ),
+    )
+    .unwrap();
+    let sent: Vec<usize> = (0..shape.sites).step_by(DOWNLINK_EVERY).collect();
+    for &i in &sent {
+        core.edgectl(&[
+            "publish",
+            "--site",
+            &names[i],
+            "--signing-key",
+            keys.join("manifest.key").to_str().unwrap(),
+            manifest.to_str().unwrap(),
+        ]);
+    }
+    eprintln!(
+        "the model published to {} sites ({} of them cut off)",
+        sent.len(),
+        sent.iter().filter(|&&i| i < partitioned).count()
+    );
+    // Watched from here on: how long until the last of those sites holds it whole.
+    let model_paths: Vec<std::path::PathBuf> = sent
+        .iter()
+        .map(|&i| boxes[i].dir.join("downlink/models/model.bin"))
+        .collect();
+    let watcher = std::thread::spawn(move || {
+        let published = Instant::now();
+        let mut waiting = model_paths;
+        while !waiting.is_empty() && published.elapsed() < Duration::from_secs(240) {
+            waiting.retain(|p| std::fs::read(p).ok().as_deref() != Some(&model_bytes[..]));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (published.elapsed(), waiting)
+    });
     at(shape.partition_at + shape.partition);
     for r in &relays {
         r.set_cut(false);
@@ -300,19 +366,44 @@ fn run_fleet(shape: &Shape) -> Figures {
     let held = core.rt.block_on(read_stream(
         &js,
         "EDGE",
-        total,
+        // The records, and each sent site's report of the model applied.
+        total + sent.len() as u64,
         Duration::from_secs(120 + total / 2000),
     ));
     eprintln!(
-        "the core holds {} records, {:?} after the links healed",
+        "the core holds {} records and reports, {:?} after the links healed",
         held.len(),
         healed.elapsed()
+    );
+    // The model, at every site it was sent to.
+    let (downlink_took, missing_model) = watcher.join().unwrap();
+    eprintln!(
+        "{} of {} sites hold the model, the last {downlink_took:.1?} after it was published",
+        sent.len() - missing_model.len(),
+        sent.len()
     );
     let mut per_site: Vec<Vec<u64>> = vec![Vec::new(); shape.sites];
     let mut ids = std::collections::HashSet::new();
     let mut max_lag_ms = 0i64;
     let mut short = Vec::new();
+    let mut reported = std::collections::HashSet::new();
+    let mut reports = 0;
     for m in &held {
+        if let Some(site) = m
+            .subject
+            .strip_prefix("edge.")
+            .and_then(|s| s.strip_suffix(".m1._downlink"))
+        {
+            let report: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            if report["applied"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "models/model.bin"))
+            {
+                reported.insert(site.to_owned());
+            }
+            reports += 1;
+            continue;
+        }
         if !ids.insert(m.msg_id.clone()) {
             short.push(format!("message id {} twice at the core", m.msg_id));
         }
@@ -338,6 +429,22 @@ fn run_fleet(shape: &Shape) -> Figures {
         );
     }
     let (mut lost, mut duplicated) = (0u64, 0u64);
+    for p in &missing_model {
+        short.push(format!("no model (or not whole) at {}", p.display()));
+    }
+    for &i in &sent {
+        if !reported.contains(&names[i]) {
+            short.push(format!("site {}: no report of the model applied", names[i]));
+        }
+    }
+    // A site counts when it holds the model whole and told the core so.
+    let downlink_ok = sent
+        .iter()
+        .filter(|&&i| {
+            reported.contains(&names[i])
+                && !missing_model.contains(&boxes[i].dir.join("downlink/models/model.bin"))
+        })
+        .count();
     for (i, seqs) in per_site.iter_mut().enumerate() {
         seqs.sort_unstable();
         let mut distinct = seqs.clone();
@@ -394,7 +501,7 @@ fn run_fleet(shape: &Shape) -> Figures {
     }
     Figures {
         acked: total,
-        held: held.len() as u64,
+        held: (held.len() - reports) as u64,
         lost,
         duplicated,
         records_s: total as f64 / run.as_secs_f64(),
@@ -402,6 +509,9 @@ fn run_fleet(shape: &Shape) -> Figures {
         catchup_s: catchup.as_secs_f64(),
         core_rss_kib,
         core_cpu_s: cpu_after + cpu_killed - cpu_before,
+        downlink_sites: sent.len(),
+        downlink_ok,
+        downlink_s: downlink_took.as_secs_f64(),
         short,
     }
 }
@@ -411,6 +521,7 @@ fn fifty_sites_lose_and_duplicate_nothing_through_a_core_server_kill_and_a_parti
     let f = run_fleet(&Shape::test());
     assert!(f.short.is_empty(), "{}", f.short.join("\n"));
     assert_eq!((f.lost, f.duplicated, f.held), (0, 0, f.acked));
+    assert_eq!((f.downlink_ok, f.downlink_sites), (3, 3));
 }
 
 /// `cargo xtask bench fleet`: the same at fleet size; prints its figures and, last, one
@@ -449,7 +560,10 @@ fn fleet_bench() {
         "core_cpu_pct_per_1k_sites": 100.0 * f.core_cpu_s / run * 1000.0 / shape.sites as f64,
         "core_rss_mib": f.core_rss_kib as f64 / 1024.0,
         "core_cpu_pct": 100.0 * f.core_cpu_s / run,
-        "downlink_ok": null,
+        "downlink_ok": f.downlink_ok == f.downlink_sites,
+        "downlink_sites": f.downlink_sites,
+        "downlink_sites_ok": f.downlink_ok,
+        "downlink_s": (f.downlink_s * 10.0).round() / 10.0,
     });
     println!("{json}");
 }
