@@ -807,7 +807,9 @@ pub fn tcti(tpm: &swtpm::Swtpm) -> String {
 pub struct Proxy {
     pub port: u16,
     cut: Arc<std::sync::atomic::AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// The open connections (both ends), by number: a cut shuts them down; one that
+    /// ends by itself leaves (a thousand sites reconnecting would run out of descriptors).
+    conns: Arc<Mutex<std::collections::HashMap<u64, [TcpStream; 2]>>>,
 }
 
 impl Proxy {
@@ -822,10 +824,11 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Default::default();
+        let conns: Arc<Mutex<std::collections::HashMap<u64, [TcpStream; 2]>>> = Default::default();
         let (c2, k2) = (cut.clone(), conns.clone());
         std::thread::spawn(move || {
             let mut next = 0;
+            let mut id = 0u64;
             for down in listener.incoming() {
                 let Ok(down) = down else { break };
                 if c2.load(Ordering::Relaxed) {
@@ -837,16 +840,22 @@ impl Proxy {
                 });
                 next += 1;
                 let Some(up) = up else { continue };
-                k2.lock()
-                    .unwrap()
-                    .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
-                for (mut a, mut b) in [
-                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, down),
-                ] {
+                let (Ok(d), Ok(u), Ok(d2), Ok(u2)) = (
+                    down.try_clone(),
+                    up.try_clone(),
+                    down.try_clone(),
+                    up.try_clone(),
+                ) else {
+                    continue;
+                };
+                id += 1;
+                k2.lock().unwrap().insert(id, [d, u]);
+                for (mut a, mut b) in [(d2, u2), (up, down)] {
+                    let k3 = k2.clone();
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut a, &mut b);
                         let _ = b.shutdown(std::net::Shutdown::Both);
+                        k3.lock().unwrap().remove(&id);
                     });
                 }
             }
@@ -857,7 +866,7 @@ impl Proxy {
     pub fn set_cut(&self, cut: bool) {
         self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
         if cut {
-            for c in self.conns.lock().unwrap().drain(..) {
+            for c in self.conns.lock().unwrap().drain().flat_map(|(_, c)| c) {
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
         }
