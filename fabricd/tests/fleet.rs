@@ -274,7 +274,10 @@ fn run_fleet(shape: &Shape) -> Figures {
     .unwrap();
     let sent: Vec<usize> = (0..shape.sites).step_by(DOWNLINK_EVERY).collect();
     for &i in &sent {
+        // The loaded cluster can take more than edgectl's default 10 s to let it in.
         core.edgectl(&[
+            "--timeout",
+            "30",
             "publish",
             "--site",
             &names[i],

@@ -714,14 +714,30 @@ pub async fn read_stream(
     // Let stragglers (duplicates would show here) arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let total = stream_count_of(js, name).await;
-    let stream = js.get_stream(name).await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // A loaded cluster may answer "JetStream system temporarily unavailable" (503) for a
+    // while: asked again for up to a minute.
+    let mut tries = 0;
+    let consumer = loop {
+        let made = match js.get_stream(name).await {
+            Ok(stream) => stream
+                .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                    ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match made {
+            Ok(c) => break c,
+            Err(e) if tries < 60 => {
+                tries += 1;
+                eprintln!("reading stream {name}: {e}; asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("reading stream {name}: {e}"),
+        }
+    };
     let mut out = Vec::with_capacity(total as usize);
     let mut msgs = consumer.messages().await.unwrap();
     while (out.len() as u64) < total {

@@ -42,6 +42,10 @@ struct Cli {
     cert: Option<PathBuf>,
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Seconds to wait for the connection, and for each answer of the core's JetStream
+    /// (a cluster loaded by many sites can take longer than a single server).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    timeout: u64,
     /// First subject token of edge records.
     #[arg(long, default_value = "edge")]
     prefix: String,
@@ -249,7 +253,8 @@ async fn kv_keys(js: &async_nats::jetstream::Context, bucket: &str) -> Result<Ve
 }
 
 async fn connect(cli: &Cli) -> Result<async_nats::Client> {
-    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+    let mut opts =
+        async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(cli.timeout));
     if let Some(ca) = &cli.ca {
         opts = opts.add_root_certificates(ca.clone()).require_tls(true);
     }
@@ -395,7 +400,9 @@ async fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     let client = connect(&cli).await?;
-    let js = async_nats::jetstream::new(client.clone());
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(cli.timeout))
+        .build(client.clone());
     match &cli.cmd {
         Cmd::Enroll(args) => enroll::run(&cli, &client, &js, args).await?,
         Cmd::RecoveryKey(args) => enroll::recovery_key(&cli, &js, args).await?,
