@@ -292,15 +292,14 @@ fn run_fleet(shape: &Shape) -> Figures {
         sent.iter().filter(|&&i| i < partitioned).count()
     );
     // Watched from here on: how long until the last of those sites holds it whole.
-    let model_paths: Vec<std::path::PathBuf> = sent
+    let mut waiting: Vec<(usize, std::path::PathBuf)> = sent
         .iter()
-        .map(|&i| boxes[i].dir.join("downlink/models/model.bin"))
+        .map(|&i| (i, boxes[i].dir.join("downlink/models/model.bin")))
         .collect();
     let watcher = std::thread::spawn(move || {
         let published = Instant::now();
-        let mut waiting = model_paths;
         while !waiting.is_empty() && published.elapsed() < Duration::from_secs(240) {
-            waiting.retain(|p| std::fs::read(p).ok().as_deref() != Some(&model_bytes[..]));
+            waiting.retain(|(_, p)| std::fs::read(p).ok().as_deref() != Some(&model_bytes[..]));
             std::thread::sleep(Duration::from_millis(200));
         }
         (published.elapsed(), waiting)
@@ -432,7 +431,7 @@ fn run_fleet(shape: &Shape) -> Figures {
         );
     }
     let (mut lost, mut duplicated) = (0u64, 0u64);
-    for p in &missing_model {
+    for (_, p) in &missing_model {
         short.push(format!("no model (or not whole) at {}", p.display()));
     }
     for &i in &sent {
@@ -443,10 +442,7 @@ fn run_fleet(shape: &Shape) -> Figures {
     // A site counts when it holds the model whole and told the core so.
     let downlink_ok = sent
         .iter()
-        .filter(|&&i| {
-            reported.contains(&names[i])
-                && !missing_model.contains(&boxes[i].dir.join("downlink/models/model.bin"))
-        })
+        .filter(|&&i| reported.contains(&names[i]) && !missing_model.iter().any(|(m, _)| *m == i))
         .count();
     for (i, seqs) in per_site.iter_mut().enumerate() {
         seqs.sort_unstable();
