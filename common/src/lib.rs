@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 pub mod backoff;
-pub mod metrics;
 pub use backoff::Backoff;
+pub use edge_metrics as metrics;
 pub mod signed;
 
 /// Flags every daemon takes.

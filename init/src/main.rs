@@ -16,6 +16,7 @@ mod health;
 mod listeners;
 mod logs;
 mod measurements;
+mod metrics;
 mod mounts;
 mod net;
 mod power;

@@ -54,6 +54,8 @@ struct System {
     shutdown: Option<Action>,
     last_space_check: Option<Instant>,
     last_device_scan: Instant,
+    /// When init's metrics file was last written (metrics.rs).
+    last_metrics: Option<Instant>,
     /// Updates: the trial of a new slot, and installs (none while /var is locked).
     updater: Option<crate::update::Updater>,
     /// The box's health as the status and the core hear it (health.rs).
@@ -142,6 +144,7 @@ impl System {
             shutdown: None,
             last_space_check: None,
             last_device_scan: Instant::now(),
+            last_metrics: None,
             health: crate::health::Watch::new(previous_boot),
         }
     }
@@ -174,6 +177,7 @@ impl System {
             self.check_data_space();
         }
         self.rescan_devices();
+        self.write_metrics();
         for w in self
             .health
             .look(&self.boot.slot, &self.config.network.listeners)
@@ -316,6 +320,37 @@ impl System {
             say!("data partition has free space again");
         }
         self.data_full = full;
+    }
+
+    /// Every 15 s: init's figures for fabricd's scrape (metrics.rs). A failure of the
+    /// first write is said; the box runs on without them.
+    fn write_metrics(&mut self) {
+        if self
+            .last_metrics
+            .is_some_and(|t| t.elapsed() < crate::metrics::EVERY)
+        {
+            return;
+        }
+        let first = self.last_metrics.is_none();
+        self.last_metrics = Some(Instant::now());
+        let services = self.sup.status();
+        let text = crate::metrics::render(&crate::metrics::Figures {
+            boot: &self.boot,
+            ready: self.ready,
+            services: &services,
+            log_lines_dropped: self.sup.logs.dropped(),
+            data_full: self.data_full,
+            watchdog: self
+                .watchdog
+                .as_ref()
+                .map(|w| (w.timeout_s, w.reset_the_last_boot)),
+        });
+        if let Err(e) = crate::metrics::write(Path::new(crate::metrics::FILE), &text) {
+            if first {
+                self.sup
+                    .warn(format!("failed to write {}: {e}", crate::metrics::FILE));
+            }
+        }
     }
 
     /// The control port and the power button may appear after start (module load order).

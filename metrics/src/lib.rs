@@ -175,6 +175,111 @@ fn samples<V, M: EncodeMetric>(
     Ok(())
 }
 
+/// One sample read back from an exposition: its metric name, its labels in the order
+/// written (values unescaped) and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Reads the samples of an exposition (the OpenMetrics text every daemon here writes, or
+/// Prometheus' own text format): `# ` lines are skipped, as are a sample's timestamp and
+/// exemplar (the reader stamps the samples with the time it scraped them). A line that
+/// is not a sample is an error naming its number and what was wrong, and nothing of the
+/// exposition is taken.
+pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        out.push(parse_line(line).map_err(|why| format!("line {}: {why}", i + 1))?);
+    }
+    Ok(out)
+}
+
+fn parse_line(line: &str) -> Result<Sample, String> {
+    let name_end = line.find(['{', ' ']).ok_or("no value after the name")?;
+    let name = &line[..name_end];
+    if !is_metric_name(name) {
+        return Err(format!("`{name}` is not a metric name"));
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(r) = rest.strip_prefix('{') {
+        rest = r;
+        loop {
+            rest = rest.trim_start_matches([' ', ',']);
+            if let Some(r) = rest.strip_prefix('}') {
+                rest = r;
+                break;
+            }
+            let eq = rest.find('=').ok_or("a label without `=`")?;
+            let label = rest[..eq].trim();
+            if !is_label_name(label) {
+                return Err(format!("`{label}` is not a label name"));
+            }
+            let quoted = rest[eq + 1..]
+                .strip_prefix('"')
+                .ok_or_else(|| format!("label {label}'s value is not quoted"))?;
+            let (value, after) = unquote(quoted)
+                .ok_or_else(|| format!("label {label}'s value has no closing quote"))?;
+            labels.push((label.to_owned(), value));
+            rest = after;
+        }
+    }
+    let value = rest
+        .split_whitespace()
+        .next()
+        .ok_or("no value after the name")?;
+    let value = match value {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().map_err(|_| format!("`{v}` is not a number"))?,
+    };
+    Ok(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+/// A quoted label value up to its closing quote (unescaped), and what follows it.
+fn unquote(s: &str) -> Option<(String, &str)> {
+    let mut out = String::new();
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &s[i + 1..])),
+            '\\' => match chars.next()?.1 {
+                'n' => out.push('\n'),
+                c => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+fn is_metric_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_' || c == b':')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b':')
+}
+
+/// A label name (letters, digits and `_`, not starting with a digit).
+pub fn is_label_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +319,53 @@ mod tests {
             Labels(vec![("a".into(), "plain-name.1".into())])
         );
         assert_eq!(labels(&[("a", "x\\y\nz")]).0[0].1, "x\\\\y\\nz");
+    }
+
+    #[test]
+    fn an_exposition_reads_back_and_a_bad_line_is_named() {
+        let mut e = Exposition::new();
+        e.counter(
+            "x_in_total",
+            "In.",
+            [(labels(&[("class", "a\"b\\c\nd"), ("k", "v")]), 5)],
+        );
+        e.gauge_f64("x_seconds", "S.", [(Labels::none(), 0.25)]);
+        let got = parse(&e.render()).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Sample {
+                    name: "x_in_total".into(),
+                    labels: vec![
+                        ("class".into(), "a\"b\\c\nd".into()),
+                        ("k".into(), "v".into())
+                    ],
+                    value: 5.0
+                },
+                Sample {
+                    name: "x_seconds".into(),
+                    labels: vec![],
+                    value: 0.25
+                },
+            ]
+        );
+        // Prometheus' own format: a timestamp after the value, special values.
+        let p = parse("up 1 1700000000000\nx{a=\"1\",} +Inf\ny NaN\n").unwrap();
+        assert_eq!(p[0].value, 1.0);
+        assert_eq!(p[1].labels, vec![("a".into(), "1".into())]);
+        assert!(p[1].value.is_infinite() && p[2].value.is_nan());
+        for (bad, why) in [
+            ("x_total\n", "line 1: no value after the name"),
+            ("# c\nx 1\n9x 1\n", "line 3: `9x` is not a metric name"),
+            ("x{a=1} 2\n", "line 1: label a's value is not quoted"),
+            (
+                "x{a=\"1} 2\n",
+                "line 1: label a's value has no closing quote",
+            ),
+            ("x{a=\"1\"} two\n", "line 1: `two` is not a number"),
+            ("x{-a=\"1\"} 2\n", "line 1: `-a` is not a label name"),
+        ] {
+            assert_eq!(parse(bad).unwrap_err(), why, "{bad:?}");
+        }
     }
 }
