@@ -65,6 +65,61 @@ pub struct Config {
     /// init's health file (docs/contracts.md), reported to the core as `health`.
     #[serde(default = "default_health_file")]
     pub health_file: PathBuf,
+    /// The box's own `/metrics` endpoints, scraped and sent to the core as records
+    /// (scrape.rs).
+    pub scrape: Option<ScrapeConfig>,
+    /// The box's log files, followed and sent to the core as records (logs.rs).
+    pub logs: Option<LogsConfig>,
+}
+
+/// `[logs]`: the services' and the containers' log files fabricd follows.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsConfig {
+    /// init's service logs (`<service>.log`, rotated to `.log.1`).
+    pub services_dir: Option<PathBuf>,
+    /// The containers' CRI logs (`<namespace>_<pod>_<uid>/<container>/<attempt>.log`).
+    pub pods_dir: Option<PathBuf>,
+    /// Milliseconds between two looks at the files.
+    #[serde(default = "default_logs_interval")]
+    pub interval_ms: u64,
+    /// Most bytes of one file in one record.
+    #[serde(default = "default_logs_batch")]
+    pub max_batch_bytes: usize,
+}
+
+fn default_logs_interval() -> u64 {
+    1000
+}
+fn default_logs_batch() -> usize {
+    64 << 10
+}
+
+/// `[scrape]`: which of the box's endpoints fabricd scrapes, how often, and the topic
+/// each scrape goes to (`<topic>.<job>`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapeConfig {
+    /// Seconds between two scrapes of every target.
+    #[serde(default = "default_scrape_interval")]
+    pub interval_secs: u64,
+    /// The topic's first tokens; the job's name follows.
+    #[serde(default = "default_scrape_topic")]
+    pub topic: String,
+    /// Job name to the address of its `GET /metrics` (loopback).
+    #[serde(default)]
+    pub targets: std::collections::BTreeMap<String, SocketAddr>,
+    /// Job name to a file holding its exposition, rewritten by its program (init's
+    /// `/run/edge/metrics/init.prom`); one not rewritten for 60 s is a failed scrape.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, PathBuf>,
+}
+
+fn default_scrape_interval() -> u64 {
+    15
+}
+fn default_scrape_topic() -> String {
+    "metrics".into()
 }
 
 fn default_boot_file() -> PathBuf {
@@ -309,6 +364,90 @@ impl Config {
     }
 }
 
+fn check_scrape(config: &Config, sc: &ScrapeConfig) -> Result<(), (String, String)> {
+    if sc.interval_secs == 0 || sc.interval_secs > 3600 {
+        return Err((
+            "scrape.interval_secs".into(),
+            "must be between 1 and 3600".into(),
+        ));
+    }
+    for (job, path) in &sc.files {
+        let key = format!("scrape.files.{job}");
+        check_token(&key, job)?;
+        edge_common::require_absolute(&[(key.as_str(), Some(path))])?;
+        if sc.targets.contains_key(job) {
+            return Err((key, format!("job {job} is also in scrape.targets")));
+        }
+    }
+    for job in sc.files.keys() {
+        check_scrape_topic(config, sc, job)?;
+    }
+    for (job, addr) in &sc.targets {
+        check_token(&format!("scrape.targets.{job}"), job)?;
+        if !addr.ip().is_loopback() {
+            return Err((
+                format!("scrape.targets.{job}"),
+                format!("{addr} is not on loopback: fabricd scrapes the box's own endpoints"),
+            ));
+        }
+        check_scrape_topic(config, sc, job)?;
+    }
+    Ok(())
+}
+
+/// The topic of job `job`'s scrapes is one, and a class takes it.
+fn check_scrape_topic(
+    config: &Config,
+    sc: &ScrapeConfig,
+    job: &str,
+) -> Result<(), (String, String)> {
+    let topic = format!("{}.{job}", sc.topic);
+    if check_topic(&topic).is_err() {
+        return Err((
+            "scrape.topic".into(),
+            format!("`{topic}` is not a topic (dot-separated tokens)"),
+        ));
+    }
+    if config.class_of(&topic).is_none() {
+        return Err((
+            "scrape.topic".into(),
+            format!("no class takes topic `{topic}`: add it to a class's topics"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_logs(config: &Config, l: &LogsConfig) -> Result<(), (String, String)> {
+    edge_common::require_absolute(&[
+        ("logs.services_dir", l.services_dir.as_deref()),
+        ("logs.pods_dir", l.pods_dir.as_deref()),
+    ])?;
+    if l.interval_ms < 100 || l.interval_ms > 60_000 {
+        return Err((
+            "logs.interval_ms".into(),
+            "must be between 100 and 60000".into(),
+        ));
+    }
+    if l.max_batch_bytes < 1024 || l.max_batch_bytes > config.max_record_bytes / 2 {
+        return Err((
+            "logs.max_batch_bytes".into(),
+            format!(
+                "must be between 1024 and half of max_record_bytes ({})",
+                config.max_record_bytes / 2
+            ),
+        ));
+    }
+    for topic in ["logs.service.x", "logs.pod.x.x.x"] {
+        if config.class_of(topic).is_none() {
+            return Err((
+                "logs".into(),
+                format!("no class takes topic `{topic}`: add `logs.>` to a class's topics"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_core(core: &CoreConfig) -> Result<(), (String, String)> {
     if core.servers.is_empty() {
         return Err(("core.servers".into(), "at least one URL is needed".into()));
@@ -427,6 +566,12 @@ impl edge_common::Validate for Config {
                 ("lan_tls.client_ca", Some(&t.client_ca)),
             ])?;
         }
+        if let Some(sc) = &self.scrape {
+            check_scrape(self, sc)?;
+        }
+        if let Some(l) = &self.logs {
+            check_logs(self, l)?;
+        }
         if self.segment_bytes < 4096 || self.segment_bytes > u32::MAX as u64 {
             return Err((
                 "segment_bytes".into(),
@@ -540,6 +685,97 @@ mod tests {
             "the site network produces only over TLS, and the framed port is off"
         );
         assert!(c.pod_channels.is_some(), "each pod gets its own channel");
+        // Every daemon's metrics go to the core, in a class below alarms and above the
+        // rest of the telemetry.
+        let scrape = c.scrape.as_ref().expect("[scrape]");
+        let ports: Vec<u16> = scrape.targets.values().map(|a| a.port()).collect();
+        assert_eq!(ports, vec![9401, 9403, 9402], "fabricd, noded, storaged");
+        assert_eq!(
+            scrape.files.get("init").map(|p| p.as_path()),
+            Some(std::path::Path::new("/run/edge/metrics/init.prom"))
+        );
+        let class = |t: &str| &c.classes[c.class_of(t).unwrap()];
+        let metrics = class("metrics.noded");
+        assert_eq!(metrics.name, "metrics");
+        assert!(class("alarms.x").priority > metrics.priority);
+        assert!(metrics.priority > class("sensors.x").priority);
+        assert_eq!(class("logs.service.noded").name, "metrics");
+        let logs = c.logs.as_ref().expect("[logs]");
+        assert_eq!(
+            logs.services_dir.as_deref(),
+            Some(std::path::Path::new("/var/log"))
+        );
+        assert_eq!(
+            logs.pods_dir.as_deref(),
+            Some(std::path::Path::new("/var/log/pods"))
+        );
+    }
+
+    #[test]
+    fn a_bad_scrape_table_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("fabricd.toml");
+        let base = "site = \"s\"\nmachine = \"m\"\nlog_dir = \"/l\"\n";
+        let load = |extra: &str| {
+            std::fs::write(&f, format!("{base}{extra}")).unwrap();
+            edge_common::load_config::<Config>(&f).map_err(|e| e.to_string())
+        };
+        let ok = load("[scrape]\ntargets = { fabricd = \"127.0.0.1:9401\" }\n").unwrap();
+        let sc = ok.scrape.unwrap();
+        assert_eq!((sc.interval_secs, sc.topic.as_str()), (15, "metrics"));
+        for (table, key, why) in [
+            (
+                "interval_secs = 0\ntargets = {}",
+                "scrape.interval_secs",
+                "must be between 1 and 3600",
+            ),
+            (
+                "targets = { x = \"10.0.0.1:9401\" }",
+                "scrape.targets.x",
+                "10.0.0.1:9401 is not on loopback",
+            ),
+            (
+                "targets = { \"a.b\" = \"127.0.0.1:1\" }",
+                "scrape.targets.a.b",
+                "`a.b` must be non-empty letters",
+            ),
+            (
+                "topic = \"m>\"\ntargets = { x = \"127.0.0.1:1\" }",
+                "scrape.topic",
+                "`m>.x` is not a topic",
+            ),
+        ] {
+            let e = load(&format!("[scrape]\n{table}\n")).unwrap_err();
+            assert!(e.contains(&format!("key `{key}`: {why}")), "{e}");
+        }
+        let e = load("[scrape]\ntargets = { x = \"127.0.0.1:1\" }\n[[class]]\nname = \"a\"\ntopics = [\"alarms.>\"]\npriority = 1\n")
+            .unwrap_err();
+        assert!(e.contains("no class takes topic `metrics.x`"), "{e}");
+        for (table, key, why) in [
+            (
+                "services_dir = \"log\"",
+                "logs.services_dir",
+                "log is not an absolute path",
+            ),
+            (
+                "interval_ms = 5",
+                "logs.interval_ms",
+                "must be between 100 and 60000",
+            ),
+            (
+                "max_batch_bytes = 1048576",
+                "logs.max_batch_bytes",
+                "must be between 1024 and half of max_record_bytes (524288)",
+            ),
+        ] {
+            let e = load(&format!("[logs]\n{table}\n")).unwrap_err();
+            assert!(e.contains(&format!("key `{key}`: {why}")), "{e}");
+        }
+        let e = load("[scrape]\ntargets = { x = \"nowhere\" }\n").unwrap_err();
+        assert!(
+            e.contains("line 5") && e.contains("invalid socket address syntax"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,11 +9,13 @@ pub mod enrollment;
 pub mod error;
 pub mod http;
 pub mod lan;
+pub mod logs;
 pub mod metrics;
 pub mod pod_channels;
 pub mod produce;
 pub mod record;
 pub mod resume;
+pub mod scrape;
 pub mod site_identity;
 pub mod store;
 pub mod uplink;
@@ -136,6 +138,15 @@ pub async fn serve(mut config: Config) -> Result<()> {
             move |stream, peer| produce::serve_conn(ingest.clone(), stream, peer),
         ));
     }
+    if let Some(sc) = &config.scrape {
+        tracing::info!(every_s = sc.interval_secs, targets = ?sc.targets, "scraping the box's metrics for the core");
+        tasks.spawn(scrape::run(sc.clone(), ingest.clone()));
+    }
+    if let Some(l) = &config.logs {
+        tracing::info!(services = ?l.services_dir, pods = ?l.pods_dir, "following the box's logs for the core");
+        let state = config.log_dir.join("logs-positions.json");
+        tasks.spawn(logs::run(l.clone(), ingest.clone(), state));
+    }
     if let Some(dir) = &config.pod_channels {
         edge_common::ensure_dir(dir)?;
         tracing::info!(dir = %dir.display(), "pod channels: a produce socket in each pod's directory");
@@ -222,6 +233,11 @@ pub async fn serve(mut config: Config) -> Result<()> {
             downlink: down_status.clone(),
             quota_bytes: config.quota_bytes,
             core_configured: config.core.is_some(),
+            files: uplink::OsFiles {
+                boot: config.boot_file.clone(),
+                update: config.update_state.clone(),
+                health: config.health_file.clone(),
+            },
         });
         tasks.spawn(metrics::serve(listener, m));
     }

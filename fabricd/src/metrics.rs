@@ -1,5 +1,7 @@
 //! Prometheus `/metrics` on a local port: records and bytes in (per class) and out,
-//! lag in records and bytes, disk use per class, drops, refusals, uplink state.
+//! lag in records and bytes, disk use per class, drops, refusals, uplink state; and the
+//! box's own state as init's files tell it (`edge_*`: the running OS, readiness, services
+//! given up, the last update's phase), so that the core's Prometheus sees it too.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ pub struct Metrics {
     pub downlink: Arc<crate::downlink::Status>,
     pub quota_bytes: u64,
     pub core_configured: bool,
+    /// init's files: the boot record, the update state, the health file.
+    pub files: crate::uplink::OsFiles,
 }
 
 impl Metrics {
@@ -157,7 +161,61 @@ impl Metrics {
             "Bytes an interrupted download did not fetch again.",
             load(&d.resumed_bytes),
         );
+        self.box_state(&mut e);
         e.render()
+    }
+
+    /// `edge_*`: what init's files say; a file missing or unreadable leaves its families
+    /// out (or empty), never a made-up value.
+    fn box_state(&self, e: &mut Exposition) {
+        if let Some(os) = self.files.os() {
+            e.gauge(
+                "edge_os_info",
+                "The running OS version and slot (always 1).",
+                [(labels(&[("version", &os.version), ("slot", &os.slot)]), 1)],
+            );
+        }
+        if let Some(h) = self.files.health() {
+            e.gauge(
+                "edge_ready",
+                "1 once every service reached ready this boot.",
+                [(Labels::none(), h.ready as u64)],
+            );
+            e.gauge(
+                "edge_service_given_up",
+                "1 for each service init gave up after its crash-loop limit.",
+                h.failed.iter().map(|s| (labels(&[("service", s)]), 1)),
+            );
+            e.gauge(
+                "edge_degraded_since_timestamp_seconds",
+                "When the box last became degraded (a service given up).",
+                h.degraded_since_ms.map(|ms| (Labels::none(), ms / 1000)),
+            );
+            e.gauge(
+                "edge_root_corrupt",
+                "1 when the running slot's verified root met a block that did not verify.",
+                [(Labels::none(), h.root_corrupt as u64)],
+            );
+        }
+        let update = self.files.update();
+        let attempt = update.as_ref().and_then(|u| u.get("update"));
+        let text = |k: &str| {
+            attempt
+                .and_then(|a| a.get(k))
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if attempt.is_some_and(|a| a.is_object()) {
+            e.gauge(
+                "edge_update_phase",
+                "The last update's phase (installing, installed, trying, blessed, rolled-back, refused, cancelled) and version (always 1).",
+                [(
+                    labels(&[("phase", &text("phase")), ("version", &text("version"))]),
+                    1,
+                )],
+            );
+        }
     }
 }
 

@@ -426,17 +426,17 @@ fn small_json(p: &Path) -> Option<serde_json::Value> {
 
 impl OsFiles {
     /// The running OS: written once per boot, so read once per session.
-    fn os(&self) -> Option<OsStatus> {
+    pub(crate) fn os(&self) -> Option<OsStatus> {
         read_os(&self.boot)
     }
 
     /// The update state, which changes while the box runs.
-    fn update(&self) -> Option<serde_json::Value> {
+    pub(crate) fn update(&self) -> Option<serde_json::Value> {
         small_json(&self.update)
     }
 
     /// init's health, which changes while the box runs.
-    fn health(&self) -> Option<Health> {
+    pub(crate) fn health(&self) -> Option<Health> {
         small_json(&self.health).and_then(|v| serde_json::from_value(v).ok())
     }
 }

@@ -122,6 +122,9 @@ pub fn run(filter: Option<String>) -> Result<()> {
     packages.push("socat"); // the fabric scenario's relay from the guest to the core
                             // fabricd's tests and the fabric scenario run a real core and make its certificates.
     packages.extend(crate::bench_fabric::CORE_PACKAGES);
+    // The core's Prometheus and promtool: the box's metrics written into it, the alert
+    // rules and the dashboard checked (fabricd/tests/prometheus.rs).
+    packages.push("prometheus");
     // noded's tests run a real containerd.
     packages.extend(["containerd", "runc"]);
     // edge-tpm links tpm2-tss (found with pkg-config); its tests reach swtpm over TCP.

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod prometheus;
 pub mod site_core;
 #[path = "../../../tpm/tests/common/swtpm.rs"]
 pub mod swtpm;
@@ -609,6 +610,23 @@ impl Core {
             rt,
             js,
         }
+    }
+}
+
+impl Core {
+    /// `edgectl` as the operator runs it against this core (its URL, CA and the
+    /// operator's client certificate); the subcommand follows.
+    pub fn edgectl(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_edgectl"));
+        c.arg("--server")
+            .arg(self.nats.url())
+            .arg("--ca")
+            .arg(self.pki.path("ca.pem"))
+            .arg("--cert")
+            .arg(self.pki.path("client.pem"))
+            .arg("--key")
+            .arg(self.pki.path("client.key"));
+        c
     }
 }
 

@@ -15,6 +15,8 @@ use ring::signature::KeyPair;
 mod access;
 mod enroll;
 mod error;
+mod logs;
+mod prometheus;
 mod publish;
 mod status;
 mod tail;
@@ -181,6 +183,13 @@ enum Cmd {
     Status(status::Args),
     /// Print a site's records as they arrive (`--all` from the start).
     Tail(tail::Args),
+    /// Write the boxes' metrics (what their fabricd scrapes) into Prometheus through its
+    /// remote-write receiver, each sample at the time its box scraped it. Runs until
+    /// stopped; a durable consumer, so a restart goes on where it stopped.
+    Prometheus(prometheus::Args),
+    /// A box's service or pod logs as its fabricd sent them: what the core holds, then
+    /// (`-f`) what arrives.
+    Logs(logs::Args),
 }
 
 fn main() -> ExitCode {
@@ -561,6 +570,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Status(args) => status::run(&cli, &js, args).await?,
         Cmd::Tail(args) => tail::run(&cli, &js, args).await?,
+        Cmd::Prometheus(args) => prometheus::run(&cli, &js, args).await?,
+        Cmd::Logs(args) => logs::run(&cli, &js, args).await?,
     }
     Ok(())
 }
