@@ -13,6 +13,10 @@
 //! socat, connects to a proxy this test owns, so the test can cut the link); the test
 //! posts records to fabricd's HTTP listener through a host forward.
 //!
+//! The box's metrics: its fabricd scrapes init, fabricd, storaged and noded, and the operator's
+//! `edgectl prometheus` writes them into a real Prometheus on the host, labelled with the
+//! box; its service and pod logs reach `edgectl logs`.
+//!
 //! The other direction: the operator publishes a signed downlink manifest delivering a
 //! pod, which noded runs; then a newer image allowlist, after which a pod whose image it
 //! leaves out is refused while the running one carries on.
@@ -26,6 +30,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+#[path = "../../fabricd/tests/common/prometheus.rs"]
+mod prometheus;
 
 const TOPIC: &str = "sensors.temp";
 /// What the image's sensor pod posts to (image/overlay/etc/edge/pods/sensor.yaml).
@@ -485,6 +492,86 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
             );
         }
         std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // The box's metrics at the core: every daemon's, through the fabric, in Prometheus.
+    let prom = prometheus::Prometheus::start(&dir.join("prometheus"));
+    let bridge_log = dir.join("bridge.log");
+    let mut bridge = op
+        .cmd()
+        .args(["prometheus", "--write-url", &prom.write_url()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&bridge_log)?)
+        .spawn()?;
+    let start = Instant::now();
+    for job in ["init", "fabricd", "storaged", "noded"] {
+        let up = format!("up{{site=\"site0\",machine=\"edge0\",job=\"{job}\"}}");
+        while prom.value(&up, None) != Some(1.0) {
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "{up} is {:?} after 120 s; the bridge said: {}",
+                    prom.query(&up, None),
+                    std::fs::read_to_string(&bridge_log)?
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let os = format!(
+        "edge_os_info{{site=\"site0\",version=\"{}\",slot=\"{}\"}}",
+        ready.version, ready.slot
+    );
+    for (expr, want) in [
+        (os.as_str(), 1.0),
+        (r#"edge_ready{site="site0",machine="edge0"}"#, 1.0),
+        (r#"init_ready{site="site0",machine="edge0"}"#, 1.0),
+        // Every service is ready, and init says so for each.
+        (
+            r#"count(init_service_state{site="site0",machine="edge0",state="ready"} == 1)"#,
+            4.0,
+        ),
+        // Whether or not this box has a pool disk, storaged says so.
+        (
+            r#"count(storaged_pool_present{site="site0",machine="edge0"})"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(
+            prom.value(expr, None),
+            Some(want),
+            "{expr}: {}",
+            prom.query(expr, None)
+        );
+    }
+    let pods = r#"sum(noded_pods{site="site0",machine="edge0"})"#;
+    assert!(
+        prom.value(pods, None).is_some_and(|n| n >= 1.0),
+        "{pods}: {}",
+        prom.query(pods, None)
+    );
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    drop(prom);
+
+    // The box's logs at the core: a service's (init's file) and a pod's (its CRI log).
+    let start = Instant::now();
+    for (args, want) in [
+        (["--service", "noded"], "INFO"),
+        (["--pod", "sensor"], "temp0"),
+    ] {
+        loop {
+            let out = run(op
+                .cmd()
+                .args(["logs", "--site", "site0", "--machine", "edge0"])
+                .args(args))?;
+            if out.contains(want) {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("edgectl logs {args:?} has no {want:?} after 120 s:\n{out}");
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 
     // Pods from the core: a signed manifest brings a pod file to the downlink's pods/.
