@@ -378,8 +378,6 @@ fn check_scrape(config: &Config, sc: &ScrapeConfig) -> Result<(), (String, Strin
         if sc.targets.contains_key(job) {
             return Err((key, format!("job {job} is also in scrape.targets")));
         }
-    }
-    for job in sc.files.keys() {
         check_scrape_topic(config, sc, job)?;
     }
     for (job, addr) in &sc.targets {

@@ -139,7 +139,7 @@ pub async fn serve(mut config: Config) -> Result<()> {
         ));
     }
     if let Some(sc) = &config.scrape {
-        tracing::info!(every_s = sc.interval_secs, targets = ?sc.targets, "scraping the box's metrics for the core");
+        tracing::info!(every_s = sc.interval_secs, targets = ?sc.targets, files = ?sc.files, "scraping the box's metrics for the core");
         tasks.spawn(scrape::run(sc.clone(), ingest.clone()));
     }
     if let Some(l) = &config.logs {

@@ -7,8 +7,9 @@
 //! into Prometheus with these timestamps, so a cut shows there as a late backfill.
 //!
 //! A scrape that fails is still a record: an empty value with [`ERROR_HEADER`] saying
-//! why, which the core turns into `up 0`. Scraping is pull: a full log refuses the
-//! record (counted in fabricd's refusals) and never holds up the service scraped.
+//! why, which the core turns into `up 0`. Scraping is pull: it never holds up the
+//! service scraped, and a record the log refuses (over its limits) is logged and
+//! dropped.
 
 use std::sync::Arc;
 use std::time::Duration;

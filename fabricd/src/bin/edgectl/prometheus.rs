@@ -331,7 +331,7 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         }
         m.ack()
             .await
-            .map_err(|e| fabricd::Error::core("failed to ack")(e))?;
+            .map_err(fabricd::Error::core("failed to ack"))?;
         if said.elapsed() >= Duration::from_secs(60) {
             eprintln!("edgectl prometheus: {written} scrapes written, {refused} refused");
             said = std::time::Instant::now();
