@@ -10,8 +10,10 @@
 //! do, and fabricd reads behind them. Where it stands in each file is kept in
 //! `<log_dir>/logs-positions.json` once the records are durable, so a restart of fabricd
 //! goes on where it was (lines of the last batch before a crash may be sent twice). A
-//! file rotated while fabricd was behind is read to its end under its `.1` name first;
-//! one rotated twice before fabricd read it has lost the middle, which fabricd says.
+//! file rotated while fabricd was behind is read to its end under its new name first
+//! (init renames `<service>.log` to `.log.1`, noded `<attempt>.log` to `.log.<n>`: a
+//! file beside it named `<name>.<anything>` with the inode fabricd was reading); one
+//! whose rotated copy is gone too has lost its unread end, which fabricd says.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -41,8 +43,18 @@ struct Position {
 struct Source {
     path: PathBuf,
     topic: String,
-    /// Where a rotated copy of it goes (services' `.log.1`).
-    rotated: Option<PathBuf>,
+}
+
+/// The rotated copy of `path` that is inode `ino`: a file beside it named
+/// `<name>.<anything>` (init's `.1`, noded's `.<n>`).
+fn rotated_copy(path: &Path, ino: u64) -> Option<PathBuf> {
+    let prefix = format!("{}.", path.file_name()?.to_str()?);
+    sorted_entries(path.parent()?).into_iter().find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&prefix))
+            && std::fs::metadata(p).is_ok_and(|m| m.ino() == ino)
+    })
 }
 
 /// A Kubernetes name as a topic token.
@@ -66,7 +78,6 @@ fn sources(config: &LogsConfig) -> Vec<Source> {
                 continue;
             }
             out.push(Source {
-                rotated: Some(path.with_extension("log.1")),
                 topic: format!("logs.service.{service}"),
                 path,
             });
@@ -100,7 +111,6 @@ fn sources(config: &LogsConfig) -> Vec<Source> {
                         out.push(Source {
                             path,
                             topic: topic.clone(),
-                            rotated: None,
                         });
                     }
                 }
@@ -183,21 +193,17 @@ async fn follow(
         },
         Some(p) if p.ino == meta.ino() => p,
         Some(p) => {
-            // Rotated: the rest of the old file first, if it is still the `.1`.
-            let old = src
-                .rotated
-                .as_ref()
-                .filter(|r| std::fs::metadata(r).is_ok_and(|m| m.ino() == p.ino));
-            match old {
+            // Rotated: the rest of the old file first, if its copy is still there.
+            match rotated_copy(&src.path, p.ino) {
                 Some(old) => {
                     let mut at = p.offset;
-                    while let Some(n) = send(src, old, at, ingest, max).await? {
+                    while let Some(n) = send(src, &old, at, ingest, max).await? {
                         at += n;
                         moved = true;
                     }
                 }
                 None => {
-                    tracing::warn!(file = %src.path.display(), "rotated more than once before it was read: lines between were not sent")
+                    tracing::warn!(file = %src.path.display(), "rotated and its old copy gone before it was read to its end: those lines were not sent")
                 }
             }
             Position {
@@ -330,6 +336,20 @@ mod tests {
             ]
             .map(|(a, b)| (a.to_owned(), b.to_owned()))
         );
-        assert_eq!(found[0].rotated, Some(svc.join("noded.log.1")));
+        // Rotated copies, init's and noded's, are found by the inode being read.
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let svc_old = svc.join("noded.log.1");
+        assert_eq!(
+            rotated_copy(&svc.join("noded.log"), ino(&svc_old)),
+            Some(svc_old)
+        );
+        let app = pods.join("default_web.v2_u1/app");
+        std::fs::write(app.join("0.log.3"), "y\n").unwrap();
+        let pod_old = app.join("0.log.3");
+        assert_eq!(
+            rotated_copy(&app.join("0.log"), ino(&pod_old)),
+            Some(pod_old.clone())
+        );
+        assert_eq!(rotated_copy(&app.join("1.log"), ino(&pod_old)), None);
     }
 }
