@@ -138,9 +138,10 @@ pub async fn serve(mut config: Config) -> Result<()> {
             move |stream, peer| produce::serve_conn(ingest.clone(), stream, peer),
         ));
     }
+    let scrapes = Arc::new(scrape::Stats::default());
     if let Some(sc) = &config.scrape {
         tracing::info!(every_s = sc.interval_secs, targets = ?sc.targets, files = ?sc.files, "scraping the box's metrics for the core");
-        tasks.spawn(scrape::run(sc.clone(), ingest.clone()));
+        tasks.spawn(scrape::run(sc.clone(), ingest.clone(), scrapes.clone()));
     }
     if let Some(l) = &config.logs {
         tracing::info!(services = ?l.services_dir, pods = ?l.pods_dir, "following the box's logs for the core");
@@ -233,6 +234,7 @@ pub async fn serve(mut config: Config) -> Result<()> {
             downlink: down_status.clone(),
             quota_bytes: config.quota_bytes,
             core_configured: config.core.is_some(),
+            scrapes: scrapes.clone(),
             files: uplink::OsFiles {
                 boot: config.boot_file.clone(),
                 update: config.update_state.clone(),

@@ -14,6 +14,11 @@
 //! (init renames `<service>.log` to `.log.1`, noded `<attempt>.log` to `.log.<n>`: a
 //! file beside it named `<name>.<anything>` with the inode fabricd was reading); one
 //! whose rotated copy is gone too has lost its unread end, which fabricd says.
+//!
+//! Lines are sent as bytes, whatever their encoding (`edgectl logs` shows invalid UTF-8
+//! as U+FFFD). A line longer than a batch (`max_batch_bytes`) goes in pieces of a batch
+//! each, every piece but its last marked with [`CONTINUES_HEADER`], so no record is
+//! larger than a batch and a reader knows the line goes on.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -28,6 +33,9 @@ use crate::record::Record;
 
 /// Who the log records are from (their `Edge-Producer`).
 pub const PRODUCER: &str = "fabricd/logs";
+/// The header of a record that ends in the middle of a line: the next record of its
+/// topic goes on with it.
+pub const CONTINUES_HEADER: &str = "Log-Continues";
 /// Batches one file may send per pass, so that one noisy file does not starve the rest.
 const BATCHES_PER_PASS: usize = 16;
 
@@ -248,10 +256,15 @@ async fn send(
         return Ok(None);
     }
     let n = lines.len() as u64;
+    let headers = if lines.ends_with(b"\n") {
+        Vec::new()
+    } else {
+        vec![(CONTINUES_HEADER.to_owned(), b"1".to_vec())]
+    };
     let rec = Record {
         topic: src.topic.clone(),
         key: None,
-        headers: Vec::new(),
+        headers,
         timestamp_ms: edge_common::unix_ms() as i64,
         value: lines,
     };

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub downlink: Arc<crate::downlink::Status>,
     pub quota_bytes: u64,
     pub core_configured: bool,
+    /// The scrapes of the box's metrics for the core (`[scrape]`).
+    pub scrapes: Arc<crate::scrape::Stats>,
     /// init's files: the boot record, the update state, the health file.
     pub files: crate::uplink::OsFiles,
 }
@@ -160,6 +162,23 @@ impl Metrics {
             "fabricd_downlink_resumed_bytes_total",
             "Bytes an interrupted download did not fetch again.",
             load(&d.resumed_bytes),
+        );
+        let scrapes = self.scrapes.snapshot();
+        e.counter(
+            "fabricd_scrapes_total",
+            "Scrapes of the box's metrics made for the core, per target (its job at the core).",
+            scrapes
+                .iter()
+                .map(|(job, n, _)| (labels(&[("target", job)]), *n))
+                .collect::<Vec<_>>(),
+        );
+        e.counter(
+            "fabricd_scrape_failures_total",
+            "Scrapes that failed (no answer, an error, a stale file, not the exposition format), per target.",
+            scrapes
+                .iter()
+                .map(|(job, _, failed)| (labels(&[("target", job)]), *failed))
+                .collect::<Vec<_>>(),
         );
         self.box_state(&mut e);
         e.render()

@@ -6,12 +6,17 @@
 //! none, and the uplink compresses them. At the core, `edgectl prometheus` writes them
 //! into Prometheus with these timestamps, so a cut shows there as a late backfill.
 //!
-//! A scrape that fails is still a record: an empty value with [`ERROR_HEADER`] saying
-//! why, which the core turns into `up 0`. Scraping is pull: it never holds up the
-//! service scraped, and a record the log refuses (over its limits) is logged and
-//! dropped.
+//! A scrape that fails (no answer, an error status, a stale file, or text that is not
+//! the exposition format: checked here with `edge_metrics::parse`, so the core is not
+//! sent what it cannot read) is still a record: an empty value with [`ERROR_HEADER`]
+//! saying why, which the core turns into `up 0`. Failures are counted per job
+//! ([`Stats`], `fabricd_scrape_failures_total` on fabricd's own `/metrics`) and logged
+//! when a job starts failing or fails for another reason, and when it works again, not
+//! every interval. Scraping is pull: it never holds up the service scraped, and a record
+//! the log refuses (over its limits) is logged and dropped.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::ScrapeConfig;
@@ -48,8 +53,62 @@ fn read_file(path: &std::path::Path, stale: Duration) -> Result<String, String> 
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Scrapes made and failed, per job, since fabricd started.
+#[derive(Debug, Default)]
+pub struct Stats {
+    jobs: Mutex<BTreeMap<String, JobStats>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct JobStats {
+    pub scrapes: u64,
+    pub failures: u64,
+    /// Why the last scrape failed; None when it worked.
+    last_error: Option<String>,
+}
+
+impl Stats {
+    /// Counts one scrape of `job`; logs a failure that is new (the job worked, or failed
+    /// otherwise, before) and a recovery.
+    fn count(&self, job: &str, result: &Result<String, String>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let s = jobs.entry(job.to_owned()).or_default();
+        s.scrapes += 1;
+        match result {
+            Ok(_) => {
+                if s.last_error.take().is_some() {
+                    tracing::info!(%job, "scrape works again");
+                }
+            }
+            Err(why) => {
+                s.failures += 1;
+                if s.last_error.as_ref() != Some(why) {
+                    tracing::warn!(%job, "scrape failed: {why} (sent to the core as up 0; said again only if the reason changes)");
+                    s.last_error = Some(why.clone());
+                }
+            }
+        }
+    }
+
+    /// (job, scrapes, failures), by job.
+    pub fn snapshot(&self) -> Vec<(String, u64, u64)> {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter()
+            .map(|(j, s)| (j.clone(), s.scrapes, s.failures))
+            .collect()
+    }
+}
+
+/// The exposition as scraped, unless it is not the text format.
+fn checked(text: String) -> Result<String, String> {
+    match edge_common::metrics::parse(&text) {
+        Ok(_) => Ok(text),
+        Err(e) => Err(format!("not the exposition format: {e}")),
+    }
+}
+
 /// Scrapes every target each interval, for as long as fabricd runs.
-pub async fn run(config: ScrapeConfig, ingest: Arc<Ingest>) {
+pub async fn run(config: ScrapeConfig, ingest: Arc<Ingest>, stats: Arc<Stats>) {
     let every = Duration::from_secs(config.interval_secs);
     // A scrape must end before the next is due.
     let timeout = every.min(Duration::from_secs(10));
@@ -67,6 +126,8 @@ pub async fn run(config: ScrapeConfig, ingest: Arc<Ingest>) {
             results.push((job, scrape(*addr, timeout, LIMIT).await));
         }
         for (job, result) in results {
+            let result = result.and_then(checked);
+            stats.count(job, &result);
             let rec = record(&config.topic, job, at, result);
             match ingest.submit(rec, PRODUCER).await {
                 // Durable soon; nothing waits for it.
@@ -81,13 +142,10 @@ pub async fn run(config: ScrapeConfig, ingest: Arc<Ingest>) {
 fn record(topic: &str, job: &str, at_ms: i64, result: Result<String, String>) -> Record {
     let (value, headers) = match result {
         Ok(text) => (text.into_bytes(), Vec::new()),
-        Err(why) => {
-            tracing::debug!(%job, "scrape failed: {why}");
-            (
-                Vec::new(),
-                vec![(ERROR_HEADER.to_owned(), why.into_bytes())],
-            )
-        }
+        Err(why) => (
+            Vec::new(),
+            vec![(ERROR_HEADER.to_owned(), why.into_bytes())],
+        ),
     };
     Record {
         topic: format!("{topic}.{job}"),
@@ -152,6 +210,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let e = read_file(&f, Duration::from_millis(10)).unwrap_err();
         assert!(e.contains("not rewritten for"), "{e}");
+    }
+
+    #[test]
+    fn text_that_is_not_the_exposition_format_fails_and_failures_are_counted() {
+        let good = "# TYPE up gauge\nup 1\n".to_owned();
+        assert_eq!(checked(good.clone()), Ok(good.clone()));
+        let bad = checked("<html>oops</html>\n".into()).unwrap_err();
+        assert!(bad.starts_with("not the exposition format: "), "{bad}");
+        let stats = Stats::default();
+        stats.count("noded", &Ok(good));
+        stats.count("noded", &Err(bad.clone()));
+        stats.count("noded", &Err(bad));
+        stats.count("init", &Err("stale".into()));
+        assert_eq!(
+            stats.snapshot(),
+            vec![("init".into(), 1, 1), ("noded".into(), 3, 2)]
+        );
     }
 
     #[test]

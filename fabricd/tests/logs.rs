@@ -72,7 +72,7 @@ fn service_and_pod_logs_reach_the_core_each_line_once_in_order() {
     let mut f = Fabricd::configure(
         &dir,
         &format!(
-            "[logs]\nservices_dir = \"{}\"\npods_dir = \"{}\"\ninterval_ms = 100\n{}",
+            "[logs]\nservices_dir = \"{}\"\npods_dir = \"{}\"\ninterval_ms = 100\nmax_batch_bytes = 1024\n{}",
             services.display(),
             services.join("pods").display(),
             core.pki.core_toml(&core.nats.url(), "client")
@@ -132,6 +132,26 @@ fn service_and_pod_logs_reach_the_core_each_line_once_in_order() {
     let all = wait_lines(&core, &["--site", "s1"], 202);
     assert_eq!(all[0], "m1 service.noded: noded line-000");
     assert_eq!(all.len(), 202, "{all:?}");
+    // A line longer than a batch (1 KiB here) goes in pieces, each marked where the line
+    // goes on; bytes that are not UTF-8 are shown replaced, and neither stops the lines
+    // after them.
+    let noisy = services.join("noisy.log");
+    let long = "x".repeat(2500);
+    let mut bytes = format!("{long}\n").into_bytes();
+    bytes.extend_from_slice(b"bad \xff\xfe bytes\nafter\n");
+    std::fs::write(&noisy, bytes).unwrap();
+    let noisy_args = ["--site", "s1", "--machine", "m1", "--service", "noisy"];
+    let got = wait_lines(&core, &noisy_args, 5);
+    assert_eq!(
+        got,
+        [
+            format!("{} [...]", "x".repeat(1024)),
+            format!("[...] {} [...]", "x".repeat(1024)),
+            format!("[...] {}", "x".repeat(452)),
+            "bad \u{fffd}\u{fffd} bytes".to_owned(),
+            "after".to_owned(),
+        ]
+    );
     // A name that cannot be a subject token is refused, naming it.
     let out = run_logs(&core, &["--site", "s1", "--service", "a b"]);
     assert!(!out.status.success());

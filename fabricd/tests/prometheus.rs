@@ -62,15 +62,19 @@ fn a_box_metrics_reach_prometheus_through_a_cut_with_their_own_times() {
     .unwrap();
     let boot = dir.join("boot.json");
     std::fs::write(&boot, r#"{"version":"1.1.0","slot":"a"}"#).unwrap();
-    // Nothing listens on the storaged target: its scrapes fail and say so.
+    // Nothing listens on the storaged target: its scrapes fail and say so. The noded
+    // target (a file here) holds text that is not the exposition format: the same.
     let nobody = free_port();
+    let garbage = dir.join("garbage.prom");
+    std::fs::write(&garbage, "<html>502 Bad Gateway</html>\n").unwrap();
     let mut f = Fabricd::configure(&dir, "");
     let extra = format!(
-        "boot_file = \"{}\"\nupdate_state = \"{}\"\nhealth_file = \"{}\"\n[scrape]\ninterval_secs = 1\ntargets = {{ fabricd = \"{}\", storaged = \"127.0.0.1:{nobody}\" }}\n{}",
+        "boot_file = \"{}\"\nupdate_state = \"{}\"\nhealth_file = \"{}\"\n[scrape]\ninterval_secs = 1\ntargets = {{ fabricd = \"{}\", storaged = \"127.0.0.1:{nobody}\" }}\nfiles = {{ noded = \"{}\" }}\n{}",
         boot.display(),
         update.display(),
         health.display(),
         f.metrics,
+        garbage.display(),
         core.pki
             .core_toml(&format!("tls://127.0.0.1:{}", proxy.port), "client")
     );
@@ -102,6 +106,23 @@ fn a_box_metrics_reach_prometheus_through_a_cut_with_their_own_times() {
         Some(0.0),
         "{}",
         bridge_log()
+    );
+    // Counted on the box (fabricd's own figures, at the core too) and logged once, naming
+    // the line, not every second.
+    assert_eq!(prom.value(&up("noded"), None), Some(0.0));
+    wait_for("the failures counted", Duration::from_secs(30), || {
+        prom.value(
+            r#"fabricd_scrape_failures_total{site="s1",job="fabricd",target="noded"}"#,
+            None,
+        )
+        .filter(|n| *n >= 2.0)
+    });
+    let text = f.log_text();
+    assert_eq!(
+        text.matches("scrape failed: not the exposition format: line 1:")
+            .count(),
+        1,
+        "{text}"
     );
     let records = r#"sum(fabricd_records_in_total{site="s1",machine="m1",job="fabricd"})"#;
     // The first scrape came before any record; the next ones count the scrapes.
@@ -156,6 +177,40 @@ fn a_box_metrics_reach_prometheus_through_a_cut_with_their_own_times() {
     // None was refused (each scrape once, in order).
     let log = bridge_log();
     assert!(!log.contains("refused it"), "{log}");
+
+    // A scrape older than Prometheus takes (a box cut off for longer than its
+    // out-of-order window): refused, counted and said, and the scrapes after it still
+    // written.
+    let old_ms = (unix_s() - 3.0 * 86400.0) as i64 * 1000;
+    core.rt.block_on(async {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "s1/m1/old-scrape");
+        h.insert("Fabric-Timestamp", old_ms.to_string().as_str());
+        core.js
+            .publish_with_headers("edge.s1.m1.metrics.fabricd", h, "up_old 1\n".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let after = unix_s();
+    let start = std::time::Instant::now();
+    while !bridge_log().contains("old-scrape: Prometheus refused it") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the old scrape not refused after 60 s; the bridge said:\n{}",
+            bridge_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for(
+        "scrapes after the refused one",
+        Duration::from_secs(30),
+        || {
+            prom.value(&format!("max_over_time({stamp}[5s])"), None)
+                .filter(|t| *t > after + 1.0)
+        },
+    );
 
     // Every query of the dashboard parses and runs.
     let exprs = Prometheus::dashboard_queries();

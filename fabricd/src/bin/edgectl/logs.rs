@@ -129,6 +129,8 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
     // Several sources: each line says whose it is.
     let one_source = args.service.is_some() && args.machine != "*";
     let mut cri: std::collections::HashMap<String, Cri> = Default::default();
+    // Subjects whose last record ended inside a line (a line longer than the box's batch).
+    let mut cut: std::collections::HashSet<String> = Default::default();
     let mut n = 0u64;
     while args.follow || n < held {
         let Some(m) = msgs.next().await else { break };
@@ -158,7 +160,19 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         let join = cri.entry(m.subject.to_string()).or_insert(Cri {
             partial: String::new(),
         });
-        for line in String::from_utf8_lossy(&value).lines() {
+        let continues = m
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(fabricd::logs::CONTINUES_HEADER).is_some());
+        let text = marked_pieces(
+            &String::from_utf8_lossy(&value),
+            cut.remove(m.subject.as_str()),
+            continues,
+        );
+        if continues {
+            cut.insert(m.subject.to_string());
+        }
+        for line in text.lines() {
             let line = if is_pod {
                 join.line(line)
             } else {
@@ -175,9 +189,35 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
     Ok(())
 }
 
+/// A record's text with the pieces of a long line marked: `[...]` where a line goes on
+/// in the next record (`continues`) and where it goes on from the last (`continued`).
+fn marked_pieces(text: &str, continued: bool, continues: bool) -> String {
+    let mut out = String::with_capacity(text.len() + 12);
+    if continued {
+        out.push_str("[...] ");
+    }
+    out.push_str(text);
+    if continues {
+        out.push_str(" [...]\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pieces_of_a_long_line_are_marked_and_bad_utf8_shown_replaced() {
+        assert_eq!(marked_pieces("aaa", false, true), "aaa [...]\n");
+        assert_eq!(marked_pieces("bbb", true, true), "[...] bbb [...]\n");
+        assert_eq!(marked_pieces("cc\nnext\n", true, false), "[...] cc\nnext\n");
+        let bad = String::from_utf8_lossy(b"ok \xff\xfe end\n");
+        assert_eq!(
+            marked_pieces(&bad, false, false),
+            "ok \u{fffd}\u{fffd} end\n"
+        );
+    }
 
     #[test]
     fn since_takes_a_number_and_a_unit() {

@@ -173,7 +173,7 @@ fn split_url(url: &str) -> Result<(String, String)> {
 /// What Prometheus said to one request.
 enum Answer {
     Taken,
-    /// Refused for good (4xx), with its reason.
+    /// Refused for good (a 4xx, or a 5xx naming a sample never taken), with its reason.
     Refused(String),
 }
 
@@ -215,10 +215,27 @@ async fn post(host: &str, path: &str, body: &[u8]) -> std::result::Result<Answer
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.trim())
         .unwrap_or("");
+    Ok(answer(status, body)).and_then(|a| a.map_err(|e| format!("{host} {e}")))
+}
+
+/// What Prometheus' status and body mean: Err to try again later. A 4xx is a refusal for
+/// good, and so is a 5xx naming a sample it will never take: Prometheus before 2.47
+/// (Debian 12 ships 2.42) answers 500 for a sample older than its out-of-order window,
+/// and retrying that would hold up every scrape behind it.
+fn answer(status: u16, body: &str) -> std::result::Result<Answer, String> {
+    const NEVER_TAKEN: [&str; 4] = [
+        "too old sample",
+        "out of bounds",
+        "out of order sample",
+        "duplicate sample for timestamp",
+    ];
     match status {
         200..=299 => Ok(Answer::Taken),
         400..=499 => Ok(Answer::Refused(format!("{status} {body}"))),
-        _ => Err(format!("{host} answered {status} {body}")),
+        _ if NEVER_TAKEN.iter().any(|n| body.contains(n)) => {
+            Ok(Answer::Refused(format!("{status} {body}")))
+        }
+        _ => Err(format!("answered {status} {body}")),
     }
 }
 
@@ -344,6 +361,23 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_prometheus_will_never_take_is_refused_not_retried() {
+        assert!(matches!(answer(204, ""), Ok(Answer::Taken)));
+        assert!(matches!(
+            answer(400, "out of order sample"),
+            Ok(Answer::Refused(_))
+        ));
+        assert!(matches!(
+            answer(500, "too old sample"),
+            Ok(Answer::Refused(_))
+        ));
+        assert_eq!(
+            answer(503, "TSDB not ready").err().as_deref(),
+            Some("answered 503 TSDB not ready")
+        );
+    }
 
     fn names(ts: &TimeSeries) -> Vec<(&str, &str)> {
         ts.labels
