@@ -315,6 +315,35 @@ impl ControlPlane {
         )
     }
 
+    /// A box's provisioning for this control plane, which the guest reaches at
+    /// 10.0.2.100:6443 (a guest forward): noded's `apiserver_file`
+    /// (`noded-apiserver.toml`, with `zone`) and a bootstrap kubeconfig with `token`
+    /// ([`ControlPlane::bootstrap_token`]) and the core's CA, under
+    /// /var/lib/edge/provision/kube; the box asks for its own node certificate with them.
+    pub fn provision_bundle(&self, zone: &str, token: &str) -> Result<String> {
+        const KUBE: &str = "/var/lib/edge/provision/kube";
+        let mut bundle = crate::core::toml_string(
+            "noded-apiserver.toml",
+            &format!(
+                "kubeconfig = \"/var/lib/edge/noded/kubeconfig\"\n\
+                 bootstrap_kubeconfig = \"{KUBE}/bootstrap.kubeconfig\"\nzone = \"{zone}\"\n"
+            ),
+        );
+        bundle.push_str(&crate::core::toml_string(
+            "kube/bootstrap.kubeconfig",
+            &ControlPlane::bootstrap_kubeconfig(
+                "https://10.0.2.100:6443",
+                &Path::new(KUBE).join("ca.pem"),
+                token,
+            ),
+        ));
+        bundle.push_str(&crate::core::toml_string(
+            "kube/ca.pem",
+            &std::fs::read_to_string(self.dir.join("ca.pem"))?,
+        ));
+        Ok(bundle)
+    }
+
     /// A node's kubeconfig: a client certificate for `system:node:<node>` in the group
     /// `system:nodes`, which the Node authorizer limits to that node's objects.
     pub fn node_kubeconfig(&self, node: &str) -> Result<PathBuf> {

@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,7 +144,16 @@ pub struct Core {
 
 impl Core {
     pub fn start(dir: &Path, edgectl: &Path) -> Result<Core> {
-        let port = free_port()?;
+        Core::start_on(dir, edgectl, free_port()?)
+    }
+
+    /// [`Core::start`] on 127.0.0.1:`port`, in a process group of its own.
+    pub fn start_on(dir: &Path, edgectl: &Path, port: u16) -> Result<Core> {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            bail!(
+                "127.0.0.1:{port} is taken: another nats-server (or something else) listens there"
+            );
+        }
         std::fs::create_dir_all(dir.join("store"))?;
         run(Command::new(edgectl)
             .args(["nats-config", "--site", "site0", "--tls-cert"])
@@ -162,21 +172,34 @@ impl Core {
             ),
         )?;
         let log = std::fs::File::create(dir.join("nats.log"))?;
-        let child = Command::new("/usr/sbin/nats-server")
+        let mut child = Command::new("/usr/sbin/nats-server")
             .arg("-c")
             .arg(dir.join("nats.conf"))
+            .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            .process_group(0)
             .spawn()
             .context("failed to start /usr/sbin/nats-server")?;
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!("nats-server did not listen on {port}");
+            if start.elapsed() > Duration::from_secs(20) || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                bail!(
+                    "nats-server did not listen on {port}: {}",
+                    std::fs::read_to_string(dir.join("nats.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(Core { port, child })
+    }
+
+    /// Leaves nats-server running after this handle: its process group id.
+    pub fn detach(self) -> u32 {
+        let pid = self.child.id();
+        std::mem::forget(self);
+        pid
     }
 }
 
@@ -312,6 +335,38 @@ pub fn toml_string(name: &str, contents: &str) -> String {
         "{name} cannot be a literal string"
     );
     format!("\"{name}\" = '''\n{contents}'''\n")
+}
+
+/// A site0 box's provisioning (the fw_cfg item `opt/org.edgeos/provision`, which init
+/// unpacks into /var/lib/edge/provision) for the core made in `dir` by [`make_pki`],
+/// which the guest reaches at 10.0.2.100:4222: fabricd's core table (after `extra`, TOML
+/// such as `site = "site1"`), the core's CA and the site's enrollment certificate; the
+/// site certificate comes with enrollment. Also the site network listener's certificate
+/// and the CA of the machines that may produce there.
+pub fn provision_bundle(dir: &Path, extra: &str) -> Result<String> {
+    let pem = |n: &str| {
+        std::fs::read_to_string(dir.join(n)).with_context(|| format!("{}", dir.join(n).display()))
+    };
+    let p = "/var/lib/edge/provision";
+    let id = "/var/lib/edge/identity";
+    let core_toml = format!(
+        "{extra}[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
+         cert = \"{id}/site.pem\"\nkey = \"{id}/site-key.json\"\nbackoff_max_ms = 2000\n\
+         [core.enroll]\ncert = \"{p}/enroll.pem\"\nkey = \"{p}/enroll.key\"\n\
+         recovery_key = \"{id}/recovery-key\"\n"
+    );
+    let mut bundle = toml_string("fabricd-core.toml", &core_toml);
+    for f in ["ca.pem", "enroll.pem", "enroll.key"] {
+        bundle.push_str(&toml_string(f, &pem(f)?));
+    }
+    for (f, from) in [
+        ("lan/server.pem", "lan-server.pem"),
+        ("lan/server.key", "lan-server.key"),
+        ("lan/clients-ca.pem", "ca.pem"),
+    ] {
+        bundle.push_str(&toml_string(f, &pem(from)?));
+    }
+    Ok(bundle)
 }
 
 /// A core ready for a scenario: the PKI made in `dir`, nats-server started with the access

@@ -19,14 +19,16 @@ fn survive_interrupts() {
     }
 }
 
-/// Boots `image` on a disposable disk with the console attached to this terminal;
-/// returns when QEMU exits (guest power-off, Ctrl-C, or Ctrl-A x).
-pub fn run(image: &Path) -> Result<ExitStatus> {
+/// Boots `image` on a disposable disk with the console attached to this terminal, with
+/// the machine's options as `customize` leaves them; returns when QEMU exits (guest
+/// power-off, Ctrl-C, or Ctrl-A x).
+pub fn run(image: &Path, customize: impl FnOnce(&mut Options)) -> Result<ExitStatus> {
     survive_interrupts();
     let mut opts = Options::new(image);
     opts.console = ConsoleMode::Terminal;
     // storaged's pool: a second, empty NVMe disk, as on the edge boxes it targets.
     opts.pool_disk_mib = Some(2048);
+    customize(&mut opts);
     let mut m = Machine::with_options("run", opts)?;
     eprintln!(
         "edgeos: booting {} (TCG; Ctrl-C or Ctrl-A x quits, Ctrl-A c for the QEMU monitor)",

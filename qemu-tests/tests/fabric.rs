@@ -15,14 +15,16 @@
 //!
 //! The box's metrics: its fabricd scrapes init, fabricd, storaged and noded, and the operator's
 //! `edgectl prometheus` writes them into a real Prometheus on the host, labelled with the
-//! box; its service and pod logs reach `edgectl logs`.
+//! box (its pool's size among them); a minute's cut in which storaged is killed four
+//! times arrives afterwards at its own times, and the crash-loop alert fires; its service
+//! and pod logs reach `edgectl logs`.
 //!
 //! The other direction: the operator publishes a signed downlink manifest delivering a
 //! pod, which noded runs; then a newer image allowlist, after which a pod whose image it
 //! leaves out is refused while the running one carries on.
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::core::{free_port, operator_key, run, toml_string, Operator};
+use qemu_tests::core::{free_port, operator_key, run, Operator};
 use qemu_tests::{all_ready, pod, pod_running as running, Machine, Options};
 use sha2::Digest as _;
 use std::collections::BTreeSet;
@@ -66,6 +68,13 @@ spec:
     - name: stranger
       image: edge.local/sensor:1
 "#;
+
+fn unix_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
 
 /// What the fabric scenario asks the core about its records.
 trait Records {
@@ -292,33 +301,8 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
 
     // Site provisioning for this box, as the operator's tooling would make it: the core,
     // and the site's enrollment certificate. The site key and certificate come later.
-    let pem = |n: &str| std::fs::read_to_string(dir.join(n));
-    let p = "/var/lib/edge/provision";
-    let id = "/var/lib/edge/identity";
-    let core_toml = format!(
-        "[core]\nservers = [\"tls://10.0.2.100:4222\"]\nca = \"{p}/ca.pem\"\n\
-         cert = \"{id}/site.pem\"\nkey = \"{id}/site-key.json\"\nbackoff_max_ms = 2000\n\
-         [core.enroll]\ncert = \"{p}/enroll.pem\"\nkey = \"{p}/enroll.key\"\n\
-         recovery_key = \"{id}/recovery-key\"\n"
-    );
-    let provision = |core_toml: &str| -> Result<String> {
-        let mut bundle = toml_string("fabricd-core.toml", core_toml);
-        for f in ["ca.pem", "enroll.pem", "enroll.key"] {
-            bundle.push_str(&toml_string(f, &pem(f)?));
-        }
-        // The site network's listener: its certificate, and the CA of the machines
-        // that may produce there.
-        for (f, from) in [
-            ("lan/server.pem", "lan-server.pem"),
-            ("lan/server.key", "lan-server.key"),
-            ("lan/clients-ca.pem", "ca.pem"),
-        ] {
-            bundle.push_str(&toml_string(f, &pem(from)?));
-        }
-        Ok(bundle)
-    };
     let bundle_path = dir.join("provision.toml");
-    std::fs::write(&bundle_path, provision(&core_toml)?)?;
+    std::fs::write(&bundle_path, qemu_tests::core::provision_bundle(dir, "")?)?;
 
     let http_port = free_port()?;
     let mut opts = Options::new(&qemu_tests::image_from_env()?);
@@ -331,6 +315,8 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         .push(("opt/org.edgeos/provision".into(), bundle_path.clone()));
     let manufacturer = dir.join("tpm-manufacturer");
     opts.tpm_manufacturer = Some(manufacturer.clone());
+    // storaged's pool, whose size the core sees in its metrics.
+    opts.pool_disk_mib = Some(512);
     let mut m = Machine::with_options("fabric", opts)?;
     m.boot()?;
     // The first boot shows the data partition's recovery key once, and keeps it on the
@@ -527,9 +513,13 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
             r#"count(init_service_state{site="site0",machine="edge0",state="ready"} == 1)"#.into(),
             4.0,
         ),
-        // Whether or not this box has a pool disk, storaged says so.
+        // The pool on the box's second disk, and its size in bytes.
         (
-            r#"count(storaged_pool_present{site="site0",machine="edge0"})"#.into(),
+            r#"storaged_pool_present{site="site0",machine="edge0"}"#.into(),
+            1.0,
+        ),
+        (
+            r#"storaged_pool_data_blocks{site="site0",machine="edge0"} * on (site, machine, job) storaged_pool_data_block_bytes > bool 100e6"#.into(),
             1.0,
         ),
         // Its pods are counted (the image's static ones run).
@@ -556,6 +546,72 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
             );
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // The link is cut for a minute, and storaged killed (-9) four times in it: the
+    // minute's scrapes reach Prometheus once the link heals, each at its own time, with
+    // the restarts init counted, and the crash-loop alert fires.
+    let restarts =
+        r#"max(init_service_restarts_total{site="site0",machine="edge0",service="storaged"})"#;
+    let before = prom.value(restarts, None).unwrap_or(0.0);
+    link.set_cut(true);
+    let cut_at = unix_s();
+    let mut killed_pid = None;
+    for kill in 0..4 {
+        let st = m.wait_status(
+            Duration::from_secs(120),
+            &format!("storaged back before kill {}", kill + 1),
+            |st| {
+                qemu_tests::service(st, "storaged").is_some_and(|s| {
+                    s["state"] == "ready"
+                        && s["pid"].as_u64().is_some()
+                        && s["pid"].as_u64() != killed_pid
+                })
+            },
+        )?;
+        killed_pid = qemu_tests::service(&st, "storaged").and_then(|s| s["pid"].as_u64());
+        m.request(serde_json::json!({"cmd": "kill", "service": "storaged", "signal": 9}))?;
+    }
+    eprintln!(
+        "storaged killed 4 times in {:.0} s of the cut",
+        unix_s() - cut_at
+    );
+    let left = 60.0 - (unix_s() - cut_at);
+    if left > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(left));
+    }
+    let stamp = r#"edge_scrape_timestamp_seconds{site="site0",machine="edge0",job="fabricd"}"#;
+    let in_cut = || {
+        prom.value(
+            &format!("count_over_time({stamp}[50s])"),
+            Some(cut_at + 55.0),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(in_cut(), 0.0, "scrapes crossed the cut link");
+    link.set_cut(false);
+    let healed = Instant::now();
+    let crash_loop = r#"ALERTS{alertname="EdgeServiceCrashLooping",alertstate="firing",site="site0",machine="edge0",service="storaged"}"#;
+    loop {
+        let (n, r, alert) = (
+            in_cut(),
+            prom.value(restarts, None),
+            prom.value(crash_loop, None),
+        );
+        if n >= 3.0 && r.is_some_and(|r| r >= before + 4.0) && alert == Some(1.0) {
+            eprintln!(
+                "after the cut: {n} of its scrapes at their own times, storaged restarts {before} -> {r:?}, the crash-loop alert firing, {:?} after it healed",
+                healed.elapsed()
+            );
+            break;
+        }
+        if healed.elapsed() > Duration::from_secs(180) {
+            bail!(
+                "180 s after the cut healed: {n} scrapes from its minute, storaged restarts {before} -> {r:?}, crash-loop alert {alert:?}; the bridge said: {}",
+                std::fs::read_to_string(&bridge_log)?
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
     let _ = bridge.kill();
     let _ = bridge.wait();
@@ -693,7 +749,7 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     // nothing it takes reaches the core as site1.
     std::fs::write(
         &bundle_path,
-        provision(&format!("site = \"site1\"\n{core_toml}"))?,
+        qemu_tests::core::provision_bundle(dir, "site = \"site1\"\n")?,
     )?;
     m.powerdown()?;
     m.wait_exit(Duration::from_secs(90))?;

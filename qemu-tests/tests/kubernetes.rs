@@ -13,15 +13,13 @@
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::controlplane::{built, ControlPlane};
-use qemu_tests::core::{toml_string, Link};
+use qemu_tests::core::Link;
 use qemu_tests::{Machine, Options};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
 /// The box's node name: system.toml's hostname in the image.
 const NODE: &str = "edge0";
-/// Where provisioning puts the credential on the box.
-const KUBE: &str = "/var/lib/edge/provision/kube";
 
 fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -55,27 +53,8 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
 
     // The site's provisioning: the API server's address (the guest forward), the zone,
     // and a bootstrap token with the core's CA; the box asks for its own certificate.
-    let server = "https://10.0.2.100:6443";
     let token = cp.bootstrap_token()?;
-    let mut bundle = toml_string(
-        "noded-apiserver.toml",
-        &format!(
-            "kubeconfig = \"/var/lib/edge/noded/kubeconfig\"\n\
-             bootstrap_kubeconfig = \"{KUBE}/bootstrap.kubeconfig\"\nzone = \"plant-7\"\n"
-        ),
-    );
-    bundle.push_str(&toml_string(
-        "kube/bootstrap.kubeconfig",
-        &ControlPlane::bootstrap_kubeconfig(
-            server,
-            &std::path::Path::new(KUBE).join("ca.pem"),
-            &token,
-        ),
-    ));
-    bundle.push_str(&toml_string(
-        "kube/ca.pem",
-        &std::fs::read_to_string(cp.dir.join("ca.pem"))?,
-    ));
+    let bundle = cp.provision_bundle("plant-7", &token)?;
     let bundle_path = tmp.path().join("provision.toml");
     std::fs::write(&bundle_path, bundle)?;
     let mut opts = Options::new(&qemu_tests::image_from_env()?);

@@ -46,7 +46,12 @@ enum Cmd {
         security_version: Option<u64>,
     },
     /// Build the image if stale and boot it in QEMU with the serial console here.
-    Run,
+    Run {
+        /// Join the core `cargo xtask core up` started: the box is provisioned for it,
+        /// reaches it through guest forwards, and is enrolled by the operator's edgectl.
+        #[arg(long)]
+        core: bool,
+    },
     /// fmt check, clippy, unit tests, then the QEMU system tests.
     Test {
         /// Only the system tests whose name contains this (passed to the test harness).
@@ -144,7 +149,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", out.raw.display());
             Ok(())
         }
-        Cmd::Run => run::run(),
+        Cmd::Run { core } => run::run(core),
         Cmd::Test { filter } => test::run(filter),
         Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Cmd::Core { action } => match action {

@@ -1,13 +1,14 @@
-//! The core's Prometheus as the tests run it: Debian's `prometheus` on loopback, its
-//! remote-write receiver on (`edgectl prometheus` writes into it), samples up to a day
-//! late taken (a box that was cut off backfills), and the alert rules of
-//! image/observability/ loaded and evaluated every second. Shared with the QEMU fabric
-//! scenario (qemu-tests/tests/fabric.rs includes this file), so it needs only std and
-//! serde_json.
+//! The core's Prometheus as the tests and `cargo xtask core up` run it: Debian's
+//! `prometheus` on loopback, its remote-write receiver on (`edgectl prometheus` writes
+//! into it), samples up to a day late taken (a box that was cut off backfills), and the
+//! alert rules of image/observability/ loaded (evaluated every second in the tests). Shared with the QEMU fabric
+//! scenario (qemu-tests/tests/fabric.rs includes this file) and with `cargo xtask core
+//! up` (xtask/src/core.rs), so it needs only std and serde_json.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,22 +25,35 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts one with its configuration and data under `dir`; returns once it is ready.
+    /// Starts one with its configuration and data under `dir`, on a free port, its rules
+    /// evaluated every second; returns once it is ready.
     pub fn start(dir: &Path) -> Prometheus {
-        std::fs::create_dir_all(dir).unwrap();
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  evaluation_interval: 1s\nstorage:\n  tsdb:\n    out_of_order_time_window: 1d\nrule_files:\n  - {}\n",
-                observability().join("alerts.yml").display()
-            ),
-        )
-        .unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap()
             .port();
+        Prometheus::try_start(dir, port, "1s").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts one on 127.0.0.1:`port` with its configuration and data under `dir`, the
+    /// rules evaluated every `evaluation_interval`, in a process group of its own; returns
+    /// once it is ready, or why not.
+    pub fn try_start(
+        dir: &Path,
+        port: u16,
+        evaluation_interval: &str,
+    ) -> Result<Prometheus, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  evaluation_interval: {evaluation_interval}\nstorage:\n  tsdb:\n    out_of_order_time_window: 1d\nrule_files:\n  - {}\n",
+                observability().join("alerts.yml").display()
+            ),
+        )
+        .map_err(|e| format!("{}: {e}", config.display()))?;
+        let log = dir.join("prometheus.log");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -48,25 +62,41 @@ impl Prometheus {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--web.enable-remote-write-receiver")
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .stderr(std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?)
+            .process_group(0)
             .spawn()
-            .expect("run prometheus (Debian's package; cargo xtask test installs it)");
-        let p = Prometheus {
+            .map_err(|e| {
+                format!(
+                    "cannot run prometheus (Debian's package; cargo xtask test installs it): {e}"
+                )
+            })?;
+        let mut p = Prometheus {
             child,
             port,
             dir: dir.to_owned(),
         };
         let start = Instant::now();
         while p.get("/-/ready").map(|(status, _)| status) != Some(200) {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "prometheus not ready after 60 s: {}",
-                std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
-            );
+            let exited = p.child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "prometheus not ready on 127.0.0.1:{port} ({}): {}",
+                    exited.map_or("after 60 s".to_owned(), |st| format!("it exited, {st}")),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
-        p
+        Ok(p)
+    }
+
+    /// Leaves it running after this handle: its process group id.
+    pub fn detach(self) -> u32 {
+        let pid = self.child.id();
+        std::mem::forget(self);
+        pid
     }
 
     /// Where `edgectl prometheus --write-url` writes.
