@@ -302,6 +302,118 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// CPU time of every thread of `pid` so far, in nanoseconds (schedstat's first field).
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// An exposition shaped like a daemon's: `families` gauges of `per` labelled samples each.
+fn exposition(daemon: &str, families: usize, per: usize) -> String {
+    let mut out = String::new();
+    for f in 0..families {
+        let name = format!("{daemon}_family_{f}_bytes");
+        out.push_str(&format!(
+            "# HELP {name} A figure of {daemon}'s, one per thing it watches.\n# TYPE {name} gauge\n"
+        ));
+        for i in 0..per {
+            out.push_str(&format!(
+                "{name}{{service=\"service-{i}\",state=\"running\"}} {}\n",
+                1_000_000 + 37 * (f * per + i)
+            ));
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
+/// What shipping the box's metrics costs it: fabricd scraping its own endpoint and three
+/// exposition files shaped like init's, storaged's and noded's (60, 40 and 60 samples)
+/// once a second for `secs`, against the same fabricd without `[scrape]` for as long,
+/// in the same run. (CPU ns per round of scrapes, acked wire bytes per round, rounds.)
+fn metrics_cost(dir: &std::path::Path, core_toml: &str, secs: u64) -> (f64, f64, u64) {
+    let files = [("init", 10, 6), ("storaged", 8, 5), ("noded", 10, 6)];
+    let write_files = || {
+        for (job, families, per) in files {
+            std::fs::write(
+                dir.join(format!("{job}.prom")),
+                exposition(job, families, per),
+            )
+            .unwrap();
+        }
+    };
+    let measure = |scrape: bool| -> (u64, u64, u64) {
+        let run_dir = dir.join(if scrape { "scraping" } else { "baseline" });
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let mut f = Fabricd::configure(&run_dir, core_toml);
+        if scrape {
+            let targets: Vec<String> = files
+                .iter()
+                .map(|(job, _, _)| {
+                    format!("{job} = \"{}\"", dir.join(format!("{job}.prom")).display())
+                })
+                .collect();
+            let table = format!(
+                "[scrape]\ninterval_secs = 1\ntargets = {{ fabricd = \"{}\" }}\nfiles = {{ {} }}\n",
+                f.metrics,
+                targets.join(", ")
+            );
+            // [scrape] is a table: after the core's tables it would belong to them.
+            let config = std::fs::read_to_string(&f.config).unwrap();
+            let (head, tail) = config.split_at(config.find("[core]").unwrap_or(config.len()));
+            std::fs::write(&f.config, format!("{head}{table}{tail}")).unwrap();
+        }
+        write_files();
+        f.start();
+        let pid = f.child.as_ref().unwrap().id();
+        // Connected, and past its start.
+        std::thread::sleep(Duration::from_secs(3));
+        let rounds = || metric(&f, "fabricd_scrapes_total{target=\"fabricd\"}").unwrap_or(0);
+        let wire = || metric(&f, "fabricd_uplink_wire_bytes_total").unwrap_or(0);
+        let (cpu0, rounds0, wire0) = (cpu_ns(pid), rounds(), wire());
+        for i in 0..secs {
+            std::thread::sleep(Duration::from_secs(1));
+            if i % 10 == 9 {
+                write_files();
+            }
+        }
+        // The last round's records acked.
+        std::thread::sleep(Duration::from_millis(500));
+        let out = (cpu_ns(pid) - cpu0, rounds() - rounds0, wire() - wire0);
+        if scrape {
+            let failed = metric(&f, "fabricd_scrape_failures_total{target=\"init\"}");
+            assert_eq!(
+                failed,
+                Some(0),
+                "the bench's scrapes failed: {}",
+                f.log_text()
+            );
+        }
+        f.terminate();
+        out
+    };
+    let (base_cpu, _, base_wire) = measure(false);
+    let (cpu, rounds, wire) = measure(true);
+    assert!(rounds > 0, "no scrape was made");
+    eprintln!(
+        "metrics: {rounds} rounds of 4 scrapes in {secs} s: fabricd used {:.1} ms of CPU ({:.1} ms without [scrape]), the core acked {wire} wire bytes ({base_wire} without)",
+        cpu as f64 / 1e6,
+        base_cpu as f64 / 1e6
+    );
+    (
+        cpu.saturating_sub(base_cpu) as f64 / rounds as f64,
+        wire.saturating_sub(base_wire) as f64 / rounds as f64,
+        rounds,
+    )
+}
+
 /// `cargo xtask bench fabric` runs this in a release build. Prints figures, then one
 /// JSON line last.
 #[test]
@@ -593,11 +705,24 @@ fn fabric_bench() {
         "at the core from the leaf: {} records, lost {leaf_lost}, duplicated {leaf_duplicated}; leaf nats-server RSS {leaf_rss_kib} KiB",
         at_core.len()
     );
+    // What the box's metrics cost it at the image's interval (15 s).
+    let (scrape_ns, scrape_wire, _) = metrics_cost(
+        &tmp.path().join("metrics"),
+        &pki.core_toml(&nats.url(), "client"),
+        env_or("FABRIC_BENCH_METRICS_SECS", 30),
+    );
+    let metrics_overhead_pct = scrape_ns / 15e9 * 100.0;
+    let metrics_mb_day = scrape_wire * (86_400.0 / 15.0) / 1e6;
+    eprintln!(
+        "metrics: {:.2} ms of CPU and {scrape_wire:.0} wire bytes per round of scrapes; at one round per 15 s: {metrics_overhead_pct:.3} % of one core, {metrics_mb_day:.2} MB a day to the core",
+        scrape_ns / 1e6
+    );
     println!(
-        "{{\"bench\":\"fabric\",\"ingest_mib_s_1k\":{mib_1k:.1},\"ingest_msgs_s_100b\":{r100:.0},\"e2e_msgs_s\":{e2e:.0},\"direct_msgs_s\":{direct:.0},\"e2e_vs_direct\":{:.3},\"catchup_msgs_s\":{catchup:.0},\"lost\":{lost},\"duplicated\":{duplicated},\"rss_kib\":{rss_kib},\
+        "{{\"bench\":\"fabric\",\"metrics_overhead_pct\":{metrics_overhead_pct:.4},\"metrics_mb_day\":{metrics_mb_day:.2},\"metrics_round_cpu_ms\":{:.3},\"ingest_mib_s_1k\":{mib_1k:.1},\"ingest_msgs_s_100b\":{r100:.0},\"e2e_msgs_s\":{e2e:.0},\"direct_msgs_s\":{direct:.0},\"e2e_vs_direct\":{:.3},\"catchup_msgs_s\":{catchup:.0},\"lost\":{lost},\"duplicated\":{duplicated},\"rss_kib\":{rss_kib},\
 \"ingest_vs_leaf_1k\":{:.3},\"ingest_vs_disk_1k\":{:.3},\"e2e_vs_leaf\":{:.3},\"catchup_vs_leaf\":{:.3},\
 \"leaf_ingest_mib_s_1k\":{:.1},\"leaf_e2e_msgs_s\":{leaf_e2e:.0},\"leaf_catchup_msgs_s\":{leaf_catchup:.0},\"leaf_lost\":{leaf_lost},\"leaf_duplicated\":{leaf_duplicated},\"leaf_rss_kib\":{leaf_rss_kib},\
 \"disk_mib_s_1k\":{disk_mib_1k:.1},\"disk_fsyncs\":{}}}",
+        scrape_ns / 1e6,
         e2e / direct,
         r1k / leaf_r1k,
         mib_1k / disk_mib_1k,

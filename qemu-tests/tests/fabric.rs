@@ -486,6 +486,11 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     let mut bridge = op
         .cmd()
         .args(["prometheus", "--write-url", &prom.write_url()])
+        // The core's verdict on the box's boot, every 5 s.
+        .args(["--attestation-every-secs", "5", "--release"])
+        .arg(format!("{}={}", ready.version, pcr11.display()))
+        .arg("--release-key")
+        .arg(&release_key)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&bridge_log)?)
         .spawn()?;
@@ -520,6 +525,11 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         ),
         (
             r#"storaged_pool_data_blocks{site="site0",machine="edge0"} * on (site, machine, job) storaged_pool_data_block_bytes > bool 100e6"#.into(),
+            1.0,
+        ),
+        // The core trusts its boot: its last boot report replays to the image's release.
+        (
+            r#"edge_attestation{site="site0",machine="edge0",job="core",state="trusted"}"#.into(),
             1.0,
         ),
         // Its pods are counted (the image's static ones run).
@@ -602,6 +612,11 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
             eprintln!(
                 "after the cut: {n} of its scrapes at their own times, storaged restarts {before} -> {r:?}, the crash-loop alert firing, {:?} after it healed",
                 healed.elapsed()
+            );
+            eprintln!("ALERTS: {}", prom.query(crash_loop, None)["data"]["result"]);
+            eprintln!(
+                "up: {}",
+                prom.query(r#"up{site="site0",machine="edge0"}"#, None)["data"]["result"]
             );
             break;
         }

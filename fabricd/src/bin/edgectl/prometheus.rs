@@ -10,6 +10,12 @@
 //! out-of-order window), never before. Prometheus down is waited out, in order, so a
 //! restart of either side loses nothing. One scrape per request: Prometheus takes or
 //! refuses a request whole, and a replayed scrape must not take new ones down with it.
+//!
+//! Beside the scrapes, every `--attestation-every-secs` it writes what the core makes of
+//! each enrolled box's last boot report (status.rs's `attestation`, as `edgectl status`
+//! shows it): `edge_attestation{site,machine,job="core",state}`, 1 for the state it is
+//! in (`trusted`, `quoted`, `refused`, `missing`) and 0 for the others. The box cannot
+//! vouch for itself: this is the core's verdict, at the core's time.
 
 use std::time::Duration;
 
@@ -17,6 +23,7 @@ use futures_util::StreamExt;
 use prost::Message as _;
 
 use crate::error::{Error, Result};
+use crate::status::{attestation, Attestation};
 use crate::Cli;
 
 #[derive(clap::Args)]
@@ -33,6 +40,111 @@ pub(crate) struct Args {
     /// Stop after this many scrapes (tests).
     #[arg(long)]
     count: Option<u64>,
+    /// Releases the core accepts, NAME=PATH of their pcr11.json (repeat), as for
+    /// `status`: an enrolled box is `trusted` when its boot replays to one of them.
+    #[arg(long = "release", requires = "release_key")]
+    releases: Vec<String>,
+    /// The key the releases must be signed by (as for `enroll`).
+    #[arg(long)]
+    release_key: Option<std::path::PathBuf>,
+    /// A boot report older than this (by the box's clock against ours) is refused.
+    #[arg(long, default_value_t = 900)]
+    report_max_age_secs: u64,
+    /// Seconds between two writes of the enrolled boxes' attestation (0: none).
+    #[arg(long, default_value_t = 60)]
+    attestation_every_secs: u64,
+}
+
+/// The states of `edge_attestation`.
+const ATTESTATION_STATES: [&str; 4] = ["trusted", "quoted", "refused", "missing"];
+
+/// The enrolled boxes' attestation as one request at `at_ms`: per box
+/// (`<site>.<machine>`), one series per state, 1 for its own.
+fn attestation_request(boxes: &[(String, Attestation)], at_ms: i64) -> WriteRequest {
+    let mut timeseries = Vec::new();
+    for (key, a) in boxes {
+        let (site, machine) = key.split_once('.').unwrap_or((key, ""));
+        let own = match a {
+            Attestation::Trusted { .. } => "trusted",
+            Attestation::Quoted => "quoted",
+            Attestation::Refused(_) => "refused",
+            Attestation::Missing => "missing",
+        };
+        for state in ATTESTATION_STATES {
+            let mut labels: Vec<Label> = [
+                ("__name__", "edge_attestation"),
+                ("job", "core"),
+                ("machine", machine),
+                ("site", site),
+                ("state", state),
+            ]
+            .iter()
+            .map(|(n, v)| Label {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect();
+            labels.sort_by(|a, b| a.name.cmp(&b.name));
+            timeseries.push(TimeSeries {
+                labels,
+                samples: vec![Sample {
+                    value: if state == own { 1.0 } else { 0.0 },
+                    timestamp: at_ms,
+                }],
+            });
+        }
+    }
+    WriteRequest { timeseries }
+}
+
+/// Writes the enrolled boxes' attestation every `--attestation-every-secs`, for as long
+/// as the bridge runs; what fails is said and tried again next time.
+async fn write_attestations(
+    cli: &Cli,
+    js: &async_nats::jetstream::Context,
+    args: &Args,
+    host: &str,
+    path: &str,
+) -> Result<()> {
+    let releases = crate::accepted_releases(&args.releases, args.release_key.as_deref())?;
+    if args.attestation_every_secs == 0 {
+        return std::future::pending().await;
+    }
+    loop {
+        let reports = crate::status::reports(cli, js).await;
+        let enrolled = crate::status::enrolled(cli, js).await;
+        let now = crate::unix_now();
+        let boxes: Vec<(String, Attestation)> = match &reports {
+            Ok(reports) => enrolled
+                .iter()
+                .filter_map(|(key, e)| {
+                    let report = reports.get(key).map(|(_, r)| r);
+                    let a = attestation(Some(e), report, now, args.report_max_age_secs, &releases)?;
+                    Some((key.clone(), a))
+                })
+                .collect(),
+            Err(e) => {
+                eprintln!("edgectl prometheus: the boxes' attestation not written: {e}");
+                Vec::new()
+            }
+        };
+        if !boxes.is_empty() {
+            let request = attestation_request(&boxes, now as i64 * 1000);
+            let body = snap::raw::Encoder::new()
+                .compress_vec(&request.encode_to_vec())
+                .map_err(|e| Error::Invalid {
+                    what: "the attestation request".into(),
+                    why: format!("cannot be compressed: {e}"),
+                })?;
+            match post(host, path, &body).await {
+                Ok(Answer::Taken) => {}
+                Ok(Answer::Refused(why)) | Err(why) => {
+                    eprintln!("edgectl prometheus: the boxes' attestation not written: {why}")
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(args.attestation_every_secs)).await;
+    }
 }
 
 // Prometheus remote write 1.0 (prometheus/prompb/remote.proto, types.proto): the field
@@ -274,93 +386,142 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         format_args!("{}.*.*.{}.>", cli.prefix, args.topic),
         args.write_url
     );
-    let (mut written, mut refused) = (0u64, 0u64);
-    let mut said = std::time::Instant::now();
-    while args.count.is_none_or(|c| written + refused < c) {
-        let Some(m) = msgs.next().await else { break };
-        let m = m.map_err(fabricd::Error::core("failed to read"))?;
-        let header = |name: &str| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        let id = header("Nats-Msg-Id").unwrap_or_default();
-        let Some(from) = origin(&m.subject, &cli.prefix, &args.topic) else {
-            eprintln!(
-                "edgectl prometheus: {} {id}: not a scrape's subject; skipped",
-                m.subject
-            );
-            let _ = m.ack().await;
-            continue;
-        };
-        let at_ms = header("Fabric-Timestamp")
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| edge_common::unix_ms() as i64);
-        let value =
-            fabricd::uplink::decode(&m.payload, header("Fabric-Encoding").as_deref(), 64 << 20);
-        let failed = header(fabricd::scrape::ERROR_HEADER);
-        let text = match (&failed, &value) {
-            (Some(_), _) => None,
-            (None, Ok(v)) => Some(String::from_utf8_lossy(v).into_owned()),
-            (None, Err(e)) => {
+    let scrapes = async {
+        let (mut written, mut refused) = (0u64, 0u64);
+        let mut said = std::time::Instant::now();
+        while args.count.is_none_or(|c| written + refused < c) {
+            let Some(m) = msgs.next().await else { break };
+            let m = m.map_err(fabricd::Error::core("failed to read"))?;
+            let header = |name: &str| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let id = header("Nats-Msg-Id").unwrap_or_default();
+            let Some(from) = origin(&m.subject, &cli.prefix, &args.topic) else {
                 eprintln!(
-                    "edgectl prometheus: {} {id}: {e}; written as up 0",
+                    "edgectl prometheus: {} {id}: not a scrape's subject; skipped",
                     m.subject
                 );
-                None
+                let _ = m.ack().await;
+                continue;
+            };
+            let at_ms = header("Fabric-Timestamp")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| edge_common::unix_ms() as i64);
+            let value =
+                fabricd::uplink::decode(&m.payload, header("Fabric-Encoding").as_deref(), 64 << 20);
+            let failed = header(fabricd::scrape::ERROR_HEADER);
+            let text = match (&failed, &value) {
+                (Some(_), _) => None,
+                (None, Ok(v)) => Some(String::from_utf8_lossy(v).into_owned()),
+                (None, Err(e)) => {
+                    eprintln!(
+                        "edgectl prometheus: {} {id}: {e}; written as up 0",
+                        m.subject
+                    );
+                    None
+                }
+            };
+            let (request, problem) = write_request(&from, at_ms, text.as_deref());
+            if !problem.is_empty() {
+                eprintln!(
+                    "edgectl prometheus: {} {id}: {problem}; written as up 0",
+                    m.subject
+                );
             }
-        };
-        let (request, problem) = write_request(&from, at_ms, text.as_deref());
-        if !problem.is_empty() {
-            eprintln!(
-                "edgectl prometheus: {} {id}: {problem}; written as up 0",
-                m.subject
-            );
-        }
-        let body = snap::raw::Encoder::new()
-            .compress_vec(&request.encode_to_vec())
-            .map_err(|e| Error::Invalid {
-                what: format!("{} {id}", m.subject),
-                why: format!("cannot be compressed: {e}"),
-            })?;
-        let mut wait = Duration::from_secs(1);
-        let answer = loop {
-            match post(&host, &path, &body).await {
-                Ok(a) => break a,
-                Err(why) => {
-                    eprintln!("edgectl prometheus: {why}; trying again in {wait:?}");
-                    let _ = m.ack_with(AckKind::Progress).await;
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(30));
+            let body = snap::raw::Encoder::new()
+                .compress_vec(&request.encode_to_vec())
+                .map_err(|e| Error::Invalid {
+                    what: format!("{} {id}", m.subject),
+                    why: format!("cannot be compressed: {e}"),
+                })?;
+            let mut wait = Duration::from_secs(1);
+            let answer = loop {
+                match post(&host, &path, &body).await {
+                    Ok(a) => break a,
+                    Err(why) => {
+                        eprintln!("edgectl prometheus: {why}; trying again in {wait:?}");
+                        let _ = m.ack_with(AckKind::Progress).await;
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                }
+            };
+            match answer {
+                Answer::Taken => written += 1,
+                Answer::Refused(why) => {
+                    refused += 1;
+                    eprintln!(
+                        "edgectl prometheus: {} {id}: Prometheus refused it: {why}",
+                        m.subject
+                    );
                 }
             }
-        };
-        match answer {
-            Answer::Taken => written += 1,
-            Answer::Refused(why) => {
-                refused += 1;
-                eprintln!(
-                    "edgectl prometheus: {} {id}: Prometheus refused it: {why}",
-                    m.subject
-                );
+            m.ack()
+                .await
+                .map_err(fabricd::Error::core("failed to ack"))?;
+            if said.elapsed() >= Duration::from_secs(60) {
+                eprintln!("edgectl prometheus: {written} scrapes written, {refused} refused");
+                said = std::time::Instant::now();
             }
         }
-        m.ack()
-            .await
-            .map_err(fabricd::Error::core("failed to ack"))?;
-        if said.elapsed() >= Duration::from_secs(60) {
-            eprintln!("edgectl prometheus: {written} scrapes written, {refused} refused");
-            said = std::time::Instant::now();
-        }
+        eprintln!("edgectl prometheus: {written} scrapes written, {refused} refused");
+        Ok::<(), Error>(())
+    };
+    tokio::select! {
+        r = scrapes => r,
+        r = write_attestations(cli, js, args, &host, &path) => r,
     }
-    eprintln!("edgectl prometheus: {written} scrapes written, {refused} refused");
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_box_attestation_is_one_series_per_state_one_of_them_1() {
+        let boxes = [
+            (
+                "plant7.edge0".to_owned(),
+                Attestation::Trusted {
+                    release: "1.2.0".into(),
+                    slot: "a".into(),
+                },
+            ),
+            (
+                "plant7.edge1".to_owned(),
+                Attestation::Refused("old".into()),
+            ),
+        ];
+        let r = attestation_request(&boxes, 5000);
+        assert_eq!(r.timeseries.len(), 8);
+        let ones: Vec<String> = r
+            .timeseries
+            .iter()
+            .filter(|t| {
+                t.samples
+                    == vec![Sample {
+                        value: 1.0,
+                        timestamp: 5000,
+                    }]
+            })
+            .map(|t| {
+                let names: Vec<&str> = t.labels.iter().map(|l| l.name.as_str()).collect();
+                assert_eq!(names, ["__name__", "job", "machine", "site", "state"]);
+                let v: Vec<&str> = t.labels.iter().map(|l| l.value.as_str()).collect();
+                v.join(" ")
+            })
+            .collect();
+        assert_eq!(
+            ones,
+            [
+                "edge_attestation core edge0 plant7 trusted",
+                "edge_attestation core edge1 plant7 refused"
+            ]
+        );
+    }
 
     #[test]
     fn a_sample_prometheus_will_never_take_is_refused_not_retried() {

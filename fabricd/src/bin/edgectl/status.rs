@@ -76,45 +76,12 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         row.records += count;
         row.last_offset = row.last_offset.max(offset);
     }
-    // Each box's latest report, keyed `<site>.<machine>`.
-    let reports = js
-        .get_key_value(&cli.status_bucket)
-        .await
-        .map_err(fabricd::Error::core(format!(
-            "no KV bucket {}",
-            cli.status_bucket
-        )))?;
-    for key in kv_keys(js, &cli.status_bucket).await? {
-        let Ok(Some(entry)) = reports.entry(&key).await else {
-            continue;
-        };
-        if entry.operation != async_nats::jetstream::kv::Operation::Put {
-            continue;
-        }
-        let row = machines.entry(key.clone()).or_default();
-        row.contact = row.contact.max(entry.created.unix_timestamp());
-        match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&entry.value) {
-            Ok(s) => row.status = Some(s),
-            Err(e) => eprintln!("{key}: unreadable status report: {e}"),
-        }
+    for (key, (created, report)) in reports(cli, js).await? {
+        let row = machines.entry(key).or_default();
+        row.contact = row.contact.max(created);
+        row.status = Some(report);
     }
-    // Each enrolled box's record (none before any enrollment, or for boxes given a
-    // certificate by hand).
-    let mut enrolled = std::collections::HashMap::new();
-    if let Ok(bucket) = js.get_key_value(&cli.enrolled_bucket).await {
-        if let Ok(keys) = kv_keys(js, &cli.enrolled_bucket).await {
-            for key in keys {
-                if let Ok(Some(v)) = bucket.get(&key).await {
-                    match serde_json::from_slice::<edge_tpm::enrollment::Enrolled>(&v) {
-                        Ok(e) => {
-                            enrolled.insert(key, e);
-                        }
-                        Err(e) => eprintln!("{key}: unreadable enrollment record: {e}"),
-                    }
-                }
-            }
-        }
-    }
+    let enrolled = enrolled(cli, js).await;
     let now = unix_now() as i64;
     let mut below = Vec::new();
     // `box acked` and the lag are what the box last reported (`?`: no report yet).
@@ -154,33 +121,26 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
             }
             None => ["?", "?", "?", "?"].map(String::from),
         };
-        let boot = match (
+        let boot = match attestation(
             enrolled.get(&m),
-            row.status.as_ref().and_then(|s| s.boot.as_ref()),
+            row.status.as_ref(),
+            now as u64,
+            *report_max_age_secs,
+            &releases,
         ) {
-            (Some(e), Some(report)) => match edge_tpm::enrollment::check_report(
-                e,
-                report,
-                now as u64,
-                *report_max_age_secs,
-                &releases,
-            ) {
-                Ok(Some((release, slot))) => format!("{release}/{slot}"),
-                Ok(None) => "quoted".into(),
-                Err(e) => {
-                    below.push(format!("{m}: boot report refused: {e}"));
-                    "REFUSED".into()
-                }
-            },
-            // Enrolled, and no boot in its report: a box that stopped quoting
-            // (or never reported) is not taken on trust.
-            (Some(_), None) => {
+            Some(Attestation::Trusted { release, slot }) => format!("{release}/{slot}"),
+            Some(Attestation::Quoted) => "quoted".into(),
+            Some(Attestation::Refused(e)) => {
+                below.push(format!("{m}: boot report refused: {e}"));
+                "REFUSED".into()
+            }
+            Some(Attestation::Missing) => {
                 below.push(format!(
                     "{m}: enrolled, but its last status report has no boot report"
                 ));
                 "MISSING".into()
             }
-            (None, _) => "-".into(),
+            None => "-".into(),
         };
         let health = row.status.as_ref().and_then(|s| s.health.as_ref());
         let (word, notes) = health_of(health, now as u64 * 1000);
@@ -196,6 +156,97 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         println!("{r}");
     }
     Ok(())
+}
+
+/// Each box's latest status report, keyed `<site>.<machine>`, with when the core took it
+/// (unix seconds). An unreadable one is said and left out.
+pub(crate) async fn reports(
+    cli: &Cli,
+    js: &async_nats::jetstream::Context,
+) -> Result<std::collections::BTreeMap<String, (i64, fabricd::uplink::BoxStatus)>> {
+    let bucket = js
+        .get_key_value(&cli.status_bucket)
+        .await
+        .map_err(fabricd::Error::core(format!(
+            "no KV bucket {}",
+            cli.status_bucket
+        )))?;
+    let mut out = std::collections::BTreeMap::new();
+    for key in kv_keys(js, &cli.status_bucket).await? {
+        let Ok(Some(entry)) = bucket.entry(&key).await else {
+            continue;
+        };
+        if entry.operation != async_nats::jetstream::kv::Operation::Put {
+            continue;
+        }
+        match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&entry.value) {
+            Ok(s) => {
+                out.insert(key, (entry.created.unix_timestamp(), s));
+            }
+            Err(e) => eprintln!("{key}: unreadable status report: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Each enrolled box's record, keyed `<site>.<machine>` (none before any enrollment, or
+/// for boxes given a certificate by hand). An unreadable one is said and left out.
+pub(crate) async fn enrolled(
+    cli: &Cli,
+    js: &async_nats::jetstream::Context,
+) -> std::collections::HashMap<String, edge_tpm::enrollment::Enrolled> {
+    let mut enrolled = std::collections::HashMap::new();
+    if let Ok(bucket) = js.get_key_value(&cli.enrolled_bucket).await {
+        if let Ok(keys) = kv_keys(js, &cli.enrolled_bucket).await {
+            for key in keys {
+                if let Ok(Some(v)) = bucket.get(&key).await {
+                    match serde_json::from_slice::<edge_tpm::enrollment::Enrolled>(&v) {
+                        Ok(e) => {
+                            enrolled.insert(key, e);
+                        }
+                        Err(e) => eprintln!("{key}: unreadable enrollment record: {e}"),
+                    }
+                }
+            }
+        }
+    }
+    enrolled
+}
+
+/// What the core makes of an enrolled box's last boot report.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Attestation {
+    /// Its quote checks and its boot replays to one of the accepted releases.
+    Trusted { release: String, slot: String },
+    /// Its quote checks; no releases were given to replay its boot against.
+    Quoted,
+    /// Refused, and why.
+    Refused(String),
+    /// Enrolled, and no boot report in its last status report: a box that stopped
+    /// quoting (or never reported) is not taken on trust.
+    Missing,
+}
+
+/// The attestation of a box from its enrollment and last report; None when it is not
+/// enrolled.
+pub(crate) fn attestation(
+    enrolled: Option<&edge_tpm::enrollment::Enrolled>,
+    report: Option<&fabricd::uplink::BoxStatus>,
+    now: u64,
+    max_age: u64,
+    releases: &[edge_tpm::replay::Release],
+) -> Option<Attestation> {
+    let e = enrolled?;
+    let Some(boot) = report.and_then(|r| r.boot.as_ref()) else {
+        return Some(Attestation::Missing);
+    };
+    Some(
+        match edge_tpm::enrollment::check_report(e, boot, now, max_age, releases) {
+            Ok(Some((release, slot))) => Attestation::Trusted { release, slot },
+            Ok(None) => Attestation::Quoted,
+            Err(e) => Attestation::Refused(e.to_string()),
+        },
+    )
 }
 
 /// The health column's word, and the lines an operator must read about it.
