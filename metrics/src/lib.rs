@@ -58,6 +58,7 @@ enum Samples {
     Counter(Vec<(Labels, u64)>),
     Gauge(Vec<(Labels, i64)>),
     GaugeF64(Vec<(Labels, f64)>),
+    CounterF64(Vec<(Labels, f64)>),
 }
 
 #[derive(Debug)]
@@ -90,6 +91,24 @@ impl Exposition {
             "{name}: a counter's name ends in _total"
         );
         self.push(name, help, Samples::Counter(samples.into_iter().collect()));
+    }
+
+    /// A counter family of fractions (seconds spent); `name` ends in `_total`.
+    pub fn counter_f64(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, f64)>,
+    ) {
+        debug_assert!(
+            name.ends_with("_total"),
+            "{name}: a counter's name ends in _total"
+        );
+        self.push(
+            name,
+            help,
+            Samples::CounterF64(samples.into_iter().collect()),
+        );
     }
 
     /// A gauge family of counts or bytes.
@@ -140,6 +159,11 @@ impl Collector for Exposition {
         for f in &self.families {
             match &f.samples {
                 Samples::Counter(s) => {
+                    let name = f.name.strip_suffix("_total").unwrap_or(&f.name);
+                    let m = encoder.encode_descriptor(name, &f.help, None, MetricType::Counter)?;
+                    samples(m, s, |v| ConstCounter::new(*v))?;
+                }
+                Samples::CounterF64(s) => {
                     let name = f.name.strip_suffix("_total").unwrap_or(&f.name);
                     let m = encoder.encode_descriptor(name, &f.help, None, MetricType::Counter)?;
                     samples(m, s, |v| ConstCounter::new(*v))?;

@@ -123,6 +123,7 @@ pub fn render(pool: Option<&Pool>) -> String {
         "1 when a pool device is claimed and its thin pool active.",
         one(pool.is_some() as u64),
     );
+    csi_calls(&mut f, &crate::csi::calls());
     let Some(pool) = pool else {
         return f.render();
     };
@@ -254,6 +255,29 @@ pub fn render(pool: Option<&Pool>) -> String {
     f.render()
 }
 
+/// The CSI calls served, per method: how many (ok or refused) and the seconds they took
+/// (their mean latency is `rate(storaged_csi_call_seconds_total[5m]) /
+/// sum without (result) (rate(storaged_csi_calls_total[5m]))`).
+fn csi_calls(f: &mut Exposition, calls: &[(&str, crate::csi::Calls)]) {
+    f.counter(
+        "storaged_csi_calls_total",
+        "CSI calls answered, per method and result (ok, or refused with an error status).",
+        calls.iter().flat_map(|(m, c)| {
+            [
+                (labels(&[("method", m), ("result", "ok")]), c.answered),
+                (labels(&[("method", m), ("result", "refused")]), c.refused),
+            ]
+        }),
+    );
+    f.counter_f64(
+        "storaged_csi_call_seconds_total",
+        "Seconds from a CSI request to its answer, summed per method.",
+        calls
+            .iter()
+            .map(|(m, c)| (labels(&[("method", m)]), c.seconds)),
+    );
+}
+
 /// Binds the metrics port (`metrics_listen`, e.g. `127.0.0.1:9402`).
 pub async fn bind(addr: &str) -> crate::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -364,6 +388,34 @@ mod tests {
                 metadata: 90
             }
         );
+    }
+
+    #[test]
+    fn csi_calls_are_counted_per_method_and_result_with_their_seconds() {
+        let mut f = Exposition::new();
+        let c = crate::csi::Calls {
+            answered: 3,
+            refused: 1,
+            seconds: 0.25,
+        };
+        csi_calls(&mut f, &[("CreateVolume", c)]);
+        let samples = edge_common::metrics::parse(&f.render()).unwrap();
+        let v = |name: &str, result: Option<&str>| {
+            samples
+                .iter()
+                .find(|s| {
+                    s.name == name
+                        && s.labels
+                            .iter()
+                            .any(|(k, v)| k == "method" && v == "CreateVolume")
+                        && result
+                            .is_none_or(|r| s.labels.iter().any(|(k, v)| k == "result" && v == r))
+                })
+                .map(|s| s.value)
+        };
+        assert_eq!(v("storaged_csi_calls_total", Some("ok")), Some(3.0));
+        assert_eq!(v("storaged_csi_calls_total", Some("refused")), Some(1.0));
+        assert_eq!(v("storaged_csi_call_seconds_total", None), Some(0.25));
     }
 
     #[test]

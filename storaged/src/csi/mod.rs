@@ -3,11 +3,13 @@
 //! `server::Grpc` codec, no generated code) to the driver in `driver/`. The messages
 //! and the client are the edge-csi crate's, shared with noded.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tonic::body::Body;
 use tonic::codec::ProstCodec;
@@ -46,6 +48,49 @@ where
     grpc.unary(svc, req).await
 }
 
+/// The CSI calls one method served since storaged started (its `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Calls {
+    /// Answered without an error.
+    pub answered: u64,
+    /// Answered with an error status.
+    pub refused: u64,
+    /// Time from the request to the answer, all calls.
+    pub seconds: f64,
+}
+
+/// Per method, only the methods storaged serves (a caller cannot add labels).
+static CALLS: Mutex<BTreeMap<&'static str, Calls>> = Mutex::new(BTreeMap::new());
+
+/// The CSI calls served so far, by method.
+pub fn calls() -> Vec<(&'static str, Calls)> {
+    let calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    calls.iter().map(|(m, c)| (*m, *c)).collect()
+}
+
+/// Runs one call of `method` and counts it, refused when its answer carries an error
+/// status (tonic puts an error in the headers of a unary answer).
+async fn counted(
+    method: &'static str,
+    call: impl Future<Output = http::Response<Body>>,
+) -> http::Response<Body> {
+    let start = Instant::now();
+    let resp = call.await;
+    let refused = resp
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() != b"0");
+    let mut calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    let c = calls.entry(method).or_default();
+    if refused {
+        c.refused += 1;
+    } else {
+        c.answered += 1;
+    }
+    c.seconds += start.elapsed().as_secs_f64();
+    resp
+}
+
 /// The three CSI services behind one tower service.
 #[derive(Clone)]
 pub struct Server {
@@ -56,7 +101,7 @@ macro_rules! routes {
     ($path:expr, $driver:expr, $req:expr, { $($svc:literal / $method:literal => $fn:ident),* $(,)? }) => {
         match $path {
             $(concat!("/csi.v1.", $svc, "/", $method) => {
-                unary($driver, $req, |d, r| Box::pin(async move { d.$fn(r).await })).await
+                counted($method, unary($driver, $req, |d, r| Box::pin(async move { d.$fn(r).await }))).await
             })*
             other => Status::unimplemented(format!("storaged does not implement {other}")).into_http(),
         }
