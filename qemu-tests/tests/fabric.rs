@@ -527,11 +527,6 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
             r#"storaged_pool_data_blocks{site="site0",machine="edge0"} * on (site, machine, job) storaged_pool_data_block_bytes > bool 100e6"#.into(),
             1.0,
         ),
-        // storaged's CSI calls are counted (noded stages the pods' volumes through it).
-        (
-            r#"sum(storaged_csi_calls_total{site="site0",machine="edge0",result="ok"}) > bool 0"#.into(),
-            1.0,
-        ),
         // The core trusts its boot: its last boot report replays to the image's release.
         (
             r#"edge_attestation{site="site0",machine="edge0",job="core",state="trusted"}"#.into(),

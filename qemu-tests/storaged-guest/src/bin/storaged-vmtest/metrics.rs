@@ -146,5 +146,27 @@ pub async fn metrics_move(c: &Client) -> Result<(), String> {
             deleted[volumes], deleted[used], before[volumes], before[used]
         ));
     }
+    // Each CSI call counted under its method (absent before its first call).
+    let ok = |m: &HashMap<String, u64>, method: &str| {
+        m.get(&format!(
+            r#"storaged_csi_calls_total{{method="{method}",result="ok"}}"#
+        ))
+        .copied()
+        .unwrap_or(0)
+    };
+    for method in [
+        "CreateVolume",
+        "NodeStageVolume",
+        "NodeUnstageVolume",
+        "DeleteVolume",
+    ] {
+        if ok(&deleted, method) != ok(&before, method) + 1 {
+            return Err(format!(
+                "storaged_csi_calls_total of {method}: {} before one call, {} after",
+                ok(&before, method),
+                ok(&deleted, method)
+            ));
+        }
+    }
     Ok(())
 }
