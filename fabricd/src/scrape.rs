@@ -60,9 +60,9 @@ pub struct Stats {
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct JobStats {
-    pub scrapes: u64,
-    pub failures: u64,
+struct JobStats {
+    scrapes: u64,
+    failures: u64,
     /// Why the last scrape failed; None when it worked.
     last_error: Option<String>,
 }

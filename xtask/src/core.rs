@@ -6,7 +6,8 @@
 //! for site0 and `edgectl setup` done); Debian's Prometheus on 127.0.0.1:9090 with the
 //! alert rules of image/observability/, fed by `edgectl prometheus` from the boxes'
 //! metrics streams. All left running until `core down`. Its state lives in
-//! `<cache>/core` (the fabric's PKI and a box's provisioning in `fabric/`).
+//! `<cache>/core` (the fabric's PKI in `fabric/`, a box's provisioning in
+//! `provision.toml` and what `run --core` needs besides in `box.json`).
 
 use anyhow::{bail, Context, Result};
 use qemu_tests::controlplane::ControlPlane;
