@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::prometheus::{observability, Prometheus};
+use common::prometheus::{observability, Bridge, Prometheus};
 use common::*;
 
 fn promtool(args: &[&str]) -> String {
@@ -83,15 +83,16 @@ fn a_box_metrics_reach_prometheus_through_a_cut_with_their_own_times() {
     f.start();
 
     let prom = Prometheus::start(&core.tmp.path().join("prometheus"));
-    let mut bridge = core
-        .edgectl()
-        .arg("prometheus")
-        .arg("--write-url")
-        .arg(prom.write_url())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(core.tmp.path().join("bridge.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let bridge = Bridge(
+        core.edgectl()
+            .arg("prometheus")
+            .arg("--write-url")
+            .arg(prom.write_url())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(core.tmp.path().join("bridge.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let bridge_log = || std::fs::read_to_string(core.tmp.path().join("bridge.log")).unwrap();
 
     // The box's series arrive, labelled with where they came from.
@@ -223,7 +224,6 @@ fn a_box_metrics_reach_prometheus_through_a_cut_with_their_own_times() {
     let heard = prom.query(&exprs[0], None);
     assert_eq!(heard["data"]["result"][0]["value"][1], "1", "{heard}");
 
-    let _ = bridge.kill();
-    let _ = bridge.wait();
+    drop(bridge);
     f.terminate();
 }

@@ -483,17 +483,18 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
     // The box's metrics at the core: every daemon's, through the fabric, in Prometheus.
     let prom = prometheus::Prometheus::start(&dir.join("prometheus"));
     let bridge_log = dir.join("bridge.log");
-    let mut bridge = op
-        .cmd()
-        .args(["prometheus", "--write-url", &prom.write_url()])
-        // The core's verdict on the box's boot, every 5 s.
-        .args(["--attestation-every-secs", "5", "--release"])
-        .arg(format!("{}={}", ready.version, pcr11.display()))
-        .arg("--release-key")
-        .arg(&release_key)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&bridge_log)?)
-        .spawn()?;
+    let bridge = prometheus::Bridge(
+        op.cmd()
+            .args(["prometheus", "--write-url", &prom.write_url()])
+            // The core's verdict on the box's boot, every 5 s.
+            .args(["--attestation-every-secs", "5", "--release"])
+            .arg(format!("{}={}", ready.version, pcr11.display()))
+            .arg("--release-key")
+            .arg(&release_key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&bridge_log)?)
+            .spawn()?,
+    );
     // The box's scrapes since it booted arrive in order, the early ones from before it
     // was ready: what follows is waited for, not asserted on the first answer.
     let os = format!(
@@ -628,8 +629,7 @@ fn fabricd_in_the_appliance_mirrors_to_the_core_exactly_once_across_a_link_cut()
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    let _ = bridge.kill();
-    let _ = bridge.wait();
+    drop(bridge);
     drop(prom);
 
     // The box's logs at the core: a service's (init's file) and a pod's (its CRI log).

@@ -163,6 +163,17 @@ impl Drop for Prometheus {
     }
 }
 
+/// A bridge (`edgectl prometheus`) a test started: stopped when dropped, also when the
+/// test fails, so none is left writing into a Prometheus that is gone.
+pub struct Bridge(pub Child);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A query string value, percent-encoded.
 fn percent(s: &str) -> String {
     s.bytes()
