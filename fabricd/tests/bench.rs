@@ -302,7 +302,7 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// CPU time of every thread of `pid` so far, in nanoseconds (schedstat's first field).
+/// CPU time of the threads of `pid` alive now, in nanoseconds (schedstat's first field).
 fn cpu_ns(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|tasks| {
@@ -386,7 +386,13 @@ fn metrics_cost(dir: &std::path::Path, core_toml: &str, secs: u64) -> (f64, f64,
         }
         // The last round's records acked.
         std::thread::sleep(Duration::from_millis(500));
-        let out = (cpu_ns(pid) - cpu0, rounds() - rounds0, wire() - wire0);
+        // schedstat is summed over the threads alive at each reading: one that exited in
+        // between takes its time with it, so the difference cannot go below zero.
+        let out = (
+            cpu_ns(pid).saturating_sub(cpu0),
+            rounds() - rounds0,
+            wire() - wire0,
+        );
         if scrape {
             let failed = metric(&f, "fabricd_scrape_failures_total{target=\"init\"}");
             assert_eq!(
