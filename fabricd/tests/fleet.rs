@@ -3,12 +3,15 @@
 //! certificates and one user per site, as `edgectl nats-config` writes it), set up by
 //! `edgectl setup` with three replicas, and 50 sites, each a real fabricd process with its
 //! own durable log, certificate and subjects, producing 200-byte records at a steady rate.
-//! Meanwhile one server is killed (SIGKILL) and started again, and, at another time, a
-//! third of the sites lose their link to the core for 15 s. Every record a site's fabricd
-//! acknowledged is at the core exactly once, and a site still cannot write as another.
-//! Every site watches its downlink manifest; one site in `DOWNLINK_EVERY` is sent a model
-//! (an object and a signed manifest) while the links are cut, and each of them, cut off
-//! or not, ends with the model's bytes.
+//! The cluster's routes carry TLS with each server's own certificate. Meanwhile one
+//! server is killed (SIGKILL) and, in the test, started again with its store emptied (a
+//! machine given a new disk); while it is down, a third of the sites lose their link to
+//! the core for 15 s. Every record a site's fabricd acknowledged is at the core exactly
+//! once, every replica of the records stream holds them all again, and a site still
+//! cannot write as another. Every site watches its downlink manifest; one site in
+//! `DOWNLINK_EVERY` is sent a model (an object and a signed manifest) while the server is
+//! down and the links are cut, and each of them, cut off or not, ends with the model's
+//! bytes.
 //!
 //! `fleet_bench` (ignored; `cargo xtask bench fleet` runs it in release) is the same
 //! scenario at fleet size, its shape from `FLEET_*` variables, and prints its figures and
@@ -44,20 +47,24 @@ struct Shape {
     partition_at: u64,
     partition: u64,
     producers: usize,
+    /// The killed server comes back with an empty store.
+    empty_store: bool,
 }
 
 impl Shape {
-    /// The test's: 50 sites at 5 records/s for 40 s, a 15 s partition.
+    /// The test's: 50 sites at 5 records/s for 40 s, a server down from 8 to 20 s and
+    /// back with an empty store, a 15 s partition from 12 s.
     fn test() -> Shape {
         Shape {
             sites: 50,
             rate: 5,
             run: 40,
             kill_at: 8,
-            restart_at: 16,
-            partition_at: 20,
+            restart_at: 20,
+            partition_at: 12,
             partition: 15,
             producers: 5,
+            empty_store: true,
         }
     }
 
@@ -70,7 +77,7 @@ impl Shape {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(d)
         };
-        let partition = env("FLEET_PARTITION_S", 60);
+        let partition = env("FLEET_PARTITION_S", 60).max(11);
         let run = env("FLEET_RUN_S", partition + 60);
         Shape {
             sites: env("FLEET_SITES", 1000) as usize,
@@ -78,9 +85,12 @@ impl Shape {
             run,
             kill_at: 10,
             restart_at: 25,
-            partition_at: 30.min(run.saturating_sub(partition)),
+            partition_at: 15,
             partition,
             producers: 16,
+            // Its own store: an empty one would make the loaded cluster copy a whole
+            // replica of the stream while it runs, which the test does at its size.
+            empty_store: false,
         }
     }
 }
@@ -146,11 +156,38 @@ fn run_fleet(shape: &Shape) -> Figures {
     let names: Vec<String> = (0..shape.sites).map(|i| format!("s{i:03}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let begun = Instant::now();
+    assert!(
+        shape.kill_at < shape.partition_at
+            && shape.partition_at < shape.restart_at
+            && shape.restart_at < shape.partition_at + shape.partition,
+        "the cut begins while the server is down and ends after it is back: {shape:?}"
+    );
     let mut core = Core::start_cluster(&refs, 3);
     let out = core.edgectl(&["setup"]);
     assert!(
         out.contains("cluster edge-core") && out.contains("stream EDGE ready (3 replica(s))"),
         "{out}"
+    );
+    // The routes formed the cluster (setup made three replicas) over TLS, and take
+    // nothing else: a route that speaks plain NATS is closed, nothing said to it.
+    let port = core.routes[0];
+    let mut route = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    route
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(&mut route, b"CONNECT {}\r\nPING\r\n").unwrap();
+    let mut said = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut route, &mut said);
+    assert!(said.is_empty(), "a plain route was answered: {said:?}");
+    wait_for(
+        "n0 to refuse the plain route",
+        Duration::from_secs(10),
+        || {
+            core.nats
+                .log_text()
+                .contains("Router connection closed: TLS Handshake Failure")
+                .then_some(())
+        },
     );
     // The model the operator sends: in the object store before the sites start.
     let keys = core.tmp.path().join("keys");
@@ -252,9 +289,6 @@ fn run_fleet(shape: &Shape) -> Figures {
     // Its CPU time so far goes with it: counted here.
     let cpu_killed = core.peers[1].pid().map_or(0.0, |p| rss_and_cpu(p).1);
     core.peers[1].kill9();
-    at(shape.restart_at);
-    eprintln!("starting server n2 again");
-    core.peers[1].restart();
     at(shape.partition_at);
     eprintln!(
         "cutting the links of {partitioned} sites for {} s",
@@ -263,7 +297,8 @@ fn run_fleet(shape: &Shape) -> Figures {
     for r in &relays {
         r.set_cut(true);
     }
-    // The model goes out while a third of the sites cannot hear it.
+    // The model goes out while a server is down and a third of the sites cannot hear it:
+    // the buckets work on the two servers left.
     let manifest = core.tmp.path().join("manifest.json");
     std::fs::write(
         &manifest,
@@ -304,6 +339,14 @@ fn run_fleet(shape: &Shape) -> Figures {
         }
         (published.elapsed(), waiting)
     });
+    at(shape.restart_at);
+    if shape.empty_store {
+        eprintln!("starting server n2 again, its store empty");
+        core.peers[1].wipe_store();
+    } else {
+        eprintln!("starting server n2 again");
+    }
+    core.peers[1].restart();
     at(shape.partition_at + shape.partition);
     for r in &relays {
         r.set_cut(false);
@@ -377,6 +420,48 @@ fn run_fleet(shape: &Shape) -> Figures {
         held.len(),
         healed.elapsed()
     );
+    // Every replica of the records stream holds what its leader holds: the server that
+    // came back (with an empty store, in the test) caught up.
+    let replicas = core.rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let cluster = match js.get_stream("EDGE").await {
+                Ok(mut s) => s.info().await.ok().and_then(|i| i.cluster.clone()),
+                Err(_) => None,
+            };
+            let seen = cluster.as_ref().map(|c| {
+                let mut said = vec![format!("leader {}", c.leader.as_deref().unwrap_or("none"))];
+                for r in &c.replicas {
+                    said.push(format!(
+                        "{}: current {}, offline {}, lag {:?}",
+                        r.name, r.current, r.offline, r.lag
+                    ));
+                }
+                said.join("; ")
+            });
+            let whole = cluster.as_ref().is_some_and(|c| {
+                c.leader.is_some()
+                    && c.replicas.len() == 2
+                    && c.replicas
+                        .iter()
+                        .all(|r| r.current && !r.offline && r.lag.unwrap_or(0) == 0)
+            });
+            if whole {
+                return Ok(seen.unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                return Err(seen.unwrap_or_else(|| "no cluster information".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    // And each server's own copy says so: the one that came back holds every message.
+    let copies: Vec<Option<u64>> = (0..3).map(|i| core.replica_messages(i, "EDGE")).collect();
+    eprintln!("messages in each server's copy of the records stream: {copies:?}");
+    match &replicas {
+        Ok(seen) => eprintln!("the records stream's replicas: {seen}"),
+        Err(seen) => eprintln!("the records stream's replicas never all caught up: {seen}"),
+    }
     // The model, at every site it was sent to.
     let (downlink_took, missing_model) = watcher.join().unwrap();
     eprintln!(
@@ -431,6 +516,17 @@ fn run_fleet(shape: &Shape) -> Figures {
         );
     }
     let (mut lost, mut duplicated) = (0u64, 0u64);
+    if copies.iter().any(|c| *c != copies[0]) || copies[0] != Some(held.len() as u64) {
+        short.push(format!(
+            "the servers' copies of the records stream hold {copies:?} messages, the stream {}",
+            held.len()
+        ));
+    }
+    if let Err(seen) = &replicas {
+        short.push(format!(
+            "the records stream's replicas did not all catch up in 120 s: {seen}"
+        ));
+    }
     for (_, p) in &missing_model {
         short.push(format!("no model (or not whole) at {}", p.display()));
     }

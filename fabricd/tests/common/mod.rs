@@ -313,7 +313,8 @@ impl Pki {
             dir.join("ext.cnf"),
             "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
              [server]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n\
-             [client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+             [client]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n\
+             [peer]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
         )
         .unwrap();
         for ca in ["ca", "foreign-ca"] {
@@ -365,6 +366,12 @@ impl Pki {
         self.issue(name, subject, "ca", "client");
     }
 
+    /// Issues `<name>.pem` and `<name>.key`: a cluster server's certificate for its
+    /// routes, which each end presents to the other (server and client use, 127.0.0.1).
+    pub fn issue_peer(&self, name: &str, subject: &str) {
+        self.issue(name, subject, "ca", "peer");
+    }
+
     /// Issues `<name>.pem`: a client certificate with `subject` for the public key in
     /// `public_pem` (a key this directory never holds, e.g. one in a TPM).
     pub fn issue_client_for(&self, name: &str, subject: &str, public_pem: &Path) {
@@ -373,7 +380,7 @@ impl Pki {
     }
 
     /// `<name>.pem` and `<name>.key`, signed by `<ca>.pem` with the `ext` section of
-    /// ext.cnf (server or client).
+    /// ext.cnf (server, client or peer).
     fn issue(&self, name: &str, subject: &str, ca: &str, ext: &str) {
         self.issue_for(name, subject, ca, ext, None);
     }
@@ -540,6 +547,14 @@ impl Nats {
         wait_for("nats-server to listen", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).ok()
         });
+    }
+
+    /// Empties the stopped server's store, as a machine given a new disk comes back.
+    pub fn wipe_store(&self) {
+        assert!(self.child.is_none(), "the server is running");
+        let store = self.dir.join("store");
+        std::fs::remove_dir_all(&store).unwrap();
+        std::fs::create_dir_all(&store).unwrap();
     }
 
     /// Kills the server at once (SIGKILL), as a crashed machine would.

@@ -20,6 +20,11 @@ pub struct Core {
     pub nats: Nats,
     /// A cluster's other servers (none for a single server).
     pub peers: Vec<Nats>,
+    /// A cluster's route, profiling and monitoring ports, by server (empty for one
+    /// server).
+    pub routes: Vec<u16>,
+    pub prof_ports: Vec<u16>,
+    pub monitor_ports: Vec<u16>,
     pub rt: tokio::runtime::Runtime,
 }
 
@@ -29,9 +34,12 @@ impl Core {
     }
 
     /// `nodes` servers; more than one form one JetStream cluster (`edge-core`, each
-    /// server its own store, routes on loopback without TLS, client URLs not advertised so
-    /// that a client reaches only the servers it is given), set up by `edgectl setup`
-    /// with its default replicas (3 in a cluster).
+    /// server its own store, routes on loopback with TLS both ways: each server presents
+    /// its own certificate of the core's CA and requires the other's; client URLs not
+    /// advertised so that a client reaches only the servers it is given; the monitoring
+    /// and Go's profiling endpoints on loopback, `monitor_ports` and `prof_ports`, for what
+    /// each server holds), set up by
+    /// `edgectl setup` with its default replicas (3 in a cluster).
     pub fn start_cluster(sites: &[&str], nodes: usize) -> Core {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::generate(&tmp.path().join("pki"));
@@ -41,6 +49,8 @@ impl Core {
             pki.issue_client(&format!("site-{site}"), &format!("/CN=site-{site}"));
         }
         let routes: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+        let prof_ports: Vec<u16> = routes.iter().map(|_| free_port()).collect();
+        let monitor_ports: Vec<u16> = routes.iter().map(|_| free_port()).collect();
         let mut servers = Vec::new();
         for (i, port) in routes.iter().enumerate() {
             let nats_dir = match i {
@@ -56,9 +66,15 @@ impl Core {
                     .filter(|p| *p != port)
                     .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
                     .collect();
+                pki.issue_peer(&format!("n{i}"), &format!("/CN=n{i}"));
                 conf.push_str(&format!(
-                    "server_name: n{i}\ncluster {{\n name: edge-core\n listen: 127.0.0.1:{port}\n no_advertise: true\n routes: [{}]\n}}\n",
-                    others.join(", ")
+                    "server_name: n{i}\nprof_port: {}\nhttp: \"127.0.0.1:{}\"\ncluster {{\n name: edge-core\n listen: 127.0.0.1:{port}\n no_advertise: true\n routes: [{}]\n tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 5\n }}\n}}\n",
+                    prof_ports[i],
+                    monitor_ports[i],
+                    others.join(", "),
+                    pki.path(&format!("n{i}.pem")).display(),
+                    pki.path(&format!("n{i}.key")).display(),
+                    pki.path("ca.pem").display(),
                 ));
             }
             servers.push(Nats::start_with(&nats_dir, &conf));
@@ -69,6 +85,9 @@ impl Core {
             pki,
             nats,
             peers: servers,
+            routes: if nodes > 1 { routes } else { Vec::new() },
+            prof_ports: if nodes > 1 { prof_ports } else { Vec::new() },
+            monitor_ports: if nodes > 1 { monitor_ports } else { Vec::new() },
             rt: core_runtime(),
         };
         // A cluster answers JetStream requests once it has elected its meta leader.
@@ -83,6 +102,39 @@ impl Core {
             std::thread::sleep(Duration::from_millis(500));
         }
         core
+    }
+
+    /// The body of `GET path` from a server's HTTP endpoint on `port` (HTTP/1.0, so
+    /// that Go's server answers unchunked).
+    pub fn server_get(port: u16, path: &str) -> String {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let (status, body) = http(addr, format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+        assert_eq!(status, 200, "GET {path} on port {port}: {body}");
+        body
+    }
+
+    /// How many messages cluster server `i`'s own replica of `stream` holds (its
+    /// monitoring endpoint's `/jsz`), if it holds one.
+    pub fn replica_messages(&self, i: usize, stream: &str) -> Option<u64> {
+        let body = Core::server_get(self.monitor_ports[i], "/jsz?accounts=true&streams=true");
+        let jsz: serde_json::Value = serde_json::from_str(&body).ok()?;
+        jsz["account_details"]
+            .as_array()?
+            .iter()
+            .filter_map(|a| a["stream_detail"].as_array())
+            .flatten()
+            .find(|st| st["name"] == stream)?["state"]["messages"]
+            .as_u64()
+    }
+
+    /// The bytes cluster server `i`'s Go heap holds after a collection (`HeapAlloc` of
+    /// its profiling endpoint): what the server keeps, without the garbage RSS counts.
+    pub fn heap_bytes(&self, i: usize) -> u64 {
+        let body = Core::server_get(self.prof_ports[i], "/debug/pprof/heap?gc=1&debug=1");
+        body.lines()
+            .find_map(|l| l.strip_prefix("# HeapAlloc = "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no HeapAlloc in server n{i}'s heap profile"))
     }
 
     /// Every server's URL.
