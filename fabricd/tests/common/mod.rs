@@ -31,6 +31,16 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     held.map(|l| l.local_addr().unwrap().port())
 }
 
+/// `n` distinct free ports, as [`free_ports`] picks them.
+pub fn free_port_list(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 /// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -545,6 +555,13 @@ impl Nats {
         self.child = Some(child);
         let port = self.port;
         wait_for("nats-server to listen", Duration::from_secs(20), || {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("nats-server exited ({st}):\n{}", self.log_text());
+            }
             TcpStream::connect(("127.0.0.1", port)).ok()
         });
     }

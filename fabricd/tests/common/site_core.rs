@@ -48,9 +48,10 @@ impl Core {
         for site in sites {
             pki.issue_client(&format!("site-{site}"), &format!("/CN=site-{site}"));
         }
-        let routes: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
-        let prof_ports: Vec<u16> = routes.iter().map(|_| free_port()).collect();
-        let monitor_ports: Vec<u16> = routes.iter().map(|_| free_port()).collect();
+        let mut ports = free_port_list(3 * nodes);
+        let monitor_ports = ports.split_off(2 * nodes);
+        let prof_ports = ports.split_off(nodes);
+        let routes = ports;
         let mut servers = Vec::new();
         for (i, port) in routes.iter().enumerate() {
             let nats_dir = match i {
@@ -150,7 +151,7 @@ impl Core {
     }
 
     /// Runs edgectl as the operator: whether it succeeded, its stdout and its stderr;
-    /// panics when it takes more than 30 s.
+    /// panics when it takes more than 60 s (edgectl's own --timeout is per request).
     pub fn edgectl_run(&self, args: &[&str]) -> (bool, String, String) {
         let (stdout, stderr) = (self.tmp.path().join("out"), self.tmp.path().join("err"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_edgectl"))
@@ -172,10 +173,14 @@ impl Core {
             if let Some(status) = child.try_wait().unwrap() {
                 break status;
             }
-            if started.elapsed() > Duration::from_secs(30) {
+            if started.elapsed() > Duration::from_secs(60) {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("edgectl {args:?} did not finish in 30 s");
+                panic!(
+                    "edgectl {args:?} did not finish in 60 s: {}{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default(),
+                    std::fs::read_to_string(&stdout).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };

@@ -1,5 +1,6 @@
 //! `edgectl status`: each box as the core sees it: its records in the stream, what it
-//! last reported (acked offset, lag, drops), its last contact and its boot report.
+//! last reported (acked offset, lag, drops), its last contact and its boot report; and,
+//! when the core is a cluster, how the records stream's replicas stand.
 
 use std::path::PathBuf;
 
@@ -155,7 +156,59 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
     for r in below {
         println!("{r}");
     }
+    let info = stream.cached_info();
+    if let Some(line) = replicas_line(&cli.stream, info.config.num_replicas, info.cluster.as_ref())
+    {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// How a clustered stream's replicas stand, as `status` says it last: its leader and
+/// each other replica, current or not; `None` for a stream of one replica. A replica
+/// behind (a server back with an empty store copying the stream, or a slow one) or
+/// offline, or a stream without a leader (records wait on the boxes until it has one),
+/// is said in capitals.
+fn replicas_line(
+    stream: &str,
+    replicas: usize,
+    cluster: Option<&async_nats::jetstream::stream::ClusterInfo>,
+) -> Option<String> {
+    if replicas <= 1 {
+        return None;
+    }
+    let mut said = vec![match cluster.and_then(|c| c.leader.as_deref()) {
+        Some(leader) => format!("leader {leader}"),
+        None => "NO LEADER (the cluster lost its quorum for it: records wait on the boxes)".into(),
+    }];
+    let peers = cluster.map_or(&[][..], |c| &c.replicas[..]);
+    for p in peers {
+        said.push(if p.offline {
+            format!(
+                "{} OFFLINE (last seen {} s ago)",
+                p.name,
+                p.active.as_secs()
+            )
+        } else if !p.current || p.lag.unwrap_or(0) > 0 {
+            format!(
+                "{} CATCHING UP ({} operations behind)",
+                p.name,
+                p.lag.unwrap_or(0)
+            )
+        } else {
+            format!("{} current", p.name)
+        });
+    }
+    if peers.len() + 1 < replicas {
+        said.push(format!(
+            "{} of its {replicas} replicas MISSING",
+            replicas - 1 - peers.len()
+        ));
+    }
+    Some(format!(
+        "stream {stream}: {replicas} replicas: {}",
+        said.join(", ")
+    ))
 }
 
 /// Each box's latest status report, keyed `<site>.<machine>`, with when the core took it
@@ -289,8 +342,49 @@ fn health_of(h: Option<&fabricd::uplink::Health>, now_ms: u64) -> (&'static str,
 
 #[cfg(test)]
 mod tests {
-    use super::health_of;
+    use super::{health_of, replicas_line};
+    use async_nats::jetstream::stream::{ClusterInfo, PeerInfo};
     use fabricd::uplink::Health;
+    use std::time::Duration;
+
+    #[test]
+    fn a_replica_offline_or_behind_and_a_stream_without_leader_are_said() {
+        assert_eq!(replicas_line("EDGE", 1, None), None);
+        let peer = |name: &str, current, offline, lag| PeerInfo {
+            name: name.into(),
+            current,
+            offline,
+            lag,
+            active: Duration::from_secs(12),
+        };
+        let mut c = ClusterInfo {
+            leader: Some("n1".into()),
+            replicas: vec![
+                peer("n0", true, false, None),
+                peer("n2", true, false, Some(0)),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            replicas_line("EDGE", 3, Some(&c)).unwrap(),
+            "stream EDGE: 3 replicas: leader n1, n0 current, n2 current"
+        );
+        c.replicas[1] = peer("n2", false, false, Some(4096));
+        assert_eq!(
+            replicas_line("EDGE", 3, Some(&c)).unwrap(),
+            "stream EDGE: 3 replicas: leader n1, n0 current, n2 CATCHING UP (4096 operations behind)"
+        );
+        c.replicas[1] = peer("n2", false, true, None);
+        c.replicas.remove(0);
+        assert_eq!(
+            replicas_line("EDGE", 3, Some(&c)).unwrap(),
+            "stream EDGE: 3 replicas: leader n1, n2 OFFLINE (last seen 12 s ago), 1 of its 3 replicas MISSING"
+        );
+        c.leader = None;
+        assert!(replicas_line("EDGE", 3, Some(&c))
+            .unwrap()
+            .starts_with("stream EDGE: 3 replicas: NO LEADER"));
+    }
 
     #[test]
     fn a_degraded_or_watchdog_reset_box_is_named_with_why_and_since_when() {
