@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use super::fetch::{fetch_item, stamp_published, Objects};
+use super::fetch::{fetch_item, stamp_published, Failure, Objects};
 use super::manifest::{for_this_box, verify_manifest, Holds, Item, Manifest};
 use super::status::Status;
 use super::{version_file, Report};
@@ -80,11 +80,21 @@ pub(super) async fn apply<'a>(
                 report.applied.push(format!("{}/{}", item.kind, item.name));
             }
             Ok(false) => {}
-            Err(e) => {
+            Err(Failure::Refused(e)) => {
                 status.refused.fetch_add(1, Ordering::Relaxed);
                 report
                     .refused
                     .push((format!("{}/{}", item.kind, item.name), e.to_string()))
+            }
+            // Said as refused, and the manifest is applied again (the session starts
+            // over after a back-off), resuming what was downloaded.
+            Err(Failure::Interrupted(e)) => {
+                status.refused.fetch_add(1, Ordering::Relaxed);
+                report.interrupted = true;
+                report.refused.push((
+                    format!("{}/{}", item.kind, item.name),
+                    format!("{e} (will be tried again)"),
+                ))
             }
         }
     }

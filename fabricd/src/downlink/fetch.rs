@@ -88,7 +88,8 @@ pub(super) async fn save_progress(path: &Path, p: &Progress) -> std::io::Result<
     tokio::fs::rename(&tmp, path).await
 }
 
-/// Why a fetch failed: a transfer that can be resumed later, or bytes that must go.
+/// Why a fetch failed: a transfer that can be resumed later (the core or this box's
+/// disk failed it), or bytes that must go.
 pub(super) enum Failure {
     Interrupted(Error),
     Refused(Error),
@@ -103,11 +104,11 @@ pub(super) async fn fetch_item(
     objects: &Objects,
     dir: &Path,
     status: &Status,
-) -> Result<bool> {
+) -> Result<bool, Failure> {
     let kind_dir = dir.join(&item.kind);
     tokio::fs::create_dir_all(&kind_dir)
         .await
-        .map_err(Error::io("create", &kind_dir))?;
+        .map_err(|e| Failure::Interrupted(Error::io("create", &kind_dir)(e)))?;
     let dest = kind_dir.join(&item.name);
     if sha256_file(&dest).await.as_deref() == Some(item.sha256.to_ascii_lowercase().as_str()) {
         return Ok(false);
@@ -142,35 +143,46 @@ pub(super) async fn fetch_item(
             }))
         }
     });
-    match verdict {
-        Ok(()) => {}
-        Err(Failure::Interrupted(e)) => return Err(e),
-        Err(Failure::Refused(e)) => {
+    if let Err(failure) = verdict {
+        if let Failure::Refused(_) = failure {
             let _ = tokio::fs::remove_file(&tmp).await;
             let _ = tokio::fs::remove_file(&progress).await;
-            return Err(e);
         }
+        return Err(failure);
     }
+    place(item, &tmp, &progress, &dest, &kind_dir)
+        .await
+        .map_err(Failure::Interrupted)?;
+    Ok(true)
+}
+
+/// A verified download put in place: synced, stamped, renamed over `dest`.
+async fn place(
+    item: &Item,
+    tmp: &Path,
+    progress: &Path,
+    dest: &Path,
+    kind_dir: &Path,
+) -> Result<()> {
     // The daemon's runtime is single-threaded: file I/O goes through tokio::fs so a
     // sync does not stall the producers.
-    let synced = match tokio::fs::OpenOptions::new().write(true).open(&tmp).await {
+    let synced = match tokio::fs::OpenOptions::new().write(true).open(tmp).await {
         Ok(f) => f.sync_all().await,
         Err(e) => Err(e),
     };
-    synced.map_err(Error::io("sync", &tmp))?;
+    synced.map_err(Error::io("sync", tmp))?;
     // Stamped before it is in place: init never sees the copy with another time.
     if let Some(ms) = item.published_ms {
-        stamp_published(&tmp, ms)?;
+        stamp_published(tmp, ms)?;
     }
-    tokio::fs::rename(&tmp, &dest)
+    tokio::fs::rename(tmp, dest)
         .await
         .map_err(|source| Error::Rename {
-            from: tmp.clone(),
+            from: tmp.to_owned(),
             source,
         })?;
-    let _ = tokio::fs::remove_file(&progress).await;
-    sync_dir(&kind_dir).map_err(Error::io("sync", &kind_dir))?;
-    Ok(true)
+    let _ = tokio::fs::remove_file(progress).await;
+    sync_dir(kind_dir).map_err(Error::io("sync", kind_dir))
 }
 
 pub(super) async fn fetch_kv(

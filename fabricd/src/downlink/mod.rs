@@ -49,6 +49,10 @@ struct Report<'a> {
     version: Option<u64>,
     applied: Vec<String>,
     refused: Vec<(String, String)>,
+    /// An item's fetch failed for the core or this box's disk, not for its bytes: the
+    /// manifest is applied again.
+    #[serde(skip)]
+    interrupted: bool,
 }
 
 /// Runs forever: watch the manifests for this site and machine and apply them.
@@ -153,6 +157,7 @@ async fn session(
                 version: None,
                 applied: vec![],
                 refused: vec![],
+                interrupted: false,
             },
             status,
         );
@@ -182,6 +187,15 @@ async fn session(
         let body = serde_json::to_vec(&report).unwrap_or_default();
         if let Err(e) = client.publish(report_subject.clone(), body.into()).await {
             tracing::warn!("failed to report downlink result to the core: {e}");
+        }
+        if report.interrupted {
+            // A core that lost a server can leave a chunk or key unanswered for a while
+            // with this session's connection still up: start over, after the back-off,
+            // and the watch gives the manifest again.
+            return Err(Error::Ended {
+                what: "a download was interrupted",
+                event: None,
+            });
         }
     }
 }

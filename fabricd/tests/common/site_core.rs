@@ -151,7 +151,7 @@ impl Core {
     }
 
     /// Runs edgectl as the operator: whether it succeeded, its stdout and its stderr;
-    /// panics when it takes more than 60 s (edgectl's own --timeout is per request).
+    /// panics when it takes more than 120 s (edgectl's own --timeout is per request).
     pub fn edgectl_run(&self, args: &[&str]) -> (bool, String, String) {
         let (stdout, stderr) = (self.tmp.path().join("out"), self.tmp.path().join("err"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_edgectl"))
@@ -173,11 +173,11 @@ impl Core {
             if let Some(status) = child.try_wait().unwrap() {
                 break status;
             }
-            if started.elapsed() > Duration::from_secs(60) {
+            if started.elapsed() > Duration::from_secs(120) {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "edgectl {args:?} did not finish in 60 s: {}{}",
+                    "edgectl {args:?} did not finish in 120 s: {}{}",
                     std::fs::read_to_string(&stderr).unwrap_or_default(),
                     std::fs::read_to_string(&stdout).unwrap_or_default()
                 );
