@@ -14,7 +14,7 @@ use std::time::Instant;
 /// (builds warm), in minutes.
 const BENCHES: &[(&str, u64)] = &[
     ("fabric", 6),
-    ("fleet", 10),
+    ("fleet", 15),
     ("storage", 14),
     ("boot", 8),
     ("pods", 5),
@@ -95,6 +95,12 @@ const ROWS: &[Row] = &[
         "core CPU per 1,000 sites, % of a core",
         "/core_cpu_pct_per_1k_sites",
         None,
+    ),
+    row(
+        "fleet",
+        "core heap per site, KiB, one stream vs a stream per site",
+        "/layout/one_stream_heap_kib_per_site",
+        Some("/layout/stream_per_site_heap_kib_per_site"),
     ),
     row(
         "storage",

@@ -8,6 +8,7 @@ use super::fetch::{fetch_item, stamp_published, Failure, Objects};
 use super::manifest::{for_this_box, verify_manifest, Holds, Item, Manifest};
 use super::status::Status;
 use super::{version_file, Report};
+use crate::error::Error;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply<'a>(
@@ -86,14 +87,21 @@ pub(super) async fn apply<'a>(
                     .refused
                     .push((format!("{}/{}", item.kind, item.name), e.to_string()))
             }
-            // Said as refused, and the manifest is applied again (the session starts
-            // over after a back-off), resuming what was downloaded.
+            // Said as refused. When the core failed it (a key or chunk unanswered), the
+            // manifest is applied again (the session starts over after a back-off),
+            // resuming what was downloaded; this box's disk failing it waits for the
+            // next manifest or session, as a full disk would only fail again.
             Err(Failure::Interrupted(e)) => {
                 status.refused.fetch_add(1, Ordering::Relaxed);
-                report.interrupted = true;
+                let again = matches!(e, Error::Core { .. } | Error::Object { .. });
+                report.interrupted |= again;
                 report.refused.push((
                     format!("{}/{}", item.kind, item.name),
-                    format!("{e} (will be tried again)"),
+                    if again {
+                        format!("{e} (will be tried again)")
+                    } else {
+                        e.to_string()
+                    },
                 ))
             }
         }

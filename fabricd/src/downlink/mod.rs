@@ -49,8 +49,8 @@ struct Report<'a> {
     version: Option<u64>,
     applied: Vec<String>,
     refused: Vec<(String, String)>,
-    /// An item's fetch failed for the core or this box's disk, not for its bytes: the
-    /// manifest is applied again.
+    /// An item's fetch failed for the core, not for its bytes: the manifest is applied
+    /// again.
     #[serde(skip)]
     interrupted: bool,
 }

@@ -27,8 +27,7 @@ pub fn free_port() -> u16 {
 /// `N` distinct free ports: all held at once while they are picked (one after another,
 /// a port just let go can come back as the next).
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
-    held.map(|l| l.local_addr().unwrap().port())
+    free_port_list(N).try_into().unwrap()
 }
 
 /// `n` distinct free ports, as [`free_ports`] picks them.
