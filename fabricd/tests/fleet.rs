@@ -35,6 +35,14 @@ const DOWNLINK_EVERY: usize = 20;
 /// The model the sites are sent: a small model update.
 const MODEL_BYTES: usize = 256 << 10;
 
+/// `FLEET_*` variable `k` as a number, or `d`.
+fn env(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
 /// The scenario's shape: times in seconds from the first record.
 #[derive(Debug, Clone)]
 struct Shape {
@@ -79,12 +87,6 @@ impl Shape {
     /// The bench's (issue #15): 1,000 sites at 10 records/s, a 60 s partition, unless
     /// `FLEET_SITES`, `FLEET_RATE`, `FLEET_RUN_S`, `FLEET_PARTITION_S` say otherwise.
     fn bench() -> Shape {
-        let env = |k: &str, d: u64| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
         let partition = env("FLEET_PARTITION_S", 60).max(11);
         let run = env("FLEET_RUN_S", partition + 60);
         Shape {
@@ -722,20 +724,6 @@ async fn publish_all(
         .await;
 }
 
-/// A stream as `edgectl setup` makes the records stream: three replicas, file storage,
-/// the default duplicate window, direct gets.
-fn stream_config(name: String, subjects: String) -> async_nats::jetstream::stream::Config {
-    async_nats::jetstream::stream::Config {
-        name,
-        subjects: vec![subjects],
-        num_replicas: 3,
-        duplicate_window: Duration::from_secs(600),
-        storage: async_nats::jetstream::stream::StorageType::File,
-        allow_direct: true,
-        ..Default::default()
-    }
-}
-
 /// What the stream layout costs the core (issue #15, docs/fleet.md "The stream layout"),
 /// on a fresh three-server cluster with three replicas, each figure the change in what
 /// the servers' heaps hold after a collection (all three summed) or in their CPU:
@@ -794,7 +782,8 @@ fn measure_layout(sites: usize, ids: u64) -> serde_json::Value {
             .map(|i| {
                 let js = js.clone();
                 async move {
-                    let config = stream_config(format!("SITE_s{i:04}"), format!("site.s{i:04}.>"));
+                    let config =
+                        stream_config(&format!("SITE_s{i:04}"), &format!("site.s{i:04}.>"), 3);
                     let mut tries = 0;
                     while let Err(e) = js.get_or_create_stream(config.clone()).await {
                         tries += 1;
@@ -811,10 +800,10 @@ fn measure_layout(sites: usize, ids: u64) -> serde_json::Value {
     core.rt.block_on(publish_all(&js, records("site")));
     let (h2, idle2) = settled(&format!("and a stream for each of the {sites} sites"));
     core.rt.block_on(async {
-        js.create_stream(stream_config("NOIDS".into(), "noids.>".into()))
+        js.create_stream(stream_config("NOIDS", "noids.>", 3))
             .await
             .unwrap();
-        js.create_stream(stream_config("IDS".into(), "ids.>".into()))
+        js.create_stream(stream_config("IDS", "ids.>", 3))
             .await
             .unwrap();
     });
@@ -849,12 +838,6 @@ fn measure_layout(sites: usize, ids: u64) -> serde_json::Value {
 #[test]
 #[ignore]
 fn fleet_layout() {
-    let env = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
     let layout = measure_layout(env("FLEET_SITES", 1000) as usize, env("FLEET_IDS", 200_000));
     println!(
         "{}",

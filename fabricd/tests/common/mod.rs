@@ -693,17 +693,28 @@ pub async fn core_client(pki: &Pki, url: &str) -> async_nats::Client {
 
 /// Creates the core stream the way an operator would (the edge never does).
 pub async fn create_stream(js: &async_nats::jetstream::Context) {
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "EDGE".into(),
-        subjects: vec!["edge.>".into()],
+    js.create_stream(stream_config("EDGE", "edge.>", 1))
+        .await
+        .expect("create stream EDGE");
+}
+
+/// A stream as `edgectl setup` makes the records stream: file storage, the default
+/// duplicate window, direct gets (a box asks what the core holds of its records), kept
+/// by `replicas` servers.
+pub fn stream_config(
+    name: &str,
+    subjects: &str,
+    replicas: usize,
+) -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subjects.into()],
+        num_replicas: replicas,
         duplicate_window: Duration::from_secs(600),
         storage: async_nats::jetstream::stream::StorageType::File,
-        // As `edgectl setup` makes it: a box asks what the core holds of its records.
         allow_direct: true,
         ..Default::default()
-    })
-    .await
-    .expect("create stream EDGE");
+    }
 }
 
 /// One message as the core holds it.
