@@ -307,9 +307,6 @@ pub fn run() -> Result<()> {
         console: work.0.join("console.log"),
         timeout: Duration::from_secs(1500),
         kvm,
-        // With QEMU's eventfd notifications the guest went idle for good, a request
-        // never answered, in four of six long runs (docs/storage.md).
-        ioeventfd: false,
     })?;
     for line in console.lines().filter(|l| l.starts_with("bench ")) {
         println!("  guest: {}", line.trim_end_matches('\r'));

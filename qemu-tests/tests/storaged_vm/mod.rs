@@ -118,7 +118,6 @@ pub fn run_with(
         console: dir.join(format!("console-{phase}.log")),
         timeout: Duration::from_secs(300),
         kvm: false,
-        ioeventfd: true,
     })
     .unwrap_or_else(|e| panic!("{phase} boot: {e:#}"));
     assert!(
