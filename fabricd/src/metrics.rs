@@ -124,6 +124,11 @@ impl Metrics {
             load(&s.duplicates),
         );
         e.counter(
+            "fabricd_uplink_log_diverged_total",
+            "Sessions that found the core holding a record of ours this log does not (a log restored from a backup).",
+            load(&s.log_diverged),
+        );
+        e.counter(
             "fabricd_uplink_reconnects_total",
             "Uplink sessions started again after a failure.",
             load(&s.reconnects),

@@ -27,6 +27,10 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     pub offset: u64,
+    /// The CRC32C of its stored body (offset, time, topic, key, headers and value): the
+    /// uplink names the record by it beside its offset, so that another record at the
+    /// same offset (a log restored from a backup) is told apart at the core.
+    pub crc: u32,
     pub record: Record,
 }
 
@@ -155,8 +159,16 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a body (CRC already checked by [`check_frame`]).
-pub fn decode_body(body: &[u8]) -> Result<Stored, DecodeError> {
+/// Decodes a whole frame whose CRC [`check_frame`] has checked.
+pub fn decode_frame(frame: &[u8]) -> Result<Stored, DecodeError> {
+    let mut r = Reader { buf: frame };
+    let _len = r.u32("frame length")?;
+    let crc = r.u32("frame CRC")?;
+    decode_body(r.buf, crc)
+}
+
+/// Decodes a body whose CRC is `crc`.
+fn decode_body(body: &[u8], crc: u32) -> Result<Stored, DecodeError> {
     let mut r = Reader { buf: body };
     let offset = r.u64("offset")?;
     let timestamp_ms = r.u64("timestamp")? as i64;
@@ -182,6 +194,7 @@ pub fn decode_body(body: &[u8]) -> Result<Stored, DecodeError> {
     }
     Ok(Stored {
         offset,
+        crc,
         record: Record {
             topic,
             key,
@@ -248,8 +261,9 @@ mod tests {
         // body, CRC 0) whose offset cannot be read; it used to panic.
         assert_eq!(check_frame(&[0u8; 8]).unwrap(), Some(8));
         assert_eq!(frame_offset(&[0u8; 8]), None);
-        let back = decode_body(&framed[FRAME_HEADER..]).unwrap();
+        let back = decode_frame(&framed).unwrap();
         assert_eq!(back.offset, 42);
+        assert_eq!(back.crc, crc32c::crc32c(&body));
         assert_eq!(back.record, rec);
     }
 
@@ -257,10 +271,10 @@ mod tests {
     fn absent_key_differs_from_empty_key() {
         let mut rec = sample();
         rec.key = None;
-        assert_eq!(decode_body(&rec.encode_body()).unwrap().record.key, None);
+        assert_eq!(decode_body(&rec.encode_body(), 0).unwrap().record.key, None);
         rec.key = Some(vec![]);
         assert_eq!(
-            decode_body(&rec.encode_body()).unwrap().record.key,
+            decode_body(&rec.encode_body(), 0).unwrap().record.key,
             Some(vec![])
         );
     }

@@ -10,6 +10,12 @@
 //! subjects), and skips every record up to the newest one the core holds. A class's
 //! records reach the core in offset order, so holding that one means holding all before
 //! it. The window then only has to cover a crash between an ack and its persisting.
+//!
+//! That newest record must be this log's own: the same offset, topic and CRC. A log
+//! restored from a backup numbers its new records from where the backup ended, at offsets
+//! the core already holds other records at; the core's record then differs from the log's
+//! (or the log has none there), which is said loudly (`Resumed::diverged`), and the class
+//! resends from its last ack instead of skipping the log's new records.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -50,6 +56,20 @@ pub(crate) struct Asking<'a> {
     pub id_prefix: &'a str,
 }
 
+/// Where a class resumes, and whether the core holds a record of ours that this log does
+/// not.
+pub(crate) struct Resumed {
+    /// The offset to resume after.
+    pub after: Option<u64>,
+    /// Said when the core's newest record on one of the class's subjects names an offset
+    /// after the last ack that this log holds another record at, or none at all: the log
+    /// was restored from a backup (or lost its tail, or another box has this identity).
+    /// The class then resumes after its last ack: records of the log's own that the core
+    /// holds have the same ids and are dropped as duplicates within the window, and the
+    /// others, named by their own CRC, are stored.
+    pub diverged: Option<String>,
+}
+
 /// The offset to resume after: `acked`, or a later offset of `class` that the core holds.
 /// Failing to ask is not an error (it is logged): the duplicate window still guards.
 pub(crate) async fn resume_after(
@@ -57,35 +77,73 @@ pub(crate) async fn resume_after(
     log: &Log,
     class: usize,
     acked: Option<u64>,
-) -> Option<u64> {
-    let unacked = match unacked_topics(log, class, acked).await {
+) -> Resumed {
+    let from_ack = |diverged| Resumed {
+        after: acked,
+        diverged,
+    };
+    let (unacked, complete, acked_topic) = match unacked_records(log, class, acked).await {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!(
                 class,
                 "cannot read the unacked records to ask the core about: {e}"
             );
-            return acked;
+            return from_ack(None);
         }
     };
-    let topics: BTreeSet<&str> = unacked.values().map(String::as_str).collect();
+    let read_to = unacked.keys().next_back().copied();
+    // The last acked record's subject too: a restored log with nothing unacked shows on
+    // it (the core holds later records of ours there than the log has).
+    let topics: BTreeSet<&str> = unacked
+        .values()
+        .map(|(t, _)| t.as_str())
+        .chain(acked_topic.as_deref())
+        .collect();
     let mut held = acked;
     for topic in topics {
         let subject = format!("{}{topic}", ask.subject_prefix);
-        match last_held(ask, &subject).await {
-            Ok(Some(offset)) if unacked.get(&offset).is_some_and(|t| t == topic) => {
-                held = held.max(Some(offset));
-            }
-            Ok(_) => {}
+        let (id, offset, crc) = match last_held(ask, &subject).await {
+            Ok(Some(found)) => found,
+            Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(
                     stream = ask.stream,
                     "{e}; a resend is kept out only by the stream's duplicate window (edgectl \
                      setup makes the stream with allow_direct)"
                 );
-                return acked;
+                return from_ack(None);
             }
+        };
+        if acked.is_some_and(|a| offset <= a) {
+            continue;
         }
+        let ours = match unacked.get(&offset) {
+            Some((t, c)) if t == topic && crc.is_none_or(|crc| crc == *c) => true,
+            Some(_) => false,
+            // Past what was read of a long backlog: not known.
+            None if !complete && read_to.is_none_or(|r| offset > r) => continue,
+            None => false,
+        };
+        if !ours {
+            let said = format!(
+                "the core holds {id} on {subject}, and this box's log holds {} at offset \
+                 {offset}: the log was restored from a backup (or lost its tail, or another box \
+                 has this identity); its records {} are sent again under ids of their own \
+                 content, so none is lost",
+                if unacked.contains_key(&offset) {
+                    "another record"
+                } else {
+                    "no record"
+                },
+                acked.map_or("from the first".to_string(), |a| format!(
+                    "after offset {a}"
+                )),
+            );
+            tracing::error!(class, "{said}");
+            return from_ack(Some(said));
+        }
+        held = held.max(Some(offset));
     }
     if held > acked {
         tracing::info!(
@@ -95,38 +153,45 @@ pub(crate) async fn resume_after(
             "the core already holds records whose acks were lost: resuming after them"
         );
     }
-    held
+    Resumed {
+        after: held,
+        diverged: None,
+    }
 }
 
-/// The offsets and topics of the class's records after `acked` that may have reached the
-/// core (the first [`SCAN_RECORDS`], or [`SCAN_BYTES`]).
-async fn unacked_topics(
-    log: &Log,
-    class: usize,
-    acked: Option<u64>,
-) -> std::io::Result<BTreeMap<u64, String>> {
+/// The class's records after `acked` that may have reached the core, by offset, with
+/// their topics and CRCs (the first [`SCAN_RECORDS`], or [`SCAN_BYTES`]); whether that is
+/// all of them; and the last acked record's topic, if the log still holds it.
+type Unacked = (BTreeMap<u64, (String, u32)>, bool, Option<String>);
+
+async fn unacked_records(log: &Log, class: usize, acked: Option<u64>) -> std::io::Result<Unacked> {
     let log = log.clone();
     tokio::task::spawn_blocking(move || {
-        let mut cur = Cursor::new(class, acked.map_or(0, |a| a + 1));
-        let (mut found, mut bytes) = (BTreeMap::new(), 0usize);
+        let mut cur = Cursor::new(class, acked.unwrap_or(0));
+        let (mut found, mut bytes, mut acked_topic) = (BTreeMap::new(), 0usize, None);
         while found.len() < SCAN_RECORDS && bytes < SCAN_BYTES {
             let batch = log.read(&mut cur, 1 << 20)?;
             if batch.is_empty() {
-                break;
+                return Ok((found, true, acked_topic));
             }
             for s in batch {
+                if Some(s.offset) == acked {
+                    acked_topic = Some(s.record.topic);
+                    continue;
+                }
                 bytes += s.record.value.len();
-                found.insert(s.offset, s.record.topic);
+                found.insert(s.offset, (s.record.topic, s.crc));
             }
         }
-        Ok(found)
+        Ok((found, false, acked_topic))
     })
     .await
     .map_err(std::io::Error::other)?
 }
 
-/// The offset of the last message the core holds on `subject`, if it is one of ours.
-async fn last_held(ask: &Asking<'_>, subject: &str) -> Result<Option<u64>> {
+/// The id, offset and CRC of the last message the core holds on `subject`, if it is one
+/// of ours.
+async fn last_held(ask: &Asking<'_>, subject: &str) -> Result<Option<(String, u64, Option<u32>)>> {
     let api = format!("$JS.API.DIRECT.GET.{}.{subject}", ask.stream);
     let failed = |detail: String| Error::Core {
         op: format!("asking the core for the last message on {subject}"),
@@ -149,16 +214,18 @@ async fn last_held(ask: &Asking<'_>, subject: &str) -> Result<Option<u64>> {
                 .unwrap_or_default()
         )));
     }
-    Ok(reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Nats-Msg-Id"))
-        .and_then(|id| offset_of(id.as_str(), ask.id_prefix)))
+    let Some(id) = reply.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) else {
+        return Ok(None);
+    };
+    Ok(ours(id.as_str(), ask.id_prefix).map(|(o, c)| (id.to_string(), o, c)))
 }
 
-/// `<site>/<machine>/<offset>` when the prefix is ours.
-fn offset_of(msg_id: &str, id_prefix: &str) -> Option<u64> {
-    msg_id.strip_prefix(id_prefix)?.parse().ok()
+/// The offset and CRC a message id names when its prefix is ours.
+fn ours(msg_id: &str, id_prefix: &str) -> Option<(u64, Option<u32>)> {
+    match crate::uplink::parse_message_id(msg_id)? {
+        (prefix, offset, crc) if prefix == id_prefix => Some((offset, crc)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -180,9 +247,11 @@ mod tests {
 
     #[test]
     fn only_our_own_message_ids_name_an_offset() {
-        assert_eq!(offset_of("s1/m1/42", "s1/m1/"), Some(42));
-        assert_eq!(offset_of("s1/m2/42", "s1/m1/"), None);
-        assert_eq!(offset_of("s1/m1/x", "s1/m1/"), None);
-        assert_eq!(offset_of("s1/m1/", "s1/m1/"), None);
+        assert_eq!(ours("s1/m1/42", "s1/m1/"), Some((42, None)));
+        assert_eq!(ours("s1/m1/42.0000002a", "s1/m1/"), Some((42, Some(42))));
+        assert_eq!(ours("s1/m2/42.0000002a", "s1/m1/"), None);
+        assert_eq!(ours("x/s1/m1/42", "s1/m1/"), None);
+        assert_eq!(ours("s1/m1/x", "s1/m1/"), None);
+        assert_eq!(ours("s1/m1/", "s1/m1/"), None);
     }
 }

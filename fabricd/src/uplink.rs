@@ -1,7 +1,8 @@
 //! The uplink: mirrors every class of the local log to the core's JetStream, exactly
 //! once and in order. Each record goes to `<prefix>.<site>.<machine>.<topic>` with
-//! `Nats-Msg-Id: <site>/<machine>/<offset>`, so a resend after a crash or partition is
-//! dropped by the stream's duplicate window. Publishes are pipelined, at most `window`
+//! `Nats-Msg-Id: <site>/<machine>/<offset>.<crc>` (the record's CRC32C in hex), so a
+//! resend after a crash or partition is dropped by the stream's duplicate window, and
+//! another record at the same offset (a log restored from a backup) is not. Publishes are pipelined, at most `window`
 //! per class awaiting acks; the highest offset acked in order is persisted per class
 //! (`<log_dir>/<class>/uplink.acked`) and is where the next session resumes.
 //!
@@ -39,6 +40,10 @@ pub struct Status {
     pub compressed_records: AtomicU64,
     /// Acks the core marked duplicate (resends it already had).
     pub duplicates: AtomicU64,
+    /// Sessions that found the core holding a record of ours this log does not (a log
+    /// restored from a backup), and what each class's last such finding said.
+    pub log_diverged: AtomicU64,
+    pub diverged: Mutex<std::collections::BTreeMap<String, String>>,
     pub last_error: Mutex<Option<String>>,
     /// When the last session ended (an ack that failed, the link lost): every record it
     /// had in flight was published within an ack timeout before then.
@@ -47,12 +52,16 @@ pub struct Status {
 
 impl Status {
     pub(crate) fn error(&self, e: &str) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_owned());
+        *lock(&self.last_error) = Some(e.to_owned());
     }
 
     fn session_ended(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        self.session_ended.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.session_ended)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn acked_path(log: &Log, class: &str) -> PathBuf {
@@ -225,6 +234,7 @@ async fn session(
                 health: config.health_file.clone(),
             },
             downlink.clone(),
+            status.clone(),
         ));
     }
     let subject_prefix = config.subject_prefix(core);
@@ -243,7 +253,12 @@ async fn session(
         let held = if crate::resume::resend_all(ended, core.ack_timeout(), core.dupe_window()) {
             acked
         } else {
-            crate::resume::resume_after(&asking, log, class, acked).await
+            let resumed = crate::resume::resume_after(&asking, log, class, acked).await;
+            if let Some(said) = resumed.diverged {
+                status.log_diverged.fetch_add(1, Ordering::Relaxed);
+                lock(&status.diverged).insert(c.name.clone(), said);
+            }
+            resumed.after
         };
         if let Some(h) = held.filter(|_| held > acked) {
             store_acked(&path, h).map_err(Error::io("write", &path))?;
@@ -293,6 +308,25 @@ impl Config {
     }
 }
 
+/// A record's `Nats-Msg-Id`: `<site>/<machine>/<offset>.<crc>`.
+fn message_id(id_prefix: &str, s: &Stored) -> String {
+    format!("{id_prefix}{}.{:08x}", s.offset, s.crc)
+}
+
+/// What a `Nats-Msg-Id` of ours names: its `<site>/<machine>/` prefix, the offset and the
+/// record's CRC (`None` in the ids of versions before it was added: `<…>/<offset>`).
+pub fn parse_message_id(id: &str) -> Option<(&str, u64, Option<u32>)> {
+    let slash = id.rfind('/')?;
+    let (prefix, last) = (&id[..=slash], &id[slash + 1..]);
+    let (offset, crc) = match last.split_once('.') {
+        Some((o, c)) if c.len() == 8 => (o, Some(u32::from_str_radix(c, 16).ok()?)),
+        Some(_) => return None,
+        None => (last, None),
+    };
+    let digits = !offset.is_empty() && offset.bytes().all(|b| b.is_ascii_digit());
+    Some((prefix, offset.parse().ok().filter(|_| digits)?, crc))
+}
+
 /// Header values travel as text; binary ones are sent hex-encoded under `<name>-Hex`.
 fn put_header(h: &mut HeaderMap, name: &str, value: &[u8]) {
     match std::str::from_utf8(value) {
@@ -306,7 +340,7 @@ fn put_header(h: &mut HeaderMap, name: &str, value: &[u8]) {
 
 fn headers_of(s: &Stored, id_prefix: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("Nats-Msg-Id", format!("{id_prefix}{}", s.offset).as_str());
+    h.insert("Nats-Msg-Id", message_id(id_prefix, s).as_str());
     h.insert(
         "Fabric-Timestamp",
         s.record.timestamp_ms.to_string().as_str(),
@@ -451,9 +485,14 @@ pub struct ClassStatus {
     pub lag_records: u64,
     pub lag_bytes: u64,
     pub dropped_records: u64,
+    /// What the uplink said when the core held a record of ours this log does not (a log
+    /// restored from a backup), since fabricd started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<String>,
 }
 
-fn box_status(log: &Log, names: &[String]) -> BoxStatus {
+fn box_status(log: &Log, names: &[String], status: &Status) -> BoxStatus {
+    let diverged = lock(&status.diverged).clone();
     let (next, dropped): (Vec<_>, Vec<_>) = {
         let meta = log.meta();
         meta.classes
@@ -484,6 +523,7 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
                     lag_records,
                     lag_bytes,
                     dropped_records: dropped[i],
+                    diverged: diverged.get(name).cloned(),
                 }
             })
             .collect(),
@@ -494,6 +534,7 @@ fn box_status(log: &Log, names: &[String]) -> BoxStatus {
 /// (renewed every `core.quote_interval_secs`) once it is enrolled, for as long as the
 /// session lasts. A report the core refuses (no status bucket, say) is logged, not
 /// fatal: records matter more.
+#[allow(clippy::too_many_arguments)]
 async fn report_status(
     log: Log,
     names: Vec<String>,
@@ -502,12 +543,13 @@ async fn report_status(
     core: CoreConfig,
     os_files: OsFiles,
     downlink: Arc<crate::downlink::Status>,
+    status: Arc<Status>,
 ) -> Result<()> {
     let mut warned = false;
     let mut boot = crate::enrollment::BootReports::new(&core);
     let os = os_files.os();
     loop {
-        let mut report = box_status(&log, &names);
+        let mut report = box_status(&log, &names, &status);
         report.boot = boot.latest().await;
         report.os = os.clone();
         report.update = os_files.update();
@@ -710,5 +752,38 @@ mod tests {
         // A small frame that would expand past the limit is refused, not allocated.
         let (bomb, _) = encode(vec![0u8; 1 << 20], 512);
         assert!(decode(&bomb, Some("zstd"), 4096).is_err());
+    }
+
+    #[test]
+    fn message_ids_name_the_offset_and_the_records_crc() {
+        let s = Stored {
+            offset: 42,
+            crc: 0x00ab_cdef,
+            record: crate::record::Record {
+                topic: "t".into(),
+                key: None,
+                headers: vec![],
+                timestamp_ms: 0,
+                value: vec![],
+            },
+        };
+        let id = message_id("s1/m1/", &s);
+        assert_eq!(id, "s1/m1/42.00abcdef");
+        assert_eq!(
+            parse_message_id(&id),
+            Some(("s1/m1/", 42, Some(0x00ab_cdef)))
+        );
+        // Ids of earlier versions name the offset alone.
+        assert_eq!(parse_message_id("s1/m1/42"), Some(("s1/m1/", 42, None)));
+        for bad in [
+            "s1/m1/x",
+            "s1/m1/",
+            "s1/m1/42.abc",
+            "s1/m1/42.0000000g",
+            "42",
+            "s1/m1/+4",
+        ] {
+            assert_eq!(parse_message_id(bad), None, "{bad}");
+        }
     }
 }

@@ -117,7 +117,7 @@ fn check(at_core: &[AtCore], acked: &HashMap<(u32, u64), u64>) {
         let p = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
         let seq = u64::from_be_bytes(m.payload[4..12].try_into().unwrap());
         assert_eq!(m.subject, format!("edge.s1.m1.p{p}.data"));
-        let offset: u64 = m.msg_id.rsplit('/').next().unwrap().parse().unwrap();
+        let offset = offset_of(&m.msg_id);
         if let Some(&(ap, aseq)) = by_offset.get(&offset) {
             assert_eq!(
                 (ap, aseq),
@@ -132,9 +132,10 @@ fn check(at_core: &[AtCore], acked: &HashMap<(u32, u64), u64>) {
         }
     }
     if found != acked.len() {
+        let at: HashSet<u64> = ids.iter().map(|id| offset_of(id)).collect();
         let missing: Vec<_> = by_offset
             .keys()
-            .filter(|o| !ids.contains(&format!("s1/m1/{o}")))
+            .filter(|o| !at.contains(o))
             .take(5)
             .collect();
         panic!(
@@ -142,6 +143,14 @@ fn check(at_core: &[AtCore], acked: &HashMap<(u32, u64), u64>) {
             acked.len() - found,
             acked.len()
         );
+    }
+}
+
+/// The offset a message id names (`s1/m1/<offset>.<crc>`).
+fn offset_of(msg_id: &str) -> u64 {
+    match fabricd::uplink::parse_message_id(msg_id) {
+        Some(("s1/m1/", offset, Some(_))) => offset,
+        _ => panic!("message id {msg_id} is not s1/m1/<offset>.<crc>"),
     }
 }
 
@@ -405,4 +414,196 @@ fn foreign_client_certificate_is_refused_and_the_edge_says_why() {
         .unwrap();
     eprintln!("fabricd says: {line}");
     assert!(f.is_running(), "the daemon stays up");
+}
+
+/// A box whose data partition is restored from a backup: its log numbers new records
+/// from where the backup ended, at offsets where the core already holds the records of
+/// the life the restore undid. Every record of every life reaches the core once (before
+/// record ids named the record's CRC, the core dropped the new ones as resends, and the
+/// box skipped them as held), and the box says what it found, in its log, its metrics
+/// and its status report.
+#[test]
+fn a_log_restored_from_a_backup_loses_and_duplicates_nothing() {
+    let s = Core::start();
+    let setup = s.edgectl().arg("setup").output().unwrap();
+    assert!(setup.status.success(), "{setup:?}");
+    let dir = s.tmp.path().join("edge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = Fabricd::configure(
+        &dir,
+        &s.pki
+            .core_toml(&s.nats.url(), "client")
+            .replace("status_interval_secs = 0", "status_interval_secs = 1"),
+    );
+    let log_dir = f.dir.join("log");
+    let backup = s.tmp.path().join("backup");
+    let count = |s: &Core| s.rt.block_on(stream_count(&s.js));
+    // One life: 100 records of its own, all at the core before it ends.
+    let live = |f: &mut Fabricd, life: u32, end: &dyn Fn(&mut Fabricd)| {
+        f.start();
+        let before = count(&s);
+        let mut t = tcp(f.tcp);
+        for seq in 0..100 {
+            produce(&mut t, &record("p0.data", &payload(life, seq, 24))).unwrap();
+        }
+        let reached = wait_until(Duration::from_secs(30), || count(&s) >= before + 100);
+        // The acks persisted, as on a box that ran a while after them.
+        std::thread::sleep(Duration::from_millis(500));
+        end(f);
+        f.terminate();
+        assert!(
+            reached,
+            "life {life}: {} of its 100 records reached the core; fabricd:\n{}",
+            count(&s) - before,
+            f.log_text()
+        );
+    };
+    live(&mut f, 0, &|_| {});
+    copy_dir(&log_dir, &backup);
+    live(&mut f, 1, &|_| {});
+    std::fs::remove_dir_all(&log_dir).unwrap();
+    copy_dir(&backup, &log_dir);
+    live(&mut f, 2, &|f| {
+        assert_eq!(metric(f, "fabricd_uplink_log_diverged_total"), Some(1));
+        let shown = f.dir.join("status.txt");
+        let ok = wait_until(Duration::from_secs(10), || {
+            let out = s.edgectl().arg("status").output().unwrap();
+            std::fs::write(&shown, &out.stdout).unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("s1.m1: LOG RESTORED? class default")
+        });
+        assert!(
+            ok,
+            "edgectl status:\n{}",
+            std::fs::read_to_string(&shown).unwrap()
+        );
+    });
+    let said = f
+        .log_text()
+        .lines()
+        .find(|l| l.contains("the log was restored from a backup"))
+        .map(str::to_owned);
+    eprintln!("fabricd said: {said:?}");
+    assert!(said.is_some_and(|l| l.contains("ERROR") && l.contains("s1/m1/199.")));
+    let at_core = s.rt.block_on(read_core(&s.js, 300, SLOW));
+    let mut seen = HashSet::new();
+    let mut ids = HashSet::new();
+    for m in &at_core {
+        let life = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+        let seq = u64::from_be_bytes(m.payload[4..12].try_into().unwrap());
+        assert!(seen.insert((life, seq)), "life {life}'s record {seq} twice");
+        assert!(ids.insert(m.msg_id.clone()), "{} twice", m.msg_id);
+        offset_of(&m.msg_id);
+    }
+    assert_eq!(seen.len(), 300, "records at the core: {}", at_core.len());
+}
+
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+/// What a backup tool does to the box's log directory (files and directories only).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// Debian's libfaketime (package faketime), which moves the wall clock a process reads.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A box whose clock is a day ahead of the core's (a wrong time set by hand, a failing
+/// RTC): its records reach the core once each, stamped with its own time, and the core
+/// says how far off its clock is. A box days behind cannot connect, keeps its records
+/// and says why.
+#[test]
+fn a_box_whose_clock_is_days_off_loses_nothing_and_it_is_said() {
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} missing: apt-get install faketime (cargo xtask test installs it)"
+    );
+    let s = Core::start();
+    let setup = s.edgectl().arg("setup").output().unwrap();
+    assert!(setup.status.success(), "{setup:?}");
+    let dir = s.tmp.path().join("edge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = Fabricd::configure(
+        &dir,
+        &s.pki
+            .core_toml(&s.nats.url(), "client")
+            .replace("status_interval_secs = 0", "status_interval_secs = 1"),
+    );
+    // The certificates are valid for two days from now, so a day ahead still connects.
+    for (k, v) in [
+        ("LD_PRELOAD", FAKETIME),
+        ("FAKETIME", "+1d"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ] {
+        f.env.push((k.into(), v.into()));
+    }
+    f.start();
+    let mut t = tcp(f.tcp);
+    for seq in 0..100 {
+        produce(&mut t, &record("p0.data", &payload(0, seq, 24))).unwrap();
+    }
+    let at_core = s.rt.block_on(read_core(&s.js, 100, SLOW));
+    let seqs: HashSet<u64> = at_core
+        .iter()
+        .map(|m| u64::from_be_bytes(m.payload[4..12].try_into().unwrap()))
+        .collect();
+    assert_eq!(seqs.len(), 100, "each record once");
+    for m in &at_core {
+        let ahead = m.produced_ms.unwrap() - m.stored_ms;
+        assert!(
+            (86_300_000..86_500_000).contains(&ahead),
+            "the record is stamped {ahead} ms after the core stored it"
+        );
+    }
+    let shown = dir.join("status.txt");
+    let said = wait_until(Duration::from_secs(10), || {
+        let out = s.edgectl().arg("status").output().unwrap();
+        std::fs::write(&shown, &out.stdout).unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .contains("s1.m1: CLOCK OFF: its clock is 1 d 0 h ahead of the core's")
+    });
+    let text = std::fs::read_to_string(&shown).unwrap();
+    eprintln!("{text}");
+    assert!(said, "edgectl status:\n{text}");
+
+    // A box three days behind cannot connect at all: its certificate is not valid yet by
+    // its clock (nor the core's). It keeps its records and says why.
+    let dir = s.tmp.path().join("behind");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut b = Fabricd::configure_as(&dir, "s1", "m2", &s.pki.core_toml(&s.nats.url(), "client"));
+    for (k, v) in [
+        ("LD_PRELOAD", FAKETIME),
+        ("FAKETIME", "-3d"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ] {
+        b.env.push((k.into(), v.into()));
+    }
+    b.start();
+    let mut t = tcp(b.tcp);
+    for seq in 0..10 {
+        produce(&mut t, &record("p0.data", &payload(1, seq, 24))).unwrap();
+    }
+    assert!(b.logged("is the box's clock right?"), "{}", b.log_text());
+    assert_eq!(
+        metric(&b, "fabricd_lag_records{class=\"default\"}"),
+        Some(10)
+    );
+    assert_eq!(s.rt.block_on(stream_count(&s.js)), 100);
 }

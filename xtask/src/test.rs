@@ -120,7 +120,8 @@ pub fn run(filter: Option<String>) -> Result<()> {
     packages.push("e2fsprogs"); // mke2fs, for init's ext4 tests
     packages.push("xfsprogs"); // mkfs.xfs, xfs_growfs for the storage_xfs light VM
     packages.push("socat"); // the fabric scenario's relay from the guest to the core
-                            // fabricd's tests and the fabric scenario run a real core and make its certificates.
+    packages.push("faketime"); // a box whose clock is off (fabricd/tests/uplink.rs)
+                               // fabricd's tests and the fabric scenario run a real core and make its certificates.
     packages.extend(crate::bench_fabric::CORE_PACKAGES);
     // The core's Prometheus and promtool: the box's metrics written into it, the alert
     // rules and the dashboard checked (fabricd/tests/prometheus.rs).

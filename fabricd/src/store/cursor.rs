@@ -85,13 +85,12 @@ impl Log {
             while at < buf.len() {
                 match record::check_frame(&buf[at..]) {
                     Ok(Some(n)) => {
-                        let s =
-                            record::decode_body(&buf[at + FRAME_HEADER..at + n]).map_err(|e| {
-                                io::Error::new(
-                                    io::ErrorKind::InvalidData,
-                                    format!("{} at {}: {e}", lp.display(), pos + at as u64),
-                                )
-                            })?;
+                        let s = record::decode_frame(&buf[at..at + n]).map_err(|e| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("{} at {}: {e}", lp.display(), pos + at as u64),
+                            )
+                        })?;
                         at += n;
                         if s.offset >= cur.next {
                             cur.next = s.offset + 1;

@@ -34,6 +34,8 @@ pub(crate) struct MachineRow {
     /// Newest message of any subject from the box (unix seconds).
     contact: i64,
     status: Option<fabricd::uplink::BoxStatus>,
+    /// When the core took the box's last status report (unix ms, the core's clock).
+    reported_ms: i64,
 }
 
 pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &Args) -> Result<()> {
@@ -72,14 +74,15 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
         let offset = last
             .headers
             .get("Nats-Msg-Id")
-            .and_then(|v| v.as_str().rsplit('/').next().and_then(|o| o.parse().ok()))
+            .and_then(|v| fabricd::uplink::parse_message_id(v.as_str()).map(|(_, o, _)| o))
             .unwrap_or(0);
         row.records += count;
         row.last_offset = row.last_offset.max(offset);
     }
-    for (key, (created, report)) in reports(cli, js).await? {
+    for (key, (created_ms, report)) in reports(cli, js).await? {
         let row = machines.entry(key).or_default();
-        row.contact = row.contact.max(created);
+        row.contact = row.contact.max(created_ms.div_euclid(1000));
+        row.reported_ms = created_ms;
         row.status = Some(report);
     }
     let enrolled = enrolled(cli, js).await;
@@ -143,6 +146,20 @@ pub(crate) async fn run(cli: &Cli, js: &async_nats::jetstream::Context, args: &A
             }
             None => "-".into(),
         };
+        // A log restored from a backup: said by the box, once it found the core holding
+        // a record its log does not.
+        for c in row.status.iter().flat_map(|s| &s.classes) {
+            if let Some(d) = &c.diverged {
+                below.push(format!("{m}: LOG RESTORED? class {}: {d}", c.class));
+            }
+        }
+        if let Some(note) = row
+            .status
+            .as_ref()
+            .and_then(|s| clock_note(s.time_ms, row.reported_ms))
+        {
+            below.push(format!("{m}: {note}"));
+        }
         let health = row.status.as_ref().and_then(|s| s.health.as_ref());
         let (word, notes) = health_of(health, now as u64 * 1000);
         below.extend(notes.into_iter().map(|n| format!("{m}: {n}")));
@@ -211,8 +228,33 @@ fn replicas_line(
     ))
 }
 
+/// How far a box's clock may be from the core's before `status` says so: a report is
+/// put within an ack timeout of its writing.
+const CLOCK_SLACK_MS: i64 = 60_000;
+
+/// What `status` says of a box whose clock is off: its status report's time (`box_ms`,
+/// its clock) against when the core took it (`core_ms`).
+fn clock_note(box_ms: u64, core_ms: i64) -> Option<String> {
+    let off = i64::try_from(box_ms).ok()?.checked_sub(core_ms)?;
+    if off.abs() <= CLOCK_SLACK_MS {
+        return None;
+    }
+    let secs = off.unsigned_abs() / 1000;
+    let span = match secs {
+        s if s >= 86_400 => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        s => format!("{} min {} s", s / 60, s % 60),
+    };
+    Some(format!(
+        "CLOCK OFF: its clock is {span} {} the core's ({}{secs} s): its records' \
+         Fabric-Timestamp, boot reports and update windows go by it",
+        if off > 0 { "ahead of" } else { "behind" },
+        if off > 0 { "+" } else { "-" },
+    ))
+}
+
 /// Each box's latest status report, keyed `<site>.<machine>`, with when the core took it
-/// (unix seconds). An unreadable one is said and left out.
+/// (unix ms, the core's clock). An unreadable one is said and left out.
 pub(crate) async fn reports(
     cli: &Cli,
     js: &async_nats::jetstream::Context,
@@ -234,7 +276,8 @@ pub(crate) async fn reports(
         }
         match serde_json::from_slice::<fabricd::uplink::BoxStatus>(&entry.value) {
             Ok(s) => {
-                out.insert(key, (entry.created.unix_timestamp(), s));
+                let ms = entry.created.unix_timestamp_nanos() / 1_000_000;
+                out.insert(key, (ms as i64, s));
             }
             Err(e) => eprintln!("{key}: unreadable status report: {e}"),
         }
@@ -342,7 +385,7 @@ fn health_of(h: Option<&fabricd::uplink::Health>, now_ms: u64) -> (&'static str,
 
 #[cfg(test)]
 mod tests {
-    use super::{health_of, replicas_line};
+    use super::{clock_note, health_of, replicas_line};
     use async_nats::jetstream::stream::{ClusterInfo, PeerInfo};
     use fabricd::uplink::Health;
     use std::time::Duration;
@@ -416,5 +459,24 @@ mod tests {
         );
         let starting = Health::default();
         assert_eq!(health_of(Some(&starting), 0).0, "starting");
+    }
+
+    #[test]
+    fn a_clock_more_than_a_minute_off_is_said_with_how_far_and_which_way() {
+        let core = 1_800_000_000_000i64;
+        assert_eq!(clock_note(core as u64, core), None);
+        assert_eq!(clock_note(core as u64 - 59_000, core), None);
+        let ahead = clock_note(core as u64 + 90_061_000, core).unwrap();
+        assert!(
+            ahead.starts_with("CLOCK OFF: its clock is 1 d 1 h ahead of the core's (+90061 s)"),
+            "{ahead}"
+        );
+        let behind = clock_note(core as u64 - 125_000, core).unwrap();
+        assert!(
+            behind.starts_with("CLOCK OFF: its clock is 2 min 5 s behind the core's (-125 s)"),
+            "{behind}"
+        );
+        // A box at the epoch (no RTC, no time yet).
+        assert!(clock_note(0, core).unwrap().contains("20833 d 8 h behind"));
     }
 }
