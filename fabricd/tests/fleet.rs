@@ -63,6 +63,8 @@ struct Shape {
     /// `edgectl status` is asked while the server is down (at fleet size, reading every
     /// site's last record would hold up the scenario's timeline).
     status_while_down: bool,
+    /// Each box's status report interval (`core.status_interval_secs`; 0: none).
+    status_every_s: u64,
 }
 
 impl Shape {
@@ -81,6 +83,7 @@ impl Shape {
             empty_store: true,
             operator_timeout_s: 5,
             status_while_down: true,
+            status_every_s: 2,
         }
     }
 
@@ -103,6 +106,8 @@ impl Shape {
             empty_store: false,
             operator_timeout_s: 30,
             status_while_down: false,
+            // Not measured at 1,000 sites (docs/fleet.md).
+            status_every_s: 0,
         }
     }
 }
@@ -230,7 +235,12 @@ fn run_fleet(shape: &Shape) -> Figures {
             "m1",
             &format!(
                 "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n",
-                core.pki.core_toml_for(&servers, &format!("site-{site}")),
+                core.pki
+                    .core_toml_for(&servers, &format!("site-{site}"))
+                    .replace(
+                        "status_interval_secs = 0",
+                        &format!("status_interval_secs = {}", shape.status_every_s)
+                    ),
                 keys.join("manifest.pub").display(),
                 dir.join("downlink").display()
             ),
@@ -518,6 +528,36 @@ fn run_fleet(shape: &Shape) -> Figures {
     eprintln!("edgectl status, at the end: {said}");
     let current = said.starts_with("stream EDGE: 3 replicas: leader n")
         && said.matches(" current").count() == 2;
+    // Every box's last status report, in the status bucket (three replicas, one of them
+    // lost and back empty), says it has nothing left to send.
+    let mut unreported = Vec::new();
+    if shape.status_every_s > 0 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let table = core.edgectl(&["--timeout", "30", "status"]);
+            unreported = names
+                .iter()
+                .filter(|site| {
+                    let row = table
+                        .lines()
+                        .find(|l| l.starts_with(&format!("{site}.m1 ")))
+                        .map(|l| l.split_whitespace().collect::<Vec<_>>());
+                    // site.machine, records, last offset, box acked, lag records
+                    !row.is_some_and(|r| r.len() > 4 && r[3] != "?" && r[4] == "0")
+                })
+                .cloned()
+                .collect();
+            if unreported.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        eprintln!(
+            "{} of {} sites' last status report says nothing is left to send",
+            shape.sites - unreported.len(),
+            shape.sites
+        );
+    }
     match &replicas {
         Ok(seen) => eprintln!("the records stream's replicas: {seen}"),
         Err(seen) => eprintln!("the records stream's replicas never all caught up: {seen}"),
@@ -585,6 +625,13 @@ fn run_fleet(shape: &Shape) -> Figures {
     if !current {
         short.push(format!(
             "edgectl status does not say every replica is current: {said}"
+        ));
+    }
+    if !unreported.is_empty() {
+        short.push(format!(
+            "no status report with nothing left to send from {} sites, e.g. {:?}",
+            unreported.len(),
+            &unreported[..unreported.len().min(5)]
         ));
     }
     if let Err(seen) = &replicas {
@@ -768,7 +815,7 @@ fn measure_layout(sites: usize, ids: u64) -> serde_json::Value {
             (0..10).map(move |k| {
                 (
                     format!("{prefix}.s{i:04}.m1.telemetry"),
-                    Some(format!("s{i:04}/m1/{k}")),
+                    Some(format!("s{i:04}/m1/{k}.{:08x}", crc_like(k))),
                 )
             })
         })
@@ -814,7 +861,10 @@ fn measure_layout(sites: usize, ids: u64) -> serde_json::Value {
     let (h3, _) = settled(&format!("and {ids} records without ids"));
     core.rt.block_on(publish_all(
         &js,
-        (0..ids).map(|k| (format!("ids.{}", k % 64), Some(format!("site/m1/{k}")))),
+        (0..ids).map(|k| {
+            let id = format!("site/m1/{k}.{:08x}", crc_like(k));
+            (format!("ids.{}", k % 64), Some(id))
+        }),
     ));
     let (h4, _) = settled(&format!("and {ids} records with distinct ids"));
     let kib = |bytes: i64| bytes as f64 / 1024.0;
@@ -904,4 +954,10 @@ fn fleet_bench() {
         "layout": layout,
     });
     println!("{json}");
+}
+
+/// Eight hex digits that differ from id to id, as a record's CRC does in a box's ids
+/// (`<site>/<machine>/<offset>.<crc>`).
+fn crc_like(k: u64) -> u32 {
+    (k as u32).wrapping_mul(0x9e37_79b9)
 }
