@@ -8,16 +8,22 @@ use std::time::Duration;
 
 use common::*;
 
-fn edgectl(pki: &Pki, url: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgectl"))
-        .arg("--server")
+/// edgectl as the operator runs it against `url`; the subcommand follows.
+fn edgectl_cmd(pki: &Pki, url: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_edgectl"));
+    c.arg("--server")
         .arg(url)
         .arg("--ca")
         .arg(pki.path("ca.pem"))
         .arg("--cert")
         .arg(pki.path("client.pem"))
         .arg("--key")
-        .arg(pki.path("client.key"))
+        .arg(pki.path("client.key"));
+    c
+}
+
+fn edgectl(pki: &Pki, url: &str, args: &[&str]) -> String {
+    let out = edgectl_cmd(pki, url)
         .args(args)
         .output()
         .expect("run edgectl");
@@ -149,4 +155,70 @@ fn operator_sets_up_the_core_publishes_to_a_site_and_sees_it() {
     assert_eq!(cols[6], "0", "dropped:\n{text}");
     let contact: u64 = cols[7].trim_end_matches('s').parse().unwrap();
     assert!(contact <= 5, "last contact {contact}s ago:\n{text}");
+}
+
+/// The core down for a few seconds while the operator publishes (a server restarted):
+/// `publish` says it is trying again and gets through once the core is back; with
+/// `--retry-secs 0` it fails at once, naming the connection it could not make.
+#[test]
+fn publish_tries_again_while_the_core_is_down_and_gets_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(&tmp.path().join("pki"));
+    let mut nats = Nats::start(&tmp.path().join("nats"), &pki);
+    let url = nats.url();
+    let keys = tmp.path().join("keys");
+    edgectl(&pki, &url, &["setup"]);
+    edgectl(&pki, &url, &["keygen", "--out", keys.to_str().unwrap()]);
+    let manifest = tmp.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"{{"version":7,"items":[{{"kind":"models","name":"m.bin","store":"object","key":"m-v7","sha256":"{}"}}]}}"#,
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let key = keys.join("manifest.key");
+    let publish = |retry: &str| {
+        let mut c = edgectl_cmd(&pki, &url);
+        c.args([
+            "--retry-secs",
+            retry,
+            "publish",
+            "--site",
+            "s1",
+            "--signing-key",
+        ])
+        .arg(&key)
+        .arg(&manifest);
+        c
+    };
+    nats.stop();
+    let once = publish("0").output().unwrap();
+    let said = String::from_utf8_lossy(&once.stderr).into_owned();
+    assert!(
+        !once.status.success() && said.contains("cannot connect") && !said.contains("trying again"),
+        "{said}"
+    );
+    let mut retrying = publish("60")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    nats.restart();
+    wait_for("publish to finish", Duration::from_secs(60), || {
+        retrying.try_wait().unwrap().map(|_| ())
+    });
+    let out = retrying.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("{said}{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("cannot connect") && said.contains("trying again in 2s (--retry-secs 60)"),
+        "{said}"
+    );
+    // The manifest is at the core: a second publish of it is answered at once.
+    let again = publish("0").output().unwrap();
+    assert!(again.status.success(), "{again:?}");
 }

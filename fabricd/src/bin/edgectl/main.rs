@@ -48,6 +48,11 @@ struct Cli {
     /// (a cluster loaded by many sites can take longer than a single server).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     timeout: u64,
+    /// For how many seconds `setup`, `put-object`, `put-kv`, `publish`, `update publish`
+    /// and `status` try again, 2 s apart, when the core does not answer (a server of a
+    /// cluster gone, the connection refused or lost, a request timed out); 0: once.
+    #[arg(long, default_value_t = 60)]
+    retry_secs: u64,
     /// First subject token of edge records.
     #[arg(long, default_value = "edge")]
     prefix: String,
@@ -214,16 +219,40 @@ fn main() -> ExitCode {
         } => Some(std::time::Duration::from_secs(60)),
         _ => None,
     };
+    let retry_for = match &cli.cmd {
+        Cmd::Setup { .. }
+        | Cmd::PutObject { .. }
+        | Cmd::PutKv { .. }
+        | Cmd::Publish { .. }
+        | Cmd::Status(_)
+        | Cmd::Update {
+            cmd: update::UpdateCmd::Publish { .. },
+        } => Duration::from_secs(cli.retry_secs),
+        _ => Duration::ZERO,
+    };
+    let began = std::time::Instant::now();
     let result = rt.block_on(async {
-        match limit {
-            Some(limit) => tokio::time::timeout(limit, run(cli))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Timeout {
-                        secs: limit.as_secs(),
-                    })
-                }),
-            None => run(cli).await,
+        loop {
+            let result = match limit {
+                Some(limit) => tokio::time::timeout(limit, run(&cli))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::Timeout {
+                            secs: limit.as_secs(),
+                        })
+                    }),
+                None => run(&cli).await,
+            };
+            match result {
+                Err(e) if unanswered(&e) && began.elapsed() + RETRY_PAUSE < retry_for => {
+                    eprintln!(
+                        "edgectl: {e}; trying again in {RETRY_PAUSE:?} (--retry-secs {})",
+                        retry_for.as_secs()
+                    );
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                done => break done,
+            }
         }
     });
     match result {
@@ -232,6 +261,27 @@ fn main() -> ExitCode {
             eprintln!("edgectl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+const RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// Whether the core left a command unanswered (worth trying the whole command again on a
+/// new connection, for those that do the same when done twice): the connection refused
+/// or lost, a request timed out or found no responder (a cluster moving a stream off a
+/// server that is gone), or no answer within `status`'s limit. A refusal or a missing
+/// bucket is said at once.
+fn unanswered(e: &Error) -> bool {
+    match e {
+        Error::Timeout { .. } | Error::Fabric(fabricd::Error::Ended { .. }) => true,
+        Error::Fabric(fabricd::Error::Core { op, detail }) => {
+            op.starts_with("cannot connect")
+                || ["timed out", "no responders", "disconnected", "broken pipe"]
+                    .iter()
+                    .any(|w| detail.to_lowercase().contains(w))
+        }
+        Error::In { source, .. } => unanswered(source),
+        _ => false,
     }
 }
 
@@ -301,7 +351,7 @@ fn unix_now() -> u64 {
     edge_common::unix_ms() / 1000
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: &Cli) -> Result<()> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
     if let Cmd::Allowlist {
         signing_key,
@@ -408,13 +458,13 @@ async fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
-    let client = connect(&cli).await?;
+    let client = connect(cli).await?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(cli.timeout))
         .build(client.clone());
     match &cli.cmd {
-        Cmd::Enroll(args) => enroll::run(&cli, &client, &js, args).await?,
-        Cmd::RecoveryKey(args) => enroll::recovery_key(&cli, &js, args).await?,
+        Cmd::Enroll(args) => enroll::run(cli, &client, &js, args).await?,
+        Cmd::RecoveryKey(args) => enroll::recovery_key(cli, &js, args).await?,
         Cmd::Keygen { .. }
         | Cmd::Allowlist { .. }
         | Cmd::NatsConfig { .. }
@@ -568,10 +618,10 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Update { cmd } => {
             update::run(cmd, &js, &cli.bucket, &cli.objects, &cli.status_bucket).await?;
         }
-        Cmd::Status(args) => status::run(&cli, &js, args).await?,
-        Cmd::Tail(args) => tail::run(&cli, &js, args).await?,
-        Cmd::Prometheus(args) => prometheus::run(&cli, &js, args).await?,
-        Cmd::Logs(args) => logs::run(&cli, &js, args).await?,
+        Cmd::Status(args) => status::run(cli, &js, args).await?,
+        Cmd::Tail(args) => tail::run(cli, &js, args).await?,
+        Cmd::Prometheus(args) => prometheus::run(cli, &js, args).await?,
+        Cmd::Logs(args) => logs::run(cli, &js, args).await?,
     }
     Ok(())
 }
@@ -711,5 +761,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("PKCS#8"));
+    }
+
+    #[test]
+    fn only_a_core_that_did_not_answer_is_asked_again() {
+        let core = |op: &str, detail: &str| {
+            Error::Fabric(fabricd::Error::Core {
+                op: op.into(),
+                detail: detail.into(),
+            })
+        };
+        assert!(unanswered(&core(
+            "cannot connect to tls://n0:4222",
+            "IO error"
+        )));
+        assert!(unanswered(&core("failed to put s1", "timed out")));
+        assert!(unanswered(&core(
+            "no KV bucket edge-config",
+            "no responders"
+        )));
+        assert!(unanswered(&Error::Timeout { secs: 60 }));
+        assert!(unanswered(&Error::Fabric(fabricd::Error::lost(None))));
+        // A refusal, a missing bucket, a bad manifest: said at once.
+        assert!(!unanswered(&core(
+            "failed to put s1",
+            "permissions violation"
+        )));
+        assert!(!unanswered(&core(
+            "no KV bucket edge-config",
+            "stream not found"
+        )));
+        assert!(!unanswered(&Error::NoSites));
     }
 }
