@@ -148,6 +148,13 @@ pub struct DownlinkConfig {
     /// Caps object downloads (KiB/s) so a model or bundle does not starve the uplink on
     /// a thin link; none by default.
     pub max_kib_per_sec: Option<u64>,
+    /// How often the box asks the core for its manifests (seconds, at least 1).
+    #[serde(default = "default_poll_secs")]
+    pub poll_secs: u64,
+}
+
+fn default_poll_secs() -> u64 {
+    5
 }
 
 fn default_bucket() -> String {

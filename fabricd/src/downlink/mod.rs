@@ -28,8 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-
 use crate::config::{Config, CoreConfig, DownlinkConfig};
 use crate::error::{Error, Result};
 use apply::apply;
@@ -115,9 +113,14 @@ async fn session(
     };
     let site_key = format!("{}.manifest", config.site);
     let machine_key = format!("{}.{}.manifest", config.site, config.machine);
-    let mut watch = watch_site(&kv, &client, &config.site, &config.machine).await?;
+    let mut manifests = Manifests::new(
+        &client,
+        &down.bucket,
+        [site_key, machine_key],
+        Duration::from_secs(down.poll_secs.max(1)),
+    );
     let report_subject = format!("{}{}", config.subject_prefix(core), "_downlink");
-    tracing::info!(bucket = %down.bucket, objects = %down.objects, "downlink watching manifests");
+    tracing::info!(bucket = %down.bucket, objects = %down.objects, every_secs = down.poll_secs.max(1), "downlink asking for manifests");
     // The latest manifest of each key not yet applied. A manifest that changes while
     // the last one is applied (an update cancelled or replaced mid-download) stops that
     // apply at once: the partial download stays for a resume, or goes when no manifest
@@ -127,13 +130,11 @@ async fn session(
     let running = crate::uplink::read_os(&config.boot_file).map(|os| os.version);
     loop {
         let Some((key, payload)) = pending.pop_first() else {
-            let entry = tokio::select! {
-                e = watch.next() => e,
+            let (k, v) = tokio::select! {
+                m = manifests.next() => m?,
                 lost = lost_rx.recv() => return Err(lost.unwrap_or_else(|| Error::lost(None))),
             };
-            if let Some((k, v)) = manifest_entry(entry, &kv.prefix, &site_key, &machine_key)? {
-                pending.insert(k, v);
-            }
+            pending.insert(k, v);
             continue;
         };
         // What the other slot holds changes with each install: read at each manifest.
@@ -165,14 +166,13 @@ async fn session(
         let report = loop {
             tokio::select! {
                 report = &mut applying => break Some(report),
-                e = watch.next() => {
-                    if let Some((k, v)) = manifest_entry(e, &kv.prefix, &site_key, &machine_key)? {
-                        let newer = k == key;
-                        pending.insert(k, v);
-                        if newer {
-                            tracing::info!(manifest = %key, "a newer manifest came: applying it instead");
-                            break None;
-                        }
+                m = manifests.next() => {
+                    let (k, v) = m?;
+                    let newer = k == key;
+                    pending.insert(k, v);
+                    if newer {
+                        tracing::info!(manifest = %key, "a newer manifest came: applying it instead");
+                        break None;
                     }
                 }
                 lost = lost_rx.recv() => return Err(lost.unwrap_or_else(|| Error::lost(None))),
@@ -191,7 +191,7 @@ async fn session(
         if report.interrupted {
             // A core that lost a server can leave a chunk or key unanswered for a while
             // with this session's connection still up: start over, after the back-off,
-            // and the watch gives the manifest again.
+            // and the first look gives the manifest again.
             return Err(Error::Ended {
                 what: "a download was interrupted",
                 event: None,
@@ -200,74 +200,104 @@ async fn session(
     }
 }
 
-/// A watched entry that is a manifest of this box (its site's or its own) to apply:
-/// its key and value. Other keys, and delete or purge markers, are not.
-fn manifest_entry(
-    entry: Option<
-        Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
-    >,
-    prefix: &str,
-    site_key: &str,
-    machine_key: &str,
-) -> Result<Option<(String, bytes::Bytes)>> {
-    let entry = match entry {
-        Some(Ok(e)) => e,
-        Some(Err(e)) => return Err(Error::core("KV watch failed")(e)),
-        None => {
-            return Err(Error::Ended {
-                what: "KV watch ended",
-                event: None,
-            })
-        }
-    };
-    let key = entry.subject.strip_prefix(prefix).unwrap_or("");
-    if key != site_key && key != machine_key {
-        return Ok(None);
-    }
-    if entry
-        .headers
-        .as_ref()
-        .is_some_and(|h| h.get("KV-Operation").is_some())
-    {
-        return Ok(None);
-    }
-    Ok(Some((key.to_owned(), entry.payload.clone())))
+/// This box's two manifests (its site's and its own) as the core holds them, asked for
+/// with a JetStream direct get of each key's last message every `every`: a new sequence
+/// is a manifest put since the last look. Not a KV watch: a watch is a consumer at the
+/// core per box, which a cluster's meta layer assigns and, after a server's loss, every
+/// box makes again; at 1,000 boxes that churn held the records stream without a leader
+/// for more than ten minutes (docs/fleet.md). A direct get is answered by any replica
+/// and leaves nothing behind. Each session starts from nothing seen, so its first look
+/// gives the current manifests again (applying one twice writes nothing twice).
+struct Manifests<'a> {
+    client: &'a async_nats::Client,
+    /// `$JS.API.DIRECT.GET.KV_<bucket>.` and `$KV.<bucket>.`.
+    api: String,
+    prefix: String,
+    keys: [String; 2],
+    seen: [u64; 2],
+    ticks: tokio::time::Interval,
 }
 
-/// This site's keys of the config bucket: each key's latest value, then every change.
-/// Not `Store::watch_with_history`: its consumer is created on
-/// `$JS.API.CONSUMER.CREATE.<stream>`, with the filter only in the request, which the
-/// core's permissions cannot confine to a site. A named consumer is created on
-/// `...CREATE.<stream>.<name>.<filter>`, and nats-server refuses a request whose filter
-/// is not the subject's, so the core can allow a site its own keys only (docs/fabric.md,
-/// "Authorization at the core"). The name is new each session: a consumer the core still
-/// holds from a lost session (it expires after 30 s) is not in the way.
-async fn watch_site(
-    kv: &async_nats::jetstream::kv::Store,
-    client: &async_nats::Client,
-    site: &str,
-    machine: &str,
-) -> Result<async_nats::jetstream::consumer::push::Ordered> {
-    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
-    let op = format!("failed to watch KV bucket `{}`", kv.name);
-    let mut id = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-        .map_err(|_| Error::core(op.clone())("no randomness for the watch's name"))?;
-    kv.stream
-        .create_consumer(push::OrderedConfig {
-            name: Some(format!(
-                "downlink-{site}-{machine}-{}",
-                edge_common::hex::encode(&id)
-            )),
-            deliver_subject: client.new_inbox(),
-            filter_subject: format!("{}{site}.>", kv.prefix),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            replay_policy: ReplayPolicy::Instant,
-            ..Default::default()
-        })
+/// A direct get the core leaves unanswered this long ends the session.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl<'a> Manifests<'a> {
+    fn new(
+        client: &'a async_nats::Client,
+        bucket: &str,
+        keys: [String; 2],
+        every: Duration,
+    ) -> Self {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Manifests {
+            client,
+            api: format!("$JS.API.DIRECT.GET.KV_{bucket}."),
+            prefix: format!("$KV.{bucket}."),
+            keys,
+            seen: [0; 2],
+            ticks,
+        }
+    }
+
+    /// The next manifest put since the last look, its key and value; looks at once, then
+    /// every tick until there is one. Cancel-safe: a look dropped half-way is made again.
+    async fn next(&mut self) -> Result<(String, bytes::Bytes)> {
+        loop {
+            for i in 0..2 {
+                if let Some(value) = self.ask(i).await? {
+                    return Ok((self.keys[i].clone(), value));
+                }
+            }
+            self.ticks.tick().await;
+        }
+    }
+
+    /// Key `i`'s last message when it is new: `None` when the core holds none, the same
+    /// one as last time, or a delete or purge marker.
+    async fn ask(&mut self, i: usize) -> Result<Option<bytes::Bytes>> {
+        let subject = format!("{}{}", self.prefix, self.keys[i]);
+        let failed = |detail: String| Error::Core {
+            op: format!("asking the core for manifest {}", self.keys[i]),
+            detail,
+        };
+        let reply = tokio::time::timeout(
+            ASK_TIMEOUT,
+            self.client
+                .request(format!("{}{subject}", self.api), "".into()),
+        )
         .await
-        .map_err(Error::core(op.clone()))?
-        .messages()
-        .await
-        .map_err(Error::core(op))
+        .map_err(|_| failed(format!("no answer within {ASK_TIMEOUT:?}")))?
+        .map_err(|e| failed(e.to_string()))?;
+        if let Some(status) = reply.status {
+            if status == async_nats::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            return Err(failed(format!(
+                "answered {status}{}",
+                reply
+                    .description
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            )));
+        }
+        let header = |name: &str| {
+            reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let Some(seq) = header("Nats-Sequence").and_then(|s| s.parse::<u64>().ok()) else {
+            return Err(failed("a reply without its Nats-Sequence".into()));
+        };
+        if seq == self.seen[i] {
+            return Ok(None);
+        }
+        self.seen[i] = seq;
+        if header("KV-Operation").is_some() {
+            return Ok(None);
+        }
+        Ok(Some(reply.payload))
+    }
 }

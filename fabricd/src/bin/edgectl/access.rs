@@ -167,16 +167,8 @@ pub(crate) fn site_publish(n: &Names, site: &str) -> Vec<(String, &'static str)>
             "opening the config bucket",
         ),
         (
-            format!("$JS.API.CONSUMER.CREATE.KV_{bucket}.*.$KV.{bucket}.{site}.>"),
-            "watching the site's keys: a named consumer, whose filter nats-server checks against this subject",
-        ),
-        (
-            format!("$JS.FC.KV_{bucket}.>"),
-            "flow control replies of that watch",
-        ),
-        (
             format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{site}.>"),
-            "reading the site's kv items (keys under <site>.)",
+            "asking for the site's and the machine's manifests (every poll_secs), and reading the site's kv items (keys under <site>.)",
         ),
         (
             format!("$JS.API.STREAM.INFO.OBJ_{objects}"),
