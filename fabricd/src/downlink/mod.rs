@@ -53,7 +53,7 @@ struct Report<'a> {
     interrupted: bool,
 }
 
-/// Runs forever: watch the manifests for this site and machine and apply them.
+/// Runs forever: ask for the manifests of this site and machine and apply them.
 pub async fn run(config: Arc<Config>, status: Arc<Status>) {
     let (Some(core), Some(down)) = (config.core.clone(), config.downlink.clone()) else {
         return;
