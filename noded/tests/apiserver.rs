@@ -1267,7 +1267,9 @@ async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables(
                 .iter()
                 .find(|e| {
                     e["reason"] == "FailedMount"
-                        && e["message"].as_str().is_some_and(|m| m.contains("not found"))
+                        && e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("not found"))
                 })
                 .cloned()
         })
