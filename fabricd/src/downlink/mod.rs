@@ -204,10 +204,11 @@ async fn session(
 /// with a JetStream direct get of each key's last message every `every`: a new sequence
 /// is a manifest put since the last look. Not a KV watch: a watch is a consumer at the
 /// core per box, which a cluster's meta layer assigns and, after a server's loss, every
-/// box makes again; at 1,000 boxes that churn held the records stream without a leader
-/// for more than ten minutes (docs/fleet.md). A direct get is answered by any replica
-/// and leaves nothing behind. Each session starts from nothing seen, so its first look
-/// gives the current manifests again (applying one twice writes nothing twice).
+/// box makes again; at 1,000 boxes that churn was the first suspect when the records
+/// stream went without a leader for more than ten minutes (docs/fleet.md). A direct get
+/// is answered by any replica and leaves nothing behind. Each session starts from
+/// nothing seen, so its first look gives the current manifests again (applying one
+/// twice writes nothing twice).
 struct Manifests<'a> {
     client: &'a async_nats::Client,
     /// `$JS.API.DIRECT.GET.KV_<bucket>.` and `$KV.<bucket>.`.
