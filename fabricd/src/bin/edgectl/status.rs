@@ -239,7 +239,8 @@ fn clock_note(box_ms: u64, core_ms: i64) -> Option<String> {
     if off.abs() <= CLOCK_SLACK_MS {
         return None;
     }
-    let secs = off.unsigned_abs() / 1000;
+    // To the nearest second: the report's put takes a few ms.
+    let secs = (off.unsigned_abs() + 500) / 1000;
     let span = match secs {
         s if s >= 86_400 => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
         s if s >= 3600 => format!("{} h {} min", s / 3600, s % 3600 / 60),
