@@ -2,9 +2,10 @@
 //! once and in order. Each record goes to `<prefix>.<site>.<machine>.<topic>` with
 //! `Nats-Msg-Id: <site>/<machine>/<offset>.<crc>` (the record's CRC32C in hex), so a
 //! resend after a crash or partition is dropped by the stream's duplicate window, and
-//! another record at the same offset (a log restored from a backup) is not. Publishes are pipelined, at most `window`
-//! per class awaiting acks; the highest offset acked in order is persisted per class
-//! (`<log_dir>/<class>/uplink.acked`) and is where the next session resumes.
+//! another record at the same offset (a log restored from a backup) is not. Publishes
+//! are pipelined, at most `window` per class awaiting acks; the highest offset acked in
+//! order is persisted per class (`<log_dir>/<class>/uplink.acked`) and is where the next
+//! session resumes.
 //!
 //! A session is one NATS connection. The client's own reconnect is disabled: after a
 //! reconnect it would send what was queued for the dead connection behind records that
