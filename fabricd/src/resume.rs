@@ -192,32 +192,47 @@ async fn unacked_records(log: &Log, class: usize, acked: Option<u64>) -> std::io
 /// The id, offset and CRC of the last message the core holds on `subject`, if it is one
 /// of ours.
 async fn last_held(ask: &Asking<'_>, subject: &str) -> Result<Option<(String, u64, Option<u32>)>> {
-    let api = format!("$JS.API.DIRECT.GET.{}.{subject}", ask.stream);
+    let op = format!("asking the core for the last message on {subject}");
+    let Some(reply) = direct_last(ask.client, ask.stream, subject, ASK_TIMEOUT, op).await? else {
+        return Ok(None);
+    };
+    let Some(id) = reply.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) else {
+        return Ok(None);
+    };
+    Ok(ours(id.as_str(), ask.id_prefix).map(|(o, c)| (id.to_string(), o, c)))
+}
+
+/// The last message the core's `stream` holds on `subject`, by a JetStream direct get
+/// (any replica answers it, and it leaves nothing behind at the core): `None` when it
+/// holds none. `op` names the question in an error; no answer within `timeout` is one.
+pub(crate) async fn direct_last(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    timeout: Duration,
+    op: String,
+) -> Result<Option<async_nats::Message>> {
     let failed = |detail: String| Error::Core {
-        op: format!("asking the core for the last message on {subject}"),
+        op: op.clone(),
         detail,
     };
-    let reply = tokio::time::timeout(ASK_TIMEOUT, ask.client.request(api, "".into()))
+    let api = format!("$JS.API.DIRECT.GET.{stream}.{subject}");
+    let reply = tokio::time::timeout(timeout, client.request(api, "".into()))
         .await
-        .map_err(|_| failed(format!("no answer within {ASK_TIMEOUT:?}")))?
+        .map_err(|_| failed(format!("no answer within {timeout:?}")))?
         .map_err(|e| failed(e.to_string()))?;
-    if let Some(status) = reply.status {
+    match reply.status {
+        None => Ok(Some(reply)),
         // 404: the core holds nothing on the subject.
-        if status == async_nats::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        return Err(failed(format!(
+        Some(async_nats::StatusCode::NOT_FOUND) => Ok(None),
+        Some(status) => Err(failed(format!(
             "answered {status}{}",
             reply
                 .description
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
-        )));
+        ))),
     }
-    let Some(id) = reply.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) else {
-        return Ok(None);
-    };
-    Ok(ours(id.as_str(), ask.id_prefix).map(|(o, c)| (id.to_string(), o, c)))
 }
 
 /// The offset and CRC a message id names when its prefix is ours.

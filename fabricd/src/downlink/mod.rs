@@ -211,8 +211,8 @@ async fn session(
 /// twice writes nothing twice).
 struct Manifests<'a> {
     client: &'a async_nats::Client,
-    /// `$JS.API.DIRECT.GET.KV_<bucket>.` and `$KV.<bucket>.`.
-    api: String,
+    /// `KV_<bucket>` and `$KV.<bucket>.`.
+    stream: String,
     prefix: String,
     keys: [String; 2],
     seen: [u64; 2],
@@ -233,7 +233,7 @@ impl<'a> Manifests<'a> {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Manifests {
             client,
-            api: format!("$JS.API.DIRECT.GET.KV_{bucket}."),
+            stream: format!("KV_{bucket}"),
             prefix: format!("$KV.{bucket}."),
             keys,
             seen: [0; 2],
@@ -258,30 +258,18 @@ impl<'a> Manifests<'a> {
     /// one as last time, or a delete or purge marker.
     async fn ask(&mut self, i: usize) -> Result<Option<bytes::Bytes>> {
         let subject = format!("{}{}", self.prefix, self.keys[i]);
-        let failed = |detail: String| Error::Core {
-            op: format!("asking the core for manifest {}", self.keys[i]),
-            detail,
-        };
-        let reply = tokio::time::timeout(
+        let op = format!("asking the core for manifest {}", self.keys[i]);
+        let reply = crate::resume::direct_last(
+            self.client,
+            &self.stream,
+            &subject,
             ASK_TIMEOUT,
-            self.client
-                .request(format!("{}{subject}", self.api), "".into()),
+            op.clone(),
         )
-        .await
-        .map_err(|_| failed(format!("no answer within {ASK_TIMEOUT:?}")))?
-        .map_err(|e| failed(e.to_string()))?;
-        if let Some(status) = reply.status {
-            if status == async_nats::StatusCode::NOT_FOUND {
-                return Ok(None);
-            }
-            return Err(failed(format!(
-                "answered {status}{}",
-                reply
-                    .description
-                    .map(|d| format!(" ({d})"))
-                    .unwrap_or_default()
-            )));
-        }
+        .await?;
+        let Some(reply) = reply else {
+            return Ok(None);
+        };
         let header = |name: &str| {
             reply
                 .headers
@@ -290,7 +278,10 @@ impl<'a> Manifests<'a> {
                 .map(|v| v.as_str().to_owned())
         };
         let Some(seq) = header("Nats-Sequence").and_then(|s| s.parse::<u64>().ok()) else {
-            return Err(failed("a reply without its Nats-Sequence".into()));
+            return Err(Error::Core {
+                op,
+                detail: "a reply without its Nats-Sequence".into(),
+            });
         };
         if seq == self.seen[i] {
             return Ok(None);
