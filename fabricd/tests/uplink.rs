@@ -425,16 +425,7 @@ fn foreign_client_certificate_is_refused_and_the_edge_says_why() {
 #[test]
 fn a_log_restored_from_a_backup_loses_and_duplicates_nothing() {
     let s = Core::start();
-    let setup = s.edgectl().arg("setup").output().unwrap();
-    assert!(setup.status.success(), "{setup:?}");
-    let dir = s.tmp.path().join("edge");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut f = Fabricd::configure(
-        &dir,
-        &s.pki
-            .core_toml(&s.nats.url(), "client")
-            .replace("status_interval_secs = 0", "status_interval_secs = 1"),
-    );
+    let mut f = reporting_box(&s);
     let log_dir = f.dir.join("log");
     let backup = s.tmp.path().join("backup");
     let count = |s: &Core| s.rt.block_on(stream_count(&s.js));
@@ -536,24 +527,10 @@ fn a_box_whose_clock_is_days_off_loses_nothing_and_it_is_said() {
         "{FAKETIME} missing: apt-get install faketime (cargo xtask test installs it)"
     );
     let s = Core::start();
-    let setup = s.edgectl().arg("setup").output().unwrap();
-    assert!(setup.status.success(), "{setup:?}");
-    let dir = s.tmp.path().join("edge");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut f = Fabricd::configure(
-        &dir,
-        &s.pki
-            .core_toml(&s.nats.url(), "client")
-            .replace("status_interval_secs = 0", "status_interval_secs = 1"),
-    );
+    let mut f = reporting_box(&s);
+
     // The certificates are valid for two days from now, so a day ahead still connects.
-    for (k, v) in [
-        ("LD_PRELOAD", FAKETIME),
-        ("FAKETIME", "+1d"),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-    ] {
-        f.env.push((k.into(), v.into()));
-    }
+    clock_off(&mut f, "+1d");
     f.start();
     let mut t = tcp(f.tcp);
     for seq in 0..100 {
@@ -572,7 +549,7 @@ fn a_box_whose_clock_is_days_off_loses_nothing_and_it_is_said() {
             "the record is stamped {ahead} ms after the core stored it"
         );
     }
-    let shown = dir.join("status.txt");
+    let shown = f.dir.join("status.txt");
     let said = wait_until(Duration::from_secs(10), || {
         let out = s.edgectl().arg("status").output().unwrap();
         std::fs::write(&shown, &out.stdout).unwrap();
@@ -590,13 +567,7 @@ fn a_box_whose_clock_is_days_off_loses_nothing_and_it_is_said() {
     let dir = s.tmp.path().join("behind");
     std::fs::create_dir_all(&dir).unwrap();
     let mut b = Fabricd::configure_as(&dir, "s1", "m2", &s.pki.core_toml(&s.nats.url(), "client"));
-    for (k, v) in [
-        ("LD_PRELOAD", FAKETIME),
-        ("FAKETIME", "-3d"),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-    ] {
-        b.env.push((k.into(), v.into()));
-    }
+    clock_off(&mut b, "-3d");
     b.start();
     let mut t = tcp(b.tcp);
     for seq in 0..10 {
@@ -608,4 +579,30 @@ fn a_box_whose_clock_is_days_off_loses_nothing_and_it_is_said() {
         Some(10)
     );
     assert_eq!(s.rt.block_on(stream_count(&s.js)), 100);
+}
+
+/// Box m1 of site s1 that puts a status report every second, on a core `edgectl setup`
+/// made (the status bucket among what it makes).
+fn reporting_box(s: &Core) -> Fabricd {
+    let setup = s.edgectl().arg("setup").output().unwrap();
+    assert!(setup.status.success(), "{setup:?}");
+    let dir = s.tmp.path().join("edge");
+    std::fs::create_dir_all(&dir).unwrap();
+    Fabricd::configure(
+        &dir,
+        &s.pki
+            .core_toml(&s.nats.url(), "client")
+            .replace("status_interval_secs = 0", "status_interval_secs = 1"),
+    )
+}
+
+/// The box's wall clock moved `by` (libfaketime's `+1d`, `-3d`), its monotonic clock not.
+fn clock_off(f: &mut Fabricd, by: &str) {
+    for (k, v) in [
+        ("LD_PRELOAD", FAKETIME),
+        ("FAKETIME", by),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ] {
+        f.env.push((k.into(), v.into()));
+    }
 }
