@@ -81,8 +81,7 @@ fn operator_sets_up_the_core_publishes_to_a_site_and_sees_it() {
         &dir,
         &format!(
             "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n",
-            pki.core_toml(&url, "client")
-                .replace("status_interval_secs = 0", "status_interval_secs = 1"),
+            pki.core_toml_reporting(&url, "client", 1),
             keys.join("manifest.pub").display(),
             down.display()
         ),

@@ -235,12 +235,10 @@ fn run_fleet(shape: &Shape) -> Figures {
             "m1",
             &format!(
                 "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n",
-                core.pki
-                    .core_toml_for(&servers, &format!("site-{site}"))
-                    .replace(
-                        "status_interval_secs = 0",
-                        &format!("status_interval_secs = {}", shape.status_every_s)
-                    ),
+                reporting_every(
+                    &core.pki.core_toml_for(&servers, &format!("site-{site}")),
+                    shape.status_every_s
+                ),
                 keys.join("manifest.pub").display(),
                 dir.join("downlink").display()
             ),

@@ -56,9 +56,7 @@ fn a_site_box_mirrors_and_applies_its_manifests_with_only_its_own_permissions() 
         &dir,
         &format!(
             "{}\n[downlink]\npublic_key = \"{}\"\ndir = \"{}\"\n",
-            core.pki
-                .core_toml(&core.url(), "site-s1")
-                .replace("status_interval_secs = 0", "status_interval_secs = 1"),
+            core.pki.core_toml_reporting(&core.url(), "site-s1", 1),
             keys.join("manifest.pub").display(),
             down.display()
         ),

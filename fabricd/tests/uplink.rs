@@ -588,12 +588,7 @@ fn reporting_box(s: &Core) -> Fabricd {
     assert!(setup.status.success(), "{setup:?}");
     let dir = s.tmp.path().join("edge");
     std::fs::create_dir_all(&dir).unwrap();
-    Fabricd::configure(
-        &dir,
-        &s.pki
-            .core_toml(&s.nats.url(), "client")
-            .replace("status_interval_secs = 0", "status_interval_secs = 1"),
-    )
+    Fabricd::configure(&dir, &s.pki.core_toml_reporting(&s.nats.url(), "client", 1))
 }
 
 /// The box's wall clock moved `by` (libfaketime's `+1d`, `-3d`), its monotonic clock not.

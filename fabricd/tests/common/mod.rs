@@ -462,6 +462,12 @@ impl Pki {
         self.core_toml_for(&[url.to_owned()], client)
     }
 
+    /// [`Pki::core_toml`] with status reports every `secs` seconds (the core needs the
+    /// status bucket `edgectl setup` makes).
+    pub fn core_toml_reporting(&self, url: &str, client: &str, secs: u64) -> String {
+        reporting_every(&self.core_toml(url, client), secs)
+    }
+
     /// [`Pki::core_toml`] with every server of `urls` (a cluster's).
     pub fn core_toml_for(&self, urls: &[String], client: &str) -> String {
         let servers: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
@@ -473,6 +479,14 @@ impl Pki {
             self.path(&format!("{client}.key")).display()
         )
     }
+}
+
+/// A `[core]` table of [`Pki::core_toml`]'s with status reports every `secs` seconds.
+pub fn reporting_every(core_toml: &str, secs: u64) -> String {
+    core_toml.replace(
+        "status_interval_secs = 0",
+        &format!("status_interval_secs = {secs}"),
+    )
 }
 
 /// A real nats-server on loopback: JetStream on, TLS with client certificates required.
