@@ -26,6 +26,7 @@ mod sealed_data;
 mod services;
 mod stage1;
 mod stage2;
+mod standby;
 mod status;
 mod supervisor;
 mod update;

@@ -92,6 +92,9 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
     }
     let (root_part, verity_part, data_part) =
         (&parts[&root_label], &parts[&verity_label], &parts["data"]);
+    // Before the root is opened: a fresh disk whose slot A does not verify must still
+    // have slot B's entry to fall back to.
+    crate::standby::write_if_shipped();
 
     let root_node = open_verity(
         root_part,

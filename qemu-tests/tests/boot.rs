@@ -37,6 +37,11 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         "first boot formats data: {st}"
     );
     assert_eq!(st["previous_boot"], "none", "{st}");
+    // The image ships slot B's UKI as the bytes it differs from A's by; stage 1 of the
+    // first boot writes the standby entry from them (the verity test boots it).
+    let standby = format!("standby entry written: edgeos-{}-b+0.efi", ready.version);
+    let console = std::fs::read_to_string(m.console_log())?;
+    assert!(console.contains(&standby), "no {standby:?} on the console");
     assert!(
         m.events().iter().any(|e| e["event"] == "ready"
             && e["slot"] == "a"
@@ -100,6 +105,13 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
     );
     assert!(all_ready(&st), "{st}");
     assert_eq!(st["previous_boot"], "shut down cleanly", "{st}");
+    let console = std::fs::read_to_string(m.console_log())?;
+    assert_eq!(
+        console.matches(&standby).count(),
+        1,
+        "the standby entry is written at the first boot only"
+    );
+    assert!(!console.contains("no standby entry written"), "{console}");
     // The pod comes back after the reboot with no control plane anywhere.
     m.wait_pods_started(&["sensor", "inference"])?;
 

@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 pub mod delta;
+pub mod standby;
 pub mod window;
 
 use edge_oci::tar;
@@ -56,6 +57,9 @@ pub enum Error {
     #[error("{path}: {why}")]
     Io { path: String, why: String },
     /// An update's window (`HH:MM-HH:MM`) that is not one.
+    /// A fresh disk's standby entry and its description (standby.rs).
+    #[error("the standby entry {0}")]
+    Standby(String),
     #[error("window {text:?} {why}")]
     Window { text: String, why: &'static str },
 }

@@ -689,18 +689,26 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
             slot.to_string(),
             serde_json::json!({ (pcr::SIGNED_PHASE): at, "pcrsig": pcrsig }),
         );
-        // Slot A gets the tries; slot B, identical on a fresh disk, is the standby with
-        // none (`+0`): systemd-boot sorts entries without tries last, so B boots only
-        // once A has used up its tries, and init's blessing then makes B the good one.
-        let tries = if slot == 'a' { def.boot.tries } else { 0 };
-        esp_files.push((
-            format!(
-                "/EFI/Linux/{}-{}-{slot}+{tries}.efi",
-                def.image.name, def.image.version
-            ),
-            uki_path.to_path_buf(),
-        ));
     }
+    // Slot A gets the tries. Slot B, identical on a fresh disk, is the standby with none
+    // (`+0`): systemd-boot sorts entries without tries last, so B boots only once A has
+    // used up its tries, and init's blessing then makes B the good one. The ESP ships
+    // B's entry as the bytes it differs from A's by, which stage 1 of the first boot
+    // turns into the file (init/src/standby.rs): one UKI less in the image.
+    let stem = format!("{}-{}", def.image.name, def.image.version);
+    esp_files.push((
+        format!("/EFI/Linux/{stem}-a+{}.efi", def.boot.tries),
+        outs.uki_a.clone(),
+    ));
+    let standby_path = work.join("standby.json");
+    write_standby(
+        &outs.uki_a,
+        &outs.uki_b,
+        &format!("{stem}-a"),
+        &format!("{stem}-b+0.efi"),
+        &standby_path,
+    )?;
+    esp_files.push((format!("/{}", edge_update::standby::PATH), standby_path));
     std::fs::write(&outs.pcr11, serde_json::to_string_pretty(&pcr11)? + "\n")
         .with_context(|| format!("failed to write {}", outs.pcr11.display()))?;
     // The release key beside the release it checks, for tests and for an operator's
@@ -783,7 +791,32 @@ pub fn build(opts: &BuildOptions) -> Result<ImageOutputs> {
     Ok(outs)
 }
 
-/// `esp_content`: the bytes of the files on the ESP (boot loader, its config, the UKIs),
+/// Describes slot B's UKI as slot A's with the bytes that differ, and checks that the
+/// description gives B's back.
+fn write_standby(a: &Path, b: &Path, from: &str, entry: &str, out: &Path) -> Result<()> {
+    let read =
+        |p: &Path| std::fs::read(p).with_context(|| format!("failed to read {}", p.display()));
+    let (a, b) = (read(a)?, read(b)?);
+    let standby = edge_update::standby::Standby::make(from, entry, &a, &b)?;
+    if standby.apply(&a)? != b {
+        bail!("the standby entry's description does not give {entry} back");
+    }
+    let text = serde_json::to_string(&standby)? + "\n";
+    step(&format!(
+        "standby entry {entry}: {} bytes in {} patches, {} bytes of description",
+        standby
+            .patches
+            .iter()
+            .map(|p| p.bytes.len() / 2)
+            .sum::<usize>(),
+        standby.patches.len(),
+        text.len()
+    ));
+    std::fs::write(out, text).with_context(|| format!("failed to write {}", out.display()))
+}
+
+/// `esp_content`: the bytes of the files on the ESP (boot loader, its config, slot A's
+/// UKI, slot B's standby description),
 /// which is what the ESP ships, rather than the mostly empty FAT image around them.
 fn write_manifest(outs: &ImageOutputs, def: &Definition, esp_content: u64) -> Result<()> {
     let mut sizes = serde_json::Map::new();
