@@ -1147,8 +1147,8 @@ async fn a_node_with_a_bootstrap_token_obtains_its_certificate_and_keeps_it() {
 }
 
 /// The upstream control plane: a pod reading a ConfigMap, a Secret and its own fields
-/// (volumes and variables) is cached with those as files in read-only directories and
-/// as values, files with the modes asked; a pod whose ConfigMap does not exist yet is
+/// (volumes, variables and `envFrom`) is cached with those as files in read-only
+/// directories and as values, files with the modes asked; a pod whose ConfigMap does not exist yet is
 /// not cached, a `FailedMount` event says why, and once the ConfigMap is made it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables() {
@@ -1175,7 +1175,11 @@ async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables(
        "env": [{"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "app-config", "key": "mode"}}},
                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "token"}}},
                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-               {"name": "GONE", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "x", "optional": true}}}],
+               {"name": "GONE", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "x", "optional": true}}},
+               {"name": "mode", "value": "explicit"}],
+       "envFrom": [{"configMapRef": {"name": "app-config"}},
+                   {"secretRef": {"name": "app-secret"}, "prefix": "S_"},
+                   {"configMapRef": {"name": "nope", "optional": true}}],
        "volumeMounts": [{"name": "conf", "mountPath": "/etc/app"},
                         {"name": "creds", "mountPath": "/run/creds"},
                         {"name": "info", "mountPath": "/etc/info"}]}],
@@ -1196,6 +1200,19 @@ async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables(
         !env.contains_key("GONE"),
         "an optional missing key sets nothing"
     );
+    // envFrom: every key of the ConfigMap, the Secret's with its prefix; `env` wins over
+    // a key of the same name.
+    assert_eq!(
+        env.get("app.conf").map(String::as_str),
+        Some("level=debug\n")
+    );
+    assert_eq!(env.get("S_token").map(String::as_str), Some("s3cret"));
+    assert_eq!(
+        env.get("mode").map(String::as_str),
+        Some("explicit"),
+        "{text}"
+    );
+    assert_eq!(env.len(), 6, "{env:?}");
     let vols = cache.join(".volumes/default_web");
     let read = |p: &str| std::fs::read_to_string(vols.join(p)).unwrap();
     assert_eq!(read("conf/app.conf"), "level=debug\n");

@@ -1,6 +1,7 @@
 //! What a pod takes from the API server besides its spec: configMap, secret and
 //! downwardAPI volumes (and projected volumes made of those), and environment values
-//! from `configMapKeyRef`, `secretKeyRef` and `fieldRef`. noded reads the objects the pod
+//! from `configMapKeyRef`, `secretKeyRef` and `fieldRef`, and whole ConfigMaps and
+//! Secrets from `envFrom`. noded reads the objects the pod
 //! names (the Node authorizer lets a node read those its pods reference), writes the
 //! volumes' files under `<cache_dir>/.volumes/<namespace>_<name>/<volume>/` on the data
 //! partition, and caches the pod with each such volume as a read-only `hostPath` of that
@@ -169,13 +170,28 @@ pub(super) async fn resolve(
             continue;
         };
         for (ci, c) in cs.iter_mut().enumerate() {
-            let Some(Value::Array(env)) = c.get_mut("env") else {
+            let Some(c) = c.as_object_mut() else {
                 continue;
             };
-            let mut out = Vec::new();
-            for (ei, e) in env.iter().enumerate() {
+            let mut out = Env::default();
+            if let Some(sources) = c.remove("envFrom") {
+                let path = format!("spec.{list}[{ci}].envFrom");
+                for (name, value) in env_from(&mut objects, &sources, &path).await? {
+                    out.set(json!({"name": name, "value": value}));
+                }
+            }
+            let env = match c.remove("env") {
+                Some(Value::Array(env)) => env,
+                Some(_) => {
+                    return Err(Unresolved::Refused(format!(
+                        "spec.{list}[{ci}].env is not a list"
+                    )))
+                }
+                None => Vec::new(),
+            };
+            for (ei, e) in env.into_iter().enumerate() {
                 let Some(from) = e.get("valueFrom") else {
-                    out.push(e.clone());
+                    out.set(e);
                     continue;
                 };
                 let path = format!("spec.{list}[{ci}].env[{ei}].valueFrom");
@@ -183,13 +199,91 @@ pub(super) async fn resolve(
                 if let Some(v) =
                     env_value(&mut objects, pod, from, &path, host_ip.as_deref()).await?
                 {
-                    out.push(json!({"name": name, "value": v}));
+                    out.set(json!({"name": name, "value": v}));
                 }
             }
-            *env = out;
+            if !out.0.is_empty() {
+                c.insert("env".into(), Value::Array(out.0));
+            }
         }
     }
     Ok(volumes)
+}
+
+/// A container's variables in order, each name once: a later one with the same name
+/// takes the earlier one's value (an `env` entry over an `envFrom` key, a later
+/// `envFrom` source over an earlier one), as kubelet does.
+#[derive(Default)]
+struct Env(Vec<Value>);
+
+impl Env {
+    fn set(&mut self, entry: Value) {
+        match self.0.iter_mut().find(|e| e["name"] == entry["name"]) {
+            Some(e) => *e = entry,
+            None => self.0.push(entry),
+        }
+    }
+}
+
+/// The variables of a container's `envFrom`: every key of each ConfigMap or Secret,
+/// with the source's `prefix`. A key that cannot be a variable's name (empty, or with
+/// `=` or a control character) is left out and logged, as kubelet leaves it out with an
+/// event; a missing `optional` source gives nothing.
+async fn env_from(
+    objects: &mut Objects<'_>,
+    sources: &Value,
+    path: &str,
+) -> std::result::Result<Vec<(String, String)>, Unresolved> {
+    let refused = |m: String| Unresolved::Refused(m);
+    let Some(sources) = sources.as_array() else {
+        return Err(refused(format!("{path} is not a list")));
+    };
+    let mut out = Vec::new();
+    for (si, s) in sources.iter().enumerate() {
+        let path = format!("{path}[{si}]");
+        let (kind, key, r) = match (s.get("configMapRef"), s.get("secretRef")) {
+            (Some(r), None) => ("configmap", "configMapRef", r),
+            (None, Some(r)) => ("secret", "secretRef", r),
+            _ => {
+                return Err(refused(format!(
+                    "{path} must name one of configMapRef and secretRef"
+                )))
+            }
+        };
+        let prefix = s["prefix"].as_str().unwrap_or_default();
+        let name = r["name"].as_str().unwrap_or_default();
+        let Some(keys) = objects.keys(kind, name, r["optional"] == true).await? else {
+            continue;
+        };
+        let what = format!("{path}.{key}: {kind} {name:?}");
+        let (vars, skipped) = variables(prefix, keys, &what)?;
+        if !skipped.is_empty() {
+            tracing::warn!("{what}: keys left out, not variable names: {skipped:?}");
+        }
+        out.extend(vars);
+    }
+    Ok(out)
+}
+
+/// An `envFrom` source's keys as variables named `<prefix><key>`, and the names left
+/// out (empty, or holding `=` or a control character). `what` names the source.
+fn variables(
+    prefix: &str,
+    keys: Keys,
+    what: &str,
+) -> std::result::Result<(Vec<(String, String)>, Vec<String>), Unresolved> {
+    let (mut vars, mut skipped) = (Vec::new(), Vec::new());
+    for (k, v) in keys {
+        let var = format!("{prefix}{k}");
+        if var.is_empty() || var.contains('=') || var.chars().any(char::is_control) {
+            skipped.push(var);
+            continue;
+        }
+        let v = String::from_utf8(v)
+            .map_err(|_| Unresolved::Refused(format!("{what}: key {k:?} is not UTF-8 text")))?;
+        vars.push((var, v));
+    }
+    Ok((vars, skipped))
 }
 
 /// One variable's value; `None` for an optional one whose object or key is missing.
@@ -540,11 +634,12 @@ pub(super) fn needs_resolving(manifest: &Value) -> bool {
             .into_iter()
             .flatten()
             .any(|c| {
-                c["env"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|e| e.get("valueFrom").is_some())
+                c.get("envFrom").is_some()
+                    || c["env"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e.get("valueFrom").is_some())
             })
     });
     vol || env
@@ -625,6 +720,45 @@ mod tests {
                 "{e:?}"
             );
         }
+    }
+
+    #[test]
+    fn env_from_keys_become_variables_and_later_ones_win() {
+        let keys: Keys = [("mode", "fast"), ("", "x"), ("a=b", "y"), ("level", "2")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let (vars, skipped) = variables("APP_", keys.clone(), "envFrom[0]").unwrap();
+        let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["APP_", "APP_level", "APP_mode"]);
+        assert_eq!(skipped, ["APP_a=b"]);
+        let (_, skipped) = variables("", keys, "envFrom[0]").unwrap();
+        assert_eq!(skipped, ["", "a=b"]);
+        let bad: Keys = [("bin".to_string(), vec![0xff, 0xfe])]
+            .into_iter()
+            .collect();
+        let e = variables(
+            "",
+            bad,
+            "spec.containers[0].envFrom[1].secretRef: secret \"s\"",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, Unresolved::Refused(m) if m.contains("secretRef: secret \"s\": key \"bin\" is not UTF-8")),
+            "{e:?}"
+        );
+
+        let mut env = Env::default();
+        env.set(json!({"name": "mode", "value": "from the configmap"}));
+        env.set(json!({"name": "other", "value": "1"}));
+        env.set(json!({"name": "mode", "value": "from env"}));
+        assert_eq!(
+            env.0,
+            [
+                json!({"name": "mode", "value": "from env"}),
+                json!({"name": "other", "value": "1"})
+            ]
+        );
     }
 
     #[test]
