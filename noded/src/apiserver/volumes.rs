@@ -225,6 +225,9 @@ impl Env {
     }
 }
 
+/// Variables' names and values, in order.
+type Vars = Vec<(String, String)>;
+
 /// The variables of a container's `envFrom`: every key of each ConfigMap or Secret,
 /// with the source's `prefix`. A key that cannot be a variable's name (empty, or with
 /// `=` or a control character) is left out and logged, as kubelet leaves it out with an
@@ -233,7 +236,7 @@ async fn env_from(
     objects: &mut Objects<'_>,
     sources: &Value,
     path: &str,
-) -> std::result::Result<Vec<(String, String)>, Unresolved> {
+) -> std::result::Result<Vars, Unresolved> {
     let refused = |m: String| Unresolved::Refused(m);
     let Some(sources) = sources.as_array() else {
         return Err(refused(format!("{path} is not a list")));
@@ -271,7 +274,7 @@ fn variables(
     prefix: &str,
     keys: Keys,
     what: &str,
-) -> std::result::Result<(Vec<(String, String)>, Vec<String>), Unresolved> {
+) -> std::result::Result<(Vars, Vec<String>), Unresolved> {
     let (mut vars, mut skipped) = (Vec::new(), Vec::new());
     for (k, v) in keys {
         let var = format!("{prefix}{k}");
