@@ -56,10 +56,10 @@ pub enum Error {
     Part { part: String, why: String },
     #[error("{path}: {why}")]
     Io { path: String, why: String },
-    /// An update's window (`HH:MM-HH:MM`) that is not one.
     /// A fresh disk's standby entry and its description (standby.rs).
     #[error("the standby entry {0}")]
     Standby(String),
+    /// An update's window (`HH:MM-HH:MM`) that is not one.
     #[error("window {text:?} {why}")]
     Window { text: String, why: &'static str },
 }
