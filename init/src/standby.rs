@@ -27,10 +27,9 @@ pub fn write_if_shipped() {
 /// there is none.
 fn write(esp: &Path) -> Result<Option<String>> {
     let desc = esp.join(standby::PATH);
-    let text = match read_limited(&desc, standby::MAX_FILE) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read", &desc)(e)),
+    // Read as the ESP's provisioning file is: bounded, absent is `None`.
+    let Some(text) = crate::provision::read(&desc)? else {
+        return Ok(None);
     };
     let dir = esp.join("EFI/Linux");
     let parsed = Standby::parse(&text);
@@ -99,20 +98,8 @@ fn write(esp: &Path) -> Result<Option<String>> {
         "standby entry written: {} ({} bytes, from {source} and {} changed bytes)",
         s.entry,
         out.len(),
-        s.patches.iter().map(|p| p.bytes.len() / 2).sum::<usize>()
+        s.changed_bytes()
     )))
-}
-
-fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut text = Vec::new();
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_end(&mut text)?;
-    if text.len() as u64 > max {
-        return Err(std::io::Error::other(format!("more than {max} bytes")));
-    }
-    Ok(text)
 }
 
 fn remove(path: &Path) {

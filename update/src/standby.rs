@@ -17,8 +17,6 @@ pub const PATH: &str = "EFI/edgeos/standby.json";
 pub const MAX_PATCH_BYTES: usize = 16 << 10;
 /// Differing runs closer than this are carried as one.
 const JOIN: usize = 16;
-/// The largest description read.
-pub const MAX_FILE: u64 = 64 << 10;
 
 /// How to make the standby entry from the entry it differs from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +100,11 @@ impl Standby {
             sha256: sha256_hex(to),
             patches,
         })
+    }
+
+    /// How many bytes the entry differs from its source by.
+    pub fn changed_bytes(&self) -> usize {
+        self.patches.iter().map(|p| p.bytes.len() / 2).sum()
     }
 
     /// Reads a description, checking its shape (not yet the files it names).

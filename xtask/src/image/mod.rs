@@ -804,11 +804,7 @@ fn write_standby(a: &Path, b: &Path, from: &str, entry: &str, out: &Path) -> Res
     let text = serde_json::to_string(&standby)? + "\n";
     step(&format!(
         "standby entry {entry}: {} bytes in {} patches, {} bytes of description",
-        standby
-            .patches
-            .iter()
-            .map(|p| p.bytes.len() / 2)
-            .sum::<usize>(),
+        standby.changed_bytes(),
         standby.patches.len(),
         text.len()
     ));
