@@ -93,8 +93,41 @@ async fn answer(stream: UnixStream, status: Status, log_dir: PathBuf) {
     }
 }
 
+/// Where a container attempt's logs are: its directory, the attempt, and how to name it.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub dir: PathBuf,
+    pub attempt: u32,
+    /// `container "app" of pod default/web`.
+    pub what: String,
+}
+
+impl Located {
+    /// The attempt's lines (`pod` as the request named it, for the error).
+    pub fn read(&self, pod: &str) -> Result<crate::logs::Lines> {
+        crate::logs::read(&self.dir, self.attempt).map_err(|e| Error::Logs {
+            pod: pod.to_string(),
+            detail: format!("failed to read the logs of {}: {e}", self.what),
+        })
+    }
+}
+
 /// Finds the pod and container a logs request names, and reads that attempt's logs.
 pub fn read_logs(pods: &[PodReport], log_dir: &Path, req: &LogsRequest) -> Result<LogsAnswer> {
+    let read = locate_logs(pods, log_dir, req)?.read(&req.pod)?;
+    let mut lines = read.lines;
+    if let Some(n) = req.tail {
+        lines.drain(..lines.len().saturating_sub(n));
+    }
+    Ok(LogsAnswer {
+        lines,
+        malformed: read.malformed,
+    })
+}
+
+/// Finds the pod, container and attempt a logs request names (the kubelet API's
+/// `follow` reads on from there).
+pub fn locate_logs(pods: &[PodReport], log_dir: &Path, req: &LogsRequest) -> Result<Located> {
     let refused = |detail| Error::Logs {
         pod: req.pod.clone(),
         detail,
@@ -185,16 +218,7 @@ pub fn read_logs(pods: &[PodReport], log_dir: &Path, req: &LogsRequest) -> Resul
         ([.., prev, _], true) => *prev,
         ([_], true) => return Err(refused(format!("{what} has no previous attempt"))),
     };
-    let read = crate::logs::read(&dir, attempt)
-        .map_err(|e| refused(format!("failed to read the logs of {what}: {e}")))?;
-    let mut lines = read.lines;
-    if let Some(n) = req.tail {
-        lines.drain(..lines.len().saturating_sub(n));
-    }
-    Ok(LogsAnswer {
-        lines,
-        malformed: read.malformed,
-    })
+    Ok(Located { dir, attempt, what })
 }
 
 /// Asks a running noded for its pods (the blocking client, off the async threads).

@@ -198,7 +198,11 @@ async fn serve(config: Config) -> Result<()> {
         (None, None) => None,
     };
     let api_settings = match &apiserver {
-        Some(a) => Some(a.settings(&config.state_dir, runtime_version(&cri).await)?),
+        Some(a) => Some(a.settings(
+            &config.state_dir,
+            &config.log_dir,
+            runtime_version(&cri).await,
+        )?),
         None => None,
     };
     let _apiserver = match api_settings.clone() {

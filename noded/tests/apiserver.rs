@@ -79,6 +79,8 @@ fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
         pod_status_every: Duration::from_millis(100),
         retry_max: Duration::from_millis(500),
         runtime_version: "containerd://1.6.20".into(),
+        tunnel: None,
+        log_dir: PathBuf::from("/var/log/pods"),
     }
 }
 
@@ -1351,4 +1353,108 @@ async fn wait_until_long<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "{what}: not within 60 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// `kubectl logs` through the tunnel: the upstream control plane with konnectivity-server
+/// as its egress to the nodes, noded dialling out to it as the Konnectivity agent of
+/// node edge-a and serving the kubelet API's logs over it. The logs are what the
+/// reconciler keeps (a CRI log file in the pod's log directory, written here as
+/// containerd writes it): the whole log, `--tail`, `-f` showing a line written after it
+/// started, and a container without logs refused with noded's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_reach_the_box_through_its_outbound_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
+        return;
+    };
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let logs = dir.path().join("logs");
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let mut settings = settings(kubeconfig, dir.path().join("cache"));
+    settings.lease_duration = Duration::from_secs(10);
+    settings.tunnel = Some(format!("127.0.0.1:{}", cp.tunnel_port));
+    settings.log_dir = logs.clone();
+    let _agent = apiserver::start(settings, status.clone(), None)
+        .await
+        .unwrap();
+    cp.apply(
+        r#"{"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "logger", "namespace": "default"},
+            "spec": {"nodeName": "edge-a", "hostNetwork": true,
+              "automountServiceAccountToken": false,
+              "containers": [{"name": "main", "image": "edge.local/hello:1"},
+                             {"name": "side", "image": "edge.local/hello:1"}]}}"#,
+    )
+    .unwrap();
+    let cp = Arc::new(cp);
+    let pod = wait_until_long("the pod at the API server", {
+        let cp = cp.clone();
+        move || cp.get(&["pod", "-n", "default", "logger"]).ok()
+    })
+    .await;
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+    let mut report = running_report("default_logger.yaml", "logger", 0);
+    report.uid = uid.clone();
+    let mut side = report.containers[0].clone();
+    side.name = "side".into();
+    report.containers.push(side);
+    *status.lock().unwrap() = vec![report];
+    let main_dir = logs.join(format!("default_logger_{uid}/main"));
+    std::fs::create_dir_all(&main_dir).unwrap();
+    let log = main_dir.join("0.log");
+    let line = |i: u32| format!("2026-12-06T10:00:0{i}.000000000Z stdout F reading {i}\n");
+    std::fs::write(&log, (1..=3).map(line).collect::<String>()).unwrap();
+
+    // The node's tunnel is up once the API server's dial finds it.
+    let whole = wait_until_long("kubectl logs through the tunnel", || {
+        cp.kubectl(["logs", "-n", "default", "logger", "-c", "main"])
+            .ok()
+    })
+    .await;
+    assert_eq!(whole, "reading 1\nreading 2\nreading 3\n");
+    let tail = cp
+        .kubectl(["logs", "-n", "default", "logger", "-c", "main", "--tail=1"])
+        .unwrap();
+    assert_eq!(tail, "reading 3\n");
+    let none = cp
+        .kubectl(["logs", "-n", "default", "logger", "-c", "side"])
+        .unwrap_err();
+    assert!(
+        format!("{none:#}").contains("container \"side\" of pod default/logger has no logs yet"),
+        "{none:#}"
+    );
+
+    // -f: what is written after it started arrives.
+    let mut follow = cp
+        .kubectl_command()
+        .args([
+            "logs", "-f", "-n", "default", "logger", "-c", "main", "--tail=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("kubectl logs -f: no {what} within 30 s"))
+    };
+    assert_eq!(next("first line"), "reading 3");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(line(4).as_bytes()).unwrap();
+    }
+    assert_eq!(next("line written while following"), "reading 4");
+    let _ = follow.kill();
+    let _ = follow.wait();
 }

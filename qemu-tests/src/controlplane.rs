@@ -17,10 +17,19 @@ pub const KUBERNETES: &str = "v1.37.2";
 pub const ETCD: &str = "v3.6.16";
 /// The `k8s.io/*` staging modules' release that matches [`KUBERNETES`].
 pub const KUBERNETES_STAGING: &str = "v0.37.2";
+/// The Konnectivity service (`sigs.k8s.io/apiserver-network-proxy`): its server is the
+/// core's end of the tunnel boxes dial out to, through which the API server reaches
+/// each box's kubelet API (`kubectl logs`).
+pub const KONNECTIVITY: &str = "v0.36.0";
+
+/// Where a guest reaches konnectivity-server's agent port (a guest forward to
+/// [`ControlPlane::tunnel_port`]), as [`ControlPlane::provision_bundle`] tells noded.
+pub const GUEST_TUNNEL: &str = "10.0.2.100:8132";
 
 /// The programs xtask builds, all in [`bin_dir`].
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 6] = [
     "etcd",
+    "konnectivity-server",
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
@@ -35,9 +44,9 @@ pub fn cache_dir() -> Result<PathBuf> {
         None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
             .join(".cache/edgeos"),
     };
-    Ok(root
-        .join("controlplane")
-        .join(format!("kubernetes-{KUBERNETES}-etcd-{ETCD}")))
+    Ok(root.join("controlplane").join(format!(
+        "kubernetes-{KUBERNETES}-etcd-{ETCD}-konnectivity-{KONNECTIVITY}"
+    )))
 }
 
 /// The built programs' directory: `EDGEOS_CONTROLPLANE_BIN` if set, else the cache's.
@@ -72,14 +81,18 @@ pub struct ControlPlane {
     /// `https://127.0.0.1:<port>`.
     pub url: String,
     pub port: u16,
+    /// konnectivity-server's agent port on loopback, which boxes dial out to (noded's
+    /// `[apiserver] tunnel`) so that the API server reaches their kubelet API.
+    pub tunnel_port: u16,
     /// Where its programs are (kubectl too).
     bin: PathBuf,
     processes: Vec<Group>,
 }
 
 impl ControlPlane {
-    /// Starts etcd, then kube-apiserver (waited for until `/readyz` says ok), then the
-    /// controller manager and the scheduler, each logging to `<name>.log` in `dir`.
+    /// Starts etcd and konnectivity-server, then kube-apiserver (waited for until
+    /// `/readyz` says ok) with its egress to the nodes through konnectivity-server, then
+    /// the controller manager and the scheduler, each logging to `<name>.log` in `dir`.
     pub fn start(bin: &Path, dir: &Path) -> Result<ControlPlane> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("ext.cnf"), EXTENSIONS)?;
@@ -108,11 +121,23 @@ impl ControlPlane {
             "-out",
             "service-accounts.pub",
         ]))?;
+        // The API server's client certificate towards kubelets (noded authorizes it
+        // with a SubjectAccessReview, as kubelet does), and konnectivity-server's
+        // serving one for the boxes' tunnels.
+        issue(
+            dir,
+            "apiserver-kubelet-client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            "client",
+        )?;
+        issue(dir, "konnectivity", "/CN=konnectivity-server", "server")?;
         let port = free_port()?;
+        let tunnel_port = free_port()?;
         let mut cp = ControlPlane {
             dir: dir.to_path_buf(),
             url: format!("https://127.0.0.1:{port}"),
             port,
+            tunnel_port,
             bin: bin.to_path_buf(),
             processes: Vec::new(),
         };
@@ -133,6 +158,38 @@ impl ControlPlane {
             ],
         )?;
         let f = |name: &str| dir.join(name).display().to_string();
+        // The API server reaches konnectivity-server on a unix socket; a box's agent
+        // names itself with its node's name and address, which the API server dials.
+        let uds = f("konnectivity.sock");
+        cp.spawn(
+            bin,
+            "konnectivity-server",
+            &[
+                "--mode=grpc",
+                &format!("--uds-name={uds}"),
+                "--delete-existing-uds-file",
+                "--server-port=0",
+                "--agent-bind-address=127.0.0.1",
+                &format!("--agent-port={tunnel_port}"),
+                "--admin-bind-address=127.0.0.1",
+                &format!("--admin-port={}", free_port()?),
+                "--health-bind-address=127.0.0.1",
+                &format!("--health-port={}", free_port()?),
+                &format!("--cluster-cert={}", f("konnectivity.pem")),
+                &format!("--cluster-key={}", f("konnectivity.key")),
+                &format!("--cluster-ca-cert={}", f("ca.pem")),
+                "--server-count=1",
+                "--proxy-strategies=destHost",
+            ],
+        )?;
+        std::fs::write(
+            dir.join("egress.yaml"),
+            format!(
+                "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\n\
+                 egressSelections:\n- name: cluster\n  connection:\n    proxyProtocol: GRPC\n\
+                 \x20   transport:\n      uds:\n        udsName: {uds}\n"
+            ),
+        )?;
         cp.spawn(
             bin,
             "kube-apiserver",
@@ -158,6 +215,12 @@ impl ControlPlane {
                 // Boxes join with a bootstrap token and ask for their own certificate.
                 "--enable-bootstrap-token-auth",
                 "--service-cluster-ip-range=10.96.0.0/16",
+                &format!("--egress-selector-config-file={}", f("egress.yaml")),
+                &format!(
+                    "--kubelet-client-certificate={}",
+                    f("apiserver-kubelet-client.pem")
+                ),
+                &format!("--kubelet-client-key={}", f("apiserver-kubelet-client.key")),
             ],
         )?;
         let admin = cp.admin_kubeconfig();
@@ -316,8 +379,8 @@ impl ControlPlane {
     }
 
     /// A box's provisioning for this control plane, which the guest reaches at
-    /// 10.0.2.100:6443 (a guest forward): noded's `apiserver_file`
-    /// (`noded-apiserver.toml`, with `zone`) and a bootstrap kubeconfig with `token`
+    /// 10.0.2.100:6443 and its tunnel at [`GUEST_TUNNEL`] (guest forwards): noded's
+    /// `apiserver_file` (`noded-apiserver.toml`, with `zone`) and a bootstrap kubeconfig with `token`
     /// ([`ControlPlane::bootstrap_token`]) and the core's CA, under
     /// /var/lib/edge/provision/kube; the box asks for its own node certificate with them.
     pub fn provision_bundle(&self, zone: &str, token: &str) -> Result<String> {
@@ -326,7 +389,8 @@ impl ControlPlane {
             "noded-apiserver.toml",
             &format!(
                 "kubeconfig = \"/var/lib/edge/noded/kubeconfig\"\n\
-                 bootstrap_kubeconfig = \"{KUBE}/bootstrap.kubeconfig\"\nzone = \"{zone}\"\n"
+                 bootstrap_kubeconfig = \"{KUBE}/bootstrap.kubeconfig\"\nzone = \"{zone}\"\n\
+                 tunnel = \"{GUEST_TUNNEL}\"\n"
             ),
         );
         bundle.push_str(&crate::core::toml_string(
@@ -365,12 +429,17 @@ impl ControlPlane {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        run(Command::new(self.bin.join("kubectl"))
-            .arg(format!(
-                "--kubeconfig={}",
-                self.admin_kubeconfig().display()
-            ))
-            .args(args))
+        run(self.kubectl_command().args(args))
+    }
+
+    /// kubectl as the operator, to be given its arguments and run (`kubectl logs -f`).
+    pub fn kubectl_command(&self) -> Command {
+        let mut c = Command::new(self.bin.join("kubectl"));
+        c.arg(format!(
+            "--kubeconfig={}",
+            self.admin_kubeconfig().display()
+        ));
+        c
     }
 
     /// `kubectl apply` of `manifest` (YAML or JSON), through a file in the directory.

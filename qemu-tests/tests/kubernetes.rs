@@ -8,11 +8,12 @@
 //! the core while the pod keeps running on the box, the Deployment is scaled up at the
 //! core meanwhile, the box is powered off and boots again still cut off (the pod comes
 //! back from its cache), and once the link heals the box is Ready and runs the new
-//! replica.
+//! replica. `kubectl logs` of its pod reaches the box through the tunnel the box dials
+//! out to konnectivity-server, before the cut and again after it heals.
 //! Deleted at the core, the Deployment stops on the box.
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::controlplane::{built, ControlPlane};
+use qemu_tests::controlplane::{built, ControlPlane, GUEST_TUNNEL};
 use qemu_tests::core::Link;
 use qemu_tests::{Machine, Options};
 use serde_json::Value;
@@ -62,6 +63,13 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     opts.guestfwd.push(format!(
         "tcp:10.0.2.100:6443-cmd:socat - TCP:127.0.0.1:{}",
         link.port
+    ));
+    // The box's tunnel to konnectivity-server, through which `kubectl logs` reaches it;
+    // cut with the API server's link.
+    let tunnel = Link::start(cp.tunnel_port)?;
+    opts.guestfwd.push(format!(
+        "tcp:{GUEST_TUNNEL}-cmd:socat - TCP:127.0.0.1:{}",
+        tunnel.port
     ));
     opts.fw_cfg
         .push(("opt/org.edgeos/provision".into(), bundle_path));
@@ -222,10 +230,23 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         },
     )?;
     assert!(!lines.is_empty());
+    // The same readings as the operator sees them: `kubectl logs`, which the API server
+    // serves through the tunnel the box dialled out (the core never dials in).
+    let logs = wait(
+        "kubectl logs through the tunnel",
+        Duration::from_secs(60),
+        || {
+            cp.kubectl(["logs", "-n", "default", &name, "--tail=3"])
+                .ok()
+        },
+    )?;
+    assert!(logs.contains("k8s0"), "kubectl logs: {logs:?}");
+    assert_eq!(logs.lines().count(), 3, "kubectl logs --tail=3: {logs:?}");
 
     // The link is cut for longer than the node-monitor grace period (20 s here): the
     // core marks the Node NotReady; the box keeps its pod running all along.
     link.set_cut(true);
+    tunnel.set_cut(true);
     let cut_at = Instant::now();
     wait(
         "the box NotReady at the core",
@@ -271,12 +292,24 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     // Cut for longer than the grace period itself, whatever the last renewal was.
     std::thread::sleep(Duration::from_secs(25).saturating_sub(cut_at.elapsed()));
     link.set_cut(false);
+    tunnel.set_cut(false);
     eprintln!("link cut for {:?}", cut_at.elapsed());
     wait(
         "the box Ready at the core again",
         Duration::from_secs(120),
         || cp.get(&["node", NODE]).ok().filter(ready),
     )?;
+    // The box dialled its tunnel again: its logs reach the operator as before.
+    let logs = wait(
+        "kubectl logs after the link healed",
+        Duration::from_secs(60),
+        || {
+            cp.kubectl(["logs", "-n", "default", &name, "--tail=1"])
+                .ok()
+                .filter(|l| l.contains("k8s0"))
+        },
+    )?;
+    assert_eq!(logs.lines().count(), 1, "{logs:?}");
     let both = wait(
         "both replicas Running after the link healed",
         Duration::from_secs(180),

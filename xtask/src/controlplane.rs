@@ -1,12 +1,15 @@
 //! `cargo xtask controlplane`: the upstream Kubernetes control plane (kube-apiserver,
-//! kube-controller-manager, kube-scheduler, kubectl from `k8s.io/kubernetes`) and etcd
-//! (`go.etcd.io/etcd/server/v3`) built from their pinned source through the Go module
+//! kube-controller-manager, kube-scheduler, kubectl from `k8s.io/kubernetes`), etcd
+//! (`go.etcd.io/etcd/server/v3`) and the Konnectivity server
+//! (`sigs.k8s.io/apiserver-network-proxy`) built from their pinned source through the Go module
 //! proxy into the cache (qemu-tests/src/controlplane.rs names the pins and the place),
-//! once per pin. Nothing of theirs enters the repository: the two Go modules that name
+//! once per pin. Nothing of theirs enters the repository: the Go modules that name
 //! them are written into the cache here.
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::controlplane::{cache_dir, ETCD, KUBERNETES, KUBERNETES_STAGING, PROGRAMS};
+use qemu_tests::controlplane::{
+    cache_dir, ETCD, KONNECTIVITY, KUBERNETES, KUBERNETES_STAGING, PROGRAMS,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,8 +22,8 @@ pub fn build() -> Result<PathBuf> {
     }
     let go = crate::go_toolchain::go()?;
     println!(
-        "controlplane: building Kubernetes {KUBERNETES} and etcd {ETCD} from source into {} \
-         (about 5 minutes on 2 cores, once per pin)",
+        "controlplane: building Kubernetes {KUBERNETES}, etcd {ETCD} and Konnectivity \
+         {KONNECTIVITY} from source into {} (about 6 minutes on 2 cores, once per pin)",
         dir.display()
     );
     let kube = dir.join("src/kubernetes");
@@ -81,6 +84,39 @@ pub fn build() -> Result<PathBuf> {
         &go,
         &etcd,
         &["build", "-trimpath", "-ldflags=-s -w", "-o", &out, "."],
+    )?;
+    let knp = dir.join("src/konnectivity");
+    std::fs::create_dir_all(&knp)?;
+    std::fs::write(
+        knp.join("go.mod"),
+        "module edgeos.local/konnectivity\n\ngo 1.26\n",
+    )?;
+    std::fs::write(
+        knp.join("tools.go"),
+        "//go:build tools\n\npackage konnectivity\n\nimport _ \
+         \"sigs.k8s.io/apiserver-network-proxy/cmd/server\"\n",
+    )?;
+    go_run(
+        &go,
+        &knp,
+        &[
+            "get",
+            &format!("sigs.k8s.io/apiserver-network-proxy@{KONNECTIVITY}"),
+        ],
+    )?;
+    go_run(&go, &knp, &["mod", "tidy"])?;
+    let out = bin.join("konnectivity-server").display().to_string();
+    go_run(
+        &go,
+        &knp,
+        &[
+            "build",
+            "-trimpath",
+            "-ldflags=-s -w",
+            "-o",
+            &out,
+            "sigs.k8s.io/apiserver-network-proxy/cmd/server",
+        ],
     )?;
     for p in PROGRAMS {
         if !bin.join(p).is_file() {

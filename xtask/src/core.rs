@@ -103,6 +103,11 @@ pub fn up() -> Result<()> {
         guestfwd: vec![
             format!("tcp:10.0.2.100:4222-cmd:socat - TCP:127.0.0.1:{NATS_PORT}"),
             format!("tcp:10.0.2.100:6443-cmd:socat - TCP:127.0.0.1:{}", cp.port),
+            format!(
+                "tcp:{}-cmd:socat - TCP:127.0.0.1:{}",
+                qemu_tests::controlplane::GUEST_TUNNEL,
+                cp.tunnel_port
+            ),
         ],
         fabric: fabric.clone(),
         edgectl: edgectl.clone(),

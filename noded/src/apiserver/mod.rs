@@ -18,9 +18,11 @@ mod calls;
 mod conditions;
 mod events;
 mod host;
+mod kubelet;
 mod node;
 mod status;
 mod translate;
+mod tunnel;
 mod volumes;
 
 use cache::watch_pods;
@@ -87,6 +89,11 @@ pub struct Config {
     /// Where the pods bound to this node are mirrored; default `<state_dir>/apiserver/pods`.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// `host:port` of the core's konnectivity-server agent port: noded dials out to it
+    /// so that the API server reaches this node's kubelet API (`kubectl logs`,
+    /// tunnel.rs). Without it the core cannot reach the box.
+    #[serde(default)]
+    pub tunnel: Option<String>,
 }
 
 fn default_lease_seconds() -> u32 {
@@ -153,6 +160,12 @@ impl Config {
             check_label_key(k).map_err(|e| (key("labels"), format!("{k}: {e}")))?;
             check_label_value(v).map_err(|e| (key("labels"), format!("{k}: {e}")))?;
         }
+        if let Some(t) = &self.tunnel {
+            let port = t.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+            if !matches!(port, Some((h, Ok(p))) if !h.is_empty() && p != 0) {
+                return Err((key("tunnel"), format!("{t:?} is not host:port")));
+            }
+        }
         if self.lease_seconds < 4 {
             return Err((
                 key("lease_seconds"),
@@ -170,8 +183,14 @@ impl Config {
         Ok(())
     }
 
-    /// The task's settings; `state_dir` is noded's, `runtime_version` what CRI Version said.
-    pub fn settings(&self, state_dir: &Path, runtime_version: String) -> Result<Settings> {
+    /// The task's settings; `state_dir` and `log_dir` are noded's, `runtime_version`
+    /// what CRI Version said.
+    pub fn settings(
+        &self,
+        state_dir: &Path,
+        log_dir: &Path,
+        runtime_version: String,
+    ) -> Result<Settings> {
         let node_name = match &self.node_name {
             Some(n) => n.clone(),
             None => hostname()?,
@@ -197,6 +216,8 @@ impl Config {
             pod_status_every: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             runtime_version,
+            tunnel: self.tunnel.clone(),
+            log_dir: log_dir.to_path_buf(),
         })
     }
 }
@@ -221,6 +242,10 @@ pub struct Settings {
     pub retry_max: Duration,
     /// The Node's `containerRuntimeVersion` (`containerd://1.6.20`).
     pub runtime_version: String,
+    /// konnectivity-server's agent address (`Config::tunnel`).
+    pub tunnel: Option<String>,
+    /// Where noded keeps the containers' logs, which the kubelet API serves.
+    pub log_dir: PathBuf,
 }
 
 /// The running tasks; dropping it stops them.
@@ -330,7 +355,122 @@ fn run(
         images: Mutex::new(Value::Array(Vec::new())),
         unresolved: Mutex::new(BTreeMap::new()),
     });
+    if let Some(address) = shared.settings.tunnel.clone() {
+        match tunnel_parts(&shared, address, status.clone()) {
+            Ok((t, k)) => {
+                tasks.spawn(tunnel::run(t, Arc::new(k), shared.settings.retry_max));
+            }
+            Err(e) => tracing::error!("no tunnel to the core: {e}"),
+        }
+    }
     tasks.spawn(node_and_lease(shared.clone()));
     tasks.spawn(watch_pods(shared.clone()));
     tasks.spawn(report_pods(shared, status));
+}
+
+/// The tunnel (the node's certificate from the kubeconfig, trusting its CA) and the
+/// kubelet API it serves (trusting the same CA for clients).
+fn tunnel_parts(
+    shared: &Shared,
+    address: String,
+    status: Status,
+) -> std::result::Result<(tunnel::Tunnel, kubelet::Kubelet), String> {
+    let s = &shared.settings;
+    let (roots, chain, key) = identity(&s.kubeconfig)?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("{}: its client certificate: {e}", s.kubeconfig.display()))?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let kubelet = kubelet::Kubelet::new(
+        shared.client.clone(),
+        &s.node_name,
+        shared.host_ip,
+        roots,
+        status,
+        s.log_dir.clone(),
+    )?;
+    let tunnel = tunnel::Tunnel {
+        address,
+        node_name: s.node_name.clone(),
+        node_ip: shared.host_ip,
+        tls: Arc::new(tls),
+    };
+    Ok((tunnel, kubelet))
+}
+
+type Identity = (
+    tokio_rustls::rustls::RootCertStore,
+    Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// The kubeconfig's CA, client certificate chain and key (as data or as files).
+fn identity(path: &Path) -> std::result::Result<Identity, String> {
+    use base64::Engine;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", path.display());
+    let k = Kubeconfig::read_from(path).map_err(|e| bad("unreadable", &e))?;
+    let context = k
+        .current_context
+        .as_ref()
+        .and_then(|c| k.contexts.iter().find(|n| &n.name == c))
+        .or_else(|| k.contexts.first())
+        .and_then(|c| c.context.as_ref());
+    let cluster = k
+        .clusters
+        .iter()
+        .find(|c| context.is_some_and(|x| x.cluster == c.name))
+        .or_else(|| k.clusters.first())
+        .and_then(|c| c.cluster.as_ref())
+        .ok_or_else(|| format!("{} names no cluster", path.display()))?;
+    let user = k
+        .auth_infos
+        .iter()
+        .find(|a| context.is_some_and(|x| x.user.as_ref() == Some(&a.name)))
+        .or_else(|| k.auth_infos.first())
+        .and_then(|a| a.auth_info.as_ref())
+        .ok_or_else(|| format!("{} names no user", path.display()))?;
+    let load = |data: Option<&str>,
+                file: Option<&String>,
+                what: &str|
+     -> std::result::Result<Vec<u8>, String> {
+        match (data, file) {
+            (Some(d), _) => base64::engine::general_purpose::STANDARD
+                .decode(d.trim())
+                .map_err(|e| bad(&format!("{what}-data is not base64"), &e)),
+            (None, Some(f)) => std::fs::read(f).map_err(|e| bad(&format!("{what} {f}"), &e)),
+            (None, None) => Err(format!("{} has no {what}", path.display())),
+        }
+    };
+    use secrecy::ExposeSecret;
+    let ca = load(
+        cluster.certificate_authority_data.as_deref(),
+        cluster.certificate_authority.as_ref(),
+        "certificate-authority",
+    )?;
+    let cert = load(
+        user.client_certificate_data.as_deref(),
+        user.client_certificate.as_ref(),
+        "client-certificate",
+    )?;
+    let key = load(
+        user.client_key_data.as_ref().map(|s| s.expose_secret()),
+        user.client_key.as_ref(),
+        "client-key",
+    )?;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        let c = c.map_err(|e| bad("certificate-authority", &e))?;
+        roots.add(c).map_err(|e| bad("certificate-authority", &e))?;
+    }
+    let chain = CertificateDer::pem_slice_iter(&cert)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad("client-certificate", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad("client-key", &e))?;
+    Ok((roots, chain, key))
 }

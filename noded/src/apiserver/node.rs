@@ -187,7 +187,13 @@ pub(super) fn node_status(shared: &Shared) -> Value {
             .map(|t| t.trim().to_string())
             .unwrap_or_default()
     };
+    let port = if s.tunnel.is_some() {
+        super::tunnel::KUBELET_PORT
+    } else {
+        0
+    };
     json!({
+        "daemonEndpoints": { "kubeletEndpoint": { "Port": port } },
         "capacity": resources,
         "allocatable": resources,
         "addresses": addresses,

@@ -1,0 +1,484 @@
+//! The kubelet API the core reaches through the tunnel (tunnel.rs): what `kubectl logs`
+//! asks for (`GET /containerLogs/<namespace>/<pod>/<container>` with `follow`,
+//! `previous`, `tailLines`, `limitBytes`), from the logs noded keeps (logs.rs) of the
+//! pods the API server bound here.
+//!
+//! HTTPS over the tunnel's pipe, as the API server expects of a kubelet: noded's serving
+//! certificate is made at start (kube-apiserver checks it only when given
+//! `--kubelet-certificate-authority`); a client must present a certificate the
+//! kubeconfig's CA signed, and what it asks is authorized the way kubelet does, by a
+//! SubjectAccessReview at the API server for the certificate's user and groups on this
+//! Node (`nodes/proxy` for logs, `get` for GET), cached five minutes when allowed and 30
+//! seconds when denied.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_rustls::rustls;
+
+use super::calls::{lock, timed};
+use crate::control::{locate_logs, Located};
+use crate::pods::Status;
+use edge_node_api::LogsRequest;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// How often a followed log is looked at for more.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// Who a connection's client certificate names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Peer {
+    user: String,
+    groups: Vec<String>,
+}
+
+/// Who asked for what: a verb on a subresource of this Node.
+type Asked = (Peer, &'static str, &'static str);
+
+pub(super) struct Kubelet {
+    tls: tokio_rustls::TlsAcceptor,
+    client: kube::Client,
+    node_name: String,
+    status: Status,
+    log_dir: PathBuf,
+    /// (who, verb, subresource) → when decided and whether allowed.
+    decided: Mutex<HashMap<Asked, (Instant, bool)>>,
+}
+
+impl Kubelet {
+    /// The API with a serving certificate for the node's name and address, trusting
+    /// `roots` for clients.
+    pub(super) fn new(
+        client: kube::Client,
+        node_name: &str,
+        node_ip: Option<std::net::Ipv4Addr>,
+        roots: rustls::RootCertStore,
+        status: Status,
+        log_dir: PathBuf,
+    ) -> Result<Kubelet, String> {
+        let mut params = rcgen::CertificateParams::new(vec![node_name.to_string()])
+            .map_err(|e| format!("serving certificate: {e}"))?;
+        if let Some(ip) = node_ip {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress(ip.into()));
+        }
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{node_name}@noded"));
+        let key = rcgen::KeyPair::generate().map_err(|e| format!("serving key: {e}"))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| format!("serving certificate: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| format!("the kubeconfig's CA cannot verify clients: {e}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .map_err(|e| format!("serving certificate: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Kubelet {
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            client,
+            node_name: node_name.to_string(),
+            status,
+            log_dir,
+            decided: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Serves one connection (TLS, then HTTP/1.1) until it closes.
+    pub(super) async fn serve<S>(self: Arc<Self>, io: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let tls = match self.tls.accept(io).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("kubelet API: TLS refused: {e}");
+                return;
+            }
+        };
+        let Some(who) = tls.get_ref().1.peer_certificates().and_then(peer) else {
+            tracing::warn!("kubelet API: the client certificate names no user");
+            return;
+        };
+        let me = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let (me, who) = (me.clone(), who.clone());
+            async move { Ok::<_, Infallible>(me.handle(req, &who).await) }
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+            .await
+        {
+            tracing::debug!("kubelet API: connection ended: {e}");
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, who: &Peer) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let verb = verb(req.method());
+        let sub = subresource(&path);
+        match self.authorized(who, verb, sub).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(user = %who.user, verb, subresource = sub, %path, "kubelet API: forbidden");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Forbidden (user={}, verb={verb}, resource=nodes, subresource={sub})",
+                        who.user
+                    ),
+                );
+            }
+            Err(e) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the request could not be authorized: {e}"),
+                )
+            }
+        }
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (req.method(), segs.as_slice()) {
+            (&Method::GET, ["containerLogs", ns, pod, container]) => {
+                tracing::info!(user = %who.user, pod = %format!("{ns}/{pod}"), container, "kubelet API: logs");
+                self.logs(ns, pod, container, req.uri().query().unwrap_or(""))
+                    .await
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "noded serves GET /containerLogs/<namespace>/<pod>/<container> (kubectl \
+                     logs); not {} {path}",
+                    req.method()
+                ),
+            ),
+        }
+    }
+
+    async fn authorized(
+        &self,
+        who: &Peer,
+        verb: &'static str,
+        sub: &'static str,
+    ) -> Result<bool, String> {
+        let key = (who.clone(), verb, sub);
+        if let Some((at, allowed)) = lock(&self.decided).get(&key).copied() {
+            let keep = if allowed { 300 } else { 30 };
+            if at.elapsed() < Duration::from_secs(keep) {
+                return Ok(allowed);
+            }
+        }
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(who.user.clone()),
+                groups: Some(who.groups.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    resource: Some("nodes".into()),
+                    subresource: Some(sub.into()),
+                    name: Some(self.node_name.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let api = kube::Api::<SubjectAccessReview>::all(self.client.clone());
+        let answer = timed(api.create(&kube::api::PostParams::default(), &review))
+            .await
+            .map_err(|e| e.to_string())?;
+        let allowed = answer.status.is_some_and(|s| s.allowed);
+        lock(&self.decided).insert(key, (Instant::now(), allowed));
+        Ok(allowed)
+    }
+
+    async fn logs(&self, ns: &str, pod: &str, container: &str, query: &str) -> Response<Body> {
+        let q = match LogQuery::parse(query) {
+            Ok(q) => q,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        };
+        let req = LogsRequest {
+            pod: format!("{ns}/{pod}"),
+            container: Some(container.to_string()),
+            previous: q.previous,
+            tail: q.tail,
+        };
+        let pods = lock(&self.status).clone();
+        let (log_dir, follow) = (self.log_dir.clone(), q.follow && !q.previous);
+        let read = tokio::task::spawn_blocking(move || {
+            let at = locate_logs(&pods, &log_dir, &req)?;
+            let mut lines = at.read(&req.pod)?.lines;
+            // Lines the tail leaves out count as sent when following.
+            let total = lines.len();
+            if let Some(n) = req.tail {
+                lines.drain(..lines.len().saturating_sub(n));
+            }
+            Ok::<_, crate::error::Error>((at, lines, total))
+        })
+        .await;
+        let (at, lines, total) = match read {
+            Ok(Ok(r)) => r,
+            // The API server passes a 400's text on to kubectl (a 404's it drops).
+            Ok(Err(e)) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("log reader failed: {e}"),
+                )
+            }
+        };
+        let first = joined(&lines);
+        if !follow {
+            let mut b = first;
+            if let Some(n) = q.limit_bytes {
+                b.truncate(n);
+            }
+            return respond(StatusCode::OK, Full::new(Bytes::from(b)).boxed());
+        }
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        tokio::spawn(follow_on(at, total, first, q.limit_bytes, tx));
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        respond(StatusCode::OK, StreamBody::new(stream).boxed())
+    }
+}
+
+/// Sends `first`, then the lines the attempt gains, until the client goes, the
+/// container starts again (a newer attempt) or its logs are gone. Rotated-away lines
+/// are not sent again; lines written and rotated away between two looks are missed.
+async fn follow_on(
+    at: Located,
+    mut sent: usize,
+    first: Vec<u8>,
+    limit: Option<usize>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut left = limit.unwrap_or(usize::MAX);
+    let give = |mut b: Vec<u8>, left: &mut usize| {
+        b.truncate(*left);
+        *left -= b.len();
+        Bytes::from(b)
+    };
+    if tx.send(give(first, &mut left)).await.is_err() {
+        return;
+    }
+    let mut size = attempt_size(&at.dir, at.attempt);
+    while left > 0 {
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+        let now = attempt_size(&at.dir, at.attempt);
+        if now == size {
+            let newer = crate::logs::attempts(&at.dir)
+                .map(|a| a.iter().any(|&n| n > at.attempt))
+                .unwrap_or(true);
+            if newer {
+                return;
+            }
+            continue;
+        }
+        size = now;
+        let (dir, attempt) = (at.dir.clone(), at.attempt);
+        let Ok(Ok(read)) =
+            tokio::task::spawn_blocking(move || crate::logs::read(&dir, attempt)).await
+        else {
+            return;
+        };
+        let lines = read.lines;
+        if lines.len() > sent {
+            let b = joined(&lines[sent..]);
+            if tx.send(give(b, &mut left)).await.is_err() {
+                return;
+            }
+        }
+        sent = lines.len();
+    }
+}
+
+/// The bytes of an attempt's log files (`<attempt>.log` and its rotated pieces).
+fn attempt_size(dir: &Path, attempt: u32) -> u64 {
+    let prefix = format!("{attempt}.log");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn joined(lines: &[String]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for l in lines {
+        b.extend_from_slice(l.as_bytes());
+        b.push(b'\n');
+    }
+    b
+}
+
+/// The logs request's parameters noded honours; the others are refused by name.
+#[derive(Debug, Default, PartialEq)]
+struct LogQuery {
+    follow: bool,
+    previous: bool,
+    tail: Option<usize>,
+    limit_bytes: Option<usize>,
+}
+
+impl LogQuery {
+    fn parse(query: &str) -> Result<LogQuery, String> {
+        let mut q = LogQuery::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let flag = || match v {
+                "" | "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(format!("{k}={v}: not true or false")),
+            };
+            let number = || {
+                v.parse::<usize>()
+                    .map_err(|_| format!("{k}={v}: not a whole number"))
+            };
+            match k {
+                "follow" => q.follow = flag()?,
+                "previous" => q.previous = flag()?,
+                "tailLines" => q.tail = Some(number()?),
+                "limitBytes" => q.limit_bytes = Some(number()?),
+                "timestamps" if !flag()? => {}
+                "timestamps" | "sinceSeconds" | "sinceTime" | "stream" => {
+                    return Err(format!(
+                        "{k} is not supported by noded's logs (follow, previous, \
+                         tailLines and limitBytes are)"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// kubelet's verb for a request's method.
+fn verb(m: &Method) -> &'static str {
+    match *m {
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "get",
+    }
+}
+
+/// kubelet's subresource of `nodes` for a path: the named ones, else `proxy` (which
+/// covers logs, exec, attach and port-forward).
+fn subresource(path: &str) -> &'static str {
+    let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
+    if under("/stats") {
+        "stats"
+    } else if under("/metrics") {
+        "metrics"
+    } else if under("/logs") {
+        "log"
+    } else {
+        "proxy"
+    }
+}
+
+/// The user (common name) and groups (organizations) of the client's certificate.
+fn peer(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<Peer> {
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(str::to_string))
+        .collect();
+    Some(Peer { user, groups })
+}
+
+fn text(status: StatusCode, message: String) -> Response<Body> {
+    respond(status, Full::new(Bytes::from(message + "\n")).boxed())
+}
+
+fn respond(status: StatusCode, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_logs_parameters_are_read_and_the_unsupported_named() {
+        assert_eq!(
+            LogQuery::parse("follow=true&tailLines=5&limitBytes=100&timestamps=false").unwrap(),
+            LogQuery {
+                follow: true,
+                previous: false,
+                tail: Some(5),
+                limit_bytes: Some(100)
+            }
+        );
+        assert_eq!(LogQuery::parse("").unwrap(), LogQuery::default());
+        assert!(LogQuery::parse("previous=true").unwrap().previous);
+        let e = LogQuery::parse("sinceSeconds=10").unwrap_err();
+        assert!(e.starts_with("sinceSeconds is not supported"), "{e}");
+        assert!(LogQuery::parse("timestamps=true").is_err());
+        let e = LogQuery::parse("tailLines=-1").unwrap_err();
+        assert_eq!(e, "tailLines=-1: not a whole number");
+        assert!(LogQuery::parse("follow=maybe").is_err());
+    }
+
+    #[test]
+    fn paths_and_methods_map_to_kubelets_authorization_attributes() {
+        assert_eq!(subresource("/containerLogs/default/p/c"), "proxy");
+        assert_eq!(subresource("/exec/default/p/c"), "proxy");
+        assert_eq!(subresource("/stats/summary"), "stats");
+        assert_eq!(subresource("/metrics"), "metrics");
+        assert_eq!(subresource("/logs/syslog"), "log");
+        assert_eq!(subresource("/statsx"), "proxy");
+        assert_eq!(verb(&Method::GET), "get");
+        assert_eq!(verb(&Method::POST), "create");
+    }
+}
