@@ -1458,3 +1458,127 @@ async fn kubectl_logs_reach_the_box_through_its_outbound_tunnel() {
     let _ = follow.kill();
     let _ = follow.wait();
 }
+
+/// `kubectl exec` and `kubectl port-forward` through the tunnel, to a container a real
+/// containerd runs: noded (the binary) with the upstream control plane's node
+/// certificate and its tunnel, a pod the operator creates there. exec prints what the
+/// command prints, passes input to it and gives back its exit code; port-forward
+/// reaches a port the container listens on; exec into a container that does not exist
+/// is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_and_port_forward_reach_a_container_through_the_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
+        return;
+    };
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let table = format!(
+        "[apiserver]\nkubeconfig = \"{}\"\nnode_name = \"{NODE}\"\nzone = \"site-7\"\n\
+         lease_seconds = 10\ntunnel = \"127.0.0.1:{}\"\n",
+        kubeconfig.display(),
+        cp.tunnel_port
+    );
+    let node = common::Node::start_with("noded-exec-", &table, |_| {}).await;
+    let listen = common::free_port();
+    cp.apply(&format!(
+        r#"{{"apiVersion": "v1", "kind": "Pod",
+            "metadata": {{"name": "shell", "namespace": "default"}},
+            "spec": {{"nodeName": "{NODE}", "hostNetwork": true,
+              "automountServiceAccountToken": false, "terminationGracePeriodSeconds": 1,
+              "containers": [{{"name": "main", "image": "edge.local/hello:1",
+                "env": [{{"name": "HELLO_LISTEN", "value": "{listen}"}}]}}]}}}}"#
+    ))
+    .unwrap();
+    let cp = Arc::new(cp);
+    wait_until_long("the pod Running at the API server", {
+        let cp = cp.clone();
+        move || {
+            cp.get(&["pod", "-n", "default", "shell"])
+                .ok()
+                .filter(|p| p["status"]["phase"] == "Running")
+        }
+    })
+    .await;
+    let said = wait_until_long("kubectl exec through the tunnel", || {
+        cp.kubectl([
+            "exec", "-n", "default", "shell", "--", "hello", "--say", "from", "inside",
+        ])
+        .ok()
+    })
+    .await;
+    assert_eq!(
+        said,
+        "from inside\n",
+        "noded's log:\n{}",
+        node.env.noded_log()
+    );
+    // Input reaches the command (-i).
+    let mut cat = cp
+        .kubectl_command()
+        .args([
+            "exec", "-i", "-n", "default", "shell", "--", "hello", "--cat",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = cat.stdin.take().unwrap();
+        stdin.write_all(b"piped through\n").unwrap();
+    }
+    let out = tokio::task::block_in_place(|| cat.wait_with_output()).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "piped through\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The command's exit code comes back.
+    let failed = cp
+        .kubectl([
+            "exec", "-n", "default", "shell", "--", "hello", "--check", "/nope",
+        ])
+        .unwrap_err();
+    assert!(
+        format!("{failed:#}").contains("command terminated with exit code 1"),
+        "{failed:#}"
+    );
+    let none = cp
+        .kubectl([
+            "exec", "-n", "default", "shell", "-c", "other", "--", "hello",
+        ])
+        .unwrap_err();
+    assert!(format!("{none:#}").contains("other"), "{none:#}");
+
+    // port-forward: a local port reaches the container's.
+    let local = common::free_port();
+    let mut forward = cp
+        .kubectl_command()
+        .args([
+            "port-forward",
+            "-n",
+            "default",
+            "pod/shell",
+            &format!("{local}:{listen}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let answer = wait_until_long("an answer through kubectl port-forward", || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        (!out.is_empty()).then_some(out)
+    })
+    .await;
+    let _ = forward.kill();
+    let _ = forward.wait();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+}

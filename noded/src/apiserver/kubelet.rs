@@ -1,15 +1,19 @@
 //! The kubelet API the core reaches through the tunnel (tunnel.rs): what `kubectl logs`
 //! asks for (`GET /containerLogs/<namespace>/<pod>/<container>` with `follow`,
 //! `previous`, `tailLines`, `limitBytes`), from the logs noded keeps (logs.rs) of the
-//! pods the API server bound here.
+//! pods the API server bound here; and `kubectl exec` and `kubectl port-forward`
+//! (`/exec/<namespace>/<pod>/<container>`, `/portForward/<namespace>/<pod>`), which
+//! containerd's CRI streaming server carries out: noded asks it for the session (CRI
+//! `Exec`, `PortForward`) and hands the upgraded connection on to the URL it answers,
+//! as kubelet does.
 //!
 //! HTTPS over the tunnel's pipe, as the API server expects of a kubelet: noded's serving
 //! certificate is made at start (kube-apiserver checks it only when given
 //! `--kubelet-certificate-authority`); a client must present a certificate the
 //! kubeconfig's CA signed, and what it asks is authorized the way kubelet does, by a
 //! SubjectAccessReview at the API server for the certificate's user and groups on this
-//! Node (`nodes/proxy` for logs, `get` for GET), cached five minutes when allowed and 30
-//! seconds when denied.
+//! Node (`nodes/proxy` for these paths, the verb from the method), cached five minutes
+//! when allowed and 30 seconds when denied.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -51,6 +55,8 @@ type Asked = (Peer, &'static str, &'static str);
 pub(super) struct Kubelet {
     tls: tokio_rustls::TlsAcceptor,
     client: kube::Client,
+    /// containerd, whose streaming server runs exec and port-forward.
+    cri: Option<crate::cri::Client>,
     node_name: String,
     status: Status,
     log_dir: PathBuf,
@@ -63,6 +69,7 @@ impl Kubelet {
     /// `roots` for clients.
     pub(super) fn new(
         client: kube::Client,
+        cri: Option<crate::cri::Client>,
         node_name: &str,
         node_ip: Option<std::net::Ipv4Addr>,
         roots: rustls::RootCertStore,
@@ -103,6 +110,7 @@ impl Kubelet {
         Ok(Kubelet {
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             client,
+            cri,
             node_name: node_name.to_string(),
             status,
             log_dir,
@@ -133,6 +141,7 @@ impl Kubelet {
         });
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+            .with_upgrades()
             .await
         {
             tracing::debug!("kubelet API: connection ended: {e}");
@@ -169,13 +178,114 @@ impl Kubelet {
                 self.logs(ns, pod, container, req.uri().query().unwrap_or(""))
                     .await
             }
+            (&Method::GET | &Method::POST, ["exec", ns, pod, container]) => {
+                tracing::info!(user = %who.user, pod = %format!("{ns}/{pod}"), container, "kubelet API: exec");
+                let (ns, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+                self.exec(req, &ns, &pod, &container).await
+            }
+            (&Method::GET | &Method::POST, ["portForward", ns, pod]) => {
+                tracing::info!(user = %who.user, pod = %format!("{ns}/{pod}"), "kubelet API: port-forward");
+                let (ns, pod) = (ns.to_string(), pod.to_string());
+                self.port_forward(req, &ns, &pod).await
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "noded serves GET /containerLogs/<namespace>/<pod>/<container> (kubectl \
-                     logs); not {} {path}",
+                    "noded serves /containerLogs, /exec and /portForward of its pods \
+                     (kubectl logs, exec and port-forward); not {} {path}",
                     req.method()
                 ),
+            ),
+        }
+    }
+
+    /// The pod as the reconciler reports it, and containerd's client.
+    fn running(
+        &self,
+        ns: &str,
+        pod: &str,
+    ) -> Result<(crate::pods::PodReport, &crate::cri::Client), (StatusCode, String)> {
+        let Some(cri) = &self.cri else {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "noded runs without a container runtime here".into(),
+            ));
+        };
+        let report = lock(&self.status)
+            .iter()
+            .find(|p| p.namespace == ns && p.name == pod)
+            .cloned();
+        match report {
+            Some(r) => Ok((r, cri)),
+            None => Err((
+                StatusCode::BAD_REQUEST,
+                format!("no pod {ns}/{pod} runs on this node"),
+            )),
+        }
+    }
+
+    /// `kubectl exec`: the command runs through containerd's streaming server, to which
+    /// the upgraded connection is handed on.
+    async fn exec(
+        &self,
+        req: Request<Incoming>,
+        ns: &str,
+        pod: &str,
+        container: &str,
+    ) -> Response<Body> {
+        let (report, cri) = match self.running(ns, pod) {
+            Ok(r) => r,
+            Err((status, e)) => return text(status, e),
+        };
+        let q = match ExecQuery::parse(req.uri().query().unwrap_or("")) {
+            Ok(q) => q,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        };
+        let id = match crate::pods::running_ids(cri, &report, Some(container)).await {
+            Ok((_, Some(id))) => id,
+            Ok((_, None)) => return text(StatusCode::BAD_REQUEST, "no container".into()),
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        };
+        let answer = cri
+            .exec(crate::cri::api::ExecRequest {
+                container_id: id,
+                cmd: q.command,
+                tty: q.tty,
+                stdin: q.stdin,
+                stdout: q.stdout,
+                stderr: q.stderr && !q.tty,
+            })
+            .await;
+        match answer {
+            Ok(a) => hand_on(req, &a.url).await,
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                format!("exec refused by the runtime: {e}"),
+            ),
+        }
+    }
+
+    /// `kubectl port-forward`: as exec, to the pod's network.
+    async fn port_forward(&self, req: Request<Incoming>, ns: &str, pod: &str) -> Response<Body> {
+        let (report, cri) = match self.running(ns, pod) {
+            Ok(r) => r,
+            Err((status, e)) => return text(status, e),
+        };
+        let sandbox = match crate::pods::running_ids(cri, &report, None).await {
+            Ok((s, _)) => s,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        };
+        let answer = cri
+            .port_forward(crate::cri::api::PortForwardRequest {
+                pod_sandbox_id: sandbox,
+                port: Vec::new(),
+            })
+            .await;
+        match answer {
+            Ok(a) => hand_on(req, &a.url).await,
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                format!("port-forward refused by the runtime: {e}"),
             ),
         }
     }
@@ -268,6 +378,146 @@ impl Kubelet {
                 .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
         });
         respond(StatusCode::OK, StreamBody::new(stream).boxed())
+    }
+}
+
+/// Hands an upgrade request on to the runtime's streaming server at `url` (as kubelet
+/// proxies it): the request goes there with its upgrade headers, the server's answer
+/// comes back, and once it switched protocols the two connections are joined.
+async fn hand_on(mut req: Request<Incoming>, url: &str) -> Response<Body> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |e: String| {
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!("the runtime's streaming server: {e}"),
+        )
+    };
+    let Some(rest) = url.strip_prefix("http://") else {
+        return fail(format!("{url} is not an http:// URL"));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut upstream = match tokio::net::TcpStream::connect(authority).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("{authority}: {e}")),
+    };
+    let mut head = format!("{} {path} HTTP/1.1\r\nHost: {authority}\r\n", req.method());
+    for (k, v) in req.headers() {
+        if k == hyper::header::HOST || k == hyper::header::CONTENT_LENGTH {
+            continue;
+        }
+        let Ok(v) = v.to_str() else { continue };
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    if let Err(e) = upstream.write_all(head.as_bytes()).await {
+        return fail(e.to_string());
+    }
+    // The answer's head (and whatever followed it in the same reads).
+    let mut buf = Vec::new();
+    let end = loop {
+        let mut chunk = [0u8; 4096];
+        match upstream.read(&mut chunk).await {
+            Ok(0) => return fail("closed before answering".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return fail(e.to_string()),
+        }
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return fail("an answer head over 64 KiB".into());
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Response::new(&mut headers);
+    if !matches!(parsed.parse(&buf[..end]), Ok(httparse::Status::Complete(_))) {
+        return fail("an answer that is not HTTP".into());
+    }
+    let code = parsed.code.unwrap_or(502);
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+    for h in parsed.headers.iter() {
+        if let (Ok(k), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(h.name.as_bytes()),
+            hyper::header::HeaderValue::from_bytes(h.value),
+        ) {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    let early = buf[end..].to_vec();
+    if code != 101 {
+        // An error: its body, as far as the server sent it.
+        let mut body = early;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = upstream.read(&mut chunk).await {
+                if n == 0 || body.len() > 64 * 1024 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        resp.headers_mut().remove(hyper::header::CONTENT_LENGTH);
+        resp.headers_mut().remove(hyper::header::TRANSFER_ENCODING);
+        *resp.body_mut() = Full::new(Bytes::from(body)).boxed();
+        return resp;
+    }
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(&mut req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!("kubelet API: the upgrade failed: {e}");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(upgraded);
+        if client.write_all(&early).await.is_ok() {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+    });
+    resp
+}
+
+/// An exec request's parameters: `command` (repeated, one per argument), and which
+/// streams and whether a terminal.
+#[derive(Debug, Default, PartialEq)]
+struct ExecQuery {
+    command: Vec<String>,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+}
+
+impl ExecQuery {
+    fn parse(query: &str) -> Result<ExecQuery, String> {
+        let mut q = ExecQuery::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let flag = || match v.as_ref() {
+                "" | "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(format!("{k}={v}: not true or false")),
+            };
+            match k.as_ref() {
+                "command" => q.command.push(v.into_owned()),
+                "input" | "stdin" => q.stdin = flag()?,
+                "output" | "stdout" => q.stdout = flag()?,
+                "error" | "stderr" => q.stderr = flag()?,
+                "tty" => q.tty = flag()?,
+                _ => {}
+            }
+        }
+        if q.command.is_empty() {
+            return Err("no command to run (command=...)".into());
+        }
+        if !(q.stdin || q.stdout || q.stderr) {
+            return Err("none of stdin, stdout and stderr asked for".into());
+        }
+        Ok(q)
     }
 }
 
@@ -468,6 +718,20 @@ mod tests {
         let e = LogQuery::parse("tailLines=-1").unwrap_err();
         assert_eq!(e, "tailLines=-1: not a whole number");
         assert!(LogQuery::parse("follow=maybe").is_err());
+    }
+
+    #[test]
+    fn an_exec_request_gives_its_command_and_streams() {
+        let q = ExecQuery::parse("command=cat&command=%2Fdata%2Fx+y&stdin=true&output=1&tty=false")
+            .unwrap();
+        assert_eq!(q.command, ["cat", "/data/x y"]);
+        assert!(q.stdin && q.stdout && !q.stderr && !q.tty);
+        assert_eq!(
+            ExecQuery::parse("stdout=true").unwrap_err(),
+            "no command to run (command=...)"
+        );
+        assert!(ExecQuery::parse("command=ls").is_err());
+        assert!(ExecQuery::parse("command=ls&stdout=yes").is_err());
     }
 
     #[test]

@@ -387,6 +387,7 @@ fn tunnel_parts(
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let kubelet = kubelet::Kubelet::new(
         shared.client.clone(),
+        shared.cri.clone(),
         &s.node_name,
         shared.host_ip,
         roots,

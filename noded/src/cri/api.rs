@@ -674,6 +674,45 @@ pub struct ReopenContainerLogRequest {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ReopenContainerLogResponse {}
 
+/// A streamed exec (`kubectl exec`): the runtime answers with the URL of its
+/// streaming server where the command runs once the client connects.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(string, repeated, tag = "2")]
+    pub cmd: Vec<String>,
+    #[prost(bool, tag = "3")]
+    pub tty: bool,
+    #[prost(bool, tag = "4")]
+    pub stdin: bool,
+    #[prost(bool, tag = "5")]
+    pub stdout: bool,
+    #[prost(bool, tag = "6")]
+    pub stderr: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecResponse {
+    #[prost(string, tag = "1")]
+    pub url: String,
+}
+
+/// `kubectl port-forward`: as [`ExecRequest`], for ports of a sandbox's network.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PortForwardRequest {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+    #[prost(int32, repeated, tag = "2")]
+    pub port: Vec<i32>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PortForwardResponse {
+    #[prost(string, tag = "1")]
+    pub url: String,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ExecSyncRequest {
     #[prost(string, tag = "1")]

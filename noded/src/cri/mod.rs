@@ -181,6 +181,14 @@ impl Client {
         ReopenContainerLogRequest,
         ReopenContainerLogResponse
     );
+    rpc!(exec, "RuntimeService", "Exec", ExecRequest, ExecResponse);
+    rpc!(
+        port_forward,
+        "RuntimeService",
+        "PortForward",
+        PortForwardRequest,
+        PortForwardResponse
+    );
     rpc!(
         exec_sync,
         "RuntimeService",

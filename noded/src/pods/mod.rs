@@ -21,6 +21,7 @@ mod sources;
 mod spec;
 
 pub use report::{static_pods_up, ContainerReport, PodReport, Status};
+pub use runtime::running_ids;
 pub use sources::{is_manifest_file, API_PREFIX};
 pub use spec::pod_log_dir_of;
 

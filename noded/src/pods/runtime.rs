@@ -630,3 +630,57 @@ pub(super) async fn teardown(cri: &Client, settings: &Settings, volumes: &Volume
     }
     tracing::info!(pod = %run.pod.name, file = %run.file, "pod stopped and removed");
 }
+
+/// The running sandbox of a reported pod and, when `container` is named, the id of
+/// that container running in it: what the kubelet API's exec and port-forward hand the
+/// runtime. `Err` says, for the client, why there is none.
+pub async fn running_ids(
+    cri: &Client,
+    report: &super::PodReport,
+    container: Option<&str>,
+) -> std::result::Result<(String, Option<String>), String> {
+    let pod = format!("pod {}/{}", report.namespace, report.name);
+    let failed = |e: crate::cri::Error| format!("the runtime did not answer for {pod}: {e}");
+    let sandboxes = cri
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                state: Some(PodSandboxStateValue {
+                    state: PodSandboxState::SandboxReady as i32,
+                }),
+                label_selector: [
+                    (spec::LABEL_FILE.to_string(), report.file.clone()),
+                    (spec::LABEL_HASH.to_string(), report.uid.clone()),
+                ]
+                .into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(failed)?
+        .items;
+    let Some(sandbox) = sandboxes.first().map(|s| s.id.clone()) else {
+        return Err(format!("{pod} is not running"));
+    };
+    let Some(name) = container else {
+        return Ok((sandbox, None));
+    };
+    let containers = cri
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                pod_sandbox_id: sandbox.clone(),
+                state: Some(ContainerStateValue {
+                    state: ContainerState::ContainerRunning as i32,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(failed)?
+        .containers;
+    let id = containers
+        .iter()
+        .find(|c| c.metadata.as_ref().is_some_and(|m| m.name == name))
+        .map(|c| c.id.clone())
+        .ok_or_else(|| format!("container {name:?} of {pod} is not running"))?;
+    Ok((sandbox, Some(id)))
+}

@@ -8,6 +8,8 @@
 //! - `HELLO_HEALTHY_MS=<ms>`: create /healthy, remove it after ms (liveness probes).
 //!
 //! `hello --check <path>` exits 0 if the path exists, 1 if not: an exec probe.
+//! `hello --say <words>` prints the words and exits; `hello --cat` copies its input to
+//! its output and exits at its end (`kubectl exec`).
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -17,6 +19,14 @@ fn main() {
     if args.first().map(String::as_str) == Some("--check") {
         let ok = args.get(1).is_some_and(|p| std::path::Path::new(p).exists());
         std::process::exit(if ok { 0 } else { 1 });
+    }
+    if args.first().map(String::as_str) == Some("--say") {
+        println!("{}", args[1..].join(" "));
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--cat") {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::stdout());
+        return;
     }
     let line = if args.is_empty() {
         "hello from an edge container".to_string()
