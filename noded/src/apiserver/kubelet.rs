@@ -54,6 +54,9 @@ type Asked = (Peer, &'static str, &'static str);
 
 pub(super) struct Kubelet {
     tls: tokio_rustls::TlsAcceptor,
+    /// The serving certificate (DER), which a test trusts.
+    #[cfg_attr(not(test), allow(dead_code))]
+    cert: Vec<u8>,
     client: kube::Client,
     /// containerd, whose streaming server runs exec and port-forward.
     cri: Option<crate::cri::Client>,
@@ -97,6 +100,7 @@ impl Kubelet {
         )
         .build()
         .map_err(|e| format!("the kubeconfig's CA cannot verify clients: {e}"))?;
+        let der = cert.der().to_vec();
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
@@ -109,6 +113,7 @@ impl Kubelet {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Kubelet {
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            cert: der,
             client,
             cri,
             node_name: node_name.to_string(),
@@ -732,6 +737,113 @@ mod tests {
         );
         assert!(ExecQuery::parse("command=ls").is_err());
         assert!(ExecQuery::parse("command=ls&stdout=yes").is_err());
+    }
+
+    /// The authorization against the upstream control plane (built by `cargo xtask
+    /// controlplane`): the operator's certificate (system:masters) may read this node's
+    /// logs, another node's certificate may not (403 naming the user and what it
+    /// asked), and a certificate the cluster CA did not sign does not get past TLS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn who_may_use_the_kubelet_api_is_decided_at_the_api_server() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some(bin) = qemu_tests::controlplane::built() else {
+            edge_common::precondition_missing(
+                "the Kubernetes control plane built from source (cargo xtask controlplane)",
+            );
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cp_dir = dir.path().join("core");
+        let cp = tokio::task::spawn_blocking(move || {
+            qemu_tests::controlplane::ControlPlane::start(&bin, &cp_dir)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let admin = cp.admin_kubeconfig();
+        let other = cp.node_kubeconfig("edge-b").unwrap();
+        let client = super::super::client_from(&admin).await.unwrap();
+        let (roots, _, _) = super::super::identity(&admin).unwrap();
+        let kubelet = Arc::new(
+            Kubelet::new(
+                client,
+                None,
+                "edge-a",
+                None,
+                roots,
+                Arc::default(),
+                dir.path().join("logs"),
+            )
+            .unwrap(),
+        );
+        // The kubelet's own certificate is the only one its client trusts here.
+        let mut trusted = rustls::RootCertStore::empty();
+        trusted.add(kubelet.cert.clone().into()).unwrap();
+        let ask = |kubeconfig: &Path| {
+            let (_, chain, key) = super::super::identity(kubeconfig).unwrap();
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(trusted.clone())
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+            let kubelet = kubelet.clone();
+            async move {
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(kubelet.serve(theirs));
+                let name = rustls::pki_types::ServerName::try_from("edge-a").unwrap();
+                let mut s = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                    .connect(name, ours)
+                    .await?;
+                s.write_all(
+                    b"GET /containerLogs/default/web/main HTTP/1.1\r\nHost: edge-a\r\n\
+                      Connection: close\r\n\r\n",
+                )
+                .await?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).await?;
+                Ok::<_, std::io::Error>(out)
+            }
+        };
+        let allowed = ask(&admin).await.unwrap();
+        assert!(allowed.starts_with("HTTP/1.1 400"), "{allowed}");
+        assert!(
+            allowed.contains("no pod named \"default/web\""),
+            "{allowed}"
+        );
+        let denied = ask(&other).await.unwrap();
+        assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+        assert!(
+            denied.contains(
+                "Forbidden (user=system:node:edge-b, verb=get, resource=nodes, subresource=proxy)"
+            ),
+            "{denied}"
+        );
+        // A certificate of another CA: the handshake is refused.
+        let stranger = dir.path().join("stranger");
+        std::fs::create_dir_all(&stranger).unwrap();
+        std::fs::copy(cp.dir.join("ext.cnf"), stranger.join("ext.cnf")).unwrap();
+        qemu_tests::core::make_ca(&stranger, "stranger CA").unwrap();
+        qemu_tests::core::issue(&stranger, "me", "/O=system:masters/CN=me", "client").unwrap();
+        let text = std::fs::read_to_string(&admin)
+            .unwrap()
+            .replace(
+                &cp.dir.join("admin.pem").display().to_string(),
+                &stranger.join("me.pem").display().to_string(),
+            )
+            .replace(
+                &cp.dir.join("admin.key").display().to_string(),
+                &stranger.join("me.key").display().to_string(),
+            );
+        let forged = dir.path().join("forged.kubeconfig");
+        std::fs::write(&forged, text).unwrap();
+        let refused = ask(&forged).await;
+        assert!(
+            refused.as_ref().is_err() || refused.as_ref().is_ok_and(|o| o.is_empty()),
+            "{refused:?}"
+        );
     }
 
     #[test]
