@@ -81,6 +81,7 @@ fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
         runtime_version: "containerd://1.6.20".into(),
         tunnel: None,
         log_dir: PathBuf::from("/var/log/pods"),
+        renew_after: 0.8,
     }
 }
 
@@ -1581,4 +1582,129 @@ async fn kubectl_exec_and_port_forward_reach_a_container_through_the_tunnel() {
     let _ = forward.wait();
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.ends_with("ok"), "{answer}");
+}
+
+/// The node's certificate is renewed before it expires, asked for with the node's own
+/// certificate (not the bootstrap token), and the node carries on under the new one:
+/// a kept certificate that has lived 100 of its 120 s (past the 80 % mark once the
+/// node starts) is replaced by one the controller manager signs for a year, and the
+/// Node is Ready with its Lease renewed under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_certificate_is_renewed_with_its_own_before_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
+        return;
+    };
+    let token = cp.bootstrap_token().unwrap();
+    let boot = dir.path().join("bootstrap.kubeconfig");
+    std::fs::write(
+        &boot,
+        ControlPlane::bootstrap_kubeconfig(&cp.url, &cp.dir.join("ca.pem"), &token),
+    )
+    .unwrap();
+    // The kept credential: system:node:edge-a, signed by the cluster CA 100 s ago,
+    // valid 20 s more.
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(cp.dir.join("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(cp.dir.join("ca.pem")).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("system:node:{NODE}"));
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - Duration::from_secs(100)).into();
+    params.not_after = (now + Duration::from_secs(20)).into();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let stored = dir.path().join("state/kubeconfig");
+    std::fs::create_dir_all(stored.parent().unwrap()).unwrap();
+    std::fs::write(
+        &stored,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: core\n  cluster:\n    \
+             server: {}\n    certificate-authority-data: {}\nusers:\n- name: node\n  user:\n    \
+             client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: core\n  \
+             context:\n    cluster: core\n    user: node\ncurrent-context: core\n",
+            cp.url,
+            b64(&std::fs::read(cp.dir.join("ca.pem")).unwrap()),
+            b64(cert.pem().as_bytes()),
+            b64(key.serialize_pem().as_bytes()),
+        ),
+    )
+    .unwrap();
+    let old = std::fs::read_to_string(&stored).unwrap();
+
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let mut s = settings(stored.clone(), dir.path().join("cache"));
+    s.bootstrap_kubeconfig = Some(boot.clone());
+    s.lease_duration = Duration::from_secs(10);
+    let _agent = apiserver::start(s, status, None).await.unwrap();
+
+    let cp = Arc::new(cp);
+    let csr = wait_until_long("a renewal request, signed", || {
+        cp.get(&["csr"]).ok().and_then(|l| {
+            l["items"]
+                .as_array()?
+                .iter()
+                .find(|c| c["status"]["certificate"].is_string())
+                .cloned()
+        })
+    })
+    .await;
+    assert_eq!(
+        csr["spec"]["username"],
+        format!("system:node:{NODE}"),
+        "asked for with the node's own certificate: {csr}"
+    );
+    let renewed = wait_until_long("the new certificate kept", || {
+        std::fs::read_to_string(&stored).ok().filter(|t| *t != old)
+    })
+    .await;
+    let k: serde_yaml::Value = serde_yaml::from_str(&renewed).unwrap();
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(
+            k["users"][0]["user"]["client-certificate-data"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let x509 = pem.parse_x509().unwrap();
+    let left = x509.validity().not_after.timestamp() - edge_common::unix_ms() as i64 / 1000;
+    assert!(left > 86_400, "the new certificate is valid {left} s more");
+    // The node goes on under it, past the old one's expiry.
+    let expiry = now + Duration::from_secs(25);
+    tokio::time::sleep(
+        expiry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    let lease = cp.get(&["lease", "-n", "kube-node-lease", NODE]).unwrap();
+    let renew: String = lease["spec"]["renewTime"].as_str().unwrap().to_string();
+    let renewed_at = unix_secs(&renew);
+    let now = edge_common::unix_ms() as i64 / 1000;
+    assert!(
+        now - renewed_at < 10,
+        "the Lease was last renewed at {renew}"
+    );
+}
+
+/// Unix seconds of an RFC 3339 time with microseconds (`2026-12-06T10:00:00.000000Z`).
+fn unix_secs(t: &str) -> i64 {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", t, "+%s"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }

@@ -10,6 +10,10 @@
 //! The key is written before the request, so a restart while the request waits for
 //! approval asks again with the same key under the same name, and no second request is
 //! left behind.
+//!
+//! The certificate is renewed before it expires ([`renewed`]): a new key and request,
+//! asked for with the node's own certificate, as kubelet rotates its client
+//! certificate; the API tasks then start again with the new one.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -66,11 +70,22 @@ async fn obtain(settings: &Settings, bootstrap: &Path) -> Result<kube::Client> {
             bootstrap.display()
         ),
     }
+    request(settings, bootstrap, super::client_from(bootstrap).await?).await
+}
+
+/// Asks for a certificate with `requester` (the bootstrap credential, or the node's own
+/// when it renews), waits for it and keeps it in the node's kubeconfig.
+async fn request(
+    settings: &Settings,
+    bootstrap: &Path,
+    requester: kube::Client,
+) -> Result<kube::Client> {
+    let stored = &settings.kubeconfig;
     let key_path = pending_key_path(stored);
     let key = pending_key(&key_path)?;
     let csr = request_pem(&key, &settings.node_name)?;
     let name = request_name(&settings.node_name, &key);
-    let api: Api<CertificateSigningRequest> = Api::all(super::client_from(bootstrap).await?);
+    let api: Api<CertificateSigningRequest> = Api::all(requester);
     let object = CertificateSigningRequest {
         metadata: kube::api::ObjectMeta {
             name: Some(name.clone()),
@@ -87,8 +102,8 @@ async fn obtain(settings: &Settings, bootstrap: &Path) -> Result<kube::Client> {
     match timed(api.create(&PostParams::default(), &object)).await {
         Ok(_) => tracing::info!(
             "asked for the node's certificate: CertificateSigningRequest {name} \
-             (approved by the controller manager for a bootstrap token, or by \
-             `kubectl certificate approve {name}`)"
+             (approved by the controller manager for a bootstrap token or a node's \
+             renewal, or by `kubectl certificate approve {name}`)"
         ),
         // Asked before this restart, with this key: wait for that one.
         Err(Error::ApiCall {
@@ -108,9 +123,62 @@ async fn obtain(settings: &Settings, bootstrap: &Path) -> Result<kube::Client> {
     super::client_from(stored).await
 }
 
-/// Why the stored credential cannot be used (absent, unreadable, no certificate of
-/// this node's, expired), or `Ok` when it can.
-fn usable(path: &Path, node: &str) -> std::result::Result<(), String> {
+/// Returns once the node's certificate is renewed (a new key and certificate kept in
+/// the kubeconfig, the new client given back) or, when renewing failed until it
+/// expired, `None`: the bootstrap credential is then the way back. The renewal is due
+/// once `settings.renew_after` of the certificate's lifetime has passed (kubelet
+/// renews at 70 to 90 %); it is asked for with the node's own certificate, which the
+/// controller manager approves for a node asking for its own name (the
+/// `selfnodeclient` role bound to `system:nodes`, as kubeadm binds it).
+pub(super) async fn renewed(
+    settings: &Settings,
+    bootstrap: &Path,
+    current: kube::Client,
+) -> Option<kube::Client> {
+    let stored = &settings.kubeconfig;
+    let due = match validity(stored) {
+        Ok((from, until)) => from + ((until - from) as f64 * settings.renew_after) as i64,
+        Err(e) => {
+            tracing::warn!("the node's certificate in {}: {e}", stored.display());
+            return None;
+        }
+    };
+    let now = (edge_common::unix_ms() / 1000) as i64;
+    if due > now {
+        tracing::info!(
+            "the node's certificate is renewed in {} s (at {} % of its lifetime)",
+            due - now,
+            (settings.renew_after * 100.0).round()
+        );
+        tokio::time::sleep(Duration::from_secs((due - now) as u64)).await;
+    }
+    let mut retry = Retry::new(settings.retry_max);
+    let mut log = Limited::new("renewing the node's certificate");
+    loop {
+        if let Err(why) = usable(stored, &settings.node_name) {
+            tracing::warn!("the node's certificate was not renewed in time: {why}");
+            return None;
+        }
+        match request(settings, bootstrap, current.clone()).await {
+            Ok(c) => {
+                log.ok();
+                tracing::info!("the node's certificate is renewed");
+                return Some(c);
+            }
+            Err(e) => log.fail(&e),
+        }
+        tokio::time::sleep(retry.next_delay()).await;
+    }
+}
+
+/// The stored certificate's validity (Unix seconds from, until).
+fn validity(path: &Path) -> std::result::Result<(i64, i64), String> {
+    let cert = stored_certificate(path)?;
+    Ok((cert.not_before, cert.not_after))
+}
+
+/// The client certificate a kubeconfig holds as data.
+fn stored_certificate(path: &Path) -> std::result::Result<Certificate, String> {
     if !path.exists() {
         return Err("there is none yet".into());
     }
@@ -124,7 +192,13 @@ fn usable(path: &Path, node: &str) -> std::result::Result<(), String> {
     let pem = base64::engine::general_purpose::STANDARD
         .decode(pem.trim())
         .map_err(|e| format!("its client-certificate-data is not base64 ({e})"))?;
-    let cert = Certificate::parse(&pem)?;
+    Certificate::parse(&pem)
+}
+
+/// Why the stored credential cannot be used (absent, unreadable, no certificate of
+/// this node's, expired), or `Ok` when it can.
+fn usable(path: &Path, node: &str) -> std::result::Result<(), String> {
+    let cert = stored_certificate(path)?;
     if cert.common_name != format!("system:node:{node}") {
         return Err(format!(
             "its certificate is for {:?}, not system:node:{node}",
@@ -219,6 +293,7 @@ async fn signed(api: &Api<CertificateSigningRequest>, name: &str) -> Result<Vec<
 struct Certificate {
     common_name: String,
     /// Unix seconds.
+    not_before: i64,
     not_after: i64,
     public_key: Vec<u8>,
 }
@@ -240,6 +315,7 @@ impl Certificate {
             .to_string();
         Ok(Certificate {
             common_name,
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             public_key: cert.public_key().raw.to_vec(),
         })

@@ -218,6 +218,7 @@ impl Config {
             runtime_version,
             tunnel: self.tunnel.clone(),
             log_dir: log_dir.to_path_buf(),
+            renew_after: 0.8,
         })
     }
 }
@@ -246,6 +247,9 @@ pub struct Settings {
     pub tunnel: Option<String>,
     /// Where noded keeps the containers' logs, which the kubelet API serves.
     pub log_dir: PathBuf,
+    /// With a bootstrap credential, the node's certificate is renewed once this
+    /// fraction of its lifetime has passed (0.8).
+    pub renew_after: f64,
 }
 
 /// The running tasks; dropping it stops them.
@@ -325,10 +329,29 @@ pub async fn start(
         }
         Some(bootstrap) => {
             tasks.spawn(async move {
-                let client = bootstrap::client(&settings, &bootstrap).await;
-                let mut inner = tokio::task::JoinSet::new();
-                run(client, settings, status, cri, &mut inner);
-                while inner.join_next().await.is_some() {}
+                let mut client = bootstrap::client(&settings, &bootstrap).await;
+                loop {
+                    let mut inner = tokio::task::JoinSet::new();
+                    run(
+                        client.clone(),
+                        settings.clone(),
+                        status.clone(),
+                        cri.clone(),
+                        &mut inner,
+                    );
+                    // The tasks run until the certificate is renewed, then again with
+                    // the new one (or, if renewing failed until it expired, with one
+                    // obtained through the bootstrap credential again).
+                    let renewed = tokio::select! {
+                        r = bootstrap::renewed(&settings, &bootstrap, client.clone()) => r,
+                        _ = async { while inner.join_next().await.is_some() {} } => return,
+                    };
+                    inner.shutdown().await;
+                    client = match renewed {
+                        Some(c) => c,
+                        None => bootstrap::client(&settings, &bootstrap).await,
+                    };
+                }
             });
         }
     }
