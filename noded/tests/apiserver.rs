@@ -631,6 +631,8 @@ fn bad_apiserver_config_is_refused_by_key() {
         (&format!("kubeconfig = \"{}\"\nzone = \"s\"\nlease_seconds = 1", good.display()), "apiserver.lease_seconds", "4"),
         (&format!("kubeconfig = \"{}\"\nzone = \"s\"\nnode_name = \"Edge_A\"", good.display()), "apiserver.node_name", "Edge_A"),
         (&format!("kubeconfig = \"{}\"\nzone = \"s\"\nlabels = {{ \"topology.kubernetes.io/zone\" = \"x\" }}", good.display()), "apiserver.labels", "set by noded"),
+        (&format!("kubeconfig = \"{}\"\nzone = \"s\"\ntunnel = \"core.example\"", good.display()), "apiserver.tunnel", "core.example"),
+        (&format!("kubeconfig = \"{}\"\nzone = \"s\"\ntunnel = \"core:0\"", good.display()), "apiserver.tunnel", "not host:port"),
     ] {
         std::fs::write(&config, format!("{base}[apiserver]\n{table}\n")).unwrap();
         let (ok, err) = noded_with(&config);
