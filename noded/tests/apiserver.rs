@@ -1035,13 +1035,7 @@ async fn a_node_with_a_bootstrap_token_obtains_its_certificate_and_keeps_it() {
     let Some(cp) = upstream(dir.path()).await else {
         return;
     };
-    let token = cp.bootstrap_token().unwrap();
-    let boot = dir.path().join("bootstrap.kubeconfig");
-    std::fs::write(
-        &boot,
-        ControlPlane::bootstrap_kubeconfig(&cp.url, &cp.dir.join("ca.pem"), &token),
-    )
-    .unwrap();
+    let (token, boot) = bootstrap_file(&cp, dir.path());
     let stored = dir.path().join("state/kubeconfig");
     let status: Status = Arc::new(Mutex::new(Vec::new()));
     let mut s = settings(stored.clone(), dir.path().join("cache"));
@@ -1345,6 +1339,18 @@ async fn upstream(dir: &Path) -> Option<ControlPlane> {
     Some(cp)
 }
 
+/// A bootstrap token at `cp` and a kubeconfig with it in `dir`.
+fn bootstrap_file(cp: &ControlPlane, dir: &Path) -> (String, PathBuf) {
+    let token = cp.bootstrap_token().unwrap();
+    let boot = dir.join("bootstrap.kubeconfig");
+    std::fs::write(
+        &boot,
+        ControlPlane::bootstrap_kubeconfig(&cp.url, &cp.dir.join("ca.pem"), &token),
+    )
+    .unwrap();
+    (token, boot)
+}
+
 /// [`wait_until`] for the real control plane, whose controllers act on their own
 /// periods (the scheduler, the Deployment and ReplicaSet controllers): 60 s.
 async fn wait_until_long<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -1597,13 +1603,7 @@ async fn the_nodes_certificate_is_renewed_with_its_own_before_it_expires() {
     let Some(cp) = upstream(dir.path()).await else {
         return;
     };
-    let token = cp.bootstrap_token().unwrap();
-    let boot = dir.path().join("bootstrap.kubeconfig");
-    std::fs::write(
-        &boot,
-        ControlPlane::bootstrap_kubeconfig(&cp.url, &cp.dir.join("ca.pem"), &token),
-    )
-    .unwrap();
+    let (_, boot) = bootstrap_file(&cp, dir.path());
     // The kept credential: system:node:edge-a, signed by the cluster CA 100 s ago,
     // valid 20 s more.
     let ca_key =

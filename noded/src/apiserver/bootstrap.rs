@@ -349,19 +349,9 @@ fn write_kubeconfig(path: &Path, bootstrap: &Path, cert: &[u8], key: &str) -> Re
         source,
     };
     let from = Kubeconfig::read_from(bootstrap).map_err(unusable)?;
-    let context = from
-        .current_context
-        .as_ref()
-        .and_then(|name| from.contexts.iter().find(|c| &c.name == name))
-        .or_else(|| from.contexts.first())
-        .and_then(|c| c.context.as_ref());
-    let cluster_name = context.map(|c| c.cluster.clone());
-    let mut cluster = from
-        .clusters
-        .iter()
-        .find(|c| Some(&c.name) == cluster_name.as_ref())
-        .or_else(|| from.clusters.first())
-        .and_then(|c| c.cluster.clone())
+    let mut cluster = super::current(&from)
+        .0
+        .cloned()
         .ok_or_else(|| Error::Bootstrap(format!("{} names no cluster", bootstrap.display())))?;
     if let Some(ca) = cluster.certificate_authority.take() {
         let pem = std::fs::read(&ca).map_err(Error::io("failed to read", &ca))?;

@@ -426,6 +426,35 @@ fn tunnel_parts(
     Ok((tunnel, kubelet))
 }
 
+/// The cluster and user of a kubeconfig's current context (its first context, cluster
+/// and user when it names none).
+fn current(
+    k: &Kubeconfig,
+) -> (
+    Option<&kube::config::Cluster>,
+    Option<&kube::config::AuthInfo>,
+) {
+    let context = k
+        .current_context
+        .as_ref()
+        .and_then(|c| k.contexts.iter().find(|n| &n.name == c))
+        .or_else(|| k.contexts.first())
+        .and_then(|c| c.context.as_ref());
+    let cluster = k
+        .clusters
+        .iter()
+        .find(|c| context.is_some_and(|x| x.cluster == c.name))
+        .or_else(|| k.clusters.first())
+        .and_then(|c| c.cluster.as_ref());
+    let user = k
+        .auth_infos
+        .iter()
+        .find(|a| context.is_some_and(|x| x.user.as_ref() == Some(&a.name)))
+        .or_else(|| k.auth_infos.first())
+        .and_then(|a| a.auth_info.as_ref());
+    (cluster, user)
+}
+
 type Identity = (
     tokio_rustls::rustls::RootCertStore,
     Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
@@ -439,26 +468,9 @@ fn identity(path: &Path) -> std::result::Result<Identity, String> {
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", path.display());
     let k = Kubeconfig::read_from(path).map_err(|e| bad("unreadable", &e))?;
-    let context = k
-        .current_context
-        .as_ref()
-        .and_then(|c| k.contexts.iter().find(|n| &n.name == c))
-        .or_else(|| k.contexts.first())
-        .and_then(|c| c.context.as_ref());
-    let cluster = k
-        .clusters
-        .iter()
-        .find(|c| context.is_some_and(|x| x.cluster == c.name))
-        .or_else(|| k.clusters.first())
-        .and_then(|c| c.cluster.as_ref())
-        .ok_or_else(|| format!("{} names no cluster", path.display()))?;
-    let user = k
-        .auth_infos
-        .iter()
-        .find(|a| context.is_some_and(|x| x.user.as_ref() == Some(&a.name)))
-        .or_else(|| k.auth_infos.first())
-        .and_then(|a| a.auth_info.as_ref())
-        .ok_or_else(|| format!("{} names no user", path.display()))?;
+    let (cluster, user) = current(&k);
+    let cluster = cluster.ok_or_else(|| format!("{} names no cluster", path.display()))?;
+    let user = user.ok_or_else(|| format!("{} names no user", path.display()))?;
     let load = |data: Option<&str>,
                 file: Option<&String>,
                 what: &str|
