@@ -82,6 +82,7 @@ fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
         tunnel: None,
         log_dir: PathBuf::from("/var/log/pods"),
         renew_after: 0.8,
+        token_refresh: 0.8,
     }
 }
 
@@ -1709,4 +1710,92 @@ fn unix_secs(t: &str) -> i64 {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// A projected `serviceAccountToken`: noded asks the upstream API server for a token of
+/// the pod's service account, bound to the pod and for the audience asked, writes it
+/// into the pod's volume, and asks again once the part of its lifetime set has passed
+/// (shortened here), replacing the file in place while the cached pod stays the same
+/// (no restart). The API server accepts the token for that audience (TokenReview) and
+/// names the pod in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projected_service_account_token_is_written_and_renewed_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
+        return;
+    };
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let cache = dir.path().join("cache");
+    let mut s = settings(kubeconfig, cache.clone());
+    s.lease_duration = Duration::from_secs(10);
+    // 600 s tokens asked for again after 6 s.
+    s.token_refresh = 0.01;
+    let _agent = apiserver::start(s, Arc::new(Mutex::new(Vec::new())), None)
+        .await
+        .unwrap();
+    let cp = Arc::new(cp);
+    // The controller manager makes each namespace's `default` service account.
+    wait_until_long("the default service account", {
+        let cp = cp.clone();
+        move || cp.get(&["serviceaccount", "-n", "default", "default"]).ok()
+    })
+    .await;
+    let pod = |name: &str, seconds: u32| {
+        format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod",
+   "metadata": {{"name": "{name}", "namespace": "default"}},
+   "spec": {{"nodeName": "edge-a", "hostNetwork": true, "automountServiceAccountToken": false,
+     "containers": [{{"name": "main", "image": "edge.local/hello:1",
+       "volumeMounts": [{{"name": "vault", "mountPath": "/var/run/vault"}}]}}],
+     "volumes": [{{"name": "vault", "projected": {{"sources": [
+       {{"serviceAccountToken": {{"audience": "vault", "expirationSeconds": {seconds},
+                                 "path": "token"}}}}]}}}}]}}}}"#
+        )
+    };
+    cp.apply(&pod("reader", 600)).unwrap();
+    let text = wait_until_long("the pod cached", || cached(&cache, "default_reader.yaml")).await;
+    let file = cache.join(".volumes/default_reader/vault/token");
+    let first = std::fs::read_to_string(&file).unwrap();
+    // The token's claims: the pod's service account, the audience asked, the pod.
+    let claims = |token: &str| -> Value {
+        use base64::Engine;
+        let part = token.split('.').nth(1).unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let c = claims(&first);
+    assert_eq!(c["sub"], "system:serviceaccount:default:default", "{c}");
+    assert_eq!(c["aud"], json!(["vault"]), "{c}");
+    assert_eq!(c["kubernetes.io"]["pod"]["name"], "reader", "{c}");
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 600);
+    let review_file = dir.path().join("review.json");
+    std::fs::write(
+        &review_file,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "spec": {"token": first.trim(), "audiences": ["vault"]}})
+        .to_string(),
+    )
+    .unwrap();
+    let reviewed: Value = serde_json::from_str(
+        &cp.kubectl([
+            "create",
+            "-o",
+            "json",
+            "-f",
+            &review_file.display().to_string(),
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reviewed["status"]["authenticated"], true, "{reviewed}");
+
+    // Asked for again and replaced in place; the cached pod is unchanged.
+    let second = wait_until_long("a new token", || {
+        std::fs::read_to_string(&file).ok().filter(|t| *t != first)
+    })
+    .await;
+    assert!(claims(&second)["iat"].as_i64() >= c["iat"].as_i64());
+    assert_eq!(cached(&cache, "default_reader.yaml").unwrap(), text);
 }

@@ -38,9 +38,17 @@ pub(super) async fn watch_pods(shared: Arc<Shared>) {
                 None => break,
             },
             _ = retry.tick() => {
-                let waiting: Vec<DynamicObject> =
+                let mut again: Vec<DynamicObject> =
                     lock(&shared.unresolved).values().map(|(p, _)| p.clone()).collect();
-                for pod in waiting {
+                // Pods whose tokens are due to be asked for again.
+                let now = std::time::Instant::now();
+                again.extend(
+                    lock(&shared.refresh)
+                        .values()
+                        .filter(|(due, _)| *due <= now)
+                        .map(|(_, p)| p.clone()),
+                );
+                for pod in again {
                     apply(&shared, &pod).await;
                 }
                 continue;
@@ -80,6 +88,7 @@ pub(super) async fn watch_pods(shared: Arc<Shared>) {
                     remove_cached(s, &key);
                     lock(&shared.known).remove(&key);
                     lock(&shared.unresolved).remove(&key);
+                    lock(&shared.refresh).remove(&key);
                 }
             }
         }
@@ -128,6 +137,7 @@ pub(super) async fn apply(shared: &Arc<Shared>, pod: &DynamicObject) -> Option<S
     let previous = lock(&shared.known).insert(key.clone(), known.clone());
     if deleting {
         lock(&shared.unresolved).remove(&key);
+        lock(&shared.refresh).remove(&key);
         if previous.is_none_or(|p| !p.deleting) {
             tracing::info!(pod = %key, "pod being deleted on the API server: stopping it");
         }
@@ -137,11 +147,19 @@ pub(super) async fn apply(shared: &Arc<Shared>, pod: &DynamicObject) -> Option<S
     let (mut manifest, dropped) = edge_manifest(&full);
     if volumes::needs_resolving(&manifest) {
         match volumes::resolve(shared, &full, &mut manifest).await {
-            Ok(files) => {
+            Ok(resolved) => {
                 let dir = volumes::pod_dir(&s.cache_dir, &key);
-                if let Err(e) = volumes::write_volumes(&dir, &files, &mut manifest) {
+                if let Err(e) = volumes::write_volumes(&dir, &resolved.volumes, &mut manifest) {
                     tracing::error!(pod = %key, "failed to write the pod's volumes: {e}");
                     return Some(key);
+                }
+                match resolved.refresh {
+                    Some(due) => {
+                        lock(&shared.refresh).insert(key.clone(), (due, pod.clone()));
+                    }
+                    None => {
+                        lock(&shared.refresh).remove(&key);
+                    }
                 }
                 if lock(&shared.unresolved).remove(&key).is_some() {
                     tracing::info!(pod = %key, "what the pod reads from the API server is there now");
@@ -211,6 +229,7 @@ pub(super) fn prune(shared: &Shared, listed: &BTreeSet<String>) {
     let s = &shared.settings;
     lock(&shared.known).retain(|k, _| listed.contains(k));
     lock(&shared.unresolved).retain(|k, _| listed.contains(k));
+    lock(&shared.refresh).retain(|k, _| listed.contains(k));
     let Ok(entries) = std::fs::read_dir(&s.cache_dir) else {
         return;
     };

@@ -219,6 +219,7 @@ impl Config {
             tunnel: self.tunnel.clone(),
             log_dir: log_dir.to_path_buf(),
             renew_after: 0.8,
+            token_refresh: 0.8,
         })
     }
 }
@@ -250,6 +251,9 @@ pub struct Settings {
     /// With a bootstrap credential, the node's certificate is renewed once this
     /// fraction of its lifetime has passed (0.8).
     pub renew_after: f64,
+    /// A pod's service-account token is asked for again once this fraction of its
+    /// lifetime has passed (0.8, as kubelet; at most a day).
+    pub token_refresh: f64,
 }
 
 /// The running tasks; dropping it stops them.
@@ -292,6 +296,8 @@ struct Shared {
     /// Pods not cached yet for what their volumes or variables read (cache key → the
     /// pod and the reason last told), tried again by the watch loop.
     unresolved: Mutex<BTreeMap<String, (kube::api::DynamicObject, String)>>,
+    /// Pods with service-account tokens (cache key → when to ask again, the pod).
+    refresh: Mutex<BTreeMap<String, (std::time::Instant, kube::api::DynamicObject)>>,
 }
 
 /// A client from a kubeconfig file (its current context).
@@ -377,6 +383,7 @@ fn run(
         transitions: conditions::Transitions::default(),
         images: Mutex::new(Value::Array(Vec::new())),
         unresolved: Mutex::new(BTreeMap::new()),
+        refresh: Mutex::new(BTreeMap::new()),
     });
     if let Some(address) = shared.settings.tunnel.clone() {
         match tunnel_parts(&shared, address, status.clone()) {

@@ -8,7 +8,13 @@
 //! directory and each such variable as its value: the reconciler runs it as any other
 //! manifest, through outages and reboots. A missing object (not `optional`) or a server
 //! that does not answer leaves the pod uncached and retried; what cannot be done here
-//! (a service-account token, a resource field) is refused naming it.
+//! (a resource field, a cluster trust bundle) is refused naming it.
+//!
+//! A projected `serviceAccountToken` is asked for with a TokenRequest bound to the pod
+//! (the Node authorizer lets a node ask for its pods' service accounts), and asked for
+//! again once `Settings::token_refresh` of its lifetime has passed (at most a day), as
+//! kubelet does: the new token replaces the file in place, so the running pod reads it
+//! with no restart. Through an outage the last token stays until it expires.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +63,15 @@ struct Objects<'a> {
     namespace: String,
     /// (kind, name) → its keys, or `None` when the server has no such object.
     seen: BTreeMap<(&'static str, String), Option<Keys>>,
+    /// When the first token written this pass is to be asked for again.
+    refresh: Option<std::time::Instant>,
+}
+
+/// A pod's volume files by volume, and when its tokens are to be asked for again.
+#[derive(Debug, Default)]
+pub(super) struct Resolved {
+    pub volumes: BTreeMap<String, Vec<File>>,
+    pub refresh: Option<std::time::Instant>,
 }
 
 impl Objects<'_> {
@@ -133,7 +148,7 @@ pub(super) async fn resolve(
     shared: &Shared,
     pod: &Value,
     manifest: &mut Value,
-) -> std::result::Result<BTreeMap<String, Vec<File>>, Unresolved> {
+) -> std::result::Result<Resolved, Unresolved> {
     let namespace = pod["metadata"]["namespace"]
         .as_str()
         .unwrap_or("default")
@@ -142,6 +157,7 @@ pub(super) async fn resolve(
         shared,
         namespace,
         seen: BTreeMap::new(),
+        refresh: None,
     };
     let host_ip = shared.host_ip.map(|ip| ip.to_string());
     let mut volumes = BTreeMap::new();
@@ -207,7 +223,10 @@ pub(super) async fn resolve(
             }
         }
     }
-    Ok(volumes)
+    Ok(Resolved {
+        volumes,
+        refresh: objects.refresh,
+    })
 }
 
 /// A container's variables in order, each name once: a later one with the same name
@@ -403,14 +422,109 @@ async fn projected_files(
             files.extend(source_files(objects, "secret", c, &sp, default).await?);
         } else if let Some(d) = s.get("downwardAPI") {
             files.extend(downward_files(pod, d, &sp, default, host_ip)?);
+        } else if let Some(t) = s.get("serviceAccountToken") {
+            files.push(token_file(objects, pod, t, &sp, default).await?);
         } else {
             return Err(Unresolved::Refused(format!(
-                "{sp}.{} is not supported here (no in-cluster API access from the edge)",
+                "{sp}.{} is not supported here",
                 first_key(s)
             )));
         }
     }
     Ok(files)
+}
+
+/// Kubernetes' default and least token lifetimes (`expirationSeconds`).
+const TOKEN_SECONDS: i64 = 3600;
+const TOKEN_SECONDS_MIN: i64 = 600;
+
+/// A `serviceAccountToken` source: a token for the pod's service account, bound to the
+/// pod, for the audience asked (the API server's own when none).
+async fn token_file(
+    objects: &mut Objects<'_>,
+    pod: &Value,
+    t: &Value,
+    path: &str,
+    projected_mode: Option<u32>,
+) -> std::result::Result<File, Unresolved> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let p = format!("{path}.serviceAccountToken");
+    let file = checked_path(t["path"].as_str().unwrap_or_default(), &p)?;
+    let seconds = match &t["expirationSeconds"] {
+        Value::Null => TOKEN_SECONDS,
+        v => v
+            .as_i64()
+            .filter(|s| *s >= TOKEN_SECONDS_MIN)
+            .ok_or_else(|| {
+                Unresolved::Refused(format!(
+                "{p}.expirationSeconds {v} is not a whole number of at least {TOKEN_SECONDS_MIN}"
+            ))
+            })?,
+    };
+    let audiences = match &t["audience"] {
+        Value::Null => Vec::new(),
+        Value::String(a) if a.is_empty() => Vec::new(),
+        Value::String(a) => vec![a.clone()],
+        v => {
+            return Err(Unresolved::Refused(format!(
+                "{p}.audience {v} is not a string"
+            )))
+        }
+    };
+    let spec = &pod["spec"];
+    let account = spec["serviceAccountName"]
+        .as_str()
+        .or(spec["serviceAccount"].as_str())
+        .filter(|a| !a.is_empty())
+        .unwrap_or("default");
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(audiences),
+            expiration_seconds: Some(seconds),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod["metadata"]["name"].as_str().map(str::to_string),
+                uid: pod["metadata"]["uid"].as_str().map(str::to_string),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let api: Api<ServiceAccount> =
+        Api::namespaced(objects.shared.client.clone(), &objects.namespace);
+    let ns = objects.namespace.clone();
+    let answer =
+        timed(api.create_token_request(account, &kube::api::PostParams::default(), &request))
+            .await
+            .map_err(|e| {
+                Unresolved::Waiting(format!(
+                    "no token for service account {ns}/{account} ({p}): {e}"
+                ))
+            })?;
+    let token = answer
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            Unresolved::Waiting(format!(
+                "the API server gave no token for service account {ns}/{account} ({p})"
+            ))
+        })?;
+    // Asked for again once the part of its lifetime set has passed, and at least daily.
+    let fraction = objects.shared.settings.token_refresh;
+    let after = std::time::Duration::from_secs_f64(seconds as f64 * fraction)
+        .min(std::time::Duration::from_secs(86_400));
+    let due = std::time::Instant::now() + after;
+    objects.refresh = Some(objects.refresh.map_or(due, |r| r.min(due)));
+    Ok(File {
+        path: file,
+        data: token.into_bytes(),
+        mode: projected_mode.unwrap_or(DEFAULT_MODE),
+    })
 }
 
 /// A downwardAPI volume's files.
