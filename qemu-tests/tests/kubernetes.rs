@@ -8,8 +8,8 @@
 //! the core while the pod keeps running on the box, the Deployment is scaled up at the
 //! core meanwhile, the box is powered off and boots again still cut off (the pod comes
 //! back from its cache), and once the link heals the box is Ready and runs the new
-//! replica. `kubectl logs` of its pod reaches the box through the tunnel the box dials
-//! out to konnectivity-server, before the cut and again after it heals.
+//! replica. `kubectl logs` and `kubectl exec` of its pod reach the box through the
+//! tunnel the box dials out to konnectivity-server (logs again after the cut heals).
 //! Deleted at the core, the Deployment stops on the box.
 
 use anyhow::{bail, Context, Result};
@@ -236,12 +236,21 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         "kubectl logs through the tunnel",
         Duration::from_secs(60),
         || {
+            // Three readings once the sensor has written that many (one a second).
             cp.kubectl(["logs", "-n", "default", &name, "--tail=3"])
                 .ok()
+                .filter(|l| l.lines().count() >= 3)
         },
     )?;
     assert!(logs.contains("k8s0"), "kubectl logs: {logs:?}");
     assert_eq!(logs.lines().count(), 3, "kubectl logs --tail=3: {logs:?}");
+    // `kubectl exec` the same way, run by the box's containerd in the pod's container
+    // (with its variables: the sensor's name from the ConfigMap).
+    let once = cp.kubectl(["exec", "-n", "default", &name, "--", "/sensor", "--once"])?;
+    assert!(
+        once.starts_with('{') && once.contains("k8s0"),
+        "kubectl exec: {once:?}"
+    );
 
     // The link is cut for longer than the node-monitor grace period (20 s here): the
     // core marks the Node NotReady; the box keeps its pod running all along.

@@ -13,6 +13,8 @@
 //! readings are kept in a ring of 512-byte records at the start of the device, the way a
 //! database writes its own blocks, and a restarted sensor resumes after the newest.
 //!
+//! `sensor --once` prints one reading and exits (`kubectl exec` into its pod).
+//!
 //! Only the standard library: the program goes into a scratch image as one static file.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -152,6 +154,13 @@ fn main() {
         .unwrap_or(1000)
         .max(10);
     let name = env_or("SENSOR_NAME", "temp0");
+    if std::env::args().nth(1).as_deref() == Some("--once") {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        println!("{}", reading(0, t, &name));
+        return;
+    }
     let fabric = target("FABRIC_URL");
     let inference = target("INFERENCE_URL");
     let mut store = std::env::var_os("SENSOR_FILE").map(std::path::PathBuf::from);
