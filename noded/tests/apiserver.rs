@@ -1799,3 +1799,47 @@ async fn a_projected_service_account_token_is_written_and_renewed_in_place() {
     assert!(claims(&second)["iat"].as_i64() >= c["iat"].as_i64());
     assert_eq!(cached(&cache, "default_reader.yaml").unwrap(), text);
 }
+
+/// The Node's labels follow the config: a label noded set and the config no longer has
+/// is taken off the Node when noded starts again, while a label the operator set
+/// stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_taken_out_of_the_config_is_taken_off_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
+        return;
+    };
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let mut s = settings(kubeconfig, dir.path().join("cache"));
+    s.lease_duration = Duration::from_secs(10);
+    let agent = apiserver::start(s.clone(), Arc::new(Mutex::new(Vec::new())), None)
+        .await
+        .unwrap();
+    let cp = Arc::new(cp);
+    let labels = || {
+        cp.get(&["node", NODE])
+            .ok()
+            .map(|n| n["metadata"]["labels"].clone())
+    };
+    wait_until_long("the node with its labels", || {
+        labels().filter(|l| l["example.com/role"] == "sensor")
+    })
+    .await;
+    cp.kubectl(["label", "node", NODE, "example.com/rack=7"])
+        .unwrap();
+    drop(agent);
+    s.labels.remove("example.com/role");
+    let _agent = apiserver::start(s, Arc::new(Mutex::new(Vec::new())), None)
+        .await
+        .unwrap();
+    let l = wait_until_long("the label taken off", || {
+        labels().filter(|l| l.get("example.com/role").is_none())
+    })
+    .await;
+    assert_eq!(
+        l["example.com/rack"], "7",
+        "the operator's label stays: {l}"
+    );
+    assert_eq!(l["topology.kubernetes.io/zone"], "site-7", "{l}");
+    assert_eq!(l["kubernetes.io/hostname"], NODE, "{l}");
+}

@@ -134,23 +134,48 @@ fn tell_conditions(shared: &Arc<Shared>) {
     }
 }
 
+/// The annotation naming the labels noded set on the Node (comma-separated keys), so a
+/// label taken out of the config is taken off the Node, and labels others set stay.
+pub const LABELS_ANNOTATION: &str = "noded.edgeos.io/labels";
+
 /// Creates the Node, or brings an existing one's labels up to date; returns its uid.
 pub(super) async fn register(
     shared: &Shared,
     nodes: &Api<DynamicObject>,
 ) -> Result<String, kube::Error> {
     let s = &shared.settings;
+    let ours: Vec<&str> = s.labels.keys().map(String::as_str).collect();
+    let annotations = json!({ LABELS_ANNOTATION: ours.join(",") });
     let node: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": { "name": s.node_name, "labels": s.labels },
+        "metadata": { "name": s.node_name, "labels": s.labels, "annotations": annotations },
         "status": node_status(shared),
     }))
     .map_err(kube::Error::SerdeError)?;
     let created = match nodes.create(&PostParams::default(), &node).await {
         Ok(n) => n,
         Err(kube::Error::Api(e)) if e.is_already_exists() => {
-            let patch = json!({ "metadata": { "labels": s.labels } });
+            // The labels noded set before and no longer has are removed (null in a
+            // merge patch); the others the Node has are not noded's to touch.
+            let before = nodes.get(&s.node_name).await?;
+            let mut labels = serde_json::Map::new();
+            if let Some(old) = before
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LABELS_ANNOTATION))
+            {
+                for k in old.split(',').filter(|k| !k.is_empty()) {
+                    if !s.labels.contains_key(k) {
+                        labels.insert(k.to_string(), Value::Null);
+                    }
+                }
+            }
+            for (k, v) in &s.labels {
+                labels.insert(k.clone(), Value::String(v.clone()));
+            }
+            let patch = json!({ "metadata": { "labels": labels, "annotations": annotations } });
             nodes
                 .patch(&s.node_name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
