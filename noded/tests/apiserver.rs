@@ -1802,7 +1802,7 @@ async fn a_projected_service_account_token_is_written_and_renewed_in_place() {
 
 /// The Node's labels follow the config: a label noded set and the config no longer has
 /// is taken off the Node when noded starts again, while a label the operator set
-/// stays.
+/// stays; a condition another component set stays through noded's status patches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_label_taken_out_of_the_config_is_taken_off_the_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -1842,4 +1842,34 @@ async fn a_label_taken_out_of_the_config_is_taken_off_the_node() {
     );
     assert_eq!(l["topology.kubernetes.io/zone"], "site-7", "{l}");
     assert_eq!(l["kubernetes.io/hostname"], NODE, "{l}");
+    // A condition another component sets on the Node stays through noded's status
+    // patches (conditions merge by type).
+    cp.kubectl([
+        "patch",
+        "node",
+        NODE,
+        "--subresource=status",
+        "--type=strategic",
+        "-p",
+        r#"{"status": {"conditions": [{"type": "example.com/SensorBus", "status": "True",
+            "reason": "Probed", "message": "bus up"}]}}"#,
+    ])
+    .unwrap();
+    let ours = |n: &Value, kind: &str| {
+        n["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == kind).cloned())
+    };
+    let first = ours(&cp.get(&["node", NODE]).unwrap(), "Ready").unwrap();
+    let node = wait_until_long("noded's next status patch", || {
+        cp.get(&["node", NODE]).ok().filter(|n| {
+            ours(n, "Ready").is_some_and(|r| r["lastHeartbeatTime"] != first["lastHeartbeatTime"])
+        })
+    })
+    .await;
+    let other = ours(&node, "example.com/SensorBus");
+    assert!(
+        other.is_some_and(|c| c["status"] == "True"),
+        "the other condition was lost: {node}"
+    );
 }

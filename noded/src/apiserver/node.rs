@@ -71,11 +71,13 @@ pub(super) async fn node_and_lease(shared: Arc<Shared>) {
             }
         } else if Instant::now() >= next_status {
             refresh_images(&shared).await;
+            // Strategic: conditions (and addresses) merge by type, so conditions other
+            // components set on the Node stay.
             let patch = json!({ "status": node_status(&shared) });
             match timed(nodes.patch_status(
                 &s.node_name,
                 &PatchParams::default(),
-                &Patch::Merge(&patch),
+                &Patch::Strategic(&patch),
             ))
             .await
             {
@@ -184,7 +186,7 @@ pub(super) async fn register(
                 .patch_status(
                     &s.node_name,
                     &PatchParams::default(),
-                    &Patch::Merge(&status),
+                    &Patch::Strategic(&status),
                 )
                 .await?
         }

@@ -698,8 +698,16 @@ fn handle(
             None => status(404, "NotFound", &format!("nodes \"{name}\" not found")),
         },
         ["api", "v1", "nodes", name] | ["api", "v1", "nodes", name, "status"] if m == "PATCH" => {
-            if let Err(e) = merge_patch() {
-                return e;
+            // A strategic merge patch of a Node as the server applies one: the lists
+            // with a merge key (conditions and addresses, by type) are merged by it.
+            let strategic = ctype == "application/strategic-merge-patch+json";
+            if strategic && (!body.is_object() || body.get("__invalid_json").is_some()) {
+                return status(400, "BadRequest", "the patch is not a JSON object");
+            }
+            if !strategic {
+                if let Err(e) = merge_patch() {
+                    return e;
+                }
             }
             let sub = parts.len() == 5;
             let rv = st.next_rv();
@@ -707,7 +715,25 @@ fn handle(
                 return status(404, "NotFound", &format!("nodes \"{name}\" not found"));
             };
             let mut patched = node.clone();
-            merge(&mut patched, body);
+            let mut body = body.clone();
+            if strategic {
+                for list in ["conditions", "addresses"] {
+                    let (Some(Value::Array(new)), Some(Value::Array(old))) =
+                        (body["status"].get(list).cloned(), node["status"].get(list))
+                    else {
+                        continue;
+                    };
+                    let mut merged = old.clone();
+                    for n in new {
+                        match merged.iter_mut().find(|o| o["type"] == n["type"]) {
+                            Some(o) => merge(o, &n),
+                            None => merged.push(n),
+                        }
+                    }
+                    body["status"][list] = Value::Array(merged);
+                }
+            }
+            merge(&mut patched, &body);
             // The main resource ignores status; the status subresource ignores the rest.
             if sub {
                 node["status"] = patched["status"].clone();
