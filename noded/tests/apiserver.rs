@@ -83,6 +83,12 @@ fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
         log_dir: PathBuf::from("/var/log/pods"),
         renew_after: 0.8,
         token_refresh: 0.8,
+        // No pressure whatever this host has left (the eviction test raises it).
+        thresholds: apiserver::Thresholds {
+            memory_kib: 0,
+            disk_percent: 0,
+        },
+        eviction_every: Duration::from_millis(500),
     }
 }
 
@@ -1872,4 +1878,105 @@ async fn a_label_taken_out_of_the_config_is_taken_off_the_node() {
         other.is_some_and(|c| c["status"] == "True"),
         "the other condition was lost: {node}"
     );
+}
+
+/// Under memory pressure (the threshold raised above what the host has) noded evicts
+/// the pods from the API server one at a time, BestEffort before Guaranteed: the
+/// evicted pod is `Failed` with reason `Evicted` at the server, with an `Evicted` event,
+/// its cached manifest goes and it is not cached again when the server's updates of it
+/// arrive; the Node reports MemoryPressure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_memory_pressure_pods_are_evicted_besteffort_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
+        return;
+    };
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let cache = dir.path().join("cache");
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let mut s = settings(kubeconfig, cache.clone());
+    s.lease_duration = Duration::from_secs(10);
+    let _agent = apiserver::start(s.clone(), status.clone(), None)
+        .await
+        .unwrap();
+    let pod = |name: &str, resources: &str| {
+        format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod",
+   "metadata": {{"name": "{name}", "namespace": "default"}},
+   "spec": {{"nodeName": "edge-a", "hostNetwork": true, "automountServiceAccountToken": false,
+     "containers": [{{"name": "main", "image": "edge.local/hello:1", "resources": {resources}}}]}}}}"#
+        )
+    };
+    cp.apply(&pod("best", "{}")).unwrap();
+    cp.apply(&pod(
+        "sure",
+        r#"{"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}}"#,
+    ))
+    .unwrap();
+    for f in ["default_best.yaml", "default_sure.yaml"] {
+        wait_until_long("both pods cached", || cached(&cache, f)).await;
+    }
+    *status.lock().unwrap() = vec![
+        running_report("default_best.yaml", "best", 0),
+        running_report("default_sure.yaml", "sure", 0),
+    ];
+    let cp = Arc::new(cp);
+    let phase = |name: &str| {
+        cp.get(&["pod", "-n", "default", name])
+            .ok()
+            .map(|p| (p["status"]["phase"].as_str().unwrap_or("").to_string(), p))
+    };
+    wait_until_long("both Running at the server", || {
+        (phase("best")?.0 == "Running" && phase("sure")?.0 == "Running").then_some(())
+    })
+    .await;
+    // Pressure: noded restarted with a memory threshold above what the host has, an
+    // eviction every 3 s.
+    drop(_agent);
+    s.thresholds.memory_kib = u64::MAX / 2;
+    s.eviction_every = Duration::from_secs(3);
+    let _agent = apiserver::start(s, status.clone(), None).await.unwrap();
+    let best = wait_until_long("the BestEffort pod evicted", || {
+        phase("best").filter(|(p, _)| p == "Failed").map(|(_, p)| p)
+    })
+    .await;
+    assert_eq!(best["status"]["reason"], "Evicted", "{best}");
+    let message = best["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("The node was low on resource: memory."),
+        "{best}"
+    );
+    assert_eq!(phase("sure").unwrap().0, "Running", "Guaranteed goes later");
+    assert!(cached(&cache, "default_best.yaml").is_none());
+    let events = cp
+        .get(&[
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.name=best,reason=Evicted",
+        ])
+        .unwrap();
+    assert_eq!(
+        events["items"].as_array().map(Vec::len),
+        Some(1),
+        "{events}"
+    );
+    let node = cp.get(&["node", NODE]).unwrap();
+    assert!(
+        node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "MemoryPressure" && c["status"] == "True"),
+        "{node}"
+    );
+    // The pressure stays: the Guaranteed pod goes next, and neither comes back.
+    wait_until_long("the Guaranteed pod evicted", || {
+        phase("sure").filter(|(p, _)| p == "Failed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(cached(&cache, "default_best.yaml").is_none());
+    assert!(cached(&cache, "default_sure.yaml").is_none());
 }

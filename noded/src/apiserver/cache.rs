@@ -89,6 +89,7 @@ pub(super) async fn watch_pods(shared: Arc<Shared>) {
                     lock(&shared.known).remove(&key);
                     lock(&shared.unresolved).remove(&key);
                     lock(&shared.refresh).remove(&key);
+                    lock(&shared.evicted).remove(&key);
                 }
             }
         }
@@ -133,8 +134,27 @@ pub(super) async fn apply(shared: &Arc<Shared>, pod: &DynamicObject) -> Option<S
         images,
         deleting,
         host_network: full["spec"]["hostNetwork"] == true,
+        qos: match full["status"]["qosClass"].as_str() {
+            Some("Guaranteed") => 2,
+            Some("Burstable") => 1,
+            _ => 0,
+        },
+        priority: full["spec"]["priority"].as_i64().unwrap_or(0),
+        created: full["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        // Evicted by this noded, or (after a restart) failed as evicted at the server.
+        evicted: lock(&shared.evicted)
+            .get(&key)
+            .is_some_and(|(uid, _, _)| Some(uid) == pod.metadata.uid.as_ref())
+            || (full["status"]["phase"] == "Failed" && full["status"]["reason"] == "Evicted"),
     };
     let previous = lock(&shared.known).insert(key.clone(), known.clone());
+    if known.evicted && !deleting {
+        remove_cached(s, &key);
+        return Some(key);
+    }
     if deleting {
         lock(&shared.unresolved).remove(&key);
         lock(&shared.refresh).remove(&key);
@@ -230,6 +250,7 @@ pub(super) fn prune(shared: &Shared, listed: &BTreeSet<String>) {
     lock(&shared.known).retain(|k, _| listed.contains(k));
     lock(&shared.unresolved).retain(|k, _| listed.contains(k));
     lock(&shared.refresh).retain(|k, _| listed.contains(k));
+    lock(&shared.evicted).retain(|k, _| listed.contains(k));
     let Ok(entries) = std::fs::read_dir(&s.cache_dir) else {
         return;
     };

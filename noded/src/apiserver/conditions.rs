@@ -9,10 +9,43 @@ use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-/// kubelet's default `memory.available<100Mi`.
-const MEMORY_AVAILABLE_MIN_KIB: u64 = 100 * 1024;
 /// kubelet's default `nodefs.available<10%`, and the same share of process ids.
 const AVAILABLE_MIN_PERCENT: u64 = 10;
+
+/// Under these the box is under memory or disk pressure: the conditions say so and
+/// noded evicts pods (eviction.rs). kubelet's default hard eviction thresholds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// `memory.available<100Mi`.
+    pub memory_kib: u64,
+    /// `nodefs.available<10%`.
+    pub disk_percent: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            memory_kib: 100 * 1024,
+            disk_percent: AVAILABLE_MIN_PERCENT,
+        }
+    }
+}
+
+/// The resource the box is short of (`memory`, `ephemeral-storage`) and the condition's
+/// words, when memory or the data partition is under its threshold.
+pub fn pressure(m: &Measured, t: &Thresholds) -> Option<(&'static str, String)> {
+    readings(m, t)
+        .into_iter()
+        .find(|r| r.holds == Some(true) && matches!(r.kind, "MemoryPressure" | "DiskPressure"))
+        .map(|r| {
+            let resource = if r.kind == "MemoryPressure" {
+                "memory"
+            } else {
+                "ephemeral-storage"
+            };
+            (resource, r.message)
+        })
+}
 
 /// What the box is short of, measured now; `None` where it could not be read.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -57,7 +90,7 @@ struct Reading {
     message: String,
 }
 
-fn readings(m: &Measured) -> Vec<Reading> {
+fn readings(m: &Measured, t: &Thresholds) -> Vec<Reading> {
     let percent = |avail: u64, total: u64| avail.saturating_mul(100) / total.max(1);
     let mut out = vec![Reading {
         kind: "Ready",
@@ -66,11 +99,15 @@ fn readings(m: &Measured) -> Vec<Reading> {
         message: "noded is posting ready status".into(),
     }];
     out.push(match m.mem_available_kib {
-        Some(k) if k < MEMORY_AVAILABLE_MIN_KIB => Reading {
+        Some(k) if k < t.memory_kib => Reading {
             kind: "MemoryPressure",
             holds: Some(true),
             reason: "KubeletHasInsufficientMemory",
-            message: format!("{} MiB available, under 100 MiB", k / 1024),
+            message: format!(
+                "{} MiB available, under {} MiB",
+                k / 1024,
+                t.memory_kib / 1024
+            ),
         },
         Some(k) => Reading {
             kind: "MemoryPressure",
@@ -81,13 +118,14 @@ fn readings(m: &Measured) -> Vec<Reading> {
         None => unknown("MemoryPressure", "/proc/meminfo has no MemAvailable"),
     });
     out.push(match m.disk {
-        Some((avail, total)) if percent(avail, total) < AVAILABLE_MIN_PERCENT => Reading {
+        Some((avail, total)) if percent(avail, total) < t.disk_percent => Reading {
             kind: "DiskPressure",
             holds: Some(true),
             reason: "KubeletHasDiskPressure",
             message: format!(
-                "{}% of the data partition available, under {AVAILABLE_MIN_PERCENT}%",
-                percent(avail, total)
+                "{}% of the data partition available, under {}%",
+                percent(avail, total),
+                t.disk_percent
             ),
         },
         Some((avail, total)) => Reading {
@@ -171,11 +209,11 @@ impl Transitions {
     /// The conditions list for this measurement at `now`; a condition whose status
     /// changed (or is new) takes `now` as its transition time, or `first` on the very
     /// first list (when noded started).
-    pub fn conditions(&self, m: &Measured, now: &str, first: &str) -> Vec<Value> {
+    pub fn conditions(&self, m: &Measured, t: &Thresholds, now: &str, first: &str) -> Vec<Value> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut untold = self.untold.lock().unwrap_or_else(|e| e.into_inner());
         let initial = seen.is_empty();
-        readings(m)
+        readings(m, t)
             .into_iter()
             .map(|r| {
                 let status = match r.holds {
@@ -242,7 +280,7 @@ mod tests {
     #[test]
     fn each_pressure_is_judged_at_kubelets_thresholds() {
         let t = Transitions::default();
-        let list = t.conditions(&healthy(), "t1", "t0");
+        let list = t.conditions(&healthy(), &Thresholds::default(), "t1", "t0");
         let kinds: Vec<&str> = list.iter().map(|c| c["type"].as_str().unwrap()).collect();
         assert_eq!(
             kinds,
@@ -263,7 +301,7 @@ mod tests {
             pids: Some((3_800_000, 4_194_304)),
             has_address: false,
         };
-        let list = Transitions::default().conditions(&short, "t1", "t0");
+        let list = Transitions::default().conditions(&short, &Thresholds::default(), "t1", "t0");
         assert_eq!(
             status_of(&list, "MemoryPressure").1,
             "KubeletHasInsufficientMemory"
@@ -277,7 +315,7 @@ mod tests {
             assert_eq!(status_of(&list, kind).0, "True", "{kind}");
         }
         let blind = Measured::default();
-        let list = Transitions::default().conditions(&blind, "t1", "t0");
+        let list = Transitions::default().conditions(&blind, &Thresholds::default(), "t1", "t0");
         assert_eq!(status_of(&list, "MemoryPressure").0, "Unknown");
         assert_eq!(status_of(&list, "DiskPressure").0, "Unknown");
     }
@@ -285,15 +323,15 @@ mod tests {
     #[test]
     fn each_change_is_told_once_as_the_node_event_kubelet_records() {
         let t = Transitions::default();
-        t.conditions(&healthy(), "t1", "t0");
+        t.conditions(&healthy(), &Thresholds::default(), "t1", "t0");
         let first = t.take_untold();
         assert!(first.contains(&("Ready", "True")), "{first:?}");
         assert!(first.contains(&("MemoryPressure", "False")), "{first:?}");
-        t.conditions(&healthy(), "t2", "t0");
+        t.conditions(&healthy(), &Thresholds::default(), "t2", "t0");
         assert!(t.take_untold().is_empty(), "no change, nothing to tell");
         let mut full = healthy();
         full.disk = Some((3 << 30, 100 << 30));
-        t.conditions(&full, "t3", "t0");
+        t.conditions(&full, &Thresholds::default(), "t3", "t0");
         assert_eq!(t.take_untold(), [("DiskPressure", "True")]);
         assert_eq!(
             event_for("DiskPressure", "True"),
@@ -307,26 +345,26 @@ mod tests {
     #[test]
     fn a_transition_time_moves_only_when_the_status_does() {
         let t = Transitions::default();
-        let list = t.conditions(&healthy(), "t1", "t0");
+        let list = t.conditions(&healthy(), &Thresholds::default(), "t1", "t0");
         assert_eq!(
             status_of(&list, "DiskPressure").2,
             "t0",
             "the first list: start"
         );
-        let list = t.conditions(&healthy(), "t2", "t0");
+        let list = t.conditions(&healthy(), &Thresholds::default(), "t2", "t0");
         assert_eq!(status_of(&list, "DiskPressure").2, "t0");
         assert_eq!(list[0]["lastHeartbeatTime"], "t2");
         let full = Measured {
             disk: Some((1 << 30, 100 << 30)),
             ..healthy()
         };
-        let list = t.conditions(&full, "t3", "t0");
+        let list = t.conditions(&full, &Thresholds::default(), "t3", "t0");
         assert_eq!(
             status_of(&list, "DiskPressure"),
             ("True".into(), "KubeletHasDiskPressure".into(), "t3".into())
         );
         assert_eq!(status_of(&list, "MemoryPressure").2, "t0", "unchanged");
-        let list = t.conditions(&healthy(), "t4", "t0");
+        let list = t.conditions(&healthy(), &Thresholds::default(), "t4", "t0");
         assert_eq!(status_of(&list, "DiskPressure").2, "t4");
     }
 }

@@ -17,6 +17,7 @@ mod cache;
 mod calls;
 mod conditions;
 mod events;
+mod eviction;
 mod host;
 mod kubelet;
 mod node;
@@ -27,6 +28,7 @@ mod volumes;
 
 use cache::watch_pods;
 use calls::{lock, timed, Limited, Retry};
+pub use conditions::Thresholds;
 use host::{arch, first_ipv4, hostname, meminfo_kib, micro_now, os_image, time_now};
 use node::node_and_lease;
 use status::report_pods;
@@ -220,6 +222,8 @@ impl Config {
             log_dir: log_dir.to_path_buf(),
             renew_after: 0.8,
             token_refresh: 0.8,
+            thresholds: conditions::Thresholds::default(),
+            eviction_every: Duration::from_secs(10),
         })
     }
 }
@@ -254,6 +258,10 @@ pub struct Settings {
     /// A pod's service-account token is asked for again once this fraction of its
     /// lifetime has passed (0.8, as kubelet; at most a day).
     pub token_refresh: f64,
+    /// Memory and disk pressure start under these (kubelet's defaults).
+    pub thresholds: Thresholds,
+    /// Under pressure, one pod from the API server is evicted this often.
+    pub eviction_every: Duration,
 }
 
 /// The running tasks; dropping it stops them.
@@ -274,6 +282,13 @@ struct Known {
     deleting: bool,
     /// `spec.hostNetwork`: its IP is the node's.
     host_network: bool,
+    /// What eviction ranks by: the QoS class the server gave it (0 BestEffort, 1
+    /// Burstable, 2 Guaranteed), `spec.priority`, and when it was created.
+    qos: u8,
+    priority: i64,
+    created: String,
+    /// Evicted by noded under pressure: not run again, its status not reported.
+    evicted: bool,
 }
 
 struct Shared {
@@ -296,6 +311,8 @@ struct Shared {
     /// Pods not cached yet for what their volumes or variables read (cache key → the
     /// pod and the reason last told), tried again by the watch loop.
     unresolved: Mutex<BTreeMap<String, (kube::api::DynamicObject, String)>>,
+    /// Pods evicted under pressure: cache key → (uid, why, whether the server was told).
+    evicted: Mutex<BTreeMap<String, (String, String, bool)>>,
     /// Pods with service-account tokens (cache key → when to ask again, the pod).
     refresh: Mutex<BTreeMap<String, (std::time::Instant, kube::api::DynamicObject)>>,
 }
@@ -384,6 +401,7 @@ fn run(
         images: Mutex::new(Value::Array(Vec::new())),
         unresolved: Mutex::new(BTreeMap::new()),
         refresh: Mutex::new(BTreeMap::new()),
+        evicted: Mutex::new(BTreeMap::new()),
     });
     if let Some(address) = shared.settings.tunnel.clone() {
         match tunnel_parts(&shared, address, status.clone()) {
@@ -395,6 +413,10 @@ fn run(
     }
     tasks.spawn(node_and_lease(shared.clone()));
     tasks.spawn(watch_pods(shared.clone()));
+    tasks.spawn(eviction::evict_under_pressure(
+        shared.clone(),
+        status.clone(),
+    ));
     tasks.spawn(report_pods(shared, status));
 }
 

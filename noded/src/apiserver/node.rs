@@ -226,6 +226,7 @@ pub(super) fn node_status(shared: &Shared) -> Value {
         "addresses": addresses,
         "conditions": shared.transitions.conditions(
             &Measured::now(&s.cache_dir, first_ipv4().is_some()),
+            &s.thresholds,
             &time_now(),
             &shared.started,
         ),

@@ -84,6 +84,10 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
                 }
                 continue;
             }
+            // Evicted: its Failed status is eviction.rs's to send.
+            if pod.evicted {
+                continue;
+            }
             let Some(report) = reports.get(key) else {
                 continue;
             };
@@ -339,6 +343,10 @@ mod tests {
             images: [("main".to_string(), "edge.local/hello:1".to_string())].into(),
             deleting: false,
             host_network: true,
+            qos: 0,
+            priority: 0,
+            created: String::new(),
+            evicted: false,
         }
     }
 
