@@ -328,7 +328,12 @@ impl Kubelet {
             .await
             .map_err(|e| e.to_string())?;
         let allowed = answer.status.is_some_and(|s| s.allowed);
-        lock(&self.decided).insert(key, (Instant::now(), allowed));
+        let mut decided = lock(&self.decided);
+        // Kept small: a client with ever new names cannot grow it without bound.
+        if decided.len() >= 256 {
+            decided.clear();
+        }
+        decided.insert(key, (Instant::now(), allowed));
         Ok(allowed)
     }
 

@@ -27,6 +27,8 @@ use super::kubelet::Kubelet;
 /// The kubelet API's port, as the Node's `daemonEndpoints` says; reached only through
 /// the tunnel.
 pub const KUBELET_PORT: u16 = 10250;
+/// At most this many connections at once through the tunnel; a dial beyond is refused.
+const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
 #[repr(i32)]
@@ -242,6 +244,18 @@ async fn session(
                     );
                     let rsp = DialResponse {
                         error,
+                        connect_id: 0,
+                        random: d.random,
+                    };
+                    send(&tx, packet(PacketType::DialRsp, Payload::DialResponse(rsp))).await?;
+                    continue;
+                }
+                if lock(&conns).len() >= MAX_CONNECTIONS {
+                    tracing::warn!(address = %d.address, "tunnel: dial refused: {MAX_CONNECTIONS} connections open");
+                    let rsp = DialResponse {
+                        error: format!(
+                            "noded has {MAX_CONNECTIONS} connections open, the most it takes"
+                        ),
                         connect_id: 0,
                         random: d.random,
                     };
