@@ -1,5 +1,6 @@
-//! The outbound tunnel the core reaches the box's kubelet API through (`kubectl logs`):
-//! noded is an agent of the Konnectivity service (`sigs.k8s.io/apiserver-network-proxy`).
+//! The outbound tunnel the core reaches the box's kubelet API through (`kubectl logs`,
+//! `exec`, `port-forward`): noded is an agent of the Konnectivity service
+//! (`sigs.k8s.io/apiserver-network-proxy`).
 //! Boxes sit behind NAT and the core never dials in, so noded dials the core's
 //! konnectivity-server (`[apiserver] tunnel`) with the node's client certificate and
 //! keeps one gRPC stream open (`AgentService/Connect`); kube-apiserver, whose egress
