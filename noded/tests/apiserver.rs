@@ -812,15 +812,11 @@ async fn a_pod_from_the_api_server_runs_in_containerd_and_is_reported_running() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_at_the_upstream_control_plane_runs_here_and_scales() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(cp) = upstream(dir.path()).await else {
+    let Some((cp, settings)) = upstream_node(dir.path()).await else {
         return;
     };
-    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
-    let cache = dir.path().join("cache");
+    let cache = settings.cache_dir.clone();
     let status: Status = Arc::new(Mutex::new(Vec::new()));
-    let mut settings = settings(kubeconfig, cache.clone());
-    // Longer than the test double's 4 s: the controller manager's node monitor reads it.
-    settings.lease_duration = Duration::from_secs(10);
     let agent = apiserver::start(settings, status.clone(), None)
         .await
         .unwrap();
@@ -1159,14 +1155,11 @@ async fn a_node_with_a_bootstrap_token_obtains_its_certificate_and_keeps_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_configmap_secret_and_own_fields_reach_it_as_files_and_variables() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(cp) = upstream(dir.path()).await else {
+    let Some((cp, s)) = upstream_node(dir.path()).await else {
         return;
     };
-    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
-    let cache = dir.path().join("cache");
+    let cache = s.cache_dir.clone();
     let status: Status = Arc::new(Mutex::new(Vec::new()));
-    let mut s = settings(kubeconfig, cache.clone());
-    s.lease_duration = Duration::from_secs(10);
     let agent = apiserver::start(s, status, None).await.unwrap();
     cp.apply(
         r#"{"apiVersion": "v1", "kind": "List", "items": [
@@ -1346,6 +1339,17 @@ async fn upstream(dir: &Path) -> Option<ControlPlane> {
     Some(cp)
 }
 
+/// The upstream control plane in `dir`, and the settings of node edge-a under its node
+/// certificate (cache in `dir/cache`), with a 10 s lease: longer than the test double's
+/// 4 s, as the controller manager's node monitor reads it.
+async fn upstream_node(dir: &Path) -> Option<(ControlPlane, Settings)> {
+    let cp = upstream(dir).await?;
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
+    let mut s = settings(kubeconfig, dir.join("cache"));
+    s.lease_duration = Duration::from_secs(10);
+    Some((cp, s))
+}
+
 /// A bootstrap token at `cp` and a kubeconfig with it in `dir`.
 fn bootstrap_file(cp: &ControlPlane, dir: &Path) -> (String, PathBuf) {
     let token = cp.bootstrap_token().unwrap();
@@ -1380,14 +1384,11 @@ async fn wait_until_long<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_logs_reach_the_box_through_its_outbound_tunnel() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(cp) = upstream(dir.path()).await else {
+    let Some((cp, mut settings)) = upstream_node(dir.path()).await else {
         return;
     };
-    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
     let logs = dir.path().join("logs");
     let status: Status = Arc::new(Mutex::new(Vec::new()));
-    let mut settings = settings(kubeconfig, dir.path().join("cache"));
-    settings.lease_duration = Duration::from_secs(10);
     settings.tunnel = Some(format!("127.0.0.1:{}", cp.tunnel_port));
     settings.log_dir = logs.clone();
     let _agent = apiserver::start(settings, status.clone(), None)
@@ -1727,13 +1728,10 @@ fn unix_secs(t: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projected_service_account_token_is_written_and_renewed_in_place() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(cp) = upstream(dir.path()).await else {
+    let Some((cp, mut s)) = upstream_node(dir.path()).await else {
         return;
     };
-    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
-    let cache = dir.path().join("cache");
-    let mut s = settings(kubeconfig, cache.clone());
-    s.lease_duration = Duration::from_secs(10);
+    let cache = s.cache_dir.clone();
     // 600 s tokens asked for again after 6 s.
     s.token_refresh = 0.01;
     let _agent = apiserver::start(s, Arc::new(Mutex::new(Vec::new())), None)
@@ -1812,12 +1810,9 @@ async fn a_projected_service_account_token_is_written_and_renewed_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_label_taken_out_of_the_config_is_taken_off_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(cp) = upstream(dir.path()).await else {
+    let Some((cp, mut s)) = upstream_node(dir.path()).await else {
         return;
     };
-    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
-    let mut s = settings(kubeconfig, dir.path().join("cache"));
-    s.lease_duration = Duration::from_secs(10);
     let agent = apiserver::start(s.clone(), Arc::new(Mutex::new(Vec::new())), None)
         .await
         .unwrap();
@@ -1888,14 +1883,11 @@ async fn a_label_taken_out_of_the_config_is_taken_off_the_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_memory_pressure_pods_are_evicted_besteffort_first() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(cp) = upstream(dir.path()).await else {
+    let Some((cp, mut s)) = upstream_node(dir.path()).await else {
         return;
     };
-    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
-    let cache = dir.path().join("cache");
+    let cache = s.cache_dir.clone();
     let status: Status = Arc::new(Mutex::new(Vec::new()));
-    let mut s = settings(kubeconfig, cache.clone());
-    s.lease_duration = Duration::from_secs(10);
     let _agent = apiserver::start(s.clone(), status.clone(), None)
         .await
         .unwrap();
