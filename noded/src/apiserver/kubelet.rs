@@ -204,6 +204,16 @@ impl Kubelet {
         }
     }
 
+    /// The reconciler's reports of the pods from the API server: the ones the API server
+    /// can ask about (the box's own pods are not its, even under the same name).
+    fn api_pods(&self) -> Vec<crate::pods::PodReport> {
+        lock(&self.status)
+            .iter()
+            .filter(|p| p.file.starts_with(crate::pods::API_PREFIX))
+            .cloned()
+            .collect()
+    }
+
     /// The pod as the reconciler reports it, and containerd's client.
     fn running(
         &self,
@@ -216,10 +226,10 @@ impl Kubelet {
                 "noded runs without a container runtime here".into(),
             ));
         };
-        let report = lock(&self.status)
-            .iter()
-            .find(|p| p.namespace == ns && p.name == pod)
-            .cloned();
+        let report = self
+            .api_pods()
+            .into_iter()
+            .find(|p| p.namespace == ns && p.name == pod);
         match report {
             Some(r) => Ok((r, cri)),
             None => Err((
@@ -348,7 +358,7 @@ impl Kubelet {
             previous: q.previous,
             tail: q.tail,
         };
-        let pods = lock(&self.status).clone();
+        let pods = self.api_pods();
         let (log_dir, follow) = (self.log_dir.clone(), q.follow && !q.previous);
         let read = tokio::task::spawn_blocking(move || {
             let at = locate_logs(&pods, &log_dir, &req)?;
