@@ -517,17 +517,12 @@ impl ExecQuery {
     fn parse(query: &str) -> Result<ExecQuery, String> {
         let mut q = ExecQuery::default();
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-            let flag = || match v.as_ref() {
-                "" | "true" | "1" => Ok(true),
-                "false" | "0" => Ok(false),
-                _ => Err(format!("{k}={v}: not true or false")),
-            };
             match k.as_ref() {
                 "command" => q.command.push(v.into_owned()),
-                "input" | "stdin" => q.stdin = flag()?,
-                "output" | "stdout" => q.stdout = flag()?,
-                "error" | "stderr" => q.stderr = flag()?,
-                "tty" => q.tty = flag()?,
+                "input" | "stdin" => q.stdin = flag(&k, &v)?,
+                "output" | "stdout" => q.stdout = flag(&k, &v)?,
+                "error" | "stderr" => q.stderr = flag(&k, &v)?,
+                "tty" => q.tty = flag(&k, &v)?,
                 _ => {}
             }
         }
@@ -628,23 +623,17 @@ struct LogQuery {
 impl LogQuery {
     fn parse(query: &str) -> Result<LogQuery, String> {
         let mut q = LogQuery::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let flag = || match v {
-                "" | "true" | "1" => Ok(true),
-                "false" | "0" => Ok(false),
-                _ => Err(format!("{k}={v}: not true or false")),
-            };
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let number = || {
                 v.parse::<usize>()
                     .map_err(|_| format!("{k}={v}: not a whole number"))
             };
-            match k {
-                "follow" => q.follow = flag()?,
-                "previous" => q.previous = flag()?,
+            match k.as_ref() {
+                "follow" => q.follow = flag(&k, &v)?,
+                "previous" => q.previous = flag(&k, &v)?,
                 "tailLines" => q.tail = Some(number()?),
                 "limitBytes" => q.limit_bytes = Some(number()?),
-                "timestamps" if !flag()? => {}
+                "timestamps" if !flag(&k, &v)? => {}
                 "timestamps" | "sinceSeconds" | "sinceTime" | "stream" => {
                     return Err(format!(
                         "{k} is not supported by noded's logs (follow, previous, \
@@ -655,6 +644,15 @@ impl LogQuery {
             }
         }
         Ok(q)
+    }
+}
+
+/// A query's true or false (present with no value is true).
+fn flag(k: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "" | "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(format!("{k}={v}: not true or false")),
     }
 }
 

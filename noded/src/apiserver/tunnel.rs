@@ -199,11 +199,11 @@ async fn session(
         .connect_timeout(super::CALL_TIMEOUT)
         .connect_with_connector(connector(tunnel.clone()))
         .await
-        .map_err(|e| format!("failed to connect: {}", source_chain(&e)))?;
+        .map_err(|e| format!("failed to connect: {}", edge_csi::unix::error_chain(&e)))?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
-        .map_err(|e| format!("not ready: {}", source_chain(&e)))?;
+        .map_err(|e| format!("not ready: {}", edge_csi::unix::error_chain(&e)))?;
     let (tx, rx) = mpsc::channel::<Packet>(64);
     let outbound =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
@@ -373,17 +373,6 @@ fn connector(
             Ok(hyper_util::rt::TokioIo::new(tls))
         }
     })
-}
-
-/// An error with its causes, which tonic's transport error hides.
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(&format!(": {c}"));
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
