@@ -3,6 +3,8 @@
 //! programs and OCI archives of them.
 #![allow(dead_code)] // each test file uses a part
 
+pub mod csi;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
