@@ -201,6 +201,7 @@ async fn serve(config: Config) -> Result<()> {
         Some(a) => Some(a.settings(
             &config.state_dir,
             &config.log_dir,
+            config.csi_socket.as_deref(),
             runtime_version(&cri).await,
         )?),
         None => None,

@@ -4,7 +4,12 @@
 //! `<state_dir>/csi/staging/<volume>` (one per volume on the node) and
 //! `<state_dir>/csi/pods/<uid>/<volume name>` (one per pod that uses it).
 //!
-//! Volumes are persistent and named: nothing here ever deletes one.
+//! Volumes are persistent and named: a pod never deletes one. Only the API server's
+//! reclaim of a PersistentVolume that noded provisioned does ([`Volumes::delete`],
+//! called by `apiserver/provisioner.rs`), and storaged refuses that while it is mounted.
+//!
+//! A volume grown while no pod had it staged keeps a marker
+//! (`<state_dir>/csi/grow/<volume>`): its filesystem is grown when it is staged next.
 //!
 //! Which pods use which volume is kept here, behind one lock that every stage,
 //! publish, unpublish and unstage goes through, so a pod starting while another that
@@ -18,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edge_csi::api::{
-    volume_capability, CapacityRange, CreateVolumeRequest, CreateVolumeResponse,
+    volume_capability, CapacityRange, ControllerExpandVolumeRequest,
+    ControllerExpandVolumeResponse, CreateVolumeRequest, CreateVolumeResponse, DeleteVolumeRequest,
+    DeleteVolumeResponse, NodeExpandVolumeRequest, NodeExpandVolumeResponse,
     NodePublishVolumeRequest, NodePublishVolumeResponse, NodeStageVolumeRequest,
     NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
     NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, VolumeCapability,
@@ -57,6 +64,10 @@ impl Volumes {
 
     fn staging(&self, volume: &str) -> PathBuf {
         self.state_dir.join("csi/staging").join(volume)
+    }
+
+    fn grow_marker(&self, volume: &str) -> PathBuf {
+        self.state_dir.join("csi/grow").join(volume)
     }
 
     fn record_path(&self, uid: &str) -> PathBuf {
@@ -122,6 +133,11 @@ impl Volumes {
             )
             .await
             .map_err(why)?;
+            if self.grow_marker(&v.volume).exists() {
+                self.grow(&client, &v.volume, &staging, v.block)
+                    .await
+                    .map_err(why)?;
+            }
             let target = self.target(uid, name);
             let _: NodePublishVolumeResponse = call(
                 &client,
@@ -140,6 +156,108 @@ impl Volumes {
             tracing::info!(pod = %pod.name, volume = %name, id = %v.volume, target = %target.display(), "csi volume published");
         }
         Ok(())
+    }
+
+    /// Creates `v` in storaged (if new) for a claim noded provisions; returns its size
+    /// in bytes, at least the size asked for.
+    pub async fn create(&self, v: &CsiVolume) -> Result<i64> {
+        let client = self.client().await?;
+        let r: CreateVolumeResponse = call(
+            &client,
+            "/csi.v1.Controller/CreateVolume",
+            CreateVolumeRequest {
+                name: v.volume.clone(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: v.size_bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![capability(v)],
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(r.volume.map_or(v.size_bytes, |v| v.capacity_bytes))
+    }
+
+    /// Deletes a volume and its data (a reclaimed PersistentVolume's). storaged
+    /// refuses it (FAILED_PRECONDITION) while it is mounted; one already gone is fine.
+    pub async fn delete(&self, volume: &str) -> Result<()> {
+        let client = self.client().await?;
+        let _: DeleteVolumeResponse = call(
+            &client,
+            "/csi.v1.Controller/DeleteVolume",
+            DeleteVolumeRequest {
+                volume_id: volume.to_string(),
+            },
+        )
+        .await?;
+        let _ = std::fs::remove_file(self.grow_marker(volume));
+        Ok(())
+    }
+
+    /// Grows a volume to at least `bytes`, and its filesystem: now if a pod has it
+    /// staged, else when it is staged next. Returns its size.
+    pub async fn expand(&self, volume: &str, bytes: i64, block: bool) -> Result<i64> {
+        let client = self.client().await?;
+        let r: ControllerExpandVolumeResponse = call(
+            &client,
+            "/csi.v1.Controller/ControllerExpandVolume",
+            ControllerExpandVolumeRequest {
+                volume_id: volume.to_string(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            },
+        )
+        .await?;
+        if r.node_expansion_required && !block {
+            // Marked first: a stage that comes while this runs grows it too.
+            let marker = self.grow_marker(volume);
+            marker
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&marker, b""))
+                .map_err(Error::io("failed to write", &marker))?;
+            let staging = self.staging(volume);
+            if staging_mounted(&staging) {
+                self.grow(&client, volume, &staging, block).await?;
+            }
+        }
+        Ok(r.capacity_bytes)
+    }
+
+    /// Grows the filesystem of a staged volume to its device, and drops its marker.
+    async fn grow(&self, client: &Client, volume: &str, staging: &Path, block: bool) -> Result<()> {
+        if !block {
+            let _: NodeExpandVolumeResponse = call(
+                client,
+                "/csi.v1.Node/NodeExpandVolume",
+                NodeExpandVolumeRequest {
+                    volume_id: volume.to_string(),
+                    volume_path: path_string(staging),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            tracing::info!(id = %volume, "csi volume's filesystem grown");
+        }
+        let marker = self.grow_marker(volume);
+        std::fs::remove_file(&marker).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(Error::io("failed to remove", &marker)(e)),
+        })
+    }
+
+    async fn client(&self) -> Result<Client> {
+        match &self.socket {
+            Some(socket) => connect(socket).await,
+            None => Err(Error::Csi {
+                code: tonic::Code::FailedPrecondition,
+                message: "storaged's volumes need noded's csi_socket, which is not set".into(),
+            }),
+        }
     }
 
     /// Records that an adopted pod (left running by an earlier noded) has its
@@ -323,6 +441,19 @@ impl Volumes {
                 tracing::warn!("failed to remove {}: {e}", path.display());
             }
         }
+    }
+}
+
+/// Whether something is mounted at `path` (a staged volume): its device differs
+/// from its parent directory's.
+fn staging_mounted(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(path),
+        path.parent().map(std::fs::metadata),
+    ) {
+        (Ok(m), Some(Ok(p))) => m.dev() != p.dev(),
+        _ => false,
     }
 }
 

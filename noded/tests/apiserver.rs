@@ -81,6 +81,8 @@ fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
         runtime_version: "containerd://1.6.20".into(),
         tunnel: None,
         log_dir: PathBuf::from("/var/log/pods"),
+        csi_socket: None,
+        state_dir: PathBuf::from("/var/lib/noded"),
         renew_after: 0.8,
         token_refresh: 0.8,
         // No pressure whatever this host has left (the eviction test raises it).
@@ -1971,4 +1973,219 @@ async fn under_memory_pressure_pods_are_evicted_besteffort_first() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(cached(&cache, "default_best.yaml").is_none());
     assert!(cached(&cache, "default_sure.yaml").is_none());
+}
+
+/// Claims from storaged, with noded as the provisioner for its own node: the operator
+/// applies the example storage classes (image/examples/storage.yaml), a claim and a pod
+/// that mounts it; the scheduler picks edge-a and names it in the claim, noded creates
+/// the volume (at a CSI double: the host has no device-mapper for storaged) and the
+/// PersistentVolume, the controller manager binds them and the scheduler the pod, whose
+/// cached manifest has the volume as its `csi` volume. Grown at the core, the volume
+/// grows and the claim's status says so; its filesystem is grown when it is staged next.
+/// Deleted, the claim's volume is deleted with its PersistentVolume. A class parameter
+/// storaged does not take is a ProvisioningFailed event naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_provisioned_from_storaged_grown_and_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((cp, mut settings)) = upstream_node(dir.path()).await else {
+        return;
+    };
+    let socket = dir.path().join("csi.sock");
+    let double = common::csi::serve(&socket, &dir.path().join("volumes"));
+    let state = dir.path().join("state");
+    settings.csi_socket = Some(socket.clone());
+    settings.state_dir = state.clone();
+    let cache = settings.cache_dir.clone();
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let _agent = apiserver::start(settings, status, None).await.unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/examples/storage.yaml");
+    cp.kubectl(["apply", "-f", examples.to_str().unwrap()])
+        .unwrap();
+    cp.apply(
+        r#"apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: db, namespace: default}
+spec:
+  storageClassName: storaged-rwo
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 64Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: default}
+spec:
+  automountServiceAccountToken: false
+  hostNetwork: true
+  containers: [{name: main, image: "edge.local/hello:1",
+    volumeMounts: [{name: data, mountPath: /data}]}]
+  volumes: [{name: data, persistentVolumeClaim: {claimName: db}}]
+"#,
+    )
+    .unwrap();
+    let pvc = wait_until_long("the claim bound", || {
+        cp.get(&["pvc", "-n", "default", "db"])
+            .ok()
+            .filter(|c| c["status"]["phase"] == "Bound")
+    })
+    .await;
+    let volume = format!("pvc-{}", pvc["metadata"]["uid"].as_str().unwrap());
+    assert_eq!(pvc["spec"]["volumeName"], volume.as_str(), "{pvc}");
+    assert_eq!(
+        pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"],
+        NODE
+    );
+    let pv = cp.get(&["pv", &volume]).unwrap();
+    assert_eq!(pv["spec"]["csi"]["driver"], "storaged.edgeos", "{pv}");
+    assert_eq!(
+        pv["spec"]["persistentVolumeReclaimPolicy"], "Delete",
+        "{pv}"
+    );
+    let created = double
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "CreateVolume" && c.volume == volume)
+        .expect("CreateVolume of the claim's volume");
+    assert_eq!(created.size, 64 << 20);
+    // The scheduler puts the pod here, and noded caches it with the claim's volume.
+    let cached = cache.join("default_db.yaml");
+    let manifest = wait_until_long("the pod cached with its volume", || {
+        std::fs::read_to_string(&cached)
+            .ok()
+            .filter(|m| m.contains(&volume))
+    })
+    .await;
+    let pod = noded::manifest::parse("db", &manifest).unwrap();
+    match &pod.volumes[0].source {
+        noded::manifest::VolumeSource::Csi(c) => {
+            assert_eq!(c.volume, volume);
+            assert_eq!(c.access_mode, noded::manifest::AccessMode::ReadWriteOnce);
+            assert_eq!(c.size_bytes, 64 << 20);
+        }
+        other => panic!("not a csi volume: {other:?}"),
+    }
+    let events = wait_until_long("ProvisioningSucceeded", || {
+        cp.get(&[
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.name=db",
+        ])
+        .ok()
+        .filter(|l| {
+            l["items"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|e| e["reason"] == "ProvisioningSucceeded"))
+        })
+    })
+    .await;
+    assert!(events.to_string().contains(&volume), "{events}");
+
+    // Grown at the core: the volume grows, the claim's status says so, and as no pod
+    // has it staged its filesystem is grown at its next stage.
+    cp.kubectl([
+        "patch",
+        "-n",
+        "default",
+        "pvc/db",
+        "-p",
+        r#"{"spec": {"resources": {"requests": {"storage": "96Mi"}}}}"#,
+    ])
+    .unwrap();
+    wait_until_long("the claim grown", || {
+        cp.get(&["pvc", "-n", "default", "db"]).ok().filter(|c| {
+            let cap = &c["status"]["capacity"]["storage"];
+            *cap == "96Mi" || *cap == "100663296"
+        })
+    })
+    .await;
+    assert!(double
+        .calls()
+        .iter()
+        .any(|c| c.method == "ControllerExpandVolume" && c.volume == volume && c.size == 96 << 20));
+    let volumes = noded::volumes::Volumes::new(Some(socket), state.clone());
+    volumes.attach("u1", &pod).await.unwrap();
+    let calls = double.calls();
+    let stage = calls
+        .iter()
+        .position(|c| c.method == "NodeStageVolume" && c.volume == volume)
+        .expect("staged");
+    assert!(
+        calls[stage..]
+            .iter()
+            .any(|c| c.method == "NodeExpandVolume" && c.volume == volume),
+        "{calls:#?}"
+    );
+    assert!(!state.join("csi/grow").join(&volume).exists());
+    volumes.detach("u1", "default/db").await.unwrap();
+
+    // Deleted: the pod, then its claim; the volume goes with its PersistentVolume.
+    cp.kubectl(["delete", "-n", "default", "pod/db", "--wait=false"])
+        .unwrap();
+    cp.kubectl(["delete", "-n", "default", "pvc/db", "--wait=false"])
+        .unwrap();
+    wait_until_long("the PersistentVolume reclaimed", || {
+        cp.get(&["pv"])
+            .ok()
+            .filter(|l| l["items"].as_array().is_some_and(|i| i.is_empty()))
+    })
+    .await;
+    assert!(double
+        .calls()
+        .iter()
+        .any(|c| c.method == "DeleteVolume" && c.volume == volume));
+
+    // A class that asks for what storaged does not take: told on the claim, by name.
+    cp.apply(
+        r#"apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: replicated}
+provisioner: storaged.edgeos
+volumeBindingMode: WaitForFirstConsumer
+parameters: {replicas: "3"}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: bad, namespace: default}
+spec:
+  storageClassName: replicated
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 64Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad, namespace: default}
+spec:
+  automountServiceAccountToken: false
+  hostNetwork: true
+  containers: [{name: main, image: "edge.local/hello:1",
+    volumeMounts: [{name: data, mountPath: /data}]}]
+  volumes: [{name: data, persistentVolumeClaim: {claimName: bad}}]
+"#,
+    )
+    .unwrap();
+    let failed = wait_until_long("ProvisioningFailed", || {
+        cp.get(&[
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "involvedObject.name=bad",
+        ])
+        .ok()
+        .and_then(|l| {
+            l["items"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["reason"] == "ProvisioningFailed" && e["source"]["component"] == "noded"
+                })
+                .cloned()
+        })
+    })
+    .await;
+    assert!(
+        failed["message"].as_str().unwrap().contains("\"replicas\""),
+        "{failed}"
+    );
 }

@@ -10,6 +10,11 @@
 //! back from its cache), and once the link heals the box is Ready and runs the new
 //! replica. `kubectl logs` and `kubectl exec` of its pod reach the box through the
 //! tunnel the box dials out to konnectivity-server (logs again after the cut heals).
+//! The Deployment is the README's example (image/examples/telemetry.yaml): its readings
+//! are kept on a ReadWriteMany claim of the example storage class, which noded
+//! provisions from the box's storaged; they survive the power cut (the sensor resumes
+//! after the last one kept), both replicas share the volume, the operator grows the
+//! claim under them, and deleting the claim deletes the volume.
 //! Deleted at the core, the Deployment stops on the box.
 
 use anyhow::{bail, Context, Result};
@@ -59,6 +64,8 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     let bundle_path = tmp.path().join("provision.toml");
     std::fs::write(&bundle_path, bundle)?;
     let mut opts = Options::new(&qemu_tests::image_from_env()?);
+    // storaged's pool for the claims: a second, empty NVMe disk, as on the edge boxes.
+    opts.pool_disk_mib = Some(512);
     let link = Link::start(cp.port)?;
     opts.guestfwd.push(format!(
         "tcp:10.0.2.100:6443-cmd:socat - TCP:127.0.0.1:{}",
@@ -143,26 +150,15 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         "{node}"
     );
 
-    // The operator's Deployment: the image's own sensor image (on its allowlist), on
-    // the pod network (the image's CNI bridge), no service-account token (none at the
-    // edge).
-    // Its sensor's name comes from a ConfigMap at the core, as real manifests do it.
-    cp.apply(
-        r#"{"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "telemetry", "namespace": "default"},
-            "data": {"sensor-name": "k8s0"}}"#,
-    )?;
-    cp.apply(
-        r#"{"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "telemetry", "namespace": "default"},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "telemetry"}},
-              "template": {"metadata": {"labels": {"app": "telemetry"}},
-                "spec": {"automountServiceAccountToken": false,
-                  "terminationGracePeriodSeconds": 2,
-                  "containers": [{"name": "sensor", "image": "edge.local/sensor:1",
-                    "env": [{"name": "SENSOR_NAME", "valueFrom": {"configMapKeyRef":
-                      {"name": "telemetry", "key": "sensor-name"}}}]}]}}}}"#,
-    )?;
+    // The operator's storage classes for storaged (once per cluster) and the README's
+    // telemetry Deployment: the image's own sensor image (on its allowlist), named from
+    // a ConfigMap, on the pod network (the image's CNI bridge), keeping its readings on
+    // a ReadWriteMany claim that noded provisions from the box's storaged.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/examples");
+    for file in ["storage.yaml", "telemetry.yaml"] {
+        let path = examples.join(file);
+        cp.kubectl(["apply", "-f", path.to_str().context("path")?])?;
+    }
     let pods = wait(
         "the Deployment's pod Running at the API server",
         Duration::from_secs(180),
@@ -178,6 +174,26 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
     )?;
     let pod = &pods["items"][0];
     assert_eq!(pod["spec"]["nodeName"], NODE, "{pod}");
+    // Its claim, bound to the volume noded provisioned on this box for it.
+    let pvc = cp.get(&["pvc", "-n", "default", "telemetry-data"])?;
+    assert_eq!(pvc["status"]["phase"], "Bound", "{pvc}");
+    let pv_name = pvc["spec"]["volumeName"]
+        .as_str()
+        .context("volumeName")?
+        .to_string();
+    let pv = cp.get(&["pv", &pv_name])?;
+    assert_eq!(pv["spec"]["csi"]["driver"], "storaged.edgeos", "{pv}");
+    assert_eq!(
+        pv["metadata"]["labels"]["noded.edgeos.io/node"], NODE,
+        "{pv}"
+    );
+    assert_eq!(
+        pv_name,
+        format!(
+            "pvc-{}",
+            pvc["metadata"]["uid"].as_str().unwrap_or_default()
+        )
+    );
     // Its own address from the box's pod network (10-edge.conflist: 10.88.0.0/16),
     // and the box's as its host's.
     let pod_ip = wait(
@@ -298,6 +314,18 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         cp.get(&["node", NODE]).is_ok_and(|n| !ready(&n)),
         "the core still sees the box NotReady"
     );
+    // Its readings survived the power cut on the claim's volume: the sensor resumes
+    // after the last one it kept there.
+    let resumed = wait(
+        "the sensor resuming from its volume after the power cut",
+        Duration::from_secs(60),
+        || {
+            m.logs(&format!("default/{name}"), false, 200)
+                .ok()
+                .filter(|l| l.iter().any(|l| l.contains("resuming after seq")))
+        },
+    );
+    assert!(resumed.is_ok(), "{resumed:?}");
     // Cut for longer than the grace period itself, whatever the last renewal was.
     std::thread::sleep(Duration::from_secs(25).saturating_sub(cut_at.elapsed()));
     link.set_cut(false);
@@ -357,6 +385,33 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         );
     }
 
+    // Both replicas share the one ReadWriteMany volume; the operator grows it, and noded
+    // grows the volume and its filesystem under the running pods.
+    cp.kubectl([
+        "patch",
+        "-n",
+        "default",
+        "pvc/telemetry-data",
+        "-p",
+        r#"{"spec": {"resources": {"requests": {"storage": "96Mi"}}}}"#,
+    ])?;
+    let grown = wait("the claim grown to 96Mi", Duration::from_secs(90), || {
+        cp.get(&["pvc", "-n", "default", "telemetry-data"])
+            .ok()
+            .filter(|c| {
+                let cap = &c["status"]["capacity"]["storage"];
+                *cap == "96Mi" || *cap == "100663296"
+            })
+    });
+    assert!(
+        grown.is_ok(),
+        "{grown:?}: {:?}",
+        cp.kubectl(["get", "events", "-n", "default"])
+    );
+    let pv = cp.get(&["pv", &pv_name])?;
+    let cap = &pv["spec"]["capacity"]["storage"];
+    assert!(*cap == "96Mi" || *cap == "100663296", "{pv}");
+
     // Deleted at the API server: stopped on the box, and gone there once it is.
     cp.kubectl([
         "delete",
@@ -378,6 +433,23 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         Duration::from_secs(60),
         || {
             cp.get(&["pods", "-n", "default", "-l", "app=telemetry"])
+                .ok()
+                .filter(|l| l["items"].as_array().is_some_and(|i| i.is_empty()))
+        },
+    )?;
+    // The claim deleted: its volume goes with it (reclaim policy Delete).
+    cp.kubectl([
+        "delete",
+        "-n",
+        "default",
+        "pvc/telemetry-data",
+        "--wait=false",
+    ])?;
+    wait(
+        "the claim's PersistentVolume reclaimed",
+        Duration::from_secs(90),
+        || {
+            cp.get(&["pv"])
                 .ok()
                 .filter(|l| l["items"].as_array().is_some_and(|i| i.is_empty()))
         },

@@ -98,6 +98,20 @@ pub(super) fn record_node(shared: &Arc<Shared>, t: Transition) {
     });
 }
 
+/// Records `t` on another object noded acts for (a PersistentVolumeClaim it provisions
+/// for, a PersistentVolume it reclaims): `involved` names it, `namespace` is its own or
+/// `default` for a cluster-scoped one.
+pub(super) fn record_on(
+    shared: &Arc<Shared>,
+    namespace: &str,
+    involved: serde_json::Value,
+    t: Transition,
+) {
+    let (shared, namespace) = (shared.clone(), namespace.to_string());
+    let name = involved["name"].as_str().unwrap_or_default().to_string();
+    tokio::spawn(async move { post(&shared, &namespace, &name, involved, &t).await });
+}
+
 async fn post(
     shared: &Shared,
     namespace: &str,

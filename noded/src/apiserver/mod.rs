@@ -21,6 +21,7 @@ mod eviction;
 mod host;
 mod kubelet;
 mod node;
+mod provisioner;
 mod status;
 mod translate;
 mod tunnel;
@@ -191,6 +192,7 @@ impl Config {
         &self,
         state_dir: &Path,
         log_dir: &Path,
+        csi_socket: Option<&Path>,
         runtime_version: String,
     ) -> Result<Settings> {
         let node_name = match &self.node_name {
@@ -220,6 +222,8 @@ impl Config {
             runtime_version,
             tunnel: self.tunnel.clone(),
             log_dir: log_dir.to_path_buf(),
+            csi_socket: csi_socket.map(Path::to_path_buf),
+            state_dir: state_dir.to_path_buf(),
             renew_after: 0.8,
             token_refresh: 0.8,
             thresholds: conditions::Thresholds::default(),
@@ -252,6 +256,11 @@ pub struct Settings {
     pub tunnel: Option<String>,
     /// Where noded keeps the containers' logs, which the kubelet API serves.
     pub log_dir: PathBuf,
+    /// storaged's CSI socket: with it, noded provisions, grows and reclaims the
+    /// volumes of claims whose pods the scheduler puts here (provisioner.rs).
+    pub csi_socket: Option<PathBuf>,
+    /// noded's state directory, where its CSI volumes are staged.
+    pub state_dir: PathBuf,
     /// With a bootstrap credential, the node's certificate is renewed once this
     /// fraction of its lifetime has passed (0.8).
     pub renew_after: f64,
@@ -410,6 +419,10 @@ fn run(
             }
             Err(e) => tracing::error!("no tunnel to the core: {e}"),
         }
+    }
+    if let Some(socket) = shared.settings.csi_socket.clone() {
+        let volumes = crate::volumes::Volumes::new(Some(socket), shared.settings.state_dir.clone());
+        tasks.spawn(provisioner::run(shared.clone(), volumes));
     }
     tasks.spawn(node_and_lease(shared.clone()));
     tasks.spawn(watch_pods(shared.clone()));

@@ -176,6 +176,10 @@ pub(super) async fn resolve(
             downward_files(pod, d, &path, None, host_ip.as_deref())?
         } else if let Some(p) = v.get("projected") {
             projected_files(&mut objects, pod, p, &path, host_ip.as_deref()).await?
+        } else if let Some(c) = v.get("persistentVolumeClaim") {
+            let csi = claim_volume(&objects, c, &path).await?;
+            manifest["spec"]["volumes"][i] = json!({"name": name, "csi": csi});
+            continue;
         } else {
             continue;
         };
@@ -227,6 +231,85 @@ pub(super) async fn resolve(
         volumes,
         refresh: objects.refresh,
     })
+}
+
+/// A `persistentVolumeClaim` volume as the `csi` volume of the storaged volume bound to
+/// the claim (provisioner.rs makes them): cached so, the pod gets its volume through
+/// outages and reboots. A claim not bound yet is waited for; one bound to a volume of
+/// another kind is refused naming it.
+async fn claim_volume(
+    objects: &Objects<'_>,
+    c: &Value,
+    path: &str,
+) -> std::result::Result<Value, Unresolved> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let claim = c["claimName"].as_str().unwrap_or_default();
+    let ns = &objects.namespace;
+    let waiting = |m: String| Unresolved::Waiting(format!("{path}: {m}"));
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(objects.shared.client.clone(), ns);
+    let pvc = timed(claims.get_opt(claim))
+        .await
+        .map_err(|e| waiting(format!("reading persistentVolumeClaim {claim:?}: {e}")))?
+        .ok_or_else(|| {
+            waiting(format!(
+                "persistentVolumeClaim {claim:?} not found in namespace {ns:?}"
+            ))
+        })?;
+    let bound = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| waiting(format!("persistentVolumeClaim {claim:?} is not bound yet")))?;
+    let pvs: Api<PersistentVolume> = Api::all(objects.shared.client.clone());
+    let pv = timed(pvs.get_opt(&bound))
+        .await
+        .map_err(|e| waiting(format!("reading persistentVolume {bound:?}: {e}")))?
+        .ok_or_else(|| waiting(format!("persistentVolume {bound:?} not found")))?;
+    let spec = pv.spec.unwrap_or_default();
+    let ours = spec.claim_ref.as_ref().and_then(|r| r.uid.as_deref());
+    if ours.is_none() || ours != pvc.metadata.uid.as_deref() {
+        return Err(waiting(format!(
+            "persistentVolume {bound:?} is not bound to claim {claim:?}"
+        )));
+    }
+    let driver = crate::manifest::CSI_DRIVER;
+    let Some(csi) = spec.csi.filter(|c| c.driver == driver) else {
+        return Err(Unresolved::Refused(format!(
+            "{path}: claim {claim:?} is bound to persistentVolume {bound:?}, which is not a \
+             volume of {driver} (the one driver of this node)"
+        )));
+    };
+    // The size it was made with (it only grows): the cached manifest does not change,
+    // and the pods do not restart, when it is grown.
+    let size = csi
+        .volume_attributes
+        .as_ref()
+        .and_then(|a| a.get("size").cloned())
+        .or_else(|| {
+            spec.capacity
+                .unwrap_or_default()
+                .remove("storage")
+                .map(|q| q.0)
+        })
+        .unwrap_or_default();
+    let mode = super::provisioner::access_mode(&spec.access_modes.unwrap_or_default())
+        .map_err(|e| Unresolved::Refused(format!("{path}: persistentVolume {bound:?}: {e}")))?;
+    let block = spec.volume_mode.as_deref() == Some("Block");
+    let mut out = json!({
+        "driver": driver,
+        "readOnly": c["readOnly"] == true,
+        "volumeAttributes": {
+            "volume": csi.volume_handle,
+            "size": size,
+            "accessMode": format!("{mode:?}"),
+            "volumeMode": if block { "Block" } else { "Filesystem" },
+        },
+    });
+    if let Some(fs) = csi.fs_type.filter(|f| !f.is_empty() && !block) {
+        out["fsType"] = json!(fs);
+    }
+    Ok(out)
 }
 
 /// A container's variables in order, each name once: a later one with the same name

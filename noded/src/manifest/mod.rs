@@ -8,6 +8,7 @@
 //! setting silently dropped.
 
 mod checks;
+pub use checks::parse_memory;
 mod container;
 mod pod;
 mod walker;
