@@ -1554,6 +1554,34 @@ async fn kubectl_exec_and_port_forward_reach_a_container_through_the_tunnel() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // With a terminal (-it, kubectl run under script(1) so its own input is one), the
+    // command's output is a terminal in the container; without, it is not.
+    let kubectl = cp.kubectl_command();
+    let mut line: Vec<String> = vec![kubectl.get_program().to_string_lossy().into_owned()];
+    line.extend(kubectl.get_args().map(|a| a.to_string_lossy().into_owned()));
+    line.extend(
+        [
+            "exec", "-it", "-n", "default", "shell", "--", "hello", "--tty",
+        ]
+        .map(String::from),
+    );
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("script")
+            .args(["-qec", &line.join(" "), "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("a terminal") && !said.contains("not a terminal"),
+        "kubectl exec -it: {said:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = cp
+        .kubectl(["exec", "-n", "default", "shell", "--", "hello", "--tty"])
+        .unwrap();
+    assert_eq!(plain, "not a terminal\n");
     // The command's exit code comes back.
     let failed = cp
         .kubectl([

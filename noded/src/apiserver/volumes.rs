@@ -1,7 +1,8 @@
 //! What a pod takes from the API server besides its spec: configMap, secret and
 //! downwardAPI volumes (and projected volumes made of those), and environment values
 //! from `configMapKeyRef`, `secretKeyRef` and `fieldRef`, and whole ConfigMaps and
-//! Secrets from `envFrom`. noded reads the objects the pod
+//! Secrets from `envFrom`; and `persistentVolumeClaim` volumes, as the `csi` volume of
+//! the storaged volume bound to the claim (provisioner.rs). noded reads the objects the pod
 //! names (the Node authorizer lets a node read those its pods reference), writes the
 //! volumes' files under `<cache_dir>/.volumes/<namespace>_<name>/<volume>/` on the data
 //! partition, and caches the pod with each such volume as a read-only `hostPath` of that
@@ -824,9 +825,15 @@ pub(super) fn needs_resolving(manifest: &Value) -> bool {
         .into_iter()
         .flatten()
         .any(|v| {
-            ["configMap", "secret", "downwardAPI", "projected"]
-                .iter()
-                .any(|k| v.get(*k).is_some())
+            [
+                "configMap",
+                "secret",
+                "downwardAPI",
+                "projected",
+                "persistentVolumeClaim",
+            ]
+            .iter()
+            .any(|k| v.get(*k).is_some())
         });
     let env = ["initContainers", "containers"].iter().any(|list| {
         manifest["spec"][*list]

@@ -9,7 +9,8 @@
 //!
 //! `hello --check <path>` exits 0 if the path exists, 1 if not: an exec probe.
 //! `hello --say <words>` prints the words and exits; `hello --cat` copies its input to
-//! its output and exits at its end (`kubectl exec`).
+//! its output and exits at its end (`kubectl exec`); `hello --tty` says whether its
+//! output is a terminal (`kubectl exec -t`).
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -22,6 +23,12 @@ fn main() {
     }
     if args.first().map(String::as_str) == Some("--say") {
         println!("{}", args[1..].join(" "));
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--tty") {
+        use std::io::IsTerminal;
+        let tty = std::io::stdout().is_terminal();
+        println!("{}", if tty { "a terminal" } else { "not a terminal" });
         return;
     }
     if args.first().map(String::as_str) == Some("--cat") {
