@@ -267,6 +267,15 @@ fn the_appliance_joins_the_control_plane_and_runs_a_deployment() -> Result<()> {
         once.starts_with('{') && once.contains("k8s0"),
         "kubectl exec: {once:?}"
     );
+    // What the operator sees, for the log.
+    for args in [
+        &["get", "nodes", "-o", "wide"][..],
+        &["get", "pods", "-A", "-o", "wide"],
+        &["get", "pvc,pv", "-A"],
+    ] {
+        eprintln!("$ kubectl {}\n{}", args.join(" "), cp.kubectl(args)?);
+    }
+    eprintln!("$ kubectl exec -n default {name} -- /sensor --once\n{once}");
 
     // The link is cut for longer than the node-monitor grace period (20 s here): the
     // core marks the Node NotReady; the box keeps its pod running all along.
