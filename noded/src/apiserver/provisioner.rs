@@ -228,8 +228,9 @@ async fn provision(
     match timed(pvs.create(&PostParams::default(), &pv)).await {
         Ok(_) => {
             let m = format!(
-                "Successfully provisioned volume {} ({size} bytes of storaged on {node})",
-                volume.volume
+                "Successfully provisioned volume {} ({} of storaged on {node})",
+                volume.volume,
+                quantity(size)
             );
             told.tell(shared, &involved, "ProvisioningSucceeded", m);
         }
@@ -354,7 +355,7 @@ fn persistent_volume(
     // The size it was made with, which a pod's volume names: a grown volume's pods are
     // not restarted for a changed manifest.
     let mut csi = json!({"driver": CSI_DRIVER, "volumeHandle": v.volume,
-        "volumeAttributes": {"size": size.to_string()}});
+        "volumeAttributes": {"size": quantity(size)}});
     if !v.fs_type.is_empty() {
         csi["fsType"] = json!(v.fs_type);
     }
@@ -369,7 +370,7 @@ fn persistent_volume(
             "annotations": {PROVISIONED_BY: CSI_DRIVER},
         },
         "spec": {
-            "capacity": {"storage": size.to_string()},
+            "capacity": {"storage": quantity(size)},
             "accessModes": spec.access_modes,
             "persistentVolumeReclaimPolicy":
                 class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
@@ -382,6 +383,15 @@ fn persistent_volume(
             ]}]}},
         },
     })
+}
+
+/// Bytes as a quantity the operator reads at a glance: `64Mi`, `2Gi`, or the bytes.
+fn quantity(bytes: i64) -> String {
+    match bytes {
+        b if b > 0 && b % (1 << 30) == 0 => format!("{}Gi", b >> 30),
+        b if b > 0 && b % (1 << 20) == 0 => format!("{}Mi", b >> 20),
+        b => b.to_string(),
+    }
 }
 
 /// A quantity in bytes, or 0 when missing or unreadable.
@@ -449,13 +459,13 @@ async fn look_after(
         let block = spec.volume_mode.as_deref() == Some("Block");
         match volumes.expand(&csi.volume_handle, want, block).await {
             Ok(size) => {
-                let patch = json!({"spec": {"capacity": {"storage": size.to_string()}}});
+                let patch = json!({"spec": {"capacity": {"storage": quantity(size)}}});
                 let p = Patch::Merge(&patch);
                 if let Err(e) = timed(pvs.patch(&name, &PatchParams::default(), &p)).await {
                     return tracing::warn!(volume = %name, "recording the grown capacity failed: {e}");
                 }
                 have = size;
-                let m = format!("volume {name} grown to {size} bytes");
+                let m = format!("volume {name} grown to {}", quantity(size));
                 told.tell(shared, &claim, "VolumeResizeSuccessful", m);
             }
             Err(e) => {
@@ -474,7 +484,7 @@ async fn look_after(
     if have > reported && reported > 0 {
         let ns = pvc.metadata.namespace.as_deref().unwrap_or("default");
         let api: Api<PersistentVolumeClaim> = Api::namespaced(shared.client.clone(), ns);
-        let patch = json!({"status": {"capacity": {"storage": have.to_string()}}});
+        let patch = json!({"status": {"capacity": {"storage": quantity(have)}}});
         let pvc_name = pvc.metadata.name.as_deref().unwrap_or_default();
         let p = Patch::Merge(&patch);
         if let Err(e) = timed(api.patch_status(pvc_name, &PatchParams::default(), &p)).await {
@@ -523,6 +533,9 @@ mod tests {
         assert_eq!(pv["spec"]["persistentVolumeReclaimPolicy"], "Retain");
         assert_eq!(pv["spec"]["csi"]["volumeHandle"], "pvc-1234");
         assert_eq!(pv["metadata"]["labels"][NODE_LABEL], "edge0");
+        assert_eq!(pv["spec"]["capacity"]["storage"], "64Mi");
+        assert_eq!(quantity(3 << 30), "3Gi");
+        assert_eq!(quantity(1000), "1000");
         assert_eq!(
             pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
                 ["values"][0],
