@@ -19,23 +19,26 @@
 //!   and then the PersistentVolume when its reclaim policy is `Delete`; `Retain` keeps
 //!   both for the operator.
 //!
-//! The claims are listed every few seconds from the API server's watch cache
-//! (resourceVersion 0), not watched: every step is idempotent, so a stale list only
-//! repeats one. A pod's claim becomes its `csi` volume in `volumes.rs`.
+//! noded watches every claim (the selected node is an annotation, which no selector
+//! reaches) and the PersistentVolumes labelled with its node, as the upstream
+//! provisioner does in its per-node mode; it acts on each change and every 10 s, and
+//! every step is idempotent, so a change seen twice only repeats one. A pod's claim
+//! becomes its `csi` volume in `volumes.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 
-use super::calls::{timed, Limited};
+use super::calls::{timed, Limited, Retry};
 use super::events::{self, Transition};
 use super::Shared;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::manifest::{parse_memory, AccessMode, CsiVolume, CSI_DRIVER};
 use crate::volumes::Volumes;
 
@@ -51,38 +54,69 @@ const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 pub const NODE_LABEL: &str = "noded.edgeos.io/node";
 /// The one class parameter storaged takes (CSI's well-known key).
 const FS_PARAMETER: &str = "csi.storage.k8s.io/fstype";
-const EVERY: Duration = Duration::from_secs(3);
-/// How often a node not allowed to list claims asks again.
-const FORBIDDEN_EVERY: Duration = Duration::from_secs(15);
+/// What failed (a volume storaged could not make yet, a PersistentVolume not created)
+/// is tried again this often, besides at every change the watches see.
+const RETRY: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(shared: Arc<Shared>, volumes: Volumes) {
-    let mut log = Limited::new("listing claims to provision");
+    use kube::runtime::{reflector, watcher, WatchStreamExt};
+    let s = &shared.settings;
+    let (claims, claims_in) = reflector::store::<PersistentVolumeClaim>();
+    let (pvs, pvs_in) = reflector::store::<PersistentVolume>();
+    let mine = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", s.node_name));
+    let claim_events = reflector(
+        claims_in,
+        watcher(Api::all(shared.client.clone()), watcher::Config::default()),
+    )
+    .backoff(Retry::new(s.retry_max))
+    .map(|e| e.map(drop));
+    let pv_events = reflector(pvs_in, watcher(Api::all(shared.client.clone()), mine))
+        .backoff(Retry::new(s.retry_max))
+        .map(|e| e.map(drop));
+    let mut events = std::pin::pin!(futures_util::stream::select(claim_events, pv_events));
+    let mut log = Limited::new("watching claims to provision");
     let mut told = Told::default();
     let mut forbidden = false;
+    let mut retry = tokio::time::interval(RETRY);
     loop {
-        match pass(&shared, &volumes, &mut told).await {
-            Ok(()) => {
-                forbidden = false;
-                log.ok()
-            }
-            // A cluster whose operator has not granted it (no claims from storaged there):
-            // said once, and asked again seldom.
-            Err(Error::ApiCall {
-                code: Some(403),
-                message,
-            }) => {
-                if !forbidden {
-                    tracing::info!(
-                        "claims are not provisioned here until the core lets nodes list \
-                         them (image/examples/storage.yaml): {message}"
-                    );
-                    forbidden = true;
+        tokio::select! {
+            e = events.next() => match e {
+                Some(Ok(())) => {
+                    forbidden = false;
+                    log.ok();
                 }
-                tokio::time::sleep(FORBIDDEN_EVERY).await;
-            }
-            Err(e) => log.fail(&e),
+                // A cluster whose operator has not granted it (no claims from storaged
+                // there): said once.
+                Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(status))))
+                    if status.code == 403 =>
+                {
+                    if !forbidden {
+                        tracing::info!(
+                            "claims are not provisioned here until the core lets nodes list \
+                             them (image/examples/storage.yaml): {}",
+                            status.message
+                        );
+                        forbidden = true;
+                    }
+                    continue;
+                }
+                Some(Err(e)) => {
+                    log.fail(&e);
+                    continue;
+                }
+                None => return,
+            },
+            _ = retry.tick() => {}
         }
-        tokio::time::sleep(EVERY).await;
+        // One pass for a burst of changes.
+        while let Some(Some(Ok(()))) = events.next().now_or_never() {}
+        let (claims, pvs) = (claims.state(), pvs.state());
+        for pvc in claims.iter().filter(|c| waits_for(c, &s.node_name)) {
+            provision(&shared, &volumes, pvc, &mut told).await;
+        }
+        for pv in &pvs {
+            look_after(&shared, &volumes, pv, &claims, &mut told).await;
+        }
     }
 }
 
@@ -127,24 +161,6 @@ impl Told {
 /// An object's namespace for its events: `default` for a cluster-scoped one.
 fn namespace_of(involved: &Value) -> &str {
     involved["namespace"].as_str().unwrap_or("default")
-}
-
-async fn pass(shared: &Arc<Shared>, volumes: &Volumes, told: &mut Told) -> Result<()> {
-    let node = &shared.settings.node_name;
-    let claims: Api<PersistentVolumeClaim> = Api::all(shared.client.clone());
-    let claims = timed(claims.list(&ListParams::default().match_any())).await?;
-    let pvs: Api<PersistentVolume> = Api::all(shared.client.clone());
-    let mine = ListParams::default()
-        .labels(&format!("{NODE_LABEL}={node}"))
-        .match_any();
-    let ours = timed(pvs.list(&mine)).await?;
-    for pvc in claims.items.iter().filter(|c| waits_for(c, node)) {
-        provision(shared, volumes, pvc, told).await;
-    }
-    for pv in &ours.items {
-        look_after(shared, volumes, pv, &claims.items, told).await;
-    }
-    Ok(())
 }
 
 fn annotation<'a>(meta: &'a kube::api::ObjectMeta, key: &str) -> Option<&'a str> {
@@ -405,7 +421,7 @@ async fn look_after(
     shared: &Arc<Shared>,
     volumes: &Volumes,
     pv: &PersistentVolume,
-    claims: &[PersistentVolumeClaim],
+    claims: &[Arc<PersistentVolumeClaim>],
     told: &mut Told,
 ) {
     let Some(spec) = &pv.spec else { return };
