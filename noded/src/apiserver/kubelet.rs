@@ -401,6 +401,9 @@ impl Kubelet {
     }
 }
 
+/// How long the runtime's streaming server may take to answer an upgrade.
+const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Hands an upgrade request on to the runtime's streaming server at `url` (as kubelet
 /// proxies it): the request goes there with its upgrade headers, the server's answer
 /// comes back, and once it switched protocols the two connections are joined.
@@ -419,37 +422,47 @@ async fn hand_on(mut req: Request<Incoming>, url: &str) -> Response<Body> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let mut upstream = match tokio::net::TcpStream::connect(authority).await {
-        Ok(s) => s,
-        Err(e) => return fail(format!("{authority}: {e}")),
+    // Up to its answer's head: a streaming server that does not answer must not hold the
+    // tunnel's connection (and its slot) for ever.
+    let method = req.method().clone();
+    let handshake = async {
+        let mut upstream = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("{authority}: {e}"))?;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n");
+        for (k, v) in req.headers() {
+            if k == hyper::header::HOST || k == hyper::header::CONTENT_LENGTH {
+                continue;
+            }
+            let Ok(v) = v.to_str() else { continue };
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        upstream
+            .write_all(head.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        // The answer's head (and whatever followed it in the same reads).
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            match upstream.read(&mut chunk).await {
+                Ok(0) => return Err("closed before answering".to_string()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Ok((upstream, buf, i + 4));
+            }
+            if buf.len() > 64 * 1024 {
+                return Err("an answer head over 64 KiB".to_string());
+            }
+        }
     };
-    let mut head = format!("{} {path} HTTP/1.1\r\nHost: {authority}\r\n", req.method());
-    for (k, v) in req.headers() {
-        if k == hyper::header::HOST || k == hyper::header::CONTENT_LENGTH {
-            continue;
-        }
-        let Ok(v) = v.to_str() else { continue };
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    if let Err(e) = upstream.write_all(head.as_bytes()).await {
-        return fail(e.to_string());
-    }
-    // The answer's head (and whatever followed it in the same reads).
-    let mut buf = Vec::new();
-    let end = loop {
-        let mut chunk = [0u8; 4096];
-        match upstream.read(&mut chunk).await {
-            Ok(0) => return fail("closed before answering".into()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return fail(e.to_string()),
-        }
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 64 * 1024 {
-            return fail("an answer head over 64 KiB".into());
-        }
+    let (mut upstream, buf, end) = match tokio::time::timeout(HANDSHAKE, handshake).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return fail(e),
+        Err(_) => return fail(format!("no answer within {} s", HANDSHAKE.as_secs())),
     };
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut parsed = httparse::Response::new(&mut headers);
