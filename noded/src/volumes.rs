@@ -101,21 +101,7 @@ impl Volumes {
             let why = |e| Error::volume(name, Some(&v.volume))(e);
             let client = connect(socket).await.map_err(why)?;
             let cap = capability(v);
-            let _: CreateVolumeResponse = call(
-                &client,
-                "/csi.v1.Controller/CreateVolume",
-                CreateVolumeRequest {
-                    name: v.volume.clone(),
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: v.size_bytes,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![cap.clone()],
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(why)?;
+            create(&client, v).await.map_err(why)?;
             users
                 .entry(v.volume.clone())
                 .or_default()
@@ -161,22 +147,7 @@ impl Volumes {
     /// Creates `v` in storaged (if new) for a claim noded provisions; returns its size
     /// in bytes, at least the size asked for.
     pub async fn create(&self, v: &CsiVolume) -> Result<i64> {
-        let client = self.client().await?;
-        let r: CreateVolumeResponse = call(
-            &client,
-            "/csi.v1.Controller/CreateVolume",
-            CreateVolumeRequest {
-                name: v.volume.clone(),
-                capacity_range: Some(CapacityRange {
-                    required_bytes: v.size_bytes,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![capability(v)],
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(r.volume.map_or(v.size_bytes, |v| v.capacity_bytes))
+        create(&self.client().await?, v).await
     }
 
     /// Deletes a volume and its data (a reclaimed PersistentVolume's). storaged
@@ -442,6 +413,25 @@ impl Volumes {
             }
         }
     }
+}
+
+/// CreateVolume of `v` (nothing to do if it exists); its size in bytes.
+async fn create(client: &Client, v: &CsiVolume) -> Result<i64> {
+    let r: CreateVolumeResponse = call(
+        client,
+        "/csi.v1.Controller/CreateVolume",
+        CreateVolumeRequest {
+            name: v.volume.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: v.size_bytes,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability(v)],
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(r.volume.map_or(v.size_bytes, |v| v.capacity_bytes))
 }
 
 /// Whether something is mounted at `path` (a staged volume): its device differs

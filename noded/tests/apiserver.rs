@@ -2003,6 +2003,30 @@ async fn under_memory_pressure_pods_are_evicted_besteffort_first() {
     assert!(cached(&cache, "default_sure.yaml").is_none());
 }
 
+/// A 64Mi ReadWriteOnce claim of `class` and a pod that mounts it, both named `name`.
+fn claim_and_pod(name: &str, class: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}, namespace: default}}
+spec:
+  storageClassName: {class}
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 64Mi}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  automountServiceAccountToken: false
+  hostNetwork: true
+  containers: [{{name: main, image: "edge.local/hello:1",
+    volumeMounts: [{{name: data, mountPath: /data}}]}}]
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: {name}}}}}]
+"#
+    )
+}
+
 /// Claims from storaged, with noded as the provisioner for its own node: the operator
 /// applies the example storage classes (image/examples/storage.yaml), a claim and a pod
 /// that mounts it; the scheduler picks edge-a and names it in the claim, noded creates
@@ -2029,27 +2053,7 @@ async fn a_claim_is_provisioned_from_storaged_grown_and_reclaimed() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/examples/storage.yaml");
     cp.kubectl(["apply", "-f", examples.to_str().unwrap()])
         .unwrap();
-    cp.apply(
-        r#"apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: db, namespace: default}
-spec:
-  storageClassName: storaged-rwo
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, namespace: default}
-spec:
-  automountServiceAccountToken: false
-  hostNetwork: true
-  containers: [{name: main, image: "edge.local/hello:1",
-    volumeMounts: [{name: data, mountPath: /data}]}]
-  volumes: [{name: data, persistentVolumeClaim: {claimName: db}}]
-"#,
-    )
-    .unwrap();
+    cp.apply(&claim_and_pod("db", "storaged-rwo")).unwrap();
     let pvc = wait_until_long("the claim bound", || {
         cp.get(&["pvc", "-n", "default", "db"])
             .ok()
@@ -2171,27 +2175,10 @@ metadata: {name: replicated}
 provisioner: storaged.edgeos
 volumeBindingMode: WaitForFirstConsumer
 parameters: {replicas: "3"}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: bad, namespace: default}
-spec:
-  storageClassName: replicated
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: bad, namespace: default}
-spec:
-  automountServiceAccountToken: false
-  hostNetwork: true
-  containers: [{name: main, image: "edge.local/hello:1",
-    volumeMounts: [{name: data, mountPath: /data}]}]
-  volumes: [{name: data, persistentVolumeClaim: {claimName: bad}}]
 "#,
     )
     .unwrap();
+    cp.apply(&claim_and_pod("bad", "replicated")).unwrap();
     let failed = wait_until_long("ProvisioningFailed", || {
         cp.get(&[
             "events",
