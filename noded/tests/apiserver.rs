@@ -2034,7 +2034,8 @@ spec:
 /// PersistentVolume, the controller manager binds them and the scheduler the pod, whose
 /// cached manifest has the volume as its `csi` volume. Grown at the core, the volume
 /// grows and the claim's status says so; its filesystem is grown when it is staged next.
-/// Deleted, the claim's volume is deleted with its PersistentVolume. A class parameter
+/// Deleted, the claim's volume is deleted with its PersistentVolume (kept, with the
+/// policy Retain). A class parameter
 /// storaged does not take is a ProvisioningFailed event naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_is_provisioned_from_storaged_grown_and_reclaimed() {
@@ -2166,6 +2167,51 @@ async fn a_claim_is_provisioned_from_storaged_grown_and_reclaimed() {
         .calls()
         .iter()
         .any(|c| c.method == "DeleteVolume" && c.volume == volume));
+
+    // With the reclaim policy Retain, the volume and its PersistentVolume stay.
+    cp.apply(
+        r#"apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: kept}
+provisioner: storaged.edgeos
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Retain
+"#,
+    )
+    .unwrap();
+    cp.apply(&claim_and_pod("kept", "kept")).unwrap();
+    let kept = wait_until_long("the kept claim bound", || {
+        cp.get(&["pvc", "-n", "default", "kept"])
+            .ok()
+            .filter(|c| c["status"]["phase"] == "Bound")
+    })
+    .await;
+    let kept = kept["spec"]["volumeName"].as_str().unwrap().to_string();
+    cp.kubectl([
+        "delete",
+        "-n",
+        "default",
+        "pod/kept",
+        "pvc/kept",
+        "--wait=false",
+    ])
+    .unwrap();
+    wait_until_long("the kept volume released", || {
+        cp.get(&["pv", &kept])
+            .ok()
+            .filter(|v| v["status"]["phase"] == "Released")
+    })
+    .await;
+    // noded acts on each change it sees within a moment; give it a few.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        cp.get(&["pv", &kept]).is_ok(),
+        "a Retain volume was deleted"
+    );
+    assert!(!double
+        .calls()
+        .iter()
+        .any(|c| c.method == "DeleteVolume" && c.volume == kept));
 
     // A class that asks for what storaged does not take: told on the claim, by name.
     cp.apply(
