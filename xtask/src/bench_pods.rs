@@ -5,6 +5,14 @@
 //! console is read every 100 ms). noded's `pods` answer cannot time this: noded answers
 //! its control socket between reconcile passes, and one pass starts all M pods. At the
 //! end, init's control port confirms every pod running and gives the RSS figures.
+//!
+//! Then the API path: a fresh box joins the upstream control plane (built from source
+//! by `cargo xtask controlplane`, on loopback, reached through guest forwards as in
+//! qemu-tests/tests/kubernetes.rs), a Deployment of the same M sensor pods is applied
+//! with kubectl, and the bench times the apply to every replica `Running` in status at
+//! the API server (`kubectl get pods` every 250 ms), then reads noded's RSS with the
+//! API path on. The issue's peer, the upstream kubelet on the same containerd, is not
+//! run (docs/node.md says why).
 //! Prints human lines, then one JSON line last.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -74,8 +82,17 @@ pub fn run(pods: u32) -> Result<()> {
     opts.fw_cfg
         .push(("opt/org.edgeos/provision".into(), bundle.clone()));
     let result = measure(opts, pods);
+    let (times, span, noded_rss, containerd_rss) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    println!("bench pods: the API path, {pods} replicas of a Deployment applied with kubectl");
+    let api = measure_api(&out.raw, &tmp, pods);
     let _ = std::fs::remove_dir_all(&tmp);
-    let (times, span, noded_rss, containerd_rss) = result?;
+    let (apply_to_running, noded_api_rss) = api?;
 
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -89,6 +106,10 @@ pub fn run(pods: u32) -> Result<()> {
     );
     println!("{per_min:.1} pods a minute (first manifest seen to last pod running: {span:.1} s)");
     println!("RSS with all pods running: noded {noded_rss} KiB, containerd {containerd_rss} KiB");
+    println!(
+        "API path: kubectl apply to {pods} replicas Running at the API server {apply_to_running:.1} s; \
+         noded's RSS then {noded_api_rss} KiB"
+    );
     println!("(TCG on the build host: absolute times are slow; compare runs on the same host)");
     println!(
         "{}",
@@ -99,6 +120,8 @@ pub fn run(pods: u32) -> Result<()> {
             "pods_per_min": (per_min * 10.0).round() / 10.0,
             "noded_rss_kib": noded_rss,
             "containerd_rss_kib": containerd_rss,
+            "apply_to_running_s": (apply_to_running * 100.0).round() / 100.0,
+            "noded_rss_api_kib": noded_api_rss,
         })
     );
     Ok(())
@@ -175,6 +198,82 @@ fn measure(opts: Options, pods: u32) -> Result<(Vec<f64>, f64, u64, u64)> {
         noded,
         containerd,
     ))
+}
+
+/// The API path (see the module's doc): seconds from `kubectl apply` of a Deployment of
+/// `replicas` to all of them Running at the API server, and noded's RSS then.
+fn measure_api(
+    image: &std::path::Path,
+    tmp: &std::path::Path,
+    replicas: u32,
+) -> Result<(f64, u64)> {
+    use qemu_tests::controlplane::{ControlPlane, GUEST_TUNNEL};
+    let bin = crate::controlplane::build()?;
+    let cp = ControlPlane::start(&bin, &tmp.join("core"))?;
+    let token = cp.bootstrap_token()?;
+    let bundle = tmp.join("provision-api.toml");
+    std::fs::write(&bundle, cp.provision_bundle("bench", &token)?)
+        .with_context(|| format!("failed to write {}", bundle.display()))?;
+    let mut opts = Options::new(image);
+    opts.fw_cfg
+        .push(("opt/org.edgeos/provision".into(), bundle));
+    opts.guestfwd.push(format!(
+        "tcp:10.0.2.100:6443-cmd:socat - TCP:127.0.0.1:{}",
+        cp.port
+    ));
+    opts.guestfwd.push(format!(
+        "tcp:{GUEST_TUNNEL}-cmd:socat - TCP:127.0.0.1:{}",
+        cp.tunnel_port
+    ));
+    let mut m = Machine::with_options("bench-pods-api", opts)?;
+    m.boot()?;
+    m.wait_ready()?;
+    let until = |what: &str, timeout: Duration, f: &mut dyn FnMut() -> bool| -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !f() {
+            if Instant::now() >= deadline {
+                bail!("{what}: not within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    };
+    until("the box Ready at the API server", TIMEOUT, &mut || {
+        cp.get(&["node", "edge0"]).is_ok_and(|n| {
+            n["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        })
+    })?;
+    let start = Instant::now();
+    cp.apply(&format!(
+        r#"{{"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {{"name": "bench", "namespace": "default"}},
+            "spec": {{"replicas": {replicas}, "selector": {{"matchLabels": {{"app": "bench"}}}},
+              "template": {{"metadata": {{"labels": {{"app": "bench"}}}},
+                "spec": {{"automountServiceAccountToken": false, "hostNetwork": true,
+                  "terminationGracePeriodSeconds": 1,
+                  "containers": [{{"name": "sensor", "image": "edge.local/sensor:1",
+                    "resources": {{"limits": {{"cpu": "50m", "memory": "16Mi"}}}}}}]}}}}}}}}"#
+    ))?;
+    until(
+        "every replica Running at the API server",
+        TIMEOUT,
+        &mut || {
+            cp.get(&["pods", "-n", "default", "-l", "app=bench"])
+                .is_ok_and(|l| {
+                    l["items"].as_array().is_some_and(|i| {
+                        i.len() == replicas as usize
+                            && i.iter().all(|p| p["status"]["phase"] == "Running")
+                    })
+                })
+        },
+    )?;
+    let took = start.elapsed().as_secs_f64();
+    let noded = rss_of(&m.status()?, "noded")?;
+    m.finish();
+    Ok((took, noded))
 }
 
 /// The bench pod a noded console line names after `marker`, e.g. `bench3`.
