@@ -84,8 +84,9 @@ pub enum Error {
     #[error("bad TLS material: {key} {path} is not PEM (no CERTIFICATE block)")]
     NoCertificate { key: &'static str, path: PathBuf },
     /// A key file that starts like JSON but is not edge-tpm's site key.
-    #[error("{}", not_tpm_key(.0))]
-    NotTpmKey(Option<serde_json::Error>),
+    /// A JSON key file that is not edge-tpm's: what it lacks.
+    #[error("{0}")]
+    NotTpmKey(String),
     /// Our certificate is not valid now; `problem` says which date and what to do.
     #[error("{key} {path} {problem}")]
     Validity {
@@ -211,11 +212,4 @@ fn in_parens(event: &Option<String>) -> String {
         .as_ref()
         .map(|e| format!(" ({e})"))
         .unwrap_or_default()
-}
-
-fn not_tpm_key(json: &Option<serde_json::Error>) -> String {
-    match json {
-        Some(e) => format!("not a TPM site key: {e}"),
-        None => "not a TPM site key (edge-tpm site-key create writes one)".into(),
-    }
 }

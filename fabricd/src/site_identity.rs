@@ -6,17 +6,14 @@
 //! link the TPM libraries; docs/security.md), so a copied disk in another box cannot
 //! connect as the site.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 
 use async_nats::rustls;
-use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::sign::{CertifiedKey, Signer, SigningKey};
-use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
+use rustls::sign::{CertifiedKey, SigningKey};
+use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::{CoreConfig, EnrollConfig};
 use crate::error::{Error, Result};
@@ -47,20 +44,6 @@ pub(crate) fn certificates(key: &'static str, path: &Path) -> Result<Vec<Certifi
         });
     }
     Ok(certs)
-}
-
-/// Whether the key file is a TPM site key (edge-tpm's JSON), not a PEM key.
-fn is_tpm_key(text: &[u8]) -> Result<bool> {
-    if !text.trim_ascii_start().starts_with(b"{") {
-        return Ok(false);
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(text).map_err(|e| Error::NotTpmKey(Some(e)))?;
-    if v["private"].is_string() && v["public"].is_string() {
-        Ok(true)
-    } else {
-        Err(Error::NotTpmKey(None))
-    }
 }
 
 /// The TLS configuration fabricd connects to the core with. Read before each attempt so
@@ -97,8 +80,11 @@ fn tls_config(
         &edge_tpm::ek_certificate::now_utc(),
     )?;
     let key_text = read(key_name, key_path)?;
-    let key: Arc<dyn SigningKey> = if is_tpm_key(&key_text).map_err(bad(key_name, key_path))? {
-        Arc::new(TpmKey {
+    let is_tpm = edge_tpm::program::is_tpm_key(&key_text)
+        .map_err(Error::NotTpmKey)
+        .map_err(bad(key_name, key_path))?;
+    let key: Arc<dyn SigningKey> = if is_tpm {
+        Arc::new(edge_tpm::program::TpmKey {
             program: core.tpm_program.clone(),
             key: key_path.to_owned(),
         })
@@ -112,7 +98,9 @@ fn tls_config(
         .with_safe_default_protocol_versions()
         .map_err(Error::TlsConfig)?
         .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(Identity(Arc::new(CertifiedKey::new(chain, key))))))
+        .with_client_cert_resolver(Arc::new(edge_tpm::program::OneCertificate(Arc::new(
+            CertifiedKey::new(chain, key),
+        )))))
 }
 
 /// Our certificate must be valid now: the core would refuse it with no reason the box
@@ -153,113 +141,21 @@ fn within_validity(name: &'static str, path: &Path, der: &[u8], now: &str) -> Re
     Ok(())
 }
 
-/// The one certificate and key, whatever the core asks for.
-#[derive(Debug)]
-struct Identity(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for Identity {
-    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// The site key in the TPM: ECDSA P-256 with SHA-256, signed by edge-tpm.
-#[derive(Debug, Clone)]
-struct TpmKey {
-    program: PathBuf,
-    key: PathBuf,
-}
-
-impl SigningKey for TpmKey {
-    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
-        offered
-            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
-            .then(|| Box::new(self.clone()) as Box<dyn Signer>)
-    }
-
-    fn algorithm(&self) -> SignatureAlgorithm {
-        SignatureAlgorithm::ECDSA
-    }
-}
-
-impl Signer for TpmKey {
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        let digest = ring::digest::digest(&ring::digest::SHA256, message);
-        self.sign_digest(digest.as_ref())
-            .map_err(|e| rustls::Error::General(format!("the TPM did not sign: {e}")))
-    }
-
-    fn scheme(&self) -> SignatureScheme {
-        SignatureScheme::ECDSA_NISTP256_SHA256
-    }
-}
-
-impl TpmKey {
-    /// Runs `edge-tpm site-key sign <key>`: the digest in hex on its stdin, the DER
-    /// signature in hex on its stdout.
-    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>> {
-        let key = self.key.to_string_lossy();
-        let out = edge_tpm(
-            &self.program,
-            &["site-key", "sign", &key],
-            format!("{}\n", edge_common::hex::encode(digest)).as_bytes(),
-        )?;
-        edge_common::hex::decode(String::from_utf8_lossy(&out).trim())
-            .filter(|sig| !sig.is_empty())
-            .ok_or_else(|| Error::TpmFailed {
-                program: self.program.clone(),
-                reason: format!("{} printed no signature", self.program.display()),
-            })
-    }
-}
-
 /// Runs `program` (edge-tpm) with `args` and `input` on its stdin: its stdout, or the
-/// reason it printed last on its stderr.
+/// reason it printed last on its stderr (edge_tpm::program, shared with noded).
 pub fn edge_tpm(program: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(Error::io("run", program))?;
-    // A program that fails before reading its input closes the pipe: its own reason,
-    // read below, says more than the broken pipe.
-    let written = match child.stdin.take() {
-        Some(mut stdin) => stdin.write_all(input),
-        None => Ok(()),
-    };
-    let out = child
-        .wait_with_output()
-        .map_err(Error::io("run", program))?;
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::TpmFailed {
-            program: program.to_owned(),
-            reason: why.lines().last().unwrap_or("no reason given").to_owned(),
-        });
-    }
-    written.map_err(Error::io("write to", program))?;
-    Ok(out.stdout)
+    use edge_tpm::program::Failure;
+    edge_tpm::program::run(program, args, input).map_err(|f| match f {
+        Failure::Run { program, source } => Error::io("run", program)(source),
+        Failure::Refused { program, reason } => Error::TpmFailed { program, reason },
+        Failure::Write { program, source } => Error::io("write to", program)(source),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_key_file_is_pem_or_a_tpm_site_key_and_nothing_else() {
-        assert!(!is_tpm_key(b"-----BEGIN PRIVATE KEY-----\n").unwrap());
-        assert!(is_tpm_key(b" {\"private\": \"AAA=\", \"public\": \"AAA=\"}\n").unwrap());
-        let e = is_tpm_key(b"{\"private\": 1}").unwrap_err().to_string();
-        assert!(e.contains("TPM site key"), "{e}");
-        let e = is_tpm_key(b"{not json").unwrap_err().to_string();
-        assert!(e.contains("TPM site key"), "{e}");
-    }
+    use std::process::{Command, Stdio};
 
     #[test]
     fn a_certificate_out_of_its_validity_is_named_before_connecting() {
@@ -310,34 +206,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bad TLS material: core.cert"), "{e}");
-    }
-
-    #[test]
-    fn a_signer_that_fails_says_why() {
-        let dir = tempfile::tempdir().unwrap();
-        let program = dir.path().join("edge-tpm");
-        std::fs::write(
-            &program,
-            "#!/bin/sh\necho 'edge-tpm: tpm: load the site key (made by another TPM?)' >&2\nexit 1\n",
-        )
-        .unwrap();
-        let mut perms = std::fs::metadata(&program).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&program, perms).unwrap();
-        let key = TpmKey {
-            program,
-            key: dir.path().join("key.json"),
-        };
-        let e = key.sign(b"transcript").unwrap_err().to_string();
-        assert!(
-            e.contains("the TPM did not sign") && e.contains("another TPM"),
-            "{e}"
-        );
-        let missing = TpmKey {
-            program: dir.path().join("absent"),
-            key: dir.path().join("key.json"),
-        };
-        let e = missing.sign(b"transcript").unwrap_err().to_string();
-        assert!(e.contains("failed to run"), "{e}");
     }
 }

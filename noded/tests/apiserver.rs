@@ -22,6 +22,9 @@ use serde_json::{json, Value};
 
 mod fake_apiserver;
 use fake_apiserver::FakeApiServer;
+#[path = "../../tpm/tests/common/swtpm.rs"]
+#[allow(dead_code)] // one part of it is used here
+mod swtpm;
 
 const NODE: &str = "edge-a";
 
@@ -83,6 +86,7 @@ fn settings(kubeconfig: PathBuf, cache: PathBuf) -> Settings {
         log_dir: PathBuf::from("/var/log/pods"),
         csi_socket: None,
         state_dir: PathBuf::from("/var/lib/noded"),
+        tpm_program: None,
         renew_after: 0.8,
         token_refresh: 0.8,
         // No pressure whatever this host has left (the eviction test raises it).
@@ -2249,4 +2253,96 @@ parameters: {replicas: "3"}
         failed["message"].as_str().unwrap().contains("\"replicas\""),
         "{failed}"
     );
+}
+
+/// edge-tpm built from this tree (as fabricd's tests build it), next to noded's binary.
+fn edge_tpm() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = std::process::Command::new(cargo)
+        .args(["build", "-p", "edge-tpm", "--bin", "edge-tpm"])
+        .status()
+        .expect("run cargo");
+    assert!(st.success(), "cargo build -p edge-tpm failed");
+    Path::new(env!("CARGO_BIN_EXE_noded"))
+        .parent()
+        .unwrap()
+        .join("edge-tpm")
+}
+
+/// The node's key in the TPM (swtpm here, edge-tpm built from this tree): with a
+/// bootstrap token and `tpm_key`, noded makes its key in the TPM, asks for its
+/// certificate with a request the TPM signed, and registers Ready under it, every TLS
+/// handshake with the API server signed by the TPM. Its kubeconfig names the key's file,
+/// which holds no private key; the certificate is for the TPM's public key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_key_is_made_in_the_tpm_and_never_leaves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cp) = upstream(dir.path()).await else {
+        return;
+    };
+    let program = tokio::task::block_in_place(edge_tpm);
+    let tpm = swtpm::swtpm();
+    let tcti = |t: &swtpm::Swtpm| format!("swtpm:host=127.0.0.1,port={}", t.port);
+    // Only this test runs edge-tpm; noded's children take its TPM from the environment.
+    std::env::set_var("EDGE_TPM_TCTI", tcti(&tpm));
+    let (_, boot) = bootstrap_file(&cp, dir.path());
+    let stored = dir.path().join("state/kubeconfig");
+    let mut s = settings(stored.clone(), dir.path().join("cache"));
+    s.bootstrap_kubeconfig = Some(boot);
+    s.lease_duration = Duration::from_secs(10);
+    s.tpm_program = Some(program.clone());
+    let status: Status = Arc::new(Mutex::new(Vec::new()));
+    let agent = apiserver::start(s.clone(), status.clone(), None)
+        .await
+        .unwrap();
+    let ready = |n: &Value| {
+        n["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+    };
+    wait_until_long("the node Ready under its TPM key", || {
+        cp.get(&["node", NODE]).ok().filter(ready)
+    })
+    .await;
+    drop(agent);
+    let k: Value = serde_yaml::from_str(&std::fs::read_to_string(&stored).unwrap()).unwrap();
+    let user = &k["users"][0]["user"];
+    assert!(user.get("client-key-data").is_none(), "{k}");
+    let key_file = PathBuf::from(user["client-key"].as_str().expect("client-key"));
+    let blob = std::fs::read(&key_file).unwrap();
+    let text = String::from_utf8_lossy(&blob);
+    assert!(
+        !text.contains("PRIVATE KEY") && text.contains("\"private\""),
+        "the key file is the TPM's wrapped blob: {text}"
+    );
+    let out = std::process::Command::new(&program)
+        .args(["site-key", "public"])
+        .env("EDGE_TPM_TCTI", tcti(&tpm))
+        .stdin(std::fs::File::open(&key_file).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cert = {
+        use base64::Engine;
+        let b64 = user["client-certificate-data"].as_str().unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap()
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&cert).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let (_, spki) = x509_parser::pem::parse_x509_pem(public.as_bytes()).unwrap();
+    assert_eq!(
+        cert.public_key().raw,
+        &spki.contents[..],
+        "the certificate is for the TPM's key"
+    );
+
+    std::env::remove_var("EDGE_TPM_TCTI");
 }

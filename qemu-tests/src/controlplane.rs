@@ -382,7 +382,8 @@ impl ControlPlane {
     /// 10.0.2.100:6443 and its tunnel at [`GUEST_TUNNEL`] (guest forwards): noded's
     /// `apiserver_file` (`noded-apiserver.toml`, with `zone`) and a bootstrap kubeconfig with `token`
     /// ([`ControlPlane::bootstrap_token`]) and the core's CA, under
-    /// /var/lib/edge/provision/kube; the box asks for its own node certificate with them.
+    /// /var/lib/edge/provision/kube; the box asks for its own node certificate with them,
+    /// for a key it makes in its TPM (`tpm_key`).
     pub fn provision_bundle(&self, zone: &str, token: &str) -> Result<String> {
         const KUBE: &str = "/var/lib/edge/provision/kube";
         let mut bundle = crate::core::toml_string(
@@ -390,7 +391,7 @@ impl ControlPlane {
             &format!(
                 "kubeconfig = \"/var/lib/edge/noded/kubeconfig\"\n\
                  bootstrap_kubeconfig = \"{KUBE}/bootstrap.kubeconfig\"\nzone = \"{zone}\"\n\
-                 tunnel = \"{GUEST_TUNNEL}\"\n"
+                 tunnel = \"{GUEST_TUNNEL}\"\ntpm_key = true\n"
             ),
         );
         bundle.push_str(&crate::core::toml_string(

@@ -16,6 +16,7 @@ pub mod identity;
 #[cfg(feature = "tpm")]
 pub mod pcr;
 pub mod policy;
+pub mod program;
 pub mod replay;
 #[cfg(feature = "tpm")]
 pub mod seal;

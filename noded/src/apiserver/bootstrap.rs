@@ -11,6 +11,12 @@
 //! approval asks again with the same key under the same name, and no second request is
 //! left behind.
 //!
+//! With `apiserver.tpm_key` the key is made in the TPM (`edge-tpm site-key create`) and
+//! never leaves it: the request is signed there, the kubeconfig names the key's file
+//! (`<kubeconfig>.key-<hash>.json`, the TPM's wrapped blobs, which no other TPM can
+//! load), and every TLS handshake as the node is signed there too (mod.rs's
+//! `client_from` and `identity`). A copied disk in another box cannot act as the node.
+//!
 //! The certificate is renewed before it expires ([`renewed`]): a new key and request,
 //! asked for with the node's own certificate, as kubelet rotates its client
 //! certificate; the API tasks then start again with the new one.
@@ -25,7 +31,6 @@ use k8s_openapi::api::certificates::v1::{
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use kube::config::{AuthInfo, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext};
-use rcgen::PublicKeyData as _;
 use sha2::{Digest, Sha256};
 
 use super::calls::{timed, Limited, Retry};
@@ -62,7 +67,7 @@ pub(super) async fn client(settings: &Settings, bootstrap: &Path) -> kube::Clien
 async fn obtain(settings: &Settings, bootstrap: &Path) -> Result<kube::Client> {
     let stored = &settings.kubeconfig;
     match usable(stored, &settings.node_name) {
-        Ok(()) => return super::client_from(stored).await,
+        Ok(()) => return super::client_from(stored, settings.tpm_program.as_deref()).await,
         Err(why) => tracing::info!(
             "the node's credential {}: {why}; asking the API server for one with the \
              bootstrap credential {}",
@@ -70,7 +75,8 @@ async fn obtain(settings: &Settings, bootstrap: &Path) -> Result<kube::Client> {
             bootstrap.display()
         ),
     }
-    request(settings, bootstrap, super::client_from(bootstrap).await?).await
+    let requester = super::client_from(bootstrap, None).await?;
+    request(settings, bootstrap, requester).await
 }
 
 /// Asks for a certificate with `requester` (the bootstrap credential, or the node's own
@@ -82,8 +88,16 @@ async fn request(
 ) -> Result<kube::Client> {
     let stored = &settings.kubeconfig;
     let key_path = pending_key_path(stored);
-    let key = pending_key(&key_path)?;
-    let csr = request_pem(&key, &settings.node_name)?;
+    // The TPM's steps are processes that take a while under emulation.
+    let (tpm, node) = (settings.tpm_program.clone(), settings.node_name.clone());
+    let kp = key_path.clone();
+    let (key, csr) = tokio::task::spawn_blocking(move || {
+        let key = pending_key(&kp, tpm.as_deref())?;
+        let csr = request_pem(&key, &node)?;
+        Ok::<_, Error>((key, csr))
+    })
+    .await
+    .map_err(|e| Error::Bootstrap(format!("making the request: {e}")))??;
     let name = request_name(&settings.node_name, &key);
     let api: Api<CertificateSigningRequest> = Api::all(requester);
     let object = CertificateSigningRequest {
@@ -113,14 +127,25 @@ async fn request(
     }
     let cert = signed(&api, &name).await?;
     check_issued(&cert, &key, &settings.node_name)?;
-    write_kubeconfig(stored, bootstrap, &cert, &key.serialize_pem())?;
-    let _ = std::fs::remove_file(&key_path);
+    match &key {
+        NodeKey::Here(k) => {
+            write_kubeconfig(stored, bootstrap, &cert, KeyIn::Data(&k.serialize_pem()))?;
+            let _ = std::fs::remove_file(&key_path);
+        }
+        NodeKey::Tpm { .. } => {
+            // The TPM's file stays, under a name of its own; the kubeconfig names it.
+            let kept = tpm_key_path(stored, &name);
+            std::fs::rename(&key_path, &kept).map_err(Error::io("failed to rename", &key_path))?;
+            write_kubeconfig(stored, bootstrap, &cert, KeyIn::File(&kept))?;
+            remove_other_tpm_keys(stored, &kept);
+        }
+    }
     tracing::info!(
         "the node's certificate for system:node:{} is signed and kept in {}",
         settings.node_name,
         stored.display()
     );
-    super::client_from(stored).await
+    super::client_from(stored, settings.tpm_program.as_deref()).await
 }
 
 /// Returns once the node's certificate is renewed (a new key and certificate kept in
@@ -221,9 +246,111 @@ fn pending_key_path(kubeconfig: &Path) -> PathBuf {
     kubeconfig.with_file_name(format!("{name}.key.pending"))
 }
 
+/// The node's key: made here and kept as PEM, or made in the TPM and kept as edge-tpm's
+/// file of the TPM's wrapped blobs, signing through the TPM.
+enum NodeKey {
+    Here(Box<rcgen::KeyPair>),
+    Tpm {
+        key: edge_tpm::program::TpmKey,
+        /// The public key (the EC point), as rcgen writes it into the request.
+        public: Vec<u8>,
+    },
+}
+
+impl rcgen::PublicKeyData for NodeKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            NodeKey::Here(k) => k.der_bytes(),
+            NodeKey::Tpm { public, .. } => public,
+        }
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            NodeKey::Here(k) => k.algorithm(),
+            NodeKey::Tpm { .. } => &rcgen::PKCS_ECDSA_P256_SHA256,
+        }
+    }
+}
+
+impl rcgen::SigningKey for NodeKey {
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        match self {
+            NodeKey::Here(k) => k.sign(msg),
+            NodeKey::Tpm { key, .. } => key.sign_message(msg).map_err(|e| {
+                tracing::warn!("the TPM did not sign the certificate request: {e}");
+                rcgen::Error::RemoteKeyError
+            }),
+        }
+    }
+}
+
 /// The key of a request made before (a restart while it waited), or a new one, kept
-/// first (mode 0600) so that request is the one waited for.
-fn pending_key(path: &Path) -> Result<rcgen::KeyPair> {
+/// first (mode 0600) so that request is the one waited for: made here, or in the TPM
+/// with `tpm` (edge-tpm) when given.
+fn pending_key(path: &Path, tpm: Option<&Path>) -> Result<NodeKey> {
+    let Some(program) = tpm else {
+        return software_key(path).map(|k| NodeKey::Here(Box::new(k)));
+    };
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Bootstrap(format!("{what} the node's key in the TPM: {e}"))
+    };
+    let usable = std::fs::read(path)
+        .ok()
+        .is_some_and(|t| edge_tpm::program::is_tpm_key(&t) == Ok(true));
+    if !usable {
+        let blob = edge_tpm::program::run(program, &["site-key", "create"], b"")
+            .map_err(|e| failed("making", &e))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(Error::io("failed to create", dir))?;
+        }
+        edge_common::write_atomic(path, &blob, 0o600)
+            .map_err(Error::io("failed to write", path))?;
+    }
+    let key = edge_tpm::program::TpmKey {
+        program: program.to_path_buf(),
+        key: path.to_path_buf(),
+    };
+    let pem = key.public_pem().map_err(|e| failed("reading", &e))?;
+    let public = ec_point(&pem).map_err(|e| failed("reading", &e))?;
+    Ok(NodeKey::Tpm { key, public })
+}
+
+/// The EC point of a PEM SubjectPublicKeyInfo (P-256).
+fn ec_point(pem: &str) -> std::result::Result<Vec<u8>, String> {
+    use x509_parser::prelude::FromDer;
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("not a PEM public key: {e}"))?;
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&p.contents)
+        .map_err(|e| format!("not a public key: {e}"))?;
+    Ok(spki.subject_public_key.data.to_vec())
+}
+
+/// Where a signed TPM key is kept: `<kubeconfig>.key-<the request's hash>.json`.
+fn tpm_key_path(kubeconfig: &Path, request: &str) -> PathBuf {
+    let name = kubeconfig.file_name().unwrap_or_default().to_string_lossy();
+    let hash = request.rsplit('-').next().unwrap_or(request);
+    kubeconfig.with_file_name(format!("{name}.key-{hash}.json"))
+}
+
+/// The TPM keys of earlier certificates, now that `kept` is the node's.
+fn remove_other_tpm_keys(kubeconfig: &Path, kept: &Path) {
+    let name = kubeconfig.file_name().unwrap_or_default().to_string_lossy();
+    let prefix = format!("{name}.key-");
+    let Some(dir) = kubeconfig.parent() else {
+        return;
+    };
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n.ends_with(".json") && p != kept {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// A key made here, kept as PEM (see [`pending_key`]).
+fn software_key(path: &Path) -> Result<rcgen::KeyPair> {
     if let Ok(pem) = std::fs::read_to_string(path) {
         match rcgen::KeyPair::from_pem(&pem) {
             Ok(k) => return Ok(k),
@@ -241,7 +368,7 @@ fn pending_key(path: &Path) -> Result<rcgen::KeyPair> {
 
 /// The PKCS#10 request: `CN=system:node:<node>, O=system:nodes`, which is what the
 /// signer and the Node authorizer take as this node.
-fn request_pem(key: &rcgen::KeyPair, node: &str) -> Result<String> {
+fn request_pem(key: &NodeKey, node: &str) -> Result<String> {
     let mut params = rcgen::CertificateParams::default();
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(rcgen::DnType::OrganizationName, "system:nodes");
@@ -254,7 +381,7 @@ fn request_pem(key: &rcgen::KeyPair, node: &str) -> Result<String> {
 }
 
 /// One name per node and key: `node-csr-<node>-<first 16 hex of the key's SHA-256>`.
-fn request_name(node: &str, key: &rcgen::KeyPair) -> String {
+fn request_name(node: &str, key: &impl rcgen::PublicKeyData) -> String {
     let h = Sha256::digest(key.subject_public_key_info());
     format!("node-csr-{node}-{}", edge_common::hex::encode(&h[..8]))
 }
@@ -324,7 +451,7 @@ impl Certificate {
 
 /// The signed certificate must be for this node and this key: a signer that issued
 /// another is refused rather than kept.
-fn check_issued(pem: &[u8], key: &rcgen::KeyPair, node: &str) -> Result<()> {
+fn check_issued(pem: &[u8], key: &impl rcgen::PublicKeyData, node: &str) -> Result<()> {
     let cert = Certificate::parse(pem).map_err(Error::Bootstrap)?;
     if cert.public_key != key.subject_public_key_info() {
         return Err(Error::Bootstrap(
@@ -340,10 +467,16 @@ fn check_issued(pem: &[u8], key: &rcgen::KeyPair, node: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where the node's key is: as data (PEM), or a TPM key's file.
+enum KeyIn<'a> {
+    Data(&'a str),
+    File(&'a Path),
+}
+
 /// The node's kubeconfig: the bootstrap kubeconfig's server and CA (its file read in, so
-/// the result stands alone), the certificate and key as data; mode 0600, whole or not at
-/// all.
-fn write_kubeconfig(path: &Path, bootstrap: &Path, cert: &[u8], key: &str) -> Result<()> {
+/// the result stands alone), the certificate as data and the key as data or its file;
+/// mode 0600, whole or not at all.
+fn write_kubeconfig(path: &Path, bootstrap: &Path, cert: &[u8], key: KeyIn) -> Result<()> {
     let unusable = |source| Error::Kubeconfig {
         path: bootstrap.to_path_buf(),
         source,
@@ -369,7 +502,14 @@ fn write_kubeconfig(path: &Path, bootstrap: &Path, cert: &[u8], key: &str) -> Re
             name: "node".into(),
             auth_info: Some(AuthInfo {
                 client_certificate_data: Some(b64(cert)),
-                client_key_data: Some(b64(key.as_bytes()).into()),
+                client_key_data: match key {
+                    KeyIn::Data(pem) => Some(b64(pem.as_bytes()).into()),
+                    KeyIn::File(_) => None,
+                },
+                client_key: match key {
+                    KeyIn::File(f) => Some(f.display().to_string()),
+                    KeyIn::Data(_) => None,
+                },
                 ..Default::default()
             }),
             ..Default::default()
@@ -399,10 +539,11 @@ fn write_kubeconfig(path: &Path, bootstrap: &Path, cert: &[u8], key: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::PublicKeyData as _;
 
     #[test]
     fn a_request_names_this_node_in_the_nodes_group_and_keeps_its_name_per_key() {
-        let key = rcgen::KeyPair::generate().unwrap();
+        let key = NodeKey::Here(Box::new(rcgen::KeyPair::generate().unwrap()));
         let pem = request_pem(&key, "edge0").unwrap();
         assert!(
             pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
@@ -426,8 +567,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = pending_key_path(&dir.path().join("kubeconfig"));
         assert_eq!(path, dir.path().join("kubeconfig.key.pending"));
-        let first = pending_key(&path).unwrap();
-        let again = pending_key(&path).unwrap();
+        let first = pending_key(&path, None).unwrap();
+        let again = pending_key(&path, None).unwrap();
         assert_eq!(
             first.subject_public_key_info(),
             again.subject_public_key_info()
@@ -436,7 +577,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         std::fs::write(&path, "not a key").unwrap();
-        let new = pending_key(&path).unwrap();
+        let new = pending_key(&path, None).unwrap();
         assert_ne!(
             new.subject_public_key_info(),
             first.subject_public_key_info()
@@ -493,7 +634,8 @@ mod tests {
         assert!(e.contains("none yet"), "{e}");
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = certificate("system:node:edge0", &key, 2099);
-        write_kubeconfig(&stored, &boot, cert.as_bytes(), &key.serialize_pem()).unwrap();
+        let pem = key.serialize_pem();
+        write_kubeconfig(&stored, &boot, cert.as_bytes(), KeyIn::Data(&pem)).unwrap();
         usable(&stored, "edge0").unwrap();
         let k = Kubeconfig::read_from(&stored).unwrap();
         let cluster = k.clusters[0].cluster.as_ref().unwrap();
@@ -506,7 +648,7 @@ mod tests {
         let e = usable(&stored, "edge1").unwrap_err();
         assert!(e.contains("not system:node:edge1"), "{e}");
         let expired = certificate("system:node:edge0", &key, 2021);
-        write_kubeconfig(&stored, &boot, expired.as_bytes(), &key.serialize_pem()).unwrap();
+        write_kubeconfig(&stored, &boot, expired.as_bytes(), KeyIn::Data(&pem)).unwrap();
         let e = usable(&stored, "edge0").unwrap_err();
         assert!(e.contains("expired"), "{e}");
         std::fs::write(&stored, "{").unwrap();

@@ -788,8 +788,8 @@ mod tests {
         .unwrap();
         let admin = cp.admin_kubeconfig();
         let other = cp.node_kubeconfig("edge-b").unwrap();
-        let client = super::super::client_from(&admin).await.unwrap();
-        let (roots, _, _) = super::super::identity(&admin).unwrap();
+        let client = super::super::client_from(&admin, None).await.unwrap();
+        let (roots, _) = super::super::identity(&admin, None).unwrap();
         let kubelet = Arc::new(
             Kubelet::new(
                 client,
@@ -806,15 +806,8 @@ mod tests {
         let mut trusted = rustls::RootCertStore::empty();
         trusted.add(kubelet.cert.clone().into()).unwrap();
         let ask = |kubeconfig: &Path| {
-            let (_, chain, key) = super::super::identity(kubeconfig).unwrap();
-            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(trusted.clone())
-            .with_client_auth_cert(chain, key)
-            .unwrap();
+            let (_, certified) = super::super::identity(kubeconfig, None).unwrap();
+            let tls = super::super::tls_client(trusted.clone(), certified).unwrap();
             let kubelet = kubelet.clone();
             async move {
                 let (ours, theirs) = tokio::io::duplex(64 * 1024);

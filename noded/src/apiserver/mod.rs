@@ -97,10 +97,23 @@ pub struct Config {
     /// tunnel.rs). Without it the core cannot reach the box.
     #[serde(default)]
     pub tunnel: Option<String>,
+    /// With `bootstrap_kubeconfig`: the node's key is made in the TPM (`edge-tpm
+    /// site-key create`) and never leaves it; the certificate request and every TLS
+    /// handshake with the API server and the tunnel are signed there (identity.rs).
+    #[serde(default)]
+    pub tpm_key: bool,
+    /// The program that makes and signs with the TPM key (`edge-tpm`, on the verified
+    /// root).
+    #[serde(default = "default_tpm_program")]
+    pub tpm_program: PathBuf,
 }
 
 fn default_lease_seconds() -> u32 {
     40
+}
+
+fn default_tpm_program() -> PathBuf {
+    "/usr/bin/edge-tpm".into()
 }
 
 /// The `[apiserver]` keys the site provisioned in `file` (noded.toml's `apiserver_file`):
@@ -169,6 +182,20 @@ impl Config {
                 return Err((key("tunnel"), format!("{t:?} is not host:port")));
             }
         }
+        if self.tpm_key && self.bootstrap_kubeconfig.is_none() {
+            return Err((
+                key("tpm_key"),
+                "needs bootstrap_kubeconfig: a key made in the TPM is certified through \
+                 the bootstrap request"
+                    .into(),
+            ));
+        }
+        if self.tpm_key && !self.tpm_program.is_absolute() {
+            return Err((
+                key("tpm_program"),
+                format!("{} is not an absolute path", self.tpm_program.display()),
+            ));
+        }
         if self.lease_seconds < 4 {
             return Err((
                 key("lease_seconds"),
@@ -224,6 +251,7 @@ impl Config {
             log_dir: log_dir.to_path_buf(),
             csi_socket: csi_socket.map(Path::to_path_buf),
             state_dir: state_dir.to_path_buf(),
+            tpm_program: self.tpm_key.then(|| self.tpm_program.clone()),
             renew_after: 0.8,
             token_refresh: 0.8,
             thresholds: conditions::Thresholds::default(),
@@ -261,6 +289,9 @@ pub struct Settings {
     pub csi_socket: Option<PathBuf>,
     /// noded's state directory, where its CSI volumes are staged.
     pub state_dir: PathBuf,
+    /// The node's key is made in the TPM with this program (edge-tpm); `None`: on the
+    /// data partition.
+    pub tpm_program: Option<PathBuf>,
     /// With a bootstrap credential, the node's certificate is renewed once this
     /// fraction of its lifetime has passed (0.8).
     pub renew_after: f64,
@@ -326,20 +357,81 @@ struct Shared {
     refresh: Mutex<BTreeMap<String, (std::time::Instant, kube::api::DynamicObject)>>,
 }
 
-/// A client from a kubeconfig file (its current context).
-async fn client_from(path: &Path) -> Result<kube::Client> {
+/// A client from a kubeconfig file (its current context). A user key that is a TPM key
+/// (bootstrap.rs made it with `tpm`, edge-tpm) signs through the TPM: kube cannot read
+/// such a key, so the client is built on our own TLS configuration.
+async fn client_from(path: &Path, tpm: Option<&Path>) -> Result<kube::Client> {
     let unusable = |source| Error::Kubeconfig {
         path: path.to_path_buf(),
         source,
     };
-    let kubeconfig = Kubeconfig::read_from(path).map_err(unusable)?;
+    let mut kubeconfig = Kubeconfig::read_from(path).map_err(unusable)?;
+    if !holds_tpm_key(&kubeconfig) {
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(unusable)?;
+        return kube::Client::try_from(config).map_err(|source| Error::Kube {
+            kubeconfig: path.to_path_buf(),
+            source,
+        });
+    }
+    let (roots, certified) = identity(path, tpm).map_err(Error::Bootstrap)?;
+    // kube's configuration for the server, its CA and the namespace; the user's
+    // certificate and key are ours to present.
+    for a in kubeconfig
+        .auth_infos
+        .iter_mut()
+        .filter_map(|a| a.auth_info.as_mut())
+    {
+        a.client_key = None;
+        a.client_key_data = None;
+        a.client_certificate = None;
+        a.client_certificate_data = None;
+    }
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(unusable)?;
-    kube::Client::try_from(config).map_err(|source| Error::Kube {
-        kubeconfig: path.to_path_buf(),
-        source,
-    })
+    let tls = tls_client(roots, certified).map_err(Error::Bootstrap)?;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, kube::client::Body>(https);
+    use kube::client::ConfigExt;
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .service(client);
+    Ok(kube::Client::new(service, config.default_namespace))
+}
+
+/// Whether the kubeconfig's user key is a file holding a TPM key.
+fn holds_tpm_key(k: &Kubeconfig) -> bool {
+    current(k)
+        .1
+        .and_then(|u| u.client_key.as_ref())
+        .and_then(|f| std::fs::read(f).ok())
+        .is_some_and(|text| edge_tpm::program::is_tpm_key(&text).unwrap_or(false))
+}
+
+/// TLS to the core as the node: its CA, and its certificate and key for every server
+/// that asks.
+fn tls_client(
+    roots: tokio_rustls::rustls::RootCertStore,
+    certified: Arc<tokio_rustls::rustls::sign::CertifiedKey>,
+) -> std::result::Result<tokio_rustls::rustls::ClientConfig, String> {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    Ok(
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(edge_tpm::program::OneCertificate(certified))),
+    )
 }
 
 /// Creates the cache directory and starts the Node, Lease, pod watch and pod status
@@ -356,7 +448,7 @@ pub async fn start(
     let mut tasks = tokio::task::JoinSet::new();
     match settings.bootstrap_kubeconfig.clone() {
         None => {
-            let client = client_from(&settings.kubeconfig).await?;
+            let client = client_from(&settings.kubeconfig, settings.tpm_program.as_deref()).await?;
             run(client, settings, status, cri, &mut tasks);
         }
         Some(bootstrap) => {
@@ -441,14 +533,8 @@ fn tunnel_parts(
     status: Status,
 ) -> std::result::Result<(tunnel::Tunnel, kubelet::Kubelet), String> {
     let s = &shared.settings;
-    let (roots, chain, key) = identity(&s.kubeconfig)?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| format!("{}: its client certificate: {e}", s.kubeconfig.display()))?;
+    let (roots, certified) = identity(&s.kubeconfig, s.tpm_program.as_deref())?;
+    let mut tls = tls_client(roots.clone(), certified)?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let kubelet = kubelet::Kubelet::new(
         shared.client.clone(),
@@ -499,12 +585,12 @@ fn current(
 
 type Identity = (
     tokio_rustls::rustls::RootCertStore,
-    Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
-    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+    Arc<tokio_rustls::rustls::sign::CertifiedKey>,
 );
 
-/// The kubeconfig's CA, client certificate chain and key (as data or as files).
-fn identity(path: &Path) -> std::result::Result<Identity, String> {
+/// The kubeconfig's CA, and its client certificate chain with the key (as data or as
+/// files): a PEM key, or a TPM key file signed through `tpm` (edge-tpm).
+fn identity(path: &Path, tpm: Option<&Path>) -> std::result::Result<Identity, String> {
     use base64::Engine;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -549,6 +635,29 @@ fn identity(path: &Path) -> std::result::Result<Identity, String> {
     let chain = CertificateDer::pem_slice_iter(&cert)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| bad("client-certificate", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad("client-key", &e))?;
-    Ok((roots, chain, key))
+    let is_tpm = edge_tpm::program::is_tpm_key(&key).map_err(|e| bad("client-key", &e))?;
+    let signer: Arc<dyn tokio_rustls::rustls::sign::SigningKey> = match (is_tpm, tpm) {
+        (false, _) => {
+            let der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad("client-key", &e))?;
+            tokio_rustls::rustls::crypto::ring::sign::any_supported_type(&der)
+                .map_err(|e| bad("client-key", &e))?
+        }
+        (true, Some(program)) => match &user.client_key {
+            Some(file) => Arc::new(edge_tpm::program::TpmKey {
+                program: program.to_path_buf(),
+                key: file.into(),
+            }),
+            None => return Err(bad("client-key-data", &"a TPM key must be a file")),
+        },
+        (true, None) => {
+            return Err(bad(
+                "client-key",
+                &"is a TPM key, and apiserver.tpm_key is off",
+            ))
+        }
+    };
+    Ok((
+        roots,
+        Arc::new(tokio_rustls::rustls::sign::CertifiedKey::new(chain, signer)),
+    ))
 }
