@@ -117,6 +117,11 @@ pub(super) async fn run(shared: Arc<Shared>, volumes: Volumes) {
         for pv in &pvs {
             look_after(&shared, &volumes, pv, &claims, &mut told).await;
         }
+        // What was told of objects that are gone is forgotten.
+        told.0.retain(|uid, _| {
+            let is = |m: &kube::api::ObjectMeta| m.uid.as_deref() == Some(uid);
+            claims.iter().any(|c| is(&c.metadata)) || pvs.iter().any(|v| is(&v.metadata))
+        });
     }
 }
 
