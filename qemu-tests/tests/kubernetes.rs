@@ -1,8 +1,8 @@
 //! The shipped image joins an upstream Kubernetes control plane (etcd and kube-* built
 //! from source by `cargo xtask controlplane`, on the host's loopback) with no rebuild:
 //! the site provisions noded's `apiserver_file` and a bootstrap token, with which the box
-//! asks for its own node certificate (a CertificateSigningRequest the core approves), and
-//! the box dials the API server through a guest forward (the core never dials in). The box registers as a Ready Node; a Deployment the operator applies with
+//! asks for its own node certificate (a CertificateSigningRequest the core approves) for a
+//! key it makes in its TPM (`tpm_key`), and the box dials the API server through a guest forward (the core never dials in). The box registers as a Ready Node; a Deployment the operator applies with
 //! kubectl is scheduled onto it, runs on the box's containerd, and is Running at the API
 //! server. The link is cut past the node-monitor grace period: the Node goes NotReady at
 //! the core while the pod keeps running on the box, the Deployment is scaled up at the
