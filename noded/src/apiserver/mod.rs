@@ -99,7 +99,8 @@ pub struct Config {
     pub tunnel: Option<String>,
     /// With `bootstrap_kubeconfig`: the node's key is made in the TPM (`edge-tpm
     /// site-key create`) and never leaves it; the certificate request and every TLS
-    /// handshake with the API server and the tunnel are signed there (identity.rs).
+    /// handshake with the API server and the tunnel are signed there (bootstrap.rs;
+    /// the client in `client_from`).
     #[serde(default)]
     pub tpm_key: bool,
     /// The program that makes and signs with the TPM key (`edge-tpm`, on the verified
@@ -395,6 +396,8 @@ async fn client_from(path: &Path, tpm: Option<&Path>) -> Result<kube::Client> {
     let tls = tls_client(roots, certified).map_err(Error::Bootstrap)?;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
+    // As kube's own client: a server that does not answer a connect is given up.
+    http.set_connect_timeout(config.connect_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
