@@ -26,6 +26,10 @@ pub const KONNECTIVITY: &str = "v0.36.0";
 /// [`ControlPlane::tunnel_port`]), as [`ControlPlane::provision_bundle`] tells noded.
 pub const GUEST_TUNNEL: &str = "10.0.2.100:8132";
 
+/// Where a guest finds the files of [`ControlPlane::kube_bundle`]: its provisioning
+/// bundle's `kube/`.
+pub const GUEST_KUBE: &str = "/var/lib/edge/provision/kube";
+
 /// The programs xtask builds, all in [`bin_dir`].
 pub const PROGRAMS: [&str; 6] = [
     "etcd",
@@ -385,23 +389,29 @@ impl ControlPlane {
     /// /var/lib/edge/provision/kube; the box asks for its own node certificate with them,
     /// for a key it makes in its TPM (`tpm_key`).
     pub fn provision_bundle(&self, zone: &str, token: &str) -> Result<String> {
-        const KUBE: &str = "/var/lib/edge/provision/kube";
         let mut bundle = crate::core::toml_string(
             "noded-apiserver.toml",
             &format!(
                 "kubeconfig = \"/var/lib/edge/noded/kubeconfig\"\n\
-                 bootstrap_kubeconfig = \"{KUBE}/bootstrap.kubeconfig\"\nzone = \"{zone}\"\n\
+                 bootstrap_kubeconfig = \"{GUEST_KUBE}/bootstrap.kubeconfig\"\nzone = \"{zone}\"\n\
                  tunnel = \"{GUEST_TUNNEL}\"\ntpm_key = true\n"
             ),
         );
-        bundle.push_str(&crate::core::toml_string(
+        bundle.push_str(&self.kube_bundle(token)?);
+        Ok(bundle)
+    }
+
+    /// The part of a provisioning bundle any node agent joins with: the bootstrap
+    /// kubeconfig and the cluster's CA, in the guest's [`GUEST_KUBE`].
+    pub fn kube_bundle(&self, token: &str) -> Result<String> {
+        let mut bundle = crate::core::toml_string(
             "kube/bootstrap.kubeconfig",
             &ControlPlane::bootstrap_kubeconfig(
                 "https://10.0.2.100:6443",
-                &Path::new(KUBE).join("ca.pem"),
+                &Path::new(GUEST_KUBE).join("ca.pem"),
                 token,
             ),
-        ));
+        );
         bundle.push_str(&crate::core::toml_string(
             "kube/ca.pem",
             &std::fs::read_to_string(self.dir.join("ca.pem"))?,

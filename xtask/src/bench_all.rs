@@ -17,7 +17,7 @@ const BENCHES: &[(&str, u64)] = &[
     ("fleet", 15),
     ("storage", 14),
     ("boot", 8),
-    ("pods", 5),
+    ("pods", 12),
     ("update", 12),
 ];
 
@@ -153,6 +153,18 @@ const ROWS: &[Row] = &[
         "manifest to running, s",
         "/manifest_to_running_s",
         None,
+    ),
+    row(
+        "pods",
+        "apply to Running, s, vs the upstream kubelet",
+        "/apply_to_running_s",
+        Some("/kubelet_apply_to_running_s"),
+    ),
+    row(
+        "pods",
+        "node agent RSS, KiB, vs the upstream kubelet",
+        "/noded_rss_api_kib",
+        Some("/kubelet_rss_kib"),
     ),
     row(
         "update",

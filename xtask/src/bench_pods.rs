@@ -11,8 +11,15 @@
 //! qemu-tests/tests/kubernetes.rs), a Deployment of the same M sensor pods is applied
 //! with kubectl, and the bench times the apply to every replica `Running` in status at
 //! the API server (`kubectl get pods` every 250 ms), then reads noded's RSS with the
-//! API path on. The issue's peer, the upstream kubelet on the same containerd, is not
-//! run (docs/node.md says why).
+//! API path on.
+//!
+//! Then the peer: the upstream kubelet of the control plane's release (built from the
+//! same pinned source, `cargo xtask controlplane`), as a service of its own in an image
+//! that is the shipped one plus the kubelet ([`kubelet_image`]), runs the same
+//! Deployment on the same containerd, joined to a fresh control plane the same way, and
+//! is timed and measured the same way. noded runs there too, without the API path: it
+//! serves the image's registry the pods' images come from and runs the static pods, as
+//! on noded's box.
 //! Prints human lines, then one JSON line last.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -67,7 +74,10 @@ pub fn run(pods: u32) -> Result<()> {
     if pods == 0 {
         bail!("--pods must be at least 1");
     }
-    crate::host::ensure_packages(crate::run::VM_PACKAGES)?;
+    let mut packages = crate::run::VM_PACKAGES.to_vec();
+    // The guest forwards' relay to the control plane on the host's loopback.
+    packages.push("socat");
+    crate::host::ensure_packages(&packages)?;
     let out = crate::image::build(&crate::image::BuildOptions::default())
         .context("failed to build the image")?;
     let tmp = std::env::temp_dir().join(format!("edgeos-bench-pods-{}", std::process::id()));
@@ -90,9 +100,13 @@ pub fn run(pods: u32) -> Result<()> {
         }
     };
     println!("bench pods: the API path, {pods} replicas of a Deployment applied with kubectl");
-    let api = measure_api(&out.raw, &tmp, pods);
+    let api = measure_api(&out.raw, &tmp, pods, Agent::Noded).and_then(|noded| {
+        println!("bench pods: the peer, the same Deployment under the upstream kubelet");
+        let image = kubelet_image(&tmp)?;
+        Ok((noded, measure_api(&image, &tmp, pods, Agent::Kubelet)?))
+    });
     let _ = std::fs::remove_dir_all(&tmp);
-    let (apply_to_running, noded_api_rss) = api?;
+    let ((apply_to_running, noded_api_rss), (kubelet_apply, kubelet_rss)) = api?;
 
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -110,6 +124,13 @@ pub fn run(pods: u32) -> Result<()> {
         "API path: kubectl apply to {pods} replicas Running at the API server {apply_to_running:.1} s; \
          noded's RSS then {noded_api_rss} KiB"
     );
+    println!(
+        "peer: the kubelet {} on the same image's containerd: apply to Running {kubelet_apply:.1} s, \
+         its RSS then {kubelet_rss} KiB; noded/kubelet: time {:.2}, RSS {:.2}",
+        qemu_tests::controlplane::KUBERNETES,
+        apply_to_running / kubelet_apply.max(0.001),
+        noded_api_rss as f64 / kubelet_rss.max(1) as f64
+    );
     println!("(TCG on the build host: absolute times are slow; compare runs on the same host)");
     println!(
         "{}",
@@ -122,6 +143,10 @@ pub fn run(pods: u32) -> Result<()> {
             "containerd_rss_kib": containerd_rss,
             "apply_to_running_s": (apply_to_running * 100.0).round() / 100.0,
             "noded_rss_api_kib": noded_api_rss,
+            "kubelet_apply_to_running_s": (kubelet_apply * 100.0).round() / 100.0,
+            "kubelet_rss_kib": kubelet_rss,
+            "rss_vs_kubelet": (noded_api_rss as f64 / kubelet_rss.max(1) as f64 * 1000.0).round() / 1000.0,
+            "apply_to_running_vs_kubelet": (apply_to_running / kubelet_apply.max(0.001) * 1000.0).round() / 1000.0,
         })
     );
     Ok(())
@@ -200,19 +225,48 @@ fn measure(opts: Options, pods: u32) -> Result<(Vec<f64>, f64, u64, u64)> {
     ))
 }
 
+/// What runs the API server's pods on the box in [`measure_api`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Agent {
+    Noded,
+    /// The peer: the upstream kubelet of the control plane's release, on the same
+    /// image's containerd ([`kubelet_image`]).
+    Kubelet,
+}
+
+impl Agent {
+    /// Its service in init's status, whose RSS is read.
+    fn service(self) -> &'static str {
+        match self {
+            Agent::Noded => "noded",
+            Agent::Kubelet => "kubelet",
+        }
+    }
+}
+
 /// The API path (see the module's doc): seconds from `kubectl apply` of a Deployment of
-/// `replicas` to all of them Running at the API server, and noded's RSS then.
+/// `replicas` to all of them Running at the API server, and the agent's RSS then. Each
+/// agent gets a control plane of its own, started fresh, so neither inherits the other's
+/// node, pods or images.
 fn measure_api(
     image: &std::path::Path,
     tmp: &std::path::Path,
     replicas: u32,
+    agent: Agent,
 ) -> Result<(f64, u64)> {
     use qemu_tests::controlplane::{ControlPlane, GUEST_TUNNEL};
     let bin = crate::controlplane::build()?;
-    let cp = ControlPlane::start(&bin, &tmp.join("core"))?;
+    let service = agent.service();
+    let cp = ControlPlane::start(&bin, &tmp.join(format!("core-{service}")))?;
     let token = cp.bootstrap_token()?;
-    let bundle = tmp.join("provision-api.toml");
-    std::fs::write(&bundle, cp.provision_bundle("bench", &token)?)
+    let bundle = tmp.join(format!("provision-{service}.toml"));
+    let text = match agent {
+        Agent::Noded => cp.provision_bundle("bench", &token)?,
+        // noded stays as it is in the image (its static pods, its loopback registry
+        // the pods' images come from) but does not join: the kubelet does.
+        Agent::Kubelet => cp.kube_bundle(&token)?,
+    };
+    std::fs::write(&bundle, text)
         .with_context(|| format!("failed to write {}", bundle.display()))?;
     let mut opts = Options::new(image);
     opts.fw_cfg
@@ -225,7 +279,7 @@ fn measure_api(
         "tcp:{GUEST_TUNNEL}-cmd:socat - TCP:127.0.0.1:{}",
         cp.tunnel_port
     ));
-    let mut m = Machine::with_options("bench-pods-api", opts)?;
+    let mut m = Machine::with_options(&format!("bench-pods-{service}"), opts)?;
     m.boot()?;
     m.wait_ready()?;
     let until = |what: &str, timeout: Duration, f: &mut dyn FnMut() -> bool| -> Result<()> {
@@ -271,9 +325,87 @@ fn measure_api(
         },
     )?;
     let took = start.elapsed().as_secs_f64();
-    let noded = rss_of(&m.status()?, "noded")?;
+    let rss = rss_of(&m.status()?, service)?;
     m.finish();
-    Ok((took, noded))
+    Ok((took, rss))
+}
+
+/// The kubelet's service on the peer's image: joins with the provisioning bundle's
+/// bootstrap kubeconfig as the node `edge0`, on the image's containerd, cgroupfs
+/// driver as containerd's runc is configured, no swap check (the box has none).
+const KUBELET_SERVICE: &str = r#"
+[[service]]
+name = "kubelet"
+exec = ["/usr/bin/kubelet", "--config=/etc/kubernetes/kubelet.yaml",
+        "--bootstrap-kubeconfig=/var/lib/edge/provision/kube/bootstrap.kubeconfig",
+        "--kubeconfig=/var/lib/kubelet/kubeconfig", "--hostname-override=edge0"]
+requires = ["containerd"]
+restart = "always"
+memory_max = "1G"
+# klog's lines carry no level init reads: all would be warnings, and a console flooded
+# under TCG would slow the peer's box. They stay in the box's log.
+console = "error"
+"#;
+
+const KUBELET_CONFIG: &str = "apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+failSwapOn: false
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: /var/lib/edge/provision/kube/ca.pem}
+authorization: {mode: Webhook}
+volumePluginDir: /var/lib/kubelet/volume-plugins
+resolvConf: /etc/resolv.conf
+serializeImagePulls: false
+# The box's 1 GiB data partition: the defaults (15 % of the image filesystem free)
+# would start evicting at once.
+evictionHard: {memory.available: 50Mi, nodefs.available: 1%, imagefs.available: 1%}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+";
+
+/// The peer's image: the shipped definition with the upstream kubelet (built from the
+/// control plane's pinned source) added as a service beside noded, built as version
+/// `0.1.0-kubelet` into its own output directory. Returns its raw disk.
+fn kubelet_image(tmp: &std::path::Path) -> Result<std::path::PathBuf> {
+    let kubelet = crate::controlplane::kubelet()?;
+    let overlay = tmp.join("kubelet-overlay");
+    let shipped = crate::image::repo()?.join("image/overlay/etc/edge/services.toml");
+    let services = std::fs::read_to_string(&shipped)
+        .with_context(|| format!("failed to read {}", shipped.display()))?;
+    for dir in ["usr/bin", "etc/edge", "etc/kubernetes"] {
+        let dir = overlay.join(dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let copy = overlay.join("usr/bin/kubelet");
+    std::fs::copy(&kubelet, &copy)
+        .with_context(|| format!("failed to copy {} to {}", kubelet.display(), copy.display()))?;
+    for (rel, text) in [
+        ("etc/edge/services.toml", services + KUBELET_SERVICE),
+        ("etc/kubernetes/kubelet.yaml", KUBELET_CONFIG.to_string()),
+        // The kubelet reads the user database for its user-namespace mappings (a user
+        // `kubelet`); the appliance's root has none.
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/:/usr/sbin/nologin\n".to_string(),
+        ),
+        ("etc/group", "root:x:0:\n".to_string()),
+    ] {
+        let path = overlay.join(rel);
+        std::fs::write(&path, text)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    let out = crate::image::build(&crate::image::BuildOptions {
+        version: Some("0.1.0-kubelet".into()),
+        overlay: Some(overlay),
+        ..Default::default()
+    })
+    .context("failed to build the kubelet peer's image")?;
+    Ok(out.raw)
 }
 
 /// The bench pod a noded console line names after `marker`, e.g. `bench3`.

@@ -38,20 +38,9 @@ pub fn build() -> Result<PathBuf> {
              releases of the same version.\n{replaces}"
         ),
     )?;
-    let cmds = [
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-        "kubectl",
-    ];
-    let imports: String = cmds
-        .iter()
-        .map(|c| format!("\t_ \"k8s.io/kubernetes/cmd/{c}\"\n"))
-        .collect();
-    std::fs::write(
-        kube.join("tools.go"),
-        format!("//go:build tools\n\npackage controlplane\n\nimport (\n{imports})\n"),
-    )?;
+    // Every tool but the kubelet, which only `bench pods` builds.
+    let cmds = &KUBE_TOOLS[..4];
+    write_tools(&kube)?;
     go_run(&go, &kube, &["mod", "tidy"])?;
     let mut args = vec!["build", "-trimpath", "-ldflags=-s -w", "-o"];
     let out = format!("{}/", bin.display());
@@ -125,6 +114,67 @@ pub fn build() -> Result<PathBuf> {
     }
     println!("controlplane: built into {}", bin.display());
     Ok(bin)
+}
+
+/// The Kubernetes programs the module's `tools.go` names: the control plane's and the
+/// kubelet (built only for `bench pods`, [`kubelet`]), so that one `go mod tidy` covers
+/// both.
+const KUBE_TOOLS: [&str; 5] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kubelet",
+];
+
+fn write_tools(kube: &Path) -> Result<()> {
+    let imports: String = KUBE_TOOLS
+        .iter()
+        .map(|c| format!("\t_ \"k8s.io/kubernetes/cmd/{c}\"\n"))
+        .collect();
+    let path = kube.join("tools.go");
+    std::fs::write(
+        &path,
+        format!("//go:build tools\n\npackage controlplane\n\nimport (\n{imports})\n"),
+    )
+    .with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// The upstream kubelet of the same pinned release, static (no cgo) so that it runs on
+/// the appliance's root: `bench pods` runs it as noded's peer. Built once per pin,
+/// beside the control plane's programs; returns its path.
+pub fn kubelet() -> Result<PathBuf> {
+    let bin = build()?;
+    let kubelet = bin.join("kubelet");
+    if kubelet.is_file() {
+        return Ok(kubelet);
+    }
+    let go = crate::go_toolchain::go()?;
+    println!("controlplane: building the kubelet {KUBERNETES} from source (about 3 minutes, once per pin)");
+    let kube = cache_dir()?.join("src/kubernetes");
+    write_tools(&kube)?;
+    go_run(&go, &kube, &["mod", "tidy"])?;
+    let out = kubelet.display().to_string();
+    let st = Command::new(&go)
+        .current_dir(&kube)
+        // Built as a dependency, it has no version stamped: the node would report
+        // v0.0.0. The release's own build stamps the same variable.
+        .args(["build", "-trimpath", "-o", &out])
+        .arg(format!(
+            "-ldflags=-s -w -X k8s.io/component-base/version.gitVersion={KUBERNETES}"
+        ))
+        .arg("k8s.io/kubernetes/cmd/kubelet")
+        .env("GOFLAGS", "-mod=mod")
+        .env("CGO_ENABLED", "0")
+        .status()
+        .context("failed to run go build")?;
+    if !st.success() || !kubelet.is_file() {
+        bail!(
+            "go build k8s.io/kubernetes/cmd/kubelet failed ({st}) in {}",
+            kube.display()
+        );
+    }
+    Ok(kubelet)
 }
 
 /// `replace k8s.io/x => k8s.io/x <version>` for each module k8s.io/kubernetes's go.mod
