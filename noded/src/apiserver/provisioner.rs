@@ -81,35 +81,19 @@ pub(super) async fn run(shared: Arc<Shared>, volumes: Volumes) {
     loop {
         tokio::select! {
             e = events.next() => match e {
-                Some(Ok(())) => {
-                    forbidden = false;
-                    log.ok();
-                }
-                // A cluster whose operator has not granted it (no claims from storaged
-                // there): said once.
-                Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(status))))
-                    if status.code == 403 =>
-                {
-                    if !forbidden {
-                        tracing::info!(
-                            "claims are not provisioned here until the core lets nodes list \
-                             them (image/examples/storage.yaml): {}",
-                            status.message
-                        );
-                        forbidden = true;
-                    }
+                Some(e) => if !heard(e, &mut log, &mut forbidden) {
                     continue;
-                }
-                Some(Err(e)) => {
-                    log.fail(&e);
-                    continue;
-                }
+                },
                 None => return,
             },
             _ = retry.tick() => {}
         }
-        // One pass for a burst of changes.
-        while let Some(Some(Ok(()))) = events.next().now_or_never() {}
+        // One pass for a burst of changes (an error among them told as above).
+        while let Some(Some(e)) = events.next().now_or_never() {
+            if !heard(e, &mut log, &mut forbidden) {
+                break;
+            }
+        }
         let (claims, pvs) = (claims.state(), pvs.state());
         for pvc in claims.iter().filter(|c| waits_for(c, &s.node_name)) {
             provision(&shared, &volumes, pvc, &mut told).await;
@@ -122,6 +106,38 @@ pub(super) async fn run(shared: Arc<Shared>, volumes: Volumes) {
             let is = |m: &kube::api::ObjectMeta| m.uid.as_deref() == Some(uid);
             claims.iter().any(|c| is(&c.metadata)) || pvs.iter().any(|v| is(&v.metadata))
         });
+    }
+}
+
+/// Tells a watch error once (a cluster whose operator has not let nodes read claims, no
+/// claims from storaged there, as one info line); false for an error.
+fn heard(
+    e: Result<(), kube::runtime::watcher::Error>,
+    log: &mut Limited,
+    forbidden: &mut bool,
+) -> bool {
+    use kube::runtime::watcher;
+    match e {
+        Ok(()) => {
+            *forbidden = false;
+            log.ok();
+            true
+        }
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 403 => {
+            if !*forbidden {
+                tracing::info!(
+                    "claims are not provisioned here until the core lets nodes list them \
+                     (image/examples/storage.yaml): {}",
+                    status.message
+                );
+                *forbidden = true;
+            }
+            false
+        }
+        Err(e) => {
+            log.fail(&e);
+            false
+        }
     }
 }
 
