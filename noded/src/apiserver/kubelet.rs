@@ -271,13 +271,7 @@ impl Kubelet {
                 stderr: q.stderr && !q.tty,
             })
             .await;
-        match answer {
-            Ok(a) => hand_on(req, &a.url).await,
-            Err(e) => text(
-                StatusCode::BAD_REQUEST,
-                format!("exec refused by the runtime: {e}"),
-            ),
-        }
+        streamed(req, "exec", answer.map(|a| a.url)).await
     }
 
     /// `kubectl port-forward`: as exec, to the pod's network.
@@ -296,13 +290,7 @@ impl Kubelet {
                 port: Vec::new(),
             })
             .await;
-        match answer {
-            Ok(a) => hand_on(req, &a.url).await,
-            Err(e) => text(
-                StatusCode::BAD_REQUEST,
-                format!("port-forward refused by the runtime: {e}"),
-            ),
-        }
+        streamed(req, "port-forward", answer.map(|a| a.url)).await
     }
 
     async fn authorized(
@@ -403,6 +391,22 @@ impl Kubelet {
 
 /// How long the runtime's streaming server may take to answer an upgrade.
 const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The end of exec and port-forward: the upgraded connection handed on to containerd's
+/// streaming server at the URL the runtime answered, or what the runtime refused.
+async fn streamed<E: std::fmt::Display>(
+    req: Request<Incoming>,
+    what: &str,
+    answer: std::result::Result<String, E>,
+) -> Response<Body> {
+    match answer {
+        Ok(url) => hand_on(req, &url).await,
+        Err(e) => text(
+            StatusCode::BAD_REQUEST,
+            format!("{what} refused by the runtime: {e}"),
+        ),
+    }
+}
 
 /// Hands an upgrade request on to the runtime's streaming server at `url` (as kubelet
 /// proxies it): the request goes there with its upgrade headers, the server's answer
