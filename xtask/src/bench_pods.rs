@@ -23,6 +23,7 @@
 //! Prints human lines, then one JSON line last.
 
 use anyhow::{anyhow, bail, Context, Result};
+use qemu_tests::controlplane::GUEST_KUBE;
 use qemu_tests::{Machine, Options};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -331,13 +332,14 @@ fn measure_api(
 }
 
 /// The kubelet's service on the peer's image: joins with the provisioning bundle's
-/// bootstrap kubeconfig as the node `edge0`, on the image's containerd, cgroupfs
-/// driver as containerd's runc is configured, no swap check (the box has none).
-const KUBELET_SERVICE: &str = r#"
+/// bootstrap kubeconfig as the node `edge0`, on the image's containerd.
+fn kubelet_service() -> String {
+    format!(
+        r#"
 [[service]]
 name = "kubelet"
 exec = ["/usr/bin/kubelet", "--config=/etc/kubernetes/kubelet.yaml",
-        "--bootstrap-kubeconfig=/var/lib/edge/provision/kube/bootstrap.kubeconfig",
+        "--bootstrap-kubeconfig={GUEST_KUBE}/bootstrap.kubeconfig",
         "--kubeconfig=/var/lib/kubelet/kubeconfig", "--hostname-override=edge0"]
 requires = ["containerd"]
 restart = "always"
@@ -345,27 +347,36 @@ memory_max = "1G"
 # klog's lines carry no level init reads: all would be warnings, and a console flooded
 # under TCG would slow the peer's box. They stay in the box's log.
 console = "error"
-"#;
+"#
+    )
+}
 
-const KUBELET_CONFIG: &str = "apiVersion: kubelet.config.k8s.io/v1beta1
+/// Its configuration: the cgroupfs driver as containerd's runc is configured, no swap
+/// check (the box has none), the API server's clients authenticated and authorized as
+/// noded does.
+fn kubelet_config() -> String {
+    format!(
+        "apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
 failSwapOn: false
 authentication:
-  anonymous: {enabled: false}
-  webhook: {enabled: true}
-  x509: {clientCAFile: /var/lib/edge/provision/kube/ca.pem}
-authorization: {mode: Webhook}
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: true}}
+  x509: {{clientCAFile: {GUEST_KUBE}/ca.pem}}
+authorization: {{mode: Webhook}}
 volumePluginDir: /var/lib/kubelet/volume-plugins
 resolvConf: /etc/resolv.conf
 serializeImagePulls: false
 # The box's 1 GiB data partition: the defaults (15 % of the image filesystem free)
 # would start evicting at once.
-evictionHard: {memory.available: 50Mi, nodefs.available: 1%, imagefs.available: 1%}
+evictionHard: {{memory.available: 50Mi, nodefs.available: 1%, imagefs.available: 1%}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
-";
+"
+    )
+}
 
 /// The peer's image: the shipped definition with the upstream kubelet (built from the
 /// control plane's pinned source) added as a service beside noded, built as version
@@ -385,8 +396,8 @@ fn kubelet_image(tmp: &std::path::Path) -> Result<std::path::PathBuf> {
     std::fs::copy(&kubelet, &copy)
         .with_context(|| format!("failed to copy {} to {}", kubelet.display(), copy.display()))?;
     for (rel, text) in [
-        ("etc/edge/services.toml", services + KUBELET_SERVICE),
-        ("etc/kubernetes/kubelet.yaml", KUBELET_CONFIG.to_string()),
+        ("etc/edge/services.toml", services + &kubelet_service()),
+        ("etc/kubernetes/kubelet.yaml", kubelet_config()),
         // The kubelet reads the user database for its user-namespace mappings (a user
         // `kubelet`); the appliance's root has none.
         (
@@ -427,6 +438,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["x"].as_str().unwrap(), m);
+    }
+
+    #[test]
+    fn the_kubelets_service_joins_the_shipped_table_and_reads_the_bundles_files() {
+        let shipped = std::fs::read_to_string(
+            crate::image::repo()
+                .unwrap()
+                .join("image/overlay/etc/edge/services.toml"),
+        )
+        .unwrap();
+        let table: toml::Value = toml::from_str(&(shipped + &kubelet_service())).unwrap();
+        let services = table["service"].as_array().unwrap();
+        let kubelet = services
+            .iter()
+            .find(|s| s["name"].as_str() == Some("kubelet"));
+        let exec = kubelet.unwrap()["exec"].as_array().unwrap();
+        assert_eq!(exec[0].as_str(), Some("/usr/bin/kubelet"));
+        assert!(exec.iter().any(|a| a.as_str()
+            == Some("--bootstrap-kubeconfig=/var/lib/edge/provision/kube/bootstrap.kubeconfig")));
+        // noded and containerd stay: the pods' images come from noded's registry.
+        for name in ["containerd", "noded"] {
+            assert!(services.iter().any(|s| s["name"].as_str() == Some(name)));
+        }
+        assert!(kubelet_config().contains("clientCAFile: /var/lib/edge/provision/kube/ca.pem"));
     }
 
     #[test]
