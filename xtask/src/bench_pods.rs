@@ -125,12 +125,12 @@ pub fn run(pods: u32) -> Result<()> {
         "API path: kubectl apply to {pods} replicas Running at the API server {apply_to_running:.1} s; \
          noded's RSS then {noded_api_rss} KiB"
     );
+    let time_vs_kubelet = apply_to_running / kubelet_apply.max(0.001);
+    let rss_vs_kubelet = noded_api_rss as f64 / kubelet_rss.max(1) as f64;
     println!(
         "peer: the kubelet {} on the same image's containerd: apply to Running {kubelet_apply:.1} s, \
-         its RSS then {kubelet_rss} KiB; noded/kubelet: time {:.2}, RSS {:.2}",
+         its RSS then {kubelet_rss} KiB; noded/kubelet: time {time_vs_kubelet:.2}, RSS {rss_vs_kubelet:.2}",
         qemu_tests::controlplane::KUBERNETES,
-        apply_to_running / kubelet_apply.max(0.001),
-        noded_api_rss as f64 / kubelet_rss.max(1) as f64
     );
     println!("(TCG on the build host: absolute times are slow; compare runs on the same host)");
     println!(
@@ -146,8 +146,8 @@ pub fn run(pods: u32) -> Result<()> {
             "noded_rss_api_kib": noded_api_rss,
             "kubelet_apply_to_running_s": (kubelet_apply * 100.0).round() / 100.0,
             "kubelet_rss_kib": kubelet_rss,
-            "rss_vs_kubelet": (noded_api_rss as f64 / kubelet_rss.max(1) as f64 * 1000.0).round() / 1000.0,
-            "apply_to_running_vs_kubelet": (apply_to_running / kubelet_apply.max(0.001) * 1000.0).round() / 1000.0,
+            "rss_vs_kubelet": (rss_vs_kubelet * 1000.0).round() / 1000.0,
+            "apply_to_running_vs_kubelet": (time_vs_kubelet * 1000.0).round() / 1000.0,
         })
     );
     Ok(())
@@ -378,15 +378,19 @@ imageGCLowThresholdPercent: 99
     )
 }
 
+/// The shipped image's service table, which the peer's image extends.
+fn shipped_services() -> Result<String> {
+    let path = crate::image::repo()?.join("image/overlay/etc/edge/services.toml");
+    std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))
+}
+
 /// The peer's image: the shipped definition with the upstream kubelet (built from the
 /// control plane's pinned source) added as a service beside noded, built as version
 /// `0.1.0-kubelet` into its own output directory. Returns its raw disk.
 fn kubelet_image(tmp: &std::path::Path) -> Result<std::path::PathBuf> {
     let kubelet = crate::controlplane::kubelet()?;
     let overlay = tmp.join("kubelet-overlay");
-    let shipped = crate::image::repo()?.join("image/overlay/etc/edge/services.toml");
-    let services = std::fs::read_to_string(&shipped)
-        .with_context(|| format!("failed to read {}", shipped.display()))?;
+    let services = shipped_services()?;
     for dir in ["usr/bin", "etc/edge", "etc/kubernetes"] {
         let dir = overlay.join(dir);
         std::fs::create_dir_all(&dir)
@@ -442,13 +446,8 @@ mod tests {
 
     #[test]
     fn the_kubelets_service_joins_the_shipped_table_and_reads_the_bundles_files() {
-        let shipped = std::fs::read_to_string(
-            crate::image::repo()
-                .unwrap()
-                .join("image/overlay/etc/edge/services.toml"),
-        )
-        .unwrap();
-        let table: toml::Value = toml::from_str(&(shipped + &kubelet_service())).unwrap();
+        let table: toml::Value =
+            toml::from_str(&(shipped_services().unwrap() + &kubelet_service())).unwrap();
         let services = table["service"].as_array().unwrap();
         let kubelet = services
             .iter()

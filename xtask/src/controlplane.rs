@@ -155,23 +155,27 @@ pub fn kubelet() -> Result<PathBuf> {
     write_tools(&kube)?;
     go_run(&go, &kube, &["mod", "tidy"])?;
     let out = kubelet.display().to_string();
-    let st = Command::new(&go)
-        .current_dir(&kube)
-        // Built as a dependency, it has no version stamped: the node would report
-        // v0.0.0. The release's own build stamps the same variable.
-        .args(["build", "-trimpath", "-o", &out])
-        .arg(format!(
-            "-ldflags=-s -w -X k8s.io/component-base/version.gitVersion={KUBERNETES}"
-        ))
-        .arg("k8s.io/kubernetes/cmd/kubelet")
-        .env("GOFLAGS", "-mod=mod")
-        .env("CGO_ENABLED", "0")
-        .status()
-        .context("failed to run go build")?;
-    if !st.success() || !kubelet.is_file() {
+    // Built as a dependency, it has no version stamped: the node would report v0.0.0.
+    // The release's own build stamps the same variable.
+    let ldflags =
+        format!("-ldflags=-s -w -X k8s.io/component-base/version.gitVersion={KUBERNETES}");
+    go_run_with(
+        &go,
+        &kube,
+        &[
+            "build",
+            "-trimpath",
+            &ldflags,
+            "-o",
+            &out,
+            "k8s.io/kubernetes/cmd/kubelet",
+        ],
+        &[("CGO_ENABLED", "0")],
+    )?;
+    if !kubelet.is_file() {
         bail!(
-            "go build k8s.io/kubernetes/cmd/kubelet failed ({st}) in {}",
-            kube.display()
+            "go build k8s.io/kubernetes/cmd/kubelet made no {}",
+            kubelet.display()
         );
     }
     Ok(kubelet)
@@ -225,11 +229,17 @@ fn staging_modules(gomod: &str) -> Vec<String> {
 }
 
 fn go_run(go: &Path, dir: &Path, args: &[&str]) -> Result<()> {
+    go_run_with(go, dir, args, &[])
+}
+
+/// `go_run` with more environment variables.
+fn go_run_with(go: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let st = Command::new(go)
         .current_dir(dir)
         .args(args)
         // Module mode from the proxy; the pinned versions, never newer ones.
         .env("GOFLAGS", "-mod=mod")
+        .envs(env.iter().copied())
         .status()
         .with_context(|| format!("failed to run go {}", args.join(" ")))?;
     if !st.success() {
