@@ -61,6 +61,8 @@ pub enum Error {
         image: String,
         source: crate::cri::Error,
     },
+    #[error("image {image}: not on the box, and imagePullPolicy is Never")]
+    ImageNeverPulled { image: String },
     #[error("image {image}: the runtime does not know it after the pull")]
     ImageUnknown { image: String },
 

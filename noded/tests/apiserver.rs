@@ -261,6 +261,8 @@ async fn pods_bound_to_this_node_are_cached_as_manifests_noded_runs() {
         ("default", "web")
     );
     assert_eq!(pod.containers[0].image, "edge.local/hello:1");
+    // The server's imagePullPolicy is kept: the box pulls as the server says.
+    assert!(text.contains("imagePullPolicy: IfNotPresent"), "{text}");
     assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
     assert!(
         pod.volumes.is_empty() && pod.containers[0].volume_mounts.is_empty(),
@@ -273,7 +275,6 @@ async fn pods_bound_to_this_node_are_cached_as_manifests_noded_runs() {
         "status",
         "resourceVersion",
         "managedFields",
-        "imagePullPolicy",
         "terminationMessagePath",
         "serviceAccount",
         "schedulerName",

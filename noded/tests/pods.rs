@@ -49,6 +49,20 @@ spec:
       env: [{name: HELLO_EXIT, value: "0"}]
 "#;
 
+/// A pod of one container with `@POLICY@` as its imagePullPolicy (the line goes when
+/// it is empty).
+const PULLED: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: "@NAME@"}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: "@NAME@"
+      image: "@IMAGE@"
+      imagePullPolicy: "@POLICY@"
+"#;
+
 const BROKEN: &str = r#"apiVersion: v1
 kind: Pod
 metadata: {name: broken}
@@ -359,6 +373,63 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(channels(), Vec::<String>::new(), "the channel left behind");
+
+    // Cut off from its registry (a new noded serves it on a port containerd does not
+    // pull from), the box still starts a pod whose image it has: `hello:1` is tagged,
+    // so it is pulled only when absent. An image pulled `Always`, or absent under
+    // `Never`, is its pod's error, naming the image.
+    drop(noded);
+    let registry = format!("registry_listen = \"127.0.0.1:{port}\"");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&registry), "{text}");
+    let offline = dir.join("offline.toml");
+    let elsewhere = format!("registry_listen = \"127.0.0.1:{}\"", free_port());
+    std::fs::write(&offline, text.replace(&registry, &elsewhere)).unwrap();
+    noded = start_noded(&offline, &env.noded_log);
+    let pulled = [
+        ("cached", "edge.local/hello:1", ""),
+        ("fresh", "edge.local/hello:1", "Always"),
+        ("never", "edge.local/absent:1", "Never"),
+    ];
+    for (name, image, policy) in pulled {
+        std::fs::write(
+            manifests.join(format!("{name}.yaml")),
+            PULLED
+                .replace("@NAME@", name)
+                .replace("@IMAGE@", image)
+                .replace("@POLICY@", policy)
+                .replace("      imagePullPolicy: \"\"\n", ""),
+        )
+        .unwrap();
+    }
+    let error = |p: &[PodReport], file| pod(p, file).and_then(|p| p.error.clone());
+    let pods = env
+        .wait_for("the cached image's pod running, the others refused", |p| {
+            pod(p, "cached.yaml").is_some_and(|p| p.state == "running")
+                && error(p, "fresh.yaml").is_some()
+                && error(p, "never.yaml").is_some()
+        })
+        .await;
+    let fresh = error(&pods, "fresh.yaml").unwrap();
+    assert!(fresh.starts_with("image edge.local/hello:1: "), "{fresh}");
+    assert_eq!(
+        error(&pods, "never.yaml").unwrap(),
+        "image edge.local/absent:1: not on the box, and imagePullPolicy is Never"
+    );
+    for (name, _, _) in pulled {
+        std::fs::remove_file(manifests.join(format!("{name}.yaml"))).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the cached pod not removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(noded);
     eprintln!("noded's log:\n{}", env.noded_log());
     eprintln!("took {:?}", started.elapsed());

@@ -211,6 +211,7 @@ pub(super) async fn apply(shared: &Arc<Shared>, pod: &DynamicObject) -> Option<S
         .map_err(Error::io("failed to write", &path))
     {
         Ok(()) => {
+            crate::pods::wake();
             tracing::info!(pod = %key, "pod from the API server cached");
             if !dropped.is_empty() {
                 tracing::info!(pod = %key, "dropped from the pod (not applicable at the edge): {}", dropped.join(", "));
@@ -269,7 +270,7 @@ pub(super) fn remove_cached(s: &Settings, key: &str) {
     volumes::remove(&s.cache_dir, key);
     let path = s.cache_dir.join(key);
     match std::fs::remove_file(&path) {
-        Ok(()) => {}
+        Ok(()) => crate::pods::wake(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::error!("failed to remove {}: {e}", path.display()),
     }

@@ -126,13 +126,16 @@ pub(super) async fn report_pods(shared: Arc<Shared>, status: Status) {
         }
         times.retain(&known);
         seen.retain(|k, _| known.contains_key(k));
-        let wait = if failed {
-            retry.next_delay().max(s.pod_status_every)
+        if failed {
+            tokio::time::sleep(retry.next_delay().max(s.pod_status_every)).await;
         } else {
             retry.reset();
-            s.pod_status_every
-        };
-        tokio::time::sleep(wait).await;
+            // A pod that just started is reported now, not at the next round.
+            tokio::select! {
+                _ = tokio::time::sleep(s.pod_status_every) => {}
+                _ = crate::pods::reported() => {}
+            }
+        }
     }
 }
 

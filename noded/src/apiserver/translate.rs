@@ -62,11 +62,7 @@ pub fn edge_manifest(pod: &Value) -> (Value, Vec<String>) {
             continue;
         };
         for c in cs.iter_mut().filter_map(Value::as_object_mut) {
-            for k in [
-                "terminationMessagePath",
-                "terminationMessagePolicy",
-                "imagePullPolicy",
-            ] {
+            for k in ["terminationMessagePath", "terminationMessagePolicy"] {
                 c.remove(k);
             }
             if c.get("securityContext").is_some_and(is_empty) {

@@ -6,7 +6,8 @@ use serde_yaml::{Mapping, Value};
 use super::checks::{check_dns_label, join, parse_cpu, parse_memory, quantity_text};
 use super::walker::Walker;
 use super::{
-    Container, Port, Probe, ProbeAction, Protocol, Volume, VolumeDevice, VolumeMount, VolumeSource,
+    Container, Port, Probe, ProbeAction, Protocol, PullPolicy, Volume, VolumeDevice, VolumeMount,
+    VolumeSource,
 };
 use crate::error::Result;
 
@@ -21,6 +22,7 @@ impl Walker<'_> {
         let known: &[&str] = &[
             "name",
             "image",
+            "imagePullPolicy",
             "command",
             "args",
             "env",
@@ -36,6 +38,18 @@ impl Walker<'_> {
         let name = self.required(m, path, "name")?;
         check_dns_label(&name).map_err(self.bad(&join(path, "name")))?;
         let image = self.required(m, path, "image")?;
+        let pull_policy = match self.string(m, path, "imagePullPolicy")?.as_deref() {
+            None => PullPolicy::default_for(&image),
+            Some("Always") => PullPolicy::Always,
+            Some("IfNotPresent") => PullPolicy::IfNotPresent,
+            Some("Never") => PullPolicy::Never,
+            Some(other) => {
+                return Err(self.err(
+                    &join(path, "imagePullPolicy"),
+                    &format!("is {other:?}, not Always, IfNotPresent or Never"),
+                ))
+            }
+        };
         let command = self.strings(m, path, "command")?;
         let args = self.strings(m, path, "args")?;
 
@@ -214,6 +228,7 @@ impl Walker<'_> {
             startup_probe,
             name,
             image,
+            pull_policy,
             command,
             args,
             env,

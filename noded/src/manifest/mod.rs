@@ -52,10 +52,37 @@ impl RestartPolicy {
     }
 }
 
+/// When a container's image is pulled (`imagePullPolicy`). As in Kubernetes, the
+/// default is `Always` for an image tagged `latest` or not tagged (and not named by
+/// digest), else `IfNotPresent`: a box cut off from its registry still starts a pod
+/// whose image it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PullPolicy {
+    Never,
+    IfNotPresent,
+    Always,
+}
+
+impl PullPolicy {
+    /// Kubernetes' default for `image`.
+    pub fn default_for(image: &str) -> Self {
+        if image.contains('@') {
+            return PullPolicy::IfNotPresent;
+        }
+        // The tag follows the last `:` after the last `/` (a registry's port is before it).
+        let last = image.rsplit('/').next().unwrap_or(image);
+        match last.rsplit_once(':') {
+            Some((_, tag)) if tag != "latest" => PullPolicy::IfNotPresent,
+            _ => PullPolicy::Always,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Container {
     pub name: String,
     pub image: String,
+    pub pull_policy: PullPolicy,
     pub command: Vec<String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,

@@ -112,6 +112,36 @@ fn defaults_are_kubernetes_defaults() {
     assert_eq!(pod.restart_policy, RestartPolicy::Always);
     assert_eq!(pod.termination_grace_period_seconds, 30);
     assert!(!pod.host_network);
+    assert_eq!(pod.containers[0].pull_policy, PullPolicy::IfNotPresent);
+}
+
+#[test]
+fn images_are_pulled_as_kubernetes_pulls_them() {
+    let policy = |image: &str, line: &str| {
+        let text = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: a}}\nspec:\n  containers:\n  - name: a\n    image: {image}\n{line}"
+        );
+        parse("p.yaml", &text).unwrap().containers[0].pull_policy
+    };
+    // Untagged or `latest`: pulled each start; a tag or a digest: only when absent.
+    for (image, want) in [
+        ("edge.local/a", PullPolicy::Always),
+        ("edge.local/a:latest", PullPolicy::Always),
+        ("registry:5000/a", PullPolicy::Always),
+        ("registry:5000/a:1.2", PullPolicy::IfNotPresent),
+        ("edge.local/a:1", PullPolicy::IfNotPresent),
+        ("edge.local/a@sha256:0123", PullPolicy::IfNotPresent),
+    ] {
+        assert_eq!(policy(image, ""), want, "{image}");
+    }
+    for (line, want) in [
+        ("Always", PullPolicy::Always),
+        ("IfNotPresent", PullPolicy::IfNotPresent),
+        ("Never", PullPolicy::Never),
+    ] {
+        let given = policy("edge.local/a", &format!("    imagePullPolicy: {line}\n"));
+        assert_eq!(given, want, "{line}");
+    }
 }
 
 #[test]
@@ -208,6 +238,11 @@ fn bad_values_are_named_by_path() {
             "spec.containers[0].env[0].value",
         ),
         ("kind: Pod", "kind: Deployment", "kind"),
+        (
+            "image: edge.local/cam:2",
+            "image: edge.local/cam:2\n      imagePullPolicy: Sometimes",
+            "spec.containers[0].imagePullPolicy",
+        ),
         (
             "path: /var/lib/models",
             "path: models",

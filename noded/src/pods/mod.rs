@@ -20,7 +20,7 @@ mod runtime;
 mod sources;
 mod spec;
 
-pub use report::{static_pods_up, ContainerReport, PodReport, Status};
+pub use report::{reported, static_pods_up, ContainerReport, PodReport, Status};
 pub use runtime::running_ids;
 pub use sources::{is_manifest_file, API_PREFIX};
 pub use spec::pod_log_dir_of;
@@ -114,6 +114,16 @@ impl Drop for Pass {
 /// and storaged, but each start also costs them CPU, which the appliance has little of.
 const STEPS_AT_ONCE: usize = 4;
 
+/// Rings when a manifest source changed under the reconciler (the API server's pods
+/// written to their cache): the next pass comes now rather than at the next tick.
+/// One per process: noded runs one reconciler (a stray ring only brings a pass early).
+static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Asks for a reconcile pass now (a manifest was written or removed).
+pub fn wake() {
+    WAKE.notify_one();
+}
+
 /// A manifest file that was not taken, and why.
 struct Invalid {
     hash: String,
@@ -148,11 +158,14 @@ impl Reconciler {
         }
     }
 
-    /// Reconciles every `period` forever.
+    /// Reconciles every `period` forever, and at once when [`wake`] is called.
     pub async fn run(mut self, period: Duration) {
         loop {
             self.tick().await;
-            tokio::time::sleep(period).await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = WAKE.notified() => {}
+            }
         }
     }
 

@@ -9,6 +9,16 @@ use crate::error::{Error, Result};
 
 pub type Status = Arc<Mutex<Vec<PodReport>>>;
 
+/// Rings when a step published a pod's new report, for whoever passes reports on
+/// (the API server's pod status) to do so now rather than at its next round. One per
+/// process, as the reconciler is.
+static REPORTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Waits until a step publishes a report (at once if one did since the last wait).
+pub async fn reported() {
+    REPORTED.notified().await;
+}
+
 /// Whether every pod of the image's own manifests (`files`, the static directory's
 /// manifest files) is up: a box whose static pods do not run is not healthy.
 pub fn static_pods_up(files: &[String], reports: &[PodReport]) -> Result<()> {
@@ -34,7 +44,10 @@ pub(super) fn update_report(status: &Status, report: PodReport) {
         .iter_mut()
         .find(|r| r.file == report.file && r.uid == report.uid)
     {
-        *r = report;
+        if *r != report {
+            *r = report;
+            REPORTED.notify_one();
+        }
     }
 }
 

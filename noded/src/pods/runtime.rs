@@ -2,6 +2,7 @@
 //! and containers, probes and log rotation run beside them, and a teardown stops and
 //! removes it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use super::{spec, Settings};
 use crate::cri::{api::*, Client};
 use crate::error::{Error, Result};
 use crate::logs;
-use crate::manifest::{self, Pod, VolumeSource};
+use crate::manifest::{self, Pod, PullPolicy, VolumeSource};
 use crate::probes::{self, Prober};
 use crate::volumes::Volumes;
 
@@ -151,7 +152,8 @@ impl Driver {
         if in_force == run.allowed_under {
             return false;
         }
-        for image in run_images(run) {
+        let images: Vec<&str> = run_images(run).into_keys().collect();
+        for image in images {
             match self.check_image(policy, image).await {
                 Ok(()) => {}
                 Err(e) if e.is_image_refused() => {
@@ -453,20 +455,8 @@ impl Driver {
                 .map_err(Error::io("failed to create", &dir))
                 .map_err(Error::volume(&v.name, None))?;
         }
-        for image in run_images(run) {
-            self.cri
-                .pull_image(PullImageRequest {
-                    image: Some(ImageSpec {
-                        image: image.to_string(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|source| Error::Image {
-                    image: image.to_string(),
-                    source,
-                })?;
+        for (image, pull) in run_images(run) {
+            self.ensure_image(image, pull).await?;
             if let Some(policy) = &self.settings.image_policy {
                 self.check_image(policy, image).await?;
             }
@@ -485,6 +475,46 @@ impl Driver {
             })
             .await
             .map(|r| r.pod_sandbox_id)?)
+    }
+
+    /// Pulls `image` as its pull policy says: always, only when the runtime lacks it,
+    /// or never (then a missing image is the pod's error, as Kubernetes'
+    /// `ErrImageNeverPull`).
+    async fn ensure_image(&self, image: &str, pull: PullPolicy) -> Result<()> {
+        let spec = ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        };
+        let failed = |source| Error::Image {
+            image: image.to_string(),
+            source,
+        };
+        if pull != PullPolicy::Always {
+            let status = self
+                .cri
+                .image_status(ImageStatusRequest {
+                    image: Some(spec.clone()),
+                    verbose: false,
+                })
+                .await
+                .map_err(failed)?;
+            if status.image.is_some() {
+                return Ok(());
+            }
+            if pull == PullPolicy::Never {
+                return Err(Error::ImageNeverPulled {
+                    image: image.to_string(),
+                });
+            }
+        }
+        self.cri
+            .pull_image(PullImageRequest {
+                image: Some(spec),
+                ..Default::default()
+            })
+            .await
+            .map_err(failed)?;
+        Ok(())
     }
 
     fn log_dir(&self, run: &PodRun) -> PathBuf {
@@ -544,17 +574,14 @@ impl Driver {
 
 /// Stops a pod: its containers get `grace` seconds after SIGTERM (all at once, as
 /// kubelet does), then the sandbox is stopped and removed.
-/// A pod's images, each once.
-fn run_images(run: &PodRun) -> Vec<&str> {
-    let mut images: Vec<&str> = run
-        .pod
-        .init_containers
-        .iter()
-        .chain(&run.pod.containers)
-        .map(|c| c.image.as_str())
-        .collect();
-    images.sort();
-    images.dedup();
+/// A pod's images, each once, with the most eager pull policy of the containers
+/// that run it.
+fn run_images(run: &PodRun) -> BTreeMap<&str, PullPolicy> {
+    let mut images = BTreeMap::new();
+    for c in run.pod.init_containers.iter().chain(&run.pod.containers) {
+        let pull = images.entry(c.image.as_str()).or_insert(c.pull_policy);
+        *pull = (*pull).max(c.pull_policy);
+    }
     images
 }
 
