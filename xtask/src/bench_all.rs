@@ -17,7 +17,7 @@ const BENCHES: &[(&str, u64)] = &[
     ("fleet", 15),
     ("storage", 14),
     ("boot", 8),
-    ("pods", 12),
+    ("pods", 14),
     ("update", 12),
 ];
 

@@ -10,8 +10,9 @@
 //! by `cargo xtask controlplane`, on loopback, reached through guest forwards as in
 //! qemu-tests/tests/kubernetes.rs), a Deployment of the same M sensor pods is applied
 //! with kubectl, and the bench times the apply to every replica `Running` in status at
-//! the API server (`kubectl get pods` every 250 ms), then reads noded's RSS with the
-//! API path on.
+//! the API server (`kubectl get pods` every 250 ms), then each scale from none back to
+//! M ([`ROUNDS`] rounds in all; the figure is their median), then reads noded's RSS with
+//! the API path on.
 //!
 //! Then the peer: the upstream kubelet of the control plane's release (built from the
 //! same pinned source, `cargo xtask controlplane`), as a service of its own in an image
@@ -31,6 +32,10 @@ use std::time::{Duration, Instant};
 
 /// How long M pods may take under TCG before the bench gives up.
 const TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How many times each agent takes the Deployment from no replicas to M Running: its
+/// figure is their median, since one run's time swings by a fifth under TCG.
+const ROUNDS: usize = 3;
 
 /// One bench pod: the bundled sensor, printing to its log only.
 fn manifest(i: u32) -> String {
@@ -107,11 +112,12 @@ pub fn run(pods: u32) -> Result<()> {
         Ok((noded, measure_api(&image, &tmp, pods, Agent::Kubelet)?))
     });
     let _ = std::fs::remove_dir_all(&tmp);
-    let ((apply_to_running, noded_api_rss), (kubelet_apply, kubelet_rss)) = api?;
+    let ((noded_rounds, noded_api_rss), (kubelet_rounds, kubelet_rss)) = api?;
+    let (apply_to_running, kubelet_apply) = (median(&noded_rounds), median(&kubelet_rounds));
 
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = median(&times);
     let per_min = times.len() as f64 / span.max(0.001) * 60.0;
     println!(
         "{} pods running; manifest to running: median {median:.1} s, fastest {:.1} s, slowest {:.1} s",
@@ -121,16 +127,25 @@ pub fn run(pods: u32) -> Result<()> {
     );
     println!("{per_min:.1} pods a minute (first manifest seen to last pod running: {span:.1} s)");
     println!("RSS with all pods running: noded {noded_rss} KiB, containerd {containerd_rss} KiB");
+    let listed = |r: &[f64]| {
+        r.iter()
+            .map(|t| format!("{t:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
-        "API path: kubectl apply to {pods} replicas Running at the API server {apply_to_running:.1} s; \
-         noded's RSS then {noded_api_rss} KiB"
+        "API path: kubectl apply to {pods} replicas Running at the API server {apply_to_running:.1} s \
+         (median of {ROUNDS}: {} s); noded's RSS then {noded_api_rss} KiB",
+        listed(&noded_rounds)
     );
     let time_vs_kubelet = apply_to_running / kubelet_apply.max(0.001);
     let rss_vs_kubelet = noded_api_rss as f64 / kubelet_rss.max(1) as f64;
     println!(
-        "peer: the kubelet {} on the same image's containerd: apply to Running {kubelet_apply:.1} s, \
-         its RSS then {kubelet_rss} KiB; noded/kubelet: time {time_vs_kubelet:.2}, RSS {rss_vs_kubelet:.2}",
+        "peer: the kubelet {} on the same image's containerd: apply to Running {kubelet_apply:.1} s \
+         (median of {ROUNDS}: {} s), its RSS then {kubelet_rss} KiB; noded/kubelet: time {time_vs_kubelet:.2}, \
+         RSS {rss_vs_kubelet:.2}",
         qemu_tests::controlplane::KUBERNETES,
+        listed(&kubelet_rounds),
     );
     println!("(TCG on the build host: absolute times are slow; compare runs on the same host)");
     println!(
@@ -145,6 +160,8 @@ pub fn run(pods: u32) -> Result<()> {
             "apply_to_running_s": (apply_to_running * 100.0).round() / 100.0,
             "noded_rss_api_kib": noded_api_rss,
             "kubelet_apply_to_running_s": (kubelet_apply * 100.0).round() / 100.0,
+            "apply_to_running_rounds_s": hundredths(&noded_rounds),
+            "kubelet_apply_to_running_rounds_s": hundredths(&kubelet_rounds),
             "kubelet_rss_kib": kubelet_rss,
             "rss_vs_kubelet": (rss_vs_kubelet * 1000.0).round() / 1000.0,
             "apply_to_running_vs_kubelet": (time_vs_kubelet * 1000.0).round() / 1000.0,
@@ -246,7 +263,8 @@ impl Agent {
 }
 
 /// The API path (see the module's doc): seconds from `kubectl apply` of a Deployment of
-/// `replicas` to all of them Running at the API server, and the agent's RSS then. Each
+/// `replicas` to all of them Running at the API server, then from each scale from none
+/// back to `replicas` ([`ROUNDS`] in all), and the agent's RSS after the last. Each
 /// agent gets a control plane of its own, started fresh, so neither inherits the other's
 /// node, pods or images.
 fn measure_api(
@@ -254,7 +272,7 @@ fn measure_api(
     tmp: &std::path::Path,
     replicas: u32,
     agent: Agent,
-) -> Result<(f64, u64)> {
+) -> Result<(Vec<f64>, u64)> {
     use qemu_tests::controlplane::{ControlPlane, GUEST_TUNNEL};
     let bin = crate::controlplane::build()?;
     let service = agent.service();
@@ -301,6 +319,15 @@ fn measure_api(
             })
         })
     })?;
+    let running = |count: usize| {
+        cp.get(&["pods", "-n", "default", "-l", "app=bench"])
+            .is_ok_and(|l| {
+                l["items"].as_array().is_some_and(|i| {
+                    i.len() == count && i.iter().all(|p| p["status"]["phase"] == "Running")
+                })
+            })
+    };
+    let mut rounds = Vec::new();
     let start = Instant::now();
     cp.apply(&format!(
         r#"{{"apiVersion": "apps/v1", "kind": "Deployment",
@@ -315,20 +342,36 @@ fn measure_api(
     until(
         "every replica Running at the API server",
         TIMEOUT,
-        &mut || {
-            cp.get(&["pods", "-n", "default", "-l", "app=bench"])
-                .is_ok_and(|l| {
-                    l["items"].as_array().is_some_and(|i| {
-                        i.len() == replicas as usize
-                            && i.iter().all(|p| p["status"]["phase"] == "Running")
-                    })
-                })
-        },
+        &mut || running(replicas as usize),
     )?;
-    let took = start.elapsed().as_secs_f64();
+    rounds.push(start.elapsed().as_secs_f64());
+    // Again from no replicas: scaled to none (gone at the API server only once the
+    // agent has stopped their containers), then back.
+    let scale = |n: u32| cp.kubectl(["scale", "deployment/bench", &format!("--replicas={n}")]);
+    while rounds.len() < ROUNDS {
+        scale(0)?;
+        until("every replica gone", TIMEOUT, &mut || running(0))?;
+        let start = Instant::now();
+        scale(replicas)?;
+        until("every replica Running again", TIMEOUT, &mut || {
+            running(replicas as usize)
+        })?;
+        rounds.push(start.elapsed().as_secs_f64());
+    }
     let rss = rss_of(&m.status()?, service)?;
     m.finish();
-    Ok((took, rss))
+    Ok((rounds, rss))
+}
+
+fn hundredths(values: &[f64]) -> Vec<f64> {
+    values.iter().map(|t| (t * 100.0).round() / 100.0).collect()
+}
+
+/// The median of `values` (the upper one of an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// The kubelet's service on the peer's image: joins with the provisioning bundle's
