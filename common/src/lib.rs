@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 pub mod backoff;
+pub mod cri_log;
 pub use backoff::Backoff;
 pub use edge_metrics as metrics;
 pub mod signed;

@@ -79,13 +79,12 @@ struct Cri {
 
 impl Cri {
     fn line(&mut self, line: &str) -> Option<String> {
-        let mut f = line.splitn(4, ' ');
-        match (f.next(), f.next(), f.next(), f.next()) {
-            (Some(_), Some("stdout" | "stderr"), Some(tag @ ("P" | "F")), msg) => {
-                self.partial.push_str(msg.unwrap_or(""));
-                (tag == "F").then(|| std::mem::take(&mut self.partial))
+        match edge_common::cri_log::parse_line(line) {
+            Some(e) => {
+                self.partial.push_str(e.content);
+                (!e.partial).then(|| std::mem::take(&mut self.partial))
             }
-            _ => Some(line.to_owned()),
+            None => Some(line.to_owned()),
         }
     }
 }
