@@ -3,6 +3,7 @@
 //! pods of the manifests directory and of the core's downlink directory, and reports
 //! them on its control socket. `noded pods` and `noded logs` ask a running noded.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -178,7 +179,7 @@ async fn serve(config: Config) -> Result<()> {
     for dir in [&config.manifests_dir, &config.log_dir, &config.state_dir] {
         edge_common::ensure_dir(dir)?;
     }
-    let _registry = start_registry(&config.images_dir, config.registry_listen).await?;
+    let (_registry, served) = start_registry(&config.images_dir, config.registry_listen).await?;
     wait_for_containerd(&config.containerd_socket).await;
     let cri = Client::connect(&config.containerd_socket).await?;
     let image_policy = image_policy(&config)?;
@@ -230,6 +231,7 @@ async fn serve(config: Config) -> Result<()> {
         image_policy,
         csi_socket: config.csi_socket,
         fabric_pod_channels: config.fabric_pod_channels,
+        served_images: served,
     };
     Reconciler::new(cri, settings, status).run(TICK).await;
     Ok(())
@@ -325,7 +327,11 @@ fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>> {
 
 /// Serves the archives of `dir`. A missing directory is an image with no bundled
 /// workloads; a bad archive is left out and named, the others are served.
-async fn start_registry(dir: &Path, listen: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
+/// Serves the image's archives; returns the task and what it serves (`Registry::served`).
+async fn start_registry(
+    dir: &Path,
+    listen: SocketAddr,
+) -> Result<(tokio::task::JoinHandle<()>, BTreeMap<String, String>)> {
     let registry = if dir.is_dir() {
         let (registry, rejected) = Registry::load_dir(dir)?;
         for r in rejected {
@@ -336,12 +342,13 @@ async fn start_registry(dir: &Path, listen: SocketAddr) -> Result<tokio::task::J
         tracing::info!("no image directory {}: serving no images", dir.display());
         Registry::default()
     };
+    let served = registry.served();
     let (addr, task) = registry
         .spawn(listen)
         .await
         .map_err(Error::bind("failed to start the image registry on", listen))?;
     tracing::info!(%addr, images = %dir.display(), "image registry serving");
-    Ok(task)
+    Ok((task, served))
 }
 
 /// The node is of no use until the runtime answers; init orders us after containerd,

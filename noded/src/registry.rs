@@ -43,6 +43,9 @@ pub struct Rejected {
     pub reason: Error,
 }
 
+/// The pseudo-registry host containerd is configured to pull from here.
+pub const HOST: &str = "edge.local";
+
 /// Splits an image's ref-name annotation into repository and tag. A leading
 /// registry host (`edge.local/`, `localhost:5000/`) is dropped: clients ask this
 /// registry for the path below the host.
@@ -95,6 +98,19 @@ impl Registry {
             self.blobs.entry(digest).or_insert_with(|| Arc::new(data));
         }
         Ok(())
+    }
+
+    /// Each image served, as containerd names it (`edge.local/<repo>:<tag>`), with its
+    /// manifest digest: what an image of that name on the box must be to be current.
+    pub fn served(&self) -> std::collections::BTreeMap<String, String> {
+        self.repos
+            .iter()
+            .flat_map(|(repo, r)| {
+                r.tags
+                    .iter()
+                    .map(move |(tag, digest)| (format!("{HOST}/{repo}:{tag}"), digest.clone()))
+            })
+            .collect()
     }
 
     /// Loads every `*.tar` in `dir`. An archive that fails verification is left out

@@ -109,7 +109,7 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     let pause = build_static("pause", "src/bin/pause.rs", &dir);
-    let hello = build_static("hello", "tests/programs/hello.rs", &dir);
+    let hello_exe = build_static("hello", "tests/programs/hello.rs", &dir);
     std::fs::write(
         images.join("pause.tar"),
         archive("pause:1", "pause", pause, &[]),
@@ -117,7 +117,7 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     .unwrap();
     std::fs::write(
         images.join("hello.tar"),
-        archive("hello:1", "hello", hello, &[]),
+        archive("hello:1", "hello", hello_exe.clone(), &[]),
     )
     .unwrap();
     std::fs::write(images.join("torn.tar"), b"not an archive").unwrap();
@@ -349,19 +349,7 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
         pod(p, "hello.yaml").is_none()
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = cri
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .unwrap()
-            .items;
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "pod not removed: {left:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    no_sandboxes(&cri, "the hello pod removed").await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while pod_log_dir(&logs).is_some()
         || dir
@@ -419,20 +407,80 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     for (name, _, _) in pulled {
         std::fs::remove_file(manifests.join(format!("{name}.yaml"))).unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !cri
-        .list_pod_sandbox(ListPodSandboxRequest::default())
+    no_sandboxes(&cri, "the cached pod removed").await;
+
+    // An OS update ships a new image under the same tag: the box's registry now serves
+    // another digest for `hello:1`, and a pod's start pulls it although a `hello:1` is
+    // on the box (an image of the box's own registry is current only at the digest the
+    // registry serves).
+    drop(noded);
+    let updated = dir.join("images-updated");
+    std::fs::create_dir_all(&updated).unwrap();
+    let newer = archive("hello:1", "hello", hello_exe.clone(), &["updated"]);
+    let digest = edge_oci::read_archive(&newer).unwrap().images[0]
+        .manifest
+        .digest
+        .clone();
+    std::fs::write(updated.join("hello.tar"), newer).unwrap();
+    std::fs::copy(images.join("pause.tar"), updated.join("pause.tar")).unwrap();
+    let images_line = format!("images_dir = \"{}\"", images.display());
+    assert!(text.contains(&images_line), "{text}");
+    let after_update = dir.join("updated.toml");
+    let updated_line = format!("images_dir = \"{}\"", updated.display());
+    std::fs::write(&after_update, text.replace(&images_line, &updated_line)).unwrap();
+    noded = start_noded(&after_update, &env.noded_log);
+    let cached = manifests.join("cached.yaml");
+    std::fs::write(
+        &cached,
+        PULLED
+            .replace("@NAME@", "cached")
+            .replace("@IMAGE@", "edge.local/hello:1")
+            .replace("      imagePullPolicy: \"@POLICY@\"\n", ""),
+    )
+    .unwrap();
+    env.wait_for("the updated image's pod running", |p| {
+        pod(p, "cached.yaml").is_some_and(|p| p.state == "running")
+    })
+    .await;
+    let held = cri
+        .image_status(ImageStatusRequest {
+            image: Some(ImageSpec {
+                image: "edge.local/hello:1".into(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
         .await
         .unwrap()
-        .items
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "the cached pod not removed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        .image
+        .unwrap();
+    let want = format!("edge.local/hello@{digest}");
+    assert!(held.repo_digests.contains(&want), "{want} not in {held:?}");
+    std::fs::remove_file(&cached).unwrap();
+    no_sandboxes(&cri, "the updated pod removed").await;
     drop(noded);
     eprintln!("noded's log:\n{}", env.noded_log());
     eprintln!("took {:?}", started.elapsed());
+}
+
+/// Waits until containerd holds no pod sandbox.
+async fn no_sandboxes(cri: &noded::cri::Client, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = cri
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .unwrap()
+            .items;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 15 s: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn running_steady(cri: &noded::cri::Client) -> String {

@@ -67,6 +67,10 @@ pub struct Settings {
     /// Each pod's fabric channel is `<dir>/<namespace>_<name>_<uid>/`, mounted read-only
     /// at `/run/edge/fabric` in its containers (fabricd's pod_channels.rs).
     pub fabric_pod_channels: Option<PathBuf>,
+    /// The images the box's own registry serves (`edge.local/<repo>:<tag>` → manifest
+    /// digest): such an image on the box is current only with that digest, so an OS
+    /// update that ships a new image under the same tag is pulled whatever the policy.
+    pub served_images: BTreeMap<String, String>,
 }
 
 pub struct Reconciler {

@@ -479,7 +479,9 @@ impl Driver {
 
     /// Pulls `image` as its pull policy says: always, only when the runtime lacks it,
     /// or never (then a missing image is the pod's error, as Kubernetes'
-    /// `ErrImageNeverPull`).
+    /// `ErrImageNeverPull`). An image of the box's own registry that the runtime holds
+    /// with another digest than the registry serves (the OS was updated) counts as
+    /// lacking.
     async fn ensure_image(&self, image: &str, pull: PullPolicy) -> Result<()> {
         let spec = ImageSpec {
             image: image.to_string(),
@@ -498,7 +500,14 @@ impl Driver {
                 })
                 .await
                 .map_err(failed)?;
-            if status.image.is_some() {
+            let current = status.image.as_ref().is_some_and(|held| {
+                self.settings.served_images.get(image).is_none_or(|d| {
+                    held.repo_digests
+                        .iter()
+                        .any(|r| r.ends_with(&format!("@{d}")))
+                })
+            });
+            if current || (pull == PullPolicy::Never && status.image.is_some()) {
                 return Ok(());
             }
             if pull == PullPolicy::Never {
