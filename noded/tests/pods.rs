@@ -3,7 +3,9 @@
 //! running pod whose log has the container's line; a container that exits is restarted
 //! per policy; a malformed manifest beside it is reported by file and field while the
 //! good pod runs; a restarted noded adopts the pod instead of recreating it; removing
-//! the manifest stops and removes the pod.
+//! the manifest stops and removes the pod. Then the pull policies: a pod whose image is
+//! on the box starts with the registry away, and a new image the box's registry serves
+//! under the same tag (an OS update) is pulled.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
