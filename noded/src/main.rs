@@ -326,8 +326,8 @@ fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>> {
 }
 
 /// Serves the archives of `dir`. A missing directory is an image with no bundled
-/// workloads; a bad archive is left out and named, the others are served.
-/// Serves the image's archives; returns the task and what it serves (`Registry::served`).
+/// workloads; a bad archive is left out and named, the others are served. Returns the
+/// task and what it serves (`Registry::served`).
 async fn start_registry(
     dir: &Path,
     listen: SocketAddr,

@@ -51,19 +51,19 @@ spec:
       env: [{name: HELLO_EXIT, value: "0"}]
 "#;
 
-/// A pod of one container with `@POLICY@` as its imagePullPolicy (the line goes when
-/// it is empty).
-const PULLED: &str = r#"apiVersion: v1
-kind: Pod
-metadata: {name: "@NAME@"}
-spec:
-  hostNetwork: true
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: "@NAME@"
-      image: "@IMAGE@"
-      imagePullPolicy: "@POLICY@"
-"#;
+/// A pod of one container running `image`, with `policy` as its imagePullPolicy (none
+/// when empty).
+fn one_container_pod(name: &str, image: &str, policy: &str) -> String {
+    let policy = if policy.is_empty() {
+        String::new()
+    } else {
+        format!("      imagePullPolicy: {policy}\n")
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  hostNetwork: true\n  \
+         terminationGracePeriodSeconds: 1\n  containers:\n    - name: {name}\n      image: {image}\n{policy}"
+    )
+}
 
 const BROKEN: &str = r#"apiVersion: v1
 kind: Pod
@@ -384,11 +384,7 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     for (name, image, policy) in pulled {
         std::fs::write(
             manifests.join(format!("{name}.yaml")),
-            PULLED
-                .replace("@NAME@", name)
-                .replace("@IMAGE@", image)
-                .replace("@POLICY@", policy)
-                .replace("      imagePullPolicy: \"\"\n", ""),
+            one_container_pod(name, image, policy),
         )
         .unwrap();
     }
@@ -434,10 +430,7 @@ async fn static_pods_run_restart_are_reported_adopted_and_removed() {
     let cached = manifests.join("cached.yaml");
     std::fs::write(
         &cached,
-        PULLED
-            .replace("@NAME@", "cached")
-            .replace("@IMAGE@", "edge.local/hello:1")
-            .replace("      imagePullPolicy: \"@POLICY@\"\n", ""),
+        one_container_pod("cached", "edge.local/hello:1", ""),
     )
     .unwrap();
     env.wait_for("the updated image's pod running", |p| {

@@ -69,9 +69,7 @@ impl PullPolicy {
         if image.contains('@') {
             return PullPolicy::IfNotPresent;
         }
-        // The tag follows the last `:` after the last `/` (a registry's port is before it).
-        let last = image.rsplit('/').next().unwrap_or(image);
-        match last.rsplit_once(':') {
+        match crate::registry::split_ref(image) {
             Some((_, tag)) if tag != "latest" => PullPolicy::IfNotPresent,
             _ => PullPolicy::Always,
         }

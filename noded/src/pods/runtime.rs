@@ -500,20 +500,25 @@ impl Driver {
                 })
                 .await
                 .map_err(failed)?;
+            let served = self.settings.served_images.get(image);
             let current = status.image.as_ref().is_some_and(|held| {
-                self.settings.served_images.get(image).is_none_or(|d| {
+                served.is_none_or(|d| {
                     held.repo_digests
                         .iter()
-                        .any(|r| r.ends_with(&format!("@{d}")))
+                        .any(|r| r.rsplit_once('@').is_some_and(|(_, x)| x == d))
                 })
             });
-            if current || (pull == PullPolicy::Never && status.image.is_some()) {
+            if current {
                 return Ok(());
             }
+            // Never pulled: what the box holds runs, stale or not.
             if pull == PullPolicy::Never {
-                return Err(Error::ImageNeverPulled {
-                    image: image.to_string(),
-                });
+                return match status.image {
+                    Some(_) => Ok(()),
+                    None => Err(Error::ImageNeverPulled {
+                        image: image.to_string(),
+                    }),
+                };
             }
         }
         self.cri
@@ -581,8 +586,6 @@ impl Driver {
     }
 }
 
-/// Stops a pod: its containers get `grace` seconds after SIGTERM (all at once, as
-/// kubelet does), then the sandbox is stopped and removed.
 /// A pod's images, each once, with the most eager pull policy of the containers
 /// that run it.
 fn run_images(run: &PodRun) -> BTreeMap<&str, PullPolicy> {
@@ -594,6 +597,8 @@ fn run_images(run: &PodRun) -> BTreeMap<&str, PullPolicy> {
     images
 }
 
+/// Stops a pod: its containers get `grace` seconds after SIGTERM (all at once, as
+/// kubelet does), then the sandbox is stopped and removed.
 pub(super) async fn stop_sandbox(cri: &Client, sandbox: &str, containers: &[String], grace: i64) {
     let stops: Vec<_> = containers
         .iter()
