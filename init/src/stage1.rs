@@ -142,6 +142,7 @@ fn boot(start: Instant) -> Result<std::convert::Infallible, Fatal> {
         ),
         stage1_ms: Some(stage1_ms),
         tpm_ms: Some(data.tpm.as_millis() as u64),
+        services_start_ms: None,
     };
     write_boot_info(&info).map_err(step("writing /run/edge/boot.json"))?;
     say!("stage 1 done in {stage1_ms} ms; switching to the root");
@@ -353,6 +354,7 @@ mod tests {
             stage1_start_ms: Some(2100),
             stage1_ms: Some(1234),
             tpm_ms: Some(120),
+            services_start_ms: None,
         };
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(

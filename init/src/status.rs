@@ -68,6 +68,10 @@ pub struct Boot {
     pub stage1_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_ms: Option<u64>,
+    /// The uptime when stage 2 had set up (mounts, modules, network, ...) and started
+    /// the services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services_start_ms: Option<u64>,
 }
 
 fn clean_unless_told() -> bool {
@@ -95,6 +99,7 @@ pub fn build(
         "init_locked_kib": locked_kib(),
         "stage1_start_ms": boot.stage1_start_ms,
         "stage1_ms": boot.stage1_ms,
+        "services_start_ms": boot.services_start_ms,
         "tpm_ms": boot.tpm_ms,
         "data": {"formatted": boot.data_formatted, "clean": boot.data_clean, "full": data_full,
                  "locked": boot.data_locked, "log_lines_dropped": log_lines_dropped},

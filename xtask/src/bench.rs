@@ -66,7 +66,8 @@ fn mem_used(st: &Value) -> Result<u64> {
 
 /// Where a boot's time went, from the host's clock and the status: firmware and loader
 /// (QEMU's start to the kernel: the host's time to ready less the guest's uptime),
-/// kernel (to stage 1), stage 1, then each service in the order it became ready.
+/// kernel (to stage 1), stage 1, stage 2's set-up, then each service in the order it
+/// became ready.
 fn phases(st: &Value, ready_s: f64, uptime_s: f64) -> String {
     let ms = |k: &str| st.get(k).and_then(Value::as_u64).map(|v| v as f64 / 1000.0);
     let mut out = vec![format!(
@@ -81,6 +82,11 @@ fn phases(st: &Value, ready_s: f64, uptime_s: f64) -> String {
         out.push(format!("stage 1 {s1:.1} s"));
     }
     let mut at = start.unwrap_or(0.0) + stage1.unwrap_or(0.0);
+    // From the switch to the root until the services start.
+    if let Some(services) = ms("services_start_ms") {
+        out.push(format!("stage 2 set-up {:.1} s", (services - at).max(0.0)));
+        at = services;
+    }
     let mut services: Vec<(f64, String)> = st
         .get("services")
         .and_then(Value::as_array)
@@ -291,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_boots_time_is_told_phase_by_phase_in_the_order_services_became_ready() {
-        let st = json!({"stage1_start_ms": 2100, "stage1_ms": 1400, "services": [
+        let mut st = json!({"stage1_start_ms": 2100, "stage1_ms": 1400, "services": [
             {"name": "noded", "ready_uptime_ms": 6000},
             {"name": "containerd", "ready_uptime_ms": 4500},
             {"name": "fabricd", "ready_uptime_ms": null}]});
@@ -299,6 +305,14 @@ mod tests {
             phases(&st, 9.0, 6.2),
             "firmware and loader 2.8 s, kernel 2.1 s, stage 1 1.4 s, containerd +1.0 s, \
              noded +1.5 s, ready at 6.2 s of uptime"
+        );
+        // An init that says when it started the services: the services' times count
+        // from then, not from the end of stage 1.
+        st["services_start_ms"] = json!(4200);
+        assert_eq!(
+            phases(&st, 9.0, 6.2),
+            "firmware and loader 2.8 s, kernel 2.1 s, stage 1 1.4 s, stage 2 set-up 0.7 s, \
+             containerd +0.3 s, noded +1.5 s, ready at 6.2 s of uptime"
         );
     }
 
