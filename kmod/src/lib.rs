@@ -1,7 +1,9 @@
 //! Kernel modules loaded from an ordered list: one path per line, relative to a modules
 //! directory, already in dependency order (the image builder and the light VM write it;
 //! there is no modules.dep to read). init loads `/etc/edge/modules` in both stages; the
-//! light VM's guest programs load the initramfs's `/modules.order`.
+//! light VM's guest programs load the initramfs's `/modules.order`. A module the boot
+//! does not need is loaded on demand instead, by the program that first needs it, from
+//! its own list in [`ON_DEMAND_DIR`] ([`load_on_demand`]).
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +80,50 @@ pub fn load_list(list_file: &Path, modules_dir: &Path) -> Vec<Error> {
         .collect()
 }
 
+/// Where the image builder writes one list per on-demand module, named after it
+/// (`kernel.on_demand_modules`, docs/image.md): the module and what it needs that the
+/// boot's lists do not load.
+pub const ON_DEMAND_DIR: &str = "/etc/edge/modules-on-demand";
+
+/// Loads the on-demand module `name` (e.g. `xfs` before the first XFS mount) with what
+/// it needs, unless loaded already. Nothing to do where there is no such list: a system
+/// that loads it at boot, has it built in, or is not ours. Returns every failure.
+pub fn load_on_demand(name: &str) -> Vec<Error> {
+    load_on_demand_from(
+        &Path::new(ON_DEMAND_DIR).join(name),
+        &running_kernel_dir(),
+        Path::new("/sys/module"),
+    )
+}
+
+/// [`load_on_demand`] with its places given: the list, the modules directory and the
+/// kernel's directory of loaded modules, where one already loaded is skipped (loading
+/// it again would cost the whole load before the kernel refuses it).
+pub fn load_on_demand_from(list_file: &Path, modules_dir: &Path, loaded: &Path) -> Vec<Error> {
+    let text = match std::fs::read_to_string(list_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(source) => {
+            return vec![Error::List {
+                path: list_file.to_owned(),
+                source,
+            }]
+        }
+    };
+    parse_list(&text)
+        .iter()
+        .filter(|rel| !loaded.join(module_name(rel)).exists())
+        .filter_map(|rel| load(&modules_dir.join(rel)).err())
+        .collect()
+}
+
+/// The kernel's name of a module file: `kernel/fs/xfs/xfs.ko` is `xfs`, `dm-bufio.ko.xz`
+/// is `dm_bufio` (as under /sys/module).
+fn module_name(rel: &Path) -> String {
+    let file = rel.file_name().unwrap_or_default().to_string_lossy();
+    file.split(".ko").next().unwrap_or(&file).replace('-', "_")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +161,31 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(matches!(errors[0], Error::List { .. }), "{:?}", errors[0]);
         assert!(errors[0].to_string().contains("/nonexistent/edge/modules"));
+    }
+
+    #[test]
+    fn on_demand_loads_what_is_not_loaded_and_nothing_without_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let (modules, loaded) = (dir.path().join("modules"), dir.path().join("sys"));
+        std::fs::create_dir_all(loaded.join("dm_bufio")).unwrap();
+        // No list: nothing to load here, and no error.
+        assert!(load_on_demand_from(&dir.path().join("xfs"), &modules, &loaded).is_empty());
+        // A module already loaded is skipped (its file is not even opened); one that is
+        // not is loaded, and here fails by name, as its file is missing.
+        let list = dir.path().join("fsx");
+        std::fs::write(
+            &list,
+            "kernel/drivers/md/dm-bufio.ko\nkernel/fs/fsx/fsx.ko.xz\n",
+        )
+        .unwrap();
+        let errors = load_on_demand_from(&list, &modules, &loaded);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(matches!(&errors[0], Error::Open { path, .. } if path.ends_with("fsx.ko.xz")));
+    }
+
+    #[test]
+    fn module_names_are_the_kernels() {
+        assert_eq!(module_name(Path::new("kernel/fs/xfs/xfs.ko")), "xfs");
+        assert_eq!(module_name(Path::new("a/dm-bufio.ko.xz")), "dm_bufio");
     }
 }

@@ -93,6 +93,11 @@ pub struct Kernel {
     pub initramfs_compression: Compression,
     pub initramfs_modules: Vec<String>,
     pub root_modules: Vec<String>,
+    /// Modules the boot does not load: the program that first needs one loads it
+    /// (edge-kmod's `load_on_demand`), with its dependencies that the lists above leave
+    /// out.
+    #[serde(default)]
+    pub on_demand_modules: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -164,6 +169,7 @@ impl Definition {
         for (key, list) in [
             ("kernel.initramfs_modules", &self.kernel.initramfs_modules),
             ("kernel.root_modules", &self.kernel.root_modules),
+            ("kernel.on_demand_modules", &self.kernel.on_demand_modules),
         ] {
             for m in list {
                 check_word(key, m)?;

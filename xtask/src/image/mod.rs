@@ -418,15 +418,28 @@ fn build_root(p: &Prepared, work: &Path) -> Result<RootBuild> {
     let initramfs_modules = table.load_order(&def.kernel.initramfs_modules, &BTreeSet::new())?;
     let already: BTreeSet<String> = initramfs_modules.iter().cloned().collect();
     let root_modules = table.load_order(&def.kernel.root_modules, &already)?;
+    let booted: BTreeSet<String> = already.iter().chain(&root_modules).cloned().collect();
+    let mut on_demand = BTreeMap::new();
+    for name in &def.kernel.on_demand_modules {
+        on_demand.insert(
+            name.clone(),
+            table.load_order(std::slice::from_ref(name), &booted)?,
+        );
+    }
     step(&format!(
-        "{} initramfs modules, {} root modules",
+        "{} initramfs modules, {} root modules, {} on demand",
         initramfs_modules.len(),
-        root_modules.len()
+        root_modules.len(),
+        on_demand.len()
     ));
 
     step("assembling the root tree");
     let root = work.join("root");
-    rootfs::assemble(def, &p.inputs, &extracted, &root_modules, &root)?;
+    let modules = rootfs::RootModules {
+        boot: root_modules,
+        on_demand,
+    };
+    rootfs::assemble(def, &p.inputs, &extracted, &modules, &root)?;
     let n = elf::check_closure(&root)?;
     step(&format!("checked the libraries of {n} ELF files"));
     let n = elf::check_links(&root)?;

@@ -108,13 +108,20 @@ pub fn list_tree(dir: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The root's kernel modules, each in load order (dependencies first): those stage 2
+/// loads, and per on-demand module the list its first user loads.
+pub struct RootModules {
+    pub boot: Vec<String>,
+    pub on_demand: BTreeMap<String, Vec<String>>,
+}
+
 /// Builds the staging tree at `root` (created fresh). `extracted` maps a package name to
 /// the directory it was unpacked into.
 pub fn assemble(
     def: &Definition,
     inputs: &Inputs,
     extracted: &BTreeMap<String, PathBuf>,
-    root_modules: &[String],
+    modules: &RootModules,
     root: &Path,
 ) -> Result<()> {
     if root.exists() {
@@ -210,13 +217,24 @@ pub fn assemble(
 
     let kroot = &extracted[&def.kernel.package];
     let kver = &def.kernel.release;
-    for m in root_modules {
+    for m in modules
+        .boot
+        .iter()
+        .chain(modules.on_demand.values().flatten())
+    {
         copy_entry(
             &kroot.join("lib/modules").join(kver).join(m),
             &root.join("usr/lib/modules").join(kver).join(m),
         )?;
     }
-    write(&root.join("etc/edge/modules"), &lines(root_modules))?;
+    write(&root.join("etc/edge/modules"), &lines(&modules.boot))?;
+    for (name, list) in &modules.on_demand {
+        // edge_kmod::ON_DEMAND_DIR
+        write(
+            &root.join("etc/edge/modules-on-demand").join(name),
+            &lines(list),
+        )?;
+    }
     write(&root.join("etc/os-release"), &os_release(def))?;
 
     // The overlay last: it may replace package defaults such as containerd's config.

@@ -119,12 +119,24 @@ impl Driver {
                     format!("{data},{always}")
                 };
             }
+            // XFS's module is not loaded at boot (it costs the boot most of a second):
+            // the first XFS mount loads it. What failed is said with the mount's error.
+            let module = edge_kmod::load_on_demand(fs.name());
+            for e in &module {
+                tracing::warn!(fs = fs.name(), "{e}");
+            }
             mounts::mount_fs(&device, &staging, fs.name(), flags, &data).map_err(|e| {
+                let module: Vec<String> = module.iter().map(ToString::to_string).collect();
                 let msg = format!(
-                    "failed to mount {} on {} (flags {:?}): {e}",
+                    "failed to mount {} on {} (flags {:?}): {e}{}",
                     device.display(),
                     staging.display(),
-                    cap.mount_flags
+                    cap.mount_flags,
+                    if module.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (its filesystem's module: {})", module.join("; "))
+                    }
                 );
                 if e.raw_os_error() == Some(libc::EINVAL) {
                     Status::invalid_argument(msg)
