@@ -65,8 +65,18 @@ pub fn load(path: &Path) -> Result<(), Error> {
 /// the module may be a CPU-specific variant (crc32c-intel) with a generic twin in the list.
 /// Returns every failure; an unreadable list is one.
 pub fn load_list(list_file: &Path, modules_dir: &Path) -> Vec<Error> {
+    load_listed(list_file, modules_dir, None)
+}
+
+/// The modules in `list_file` loaded in order; with `loaded` (the kernel's directory of
+/// loaded modules), a missing list is nothing to load and a module shown there is
+/// skipped.
+fn load_listed(list_file: &Path, modules_dir: &Path, loaded: Option<&Path>) -> Vec<Error> {
     let text = match std::fs::read_to_string(list_file) {
         Ok(t) => t,
+        Err(e) if loaded.is_some() && e.kind() == std::io::ErrorKind::NotFound => {
+            return Vec::new()
+        }
         Err(source) => {
             return vec![Error::List {
                 path: list_file.to_owned(),
@@ -76,6 +86,7 @@ pub fn load_list(list_file: &Path, modules_dir: &Path) -> Vec<Error> {
     };
     parse_list(&text)
         .iter()
+        .filter(|rel| loaded.is_none_or(|l| !l.join(module_name(rel)).exists()))
         .filter_map(|rel| load(&modules_dir.join(rel)).err())
         .collect()
 }
@@ -100,21 +111,7 @@ pub fn load_on_demand(name: &str) -> Vec<Error> {
 /// kernel's directory of loaded modules, where one already loaded is skipped (loading
 /// it again would cost the whole load before the kernel refuses it).
 pub fn load_on_demand_from(list_file: &Path, modules_dir: &Path, loaded: &Path) -> Vec<Error> {
-    let text = match std::fs::read_to_string(list_file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-        Err(source) => {
-            return vec![Error::List {
-                path: list_file.to_owned(),
-                source,
-            }]
-        }
-    };
-    parse_list(&text)
-        .iter()
-        .filter(|rel| !loaded.join(module_name(rel)).exists())
-        .filter_map(|rel| load(&modules_dir.join(rel)).err())
-        .collect()
+    load_listed(list_file, modules_dir, Some(loaded))
 }
 
 /// The kernel's name of a module file: `kernel/fs/xfs/xfs.ko` is `xfs`, `dm-bufio.ko.xz`
