@@ -32,6 +32,28 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
         assert!(s["pid"].as_u64().is_some_and(|p| p > 1), "{name}: {s}");
     }
     assert!(all_ready(&st), "{st}");
+    // Where the boot's time went (what `bench boot` breaks it down from): stage 1 ends
+    // before stage 2 starts the services, each of which is ready after that and by the
+    // time the box says ready; stage 2 says where its set-up went.
+    let ms = |v: &serde_json::Value| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("not a number: {v} in {st}"))
+    };
+    let stage1_end = ms(&st["stage1_start_ms"]) + ms(&st["stage1_ms"]);
+    let services_start = ms(&st["services_start_ms"]);
+    assert!(stage1_end <= services_start, "{st}");
+    for name in SERVICES {
+        let s = qemu_tests::service(&st, name).expect("listed above");
+        let at = ms(&s["ready_uptime_ms"]);
+        assert!(at >= services_start, "{name}: {st}");
+        // (A service that restarted since became ready again later.)
+        assert!(at <= ready.uptime_ms || s["restarts"] != 0, "{name}: {st}");
+    }
+    let console = std::fs::read_to_string(m.console_log())?;
+    assert!(
+        console.contains("stage 2: set up in ") && console.contains("modules "),
+        "no stage 2 set-up line on the console"
+    );
     assert_eq!(
         st["data"]["formatted"], true,
         "first boot formats data: {st}"
@@ -40,7 +62,6 @@ fn boots_to_ready_and_keeps_data_across_a_clean_power_cycle() -> anyhow::Result<
     // The image ships slot B's UKI as the bytes it differs from A's by; stage 1 of the
     // first boot writes the standby entry from them (the verity test boots it).
     let standby = format!("standby entry written: edgeos-{}-b+0.efi", ready.version);
-    let console = std::fs::read_to_string(m.console_log())?;
     assert!(console.contains(&standby), "no {standby:?} on the console");
     assert!(
         m.events().iter().any(|e| e["event"] == "ready"
