@@ -110,7 +110,7 @@ pub fn load_on_demand(name: &str) -> Vec<Error> {
 /// [`load_on_demand`] with its places given: the list, the modules directory and the
 /// kernel's directory of loaded modules, where one already loaded is skipped (loading
 /// it again would cost the whole load before the kernel refuses it).
-pub fn load_on_demand_from(list_file: &Path, modules_dir: &Path, loaded: &Path) -> Vec<Error> {
+fn load_on_demand_from(list_file: &Path, modules_dir: &Path, loaded: &Path) -> Vec<Error> {
     load_listed(list_file, modules_dir, Some(loaded))
 }
 
