@@ -496,17 +496,14 @@ fn locked_supervisor() -> Supervisor {
 /// Where stage 2's set-up before the services goes, said on the console (the boot
 /// bench's breakdown reads when the services started from the status).
 struct Laps {
-    start: Instant,
     last: Instant,
     laps: Vec<(&'static str, Duration)>,
 }
 
 impl Laps {
     fn new() -> Laps {
-        let now = Instant::now();
         Laps {
-            start: now,
-            last: now,
+            last: Instant::now(),
             laps: Vec::new(),
         }
     }
@@ -519,7 +516,11 @@ impl Laps {
     }
 
     fn total_ms(&self) -> u64 {
-        (self.last - self.start).as_millis() as u64
+        self.laps
+            .iter()
+            .map(|(_, d)| *d)
+            .sum::<Duration>()
+            .as_millis() as u64
     }
 }
 

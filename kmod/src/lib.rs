@@ -86,7 +86,7 @@ fn load_listed(list_file: &Path, modules_dir: &Path, loaded: Option<&Path>) -> V
     };
     parse_list(&text)
         .iter()
-        .filter(|rel| loaded.is_none_or(|l| !l.join(module_name(rel)).exists()))
+        .filter(|rel| loaded.is_none_or(|l| !l.join(module_name(&rel.to_string_lossy())).exists()))
         .filter_map(|rel| load(&modules_dir.join(rel)).err())
         .collect()
 }
@@ -115,10 +115,10 @@ fn load_on_demand_from(list_file: &Path, modules_dir: &Path, loaded: &Path) -> V
 }
 
 /// The kernel's name of a module file: `kernel/fs/xfs/xfs.ko` is `xfs`, `dm-bufio.ko.xz`
-/// is `dm_bufio` (as under /sys/module).
-fn module_name(rel: &Path) -> String {
-    let file = rel.file_name().unwrap_or_default().to_string_lossy();
-    file.split(".ko").next().unwrap_or(&file).replace('-', "_")
+/// is `dm_bufio` (as under /sys/module and in modules.dep's lookups).
+pub fn module_name(path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.split(".ko").next().unwrap_or(base).replace('-', "_")
 }
 
 #[cfg(test)]
@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn module_names_are_the_kernels() {
-        assert_eq!(module_name(Path::new("kernel/fs/xfs/xfs.ko")), "xfs");
-        assert_eq!(module_name(Path::new("a/dm-bufio.ko.xz")), "dm_bufio");
+        assert_eq!(module_name("kernel/fs/xfs/xfs.ko"), "xfs");
+        assert_eq!(module_name("a/dm-bufio.ko.xz"), "dm_bufio");
     }
 }

@@ -86,11 +86,6 @@ fn deb_cache() -> Result<PathBuf> {
     Ok(base.join("debs"))
 }
 
-fn module_name(path: &str) -> String {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    base.split(".ko").next().unwrap_or(base).replace('-', "_")
-}
-
 impl Kernel {
     /// Unpacks the pinned kernel package once into `target/lightvm/` (fetching the .deb
     /// into the image builder's cache if it is not there) and runs depmod on it.
@@ -156,7 +151,7 @@ impl Kernel {
         let mut by_name = BTreeMap::new();
         for line in dep.lines() {
             if let Some((m, d)) = line.split_once(':') {
-                by_name.insert(module_name(m), m.to_owned());
+                by_name.insert(edge_kmod::module_name(m), m.to_owned());
                 deps.insert(
                     m.to_owned(),
                     d.split_whitespace().map(String::from).collect(),

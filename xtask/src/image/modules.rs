@@ -7,6 +7,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use edge_kmod::module_name;
+
 use super::cmd;
 
 /// modules.dep as a map from module name (`-` written as `_`) to its path and its
@@ -16,12 +18,6 @@ pub struct DepTable {
     by_name: BTreeMap<String, String>,
     deps: BTreeMap<String, Vec<String>>,
     builtin: BTreeSet<String>,
-}
-
-pub fn module_name(path: &str) -> String {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    let base = base.split(".ko").next().unwrap_or(base);
-    base.replace('-', "_")
 }
 
 impl DepTable {
