@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
@@ -32,6 +32,9 @@ pub const SLOW_DOWN: u8 = 6;
 /// identity, never the producer's word): the core can trust it. A producer that sends
 /// it is refused.
 pub const PRODUCER_HEADER: &str = "Edge-Producer";
+
+/// How much of a connection's input one read takes in.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Bytes a request may carry beyond the record's own (op, timestamp and lengths).
 const REQUEST_OVERHEAD: usize = 1 + 8 + 2 + 4 + 2;
@@ -301,7 +304,9 @@ pub async fn serve_conn<S>(ingest: Arc<Ingest>, stream: S, peer: String)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
+    // Producers pipeline: one read takes in many frames, not two reads per frame.
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     // Bounded so that a producer that pipelines without reading replies is slowed down.
     let (tx, mut rx) = mpsc::channel::<Reply>(4096);
     let writer = tokio::spawn(async move {
