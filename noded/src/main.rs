@@ -1,7 +1,8 @@
-//! noded: the Kubernetes node. It serves the bundled OCI archives to containerd through
-//! the local registry, waits until containerd answers, reports ready, then runs the
-//! pods of the manifests directory and of the core's downlink directory, and reports
-//! them on its control socket. `noded pods` and `noded logs` ask a running noded.
+//! noded: the Kubernetes node. It waits until containerd answers and reports ready;
+//! meanwhile it reads the bundled OCI archives, which it serves to containerd through
+//! the local registry; then it runs the pods of the manifests directory and of the
+//! core's downlink directory, and reports them on its control socket. `noded pods` and
+//! `noded logs` ask a running noded.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -179,7 +180,13 @@ async fn serve(config: Config) -> Result<()> {
     for dir in [&config.manifests_dir, &config.log_dir, &config.state_dir] {
         edge_common::ensure_dir(dir)?;
     }
-    let (_registry, served) = start_registry(&config.images_dir, config.registry_listen).await?;
+    // Reading and checking the bundled archives (their every blob hashed) is the longest
+    // part of noded's start; only the pods need it, so it runs beside the rest and
+    // readiness does not wait for it.
+    let registry = tokio::spawn(start_registry(
+        config.images_dir.clone(),
+        config.registry_listen,
+    ));
     wait_for_containerd(&config.containerd_socket).await;
     let cri = Client::connect(&config.containerd_socket).await?;
     let image_policy = image_policy(&config)?;
@@ -218,6 +225,10 @@ async fn serve(config: Config) -> Result<()> {
         config.manifests_dir.clone(),
         status.clone(),
     ));
+    let (_registry, served) = registry.await.map_err(|e| Error::Archive {
+        archive: config.images_dir.display().to_string(),
+        detail: format!("the image registry did not start: {e}"),
+    })??;
     let settings = Settings {
         manifests_dir: config.manifests_dir,
         downlink_manifests_dir: config.downlink_manifests_dir,
@@ -329,11 +340,18 @@ fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>> {
 /// workloads; a bad archive is left out and named, the others are served. Returns the
 /// task and what it serves (`Registry::served`).
 async fn start_registry(
-    dir: &Path,
+    dir: PathBuf,
     listen: SocketAddr,
 ) -> Result<(tokio::task::JoinHandle<()>, BTreeMap<String, String>)> {
+    let started = std::time::Instant::now();
     let registry = if dir.is_dir() {
-        let (registry, rejected) = Registry::load_dir(dir)?;
+        let read = dir.clone();
+        let (registry, rejected) = tokio::task::spawn_blocking(move || Registry::load_dir(&read))
+            .await
+            .map_err(|e| Error::Archive {
+                archive: dir.display().to_string(),
+                detail: format!("reading the archives failed: {e}"),
+            })??;
         for r in rejected {
             tracing::error!("image archive {} rejected: {}", r.path.display(), r.reason);
         }
@@ -347,7 +365,12 @@ async fn start_registry(
         .spawn(listen)
         .await
         .map_err(Error::bind("failed to start the image registry on", listen))?;
-    tracing::info!(%addr, images = %dir.display(), "image registry serving");
+    tracing::info!(
+        %addr,
+        images = %dir.display(),
+        read_ms = started.elapsed().as_millis() as u64,
+        "image registry serving"
+    );
     Ok((task, served))
 }
 
