@@ -8,7 +8,9 @@
 //! by tag or digest and of blobs by digest. Anything else is a distribution-API error.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,11 +29,36 @@ struct Repo {
     digests: HashSet<String>,
 }
 
+/// A blob's bytes: in memory (an archive added whole), or where they lie in an archive
+/// file of the image directory, read when asked: those stay in the page cache, which
+/// the kernel can take back, instead of in noded's own memory for its whole life.
+#[derive(Clone)]
+enum Body {
+    Bytes(Arc<Vec<u8>>),
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        match self {
+            Body::Bytes(b) => b.len(),
+            Body::File { len, .. } => *len,
+        }
+    }
+}
+
+/// How much of a file-held blob one read takes (off the async threads).
+const FILE_CHUNK: usize = 256 * 1024;
+
 /// The images served, by repository. Built once; requests only read it.
 #[derive(Default)]
 pub struct Registry {
     repos: HashMap<String, Repo>,
-    blobs: HashMap<String, Arc<Vec<u8>>>,
+    blobs: HashMap<String, Body>,
     /// manifest digest → media type
     manifests: HashMap<String, String>,
 }
@@ -66,6 +93,42 @@ pub fn split_ref(name: &str) -> Option<(String, String)> {
 impl Registry {
     /// Adds every named image of `archive`. `source` names the archive in errors.
     pub fn add(&mut self, source: &str, archive: edge_oci::Archive) -> Result<()> {
+        self.add_images(source, &archive)?;
+        for (digest, data) in archive.blobs {
+            self.blobs
+                .entry(digest)
+                .or_insert_with(|| Body::Bytes(Arc::new(data)));
+        }
+        Ok(())
+    }
+
+    /// Adds every named image of the archive `bytes`, read from `file`: checked whole,
+    /// then served from the file.
+    fn add_file(&mut self, source: &str, file: File, bytes: &[u8]) -> Result<()> {
+        let archive = edge_oci::read_archive(bytes)?;
+        self.add_images(source, &archive)?;
+        let file = Arc::new(file);
+        for f in edge_oci::tar::read(bytes)? {
+            let Some(hex) = f.path.strip_prefix("blobs/sha256/") else {
+                continue;
+            };
+            let digest = format!("sha256:{hex}");
+            // Only what the archive's images reference (what reading it kept).
+            if !archive.blobs.contains_key(&digest) {
+                continue;
+            }
+            // `data` is a slice of `bytes`: its place in the file.
+            let offset = (f.data.as_ptr() as usize - bytes.as_ptr() as usize) as u64;
+            self.blobs.entry(digest).or_insert_with(|| Body::File {
+                file: file.clone(),
+                offset,
+                len: f.data.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn add_images(&mut self, source: &str, archive: &edge_oci::Archive) -> Result<()> {
         let unservable = |detail| Error::Archive {
             archive: source.to_string(),
             detail,
@@ -93,9 +156,6 @@ impl Registry {
                 image.manifest.digest.clone(),
                 image.manifest.media_type.clone(),
             );
-        }
-        for (digest, data) in archive.blobs {
-            self.blobs.entry(digest).or_insert_with(|| Arc::new(data));
         }
         Ok(())
     }
@@ -126,10 +186,17 @@ impl Registry {
         let mut registry = Registry::default();
         let mut rejected = Vec::new();
         for path in paths {
-            let result = std::fs::read(&path)
+            // Served later from the same open file that was checked.
+            let result = File::open(&path)
+                .and_then(|mut file| {
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut file, &mut bytes)?;
+                    Ok((file, bytes))
+                })
                 .map_err(Error::io("failed to read", &path))
-                .and_then(|bytes| Ok(edge_oci::read_archive(&bytes)?))
-                .and_then(|archive| registry.add(&path.display().to_string(), archive));
+                .and_then(|(file, bytes)| {
+                    registry.add_file(&path.display().to_string(), file, &bytes)
+                });
             if let Err(reason) = result {
                 rejected.push(Rejected { path, reason });
             }
@@ -196,7 +263,11 @@ impl Registry {
         }
         let path = target.split('?').next().unwrap_or(target);
         if path == "/v2/" || path == "/v2" {
-            return Response::ok("application/json", Arc::new(b"{}".to_vec()), None);
+            return Response::ok(
+                "application/json",
+                Body::Bytes(Arc::new(b"{}".to_vec())),
+                None,
+            );
         }
         let Some(rest) = path.strip_prefix("/v2/") else {
             return Response::error(404, "Not Found", "NAME_UNKNOWN", "not a /v2/ path");
@@ -328,12 +399,12 @@ struct Response {
     status: u16,
     reason: &'static str,
     content_type: String,
-    body: Arc<Vec<u8>>,
+    body: Body,
     digest: Option<String>,
 }
 
 impl Response {
-    fn ok(content_type: &str, body: Arc<Vec<u8>>, digest: Option<&str>) -> Response {
+    fn ok(content_type: &str, body: Body, digest: Option<&str>) -> Response {
         Response {
             status: 200,
             reason: "OK",
@@ -350,7 +421,7 @@ impl Response {
             status,
             reason,
             content_type: "application/json".into(),
-            body: Arc::new(body.to_string().into_bytes()),
+            body: Body::Bytes(Arc::new(body.to_string().into_bytes())),
             digest: None,
         }
     }
@@ -373,7 +444,24 @@ impl Response {
         head.push_str("\r\n");
         wr.write_all(head.as_bytes()).await?;
         if !head_only {
-            wr.write_all(&self.body).await?;
+            match &self.body {
+                Body::Bytes(b) => wr.write_all(b).await?,
+                Body::File { file, offset, len } => {
+                    let mut done = 0;
+                    while done < *len {
+                        let n = FILE_CHUNK.min(len - done);
+                        let (file, at) = (file.clone(), offset + done as u64);
+                        let chunk = tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0; n];
+                            file.read_exact_at(&mut buf, at).map(|_| buf)
+                        })
+                        .await
+                        .map_err(std::io::Error::other)??;
+                        wr.write_all(&chunk).await?;
+                        done += n;
+                    }
+                }
+            }
         }
         wr.flush().await
     }

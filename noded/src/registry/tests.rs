@@ -162,3 +162,41 @@ fn a_tampered_archive_in_the_directory_is_rejected_by_name_and_the_rest_served()
     assert!(registry.repos.contains_key("pause"));
     assert!(!registry.repos.contains_key("bad"));
 }
+
+#[tokio::test]
+async fn an_image_directorys_blobs_are_served_from_their_files_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // A layer larger than one read of the file, so that it is served in several.
+    let payload: Vec<u8> = (0..FILE_CHUNK * 2 + 12_345)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let bytes = image("model:2", &payload);
+    std::fs::write(dir.path().join("model.tar"), &bytes).unwrap();
+    let archive = edge_oci::read_archive(&bytes).unwrap();
+    let (registry, rejected) = Registry::load_dir(dir.path()).unwrap();
+    assert!(rejected.is_empty());
+    assert!(registry
+        .blobs
+        .values()
+        .all(|b| matches!(b, Body::File { .. })));
+    let (addr, _task) = registry
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let image = &archive.images[0];
+    assert!(archive.blobs[&image.layers[0].digest].len() > FILE_CHUNK * 2);
+    for digest in image
+        .layers
+        .iter()
+        .map(|l| &l.digest)
+        .chain([&image.config.digest])
+    {
+        let r = request(addr, "GET", &format!("/v2/model/blobs/{digest}")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(&edge_oci::digest(&r.body), digest);
+        assert_eq!(r.body, archive.blobs[digest]);
+    }
+    let m = request(addr, "GET", "/v2/model/manifests/2").await;
+    assert_eq!(m.status, 200);
+    assert_eq!(edge_oci::digest(&m.body), image.manifest.digest);
+}
