@@ -43,6 +43,8 @@ struct Entry {
     after: Vec<String>,
     #[serde(default)]
     requires: Vec<String>,
+    #[serde(default)]
+    alongside: Vec<String>,
     #[serde(default = "default_ready")]
     ready: Readiness,
     socket: Option<PathBuf>,
@@ -125,6 +127,9 @@ pub struct ServiceSpec {
     pub workdir: Option<PathBuf>,
     pub after: Vec<String>,
     pub requires: Vec<String>,
+    /// Started once these have been started, without waiting for their readiness (the
+    /// service waits for what it needs of them itself); stopped before them.
+    pub alongside: Vec<String>,
     pub ready: Readiness,
     pub socket: Option<PathBuf>,
     pub ready_timeout: Duration,
@@ -149,9 +154,13 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
-    /// Every service this one waits for, ordering and requirement alike.
+    /// Every service this one is ordered after, requirement, ordering and start
+    /// alike.
     pub fn deps(&self) -> impl Iterator<Item = &String> {
-        self.requires.iter().chain(self.after.iter())
+        self.requires
+            .iter()
+            .chain(self.after.iter())
+            .chain(self.alongside.iter())
     }
 }
 
@@ -293,6 +302,7 @@ fn convert(e: Entry) -> Result<ServiceSpec, (String, String)> {
         workdir: e.workdir,
         after: e.after,
         requires: e.requires,
+        alongside: e.alongside,
         ready: e.ready,
         socket: e.socket,
         ready_timeout: Duration::from_millis(e.ready_timeout_ms),
@@ -389,7 +399,11 @@ fn check_graph(specs: &mut Vec<ServiceSpec>, origin: &str, problems: &mut Vec<St
         let names: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let mut drop: Option<(String, String)> = None;
         'find: for s in specs.iter() {
-            for (key, list) in [("requires", &s.requires), ("after", &s.after)] {
+            for (key, list) in [
+                ("requires", &s.requires),
+                ("after", &s.after),
+                ("alongside", &s.alongside),
+            ] {
                 for d in list {
                     if !names.contains(d.as_str()) {
                         drop = Some((
@@ -406,7 +420,7 @@ fn check_graph(specs: &mut Vec<ServiceSpec>, origin: &str, problems: &mut Vec<St
                 // Every member of the cycle is skipped: none of them could ever start.
                 for name in &cycle {
                     problems.push(format!(
-                        "{origin}: service `{name}`: key `requires`/`after`: dependency cycle {}; skipped",
+                        "{origin}: service `{name}`: key `requires`/`after`/`alongside`: dependency cycle {}; skipped",
                         cycle.join(" -> ")
                     ));
                 }
@@ -505,7 +519,8 @@ mod tests {
             "the image's services"
         );
         let noded = &t.services[3];
-        assert_eq!(noded.requires, ["containerd"]);
+        assert_eq!(noded.alongside, ["containerd"]);
+        assert!(noded.requires.is_empty());
         assert_eq!(noded.ready, Readiness::Notify);
         assert_eq!(noded.health.as_deref(), Some("static pods running"));
         let containerd = &t.services[0];
@@ -572,12 +587,18 @@ after = ["a"]
 [[service]]
 name = "c"
 exec = ["/bin/true"]
+
+[[service]]
+name = "d"
+exec = ["/bin/true"]
+alongside = ["b"]
 "#;
         let t = parse(text, "t");
         assert_eq!(names(&t), ["c"]);
         let all = t.problems.join("\n");
         assert!(all.contains("`a`") && all.contains("ghost"), "{all}");
         assert!(all.contains("`b`") && all.contains("after"), "{all}");
+        assert!(all.contains("`d`") && all.contains("alongside"), "{all}");
     }
 
     #[test]
@@ -596,6 +617,16 @@ after = ["x"]
 [[service]]
 name = "z"
 exec = ["/bin/true"]
+
+[[service]]
+name = "v"
+exec = ["/bin/true"]
+alongside = ["w"]
+
+[[service]]
+name = "w"
+exec = ["/bin/true"]
+alongside = ["v"]
 "#;
         let t = parse(text, "t");
         assert_eq!(names(&t), ["z"]);

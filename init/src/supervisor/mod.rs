@@ -389,7 +389,12 @@ impl Supervisor {
         let ordered = spec.after.iter().all(|a| {
             state_of(a).is_none_or(|st| matches!(st, State::Ready | State::Failed | State::Stopped))
         });
-        required_ready && ordered
+        // `alongside` waits only for the other to have been started at all.
+        let started = spec
+            .alongside
+            .iter()
+            .all(|a| state_of(a).is_none_or(|st| st != State::Waiting));
+        required_ready && ordered && started
     }
 
     fn advance(&mut self, i: usize, now: Instant) {

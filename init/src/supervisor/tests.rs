@@ -335,6 +335,52 @@ requires = ["base"]
     assert_eq!(stopped, ["top", "base"]);
 }
 
+/// `alongside` starts a service as soon as the other has been started, while it is
+/// still on its way to ready, and still stops it first.
+#[test]
+fn alongside_starts_with_the_other_not_after_its_readiness() {
+    let mut sup = supervisor(
+        r#"
+[[service]]
+name = "runtime"
+exec = ["/bin/sh", "-c", "sleep 1; echo READY=1 >&$NOTIFY_FD; exec sleep 30"]
+ready = "notify"
+
+[[service]]
+name = "agent"
+exec = ["/bin/sleep", "30"]
+alongside = ["runtime"]
+
+[[service]]
+name = "later"
+exec = ["/bin/sleep", "30"]
+requires = ["runtime"]
+"#,
+        None,
+    );
+    run_until(&mut sup, 5, "the agent to be ready", |s| {
+        s.state("agent") == Some(State::Ready)
+    });
+    assert_eq!(
+        sup.state("runtime"),
+        Some(State::Starting),
+        "the agent is up while the runtime is still starting"
+    );
+    assert_eq!(sup.state("later"), Some(State::Waiting));
+    run_until(&mut sup, 10, "the runtime to be ready", |s| {
+        s.state("later") == Some(State::Ready)
+    });
+    let notes = shut_down(&mut sup, 15);
+    let stopped: Vec<String> = events(&notes)
+        .iter()
+        .filter(|e| e["state"] == "stopped")
+        .map(|e| e["service"].as_str().unwrap().to_owned())
+        .collect();
+    let at = |n: &str| stopped.iter().position(|s| s == n).unwrap();
+    assert!(at("agent") < at("runtime"), "{stopped:?}");
+    assert!(at("later") < at("runtime"), "{stopped:?}");
+}
+
 #[test]
 fn socket_readiness_waits_for_a_connectable_socket() {
     let dir = tempfile::tempdir().unwrap();
