@@ -187,8 +187,7 @@ async fn serve(config: Config) -> Result<()> {
         config.images_dir.clone(),
         config.registry_listen,
     ));
-    wait_for_containerd(&config.containerd_socket).await;
-    let cri = Client::connect(&config.containerd_socket).await?;
+    let cri = wait_for_containerd(&config.containerd_socket).await;
     let image_policy = image_policy(&config)?;
     let status = Arc::new(Mutex::new(Vec::new()));
     let _control = noded::control::spawn(
@@ -374,23 +373,42 @@ async fn start_registry(
     Ok((task, served))
 }
 
-/// The node is of no use until the runtime answers; init orders us after containerd,
-/// but containerd may restart under us, so wait rather than fail.
-async fn wait_for_containerd(socket: &Path) {
+/// The node is of no use until the runtime answers; init starts us alongside containerd
+/// (services.toml), and containerd may restart under us, so wait rather than fail. Its
+/// socket accepts connections before its CRI service is initialized (calls then fail
+/// with `server is not initialized yet`), so the wait ends at the first CRI call that
+/// succeeds. Tried often: at boot, the box is ready only once we are.
+async fn wait_for_containerd(socket: &Path) -> Client {
+    const EVERY: Duration = Duration::from_millis(50);
     let mut waited = Duration::ZERO;
     loop {
-        match tokio::net::UnixStream::connect(socket).await {
-            Ok(_) => break,
+        let answer = match tokio::net::UnixStream::connect(socket).await {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => match Client::connect(socket).await {
+                Err(e) => Err(e.to_string()),
+                Ok(cri) => match cri
+                    .list_pod_sandbox(noded::cri::api::ListPodSandboxRequest::default())
+                    .await
+                {
+                    Ok(_) => Ok(cri),
+                    Err(e) => Err(e.to_string()),
+                },
+            },
+        };
+        match answer {
+            Ok(cri) => {
+                tracing::info!(socket = %socket.display(), "containerd answers");
+                return cri;
+            }
             Err(e) => {
-                if waited.as_secs().is_multiple_of(10) && waited.subsec_millis() == 0 {
+                if waited.as_millis().is_multiple_of(10_000) && !waited.is_zero() {
                     tracing::info!(socket = %socket.display(), "waiting for containerd: {e}");
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                waited += Duration::from_millis(200);
+                tokio::time::sleep(EVERY).await;
+                waited += EVERY;
             }
         }
     }
-    tracing::info!(socket = %socket.display(), "containerd answers");
 }
 
 #[derive(clap::Parser)]
