@@ -249,7 +249,7 @@ impl Ingest {
     /// stamps who produced it, and queues it; the receiver resolves once it is durable.
     pub async fn submit(
         &self,
-        mut rec: Record,
+        rec: Record,
         producer: &str,
     ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, Refusal> {
         if rec
@@ -264,6 +264,7 @@ impl Ingest {
                 ),
             ));
         }
+        check_header_count(rec.headers.len())?;
         let size = rec.encoded_len() - 16;
         if size > self.config.max_record_bytes {
             return Err(Refusal::new(
@@ -278,13 +279,22 @@ impl Ingest {
             Refusal::new(NO_CLASS, format!("no class takes topic `{}`", rec.topic))
         })?;
         self.meter(producer, size)?;
-        rec.headers
-            .push((PRODUCER_HEADER.to_owned(), producer.as_bytes().to_vec()));
-        self.log
-            .submit(class, rec.encode_body())
-            .await
-            .map_err(append_refusal)
+        let body = rec.encode_body_with(Some((PRODUCER_HEADER, producer.as_bytes())));
+        self.log.submit(class, body).await.map_err(append_refusal)
     }
+}
+
+/// A stored record's header count is 16 bits and fabricd adds its stamp: a record may
+/// bring one header fewer than that holds.
+fn check_header_count(n: usize) -> Result<(), Refusal> {
+    let most = u16::MAX as usize - 1;
+    if n > most {
+        return Err(Refusal::new(
+            BAD_REQUEST,
+            format!("{n} headers: at most {most} are taken"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn append_refusal(e: AppendError) -> Refusal {
@@ -297,6 +307,21 @@ pub fn append_refusal(e: AppendError) -> Refusal {
 enum Reply {
     Pending(oneshot::Receiver<Result<u64, AppendError>>),
     Refused(Refusal),
+}
+
+/// Waits for a record to be durable. One that is not yet gets the replies buffered so
+/// far sent first, so that they go out before the next group commit, not after it;
+/// `None` when they cannot be sent.
+async fn durable<W: AsyncWrite + Unpin>(
+    rx: &mut oneshot::Receiver<Result<u64, AppendError>>,
+    wr: &mut W,
+) -> Option<Result<Result<u64, AppendError>, oneshot::error::RecvError>> {
+    match rx.try_recv() {
+        Ok(r) => return Some(Ok(r)),
+        Err(oneshot::error::TryRecvError::Empty) => wr.flush().await.ok()?,
+        Err(oneshot::error::TryRecvError::Closed) => {}
+    }
+    Some(rx.await)
 }
 
 /// Serves one produce connection until the peer closes it or sends garbage.
@@ -315,16 +340,17 @@ where
             let offset;
             let refusal;
             let (status, payload, close): (u8, &[u8], bool) = match reply {
-                Reply::Pending(rx) => match rx.await {
-                    Ok(Ok(o)) => {
+                Reply::Pending(mut rx) => match durable(&mut rx, &mut wr).await {
+                    None => return,
+                    Some(Ok(Ok(o))) => {
                         offset = o.to_be_bytes();
                         (OK, &offset, false)
                     }
-                    Ok(Err(e)) => {
+                    Some(Ok(Err(e))) => {
                         refusal = append_refusal(e);
                         (refusal.status, refusal.message.as_bytes(), false)
                     }
-                    Err(_) => (STORAGE, b"the log is shut down", true),
+                    Some(Err(_)) => (STORAGE, b"the log is shut down", true),
                 },
                 Reply::Refused(r) => {
                     refusal = r;
@@ -410,6 +436,14 @@ mod tests {
             frame.len() - 4
         );
         assert_eq!(parse_request(&frame[4..]).unwrap(), rec);
+    }
+
+    #[test]
+    fn a_record_must_leave_room_for_the_producers_stamp() {
+        assert!(check_header_count(u16::MAX as usize - 1).is_ok());
+        let r = check_header_count(u16::MAX as usize).unwrap_err();
+        assert_eq!(r.status, BAD_REQUEST);
+        assert!(r.message.contains("65535 headers"), "{}", r.message);
     }
 
     #[test]

@@ -83,7 +83,14 @@ pub fn check_topic(topic: &str) -> Result<(), crate::Error> {
 impl Record {
     /// The body as stored, with a zero offset the log fills in when it appends.
     pub fn encode_body(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(self.encoded_len());
+        self.encode_body_with(None)
+    }
+
+    /// The body as stored, with `extra` as its last header (the producer's stamp) when
+    /// given.
+    pub fn encode_body_with(&self, extra: Option<(&str, &[u8])>) -> Vec<u8> {
+        let extra_len = extra.map_or(0, |(n, v)| 2 + n.len() + 4 + v.len());
+        let mut b = Vec::with_capacity(self.encoded_len() + extra_len);
         b.extend_from_slice(&0u64.to_le_bytes());
         b.extend_from_slice(&self.timestamp_ms.to_le_bytes());
         b.extend_from_slice(&(self.topic.len() as u16).to_le_bytes());
@@ -95,8 +102,10 @@ impl Record {
             }
             None => b.extend_from_slice(&NO_KEY.to_le_bytes()),
         }
-        b.extend_from_slice(&(self.headers.len() as u16).to_le_bytes());
-        for (name, value) in &self.headers {
+        let count = self.headers.len() + usize::from(extra.is_some());
+        b.extend_from_slice(&(count as u16).to_le_bytes());
+        let own = self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+        for (name, value) in own.chain(extra) {
             b.extend_from_slice(&(name.len() as u16).to_le_bytes());
             b.extend_from_slice(name.as_bytes());
             b.extend_from_slice(&(value.len() as u32).to_le_bytes());
@@ -265,6 +274,18 @@ mod tests {
         assert_eq!(back.offset, 42);
         assert_eq!(back.crc, crc32c::crc32c(&body));
         assert_eq!(back.record, rec);
+    }
+
+    #[test]
+    fn an_extra_header_is_stored_last_as_if_the_record_had_it() {
+        let rec = sample();
+        let mut stamped = rec.clone();
+        stamped
+            .headers
+            .push(("Edge-Producer".into(), b"local:app/uid=0".to_vec()));
+        let body = rec.encode_body_with(Some(("Edge-Producer", b"local:app/uid=0")));
+        assert_eq!(body, stamped.encode_body());
+        assert_eq!(body.len(), stamped.encoded_len());
     }
 
     #[test]
