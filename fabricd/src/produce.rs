@@ -279,7 +279,8 @@ impl Ingest {
             Refusal::new(NO_CLASS, format!("no class takes topic `{}`", rec.topic))
         })?;
         self.meter(producer, size)?;
-        let body = rec.encode_body_with(Some((PRODUCER_HEADER, producer.as_bytes())));
+        let mut body = self.log.body_buffer();
+        rec.encode_body_into(Some((PRODUCER_HEADER, producer.as_bytes())), &mut body);
         self.log.submit(class, body).await.map_err(append_refusal)
     }
 }

@@ -89,8 +89,16 @@ impl Record {
     /// The body as stored, with `extra` as its last header (the producer's stamp) when
     /// given.
     pub fn encode_body_with(&self, extra: Option<(&str, &[u8])>) -> Vec<u8> {
+        let mut b = Vec::new();
+        self.encode_body_into(extra, &mut b);
+        b
+    }
+
+    /// [`Record::encode_body_with`] into `b` (cleared first), reusing its memory.
+    pub fn encode_body_into(&self, extra: Option<(&str, &[u8])>, b: &mut Vec<u8>) {
         let extra_len = extra.map_or(0, |(n, v)| 2 + n.len() + 4 + v.len());
-        let mut b = Vec::with_capacity(self.encoded_len() + extra_len);
+        b.clear();
+        b.reserve(self.encoded_len() + extra_len);
         b.extend_from_slice(&0u64.to_le_bytes());
         b.extend_from_slice(&self.timestamp_ms.to_le_bytes());
         b.extend_from_slice(&(self.topic.len() as u16).to_le_bytes());
@@ -112,7 +120,6 @@ impl Record {
             b.extend_from_slice(value);
         }
         b.extend_from_slice(&self.value);
-        b
     }
 
     /// Length of the body (without the 8-byte frame header).

@@ -109,7 +109,15 @@ struct Shared {
     dir: PathBuf,
     meta: Mutex<Meta>,
     committed: watch::Sender<u64>,
+    /// Bodies the writer is done with, for the next appends to encode into: their memory
+    /// is then freed (or reused) by the thread that allocated it, not by the writer,
+    /// which would contend with it for the allocator's lock at every record.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Spare bodies kept at most, and the largest kept (bigger ones are freed).
+const SPARE_BODIES: usize = 512;
+const SPARE_BODY_BYTES: usize = 4096;
 
 type Ack = oneshot::Sender<Result<u64, AppendError>>;
 
@@ -201,6 +209,7 @@ impl Log {
                 next_offset,
             }),
             committed,
+            spare: Mutex::new(Vec::new()),
         });
         let (tx, rx) = mpsc::channel(16384);
         let mut writer = Writer {
@@ -234,6 +243,12 @@ impl Log {
         }
         tracing::info!(dir = %dir.display(), next_offset, "log open");
         Ok(Log { shared, tx })
+    }
+
+    /// An empty buffer to encode a body into: one the writer is done with when there is.
+    pub fn body_buffer(&self) -> Vec<u8> {
+        let mut spare = self.shared.spare.lock().unwrap_or_else(|p| p.into_inner());
+        spare.pop().unwrap_or_default()
     }
 
     /// Queues a record body for the next group commit; the receiver resolves once it is

@@ -291,3 +291,23 @@ async fn acked_records_deleted_are_not_counted_as_drops_and_offsets_never_repeat
     let log = Log::open(tmp.path(), &classes, limits(8192, 4096)).unwrap();
     assert_eq!(log.append(0, body("bulk.x", 0, 200)).await.unwrap(), 110);
 }
+
+/// The writer hands back what it wrote for the next appends to encode into, emptied,
+/// and keeps no buffer larger than a few KiB.
+#[tokio::test]
+async fn bodies_written_come_back_empty_for_reuse_and_large_ones_do_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let classes = [class("a", 0, WhenFull::Backpressure)];
+    let log = Log::open(tmp.path(), &classes, limits(1 << 30, 1 << 20)).unwrap();
+    assert_eq!(log.body_buffer().capacity(), 0, "nothing written yet");
+    let small = body("a.x", 0, 1000);
+    let (ptr, cap) = (small.as_ptr(), small.capacity());
+    log.append(0, small).await.unwrap();
+    let reused = log.body_buffer();
+    assert!(reused.is_empty());
+    assert_eq!((reused.as_ptr(), reused.capacity()), (ptr, cap));
+    log.append(0, body("a.x", 1, SPARE_BODY_BYTES * 2)).await.unwrap();
+    assert_eq!(log.body_buffer().capacity(), 0, "a large body is freed");
+    // Reused or not, what was written reads back.
+    assert_eq!(value_ids(&read_all(&log, 0)), [0, 1]);
+}

@@ -13,7 +13,10 @@ use crate::config::ClassConfig;
 use crate::record::{self, FRAME_HEADER};
 
 use super::segment::{io_err, seg_path, sync_dir, Active};
-use super::{Ack, AppendError, Limits, Meta, Op, SegInfo, Shared, MAX_GROUP_BYTES};
+use super::{
+    Ack, AppendError, Limits, Meta, Op, SegInfo, Shared, MAX_GROUP_BYTES, SPARE_BODIES,
+    SPARE_BODY_BYTES,
+};
 
 pub(super) struct Writer {
     pub(super) shared: Arc<Shared>,
@@ -54,6 +57,7 @@ impl Writer {
 
     pub(super) fn group(&mut self, batch: Vec<Op>) {
         let mut acks = Vec::with_capacity(batch.len());
+        let mut done = Vec::with_capacity(batch.len());
         let mut failed: Option<String> = None;
         for op in batch {
             let Op::Append {
@@ -98,12 +102,15 @@ impl Writer {
                 .extend_from_slice(&((offset - a.base) as u32).to_le_bytes());
             a.pending_idx.extend_from_slice(&(pos as u32).to_le_bytes());
             record::frame(&body, &mut a.pending);
+            done.push(body);
             a.len += size;
             a.records += 1;
             a.last = Some(offset);
             self.class_bytes[class] += size;
             acks.push((class, size, ack, offset));
         }
+        // Their bytes are in the pending buffers now.
+        self.keep_spare(done);
         if let Err(e) = self.flush_all() {
             tracing::error!("{e}");
             // What was written but not synced may or may not survive; no producer is
@@ -118,6 +125,20 @@ impl Writer {
             let _ = ack.send(Ok(offset));
         }
         self.retention();
+    }
+
+    /// Hands bodies back for reuse (`Log::body_buffer`), as many as are kept.
+    fn keep_spare(&self, bodies: Vec<Vec<u8>>) {
+        let mut spare = self.shared.spare.lock().unwrap_or_else(|p| p.into_inner());
+        for mut b in bodies {
+            if spare.len() >= SPARE_BODIES {
+                break;
+            }
+            if b.capacity() <= SPARE_BODY_BYTES {
+                b.clear();
+                spare.push(b);
+            }
+        }
     }
 
     pub(super) fn meta_mut(&self) -> MutexGuard<'_, Meta> {
