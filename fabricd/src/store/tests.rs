@@ -306,7 +306,9 @@ async fn bodies_written_come_back_empty_for_reuse_and_large_ones_do_not() {
     let reused = log.body_buffer();
     assert!(reused.is_empty());
     assert_eq!((reused.as_ptr(), reused.capacity()), (ptr, cap));
-    log.append(0, body("a.x", 1, SPARE_BODY_BYTES * 2)).await.unwrap();
+    log.append(0, body("a.x", 1, SPARE_BODY_BYTES * 2))
+        .await
+        .unwrap();
     assert_eq!(log.body_buffer().capacity(), 0, "a large body is freed");
     // Reused or not, what was written reads back.
     assert_eq!(value_ids(&read_all(&log, 0)), [0, 1]);
