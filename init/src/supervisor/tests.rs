@@ -56,6 +56,15 @@ fn shut_down(sup: &mut Supervisor, secs: u64) -> Vec<Note> {
     notes
 }
 
+/// Shuts down; the services in the order they stopped.
+fn stopped_in_order(sup: &mut Supervisor) -> Vec<String> {
+    events(&shut_down(sup, 15))
+        .iter()
+        .filter(|e| e["state"] == "stopped")
+        .map(|e| e["service"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn console(notes: &[Note]) -> String {
     notes
         .iter()
@@ -326,13 +335,7 @@ requires = ["base"]
     assert!(sup.settled());
 
     // Reverse dependency order on the way down: top stops before base.
-    let notes = shut_down(&mut sup, 15);
-    let stopped: Vec<String> = events(&notes)
-        .iter()
-        .filter(|e| e["state"] == "stopped")
-        .map(|e| e["service"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(stopped, ["top", "base"]);
+    assert_eq!(stopped_in_order(&mut sup), ["top", "base"]);
 }
 
 /// `alongside` starts a service as soon as the other has been started, while it is
@@ -370,12 +373,7 @@ requires = ["runtime"]
     run_until(&mut sup, 10, "the runtime to be ready", |s| {
         s.state("later") == Some(State::Ready)
     });
-    let notes = shut_down(&mut sup, 15);
-    let stopped: Vec<String> = events(&notes)
-        .iter()
-        .filter(|e| e["state"] == "stopped")
-        .map(|e| e["service"].as_str().unwrap().to_owned())
-        .collect();
+    let stopped = stopped_in_order(&mut sup);
     let at = |n: &str| stopped.iter().position(|s| s == n).unwrap();
     assert!(at("agent") < at("runtime"), "{stopped:?}");
     assert!(at("later") < at("runtime"), "{stopped:?}");
