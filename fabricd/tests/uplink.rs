@@ -302,7 +302,18 @@ fn through_cuts(s: &Core, rounds: u64, cut: Duration) -> Fabricd {
     f.start();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let producers = run_producers(&f.socket, 2, u64::MAX, &acked, &stop, false, Duration::ZERO);
+    // Paced, as in the core-stopped test: unpaced, fabricd takes records far faster than
+    // the debug-build uplink sends them (4.5 million in one run), and the backlog was not
+    // at the core within `SLOW`.
+    let producers = run_producers(
+        &f.socket,
+        2,
+        u64::MAX,
+        &acked,
+        &stop,
+        false,
+        Duration::from_millis(10),
+    );
     for round in 0..rounds {
         let target = 3_000 * (round + 1);
         s.rt.block_on(async {
