@@ -310,21 +310,6 @@ enum Reply {
     Refused(Refusal),
 }
 
-/// Waits for a record to be durable. One that is not yet gets the replies buffered so
-/// far sent first, so that they go out before the next group commit, not after it;
-/// `None` when they cannot be sent.
-async fn durable<W: AsyncWrite + Unpin>(
-    rx: &mut oneshot::Receiver<Result<u64, AppendError>>,
-    wr: &mut W,
-) -> Option<Result<Result<u64, AppendError>, oneshot::error::RecvError>> {
-    match rx.try_recv() {
-        Ok(r) => return Some(Ok(r)),
-        Err(oneshot::error::TryRecvError::Empty) => wr.flush().await.ok()?,
-        Err(oneshot::error::TryRecvError::Closed) => {}
-    }
-    Some(rx.await)
-}
-
 /// Serves one produce connection until the peer closes it or sends garbage.
 pub async fn serve_conn<S>(ingest: Arc<Ingest>, stream: S, peer: String)
 where
@@ -341,18 +326,24 @@ where
             let offset;
             let refusal;
             let (status, payload, close): (u8, &[u8], bool) = match reply {
-                Reply::Pending(mut rx) => match durable(&mut rx, &mut wr).await {
-                    None => return,
-                    Some(Ok(Ok(o))) => {
-                        offset = o.to_be_bytes();
-                        (OK, &offset, false)
+                Reply::Pending(rx) => {
+                    // Not durable yet: the replies written so far go out before the
+                    // wait for the next group commit, not after it.
+                    if rx.is_empty() && wr.flush().await.is_err() {
+                        return;
                     }
-                    Some(Ok(Err(e))) => {
-                        refusal = append_refusal(e);
-                        (refusal.status, refusal.message.as_bytes(), false)
+                    match rx.await {
+                        Ok(Ok(o)) => {
+                            offset = o.to_be_bytes();
+                            (OK, &offset, false)
+                        }
+                        Ok(Err(e)) => {
+                            refusal = append_refusal(e);
+                            (refusal.status, refusal.message.as_bytes(), false)
+                        }
+                        Err(_) => (STORAGE, b"the log is shut down", true),
                     }
-                    Some(Err(_)) => (STORAGE, b"the log is shut down", true),
-                },
+                }
                 Reply::Refused(r) => {
                     refusal = r;
                     (refusal.status, refusal.message.as_bytes(), refusal.fatal())

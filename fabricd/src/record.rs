@@ -83,18 +83,13 @@ pub fn check_topic(topic: &str) -> Result<(), crate::Error> {
 impl Record {
     /// The body as stored, with a zero offset the log fills in when it appends.
     pub fn encode_body(&self) -> Vec<u8> {
-        self.encode_body_with(None)
-    }
-
-    /// The body as stored, with `extra` as its last header (the producer's stamp) when
-    /// given.
-    pub fn encode_body_with(&self, extra: Option<(&str, &[u8])>) -> Vec<u8> {
         let mut b = Vec::new();
-        self.encode_body_into(extra, &mut b);
+        self.encode_body_into(None, &mut b);
         b
     }
 
-    /// [`Record::encode_body_with`] into `b` (cleared first), reusing its memory.
+    /// The body as stored into `b` (cleared first, its memory reused), with `extra` as
+    /// its last header (the producer's stamp) when given.
     pub fn encode_body_into(&self, extra: Option<(&str, &[u8])>, b: &mut Vec<u8>) {
         let extra_len = extra.map_or(0, |(n, v)| 2 + n.len() + 4 + v.len());
         b.clear();
@@ -290,7 +285,8 @@ mod tests {
         stamped
             .headers
             .push(("Edge-Producer".into(), b"local:app/uid=0".to_vec()));
-        let body = rec.encode_body_with(Some(("Edge-Producer", b"local:app/uid=0")));
+        let mut body = Vec::new();
+        rec.encode_body_into(Some(("Edge-Producer", b"local:app/uid=0")), &mut body);
         assert_eq!(body, stamped.encode_body());
         assert_eq!(body.len(), stamped.encoded_len());
     }

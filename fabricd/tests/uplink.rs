@@ -180,6 +180,25 @@ fn run_producers(
         .collect()
 }
 
+/// Two producers until `stop`, paced (about 25 000 records/s each at most) so that the
+/// backlog an outage or a cut leaves is one the debug-build uplink delivers in seconds
+/// within `SLOW`: unpaced, fabricd took 4.5 million records in one run of the cut test.
+fn paced_producers(
+    socket: &Path,
+    acked: &Acked,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    run_producers(
+        socket,
+        2,
+        u64::MAX,
+        acked,
+        stop,
+        false,
+        Duration::from_millis(10),
+    )
+}
+
 #[test]
 fn records_from_four_producers_arrive_exactly_once_in_order() {
     let per: u64 = std::env::var("FABRICD_TEST_RECORDS")
@@ -224,17 +243,7 @@ fn core_stopped_mid_stream_then_restarted_loses_and_duplicates_nothing() {
     f.start();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
-    // Paced (about 25 000 records/s each at most) so that 30 s without a core make a
-    // backlog the debug-build test drains in seconds, not minutes.
-    let producers = run_producers(
-        &f.socket,
-        2,
-        u64::MAX,
-        &acked,
-        &stop,
-        false,
-        Duration::from_millis(10),
-    );
+    let producers = paced_producers(&f.socket, &acked, &stop);
     s.rt.block_on(async {
         while stream_count(&s.js).await < 5_000 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -302,18 +311,7 @@ fn through_cuts(s: &Core, rounds: u64, cut: Duration) -> Fabricd {
     f.start();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
-    // Paced, as in the core-stopped test: unpaced, fabricd takes records far faster than
-    // the debug-build uplink sends them (4.5 million in one run), and the backlog was not
-    // at the core within `SLOW`.
-    let producers = run_producers(
-        &f.socket,
-        2,
-        u64::MAX,
-        &acked,
-        &stop,
-        false,
-        Duration::from_millis(10),
-    );
+    let producers = paced_producers(&f.socket, &acked, &stop);
     for round in 0..rounds {
         let target = 3_000 * (round + 1);
         s.rt.block_on(async {

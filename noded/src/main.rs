@@ -183,10 +183,8 @@ async fn serve(config: Config) -> Result<()> {
     // Reading and checking the bundled archives (their every blob hashed) is the longest
     // part of noded's start; only the pods need it, so it runs beside the rest and
     // readiness does not wait for it.
-    let registry = tokio::spawn(start_registry(
-        config.images_dir.clone(),
-        config.registry_listen,
-    ));
+    let images_dir = config.images_dir.clone();
+    let reading = tokio::task::spawn_blocking(move || read_images(&images_dir));
     let cri = wait_for_containerd(&config.containerd_socket).await;
     let image_policy = image_policy(&config)?;
     let status = Arc::new(Mutex::new(Vec::new()));
@@ -224,10 +222,8 @@ async fn serve(config: Config) -> Result<()> {
         config.manifests_dir.clone(),
         status.clone(),
     ));
-    let (_registry, served) = registry.await.map_err(|e| Error::Archive {
-        archive: config.images_dir.display().to_string(),
-        detail: format!("the image registry did not start: {e}"),
-    })??;
+    let (_registry, served) =
+        start_registry(reading, &config.images_dir, config.registry_listen).await?;
     let settings = Settings {
         manifests_dir: config.manifests_dir,
         downlink_manifests_dir: config.downlink_manifests_dir,
@@ -335,30 +331,33 @@ fn image_policy(config: &Config) -> Result<Option<noded::policy::Policy>> {
     Ok(Some(policy))
 }
 
-/// Serves the archives of `dir`. A missing directory is an image with no bundled
-/// workloads; a bad archive is left out and named, the others are served. Returns the
-/// task and what it serves (`Registry::served`).
+/// Reads and checks the archives of `dir`. A missing directory is an image with no
+/// bundled workloads; a bad archive is left out and named, the others are served.
+/// Returns the registry and how long the reading took.
+fn read_images(dir: &Path) -> Result<(Registry, Duration)> {
+    let started = std::time::Instant::now();
+    if !dir.is_dir() {
+        tracing::info!("no image directory {}: serving no images", dir.display());
+        return Ok((Registry::default(), started.elapsed()));
+    }
+    let (registry, rejected) = Registry::load_dir(dir)?;
+    for r in rejected {
+        tracing::error!("image archive {} rejected: {}", r.path.display(), r.reason);
+    }
+    Ok((registry, started.elapsed()))
+}
+
+/// Serves what `reading` (`read_images` of `dir`) gives on `listen`. Returns the task
+/// and what it serves (`Registry::served`).
 async fn start_registry(
-    dir: PathBuf,
+    reading: tokio::task::JoinHandle<Result<(Registry, Duration)>>,
+    dir: &Path,
     listen: SocketAddr,
 ) -> Result<(tokio::task::JoinHandle<()>, BTreeMap<String, String>)> {
-    let started = std::time::Instant::now();
-    let registry = if dir.is_dir() {
-        let read = dir.clone();
-        let (registry, rejected) = tokio::task::spawn_blocking(move || Registry::load_dir(&read))
-            .await
-            .map_err(|e| Error::Archive {
-                archive: dir.display().to_string(),
-                detail: format!("reading the archives failed: {e}"),
-            })??;
-        for r in rejected {
-            tracing::error!("image archive {} rejected: {}", r.path.display(), r.reason);
-        }
-        registry
-    } else {
-        tracing::info!("no image directory {}: serving no images", dir.display());
-        Registry::default()
-    };
+    let (registry, took) = reading.await.map_err(|e| Error::Archive {
+        archive: dir.display().to_string(),
+        detail: format!("reading the archives failed: {e}"),
+    })??;
     let served = registry.served();
     let (addr, task) = registry
         .spawn(listen)
@@ -367,7 +366,7 @@ async fn start_registry(
     tracing::info!(
         %addr,
         images = %dir.display(),
-        read_ms = started.elapsed().as_millis() as u64,
+        read_ms = took.as_millis() as u64,
         "image registry serving"
     );
     Ok((task, served))
@@ -382,18 +381,12 @@ async fn wait_for_containerd(socket: &Path) -> Client {
     const EVERY: Duration = Duration::from_millis(50);
     let mut waited = Duration::ZERO;
     loop {
-        let answer = match tokio::net::UnixStream::connect(socket).await {
-            Err(e) => Err(e.to_string()),
-            Ok(_) => match Client::connect(socket).await {
-                Err(e) => Err(e.to_string()),
-                Ok(cri) => match cri
-                    .list_pod_sandbox(noded::cri::api::ListPodSandboxRequest::default())
-                    .await
-                {
-                    Ok(_) => Ok(cri),
-                    Err(e) => Err(e.to_string()),
-                },
-            },
+        let answer = match Client::connect(socket).await {
+            Ok(cri) => cri
+                .list_pod_sandbox(noded::cri::api::ListPodSandboxRequest::default())
+                .await
+                .map(|_| cri),
+            Err(e) => Err(e),
         };
         match answer {
             Ok(cri) => {
