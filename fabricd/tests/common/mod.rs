@@ -69,6 +69,8 @@ pub struct Fabricd {
     reader: Option<std::thread::JoinHandle<()>>,
     /// Environment the daemon starts with besides ours (e.g. the TPM it signs with).
     pub env: Vec<(String, String)>,
+    /// The daemon's nice value (0 unless a test asks for less of the CPU).
+    pub nice: i32,
 }
 
 impl Fabricd {
@@ -101,6 +103,7 @@ impl Fabricd {
             log: Arc::new(Mutex::new(Vec::new())),
             reader: None,
             env: Vec::new(),
+            nice: 0,
         }
     }
 
@@ -108,6 +111,7 @@ impl Fabricd {
     pub fn start(&mut self) {
         let (ready_rd, ready_wr) = std::io::pipe().unwrap();
         let fd = ready_wr.as_raw_fd();
+        let nice = self.nice;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fabricd"));
         cmd.arg("--config")
             .arg(&self.config)
@@ -118,10 +122,13 @@ impl Fabricd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: dup2 is async-signal-safe; the child gets the pipe's write end as fd 3.
+        // SAFETY: dup2 and setpriority are async-signal-safe; the child gets the pipe's
+        // write end as fd 3, and its nice value.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
+                if libc::dup2(fd, 3) < 0
+                    || (nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) < 0)
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
