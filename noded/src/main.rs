@@ -382,10 +382,7 @@ async fn wait_for_containerd(socket: &Path) -> Client {
     let mut waited = Duration::ZERO;
     loop {
         let answer = match Client::connect(socket).await {
-            Ok(cri) => cri
-                .list_pod_sandbox(noded::cri::api::ListPodSandboxRequest::default())
-                .await
-                .map(|_| cri),
+            Ok(cri) => cri.answers().await.map(|_| cri),
             Err(e) => Err(e),
         };
         match answer {

@@ -75,17 +75,38 @@ impl Client {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let result = edge_csi::unix::unary(&self.grpc, method, req)
+        let result = self.uncounted(method, req).await;
+        if let Err(e) = &result {
+            crate::metrics::cri_failed(method, e.code());
+        }
+        result
+    }
+
+    async fn uncounted<Req, Resp>(&self, method: &'static str, req: Req) -> Result<Resp, Error>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        edge_csi::unix::unary(&self.grpc, method, req)
             .await
             .map_err(|s| Error::Call {
                 method,
                 code: s.code(),
                 message: s.message().to_string(),
-            });
-        if let Err(e) = &result {
-            crate::metrics::cri_failed(method, e.code());
-        }
-        result
+            })
+    }
+
+    /// Whether the runtime's CRI service answers yet (a `ListPodSandbox`). containerd
+    /// takes connections before its CRI service is initialized; the failures of this
+    /// waiting are not counted in `noded_cri_errors_total`, which would otherwise rise
+    /// at every boot.
+    pub async fn answers(&self) -> Result<(), Error> {
+        self.uncounted::<_, ListPodSandboxResponse>(
+            "/runtime.v1.RuntimeService/ListPodSandbox",
+            ListPodSandboxRequest::default(),
+        )
+        .await
+        .map(|_| ())
     }
 
     rpc!(
@@ -224,4 +245,40 @@ impl Client {
         RemoveImageRequest,
         RemoveImageResponse
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes connections and speaks no gRPC, as containerd's does before
+    /// its CRI service is up: waiting on it counts no error, a pod's call does.
+    #[tokio::test]
+    async fn waiting_for_the_runtime_counts_no_cri_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cri.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                drop(conn);
+            }
+        });
+        // Failed ListPodSandbox calls, whatever their code.
+        let failed = || -> u64 {
+            crate::metrics::Counts::now()
+                .cri_errors
+                .iter()
+                .filter(|((method, _), _)| method == "ListPodSandbox")
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let cri = Client::lazy(&socket);
+        let before = failed();
+        cri.answers().await.unwrap_err();
+        assert_eq!(failed(), before);
+        cri.list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(failed(), before + 1);
+    }
 }
