@@ -292,6 +292,9 @@ pub struct Boot<'a> {
     /// KVM with the host's CPU instead of TCG (only where /dev/kvm works; on these
     /// build machines it hangs).
     pub kvm: bool,
+    /// Console lines that begin with this are printed as they come (`  guest [N s]:
+    /// <line>`), for a long run to show its progress.
+    pub progress: Option<&'a str>,
 }
 
 /// Boots, waits for power-off (or the timeout, which kills QEMU and is an error), and
@@ -334,8 +337,15 @@ pub fn boot(b: &Boot) -> Result<String> {
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("failed to start qemu-system-x86_64")?;
     let start = Instant::now();
+    let mut shown = 0;
     loop {
+        if let Some(prefix) = b.progress {
+            shown = show_progress(&b.console, shown, prefix, start);
+        }
         if let Some(st) = child.try_wait()? {
+            if let Some(prefix) = b.progress {
+                show_progress(&b.console, shown, prefix, start);
+            }
             let console = std::fs::read_to_string(&b.console).unwrap_or_default();
             if !st.success() {
                 let mut err = String::new();
@@ -357,6 +367,27 @@ pub fn boot(b: &Boot) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Prints the whole lines of `console` past byte `shown` that begin with `prefix`;
+/// returns the offset after the last whole line.
+fn show_progress(console: &Path, shown: usize, prefix: &str, start: Instant) -> usize {
+    let Ok(bytes) = std::fs::read(console) else {
+        return shown;
+    };
+    let Some(end) = bytes.iter().rposition(|&c| c == b'\n').map(|i| i + 1) else {
+        return shown;
+    };
+    if end <= shown {
+        return shown;
+    }
+    for line in String::from_utf8_lossy(&bytes[shown..end]).lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with(prefix) {
+            println!("  guest [{:4} s]: {line}", start.elapsed().as_secs());
+        }
+    }
+    end
 }
 
 #[cfg(test)]

@@ -307,10 +307,8 @@ pub fn run() -> Result<()> {
         console: work.0.join("console.log"),
         timeout: Duration::from_secs(1500),
         kvm,
+        progress: Some("bench "),
     })?;
-    for line in console.lines().filter(|l| l.starts_with("bench ")) {
-        println!("  guest: {}", line.trim_end_matches('\r'));
-    }
     let f = parse_console(&console)?;
     if !kvm {
         println!("Under TCG (no KVM) the absolute figures are emulator speeds, not disk speeds; only the ratios mean something.");

@@ -118,6 +118,7 @@ pub fn run_with(
         console: dir.join(format!("console-{phase}.log")),
         timeout: Duration::from_secs(300),
         kvm: false,
+        progress: None,
     })
     .unwrap_or_else(|e| panic!("{phase} boot: {e:#}"));
     assert!(
