@@ -67,7 +67,7 @@ struct Shape {
     status_every_s: u64,
     /// The nice value of the sites' fabricd and of the producers. In a fleet every site
     /// is a machine of its own; here they share the cores with the three servers, and at
-    /// 1,000 sites (a load average over 50) they starved the servers' elections.
+    /// 1,000 sites (a load average of several hundred) they starved the servers' elections.
     sites_nice: i32,
 }
 
