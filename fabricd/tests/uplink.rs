@@ -181,12 +181,14 @@ fn run_producers(
 }
 
 /// Two producers until `stop`, paced (about 25 000 records/s each at most) so that the
-/// backlog an outage or a cut leaves is one the debug-build uplink delivers in seconds
-/// within `SLOW`: unpaced, fabricd took 4.5 million records in one run of the cut test.
+/// backlog an outage, a cut or a kill leaves is one the debug-build uplink delivers in
+/// seconds within `SLOW`: unpaced, fabricd took 4.5 million records in one run of the
+/// cut test. `reconnect`: they connect again when fabricd goes away.
 fn paced_producers(
     socket: &Path,
     acked: &Acked,
     stop: &Arc<AtomicBool>,
+    reconnect: bool,
 ) -> Vec<std::thread::JoinHandle<u64>> {
     run_producers(
         socket,
@@ -194,7 +196,7 @@ fn paced_producers(
         u64::MAX,
         acked,
         stop,
-        false,
+        reconnect,
         Duration::from_millis(10),
     )
 }
@@ -243,7 +245,7 @@ fn core_stopped_mid_stream_then_restarted_loses_and_duplicates_nothing() {
     f.start();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let producers = paced_producers(&f.socket, &acked, &stop);
+    let producers = paced_producers(&f.socket, &acked, &stop, false);
     s.rt.block_on(async {
         while stream_count(&s.js).await < 5_000 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -311,7 +313,7 @@ fn through_cuts(s: &Core, rounds: u64, cut: Duration) -> Fabricd {
     f.start();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let producers = paced_producers(&f.socket, &acked, &stop);
+    let producers = paced_producers(&f.socket, &acked, &stop, false);
     for round in 0..rounds {
         let target = 3_000 * (round + 1);
         s.rt.block_on(async {
@@ -374,17 +376,7 @@ fn kill_9_of_fabricd_at_random_moments_loses_and_duplicates_no_acked_record() {
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
     f.start();
-    // Paced as `paced_producers` are (reconnecting after each kill): unpaced, the backlog
-    // left for the debug-build uplink grows with fabricd's ingest, not with the test.
-    let producers = run_producers(
-        &f.socket,
-        2,
-        u64::MAX,
-        &acked,
-        &stop,
-        true,
-        Duration::from_millis(10),
-    );
+    let producers = paced_producers(&f.socket, &acked, &stop, true);
     // A fixed-seed xorshift: random moments, reproducible runs.
     let mut x: u64 = 0x9e3779b97f4a7c15;
     for _ in 0..trials {

@@ -370,29 +370,54 @@ pub fn boot(b: &Boot) -> Result<String> {
 }
 
 /// Prints the whole lines of `console` past byte `shown` that begin with `prefix`;
-/// returns the offset after the last whole line.
-fn show_progress(console: &Path, shown: usize, prefix: &str, start: Instant) -> usize {
-    let Ok(bytes) = std::fs::read(console) else {
-        return shown;
-    };
-    let Some(end) = bytes.iter().rposition(|&c| c == b'\n').map(|i| i + 1) else {
-        return shown;
-    };
-    if end <= shown {
+/// returns the offset after the last whole line. Reads only what is new.
+fn show_progress(console: &Path, shown: u64, prefix: &str, start: Instant) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut new = Vec::new();
+    let read = std::fs::File::open(console).and_then(|mut f| {
+        f.seek(SeekFrom::Start(shown))?;
+        f.read_to_end(&mut new)
+    });
+    if read.is_err() {
         return shown;
     }
-    for line in String::from_utf8_lossy(&bytes[shown..end]).lines() {
+    let Some(end) = new.iter().rposition(|&c| c == b'\n').map(|i| i + 1) else {
+        return shown;
+    };
+    for line in String::from_utf8_lossy(&new[..end]).lines() {
         let line = line.trim_end_matches('\r');
         if line.starts_with(prefix) {
             println!("  guest [{:4} s]: {line}", start.elapsed().as_secs());
         }
     }
-    end
+    shown + end as u64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_reads_on_from_the_last_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        std::fs::write(&console, "[ 0.7] acpi\nbench raw: 1\nbench rw").unwrap();
+        let start = Instant::now();
+        let shown = show_progress(&console, 0, "bench ", start);
+        assert_eq!(shown, "[ 0.7] acpi\nbench raw: 1\n".len() as u64);
+        assert_eq!(show_progress(&console, shown, "bench ", start), shown);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&console)
+            .unwrap();
+        f.write_all(b"o: 2\r\n").unwrap();
+        let len = std::fs::metadata(&console).unwrap().len();
+        assert_eq!(show_progress(&console, shown, "bench ", start), len);
+        assert_eq!(
+            show_progress(&dir.path().join("none"), 5, "bench ", start),
+            5
+        );
+    }
 
     #[test]
     fn test_lines_are_parsed() {
