@@ -16,9 +16,9 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, Digest, EccPoint, EccScheme, EncryptedSecret, HashcheckTicket, IdObject,
-    KeyDerivationFunctionScheme, PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder,
-    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
+    Attest, AttestInfo, Data, Digest, EccPoint, EccScheme, EncryptedSecret, HashcheckTicket,
+    IdObject, KeyDerivationFunctionScheme, PcrSelectionListBuilder, PcrSlot, Private, Public,
+    PublicBuilder, PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
     SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -28,6 +28,23 @@ use crate::error::{tpm_op, Error};
 use crate::evidence::{Certified, Credential, Endorsement, Quote};
 use crate::policy::{base64_decode, base64_encode, hex};
 use crate::Tpm;
+
+/// Quotes taken at most while the quoted PCRs keep changing under them.
+const QUOTE_TRIES: usize = 4;
+
+/// Whether `attest` (a quote) is over exactly these PCR values, in their order: its
+/// PCR digest is the SHA-256 of their concatenation.
+pub fn quotes_values(attest: &Attest, values: &[(u32, [u8; 32])]) -> bool {
+    use sha2::Digest as _;
+    let AttestInfo::Quote { info } = attest.attested() else {
+        return false;
+    };
+    let mut h = sha2::Sha256::new();
+    for (_, v) in values {
+        h.update(v);
+    }
+    info.pcr_digest().value() == h.finalize().as_slice()
+}
 
 fn selection(kind: Endorsement) -> AsymmetricAlgorithmSelection {
     match kind {
@@ -380,7 +397,12 @@ impl Tpm {
     }
 
     /// A quote by `key` over the SHA-256 bank's `pcrs` for `nonce` (at most 64 bytes),
-    /// with the PCRs' values read just before.
+    /// with the PCRs' values as the TPM quoted them.
+    ///
+    /// The values are read just before the quote. Another program may extend a PCR in
+    /// between (init extends PCR 11 when a boot is ready, while fabricd enrolls), and
+    /// the core would refuse values that are not the ones quoted: the quote is then
+    /// taken again, up to `QUOTE_TRIES` times.
     pub fn quote(
         &mut self,
         key: &AttestationKey,
@@ -399,10 +421,6 @@ impl Tpm {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut values = Vec::new();
-        for &index in &sorted {
-            values.push((index, hex(&self.read_pcr(index)?)));
-        }
         let selection = PcrSelectionListBuilder::new()
             .with_selection(HashingAlgorithm::Sha256, &slots)
             .build()
@@ -412,12 +430,44 @@ impl Tpm {
             why: e.to_string(),
         })?;
         let (ek, ak) = self.load_attestation_key(key)?;
-        let quoted = self
-            .ctx
-            .execute_with_nullauth_session(|c| c.quote(ak, data, SignatureScheme::Null, selection));
+        let mut quoted = Err(Error::Input {
+            what: "the PCRs to quote",
+            why: format!("they changed during each of {QUOTE_TRIES} quotes"),
+        });
+        for _ in 0..QUOTE_TRIES {
+            let values = sorted
+                .iter()
+                .map(|&index| Ok((index, self.read_pcr(index)?)))
+                .collect::<Result<Vec<_>, Error>>();
+            let values = match values {
+                Ok(v) => v,
+                Err(e) => {
+                    quoted = Err(e);
+                    break;
+                }
+            };
+            let once = self
+                .ctx
+                .execute_with_nullauth_session(|c| {
+                    c.quote(ak, data.clone(), SignatureScheme::Null, selection.clone())
+                })
+                .map_err(tpm_op("quote the PCRs"));
+            match once {
+                Ok((attest, signature)) if quotes_values(&attest, &values) => {
+                    quoted = Ok((attest, signature, values));
+                    break;
+                }
+                // A PCR changed between the read and the quote: again.
+                Ok(_) => {}
+                Err(e) => {
+                    quoted = Err(e);
+                    break;
+                }
+            }
+        }
         let _ = self.ctx.flush_context(ak.into());
         let _ = self.ctx.flush_context(ek.into());
-        let (attest, signature) = quoted.map_err(tpm_op("quote the PCRs"))?;
+        let (attest, signature, values) = quoted?;
         Ok(Quote {
             attest: base64_encode(&attest.marshall().map_err(tpm_op("marshal the quote"))?),
             signature: base64_encode(
@@ -425,7 +475,7 @@ impl Tpm {
                     .marshall()
                     .map_err(tpm_op("marshal the quote's signature"))?,
             ),
-            pcrs: values,
+            pcrs: values.iter().map(|(i, v)| (*i, hex(v))).collect(),
         })
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use edge_tpm::policy::{self, PolicyKey, SignedPolicy};
-use edge_tpm::{ek_certificate, evidence, Endorsement, Error, Tpm};
+use edge_tpm::{ek_certificate, evidence, identity, Endorsement, Error, Tpm};
 
 #[path = "common/swtpm.rs"]
 mod swtpm_harness;
@@ -359,6 +359,24 @@ fn a_quote_is_checked_and_a_forged_one_refused() {
     // A key that is not an attestation key (the endorsement key) is not taken.
     let ek = tpm_a.endorsement_key(Endorsement::EccP256).unwrap();
     assert!(evidence::check_quote(&ek, &quote, nonce).is_err());
+
+    // What `quote` takes again when it sees it: a PCR extended between the read of the
+    // values and the quote (init extends PCR 11 at ready while fabricd enrolls).
+    use tss_esapi::traits::UnMarshall;
+    let attest =
+        tss_esapi::structures::Attest::unmarshall(&policy::base64_decode(&quote.attest).unwrap())
+            .unwrap();
+    assert!(identity::quotes_values(&attest, &quoted.pcrs));
+    tpm_a.extend_phase("ready").unwrap();
+    let now: Vec<(u32, [u8; 32])> = [0, 7, 11]
+        .iter()
+        .map(|&i| (i, tpm_a.read_pcr(i).unwrap()))
+        .collect();
+    assert_ne!(now[2].1, pcr11);
+    assert!(!identity::quotes_values(&attest, &now));
+    let again = tpm_a.quote(&ak_a, nonce, &[0, 7, 11]).unwrap();
+    let quoted = evidence::check_quote(&public_a, &again, nonce).unwrap();
+    assert_eq!(quoted.pcrs, now);
 }
 
 #[test]
