@@ -215,7 +215,7 @@ impl Ingest {
         // A second's worth, and never less than one whole record.
         let cap = rate.max(self.config.max_record_bytes as u64) as f64;
         let now = std::time::Instant::now();
-        let mut all = self.allowance.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = edge_common::lock(&self.allowance);
         if all.len() > 4096 {
             // Those idle long enough to be full again are forgotten.
             all.retain(|_, a| {

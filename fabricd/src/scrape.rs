@@ -71,7 +71,7 @@ impl Stats {
     /// Counts one scrape of `job`; logs a failure that is new (the job worked, or failed
     /// otherwise, before) and a recovery.
     fn count(&self, job: &str, result: &Result<String, String>) {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut jobs = edge_common::lock(&self.jobs);
         let s = jobs.entry(job.to_owned()).or_default();
         s.scrapes += 1;
         match result {
@@ -92,7 +92,7 @@ impl Stats {
 
     /// (job, scrapes, failures), by job.
     pub fn snapshot(&self) -> Vec<(String, u64, u64)> {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let jobs = edge_common::lock(&self.jobs);
         jobs.iter()
             .map(|(j, s)| (j.clone(), s.scrapes, s.failures))
             .collect()

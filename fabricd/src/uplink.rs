@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
+use edge_common::lock;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, CoreConfig};
@@ -59,10 +60,6 @@ impl Status {
     fn session_ended(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         lock(&self.session_ended)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn acked_path(log: &Log, class: &str) -> PathBuf {

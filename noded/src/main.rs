@@ -258,7 +258,7 @@ async fn report_health(notifier: edge_common::Notifier, dir: PathBuf, status: no
             })
             .unwrap_or_default();
         let verdict = {
-            let reports = status.lock().unwrap_or_else(|p| p.into_inner());
+            let reports = edge_common::lock(&status);
             noded::pods::static_pods_up(&files, &reports)
         };
         match verdict {

@@ -296,7 +296,7 @@ async fn with_pool<T: Send + 'static>(
     let pool = pool.clone();
     // Status ioctls block; the CSI driver may hold the pool through a long mkfs.
     tokio::task::spawn_blocking(move || {
-        let mut guard = pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = edge_common::lock(&pool);
         f(guard.as_mut())
     })
     .await

@@ -17,7 +17,7 @@ pub struct Status {
 
 impl Status {
     pub(super) fn set_downloading(&self, d: Option<Download>) {
-        *self.downloading.lock().unwrap_or_else(|p| p.into_inner()) = d;
+        *edge_common::lock(&self.downloading) = d;
     }
 
     /// What the box reports of its downlink (`BoxStatus::downlink`).
@@ -25,11 +25,7 @@ impl Status {
         DownlinkReport {
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
             resumed_bytes: self.resumed_bytes.load(Ordering::Relaxed),
-            downloading: self
-                .downloading
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            downloading: edge_common::lock(&self.downloading).clone(),
         }
     }
 }

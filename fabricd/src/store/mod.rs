@@ -247,7 +247,7 @@ impl Log {
 
     /// An empty buffer to encode a body into: one the writer is done with when there is.
     pub fn body_buffer(&self) -> Vec<u8> {
-        let mut spare = self.shared.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spare = edge_common::lock(&self.shared.spare);
         spare.pop().unwrap_or_default()
     }
 
@@ -275,7 +275,7 @@ impl Log {
     }
 
     pub fn meta(&self) -> MutexGuard<'_, Meta> {
-        self.shared.meta.lock().unwrap_or_else(|p| p.into_inner())
+        edge_common::lock(&self.shared.meta)
     }
 
     /// Resolves whenever more records became durable.

@@ -129,7 +129,7 @@ impl Writer {
 
     /// Hands bodies back for reuse (`Log::body_buffer`), as many as are kept.
     fn keep_spare(&self, bodies: Vec<Vec<u8>>) {
-        let mut spare = self.shared.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spare = edge_common::lock(&self.shared.spare);
         for mut b in bodies {
             if spare.len() >= SPARE_BODIES {
                 break;
@@ -142,7 +142,7 @@ impl Writer {
     }
 
     pub(super) fn meta_mut(&self) -> MutexGuard<'_, Meta> {
-        self.shared.meta.lock().unwrap_or_else(|p| p.into_inner())
+        edge_common::lock(&self.shared.meta)
     }
 
     /// Writes every class's pending bytes and makes them durable with one fsync per

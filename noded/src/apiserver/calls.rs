@@ -2,7 +2,6 @@
 //! once and then at most every [`LOG_EVERY`].
 
 use std::fmt::Display;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{CALL_TIMEOUT, LOG_EVERY};
@@ -103,10 +102,4 @@ impl kube::runtime::utils::Backoff for Retry {
     fn reset(&mut self) {
         Retry::reset(self)
     }
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock only means another task panicked mid-update; the data is still
-    // the best we have.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

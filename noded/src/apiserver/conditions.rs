@@ -210,8 +210,8 @@ impl Transitions {
     /// changed (or is new) takes `now` as its transition time, or `first` on the very
     /// first list (when noded started).
     pub fn conditions(&self, m: &Measured, t: &Thresholds, now: &str, first: &str) -> Vec<Value> {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut untold = self.untold.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = edge_common::lock(&self.seen);
+        let mut untold = edge_common::lock(&self.untold);
         let initial = seen.is_empty();
         readings(m, t)
             .into_iter()
@@ -244,7 +244,7 @@ impl Transitions {
 
     /// The changes since the last call (the first call: every condition's status).
     pub fn take_untold(&self) -> Vec<(&'static str, &'static str)> {
-        std::mem::take(&mut *self.untold.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *edge_common::lock(&self.untold))
     }
 }
 

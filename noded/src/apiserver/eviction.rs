@@ -20,11 +20,12 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::json;
 
 use super::cache::remove_cached;
-use super::calls::{lock, timed, Limited};
+use super::calls::{timed, Limited};
 use super::conditions::{pressure, Measured};
 use super::events::{self, Transition};
 use super::{first_ipv4, Known, Shared};
 use crate::pods::{Status, API_PREFIX};
+use edge_common::lock;
 
 pub(super) async fn evict_under_pressure(shared: Arc<Shared>, status: Status) {
     let s = &shared.settings;

@@ -32,9 +32,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_rustls::rustls;
 
-use super::calls::{lock, timed};
+use super::calls::timed;
 use crate::control::{locate_logs, Located};
 use crate::pods::Status;
+use edge_common::lock;
 use edge_node_api::LogsRequest;
 
 type Body = BoxBody<Bytes, Infallible>;

@@ -28,8 +28,9 @@ mod tunnel;
 mod volumes;
 
 use cache::watch_pods;
-use calls::{lock, timed, Limited, Retry};
+use calls::{timed, Limited, Retry};
 pub use conditions::Thresholds;
+use edge_common::lock;
 use host::{arch, first_ipv4, hostname, meminfo_kib, micro_now, os_image, time_now};
 use node::node_and_lease;
 use status::report_pods;

@@ -22,8 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_rustls::rustls;
 
-use super::calls::{lock, Limited, Retry};
+use super::calls::{Limited, Retry};
 use super::kubelet::Kubelet;
+use edge_common::lock;
 
 /// The kubelet API's port, as the Node's `daemonEndpoints` says; reached only through
 /// the tunnel.

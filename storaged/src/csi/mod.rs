@@ -64,7 +64,7 @@ static CALLS: Mutex<BTreeMap<&'static str, Calls>> = Mutex::new(BTreeMap::new())
 
 /// The CSI calls served so far, by method.
 pub fn calls() -> Vec<(&'static str, Calls)> {
-    let calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    let calls = edge_common::lock(&CALLS);
     calls.iter().map(|(m, c)| (*m, *c)).collect()
 }
 
@@ -80,7 +80,7 @@ async fn counted(
         .headers()
         .get("grpc-status")
         .is_some_and(|s| s.as_bytes() != b"0");
-    let mut calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut calls = edge_common::lock(&CALLS);
     let c = calls.entry(method).or_default();
     if refused {
         c.refused += 1;

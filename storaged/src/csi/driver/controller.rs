@@ -247,7 +247,7 @@ impl Driver {
         })?;
         let pool = self.pool.clone();
         let available = tokio::task::spawn_blocking(move || {
-            let guard = pool.lock().unwrap_or_else(|p| p.into_inner());
+            let guard = edge_common::lock(&pool);
             let Some(pool) = guard.as_ref() else {
                 return Ok::<u64, Status>(0);
             };

@@ -115,7 +115,7 @@ impl Driver {
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _in_call = span.enter();
-            let mut guard = pool.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = edge_common::lock(&pool);
             match guard.as_mut() {
                 Some(p) => {
                     let r = f(p);
