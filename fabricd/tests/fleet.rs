@@ -944,9 +944,19 @@ fn fifty_sites_lose_and_duplicate_nothing_through_a_core_server_kill_and_a_parti
 #[ignore]
 fn fleet_bench() {
     let shape = Shape::bench();
+    let with_layout = std::env::var("FLEET_LAYOUT").as_deref() != Ok("0");
+    // The layout's part: about 90 s and 0.12 s a site; the run's: its length, the sites'
+    // start and the reading back.
+    let (layout_says, layout_secs) = if with_layout {
+        (
+            format!("the stream layout's cost for {} sites, then ", shape.sites),
+            90 + shape.sites as u64 * 12 / 100,
+        )
+    } else {
+        (String::new(), 0)
+    };
     eprintln!(
-        "bench fleet: the stream layout's cost for {} sites, then {} sites at {} records/s each for {} s (a server killed at {} s, a third of the sites cut off for {} s at {} s; the sites at nice {}); about {} s",
-        shape.sites,
+        "bench fleet: {layout_says}{} sites at {} records/s each for {} s (a server killed at {} s, a third of the sites cut off for {} s at {} s; the sites at nice {}); about {} s",
         shape.sites,
         shape.rate,
         shape.run,
@@ -954,14 +964,13 @@ fn fleet_bench() {
         shape.partition,
         shape.partition_at,
         shape.sites_nice,
-        // The layout's: about 90 s and 0.12 s a site; the run's: its length, the
-        // sites' start and the reading back.
-        90 + shape.sites as u64 * 12 / 100 + shape.run + shape.sites as u64 / 5 + 60
+        layout_secs + shape.run + shape.sites as u64 / 5 + 60
     );
     // What the stream layout costs, on a cluster of its own, before the run.
-    let layout = match std::env::var("FLEET_LAYOUT").as_deref() {
-        Ok("0") => serde_json::Value::Null,
-        _ => measure_layout(shape.sites, 200_000),
+    let layout = if with_layout {
+        measure_layout(shape.sites, 200_000)
+    } else {
+        serde_json::Value::Null
     };
     let f = run_fleet(&shape);
     for line in &f.short {
