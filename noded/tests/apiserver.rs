@@ -1633,6 +1633,73 @@ async fn kubectl_exec_and_port_forward_reach_a_container_through_the_tunnel() {
     let _ = forward.wait();
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.ends_with("ok"), "{answer}");
+
+    // One exec whose command never reads its input does not hold the tunnel, which
+    // every connection shares, back: its input is pumped until it backs up, and another
+    // exec answers meanwhile (the kubelet leg's streams have flow control of their own,
+    // so the backlog stays with the client, not in the tunnel).
+    let mut stuck = cp
+        .kubectl_command()
+        .args([
+            "exec", "-i", "-n", "default", "shell", "--", "hello", "never", "reads",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = stuck.stdin.take().unwrap();
+    let pumped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn({
+        let pumped = pumped.clone();
+        move || {
+            use std::io::Write;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..1024 {
+                if input.write_all(&chunk).is_err() {
+                    break;
+                }
+                pumped.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    // Until the pump stops getting rid of its input (backed up; about 9 MiB are taken
+    // first), at most 30 s.
+    let mut last = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = pumped.load(std::sync::atomic::Ordering::Relaxed);
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last > 0 && last < 64 << 20,
+        "the input of a command that never reads it backs up: {last} bytes taken"
+    );
+    let kubectl = cp.kubectl_command();
+    let other = tokio::task::block_in_place(|| {
+        std::process::Command::new("timeout")
+            .arg("60")
+            .arg(kubectl.get_program())
+            .args(kubectl.get_args())
+            .args([
+                "exec", "-n", "default", "shell", "--", "hello", "--say", "still", "here",
+            ])
+            .output()
+    })
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&other.stdout),
+        "still here\n",
+        "another exec while one's input is backed up ({} bytes taken): {}\nnoded's log:\n{}",
+        pumped.load(std::sync::atomic::Ordering::Relaxed),
+        String::from_utf8_lossy(&other.stderr),
+        node.env.noded_log()
+    );
+    let _ = stuck.kill();
+    let _ = stuck.wait();
 }
 
 /// The node's certificate is renewed before it expires, asked for with the node's own
