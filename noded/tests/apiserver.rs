@@ -1481,6 +1481,57 @@ async fn kubectl_logs_reach_the_box_through_its_outbound_tunnel() {
     assert_eq!(next("line written while following"), "reading 4");
     let _ = follow.kill();
     let _ = follow.wait();
+
+    // A second box, edge-b, at the same site address (both run on this host, as boxes
+    // behind NAT can share one). The API server prefers a node's InternalIP, as
+    // kubeadm's does; a dial by address could reach either box, and edge-b has no such
+    // pod. Each of a dozen reads of edge-a's pod reaches edge-a.
+    let mut b = crate::settings(
+        cp.node_kubeconfig("edge-b").unwrap(),
+        dir.path().join("cache-b"),
+    );
+    b.node_name = "edge-b".into();
+    b.labels
+        .insert("kubernetes.io/hostname".into(), "edge-b".into());
+    b.lease_duration = Duration::from_secs(10);
+    b.tunnel = Some(format!("127.0.0.1:{}", cp.tunnel_port));
+    b.log_dir = dir.path().join("logs-b");
+    let _agent_b = apiserver::start(b, Arc::new(Mutex::new(Vec::new())), None)
+        .await
+        .unwrap();
+    cp.apply(
+        r#"{"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "elsewhere", "namespace": "default"},
+            "spec": {"nodeName": "edge-b", "hostNetwork": true,
+              "automountServiceAccountToken": false,
+              "containers": [{"name": "main", "image": "edge.local/hello:1"}]}}"#,
+    )
+    .unwrap();
+    // edge-b's tunnel is up once its kubelet API answers for its own pod.
+    wait_until_long("edge-b answering through its tunnel", || {
+        let e = cp
+            .kubectl(["logs", "-n", "default", "elsewhere"])
+            .unwrap_err();
+        format!("{e:#}").contains("(pods: none)").then_some(())
+    })
+    .await;
+    for _ in 0..12 {
+        let read = cp.kubectl(["logs", "-n", "default", "logger", "-c", "main"]);
+        assert_eq!(
+            read.map_err(|e| format!("{e:#}")),
+            Ok("reading 1\nreading 2\nreading 3\nreading 4\n".to_string())
+        );
+    }
+    let nodes = cp.get(&["node", "edge-a"]).unwrap();
+    assert!(
+        nodes["status"]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["type"] == "Hostname"),
+        "a tunnelled node is known by its name only: {}",
+        nodes["status"]["addresses"]
+    );
 }
 
 /// `kubectl exec` and `kubectl port-forward` through the tunnel, to a container a real

@@ -225,6 +225,9 @@ impl ControlPlane {
                     f("apiserver-kubelet-client.pem")
                 ),
                 &format!("--kubelet-client-key={}", f("apiserver-kubelet-client.key")),
+                // kubeadm's order: a node's InternalIP before its name. A tunnelled box
+                // reports no InternalIP (noded's node.rs), so dials still go by name.
+                "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname",
             ],
         )?;
         let admin = cp.admin_kubeconfig();

@@ -552,7 +552,6 @@ fn tunnel_parts(
     let tunnel = tunnel::Tunnel {
         address,
         node_name: s.node_name.clone(),
-        node_ip: shared.host_ip,
         tls: Arc::new(tls),
     };
     Ok((tunnel, kubelet))

@@ -205,7 +205,11 @@ pub(super) fn node_status(shared: &Shared) -> Value {
         resources["memory"] = m.into();
     }
     let mut addresses = Vec::new();
-    if let Some(ip) = shared.host_ip {
+    // Behind the tunnel the box's name is its only address: the API server dials the
+    // address it prefers (kubeadm's prefer InternalIP), konnectivity-server sends the
+    // dial to an agent known by it, and boxes behind NAT can share a site address, so
+    // by address the dial could reach another box.
+    if let (Some(ip), None) = (shared.host_ip, &s.tunnel) {
         addresses.push(json!({ "type": "InternalIP", "address": ip.to_string() }));
     }
     addresses.push(json!({ "type": "Hostname", "address": s.node_name }));
