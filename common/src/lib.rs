@@ -185,13 +185,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Milliseconds since the Unix epoch (0 for a clock before it).
 /// A mutex's guard, also when another thread panicked holding it: the daemons' shared
 /// state is updated a statement at a time, and what it holds is still the best there is.
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Milliseconds since the Unix epoch (0 for a clock before it).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
