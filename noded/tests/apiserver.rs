@@ -1351,10 +1351,19 @@ async fn upstream(dir: &Path) -> Option<ControlPlane> {
 /// 4 s, as the controller manager's node monitor reads it.
 async fn upstream_node(dir: &Path) -> Option<(ControlPlane, Settings)> {
     let cp = upstream(dir).await?;
-    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
-    let mut s = settings(kubeconfig, dir.join("cache"));
-    s.lease_duration = Duration::from_secs(10);
+    let s = node_at(&cp, NODE, dir.join("cache"));
     Some((cp, s))
+}
+
+/// The settings of node `name` at the upstream control plane `cp`, under its own node
+/// certificate, with the 10 s lease the controller manager's node monitor reads.
+fn node_at(cp: &ControlPlane, name: &str, cache: PathBuf) -> Settings {
+    let mut s = settings(cp.node_kubeconfig(name).unwrap(), cache);
+    s.node_name = name.into();
+    s.labels
+        .insert("kubernetes.io/hostname".into(), name.into());
+    s.lease_duration = Duration::from_secs(10);
+    s
 }
 
 /// A bootstrap token at `cp` and a kubeconfig with it in `dir`.
@@ -1486,14 +1495,7 @@ async fn kubectl_logs_reach_the_box_through_its_outbound_tunnel() {
     // behind NAT can share one). The API server prefers a node's InternalIP, as
     // kubeadm's does; a dial by address could reach either box, and edge-b has no such
     // pod. Each of a dozen reads of edge-a's pod reaches edge-a.
-    let mut b = crate::settings(
-        cp.node_kubeconfig("edge-b").unwrap(),
-        dir.path().join("cache-b"),
-    );
-    b.node_name = "edge-b".into();
-    b.labels
-        .insert("kubernetes.io/hostname".into(), "edge-b".into());
-    b.lease_duration = Duration::from_secs(10);
+    let mut b = node_at(&cp, "edge-b", dir.path().join("cache-b"));
     b.tunnel = Some(format!("127.0.0.1:{}", cp.tunnel_port));
     b.log_dir = dir.path().join("logs-b");
     let _agent_b = apiserver::start(b, Arc::new(Mutex::new(Vec::new())), None)
