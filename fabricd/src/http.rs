@@ -265,15 +265,17 @@ async fn handle<R: AsyncRead + Unpin>(
         // A refusal answers this request; the connection stays unless either side
         // asked to close it.
         Err(r) => refusal(r),
-        Ok(rx) => match rx.await {
-            Ok(Ok(offset)) => Response {
+        Ok(durable) => match durable.one().await {
+            Ok(offset) => Response {
                 status: 200,
                 reason: "OK",
                 body: format!("{{\"offset\":{offset}}}"),
                 close: false,
             },
-            Ok(Err(e)) => refusal(crate::produce::append_refusal(e)),
-            Err(_) => error(500, "Internal Server Error", "the log is shut down"),
+            Err(crate::store::AppendError::Closed) => {
+                error(500, "Internal Server Error", "the log is shut down")
+            }
+            Err(e) => refusal(crate::produce::append_refusal(e)),
         },
     };
     resp.close |= close;

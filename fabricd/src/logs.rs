@@ -30,6 +30,7 @@ use std::time::Duration;
 use crate::config::{is_token, LogsConfig};
 use crate::produce::Ingest;
 use crate::record::Record;
+use crate::store::AppendError;
 
 /// Who the log records are from (their `Edge-Producer`).
 pub const PRODUCER: &str = "fabricd/logs";
@@ -272,10 +273,10 @@ async fn send(
         .submit(rec, PRODUCER)
         .await
         .map_err(|r| format!("the log refused it: {}", r.message))?;
-    match durable.await {
-        Ok(Ok(_)) => Ok(Some(n)),
-        Ok(Err(e)) => Err(format!("the log refused it: {e}")),
-        Err(_) => Err("the log stopped".into()),
+    match durable.one().await {
+        Ok(_) => Ok(Some(n)),
+        Err(AppendError::Closed) => Err("the log stopped".into()),
+        Err(e) => Err(format!("the log refused it: {e}")),
     }
 }
 

@@ -11,12 +11,14 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::record::{check_topic, Record};
-use crate::store::{AppendError, Log};
+use crate::store::{AppendError, Durable, Log};
 
 pub const OP_PRODUCE: u8 = 1;
 pub const OK: u8 = 0;
@@ -245,13 +247,19 @@ impl Ingest {
         self.config.max_record_bytes + REQUEST_OVERHEAD
     }
 
+    /// Checks a record, stamps who produced it and queues it; it resolves once it is
+    /// durable.
+    pub async fn submit(&self, rec: Record, producer: &str) -> Result<Durable, Refusal> {
+        let body = self.prepare(rec, producer)?;
+        self.log
+            .submit_all(vec![body])
+            .await
+            .map_err(append_refusal)
+    }
+
     /// Checks a record against the limits, the classes and its producer's allowance,
-    /// stamps who produced it, and queues it; the receiver resolves once it is durable.
-    pub async fn submit(
-        &self,
-        rec: Record,
-        producer: &str,
-    ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, Refusal> {
+    /// and encodes it stamped with who produced it: its class and body, to be queued.
+    fn prepare(&self, rec: Record, producer: &str) -> Result<(usize, Vec<u8>), Refusal> {
         if rec
             .headers
             .iter()
@@ -281,7 +289,7 @@ impl Ingest {
         self.meter(producer, size)?;
         let mut body = self.log.body_buffer();
         rec.encode_body_into(Some((PRODUCER_HEADER, producer.as_bytes())), &mut body);
-        self.log.submit(class, body).await.map_err(append_refusal)
+        Ok((class, body))
     }
 }
 
@@ -305,10 +313,16 @@ pub fn append_refusal(e: AppendError) -> Refusal {
     }
 }
 
-enum Reply {
-    Pending(oneshot::Receiver<Result<u64, AppendError>>),
-    Refused(Refusal),
+/// The answers to the frames of one read, in order: each frame refused here, or queued
+/// in `durable` (which answers those in their order).
+struct Replies {
+    refused: Vec<Option<Refusal>>,
+    durable: Option<Durable>,
 }
+
+/// Frames a connection's read brought in are queued to the log as one batch, at most
+/// this many.
+const MAX_BATCH: usize = 256;
 
 /// Serves one produce connection until the peer closes it or sends garbage.
 pub async fn serve_conn<S>(ingest: Arc<Ingest>, stream: S, peer: String)
@@ -318,48 +332,54 @@ where
     let (rd, wr) = tokio::io::split(stream);
     // Producers pipeline: one read takes in many frames, not two reads per frame.
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    // Bounded so that a producer that pipelines without reading replies is slowed down.
-    let (tx, mut rx) = mpsc::channel::<Reply>(4096);
+    // Bounded so that a producer that pipelines without reading replies is slowed down
+    // (at most 16 batches, 4096 records, wait for their replies to be taken).
+    let (tx, mut rx) = mpsc::channel::<Replies>(16);
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::new(wr);
-        while let Some(reply) = rx.recv().await {
-            let offset;
-            let refusal;
-            let (status, payload, close): (u8, &[u8], bool) = match reply {
-                Reply::Pending(rx) => {
-                    // Not durable yet: the replies written so far go out before the
-                    // wait for the next group commit, not after it.
-                    if rx.is_empty() && wr.flush().await.is_err() {
-                        return;
+        while let Some(replies) = rx.recv().await {
+            let mut results = Vec::new().into_iter();
+            if let Some(durable) = replies.durable {
+                // Not durable yet: the replies written so far go out before the wait
+                // for the next group commit, not after it.
+                if !durable.is_ready() && wr.flush().await.is_err() {
+                    return;
+                }
+                results = durable.all().await.into_iter();
+            }
+            for refused in replies.refused {
+                let offset;
+                let refusal;
+                let (status, payload, close): (u8, &[u8], bool) = match refused {
+                    Some(r) => {
+                        refusal = r;
+                        (refusal.status, refusal.message.as_bytes(), refusal.fatal())
                     }
-                    match rx.await {
-                        Ok(Ok(o)) => {
+                    None => match results.next().unwrap_or(Err(AppendError::Closed)) {
+                        Ok(o) => {
                             offset = o.to_be_bytes();
                             (OK, &offset, false)
                         }
-                        Ok(Err(e)) => {
+                        Err(AppendError::Closed) => (STORAGE, b"the log is shut down", true),
+                        Err(e) => {
                             refusal = append_refusal(e);
                             (refusal.status, refusal.message.as_bytes(), false)
                         }
-                        Err(_) => (STORAGE, b"the log is shut down", true),
-                    }
+                    },
+                };
+                let mut head = [0u8; 5];
+                head[..4].copy_from_slice(&((payload.len() + 1) as u32).to_be_bytes());
+                head[4] = status;
+                if wr.write_all(&head).await.is_err() || wr.write_all(payload).await.is_err() {
+                    return;
                 }
-                Reply::Refused(r) => {
-                    refusal = r;
-                    (refusal.status, refusal.message.as_bytes(), refusal.fatal())
+                if close {
+                    let _ = wr.flush().await;
+                    let _ = wr.shutdown().await;
+                    return;
                 }
-            };
-            let mut head = [0u8; 5];
-            head[..4].copy_from_slice(&((payload.len() + 1) as u32).to_be_bytes());
-            head[4] = status;
-            if wr.write_all(&head).await.is_err() || wr.write_all(payload).await.is_err() {
-                return;
             }
-            if (rx.is_empty() || close) && wr.flush().await.is_err() {
-                return;
-            }
-            if close {
-                let _ = wr.shutdown().await;
+            if rx.is_empty() && wr.flush().await.is_err() {
                 return;
             }
         }
@@ -367,7 +387,8 @@ where
     });
     let max = ingest.max_frame();
     let mut buf = Vec::new();
-    loop {
+    'conn: loop {
+        // The first frame is waited for; those already in the buffer behind it join it.
         let mut len = [0u8; 4];
         match rd.read_exact(&mut len).await {
             Ok(_) => {}
@@ -378,35 +399,83 @@ where
             }
         }
         let len = u32::from_be_bytes(len) as usize;
-        let reply = if len > max {
-            Reply::Refused(Refusal::new(
-                TOO_LARGE,
-                format!("frame of {len} bytes is over the limit of {max}"),
-            ))
+        let first = if len > max {
+            Err(too_large(len, max))
         } else {
             buf.resize(len, 0);
             if let Err(e) = rd.read_exact(&mut buf).await {
                 tracing::debug!(%peer, "produce connection ended inside a frame: {e}");
                 break;
             }
-            match parse_request(&buf) {
-                Ok(rec) => match ingest.submit(rec, &peer).await {
-                    Ok(rx) => Reply::Pending(rx),
-                    Err(r) => Reply::Refused(r),
-                },
-                Err(r) => Reply::Refused(r),
-            }
+            parse_request(&buf)
         };
-        let fatal = matches!(&reply, Reply::Refused(r) if r.fatal());
-        if let Reply::Refused(r) = &reply {
-            tracing::warn!(%peer, status = r.status, "refused a produce request: {}", r.message);
+        let mut replies = Replies {
+            refused: Vec::new(),
+            durable: None,
+        };
+        let mut bodies = Vec::new();
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            match frame.and_then(|rec| ingest.prepare(rec, &peer)) {
+                Ok(body) => {
+                    bodies.push(body);
+                    replies.refused.push(None);
+                }
+                Err(r) => {
+                    tracing::warn!(%peer, status = r.status, "refused a produce request: {}", r.message);
+                    let fatal = r.fatal();
+                    replies.refused.push(Some(r));
+                    if fatal {
+                        break;
+                    }
+                }
+            }
+            if replies.refused.len() < MAX_BATCH {
+                next = buffered_frame(&mut rd, max);
+            }
         }
-        if tx.send(reply).await.is_err() || fatal {
-            break;
+        let fatal = matches!(replies.refused.last(), Some(Some(r)) if r.fatal());
+        if !bodies.is_empty() {
+            match ingest.log.submit_all(bodies).await {
+                Ok(d) => replies.durable = Some(d),
+                Err(e) => {
+                    // Every queued frame is answered with the log's refusal.
+                    let message = append_refusal(e);
+                    for r in replies.refused.iter_mut().filter(|r| r.is_none()) {
+                        *r = Some(Refusal::new(message.status, message.message.clone()));
+                    }
+                }
+            }
+        }
+        if tx.send(replies).await.is_err() || fatal {
+            break 'conn;
         }
     }
     drop(tx);
     let _ = writer.await;
+}
+
+fn too_large(len: usize, max: usize) -> Refusal {
+    Refusal::new(
+        TOO_LARGE,
+        format!("frame of {len} bytes is over the limit of {max}"),
+    )
+}
+
+/// The next frame, parsed, if the read buffer holds all of it; a frame over `max` is
+/// refused as soon as its length is seen.
+fn buffered_frame<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    max: usize,
+) -> Option<Result<Record, Refusal>> {
+    let b = rd.buffer();
+    let len = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    if len > max {
+        return Some(Err(too_large(len, max)));
+    }
+    let frame = parse_request(b.get(4..4 + len)?);
+    rd.consume(4 + len);
+    Some(frame)
 }
 
 #[cfg(test)]

@@ -486,6 +486,50 @@ fn site_network_producers_prove_a_client_certificate_and_are_named_by_it() {
 trait ReadWrite: std::io::Read + Write {}
 impl<T: std::io::Read + Write> ReadWrite for T {}
 
+/// Frames that arrive together are queued to the log as one batch: each still gets its
+/// own answer, in order, and a frame that breaks the connection stops the batch there.
+#[test]
+fn pipelined_frames_are_answered_in_order_and_nothing_after_a_broken_one_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut f = Fabricd::configure(
+        tmp.path(),
+        "[[class]]\nname = \"default\"\ntopics = [\"ok.>\"]\n",
+    );
+    f.start();
+    let frames = [
+        record("ok.a", b"1"),
+        record("ok.a", b"2"),
+        record("other.x", b"no class"),
+        record("ok.b", b"3"),
+        record("bad topic", b"breaks the connection"),
+        record("ok.a", b"after the break"),
+    ];
+    let mut all = Vec::new();
+    for r in &frames {
+        all.extend(produce::encode_request(r));
+    }
+    let mut s = UnixStream::connect(&f.socket).unwrap();
+    s.write_all(&all).unwrap();
+    let statuses: Vec<u8> = std::iter::from_fn(|| read_reply(&mut s).map(|r| r.0)).collect();
+    assert_eq!(
+        statuses,
+        [
+            produce::OK,
+            produce::OK,
+            produce::NO_CLASS,
+            produce::OK,
+            produce::BAD_REQUEST
+        ],
+        "one answer per frame up to the broken one, then the connection is closed"
+    );
+    f.kill9();
+    let kept: Vec<Vec<u8>> = read_back(&f, &default_class())
+        .into_iter()
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(kept, [b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+}
+
 #[test]
 fn unknown_topic_class_is_refused_and_the_connection_goes_on() {
     let tmp = tempfile::tempdir().unwrap();

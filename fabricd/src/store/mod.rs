@@ -119,15 +119,47 @@ struct Shared {
 const SPARE_BODIES: usize = 512;
 const SPARE_BODY_BYTES: usize = 4096;
 
-type Ack = oneshot::Sender<Result<u64, AppendError>>;
+/// The results of one `Op::Append`'s bodies, in their order.
+type Ack = oneshot::Sender<Vec<Result<u64, AppendError>>>;
 
 enum Op {
+    /// Bodies queued together (a connection's buffered frames), each with its class;
+    /// they go into one group commit and are answered at once.
     Append {
-        class: usize,
-        body: Vec<u8>,
+        bodies: Vec<(usize, Vec<u8>)>,
         ack: Ack,
     },
     Tick,
+}
+
+/// Appends queued together, resolving once the writer synced (or refused) them.
+pub struct Durable {
+    rx: oneshot::Receiver<Vec<Result<u64, AppendError>>>,
+    n: usize,
+}
+
+impl Durable {
+    /// Whether the results are in (waiting would not block).
+    pub fn is_ready(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
+    /// Each append's offset or refusal, in the order they were queued.
+    pub async fn all(self) -> Vec<Result<u64, AppendError>> {
+        match self.rx.await {
+            Ok(results) => results,
+            Err(_) => vec![Err(AppendError::Closed); self.n],
+        }
+    }
+
+    /// The first append's result (for a single one).
+    pub async fn one(self) -> Result<u64, AppendError> {
+        self.all()
+            .await
+            .into_iter()
+            .next()
+            .unwrap_or(Err(AppendError::Closed))
+    }
 }
 
 /// Handle to the log; cheap to clone.
@@ -251,27 +283,27 @@ impl Log {
         spare.pop().unwrap_or_default()
     }
 
-    /// Queues a record body for the next group commit; the receiver resolves once it is
-    /// durable (or refused). Waits while the writer's queue is full.
-    pub async fn submit(
-        &self,
-        class: usize,
-        body: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
+    /// Queues a record body for the next group commit; it resolves once it is durable
+    /// (or refused). Waits while the writer's queue is full.
+    pub async fn submit(&self, class: usize, body: Vec<u8>) -> Result<Durable, AppendError> {
+        self.submit_all(vec![(class, body)]).await
+    }
+
+    /// Queues record bodies, each with its class, for one group commit; they resolve
+    /// together, in their order. One hand-off to the writer for all of them.
+    pub async fn submit_all(&self, bodies: Vec<(usize, Vec<u8>)>) -> Result<Durable, AppendError> {
         let (ack, rx) = oneshot::channel();
+        let n = bodies.len();
         self.tx
-            .send(Op::Append { class, body, ack })
+            .send(Op::Append { bodies, ack })
             .await
             .map_err(|_| AppendError::Closed)?;
-        Ok(rx)
+        Ok(Durable { rx, n })
     }
 
     /// Appends one record body and waits until it is durable; returns its offset.
     pub async fn append(&self, class: usize, body: Vec<u8>) -> Result<u64, AppendError> {
-        self.submit(class, body)
-            .await?
-            .await
-            .map_err(|_| AppendError::Closed)?
+        self.submit(class, body).await?.one().await
     }
 
     pub fn meta(&self) -> MutexGuard<'_, Meta> {

@@ -38,8 +38,8 @@ impl Writer {
             while bytes < MAX_GROUP_BYTES {
                 match rx.try_recv() {
                     Ok(op) => {
-                        if let Op::Append { body, .. } = &op {
-                            bytes += body.len();
+                        if let Op::Append { bodies, .. } = &op {
+                            bytes += bodies.iter().map(|(_, b)| b.len()).sum::<usize>();
                         }
                         batch.push(op);
                     }
@@ -56,58 +56,26 @@ impl Writer {
     }
 
     pub(super) fn group(&mut self, batch: Vec<Op>) {
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut done = Vec::with_capacity(batch.len());
+        // Each op's results, in its bodies' order, answered once the group is synced.
+        let mut answers: Vec<(Ack, Vec<Result<u64, AppendError>>)> =
+            Vec::with_capacity(batch.len());
+        // (class, framed size) of every append written.
+        let mut written = Vec::new();
+        let mut done = Vec::new();
         let mut failed: Option<String> = None;
         for op in batch {
-            let Op::Append {
-                class,
-                mut body,
-                ack,
-            } = op
-            else {
+            let Op::Append { bodies, ack } = op else {
                 continue;
             };
-            if let Some(e) = &failed {
-                let _ = ack.send(Err(AppendError::Io(e.clone())));
-                continue;
+            let mut results = Vec::with_capacity(bodies.len());
+            for (class, body) in bodies {
+                let result = match &failed {
+                    Some(e) => Err(AppendError::Io(e.clone())),
+                    None => self.write_one(class, body, &mut failed, &mut written, &mut done),
+                };
+                results.push(result);
             }
-            let size = (FRAME_HEADER + body.len()) as u64;
-            let a = &self.active[class];
-            // Index entries hold the offset relative to the segment's base in 32 bits;
-            // offsets are global, so a quiet class among busy ones can outrun that.
-            let rel_overflow = self.next_offset - a.base > u32::MAX as u64;
-            if a.len > 0 && (a.len + size > self.limits.segment_bytes || rel_overflow) {
-                if let Err(e) = self.roll(class) {
-                    tracing::error!("{e}");
-                    failed = Some(e.to_string());
-                    let _ = ack.send(Err(AppendError::Io(e.to_string())));
-                    continue;
-                }
-            }
-            if let Err(e) = self.make_room(class, size) {
-                if let AppendError::Io(m) = &e {
-                    failed = Some(m.clone());
-                }
-                self.meta_mut().classes[class].stats.refused_full += 1;
-                let _ = ack.send(Err(e));
-                continue;
-            }
-            let offset = self.next_offset;
-            self.next_offset += 1;
-            body[..8].copy_from_slice(&offset.to_le_bytes());
-            let a = &mut self.active[class];
-            let pos = a.len;
-            a.pending_idx
-                .extend_from_slice(&((offset - a.base) as u32).to_le_bytes());
-            a.pending_idx.extend_from_slice(&(pos as u32).to_le_bytes());
-            record::frame(&body, &mut a.pending);
-            done.push(body);
-            a.len += size;
-            a.records += 1;
-            a.last = Some(offset);
-            self.class_bytes[class] += size;
-            acks.push((class, size, ack, offset));
+            answers.push((ack, results));
         }
         // Their bytes are in the pending buffers now.
         self.keep_spare(done);
@@ -115,16 +83,67 @@ impl Writer {
             tracing::error!("{e}");
             // What was written but not synced may or may not survive; no producer is
             // told it is durable, and the writer reopens its segments on next start.
-            for (_, _, ack, _) in acks {
-                let _ = ack.send(Err(AppendError::Io(e.to_string())));
+            for (ack, mut results) in answers {
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(AppendError::Io(e.to_string()));
+                }
+                let _ = ack.send(results);
             }
             return;
         }
-        self.publish(&acks);
-        for (_, _, ack, offset) in acks {
-            let _ = ack.send(Ok(offset));
+        self.publish(&written);
+        for (ack, results) in answers {
+            let _ = ack.send(results);
         }
         self.retention();
+    }
+
+    /// Puts one body into its class's pending buffers (rolling the segment or making
+    /// room first) and gives it its offset; an I/O failure is kept in `failed` so that
+    /// the rest of the group is refused too.
+    fn write_one(
+        &mut self,
+        class: usize,
+        mut body: Vec<u8>,
+        failed: &mut Option<String>,
+        written: &mut Vec<(usize, u64)>,
+        done: &mut Vec<Vec<u8>>,
+    ) -> Result<u64, AppendError> {
+        let size = (FRAME_HEADER + body.len()) as u64;
+        let a = &self.active[class];
+        // Index entries hold the offset relative to the segment's base in 32 bits;
+        // offsets are global, so a quiet class among busy ones can outrun that.
+        let rel_overflow = self.next_offset - a.base > u32::MAX as u64;
+        if a.len > 0 && (a.len + size > self.limits.segment_bytes || rel_overflow) {
+            if let Err(e) = self.roll(class) {
+                tracing::error!("{e}");
+                *failed = Some(e.to_string());
+                return Err(AppendError::Io(e.to_string()));
+            }
+        }
+        if let Err(e) = self.make_room(class, size) {
+            if let AppendError::Io(m) = &e {
+                *failed = Some(m.clone());
+            }
+            self.meta_mut().classes[class].stats.refused_full += 1;
+            return Err(e);
+        }
+        let offset = self.next_offset;
+        self.next_offset += 1;
+        body[..8].copy_from_slice(&offset.to_le_bytes());
+        let a = &mut self.active[class];
+        let pos = a.len;
+        a.pending_idx
+            .extend_from_slice(&((offset - a.base) as u32).to_le_bytes());
+        a.pending_idx.extend_from_slice(&(pos as u32).to_le_bytes());
+        record::frame(&body, &mut a.pending);
+        done.push(body);
+        a.len += size;
+        a.records += 1;
+        a.last = Some(offset);
+        self.class_bytes[class] += size;
+        written.push((class, size));
+        Ok(offset)
     }
 
     /// Hands bodies back for reuse (`Log::body_buffer`), as many as are kept.
@@ -176,9 +195,9 @@ impl Writer {
     }
 
     /// Makes the just-synced appends visible to readers and counts them.
-    pub(super) fn publish(&mut self, acks: &[(usize, u64, Ack, u64)]) {
+    pub(super) fn publish(&mut self, written: &[(usize, u64)]) {
         let mut meta = self.meta_mut();
-        for (class, size, _, _) in acks {
+        for (class, size) in written {
             let st = &mut meta.classes[*class].stats;
             st.appended_records += 1;
             st.appended_bytes += size;
