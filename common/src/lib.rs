@@ -191,6 +191,14 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The median of a bench's figures (the upper middle one of an even count; 0 for none):
+/// a run's figure where single measurements swing with the host.
+pub fn median(figures: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = figures.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Milliseconds since the Unix epoch (0 for a clock before it).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -289,12 +289,6 @@ fn produce_seq(
     seq
 }
 
-fn median(figures: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = figures.collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -456,7 +450,7 @@ fn fabric_bench() {
     eprintln!(
         "durable ingest, 1 KiB values, median of {passes}: {r1k:.0} records/s = {mib_1k:.1} MiB/s"
     );
-    let r100 = median((0..passes).map(|i| {
+    let r100 = edge_common::median((0..passes).map(|i| {
         let r = ingest(100, 4 * total).rate;
         eprintln!(
             "durable ingest, 100 B values, 4 producers, pass {}: {r:.0} records/s",
@@ -467,7 +461,7 @@ fn fabric_bench() {
     eprintln!("durable ingest, 100 B values, median of {passes}: {r100:.0} records/s");
 
     // The disk's limit: the median pass's bytes, in as many fsynced writes.
-    let disk_mib_1k = median((0..passes).map(|i| {
+    let disk_mib_1k = edge_common::median((0..passes).map(|i| {
         let secs = disk_limit(at_median.bytes, at_median.syncs);
         let m = mib(total as f64 / secs);
         eprintln!(
@@ -489,7 +483,7 @@ fn fabric_bench() {
         .enable_all()
         .build()
         .unwrap();
-    let leaf_r1k = median((0..passes).map(|i| {
+    let leaf_r1k = edge_common::median((0..passes).map(|i| {
         let r = leaf_ingest(&prt, 1024, total);
         eprintln!(
             "leaf node ingest, 1 KiB values, 4 producers, pass {}: {r:.0} records/s = {:.1} MiB/s",

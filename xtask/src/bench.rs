@@ -42,7 +42,7 @@ const BREAKDOWN: [&str; 8] = [
     "Unevictable",
 ];
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n == 0 {

@@ -15,7 +15,7 @@ use std::time::Instant;
 const BENCHES: &[(&str, u64)] = &[
     ("fabric", 6),
     ("fleet", 15),
-    ("storage", 14),
+    ("storage", 16),
     ("boot", 8),
     ("pods", 14),
     ("update", 12),

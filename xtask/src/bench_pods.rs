@@ -30,6 +30,8 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::bench::median;
+
 /// How long M pods may take under TCG before the bench gives up.
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -113,11 +115,12 @@ pub fn run(pods: u32) -> Result<()> {
     });
     let _ = std::fs::remove_dir_all(&tmp);
     let ((noded_rounds, noded_api_rss), (kubelet_rounds, kubelet_rss)) = api?;
-    let (apply_to_running, kubelet_apply) = (median(&noded_rounds), median(&kubelet_rounds));
+    let (apply_to_running, kubelet_apply) =
+        (median(noded_rounds.clone()), median(kubelet_rounds.clone()));
 
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
-    let median = median(&times);
+    let median = median(times.clone());
     let per_min = times.len() as f64 / span.max(0.001) * 60.0;
     println!(
         "{} pods running; manifest to running: median {median:.1} s, fastest {:.1} s, slowest {:.1} s",
@@ -365,13 +368,6 @@ fn measure_api(
 
 fn hundredths(values: &[f64]) -> Vec<f64> {
     values.iter().map(|t| (t * 100.0).round() / 100.0).collect()
-}
-
-/// The median of `values` (the upper one of an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// The kubelet's service on the peer's image: joins with the provisioning bundle's
