@@ -507,13 +507,36 @@ fn run_fleet(shape: &Shape) -> Figures {
         shape.sites,
         total as f64 / run.as_secs_f64()
     );
-    let held = core.rt.block_on(read_stream(
-        &js,
-        "EDGE",
-        // The records, and each sent site's report of the model applied.
-        total + sent.len() as u64,
-        Duration::from_secs(120 + total / 2000),
-    ));
+    let read = || {
+        core.rt.block_on(read_stream(
+            &js,
+            "EDGE",
+            // The records, and each sent site's report of the model applied.
+            total + sent.len() as u64,
+            Duration::from_secs(120 + total / 2000),
+        ))
+    };
+    let mut held = read();
+    // Records sent but not yet acked when the producers stopped count too, so that count
+    // can be reached before the last reports of the model (which come after the model
+    // itself): the stream is read again while a sent site has not reported, for up to
+    // a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reported = applied_reports(&held);
+        let waiting = sent
+            .iter()
+            .filter(|&&i| !reported.contains(&names[i]))
+            .count();
+        if waiting == 0 || Instant::now() > deadline {
+            break;
+        }
+        eprintln!(
+            "{waiting} sites' reports of the model applied not at the core yet; reading again"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+        held = read();
+    }
     eprintln!(
         "the core holds {} records and reports, {:?} after the links healed",
         held.len(),
@@ -608,21 +631,10 @@ fn run_fleet(shape: &Shape) -> Figures {
     let mut ids = std::collections::HashSet::new();
     let mut max_lag_ms = 0i64;
     let mut short = Vec::new();
-    let mut reported = std::collections::HashSet::new();
+    let reported = applied_reports(&held);
     let mut reports = 0;
     for m in &held {
-        if let Some(site) = m
-            .subject
-            .strip_prefix("edge.")
-            .and_then(|s| s.strip_suffix(".m1._downlink"))
-        {
-            let report: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-            if report["applied"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x == "models/model.bin"))
-            {
-                reported.insert(site.to_owned());
-            }
+        if downlink_report_site(m).is_some() {
             reports += 1;
             continue;
         }
@@ -1005,4 +1017,25 @@ fn fleet_bench() {
 /// (`<site>/<machine>/<offset>.<crc>`).
 fn crc_like(k: u64) -> u32 {
     (k as u32).wrapping_mul(0x9e37_79b9)
+}
+
+/// The site whose box's downlink report `m` is, if it is one.
+fn downlink_report_site(m: &AtCore) -> Option<&str> {
+    m.subject
+        .strip_prefix("edge.")
+        .and_then(|s| s.strip_suffix(".m1._downlink"))
+}
+
+/// The sites that reported the model applied.
+fn applied_reports(held: &[AtCore]) -> std::collections::HashSet<String> {
+    held.iter()
+        .filter_map(|m| {
+            let site = downlink_report_site(m)?;
+            let report: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            report["applied"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "models/model.bin"))
+                .then(|| site.to_owned())
+        })
+        .collect()
 }
