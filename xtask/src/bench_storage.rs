@@ -297,7 +297,7 @@ pub fn run() -> Result<()> {
     let kvm = std::env::var("EDGEOS_BENCH_KVM").is_ok_and(|v| v == "1");
     match kvm {
         true => println!("bench storage: booting the light VM (KVM)"),
-        false => println!("bench storage: booting the light VM (TCG; about 16 minutes)"),
+        false => println!("bench storage: booting the light VM (TCG; about 13 minutes)"),
     }
     let console = lightvm::boot(&Boot {
         kernel: &kernel,
