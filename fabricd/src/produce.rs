@@ -250,11 +250,8 @@ impl Ingest {
     /// Checks a record, stamps who produced it and queues it; it resolves once it is
     /// durable.
     pub async fn submit(&self, rec: Record, producer: &str) -> Result<Durable, Refusal> {
-        let body = self.prepare(rec, producer)?;
-        self.log
-            .submit_all(vec![body])
-            .await
-            .map_err(append_refusal)
+        let (class, body) = self.prepare(rec, producer)?;
+        self.log.submit(class, body).await.map_err(append_refusal)
     }
 
     /// Checks a record against the limits, the classes and its producer's allowance,
@@ -387,7 +384,7 @@ where
     });
     let max = ingest.max_frame();
     let mut buf = Vec::new();
-    'conn: loop {
+    loop {
         // The first frame is waited for; those already in the buffer behind it join it.
         let mut len = [0u8; 4];
         match rd.read_exact(&mut len).await {
@@ -448,7 +445,7 @@ where
             }
         }
         if tx.send(replies).await.is_err() || fatal {
-            break 'conn;
+            break;
         }
     }
     drop(tx);

@@ -268,11 +268,8 @@ fn block_jobs<const N: usize>(devs: [(&str, &Path); N]) -> Result<[Value; N], St
             .map(|r| get(r, dir, key))
             .collect::<Result<Vec<f64>, String>>()?;
         if each.len() > 1 {
-            println!(
-                "bench {}: {} rounds {each:.0?}",
-                devs[d].0,
-                ["randread", "randwrite"][job]
-            );
+            let name = jobs[job].0[0].trim_start_matches("--name=");
+            println!("bench {}: {name} rounds {each:.0?}", devs[d].0);
         }
         Ok(edge_common::median(each))
     };
